@@ -1,0 +1,156 @@
+"""One exception tree for ringkv.
+
+Every error a client can see has a stable ``code`` and an HTTP status. Each
+layer translates the errors below it into these (the HTTP layer maps them to
+JSON; the client maps JSON back to the same classes), so a caller never has to
+know about plyvel, msgpack or aiohttp exceptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RingKVError(Exception):
+    """Base of every ringkv error. ``details`` is extra JSON-safe context."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        body.update(self.details)
+        return {"error": body}
+
+
+class BadRequest(RingKVError):
+    """The request is malformed. ``field`` names what is wrong."""
+
+    code = "bad_request"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
+        self.field = field
+
+
+class NotFound(RingKVError):
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowed(RingKVError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class TooLarge(RingKVError):
+    """A key, value, batch or request body exceeds its configured limit."""
+
+    code = "too_large"
+    http_status = 413
+
+    def __init__(self, message: str, *, field: str, limit: int, size: int | None = None) -> None:
+        super().__init__(message, field=field, limit=limit, size=size)
+        self.field = field
+        self.limit = limit
+        self.size = size
+
+
+class Unavailable(RingKVError):
+    """Too few replicas are alive to even try the request (nothing was sent)."""
+
+    code = "unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, *, consistency: str, required: int, alive: int) -> None:
+        super().__init__(message, consistency=consistency, required=required, alive=alive)
+        self.consistency = consistency
+        self.required = required
+        self.alive = alive
+
+
+class Timeout(RingKVError):
+    """The request was sent, but too few replicas answered in time."""
+
+    code = "timeout"
+    http_status = 504
+
+    def __init__(
+        self, message: str, *, consistency: str, required: int, received: int, write: bool
+    ) -> None:
+        super().__init__(
+            message, consistency=consistency, required=required, received=received, write=write
+        )
+        self.consistency = consistency
+        self.required = required
+        self.received = received
+        self.write = write
+
+
+class Overloaded(RingKVError):
+    """A bounded queue is full; the caller should back off and retry."""
+
+    code = "overloaded"
+    http_status = 503
+
+
+class ShuttingDown(RingKVError):
+    code = "shutting_down"
+    http_status = 503
+
+
+class ConfigError(RingKVError):
+    """A config file or flag is invalid. The message names the file and field."""
+
+    code = "config_error"
+    http_status = 500
+
+    def __init__(self, message: str, *, field: str, source: str | None = None) -> None:
+        super().__init__(message, field=field, source=source)
+        self.field = field
+        self.source = source
+
+
+class StorageError(RingKVError):
+    """The local storage engine failed (I/O error, closed database, ...)."""
+
+    code = "storage_error"
+    http_status = 500
+
+
+class CorruptRecord(StorageError):
+    """A stored record failed its checksum or format check. It is never returned as data."""
+
+    code = "corrupt_record"
+
+
+class ProtocolError(RingKVError):
+    """A peer or client sent bytes that do not follow the protocol."""
+
+    code = "protocol_error"
+    http_status = 400
+
+
+# Stable code -> class, used by the client to rebuild typed errors from JSON.
+BY_CODE: dict[str, type[RingKVError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        NotFound,
+        MethodNotAllowed,
+        TooLarge,
+        Unavailable,
+        Timeout,
+        Overloaded,
+        ShuttingDown,
+        StorageError,
+        CorruptRecord,
+        ProtocolError,
+    )
+}
