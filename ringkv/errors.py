@@ -137,6 +137,13 @@ class ProtocolError(RingKVError):
     http_status = 400
 
 
+class PeerUnreachable(RingKVError):
+    """No connection to a peer node could be made."""
+
+    code = "peer_unreachable"
+    http_status = 503
+
+
 # Stable code -> class, used by the client to rebuild typed errors from JSON.
 BY_CODE: dict[str, type[RingKVError]] = {
     cls.code: cls
@@ -152,5 +159,6 @@ BY_CODE: dict[str, type[RingKVError]] = {
         StorageError,
         CorruptRecord,
         ProtocolError,
+        PeerUnreachable,
     )
 }

@@ -1,0 +1,563 @@
+"""The read/write path: any node coordinates any request (Dynamo §4.5).
+
+Writes go to every live replica and are acknowledged once the consistency
+level is met. A replica that is down or times out gets a hint. Reads ask one
+replica for data and enough others for digests; on a mismatch the
+coordinator fetches full data, reconciles, and writes the winner back to the
+stale replicas before it answers (blocking read repair), so two successive
+QUORUM reads never go backwards.
+
+How the coordinator reaches a replica is behind ``ReplicaClient``: the node
+itself is served from its local store, others over the internode transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ringkv.clock import Clock, HybridLogicalClock, Timestamp
+from ringkv.errors import BadRequest, NotFound, RingKVError, Timeout
+from ringkv.quorum import ConsistencyLevel
+from ringkv.replica_plan import ReplicaPlan, plan_for
+from ringkv.ring import MIN_TOKEN, TokenRing, token_for
+from ringkv.versioning import Cell, cell_digest, reconcile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyspaceSettings:
+    name: str
+    replication_factor: int
+    default_consistency: ConsistencyLevel
+
+
+class ReplicaClient(Protocol):
+    """How a coordinator talks to one replica (local store or remote node)."""
+
+    async def write(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> None: ...
+
+    async def read(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> Cell | None: ...
+
+    async def digest(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> bytes: ...
+
+    async def scan(
+        self,
+        node_id: str,
+        keyspace: str,
+        after: tuple[int, bytes | None],
+        end_token: int,
+        limit: int,
+        timeout_s: float,
+    ) -> list[tuple[int, bytes, Cell]]: ...
+
+
+class HintSink(Protocol):
+    """Where the coordinator leaves writes for replicas it could not reach."""
+
+    async def store_hint(self, target: str, keyspace: str, token: int, key: bytes, cell: Cell) -> bool:
+        """Store a hint durably; False if the hint was not stored (e.g. disabled)."""
+
+
+@dataclass
+class Receipt:
+    """What a response reports about how it was served."""
+
+    consistency: str
+    replicas: list[str]
+    asked: list[str] = field(default_factory=list)
+    answered: list[str] = field(default_factory=list)
+    hints_stored: int = 0
+    read_repair: bool = False
+    repaired: list[str] = field(default_factory=list)
+    speculative: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "consistency": self.consistency,
+            "replicas": self.replicas,
+            "asked": self.asked,
+            "answered": self.answered,
+            "hints_stored": self.hints_stored,
+            "read_repair": self.read_repair,
+            "repaired": self.repaired,
+            "speculative": self.speculative,
+        }
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    cell: Cell
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    cell: Cell | None  # the reconciled cell (possibly a tombstone or expired)
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    items: list[tuple[int, bytes, Cell]]  # live cells only, in token order
+    next_after: tuple[int, bytes] | None  # cursor for the next page; None at the end
+    receipt: Receipt
+
+
+class LatencyWindow:
+    """Recent replica read latencies, to decide when to retry speculatively."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def record(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def percentile(self, pct: float) -> float | None:
+        if len(self._samples) < 20:  # too few samples to trust
+            return None
+        ordered = sorted(self._samples)
+        index = min(len(ordered) - 1, int(len(ordered) * pct / 100))
+        return ordered[index]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        ring: Callable[[], TokenRing],
+        is_alive: Callable[[str], bool],
+        replicas: ReplicaClient,
+        keyspaces: Callable[[], Mapping[str, KeyspaceSettings]],
+        clock: Clock,
+        hlc: HybridLogicalClock,
+        hints: HintSink | None = None,
+        read_timeout_s: float = 2.0,
+        write_timeout_s: float = 2.0,
+        speculative_retry_percentile: float = 99.0,
+        speculative_retry_min_s: float = 0.02,
+        proximity: Callable[[str], float] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._ring = ring
+        self._is_alive = is_alive
+        self._replicas = replicas
+        self._keyspaces = keyspaces
+        self._clock = clock
+        self._hlc = hlc
+        self._hints = hints
+        self._read_timeout_s = read_timeout_s
+        self._write_timeout_s = write_timeout_s
+        self._spec_pct = speculative_retry_percentile
+        self._spec_min_s = speculative_retry_min_s
+        self._proximity = proximity
+        self._latencies = LatencyWindow()
+        # Writes to slow replicas keep going after the client has its answer;
+        # keep a reference so they are not garbage collected mid-flight.
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- planning ------------------------------------------------------------
+
+    def keyspace(self, name: str) -> KeyspaceSettings:
+        settings = self._keyspaces().get(name)
+        if settings is None:
+            raise NotFound(f"keyspace {name!r} does not exist", keyspace=name)
+        return settings
+
+    def plan(
+        self, keyspace: str, key: bytes, consistency: ConsistencyLevel | None, *, write: bool
+    ) -> ReplicaPlan:
+        settings = self.keyspace(keyspace)
+        level = consistency or settings.default_consistency
+        if level is ConsistencyLevel.ANY and not write:
+            raise BadRequest("consistency ANY is only valid for writes", field="consistency")
+        return plan_for(
+            self._ring(),
+            keyspace,
+            token_for(key),
+            settings.replication_factor,
+            level,
+            self._is_alive,
+            write=write,
+        )
+
+    def new_timestamp(self) -> Timestamp:
+        return self._hlc.now()
+
+    # -- writes --------------------------------------------------------------
+
+    async def write(
+        self, keyspace: str, key: bytes, cell: Cell, consistency: ConsistencyLevel | None
+    ) -> WriteResult:
+        plan = self.plan(keyspace, key, consistency, write=True)
+        receipt = Receipt(plan.consistency.value, list(plan.natural), asked=list(plan.live))
+        for target in plan.down:
+            if await self._store_hint(target, plan, key, cell):
+                receipt.hints_stored += 1
+        acks: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+        for target in plan.live:
+            self._spawn(self._write_one(target, plan, key, cell, acks))
+        acked = await self._await_acks(acks, plan, receipt)
+        if len(acked) >= plan.block_for:
+            return WriteResult(cell, receipt)
+        if plan.consistency is ConsistencyLevel.ANY and receipt.hints_stored > 0:
+            return WriteResult(cell, receipt)
+        raise Timeout(
+            f"write at {plan.consistency.value} got {len(acked)} of {plan.block_for} "
+            f"required acknowledgements in time",
+            consistency=plan.consistency.value,
+            required=plan.block_for,
+            received=len(acked),
+            write=True,
+        )
+
+    async def _write_one(
+        self,
+        target: str,
+        plan: ReplicaPlan,
+        key: bytes,
+        cell: Cell,
+        acks: asyncio.Queue[tuple[str, bool]],
+    ) -> None:
+        try:
+            await self._replicas.write(
+                target, plan.keyspace, plan.token, key, cell, self._write_timeout_s
+            )
+        except RingKVError as exc:
+            log.debug("write to %s failed: %s", target, exc)
+            acks.put_nowait((target, False))
+            # A replica that did not acknowledge gets a hint, even if the
+            # client was already answered (Cassandra does the same).
+            await self._store_hint(target, plan, key, cell)
+            return
+        acks.put_nowait((target, True))
+
+    async def _await_acks(
+        self, acks: asyncio.Queue[tuple[str, bool]], plan: ReplicaPlan, receipt: Receipt
+    ) -> list[str]:
+        acked: list[str] = []
+        outstanding = len(plan.live)
+        deadline = self._clock.monotonic_s() + self._write_timeout_s
+        while outstanding and len(acked) < plan.block_for:
+            remaining = deadline - self._clock.monotonic_s()
+            if remaining <= 0:
+                break
+            try:
+                target, ok = await asyncio.wait_for(acks.get(), remaining)
+            except asyncio.TimeoutError:
+                break
+            outstanding -= 1
+            if ok:
+                acked.append(target)
+        receipt.answered = acked
+        return acked
+
+    async def _store_hint(self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell) -> bool:
+        if self._hints is None:
+            return False
+        try:
+            return await self._hints.store_hint(target, plan.keyspace, plan.token, key, cell)
+        except RingKVError:
+            log.exception("could not store hint for %s", target)
+            return False
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- reads ---------------------------------------------------------------
+
+    async def read(
+        self, keyspace: str, key: bytes, consistency: ConsistencyLevel | None
+    ) -> ReadResult:
+        plan = self.plan(keyspace, key, consistency, write=False)
+        ordered = self._by_proximity(plan.live)
+        targets = ordered[: plan.block_for]
+        spares = ordered[plan.block_for :]
+        receipt = Receipt(plan.consistency.value, list(plan.natural), asked=list(targets))
+        results = await self._gather_reads(plan, key, targets, spares, receipt)
+        cells = [cell for _, cell in results]
+        winner = None
+        for cell in cells:
+            winner = reconcile(winner, cell)
+        stale = [node for node, cell in results if cell != winner]
+        if stale and winner is not None:
+            receipt.read_repair = True
+            await self._repair(plan, key, winner, stale, receipt)
+        return ReadResult(winner, receipt)
+
+    async def _gather_reads(
+        self,
+        plan: ReplicaPlan,
+        key: bytes,
+        targets: list[str],
+        spares: list[str],
+        receipt: Receipt,
+    ) -> list[tuple[str, Cell | None]]:
+        """Data from block_for replicas: one data read, digests from the rest.
+
+        If the digests disagree with the data, fetch full data from every
+        replica that answered. A replica that is slower than the speculative
+        retry threshold is backed up by a data read to a spare replica.
+        """
+        data_node, digest_nodes = targets[0], targets[1:]
+        start = self._clock.monotonic_s()
+        deadline = start + self._read_timeout_s
+        tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str]] = {}
+
+        def launch(node: str, kind: str) -> None:
+            if kind == "data":
+                coro = self._replicas.read(
+                    node, plan.keyspace, plan.token, key, self._read_timeout_s
+                )
+            else:
+                coro = self._replicas.digest(
+                    node, plan.keyspace, plan.token, key, self._read_timeout_s
+                )
+            tasks[asyncio.ensure_future(coro)] = (node, kind)
+
+        launch(data_node, "data")
+        for node in digest_nodes:
+            launch(node, "digest")
+
+        data: dict[str, Cell | None] = {}
+        digests: dict[str, bytes] = {}
+        failed: set[str] = set()
+        speculated = False
+        try:
+            while len(data) + len(digests) < plan.block_for:
+                pending = [t for t in tasks if not t.done()]
+                if not pending:
+                    # Everyone asked has answered or failed; use a spare if any.
+                    if not spares:
+                        break
+                    node = spares.pop(0)
+                    receipt.speculative.append(node)
+                    launch(node, "data")
+                    continue
+                now = self._clock.monotonic_s()
+                if now >= deadline:
+                    break
+                wait_s = deadline - now
+                spec_s = self._speculative_after_s()
+                if not speculated and spares and spec_s is not None:
+                    wait_s = min(wait_s, max(0.0, start + spec_s - now))
+                done, _ = await asyncio.wait(
+                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done and not speculated and spares:
+                    speculated = True
+                    node = spares.pop(0)
+                    receipt.speculative.append(node)
+                    receipt.asked.append(node)
+                    launch(node, "data")
+                    continue
+                for task in done:
+                    node, kind = tasks[task]
+                    if task.exception() is not None:
+                        failed.add(node)
+                        continue
+                    self._latencies.record(self._clock.monotonic_s() - start)
+                    if kind == "data":
+                        data[node] = task.result()  # type: ignore[assignment]
+                    else:
+                        digests[node] = task.result()  # type: ignore[assignment]
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                else:
+                    task.exception()  # mark retrieved
+        answered = len(data) + len(digests)
+        receipt.answered = list(data) + list(digests)
+        if answered < plan.block_for or not data:
+            raise Timeout(
+                f"read at {plan.consistency.value} got {answered} of {plan.block_for} "
+                f"required responses in time",
+                consistency=plan.consistency.value,
+                required=plan.block_for,
+                received=answered,
+                write=False,
+            )
+        reference = next(iter(data.values()))
+        mismatched = [
+            node for node, digest in digests.items() if digest != cell_digest(reference)
+        ] + [node for node, cell in data.items() if cell != reference]
+        if not mismatched:
+            return [(node, reference) for node in receipt.answered]
+        # Digest mismatch: fetch full data from every replica that answered.
+        full = await asyncio.gather(
+            *(
+                self._replicas.read(node, plan.keyspace, plan.token, key, self._read_timeout_s)
+                for node in digests
+            ),
+            return_exceptions=True,
+        )
+        results = list(data.items())
+        for node, result in zip(digests, full):
+            if isinstance(result, BaseException):
+                if not isinstance(result, RingKVError):
+                    raise result
+                continue
+            results.append((node, result))
+        if len(results) < plan.block_for:
+            raise Timeout(
+                f"read at {plan.consistency.value}: replicas failed during digest resolution",
+                consistency=plan.consistency.value,
+                required=plan.block_for,
+                received=len(results),
+                write=False,
+            )
+        return results
+
+    async def _repair(
+        self, plan: ReplicaPlan, key: bytes, winner: Cell, stale: list[str], receipt: Receipt
+    ) -> None:
+        """Blocking read repair: the answer waits until stale replicas hold the winner."""
+        outcomes = await asyncio.gather(
+            *(
+                self._replicas.write(
+                    node, plan.keyspace, plan.token, key, winner, self._write_timeout_s
+                )
+                for node in stale
+            ),
+            return_exceptions=True,
+        )
+        for node, outcome in zip(stale, outcomes):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, RingKVError):
+                    raise outcome
+                # The repair did not land: without it a later read could go
+                # backwards, so this read cannot claim the consistency level.
+                raise Timeout(
+                    f"read repair to {node} failed: {outcome.message}",
+                    consistency=plan.consistency.value,
+                    required=plan.block_for,
+                    received=len(receipt.answered),
+                    write=False,
+                )
+            receipt.repaired.append(node)
+
+    def _speculative_after_s(self) -> float | None:
+        observed = self._latencies.percentile(self._spec_pct)
+        if observed is None:
+            return None
+        return max(observed, self._spec_min_s)
+
+    def _by_proximity(self, nodes: tuple[str, ...]) -> list[str]:
+        """This node first (no network hop), then the fastest peers."""
+
+        def rank(node: str) -> tuple[int, float]:
+            if node == self.node_id:
+                return (0, 0.0)
+            return (1, self._proximity(node) if self._proximity else 0.0)
+
+        return sorted(nodes, key=rank)
+
+    # -- scans ---------------------------------------------------------------
+
+    async def scan(
+        self,
+        keyspace: str,
+        after: tuple[int, bytes] | None,
+        limit: int,
+        consistency: ConsistencyLevel | None,
+    ) -> ScanPage:
+        """One page of a keyspace in token order, read at ``consistency``.
+
+        Walks the ring's ranges from the cursor; each range is read from
+        block_for of its replicas and merged by LWW. Only ``limit`` cells are
+        examined per page, so a page may hold fewer live items than ``limit``
+        (tombstones are skipped) while ``next_after`` is still set.
+        """
+        settings = self.keyspace(keyspace)
+        level = consistency or settings.default_consistency
+        if level is ConsistencyLevel.ANY:
+            raise BadRequest("consistency ANY is only valid for writes", field="consistency")
+        ring = self._ring()
+        now_us = self._clock.wall_us()
+        cursor: tuple[int, bytes | None] = after if after is not None else (MIN_TOKEN, None)
+        receipt = Receipt(level.value, [])
+        items: list[tuple[int, bytes, Cell]] = []
+        for start, end in _ring_pieces(ring):
+            if end <= cursor[0] and not (end == cursor[0] and cursor[1] is not None):
+                continue
+            piece_after = cursor if cursor[0] > start else (start, None)
+            plan = plan_for(ring, keyspace, end, settings.replication_factor, level,
+                            self._is_alive, write=False)
+            targets = self._by_proximity(plan.live)[: plan.block_for]
+            for node in targets:
+                if node not in receipt.asked:
+                    receipt.asked.append(node)
+            wanted = limit - len(items)
+            merged = await self._scan_piece(plan, targets, piece_after, end, wanted)
+            for token, key, cell in merged[:wanted]:
+                if cell.is_live(now_us):
+                    items.append((token, key, cell))
+            if len(merged) >= wanted:
+                last_token, last_key, _ = merged[wanted - 1]
+                return ScanPage(items, (last_token, last_key), receipt)
+            cursor = (end, None)
+        return ScanPage(items, None, receipt)
+
+    async def _scan_piece(
+        self,
+        plan: ReplicaPlan,
+        targets: list[str],
+        after: tuple[int, bytes | None],
+        end: int,
+        limit: int,
+    ) -> list[tuple[int, bytes, Cell]]:
+        results = await asyncio.gather(
+            *(
+                self._replicas.scan(node, plan.keyspace, after, end, limit, self._read_timeout_s)
+                for node in targets
+            ),
+            return_exceptions=True,
+        )
+        merged: dict[tuple[int, bytes], Cell] = {}
+        answered = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, RingKVError):
+                    raise result
+                continue
+            answered += 1
+            for token, key, cell in result:
+                merged[(token, key)] = reconcile(merged.get((token, key)), cell)  # type: ignore[assignment]
+        if answered < plan.block_for:
+            raise Timeout(
+                f"scan at {plan.consistency.value} got {answered} of {plan.block_for} "
+                f"required responses in time",
+                consistency=plan.consistency.value,
+                required=plan.block_for,
+                received=answered,
+                write=False,
+            )
+        return [(token, key, merged[(token, key)]) for token, key in sorted(merged)]
+
+
+def _ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:
+    """The ring's ranges as non-wrapping (start_exclusive, end_inclusive) pieces, in order."""
+    pieces = []
+    for start, end, _owner in ring.ranges():
+        if start < end:
+            pieces.append((start, end))
+        else:  # the wrapping range, or the whole ring when there is one token
+            pieces.append((MIN_TOKEN, end))
+            pieces.append((start, 2**63 - 1))
+    pieces = [(s, e) for s, e in pieces if s < e]
+    return sorted(pieces, key=lambda piece: piece[1])

@@ -1,0 +1,133 @@
+"""What a replica does when a coordinator asks it something.
+
+``LocalReplica`` serves writes, reads, digests and range scans from this
+node's ``LocalStore``. The coordinator calls it directly for the node's own
+replica; the internode handler calls it for requests from other nodes, so a
+local and a remote replica behave exactly alike.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ringkv.errors import BadRequest, PeerUnreachable
+from ringkv.storage.store import LocalStore, StoredCell
+from ringkv.versioning import Cell, cell_digest, check_timestamp
+
+# Scan pages are bounded on the replica too, whatever the caller asks for.
+MAX_SCAN_ITEMS = 10_000
+
+
+class LocalReplica:
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    async def write(self, keyspace: str, token: int, key: bytes, cell: Cell) -> Cell:
+        try:
+            check_timestamp(cell.ts)
+        except ValueError as exc:
+            raise BadRequest(str(exc), field="timestamp") from None
+        return await self.store.apply(keyspace, token, key, cell)
+
+    def read(self, keyspace: str, token: int, key: bytes) -> Cell | None:
+        return self.store.read(keyspace, token, key)
+
+    async def scan(
+        self,
+        keyspace: str,
+        after: tuple[int, bytes | None],
+        end_token: int,
+        limit: int,
+    ) -> list[StoredCell]:
+        """Cells with (token, key) > ``after`` and token <= ``end_token``, in order.
+
+        ``after = (t, None)`` excludes every key of token t.
+        """
+        limit = max(1, min(limit, MAX_SCAN_ITEMS))
+        after_token, after_key = after
+        if after_key is not None:
+            # Finish the keys that share after_token first, then move on.
+            same = await self.store.scan(keyspace, after=(after_token, after_key), limit=limit)
+            items = [item for item in same if item.token <= end_token]
+            return items[:limit]
+        if after_token >= end_token:
+            return []
+        return await self.store.scan_range(keyspace, after_token, end_token, limit=limit)
+
+
+class RemoteReplicas(Protocol):
+    """The internode side of ``ReplicaRouter`` (see ``ringkv.internode``)."""
+
+    async def write(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> None: ...
+
+    async def read(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> Cell | None: ...
+
+    async def digest(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> bytes: ...
+
+    async def scan(
+        self,
+        node_id: str,
+        keyspace: str,
+        after: tuple[int, bytes | None],
+        end_token: int,
+        limit: int,
+        timeout_s: float,
+    ) -> list[tuple[int, bytes, Cell]]: ...
+
+
+class ReplicaRouter:
+    """The coordinator's ``ReplicaClient``: this node locally, others over the network."""
+
+    def __init__(self, node_id: str, local: LocalReplica, remote: RemoteReplicas | None) -> None:
+        self.node_id = node_id
+        self.local = local
+        self.remote = remote
+
+    def _remote(self, node_id: str) -> RemoteReplicas:
+        if self.remote is None:
+            raise PeerUnreachable(f"no internode transport to reach {node_id}", node=node_id)
+        return self.remote
+
+    async def write(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> None:
+        if node_id == self.node_id:
+            await self.local.write(keyspace, token, key, cell)
+        else:
+            await self._remote(node_id).write(node_id, keyspace, token, key, cell, timeout_s)
+
+    async def read(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> Cell | None:
+        if node_id == self.node_id:
+            return self.local.read(keyspace, token, key)
+        return await self._remote(node_id).read(node_id, keyspace, token, key, timeout_s)
+
+    async def digest(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> bytes:
+        if node_id == self.node_id:
+            return cell_digest(self.local.read(keyspace, token, key))
+        return await self._remote(node_id).digest(node_id, keyspace, token, key, timeout_s)
+
+    async def scan(
+        self,
+        node_id: str,
+        keyspace: str,
+        after: tuple[int, bytes | None],
+        end_token: int,
+        limit: int,
+        timeout_s: float,
+    ) -> list[tuple[int, bytes, Cell]]:
+        if node_id == self.node_id:
+            items = await self.local.scan(keyspace, after, end_token, limit)
+            return [(item.token, item.key, item.cell) for item in items]
+        return await self._remote(node_id).scan(
+            node_id, keyspace, after, end_token, limit, timeout_s
+        )

@@ -1,0 +1,66 @@
+"""Replica plans: decided once per request, before anything is sent (pure).
+
+Like Cassandra's ``ReplicaPlan``: the natural replicas of a key come from the
+ring, the live ones from the failure detector, and the consistency level sets
+how many must answer. If too few are alive the request fails as Unavailable
+before a single message goes out, so a client never sees a partial write that
+was doomed from the start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ringkv.errors import Unavailable
+from ringkv.quorum import ConsistencyLevel, block_for
+from ringkv.ring import TokenRing
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPlan:
+    keyspace: str
+    token: int
+    consistency: ConsistencyLevel
+    natural: tuple[str, ...]  # every replica of the key, in ring order
+    live: tuple[str, ...]  # the natural replicas the failure detector believes are up
+    down: tuple[str, ...]
+    block_for: int
+    ring: TokenRing  # the ring the plan was made on; re-plan if it changes
+
+    def still_valid(self, ring: TokenRing) -> bool:
+        return ring is self.ring or ring.replicas(self.token, len(self.natural)) == self.natural
+
+
+def plan_for(
+    ring: TokenRing,
+    keyspace: str,
+    token: int,
+    replication_factor: int,
+    consistency: ConsistencyLevel,
+    is_alive: Callable[[str], bool],
+    *,
+    write: bool,
+) -> ReplicaPlan:
+    """Decide who is asked and how many must answer, or raise Unavailable.
+
+    A ring with fewer nodes than the replication factor (a one-node dev
+    cluster, say) has fewer natural replicas; the consistency level is then
+    measured against the replicas that exist, as Riak does with n_val on a
+    small cluster. Down nodes still count as replicas, so losing a node never
+    silently weakens a quorum.
+    """
+    natural = ring.replicas(token, replication_factor)
+    live = tuple(node for node in natural if is_alive(node))
+    down = tuple(node for node in natural if node not in live)
+    needed = block_for(consistency, len(natural))
+    enough = len(live) >= needed or (write and consistency is ConsistencyLevel.ANY)
+    if not enough or needed > len(natural):
+        raise Unavailable(
+            f"consistency {consistency.value} needs {needed} live replicas of "
+            f"{len(natural)} but {len(live)} are alive",
+            consistency=consistency.value,
+            required=needed,
+            alive=len(live),
+        )
+    return ReplicaPlan(keyspace, token, consistency, natural, live, down, needed, ring)

@@ -1,0 +1,144 @@
+"""Turning untrusted HTTP input into typed values, or a BadRequest/TooLarge that names the field."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import msgpack
+
+from ringkv.config import LimitsConfig
+from ringkv.errors import BadRequest, TooLarge
+from ringkv.quorum import ConsistencyLevel
+from ringkv.versioning import encode_json_value
+
+# Cassandra's limit: 20 years. A larger TTL is almost certainly a unit mistake.
+MAX_TTL_S = 20 * 365 * 24 * 3600
+KV_PREFIX = "/v1/kv/"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: absurdly deep nesting must not take the node down.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BadRequest(f"request body is not valid JSON: {reason}", field="body") from None
+
+
+def key_from_path(raw_path: str, limits: LimitsConfig) -> bytes:
+    """The key of /v1/kv/{keyspace}/{key}, percent-decoded as strict UTF-8.
+
+    Read from the raw path so that bytes which are not UTF-8 are rejected,
+    rather than silently kept as literal "%FF" text.
+    """
+    rest = raw_path[len(KV_PREFIX) :] if raw_path.startswith(KV_PREFIX) else ""
+    _, _, raw_key = rest.partition("/")
+    return check_key(unquote_to_bytes(raw_key), limits, field="key")
+
+
+def check_key(raw: bytes, limits: LimitsConfig, *, field: str) -> bytes:
+    if not raw:
+        raise BadRequest("key must not be empty", field=field)
+    if len(raw) > limits.max_key_bytes:
+        raise TooLarge(
+            f"key is {len(raw)} bytes; the limit is {limits.max_key_bytes}",
+            field=field,
+            limit=limits.max_key_bytes,
+            size=len(raw),
+        )
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("key is not valid UTF-8", field=field) from None
+    return raw
+
+
+def key_from_json(value: Any, limits: LimitsConfig, *, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest("key must be a string", field=field)
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("key is not valid UTF-8", field=field) from None
+    return check_key(raw, limits, field=field)
+
+
+def value_bytes(value: Any, limits: LimitsConfig, *, field: str) -> bytes:
+    try:
+        encoded = encode_json_value(value)
+    except (ValueError, TypeError, RecursionError):
+        raise BadRequest("value is not a JSON value", field=field) from None
+    if len(encoded) > limits.max_value_bytes:
+        raise TooLarge(
+            f"value is {len(encoded)} bytes; the limit is {limits.max_value_bytes}",
+            field=field,
+            limit=limits.max_value_bytes,
+            size=len(encoded),
+        )
+    return encoded
+
+
+def ttl_s(value: Any, *, field: str) -> int | None:
+    """A TTL in whole seconds, or None for no TTL."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise BadRequest("ttl must be a whole number of seconds", field=field) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest("ttl must be a whole number of seconds", field=field)
+    if not 0 <= value <= MAX_TTL_S:
+        raise BadRequest(f"ttl must be between 0 and {MAX_TTL_S} seconds", field=field)
+    return value or None
+
+
+def consistency(value: Any, *, write: bool, field: str = "consistency") -> ConsistencyLevel | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("consistency must be a string", field=field)
+    return ConsistencyLevel.parse(value, field=field, write=write)
+
+
+def bounded_int(value: Any, *, field: str, low: int, high: int, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{field} must be an integer", field=field) from None
+    if not low <= number <= high:
+        raise BadRequest(f"{field} must be between {low} and {high}", field=field)
+    return number
+
+
+def encode_page_token(after: tuple[int, bytes] | None) -> str | None:
+    if after is None:
+        return None
+    packed = msgpack.packb([after[0], after[1]], use_bin_type=True)
+    return base64.urlsafe_b64encode(packed).decode().rstrip("=")
+
+
+def decode_page_token(token: str | None) -> tuple[int, bytes] | None:
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        value = msgpack.unpackb(base64.urlsafe_b64decode(padded), raw=False)
+        position, key = value
+        if not isinstance(position, int) or not isinstance(key, bytes):
+            raise ValueError
+        if not -(2**63) <= position < 2**63:
+            raise ValueError
+        return position, key
+    except Exception:  # noqa: BLE001 - any garbage token is the client's mistake
+        raise BadRequest("page_token is not a token this server issued", field="page_token") from None

@@ -1,0 +1,303 @@
+"""A replica's local store: cells in token order, with group commit.
+
+This is the asyncio shell around an ``Engine``. Writes that arrive during one
+event-loop turn are reconciled against what is stored and written as a single
+engine batch (group commit). In ``batch`` sync mode that batch is fsynced
+before any write in it is acknowledged; in ``periodic`` mode writes are
+acknowledged once they are in the engine's log, and a background task fsyncs
+every interval. Only one batch is in flight at a time, so batches reach the
+disk in the order they were formed, and later writes queue up behind it —
+the busier the node, the bigger (and cheaper per write) the batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ringkv.clock import Clock
+from ringkv.errors import CorruptRecord, Overloaded, ShuttingDown, StorageError
+from ringkv.storage import keys
+from ringkv.storage.engine import Engine
+from ringkv.versioning import Cell, decode_cell, encode_cell, reconcile
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SYNC_MODES = ("periodic", "batch")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCell:
+    keyspace: str
+    token: int
+    key: bytes
+    cell: Cell
+
+
+@dataclass
+class StoreStats:
+    writes_applied: int = 0
+    writes_superseded: int = 0  # arrived older than what was stored, so dropped (LWW)
+    batches: int = 0
+    syncs: int = 0
+    corrupt_records: int = 0
+    purged: int = 0
+
+
+class LocalStore:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock,
+        *,
+        sync_mode: str = "periodic",
+        periodic_sync_interval_ms: int = 1000,
+        gc_grace_s: int = 864000,
+        sweep_interval_s: float = 3600.0,
+        max_pending_writes: int = 10_000,
+        sweep_chunk: int = 1000,
+    ) -> None:
+        if sync_mode not in SYNC_MODES:
+            raise ValueError(f"sync_mode must be one of {SYNC_MODES}, got {sync_mode!r}")
+        self._engine = engine
+        self._clock = clock
+        self._sync_mode = sync_mode
+        self._sync_interval_s = periodic_sync_interval_ms / 1000
+        self._gc_grace_s = gc_grace_s
+        self._sweep_interval_s = sweep_interval_s
+        self._max_pending_writes = max_pending_writes
+        self._sweep_chunk = sweep_chunk
+        # Writes not yet handed to the engine: raw key -> winning cell, or None
+        # for a purge. Reads look here first, then at the batch being written.
+        self._pending: dict[bytes, Cell | None] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flushing: dict[bytes, Cell | None] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.stats = StoreStats()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._sync_mode == "periodic":
+            self._background.append(asyncio.create_task(self._periodic_sync_loop()))
+        self._background.append(asyncio.create_task(self._sweep_loop()))
+
+    async def close(self) -> None:
+        """Write out everything pending, fsync, and close the engine."""
+        if self._closed:
+            return
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.flush()
+        self._closed = True
+        await self._run(self._engine.sync)
+        self._engine.close()
+
+    # -- reads -------------------------------------------------------------
+
+    def read(self, keyspace: str, token: int, key: bytes) -> Cell | None:
+        """The stored cell (live or not), or None. Raises CorruptRecord."""
+        return self._current(keys.data_key(keyspace, token, key))
+
+    def _current(self, raw: bytes) -> Cell | None:
+        if raw in self._pending:
+            return self._pending[raw]
+        if raw in self._flushing:
+            return self._flushing[raw]
+        self._check_open()
+        record = self._engine.get(raw)
+        if record is None:
+            return None
+        try:
+            return decode_cell(record)
+        except CorruptRecord:
+            self.stats.corrupt_records += 1
+            log.error("corrupt record at key %r", raw[:64])
+            raise
+
+    async def scan(
+        self, keyspace: str, *, after: tuple[int, bytes] | None, limit: int
+    ) -> list[StoredCell]:
+        """Up to ``limit`` stored cells of ``keyspace`` in token order, after (token, key).
+
+        Corrupt records are skipped (and counted), never returned as data.
+        """
+        await self.flush()
+        if after is None:
+            start = keys.keyspace_prefix(keyspace)
+        else:
+            start = keys.data_key(keyspace, after[0], after[1]) + b"\x00"
+        stop = keys.keyspace_end(keyspace)
+        items = await self._run(lambda: list(self._engine.scan(start, stop, limit=limit)))
+        return self._decode_items(items)
+
+    async def scan_range(
+        self, keyspace: str, start_exclusive: int, end_inclusive: int, *, limit: int | None = None
+    ) -> list[StoredCell]:
+        """Stored cells with tokens in (start_exclusive, end_inclusive], not wrapping."""
+        await self.flush()
+        lo, hi = keys.range_bounds(keyspace, start_exclusive, end_inclusive)
+        items = await self._run(lambda: list(self._engine.scan(lo, hi, limit=limit)))
+        return self._decode_items(items)
+
+    def _decode_items(self, items: Sequence[tuple[bytes, bytes]]) -> list[StoredCell]:
+        out = []
+        for raw, record in items:
+            try:
+                keyspace, token, key = keys.parse_data_key(raw)
+                out.append(StoredCell(keyspace, token, key, decode_cell(record)))
+            except CorruptRecord:
+                self.stats.corrupt_records += 1
+                log.error("skipping corrupt record at key %r", raw[:64])
+        return out
+
+    # -- writes ------------------------------------------------------------
+
+    async def apply(self, keyspace: str, token: int, key: bytes, cell: Cell) -> Cell:
+        """Merge ``cell`` into the store (LWW) and wait until it is committed.
+
+        Returns the cell that is stored afterwards: ``cell`` itself, or a newer
+        one that was already there. Either way, once this returns, the stored
+        state includes ``cell``'s effect with the durability of the sync mode.
+        """
+        self._check_open()
+        if len(self._waiters) >= self._max_pending_writes:
+            raise Overloaded(
+                "storage write queue is full", limit=self._max_pending_writes
+            )
+        raw = keys.data_key(keyspace, token, key)
+        try:
+            current = self._current(raw)
+        except CorruptRecord:
+            # A corrupt record can never be returned, so the incoming write
+            # replaces it; that is how repair heals a corrupt replica.
+            current = None
+        winner = reconcile(current, cell)
+        if winner is cell and winner != current:
+            self._pending[raw] = cell
+            self.stats.writes_applied += 1
+        else:
+            self.stats.writes_superseded += 1
+        assert winner is not None
+        await self._enqueue_commit()
+        return winner
+
+    async def _enqueue_commit(self) -> None:
+        # Even a superseded write waits for the next batch: the newer cell
+        # that beat it may itself still be waiting to reach the disk.
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_loop())
+        await waiter
+
+    async def flush(self) -> None:
+        """Wait until every write accepted so far has been handed to the engine."""
+        if self._pending or self._waiters or (self._flush_task and not self._flush_task.done()):
+            await self._enqueue_commit()
+
+    async def _flush_loop(self) -> None:
+        while self._waiters:
+            batch, waiters = self._pending, self._waiters
+            self._pending, self._waiters = {}, []
+            self._flushing = batch
+            puts = [(raw, encode_cell(cell)) for raw, cell in batch.items() if cell is not None]
+            deletes = [raw for raw, cell in batch.items() if cell is None]
+            sync = self._sync_mode == "batch"
+            try:
+                if puts or deletes:
+                    await self._run(self._engine.write, puts, deletes, sync=sync)
+                    self.stats.batches += 1
+                    if sync:
+                        self.stats.syncs += 1
+            except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+                error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+            else:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            finally:
+                self._flushing = {}
+
+    # -- background work ---------------------------------------------------
+
+    async def _periodic_sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_interval_s)
+            try:
+                await self._run(self._engine.sync)
+                self.stats.syncs += 1
+            except StorageError:
+                log.exception("periodic sync failed")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            try:
+                await self.sweep()
+            except StorageError:
+                log.exception("tombstone sweep failed")
+
+    async def sweep(self) -> int:
+        """Purge tombstones and expired cells older than gc_grace. Returns how many.
+
+        Scans in chunks off the event loop, and re-checks each cell just before
+        deleting it, so a write that lands during the sweep is never lost.
+        """
+        purged = 0
+        start = keys.DATA_PREFIX
+        stop = bytes([keys.DATA_PREFIX[0] + 1])
+        while True:
+            items = await self._run(
+                lambda s=start: list(self._engine.scan(s, stop, limit=self._sweep_chunk))
+            )
+            if not items:
+                return purged
+            now_us = self._clock.wall_us()
+            doomed = []
+            for raw, record in items:
+                try:
+                    cell = decode_cell(record)
+                except CorruptRecord:
+                    continue
+                if cell.is_purgeable(now_us, self._gc_grace_s):
+                    doomed.append((raw, cell))
+            for raw, cell in doomed:
+                try:
+                    still_there = self._current(raw) == cell
+                except CorruptRecord:
+                    still_there = False
+                if still_there:
+                    self._pending[raw] = None
+                    purged += 1
+                    self.stats.purged += 1
+            if doomed:
+                await self._enqueue_commit()
+            start = items[-1][0] + b"\x00"
+
+    # -- helpers -----------------------------------------------------------
+
+    def size_bytes(self) -> int:
+        return self._engine.size_bytes()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDown("the local store is closed")
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run an engine call off the event loop when it may block on I/O."""
+        if not self._engine.blocking:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
