@@ -1,0 +1,690 @@
+"""YAML -> typed, validated node configuration.
+
+Precedence: built-in defaults < the YAML file < overrides (dotted keys such as
+``{"cluster.node_id": "n2"}``, e.g. from command-line flags). Any field left out
+takes its default; ``conf/ringkv.yaml`` lists every field with its default and
+a comment, and a test keeps that file and the defaults below equal.
+
+Validation is strict on purpose: unknown keys are rejected (typo protection),
+types are exact (``true`` is not an integer, ``"2000"`` is not a number) and
+every value is range-checked. A problem raises ``ConfigError`` whose ``field``
+is the dotted field (``timing.phi_threshold``) and whose message names the
+source, the field, what was expected and what was found::
+
+    conf/x.yaml: timing.phi_threshold: expected a number > 0, got -1
+
+The source is the file name, ``<overrides>`` for a value that came from the
+overrides, ``<defaults>`` for ``load_config(None)`` and ``<dict>`` for
+``config_from_dict`` without a source. Problems with the file as a whole
+(missing, unreadable, not YAML) use the field ``<file>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from ringkv.errors import BadRequest, ConfigError
+from ringkv.quorum import ConsistencyLevel, block_for
+
+__all__ = [
+    "ClusterConfig",
+    "KeyspaceConfig",
+    "TimingConfig",
+    "StorageConfig",
+    "LimitsConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "default_config",
+]
+
+TIERS = ("eventual", "transactional")
+ENGINES = ("leveldb", "memory")
+COMMIT_SYNCS = ("periodic", "batch")
+FILE_FIELD = "<file>"
+
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+# --------------------------------------------------------------------------- #
+# The typed config. Field names are exactly the YAML keys; defaults here must  #
+# equal conf/ringkv.yaml (tests/test_config.py checks it).                     #
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # Identity: a node refuses peers from another cluster; node_id names this
+    # node in gossip, in `ringkv status` and in its data directory.
+    name: str = "ringkv"
+    node_id: str = "node1"
+    # Addresses: clients use the HTTP JSON API on client_port; nodes talk to
+    # each other over the binary protocol on internode_port.
+    listen_host: str = "127.0.0.1"
+    client_port: int = 7400
+    internode_port: int = 7500
+    # Bootstrap: a starting node gossips with these internode "host:port"
+    # addresses first to learn the rest of the cluster.
+    seeds: tuple[str, ...] = ("127.0.0.1:7500",)
+    # Storage location: this node's data lives under data_dir / node_id, so
+    # several local nodes can share one data_dir.
+    data_dir: Path = Path("./data")
+    # Ring and placement: vnodes per node (load balance), and the dc/rack
+    # the placement strategy uses to spread replicas.
+    num_tokens: int = 16
+    dc: str = "dc1"
+    rack: str = "rack1"
+
+    @property
+    def seed_addresses(self) -> tuple[tuple[str, int], ...]:
+        """``seeds`` as (host, port) pairs; IPv6 brackets are removed."""
+        return tuple(_split_host_port(seed) for seed in self.seeds)
+
+
+@dataclass(frozen=True)
+class KeyspaceConfig:
+    # A keyspace groups keys that share a replication factor, a tier
+    # (eventual = Dynamo-style, transactional = Paxos groups + 2PC) and the
+    # consistency level used when a request does not choose one.
+    name: str
+    replication_factor: int = 3
+    tier: str = "eventual"
+    default_consistency: ConsistencyLevel = ConsistencyLevel.QUORUM
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    # Request deadlines: after these a coordinator answers Timeout.
+    read_timeout_ms: int = 2000
+    write_timeout_ms: int = 2000
+    # Membership: gossip round period and the phi-accrual failure detector's
+    # threshold (higher = slower to mark a peer down, fewer false alarms).
+    gossip_interval_ms: int = 1000
+    phi_threshold: float = 8.0
+    # Hinted handoff: how long hints are kept for a down replica, and how fast
+    # they are replayed so a returning node is not flooded.
+    max_hint_window_s: int = 10800
+    hint_replay_rate_per_s: int = 1000
+    # Deletes and expiry: tombstones live gc_grace_s so repair can spread
+    # them; default TTL for writes without one (0 = none); sweep period.
+    gc_grace_s: int = 864000
+    default_ttl_s: int = 0
+    tombstone_sweep_interval_s: int = 3600
+    # Speculative retry: ask another replica when one is slower than this
+    # latency percentile, but not sooner than speculative_retry_min_ms.
+    speculative_retry_percentile: float = 99.0
+    speculative_retry_min_ms: int = 20
+    # Shutdown: how long in-flight requests may finish (0 = do not wait).
+    shutdown_drain_timeout_s: int = 10
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Engine: leveldb (durable) or memory (tests, benchmarks).
+    engine: str = "leveldb"
+    # Durability: periodic fsync (faster, a crash may lose the last interval)
+    # or batch (group commit, fsync before the write is acknowledged).
+    commit_sync: str = "periodic"
+    periodic_sync_interval_ms: int = 1000
+    # LevelDB memory: block cache and memtable (write buffer) sizes.
+    leveldb_cache_mb: int = 64
+    leveldb_write_buffer_mb: int = 16
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Size limits keep one bad request from exhausting a node's memory; the
+    # API answers TooLarge naming the limit. Keys are counted in UTF-8 bytes,
+    # values in bytes of their JSON encoding.
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1048576
+    max_request_bytes: int = 4194304
+    # Per-request work limits for batch and scan.
+    max_batch_ops: int = 1000
+    max_scan_page: int = 1000
+
+
+def _default_keyspaces() -> dict[str, KeyspaceConfig]:
+    return {"default": KeyspaceConfig("default")}
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    keyspaces: dict[str, KeyspaceConfig] = field(default_factory=_default_keyspaces)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Where the config came from (file path), None for defaults or a dict.
+    # Not part of equality: two configs with the same values are equal.
+    source: str | None = field(default=None, compare=False)
+
+    @property
+    def node_data_dir(self) -> Path:
+        """This node's own data directory: ``cluster.data_dir / cluster.node_id``."""
+        return self.cluster.data_dir / self.cluster.node_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict in the YAML layout (``config_from_dict`` reads it back)."""
+        cluster = dataclasses.asdict(self.cluster)
+        cluster["seeds"] = list(self.cluster.seeds)
+        cluster["data_dir"] = str(self.cluster.data_dir)
+        keyspaces = {
+            name: {
+                "replication_factor": ks.replication_factor,
+                "tier": ks.tier,
+                "default_consistency": ks.default_consistency.value,
+            }
+            for name, ks in self.keyspaces.items()
+        }
+        return {
+            "cluster": cluster,
+            "keyspaces": keyspaces,
+            "timing": dataclasses.asdict(self.timing),
+            "storage": dataclasses.asdict(self.storage),
+            "limits": dataclasses.asdict(self.limits),
+        }
+
+
+# --------------------------------------------------------------------------- #
+# Public entry points                                                          #
+# --------------------------------------------------------------------------- #
+
+
+def default_config() -> Config:
+    """The config with every field at its default."""
+    return config_from_dict({})
+
+
+def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> Config:
+    """Validate ``data`` (the YAML layout) into a Config; missing fields take defaults."""
+    ctx = _Context(label=source or "<dict>", overridden=frozenset())
+    return _build(ctx, data, source)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, object] | None = None
+) -> Config:
+    """Read the YAML file at ``path`` (None: all defaults), apply ``overrides``, validate.
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"cluster.node_id": "n2",
+    "cluster.seeds": ["10.0.0.1:7500"], "keyspaces.orders.tier": "transactional"}``.
+    A key names a section, a field, a keyspace or a keyspace field.
+    """
+    if path is None:
+        source = None
+        label = "<defaults>"
+        data: dict[str, Any] = {}
+    else:
+        source = label = str(path)
+        data = _read_yaml(label, Path(path))
+    overrides = overrides or {}
+    for key in overrides:
+        _check_override_key(key)
+    data = copy.deepcopy(data)
+    if data.get("keyspaces") is None and any(key.startswith("keyspaces.") for key in overrides):
+        # Adding one keyspace by override keeps the default keyspaces.
+        data["keyspaces"] = Config().to_dict()["keyspaces"]
+    for key, value in overrides.items():
+        _apply_override(label, data, key, value)
+    ctx = _Context(label=label, overridden=frozenset(overrides))
+    return _build(ctx, data, source)
+
+
+# --------------------------------------------------------------------------- #
+# Reading the file and applying overrides                                      #
+# --------------------------------------------------------------------------- #
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(label: str, path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ConfigError(
+            f"{label}: {FILE_FIELD}: expected a readable config file, got {reason}",
+            field=FILE_FIELD,
+            source=label,
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{label}: {FILE_FIELD}: expected UTF-8 text, got {err}", field=FILE_FIELD, source=label
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(
+            f"{label}: {FILE_FIELD}: expected valid YAML, got {problem}{where}",
+            field=FILE_FIELD,
+            source=label,
+        ) from None
+    if data is None:  # an empty file (or only comments) means all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{label}: {FILE_FIELD}: expected a mapping of sections "
+            f"({', '.join(_SECTIONS)}), got {_show_typed(data)}",
+            field=FILE_FIELD,
+            source=label,
+        )
+    return data
+
+
+def _check_override_key(key: object) -> None:
+    """Allowed: 'section', 'section.field', 'keyspaces.<name>', 'keyspaces.<name>.<field>'."""
+    if not isinstance(key, str):
+        _override_error(repr(key), "a dotted key such as 'cluster.node_id'", _show_typed(key))
+    parts = key.split(".")
+    section = parts[0]
+    if section not in _SECTIONS:
+        _override_error(key, _known_key_hint(section, _SECTIONS), f"unknown section {section!r}")
+    if section == "keyspaces":
+        if len(parts) > 3:
+            _override_error(key, "keyspaces.<name>.<field>", repr(key))
+        if len(parts) == 3 and parts[2] not in _KEYSPACE_KEYS:
+            _override_error(
+                key, _known_key_hint(parts[2], _KEYSPACE_KEYS), f"unknown key {parts[2]!r}"
+            )
+        return
+    if len(parts) > 2:
+        _override_error(key, f"{section}.<field>", repr(key))
+    if len(parts) == 2 and parts[1] not in _SECTIONS[section]:
+        _override_error(
+            key, _known_key_hint(parts[1], _SECTIONS[section]), f"unknown key {parts[1]!r}"
+        )
+
+
+def _override_error(key: str, expected: str, got: str) -> NoReturn:
+    raise ConfigError(
+        f"<overrides>: {key}: expected {expected}, got {got}", field=key, source="<overrides>"
+    )
+
+
+def _apply_override(label: str, data: dict[str, Any], key: str, value: object) -> None:
+    """Set data[a][b]... = value for key 'a.b...', creating missing mappings."""
+    *parents, last = key.split(".")
+    node = data
+    walked: list[str] = []
+    for part in parents:
+        walked.append(part)
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif isinstance(child, Mapping):
+            child = dict(child)
+        else:  # the file has a scalar where a mapping belongs: report the file's mistake
+            dotted = ".".join(walked)
+            raise ConfigError(
+                f"{label}: {dotted}: expected a mapping, got {_show_typed(child)}",
+                field=dotted,
+                source=label,
+            )
+        node[part] = child
+        node = child
+    node[last] = value
+
+
+# --------------------------------------------------------------------------- #
+# Validation                                                                   #
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class _Context:
+    label: str  # file name, "<defaults>" or "<dict>"
+    overridden: frozenset[str]  # dotted keys set by overrides
+
+    def source_of(self, *fields: str) -> str:
+        """'<overrides>' if any of ``fields`` (or a parent of one) was overridden."""
+        for name in fields:
+            for key in self.overridden:
+                if name == key or name.startswith(key + ".") or name.startswith(key + "["):
+                    return "<overrides>"
+        return self.label
+
+    def fail(
+        self, name: str, expected: str, got: str, *, related: tuple[str, ...] = ()
+    ) -> NoReturn:
+        source = self.source_of(name, *related)
+        raise ConfigError(
+            f"{source}: {name}: expected {expected}, got {got}", field=name, source=source
+        )
+
+
+class _Section:
+    """One mapping being validated: rejects unknown keys, collects checked values.
+
+    Only keys present in the input are checked and collected; the dataclass
+    supplies defaults for the rest.
+    """
+
+    def __init__(self, ctx: _Context, prefix: str, raw: object, keys: tuple[str, ...]) -> None:
+        self.ctx = ctx
+        self.prefix = prefix
+        self.keys = keys
+        if raw is None:  # a section with every line commented out
+            raw = {}
+        if not isinstance(raw, Mapping):
+            ctx.fail(prefix, "a mapping", _show_typed(raw))
+        for key in raw:
+            if key not in keys:
+                ctx.fail(f"{prefix}.{key}", _known_key_hint(str(key), keys), f"unknown key {key!r}")
+        self.raw: Mapping[str, object] = raw
+        self.values: dict[str, Any] = {}
+
+    def dotted(self, key: str) -> str:
+        return f"{self.prefix}.{key}"
+
+    def take(self, key: str, check: Any, *args: Any, **kwargs: Any) -> None:
+        """If ``key`` is present, validate it with ``check(ctx, field, value, ...)``."""
+        assert key in self.keys, key
+        if key in self.raw:
+            self.values[key] = check(self.ctx, self.dotted(key), self.raw[key], *args, **kwargs)
+
+    def done(self) -> dict[str, Any]:
+        unchecked = set(self.raw) - set(self.values)
+        if unchecked:  # a programming error: a known key has no check
+            raise RuntimeError(f"config fields without a check: {sorted(unchecked)}")
+        return self.values
+
+
+def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config:
+    if not isinstance(data, Mapping):
+        ctx.fail(FILE_FIELD, "a mapping of sections", _show_typed(data))
+    for key in data:
+        if key not in _SECTIONS:
+            ctx.fail(str(key), _known_key_hint(str(key), _SECTIONS), f"unknown section {key!r}")
+    cluster = _read_cluster(ctx, data.get("cluster"))
+    # A keyspaces section replaces the default keyspaces; an absent or null one keeps them.
+    raw_keyspaces = data.get("keyspaces")
+    keyspaces = (
+        _default_keyspaces() if raw_keyspaces is None else _read_keyspaces(ctx, raw_keyspaces)
+    )
+    timing = _read_timing(ctx, data.get("timing"))
+    storage = _read_storage(ctx, data.get("storage"))
+    limits = _read_limits(ctx, data.get("limits"))
+    return Config(cluster, keyspaces, timing, storage, limits, source)
+
+
+def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
+    sec = _Section(ctx, "cluster", raw, _SECTIONS["cluster"])
+    sec.take("name", _check_name, 64)
+    sec.take("node_id", _check_name, 64)
+    sec.take("listen_host", _check_host)
+    sec.take("client_port", _check_int, 1, 65535)
+    sec.take("internode_port", _check_int, 1, 65535)
+    sec.take("seeds", _check_seeds)
+    sec.take("data_dir", _check_path)
+    sec.take("num_tokens", _check_int, 1, 256)
+    sec.take("dc", _check_name, 64)
+    sec.take("rack", _check_name, 64)
+    cluster = ClusterConfig(**sec.done())
+    if cluster.client_port == cluster.internode_port:
+        ctx.fail(
+            "cluster.internode_port",
+            f"a port different from cluster.client_port ({cluster.client_port})",
+            _show(cluster.internode_port),
+            related=("cluster.client_port",),
+        )
+    return cluster
+
+
+def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
+    if not isinstance(raw, Mapping):
+        ctx.fail("keyspaces", "a mapping of keyspace name to settings", _show_typed(raw))
+    keyspaces: dict[str, KeyspaceConfig] = {}
+    for name, settings in raw.items():
+        name = _check_name(ctx, f"keyspaces.{name}", name, 48)
+        sec = _Section(ctx, f"keyspaces.{name}", settings, _KEYSPACE_KEYS)
+        sec.take("replication_factor", _check_int, 1, 15)
+        sec.take("tier", _check_choice, TIERS)
+        sec.take("default_consistency", _check_consistency)
+        keyspace = KeyspaceConfig(name, **sec.done())
+        needed = block_for(keyspace.default_consistency, keyspace.replication_factor)
+        if needed > keyspace.replication_factor:
+            ctx.fail(
+                sec.dotted("default_consistency"),
+                f"a level that replication_factor {keyspace.replication_factor} can meet",
+                f"{keyspace.default_consistency.value} (needs {needed} replicas)",
+                related=(sec.dotted("replication_factor"),),
+            )
+        keyspaces[name] = keyspace
+    return keyspaces
+
+
+def _read_timing(ctx: _Context, raw: object) -> TimingConfig:
+    sec = _Section(ctx, "timing", raw, _SECTIONS["timing"])
+    sec.take("read_timeout_ms", _check_int, 1)
+    sec.take("write_timeout_ms", _check_int, 1)
+    sec.take("gossip_interval_ms", _check_int, 1)
+    sec.take("phi_threshold", _check_number, 0.0, None)
+    sec.take("max_hint_window_s", _check_int, 0)
+    sec.take("hint_replay_rate_per_s", _check_int, 1)
+    sec.take("gc_grace_s", _check_int, 0)
+    sec.take("default_ttl_s", _check_int, 0)
+    sec.take("tombstone_sweep_interval_s", _check_int, 1)
+    sec.take("speculative_retry_percentile", _check_number, 0.0, 100.0)
+    sec.take("speculative_retry_min_ms", _check_int, 0)
+    sec.take("shutdown_drain_timeout_s", _check_int, 0)
+    return TimingConfig(**sec.done())
+
+
+def _read_storage(ctx: _Context, raw: object) -> StorageConfig:
+    sec = _Section(ctx, "storage", raw, _SECTIONS["storage"])
+    sec.take("engine", _check_choice, ENGINES)
+    sec.take("commit_sync", _check_choice, COMMIT_SYNCS)
+    sec.take("periodic_sync_interval_ms", _check_int, 1)
+    sec.take("leveldb_cache_mb", _check_int, 1)
+    sec.take("leveldb_write_buffer_mb", _check_int, 1)
+    return StorageConfig(**sec.done())
+
+
+def _read_limits(ctx: _Context, raw: object) -> LimitsConfig:
+    sec = _Section(ctx, "limits", raw, _SECTIONS["limits"])
+    sec.take("max_key_bytes", _check_int, 1, 65535)
+    sec.take("max_value_bytes", _check_int, 1)
+    sec.take("max_request_bytes", _check_int, 1)
+    sec.take("max_batch_ops", _check_int, 1)
+    sec.take("max_scan_page", _check_int, 1)
+    limits = LimitsConfig(**sec.done())
+    if limits.max_value_bytes > limits.max_request_bytes:
+        ctx.fail(
+            "limits.max_value_bytes",
+            f"at most limits.max_request_bytes ({limits.max_request_bytes})",
+            _show(limits.max_value_bytes),
+            related=("limits.max_request_bytes",),
+        )
+    return limits
+
+
+# Field checks: each returns the typed value or raises through ctx.fail.
+
+
+def _check_int(ctx: _Context, name: str, value: object, lo: int, hi: int | None = None) -> int:
+    wanted = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass
+        ctx.fail(name, wanted, _show_typed(value))
+    if value < lo or (hi is not None and value > hi):
+        ctx.fail(name, wanted, _show(value))
+    return value
+
+
+def _check_number(
+    ctx: _Context, name: str, value: object, above: float, at_most: float | None
+) -> float:
+    """A finite number > ``above`` (and <= ``at_most``); integers are accepted."""
+    wanted = (
+        f"a number > {above:g}" if at_most is None else f"a number > {above:g} and <= {at_most:g}"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ctx.fail(name, wanted, _show_typed(value))
+    if not math.isfinite(value) or value <= above or (at_most is not None and value > at_most):
+        ctx.fail(name, wanted, _show(value))
+    return float(value)
+
+
+def _check_choice(ctx: _Context, name: str, value: object, choices: tuple[str, ...]) -> str:
+    wanted = "one of " + ", ".join(choices)
+    if not isinstance(value, str):
+        ctx.fail(name, wanted, _show_typed(value))
+    if value not in choices:
+        ctx.fail(name, wanted, _show(value))
+    return value
+
+
+def _check_name(ctx: _Context, name: str, value: object, max_len: int) -> str:
+    """Names become gossip fields and path parts: a safe charset, and never '.' or '..'."""
+    wanted = f"a name of 1-{max_len} characters from A-Z a-z 0-9 _ . - (not '.' or '..')"
+    if not isinstance(value, str):
+        ctx.fail(name, wanted, _show_typed(value))
+    if len(value) > max_len or not _NAME_CHARS.fullmatch(value) or value in (".", ".."):
+        ctx.fail(name, wanted, _show(value))
+    return value
+
+
+def _check_host(ctx: _Context, name: str, value: object) -> str:
+    wanted = "a host name or IP address"
+    if not isinstance(value, str):
+        ctx.fail(name, wanted, _show_typed(value))
+    if not value or len(value) > 253 or any(c.isspace() for c in value):
+        ctx.fail(name, wanted, _show(value))
+    return value
+
+
+def _check_seeds(ctx: _Context, name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        ctx.fail(name, 'a list of "host:port" strings', _show_typed(value))
+    for i, seed in enumerate(value):
+        item = f"{name}[{i}]"
+        if not isinstance(seed, str):
+            ctx.fail(item, 'a "host:port" string', _show_typed(seed))
+        try:
+            _split_host_port(seed)
+        except ValueError:
+            ctx.fail(
+                item, 'a "host:port" string with port 1-65535 ([v6addr]:port for IPv6)', _show(seed)
+            )
+    return tuple(value)
+
+
+def _check_path(ctx: _Context, name: str, value: object) -> Path:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        ctx.fail(name, "a non-empty directory path", _show_typed(value))
+    return Path(value)
+
+
+def _check_consistency(ctx: _Context, name: str, value: object) -> ConsistencyLevel:
+    usable = [level.value for level in ConsistencyLevel if level is not ConsistencyLevel.ANY]
+    wanted = "one of " + ", ".join(usable) + " (not ANY: it is write-only)"
+    if not isinstance(value, str):
+        ctx.fail(name, wanted, _show_typed(value))
+    try:
+        # write=False rejects ANY: a keyspace default must also be valid for reads.
+        return ConsistencyLevel.parse(value, field=name, write=False)
+    except BadRequest:
+        ctx.fail(name, wanted, _show(value))
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    """'host:port' or '[v6addr]:port' -> (host, port); ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(text)
+    elif ":" in host:  # a bare IPv6 address is ambiguous without brackets
+        raise ValueError(text)
+    if not sep or not host or any(c.isspace() for c in host):
+        raise ValueError(text)
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(text)
+    return host, int(port)
+
+
+# Messages.
+
+
+def _show(value: object) -> str:
+    """A value as the operator wrote it in YAML terms, cut short if long."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _show_typed(value: object) -> str:
+    """A value plus its YAML type, for type errors ('true (a boolean)')."""
+    kinds = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        tuple: "a list",
+        dict: "a mapping",
+        type(None): "no value",
+    }
+    kind = kinds.get(type(value), type(value).__name__)
+    return f"{_show(value)} ({kind})"
+
+
+def _known_key_hint(key: str, known: Mapping[str, object] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if close:
+        return f"a known key (did you mean {close[0]!r}?)"
+    return "one of " + ", ".join(known)
+
+
+def _field_names(cls: type, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in skip)
+
+
+# Section name -> its keys, in file order. Drives unknown-key checks and overrides.
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "cluster": _field_names(ClusterConfig),
+    "keyspaces": (),  # keyed by keyspace name
+    "timing": _field_names(TimingConfig),
+    "storage": _field_names(StorageConfig),
+    "limits": _field_names(LimitsConfig),
+}
+_KEYSPACE_KEYS = _field_names(KeyspaceConfig, skip=("name",))
