@@ -1,0 +1,315 @@
+"""The client-facing HTTP JSON API (aiohttp).
+
+Handlers only parse and validate input, call the coordinator, and render
+JSON. Every error leaves as ``{"error": {"code", "message", ...}}`` with a
+stable code and status (see ``ringkv.errors``); the ``errors`` middleware is
+the boundary where aiohttp's own exceptions are mapped into that shape too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ringkv.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    RingKVError,
+    ShuttingDown,
+    TooLarge,
+)
+from ringkv.metrics import CONTENT_TYPE
+from ringkv.quorum import ConsistencyLevel
+from ringkv.server import validation as v
+from ringkv.versioning import Cell, tombstone
+
+if TYPE_CHECKING:
+    from ringkv.node import Node
+
+log = logging.getLogger(__name__)
+
+NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+BATCH_OPS = ("put", "get", "delete")
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def error_response(error: RingKVError) -> web.Response:
+    return json_response(error.to_json(), status=error.http_status)
+
+
+def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVError:
+    if exc.status == 404:
+        return NotFound(f"no such endpoint: {request.path}", path=request.path)
+    if exc.status == 405:
+        return MethodNotAllowed(
+            f"method {request.method} is not allowed on {request.path}", method=request.method
+        )
+    if exc.status == 413:
+        limit = request.app[NODE_KEY].config.limits.max_request_bytes
+        return TooLarge(
+            f"request body exceeds the limit of {limit} bytes", field="body", limit=limit
+        )
+    return BadRequest(exc.reason or "bad request", field="request")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Map every failure to the JSON error shape, and record request metrics."""
+    node = request.app[NODE_KEY]
+    started = node.clock.monotonic_s()
+    route = request.match_info.route.name or "unknown"
+    level = _metric_level(request.query.get("consistency"))
+    try:
+        if node.draining:
+            raise ShuttingDown("the node is shutting down")
+        response = await handler(request)
+    except RingKVError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(_map_http_exception(exc, request))
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the boundary: log it, never crash the node
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        response = json_response(
+            {"error": {"code": "internal", "message": "internal server error"}}, status=500
+        )
+    node.metrics.requests.labels(route, level, str(response.status)).inc()
+    node.metrics.latency.labels(route, level).observe(node.clock.monotonic_s() - started)
+    return response
+
+
+_LEVEL_NAMES = frozenset(level.value for level in ConsistencyLevel)
+
+
+def _metric_level(text: str | None) -> str:
+    """A bounded label value: clients must not be able to mint new time series."""
+    if not text:
+        return "default"
+    upper = text.upper()
+    return upper if upper in _LEVEL_NAMES else "invalid"
+
+
+# -- single keys -------------------------------------------------------------
+
+
+def _cell_json(key: bytes, cell: Cell, receipt: dict[str, Any] | None) -> bytes:
+    """Render a cell without decoding and re-encoding its (canonical JSON) value."""
+    head = {"key": key.decode(), "timestamp": cell.ts.to_json()}
+    if cell.expires_at_us is not None:
+        head["expires_at_us"] = cell.expires_at_us
+    if receipt is not None:
+        head["receipt"] = receipt
+    encoded = json.dumps(head, separators=(",", ":")).encode()
+    return encoded[:-1] + b',"value":' + cell.value + b"}"
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    body = v.parse_json_body(await request.read())
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", field="body")
+    return body
+
+
+def _keyspace(request: web.Request) -> str:
+    name = request.match_info["keyspace"]
+    request.app[NODE_KEY].coordinator.keyspace(name)  # raises NotFound
+    return name
+
+
+async def put_key(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    keyspace = _keyspace(request)
+    key = v.key_from_path(request.rel_url.raw_path, node.config.limits)
+    body = await _json_object(request)
+    if "value" not in body:
+        raise BadRequest('body must have a "value" field', field="value")
+    value = v.value_bytes(body["value"], node.config.limits, field="value")
+    ttl = v.ttl_s(body.get("ttl", request.query.get("ttl")), field="ttl")
+    level = v.consistency(request.query.get("consistency"), write=True)
+    result = await node.put(keyspace, key, value, ttl, level)
+    return json_response(
+        {"ok": True, "timestamp": result.cell.ts.to_json(), "receipt": result.receipt.to_json()}
+    )
+
+
+async def get_key(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    keyspace = _keyspace(request)
+    key = v.key_from_path(request.rel_url.raw_path, node.config.limits)
+    if request.query.get("local", "").lower() in ("1", "true", "yes"):
+        cell = node.read_local(keyspace, key)
+        receipt = None
+    else:
+        level = v.consistency(request.query.get("consistency"), write=False)
+        result = await node.get(keyspace, key, level)
+        cell, receipt = result.cell, result.receipt.to_json()
+    if cell is None or not cell.is_live(node.clock.wall_us()):
+        raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}", receipt=receipt)
+    return web.Response(body=_cell_json(key, cell, receipt), content_type="application/json")
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    keyspace = _keyspace(request)
+    key = v.key_from_path(request.rel_url.raw_path, node.config.limits)
+    level = v.consistency(request.query.get("consistency"), write=True)
+    result = await node.delete(keyspace, key, level)
+    return json_response(
+        {"ok": True, "timestamp": result.cell.ts.to_json(), "receipt": result.receipt.to_json()}
+    )
+
+
+# -- batches and scans -------------------------------------------------------
+
+
+async def batch(request: web.Request) -> web.Response:
+    """Several independent operations in one request (not atomic, like an unlogged batch)."""
+    node = request.app[NODE_KEY]
+    limits = node.config.limits
+    body = await _json_object(request)
+    ops = body.get("ops")
+    if not isinstance(ops, list) or not ops:
+        raise BadRequest('"ops" must be a non-empty list', field="ops")
+    if len(ops) > limits.max_batch_ops:
+        raise TooLarge(
+            f"batch has {len(ops)} operations; the limit is {limits.max_batch_ops}",
+            field="ops",
+            limit=limits.max_batch_ops,
+            size=len(ops),
+        )
+    default_level = request.query.get("consistency")
+    # Validate everything before running anything, so a bad op fails the
+    # whole request instead of leaving half of it applied.
+    planned = [_plan_batch_op(node, i, op, default_level) for i, op in enumerate(ops)]
+    results = await asyncio.gather(*(_run_batch_op(node, op) for op in planned))
+    return json_response({"results": results})
+
+
+def _plan_batch_op(node: Node, index: int, op: Any, default_level: str | None) -> dict[str, Any]:
+    where = f"ops[{index}]"
+    if not isinstance(op, dict):
+        raise BadRequest("each operation must be a JSON object", field=where)
+    kind = op.get("op")
+    if kind not in BATCH_OPS:
+        raise BadRequest(f"op must be one of {', '.join(BATCH_OPS)}", field=f"{where}.op")
+    keyspace = op.get("keyspace", "default")
+    if not isinstance(keyspace, str):
+        raise BadRequest("keyspace must be a string", field=f"{where}.keyspace")
+    node.coordinator.keyspace(keyspace)
+    planned = {
+        "op": kind,
+        "keyspace": keyspace,
+        "key": v.key_from_json(op.get("key"), node.config.limits, field=f"{where}.key"),
+        "consistency": v.consistency(
+            op.get("consistency", default_level), write=kind != "get", field=f"{where}.consistency"
+        ),
+    }
+    if kind == "put":
+        if "value" not in op:
+            raise BadRequest('a put needs a "value"', field=f"{where}.value")
+        planned["value"] = v.value_bytes(op["value"], node.config.limits, field=f"{where}.value")
+        planned["ttl"] = v.ttl_s(op.get("ttl"), field=f"{where}.ttl")
+    return planned
+
+
+async def _run_batch_op(node: Node, op: dict[str, Any]) -> dict[str, Any]:
+    key: bytes = op["key"]
+    try:
+        if op["op"] == "put":
+            result = await node.put(op["keyspace"], key, op["value"], op["ttl"], op["consistency"])
+            return {"ok": True, "key": key.decode(), "timestamp": result.cell.ts.to_json()}
+        if op["op"] == "delete":
+            result = await node.delete(op["keyspace"], key, op["consistency"])
+            return {"ok": True, "key": key.decode(), "timestamp": result.cell.ts.to_json()}
+        read = await node.get(op["keyspace"], key, op["consistency"])
+        cell = read.cell
+        if cell is None or not cell.is_live(node.clock.wall_us()):
+            return {"ok": True, "key": key.decode(), "found": False}
+        return {
+            "ok": True,
+            "key": key.decode(),
+            "found": True,
+            "value": cell.json_value(),
+            "timestamp": cell.ts.to_json(),
+        }
+    except RingKVError as exc:
+        return {"ok": False, "key": key.decode(), **exc.to_json()}
+
+
+async def scan(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    keyspace = _keyspace(request)
+    limit = v.bounded_int(
+        request.query.get("limit"),
+        field="limit",
+        low=1,
+        high=node.config.limits.max_scan_page,
+        default=min(100, node.config.limits.max_scan_page),
+    )
+    after = v.decode_page_token(request.query.get("page_token"))
+    level = v.consistency(request.query.get("consistency"), write=False)
+    page = await node.coordinator.scan(keyspace, after, limit, level)
+    items = [
+        {"key": key.decode(), "value": cell.json_value(), "timestamp": cell.ts.to_json()}
+        for _token, key, cell in page.items
+    ]
+    return json_response(
+        {
+            "items": items,
+            "next_page_token": v.encode_page_token(page.next_after),
+            "receipt": page.receipt.to_json(),
+        }
+    )
+
+
+# -- cluster information -----------------------------------------------------
+
+
+async def status(request: web.Request) -> web.Response:
+    return json_response(request.app[NODE_KEY].status())
+
+
+async def ring(request: web.Request) -> web.Response:
+    return json_response(request.app[NODE_KEY].ring_info())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[NODE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"ok": True, "node_id": request.app[NODE_KEY].node_id})
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=node.config.limits.max_request_bytes
+    )
+    app[NODE_KEY] = node
+    key_path = "/v1/kv/{keyspace}/{key:.+}"
+    app.router.add_put(key_path, put_key, name="put")
+    app.router.add_get(key_path, get_key, name="get", allow_head=False)
+    app.router.add_delete(key_path, delete_key, name="delete")
+    app.router.add_get("/v1/kv/{keyspace}", scan, name="scan", allow_head=False)
+    app.router.add_post("/v1/batch", batch, name="batch")
+    app.router.add_get("/v1/status", status, name="status", allow_head=False)
+    app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
+    app.router.add_get("/v1/health", health, name="health", allow_head=False)
+    app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
+    return app

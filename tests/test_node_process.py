@@ -1,0 +1,204 @@
+"""One real node process: durability across SIGKILL, clean shutdown, bad config, fuzzing."""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import quote_from_bytes
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.procs import REPO, NodeProcess, http, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def write_until_killed(node: NodeProcess, writers: int, min_acked: int) -> dict[str, int]:
+    """Concurrent unique-value writers; SIGKILL the node mid-stream. Returns acked key -> value."""
+    acked: dict[str, int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(worker: int) -> None:
+        for i in range(100_000):  # bounded; the kill ends it much sooner
+            if stop.is_set():
+                return
+            key = f"w{worker}-{i}"
+            try:
+                status, _ = http("PUT", f"{node.url}/v1/kv/default/{key}", {"value": i},
+                                 timeout_s=5)
+            except OSError:
+                return  # the node is gone: this write is indeterminate
+            if status == 200:
+                with lock:
+                    acked[key] = i
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(acked) >= min_acked, timeout_s=60, what=f"{min_acked} acked writes")
+        node.kill()  # in mid-stream: writers are still sending
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    with lock:
+        return dict(acked)
+
+
+@pytest.mark.parametrize("sync_mode", ["batch", "periodic"])
+def test_acknowledged_writes_survive_sigkill(tmp_path: Path, sync_mode: str) -> None:
+    """Every acknowledged write is there after SIGKILL and a restart on the same data.
+
+    Batch mode fsyncs each group commit before acknowledging it. Periodic mode
+    acknowledges once the write is in LevelDB's log (the OS page cache), which
+    a process crash cannot lose; only a machine crash can lose the last
+    periodic_sync_interval_ms (see the README).
+    """
+    node = NodeProcess("dur", tmp_path, extra_args=["--commit-sync", sync_mode])
+    try:
+        node.start()
+        acked = write_until_killed(node, writers=8, min_acked=1000)
+        assert node.proc is not None and node.proc.returncode == -signal.SIGKILL
+        node.start()
+        missing = []
+        for key, value in acked.items():
+            status, body = http("GET", f"{node.url}/v1/kv/default/{key}?consistency=ONE")
+            if status != 200 or body["value"] != value:
+                missing.append(key)
+        print(f"{sync_mode}: {len(acked)} acknowledged writes, {len(missing)} missing")
+        assert missing == []
+    finally:
+        node.stop()
+
+
+def test_sigterm_drains_flushes_and_exits_cleanly(tmp_path: Path) -> None:
+    node = NodeProcess("term", tmp_path)
+    try:
+        node.start()
+        for i in range(50):
+            assert http("PUT", f"{node.url}/v1/kv/default/k{i}", {"value": i})[0] == 200
+        assert node.stop() == 0
+        assert "stopped" in node.log_tail()
+        node.start()
+        assert http("GET", f"{node.url}/v1/kv/default/k49")[1]["value"] == 49
+    finally:
+        node.stop()
+
+
+def test_bad_config_field_is_named_and_the_node_does_not_start(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("cluster:\n  num_tokens: 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ringkv.cli", "node", "--config", str(config),
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert f"{config}: cluster.num_tokens:" in result.stderr
+
+
+def test_help_lists_every_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ringkv.cli", "--help"], capture_output=True, text=True,
+        timeout=60, cwd=REPO,
+    )
+    assert result.returncode == 0
+    assert "node" in result.stdout
+
+
+# -- fuzzing a running node --------------------------------------------------------
+
+METHODS = ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+PATH_HEADS = ["/v1/kv/default/", "/v1/kv/", "/v1/kv/default", "/v1/batch", "/v1/status",
+              "/v1/ring", "/metrics", "/", "/v1/kv/nope/"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
+                                                                       max_size=4),
+    max_leaves=20,
+)
+BODIES = st.one_of(
+    st.binary(max_size=2000),
+    JSON_VALUES.map(lambda value: __import__("json").dumps(value).encode()),
+    st.builds(lambda v, t: __import__("json").dumps({"value": v, "ttl": t}).encode(),
+              JSON_VALUES, st.one_of(st.integers(), st.text(), st.none())),
+    st.builds(lambda ops: __import__("json").dumps({"ops": ops}).encode(),
+              st.lists(st.dictionaries(st.sampled_from(["op", "key", "value", "keyspace", "ttl",
+                                                        "consistency"]),
+                                       JSON_VALUES | st.sampled_from(["put", "get", "delete"]),
+                                       max_size=6), max_size=5)),
+    st.just(b"HUGE"),  # replaced in the test by a body larger than max_request_bytes
+)
+QUERIES = st.one_of(
+    st.just(""),
+    st.builds(lambda k, val: f"?{quote_from_bytes(k)}={quote_from_bytes(val)}",
+              st.sampled_from([b"consistency", b"ttl", b"limit", b"page_token", b"local"]),
+              st.binary(max_size=30)),
+)
+HEADERS = st.dictionaries(
+    st.sampled_from(["Content-Type", "X-Junk", "Accept", "Content-Encoding", "Expect"]),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    max_size=3,
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_node(tmp_path_factory: pytest.TempPathFactory):
+    node = NodeProcess("fuzz", tmp_path_factory.mktemp("fuzz"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    method=st.sampled_from(METHODS),
+    head=st.sampled_from(PATH_HEADS),
+    key=st.one_of(st.binary(max_size=40), st.binary(min_size=2000, max_size=3000)),
+    query=QUERIES,
+    headers=HEADERS,
+    body=BODIES,
+)
+def test_fuzzed_requests_never_get_a_500(fuzz_node, method, head, key, query, headers, body):
+    """No input may make the node answer 500 or die (huge and non-UTF-8 keys included)."""
+    path = head + quote_from_bytes(key, safe="/") + query
+    if body == b"HUGE":
+        body = b"x" * 5_000_000
+    connection = httpclient.HTTPConnection(fuzz_node.host, fuzz_node.client_port, timeout=10)
+    try:
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+        except (ConnectionError, httpclient.HTTPException):
+            # The server may refuse an oversized body by closing early; it must still be up.
+            payload, response = b"", None
+        if response is not None:
+            assert response.status < 500, (method, path, response.status, payload[:300])
+    finally:
+        connection.close()
+    assert fuzz_node.proc.poll() is None
+
+
+def test_raw_garbage_on_the_client_port_leaves_the_node_serving(fuzz_node) -> None:
+    import random
+
+    rng = random.Random(1234)
+    for size in (1, 17, 512, 65536):
+        with socket.create_connection((fuzz_node.host, fuzz_node.client_port), timeout=5) as sock:
+            sock.sendall(bytes(rng.getrandbits(8) for _ in range(size)))
+            try:
+                sock.recv(4096)
+            except OSError:
+                pass
+    assert http("GET", f"{fuzz_node.url}/v1/health")[0] == 200
+    assert fuzz_node.proc.poll() is None
