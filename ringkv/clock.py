@@ -33,6 +33,10 @@ class SystemClock:
     def monotonic_s(self) -> float:
         return time.monotonic()
 
+    def sleep_s(self, seconds: float) -> None:
+        """Block the calling thread (tools and tests only; never on the event loop)."""
+        time.sleep(seconds)
+
 
 class ManualClock:
     """A clock that moves only when told to: for tests and the simulator."""

@@ -115,21 +115,57 @@ class ScanPage:
     receipt: Receipt
 
 
-class LatencyWindow:
-    """Recent replica read latencies, to decide when to retry speculatively."""
+class _AckTracker:
+    """Counts write acknowledgements; ``done`` resolves once the outcome is known."""
 
-    def __init__(self, size: int = 1000) -> None:
+    def __init__(self, block_for: int, asked: int, done: asyncio.Future[None]) -> None:
+        self.block_for = block_for
+        self.asked = asked
+        self.acked: list[str] = []
+        self.responded = 0
+        self.done = done
+        if asked == 0:
+            self.expire()
+
+    def record(self, node: str, *, ok: bool) -> None:
+        self.responded += 1
+        if ok:
+            self.acked.append(node)
+        if len(self.acked) >= self.block_for or self.responded >= self.asked:
+            self.expire()
+
+    def expire(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class LatencyWindow:
+    """Recent replica read latencies, to decide when to retry speculatively.
+
+    The percentile is recomputed every ``refresh_every`` samples rather than
+    on every read: sorting on the hot path would cost more than it saves.
+    """
+
+    def __init__(self, size: int = 1000, refresh_every: int = 100) -> None:
         self._samples: deque[float] = deque(maxlen=size)
+        self._refresh_every = refresh_every
+        self._since_refresh = 0
+        self._cached: dict[float, float] = {}
 
     def record(self, seconds: float) -> None:
         self._samples.append(seconds)
+        self._since_refresh += 1
+        if self._since_refresh >= self._refresh_every:
+            self._since_refresh = 0
+            self._cached.clear()
 
     def percentile(self, pct: float) -> float | None:
         if len(self._samples) < 20:  # too few samples to trust
             return None
-        ordered = sorted(self._samples)
-        index = min(len(ordered) - 1, int(len(ordered) * pct / 100))
-        return ordered[index]
+        if pct not in self._cached:
+            ordered = sorted(self._samples)
+            self._cached[pct] = ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+        return self._cached[pct]
 
 
 class Coordinator:
@@ -206,30 +242,36 @@ class Coordinator:
         for target in plan.down:
             if await self._store_hint(target, plan, key, cell):
                 receipt.hints_stored += 1
-        acks: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        acks = _AckTracker(plan.block_for, len(plan.live), loop.create_future())
         for target in plan.live:
-            self._spawn(self._write_one(target, plan, key, cell, acks))
-        acked = await self._await_acks(acks, plan, receipt)
-        if len(acked) >= plan.block_for:
+            if target != self.node_id:
+                self._spawn(self._write_one(target, plan, key, cell, acks))
+        if self.node_id in plan.live:
+            # The local replica is written inline: no task, no network.
+            await self._write_one(self.node_id, plan, key, cell, acks)
+        if not acks.done.done():
+            timer = loop.call_later(self._write_timeout_s, acks.expire)
+            try:
+                await acks.done
+            finally:
+                timer.cancel()
+        receipt.answered = list(acks.acked)
+        if len(acks.acked) >= plan.block_for:
             return WriteResult(cell, receipt)
         if plan.consistency is ConsistencyLevel.ANY and receipt.hints_stored > 0:
             return WriteResult(cell, receipt)
         raise Timeout(
-            f"write at {plan.consistency.value} got {len(acked)} of {plan.block_for} "
+            f"write at {plan.consistency.value} got {len(acks.acked)} of {plan.block_for} "
             f"required acknowledgements in time",
             consistency=plan.consistency.value,
             required=plan.block_for,
-            received=len(acked),
+            received=len(acks.acked),
             write=True,
         )
 
     async def _write_one(
-        self,
-        target: str,
-        plan: ReplicaPlan,
-        key: bytes,
-        cell: Cell,
-        acks: asyncio.Queue[tuple[str, bool]],
+        self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell, acks: _AckTracker
     ) -> None:
         try:
             await self._replicas.write(
@@ -237,32 +279,12 @@ class Coordinator:
             )
         except RingKVError as exc:
             log.debug("write to %s failed: %s", target, exc)
-            acks.put_nowait((target, False))
+            acks.record(target, ok=False)
             # A replica that did not acknowledge gets a hint, even if the
             # client was already answered (Cassandra does the same).
             await self._store_hint(target, plan, key, cell)
             return
-        acks.put_nowait((target, True))
-
-    async def _await_acks(
-        self, acks: asyncio.Queue[tuple[str, bool]], plan: ReplicaPlan, receipt: Receipt
-    ) -> list[str]:
-        acked: list[str] = []
-        outstanding = len(plan.live)
-        deadline = self._clock.monotonic_s() + self._write_timeout_s
-        while outstanding and len(acked) < plan.block_for:
-            remaining = deadline - self._clock.monotonic_s()
-            if remaining <= 0:
-                break
-            try:
-                target, ok = await asyncio.wait_for(acks.get(), remaining)
-            except asyncio.TimeoutError:
-                break
-            outstanding -= 1
-            if ok:
-                acked.append(target)
-        receipt.answered = acked
-        return acked
+        acks.record(target, ok=True)
 
     async def _store_hint(self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell) -> bool:
         if self._hints is None:
@@ -314,6 +336,13 @@ class Coordinator:
         retry threshold is backed up by a data read to a spare replica.
         """
         data_node, digest_nodes = targets[0], targets[1:]
+        if targets == [self.node_id]:
+            # Fast path: the one replica needed is this node.
+            cell = await self._replicas.read(
+                data_node, plan.keyspace, plan.token, key, self._read_timeout_s
+            )
+            receipt.answered = [data_node]
+            return [(data_node, cell)]
         start = self._clock.monotonic_s()
         deadline = start + self._read_timeout_s
         tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str]] = {}

@@ -7,6 +7,7 @@ simulator) never mix their numbers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -66,6 +67,20 @@ class NodeMetrics:
             registry=self.registry,
         )
         self.info.labels(**labels).set(1)
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe_request(self, op: str, consistency: str, status: int, seconds: float) -> None:
+        """Count one client request and its latency (label children are cached: hot path)."""
+        key = (op, consistency, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(op, consistency, str(status)),
+                self.latency.labels(op, consistency),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read when /metrics is scraped."""

@@ -77,9 +77,13 @@ def tombstone(ts: Timestamp) -> Cell:
     return Cell(value=b"", ts=ts, tombstone=True)
 
 
+# One shared encoder: json.dumps with options builds a new encoder per call.
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode_json_value(value: Any) -> bytes:
     """Canonical JSON bytes, so that equal values have equal bytes on every replica."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def reconcile(a: Cell | None, b: Cell | None) -> Cell | None:

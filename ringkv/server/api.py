@@ -37,9 +37,12 @@ NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 BATCH_OPS = ("put", "get", "delete")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(
-        body=json.dumps(body, separators=(",", ":")).encode(),
+        body=_ENCODER.encode(body).encode(),
         status=status,
         content_type="application/json",
     )
@@ -88,8 +91,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         response = json_response(
             {"error": {"code": "internal", "message": "internal server error"}}, status=500
         )
-    node.metrics.requests.labels(route, level, str(response.status)).inc()
-    node.metrics.latency.labels(route, level).observe(node.clock.monotonic_s() - started)
+    node.metrics.observe_request(route, level, response.status, node.clock.monotonic_s() - started)
     return response
 
 
@@ -114,7 +116,7 @@ def _cell_json(key: bytes, cell: Cell, receipt: dict[str, Any] | None) -> bytes:
         head["expires_at_us"] = cell.expires_at_us
     if receipt is not None:
         head["receipt"] = receipt
-    encoded = json.dumps(head, separators=(",", ":")).encode()
+    encoded = _ENCODER.encode(head).encode()
     return encoded[:-1] + b',"value":' + cell.value + b"}"
 
 

@@ -23,10 +23,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Shared decoder: json.loads with options builds a new decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_json_body(body: bytes) -> Any:
     try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        return _DECODER.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         # RecursionError: absurdly deep nesting must not take the node down.
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise BadRequest(f"request body is not valid JSON: {reason}", field="body") from None

@@ -1,0 +1,21 @@
+"""Benchmarks: `python -m bench <name> [options]`.
+
+    single-node   one ringkv node vs a bare aiohttp + plyvel handler
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    commands = {"single-node": "bench.single_node"}
+    if not argv or argv[0] not in commands:
+        print(__doc__)
+        return 2
+    module = __import__(commands[argv[0]], fromlist=["main"])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

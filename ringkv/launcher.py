@@ -1,0 +1,144 @@
+"""Start real node processes on loopback, wait until they serve, and stop them by PID.
+
+Used by `ringkv cluster up`, the benchmarks and the process tests alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ringkv.clock import SystemClock
+
+_CLOCK = SystemClock()
+START_DEADLINE_S = 30.0
+STOP_DEADLINE_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = _CLOCK.monotonic_s() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if _CLOCK.monotonic_s() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        _CLOCK.sleep_s(interval_s)
+
+
+@dataclass
+class NodeProcess:
+    node_id: str
+    data_dir: Path
+    host: str = "127.0.0.1"
+    client_port: int = field(default_factory=free_port)
+    internode_port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)
+    config_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    def start(self) -> NodeProcess:
+        self.log_path = self.data_dir / f"{self.node_id}.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        args = [
+            sys.executable, "-m", "ringkv.cli", "node",
+            "--id", self.node_id,
+            "--host", self.host,
+            "--client-port", str(self.client_port),
+            "--internode-port", str(self.internode_port),
+            "--data-dir", str(self.data_dir),
+            *self.extra_args,
+        ]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(self._ready, timeout_s=START_DEADLINE_S, what=f"{self.node_id} to start")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.node_id} exited early:\n{self.log_tail()}")
+        try:
+            status, _ = http("GET", f"{self.url}/v1/health", timeout_s=1.0)
+            return status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(timeout=STOP_DEADLINE_S)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+                self.signal(signal.SIGTERM)
+                return self.proc.wait(timeout=STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """A tiny HTTP client (stdlib only): returns (status, parsed JSON or text)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None and "Content-Type" not in (headers or {}):
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, _parse(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, _parse(error.read())
+
+
+def _parse(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return payload.decode(errors="replace")
