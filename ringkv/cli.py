@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+import threading
 from typing import Any
 
 from ringkv.config import load_config
@@ -37,6 +39,56 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from ringkv.launcher import http
+    from ringkv.local_cluster import format_status
+
+    try:
+        status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout)
+    except OSError as exc:
+        print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"ringkv: error: {args.url} answered {status}: {body}", file=sys.stderr)
+        return 1
+    print(format_status(body))
+    return 0
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ringkv.local_cluster import LocalCluster, run_demo
+
+    cluster = LocalCluster(
+        Path(args.data_dir).resolve(),
+        nodes=args.nodes,
+        rf=args.rf,
+        base_client_port=args.base_port,
+        base_internode_port=args.base_port + 100,
+    )
+    cluster.build()
+    print(f"starting {args.nodes} nodes (rf={args.rf}) under {cluster.data_dir} ...", flush=True)
+    try:
+        cluster.up()
+        print("cluster is up; every node sees every other node UP:")
+        for proc in cluster.procs:
+            print(f"  {proc.node_id}: {proc.url}   (logs: {proc.log_path})")
+        if args.demo:
+            run_demo(cluster, say=lambda line: print(line, flush=True))
+        print("\npress Ctrl-C to stop the cluster", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping the cluster ...", flush=True)
+        cluster.down()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringkv",
@@ -58,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--commit-sync", choices=("periodic", "batch"), help="storage.commit_sync")
     node.add_argument("--engine", choices=("leveldb", "memory"), help="storage.engine")
     node.set_defaults(func=cmd_node)
+
+    status = commands.add_parser("status", help="print the cluster as one node sees it")
+    status.add_argument("--url", default="http://127.0.0.1:7400", help="any node's HTTP address")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
+    status.set_defaults(func=cmd_status)
+
+    cluster = commands.add_parser("cluster", help="run a local cluster of node processes")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True,
+                                              metavar="ACTION")
+    up = cluster_commands.add_parser("up", help="start N nodes on loopback; Ctrl-C stops them")
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--rf", type=int, default=3, help="replication factor of the default keyspace")
+    up.add_argument("--data-dir", default="./data", help="data directory (one folder per node)")
+    up.add_argument("--base-port", type=int, default=7400,
+                    help="node i serves HTTP on base+i and internode on base+100+i")
+    up.add_argument("--demo", action="store_true",
+                    help="run the demo: write, kill a node, read, restart, replay hints")
+    up.set_defaults(func=cmd_cluster_up)
     return parser
 
 

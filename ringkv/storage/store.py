@@ -74,9 +74,9 @@ class LocalStore:
         self._sweep_chunk = sweep_chunk
         # Writes not yet handed to the engine: raw key -> winning cell, or None
         # for a purge. Reads look here first, then at the batch being written.
-        self._pending: dict[bytes, Cell | None] = {}
+        self._pending: dict[bytes, Cell | bytes | None] = {}
         self._waiters: list[asyncio.Future[None]] = []
-        self._flushing: dict[bytes, Cell | None] = {}
+        self._flushing: dict[bytes, Cell | bytes | None] = {}
         self._flush_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
@@ -109,9 +109,9 @@ class LocalStore:
 
     def _current(self, raw: bytes) -> Cell | None:
         if raw in self._pending:
-            return self._pending[raw]
+            return self._pending[raw]  # type: ignore[return-value] - data keys hold cells
         if raw in self._flushing:
-            return self._flushing[raw]
+            return self._flushing[raw]  # type: ignore[return-value]
         self._check_open()
         record = self._engine.get(raw)
         if record is None:
@@ -190,6 +190,24 @@ class LocalStore:
         await self._enqueue_commit()
         return winner
 
+    async def write_raw(self, puts: Sequence[tuple[bytes, bytes]], deletes: Sequence[bytes]) -> None:
+        """Commit records outside the data key space (hints, metadata) with group commit."""
+        self._check_open()
+        if len(self._waiters) >= self._max_pending_writes:
+            raise Overloaded("storage write queue is full", limit=self._max_pending_writes)
+        for raw in deletes:
+            self._pending[raw] = None
+        for raw, record in puts:
+            self._pending[raw] = record
+        await self._enqueue_commit()
+
+    async def scan_raw(
+        self, start: bytes, stop: bytes, *, limit: int
+    ) -> list[tuple[bytes, bytes]]:
+        """Committed records in [start, stop), off the event loop."""
+        await self.flush()
+        return await self._run(lambda: list(self._engine.scan(start, stop, limit=limit)))
+
     async def _enqueue_commit(self) -> None:
         # Even a superseded write waits for the next batch: the newer cell
         # that beat it may itself still be waiting to reach the disk.
@@ -209,8 +227,12 @@ class LocalStore:
             batch, waiters = self._pending, self._waiters
             self._pending, self._waiters = {}, []
             self._flushing = batch
-            puts = [(raw, encode_cell(cell)) for raw, cell in batch.items() if cell is not None]
-            deletes = [raw for raw, cell in batch.items() if cell is None]
+            puts = [
+                (raw, encode_cell(item) if isinstance(item, Cell) else item)
+                for raw, item in batch.items()
+                if item is not None
+            ]
+            deletes = [raw for raw, item in batch.items() if item is None]
             sync = self._sync_mode == "batch"
             try:
                 if sync and (puts or deletes):

@@ -1,0 +1,116 @@
+"""Replica verbs over the internode transport: the client side and the serving side.
+
+``InternodeReplicas`` is how a coordinator reaches a replica on another node;
+``InternodeHandler`` is what a node runs for each request that arrives from a
+peer. Both speak the messages in ``ringkv.messages``. Gossip frames are passed
+to the gossip service untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from ringkv import messages as m
+from ringkv.clock import HybridLogicalClock
+from ringkv.errors import ProtocolError
+from ringkv.replica import LocalReplica
+from ringkv.versioning import Cell, cell_digest
+
+
+class Requester(Protocol):
+    async def request(self, node_id: str, verb: str, payload: Any, timeout_s: float) -> Any: ...
+
+
+class InternodeReplicas:
+    def __init__(self, transport: Requester) -> None:
+        self._transport = transport
+
+    async def write(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> None:
+        payload = m.KeyRef(keyspace, token, key).to_wire()
+        payload["c"] = m.cell_to_wire(cell)
+        await self._transport.request(node_id, m.WRITE, payload, timeout_s)
+
+    async def read(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> Cell | None:
+        payload = m.KeyRef(keyspace, token, key).to_wire()
+        return m.cell_from_wire(await self._transport.request(node_id, m.READ, payload, timeout_s))
+
+    async def digest(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> bytes:
+        payload = m.KeyRef(keyspace, token, key).to_wire()
+        result = await self._transport.request(node_id, m.DIGEST, payload, timeout_s)
+        if not isinstance(result, bytes):
+            raise ProtocolError(f"digest from {node_id} is not bytes")
+        return result
+
+    async def scan(
+        self,
+        node_id: str,
+        keyspace: str,
+        after: tuple[int, bytes | None],
+        end_token: int,
+        limit: int,
+        timeout_s: float,
+    ) -> list[tuple[int, bytes, Cell]]:
+        request = m.ScanRequest(keyspace, after[0], after[1], end_token, limit)
+        result = await self._transport.request(node_id, m.SCAN, request.to_wire(), timeout_s)
+        return m.scan_result_from_wire(result)
+
+
+GossipHandler = Callable[[str, str, Any], Awaitable[Any]]
+
+
+class InternodeHandler:
+    """Serves replica verbs from the local store; hands gossip verbs to gossip."""
+
+    def __init__(
+        self,
+        local: LocalReplica,
+        hlc: HybridLogicalClock,
+        known_keyspace: Callable[[str], bool],
+        gossip: GossipHandler | None = None,
+        gossip_prefix: str = "gossip.",
+    ) -> None:
+        self._local = local
+        self._hlc = hlc
+        self._known_keyspace = known_keyspace
+        self._gossip = gossip
+        self._gossip_prefix = gossip_prefix
+
+    async def __call__(self, from_node: str, verb: str, payload: Any) -> Any:
+        if verb.startswith(self._gossip_prefix) and self._gossip is not None:
+            return await self._gossip(from_node, verb, payload)
+        if verb == m.SCAN:
+            request = m.ScanRequest.from_wire(payload)
+            self._check_keyspace(request.keyspace)
+            items = await self._local.scan(
+                request.keyspace,
+                (request.after_token, request.after_key),
+                request.end_token,
+                request.limit,
+            )
+            return m.scan_result_to_wire([(i.token, i.key, i.cell) for i in items])
+        ref = m.KeyRef.from_wire(payload)
+        self._check_keyspace(ref.keyspace)
+        if verb == m.WRITE:
+            cell = m.cell_from_wire(payload.get("c"))
+            if cell is None:
+                raise ProtocolError("write carries no cell")
+            # HLC receive rule: later local writes get later timestamps.
+            self._hlc.observe(cell.ts)
+            await self._local.write(ref.keyspace, ref.token, ref.key, cell)
+            return None
+        if verb == m.READ:
+            return m.cell_to_wire(self._local.read(ref.keyspace, ref.token, ref.key))
+        if verb == m.DIGEST:
+            return cell_digest(self._local.read(ref.keyspace, ref.token, ref.key))
+        raise ProtocolError(f"unknown verb {verb!r}")
+
+    def _check_keyspace(self, keyspace: str) -> None:
+        if not self._known_keyspace(keyspace):
+            raise ProtocolError(f"unknown keyspace {keyspace!r}")

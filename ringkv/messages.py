@@ -1,0 +1,123 @@
+"""Typed internode messages for the replica verbs, and their msgpack-safe wire shapes.
+
+A peer may send anything, so every ``from_wire`` validates the shape and
+raises ``ProtocolError`` naming what is wrong; nothing else escapes. Cells
+travel as their storage record (which carries a CRC), so a cell corrupted in
+transit is caught exactly like one corrupted on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ringkv.errors import CorruptRecord, ProtocolError
+from ringkv.versioning import Cell, decode_cell, encode_cell
+
+# Replica verbs (gossip uses its own verbs, see ringkv.gossip).
+WRITE = "replica.write"
+READ = "replica.read"
+DIGEST = "replica.digest"
+SCAN = "replica.scan"
+
+MAX_NAME_BYTES = 255
+TOKEN_MIN = -(2**63)
+TOKEN_MAX = 2**63 - 1
+
+
+def cell_to_wire(cell: Cell | None) -> bytes | None:
+    return None if cell is None else encode_cell(cell)
+
+
+def cell_from_wire(data: Any) -> Cell | None:
+    if data is None:
+        return None
+    if not isinstance(data, bytes):
+        raise ProtocolError("cell must be bytes or nil")
+    try:
+        return decode_cell(data)
+    except CorruptRecord as exc:
+        raise ProtocolError(f"corrupt cell on the wire: {exc.message}") from None
+
+
+def _field(obj: Any, name: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(obj, dict):
+        raise ProtocolError("message body must be a map")
+    value = obj.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ProtocolError(f"field {name!r} is missing or has the wrong type")
+    return value
+
+
+def _token(obj: Any, name: str) -> int:
+    value = _field(obj, name, int)
+    if not TOKEN_MIN <= value <= TOKEN_MAX:
+        raise ProtocolError(f"field {name!r} is not a token")
+    return value
+
+
+def _keyspace(obj: Any) -> str:
+    value = _field(obj, "ks", str)
+    if not value or len(value.encode()) > MAX_NAME_BYTES:
+        raise ProtocolError("field 'ks' is not a keyspace name")
+    return value
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """Which key a replica verb is about."""
+
+    keyspace: str
+    token: int
+    key: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ks": self.keyspace, "t": self.token, "k": self.key}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> KeyRef:
+        return cls(_keyspace(obj), _token(obj, "t"), _field(obj, "k", bytes))
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    keyspace: str
+    after_token: int
+    after_key: bytes | None
+    end_token: int
+    limit: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ks": self.keyspace, "at": self.after_token, "ak": self.after_key,
+                "end": self.end_token, "n": self.limit}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> ScanRequest:
+        after_key = obj.get("ak") if isinstance(obj, dict) else None
+        if after_key is not None and not isinstance(after_key, bytes):
+            raise ProtocolError("field 'ak' must be bytes or nil")
+        limit = _field(obj, "n", int)
+        if limit < 1:
+            raise ProtocolError("field 'n' must be positive")
+        return cls(_keyspace(obj), _token(obj, "at"), after_key, _token(obj, "end"), limit)
+
+
+def scan_result_to_wire(items: list[tuple[int, bytes, Cell]]) -> list[list[Any]]:
+    return [[token, key, encode_cell(cell)] for token, key, cell in items]
+
+
+def scan_result_from_wire(obj: Any) -> list[tuple[int, bytes, Cell]]:
+    if not isinstance(obj, list):
+        raise ProtocolError("scan result must be a list")
+    out = []
+    for item in obj:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ProtocolError("scan item must be [token, key, cell]")
+        token, key, record = item
+        if not isinstance(token, int) or not isinstance(key, bytes):
+            raise ProtocolError("scan item has the wrong types")
+        cell = cell_from_wire(record)
+        if cell is None:
+            raise ProtocolError("scan item has no cell")
+        out.append((token, key, cell))
+    return out
