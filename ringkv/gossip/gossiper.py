@@ -1,0 +1,430 @@
+"""The gossiper: membership and liveness as a pure state machine.
+
+Cassandra's Gossiper (after Dynamo §4.8.1, gossip-based membership), without
+any I/O. The asyncio shell owns the timer and the sockets and drives it:
+
+* every second (``GOSSIP_INTERVAL_S``)::
+
+      for out in gossiper.tick(clock.monotonic_s(), rng):
+          transport.send(out.to_addr, out.msg.to_wire())
+
+* for every gossip message that arrives::
+
+      msg = decode_message(obj)                  # raises only ProtocolError
+      for out in gossiper.handle(sender_addr, msg, clock.monotonic_s()):
+          transport.send(out.to_addr, out.msg.to_wire())
+
+  ``sender_addr`` is the sender's *listening* internode address
+  ("host:port", as in its INTERNODE_ADDR), not an ephemeral source port:
+  replies go there.
+
+* after either call, ``drain_events()`` and react (log, replay hints on
+  "up", update the ring on "change", ...).
+
+``rng`` is a ``random.Random`` owned by the shell; with the same seed and the
+same inputs the gossiper sends the same messages (the simulator relies on it).
+
+Liveness
+--------
+A peer is UP once we have seen evidence that it is running *while we knew
+it*: its heartbeat version advanced within a generation, or a new generation
+appeared (restart). Merely learning about a node (maybe a long-dead one, from
+a third party's old copy) does not make it UP. Each tick asks the failure
+detector about every UP peer and marks it DOWN once phi reaches the threshold.
+The detector is fed whenever a peer's heartbeat version increases, whoever
+relayed it (as Cassandra does).
+
+Because heartbeats arrive second-hand, a round late now and then, configure
+the detector with an ``acceptable_pause_s`` of a few gossip intervals (Akka's
+cluster default is 3 s). With 0 s and min_std_dev 0.1 s, a peer whose
+heartbeat arrived exactly every second is convicted after ~1.5 s of silence,
+and in simulated 4- to 10-node clusters peers flapped DOWN/UP several times
+a minute; with 3 s there were no false DOWNs, and a stopped node was DOWN
+everywhere within 9-14 s.
+
+Eviction: nodes that are LEFT or DOWN for a long time stay in the endpoint map
+for now (Cassandra evicts them after a quarantine delay / ``removenode``);
+the map is bounded by MAX_KNOWN_ENDPOINTS instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ringkv.errors import ProtocolError
+from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
+from ringkv.gossip.state import (
+    INTERNODE_ADDR,
+    LOAD,
+    MAX_APP_STATES,
+    MAX_CLUSTER_LEN,
+    MAX_ENDPOINTS_PER_MESSAGE,
+    MAX_INT,
+    STATUS,
+    TOKENS,
+    Ack,
+    Ack2,
+    EndpointState,
+    GossipDigest,
+    GossipMessage,
+    HeartbeatState,
+    Syn,
+    VersionedValue,
+    digest_of,
+    examine_digests,
+    is_valid_node_id,
+    merge,
+    parse_address,
+    parse_tokens,
+    states_for_requests,
+    validate_app_state,
+)
+
+if TYPE_CHECKING:
+    import random
+
+__all__ = [
+    "GOSSIP_INTERVAL_S",
+    "MAX_KNOWN_ENDPOINTS",
+    "MAX_PENDING_EVENTS",
+    "MAX_GENERATION_DIFFERENCE",
+    "EVENT_KINDS",
+    "Outgoing",
+    "Event",
+    "Gossiper",
+]
+
+GOSSIP_INTERVAL_S = 1.0  # how often the shell should call tick()
+MAX_KNOWN_ENDPOINTS = 4096  # endpoints beyond this are not learned
+MAX_PENDING_EVENTS = 10_000  # undrained events beyond this are dropped (oldest first)
+# A generation this far above the one we hold is treated as garbage (Cassandra's
+# MAX_GENERATION_DIFFERENCE: one year of seconds, for time-based generations).
+MAX_GENERATION_DIFFERENCE = 86400 * 365
+
+EVENT_KINDS = frozenset({"join", "up", "down", "change", "restart", "foreign_cluster"})
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for the shell to send to internode address ``to_addr``."""
+
+    to_addr: str
+    msg: GossipMessage
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the shell may want to log or react to.
+
+    kind (``node_id`` is None only for foreign_cluster):
+
+    * ``join``: first time we hear of ``node_id``. details: generation, address, status.
+    * ``restart``: ``node_id`` came back with a higher generation; its old state
+      was replaced. details: old_generation, generation.
+    * ``change``: application states of ``node_id`` changed, including the
+      initial ones after ``join``/``restart``. details: ``{"keys": {key: value}}``.
+    * ``up`` / ``down``: liveness transitions. details: phi.
+    * ``foreign_cluster``: a Syn for another cluster was ignored.
+      details: sender_addr, cluster.
+    """
+
+    kind: str
+    node_id: str | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Gossiper:
+    """Membership state of one node plus the Syn/Ack/Ack2 protocol.
+
+    ``seeds`` are internode addresses ("host:port"). Set INTERNODE_ADDR with
+    ``set_local`` before the first tick: peers reach us through it, and a seed
+    equal to it (we are a seed) is skipped when picking one. ``generation``
+    identifies this incarnation and must grow across restarts (e.g. start-up
+    wall-clock seconds). ``detector`` is keyed by peer node id and decides
+    UP -> DOWN; see the module docstring for liveness.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        cluster: str,
+        seeds: list[str],
+        generation: int,
+        detector: PhiAccrualFailureDetector,
+    ) -> None:
+        if not is_valid_node_id(node_id):
+            raise ValueError(f"invalid node id {node_id!r}")
+        if not isinstance(cluster, str) or len(cluster) > MAX_CLUSTER_LEN:
+            raise ValueError(f"cluster must be a string of at most {MAX_CLUSTER_LEN} characters")
+        for seed in seeds:
+            parse_address(seed)
+        if isinstance(generation, bool) or not isinstance(generation, int):
+            raise ValueError("generation must be an int")
+        if not 0 <= generation <= MAX_INT:
+            raise ValueError(f"generation must be in 0..{MAX_INT}")
+        self.node_id = node_id
+        self.cluster = cluster
+        self.seeds: tuple[str, ...] = tuple(dict.fromkeys(seeds))
+        self.detector = detector
+        self.events_dropped = 0
+        self._version = 0
+        self._states: dict[str, EndpointState] = {
+            node_id: EndpointState(HeartbeatState(generation, self._next_version()), {})
+        }
+        self._live: set[str] = set()
+        self._events: deque[Event] = deque()
+
+    # --- local state -----------------------------------------------------------
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    def set_local(self, key: str, value: str) -> None:
+        """Set one of our application states (bumps the shared version counter).
+
+        Raises ValueError for a key or value that peers would reject.
+        """
+        validate_app_state(key, value)
+        local = self._states[self.node_id]
+        app = dict(local.app)
+        if key not in app and len(app) >= MAX_APP_STATES:
+            raise ValueError("too many application states")
+        app[key] = VersionedValue(value, self._next_version())
+        self._states[self.node_id] = EndpointState(local.heartbeat, app)
+
+    @property
+    def generation(self) -> int:
+        return self._states[self.node_id].generation
+
+    # --- driving -----------------------------------------------------------------
+
+    def tick(self, now_s: float, rng: random.Random) -> list[Outgoing]:
+        """One gossip round: beat our heartbeat, check liveness, and return the Syns to send.
+
+        Targets, as Cassandra's GossipTask: one random live peer; then, with
+        probability #unreachable / (#live + 1), one random unreachable peer;
+        then, if the live peer chosen was not a seed or fewer peers are live
+        than there are seeds, a random seed (always when no peer is live,
+        otherwise with probability #seeds / (#live + #unreachable)).
+        """
+        local = self._states[self.node_id]
+        self._states[self.node_id] = EndpointState(
+            HeartbeatState(local.generation, self._next_version()), local.app
+        )
+        self._check_liveness(now_s)
+
+        syn = Syn(self.cluster, self._digests(rng))
+        live = self._addressed(sorted(self._live))
+        unreachable = self._addressed(self.unreachable_peers())
+        own_addr = self.address_of(self.node_id)
+        seeds = [seed for seed in self.seeds if seed != own_addr]
+        targets: list[str] = []
+
+        gossiped_to_seed = False
+        if live:
+            addr = rng.choice(live)
+            targets.append(addr)
+            gossiped_to_seed = addr in seeds
+        if unreachable:
+            if rng.random() < len(unreachable) / (len(live) + 1):
+                targets.append(rng.choice(unreachable))
+        if seeds and (not gossiped_to_seed or len(live) < len(seeds)):
+            if not live or rng.random() <= len(seeds) / (len(live) + len(unreachable)):
+                targets.append(rng.choice(seeds))
+        return [Outgoing(addr, syn) for addr in targets]
+
+    def handle(self, sender_addr: str, msg: GossipMessage, now_s: float) -> list[Outgoing]:
+        """Process one received message; return the replies (at most one, to ``sender_addr``).
+
+        Syn from another cluster: ignored (a ``foreign_cluster`` event).
+        Syn -> Ack (skipped when there is nothing to request or send).
+        Ack -> merge its states; Ack2 with what it requested (skipped if empty).
+        Ack2 -> merge its states.
+        Raises ProtocolError only if ``msg`` is not a gossip message object.
+        """
+        if isinstance(msg, Syn):
+            return self._handle_syn(sender_addr, msg)
+        if isinstance(msg, Ack):
+            self._apply(msg.states, now_s)
+            states = _capped(states_for_requests(self._states, msg.digests_requested))
+            return [Outgoing(sender_addr, Ack2(states))] if states else []
+        if isinstance(msg, Ack2):
+            self._apply(msg.states, now_s)
+            return []
+        raise ProtocolError(f"not a gossip message: {type(msg).__name__}")
+
+    def drain_events(self) -> list[Event]:
+        """Return and forget the events recorded since the last call, oldest first."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    # --- queries -------------------------------------------------------------------
+
+    def endpoint_states(self) -> dict[str, EndpointState]:
+        """Every known endpoint's state, ours included (a copy of the map)."""
+        return dict(self._states)
+
+    def is_alive(self, node_id: str) -> bool:
+        """UP per gossip and the failure detector; this node is always alive."""
+        return node_id == self.node_id or node_id in self._live
+
+    def live_peers(self) -> list[str]:
+        """Node ids of UP peers (not this node), sorted."""
+        return sorted(self._live)
+
+    def unreachable_peers(self) -> list[str]:
+        """Node ids of known peers that are not UP, sorted."""
+        return sorted(n for n in self._states if n != self.node_id and n not in self._live)
+
+    def address_of(self, node_id: str) -> str | None:
+        """The node's INTERNODE_ADDR, or None if unknown."""
+        state = self._states.get(node_id)
+        return None if state is None else state.get(INTERNODE_ADDR)
+
+    def status_of(self, node_id: str) -> str | None:
+        """The node's STATUS (BOOT, NORMAL, LEAVING, LEFT), or None if unknown."""
+        state = self._states.get(node_id)
+        return None if state is None else state.get(STATUS)
+
+    def tokens_of(self, node_id: str) -> list[int]:
+        """The node's tokens ([] if unknown or none announced)."""
+        state = self._states.get(node_id)
+        value = None if state is None else state.get(TOKENS)
+        if value is None:
+            return []
+        try:
+            return parse_tokens(value)
+        except ValueError:  # from_wire validates; only a hand-built message could get here
+            return []
+
+    def snapshot(self, now_s: float) -> list[dict[str, Any]]:
+        """One JSON-safe row per known endpoint, sorted by node id (for a status endpoint)."""
+        rows = []
+        for node_id in sorted(self._states):
+            state = self._states[node_id]
+            load = state.get(LOAD)
+            is_self = node_id == self.node_id
+            rows.append(
+                {
+                    "node_id": node_id,
+                    "address": state.get(INTERNODE_ADDR),
+                    "state": "UP" if self.is_alive(node_id) else "DOWN",
+                    "status": state.get(STATUS),
+                    "load": int(load) if load is not None and load.isdigit() else None,
+                    "token_count": len(self.tokens_of(node_id)),
+                    "phi": 0.0 if is_self else self.detector.phi(node_id, now_s),
+                    "generation": state.generation,
+                    "heartbeat_version": state.heartbeat.version,
+                    "local": is_self,
+                }
+            )
+        return rows
+
+    # --- internals -----------------------------------------------------------------
+
+    def _emit(self, kind: str, node_id: str | None, **details: Any) -> None:
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._events.popleft()
+            self.events_dropped += 1
+        self._events.append(Event(kind, node_id, details))
+
+    def _addressed(self, node_ids: list[str]) -> list[str]:
+        """Addresses of the given nodes, skipping nodes without one (order kept, no duplicates)."""
+        out: dict[str, None] = {}
+        for node_id in node_ids:
+            addr = self.address_of(node_id)
+            if addr is not None:
+                out[addr] = None
+        return list(out)
+
+    def _digests(self, rng: random.Random) -> tuple[GossipDigest, ...]:
+        node_ids = sorted(self._states)
+        if len(node_ids) > MAX_ENDPOINTS_PER_MESSAGE:
+            others = [n for n in node_ids if n != self.node_id]
+            node_ids = [self.node_id, *sorted(rng.sample(others, MAX_ENDPOINTS_PER_MESSAGE - 1))]
+        return tuple(digest_of(n, self._states[n]) for n in node_ids)
+
+    def _check_liveness(self, now_s: float) -> None:
+        for node_id in sorted(self._live):
+            phi = self.detector.phi(node_id, now_s)
+            if phi >= self.detector.threshold:
+                self._live.discard(node_id)
+                self._emit("down", node_id, phi=phi)
+
+    def _mark_up(self, node_id: str, now_s: float) -> None:
+        if node_id not in self._live:
+            self._live.add(node_id)
+            self._emit("up", node_id, phi=self.detector.phi(node_id, now_s))
+
+    def _handle_syn(self, sender_addr: str, syn: Syn) -> list[Outgoing]:
+        if syn.cluster != self.cluster:
+            self._emit("foreign_cluster", None, sender_addr=sender_addr, cluster=syn.cluster)
+            return []
+        if not syn.digests:  # shadow round: the sender wants everything we know
+            return [Outgoing(sender_addr, Ack((), _capped(dict(self._states))))]
+        to_request, to_send = examine_digests(self._states, syn.digests)
+        # Nobody knows our own state better than we do: never ask for it.
+        to_request = [d for d in to_request if d.node_id != self.node_id]
+        if not to_request and not to_send:
+            return []
+        return [Outgoing(sender_addr, Ack(tuple(to_request), _capped(to_send)))]
+
+    def _apply(self, states: dict[str, EndpointState], now_s: float) -> None:
+        for node_id in sorted(states):
+            if node_id == self.node_id or not is_valid_node_id(node_id):
+                continue  # our own state is authoritative here
+            remote = states[node_id]
+            local = self._states.get(node_id)
+            if local is None:
+                if len(self._states) >= MAX_KNOWN_ENDPOINTS:
+                    continue
+                new, changed = merge(None, remote)
+                self._states[node_id] = new
+                self.detector.heartbeat(node_id, now_s)
+                self._emit(
+                    "join",
+                    node_id,
+                    generation=new.generation,
+                    address=new.get(INTERNODE_ADDR),
+                    status=new.get(STATUS),
+                )
+                self._emit_change(node_id, new, changed)
+            elif remote.generation > local.generation:
+                if local.generation > 2 and (
+                    remote.generation > local.generation + MAX_GENERATION_DIFFERENCE
+                ):
+                    continue  # implausible jump: corrupted or hostile, ignore
+                new, changed = merge(local, remote)
+                self._states[node_id] = new
+                self.detector.remove(node_id)  # new process: relearn its intervals
+                self.detector.heartbeat(node_id, now_s)
+                self._emit(
+                    "restart", node_id, old_generation=local.generation, generation=new.generation
+                )
+                self._emit_change(node_id, new, changed)
+                self._mark_up(node_id, now_s)
+            elif remote.generation == local.generation:
+                new, changed = merge(local, remote)
+                if new is local:
+                    continue
+                self._states[node_id] = new
+                self._emit_change(node_id, new, changed)
+                if new.heartbeat.version > local.heartbeat.version:
+                    self.detector.heartbeat(node_id, now_s)
+                    self._mark_up(node_id, now_s)
+            # lower generation: old news about a previous incarnation, ignore
+
+    def _emit_change(self, node_id: str, state: EndpointState, changed: frozenset[str]) -> None:
+        if changed:
+            self._emit("change", node_id, keys={k: state.app[k].value for k in sorted(changed)})
+
+
+def _capped(states: dict[str, EndpointState]) -> dict[str, EndpointState]:
+    """At most MAX_ENDPOINTS_PER_MESSAGE states (the first by node id), so peers accept it."""
+    if len(states) <= MAX_ENDPOINTS_PER_MESSAGE:
+        return states
+    return {n: states[n] for n in sorted(states)[:MAX_ENDPOINTS_PER_MESSAGE]}
