@@ -67,6 +67,9 @@ class NodeMetrics:
             registry=self.registry,
         )
         self.info.labels(**labels).set(1)
+        self._coordinated_children = {
+            flag: self.coordinated.labels(str(flag).lower()) for flag in (True, False)
+        }
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, op: str, consistency: str, status: int, seconds: float) -> None:
@@ -81,6 +84,9 @@ class NodeMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def coordinated_by_replica(self, is_replica: bool) -> None:
+        self._coordinated_children[is_replica].inc()
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read when /metrics is scraped."""

@@ -6,6 +6,7 @@ simulator can build the very same node on a virtual clock and a memory engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -16,12 +17,18 @@ from typing import Any
 
 from ringkv.clock import Clock, HybridLogicalClock, SystemClock
 from ringkv.config import Config
-from ringkv.coordinator import Coordinator, KeyspaceSettings, ReadResult, WriteResult
+from ringkv.coordinator import Coordinator, KeyspaceSettings, ReadResult, Receipt, WriteResult
 from ringkv.errors import ConfigError
+from ringkv.gossip import state as gs
+from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
+from ringkv.gossip.gossiper import Event, Gossiper
+from ringkv.gossip.service import GossipService
+from ringkv.hints import HintReplayer, HintStore
+from ringkv.internode import InternodeHandler, InternodeReplicas
 from ringkv.metrics import NodeMetrics
 from ringkv.quorum import ConsistencyLevel
 from ringkv.replica import LocalReplica, ReplicaRouter
-from ringkv.ring import NodeInfo, TokenRing, allocate_tokens, token_for
+from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_tokens, token_for
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
@@ -30,6 +37,14 @@ from ringkv.versioning import Cell, tombstone
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
+# Heartbeats reach a peer second-hand through gossip, so some arrive a round
+# late; tolerating two intervals of silence before phi climbs avoids false
+# DOWNs without slowing detection of a real failure much (Akka uses 3 s).
+ACCEPTABLE_PAUSE_INTERVALS = 2
+# How long a new node gossips with its seeds to learn the ring before it
+# allocates tokens (Cassandra's RING_DELAY, scaled to the gossip interval).
+JOIN_LEARN_ROUNDS = 5
+MAINTENANCE_INTERVAL_S = 5.0
 
 
 def open_engine(config: Config) -> Engine:
@@ -53,7 +68,9 @@ class Node:
         clock: Clock | None = None,
         engine: Engine | None = None,
         rng: random.Random | None = None,
+        standalone: bool = False,
     ) -> None:
+        """``standalone``: no internode transport or gossip (one-process tests)."""
         self.config = config
         self.node_id = config.cluster.node_id
         self.clock = clock or SystemClock()
@@ -61,6 +78,7 @@ class Node:
         self._rng = rng or random.Random()
         self.metrics = NodeMetrics(self.node_id)
         self.draining = False
+        self.standalone = standalone
         self.engine = engine or open_engine(config)
         self.store = LocalStore(
             self.engine,
@@ -72,6 +90,21 @@ class Node:
         )
         self.local_replica = LocalReplica(self.store)
         self.router = ReplicaRouter(self.node_id, self.local_replica, remote=None)
+        self.hints = HintStore(
+            self.store, self.hlc, self.clock, max_hint_window_s=config.timing.max_hint_window_s
+        )
+        self.replayer = HintReplayer(
+            self.hints,
+            self._deliver_hint,
+            self.is_alive,
+            rate_per_s=config.timing.hint_replay_rate_per_s,
+            on_replayed=lambda n: self.metrics.hints_replayed.inc(n),
+            on_expired=lambda n: self.metrics.hints_expired.inc(n),
+        )
+        self.transport: Any = None
+        self.gossiper: Gossiper | None = None
+        self.gossip: GossipService | None = None
+        self._maintenance: asyncio.Task[None] | None = None
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
         self.ring = TokenRing({})
@@ -87,6 +120,7 @@ class Node:
             keyspaces=lambda: self._keyspaces,
             clock=self.clock,
             hlc=self.hlc,
+            hints=self,
             read_timeout_s=config.timing.read_timeout_ms / 1000,
             write_timeout_s=config.timing.write_timeout_ms / 1000,
             speculative_retry_percentile=config.timing.speculative_retry_percentile,
@@ -99,45 +133,231 @@ class Node:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        self.tokens = self._load_or_allocate_tokens()
-        self.ring = TokenRing({self.node_id: self.tokens}, {self.node_id: self.info})
         await self.store.start()
-        log.info("node %s started with %d tokens", self.node_id, len(self.tokens))
+        await self.hints.load()
+        if self.standalone:
+            self.tokens = self._load_or_allocate_tokens(None)
+            self._rebuild_ring()
+            log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
+            return
+        await self._start_cluster_services()
+        if self._persisted_tokens() is None:
+            await self._learn_ring()
+        self.tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
+        assert self.gossiper is not None
+        self.gossiper.set_local(gs.TOKENS, gs.format_tokens(self.tokens))
+        self.gossiper.set_local(gs.STATUS, gs.NORMAL)
+        self._rebuild_ring()
+        self._maintenance = asyncio.create_task(self._maintenance_loop())
+        log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
+
+    async def _start_cluster_services(self) -> None:
+        from ringkv.net.transport import Transport  # asyncio shell, only for networked nodes
+
+        cluster = self.config.cluster
+        timing = self.config.timing
+        interval_s = timing.gossip_interval_ms / 1000
+        self.gossiper = Gossiper(
+            self.node_id,
+            cluster.name,
+            list(cluster.seeds),
+            generation=self.clock.wall_us() // 1_000_000,
+            detector=PhiAccrualFailureDetector(
+                threshold=timing.phi_threshold,
+                acceptable_pause_s=ACCEPTABLE_PAUSE_INTERVALS * interval_s,
+                first_heartbeat_estimate_s=interval_s,
+            ),
+        )
+        self_address = f"{cluster.listen_host}:{cluster.internode_port}"
+        for key, value in (
+            (gs.INTERNODE_ADDR, self_address),
+            (gs.CLIENT_ADDR, f"{cluster.listen_host}:{cluster.client_port}"),
+            (gs.DC, cluster.dc),
+            (gs.RACK, cluster.rack),
+            (gs.STATUS, gs.BOOT),
+            (gs.LOAD, str(self.store.size_bytes())),
+        ):
+            self.gossiper.set_local(key, value)
+        handler = InternodeHandler(
+            self.local_replica,
+            self.hlc,
+            known_keyspace=lambda name: name in self._keyspaces,
+            gossip=self._handle_gossip,
+        )
+        self.transport = Transport(
+            self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
+        )
+        await self.transport.start()
+        self.router.remote = InternodeReplicas(self.transport)
+        self.gossip = GossipService(
+            self.gossiper,
+            self.transport,
+            self.clock,
+            self._rng,
+            self_address=self_address,
+            interval_s=interval_s,
+            on_events=self._on_gossip_events,
+        )
+        self.gossip.start()
+
+    async def _handle_gossip(self, from_node: str, verb: str, payload: Any) -> None:
+        assert self.gossip is not None
+        await self.gossip.handle(from_node, verb, payload)
+
+    async def _learn_ring(self) -> None:
+        """Gossip with the seeds for a few rounds so new tokens fit the ring as it is."""
+        assert self.gossip is not None and self.gossiper is not None
+        interval_s = self.config.timing.gossip_interval_ms / 1000
+        for _ in range(JOIN_LEARN_ROUNDS):
+            known = len(self.gossiper.endpoint_states()) - 1  # peers we have heard of
+            if len(self.ring) and len(self.ring) >= known:
+                break  # we know a ring, and every node we have heard of is on it
+            self.gossip.tick_now()
+            await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
         self.draining = True
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+        await self.replayer.stop()
+        if self.gossip is not None:
+            await self.gossip.stop()
+        if self.transport is not None:
+            await self.transport.stop()
         await self.store.close()
         log.info("node %s stopped", self.node_id)
 
-    def _load_or_allocate_tokens(self) -> tuple[int, ...]:
-        """Reuse this node's tokens across restarts; a restart must not move data."""
+    def _persisted_tokens(self) -> tuple[int, ...] | None:
+        """This node's tokens from an earlier run; a restart must not move data."""
         if isinstance(self.engine, MemoryEngine):
-            return tuple(allocate_tokens(None, self.config.cluster.num_tokens, self._rng))
+            return None
         path = self.config.node_data_dir / IDENTITY_FILE
-        if path.exists():
-            identity = json.loads(path.read_text())
-            for field, expected in (("cluster", self.config.cluster.name), ("node_id", self.node_id)):
-                if identity.get(field) != expected:
-                    raise ConfigError(
-                        f"{path} belongs to {field} {identity.get(field)!r}, not {expected!r}; "
-                        f"refusing to serve another node's data",
-                        field=f"cluster.{'name' if field == 'cluster' else 'node_id'}",
-                        source=str(path),
-                    )
-            return tuple(int(t) for t in identity["tokens"])
-        tokens = tuple(allocate_tokens(None, self.config.cluster.num_tokens, self._rng))
-        _write_atomically(
-            path,
-            json.dumps({"cluster": self.config.cluster.name, "node_id": self.node_id,
-                        "tokens": list(tokens)}),
-        )
+        if not path.exists():
+            return None
+        identity = json.loads(path.read_text())
+        for field, expected in (("cluster", self.config.cluster.name), ("node_id", self.node_id)):
+            if identity.get(field) != expected:
+                raise ConfigError(
+                    f"{path} belongs to {field} {identity.get(field)!r}, not {expected!r}; "
+                    f"refusing to serve another node's data",
+                    field=f"cluster.{'name' if field == 'cluster' else 'node_id'}",
+                    source=str(path),
+                )
+        return tuple(int(t) for t in identity["tokens"])
+
+    def _load_or_allocate_tokens(self, ring: TokenRing | None) -> tuple[int, ...]:
+        persisted = self._persisted_tokens()
+        if persisted is not None:
+            return persisted
+        max_rf = max((ks.replication_factor for ks in self._keyspaces.values()), default=1)
+        chosen = allocate_tokens(ring, self.config.cluster.num_tokens, self._rng, rf=max_rf)
+        # Allocation is deterministic for a given ring, so two nodes joining
+        # at once would pick the same tokens; a tiny random nudge (2**-24 of
+        # the ring) keeps them apart at no cost to balance.
+        jitter = 2**40
+        tokens = tuple(sorted({
+            min(MAX_TOKEN, max(MIN_TOKEN + 1, t + self._rng.randrange(-jitter, jitter)))
+            for t in chosen
+        }))
+        if not isinstance(self.engine, MemoryEngine):
+            _write_atomically(
+                self.config.node_data_dir / IDENTITY_FILE,
+                json.dumps({"cluster": self.config.cluster.name, "node_id": self.node_id,
+                            "tokens": list(tokens)}),
+            )
         return tokens
 
     # -- membership -------------------------------------------------------------
 
     def is_alive(self, node_id: str) -> bool:
-        return node_id == self.node_id
+        if node_id == self.node_id:
+            return True
+        return self.gossiper is not None and self.gossiper.is_alive(node_id)
+
+    def _on_gossip_events(self, events: list[Event]) -> None:
+        rebuild = False
+        for event in events:
+            if event.kind == "foreign_cluster":
+                log.warning("ignored gossip from another cluster: %s", event.details)
+                continue
+            if event.kind in ("up", "down"):
+                log.info("gossip: %s is now %s", event.node_id, event.kind.upper())
+            elif event.kind in ("join", "restart"):
+                log.info("gossip: %s %s %s", event.node_id, event.kind, event.details)
+            if event.kind == "up" and event.node_id:
+                self.replayer.kick(event.node_id)
+            if event.kind == "change" and event.node_id:
+                keys = event.details.get("keys", {})
+                address = keys.get(gs.INTERNODE_ADDR)
+                if address and self.transport is not None:
+                    host, port = gs.parse_address(address)
+                    self.transport.set_peer_address(event.node_id, host, port)
+                if {gs.TOKENS, gs.STATUS, gs.DC, gs.RACK} & set(keys):
+                    rebuild = True
+        if rebuild:
+            self._rebuild_ring()
+
+    def _rebuild_ring(self) -> None:
+        """The ring as gossip describes it: every NORMAL or LEAVING node with tokens."""
+        tokens: dict[str, list[int]] = {}
+        infos: dict[str, NodeInfo] = {}
+        if self.tokens:
+            tokens[self.node_id] = list(self.tokens)
+            infos[self.node_id] = self.info
+        if self.gossiper is not None:
+            for node_id, state in self.gossiper.endpoint_states().items():
+                if node_id == self.node_id or state.get(gs.STATUS) not in (gs.NORMAL, gs.LEAVING):
+                    continue
+                node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")
+                if node_tokens:
+                    tokens[node_id] = node_tokens
+                    infos[node_id] = NodeInfo(
+                        node_id, dc=state.get(gs.DC) or "dc1", rack=state.get(gs.RACK) or "rack1"
+                    )
+        # Two nodes that joined at once could still pick the same token; the
+        # first by node id keeps it, so every node builds the same ring.
+        seen: set[int] = set()
+        for node_id in sorted(tokens):
+            kept = [t for t in tokens[node_id] if t not in seen]
+            seen.update(kept)
+            if kept:
+                tokens[node_id] = kept
+            else:
+                del tokens[node_id], infos[node_id]
+        ring = TokenRing(tokens, infos)
+        if ring != self.ring:
+            log.info("ring now has %d nodes: %s", len(ring), ", ".join(ring.node_ids))
+            self.ring = ring
+
+    async def _maintenance_loop(self) -> None:
+        """Slow periodic chores: publish load, retry hints that are still waiting."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            try:
+                if self.gossiper is not None:
+                    self.gossiper.set_local(gs.LOAD, str(self.store.size_bytes()))
+                self.replayer.kick_all()
+            except Exception:  # noqa: BLE001 - chores must not die
+                log.exception("maintenance round failed")
+
+    # -- hints -------------------------------------------------------------------
+
+    async def store_hint(
+        self, target: str, keyspace: str, token: int, key: bytes, cell: Cell
+    ) -> bool:
+        stored = await self.hints.store_hint(target, keyspace, token, key, cell)
+        if stored:
+            self.metrics.hints_stored.inc()
+        return stored
+
+    async def _deliver_hint(
+        self, target: str, keyspace: str, token: int, key: bytes, cell: Cell
+    ) -> None:
+        await self.router.write(
+            target, keyspace, token, key, cell, self.config.timing.write_timeout_ms / 1000
+        )
 
     # -- operations ------------------------------------------------------------
 
@@ -162,12 +382,25 @@ class Node:
     async def _write(
         self, keyspace: str, key: bytes, cell: Cell, consistency: ConsistencyLevel | None
     ) -> WriteResult:
-        return await self.coordinator.write(keyspace, key, cell, consistency)
+        result = await self.coordinator.write(keyspace, key, cell, consistency)
+        self._count(result.receipt)
+        return result
 
     async def get(
         self, keyspace: str, key: bytes, consistency: ConsistencyLevel | None
     ) -> ReadResult:
-        return await self.coordinator.read(keyspace, key, consistency)
+        result = await self.coordinator.read(keyspace, key, consistency)
+        self._count(result.receipt)
+        if result.receipt.read_repair:
+            self.metrics.read_repairs.inc()
+        if result.receipt.speculative:
+            self.metrics.speculative_retries.inc()
+        return result
+
+    def _count(self, receipt: Receipt) -> None:
+        # Lets operators (and the client's tests) see whether requests arrive
+        # at a replica of their key, i.e. whether token-aware routing works.
+        self.metrics.coordinated_by_replica(self.node_id in receipt.replicas)
 
     def read_local(self, keyspace: str, key: bytes) -> Cell | None:
         """What this node's own replica holds, with no coordination."""
@@ -177,26 +410,44 @@ class Node:
     # -- introspection ---------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """The cluster as this node sees it: one row per node, like nodetool status."""
         ownership = self.ring.ownership(1) if len(self.ring) else {}
+        rows = []
+        if self.gossiper is None:
+            rows.append(self._status_row(self.node_id, "UP", gs.NORMAL, self.store.size_bytes(),
+                                         None, ownership))
+        else:
+            for row in self.gossiper.snapshot(self.clock.monotonic_s()):
+                load = self.store.size_bytes() if row["local"] else row["load"]
+                rows.append(self._status_row(row["node_id"], row["state"], row["status"], load,
+                                             row["phi"], ownership))
         return {
             "node_id": self.node_id,
             "cluster": self.config.cluster.name,
-            "nodes": [
-                {
-                    "node_id": self.node_id,
-                    "address": f"{self.config.cluster.listen_host}:{self.config.cluster.client_port}",
-                    "liveness": "UP",
-                    "status": "NORMAL",
-                    "load_bytes": self.store.size_bytes(),
-                    "tokens": len(self.tokens),
-                    "owns": ownership.get(self.node_id, 0.0),
-                    "dc": self.info.dc,
-                    "rack": self.info.rack,
-                }
-            ],
+            "nodes": rows,
             "keyspaces": self._keyspace_json(),
-            "storage": {"sync_mode": self.config.storage.commit_sync,
-                        **vars(self.store.stats)},
+            "storage": {"sync_mode": self.config.storage.commit_sync, **vars(self.store.stats)},
+            "hints": vars(self.hints.stats),
+        }
+
+    def _status_row(
+        self, node_id: str, liveness: str, status: str | None, load: int | None,
+        phi: float | None, ownership: Mapping[str, float],
+    ) -> dict[str, Any]:
+        in_ring = node_id in self.ring.node_ids
+        info = self.ring.info(node_id) if in_ring else None
+        return {
+            "node_id": node_id,
+            "address": self._client_address(node_id),
+            "liveness": liveness,
+            # BOOT is gossip's word; operators know it as JOINING (nodetool).
+            "status": "JOINING" if status == gs.BOOT else (status or "UNKNOWN"),
+            "load_bytes": load or 0,
+            "tokens": len(self.ring.tokens_of(node_id)) if in_ring else 0,
+            "owns": ownership.get(node_id, 0.0),
+            "dc": info.dc if info else None,
+            "rack": info.rack if info else None,
+            "phi": None if phi is None else round(phi, 3),
         }
 
     def ring_info(self) -> dict[str, Any]:
@@ -214,8 +465,11 @@ class Node:
             "keyspaces": self._keyspace_json(),
         }
 
-    def _client_address(self, node_id: str) -> str:
-        return f"{self.config.cluster.listen_host}:{self.config.cluster.client_port}"
+    def _client_address(self, node_id: str) -> str | None:
+        if node_id == self.node_id or self.gossiper is None:
+            return f"{self.config.cluster.listen_host}:{self.config.cluster.client_port}"
+        state = self.gossiper.endpoint_states().get(node_id)
+        return None if state is None else state.get(gs.CLIENT_ADDR)
 
     def _keyspace_json(self) -> Mapping[str, Any]:
         return {

@@ -32,7 +32,7 @@ def serve(scenario: Scenario, **limits: int) -> None:
 
     async def main() -> None:
         clock = ManualClock()
-        node = Node(config, clock=clock)
+        node = Node(config, clock=clock, standalone=True)
         await node.start()
         client = TestClient(TestServer(build_app(node)))
         await client.start_server()

@@ -1,0 +1,166 @@
+"""A real cluster: node processes on loopback, gossip, failure detection, quorums,
+hinted handoff and read repair (Dynamo §4.5-§4.8)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ringkv.local_cluster import LocalCluster, node_view
+from ringkv.launcher import NodeProcess, free_port
+from tests.procs import http, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def make_cluster(tmp_path: Path, nodes: int = 3, **overrides: Any) -> LocalCluster:
+    base = free_port()
+    # Ports base..base+n-1 (HTTP) and base+100.. (internode) must be free.
+    return LocalCluster(tmp_path, nodes=nodes, rf=3, base_client_port=_free_block(nodes),
+                        base_internode_port=_free_block(nodes), config_overrides=overrides)
+
+
+def _free_block(count: int) -> int:
+    """A run of ``count`` consecutive free loopback ports."""
+    rng = random.Random()
+    for _ in range(200):  # bounded search
+        start = rng.randrange(20000, 60000)
+        try:
+            socks = []
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+def liveness(observer: NodeProcess, node_id: str) -> str | None:
+    view = node_view(observer)
+    return None if view is None or node_id not in view else view[node_id]["liveness"]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    cluster = make_cluster(tmp_path)
+    try:
+        cluster.up(timeout_s=30)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def test_three_nodes_discover_each_other_from_one_seed(tmp_path: Path) -> None:
+    """Dynamo §4.8.1: gossip-based membership; every node sees every node UP within 10 s."""
+    cluster = make_cluster(tmp_path)
+    cluster.build()
+    try:
+        for proc in cluster.procs:  # start all at once; only node1 is a seed
+            proc.start()
+        cluster.wait_all_up(timeout_s=10)
+        status, body = http("GET", f"{cluster.procs[1].url}/v1/ring")
+        assert status == 200 and len(body["nodes"]) == 3
+        owns = [row["owns"] for row in node_view(cluster.procs[2]).values()]
+        assert sum(owns) == pytest.approx(1.0)
+    finally:
+        cluster.down()
+
+
+def test_a_paused_node_is_marked_down_then_up(cluster: LocalCluster) -> None:
+    """Phi-accrual detection (phi 8, 1 s gossip): DOWN within 15 s of SIGSTOP, UP after SIGCONT."""
+    first, paused = cluster.procs[0], cluster.procs[2]
+    paused.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(liveness(p, paused.node_id) == "DOWN" for p in cluster.procs[:2]),
+                   timeout_s=15, interval_s=0.2, what="the paused node to be marked DOWN")
+    finally:
+        paused.signal(signal.SIGCONT)
+    wait_until(lambda: liveness(first, paused.node_id) == "UP", timeout_s=15, interval_s=0.2,
+               what="the resumed node to be marked UP")
+
+
+def test_one_node_down_quorum_works_all_is_unavailable_and_hints_replay(
+    cluster: LocalCluster,
+) -> None:
+    """Dynamo §4.6 sloppy quorum and hinted handoff, with Cassandra's strict replica set."""
+    first, victim = cluster.procs[0], cluster.procs[2]
+    victim.kill()
+    wait_until(lambda: liveness(first, victim.node_id) == "DOWN", timeout_s=20, interval_s=0.2,
+               what="the killed node to be marked DOWN")
+    hints = 0
+    for i in range(20):
+        status, body = http("PUT", f"{first.url}/v1/kv/default/k{i}?consistency=QUORUM",
+                            {"value": i})
+        assert status == 200, body
+        hints += body["receipt"]["hints_stored"]
+        status, body = http("GET", f"{first.url}/v1/kv/default/k{i}?consistency=QUORUM")
+        assert status == 200 and body["value"] == i
+    assert hints == 20
+    status, body = http("PUT", f"{first.url}/v1/kv/default/x?consistency=ALL", {"value": 1})
+    assert status == 503
+    assert (body["error"]["code"], body["error"]["required"], body["error"]["alive"]) == (
+        "unavailable", 3, 2)
+    status, body = http("GET", f"{first.url}/v1/kv/default/k1?consistency=ALL")
+    assert status == 503 and body["error"]["required"] == 3
+
+    victim.start()
+
+    def replayed() -> bool:
+        return all(
+            http("GET", f"{victim.url}/v1/kv/default/k{i}?local=true")[0] == 200
+            for i in range(20)
+        )
+
+    # No client read touches the victim: only hint replay can fill its replica.
+    wait_until(replayed, timeout_s=30, interval_s=0.25, what="hints to be replayed")
+    metrics = http("GET", f"{first.url}/metrics")[1]
+    assert "ringkv_hints_replayed_total 20.0" in metrics
+
+
+def test_read_repair_fixes_a_stale_replica(tmp_path: Path) -> None:
+    """Dynamo §4.5 read repair: a QUORUM read coordinated by the stale replica repairs it."""
+    cluster = make_cluster(tmp_path, **{"timing.max_hint_window_s": 0})  # hints off
+    try:
+        cluster.up(timeout_s=30)
+        first, stale = cluster.procs[0], cluster.procs[2]
+        stale.kill()
+        wait_until(lambda: liveness(first, stale.node_id) == "DOWN", timeout_s=20,
+                   interval_s=0.2, what="the killed node to be marked DOWN")
+        for i in range(10):
+            assert http("PUT", f"{first.url}/v1/kv/default/r{i}", {"value": i})[0] == 200
+        stale.start()
+        cluster.wait_all_up(timeout_s=30)
+        assert http("GET", f"{stale.url}/v1/kv/default/r3?local=true")[0] == 404
+        for i in range(10):
+            status, body = http("GET", f"{stale.url}/v1/kv/default/r{i}?consistency=QUORUM")
+            assert status == 200 and body["value"] == i
+            assert body["receipt"]["read_repair"] is True
+            assert stale.node_id in body["receipt"]["repaired"]
+            assert http("GET", f"{stale.url}/v1/kv/default/r{i}?local=true")[1]["value"] == i
+    finally:
+        cluster.down()
+
+
+def test_garbage_on_the_internode_port_neither_crashes_nor_stalls(cluster: LocalCluster) -> None:
+    target = cluster.procs[1]
+    rng = random.Random(7)
+    for size in (1, 4, 100, 70_000):
+        with socket.create_connection(("127.0.0.1", target.internode_port), timeout=5) as sock:
+            sock.sendall(bytes(rng.getrandbits(8) for _ in range(size)))
+    with socket.create_connection(("127.0.0.1", target.internode_port), timeout=5) as sock:
+        sock.sendall(b"\xff\xff\xff\xff" + b"x" * 100)  # an absurd frame length
+    assert target.proc.poll() is None
+    status, body = http("PUT", f"{target.url}/v1/kv/default/after?consistency=ALL", {"value": 1})
+    assert status == 200, body
+    cluster.wait_all_up(timeout_s=10)

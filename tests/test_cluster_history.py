@@ -1,0 +1,128 @@
+"""No lost writes under crashes: a concurrent workload while a node is killed and restarted.
+
+Dynamo §4.5 with R + W > N: every QUORUM read overlaps every QUORUM write, so
+(a) no acknowledged write is missing afterwards, and (b) no read returns a
+value older than a write acknowledged before the read began. Both are checked
+on the recorded history, using the write timestamps the servers report.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ringkv.clock import SystemClock
+from tests.procs import http, wait_until
+from tests.test_cluster import liveness, make_cluster
+
+pytestmark = pytest.mark.cluster
+
+CLOCK = SystemClock()
+CLIENTS = 8
+KEYS = 16
+DURATION_S = 30.0
+
+
+@dataclass
+class Op:
+    kind: str  # "write" or "read"
+    key: str
+    value: object
+    start_s: float
+    end_s: float
+    ok: bool
+    ts: tuple[int, int] | None  # write: its timestamp; read: the timestamp of what it saw
+
+
+def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path) -> None:
+    cluster = make_cluster(tmp_path)
+    history: list[Op] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    try:
+        cluster.up(timeout_s=30)
+        urls = [proc.url for proc in cluster.procs]
+
+        def client(cid: int) -> None:
+            rng = random.Random(cid)
+            for seq in range(1_000_000):  # bounded; stop ends it
+                if stop.is_set():
+                    return
+                key = f"key{rng.randrange(KEYS)}"
+                url = rng.choice(urls)
+                start = CLOCK.monotonic_s()
+                if rng.random() < 0.5:
+                    value = f"c{cid}-{seq}"
+                    try:
+                        status, body = http("PUT", f"{url}/v1/kv/default/{key}?consistency=QUORUM",
+                                            {"value": value}, timeout_s=5)
+                    except OSError:
+                        status, body = 0, None
+                    ok = status == 200
+                    ts = tuple(body["timestamp"]) if ok else None
+                    op = Op("write", key, value, start, CLOCK.monotonic_s(), ok, ts)
+                else:
+                    try:
+                        status, body = http("GET", f"{url}/v1/kv/default/{key}?consistency=QUORUM",
+                                            timeout_s=5)
+                    except OSError:
+                        status, body = 0, None
+                    ok = status in (200, 404)
+                    ts = tuple(body["timestamp"]) if status == 200 else None
+                    value = body["value"] if status == 200 else None
+                    op = Op("read", key, value, start, CLOCK.monotonic_s(), ok, ts)
+                with lock:
+                    history.append(op)
+
+        def nemesis() -> None:
+            rng = random.Random(99)
+            deadline = CLOCK.monotonic_s() + DURATION_S
+            while CLOCK.monotonic_s() < deadline - 6:
+                victim = rng.choice(cluster.procs)
+                victim.kill()
+                stop.wait(rng.uniform(1.0, 3.0))
+                victim.start()
+                stop.wait(rng.uniform(1.0, 3.0))
+            stop.wait(max(0.0, deadline - CLOCK.monotonic_s()))
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        kills = threading.Thread(target=nemesis)
+        kills.start()
+        kills.join(timeout=DURATION_S + 60)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+
+        # Heal: everyone up, then read every key at QUORUM.
+        cluster.wait_all_up(timeout_s=30)
+        final: dict[str, tuple[int, int] | None] = {}
+        for k in range(KEYS):
+            status, body = http("GET", f"{urls[0]}/v1/kv/default/key{k}?consistency=QUORUM")
+            assert status in (200, 404), body
+            final[f"key{k}"] = tuple(body["timestamp"]) if status == 200 else None
+    finally:
+        stop.set()
+        cluster.down()
+
+    writes = [op for op in history if op.kind == "write"]
+    reads = [op for op in history if op.kind == "read"]
+    acked = [op for op in writes if op.ok]
+    lost = [w for w in acked if final[w.key] is None or final[w.key] < w.ts]
+    stale = []
+    for read in (r for r in reads if r.ok):
+        floor = max((w.ts for w in acked if w.key == read.key and w.end_s < read.start_s),
+                    default=None)
+        if floor is not None and (read.ts is None or read.ts < floor):
+            stale.append(read)
+    print(f"history: {len(writes)} writes ({len(acked)} acknowledged), {len(reads)} reads "
+          f"({sum(r.ok for r in reads)} ok); lost acknowledged writes: {len(lost)}; "
+          f"stale reads: {len(stale)}")
+    assert len(acked) > 100 and sum(r.ok for r in reads) > 100
+    assert lost == []
+    assert stale == []
