@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/ringkv node --config conf/ringkv.yaml --data-dir ./data
+	$(BIN)/ringkv cluster up --nodes 3 --rf 3 --data-dir ./data --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,6 +1,7 @@
 """Benchmarks: `python -m bench <name> [options]`.
 
     single-node   one ringkv node vs a bare aiohttp + plyvel handler
+    cluster       a 3-node RF=3 cluster: put and get at ONE, QUORUM and ALL
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"single-node": "bench.single_node"}
+    commands = {"single-node": "bench.single_node", "cluster": "bench.cluster"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

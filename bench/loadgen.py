@@ -47,7 +47,7 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 
 
 async def _run(
-    base_url: str, path_template: str, op: str, concurrency: int, duration_s: float,
+    base_url: str | list[str], path_template: str, op: str, concurrency: int, duration_s: float,
     key_count: int, value: object, seed: int,
 ) -> tuple[list[float], int, float]:
     latencies: list[float] = []
@@ -56,11 +56,15 @@ async def _run(
     headers = {"Content-Type": "application/json"}
     deadline = time.perf_counter() + duration_s
     rng = random.Random(seed)
+    # Several base URLs spread the load over a cluster's coordinators.
+    base_urls = [base_url] if isinstance(base_url, str) else list(base_url)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal errors
         while time.perf_counter() < deadline:
-            url = base_url + path_template.format(key=f"key{rng.randrange(key_count)}")
+            url = rng.choice(base_urls) + path_template.format(
+                key=f"key{rng.randrange(key_count)}"
+            )
             started = time.perf_counter()
             try:
                 if op == "put":
@@ -102,7 +106,7 @@ def _child(conn, kwargs: dict[str, object]) -> None:
 
 
 def run_load(
-    label: str, base_url: str, path_template: str, *, op: str, concurrency: int,
+    label: str, base_url: str | list[str], path_template: str, *, op: str, concurrency: int,
     duration_s: float, key_count: int = 10_000, value: object = "x" * 100, seed: int = 1,
 ) -> LoadResult:
     """Run one load phase in a separate process and summarise it."""

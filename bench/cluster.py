@@ -1,0 +1,58 @@
+"""A 3-node cluster with RF=3 on this machine: put and get at ONE, QUORUM and ALL.
+
+    python -m bench cluster [--duration 10] [--concurrency 50]
+
+The load generator (its own process) spreads requests over all three nodes as
+coordinators and reports ops/s, p50/p95/p99 and its own CPU use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.loadgen import LoadResult, format_table, run_load
+from ringkv.local_cluster import LocalCluster
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEVELS = ("ONE", "QUORUM", "ALL")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench cluster", description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--nodes", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    results: list[LoadResult] = []
+    with tempfile.TemporaryDirectory(prefix="ringkv-bench-cluster-") as tmp:
+        base = random.Random().randrange(20000, 50000)
+        cluster = LocalCluster(Path(tmp), nodes=args.nodes, rf=3, base_client_port=base,
+                               base_internode_port=base + 100)
+        try:
+            cluster.up()
+            urls = cluster.endpoints()
+            for op in ("put", "get"):
+                for level in LEVELS:
+                    result = run_load(f"rf3 {level}", urls, f"/v1/kv/default/{{key}}?consistency={level}",
+                                      op=op, concurrency=args.concurrency, duration_s=args.duration)
+                    results.append(result)
+                    print(format_table([result]).splitlines()[-1], flush=True)
+        finally:
+            cluster.down()
+    print()
+    print(format_table(results))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "cluster.json"
+    out.write_text(json.dumps({"results": [r.to_json() for r in results]}, indent=2))
+    print(f"\nresults written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
