@@ -52,6 +52,9 @@ from ringkv.net.codec import (
 
 log = logging.getLogger("ringkv.net")
 
+# Peers named with this prefix are addressed by "host:port" before their node id is known.
+ADDRESS_PEER_PREFIX = "@"
+
 Handler = Callable[[str, str, Any], Awaitable[Any]]
 
 READ_CHUNK = 64 * 1024
