@@ -37,6 +37,7 @@ from ringkv.versioning import Cell, tombstone
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
+PEERS_FILE = "peers.json"  # the ring as last seen, so a restart does not start from nothing
 # Heartbeats reach a peer second-hand through gossip, so some arrive a round
 # late; tolerating two intervals of silence before phi climbs avoids false
 # DOWNs without slowing detection of a real failure much (Akka uses 3 s).
@@ -107,6 +108,7 @@ class Node:
         self._maintenance: asyncio.Task[None] | None = None
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
+        self._saved_peers: dict[str, dict[str, Any]] = {}
         self.ring = TokenRing({})
         self._keyspaces = {
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
@@ -135,6 +137,7 @@ class Node:
     async def start(self) -> None:
         await self.store.start()
         await self.hints.load()
+        self._saved_peers = self._load_peers()
         if self.standalone:
             self.tokens = self._load_or_allocate_tokens(None)
             self._rebuild_ring()
@@ -160,7 +163,10 @@ class Node:
         self.gossiper = Gossiper(
             self.node_id,
             cluster.name,
-            list(cluster.seeds),
+            # Peers from the last run are gossip contacts too: a restarted
+            # seed whose seed list names only itself can still find them.
+            _unique([*cluster.seeds, *(p["internode_addr"] for p in self._saved_peers.values()
+                                       if p.get("internode_addr"))]),
             generation=self.clock.wall_us() // 1_000_000,
             detector=PhiAccrualFailureDetector(
                 threshold=timing.phi_threshold,
@@ -188,6 +194,10 @@ class Node:
             self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
         )
         await self.transport.start()
+        for node_id, peer in self._saved_peers.items():
+            if peer.get("internode_addr"):
+                host, port = gs.parse_address(peer["internode_addr"])
+                self.transport.set_peer_address(node_id, host, port)
         self.router.remote = InternodeReplicas(self.transport)
         self.gossip = GossipService(
             self.gossiper,
@@ -208,6 +218,9 @@ class Node:
         """Gossip with the seeds for a few rounds so new tokens fit the ring as it is."""
         assert self.gossip is not None and self.gossiper is not None
         interval_s = self.config.timing.gossip_interval_ms / 1000
+        self_address = f"{self.config.cluster.listen_host}:{self.config.cluster.internode_port}"
+        if all(seed == self_address for seed in self.config.cluster.seeds):
+            return  # we are the only seed: the first node of a new cluster
         for _ in range(JOIN_LEARN_ROUNDS):
             known = len(self.gossiper.endpoint_states()) - 1  # peers we have heard of
             if len(self.ring) and len(self.ring) >= known:
@@ -300,22 +313,39 @@ class Node:
             self._rebuild_ring()
 
     def _rebuild_ring(self) -> None:
-        """The ring as gossip describes it: every NORMAL or LEAVING node with tokens."""
+        """The ring as gossip describes it: every NORMAL or LEAVING node with tokens.
+
+        Peers saved by an earlier run stay on the ring until gossip says
+        otherwise. A restarted node therefore never believes it is alone and
+        answers from its own (stale) replica: until it hears from its peers,
+        they are replicas that are DOWN, and a quorum read fails as Unavailable
+        instead of going back in time (Cassandra keeps system.peers for this).
+        """
+        peers = dict(self._saved_peers)
+        if self.gossiper is not None:
+            for node_id, state in self.gossiper.endpoint_states().items():
+                status = state.get(gs.STATUS)
+                if node_id == self.node_id or status is None or status == gs.BOOT:
+                    continue
+                if status == gs.LEFT:
+                    peers.pop(node_id, None)
+                    continue
+                node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")
+                if node_tokens:
+                    peers[node_id] = {
+                        "tokens": node_tokens,
+                        "dc": state.get(gs.DC) or "dc1",
+                        "rack": state.get(gs.RACK) or "rack1",
+                        "internode_addr": state.get(gs.INTERNODE_ADDR),
+                    }
         tokens: dict[str, list[int]] = {}
         infos: dict[str, NodeInfo] = {}
         if self.tokens:
             tokens[self.node_id] = list(self.tokens)
             infos[self.node_id] = self.info
-        if self.gossiper is not None:
-            for node_id, state in self.gossiper.endpoint_states().items():
-                if node_id == self.node_id or state.get(gs.STATUS) not in (gs.NORMAL, gs.LEAVING):
-                    continue
-                node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")
-                if node_tokens:
-                    tokens[node_id] = node_tokens
-                    infos[node_id] = NodeInfo(
-                        node_id, dc=state.get(gs.DC) or "dc1", rack=state.get(gs.RACK) or "rack1"
-                    )
+        for node_id, peer in peers.items():
+            tokens[node_id] = list(peer["tokens"])
+            infos[node_id] = NodeInfo(node_id, dc=peer["dc"], rack=peer["rack"])
         # Two nodes that joined at once could still pick the same token; the
         # first by node id keeps it, so every node builds the same ring.
         seen: set[int] = set()
@@ -330,6 +360,30 @@ class Node:
         if ring != self.ring:
             log.info("ring now has %d nodes: %s", len(ring), ", ".join(ring.node_ids))
             self.ring = ring
+        if peers != self._saved_peers:
+            self._saved_peers = peers
+            self._save_peers()
+
+    def _load_peers(self) -> dict[str, dict[str, Any]]:
+        if isinstance(self.engine, MemoryEngine):
+            return {}
+        path = self.config.node_data_dir / PEERS_FILE
+        if not path.exists():
+            return {}
+        try:
+            peers = json.loads(path.read_text())
+            for peer in peers.values():
+                [int(t) for t in peer["tokens"]]
+                str(peer["dc"]), str(peer["rack"])
+            return peers
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Gossip will rebuild it; a node that knows no peers is only less safe.
+            log.error("ignoring unreadable %s: %s", path, exc)
+            return {}
+
+    def _save_peers(self) -> None:
+        if not isinstance(self.engine, MemoryEngine):
+            _write_atomically(self.config.node_data_dir / PEERS_FILE, json.dumps(self._saved_peers))
 
     async def _maintenance_loop(self) -> None:
         """Slow periodic chores: publish load, retry hints that are still waiting."""
@@ -477,6 +531,10 @@ class Node:
                    "default_consistency": ks.default_consistency.value}
             for name, ks in self._keyspaces.items()
         }
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def _write_atomically(path: Path, text: str) -> None:
