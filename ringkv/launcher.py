@@ -71,6 +71,9 @@ class NodeProcess:
             "--data-dir", str(self.data_dir),
             *self.extra_args,
         ]
+        if "--seeds" not in self.extra_args:
+            # A lone node is its own seed; it must not wander into another cluster.
+            args += ["--seeds", f"{self.host}:{self.internode_port}"]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
