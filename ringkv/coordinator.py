@@ -29,6 +29,8 @@ from ringkv.versioning import Cell, cell_digest, reconcile
 
 log = logging.getLogger(__name__)
 
+LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest sample in a replica's latency estimate
+
 
 @dataclass(frozen=True)
 class KeyspaceSettings:
@@ -184,7 +186,6 @@ class Coordinator:
         write_timeout_s: float = 2.0,
         speculative_retry_percentile: float = 99.0,
         speculative_retry_min_s: float = 0.02,
-        proximity: Callable[[str], float] | None = None,
     ) -> None:
         self.node_id = node_id
         self._ring = ring
@@ -198,7 +199,7 @@ class Coordinator:
         self._write_timeout_s = write_timeout_s
         self._spec_pct = speculative_retry_percentile
         self._spec_min_s = speculative_retry_min_s
-        self._proximity = proximity
+        self._replica_latency_s: dict[str, float] = {}
         self._latencies = LatencyWindow()
         # Writes to slow replicas keep going after the client has its answer;
         # keep a reference so they are not garbage collected mid-flight.
@@ -398,8 +399,11 @@ class Coordinator:
                     node, kind = tasks[task]
                     if task.exception() is not None:
                         failed.add(node)
+                        self._note_latency(node, self._read_timeout_s)  # a failure ranks last
                         continue
-                    self._latencies.record(self._clock.monotonic_s() - start)
+                    elapsed = self._clock.monotonic_s() - start
+                    self._latencies.record(elapsed)
+                    self._note_latency(node, elapsed)
                     if kind == "data":
                         data[node] = task.result()  # type: ignore[assignment]
                     else:
@@ -486,13 +490,21 @@ class Coordinator:
             return None
         return max(observed, self._spec_min_s)
 
+    def _note_latency(self, node: str, seconds: float) -> None:
+        """Exponentially weighted read latency per replica (like Cassandra's dynamic snitch)."""
+        previous = self._replica_latency_s.get(node)
+        self._replica_latency_s[node] = (
+            seconds if previous is None else (1 - LATENCY_EWMA_WEIGHT) * previous
+            + LATENCY_EWMA_WEIGHT * seconds
+        )
+
     def _by_proximity(self, nodes: tuple[str, ...]) -> list[str]:
-        """This node first (no network hop), then the fastest peers."""
+        """This node first (no network hop), then the peers that have been fastest."""
 
         def rank(node: str) -> tuple[int, float]:
             if node == self.node_id:
                 return (0, 0.0)
-            return (1, self._proximity(node) if self._proximity else 0.0)
+            return (1, self._replica_latency_s.get(node, 0.0))
 
         return sorted(nodes, key=rank)
 

@@ -7,6 +7,7 @@ simulator can build the very same node on a virtual clock and a memory engine.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -182,6 +183,7 @@ class Node:
             (gs.RACK, cluster.rack),
             (gs.STATUS, gs.BOOT),
             (gs.LOAD, str(self.store.size_bytes())),
+            (gs.SCHEMA, self._schema_version()),
         ):
             self.gossiper.set_local(key, value)
         handler = InternodeHandler(
@@ -524,6 +526,11 @@ class Node:
             return f"{self.config.cluster.listen_host}:{self.config.cluster.client_port}"
         state = self.gossiper.endpoint_states().get(node_id)
         return None if state is None else state.get(gs.CLIENT_ADDR)
+
+    def _schema_version(self) -> str:
+        """A short digest of the keyspace definitions, gossiped so mismatches are visible."""
+        text = json.dumps(self._keyspace_json(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def _keyspace_json(self) -> Mapping[str, Any]:
         return {
