@@ -23,6 +23,7 @@ from typing import Protocol
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import BadRequest, NotFound, RingKVError, Timeout
 from ringkv.quorum import ConsistencyLevel
+from ringkv.replica import ReplicaClient
 from ringkv.replica_plan import ReplicaPlan, plan_for
 from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell, cell_digest, reconcile
@@ -37,32 +38,6 @@ class KeyspaceSettings:
     name: str
     replication_factor: int
     default_consistency: ConsistencyLevel
-
-
-class ReplicaClient(Protocol):
-    """How a coordinator talks to one replica (local store or remote node)."""
-
-    async def write(
-        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
-    ) -> None: ...
-
-    async def read(
-        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
-    ) -> Cell | None: ...
-
-    async def digest(
-        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
-    ) -> bytes: ...
-
-    async def scan(
-        self,
-        node_id: str,
-        keyspace: str,
-        after: tuple[int, bytes | None],
-        end_token: int,
-        limit: int,
-        timeout_s: float,
-    ) -> list[tuple[int, bytes, Cell]]: ...
 
 
 class HintSink(Protocol):
