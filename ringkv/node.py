@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,14 @@ class Node:
         engine: Engine | None = None,
         rng: random.Random | None = None,
         standalone: bool = False,
+        transport_factory: Callable[..., Any] | None = None,
     ) -> None:
-        """``standalone``: no internode transport or gossip (one-process tests)."""
+        """``standalone``: no internode transport or gossip (one-process tests).
+
+        ``transport_factory(node_id, cluster, host, port, handler)`` builds the
+        internode transport; the default is ``ringkv.net.transport.Transport``
+        (real sockets). The simulator passes its own, on a simulated network.
+        """
         self.config = config
         self.node_id = config.cluster.node_id
         self.clock = clock or SystemClock()
@@ -81,6 +87,7 @@ class Node:
         self.metrics = NodeMetrics(self.node_id)
         self.draining = False
         self.standalone = standalone
+        self._transport_factory = transport_factory
         self.engine = engine or open_engine(config)
         self.store = LocalStore(
             self.engine,
@@ -156,8 +163,6 @@ class Node:
         log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
 
     async def _start_cluster_services(self) -> None:
-        from ringkv.net.transport import Transport  # asyncio shell, only for networked nodes
-
         cluster = self.config.cluster
         timing = self.config.timing
         interval_s = timing.gossip_interval_ms / 1000
@@ -192,7 +197,10 @@ class Node:
             known_keyspace=lambda name: name in self._keyspaces,
             gossip=self._handle_gossip,
         )
-        self.transport = Transport(
+        factory = self._transport_factory
+        if factory is None:
+            from ringkv.net.transport import Transport as factory  # real sockets
+        self.transport = factory(
             self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
         )
         await self.transport.start()

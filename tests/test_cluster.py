@@ -13,37 +13,15 @@ from typing import Any
 import pytest
 
 from ringkv.local_cluster import LocalCluster, node_view
-from ringkv.launcher import NodeProcess, free_port
+from ringkv.launcher import NodeProcess, free_port_block
 from tests.procs import http, wait_until
 
 pytestmark = pytest.mark.cluster
 
 
 def make_cluster(tmp_path: Path, nodes: int = 3, **overrides: Any) -> LocalCluster:
-    base = free_port()
-    # Ports base..base+n-1 (HTTP) and base+100.. (internode) must be free.
-    return LocalCluster(tmp_path, nodes=nodes, rf=3, base_client_port=_free_block(nodes),
-                        base_internode_port=_free_block(nodes), config_overrides=overrides)
-
-
-def _free_block(count: int) -> int:
-    """A run of ``count`` consecutive free loopback ports."""
-    rng = random.Random()
-    for _ in range(200):  # bounded search
-        start = rng.randrange(20000, 60000)
-        try:
-            socks = []
-            for port in range(start, start + count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
-            return start
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port block")
+    return LocalCluster(tmp_path, nodes=nodes, rf=3, base_client_port=free_port_block(nodes),
+                        base_internode_port=free_port_block(nodes), config_overrides=overrides)
 
 
 def liveness(observer: NodeProcess, node_id: str) -> str | None:
