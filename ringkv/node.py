@@ -117,6 +117,7 @@ class Node:
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
         self._saved_peers: dict[str, dict[str, Any]] = {}
+        self._down_since: dict[str, float] = {}  # node id -> monotonic time it went DOWN
         self.ring = TokenRing({})
         self._keyspaces = {
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
@@ -310,7 +311,10 @@ class Node:
             elif event.kind in ("join", "restart"):
                 log.info("gossip: %s %s %s", event.node_id, event.kind, event.details)
             if event.kind == "up" and event.node_id:
+                self._down_since.pop(event.node_id, None)
                 self.replayer.kick(event.node_id)
+            if event.kind == "down" and event.node_id:
+                self._down_since.setdefault(event.node_id, self.clock.monotonic_s())
             if event.kind == "change" and event.node_id:
                 keys = event.details.get("keys", {})
                 address = keys.get(gs.INTERNODE_ADDR)
@@ -403,6 +407,9 @@ class Node:
                 if self.gossiper is not None:
                     self.gossiper.set_local(gs.LOAD, str(self.store.size_bytes()))
                 self.replayer.kick_all()
+                for target in list(self.hints.targets):
+                    if not self.is_alive(target):
+                        await self.replayer.drop_expired(target)
             except Exception:  # noqa: BLE001 - chores must not die
                 log.exception("maintenance round failed")
 
@@ -411,6 +418,13 @@ class Node:
     async def store_hint(
         self, target: str, keyspace: str, token: int, key: bytes, cell: Cell
     ) -> bool:
+        down_since = self._down_since.get(target)
+        window_s = self.config.timing.max_hint_window_s
+        if down_since is not None and self.clock.monotonic_s() - down_since > window_s:
+            # Down longer than the hint window: stop collecting hints for it
+            # (as Cassandra does); repair, not hints, brings it up to date.
+            self.metrics.hints_not_stored.inc()
+            return False
         stored = await self.hints.store_hint(target, keyspace, token, key, cell)
         if stored:
             self.metrics.hints_stored.inc()
