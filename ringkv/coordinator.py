@@ -257,8 +257,10 @@ class Coordinator:
             log.debug("write to %s failed: %s", target, exc)
             acks.record(target, ok=False)
             # A replica that did not acknowledge gets a hint, even if the
-            # client was already answered (Cassandra does the same).
-            await self._store_hint(target, plan, key, cell)
+            # client was already answered (Cassandra does the same). This
+            # node's own failed write is not hinted: it has no later replay.
+            if target != self.node_id:
+                await self._store_hint(target, plan, key, cell)
             return
         acks.record(target, ok=True)
 
