@@ -21,6 +21,7 @@ def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cluster.listen_host": args.host,
         "cluster.client_port": args.client_port,
         "cluster.internode_port": args.internode_port,
+        "cluster.broadcast_internode": args.broadcast_internode,
         "cluster.data_dir": args.data_dir,
         "cluster.seeds": args.seeds.split(",") if args.seeds is not None else None,
         "storage.commit_sync": args.commit_sync,
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--client-port", type=int, help="HTTP API port (overrides cluster.client_port)")
     node.add_argument(
         "--internode-port", type=int, help="internode port (overrides cluster.internode_port)"
+    )
+    node.add_argument(
+        "--broadcast-internode",
+        help="internode host:port told to peers, e.g. a proxy's (overrides cluster.broadcast_internode)",
     )
     node.add_argument("--data-dir", help="data directory (overrides cluster.data_dir)")
     node.add_argument("--seeds", help="comma-separated internode host:port seeds")

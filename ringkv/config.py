@@ -74,6 +74,11 @@ class ClusterConfig:
     listen_host: str = "127.0.0.1"
     client_port: int = 7400
     internode_port: int = 7500
+    # The internode "host:port" this node tells its peers (gossip) when they
+    # must reach it elsewhere than listen_host:internode_port: behind NAT, a
+    # port forward or a fault-injecting proxy (Cassandra's broadcast_address).
+    # None = listen_host:internode_port.
+    broadcast_internode: str | None = None
     # Bootstrap: a starting node gossips with these internode "host:port"
     # addresses first to learn the rest of the cluster.
     seeds: tuple[str, ...] = ("127.0.0.1:7500",)
@@ -85,6 +90,13 @@ class ClusterConfig:
     num_tokens: int = 16
     dc: str = "dc1"
     rack: str = "rack1"
+
+    @property
+    def internode_address(self) -> str:
+        """The internode "host:port" peers use to reach this node (what it gossips)."""
+        if self.broadcast_internode is not None:
+            return self.broadcast_internode
+        return f"{self.listen_host}:{self.internode_port}"
 
     @property
     def seed_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -448,6 +460,7 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("listen_host", _check_host)
     sec.take("client_port", _check_int, 1, 65535)
     sec.take("internode_port", _check_int, 1, 65535)
+    sec.take("broadcast_internode", _check_optional_address)
     sec.take("seeds", _check_seeds)
     sec.take("data_dir", _check_path)
     sec.take("num_tokens", _check_int, 1, 256)
@@ -590,16 +603,24 @@ def _check_seeds(ctx: _Context, name: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         ctx.fail(name, 'a list of "host:port" strings', _show_typed(value))
     for i, seed in enumerate(value):
-        item = f"{name}[{i}]"
-        if not isinstance(seed, str):
-            ctx.fail(item, 'a "host:port" string', _show_typed(seed))
-        try:
-            _split_host_port(seed)
-        except ValueError:
-            ctx.fail(
-                item, 'a "host:port" string with port 1-65535 ([v6addr]:port for IPv6)', _show(seed)
-            )
+        _check_address(ctx, f"{name}[{i}]", seed)
     return tuple(value)
+
+
+def _check_optional_address(ctx: _Context, name: str, value: object) -> str | None:
+    return None if value is None else _check_address(ctx, name, value)
+
+
+def _check_address(ctx: _Context, name: str, value: object) -> str:
+    if not isinstance(value, str):
+        ctx.fail(name, 'a "host:port" string', _show_typed(value))
+    try:
+        _split_host_port(value)
+    except ValueError:
+        ctx.fail(
+            name, 'a "host:port" string with port 1-65535 ([v6addr]:port for IPv6)', _show(value)
+        )
+    return value
 
 
 def _check_path(ctx: _Context, name: str, value: object) -> Path:

@@ -181,7 +181,7 @@ class Node:
                 first_heartbeat_estimate_s=interval_s,
             ),
         )
-        self_address = f"{cluster.listen_host}:{cluster.internode_port}"
+        self_address = cluster.internode_address  # what peers dial, maybe not where we listen
         for key, value in (
             (gs.INTERNODE_ADDR, self_address),
             (gs.CLIENT_ADDR, f"{cluster.listen_host}:{cluster.client_port}"),
@@ -229,7 +229,7 @@ class Node:
         """Gossip with the seeds for a few rounds so new tokens fit the ring as it is."""
         assert self.gossip is not None and self.gossiper is not None
         interval_s = self.config.timing.gossip_interval_ms / 1000
-        self_address = f"{self.config.cluster.listen_host}:{self.config.cluster.internode_port}"
+        self_address = self.config.cluster.internode_address
         if all(seed == self_address for seed in self.config.cluster.seeds):
             return  # we are the only seed: the first node of a new cluster
         for _ in range(JOIN_LEARN_ROUNDS):

@@ -43,6 +43,8 @@ def test_defaults():
     assert config.cluster.node_id == "node1"
     assert config.cluster.client_port == 7400
     assert config.cluster.seeds == ("127.0.0.1:7500",)
+    assert config.cluster.broadcast_internode is None
+    assert config.cluster.internode_address == "127.0.0.1:7500"
     assert config.cluster.data_dir == Path("data")
     assert config.keyspaces == {
         "default": KeyspaceConfig("default", 3, "eventual", ConsistencyLevel.QUORUM)
@@ -158,6 +160,26 @@ def test_seed_addresses():
     )
 
 
+def test_broadcast_internode_is_the_address_peers_are_told():
+    config = load_config(None, {"cluster.listen_host": "127.0.0.2", "cluster.internode_port": 7501})
+    assert config.cluster.internode_address == "127.0.0.2:7501"
+    config = load_config(None, {"cluster.broadcast_internode": "127.0.0.2:9501"})
+    assert config.cluster.internode_address == "127.0.0.2:9501"
+    assert config.cluster.internode_port == 7500  # still where it listens
+    assert config_from_dict(config.to_dict()) == config
+
+
+def test_node_flags_are_overrides():
+    from ringkv.cli import _node_overrides, build_parser
+
+    args = build_parser().parse_args(
+        ["node", "--host", "127.0.0.3", "--broadcast-internode", "127.0.0.3:9502"]
+    )
+    assert _node_overrides(args) == {
+        "cluster.listen_host": "127.0.0.3", "cluster.broadcast_internode": "127.0.0.3:9502"
+    }
+
+
 # --- overrides ---------------------------------------------------------------
 
 
@@ -247,6 +269,10 @@ BAD_FIELDS = [
     ({"cluster": {"seeds": ["a:1", "b:99999"]}}, "cluster.seeds[1]", "got 'b:99999'"),
     ({"cluster": {"seeds": ["::1:7500"]}}, "cluster.seeds[0]", "[v6addr]:port"),
     ({"cluster": {"seeds": [7500]}}, "cluster.seeds[0]", "got 7500 (an integer)"),
+    ({"cluster": {"broadcast_internode": "127.0.0.2"}}, "cluster.broadcast_internode",
+     "got '127.0.0.2'"),
+    ({"cluster": {"broadcast_internode": 9500}}, "cluster.broadcast_internode",
+     "got 9500 (an integer)"),
     ({"cluster": {"data_dir": ""}}, "cluster.data_dir", "non-empty directory path"),
     ({"cluster": {"data_dir": None}}, "cluster.data_dir", "got null"),
     ({"cluster": {"num_tokens": 0}}, "cluster.num_tokens", "from 1 to 256, got 0"),
