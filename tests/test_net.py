@@ -256,6 +256,26 @@ def test_request_response_round_trip() -> None:
     run(body())
 
 
+def test_outbound_connections_leave_from_the_listen_address() -> None:
+    """So a peer (or the fault proxy) can tell nodes on one host apart by source IP."""
+
+    async def body() -> None:
+        a = Transport("a", CLUSTER, "127.0.0.2", 0, echo_handler)
+        b = Transport("b", CLUSTER, "127.0.0.3", 0, echo_handler)
+        await a.start()
+        await b.start()
+        try:
+            link(a, b)
+            assert (await a.request("b", "echo", 1, timeout_s=2))["payload"] == 1
+            [inbound] = b._inbound
+            assert inbound.peer_addr[0] == "127.0.0.2"
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(body())
+
+
 def test_both_directions_and_oneway() -> None:
     async def body() -> None:
         got: list[tuple[str, str, Any]] = []

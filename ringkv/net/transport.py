@@ -20,6 +20,7 @@ fast with ``PeerUnreachable``; every queue is bounded and overflow is an immedia
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import socket
@@ -117,6 +118,20 @@ async def _read_first_frame(
         frames = decoder.feed(data)
         if frames:
             return frames[0], frames[1:]
+
+
+def _source_address(host: str) -> tuple[str, int] | None:
+    """Where outbound connections leave from: the listen address, if it is one.
+
+    Leaving from the address we listen on makes a connection's source name
+    the node (Cassandra does the same), which per-node firewall rules and the
+    fault proxy rely on. A wildcard or a host name leaves it to the OS.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if address.is_unspecified else (host, 0)
 
 
 def _set_nodelay(writer: asyncio.StreamWriter) -> None:
@@ -320,6 +335,7 @@ class Transport:
         self.cluster = cluster
         self._host = host
         self._port = port
+        self._source = _source_address(host)
         self._handler = handler
         self._max_frame_bytes = max_frame_bytes
         self._max_queue = max_queue
@@ -540,7 +556,9 @@ class Transport:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK)
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=READ_CHUNK, local_addr=self._source
+                )
             _set_nodelay(writer)
             decoder = FrameDecoder(self._max_frame_bytes)
             writer.write(self._hello)
