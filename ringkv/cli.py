@@ -90,6 +90,24 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from ringkv.chaos.run import run_chaos  # lazy: only this command needs it
+
+    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    # A fresh directory per run: old data would show up as values nobody wrote.
+    run_dir = Path(tempfile.mkdtemp(prefix=f"seed{seed}-", dir=args.data_dir)).resolve()
+    print(f"chaos run: seed {seed}, {args.duration:g}s of faults, data under {run_dir}", flush=True)
+    report = run_chaos(run_dir, seed=seed, duration_s=args.duration, clients=args.clients,
+                       keys=args.keys, say=lambda line: print(line, flush=True))
+    print(report.summary())
+    return 0 if report.verdicts.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringkv",
@@ -133,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints")
     up.set_defaults(func=cmd_cluster_up)
+
+    chaos = commands.add_parser(
+        "chaos", help="Jepsen-style run: 3 nodes on 127.0.0.1-3, faults, load, history checks")
+    chaos.add_argument("--duration", type=float, default=45.0, help="seconds of load and faults")
+    chaos.add_argument("--seed", type=int, help="seed of the fault schedule (default: random)")
+    chaos.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    chaos.add_argument("--keys", type=int, default=10, help="keys the clients share (default 10)")
+    chaos.add_argument("--data-dir", default="./data/chaos",
+                       help="each run gets a fresh folder here (node data, logs, history.jsonl)")
+    chaos.set_defaults(func=cmd_chaos)
     return parser
 
 

@@ -1,0 +1,459 @@
+"""A Jepsen-style run against real node processes: load, a nemesis, a history, checks.
+
+Three nodes run as processes on 127.0.0.1, 127.0.0.2 and 127.0.0.3. Every
+internode link goes through a ``FaultProxy`` (each node gossips its proxy's
+address through ``--broadcast-internode``). Eight clients read and write a
+few keys at QUORUM with unique values while a nemesis, on a schedule drawn
+from the seed, cuts links (both ways, one way, a whole node), delays them,
+resets connections, SIGKILLs a node and restarts it on the same data, and
+SIGSTOPs a node and SIGCONTs it. Then everything heals, the cluster gets a
+quiet period, every key is read once more, and the history is judged:
+
+* no acknowledged QUORUM write is lost (the final read returns it or a newer one);
+* no QUORUM read is stale (it returns at least the newest write acknowledged
+  before the read began);
+* no read returns a value nobody wrote;
+* after a final read at ALL, every replica holds the same cell.
+
+The history is a list of plain ``Op`` records (also written to
+``history.jsonl`` in the run's directory), judged by ``check``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ringkv.chaos.proxy import FaultProxy
+from ringkv.clock import SystemClock
+from ringkv.launcher import NodeProcess, free_port
+from ringkv.local_cluster import LocalCluster
+
+log = logging.getLogger(__name__)
+
+_CLOCK = SystemClock()
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+FAULT_KINDS = ("cut-link", "cut-one-way", "isolate", "delay", "reset", "kill", "pause")
+KEYSPACE = "default"
+REQUEST_TIMEOUT_S = 5.0  # per client request; the nodes time out replicas after 2 s
+WARMUP_S = 2.0  # load runs this long before the first fault
+MAX_SLOT_S = 15.0  # longest fault slot (hold + calm); long runs hold faults long enough to be seen DOWN
+RESET_EVERY_S = 1.0  # a reset fault resets every link this often while it lasts
+FINAL_READ_ATTEMPTS = 20
+
+# Outcomes, as Jepsen names them: ok = it happened, fail = it certainly did
+# not, info = unknown (a write that timed out may still land).
+OK, FAIL, INFO = "ok", "fail", "info"
+# Error codes that prove a write did nothing: refused before any replica was asked.
+NOTHING_WRITTEN = frozenset({"unavailable", "shutting_down", "bad_request", "refused"})
+
+
+@dataclass(frozen=True)
+class Op:
+    """One client operation as the client saw it."""
+
+    process: int  # client number; -1 for the final reads
+    kind: str  # "write" | "read"
+    key: str
+    value: str | None  # the value written, or the value read (None: absent)
+    outcome: str  # OK | FAIL | INFO
+    start_s: float  # monotonic seconds since the run began
+    end_s: float
+    ts: tuple[int, int] | None  # write: its timestamp; read: the timestamp of what it saw
+    error: str | None = None  # the error code, when not OK
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One nemesis action: ``kind`` on ``targets`` from ``at_s`` for ``hold_s``."""
+
+    at_s: float
+    kind: str
+    targets: tuple[str, ...]  # node addresses (HOSTS)
+    hold_s: float
+    heal_reset: bool = False  # on heal, reset stalled connections instead of forwarding
+    delay_s: float = 0.0  # for "delay"
+
+
+@dataclass
+class Verdicts:
+    lost: list[Op] = field(default_factory=list)  # acknowledged writes missing at the end
+    stale: list[Op] = field(default_factory=list)  # reads older than an acknowledged write
+    phantom: list[Op] = field(default_factory=list)  # reads of values nobody wrote
+    unchecked: list[str] = field(default_factory=list)  # keys whose final read failed
+    diverged: list[str] = field(default_factory=list)  # keys whose replicas differ at the end
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.stale or self.phantom or self.unchecked or self.diverged)
+
+
+@dataclass
+class Report:
+    seed: int
+    history: list[Op]
+    faults: list[Fault]
+    verdicts: Verdicts
+    run_dir: Path
+
+    def summary(self) -> str:
+        writes = Counter(op.outcome for op in self.history if op.kind == "write")
+        reads = Counter(op.outcome for op in self.history if op.kind == "read")
+        kinds = Counter(fault.kind for fault in self.faults)
+        v = self.verdicts
+        return "\n".join([
+            f"ringkv chaos: seed {self.seed}, {len(HOSTS)} nodes, history in "
+            f"{self.run_dir / 'history.jsonl'}",
+            f"ops: {len(self.history)}; writes: {writes[OK]} acknowledged, {writes[FAIL]} failed, "
+            f"{writes[INFO]} indeterminate; reads: {reads[OK]} ok, {reads[FAIL]} failed",
+            "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS),
+            f"verdicts: lost acknowledged writes {len(v.lost)}, stale reads {len(v.stale)}, "
+            f"reads of unwritten values {len(v.phantom)}, unchecked keys {len(v.unchecked)}, "
+            f"diverged keys {len(v.diverged)} -> {'PASS' if v.ok else 'FAIL'}",
+        ])
+
+
+# -- the nemesis schedule (pure) ---------------------------------------------------
+
+
+def schedule(seed: int, duration_s: float, hosts: tuple[str, ...] = HOSTS) -> list[Fault]:
+    """One fault at a time, every kind once (in a seeded order) before any repeats.
+
+    Each fault gets a slot, short enough that every kind fits in ``duration_s``
+    (at most MAX_SLOT_S); it is held for 40-75% of the slot and the rest is calm.
+    Every fault is over a second before ``duration_s``.
+    """
+    rng = random.Random(seed)
+    slot = min(MAX_SLOT_S, (duration_s - WARMUP_S - 2.0) / len(FAULT_KINDS))
+    faults: list[Fault] = []
+    kinds: list[str] = []
+    at = WARMUP_S
+    while True:
+        if not kinds:
+            kinds = rng.sample(FAULT_KINDS, len(FAULT_KINDS))
+        kind = kinds.pop()
+        hold = round(rng.uniform(0.4, 0.75) * slot, 2)
+        if slot <= 0 or at + hold > duration_s - 1.0:
+            return faults
+        a, b = rng.sample(hosts, 2)
+        targets = {"cut-link": (a, b), "cut-one-way": (a, b), "reset": hosts}.get(kind, (a,))
+        faults.append(Fault(
+            at_s=round(at, 2), kind=kind, targets=targets, hold_s=hold,
+            heal_reset=rng.random() < 0.5,
+            delay_s=round(rng.uniform(0.05, 1.0), 3) if kind == "delay" else 0.0,
+        ))
+        at += slot
+
+
+# -- checking (pure) -----------------------------------------------------------------
+
+
+def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) -> Verdicts:
+    """Judge a history whose last reads of each key (process -1) are the final state.
+
+    ``replicas``: key -> node id -> what that node's own replica holds at the end.
+    """
+    verdicts = Verdicts()
+    acked: dict[str, list[Op]] = {}
+    written: dict[str, set[str]] = {}
+    final: dict[str, Op] = {}
+    for op in history:
+        if op.kind == "write":
+            written.setdefault(op.key, set()).add(op.value)  # type: ignore[arg-type]
+            if op.outcome == OK:
+                acked.setdefault(op.key, []).append(op)
+        elif op.process == -1:
+            if op.outcome == OK:
+                final[op.key] = op
+    keys = {op.key for op in history if op.process != -1}
+    verdicts.unchecked = sorted(keys - set(final))
+    for key, writes in acked.items():
+        if key in final:
+            seen = final[key].ts
+            verdicts.lost += [w for w in writes if seen is None or seen < w.ts]  # type: ignore[operator]
+    for read in history:
+        if read.kind != "read" or read.outcome != OK:
+            continue
+        if read.value is not None and read.value not in written.get(read.key, ()):
+            verdicts.phantom.append(read)
+        floor = max((w.ts for w in acked.get(read.key, ()) if w.end_s < read.start_s),
+                    default=None)
+        if floor is not None and (read.ts is None or read.ts < floor):
+            verdicts.stale.append(read)
+    for key, cells in (replicas or {}).items():
+        if len({json.dumps(cell, sort_keys=True) for cell in cells.values()}) > 1:
+            verdicts.diverged.append(key)
+    return verdicts
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+class ChaosRun:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        seed: int,
+        duration_s: float,
+        clients: int = 8,
+        keys: int = 10,
+        quiet_s: float = 5.0,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.run_dir = run_dir
+        self.seed = seed
+        self.duration_s = duration_s
+        self.clients = clients
+        self.keys = [f"k{i}" for i in range(keys)]
+        self.quiet_s = quiet_s
+        self.say = say
+        self.history: list[Op] = []
+        self.done: list[Fault] = []
+        self.cluster: LocalCluster | None = None
+        self.proxy: FaultProxy | None = None
+        self.by_host: dict[str, NodeProcess] = {}
+        self._t0 = 0.0
+
+    def now(self) -> float:
+        return _CLOCK.monotonic_s() - self._t0
+
+    async def run(self) -> Report:
+        faults = schedule(self.seed, self.duration_s)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._start_cluster()
+            replicas = await self._load_and_faults(faults)
+        finally:
+            await self._stop_cluster()
+        self._write_history()
+        return Report(self.seed, self.history, self.done, check(self.history, replicas),
+                      self.run_dir)
+
+    # -- cluster -----------------------------------------------------------------
+
+    async def _start_cluster(self) -> None:
+        """Proxies first (the seeds are proxy addresses), then the nodes one by one."""
+        ports = {host: (free_port(host), free_port(host), free_port(host)) for host in HOSTS}
+        self.proxy = FaultProxy({(host, proxy): (host, internode)
+                                 for host, (_, internode, proxy) in ports.items()})
+        await self.proxy.start()
+        cluster = LocalCluster(self.run_dir, nodes=len(HOSTS), rf=3)
+        config = cluster.config_file()
+        seed = f"{HOSTS[0]}:{ports[HOSTS[0]][2]}"
+        cluster.procs = [
+            NodeProcess(
+                f"node{i + 1}", self.run_dir, host=host, client_port=client,
+                internode_port=internode, config_path=config,
+                extra_args=["--seeds", seed, "--broadcast-internode", f"{host}:{proxy}"],
+            )
+            for i, (host, (client, internode, proxy)) in enumerate(ports.items())
+        ]
+        self.cluster = cluster
+        self.by_host = dict(zip(HOSTS, cluster.procs))
+        await asyncio.to_thread(cluster.up, 60.0)
+        self.say(f"cluster up: {', '.join(p.node_id + ' ' + p.url for p in cluster.procs)}")
+
+    async def _stop_cluster(self) -> None:
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.down)  # by PID; SIGCONTs a paused node first
+        if self.proxy is not None:
+            await self.proxy.stop()
+
+    async def _heal_everything(self) -> None:
+        assert self.proxy is not None and self.cluster is not None
+        self.proxy.heal()
+        for proc in self.cluster.procs:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.signal(signal.SIGCONT)
+            else:
+                await asyncio.to_thread(proc.start)
+        await asyncio.to_thread(self.cluster.wait_all_up, None, 60.0)
+
+    # -- load and nemesis ----------------------------------------------------------
+
+    async def _load_and_faults(self, faults: list[Fault]) -> dict[str, dict[str, Any]]:
+        assert self.cluster is not None
+        self._t0 = _CLOCK.monotonic_s()
+        stop = asyncio.Event()
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            workers = [asyncio.create_task(self._client(session, n, stop))
+                       for n in range(self.clients)]
+            nemesis = asyncio.create_task(self._nemesis(faults))
+            try:
+                await asyncio.sleep(self.duration_s)
+                stop.set()
+                await asyncio.gather(*workers)
+                await asyncio.wait_for(nemesis, timeout=60.0)  # its last heal may be running
+            finally:
+                for task in (*workers, nemesis):
+                    task.cancel()
+            self.say(f"load stopped after {self.now():.1f}s; healing")
+            await self._heal_everything()
+            await asyncio.sleep(self.quiet_s)  # hints replay; correctness does not wait on it
+            for key in self.keys:
+                self.history.append(await self._final_read(session, key))
+            return {key: await self._replicas(session, key) for key in self.keys}
+
+    async def _client(self, session: aiohttp.ClientSession, n: int, stop: asyncio.Event) -> None:
+        rng = random.Random(self.seed * 1000 + n)
+        urls = [proc.url for proc in self.cluster.procs]  # type: ignore[union-attr]
+        for seq in range(10_000_000):  # bounded; stop ends it
+            if stop.is_set():
+                return
+            key, url = rng.choice(self.keys), rng.choice(urls)
+            if rng.random() < 0.5:
+                op = await self._write(session, url, n, key, f"{n}-{seq}")
+            else:
+                op = await self._read(session, url, n, key, "QUORUM")
+            self.history.append(op)
+            if op.outcome != OK:
+                await asyncio.sleep(0.05)  # pacing: do not spin on a node that is down
+
+    async def _write(
+        self, session: aiohttp.ClientSession, url: str, n: int, key: str, value: str
+    ) -> Op:
+        start = self.now()
+        status, body, error = await _request(
+            session, "PUT", f"{url}/v1/kv/{KEYSPACE}/{key}?consistency=QUORUM", {"value": value}
+        )
+        if status == 200:
+            return Op(n, "write", key, value, OK, start, self.now(), tuple(body["timestamp"]))
+        outcome = FAIL if error in NOTHING_WRITTEN else INFO
+        return Op(n, "write", key, value, outcome, start, self.now(), None, error)
+
+    async def _read(
+        self, session: aiohttp.ClientSession, url: str, n: int, key: str, level: str
+    ) -> Op:
+        start = self.now()
+        status, body, error = await _request(
+            session, "GET", f"{url}/v1/kv/{KEYSPACE}/{key}?consistency={level}"
+        )
+        if status == 200:
+            return Op(n, "read", key, body["value"], OK, start, self.now(),
+                      tuple(body["timestamp"]))
+        if status == 404 and error == "not_found":
+            return Op(n, "read", key, None, OK, start, self.now(), None)
+        return Op(n, "read", key, None, FAIL, start, self.now(), None, error)
+
+    async def _final_read(self, session: aiohttp.ClientSession, key: str) -> Op:
+        """A QUORUM read after healing; retried (bounded) while the cluster settles."""
+        op = None
+        for attempt in range(FINAL_READ_ATTEMPTS):
+            url = self.cluster.procs[attempt % len(HOSTS)].url  # type: ignore[union-attr]
+            op = await self._read(session, url, -1, key, "QUORUM")
+            if op.outcome == OK:
+                return op
+            await asyncio.sleep(0.5)
+        assert op is not None
+        return op
+
+    async def _replicas(self, session: aiohttp.ClientSession, key: str) -> dict[str, Any]:
+        """Read ``key`` at ALL (read repair makes every replica agree), then what each
+        node's own replica holds."""
+        url = self.cluster.procs[0].url  # type: ignore[union-attr]
+        await _request(session, "GET", f"{url}/v1/kv/{KEYSPACE}/{key}?consistency=ALL")
+        cells = {}
+        for proc in self.cluster.procs:  # type: ignore[union-attr]
+            status, body, error = await _request(
+                session, "GET", f"{proc.url}/v1/kv/{KEYSPACE}/{key}?local=true"
+            )
+            cells[proc.node_id] = (
+                [body["value"], body["timestamp"]] if status == 200 else error
+            )
+        return cells
+
+    async def _nemesis(self, faults: list[Fault]) -> None:
+        for fault in faults:
+            await asyncio.sleep(max(0.0, fault.at_s - self.now()))
+            self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {' '.join(fault.targets)} "
+                     f"for {fault.hold_s}s")
+            await self._apply(fault)
+            self.done.append(fault)
+            await self._hold(fault)
+            await self._heal(fault)
+
+    async def _apply(self, fault: Fault) -> None:
+        proxy, targets = self.proxy, fault.targets
+        assert proxy is not None
+        if fault.kind == "cut-link":
+            proxy.cut(*targets)
+            proxy.cut(targets[1], targets[0])
+        elif fault.kind == "cut-one-way":
+            proxy.cut(*targets)
+        elif fault.kind == "isolate":
+            for other in HOSTS:
+                if other != targets[0]:
+                    proxy.cut(targets[0], other)
+                    proxy.cut(other, targets[0])
+        elif fault.kind == "delay":
+            for other in HOSTS:
+                if other != targets[0]:
+                    proxy.delay(targets[0], other, fault.delay_s)
+                    proxy.delay(other, targets[0], fault.delay_s)
+        elif fault.kind == "kill":
+            await asyncio.to_thread(self.by_host[targets[0]].kill)
+        elif fault.kind == "pause":
+            self.by_host[targets[0]].signal(signal.SIGSTOP)
+
+    async def _hold(self, fault: Fault) -> None:
+        end = fault.at_s + fault.hold_s
+        if fault.kind != "reset":
+            await asyncio.sleep(max(0.0, end - self.now()))
+            return
+        while self.now() < end:  # a flapping network: every link reset again and again
+            for a, b in _pairs(HOSTS):
+                self.proxy.reset(a, b)  # type: ignore[union-attr]
+            await asyncio.sleep(min(RESET_EVERY_S, max(0.0, end - self.now())))
+
+    async def _heal(self, fault: Fault) -> None:
+        if fault.kind == "kill":
+            await asyncio.to_thread(self.by_host[fault.targets[0]].start)  # same data dir
+        elif fault.kind == "pause":
+            self.by_host[fault.targets[0]].signal(signal.SIGCONT)
+        else:
+            self.proxy.heal(reset=fault.heal_reset)  # type: ignore[union-attr]
+        self.say(f"{self.now():6.1f}s nemesis: healed {fault.kind}")
+
+    def _write_history(self) -> None:
+        with open(self.run_dir / "history.jsonl", "w") as out:
+            for op in self.history:
+                out.write(json.dumps(asdict(op)) + "\n")
+
+
+def _pairs(hosts: Iterable[str]) -> list[tuple[str, str]]:
+    hosts = list(hosts)
+    return [(a, b) for i, a in enumerate(hosts) for b in hosts[i + 1:]]
+
+
+async def _request(
+    session: aiohttp.ClientSession, method: str, url: str, body: Any = None
+) -> tuple[int, Any, str | None]:
+    """(status, JSON body, error code); status 0 when no answer came."""
+    try:
+        async with session.request(method, url, json=body) as response:
+            payload = await response.json(content_type=None)
+    except aiohttp.ClientConnectorError:
+        return 0, None, "refused"  # never reached the node: nothing was done
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return 0, None, type(exc).__name__
+    if response.status >= 400:
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        return response.status, payload, error.get("code", f"http_{response.status}")
+    return response.status, payload, None
+
+
+def run_chaos(run_dir: Path, *, seed: int, duration_s: float, **options: Any) -> Report:
+    """Run one Jepsen-style test and return its report (``ringkv chaos``)."""
+    return asyncio.run(ChaosRun(run_dir, seed=seed, duration_s=duration_s, **options).run())
