@@ -165,10 +165,63 @@ class ProtocolError(RingKVError):
 
 
 class PeerUnreachable(RingKVError):
-    """No connection to a peer node could be made."""
+    """The internode transport cannot reach a peer (refused, handshake failed,
+    connection lost, or still inside its reconnect backoff). ``maybe_delivered``
+    is true when the connection died after the message was queued for sending,
+    so the peer may or may not have acted on it."""
 
     code = "peer_unreachable"
     http_status = 503
+
+    def __init__(self, message: str, *, node_id: str, maybe_delivered: bool = False) -> None:
+        super().__init__(message, node_id=node_id, maybe_delivered=maybe_delivered)
+        self.node_id = node_id
+        self.maybe_delivered = maybe_delivered
+
+
+class PeerTimeout(RingKVError):
+    """One internode request got no answer from its peer within its own timeout."""
+
+    code = "peer_timeout"
+    http_status = 504
+
+    def __init__(self, message: str, *, node_id: str, verb: str, timeout_s: float) -> None:
+        super().__init__(message, node_id=node_id, verb=verb, timeout_s=timeout_s)
+        self.node_id = node_id
+        self.verb = verb
+        self.timeout_s = timeout_s
+
+
+class RemoteError(RingKVError):
+    """The handler on a peer raised. ``remote_code``/``remote_message`` are what it sent
+    (a ringkv error code, or "internal" for an unexpected exception)."""
+
+    code = "remote_error"
+    http_status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node_id: str,
+        verb: str,
+        remote_code: str,
+        remote_message: str,
+        remote_details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            node_id=node_id,
+            verb=verb,
+            remote_code=remote_code,
+            remote_message=remote_message,
+            remote_details=remote_details or {},
+        )
+        self.node_id = node_id
+        self.verb = verb
+        self.remote_code = remote_code
+        self.remote_message = remote_message
+        self.remote_details = remote_details or {}
 
 
 class NoNodeAvailable(RingKVError):
@@ -209,5 +262,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         CorruptRecord,
         ProtocolError,
         PeerUnreachable,
+        PeerTimeout,
+        RemoteError,
     )
 }

@@ -91,7 +91,7 @@ class ReplicaRouter:
 
     def _remote(self, node_id: str) -> RemoteReplicas:
         if self.remote is None:
-            raise PeerUnreachable(f"no internode transport to reach {node_id}", node=node_id)
+            raise PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
         return self.remote
 
     async def write(

@@ -43,10 +43,24 @@ def imported_modules(path: Path) -> set[str]:
 @pytest.mark.parametrize("module", PURE_MODULES)
 def test_pure_cores_import_no_io(module: str) -> None:
     path = PACKAGE / module
-    if not path.exists():
-        pytest.skip(f"{module} does not exist yet")
     bad = imported_modules(path) & FORBIDDEN_IN_PURE
     assert not bad, f"{module} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_cores_draw_no_unseeded_randomness(module: str) -> None:
+    """Randomness comes from a random.Random passed in, so one seed replays a run."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "random":
+            raise AssertionError(f"{module} imports names from random; take a random.Random")
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "random"
+            and node.attr != "Random"
+        ):
+            raise AssertionError(f"{module} calls random.{node.attr}; take a random.Random")
 
 
 def test_only_the_leveldb_engine_imports_plyvel() -> None:

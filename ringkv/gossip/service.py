@@ -18,6 +18,7 @@ from ringkv.clock import Clock
 from ringkv.errors import ProtocolError
 from ringkv.gossip.gossiper import Event, Gossiper, Outgoing
 from ringkv.gossip.state import decode_message, parse_address
+from ringkv.net.transport import ADDRESS_PEER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class OneWaySender(Protocol):
 
 def address_peer_id(address: str) -> str:
     """The transport name for a peer known only by address (a seed, before we know its id)."""
-    return f"@{address}"
+    return f"{ADDRESS_PEER_PREFIX}{address}"
 
 
 class GossipService:

@@ -1,0 +1,796 @@
+"""Internode transport: persistent TCP connections carrying msgpack frames.
+
+Shape (one asyncio loop per node):
+
+* Outbound: one ``_Peer`` per remote node id, holding a bounded frame queue, the
+  table of pending requests, and at most one live connection. The connection is
+  opened lazily on the first send and reused; a writer task drains the queue,
+  coalescing whatever is queued into one ``write`` per loop turn. Responses come back
+  on the same connection and are matched by request id.
+* Inbound: the server accepts connections, completes the handshake (so it knows the
+  peer's node id), runs the handler for each request / one-way frame in its own task
+  (bounded per connection), and writes responses back on that connection.
+
+Failure policy: a bad frame closes only its own connection; a refused or failed
+connect puts the peer into a bounded exponential backoff during which requests fail
+fast with ``PeerUnreachable``; every queue is bounded and overflow is an immediate
+``Overloaded`` (requests) or a counted drop (one-way messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+from ringkv.clock import Clock, SystemClock
+from ringkv.errors import (
+    Overloaded,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    RemoteError,
+    RingKVError,
+    ShuttingDown,
+    TooLarge,
+)
+from ringkv.net.codec import (
+    HELLO,
+    KIND_ERROR,
+    KIND_ONEWAY,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+)
+
+log = logging.getLogger("ringkv.net")
+
+# Peers named with this prefix are addressed by "host:port" before their node id is known.
+ADDRESS_PEER_PREFIX = "@"
+
+Handler = Callable[[str, str, Any], Awaitable[Any]]
+
+READ_CHUNK = 64 * 1024
+WRITE_BATCH_BYTES = 256 * 1024  # flush at least this often so one huge backlog isn't one huge copy
+BASE_BACKOFF_S = 0.05
+
+STAT_NAMES = (
+    "frames_in",
+    "frames_out",
+    "bytes_in",
+    "bytes_out",
+    "requests_sent",
+    "responses_received",
+    "late_responses",  # answer arrived after its request timed out or was abandoned
+    "timeouts",
+    "overloaded_local",  # requests refused because a local queue/table was full
+    "overloaded_responses",  # requests we answered with Overloaded (too many in flight)
+    "dropped_oneway",  # one-way frames we could not queue or lost with a connection
+    "dropped_inbound_oneway",  # one-way frames dropped because too many handlers ran
+    "handler_errors",
+    "protocol_errors",
+    "refused_handshakes",
+    "handshake_timeouts",
+    "connects",
+    "connect_failures",
+    "reconnects",
+    "connections_lost",
+    "inbound_accepted",
+)
+
+
+class _Hello(NamedTuple):
+    cluster: str
+    node_id: str
+    protocol: int
+
+
+def _parse_hello(frame: Frame) -> _Hello:
+    p = frame.payload
+    if frame.verb != HELLO or frame.kind != KIND_ONEWAY:
+        raise ProtocolError(f"expected a hello frame first, got verb {frame.verb!r}")
+    if not isinstance(p, dict):
+        raise ProtocolError("hello payload must be a map")
+    cluster, node_id, protocol = p.get("cluster"), p.get("node_id"), p.get("protocol")
+    if type(cluster) is not str or type(node_id) is not str or not node_id:
+        raise ProtocolError("hello must carry string cluster and non-empty node_id")
+    if type(protocol) is not int:
+        raise ProtocolError("hello must carry an integer protocol")
+    return _Hello(cluster, node_id, protocol)
+
+
+async def _read_first_frame(
+    reader: asyncio.StreamReader, decoder: FrameDecoder
+) -> tuple[Frame, list[Frame]]:
+    """Read until one frame is complete; also return any frames that came with it."""
+    while True:
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            raise ConnectionError("connection closed during handshake")
+        frames = decoder.feed(data)
+        if frames:
+            return frames[0], frames[1:]
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class _OutQueue:
+    """Bounded FIFO of encoded frames plus the events its writer task waits on.
+
+    Entries are ``(request_id or None, frame)``: the id lets the writer skip requests
+    whose caller already gave up (timed out) instead of sending them late.
+    """
+
+    __slots__ = ("items", "maxlen", "wake", "space")
+
+    def __init__(self, maxlen: int) -> None:
+        self.items: deque[tuple[int | None, bytes]] = deque()
+        self.maxlen = maxlen
+        self.wake = asyncio.Event()  # set when items were added
+        self.space = asyncio.Event()  # set when the writer flushed (reader back-pressure)
+
+    def full(self) -> bool:
+        return len(self.items) >= self.maxlen
+
+    def put(self, request_id: int | None, frame: bytes) -> None:
+        self.items.append((request_id, frame))
+        self.wake.set()
+
+
+class _Peer:
+    """Outbound state for one remote node id."""
+
+    def __init__(self, node_id: str, host: str, port: int, max_queue: int) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        self.out = _OutQueue(max_queue)
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.conn: _Conn | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.failures = 0  # consecutive failed connects, drives the backoff
+        self.down_until = 0.0  # monotonic time until which we fail fast
+        self.ever_connected = False
+
+
+class _Conn:
+    """One established (post-handshake) TCP connection, inbound or outbound."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: FrameDecoder,
+        peer_node_id: str,
+        out: _OutQueue,
+        peer: _Peer | None,
+    ) -> None:
+        self.t = transport
+        self.reader = reader
+        self.writer = writer
+        self.decoder = decoder
+        self.peer_node_id = peer_node_id
+        self.peer_addr = writer.get_extra_info("peername")
+        self.out = out
+        self.peer = peer  # set for outbound connections only
+        self.inflight = 0  # handler tasks running for this (inbound) connection
+        self.closed = False
+        self.reader_task: asyncio.Task[None] | None = None
+        self.writer_task: asyncio.Task[None] | None = None
+
+    @property
+    def outbound(self) -> bool:
+        return self.peer is not None
+
+    def start(self, early_frames: list[Frame]) -> None:
+        self.writer_task = asyncio.create_task(self._write_loop())
+        self.reader_task = asyncio.create_task(self._read_loop(early_frames))
+
+    def close(self, reason: str) -> None:
+        """Idempotent. Cancels this connection's tasks and tells the transport."""
+        if self.closed:
+            return
+        self.closed = True
+        current = asyncio.current_task()
+        for task in (self.reader_task, self.writer_task):
+            if task is not None and task is not current:
+                task.cancel()
+        try:
+            self.writer.close()
+        except Exception:  # already broken; nothing more to release
+            pass
+        log.debug("closed connection with %s at %s: %s", self.peer_node_id, self.peer_addr, reason)
+        self.t._on_conn_closed(self, reason)
+
+    async def _read_loop(self, early_frames: list[Frame]) -> None:
+        t = self.t
+        stats = t._stats
+        try:
+            for frame in early_frames:
+                t._on_frame(self, frame)
+            while True:
+                # Inbound back-pressure: if the peer is not reading our responses, stop
+                # reading its requests rather than queue responses without bound.
+                while not self.outbound and self.out.full():
+                    self.out.space.clear()
+                    await self.out.space.wait()
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    self.close("peer closed the connection")
+                    return
+                stats["bytes_in"] += len(data)
+                for frame in self.decoder.feed(data):
+                    t._on_frame(self, frame)
+        except asyncio.CancelledError:
+            raise
+        except ProtocolError as e:
+            stats["protocol_errors"] += 1
+            log.warning(
+                "protocol error from node %s at %s, closing that connection: %s",
+                self.peer_node_id,
+                self.peer_addr,
+                e.message,
+            )
+            self.close(f"protocol error: {e.message}")
+        except (ConnectionError, OSError) as e:
+            self.close(f"read failed: {e!r}")
+        except Exception:  # a bug in frame dispatch must cost one connection, not the node
+            log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
+            self.close("internal error in reader")
+
+    async def _write_loop(self) -> None:
+        out = self.out
+        items = out.items
+        pending = self.peer.pending if self.peer is not None else None
+        stats = self.t._stats
+        try:
+            while True:
+                while not items:
+                    out.wake.clear()
+                    await out.wake.wait()
+                # Coalesce everything queued (up to a batch size) into one write.
+                chunks: list[bytes] = []
+                size = 0
+                while items and size < WRITE_BATCH_BYTES:
+                    request_id, frame = items.popleft()
+                    if request_id is not None and pending is not None and request_id not in pending:
+                        continue  # its caller timed out already; don't spend bandwidth on it
+                    chunks.append(frame)
+                    size += len(frame)
+                if chunks:
+                    self.writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                    stats["frames_out"] += len(chunks)
+                    stats["bytes_out"] += size
+                    await self.writer.drain()  # respect TCP back-pressure
+                out.space.set()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, OSError, RuntimeError) as e:
+            self.close(f"write failed: {e!r}")
+        except Exception:
+            log.exception("unexpected error writing to %s at %s", self.peer_node_id, self.peer_addr)
+            self.close("internal error in writer")
+
+
+class Transport:
+    """Request/response and one-way messaging between the nodes of one cluster.
+
+    ``handler(from_node_id, verb, payload)`` serves every incoming request and one-way
+    frame; its return value is the response payload. Raising a ``RingKVError`` sends
+    that error back (the caller gets ``RemoteError``, or ``Overloaded`` for code
+    "overloaded"); any other exception is logged and sent back as code "internal".
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        cluster: str,
+        host: str,
+        port: int,
+        handler: Handler,
+        *,
+        max_frame_bytes: int = 16 * 1024 * 1024,
+        max_queue: int = 4096,
+        connect_timeout_s: float = 2.0,
+        handshake_timeout_s: float = 2.0,
+        max_backoff_s: float = 2.0,
+        max_inflight_per_conn: int = 10000,
+        clock: Clock | None = None,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be non-empty")
+        if max_queue < 1 or max_inflight_per_conn < 1:
+            raise ValueError("max_queue and max_inflight_per_conn must be >= 1")
+        self.node_id = node_id
+        self.cluster = cluster
+        self._host = host
+        self._port = port
+        self._handler = handler
+        self._max_frame_bytes = max_frame_bytes
+        self._max_queue = max_queue
+        self._connect_timeout_s = connect_timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_backoff_s = max_backoff_s
+        self._max_inflight = max_inflight_per_conn
+        self._clock = clock or SystemClock()
+
+        self._hello = encode_frame(
+            KIND_ONEWAY,
+            0,
+            HELLO,
+            {"cluster": cluster, "node_id": node_id, "protocol": PROTOCOL_VERSION},
+        )
+        self._ids = itertools.count(1)  # request id 0 is reserved for one-way frames
+        self._server: asyncio.Server | None = None
+        self._peers: dict[str, _Peer] = {}
+        self._inbound: set[_Conn] = set()
+        self._handshaking: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # handler and accept tasks, for stop()
+        self._closing = False
+        self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._closing:
+            raise ShuttingDown(f"transport of node {self.node_id} was stopped")
+        self._server = await asyncio.start_server(
+            self._on_inbound, self._host, self._port, limit=READ_CHUNK
+        )
+
+    async def stop(self) -> None:
+        """Close the server and every connection; fail pending requests with ShuttingDown."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        waits: list[Awaitable[Any]] = []
+        for peer in self._peers.values():
+            self._fail_peer(peer, lambda p=peer: ShuttingDown(f"node {self.node_id} is stopping"))
+            if peer.connect_task is not None:
+                peer.connect_task.cancel()
+                waits.append(peer.connect_task)
+            if peer.conn is not None:
+                waits.extend(self._conn_waits(peer.conn))
+                peer.conn.close("transport stopping")
+        for conn in list(self._inbound):
+            waits.extend(self._conn_waits(conn))
+            conn.close("transport stopping")
+        for writer in list(self._handshaking):
+            writer.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:  # stop() may be called from a handler
+                task.cancel()
+                waits.append(task)
+        if waits:
+            await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=5.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @staticmethod
+    def _conn_waits(conn: _Conn) -> list[Awaitable[Any]]:
+        return [t for t in (conn.reader_task, conn.writer_task) if t is not None]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the server listens on (the real port when started with port 0)."""
+        if self._server is None or not self._server.sockets:
+            return (self._host, self._port)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return (host, port)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = dict(self._stats)
+        s["peers"] = len(self._peers)
+        s["outbound_connections"] = sum(1 for p in self._peers.values() if p.conn is not None)
+        s["inbound_connections"] = len(self._inbound)
+        s["pending_requests"] = sum(len(p.pending) for p in self._peers.values())
+        return s
+
+    def set_peer_address(self, node_id: str, host: str, port: int) -> None:
+        """Where to connect for ``node_id``. A changed address drops the old connection."""
+        peer = self._peers.get(node_id)
+        if peer is None:
+            self._peers[node_id] = _Peer(node_id, host, port, self._max_queue)
+            return
+        if (peer.host, peer.port) == (host, port):
+            return
+        peer.host, peer.port = host, port
+        peer.failures, peer.down_until = 0, 0.0  # a new address deserves a fresh try
+        if peer.connect_task is not None:
+            peer.connect_task.cancel()
+            peer.connect_task = None
+        if peer.conn is not None:
+            peer.conn.close("peer address changed")
+        self._fail_peer(
+            peer,
+            lambda: PeerUnreachable(
+                f"address of node {node_id} changed", node_id=node_id, maybe_delivered=True
+            ),
+        )
+
+    # ----------------------------------------------------------------- sending
+
+    async def request(self, node_id: str, verb: str, payload: Any, timeout_s: float) -> Any:
+        """Send a request and wait for its response payload.
+
+        Raises PeerTimeout, PeerUnreachable, Overloaded, RemoteError, ShuttingDown, and
+        (for a payload we cannot send) ProtocolError or TooLarge.
+        """
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        if verb == HELLO:
+            raise ValueError(f"verb {HELLO!r} is reserved for the handshake")
+        peer = self._admit(node_id)
+        if len(peer.pending) >= self._max_inflight:
+            # The peer would refuse more than this in flight anyway; bound our table too.
+            self._stats["overloaded_local"] += 1
+            raise Overloaded(
+                f"{len(peer.pending)} requests already pending to node {node_id}",
+                node_id=node_id,
+            )
+        request_id = next(self._ids)
+        frame = encode_frame(
+            KIND_REQUEST, request_id, verb, payload, max_frame_bytes=self._max_frame_bytes
+        )
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        peer.pending[request_id] = fut
+        peer.out.put(request_id, frame)
+        self._stats["requests_sent"] += 1
+        self._ensure_connecting(peer)
+        timer = loop.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            peer.pending.pop(request_id, None)
+
+    def send_oneway(self, node_id: str, verb: str, payload: Any) -> bool:
+        """Queue a one-way message; never blocks. Returns False (and counts a drop) when
+        the peer is unknown, unreachable or its queue is full. A payload we cannot encode
+        at all still raises (ProtocolError / TooLarge): that is a caller bug."""
+        if verb == HELLO:
+            raise ValueError(f"verb {HELLO!r} is reserved for the handshake")
+        frame = encode_frame(KIND_ONEWAY, 0, verb, payload, max_frame_bytes=self._max_frame_bytes)
+        try:
+            peer = self._admit(node_id)
+        except RingKVError:
+            self._stats["dropped_oneway"] += 1
+            return False
+        peer.out.put(None, frame)
+        self._ensure_connecting(peer)
+        return True
+
+    def _admit(self, node_id: str) -> _Peer:
+        """The peer to queue a frame for, or raise why we cannot right now (fast)."""
+        if self._closing:
+            raise ShuttingDown(f"node {self.node_id} is stopping")
+        peer = self._peers.get(node_id)
+        if peer is None:
+            raise PeerUnreachable(f"no address known for node {node_id}", node_id=node_id)
+        if (
+            peer.conn is None
+            and peer.connect_task is None
+            and self._clock.monotonic_s() < peer.down_until
+        ):
+            raise PeerUnreachable(
+                f"node {node_id} at {peer.host}:{peer.port} is unreachable "
+                f"(retrying after backoff)",
+                node_id=node_id,
+            )
+        if peer.out.full():
+            self._stats["overloaded_local"] += 1
+            raise Overloaded(
+                f"send queue to node {node_id} is full ({peer.out.maxlen} frames)",
+                node_id=node_id,
+            )
+        return peer
+
+    def _expire(self, peer: _Peer, request_id: int, verb: str, timeout_s: float) -> None:
+        fut = peer.pending.pop(request_id, None)
+        if fut is not None and not fut.done():
+            self._stats["timeouts"] += 1
+            fut.set_exception(
+                PeerTimeout(
+                    f"node {peer.node_id} did not answer {verb!r} within {timeout_s}s",
+                    node_id=peer.node_id,
+                    verb=verb,
+                    timeout_s=timeout_s,
+                )
+            )
+
+    def _fail_peer(self, peer: _Peer, make_error: Callable[[], RingKVError]) -> None:
+        """Fail every pending request of ``peer`` and drop what is still queued."""
+        futs = list(peer.pending.values())
+        peer.pending.clear()  # in place: a writer task holds a reference to this dict
+        for fut in futs:
+            if not fut.done():
+                fut.set_exception(make_error())  # one instance per waiter: tracebacks differ
+        dropped = sum(1 for rid, _ in peer.out.items if rid is None)
+        self._stats["dropped_oneway"] += dropped
+        peer.out.items.clear()
+
+    # ----------------------------------------------------------------- connecting
+
+    def _ensure_connecting(self, peer: _Peer) -> None:
+        if peer.conn is None and peer.connect_task is None:
+            peer.connect_task = asyncio.create_task(self._connect(peer))
+
+    async def _connect(self, peer: _Peer) -> None:
+        host, port = peer.host, peer.port
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK)
+            _set_nodelay(writer)
+            decoder = FrameDecoder(self._max_frame_bytes)
+            writer.write(self._hello)
+            async with asyncio.timeout(self._handshake_timeout_s):
+                await writer.drain()
+                first, early = await _read_first_frame(reader, decoder)
+            hello = _parse_hello(first)
+            # A peer known only by address (a gossip seed, named "@host:port")
+            # may be any node of our cluster; a named peer must be that node.
+            expected = None if peer.node_id.startswith(ADDRESS_PEER_PREFIX) else peer.node_id
+            refusal = self._refusal(hello, expected_node_id=expected)
+            if refusal:
+                self._stats["refused_handshakes"] += 1
+                log.warning(
+                    "refused connection to %s:%s (expected node %s): %s", host, port, peer.node_id, refusal
+                )
+                raise ConnectionRefusedError(f"handshake refused: {refusal}")
+        except asyncio.CancelledError:
+            if writer is not None:
+                writer.close()
+            raise
+        except Exception as e:  # refused, timed out, reset, bad hello: all mean "unreachable"
+            if writer is not None:
+                writer.close()
+            if isinstance(e, ProtocolError):
+                self._stats["protocol_errors"] += 1
+            self._connect_failed(peer, e)
+            return
+        finally:
+            if peer.connect_task is asyncio.current_task():
+                peer.connect_task = None
+
+        self._stats["connects"] += 1
+        if peer.ever_connected or peer.failures:
+            self._stats["reconnects"] += 1
+            log.info("reconnected to node %s at %s:%s", peer.node_id, host, port)
+        peer.ever_connected = True
+        peer.failures, peer.down_until = 0, 0.0
+        conn = _Conn(self, reader, writer, decoder, peer.node_id, peer.out, peer)
+        peer.conn = conn
+        conn.start(early)
+
+    def _connect_failed(self, peer: _Peer, error: BaseException) -> None:
+        peer.failures += 1
+        backoff = min(self._max_backoff_s, BASE_BACKOFF_S * 2 ** min(peer.failures - 1, 30))
+        peer.down_until = self._clock.monotonic_s() + backoff
+        self._stats["connect_failures"] += 1
+        # Warn once per outage, not once per retry.
+        level = logging.WARNING if peer.failures == 1 else logging.DEBUG
+        log.log(
+            level,
+            "cannot reach node %s at %s:%s (%r); failing fast for %.2fs",
+            peer.node_id,
+            peer.host,
+            peer.port,
+            error,
+            backoff,
+        )
+        reason = f"cannot reach node {peer.node_id} at {peer.host}:{peer.port}: {error!r}"
+        self._fail_peer(peer, lambda: PeerUnreachable(reason, node_id=peer.node_id))
+
+    def _refusal(self, hello: _Hello, expected_node_id: str | None = None) -> str | None:
+        """Why a handshake must be refused, or None."""
+        if hello.cluster != self.cluster:
+            return (
+                f"node {hello.node_id!r} is in cluster {hello.cluster!r}, "
+                f"node {self.node_id!r} is in cluster {self.cluster!r}"
+            )
+        if hello.protocol != PROTOCOL_VERSION:
+            return f"node {hello.node_id!r} speaks protocol {hello.protocol}, we speak {PROTOCOL_VERSION}"
+        if expected_node_id is not None and hello.node_id != expected_node_id:
+            return f"expected node {expected_node_id!r} but {hello.node_id!r} answered"
+        return None
+
+    # ----------------------------------------------------------------- accepting
+
+    async def _on_inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        addr = writer.get_extra_info("peername")
+        if self._closing:
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._handshaking.add(writer)
+        self._stats["inbound_accepted"] += 1
+        _set_nodelay(writer)
+        decoder = FrameDecoder(self._max_frame_bytes)
+        try:
+            # One deadline for the whole hello: silent or trickling connections get closed.
+            async with asyncio.timeout(self._handshake_timeout_s):
+                first, early = await _read_first_frame(reader, decoder)
+                hello = _parse_hello(first)
+                # Answer with our hello even if we will refuse, so the dialer can log
+                # exactly which cluster/node it reached.
+                writer.write(self._hello)
+                await writer.drain()
+        except TimeoutError:
+            self._stats["handshake_timeouts"] += 1
+            log.warning("no hello from %s within %.2fs, closing", addr, self._handshake_timeout_s)
+            writer.close()
+            return
+        except ProtocolError as e:
+            self._stats["protocol_errors"] += 1
+            log.warning("bad handshake from %s, closing: %s", addr, e.message)
+            writer.close()
+            return
+        except (ConnectionError, OSError) as e:
+            log.debug("connection from %s closed during handshake: %r", addr, e)
+            writer.close()
+            return
+        finally:
+            self._handshaking.discard(writer)
+            if task is not None:
+                self._tasks.discard(task)
+
+        refusal = self._refusal(hello)
+        if refusal:
+            self._stats["refused_handshakes"] += 1
+            log.warning("refused connection from %s: %s", addr, refusal)
+            writer.close()
+            return
+        if self._closing:
+            writer.close()
+            return
+        conn = _Conn(self, reader, writer, decoder, hello.node_id, _OutQueue(self._max_queue), None)
+        self._inbound.add(conn)
+        conn.start(early)
+
+    # ----------------------------------------------------------------- receiving
+
+    def _on_conn_closed(self, conn: _Conn, reason: str) -> None:
+        peer = conn.peer
+        if peer is None:
+            self._inbound.discard(conn)
+            return
+        if peer.conn is conn:
+            peer.conn = None
+            self._stats["connections_lost"] += 1
+            node_id = peer.node_id
+            self._fail_peer(
+                peer,
+                lambda: PeerUnreachable(
+                    f"connection to node {node_id} lost: {reason}",
+                    node_id=node_id,
+                    maybe_delivered=True,
+                ),
+            )
+
+    def _on_frame(self, conn: _Conn, frame: Frame) -> None:
+        """Dispatch one decoded frame. Raises ProtocolError to close the connection."""
+        self._stats["frames_in"] += 1
+        if frame.version != PROTOCOL_VERSION:
+            raise ProtocolError(f"frame has protocol version {frame.version}")
+        if frame.verb == HELLO:
+            raise ProtocolError("duplicate hello")
+        kind = frame.kind
+        if conn.peer is not None:
+            # Outbound connections carry only answers to our requests.
+            if kind not in (KIND_RESPONSE, KIND_ERROR):
+                raise ProtocolError(f"frame kind {kind} on an outbound connection")
+            fut = conn.peer.pending.pop(frame.request_id, None)
+            if fut is None or fut.done():
+                self._stats["late_responses"] += 1
+                return
+            self._stats["responses_received"] += 1
+            if kind == KIND_RESPONSE:
+                fut.set_result(frame.payload)
+            else:
+                fut.set_exception(_remote_error(conn.peer_node_id, frame.verb, frame.payload))
+            return
+        # Inbound connections carry requests and one-way messages.
+        if kind not in (KIND_REQUEST, KIND_ONEWAY):
+            raise ProtocolError(f"frame kind {kind} on an inbound connection")
+        if conn.inflight >= self._max_inflight:
+            if kind == KIND_REQUEST:
+                self._stats["overloaded_responses"] += 1
+                err = Overloaded(f"node {self.node_id} has {conn.inflight} requests in flight")
+                conn.out.put(None, self._error_frame(frame, err.code, err.message, {}))
+            else:
+                self._stats["dropped_inbound_oneway"] += 1
+            return
+        conn.inflight += 1
+        task = asyncio.create_task(self._serve(conn, frame))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: _Conn, frame: Frame) -> None:
+        """Run the handler for one frame (in its own task) and queue the answer."""
+        is_request = frame.kind == KIND_REQUEST
+        try:
+            try:
+                result = await self._handler(conn.peer_node_id, frame.verb, frame.payload)
+            except asyncio.CancelledError:
+                raise
+            except RingKVError as e:
+                self._stats["handler_errors"] += 1
+                log.debug("handler for %r from %s raised %r", frame.verb, conn.peer_node_id, e)
+                reply = self._error_frame(frame, e.code, e.message, e.details)
+            except Exception as e:
+                self._stats["handler_errors"] += 1
+                log.exception("handler for %r from node %s failed", frame.verb, conn.peer_node_id)
+                reply = self._error_frame(frame, "internal", f"{type(e).__name__}: {e}", {})
+            else:
+                reply = self._response_frame(frame, result) if is_request else b""
+        finally:
+            conn.inflight -= 1
+        if is_request and not conn.closed:
+            conn.out.put(None, reply)
+
+    def _response_frame(self, frame: Frame, result: Any) -> bytes:
+        try:
+            return encode_frame(
+                KIND_RESPONSE, frame.request_id, frame.verb, result, max_frame_bytes=self._max_frame_bytes
+            )
+        except (ProtocolError, TooLarge) as e:
+            log.error("cannot send response to %r: %s", frame.verb, e.message)
+            return self._error_frame(frame, e.code, e.message, {})
+
+    def _error_frame(self, frame: Frame, code: str, message: str, details: dict[str, Any]) -> bytes:
+        body = {"code": code, "message": message, "details": details}
+        try:
+            return encode_frame(
+                KIND_ERROR, frame.request_id, frame.verb, body, max_frame_bytes=self._max_frame_bytes
+            )
+        except (ProtocolError, TooLarge):
+            # Details that cannot travel are dropped; code and message always can.
+            body = {"code": code, "message": message[:4096], "details": {}}
+            return encode_frame(KIND_ERROR, frame.request_id, frame.verb, body)
+
+
+def _remote_error(node_id: str, verb: str, payload: Any) -> RingKVError:
+    """Turn an error response into the exception the requester sees."""
+    if isinstance(payload, dict):
+        code = payload.get("code")
+        message = payload.get("message")
+        details = payload.get("details")
+    else:
+        code = message = details = None
+    code = code if isinstance(code, str) else "internal"
+    message = message if isinstance(message, str) else "malformed error response"
+    details = details if isinstance(details, dict) else {}
+    if code == Overloaded.code:
+        # Whoever on the peer was overloaded, the caller's move is the same: back off.
+        return Overloaded(f"node {node_id} is overloaded: {message}", node_id=node_id, verb=verb)
+    return RemoteError(
+        f"node {node_id} failed {verb!r}: [{code}] {message}",
+        node_id=node_id,
+        verb=verb,
+        remote_code=code,
+        remote_message=message,
+        remote_details=details,
+    )
