@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import http.client
 import inspect
 import json
@@ -610,13 +611,25 @@ class _Operations:
     def _usable(self, url: str, now: float) -> bool:
         return self._down_until.get(url, 0.0) <= now
 
-    def _candidates(self, routing: Sequence[tuple[str, bytes]]) -> list[str]:
-        """Node URLs in the order to try: live replicas, other live nodes, the rest."""
+    def _candidates(
+        self, routing: Sequence[tuple[str, bytes]], affinity: str | None = None
+    ) -> list[str]:
+        """Node URLs in the order to try: live replicas, other live nodes, the rest.
+
+        Equally good nodes are shuffled to spread the load, except for a
+        call with an ``affinity`` (its idempotency key): rendezvous hashing
+        then sends every call with that key to the same node while the ring
+        stays the same, because only that node can recognise a repeat.
+        """
         topology = self._topology
         now = self._clock.monotonic_s()
         ring = topology.ring
         node_ids = list(ring.node_ids) if ring is not None else []
-        self._rng.shuffle(node_ids)  # spread load over equally good nodes
+        if affinity is None:
+            self._rng.shuffle(node_ids)
+        else:
+            node_ids.sort(key=lambda node_id: hashlib.blake2b(
+                f"{affinity}\0{node_id}".encode(), digest_size=8).digest())
         preference: Counter[str] = Counter()
         if ring is not None:
             for keyspace, key in routing:
@@ -670,6 +683,10 @@ class _Operations:
                     topology = _parse_ring(outcome.body, url)
                 except (ValueError, KeyError, TypeError):
                     continue
+                for node_id, up in topology.up.items():
+                    if up and not self._topology.up.get(node_id, True):
+                        # The cluster saw it come back: stop avoiding it.
+                        self._mark_up(topology.urls.get(node_id, ""))
                 self._topology = topology
                 self._stale = False
                 self._next_refresh_at = self._clock.monotonic_s() + self.refresh_interval_s
@@ -694,7 +711,7 @@ class _Operations:
         the same node, which de-duplicates it by its idempotency key.
         """
         yield from self._refresh()
-        candidates = self._candidates(call.routing)
+        candidates = self._candidates(call.routing, call.idempotency_key)
         headers = dict(_JSON_HEADERS)
         if call.idempotency_key is not None:
             headers[IDEMPOTENCY_HEADER] = call.idempotency_key

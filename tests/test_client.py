@@ -9,16 +9,17 @@ against real node processes (see ``test_cluster.py``).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ringkv.client import AsyncClient, Client, _Operations, _Topology
+from ringkv.client import AsyncClient, Client, _Operations, _parse_ring, _Topology
 from ringkv.clock import ManualClock
 from ringkv.config import config_from_dict
 from ringkv.errors import (
@@ -30,10 +31,13 @@ from ringkv.errors import (
     Unavailable,
 )
 from ringkv.launcher import free_port
+from ringkv.local_cluster import LocalCluster
 from ringkv.node import Node
-from ringkv.ring import TokenRing, token_for
+from ringkv.ring import NodeInfo, TokenRing, token_for
 from ringkv.server.api import build_app
 from ringkv.server.idempotency import IdempotencyCache, StoredResponse
+from tests.procs import http, wait_until
+from tests.test_cluster import liveness, make_cluster
 
 DEADLINE_S = 30.0
 
@@ -467,3 +471,199 @@ def test_failures_are_not_remembered() -> None:
         assert await cache.run("k", b"fp", works) == (StoredResponse(200, b"ok", "application/json"), False)
 
     run_async(main())
+
+
+def test_the_ring_carries_racks_so_routing_matches_rack_aware_placement() -> None:
+    tokens = {f"n{i}": [(i - 2) * 3 * 10**18] for i in range(4)}
+    infos = {n: NodeInfo(n, rack=f"r{i % 2}") for i, n in enumerate(tokens)}
+    server_ring = TokenRing(tokens, infos)
+    body = {"nodes": [{"node_id": n, "client_address": f"0.0.0.0:{7400 + i}", "tokens": t,
+                       "up": True, "dc": "dc1", "rack": infos[n].rack}
+                      for i, (n, t) in enumerate(tokens.items())],
+            "keyspaces": {"default": {"replication_factor": 2}}}
+    topology = _parse_ring(json.dumps(body).encode(), "http://10.0.0.9:7400")
+    assert topology.ring == server_ring
+    assert topology.urls["n1"] == "http://10.0.0.9:7401"  # a wildcard bind: the host we used
+    for i in range(100):
+        key = f"k{i}".encode()
+        assert topology.ring.replicas_for_key(key, 2) == server_ring.replicas_for_key(key, 2)
+
+
+# -- real node processes ---------------------------------------------------------------
+
+SOLO = {"keyspaces.solo": {"replication_factor": 1, "default_consistency": "ONE"}}
+FAST_GOSSIP = {"timing.gossip_interval_ms": 250}
+LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL")
+
+
+def coordinated(urls: list[str]) -> dict[str, float]:
+    """``ringkv_coordinated_keys_total`` by its replica label, summed over ``urls``."""
+    totals = {"true": 0.0, "false": 0.0}
+    for url in urls:
+        status, text = http("GET", f"{url}/metrics")
+        assert status == 200
+        for line in text.splitlines():
+            for flag in totals:
+                if line.startswith(f'ringkv_coordinated_keys_total{{replica="{flag}"}}'):
+                    totals[flag] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = make_cluster(tmp_path_factory.mktemp("client-cluster"), **SOLO)
+    try:
+        cluster.up(timeout_s=60)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("level", LEVELS)
+def test_cluster_every_operation_at_every_level(shared_cluster: LocalCluster, level: str) -> None:
+    prefix = f"lvl-{level}-"
+    with Client(shared_cluster.endpoints(), consistency=level) as kv:
+        written = kv.put(prefix + "a", {"level": level}, ttl=3600)
+        record = kv.get_with_meta(prefix + "a")
+        assert record.value == {"level": level} and record.timestamp == written.timestamp
+        assert record.receipt["consistency"] == level
+        assert len(record.receipt["answered"]) >= {"ONE": 1, "TWO": 2}.get(level, 2 if level == "QUORUM" else 3)
+        results = kv.batch([{"op": "put", "key": prefix + f"b{i}", "value": i} for i in range(5)]
+                           + [{"op": "get", "key": prefix + "a"}])
+        assert all(r.ok for r in results) and results[-1].value == {"level": level}
+        scanned = {r.key for r in kv.scan(page_size=7) if r.key.startswith(prefix)}
+        assert scanned == {prefix + "a"} | {prefix + f"b{i}" for i in range(5)}
+        kv.delete(prefix + "a")
+        assert kv.get(prefix + "a") is None
+        kv.put(prefix + "any", 1, consistency="ANY")
+
+    async def async_round() -> None:
+        async with AsyncClient(shared_cluster.endpoints(), consistency=level) as kv:
+            await kv.put(prefix + "async", [level])
+            assert await kv.get(prefix + "async") == [level]
+            pages = [p async for p in kv.scan_pages(page_size=50)]
+            assert any(r.key == prefix + "async" for p in pages for r in p.items)
+            await kv.delete(prefix + "async")
+            assert await kv.get(prefix + "async") is None
+
+    run_async(async_round())
+
+
+@pytest.mark.cluster
+def test_cluster_token_aware_routing_reaches_a_replica(shared_cluster: LocalCluster) -> None:
+    """With RF=1 on 3 nodes only a token-aware client always lands on the key's replica."""
+    urls = shared_cluster.endpoints()
+    before = coordinated(urls)
+    with Client(urls) as kv:
+        for i in range(60):
+            kv.put(f"route{i}", i, keyspace="solo")
+            assert kv.get(f"route{i}", keyspace="solo") == i
+        assert len({kv.replicas(f"route{i}", keyspace="solo")[0] for i in range(60)}) == 3
+
+    async def async_round() -> None:
+        async with AsyncClient(urls) as kv:
+            for i in range(30):
+                await kv.put(f"aroute{i}", i, keyspace="solo")
+
+    run_async(async_round())
+    after = coordinated(urls)
+    assert after["true"] - before["true"] == 150
+    assert after["false"] - before["false"] == 0
+    # The check can fail: requests sent to one fixed node land on non-replicas.
+    for i in range(30):
+        assert http("PUT", f"{urls[0]}/v1/kv/solo/fixed{i}", {"value": i})[0] == 200
+    assert coordinated(urls)["false"] > after["false"]
+
+
+@pytest.mark.cluster
+def test_cluster_idempotent_retry_returns_the_original_timestamp(
+    shared_cluster: LocalCluster,
+) -> None:
+    with Client(shared_cluster.endpoints()) as kv:
+        first = kv.put("idem", "once", idempotency_key="retry-me")
+        second = kv.put("idem", "once", idempotency_key="retry-me")
+        assert second.replayed and second.timestamp == first.timestamp
+        assert kv.get_with_meta("idem").timestamp == first.timestamp
+        third = kv.batch([{"op": "put", "key": "idem-b", "value": 1}], idempotency_key="batch-1")
+        again = kv.batch([{"op": "put", "key": "idem-b", "value": 1}], idempotency_key="batch-1")
+        assert again[0].timestamp == third[0].timestamp
+
+
+def node_sees(kv: Client, node_id: str) -> bool | None:
+    """Make one call (which refreshes the ring when due), then say if ``node_id`` is up."""
+    kv.get("probe")
+    return {view.node_id: view.up for view in kv.nodes()}.get(node_id)
+
+
+@pytest.mark.cluster
+def test_cluster_ring_refresh_after_a_node_restarts(tmp_path: Path) -> None:
+    cluster = make_cluster(tmp_path, **SOLO, **FAST_GOSSIP)
+    try:
+        cluster.up(timeout_s=60)
+        victim = cluster.procs[2]
+        urls = cluster.endpoints()
+        with Client(urls, refresh_interval_s=0.5, timeout_s=2.0) as kv:
+            assert node_sees(kv, victim.node_id) is True
+            on_victim = [k for k in (f"v{i}" for i in range(200))
+                         if kv.replicas(k, keyspace="solo") == [victim.node_id]][:20]
+            assert on_victim
+            victim.kill()
+            # QUORUM still works with one node down, even for keys the client sent to it
+            for i in range(20):
+                kv.put(f"during{i}", i)
+            wait_until(lambda: node_sees(kv, victim.node_id) is False, timeout_s=30,
+                       interval_s=0.1, what="the client's ring to show the node down")
+            with pytest.raises(Unavailable):
+                kv.put(on_victim[0], 1, keyspace="solo")  # its only replica is down
+            victim.start()
+            cluster.wait_all_up(timeout_s=30)
+            wait_until(lambda: node_sees(kv, victim.node_id) is True, timeout_s=30,
+                       interval_s=0.1, what="the client's ring to show the node up again")
+            before = coordinated([victim.url])
+            for key in on_victim:
+                kv.put(key, "back", keyspace="solo")
+            assert coordinated([victim.url])["true"] - before["true"] == len(on_victim)
+    finally:
+        cluster.down()
+
+
+@pytest.mark.cluster
+def test_cluster_unavailable_with_two_of_three_down(tmp_path: Path) -> None:
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP)
+    try:
+        cluster.up(timeout_s=60)
+        survivor, *victims = cluster.procs
+        urls = cluster.endpoints()
+        with Client(urls, consistency="QUORUM", timeout_s=2.0) as kv:
+            kv.put("before", 1)
+            for victim in victims:
+                victim.kill()
+            wait_until(lambda: all(liveness(survivor, v.node_id) == "DOWN" for v in victims),
+                       timeout_s=30, interval_s=0.1, what="the survivor to see both nodes DOWN")
+            for call in (lambda: kv.put("k", 1), lambda: kv.get("before"),
+                         lambda: kv.delete("before")):
+                with pytest.raises(Unavailable) as error:
+                    call()
+                assert (error.value.required, error.value.alive) == (2, 1)
+                assert error.value.consistency == "QUORUM" and error.value.http_status == 503
+            assert kv.get("before", consistency="ONE") == 1
+            kv.put("k", 2, consistency="ONE")
+            survivor.kill()
+            with pytest.raises(NoNodeAvailable) as gone:
+                kv.get("k")
+            assert sorted(gone.value.tried) == sorted(urls)
+    finally:
+        cluster.down()
+
+
+def test_calls_with_one_idempotency_key_go_to_one_node() -> None:
+    ops = _Operations(["http://seed:1"])
+    tokens = {f"n{i}": [(i - 2) * 3 * 10**18] for i in range(5)}
+    urls = {node_id: f"http://{node_id}:1" for node_id in tokens}
+    ops._topology = _Topology(TokenRing(tokens), urls, {n: True for n in tokens}, {"default": 3})
+    routing = (("default", b"some-key"),)
+    firsts = {ops._candidates(routing, "key-1")[0] for _ in range(20)}
+    assert len(firsts) == 1
+    spread = {ops._candidates(routing, f"key-{i}")[0] for i in range(50)}
+    assert len(spread) == 3  # different keys still spread over the key's replicas
