@@ -89,6 +89,17 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported lazily: the benchmarks (and their extra dependencies) are optional.
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError as exc:
+        print(f"ringkv: error: the benchmarks are not installed ({exc}); "
+              "install with: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    return bench_main(list(args.bench_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringkv",
@@ -128,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints")
     up.set_defaults(func=cmd_cluster_up)
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark: ringkv bench ycsb --quick (same as python -m bench)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="a benchmark name and its options, e.g. ycsb --quick")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
