@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.loadgen import LoadResult, format_table, run_load
+from ringkv.launcher import free_port_block
 from ringkv.local_cluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[LoadResult] = []
     with tempfile.TemporaryDirectory(prefix="ringkv-bench-cluster-") as tmp:
-        base = random.Random().randrange(20000, 50000)
-        cluster = LocalCluster(Path(tmp), nodes=args.nodes, rf=3, base_client_port=base,
-                               base_internode_port=base + 100)
+        cluster = LocalCluster(Path(tmp), nodes=args.nodes, rf=3,
+                               base_client_port=free_port_block(args.nodes),
+                               base_internode_port=free_port_block(args.nodes))
         try:
             cluster.up()
             urls = cluster.endpoints()

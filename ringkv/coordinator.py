@@ -23,11 +23,14 @@ from typing import Protocol
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import BadRequest, NotFound, RingKVError, Timeout
 from ringkv.quorum import ConsistencyLevel
+from ringkv.replica import ReplicaClient
 from ringkv.replica_plan import ReplicaPlan, plan_for
 from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell, cell_digest, reconcile
 
 log = logging.getLogger(__name__)
+
+LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest sample in a replica's latency estimate
 
 
 @dataclass(frozen=True)
@@ -35,32 +38,6 @@ class KeyspaceSettings:
     name: str
     replication_factor: int
     default_consistency: ConsistencyLevel
-
-
-class ReplicaClient(Protocol):
-    """How a coordinator talks to one replica (local store or remote node)."""
-
-    async def write(
-        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
-    ) -> None: ...
-
-    async def read(
-        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
-    ) -> Cell | None: ...
-
-    async def digest(
-        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
-    ) -> bytes: ...
-
-    async def scan(
-        self,
-        node_id: str,
-        keyspace: str,
-        after: tuple[int, bytes | None],
-        end_token: int,
-        limit: int,
-        timeout_s: float,
-    ) -> list[tuple[int, bytes, Cell]]: ...
 
 
 class HintSink(Protocol):
@@ -184,7 +161,6 @@ class Coordinator:
         write_timeout_s: float = 2.0,
         speculative_retry_percentile: float = 99.0,
         speculative_retry_min_s: float = 0.02,
-        proximity: Callable[[str], float] | None = None,
     ) -> None:
         self.node_id = node_id
         self._ring = ring
@@ -198,7 +174,7 @@ class Coordinator:
         self._write_timeout_s = write_timeout_s
         self._spec_pct = speculative_retry_percentile
         self._spec_min_s = speculative_retry_min_s
-        self._proximity = proximity
+        self._replica_latency_s: dict[str, float] = {}
         self._latencies = LatencyWindow()
         # Writes to slow replicas keep going after the client has its answer;
         # keep a reference so they are not garbage collected mid-flight.
@@ -281,8 +257,10 @@ class Coordinator:
             log.debug("write to %s failed: %s", target, exc)
             acks.record(target, ok=False)
             # A replica that did not acknowledge gets a hint, even if the
-            # client was already answered (Cassandra does the same).
-            await self._store_hint(target, plan, key, cell)
+            # client was already answered (Cassandra does the same). This
+            # node's own failed write is not hinted: it has no later replay.
+            if target != self.node_id:
+                await self._store_hint(target, plan, key, cell)
             return
         acks.record(target, ok=True)
 
@@ -398,8 +376,11 @@ class Coordinator:
                     node, kind = tasks[task]
                     if task.exception() is not None:
                         failed.add(node)
+                        self._note_latency(node, self._read_timeout_s)  # a failure ranks last
                         continue
-                    self._latencies.record(self._clock.monotonic_s() - start)
+                    elapsed = self._clock.monotonic_s() - start
+                    self._latencies.record(elapsed)
+                    self._note_latency(node, elapsed)
                     if kind == "data":
                         data[node] = task.result()  # type: ignore[assignment]
                     else:
@@ -486,13 +467,21 @@ class Coordinator:
             return None
         return max(observed, self._spec_min_s)
 
+    def _note_latency(self, node: str, seconds: float) -> None:
+        """Exponentially weighted read latency per replica (like Cassandra's dynamic snitch)."""
+        previous = self._replica_latency_s.get(node)
+        self._replica_latency_s[node] = (
+            seconds if previous is None else (1 - LATENCY_EWMA_WEIGHT) * previous
+            + LATENCY_EWMA_WEIGHT * seconds
+        )
+
     def _by_proximity(self, nodes: tuple[str, ...]) -> list[str]:
-        """This node first (no network hop), then the fastest peers."""
+        """This node first (no network hop), then the peers that have been fastest."""
 
         def rank(node: str) -> tuple[int, float]:
             if node == self.node_id:
                 return (0, 0.0)
-            return (1, self._proximity(node) if self._proximity else 0.0)
+            return (1, self._replica_latency_s.get(node, 0.0))
 
         return sorted(nodes, key=rank)
 

@@ -179,6 +179,21 @@ class HintReplayer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def drop_expired(self, target: str) -> int:
+        """Delete ``target``'s hints that outlived the window, oldest first (bounded)."""
+        dropped = 0
+        for _ in range(10_000):  # bounded; each round looks at one batch
+            batch = await self._hints.oldest(target, self._batch_size)
+            expired = [hint for hint in batch if self._hints.is_expired(hint)]
+            await self._hints.delete(expired)
+            dropped += len(expired)
+            if len(expired) < len(batch) or not batch:
+                break
+        self._hints.stats.expired += dropped
+        if self._on_expired and dropped:
+            self._on_expired(dropped)
+        return dropped
+
     async def replay(self, target: str) -> int:
         """Deliver ``target``'s hints oldest first. Stops at the first failure."""
         delivered = 0

@@ -30,6 +30,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(count: int, host: str = "127.0.0.1", *, seed: int | None = None) -> int:
+    """The first of ``count`` consecutive ports that are free on ``host`` right now."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(200):  # bounded search
+        start = rng.randrange(20000, 60000 - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"found no {count} consecutive free ports on {host}")
+
+
 def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
     deadline = _CLOCK.monotonic_s() + timeout_s
@@ -71,6 +93,9 @@ class NodeProcess:
             "--data-dir", str(self.data_dir),
             *self.extra_args,
         ]
+        if "--seeds" not in self.extra_args:
+            # A lone node is its own seed; it must not wander into another cluster.
+            args += ["--seeds", f"{self.host}:{self.internode_port}"]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

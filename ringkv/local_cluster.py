@@ -177,3 +177,7 @@ def run_demo(cluster: LocalCluster, say=print) -> None:
 
     wait_until(victim_has_all, timeout_s=60, interval_s=0.2, what="hints to be replayed")
     say(f"{victim.node_id}'s own replica now holds all 10 keys (read with local=true)")
+    status, body = http("GET", f"{first.url}/v1/status")
+    say(f"hints stored by {first.node_id}: {body['hints']['stored']}, "
+        f"replayed: {body['hints']['replayed']}")
+    say("\n== `ringkv status`\n" + format_status(body))

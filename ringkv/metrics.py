@@ -58,6 +58,11 @@ class NodeMetrics:
             "ringkv_hints_expired", "Hints dropped because they outlived max_hint_window_s",
             registry=self.registry,
         )
+        self.hints_not_stored = Counter(
+            "ringkv_hints_not_stored",
+            "Hints not stored because their replica was down longer than max_hint_window_s",
+            registry=self.registry,
+        )
         self.speculative_retries = Counter(
             "ringkv_speculative_retries", "Reads that asked an extra replica because one was slow",
             registry=self.registry,

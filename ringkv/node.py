@@ -7,11 +7,12 @@ simulator can build the very same node on a virtual clock and a memory engine.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from ringkv.versioning import Cell, tombstone
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
+PEERS_FILE = "peers.json"  # the ring as last seen, so a restart does not start from nothing
 # Heartbeats reach a peer second-hand through gossip, so some arrive a round
 # late; tolerating two intervals of silence before phi climbs avoids false
 # DOWNs without slowing detection of a real failure much (Akka uses 3 s).
@@ -69,8 +71,14 @@ class Node:
         engine: Engine | None = None,
         rng: random.Random | None = None,
         standalone: bool = False,
+        transport_factory: Callable[..., Any] | None = None,
     ) -> None:
-        """``standalone``: no internode transport or gossip (one-process tests)."""
+        """``standalone``: no internode transport or gossip (one-process tests).
+
+        ``transport_factory(node_id, cluster, host, port, handler)`` builds the
+        internode transport; the default is ``ringkv.net.transport.Transport``
+        (real sockets). The simulator passes its own, on a simulated network.
+        """
         self.config = config
         self.node_id = config.cluster.node_id
         self.clock = clock or SystemClock()
@@ -79,6 +87,7 @@ class Node:
         self.metrics = NodeMetrics(self.node_id)
         self.draining = False
         self.standalone = standalone
+        self._transport_factory = transport_factory
         self.engine = engine or open_engine(config)
         self.store = LocalStore(
             self.engine,
@@ -107,6 +116,8 @@ class Node:
         self._maintenance: asyncio.Task[None] | None = None
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
+        self._saved_peers: dict[str, dict[str, Any]] = {}
+        self._down_since: dict[str, float] = {}  # node id -> monotonic time it went DOWN
         self.ring = TokenRing({})
         self._keyspaces = {
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
@@ -135,6 +146,7 @@ class Node:
     async def start(self) -> None:
         await self.store.start()
         await self.hints.load()
+        self._saved_peers = self._load_peers()
         if self.standalone:
             self.tokens = self._load_or_allocate_tokens(None)
             self._rebuild_ring()
@@ -152,15 +164,16 @@ class Node:
         log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
 
     async def _start_cluster_services(self) -> None:
-        from ringkv.net.transport import Transport  # asyncio shell, only for networked nodes
-
         cluster = self.config.cluster
         timing = self.config.timing
         interval_s = timing.gossip_interval_ms / 1000
         self.gossiper = Gossiper(
             self.node_id,
             cluster.name,
-            list(cluster.seeds),
+            # Peers from the last run are gossip contacts too: a restarted
+            # seed whose seed list names only itself can still find them.
+            _unique([*cluster.seeds, *(p["internode_addr"] for p in self._saved_peers.values()
+                                       if p.get("internode_addr"))]),
             generation=self.clock.wall_us() // 1_000_000,
             detector=PhiAccrualFailureDetector(
                 threshold=timing.phi_threshold,
@@ -176,6 +189,7 @@ class Node:
             (gs.RACK, cluster.rack),
             (gs.STATUS, gs.BOOT),
             (gs.LOAD, str(self.store.size_bytes())),
+            (gs.SCHEMA, self._schema_version()),
         ):
             self.gossiper.set_local(key, value)
         handler = InternodeHandler(
@@ -184,10 +198,17 @@ class Node:
             known_keyspace=lambda name: name in self._keyspaces,
             gossip=self._handle_gossip,
         )
-        self.transport = Transport(
+        factory = self._transport_factory
+        if factory is None:
+            from ringkv.net.transport import Transport as factory  # real sockets
+        self.transport = factory(
             self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
         )
         await self.transport.start()
+        for node_id, peer in self._saved_peers.items():
+            if peer.get("internode_addr"):
+                host, port = gs.parse_address(peer["internode_addr"])
+                self.transport.set_peer_address(node_id, host, port)
         self.router.remote = InternodeReplicas(self.transport)
         self.gossip = GossipService(
             self.gossiper,
@@ -208,6 +229,9 @@ class Node:
         """Gossip with the seeds for a few rounds so new tokens fit the ring as it is."""
         assert self.gossip is not None and self.gossiper is not None
         interval_s = self.config.timing.gossip_interval_ms / 1000
+        self_address = f"{self.config.cluster.listen_host}:{self.config.cluster.internode_port}"
+        if all(seed == self_address for seed in self.config.cluster.seeds):
+            return  # we are the only seed: the first node of a new cluster
         for _ in range(JOIN_LEARN_ROUNDS):
             known = len(self.gossiper.endpoint_states()) - 1  # peers we have heard of
             if len(self.ring) and len(self.ring) >= known:
@@ -287,7 +311,10 @@ class Node:
             elif event.kind in ("join", "restart"):
                 log.info("gossip: %s %s %s", event.node_id, event.kind, event.details)
             if event.kind == "up" and event.node_id:
+                self._down_since.pop(event.node_id, None)
                 self.replayer.kick(event.node_id)
+            if event.kind == "down" and event.node_id:
+                self._down_since.setdefault(event.node_id, self.clock.monotonic_s())
             if event.kind == "change" and event.node_id:
                 keys = event.details.get("keys", {})
                 address = keys.get(gs.INTERNODE_ADDR)
@@ -300,22 +327,39 @@ class Node:
             self._rebuild_ring()
 
     def _rebuild_ring(self) -> None:
-        """The ring as gossip describes it: every NORMAL or LEAVING node with tokens."""
+        """The ring as gossip describes it: every NORMAL or LEAVING node with tokens.
+
+        Peers saved by an earlier run stay on the ring until gossip says
+        otherwise. A restarted node therefore never believes it is alone and
+        answers from its own (stale) replica: until it hears from its peers,
+        they are replicas that are DOWN, and a quorum read fails as Unavailable
+        instead of going back in time (Cassandra keeps system.peers for this).
+        """
+        peers = dict(self._saved_peers)
+        if self.gossiper is not None:
+            for node_id, state in self.gossiper.endpoint_states().items():
+                status = state.get(gs.STATUS)
+                if node_id == self.node_id or status is None or status == gs.BOOT:
+                    continue
+                if status == gs.LEFT:
+                    peers.pop(node_id, None)
+                    continue
+                node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")
+                if node_tokens:
+                    peers[node_id] = {
+                        "tokens": node_tokens,
+                        "dc": state.get(gs.DC) or "dc1",
+                        "rack": state.get(gs.RACK) or "rack1",
+                        "internode_addr": state.get(gs.INTERNODE_ADDR),
+                    }
         tokens: dict[str, list[int]] = {}
         infos: dict[str, NodeInfo] = {}
         if self.tokens:
             tokens[self.node_id] = list(self.tokens)
             infos[self.node_id] = self.info
-        if self.gossiper is not None:
-            for node_id, state in self.gossiper.endpoint_states().items():
-                if node_id == self.node_id or state.get(gs.STATUS) not in (gs.NORMAL, gs.LEAVING):
-                    continue
-                node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")
-                if node_tokens:
-                    tokens[node_id] = node_tokens
-                    infos[node_id] = NodeInfo(
-                        node_id, dc=state.get(gs.DC) or "dc1", rack=state.get(gs.RACK) or "rack1"
-                    )
+        for node_id, peer in peers.items():
+            tokens[node_id] = list(peer["tokens"])
+            infos[node_id] = NodeInfo(node_id, dc=peer["dc"], rack=peer["rack"])
         # Two nodes that joined at once could still pick the same token; the
         # first by node id keeps it, so every node builds the same ring.
         seen: set[int] = set()
@@ -330,6 +374,30 @@ class Node:
         if ring != self.ring:
             log.info("ring now has %d nodes: %s", len(ring), ", ".join(ring.node_ids))
             self.ring = ring
+        if peers != self._saved_peers:
+            self._saved_peers = peers
+            self._save_peers()
+
+    def _load_peers(self) -> dict[str, dict[str, Any]]:
+        if isinstance(self.engine, MemoryEngine):
+            return {}
+        path = self.config.node_data_dir / PEERS_FILE
+        if not path.exists():
+            return {}
+        try:
+            peers = json.loads(path.read_text())
+            for peer in peers.values():
+                [int(t) for t in peer["tokens"]]
+                str(peer["dc"]), str(peer["rack"])
+            return peers
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Gossip will rebuild it; a node that knows no peers is only less safe.
+            log.error("ignoring unreadable %s: %s", path, exc)
+            return {}
+
+    def _save_peers(self) -> None:
+        if not isinstance(self.engine, MemoryEngine):
+            _write_atomically(self.config.node_data_dir / PEERS_FILE, json.dumps(self._saved_peers))
 
     async def _maintenance_loop(self) -> None:
         """Slow periodic chores: publish load, retry hints that are still waiting."""
@@ -339,6 +407,9 @@ class Node:
                 if self.gossiper is not None:
                     self.gossiper.set_local(gs.LOAD, str(self.store.size_bytes()))
                 self.replayer.kick_all()
+                for target in list(self.hints.targets):
+                    if not self.is_alive(target):
+                        await self.replayer.drop_expired(target)
             except Exception:  # noqa: BLE001 - chores must not die
                 log.exception("maintenance round failed")
 
@@ -347,6 +418,13 @@ class Node:
     async def store_hint(
         self, target: str, keyspace: str, token: int, key: bytes, cell: Cell
     ) -> bool:
+        down_since = self._down_since.get(target)
+        window_s = self.config.timing.max_hint_window_s
+        if down_since is not None and self.clock.monotonic_s() - down_since > window_s:
+            # Down longer than the hint window: stop collecting hints for it
+            # (as Cassandra does); repair, not hints, brings it up to date.
+            self.metrics.hints_not_stored.inc()
+            return False
         stored = await self.hints.store_hint(target, keyspace, token, key, cell)
         if stored:
             self.metrics.hints_stored.inc()
@@ -474,12 +552,21 @@ class Node:
         state = self.gossiper.endpoint_states().get(node_id)
         return None if state is None else state.get(gs.CLIENT_ADDR)
 
+    def _schema_version(self) -> str:
+        """A short digest of the keyspace definitions, gossiped so mismatches are visible."""
+        text = json.dumps(self._keyspace_json(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
     def _keyspace_json(self) -> Mapping[str, Any]:
         return {
             name: {"replication_factor": ks.replication_factor,
                    "default_consistency": ks.default_consistency.value}
             for name, ks in self._keyspaces.items()
         }
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -55,8 +55,12 @@ class LocalReplica:
         return await self.store.scan_range(keyspace, after_token, end_token, limit=limit)
 
 
-class RemoteReplicas(Protocol):
-    """The internode side of ``ReplicaRouter`` (see ``ringkv.internode``)."""
+class ReplicaClient(Protocol):
+    """How a coordinator talks to one replica, named by node id.
+
+    ``ReplicaRouter`` implements it for the coordinator (this node locally,
+    others remotely); ``internode.InternodeReplicas`` implements it for peers.
+    """
 
     async def write(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
@@ -84,12 +88,12 @@ class RemoteReplicas(Protocol):
 class ReplicaRouter:
     """The coordinator's ``ReplicaClient``: this node locally, others over the network."""
 
-    def __init__(self, node_id: str, local: LocalReplica, remote: RemoteReplicas | None) -> None:
+    def __init__(self, node_id: str, local: LocalReplica, remote: ReplicaClient | None) -> None:
         self.node_id = node_id
         self.local = local
         self.remote = remote
 
-    def _remote(self, node_id: str) -> RemoteReplicas:
+    def _remote(self, node_id: str) -> ReplicaClient:
         if self.remote is None:
             raise PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
         return self.remote

@@ -26,10 +26,7 @@ class ReplicaPlan:
     live: tuple[str, ...]  # the natural replicas the failure detector believes are up
     down: tuple[str, ...]
     block_for: int
-    ring: TokenRing  # the ring the plan was made on; re-plan if it changes
-
-    def still_valid(self, ring: TokenRing) -> bool:
-        return ring is self.ring or ring.replicas(self.token, len(self.natural)) == self.natural
+    ring: TokenRing  # the ring the plan was made on
 
 
 def plan_for(

@@ -13,37 +13,15 @@ from typing import Any
 import pytest
 
 from ringkv.local_cluster import LocalCluster, node_view
-from ringkv.launcher import NodeProcess, free_port
+from ringkv.launcher import NodeProcess, free_port_block
 from tests.procs import http, wait_until
 
 pytestmark = pytest.mark.cluster
 
 
 def make_cluster(tmp_path: Path, nodes: int = 3, **overrides: Any) -> LocalCluster:
-    base = free_port()
-    # Ports base..base+n-1 (HTTP) and base+100.. (internode) must be free.
-    return LocalCluster(tmp_path, nodes=nodes, rf=3, base_client_port=_free_block(nodes),
-                        base_internode_port=_free_block(nodes), config_overrides=overrides)
-
-
-def _free_block(count: int) -> int:
-    """A run of ``count`` consecutive free loopback ports."""
-    rng = random.Random()
-    for _ in range(200):  # bounded search
-        start = rng.randrange(20000, 60000)
-        try:
-            socks = []
-            for port in range(start, start + count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
-            return start
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port block")
+    return LocalCluster(tmp_path, nodes=nodes, rf=3, base_client_port=free_port_block(nodes),
+                        base_internode_port=free_port_block(nodes), config_overrides=overrides)
 
 
 def liveness(observer: NodeProcess, node_id: str) -> str | None:
@@ -164,3 +142,24 @@ def test_garbage_on_the_internode_port_neither_crashes_nor_stalls(cluster: Local
     status, body = http("PUT", f"{target.url}/v1/kv/default/after?consistency=ALL", {"value": 1})
     assert status == 200, body
     cluster.wait_all_up(timeout_s=10)
+
+
+def test_scan_and_batch_cover_the_whole_ring(cluster: LocalCluster) -> None:
+    """A paged QUORUM scan through any node returns every key exactly once, in token order."""
+    first, other = cluster.procs[0], cluster.procs[1]
+    ops = [{"op": "put", "key": f"s{i}", "value": i} for i in range(60)]
+    status, body = http("POST", f"{first.url}/v1/batch?consistency=QUORUM", {"ops": ops})
+    assert status == 200 and all(result["ok"] for result in body["results"])
+    seen: dict[str, int] = {}
+    token = None
+    for _ in range(100):  # bounded: 60 keys at 7 per page
+        query = "?limit=7&consistency=QUORUM" + (f"&page_token={token}" if token else "")
+        status, body = http("GET", f"{other.url}/v1/kv/default{query}")
+        assert status == 200, body
+        for item in body["items"]:
+            assert item["key"] not in seen
+            seen[item["key"]] = item["value"]
+        token = body["next_page_token"]
+        if token is None:
+            break
+    assert seen == {f"s{i}": i for i in range(60)}

@@ -1,0 +1,178 @@
+"""The coordinator's read/write path against in-process fake replicas (Dynamo §4.5-§4.6)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import pytest
+
+from ringkv.clock import HybridLogicalClock, SystemClock, Timestamp
+from ringkv.coordinator import Coordinator, KeyspaceSettings
+from ringkv.errors import PeerUnreachable, Timeout, Unavailable
+from ringkv.quorum import ConsistencyLevel as CL
+from ringkv.ring import TokenRing
+from ringkv.versioning import Cell, cell_digest
+
+NODES = ("a", "b", "c")
+RING = TokenRing({"a": [-(2**62)], "b": [0], "c": [2**62]})
+
+
+class FakeReplicas:
+    """Replicas as dicts; a node can be made to fail or to hang."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[bytes, Cell]] = {node: {} for node in NODES}
+        self.failing: set[str] = set()
+        self.hanging: set[str] = set()
+        self.writes: list[str] = []
+
+    async def _gate(self, node: str) -> None:
+        if node in self.failing:
+            raise PeerUnreachable(f"{node} is down", node_id=node)
+        if node in self.hanging:
+            await asyncio.Event().wait()  # never answers; cancelled by the coordinator
+
+    async def write(self, node, keyspace, token, key, cell, timeout_s):
+        await self._gate(node)
+        self.writes.append(node)
+        current = self.data[node].get(key)
+        if current is None or cell.ts >= current.ts:
+            self.data[node][key] = cell
+
+    async def read(self, node, keyspace, token, key, timeout_s):
+        await self._gate(node)
+        return self.data[node].get(key)
+
+    async def digest(self, node, keyspace, token, key, timeout_s):
+        await self._gate(node)
+        return cell_digest(self.data[node].get(key))
+
+    async def scan(self, node, keyspace, after, end_token, limit, timeout_s):
+        raise NotImplementedError
+
+
+class Hints:
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+
+    async def store_hint(self, target, keyspace, token, key, cell) -> bool:
+        self.stored.append(target)
+        return True
+
+
+def make(replicas: FakeReplicas, alive: set[str] | None = None, hints: Hints | None = None,
+         timeout_s: float = 1.0) -> Coordinator:
+    alive = set(NODES) if alive is None else alive
+    keyspaces: Mapping[str, KeyspaceSettings] = {"ks": KeyspaceSettings("ks", 3, CL.QUORUM)}
+    clock = SystemClock()
+    return Coordinator(
+        "a", ring=lambda: RING, is_alive=lambda n: n in alive, replicas=replicas,
+        keyspaces=lambda: keyspaces, clock=clock, hlc=HybridLogicalClock(clock), hints=hints,
+        read_timeout_s=timeout_s, write_timeout_s=timeout_s,
+    )
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def cell(value: bytes, wall_us: int) -> Cell:
+    return Cell(value, Timestamp(wall_us))
+
+
+def test_unavailable_is_raised_before_anything_is_sent() -> None:
+    replicas = FakeReplicas()
+    coordinator = make(replicas, alive={"a", "b"})
+    with pytest.raises(Unavailable) as error:
+        run(coordinator.write("ks", b"k", cell(b"1", 1), CL.ALL))
+    assert (error.value.required, error.value.alive) == (3, 2)
+    assert replicas.writes == []
+
+
+def test_quorum_write_with_a_failing_replica_acks_and_hints_it() -> None:
+    replicas, hints = FakeReplicas(), Hints()
+    replicas.failing.add("c")
+    result = run(make(replicas, hints=hints).write("ks", b"k", cell(b"1", 1), CL.QUORUM))
+    assert sorted(result.receipt.answered) == ["a", "b"]
+    assert hints.stored == ["c"]
+
+
+def test_too_few_acks_in_time_is_a_timeout_with_the_count() -> None:
+    replicas = FakeReplicas()
+    replicas.hanging.update({"b", "c"})
+    with pytest.raises(Timeout) as error:
+        run(make(replicas, timeout_s=0.2).write("ks", b"k", cell(b"1", 1), CL.QUORUM))
+    assert (error.value.required, error.value.received) == (2, 1)
+
+
+def test_any_succeeds_on_a_hint_alone() -> None:
+    replicas, hints = FakeReplicas(), Hints()
+    coordinator = make(replicas, alive={"a"}, hints=hints)
+    replicas.failing.add("a")
+    result = run(coordinator.write("ks", b"k", cell(b"1", 1), CL.ANY))
+    assert result.receipt.hints_stored == 2  # b and c were down; a failed and is not hinted
+
+
+def test_digest_mismatch_triggers_blocking_read_repair() -> None:
+    """Dynamo §4.5: the reconciled newest value is written back before the read answers."""
+    replicas = FakeReplicas()
+    key = b"k"
+    replicas.data["a"][key] = cell(b'"old"', 1)
+    replicas.data["b"][key] = cell(b'"new"', 2)
+    replicas.data["c"][key] = cell(b'"new"', 2)
+    result = run(make(replicas).read("ks", key, CL.QUORUM))
+    assert result.cell == cell(b'"new"', 2)
+    assert result.receipt.read_repair and result.receipt.repaired == ["a"]
+    assert replicas.data["a"][key] == cell(b'"new"', 2)
+
+
+def test_a_read_that_cannot_repair_does_not_claim_the_level() -> None:
+    replicas = FakeReplicas()
+    key = b"k"
+    replicas.data["b"][key] = cell(b'"new"', 2)
+
+    coordinator = make(replicas)
+
+    async def scenario() -> None:
+        original = replicas.write
+
+        async def refuse_a(node, *args):
+            if node == "a":
+                raise PeerUnreachable("a refuses", node_id="a")
+            await original(node, *args)
+
+        replicas.write = refuse_a  # type: ignore[method-assign]
+        with pytest.raises(Timeout):
+            await coordinator.read("ks", key, CL.QUORUM)
+
+    run(scenario())
+
+
+def test_a_failed_replica_is_replaced_by_a_spare() -> None:
+    replicas = FakeReplicas()
+    replicas.failing.add("b")
+    replicas.data["c"][b"k"] = cell(b"1", 1)
+    replicas.data["a"][b"k"] = cell(b"1", 1)
+    result = run(make(replicas).read("ks", b"k", CL.QUORUM))
+    assert result.cell == cell(b"1", 1)
+    assert "c" in result.receipt.answered
+
+
+def test_speculative_retry_backs_up_a_slow_replica() -> None:
+    """A replica slower than the recent-latency percentile is backed up by a spare."""
+    replicas = FakeReplicas()
+    for node in NODES:
+        replicas.data[node][b"k"] = cell(b"1", 1)
+    coordinator = make(replicas, timeout_s=5.0)
+
+    async def scenario() -> None:
+        for _ in range(30):  # enough samples for a latency percentile
+            await coordinator.read("ks", b"k", CL.QUORUM)
+        slow = coordinator._by_proximity(("b", "c"))[0]  # the peer it will ask first
+        replicas.hanging.add(slow)
+        result = await coordinator.read("ks", b"k", CL.QUORUM)
+        assert result.receipt.speculative, result.receipt
+        assert slow not in result.receipt.answered
+
+    run(scenario())

@@ -1,0 +1,124 @@
+"""Hinted handoff (Dynamo §4.6): durable hints, ordered throttled replay, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from ringkv.clock import HybridLogicalClock, ManualClock, Timestamp
+from ringkv.errors import PeerUnreachable
+from ringkv.hints import HintReplayer, HintStore
+from ringkv.storage.leveldb import LevelDBEngine
+from ringkv.storage.memory import MemoryEngine
+from ringkv.storage.store import LocalStore
+from ringkv.versioning import Cell
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def make(engine, clock: ManualClock, window_s: int = 3600) -> tuple[LocalStore, HintStore]:
+    store = LocalStore(engine, clock)
+    return store, HintStore(store, HybridLogicalClock(clock), clock, max_hint_window_s=window_s)
+
+
+def test_hints_replay_oldest_first_and_are_deleted_once_delivered() -> None:
+    async def scenario() -> None:
+        clock = ManualClock()
+        store, hints = make(MemoryEngine(), clock)
+        await store.start()
+        for i in range(5):
+            assert await hints.store_hint("n2", "ks", i, b"k%d" % i, Cell(b"%d" % i, Timestamp(i)))
+        await hints.store_hint("n3", "ks", 9, b"other", Cell(b"9", Timestamp(9)))
+        delivered: list[tuple[str, bytes]] = []
+
+        async def deliver(target, keyspace, token, key, cell):
+            delivered.append((target, key))
+
+        replayer = HintReplayer(hints, deliver, lambda node: True, rate_per_s=10_000)
+        assert await replayer.replay("n2") == 5
+        assert delivered == [("n2", b"k%d" % i) for i in range(5)]
+        assert await hints.count("n2") == 0
+        assert await hints.count("n3") == 1  # other targets untouched
+        await store.close()
+
+    run(scenario())
+
+
+def test_replay_stops_at_the_first_failure_and_keeps_the_rest() -> None:
+    async def scenario() -> None:
+        clock = ManualClock()
+        store, hints = make(MemoryEngine(), clock)
+        await store.start()
+        for i in range(4):
+            await hints.store_hint("n2", "ks", i, b"k%d" % i, Cell(b"1", Timestamp(i)))
+        calls = 0
+
+        async def flaky(target, keyspace, token, key, cell):
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise PeerUnreachable("gone again", node_id=target)
+
+        replayer = HintReplayer(hints, flaky, lambda node: True, rate_per_s=10_000)
+        assert await replayer.replay("n2") == 2
+        assert await hints.count("n2") == 2
+        assert hints.stats.failed_replays == 1
+        await store.close()
+
+    run(scenario())
+
+
+def test_hints_older_than_the_window_are_dropped_and_counted() -> None:
+    async def scenario() -> None:
+        clock = ManualClock()
+        store, hints = make(MemoryEngine(), clock, window_s=60)
+        await store.start()
+        await hints.store_hint("n2", "ks", 1, b"old", Cell(b"1", Timestamp(1)))
+        clock.advance(61)
+        await hints.store_hint("n2", "ks", 2, b"new", Cell(b"1", Timestamp(2)))
+        delivered: list[bytes] = []
+
+        async def deliver(target, keyspace, token, key, cell):
+            delivered.append(key)
+
+        expired: list[int] = []
+        replayer = HintReplayer(hints, deliver, lambda node: True, rate_per_s=10_000,
+                                on_expired=expired.append)
+        await replayer.replay("n2")
+        assert delivered == [b"new"]
+        assert hints.stats.expired == 1 and expired == [1]
+        await store.close()
+
+    run(scenario())
+
+
+def test_a_zero_window_disables_hints() -> None:
+    async def scenario() -> None:
+        store, hints = make(MemoryEngine(), ManualClock(), window_s=0)
+        await store.start()
+        assert not await hints.store_hint("n2", "ks", 1, b"k", Cell(b"1", Timestamp(1)))
+        await store.close()
+
+    run(scenario())
+
+
+def test_hints_survive_a_restart(tmp_path: Path) -> None:
+    async def write() -> None:
+        store, hints = make(LevelDBEngine(tmp_path / "db"), ManualClock())
+        await store.start()
+        await hints.store_hint("node-b", "ks", 1, b"k", Cell(b"1", Timestamp(1)))
+        await store.close()
+
+    async def reload() -> tuple[set[str], int]:
+        store, hints = make(LevelDBEngine(tmp_path / "db"), ManualClock())
+        await store.start()
+        await hints.load()
+        try:
+            return hints.targets, await hints.count("node-b")
+        finally:
+            await store.close()
+
+    run(write())
+    assert run(reload()) == ({"node-b"}, 1)
