@@ -146,6 +146,7 @@ class RingKVUser(User):
     wait_time = constant(0)
 
     def on_start(self) -> None:
+        """Share the process's client; pick this user's key chooser and level order."""
         self.settings, self.kv = _client(self.environment)
         rng = random.Random()
         self.rng = rng
@@ -156,6 +157,7 @@ class RingKVUser(User):
 
     @task
     def operation(self) -> None:
+        """One read or update (per the scenario's mix) at the next consistency level."""
         level = next(self.levels)
         key = f"key{self.next_key()}"
         if self.rng.random() < self.settings.read_fraction:

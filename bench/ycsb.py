@@ -122,6 +122,7 @@ def plot(results: list[LoadResult], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the harness (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench ycsb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
