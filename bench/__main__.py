@@ -2,6 +2,8 @@
 
     single-node   one ringkv node vs a bare aiohttp + plyvel handler
     cluster       a 3-node RF=3 cluster: put and get at ONE, QUORUM and ALL
+    ycsb          YCSB-style workloads A, B, C and write-only through the Python client,
+                  at ONE, QUORUM and ALL (--quick: under 2 minutes); table, JSON and a plot
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"single-node": "bench.single_node", "cluster": "bench.cluster"}
+    commands = {"single-node": "bench.single_node", "cluster": "bench.cluster", "ycsb": "bench.ycsb"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

@@ -4,6 +4,13 @@ Each of ``concurrency`` workers keeps one request in flight on its own
 keep-alive connection. Latencies are recorded per request; the generator also
 reports its own CPU use, so a saturated client shows up in the results rather
 than silently capping the server's numbers.
+
+Operations: ``put``, ``get``, or ``mix`` (a read with probability
+``read_fraction``, else an update), on keys chosen uniformly or from a
+Zipfian distribution (YCSB's: a few hot keys get most requests). Requests
+go out as plain HTTP spread over the base URLs, or through the token-aware
+``ringkv.client.AsyncClient`` (``use_client=True``). While it runs, the child
+reports progress to the parent about twice a second (``on_progress``).
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import os
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import aiohttp
+
+PROGRESS_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -34,6 +44,9 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     client_cpu_pct: float
+    read_fraction: float | None = None
+    key_dist: str = "uniform"
+    consistency: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -46,47 +59,132 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[index]
 
 
+class ZipfianGenerator:
+    """Item numbers 0..n-1 with P(i) proportional to 1/(i+1)**theta (YCSB's request distribution).
+
+    Gray et al., "Quickly Generating Billion-Record Synthetic Databases"
+    (SIGMOD 1994), as in YCSB's ZipfianGenerator: O(n) set-up once, O(1)
+    per draw. With theta 0.99 (YCSB's default) and 10,000 keys, the
+    hottest key gets about 10% of all requests and the 10 hottest about 30%.
+    """
+
+    def __init__(self, n: int, theta: float = 0.99, rng: random.Random | None = None) -> None:
+        if n < 1 or not 0 < theta < 1:
+            raise ValueError("need n >= 1 and 0 < theta < 1")
+        self.n = n
+        self.theta = theta
+        self._rng = rng or random.Random()
+        self._zetan = sum(1.0 / (i ** theta) for i in range(1, n + 1))
+        self._alpha = 1.0 / (1.0 - theta)
+        zeta2 = 1.0 + 0.5 ** theta
+        self._eta = (1 - (2.0 / n) ** (1 - theta)) / (1 - zeta2 / self._zetan) if n > 2 else 1.0
+        self._half_pow_theta = 0.5 ** theta
+
+    def next(self) -> int:
+        """One draw: 0 is the hottest item."""
+        u = self._rng.random()
+        uz = u * self._zetan
+        if uz < 1.0:
+            return 0
+        if uz < 1.0 + self._half_pow_theta:
+            return min(1, self.n - 1)
+        return min(self.n - 1, int(self.n * (self._eta * u - self._eta + 1) ** self._alpha))
+
+
+def key_chooser(key_dist: str, key_count: int, rng: random.Random) -> Callable[[], int]:
+    """A function returning the next key number: ``uniform`` or ``zipfian``."""
+    if key_dist == "uniform":
+        return lambda: rng.randrange(key_count)
+    if key_dist == "zipfian":
+        return ZipfianGenerator(key_count, rng=rng).next
+    raise ValueError(f"unknown key distribution {key_dist!r}")
+
+
+def _read_fraction(op: str, read_fraction: float | None) -> float:
+    if op in ("put", "get"):
+        return 0.0 if op == "put" else 1.0
+    if op != "mix" or read_fraction is None or not 0 <= read_fraction <= 1:
+        raise ValueError("op must be put, get, or mix with 0 <= read_fraction <= 1")
+    return read_fraction
+
+
 async def _run(
     base_url: str | list[str], path_template: str, op: str, concurrency: int, duration_s: float,
-    key_count: int, value: object, seed: int,
+    key_count: int, value: object, seed: int, read_fraction: float | None = None,
+    key_dist: str = "uniform", use_client: bool = False, consistency: str | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
+    reads = _read_fraction(op, read_fraction)
     body = json.dumps({"value": value}).encode()
     headers = {"Content-Type": "application/json"}
     deadline = time.perf_counter() + duration_s
     rng = random.Random(seed)
+    next_key = key_chooser(key_dist, key_count, rng)
     # Several base URLs spread the load over a cluster's coordinators.
     base_urls = [base_url] if isinstance(base_url, str) else list(base_url)
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def http_op(session: aiohttp.ClientSession, read: bool, key: str) -> bool:
+        url = rng.choice(base_urls) + path_template.format(key=key)
+        try:
+            if read:
+                async with session.get(url) as response:
+                    await response.read()
+                    return response.status in (200, 404)
+            async with session.put(url, data=body, headers=headers) as response:
+                await response.read()
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def client_op(kv: object, read: bool, key: str) -> bool:
+        from ringkv.errors import RingKVError
+
+        try:
+            if read:
+                await kv.get(key)  # type: ignore[attr-defined]
+            else:
+                await kv.put(key, value)  # type: ignore[attr-defined]
+        except RingKVError:
+            return False
+        return True
+
+    async def worker(target: object, do: Callable[..., object]) -> None:
         nonlocal errors
         while time.perf_counter() < deadline:
-            url = rng.choice(base_urls) + path_template.format(
-                key=f"key{rng.randrange(key_count)}"
-            )
+            read = rng.random() < reads
+            key = f"key{next_key()}"
             started = time.perf_counter()
-            try:
-                if op == "put":
-                    async with session.put(url, data=body, headers=headers) as response:
-                        await response.read()
-                        ok = response.status == 200
-                else:
-                    async with session.get(url) as response:
-                        await response.read()
-                        ok = response.status in (200, 404)
-            except aiohttp.ClientError:
-                ok = False
-            if ok:
+            if await do(target, read, key):  # type: ignore[misc]
                 latencies.append(time.perf_counter() - started)
             else:
                 errors += 1
 
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    async def report() -> None:
+        while progress is not None:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            progress(len(latencies), errors, time.perf_counter() - started)
+
+    started = time.perf_counter()
+    reporter = asyncio.ensure_future(report())
+    try:
+        if use_client:
+            from ringkv.client import AsyncClient
+
+            async with AsyncClient(base_urls, consistency=consistency,
+                                   pool_size=concurrency) as kv:
+                await kv.refresh_ring()
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(kv, client_op) for _ in range(concurrency)))
+        else:
+            connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(session, http_op) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    finally:
+        reporter.cancel()
     return latencies, errors, elapsed
 
 
@@ -98,31 +196,57 @@ def _child(conn, kwargs: dict[str, object]) -> None:
     except ImportError:
         pass
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-    latencies, errors, elapsed = asyncio.run(_run(**kwargs))  # type: ignore[arg-type]
+
+    def progress(ops: int, errors: int, elapsed: float) -> None:
+        conn.send(("progress", ops, errors, elapsed))
+
+    latencies, errors, elapsed = asyncio.run(_run(**kwargs, progress=progress))  # type: ignore[arg-type]
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    conn.send((latencies, errors, elapsed, cpu_s))
+    conn.send(("done", latencies, errors, elapsed, cpu_s))
     conn.close()
 
 
 def run_load(
     label: str, base_url: str | list[str], path_template: str, *, op: str, concurrency: int,
     duration_s: float, key_count: int = 10_000, value: object = "x" * 100, seed: int = 1,
+    read_fraction: float | None = None, key_dist: str = "uniform", use_client: bool = False,
+    consistency: str | None = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> LoadResult:
-    """Run one load phase in a separate process and summarise it."""
+    """Run one load phase in a separate process and summarise it.
+
+    ``op``: put, get, or mix (reads with probability ``read_fraction``).
+    ``key_dist``: uniform or zipfian. ``use_client``: go through the
+    token-aware ``AsyncClient`` at ``consistency`` instead of plain HTTP to
+    ``path_template``. ``on_progress(ops, errors, elapsed_s)`` is called as
+    the child reports.
+    """
+    _read_fraction(op, read_fraction)  # fail here, not in the child
     parent, child = multiprocessing.Pipe(duplex=False)
     kwargs = dict(base_url=base_url, path_template=path_template, op=op, concurrency=concurrency,
-                  duration_s=duration_s, key_count=key_count, value=value, seed=seed)
+                  duration_s=duration_s, key_count=key_count, value=value, seed=seed,
+                  read_fraction=read_fraction, key_dist=key_dist, use_client=use_client,
+                  consistency=consistency)
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(child, kwargs))
     process.start()
+    child.close()
+    deadline = time.perf_counter() + duration_s + 60
     try:
-        if not parent.poll(duration_s + 60):
-            raise RuntimeError(f"load generator for {label} did not report in time")
-        latencies, errors, elapsed, cpu_s = parent.recv()
+        while True:
+            if not parent.poll(max(0.0, deadline - time.perf_counter())):
+                raise RuntimeError(f"load generator for {label} did not report in time")
+            message = parent.recv()
+            if message[0] == "done":
+                break
+            if on_progress is not None:
+                on_progress(*message[1:])
+        _, latencies, errors, elapsed, cpu_s = message
     finally:
         process.join(timeout=30)
         if process.is_alive():
             process.kill()
+            process.join(timeout=30)
     ordered = sorted(latencies)
     ms = [value * 1000 for value in ordered]
     return LoadResult(
@@ -131,16 +255,32 @@ def run_load(
         p50_ms=round(percentile(ms, 50), 3), p95_ms=round(percentile(ms, 95), 3),
         p99_ms=round(percentile(ms, 99), 3), max_ms=round(ms[-1] if ms else 0.0, 3),
         client_cpu_pct=round(100 * cpu_s / elapsed, 1),
+        read_fraction=_read_fraction(op, read_fraction), key_dist=key_dist,
+        consistency=consistency,
     )
 
 
-def format_table(results: list[LoadResult]) -> str:
-    header = f"{'target':<14}{'op':<5}{'conc':>5}{'ops/s':>10}{'p50 ms':>9}{'p95 ms':>9}" \
-             f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'client cpu':>12}"
+# The leading columns of the default table: (header, format spec, value of a result).
+DEFAULT_LEADING: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = (
+    ("target", "<14", lambda r: r.label),
+    ("op", "<5", lambda r: r.op),
+    ("conc", ">5", lambda r: r.concurrency),
+)
+
+
+def format_table(
+    results: list[LoadResult],
+    leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = DEFAULT_LEADING,
+) -> str:
+    """One row per result: the ``leading`` columns, then ops/s, latencies, errors, client CPU."""
+    header = "".join(f"{name:{spec}}" for name, spec, _ in leading) + \
+        f"{'ops/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}" \
+        f"{'client cpu':>12}"
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.label:<14}{r.op:<5}{r.concurrency:>5}{r.ops_per_s:>10.0f}{r.p50_ms:>9.2f}"
+            "".join(f"{str(value(r)):{spec}}" for _, spec, value in leading)
+            + f"{r.ops_per_s:>10.0f}{r.p50_ms:>9.2f}"
             f"{r.p95_ms:>9.2f}{r.p99_ms:>9.2f}{r.max_ms:>9.1f}{r.errors:>8}"
             f"{r.client_cpu_pct:>11.0f}%"
         )

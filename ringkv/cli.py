@@ -108,6 +108,17 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if report.verdicts.ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported lazily: the benchmarks (and their extra dependencies) are optional.
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError as exc:
+        print(f"ringkv: error: the benchmarks are not installed ({exc}); "
+              "install with: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    return bench_main(list(args.bench_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringkv",
@@ -161,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--data-dir", default="./data/chaos",
                        help="each run gets a fresh folder here (node data, logs, history.jsonl)")
     chaos.set_defaults(func=cmd_chaos)
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark: ringkv bench ycsb --quick (same as python -m bench)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="a benchmark name and its options, e.g. ycsb --quick")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

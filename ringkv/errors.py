@@ -27,6 +27,33 @@ class RingKVError(Exception):
         body.update(self.details)
         return {"error": body}
 
+    @staticmethod
+    def from_json(payload: Any, *, http_status: int | None = None) -> RingKVError:
+        """Rebuild the typed error from a JSON error body (the inverse of ``to_json``).
+
+        The class comes from ``BY_CODE``; every detail becomes an attribute
+        too (``err.required``, ``err.alive``, ...), as the constructors set
+        them. An unknown code gives a plain ``RingKVError`` carrying that
+        code; a body that is not an error body gives a ``ProtocolError``.
+        """
+        info = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(info, dict) or not isinstance(info.get("code"), str):
+            return ProtocolError(
+                f"expected a ringkv error body, got {str(payload)[:200]!r}", http_status=http_status
+            )
+        details = {k: v for k, v in info.items() if k not in ("code", "message")}
+        cls = BY_CODE.get(info["code"], RingKVError)
+        error = cls.__new__(cls)
+        RingKVError.__init__(error, str(info.get("message", "")), **details)
+        for name, value in details.items():
+            if name not in _RESERVED_ATTRIBUTES:
+                setattr(error, name, value)
+        if cls is RingKVError:
+            error.code = info["code"]
+        if http_status is not None:
+            error.http_status = http_status
+        return error
+
 
 class BadRequest(RingKVError):
     """The request is malformed. ``field`` names what is wrong."""
@@ -196,6 +223,28 @@ class RemoteError(RingKVError):
         self.remote_message = remote_message
         self.remote_details = remote_details or {}
 
+
+class NoNodeAvailable(RingKVError):
+    """Client side: no node gave an answer (every attempt failed to connect or went unanswered).
+
+    ``tried`` lists the node URLs tried and ``reasons`` what went wrong with
+    each attempt. ``maybe_applied`` is True when a write reached a node but
+    no answer came back, so it may or may not have been applied.
+    """
+
+    code = "no_node_available"
+    http_status = 503
+
+    def __init__(
+        self, message: str, *, tried: list[str], reasons: list[str], maybe_applied: bool = False
+    ) -> None:
+        super().__init__(message, tried=tried, reasons=reasons, maybe_applied=maybe_applied)
+        self.tried = tried
+        self.reasons = reasons
+        self.maybe_applied = maybe_applied
+
+
+_RESERVED_ATTRIBUTES = frozenset({"code", "message", "details", "args", "http_status"})
 
 # Stable code -> class, used by the client to rebuild typed errors from JSON.
 BY_CODE: dict[str, type[RingKVError]] = {

@@ -537,6 +537,9 @@ class Node:
                     "client_address": self._client_address(node_id),
                     "tokens": list(self.ring.tokens_of(node_id)),
                     "up": self.is_alive(node_id),
+                    # Placement is rack-aware once racks differ: clients need them to route.
+                    "dc": self.ring.info(node_id).dc,
+                    "rack": self.ring.info(node_id).rack,
                 }
                 for node_id in self.ring.node_ids
             ],

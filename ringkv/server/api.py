@@ -25,6 +25,7 @@ from ringkv.errors import (
 )
 from ringkv.metrics import CONTENT_TYPE
 from ringkv.quorum import ConsistencyLevel
+from ringkv.server import idempotency
 from ringkv.server import validation as v
 from ringkv.versioning import Cell, tombstone
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+IDEMPOTENCY_KEY: web.AppKey[idempotency.IdempotencyCache] = web.AppKey("idempotency")
 BATCH_OPS = ("put", "get", "delete")
 
 
@@ -133,6 +135,38 @@ def _keyspace(request: web.Request) -> str:
     return name
 
 
+def _deduplicated(handler: Any) -> Any:
+    """Run a write handler once per ``Idempotency-Key``; repeats get the first response."""
+
+    async def wrapper(request: web.Request) -> web.Response:
+        raw_key = request.headers.get(idempotency.HEADER)
+        if raw_key is None:
+            return await handler(request)
+        key = idempotency.check_key(raw_key)
+        fingerprint = idempotency.fingerprint(
+            request.method, request.rel_url.raw_path_qs, await request.read()
+        )
+
+        async def execute() -> idempotency.StoredResponse:
+            response = await handler(request)
+            return idempotency.StoredResponse(
+                response.status, bytes(response.body), response.content_type
+            )
+
+        stored, replayed = await request.app[IDEMPOTENCY_KEY].run(key, fingerprint, execute)
+        response = web.Response(
+            body=stored.body, status=stored.status, content_type=stored.content_type
+        )
+        if replayed:
+            response.headers[idempotency.REPLAY_HEADER] = "true"
+        return response
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
+
+
+@_deduplicated
 async def put_key(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     keyspace = _keyspace(request)
@@ -165,6 +199,7 @@ async def get_key(request: web.Request) -> web.Response:
     return web.Response(body=_cell_json(key, cell, receipt), content_type="application/json")
 
 
+@_deduplicated
 async def delete_key(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     keyspace = _keyspace(request)
@@ -179,6 +214,7 @@ async def delete_key(request: web.Request) -> web.Response:
 # -- batches and scans -------------------------------------------------------
 
 
+@_deduplicated
 async def batch(request: web.Request) -> web.Response:
     """Several independent operations in one request (not atomic, like an unlogged batch)."""
     node = request.app[NODE_KEY]
@@ -304,6 +340,7 @@ def build_app(node: Node) -> web.Application:
         middlewares=[errors_middleware], client_max_size=node.config.limits.max_request_bytes
     )
     app[NODE_KEY] = node
+    app[IDEMPOTENCY_KEY] = idempotency.IdempotencyCache(node.clock)
     key_path = "/v1/kv/{keyspace}/{key:.+}"
     app.router.add_put(key_path, put_key, name="put")
     app.router.add_get(key_path, get_key, name="get", allow_head=False)
