@@ -56,8 +56,11 @@ def test_check_finds_lost_stale_and_phantom_reads_and_diverged_replicas() -> Non
         w("a", "a2", 2, 3, 20),
         r("a", "a1", 4, 5, 10),  # stale: a2 was acknowledged before it began
         r("a", "a2", 2.5, 5, 20),
+        w("a", "a3", 6, 30, None, INFO),
+        r("a", "a3", 7, 8, 30),  # an indeterminate write may show up ...
+        r("a", "a2", 9, 10, 20),  # ... but then a later read must not go back
         w("b", "b1", 0, 1, 30),
-        r("b", "zz", 2, 3, 99),  # nobody wrote zz
+        r("b", "zz", 2, 3, 5),  # nobody wrote zz
         w("b", "b2", 0, 9, None, INFO),
         r("b", "b2", 10, 11, 40),  # an indeterminate write may show up
         w("c", "c1", 0, 1, None, FAIL),
@@ -67,7 +70,8 @@ def test_check_finds_lost_stale_and_phantom_reads_and_diverged_replicas() -> Non
     verdicts = check(history, {"a": {"n1": ["a1", [10, 0]], "n2": "not_found"},
                                "b": {"n1": ["b2", [40, 0]], "n2": ["b2", [40, 0]]}})
     assert [op.value for op in verdicts.lost] == ["a2"]
-    assert [op.value for op in verdicts.stale] == ["a1", "a1"]  # the client's and the final
+    # zz is older than b1 too; the final read of a is stale as well
+    assert [op.value for op in verdicts.stale] == ["a1", "a2", "zz", "a1"]
     assert [op.value for op in verdicts.phantom] == ["zz"]
     assert verdicts.unchecked == ["c"]
     assert verdicts.diverged == ["a"]

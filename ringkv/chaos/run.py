@@ -3,15 +3,16 @@
 Three nodes run as processes on 127.0.0.1, 127.0.0.2 and 127.0.0.3. Every
 internode link goes through a ``FaultProxy`` (each node gossips its proxy's
 address through ``--broadcast-internode``). Eight clients read and write a
-few keys at QUORUM with unique values while a nemesis, on a schedule drawn
+few keys at QUORUM with unique values (each through its own
+``ringkv.client.AsyncClient``) while a nemesis, on a schedule drawn
 from the seed, cuts links (both ways, one way, a whole node), delays them,
 resets connections, SIGKILLs a node and restarts it on the same data, and
 SIGSTOPs a node and SIGCONTs it. Then everything heals, the cluster gets a
 quiet period, every key is read once more, and the history is judged:
 
 * no acknowledged QUORUM write is lost (the final read returns it or a newer one);
-* no QUORUM read is stale (it returns at least the newest write acknowledged
-  before the read began);
+* no QUORUM read is stale: it returns at least the newest value of any write
+  acknowledged, or any read answered, before the read began;
 * no read returns a value nobody wrote;
 * after a final read at ALL, every replica holds the same cell.
 
@@ -22,6 +23,8 @@ The history is a list of plain ``Op`` records (also written to
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 import logging
 import random
@@ -32,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from ringkv.chaos.proxy import FaultProxy
+from ringkv.client import AsyncClient
 from ringkv.clock import SystemClock
-from ringkv.launcher import NodeProcess, free_port
+from ringkv.errors import BadRequest, NoNodeAvailable, RingKVError
+from ringkv.launcher import NodeProcess, free_port, http
 from ringkv.local_cluster import LocalCluster
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ _CLOCK = SystemClock()
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 FAULT_KINDS = ("cut-link", "cut-one-way", "isolate", "delay", "reset", "kill", "pause")
 KEYSPACE = "default"
-REQUEST_TIMEOUT_S = 5.0  # per client request; the nodes time out replicas after 2 s
+REQUEST_TIMEOUT_S = 5.0  # per client attempt; the nodes time out replicas after 2 s
 WARMUP_S = 2.0  # load runs this long before the first fault
 MAX_SLOT_S = 15.0  # longest fault slot (hold + calm); long runs hold faults long enough to be seen DOWN
 RESET_EVERY_S = 1.0  # a reset fault resets every link this often while it lasts
@@ -54,8 +57,6 @@ FINAL_READ_ATTEMPTS = 20
 # Outcomes, as Jepsen names them: ok = it happened, fail = it certainly did
 # not, info = unknown (a write that timed out may still land).
 OK, FAIL, INFO = "ok", "fail", "info"
-# Error codes that prove a write did nothing: refused before any replica was asked.
-NOTHING_WRITTEN = frozenset({"unavailable", "shutting_down", "bad_request", "refused"})
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Fault:
 @dataclass
 class Verdicts:
     lost: list[Op] = field(default_factory=list)  # acknowledged writes missing at the end
-    stale: list[Op] = field(default_factory=list)  # reads older than an acknowledged write
+    stale: list[Op] = field(default_factory=list)  # reads older than an earlier write or read
     phantom: list[Op] = field(default_factory=list)  # reads of values nobody wrote
     unchecked: list[str] = field(default_factory=list)  # keys whose final read failed
     diverged: list[str] = field(default_factory=list)  # keys whose replicas differ at the end
@@ -165,6 +166,7 @@ def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) 
     """
     verdicts = Verdicts()
     acked: dict[str, list[Op]] = {}
+    observed: dict[str, list[Op]] = {}  # acknowledged writes and reads that saw a value
     written: dict[str, set[str]] = {}
     final: dict[str, Op] = {}
     for op in history:
@@ -172,28 +174,47 @@ def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) 
             written.setdefault(op.key, set()).add(op.value)  # type: ignore[arg-type]
             if op.outcome == OK:
                 acked.setdefault(op.key, []).append(op)
-        elif op.process == -1:
-            if op.outcome == OK:
-                final[op.key] = op
+        elif op.process == -1 and op.outcome == OK:
+            final[op.key] = op
+        if op.outcome == OK and op.ts is not None:
+            observed.setdefault(op.key, []).append(op)
     keys = {op.key for op in history if op.process != -1}
     verdicts.unchecked = sorted(keys - set(final))
     for key, writes in acked.items():
         if key in final:
             seen = final[key].ts
             verdicts.lost += [w for w in writes if seen is None or seen < w.ts]  # type: ignore[operator]
+    # A QUORUM read must return at least the newest value of any QUORUM write
+    # or read that completed before it began (read repair makes reads monotonic).
+    floors = {key: _floors(ops) for key, ops in observed.items()}
     for read in history:
         if read.kind != "read" or read.outcome != OK:
             continue
         if read.value is not None and read.value not in written.get(read.key, ()):
             verdicts.phantom.append(read)
-        floor = max((w.ts for w in acked.get(read.key, ()) if w.end_s < read.start_s),
-                    default=None)
+        ends, newest = floors.get(read.key, ([], []))
+        before = bisect.bisect_left(ends, read.start_s)  # ops that ended before it began
+        floor = newest[before - 1] if before else None
         if floor is not None and (read.ts is None or read.ts < floor):
             verdicts.stale.append(read)
     for key, cells in (replicas or {}).items():
         if len({json.dumps(cell, sort_keys=True) for cell in cells.values()}) > 1:
             verdicts.diverged.append(key)
     return verdicts
+
+
+def _floors(ops: list[Op]) -> tuple[list[float], list[tuple[int, int]]]:
+    """``ops`` by end time, with the newest timestamp seen by each one's end."""
+    ordered = sorted(ops, key=lambda op: op.end_s)
+    newest = list(itertools.accumulate((op.ts for op in ordered), max))  # type: ignore[arg-type]
+    return [op.end_s for op in ordered], newest
+
+
+def read_history(path: Path) -> list[Op]:
+    """A ``history.jsonl`` written by a run, to judge it again."""
+    with open(path) as lines:
+        return [Op(**{**record, "ts": tuple(record["ts"]) if record["ts"] else None})
+                for record in map(json.loads, lines)]
 
 
 # -- the run -------------------------------------------------------------------------
@@ -283,95 +304,90 @@ class ChaosRun:
     # -- load and nemesis ----------------------------------------------------------
 
     async def _load_and_faults(self, faults: list[Fault]) -> dict[str, dict[str, Any]]:
-        assert self.cluster is not None
         self._t0 = _CLOCK.monotonic_s()
         stop = asyncio.Event()
-        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            workers = [asyncio.create_task(self._client(session, n, stop))
-                       for n in range(self.clients)]
-            nemesis = asyncio.create_task(self._nemesis(faults))
-            try:
-                await asyncio.sleep(self.duration_s)
-                stop.set()
-                await asyncio.gather(*workers)
-                await asyncio.wait_for(nemesis, timeout=60.0)  # its last heal may be running
-            finally:
-                for task in (*workers, nemesis):
-                    task.cancel()
-            self.say(f"load stopped after {self.now():.1f}s; healing")
-            await self._heal_everything()
-            await asyncio.sleep(self.quiet_s)  # hints replay; correctness does not wait on it
+        workers = [asyncio.create_task(self._client(n, stop)) for n in range(self.clients)]
+        nemesis = asyncio.create_task(self._nemesis(faults))
+        try:
+            await asyncio.sleep(self.duration_s)
+            stop.set()
+            await asyncio.gather(*workers)
+            await asyncio.wait_for(nemesis, timeout=60.0)  # its last heal may be running
+        finally:
+            for task in (*workers, nemesis):
+                task.cancel()
+        self.say(f"load stopped after {self.now():.1f}s; healing")
+        await self._heal_everything()
+        await asyncio.sleep(self.quiet_s)  # hints replay; correctness does not wait on it
+        async with self._new_client(-1) as kv:
             for key in self.keys:
-                self.history.append(await self._final_read(session, key))
-            return {key: await self._replicas(session, key) for key in self.keys}
+                self.history.append(await self._final_read(kv, key))
+            return {key: await self._replicas(kv, key) for key in self.keys}
 
-    async def _client(self, session: aiohttp.ClientSession, n: int, stop: asyncio.Event) -> None:
-        rng = random.Random(self.seed * 1000 + n)
+    def _new_client(self, n: int) -> AsyncClient:
+        """One workload client (Jepsen's process): its own connections and ring view."""
         urls = [proc.url for proc in self.cluster.procs]  # type: ignore[union-attr]
-        for seq in range(10_000_000):  # bounded; stop ends it
-            if stop.is_set():
-                return
-            key, url = rng.choice(self.keys), rng.choice(urls)
-            if rng.random() < 0.5:
-                op = await self._write(session, url, n, key, f"{n}-{seq}")
-            else:
-                op = await self._read(session, url, n, key, "QUORUM")
-            self.history.append(op)
-            if op.outcome != OK:
-                await asyncio.sleep(0.05)  # pacing: do not spin on a node that is down
+        return AsyncClient(urls, keyspace=KEYSPACE, consistency="QUORUM",
+                           timeout_s=REQUEST_TIMEOUT_S, rng=random.Random(self.seed * 1000 + n))
 
-    async def _write(
-        self, session: aiohttp.ClientSession, url: str, n: int, key: str, value: str
-    ) -> Op:
-        start = self.now()
-        status, body, error = await _request(
-            session, "PUT", f"{url}/v1/kv/{KEYSPACE}/{key}?consistency=QUORUM", {"value": value}
-        )
-        if status == 200:
-            return Op(n, "write", key, value, OK, start, self.now(), tuple(body["timestamp"]))
-        outcome = FAIL if error in NOTHING_WRITTEN else INFO
-        return Op(n, "write", key, value, outcome, start, self.now(), None, error)
+    async def _client(self, n: int, stop: asyncio.Event) -> None:
+        rng = random.Random(self.seed * 1000 + n)
+        async with self._new_client(n) as kv:
+            for seq in range(10_000_000):  # bounded; stop ends it
+                if stop.is_set():
+                    return
+                key = rng.choice(self.keys)
+                if rng.random() < 0.5:
+                    op = await self._write(kv, n, key, f"{n}-{seq}")
+                else:
+                    op = await self._read(kv, n, key, "QUORUM")
+                self.history.append(op)
+                if op.outcome != OK:
+                    await asyncio.sleep(0.05)  # pacing: do not spin while the cluster is down
 
-    async def _read(
-        self, session: aiohttp.ClientSession, url: str, n: int, key: str, level: str
-    ) -> Op:
+    async def _write(self, kv: AsyncClient, n: int, key: str, value: str) -> Op:
         start = self.now()
-        status, body, error = await _request(
-            session, "GET", f"{url}/v1/kv/{KEYSPACE}/{key}?consistency={level}"
-        )
-        if status == 200:
-            return Op(n, "read", key, body["value"], OK, start, self.now(),
-                      tuple(body["timestamp"]))
-        if status == 404 and error == "not_found":
+        try:
+            result = await kv.put(key, value)
+        except RingKVError as exc:
+            # The client retries, so even an Unavailable may follow an attempt
+            # that timed out and still lands: only these prove nothing was sent.
+            certain = isinstance(exc, BadRequest) or (
+                isinstance(exc, NoNodeAvailable) and not exc.maybe_applied)
+            return Op(n, "write", key, value, FAIL if certain else INFO, start, self.now(), None,
+                      exc.code)
+        return Op(n, "write", key, value, OK, start, self.now(), tuple(result.timestamp))
+
+    async def _read(self, kv: AsyncClient, n: int, key: str, level: str) -> Op:
+        start = self.now()
+        try:
+            record = await kv.get_with_meta(key, consistency=level)
+        except RingKVError as exc:
+            return Op(n, "read", key, None, FAIL, start, self.now(), None, exc.code)
+        if record is None:
             return Op(n, "read", key, None, OK, start, self.now(), None)
-        return Op(n, "read", key, None, FAIL, start, self.now(), None, error)
+        return Op(n, "read", key, record.value, OK, start, self.now(), tuple(record.timestamp))
 
-    async def _final_read(self, session: aiohttp.ClientSession, key: str) -> Op:
+    async def _final_read(self, kv: AsyncClient, key: str) -> Op:
         """A QUORUM read after healing; retried (bounded) while the cluster settles."""
         op = None
-        for attempt in range(FINAL_READ_ATTEMPTS):
-            url = self.cluster.procs[attempt % len(HOSTS)].url  # type: ignore[union-attr]
-            op = await self._read(session, url, -1, key, "QUORUM")
+        for _ in range(FINAL_READ_ATTEMPTS):
+            op = await self._read(kv, -1, key, "QUORUM")
             if op.outcome == OK:
                 return op
             await asyncio.sleep(0.5)
         assert op is not None
         return op
 
-    async def _replicas(self, session: aiohttp.ClientSession, key: str) -> dict[str, Any]:
+    async def _replicas(self, kv: AsyncClient, key: str) -> dict[str, Any]:
         """Read ``key`` at ALL (read repair makes every replica agree), then what each
-        node's own replica holds."""
-        url = self.cluster.procs[0].url  # type: ignore[union-attr]
-        await _request(session, "GET", f"{url}/v1/kv/{KEYSPACE}/{key}?consistency=ALL")
+        node's own replica holds (``?local=true``, which the client does not offer)."""
+        await self._read(kv, -2, key, "ALL")
         cells = {}
         for proc in self.cluster.procs:  # type: ignore[union-attr]
-            status, body, error = await _request(
-                session, "GET", f"{proc.url}/v1/kv/{KEYSPACE}/{key}?local=true"
-            )
-            cells[proc.node_id] = (
-                [body["value"], body["timestamp"]] if status == 200 else error
-            )
+            status, body = await asyncio.to_thread(
+                http, "GET", f"{proc.url}/v1/kv/{KEYSPACE}/{key}?local=true")
+            cells[proc.node_id] = [body["value"], body["timestamp"]] if status == 200 else status
         return cells
 
     async def _nemesis(self, faults: list[Fault]) -> None:
@@ -435,23 +451,6 @@ class ChaosRun:
 def _pairs(hosts: Iterable[str]) -> list[tuple[str, str]]:
     hosts = list(hosts)
     return [(a, b) for i, a in enumerate(hosts) for b in hosts[i + 1:]]
-
-
-async def _request(
-    session: aiohttp.ClientSession, method: str, url: str, body: Any = None
-) -> tuple[int, Any, str | None]:
-    """(status, JSON body, error code); status 0 when no answer came."""
-    try:
-        async with session.request(method, url, json=body) as response:
-            payload = await response.json(content_type=None)
-    except aiohttp.ClientConnectorError:
-        return 0, None, "refused"  # never reached the node: nothing was done
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return 0, None, type(exc).__name__
-    if response.status >= 400:
-        error = payload.get("error", {}) if isinstance(payload, dict) else {}
-        return response.status, payload, error.get("code", f"http_{response.status}")
-    return response.status, payload, None
 
 
 def run_chaos(run_dir: Path, *, seed: int, duration_s: float, **options: Any) -> Report:
