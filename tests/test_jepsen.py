@@ -41,13 +41,15 @@ def test_the_schedule_runs_every_fault_kind_one_at_a_time_within_the_run() -> No
     assert max(counts.values()) - min(counts.values()) <= 1  # whole rounds before repeats
 
 
-def w(key: str, value: str, start: float, end: float, ts: int | None, outcome: str = OK) -> Op:
-    return Op(0, "write", key, value, outcome, start, end, None if ts is None else (ts, 0))
+def w(key: str, value: str, start: float, end: float, ts: int | None, status: str = OK) -> Op:
+    return Op(0, "c0", "write", key, value, start, end, status, "n1", "QUORUM",
+              ts=None if ts is None else (ts, 0))
 
 
 def r(key: str, value: str | None, start: float, end: float, ts: int | None,
-      process: int = 1) -> Op:
-    return Op(process, "read", key, value, OK, start, end, None if ts is None else (ts, 0))
+      final: bool = False) -> Op:
+    return Op(0, "final" if final else "c1", "read", key, value, start, end, OK, "n1", "QUORUM",
+              final=final, ts=None if ts is None else (ts, 0))
 
 
 def test_check_finds_lost_stale_and_phantom_reads_and_diverged_replicas() -> None:
@@ -64,8 +66,8 @@ def test_check_finds_lost_stale_and_phantom_reads_and_diverged_replicas() -> Non
         w("b", "b2", 0, 9, None, INFO),
         r("b", "b2", 10, 11, 40),  # an indeterminate write may show up
         w("c", "c1", 0, 1, None, FAIL),
-        r("a", "a1", 20, 21, 10, process=-1),  # final: a2 is lost
-        r("b", "b2", 20, 21, 40, process=-1),
+        r("a", "a1", 20, 21, 10, final=True),  # final: a2 is lost
+        r("b", "b2", 20, 21, 40, final=True),
     ]
     verdicts = check(history, {"a": {"n1": ["a1", [10, 0]], "n2": "not_found"},
                                "b": {"n1": ["b2", [40, 0]], "n2": ["b2", [40, 0]]}})
@@ -76,7 +78,7 @@ def test_check_finds_lost_stale_and_phantom_reads_and_diverged_replicas() -> Non
     assert verdicts.unchecked == ["c"]
     assert verdicts.diverged == ["a"]
     assert not verdicts.ok
-    assert check([w("a", "a1", 0, 1, 10), r("a", "a1", 2, 3, 10, process=-1)]).ok
+    assert check([w("a", "a1", 0, 1, 10), r("a", "a1", 2, 3, 10, final=True)]).ok
 
 
 @pytest.mark.cluster
@@ -91,7 +93,7 @@ def test_no_lost_or_stale_quorum_operations_under_faults(tmp_path: Path) -> None
     summary = report.summary()
     print(summary)
     assert Counter(f.kind for f in report.faults) == Counter(FAULT_KINDS), summary
-    outcomes = Counter((op.kind, op.outcome) for op in report.history)
+    outcomes = Counter((op.kind, op.status) for op in report.history)
     assert outcomes["write", OK] > 0 and outcomes["read", OK] > 0, summary
     assert report.verdicts.lost == [], summary
     assert report.verdicts.stale == [], summary

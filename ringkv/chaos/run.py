@@ -61,17 +61,21 @@ OK, FAIL, INFO = "ok", "fail", "info"
 
 @dataclass(frozen=True)
 class Op:
-    """One client operation as the client saw it."""
+    """One client operation as the client saw it (the simulator's record, field for field)."""
 
-    process: int  # client number; -1 for the final reads
+    index: int  # invocation order
+    process: str  # the client ("c3"), or "final" for the reads after healing
     kind: str  # "write" | "read"
     key: str
     value: str | None  # the value written, or the value read (None: absent)
-    outcome: str  # OK | FAIL | INFO
-    start_s: float  # monotonic seconds since the run began
-    end_s: float
-    ts: tuple[int, int] | None  # write: its timestamp; read: the timestamp of what it saw
+    start: float  # monotonic seconds since the run began
+    end: float
+    status: str  # OK | FAIL | INFO
+    node: str  # the coordinator asked: the client routes, so "client"
+    consistency: str
     error: str | None = None  # the error code, when not OK
+    final: bool = False
+    ts: tuple[int, int] | None = None  # write: its timestamp; read: that of the cell it saw
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,8 @@ class Report:
     run_dir: Path
 
     def summary(self) -> str:
-        writes = Counter(op.outcome for op in self.history if op.kind == "write")
-        reads = Counter(op.outcome for op in self.history if op.kind == "read")
+        writes = Counter(op.status for op in self.history if op.kind == "write")
+        reads = Counter(op.status for op in self.history if op.kind == "read")
         kinds = Counter(fault.kind for fault in self.faults)
         v = self.verdicts
         return "\n".join([
@@ -160,7 +164,7 @@ def schedule(seed: int, duration_s: float, hosts: tuple[str, ...] = HOSTS) -> li
 
 
 def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) -> Verdicts:
-    """Judge a history whose last reads of each key (process -1) are the final state.
+    """Judge a history whose ``final`` reads of each key are the state after healing.
 
     ``replicas``: key -> node id -> what that node's own replica holds at the end.
     """
@@ -172,13 +176,13 @@ def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) 
     for op in history:
         if op.kind == "write":
             written.setdefault(op.key, set()).add(op.value)  # type: ignore[arg-type]
-            if op.outcome == OK:
+            if op.status == OK:
                 acked.setdefault(op.key, []).append(op)
-        elif op.process == -1 and op.outcome == OK:
+        elif op.final and op.status == OK:
             final[op.key] = op
-        if op.outcome == OK and op.ts is not None:
+        if op.status == OK and op.ts is not None:
             observed.setdefault(op.key, []).append(op)
-    keys = {op.key for op in history if op.process != -1}
+    keys = {op.key for op in history if not op.final}
     verdicts.unchecked = sorted(keys - set(final))
     for key, writes in acked.items():
         if key in final:
@@ -188,12 +192,12 @@ def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) 
     # or read that completed before it began (read repair makes reads monotonic).
     floors = {key: _floors(ops) for key, ops in observed.items()}
     for read in history:
-        if read.kind != "read" or read.outcome != OK:
+        if read.kind != "read" or read.status != OK:
             continue
         if read.value is not None and read.value not in written.get(read.key, ()):
             verdicts.phantom.append(read)
         ends, newest = floors.get(read.key, ([], []))
-        before = bisect.bisect_left(ends, read.start_s)  # ops that ended before it began
+        before = bisect.bisect_left(ends, read.start)  # ops that ended before it began
         floor = newest[before - 1] if before else None
         if floor is not None and (read.ts is None or read.ts < floor):
             verdicts.stale.append(read)
@@ -205,9 +209,9 @@ def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) 
 
 def _floors(ops: list[Op]) -> tuple[list[float], list[tuple[int, int]]]:
     """``ops`` by end time, with the newest timestamp seen by each one's end."""
-    ordered = sorted(ops, key=lambda op: op.end_s)
+    ordered = sorted(ops, key=lambda op: op.end)
     newest = list(itertools.accumulate((op.ts for op in ordered), max))  # type: ignore[arg-type]
-    return [op.end_s for op in ordered], newest
+    return [op.end for op in ordered], newest
 
 
 def read_history(path: Path) -> list[Op]:
@@ -245,6 +249,7 @@ class ChaosRun:
         self.proxy: FaultProxy | None = None
         self.by_host: dict[str, NodeProcess] = {}
         self._t0 = 0.0
+        self._index = itertools.count()
 
     def now(self) -> float:
         return _CLOCK.monotonic_s() - self._t0
@@ -319,34 +324,35 @@ class ChaosRun:
         self.say(f"load stopped after {self.now():.1f}s; healing")
         await self._heal_everything()
         await asyncio.sleep(self.quiet_s)  # hints replay; correctness does not wait on it
-        async with self._new_client(-1) as kv:
+        async with self._new_client("final") as kv:
             for key in self.keys:
                 self.history.append(await self._final_read(kv, key))
             return {key: await self._replicas(kv, key) for key in self.keys}
 
-    def _new_client(self, n: int) -> AsyncClient:
+    def _new_client(self, process: str) -> AsyncClient:
         """One workload client (Jepsen's process): its own connections and ring view."""
         urls = [proc.url for proc in self.cluster.procs]  # type: ignore[union-attr]
         return AsyncClient(urls, keyspace=KEYSPACE, consistency="QUORUM",
-                           timeout_s=REQUEST_TIMEOUT_S, rng=random.Random(self.seed * 1000 + n))
+                           timeout_s=REQUEST_TIMEOUT_S, rng=random.Random(f"{self.seed}/{process}"))
 
     async def _client(self, n: int, stop: asyncio.Event) -> None:
-        rng = random.Random(self.seed * 1000 + n)
-        async with self._new_client(n) as kv:
+        process = f"c{n}"
+        rng = random.Random(f"{self.seed}/{process}/ops")
+        async with self._new_client(process) as kv:
             for seq in range(10_000_000):  # bounded; stop ends it
                 if stop.is_set():
                     return
                 key = rng.choice(self.keys)
                 if rng.random() < 0.5:
-                    op = await self._write(kv, n, key, f"{n}-{seq}")
+                    op = await self._write(kv, process, key, f"{n}-{seq}")
                 else:
-                    op = await self._read(kv, n, key, "QUORUM")
+                    op = await self._read(kv, process, key, "QUORUM")
                 self.history.append(op)
-                if op.outcome != OK:
+                if op.status != OK:
                     await asyncio.sleep(0.05)  # pacing: do not spin while the cluster is down
 
-    async def _write(self, kv: AsyncClient, n: int, key: str, value: str) -> Op:
-        start = self.now()
+    async def _write(self, kv: AsyncClient, process: str, key: str, value: str) -> Op:
+        index, start = next(self._index), self.now()
         try:
             result = await kv.put(key, value)
         except RingKVError as exc:
@@ -354,26 +360,29 @@ class ChaosRun:
             # that timed out and still lands: only these prove nothing was sent.
             certain = isinstance(exc, BadRequest) or (
                 isinstance(exc, NoNodeAvailable) and not exc.maybe_applied)
-            return Op(n, "write", key, value, FAIL if certain else INFO, start, self.now(), None,
-                      exc.code)
-        return Op(n, "write", key, value, OK, start, self.now(), tuple(result.timestamp))
+            return Op(index, process, "write", key, value, start, self.now(),
+                      FAIL if certain else INFO, "client", "QUORUM", exc.code)
+        return Op(index, process, "write", key, value, start, self.now(), OK, "client", "QUORUM",
+                  ts=tuple(result.timestamp))
 
-    async def _read(self, kv: AsyncClient, n: int, key: str, level: str) -> Op:
-        start = self.now()
+    async def _read(self, kv: AsyncClient, process: str, key: str, level: str) -> Op:
+        index, start = next(self._index), self.now()
+        final = process == "final"
         try:
             record = await kv.get_with_meta(key, consistency=level)
         except RingKVError as exc:
-            return Op(n, "read", key, None, FAIL, start, self.now(), None, exc.code)
-        if record is None:
-            return Op(n, "read", key, None, OK, start, self.now(), None)
-        return Op(n, "read", key, record.value, OK, start, self.now(), tuple(record.timestamp))
+            return Op(index, process, "read", key, None, start, self.now(), FAIL, "client", level,
+                      exc.code, final)
+        value, ts = (None, None) if record is None else (record.value, tuple(record.timestamp))
+        return Op(index, process, "read", key, value, start, self.now(), OK, "client", level,
+                  None, final, ts)
 
     async def _final_read(self, kv: AsyncClient, key: str) -> Op:
         """A QUORUM read after healing; retried (bounded) while the cluster settles."""
         op = None
         for _ in range(FINAL_READ_ATTEMPTS):
-            op = await self._read(kv, -1, key, "QUORUM")
-            if op.outcome == OK:
+            op = await self._read(kv, "final", key, "QUORUM")
+            if op.status == OK:
                 return op
             await asyncio.sleep(0.5)
         assert op is not None
@@ -382,7 +391,7 @@ class ChaosRun:
     async def _replicas(self, kv: AsyncClient, key: str) -> dict[str, Any]:
         """Read ``key`` at ALL (read repair makes every replica agree), then what each
         node's own replica holds (``?local=true``, which the client does not offer)."""
-        await self._read(kv, -2, key, "ALL")
+        await self._read(kv, "repair", key, "ALL")
         cells = {}
         for proc in self.cluster.procs:  # type: ignore[union-attr]
             status, body = await asyncio.to_thread(
