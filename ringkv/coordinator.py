@@ -323,7 +323,8 @@ class Coordinator:
             return [(data_node, cell)]
         start = self._clock.monotonic_s()
         deadline = start + self._read_timeout_s
-        tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str]] = {}
+        # task -> (node, "data" | "digest", when it was asked)
+        tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str, float]] = {}
 
         def launch(node: str, kind: str) -> None:
             if kind == "data":
@@ -334,7 +335,7 @@ class Coordinator:
                 coro = self._replicas.digest(
                     node, plan.keyspace, plan.token, key, self._read_timeout_s
                 )
-            tasks[asyncio.ensure_future(coro)] = (node, kind)
+            tasks[asyncio.ensure_future(coro)] = (node, kind, self._clock.monotonic_s())
 
         launch(data_node, "data")
         for node in digest_nodes:
@@ -373,12 +374,15 @@ class Coordinator:
                     launch(node, "data")
                     continue
                 for task in done:
-                    node, kind = tasks[task]
+                    node, kind, asked_at = tasks[task]
                     if task.exception() is not None:
                         failed.add(node)
                         self._note_latency(node, self._read_timeout_s)  # a failure ranks last
                         continue
-                    elapsed = self._clock.monotonic_s() - start
+                    # Timed from its own request: a speculative answer's time
+                    # must not include the wait before it was asked, or every
+                    # speculation would raise the next threshold.
+                    elapsed = self._clock.monotonic_s() - asked_at
                     self._latencies.record(elapsed)
                     self._note_latency(node, elapsed)
                     if kind == "data":
@@ -386,9 +390,14 @@ class Coordinator:
                     else:
                         digests[node] = task.result()  # type: ignore[assignment]
         finally:
-            for task in tasks:
+            now = self._clock.monotonic_s()
+            for task, (node, _, asked_at) in tasks.items():
                 if not task.done():
                     task.cancel()
+                    # It kept us waiting at least this long. Counting that (as
+                    # Cassandra's dynamic snitch counts timeouts) stops a replica
+                    # that is UP but not answering from being asked first forever.
+                    self._note_latency(node, now - asked_at)
                 else:
                     task.exception()  # mark retrieved
         answered = len(data) + len(digests)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from ringkv.clock import HybridLogicalClock, SystemClock, Timestamp
+from ringkv.clock import Clock, HybridLogicalClock, ManualClock, SystemClock, Timestamp
 from ringkv.coordinator import Coordinator, KeyspaceSettings
 from ringkv.errors import PeerUnreachable, Timeout, Unavailable
 from ringkv.quorum import ConsistencyLevel as CL
@@ -26,11 +26,15 @@ class FakeReplicas:
         self.failing: set[str] = set()
         self.hanging: set[str] = set()
         self.writes: list[str] = []
+        self.hang_passes: tuple[ManualClock, float] | None = None  # time that passes in a hang
 
     async def _gate(self, node: str) -> None:
         if node in self.failing:
             raise PeerUnreachable(f"{node} is down", node_id=node)
         if node in self.hanging:
+            if self.hang_passes is not None:
+                clock, seconds = self.hang_passes
+                clock.advance(seconds)
             await asyncio.Event().wait()  # never answers; cancelled by the coordinator
 
     async def write(self, node, keyspace, token, key, cell, timeout_s):
@@ -62,10 +66,10 @@ class Hints:
 
 
 def make(replicas: FakeReplicas, alive: set[str] | None = None, hints: Hints | None = None,
-         timeout_s: float = 1.0) -> Coordinator:
+         timeout_s: float = 1.0, clock: Clock | None = None) -> Coordinator:
     alive = set(NODES) if alive is None else alive
     keyspaces: Mapping[str, KeyspaceSettings] = {"ks": KeyspaceSettings("ks", 3, CL.QUORUM)}
-    clock = SystemClock()
+    clock = clock or SystemClock()
     return Coordinator(
         "a", ring=lambda: RING, is_alive=lambda n: n in alive, replicas=replicas,
         keyspaces=lambda: keyspaces, clock=clock, hlc=HybridLogicalClock(clock), hints=hints,
@@ -174,5 +178,33 @@ def test_speculative_retry_backs_up_a_slow_replica() -> None:
         result = await coordinator.read("ks", b"k", CL.QUORUM)
         assert result.receipt.speculative, result.receipt
         assert slow not in result.receipt.answered
+
+    run(scenario())
+
+
+def test_a_replica_that_stops_answering_is_not_asked_first_again() -> None:
+    """A replica that is UP but silent (a one-way partition) ranks by how long it kept
+    the coordinator waiting, like Cassandra's dynamic snitch counting timeouts; and
+    the spare's answer is timed from its own request, so speculating does not raise
+    the next speculative threshold (it used to creep up with every read)."""
+    clock = ManualClock()
+    replicas = FakeReplicas()
+    for node in NODES:
+        replicas.data[node][b"k"] = cell(b"1", 1)
+    coordinator = make(replicas, timeout_s=5.0, clock=clock)
+
+    async def scenario() -> None:
+        for _ in range(30):  # enough samples for a latency percentile
+            await coordinator.read("ks", b"k", CL.QUORUM)
+        silent = coordinator._by_proximity(("b", "c"))[0]  # the peer it will ask first
+        replicas.hanging.add(silent)
+        replicas.hang_passes = (clock, 1.0)  # one second passes while it does not answer
+        first = await coordinator.read("ks", b"k", CL.QUORUM)
+        assert first.receipt.speculative and silent not in first.receipt.answered
+        # The last sample is the spare's: asked after the second passed, it answered at once.
+        assert coordinator._latencies._samples[-1] == 0.0
+        second = await coordinator.read("ks", b"k", CL.QUORUM)
+        assert silent not in second.receipt.asked
+        assert second.receipt.speculative == []
 
     run(scenario())
