@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
 PEERS_FILE = "peers.json"  # the ring as last seen, so a restart does not start from nothing
+GENERATION_FILE = "generation"  # the last gossip generation used, so the next one is higher
 # Heartbeats reach a peer second-hand through gossip, so some arrive a round
 # late; tolerating two intervals of silence before phi climbs avoids false
 # DOWNs without slowing detection of a real failure much (Akka uses 3 s).
@@ -50,7 +51,8 @@ MAINTENANCE_INTERVAL_S = 5.0
 
 
 class FileIdentity:
-    """A node's identity in its data directory: tokens in node.json, peers in peers.json."""
+    """A node's identity in its data directory: tokens in node.json, peers in
+    peers.json, the last gossip generation in ``generation``."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -98,6 +100,13 @@ class FileIdentity:
     def save_peers(self, peers: dict[str, dict[str, Any]]) -> None:
         _write_atomically(self._config.node_data_dir / PEERS_FILE, json.dumps(peers))
 
+    def next_generation(self, now_s: int) -> int:
+        path = self._config.node_data_dir / GENERATION_FILE
+        last = int(path.read_text()) if path.exists() else 0
+        generation = max(now_s, last + 1)
+        _write_atomically(path, str(generation))
+        return generation
+
 
 class MemoryIdentity:
     """A node's identity held in memory. A fresh one per Node forgets it on restart (the
@@ -107,6 +116,7 @@ class MemoryIdentity:
     def __init__(self) -> None:
         self._tokens: tuple[int, ...] | None = None
         self._peers = "{}"
+        self._generation = 0
 
     def load_tokens(self) -> tuple[int, ...] | None:
         return self._tokens
@@ -119,6 +129,10 @@ class MemoryIdentity:
 
     def save_peers(self, peers: dict[str, dict[str, Any]]) -> None:
         self._peers = json.dumps(peers)  # a copy, as a file would be
+
+    def next_generation(self, now_s: int) -> int:
+        self._generation = max(now_s, self._generation + 1)
+        return self._generation
 
 
 def open_engine(config: Config) -> Engine:
@@ -153,8 +167,9 @@ class Node:
         internode transport; the default is ``ringkv.net.transport.Transport``
         (real sockets). The simulator passes its own, on a simulated network.
 
-        ``identity`` keeps the node's tokens and known peers across restarts:
-        files in the data directory by default, in memory on the memory engine.
+        ``identity`` keeps the node's tokens, known peers and gossip generation
+        across restarts: files in the data directory by default, in memory on
+        the memory engine.
         ``coordinator_class`` lets the simulator plant a deliberately broken
         coordinator to prove its checkers catch it.
         """
@@ -256,7 +271,10 @@ class Node:
             # seed whose seed list names only itself can still find them.
             _unique([*cluster.seeds, *(p["internode_addr"] for p in self._saved_peers.values()
                                        if p.get("internode_addr"))]),
-            generation=self.clock.wall_us() // 1_000_000,
+            # Peers ignore a generation that is not higher than the last they saw,
+            # so it must grow even if the clock stepped back or the restart came
+            # within the same second (Cassandra stores it in system.local too).
+            generation=self.identity.next_generation(self.clock.wall_us() // 1_000_000),
             detector=PhiAccrualFailureDetector(
                 threshold=timing.phi_threshold,
                 acceptable_pause_s=ACCEPTABLE_PAUSE_INTERVALS * interval_s,
