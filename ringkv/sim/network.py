@@ -39,6 +39,7 @@ from ringkv.errors import (
     TooLarge,
 )
 from ringkv.net.codec import (
+    HEADER_BYTES,
     HELLO,
     KIND_ERROR,
     KIND_ONEWAY,
@@ -298,11 +299,16 @@ class SimTransport:
 
     # -- receiving ---------------------------------------------------------------
 
+    def _decode(self, data: bytes) -> Frame:
+        # Each message arrives whole, so the body goes straight to the real
+        # decoder's checks, skipping its stream buffering.
+        return self._decoder._decode_body(data[HEADER_BYTES:])
+
     def on_frame(self, src: SimTransport, data: bytes) -> None:
         """A request or one-way frame from ``src`` arrived (runs in our process)."""
         if self.closed:
             return
-        frame = self._decoder.feed(data)[0]
+        frame = self._decode(data)
         if frame.kind == KIND_REQUEST and self._inflight >= self._max_inflight:
             err = Overloaded(f"node {self.node_id} has {self._inflight} requests in flight")
             self._reply(src, frame, KIND_ERROR,
@@ -340,7 +346,7 @@ class SimTransport:
         self.network.transmit(self.node_id, src.node_id, src.process, src.on_response, data)
 
     def on_response(self, data: bytes) -> None:
-        frame = self._decoder.feed(data)[0]
+        frame = self._decode(data)
         pending = self.pending.pop(frame.request_id, None)
         if pending is None or pending.future.done():
             return  # late: the request timed out, or a duplicate answer

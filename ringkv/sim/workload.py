@@ -109,8 +109,7 @@ class Workload:
         else:
             coro = node.get(self.spec.keyspace, raw_key, consistency)
         task = machine.run(coro)
-        task.add_done_callback(_retrieve)
-        await asyncio.wait([task], timeout=self.spec.client_timeout_s)
+        await self._wait(task, self.spec.client_timeout_s)
         if not task.done():
             return self._record(invoked, INFO, None, value, "client timeout")
         exc = task.exception()
@@ -127,6 +126,21 @@ class Workload:
         # still have reached a replica, so its outcome is unknown. Reads change nothing.
         certain = isinstance(exc, Unavailable) or kind == "read"
         return self._record(invoked, FAIL if certain else INFO, end, value, type(exc).__name__)
+
+    async def _wait(self, task: asyncio.Task[Any], timeout_s: float) -> None:
+        """Wait for ``task`` at most ``timeout_s``, leaving it running if it is late
+        (like a client that gives up on a server that may still act)."""
+        woken = self.loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        task.add_done_callback(_retrieve)
+        task.add_done_callback(wake)
+        timer = self.loop.call_later(timeout_s, wake)
+        await woken
+        timer.cancel()
 
     def _record(self, invoked: Op, status: str, end: float | None, value: str | None,
                 error: str | None, ts: tuple[int, int] | None = None) -> Op:
