@@ -2,6 +2,7 @@
 
     single-node   one ringkv node vs a bare aiohttp + plyvel handler
     cluster       a 3-node RF=3 cluster: put and get at ONE, QUORUM and ALL
+    sim-speed     the deterministic simulator: simulated client ops per wall-clock second
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"single-node": "bench.single_node", "cluster": "bench.cluster"}
+    commands = {"single-node": "bench.single_node", "cluster": "bench.cluster",
+                "sim-speed": "bench.sim_speed"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

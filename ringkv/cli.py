@@ -91,7 +91,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     # Imported here: the simulator is not needed to run a node.
-    from ringkv.sim.run import SimSettings, format_report, simulate
+    from dataclasses import replace
+
+    from ringkv.sim.run import SimSettings, format_line, format_report, format_totals, simulate
 
     nemesis = tuple(n for n in args.nemesis.split(",") if n and n != "none")
     try:
@@ -105,9 +107,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ringkv sim: error: {exc}", file=sys.stderr)
         return 2
-    result = simulate(settings, node_logs=args.node_logs)
-    print(format_report(result, show_history=args.history))
-    return 0 if result.ok else 1
+    if args.seeds == 1:
+        result = simulate(settings, node_logs=args.node_logs)
+        print(format_report(result, show_history=args.history))
+        return 0 if result.ok else 1
+    results = []
+    for seed in range(args.seed, args.seed + args.seeds):  # one line each, then totals
+        results.append(simulate(replace(settings, seed=seed), node_logs=args.node_logs))
+        print(format_line(results[-1]), flush=True)
+    print(format_totals(results))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real nodes on virtual time with a simulated network and faults; "
                     "the same options replay the same run (same history hash).")
     sim.add_argument("--seed", type=int, default=1, help="everything derives from it")
+    sim.add_argument("--seeds", type=int, default=1,
+                     help="run this many seeds from --seed on, one line each, then totals")
     sim.add_argument("--nodes", type=int, default=5, help="cluster size (default 5)")
     sim.add_argument("--rf", type=int, default=3, help="replication factor (default 3)")
     sim.add_argument("--ops", type=int, default=2000, help="client operations (default 2000)")

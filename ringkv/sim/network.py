@@ -205,8 +205,7 @@ class SimTransport:
     async def stop(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        self.network.unlisten(self)
+        self.network.process_died(self, machine_down=False)  # peers see the connections close
         self._fail_pending(lambda _p: ShuttingDown(f"node {self.node_id} is stopping"))
         for task in list(self._tasks):
             task.cancel()

@@ -249,6 +249,7 @@ def _health(healed: bool, loop_errors: list[str], unexpected: list[str]) -> Verd
 
 
 def format_report(result: SimResult, *, show_history: bool = False) -> str:
+    """Everything about one run: what ran, what the checkers said, how to replay it."""
     settings = result.settings
     history = result.history
     client_ops = [op for op in history if not op.final]
@@ -279,3 +280,46 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
     if not result.ok:
         lines.append(f"FAILED; replay with: {settings.command()}")
     return "\n".join(lines)
+
+
+def format_line(result: SimResult) -> str:
+    """One line per run, for a series of seeds."""
+    counts = _counts(result)
+    return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
+            f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
+            f"{result.fault_count:>3} faults; lost {counts['lost']}, stale {counts['stale']}, "
+            f"discarded {counts['discarded']}; hash {result.history_hash}")
+
+
+def format_totals(results: list[SimResult]) -> str:
+    """What a series of runs measured, summed (the figures README's Guarantees quote)."""
+    total = Counter[str]()
+    for result in results:
+        total.update(_counts(result))
+    failed = [r for r in results if not r.ok]
+    lines = [
+        f"{len(results)} runs, {len(failed)} failed: {total['ops']} client ops, "
+        f"{sum(r.fault_count for r in results)} faults injected",
+        f"  lost acknowledged writes: {total['lost']} of {total['acked']}",
+        f"  stale reads: {total['stale']} of {total['reads']} "
+        f"({100 * total['stale'] / max(1, total['reads']):.2f}%)",
+        f"  reads of values never written: {total['phantom']}",
+        f"  keys whose replicas differ after healing: {total['diverged']}",
+        f"  acknowledged writes discarded by LWW: {total['discarded']} of {total['acked']}",
+    ]
+    lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
+    return "\n".join(lines)
+
+
+def _counts(result: SimResult) -> dict[str, int]:
+    client = [op for op in result.history if not op.final]
+    return {
+        "ops": len(client),
+        "acked": sum(1 for op in client if op.kind == "write" and op.status == "ok"),
+        "reads": sum(1 for op in client if op.kind == "read" and op.status == "ok"),
+        "lost": result.verdict("lost").count,
+        "stale": result.verdict("stale").count,
+        "phantom": result.verdict("reads of values").count,
+        "diverged": result.verdict("replicas").count,
+        "discarded": result.verdict("writes discarded").count,
+    }
