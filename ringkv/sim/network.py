@@ -127,10 +127,10 @@ class SimNetwork:
             return
         self.stats["sent"] += 1
         loop = self.loop
-        loop.call_later(self._delay(src, dst), callback, *args, context=process.context)
+        loop.deliver_later(self._delay(src, dst), process.context, callback, args)
         if conditions.duplicate and self.rng.random() < conditions.duplicate:
             self.stats["duplicated"] += 1
-            loop.call_later(self._delay(src, dst), callback, *args, context=process.context)
+            loop.deliver_later(self._delay(src, dst), process.context, callback, args)
 
     def _delay(self, src: str, dst: str) -> float:
         conditions = self.conditions

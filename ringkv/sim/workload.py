@@ -10,6 +10,7 @@ the write it saw.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ class WorkloadSpec:
     client_timeout_s: float = 5.0
     keyspace: str = "default"
 
-    @property
+    @functools.cached_property
     def key_names(self) -> list[str]:
         return [f"k{i}" for i in range(self.keys)]
 
