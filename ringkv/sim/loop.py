@@ -30,8 +30,9 @@ RUNNING, PAUSED, CRASHED = "running", "paused", "crashed"
 
 _OWNER: contextvars.ContextVar[Process | None] = contextvars.ContextVar("sim_owner", default=None)
 
-# Compact the timer heap when more than half of it is cancelled timers (as asyncio does).
-_MIN_HEAP_TO_COMPACT = 100
+# Compact the timer heap once it holds more than this many cancelled timers and
+# they are more than half of it (as asyncio does).
+_MIN_CANCELLED_TO_COMPACT = 100
 
 
 class SimulationStuck(RuntimeError):
@@ -44,16 +45,12 @@ class Process:
     def __init__(self, name: str) -> None:
         self.name = name
         self.state = RUNNING
-        self.parked: deque[asyncio.Handle] = deque()  # handles that came due while paused
+        self.parked: deque[Any] = deque()  # handles that came due while paused
         self.context = contextvars.Context()
         self.context.run(_OWNER.set, self)
 
     def __repr__(self) -> str:
         return f"Process({self.name!r}, {self.state})"
-
-
-def current_process() -> Process | None:
-    return _OWNER.get()
 
 
 class _Callback:
@@ -192,7 +189,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
         ready = self._ready
         while not self._stopping:
             scheduled = self._scheduled
-            if (self._timer_cancelled_count > _MIN_HEAP_TO_COMPACT
+            if (self._timer_cancelled_count > _MIN_CANCELLED_TO_COMPACT
                     and self._timer_cancelled_count * 2 > len(scheduled)):
                 self._compact()
                 scheduled = self._scheduled
