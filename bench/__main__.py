@@ -4,6 +4,7 @@
     cluster       a 3-node RF=3 cluster: put and get at ONE, QUORUM and ALL
     ycsb          YCSB-style workloads A, B, C and write-only through the Python client,
                   at ONE, QUORUM and ALL (--quick: under 2 minutes); table, JSON and a plot
+    sim-speed     the deterministic simulator: simulated client ops per wall-clock second
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"single-node": "bench.single_node", "cluster": "bench.cluster", "ycsb": "bench.ycsb"}
+    commands = {
+        "single-node": "bench.single_node",
+        "cluster": "bench.cluster",
+        "ycsb": "bench.ycsb",
+        "sim-speed": "bench.sim_speed",
+    }
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

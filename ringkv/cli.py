@@ -118,6 +118,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     return bench_main(list(args.bench_args))
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    # Imported here: the simulator is not needed to run a node.
+    from dataclasses import replace
+
+    from ringkv.sim.run import SimSettings, format_line, format_report, format_totals, simulate
+
+    nemesis = tuple(n for n in args.nemesis.split(",") if n and n != "none")
+    try:
+        settings = SimSettings(
+            seed=args.seed, nodes=args.nodes, rf=args.rf, ops=args.ops, clients=args.clients,
+            keys=args.keys, read_cl=args.read.upper(), write_cl=args.write.upper(),
+            nemesis=nemesis, fault=args.fault, duration_s=args.duration,
+            commit_sync=args.commit_sync, hints=not args.no_hints,
+            write_fraction=args.write_fraction, max_skew_s=args.max_skew, boot=args.boot,
+        )
+    except ValueError as exc:
+        print(f"ringkv sim: error: {exc}", file=sys.stderr)
+        return 2
+    if args.seeds == 1:
+        result = simulate(settings, node_logs=args.node_logs)
+        print(format_report(result, show_history=args.history))
+        return 0 if result.ok else 1
+    results = []
+    for seed in range(args.seed, args.seed + args.seeds):  # one line each, then totals
+        results.append(simulate(replace(settings, seed=seed), node_logs=args.node_logs))
+        print(format_line(results[-1]), flush=True)
+    print(format_totals(results))
+    return 0 if all(r.ok for r in results) else 1
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -180,6 +209,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER,
                        help="a benchmark name and its options, e.g. ycsb --quick")
     bench.set_defaults(func=cmd_bench)
+
+    sim = commands.add_parser(
+        "sim", help="run a deterministic whole-cluster simulation from one seed",
+        description="Real nodes on virtual time with a simulated network and faults; "
+                    "the same options replay the same run (same history hash).")
+    sim.add_argument("--seed", type=int, default=1, help="everything derives from it")
+    sim.add_argument("--seeds", type=int, default=1,
+                     help="run this many seeds from --seed on, one line each, then totals")
+    sim.add_argument("--nodes", type=int, default=5, help="cluster size (default 5)")
+    sim.add_argument("--rf", type=int, default=3, help="replication factor (default 3)")
+    sim.add_argument("--ops", type=int, default=2000, help="client operations (default 2000)")
+    sim.add_argument("--clients", type=int, default=10, help="concurrent clients (default 10)")
+    sim.add_argument("--keys", type=int, default=20, help="distinct keys (default 20)")
+    sim.add_argument("--read", default="QUORUM", help="read consistency level")
+    sim.add_argument("--write", default="QUORUM", help="write consistency level")
+    sim.add_argument("--nemesis", default="none",
+                     help="comma-separated: partition,crash,power,pause,clog,skew (or none)")
+    sim.add_argument("--fault", default=None,
+                     help="plant a broken coordinator: ack-without-write, ack-before-write, "
+                          "backdated-write, phantom-read, no-read-repair")
+    sim.add_argument("--duration", type=float, default=60.0,
+                     help="virtual seconds the workload is spread over (default 60)")
+    sim.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic")
+    sim.add_argument("--write-fraction", type=float, default=0.5)
+    sim.add_argument("--max-skew", type=float, default=0.25,
+                     help="skew nemesis: largest clock offset, seconds (default 0.25)")
+    sim.add_argument("--boot", choices=("join", "provisioned"), default="join",
+                     help="join: nodes join one by one (real token allocation); "
+                          "provisioned: tokens preset, faster")
+    sim.add_argument("--no-hints", action="store_true", help="turn hinted handoff off")
+    sim.add_argument("--history", action="store_true", help="print every operation")
+    sim.add_argument("--node-logs", action="store_true",
+                     help="let the nodes log (they are muted by default)")
+    sim.set_defaults(func=cmd_sim)
     return parser
 
 

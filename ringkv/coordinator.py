@@ -373,7 +373,9 @@ class Coordinator:
                     receipt.asked.append(node)
                     launch(node, "data")
                     continue
-                for task in done:
+                # In launch order, not set order (which follows memory addresses),
+                # so that the same inputs always give the same run.
+                for task in [t for t in tasks if t in done]:
                     node, kind, asked_at = tasks[task]
                     if task.exception() is not None:
                         failed.add(node)

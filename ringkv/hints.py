@@ -169,7 +169,7 @@ class HintReplayer:
             self._running[target] = asyncio.create_task(self.replay(target))
 
     def kick_all(self) -> None:
-        for target in list(self._hints.targets):
+        for target in sorted(self._hints.targets):  # a fixed order: runs replay exactly
             if self._is_alive(target):
                 self.kick(target)
 

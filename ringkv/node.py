@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
 PEERS_FILE = "peers.json"  # the ring as last seen, so a restart does not start from nothing
+GENERATION_FILE = "generation"  # the last gossip generation used, so the next one is higher
 # Heartbeats reach a peer second-hand through gossip, so some arrive a round
 # late; tolerating two intervals of silence before phi climbs avoids false
 # DOWNs without slowing detection of a real failure much (Akka uses 3 s).
@@ -47,6 +48,91 @@ ACCEPTABLE_PAUSE_INTERVALS = 2
 # allocates tokens (Cassandra's RING_DELAY, scaled to the gossip interval).
 JOIN_LEARN_ROUNDS = 5
 MAINTENANCE_INTERVAL_S = 5.0
+
+
+class FileIdentity:
+    """A node's identity in its data directory: tokens in node.json, peers in
+    peers.json, the last gossip generation in ``generation``."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def load_tokens(self) -> tuple[int, ...] | None:
+        """This node's tokens from an earlier run; a restart must not move data."""
+        path = self._config.node_data_dir / IDENTITY_FILE
+        if not path.exists():
+            return None
+        identity = json.loads(path.read_text())
+        cluster = self._config.cluster
+        for field, expected in (("cluster", cluster.name), ("node_id", cluster.node_id)):
+            if identity.get(field) != expected:
+                raise ConfigError(
+                    f"{path} belongs to {field} {identity.get(field)!r}, not {expected!r}; "
+                    f"refusing to serve another node's data",
+                    field=f"cluster.{'name' if field == 'cluster' else 'node_id'}",
+                    source=str(path),
+                )
+        return tuple(int(t) for t in identity["tokens"])
+
+    def save_tokens(self, tokens: tuple[int, ...]) -> None:
+        cluster = self._config.cluster
+        _write_atomically(
+            self._config.node_data_dir / IDENTITY_FILE,
+            json.dumps({"cluster": cluster.name, "node_id": cluster.node_id,
+                        "tokens": list(tokens)}),
+        )
+
+    def load_peers(self) -> dict[str, dict[str, Any]]:
+        path = self._config.node_data_dir / PEERS_FILE
+        if not path.exists():
+            return {}
+        try:
+            peers = json.loads(path.read_text())
+            for peer in peers.values():
+                [int(t) for t in peer["tokens"]]
+                str(peer["dc"]), str(peer["rack"])
+            return peers
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Gossip will rebuild it; a node that knows no peers is only less safe.
+            log.error("ignoring unreadable %s: %s", path, exc)
+            return {}
+
+    def save_peers(self, peers: dict[str, dict[str, Any]]) -> None:
+        _write_atomically(self._config.node_data_dir / PEERS_FILE, json.dumps(peers))
+
+    def next_generation(self, now_s: int) -> int:
+        path = self._config.node_data_dir / GENERATION_FILE
+        last = int(path.read_text()) if path.exists() else 0
+        generation = max(now_s, last + 1)
+        _write_atomically(path, str(generation))
+        return generation
+
+
+class MemoryIdentity:
+    """A node's identity held in memory. A fresh one per Node forgets it on restart (the
+    memory engine forgets its data too); the simulator keeps one per simulated machine,
+    so a restarted node keeps its tokens and peers like a real one."""
+
+    def __init__(self) -> None:
+        self._tokens: tuple[int, ...] | None = None
+        self._peers = "{}"
+        self._generation = 0
+
+    def load_tokens(self) -> tuple[int, ...] | None:
+        return self._tokens
+
+    def save_tokens(self, tokens: tuple[int, ...]) -> None:
+        self._tokens = tuple(tokens)
+
+    def load_peers(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self._peers)
+
+    def save_peers(self, peers: dict[str, dict[str, Any]]) -> None:
+        self._peers = json.dumps(peers)  # a copy, as a file would be
+
+    def next_generation(self, now_s: int) -> int:
+        self._generation = max(now_s, self._generation + 1)
+        return self._generation
 
 
 def open_engine(config: Config) -> Engine:
@@ -72,12 +158,20 @@ class Node:
         rng: random.Random | None = None,
         standalone: bool = False,
         transport_factory: Callable[..., Any] | None = None,
+        identity: FileIdentity | MemoryIdentity | None = None,
+        coordinator_class: type[Coordinator] = Coordinator,
     ) -> None:
         """``standalone``: no internode transport or gossip (one-process tests).
 
         ``transport_factory(node_id, cluster, host, port, handler)`` builds the
         internode transport; the default is ``ringkv.net.transport.Transport``
         (real sockets). The simulator passes its own, on a simulated network.
+
+        ``identity`` keeps the node's tokens, known peers and gossip generation
+        across restarts: files in the data directory by default, in memory on
+        the memory engine.
+        ``coordinator_class`` lets the simulator plant a deliberately broken
+        coordinator to prove its checkers catch it.
         """
         self.config = config
         self.node_id = config.cluster.node_id
@@ -89,6 +183,10 @@ class Node:
         self.standalone = standalone
         self._transport_factory = transport_factory
         self.engine = engine or open_engine(config)
+        if identity is None:
+            on_disk = not isinstance(self.engine, MemoryEngine)
+            identity = FileIdentity(config) if on_disk else MemoryIdentity()
+        self.identity = identity
         self.store = LocalStore(
             self.engine,
             self.clock,
@@ -123,7 +221,7 @@ class Node:
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
             for name, ks in config.keyspaces.items()
         }
-        self.coordinator = Coordinator(
+        self.coordinator = coordinator_class(
             self.node_id,
             ring=lambda: self.ring,
             is_alive=self.is_alive,
@@ -146,14 +244,14 @@ class Node:
     async def start(self) -> None:
         await self.store.start()
         await self.hints.load()
-        self._saved_peers = self._load_peers()
+        self._saved_peers = self.identity.load_peers()
         if self.standalone:
             self.tokens = self._load_or_allocate_tokens(None)
             self._rebuild_ring()
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
-        if self._persisted_tokens() is None:
+        if self.identity.load_tokens() is None:
             await self._learn_ring()
         self.tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
         assert self.gossiper is not None
@@ -174,7 +272,10 @@ class Node:
             # seed whose seed list names only itself can still find them.
             _unique([*cluster.seeds, *(p["internode_addr"] for p in self._saved_peers.values()
                                        if p.get("internode_addr"))]),
-            generation=self.clock.wall_us() // 1_000_000,
+            # Peers ignore a generation that is not higher than the last they saw,
+            # so it must grow even if the clock stepped back or the restart came
+            # within the same second (Cassandra stores it in system.local too).
+            generation=self.identity.next_generation(self.clock.wall_us() // 1_000_000),
             detector=PhiAccrualFailureDetector(
                 threshold=timing.phi_threshold,
                 acceptable_pause_s=ACCEPTABLE_PAUSE_INTERVALS * interval_s,
@@ -253,26 +354,8 @@ class Node:
         await self.store.close()
         log.info("node %s stopped", self.node_id)
 
-    def _persisted_tokens(self) -> tuple[int, ...] | None:
-        """This node's tokens from an earlier run; a restart must not move data."""
-        if isinstance(self.engine, MemoryEngine):
-            return None
-        path = self.config.node_data_dir / IDENTITY_FILE
-        if not path.exists():
-            return None
-        identity = json.loads(path.read_text())
-        for field, expected in (("cluster", self.config.cluster.name), ("node_id", self.node_id)):
-            if identity.get(field) != expected:
-                raise ConfigError(
-                    f"{path} belongs to {field} {identity.get(field)!r}, not {expected!r}; "
-                    f"refusing to serve another node's data",
-                    field=f"cluster.{'name' if field == 'cluster' else 'node_id'}",
-                    source=str(path),
-                )
-        return tuple(int(t) for t in identity["tokens"])
-
     def _load_or_allocate_tokens(self, ring: TokenRing | None) -> tuple[int, ...]:
-        persisted = self._persisted_tokens()
+        persisted = self.identity.load_tokens()
         if persisted is not None:
             return persisted
         max_rf = max((ks.replication_factor for ks in self._keyspaces.values()), default=1)
@@ -285,12 +368,7 @@ class Node:
             min(MAX_TOKEN, max(MIN_TOKEN + 1, t + self._rng.randrange(-jitter, jitter)))
             for t in chosen
         }))
-        if not isinstance(self.engine, MemoryEngine):
-            _write_atomically(
-                self.config.node_data_dir / IDENTITY_FILE,
-                json.dumps({"cluster": self.config.cluster.name, "node_id": self.node_id,
-                            "tokens": list(tokens)}),
-            )
+        self.identity.save_tokens(tokens)
         return tokens
 
     # -- membership -------------------------------------------------------------
@@ -376,28 +454,7 @@ class Node:
             self.ring = ring
         if peers != self._saved_peers:
             self._saved_peers = peers
-            self._save_peers()
-
-    def _load_peers(self) -> dict[str, dict[str, Any]]:
-        if isinstance(self.engine, MemoryEngine):
-            return {}
-        path = self.config.node_data_dir / PEERS_FILE
-        if not path.exists():
-            return {}
-        try:
-            peers = json.loads(path.read_text())
-            for peer in peers.values():
-                [int(t) for t in peer["tokens"]]
-                str(peer["dc"]), str(peer["rack"])
-            return peers
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Gossip will rebuild it; a node that knows no peers is only less safe.
-            log.error("ignoring unreadable %s: %s", path, exc)
-            return {}
-
-    def _save_peers(self) -> None:
-        if not isinstance(self.engine, MemoryEngine):
-            _write_atomically(self.config.node_data_dir / PEERS_FILE, json.dumps(self._saved_peers))
+            self.identity.save_peers(peers)
 
     async def _maintenance_loop(self) -> None:
         """Slow periodic chores: publish load, retry hints that are still waiting."""

@@ -9,7 +9,7 @@ import logging
 import random
 import socket
 import struct
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ringkv.clock import ManualClock
 from ringkv.errors import (
     BY_CODE,
     BadRequest,
@@ -54,6 +55,51 @@ def run(coro: Any, timeout_s: float = 10.0) -> Any:
             return await coro
 
     return asyncio.run(bounded())
+
+
+async def wait_for_condition(pred: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``pred`` until it holds. The deadline only bounds a hang: nothing is
+    asserted about how long the condition took."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not pred():
+        if asyncio.get_running_loop().time() >= deadline:
+            raise AssertionError(f"gave up after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def retry_until_ok(attempt: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 5.0) -> Any:
+    """Repeat ``attempt`` while it fails with PeerUnreachable (e.g. a reconnect backoff
+    that has not expired yet); return its first result. Bounded like wait_for_condition."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await attempt()
+        except PeerUnreachable as e:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise AssertionError(f"gave up after {timeout_s}s waiting for {what}") from e
+        await asyncio.sleep(0.01)
+
+
+class BlockingHandler:
+    """Echo handler whose verb "block" records that it started and then waits until
+    the test sets ``release``: lets a test know a request reached the peer's handler
+    and control exactly when (or whether) it answers."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.running = 0
+
+    async def __call__(self, from_node: str, verb: str, payload: Any) -> Any:
+        if verb != "block":
+            return await echo_handler(from_node, verb, payload)
+        self.running += 1
+        self.started.set()
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return payload
 
 
 async def echo_handler(from_node: str, verb: str, payload: Any) -> Any:
@@ -368,22 +414,34 @@ def test_handler_errors_come_back_typed() -> None:
 
 def test_request_timeout_with_slow_handler() -> None:
     async def body() -> None:
-        a, b = make("a"), make("b")
+        slow = BlockingHandler()
+        a, b = make("a"), make("b", slow)
         await a.start()
         await b.start()
         try:
             link(a, b)
-            t0 = time.monotonic()
+            # Connect first, so the request below reaches b's handler long before it expires.
+            assert (await a.request("b", "echo", 0, timeout_s=5))["payload"] == 0
+            # The handler cannot answer before the test releases it, which happens only
+            # after the PeerTimeout: the caller's own timeout ended the wait, not the answer.
+            task = asyncio.create_task(a.request("b", "block", 1, timeout_s=1.0))
+            await asyncio.wait_for(slow.started.wait(), 5)  # sent before it expired
             with pytest.raises(PeerTimeout) as ei:
-                await a.request("b", "sleep_echo", {"sleep": 0.4, "value": 1}, timeout_s=0.1)
-            assert time.monotonic() - t0 < 0.35
-            assert ei.value.node_id == "b" and ei.value.verb == "sleep_echo"
-            # Other requests on the same connection are unaffected.
-            assert (await a.request("b", "echo", 2, timeout_s=2))["payload"] == 2
-            await asyncio.sleep(0.5)  # the slow answer arrives late and is dropped
-            assert a.stats["late_responses"] == 1
+                await task
+            e = ei.value
+            assert e.node_id == "b" and e.verb == "block" and e.timeout_s == 1.0
+            assert a.stats["timeouts"] == 1 and a.stats["pending_requests"] == 0
+            # Other requests on the same connection are unaffected, even while the slow
+            # handler is still running.
+            assert slow.running == 1
+            assert (await a.request("b", "echo", 2, timeout_s=5))["payload"] == 2
+            # Now the slow answer arrives late and is dropped.
+            slow.release.set()
+            await wait_for_condition(lambda: a.stats["late_responses"] == 1, "the late answer to be dropped")
             assert a.stats["timeouts"] == 1
+            assert a.stats["responses_received"] == 2  # the two echoes; the late answer is not one
             assert a.stats["pending_requests"] == 0
+            assert a.stats["connects"] == 1
         finally:
             await a.stop()
             await b.stop()
@@ -393,22 +451,35 @@ def test_request_timeout_with_slow_handler() -> None:
 
 def test_unknown_peer_and_nothing_listening() -> None:
     async def body() -> None:
-        a = make("a", max_backoff_s=1.0)
+        # The backoff runs on this clock, which moves only when the test says so: the
+        # peer stays in backoff for exactly as long as the test needs.
+        clock = ManualClock()
+        # Request timeouts of 30 s, beyond run()'s deadline: a failure that waited for
+        # the timeout would surface as PeerTimeout or as the test's own deadline, never
+        # as the PeerUnreachable asserted here.
+        a = make("a", max_backoff_s=1.0, clock=clock)
         await a.start()
         try:
             with pytest.raises(PeerUnreachable, match="no address"):
-                await a.request("ghost", "echo", 1, timeout_s=1)
+                await a.request("ghost", "echo", 1, timeout_s=30)
+            assert a.stats["connects"] == 0 and a.stats["connect_failures"] == 0
             a.set_peer_address("b", LOCALHOST, free_port())
-            t0 = time.monotonic()
-            with pytest.raises(PeerUnreachable):
-                await a.request("b", "echo", 1, timeout_s=5)
+            # Refused at once by the OS, not given up on after a timeout.
+            with pytest.raises(PeerUnreachable, match="ConnectionRefused"):
+                await a.request("b", "echo", 1, timeout_s=30)
+            assert a.stats["connect_failures"] == 1
             # In backoff now: fails fast without touching the network.
             with pytest.raises(PeerUnreachable, match="backoff"):
-                await a.request("b", "echo", 1, timeout_s=5)
-            assert time.monotonic() - t0 < 0.5
+                await a.request("b", "echo", 1, timeout_s=30)
             assert a.send_oneway("b", "note", 1) is False
             assert a.stats["dropped_oneway"] == 1
-            assert a.stats["connect_failures"] == 1
+            assert a.stats["connect_failures"] == 1  # no connect attempt during the backoff
+            assert a.stats["timeouts"] == 0 and a.stats["pending_requests"] == 0
+            # Once the backoff has expired, the next request tries the network again.
+            clock.advance(1.0)
+            with pytest.raises(PeerUnreachable, match="ConnectionRefused"):
+                await a.request("b", "echo", 1, timeout_s=30)
+            assert a.stats["connect_failures"] == 2
         finally:
             await a.stop()
 
@@ -425,21 +496,25 @@ def test_peer_stopped_then_restarted_reconnects() -> None:
             link(a, b)
             assert (await a.request("b", "echo", 1, timeout_s=2))["payload"] == 1
             await b.stop()
-            await asyncio.sleep(0.05)  # let a notice the closed connection
+            await wait_for_condition(lambda: a.stats["connections_lost"] == 1, "a to notice the closed connection")
+            assert a.stats["outbound_connections"] == 0
 
-            t0 = time.monotonic()
+            # Fast: the 30 s timeout is beyond run()'s deadline, so waiting for it would
+            # show up as PeerTimeout or a blown deadline, not PeerUnreachable.
+            with pytest.raises(PeerUnreachable, match="ConnectionRefused"):
+                await a.request("b", "echo", 2, timeout_s=30)  # reconnect refused
             with pytest.raises(PeerUnreachable):
-                await a.request("b", "echo", 2, timeout_s=5)
-            with pytest.raises(PeerUnreachable):
-                await a.request("b", "echo", 3, timeout_s=5)
-            assert time.monotonic() - t0 < 0.5  # fast, nowhere near the 5 s timeout
+                await a.request("b", "echo", 3, timeout_s=30)  # backoff, or refused again
+            assert a.stats["timeouts"] == 0
 
             b = make("b", port=port)  # same node id, same port
             await b.start()
-            await asyncio.sleep(0.25)  # past the (capped) backoff
-            assert (await a.request("b", "echo", 4, timeout_s=2))["payload"] == 4
+            # Requests fail fast until the (capped) backoff has expired, then reconnect.
+            got = await retry_until_ok(lambda: a.request("b", "echo", 4, timeout_s=30), "a to reconnect to b")
+            assert got["payload"] == 4
             assert a.stats["reconnects"] == 1
             assert a.stats["connections_lost"] == 1
+            assert a.stats["timeouts"] == 0
         finally:
             await a.stop()
             await b.stop()
@@ -449,19 +524,21 @@ def test_peer_stopped_then_restarted_reconnects() -> None:
 
 def test_pending_requests_fail_when_connection_drops() -> None:
     async def body() -> None:
-        a, b = make("a"), make("b")
+        slow = BlockingHandler()  # never released: only the lost connection can end the wait
+        a, b = make("a"), make("b", slow)
         await a.start()
         await b.start()
         try:
             link(a, b)
-            task = asyncio.create_task(a.request("b", "sleep_echo", {"sleep": 5, "value": 1}, timeout_s=5))
-            await asyncio.sleep(0.1)
+            # 30 s: beyond run()'s deadline, so only the dropped connection can fail it in time.
+            task = asyncio.create_task(a.request("b", "block", 1, timeout_s=30))
+            await asyncio.wait_for(slow.started.wait(), 5)  # the request reached b's handler
             await b.stop()
-            t0 = time.monotonic()
-            with pytest.raises(PeerUnreachable) as ei:
+            with pytest.raises(PeerUnreachable, match="lost") as ei:
                 await task
             assert ei.value.maybe_delivered is True
-            assert time.monotonic() - t0 < 0.5
+            assert a.stats["connections_lost"] == 1
+            assert a.stats["timeouts"] == 0 and a.stats["pending_requests"] == 0
         finally:
             await a.stop()
             await b.stop()
@@ -471,18 +548,20 @@ def test_pending_requests_fail_when_connection_drops() -> None:
 
 def test_stop_fails_pending_with_shutting_down() -> None:
     async def body() -> None:
-        a, b = make("a"), make("b")
+        slow = BlockingHandler()  # never released: b never answers
+        a, b = make("a"), make("b", slow)
         await a.start()
         await b.start()
         try:
             link(a, b)
-            task = asyncio.create_task(a.request("b", "sleep_echo", {"sleep": 5, "value": 1}, timeout_s=5))
-            await asyncio.sleep(0.1)
+            task = asyncio.create_task(a.request("b", "block", 1, timeout_s=30))
+            await asyncio.wait_for(slow.started.wait(), 5)  # the request is in flight at b
             await a.stop()
             with pytest.raises(ShuttingDown):
                 await task
             with pytest.raises(ShuttingDown):
-                await a.request("b", "echo", 1, timeout_s=1)
+                await a.request("b", "echo", 1, timeout_s=30)
+            assert a.stats["timeouts"] == 0
         finally:
             await a.stop()
             await b.stop()
@@ -499,7 +578,7 @@ def test_foreign_cluster_is_refused(caplog: pytest.LogCaptureFixture) -> None:
             link(x, b)
             with pytest.raises(PeerUnreachable, match="handshake refused"):
                 await x.request("b", "echo", 1, timeout_s=2)
-            await asyncio.sleep(0.05)
+            await wait_for_condition(lambda: b.stats["refused_handshakes"] >= 1, "b to refuse the handshake")
             assert b.stats["refused_handshakes"] == 1
             assert x.stats["refused_handshakes"] == 1
             assert b.stats["inbound_connections"] == 0
@@ -536,11 +615,15 @@ def test_silent_connection_closed_after_handshake_timeout() -> None:
         await b.start()
         try:
             reader, writer = await asyncio.open_connection(*b.address)
-            t0 = time.monotonic()
-            assert await asyncio.wait_for(reader.read(), 2) == b""  # server hung up
-            assert 0.15 < time.monotonic() - t0 < 1.0
+            # Send nothing; the server hangs up (the bound only guards against a hang).
+            assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
-            assert b.stats["handshake_timeouts"] == 1
+            # ...and it did so because the hello deadline passed, not for another reason.
+            s = b.stats
+            assert s["inbound_accepted"] == 1
+            assert s["handshake_timeouts"] == 1
+            assert s["protocol_errors"] == 0 and s["refused_handshakes"] == 0
+            assert s["inbound_connections"] == 0
         finally:
             await b.stop()
 
@@ -648,8 +731,9 @@ def test_full_send_queue_raises_overloaded() -> None:
             # One-way sends drop (counted) instead of raising or blocking.
             sent = [a.send_oneway("b", "note", i) for i in range(10)]
             assert sent.count(True) == 4 and a.stats["dropped_oneway"] == 6
-            # Once drained (the writer runs on the next loop turns), requests flow again.
-            await asyncio.sleep(0.05)
+            # Once drained (the writer runs on the next loop turns), requests flow again:
+            # wait until all 4 request + 4 one-way frames have been written.
+            await wait_for_condition(lambda: a.stats["frames_out"] == 8, "a's send queue to drain")
             assert (await a.request("b", "echo", "again", timeout_s=2))["payload"] == "again"
         finally:
             await a.stop()
@@ -661,8 +745,11 @@ def test_full_send_queue_raises_overloaded() -> None:
 def test_inflight_limit_answers_overloaded() -> None:
     async def body() -> None:
         release = asyncio.Event()
+        started = 0
 
         async def handler(frm: str, verb: str, payload: Any) -> Any:
+            nonlocal started
+            started += 1
             await release.wait()
             return payload
 
@@ -671,8 +758,12 @@ def test_inflight_limit_answers_overloaded() -> None:
         await b.start()
         try:
             link(a, b)
-            tasks = [asyncio.create_task(a.request("b", "wait", i, timeout_s=3)) for i in range(5)]
-            await asyncio.sleep(0.2)
+            tasks = [asyncio.create_task(a.request("b", "wait", i, timeout_s=30)) for i in range(5)]
+            # The handlers block until released, so the only answers that can arrive
+            # are b's Overloaded refusals.
+            await wait_for_condition(
+                lambda: started == 2 and sum(t.done() for t in tasks) == 3, "2 handlers running, 3 refusals"
+            )
             done = [t for t in tasks if t.done()]
             assert len(done) == 3 and all(isinstance(t.exception(), Overloaded) for t in done)
             release.set()

@@ -1,0 +1,203 @@
+"""Simulated machines running real ringkv nodes, and what can happen to them.
+
+A ``Machine`` is what survives a process: its disk (a ``MemoryEngine``), its
+node identity (tokens and known peers) and its clock. Each start runs a new
+``Node`` in a new simulated ``Process`` on that machine.
+
+Process faults, and what each loses:
+
+* ``crash`` (SIGKILL): the process's tasks are abandoned where they stand.
+  Writes the ``LocalStore`` had not yet handed to the engine (its pending
+  group-commit batch) die with the process; what is in the engine survives,
+  as LevelDB's log survives in the OS page cache. Peers see their
+  connections reset.
+* ``power`` (machine crash): as ``crash``, and the engine also loses every
+  write since its last sync (``MemoryEngine.crash()``); peers hear nothing.
+* ``pause`` (SIGSTOP/SIGCONT): nothing runs until resumed; messages and
+  timers wait, then all run late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Coroutine
+from typing import Any
+
+from ringkv.config import Config
+from ringkv.coordinator import Coordinator
+from ringkv.node import MemoryIdentity, Node
+from ringkv.ring import allocate_tokens, token_for
+from ringkv.sim.clock import SimClock
+from ringkv.sim.loop import Process, VirtualTimeLoop
+from ringkv.sim.network import SimNetwork, SimTransport
+from ringkv.storage.memory import MemoryEngine
+
+UP, PAUSED, CRASHED, OFF = "up", "paused", "crashed", "off"
+START_TIMEOUT_S = 60.0  # virtual seconds a node may take to start
+
+
+class Machine:
+    def __init__(self, loop: VirtualTimeLoop, network: SimNetwork, config: Config, seed: int,
+                 coordinator_class: type[Coordinator]) -> None:
+        self.loop = loop
+        self.network = network
+        self.config = config
+        self.node_id = config.cluster.node_id
+        self.seed = seed
+        self.coordinator_class = coordinator_class
+        self.clock = SimClock(loop)
+        self.engine = MemoryEngine()
+        self.identity = MemoryIdentity()
+        self.process: Process | None = None
+        self.node: Node | None = None
+        self.transport: SimTransport | None = None
+        self.incarnation = 0
+        self.state = OFF
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of this machine's current process."""
+        assert self.process is not None
+        return self.loop.create_task(coro, context=self.process.context)
+
+    async def start(self) -> None:
+        """Boot a new node process on this machine's disk, identity and clock."""
+        self.incarnation += 1
+        process = Process(f"{self.node_id}.{self.incarnation}")
+
+        def transport_factory(node_id: str, cluster: str, host: str, port: int,
+                              handler: Any) -> SimTransport:
+            self.transport = SimTransport(self.network, process, node_id, cluster, host, port,
+                                          handler)
+            return self.transport
+
+        self.network.machines_down.discard(self.node_id)
+        self.process = process
+        self.node = Node(
+            self.config,
+            clock=self.clock,
+            engine=self.engine,
+            rng=random.Random(f"{self.seed}/{self.node_id}/{self.incarnation}"),
+            transport_factory=transport_factory,
+            identity=self.identity,
+            coordinator_class=self.coordinator_class,
+        )
+        self.state = UP
+        task = self.run(self.node.start())
+        await asyncio.wait([task], timeout=START_TIMEOUT_S)
+        if not task.done():
+            raise RuntimeError(f"{self.node_id} did not start within {START_TIMEOUT_S}s")
+        task.result()
+
+    def crash(self, *, power: bool = False) -> None:
+        assert self.process is not None
+        self.loop.crash(self.process)
+        if self.transport is not None:
+            self.network.process_died(self.transport, machine_down=power)
+        if power:
+            self.network.machines_down.add(self.node_id)
+            self.engine.crash()
+        self.node = self.transport = None
+        self.state = OFF if power else CRASHED
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.loop.pause(self.process)
+        self.state = PAUSED
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.loop.resume(self.process)
+        self.state = UP
+
+
+class SimCluster:
+    def __init__(self, loop: VirtualTimeLoop, network: SimNetwork, configs: list[Config],
+                 seed: int, coordinator_class: type[Coordinator]) -> None:
+        self.loop = loop
+        self.network = network
+        self.machines = [Machine(loop, network, config, seed, coordinator_class)
+                         for config in configs]
+
+    def by_id(self, node_id: str) -> Machine:
+        return next(m for m in self.machines if m.node_id == node_id)
+
+    def up(self) -> list[Machine]:
+        return [m for m in self.machines if m.state == UP]
+
+    async def boot(self, timeout_s: float, *, provision: random.Random | None = None) -> None:
+        """Start the nodes, then wait until every node sees every other UP on one ring.
+
+        By default they start one after another, each joining the ring the
+        previous ones formed (gossip, then token allocation: the real join).
+        With ``provision``, every node instead starts with tokens already on
+        its disk, evenly interleaved at a random rotation (like operators who
+        set initial tokens), which skips the join and its cost.
+        """
+        if provision is not None:
+            count = len(self.machines)
+            num_tokens = self.machines[0].config.cluster.num_tokens
+            tokens = allocate_tokens(None, count * num_tokens, provision)  # evenly spaced
+            order = list(range(count))
+            provision.shuffle(order)  # which node follows which around the ring
+            for i, machine in enumerate(self.machines):
+                machine.identity.save_tokens(
+                    tuple(t for j, t in enumerate(tokens) if order[j % count] == i))
+        for machine in self.machines:
+            await machine.start()
+        await self.wait_settled(timeout_s)
+
+    async def wait_settled(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every running node sees all nodes UP on one ring."""
+        deadline = self.loop.time() + timeout_s
+        while self.loop.time() < deadline:
+            if self.settled():
+                return True
+            await asyncio.sleep(0.5)
+        return self.settled()
+
+    def settled(self) -> bool:
+        nodes = [m.node for m in self.machines if m.state == UP and m.node is not None]
+        if len(nodes) != len(self.machines):
+            return False
+        ids = [m.node_id for m in self.machines]
+        ring = nodes[0].ring
+        return all(
+            node.ring == ring and sorted(node.ring.node_ids) == sorted(ids)
+            and all(node.is_alive(other) for other in ids)
+            for node in nodes
+        )
+
+    async def heal(self) -> None:
+        """End every fault: reconnect the network, resume and restart processes.
+        (Clocks keep whatever skew they have, as real ones would.)"""
+        self.network.blocked.clear()
+        self.network.clogged_until.clear()
+        for machine in self.machines:
+            if machine.state == PAUSED:
+                machine.resume()
+        for machine in self.machines:
+            if machine.state in (CRASHED, OFF):
+                await machine.start()
+
+    def replicas(self, keyspace: str, keys: list[str], rf: int) -> dict[str, dict[str, object]]:
+        """What each natural replica of each key holds locally (for the convergence check)."""
+        node = next(m.node for m in self.machines if m.node is not None)
+        snapshot: dict[str, dict[str, object]] = {}
+        for key in keys:
+            raw = key.encode()
+            replicas = node.ring.replicas(token_for(raw), rf)
+            cells = {}
+            for node_id in replicas:
+                peer = self.by_id(node_id).node
+                cell = None if peer is None else peer.read_local(keyspace, raw)
+                cells[node_id] = None if cell is None else (
+                    None if cell.tombstone else cell.json_value(), tuple(cell.ts))
+            snapshot[key] = cells
+        return snapshot
+
+    def stop_all(self) -> None:
+        """End of the run: abandon every process (nothing more will run)."""
+        for machine in self.machines:
+            if machine.process is not None:
+                self.loop.crash(machine.process)

@@ -1,0 +1,97 @@
+"""Deliberately broken coordinators, to prove the checkers catch what they claim to.
+
+They exist only here; the simulator plants one through ``Node``'s
+``coordinator_class`` hook (``ringkv sim --fault NAME``). Each models a real
+class of bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from ringkv.clock import Timestamp
+from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
+from ringkv.errors import RingKVError
+from ringkv.quorum import ConsistencyLevel
+from ringkv.replica_plan import ReplicaPlan
+from ringkv.versioning import Cell, encode_json_value
+
+
+class AckWithoutWrite(Coordinator):
+    """Acknowledges every third write without sending it anywhere (a dropped write)."""
+
+    _writes = 0  # per instance once incremented; counts writes coordinated
+
+    async def write(self, keyspace: str, key: bytes, cell: Cell,
+                    consistency: ConsistencyLevel | None) -> WriteResult:
+        self._writes += 1
+        if self._writes % 3:
+            return await super().write(keyspace, key, cell, consistency)
+        plan = self.plan(keyspace, key, consistency, write=True)
+        return WriteResult(cell, Receipt(plan.consistency.value, list(plan.natural)))
+
+
+class AckBeforeWrite(Coordinator):
+    """Acknowledges at once and writes a little later (a write-behind buffer)."""
+
+    delay_s = 0.05
+
+    async def write(self, keyspace: str, key: bytes, cell: Cell,
+                    consistency: ConsistencyLevel | None) -> WriteResult:
+        plan = self.plan(keyspace, key, consistency, write=True)
+        self._spawn(self._write_behind(keyspace, key, cell, consistency))
+        return WriteResult(cell, Receipt(plan.consistency.value, list(plan.natural)))
+
+    async def _write_behind(self, keyspace: str, key: bytes, cell: Cell,
+                            consistency: ConsistencyLevel | None) -> None:
+        await asyncio.sleep(self.delay_s)
+        try:
+            await super().write(keyspace, key, cell, consistency)
+        except RingKVError:
+            pass  # the client was told long ago that it worked
+
+
+class BackdatedWrite(Coordinator):
+    """Stamps every fifth write half a second in the past (ignores its hybrid clock)."""
+
+    _writes = 0  # per instance once incremented
+
+    async def write(self, keyspace: str, key: bytes, cell: Cell,
+                    consistency: ConsistencyLevel | None) -> WriteResult:
+        self._writes += 1
+        if self._writes % 5 == 0:
+            cell = dataclasses.replace(cell, ts=Timestamp(cell.ts.wall_us - 500_000, 0))
+        return await super().write(keyspace, key, cell, consistency)
+
+
+class PhantomRead(Coordinator):
+    """Every tenth read returns a corrupted value (a bit flip past the checksums)."""
+
+    _reads = 0  # per instance once incremented
+
+    async def read(self, keyspace: str, key: bytes,
+                   consistency: ConsistencyLevel | None) -> ReadResult:
+        result = await super().read(keyspace, key, consistency)
+        self._reads += 1
+        if self._reads % 10 or result.cell is None or result.cell.tombstone:
+            return result
+        corrupt = encode_json_value(f"{result.cell.json_value()}~")
+        return ReadResult(dataclasses.replace(result.cell, value=corrupt), result.receipt)
+
+
+class NoReadRepair(Coordinator):
+    """Reconciles the answer but never writes it back to stale replicas."""
+
+    async def _repair(self, plan: ReplicaPlan, key: bytes, winner: Cell, stale: list[str],
+                      receipt: Receipt) -> None:
+        return None
+
+
+FAULTS: dict[str, type[Coordinator]] = {
+    "ack-without-write": AckWithoutWrite,
+    "ack-before-write": AckBeforeWrite,
+    "backdated-write": BackdatedWrite,
+    "phantom-read": PhantomRead,
+    "no-read-repair": NoReadRepair,
+}

@@ -1,0 +1,162 @@
+"""Nemeses: faults injected while the workload runs, each from the run's seed.
+
+    partition  cut the network: one node isolated, majority/minority halves,
+               a ring (each node reaches only its neighbours), or one-way
+    crash      process crash (SIGKILL) and restart on the same disk; loses
+               the store's pending batch only (see ``cluster``)
+    power      machine crash and restart: also loses unsynced engine writes
+    pause      SIGSTOP a node for a while, then SIGCONT
+    clog       hold all of a node's traffic for a while, then let it through
+    skew       clock offsets and drift per node, and clock steps (NTP-like);
+               for measuring last-write-wins, not part of the correctness mixes
+
+Each nemesis runs as its own loop, so faults of different kinds overlap.
+Every fault is healed when its nemesis stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+from ringkv.sim.cluster import UP, Machine, SimCluster
+
+NEMESES = ("partition", "crash", "power", "pause", "clog", "skew")
+
+
+class FaultLog:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.lines: list[str] = []
+        self.count = 0  # faults injected (heals not counted)
+
+    def fault(self, text: str) -> None:
+        self.count += 1
+        self.note(text)
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"{self._loop.time():8.3f} {text}")
+
+
+async def _pause_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` (virtual); True if told to stop meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _partition(rng: random.Random, ids: list[str]) -> tuple[str, set[tuple[str, str]]]:
+    """A random partition: its description and the (from, to) links it cuts."""
+    shape = rng.choice(("isolate", "halves", "ring", "one-way"))
+    nodes = list(ids)
+    rng.shuffle(nodes)
+    if shape == "isolate":
+        alone, rest = nodes[:1], nodes[1:]
+        cut = {(a, b) for a in alone for b in rest} | {(b, a) for a in alone for b in rest}
+        return f"isolate {alone[0]}", cut
+    if shape == "halves":
+        minority = nodes[: (len(nodes) - 1) // 2 or 1]
+        majority = nodes[len(minority):]
+        cut = ({(a, b) for a in minority for b in majority}
+               | {(b, a) for a in minority for b in majority})
+        return f"split {sorted(minority)} | {sorted(majority)}", cut
+    if shape == "ring":
+        # Each node reaches only its ring neighbours: every node sees a majority
+        # of 3 of 5, but no two nodes see the same one.
+        n = len(nodes)
+        cut = {(a, b) for i, a in enumerate(nodes) for j, b in enumerate(nodes)
+               if i != j and min((i - j) % n, (j - i) % n) > 1}
+        return f"ring {nodes}", cut
+    victim, rest = nodes[0], nodes[1:]
+    if rng.random() < 0.5:
+        return f"one-way: {victim} hears no one", {(b, victim) for b in rest}
+    return f"one-way: no one hears {victim}", {(victim, b) for b in rest}
+
+
+class Nemesis:
+    def __init__(self, kind: str, cluster: SimCluster, rng: random.Random, log: FaultLog,
+                 *, max_skew_s: float = 0.25) -> None:
+        if kind not in NEMESES:
+            raise ValueError(f"unknown nemesis {kind!r}; expected some of {', '.join(NEMESES)}")
+        self.kind = kind
+        self.cluster = cluster
+        self.rng = rng
+        self.log = log
+        self.max_skew_s = max_skew_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Inject faults of this kind until ``stop`` is set, then heal."""
+        step: Callable[[asyncio.Event], object] = {
+            "partition": self._partition, "crash": self._crash, "power": self._crash,
+            "pause": self._pause, "clog": self._clog, "skew": self._skew,
+        }[self.kind]
+        if self.kind == "skew":
+            self._initial_skew()
+        for _ in range(100_000):  # bounded: each round takes at least a virtual second
+            if await _pause_unless(stop, self.rng.uniform(1.0, 6.0)):
+                return
+            await step(stop)  # type: ignore[misc]
+
+    def _victim(self) -> Machine | None:
+        candidates = self.cluster.up()
+        return self.rng.choice(candidates) if candidates else None
+
+    async def _partition(self, stop: asyncio.Event) -> None:
+        network = self.cluster.network
+        text, cut = _partition(self.rng, [m.node_id for m in self.cluster.machines])
+        network.blocked |= cut
+        self.log.fault(f"partition: {text}")
+        await _pause_unless(stop, self.rng.uniform(2.0, 12.0))
+        network.blocked -= cut
+        self.log.note(f"heal: {text}")
+
+    async def _crash(self, stop: asyncio.Event) -> None:
+        victim = self._victim()
+        if victim is None:
+            return
+        power = self.kind == "power"
+        victim.crash(power=power)
+        self.log.fault(f"{'power off' if power else 'kill -9'} {victim.node_id}")
+        # Sometimes a supervisor restarts it at once (within the same second), sometimes
+        # it stays down long enough for every peer to notice.
+        downtime = self.rng.choice((self.rng.uniform(0.05, 1.0), self.rng.uniform(1.0, 10.0)))
+        await _pause_unless(stop, downtime)
+        await victim.start()
+        self.log.note(f"restart {victim.node_id} (incarnation {victim.incarnation})")
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        victim = self._victim()
+        if victim is None:
+            return
+        victim.pause()
+        self.log.fault(f"pause {victim.node_id}")
+        await _pause_unless(stop, self.rng.uniform(0.5, 8.0))
+        if victim.state != UP:
+            victim.resume()
+        self.log.note(f"resume {victim.node_id}")
+
+    async def _clog(self, stop: asyncio.Event) -> None:
+        victim = self.rng.choice(self.cluster.machines)
+        seconds = self.rng.uniform(0.2, 4.0)
+        network = self.cluster.network
+        network.clogged_until[victim.node_id] = network.loop.time() + seconds
+        self.log.fault(f"clog {victim.node_id} for {seconds:.2f}s")
+        await _pause_unless(stop, seconds)
+
+    def _initial_skew(self) -> None:
+        for machine in self.cluster.machines:
+            machine.clock.offset_us = int(self.rng.uniform(-self.max_skew_s, self.max_skew_s) * 1e6)
+            machine.clock.drift_ppm = self.rng.uniform(-200, 200)
+            self.log.fault(f"clock {machine.node_id}: offset {machine.clock.offset_us / 1e3:+.1f} ms, "
+                           f"drift {machine.clock.drift_ppm:+.0f} ppm")
+
+    async def _skew(self, stop: asyncio.Event) -> None:
+        # Step to a new offset within the bound, so skew never grows without limit.
+        victim = self.rng.choice(self.cluster.machines)
+        target_us = int(self.rng.uniform(-self.max_skew_s, self.max_skew_s) * 1e6)
+        step_us = target_us - victim.clock.offset_us
+        victim.clock.step_us(step_us)
+        self.log.fault(f"clock step {victim.node_id} by {step_us / 1e3:+.1f} ms")

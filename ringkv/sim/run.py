@@ -1,0 +1,325 @@
+"""One simulated run: boot a cluster, run the workload under nemeses, heal, check.
+
+Everything comes from ``SimSettings.seed``: the network's behaviour, the
+faults, the clients' choices, each node's randomness. The same settings give
+the same history, and so the same history hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from ringkv.clock import SystemClock
+from ringkv.config import Config, config_from_dict
+from ringkv.coordinator import Coordinator
+from ringkv.quorum import ConsistencyLevel, block_for
+from ringkv.sim import checkers
+from ringkv.sim.checkers import Verdict
+from ringkv.sim.cluster import SimCluster
+from ringkv.sim.faults import FAULTS
+from ringkv.sim.history import Op, history_hash
+from ringkv.sim.loop import VirtualTimeLoop
+from ringkv.sim.nemesis import NEMESES, FaultLog, Nemesis
+from ringkv.sim.network import NetworkConditions, SimNetwork
+from ringkv.sim.workload import Workload, WorkloadSpec
+
+BOOT_TIMEOUT_S = 120.0  # virtual seconds for the cluster to form
+HEAL_TIMEOUT_S = 60.0  # virtual seconds for every node to see every other UP again
+QUIET_S = 10.0  # after healing: gossip and hint replay (replay also retries every 5 s)
+SETTLE_S = 2.0  # after the final reads (whose read repair blocks), before replicas are compared
+KEYSPACE = "default"
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    seed: int
+    nodes: int = 5
+    rf: int = 3
+    ops: int = 2000
+    clients: int = 10
+    keys: int = 20
+    read_cl: str = "QUORUM"
+    write_cl: str = "QUORUM"
+    nemesis: tuple[str, ...] = ()
+    fault: str | None = None  # a deliberately broken coordinator, from faults.FAULTS
+    duration_s: float = 60.0  # virtual seconds the workload is spread over
+    commit_sync: str = "periodic"
+    hints: bool = True
+    write_fraction: float = 0.5
+    max_skew_s: float = 0.25
+    boot: str = "join"  # "join": each node joins the ring; "provisioned": tokens preset (faster)
+
+    def __post_init__(self) -> None:
+        for kind in self.nemesis:
+            if kind not in NEMESES:
+                raise ValueError(f"unknown nemesis {kind!r}; choose from {', '.join(NEMESES)}")
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; choose from {', '.join(FAULTS)}")
+        if self.boot not in ("join", "provisioned"):
+            raise ValueError(f"boot must be 'join' or 'provisioned', not {self.boot!r}")
+        ConsistencyLevel.parse(self.read_cl, write=False)
+        ConsistencyLevel.parse(self.write_cl, write=True)
+
+    def command(self) -> str:
+        """The command line that replays this run."""
+        parts = [f"ringkv sim --seed {self.seed} --nodes {self.nodes} --ops {self.ops}",
+                 f"--nemesis {','.join(self.nemesis) or 'none'}"]
+        defaults = SimSettings(seed=0)
+        for name, flag in (("rf", "--rf"), ("clients", "--clients"), ("keys", "--keys"),
+                           ("read_cl", "--read"), ("write_cl", "--write"), ("fault", "--fault"),
+                           ("duration_s", "--duration"), ("commit_sync", "--commit-sync"),
+                           ("write_fraction", "--write-fraction"), ("max_skew_s", "--max-skew"),
+                           ("boot", "--boot")):
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                parts.append(f"{flag} {value}")
+        if not self.hints:
+            parts.append("--no-hints")
+        return " ".join(parts)
+
+
+@dataclass
+class SimResult:
+    settings: SimSettings
+    history: list[Op]
+    faults: list[str]
+    fault_count: int
+    verdicts: list[Verdict]
+    history_hash: str
+    network: str
+    network_stats: dict[str, int]
+    virtual_s: float
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.verdicts)
+
+    def verdict(self, name_start: str) -> Verdict:
+        return next(v for v in self.verdicts if v.name.startswith(name_start))
+
+    @property
+    def client_ops(self) -> int:
+        return sum(1 for op in self.history if not op.final)
+
+
+@dataclass(frozen=True)
+class Promises:
+    """What a run's settings promise, so a checker knows whether to judge or to measure."""
+
+    synced_clocks: bool  # timestamps follow real time, so LWW keeps the latest write
+    durable: bool  # no acknowledged write is lost
+    fresh_reads: bool  # no read misses a write acknowledged before it began
+
+    @classmethod
+    def of(cls, settings: SimSettings) -> Promises:
+        synced = "skew" not in settings.nemesis
+        # A machine crash loses the last unsynced writes in periodic mode (documented):
+        # two replicas of a key crashing within one sync interval lose them for good.
+        survives_power = settings.commit_sync == "batch" or "power" not in settings.nemesis
+        read_cl, write_cl = ConsistencyLevel(settings.read_cl), ConsistencyLevel(settings.write_cl)
+        overlap = (block_for(read_cl, settings.rf) + block_for(write_cl, settings.rf)
+                   > settings.rf)
+        durable = synced and survives_power
+        return cls(synced, durable, durable and overlap)
+
+
+def network_conditions(rng: random.Random) -> NetworkConditions:
+    """A network for this seed: mostly fast, a little lossy, sometimes slow."""
+    return NetworkConditions(
+        latency_s=rng.uniform(0.0002, 0.002),
+        jitter_s=rng.uniform(0.0001, 0.001),
+        loss=rng.choice((0.0, 0.001, 0.005, 0.01)),
+        duplicate=rng.choice((0.0, 0.001, 0.01)),
+        delay=rng.choice((0.0, 0.01, 0.05)),
+        delay_max_s=rng.uniform(0.005, 0.1),
+    )
+
+
+def node_configs(settings: SimSettings) -> list[Config]:
+    return [
+        config_from_dict({
+            "cluster": {"name": "sim", "node_id": f"n{i + 1}", "listen_host": "127.0.0.1",
+                        "client_port": 7400 + i, "internode_port": 7500 + i,
+                        "seeds": ["127.0.0.1:7500"]},
+            "keyspaces": {KEYSPACE: {"replication_factor": settings.rf}},
+            "storage": {"engine": "memory", "commit_sync": settings.commit_sync},
+            # 0 turns hinted handoff off.
+            "timing": {"max_hint_window_s": 10800 if settings.hints else 0},
+        })
+        for i in range(settings.nodes)
+    ]
+
+
+def simulate(settings: SimSettings, *, node_logs: bool = False) -> SimResult:
+    """Run one simulation to the end (single-threaded, on virtual time).
+
+    The nodes' own logging is muted unless ``node_logs``: hundreds of simulated
+    outages would otherwise log thousands of (correct) warnings.
+    """
+    wall = SystemClock()
+    started = wall.monotonic_s()
+    loop = VirtualTimeLoop()
+    ringkv_log = logging.getLogger("ringkv")
+    saved_level = ringkv_log.level
+    if not node_logs:
+        ringkv_log.setLevel(logging.CRITICAL)
+    # Reference counting alone frees objects at the same points in every run; the
+    # cycle collector would run at points that depend on the process's past.
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        result = loop.run_until_complete(_run(settings, loop))
+    finally:
+        loop.dispose()
+        if gc_enabled:
+            gc.enable()
+        ringkv_log.setLevel(saved_level)
+    result.wall_s = wall.monotonic_s() - started
+    return result
+
+
+async def _run(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
+    seed = settings.seed
+    conditions = network_conditions(random.Random(f"{seed}/network"))
+    network = SimNetwork(loop, random.Random(f"{seed}/packets"), conditions)
+    coordinator_class = FAULTS[settings.fault] if settings.fault else Coordinator
+    cluster = SimCluster(loop, network, node_configs(settings), seed, coordinator_class)
+    log = FaultLog(loop)
+
+    provision = random.Random(f"{seed}/tokens") if settings.boot == "provisioned" else None
+    await cluster.boot(BOOT_TIMEOUT_S, provision=provision)
+    log.note(f"cluster of {settings.nodes} is up; workload starts")
+    spec = WorkloadSpec(
+        ops=settings.ops, clients=settings.clients, keys=settings.keys,
+        write_fraction=settings.write_fraction,
+        read_cl=ConsistencyLevel(settings.read_cl), write_cl=ConsistencyLevel(settings.write_cl),
+        duration_s=settings.duration_s,
+    )
+    workload = Workload(spec, cluster, seed)
+    stop = asyncio.Event()
+    nemeses = [
+        asyncio.ensure_future(Nemesis(kind, cluster, random.Random(f"{seed}/nemesis/{kind}"), log,
+                                      max_skew_s=settings.max_skew_s).run(stop))
+        for kind in settings.nemesis
+    ]
+    await workload.run()
+    stop.set()
+    await asyncio.gather(*nemeses)
+    await cluster.heal()
+    log.note("workload done; every fault healed")
+    healed = await cluster.wait_settled(HEAL_TIMEOUT_S)
+    await asyncio.sleep(QUIET_S)
+    await workload.final_reads(ConsistencyLevel.ALL)
+    await asyncio.sleep(SETTLE_S)
+    replicas = cluster.replicas(KEYSPACE, spec.key_names, settings.rf)
+    cluster.stop_all()
+
+    history = workload.history()
+    promises = Promises.of(settings)
+    verdicts = [
+        checkers.lost_writes(history, promised=promises.durable),
+        checkers.stale_reads(history, promised=promises.fresh_reads),
+        checkers.phantom_reads(history),
+        checkers.convergence(replicas),
+        checkers.discarded_writes(history, promised=promises.synced_clocks),
+        _health(healed, loop.errors, workload.unexpected),
+    ]
+    return SimResult(
+        settings=settings, history=history, faults=log.lines, fault_count=log.count,
+        verdicts=verdicts, history_hash=history_hash(history, log.lines),
+        network=conditions.describe(), network_stats=dict(network.stats),
+        virtual_s=loop.time(),
+    )
+
+
+def _health(healed: bool, loop_errors: list[str], unexpected: list[str]) -> Verdict:
+    """The cluster healed, and no node raised anything but ringkv errors."""
+    problems = ([] if healed else ["after healing, some node never saw every other UP"])
+    problems += [f"unhandled: {e}" for e in loop_errors] + [f"unexpected: {e}" for e in unexpected]
+    if problems:
+        return Verdict("cluster health", False, f"{len(problems)} problem(s)", len(problems),
+                       tuple(problems[:checkers.EXCERPT_LINES]))
+    return Verdict("cluster health", True, "healed; no unhandled or unexpected exceptions")
+
+
+def format_report(result: SimResult, *, show_history: bool = False) -> str:
+    """Everything about one run: what ran, what the checkers said, how to replay it."""
+    settings = result.settings
+    history = result.history
+    client_ops = [op for op in history if not op.final]
+    counts = Counter((op.kind, op.status) for op in client_ops)
+    lines = [
+        f"$ {settings.command()}",
+        f"network: {result.network}",
+        f"consistency: writes {settings.write_cl}, reads {settings.read_cl}, "
+        f"rf {settings.rf}; fault switch: {settings.fault or 'none'}",
+        "ops: " + "; ".join(
+            f"{sum(counts[(kind, s)] for s in ('ok', 'fail', 'info'))} {kind}s "
+            f"({counts[(kind, 'ok')]} ok, {counts[(kind, 'fail')]} fail, "
+            f"{counts[(kind, 'info')]} indeterminate)"
+            for kind in ("write", "read")
+        ) + f"; {sum(1 for op in history if op.final)} final reads at ALL",
+        f"messages: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
+        f"faults injected: {result.fault_count}",
+        *(f"  {line}" for line in result.faults),
+    ]
+    if show_history:
+        lines.append("history:")
+        lines.extend(f"  {op.line()}" for op in history)
+    lines.append(f"virtual time {result.virtual_s:.1f} s, wall time {result.wall_s:.2f} s "
+                 f"({result.client_ops / max(result.wall_s, 1e-9):.0f} client ops/s)")
+    lines.append("checkers:")
+    lines.extend(f"  {verdict.render()}" for verdict in result.verdicts)
+    lines.append(f"history hash: {result.history_hash}")
+    if not result.ok:
+        lines.append(f"FAILED; replay with: {settings.command()}")
+    return "\n".join(lines)
+
+
+def format_line(result: SimResult) -> str:
+    """One line per run, for a series of seeds."""
+    counts = _counts(result)
+    return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
+            f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
+            f"{result.fault_count:>3} faults; lost {counts['lost']}, stale {counts['stale']}, "
+            f"discarded {counts['discarded']}; hash {result.history_hash}")
+
+
+def format_totals(results: list[SimResult]) -> str:
+    """What a series of runs measured, summed (the figures README's Guarantees quote)."""
+    total = Counter[str]()
+    for result in results:
+        total.update(_counts(result))
+    failed = [r for r in results if not r.ok]
+    lines = [
+        f"{len(results)} runs, {len(failed)} failed: {total['ops']} client ops, "
+        f"{sum(r.fault_count for r in results)} faults injected",
+        f"  lost acknowledged writes: {total['lost']} of {total['acked']}",
+        f"  stale reads: {total['stale']} of {total['reads']} "
+        f"({100 * total['stale'] / max(1, total['reads']):.2f}%)",
+        f"  reads of values never written: {total['phantom']}",
+        f"  keys whose replicas differ after healing: {total['diverged']}",
+        f"  acknowledged writes discarded by LWW: {total['discarded']} of {total['acked']}",
+    ]
+    lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
+    return "\n".join(lines)
+
+
+def _counts(result: SimResult) -> dict[str, int]:
+    client = [op for op in result.history if not op.final]
+    return {
+        "ops": len(client),
+        "acked": sum(1 for op in client if op.kind == "write" and op.status == "ok"),
+        "reads": sum(1 for op in client if op.kind == "read" and op.status == "ok"),
+        "lost": result.verdict("lost").count,
+        "stale": result.verdict("stale").count,
+        "phantom": result.verdict("reads of values").count,
+        "diverged": result.verdict("replicas").count,
+        "discarded": result.verdict("writes discarded").count,
+    }
