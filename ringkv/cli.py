@@ -105,7 +105,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     report = run_chaos(run_dir, seed=seed, duration_s=args.duration, clients=args.clients,
                        keys=args.keys, say=lambda line: print(line, flush=True))
     print(report.summary())
-    return 0 if report.verdicts.ok else 1
+    return 0 if report.ok else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

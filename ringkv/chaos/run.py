@@ -8,22 +8,17 @@ few keys at QUORUM with unique values (each through its own
 from the seed, cuts links (both ways, one way, a whole node), delays them,
 resets connections, SIGKILLs a node and restarts it on the same data, and
 SIGSTOPs a node and SIGCONTs it. Then everything heals, the cluster gets a
-quiet period, every key is read once more, and the history is judged:
-
-* no acknowledged QUORUM write is lost (the final read returns it or a newer one);
-* no QUORUM read is stale: it returns at least the newest value of any write
-  acknowledged, or any read answered, before the read began;
-* no read returns a value nobody wrote;
-* after a final read at ALL, every replica holds the same cell.
-
-The history is a list of plain ``Op`` records (also written to
-``history.jsonl`` in the run's directory), judged by ``check``.
+quiet period, and every key is read once more, at QUORUM and at ALL (which
+read-repairs every replica). The history, a list of the simulator's ``Op``
+records (also written to ``history.jsonl`` in the run's directory), is
+judged by the simulator's checkers (``ringkv.sim.checkers``): no
+acknowledged write lost, no stale read, no read of a value never written, no
+write discarded by last-write-wins, and every replica equal at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import json
 import logging
@@ -31,7 +26,7 @@ import random
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +36,8 @@ from ringkv.clock import SystemClock
 from ringkv.errors import BadRequest, NoNodeAvailable, RingKVError
 from ringkv.launcher import NodeProcess, free_port, http
 from ringkv.local_cluster import LocalCluster
+from ringkv.sim import checkers
+from ringkv.sim.history import FAIL, INFO, OK, Op
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +50,6 @@ WARMUP_S = 2.0  # load runs this long before the first fault
 MAX_SLOT_S = 15.0  # longest fault slot (hold + calm); long runs hold faults long enough to be seen DOWN
 RESET_EVERY_S = 1.0  # a reset fault resets every link this often while it lasts
 FINAL_READ_ATTEMPTS = 20
-
-# Outcomes, as Jepsen names them: ok = it happened, fail = it certainly did
-# not, info = unknown (a write that timed out may still land).
-OK, FAIL, INFO = "ok", "fail", "info"
-
-
-@dataclass(frozen=True)
-class Op:
-    """One client operation as the client saw it (the simulator's record, field for field)."""
-
-    index: int  # invocation order
-    process: str  # the client ("c3"), or "final" for the reads after healing
-    kind: str  # "write" | "read"
-    key: str
-    value: str | None  # the value written, or the value read (None: absent)
-    start: float  # monotonic seconds since the run began
-    end: float
-    status: str  # OK | FAIL | INFO
-    node: str  # the coordinator asked: the client routes, so "client"
-    consistency: str
-    error: str | None = None  # the error code, when not OK
-    final: bool = False
-    ts: tuple[int, int] | None = None  # write: its timestamp; read: that of the cell it saw
 
 
 @dataclass(frozen=True)
@@ -91,40 +65,33 @@ class Fault:
 
 
 @dataclass
-class Verdicts:
-    lost: list[Op] = field(default_factory=list)  # acknowledged writes missing at the end
-    stale: list[Op] = field(default_factory=list)  # reads older than an earlier write or read
-    phantom: list[Op] = field(default_factory=list)  # reads of values nobody wrote
-    unchecked: list[str] = field(default_factory=list)  # keys whose final read failed
-    diverged: list[str] = field(default_factory=list)  # keys whose replicas differ at the end
-
-    @property
-    def ok(self) -> bool:
-        return not (self.lost or self.stale or self.phantom or self.unchecked or self.diverged)
-
-
-@dataclass
 class Report:
     seed: int
     history: list[Op]
     faults: list[Fault]
-    verdicts: Verdicts
+    verdicts: list[checkers.Verdict]
     run_dir: Path
 
+    @property
+    def ok(self) -> bool:
+        return all(verdict.ok for verdict in self.verdicts)
+
+    def verdict(self, name: str) -> checkers.Verdict:
+        return next(verdict for verdict in self.verdicts if verdict.name == name)
+
     def summary(self) -> str:
-        writes = Counter(op.status for op in self.history if op.kind == "write")
-        reads = Counter(op.status for op in self.history if op.kind == "read")
+        client_ops = [op for op in self.history if not op.final]
+        writes = Counter(op.status for op in client_ops if op.kind == "write")
+        reads = Counter(op.status for op in client_ops if op.kind == "read")
         kinds = Counter(fault.kind for fault in self.faults)
-        v = self.verdicts
         return "\n".join([
             f"ringkv chaos: seed {self.seed}, {len(HOSTS)} nodes, history in "
             f"{self.run_dir / 'history.jsonl'}",
-            f"ops: {len(self.history)}; writes: {writes[OK]} acknowledged, {writes[FAIL]} failed, "
+            f"ops: {len(client_ops)}; writes: {writes[OK]} acknowledged, {writes[FAIL]} failed, "
             f"{writes[INFO]} indeterminate; reads: {reads[OK]} ok, {reads[FAIL]} failed",
             "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS),
-            f"verdicts: lost acknowledged writes {len(v.lost)}, stale reads {len(v.stale)}, "
-            f"reads of unwritten values {len(v.phantom)}, unchecked keys {len(v.unchecked)}, "
-            f"diverged keys {len(v.diverged)} -> {'PASS' if v.ok else 'FAIL'}",
+            *(verdict.render() for verdict in self.verdicts),
+            "PASS" if self.ok else "FAIL",
         ])
 
 
@@ -160,58 +127,15 @@ def schedule(seed: int, duration_s: float, hosts: tuple[str, ...] = HOSTS) -> li
         at += slot
 
 
-# -- checking (pure) -----------------------------------------------------------------
-
-
-def check(history: list[Op], replicas: dict[str, dict[str, Any]] | None = None) -> Verdicts:
-    """Judge a history whose ``final`` reads of each key are the state after healing.
-
-    ``replicas``: key -> node id -> what that node's own replica holds at the end.
-    """
-    verdicts = Verdicts()
-    acked: dict[str, list[Op]] = {}
-    observed: dict[str, list[Op]] = {}  # acknowledged writes and reads that saw a value
-    written: dict[str, set[str]] = {}
-    final: dict[str, Op] = {}
-    for op in history:
-        if op.kind == "write":
-            written.setdefault(op.key, set()).add(op.value)  # type: ignore[arg-type]
-            if op.status == OK:
-                acked.setdefault(op.key, []).append(op)
-        elif op.final and op.status == OK:
-            final[op.key] = op
-        if op.status == OK and op.ts is not None:
-            observed.setdefault(op.key, []).append(op)
-    keys = {op.key for op in history if not op.final}
-    verdicts.unchecked = sorted(keys - set(final))
-    for key, writes in acked.items():
-        if key in final:
-            seen = final[key].ts
-            verdicts.lost += [w for w in writes if seen is None or seen < w.ts]  # type: ignore[operator]
-    # A QUORUM read must return at least the newest value of any QUORUM write
-    # or read that completed before it began (read repair makes reads monotonic).
-    floors = {key: _floors(ops) for key, ops in observed.items()}
-    for read in history:
-        if read.kind != "read" or read.status != OK:
-            continue
-        if read.value is not None and read.value not in written.get(read.key, ()):
-            verdicts.phantom.append(read)
-        ends, newest = floors.get(read.key, ([], []))
-        before = bisect.bisect_left(ends, read.start)  # ops that ended before it began
-        floor = newest[before - 1] if before else None
-        if floor is not None and (read.ts is None or read.ts < floor):
-            verdicts.stale.append(read)
-    for key, cells in (replicas or {}).items():
-        if len({json.dumps(cell, sort_keys=True) for cell in cells.values()}) > 1:
-            verdicts.diverged.append(key)
-    return verdicts
-
-
-def _floors(ops: list[Op]) -> tuple[list[float], list[tuple[int, int]]]:
-    """``ops`` by end time, with the newest timestamp seen by each one's end."""
-    ordered = sorted(ops, key=lambda op: op.end)
-    newest = list(itertools.accumulate((op.ts for op in ordered), max))  # type: ignore[arg-type]
-    return [op.end for op in ordered], newest
+def judge(history: list[Op], replicas: dict[str, dict[str, Any]]) -> list[checkers.Verdict]:
+    """The simulator's checkers; one machine's clock, so every promise holds."""
+    return [
+        checkers.lost_writes(history),
+        checkers.stale_reads(history, promised=True),
+        checkers.phantom_reads(history),
+        checkers.discarded_writes(history, promised=True),
+        checkers.convergence(replicas),
+    ]
 
 
 def read_history(path: Path) -> list[Op]:
@@ -263,7 +187,7 @@ class ChaosRun:
         finally:
             await self._stop_cluster()
         self._write_history()
-        return Report(self.seed, self.history, self.done, check(self.history, replicas),
+        return Report(self.seed, self.history, self.done, judge(self.history, replicas),
                       self.run_dir)
 
     # -- cluster -----------------------------------------------------------------
@@ -326,8 +250,11 @@ class ChaosRun:
         await asyncio.sleep(self.quiet_s)  # hints replay; correctness does not wait on it
         async with self._new_client("final") as kv:
             for key in self.keys:
-                self.history.append(await self._final_read(kv, key))
-            return {key: await self._replicas(kv, key) for key in self.keys}
+                # At QUORUM, the level the writes promised; then at ALL, which
+                # also read-repairs every replica before they are compared.
+                self.history.append(await self._final_read(kv, key, "QUORUM"))
+                self.history.append(await self._final_read(kv, key, "ALL"))
+        return {key: await self._replicas(key) for key in self.keys}
 
     def _new_client(self, process: str) -> AsyncClient:
         """One workload client (Jepsen's process): its own connections and ring view."""
@@ -377,26 +304,26 @@ class ChaosRun:
         return Op(index, process, "read", key, value, start, self.now(), OK, "client", level,
                   None, final, ts)
 
-    async def _final_read(self, kv: AsyncClient, key: str) -> Op:
-        """A QUORUM read after healing; retried (bounded) while the cluster settles."""
+    async def _final_read(self, kv: AsyncClient, key: str, level: str) -> Op:
+        """A read after healing; retried (bounded) while the cluster settles."""
         op = None
         for _ in range(FINAL_READ_ATTEMPTS):
-            op = await self._read(kv, "final", key, "QUORUM")
+            op = await self._read(kv, "final", key, level)
             if op.status == OK:
                 return op
             await asyncio.sleep(0.5)
         assert op is not None
         return op
 
-    async def _replicas(self, kv: AsyncClient, key: str) -> dict[str, Any]:
-        """Read ``key`` at ALL (read repair makes every replica agree), then what each
-        node's own replica holds (``?local=true``, which the client does not offer)."""
-        await self._read(kv, "repair", key, "ALL")
-        cells = {}
+    async def _replicas(self, key: str) -> dict[str, Any]:
+        """What each node's own replica holds (``?local=true``, which the client does
+        not offer), as the convergence checker wants it: (value, ts) or None."""
+        cells: dict[str, Any] = {}
         for proc in self.cluster.procs:  # type: ignore[union-attr]
             status, body = await asyncio.to_thread(
                 http, "GET", f"{proc.url}/v1/kv/{KEYSPACE}/{key}?local=true")
-            cells[proc.node_id] = [body["value"], body["timestamp"]] if status == 200 else status
+            cells[proc.node_id] = (body["value"], tuple(body["timestamp"])) if status == 200 \
+                else None
         return cells
 
     async def _nemesis(self, faults: list[Fault]) -> None:
