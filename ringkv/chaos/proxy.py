@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import socket
 import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 QUEUE_CHUNKS = 16  # per direction: at most 1 MiB waits in a stalled direction
@@ -62,9 +59,6 @@ class _Connection:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def links(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        return (self.src, self.dst), (self.dst, self.src)
 
 
 class FaultProxy:
@@ -145,8 +139,8 @@ class FaultProxy:
     async def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: tuple[str, int]
     ) -> None:
-        src = writer.get_extra_info("peername")[0]
-        if len(self._connections) >= MAX_CONNECTIONS:
+        peer = writer.get_extra_info("peername")
+        if not peer or len(self._connections) >= MAX_CONNECTIONS:
             self.stats["refused"] += 1
             writer.close()
             return
@@ -157,7 +151,7 @@ class FaultProxy:
             writer.close()  # the node is down: the dialler sees its connection closed
             return
         self.stats["accepted"] += 1
-        conn = _Connection(src, upstream[0], writer, up_writer)
+        conn = _Connection(peer[0], upstream[0], writer, up_writer)
         self._connections.add(conn)
         conn.tasks = [
             asyncio.create_task(self._pipe(conn, reader, up_writer, conn.src, conn.dst)),

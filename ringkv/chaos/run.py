@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import logging
 import random
 import signal
 from collections import Counter
@@ -38,8 +37,6 @@ from ringkv.launcher import NodeProcess, free_port, http
 from ringkv.local_cluster import LocalCluster
 from ringkv.sim import checkers
 from ringkv.sim.history import FAIL, INFO, OK, Op
-
-log = logging.getLogger(__name__)
 
 _CLOCK = SystemClock()
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
