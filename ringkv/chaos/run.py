@@ -46,7 +46,7 @@ REQUEST_TIMEOUT_S = 5.0  # per client attempt; the nodes time out replicas after
 WARMUP_S = 2.0  # load runs this long before the first fault
 MAX_SLOT_S = 15.0  # longest fault slot (hold + calm); long runs hold faults long enough to be seen DOWN
 RESET_EVERY_S = 1.0  # a reset fault resets every link this often while it lasts
-FINAL_READ_ATTEMPTS = 20
+FINAL_READ_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
