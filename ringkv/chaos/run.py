@@ -24,7 +24,7 @@ import json
 import random
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -334,27 +334,18 @@ class ChaosRun:
             await self._heal(fault)
 
     async def _apply(self, fault: Fault) -> None:
-        proxy, targets = self.proxy, fault.targets
+        proxy, target = self.proxy, fault.targets[0]
         assert proxy is not None
-        if fault.kind == "cut-link":
-            proxy.cut(*targets)
-            proxy.cut(targets[1], targets[0])
-        elif fault.kind == "cut-one-way":
-            proxy.cut(*targets)
-        elif fault.kind == "isolate":
-            for other in HOSTS:
-                if other != targets[0]:
-                    proxy.cut(targets[0], other)
-                    proxy.cut(other, targets[0])
+        if fault.kind in ("cut-link", "cut-one-way", "isolate"):
+            for src, dst in _links(fault):
+                proxy.cut(src, dst)
         elif fault.kind == "delay":
-            for other in HOSTS:
-                if other != targets[0]:
-                    proxy.delay(targets[0], other, fault.delay_s)
-                    proxy.delay(other, targets[0], fault.delay_s)
+            for src, dst in _links(fault):
+                proxy.delay(src, dst, fault.delay_s)
         elif fault.kind == "kill":
-            await asyncio.to_thread(self.by_host[targets[0]].kill)
+            await asyncio.to_thread(self.by_host[target].kill)
         elif fault.kind == "pause":
-            self.by_host[targets[0]].signal(signal.SIGSTOP)
+            self.by_host[target].signal(signal.SIGSTOP)
 
     async def _hold(self, fault: Fault) -> None:
         end = fault.at_s + fault.hold_s
@@ -362,7 +353,7 @@ class ChaosRun:
             await asyncio.sleep(max(0.0, end - self.now()))
             return
         while self.now() < end:  # a flapping network: every link reset again and again
-            for a, b in _pairs(HOSTS):
+            for a, b in itertools.combinations(HOSTS, 2):
                 self.proxy.reset(a, b)  # type: ignore[union-attr]
             await asyncio.sleep(min(RESET_EVERY_S, max(0.0, end - self.now())))
 
@@ -381,9 +372,14 @@ class ChaosRun:
                 out.write(json.dumps(asdict(op)) + "\n")
 
 
-def _pairs(hosts: Iterable[str]) -> list[tuple[str, str]]:
-    hosts = list(hosts)
-    return [(a, b) for i, a in enumerate(hosts) for b in hosts[i + 1:]]
+def _links(fault: Fault) -> list[tuple[str, str]]:
+    """The directed links (source, destination) a proxy fault acts on."""
+    if fault.kind == "cut-one-way":
+        return [(fault.targets[0], fault.targets[1])]
+    if fault.kind == "cut-link":
+        return [(fault.targets[0], fault.targets[1]), (fault.targets[1], fault.targets[0])]
+    node = fault.targets[0]  # isolate, delay: every link of one node, both ways
+    return [link for other in HOSTS if other != node for link in ((node, other), (other, node))]
 
 
 def run_chaos(run_dir: Path, *, seed: int, duration_s: float, **options: Any) -> Report:
