@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 from bench import loadgen
 from bench.loadgen import LoadResult, run_load
 from ringkv.clock import SystemClock
+from ringkv.launcher import free_port_block
 from ringkv.local_cluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,24 +39,6 @@ WORKLOAD_NAMES = {"A": "update heavy", "B": "read mostly", "C": "read only", "W"
 LEVELS = ("ONE", "QUORUM", "ALL")
 LOAD_BATCH = 100
 _CLOCK = SystemClock()
-
-
-def _consecutive_free_ports(count: int, rng: random.Random) -> int:
-    """The first of ``count`` consecutive loopback ports that are free right now."""
-    for _ in range(100):
-        first = rng.randrange(20000, 60000)
-        held: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                held.append(socket.socket())
-                held[-1].bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        return first
-    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 def load_keys(urls: list[str], count: int, value: object, say: Any) -> float:
@@ -163,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 urls = list(args.target)
                 say(f"target: {', '.join(urls)}")
             else:
-                rng = random.Random()
                 cluster = LocalCluster(Path(tmp), nodes=3, rf=3,
-                                       base_client_port=_consecutive_free_ports(3, rng),
-                                       base_internode_port=_consecutive_free_ports(3, rng))
+                                       base_client_port=free_port_block(3),
+                                       base_internode_port=free_port_block(3))
                 say("starting a local 3-node cluster (RF=3) ...")
                 cluster.up(timeout_s=60)
                 urls = cluster.endpoints()

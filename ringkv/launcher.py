@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from http import client as http_client
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,32 +26,61 @@ START_DEADLINE_S = 30.0
 STOP_DEADLINE_S = 15.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the source ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Ports for listeners are taken from below the ephemeral range. A client that
+# polls a port in that range before its server listens can be handed that very
+# port as its own source port, and TCP then connects the socket to itself: the
+# client reads back its own request (seen here as BadStatusLine "GET /v1/health").
+_LOWEST_PORT = 10000
+_PICKER = random.Random()
+_HANDED_OUT: set[tuple[str, int]] = set()  # released after bind, so remember them
+_MAX_ATTEMPTS = 500
 
 
 def free_port_block(count: int, host: str = "127.0.0.1", *, seed: int | None = None) -> int:
-    """The first of ``count`` consecutive ports that are free on ``host`` right now."""
-    import random
+    """The first of ``count`` consecutive ports free on ``host`` and outside the ephemeral range.
 
-    rng = random.Random(seed)
-    for _ in range(200):  # bounded search
-        start = rng.randrange(20000, 60000 - count)
+    A port is free when it binds right now; ports this process has handed out
+    before are skipped, since their listener may not have started yet.
+    """
+    rng = random.Random(seed) if seed is not None else _PICKER
+    ephemeral_low, ephemeral_high = _ephemeral_port_range()
+    if ephemeral_low - _LOWEST_PORT > count:
+        low, high = _LOWEST_PORT, ephemeral_low - count
+    else:  # an unusual kernel setting: fall back to the ports above the range
+        low, high = ephemeral_high + 1, 65535 - count
+    for _ in range(_MAX_ATTEMPTS):
+        start = rng.randrange(low, high)
+        ports = [(host, port) for port in range(start, start + count)]
+        if any(p in _HANDED_OUT for p in ports):
+            continue
         socks: list[socket.socket] = []
         try:
-            for port in range(start, start + count):
+            for address in ports:
                 sock = socket.socket()
                 socks.append(sock)
-                sock.bind((host, port))
-            return start
+                sock.bind(address)
         except OSError:
             continue
         finally:
             for sock in socks:
                 sock.close()
-    raise RuntimeError(f"found no {count} consecutive free ports on {host}")
+        _HANDED_OUT.update(ports)
+        return start
+    raise RuntimeError(f"found no {count} consecutive free ports on {host} in {_MAX_ATTEMPTS} tries")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` right now, outside the ephemeral range (see above)."""
+    return free_port_block(1, host)
 
 
 def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
@@ -109,8 +140,8 @@ class NodeProcess:
         try:
             status, _ = http("GET", f"{self.url}/v1/health", timeout_s=1.0)
             return status == 200
-        except OSError:
-            return False
+        except (OSError, http_client.HTTPException):
+            return False  # not listening yet, or a half-started server
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():

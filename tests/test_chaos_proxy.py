@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ringkv.chaos.proxy import FaultProxy, apply_command
-from tests.procs import REPO
+from tests.procs import REPO, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,9 +212,7 @@ def test_commands() -> None:
 def test_the_command_proxies_and_takes_commands_on_stdin() -> None:
     import socket
 
-    with socket.socket() as probe:
-        probe.bind((B, 0))
-        proxy_port = probe.getsockname()[1]
+    proxy_port = free_port(B)
     upstream = socket.create_server((B, 0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "ringkv.chaos.proxy",

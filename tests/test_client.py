@@ -33,6 +33,7 @@ from ringkv.errors import (
 from ringkv.launcher import free_port
 from ringkv.local_cluster import LocalCluster
 from ringkv.node import Node
+from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.ring import NodeInfo, TokenRing, token_for
 from ringkv.server.api import build_app
 from ringkv.server.idempotency import IdempotencyCache, StoredResponse
@@ -519,33 +520,44 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
         cluster.down()
 
 
+# Dynamo §4.5: a read is sure to see a write only when R + W > N. Each write
+# at a level is read back at the weakest level that completes it for RF=3, so
+# every level is exercised both as W (left) and as R (right), and ONE/ONE,
+# which promises no read-your-writes, is never asked to.
+READ_BACK_AT = {"ONE": "ALL", "TWO": "TWO", "THREE": "ONE", "QUORUM": "QUORUM", "ALL": "ONE"}
+
+
 @pytest.mark.cluster
 @pytest.mark.parametrize("level", LEVELS)
 def test_cluster_every_operation_at_every_level(shared_cluster: LocalCluster, level: str) -> None:
     prefix = f"lvl-{level}-"
+    read = READ_BACK_AT[level]
+    rf = 3
+    assert block_for(ConsistencyLevel(level), rf) + block_for(ConsistencyLevel(read), rf) > rf
     with Client(shared_cluster.endpoints(), consistency=level) as kv:
         written = kv.put(prefix + "a", {"level": level}, ttl=3600)
-        record = kv.get_with_meta(prefix + "a")
+        record = kv.get_with_meta(prefix + "a", consistency=read)
+        assert record is not None, f"a {level} write not seen by a {read} read"
         assert record.value == {"level": level} and record.timestamp == written.timestamp
-        assert record.receipt["consistency"] == level
-        assert len(record.receipt["answered"]) >= {"ONE": 1, "TWO": 2}.get(level, 2 if level == "QUORUM" else 3)
+        assert record.receipt["consistency"] == read
+        assert len(record.receipt["answered"]) >= block_for(ConsistencyLevel(read), rf)
         results = kv.batch([{"op": "put", "key": prefix + f"b{i}", "value": i} for i in range(5)]
-                           + [{"op": "get", "key": prefix + "a"}])
+                           + [{"op": "get", "key": prefix + "a", "consistency": read}])
         assert all(r.ok for r in results) and results[-1].value == {"level": level}
-        scanned = {r.key for r in kv.scan(page_size=7) if r.key.startswith(prefix)}
+        scanned = {r.key for r in kv.scan(page_size=7, consistency=read) if r.key.startswith(prefix)}
         assert scanned == {prefix + "a"} | {prefix + f"b{i}" for i in range(5)}
         kv.delete(prefix + "a")
-        assert kv.get(prefix + "a") is None
+        assert kv.get(prefix + "a", consistency=read) is None
         kv.put(prefix + "any", 1, consistency="ANY")
 
     async def async_round() -> None:
         async with AsyncClient(shared_cluster.endpoints(), consistency=level) as kv:
             await kv.put(prefix + "async", [level])
-            assert await kv.get(prefix + "async") == [level]
-            pages = [p async for p in kv.scan_pages(page_size=50)]
+            assert await kv.get(prefix + "async", consistency=read) == [level]
+            pages = [p async for p in kv.scan_pages(page_size=50, consistency=read)]
             assert any(r.key == prefix + "async" for p in pages for r in p.items)
             await kv.delete(prefix + "async")
-            assert await kv.get(prefix + "async") is None
+            assert await kv.get(prefix + "async", consistency=read) is None
 
     run_async(async_round())
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import signal
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 

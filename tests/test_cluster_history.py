@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ringkv.clock import SystemClock
-from tests.procs import http, wait_until
-from tests.test_cluster import liveness, make_cluster
+from tests.procs import http
+from tests.test_cluster import make_cluster
 
 pytestmark = pytest.mark.cluster
 

@@ -8,8 +8,6 @@ the real wire codec (to_wire -> msgpack -> decode_message).
 
 from __future__ import annotations
 
-import ast
-import pathlib
 import random
 
 import msgpack
@@ -751,6 +749,3 @@ def test_handle_rejects_non_messages():
 
 
 # Purity of these modules is enforced with the other pure cores in tests/test_layering.py.
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if node.value.id == "random":
-                assert node.attr == "Random", f"{path.name} uses random.{node.attr}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,8 +28,8 @@ from ringkv.errors import (
     ShuttingDown,
     TooLarge,
 )
+from ringkv.launcher import free_port
 from ringkv.net.codec import (
-    KIND_ERROR,
     KIND_ONEWAY,
     KIND_REQUEST,
     KIND_RESPONSE,
@@ -129,13 +128,6 @@ def make(node_id: str, handler: Any = echo_handler, port: int = 0, cluster: str 
 def link(a: Transport, b: Transport) -> None:
     host, port = b.address
     a.set_peer_address(b.node_id, host, port)
-
-
-def free_port() -> int:
-    """A port on which nothing listens (bound then released)."""
-    with socket.socket() as s:
-        s.bind((LOCALHOST, 0))
-        return s.getsockname()[1]
 
 
 async def raw_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, node_id: str = "raw") -> None:

@@ -27,7 +27,7 @@ from ringkv.metrics import CONTENT_TYPE
 from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
 from ringkv.server import validation as v
-from ringkv.versioning import Cell, tombstone
+from ringkv.versioning import Cell
 
 if TYPE_CHECKING:
     from ringkv.node import Node

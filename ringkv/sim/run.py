@@ -265,7 +265,7 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
             f"{counts[(kind, 'info')]} indeterminate)"
             for kind in ("write", "read")
         ) + f"; {sum(1 for op in history if op.final)} final reads at ALL",
-        f"messages: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
+        "messages: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
         f"faults injected: {result.fault_count}",
         *(f"  {line}" for line in result.faults),
     ]
