@@ -21,13 +21,15 @@ import multiprocessing
 import os
 import random
 import resource
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import aiohttp
 
+from ringkv.clock import SystemClock
+
 PROGRESS_INTERVAL_S = 0.5
+_CLOCK = SystemClock()
 
 
 @dataclass
@@ -119,7 +121,7 @@ async def _run(
     reads = _read_fraction(op, read_fraction)
     body = json.dumps({"value": value}).encode()
     headers = {"Content-Type": "application/json"}
-    deadline = time.perf_counter() + duration_s
+    deadline = _CLOCK.monotonic_s() + duration_s
     rng = random.Random(seed)
     next_key = key_chooser(key_dist, key_count, rng)
     # Several base URLs spread the load over a cluster's coordinators.
@@ -152,21 +154,21 @@ async def _run(
 
     async def worker(target: object, do: Callable[..., object]) -> None:
         nonlocal errors
-        while time.perf_counter() < deadline:
+        while _CLOCK.monotonic_s() < deadline:
             read = rng.random() < reads
             key = f"key{next_key()}"
-            started = time.perf_counter()
+            started = _CLOCK.monotonic_s()
             if await do(target, read, key):  # type: ignore[misc]
-                latencies.append(time.perf_counter() - started)
+                latencies.append(_CLOCK.monotonic_s() - started)
             else:
                 errors += 1
 
     async def report() -> None:
         while progress is not None:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
-            progress(len(latencies), errors, time.perf_counter() - started)
+            progress(len(latencies), errors, _CLOCK.monotonic_s() - started)
 
-    started = time.perf_counter()
+    started = _CLOCK.monotonic_s()
     reporter = asyncio.ensure_future(report())
     try:
         if use_client:
@@ -175,14 +177,14 @@ async def _run(
             async with AsyncClient(base_urls, consistency=consistency,
                                    pool_size=concurrency) as kv:
                 await kv.refresh_ring()
-                started = time.perf_counter()
+                started = _CLOCK.monotonic_s()
                 await asyncio.gather(*(worker(kv, client_op) for _ in range(concurrency)))
         else:
             connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
             async with aiohttp.ClientSession(connector=connector) as session:
-                started = time.perf_counter()
+                started = _CLOCK.monotonic_s()
                 await asyncio.gather(*(worker(session, http_op) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed = _CLOCK.monotonic_s() - started
     finally:
         reporter.cancel()
     return latencies, errors, elapsed
@@ -231,10 +233,10 @@ def run_load(
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(child, kwargs))
     process.start()
     child.close()
-    deadline = time.perf_counter() + duration_s + 60
+    deadline = _CLOCK.monotonic_s() + duration_s + 60
     try:
         while True:
-            if not parent.poll(max(0.0, deadline - time.perf_counter())):
+            if not parent.poll(max(0.0, deadline - _CLOCK.monotonic_s())):
                 raise RuntimeError(f"load generator for {label} did not report in time")
             message = parent.recv()
             if message[0] == "done":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +40,11 @@ from locust.runners import WorkerRunner
 
 from bench.loadgen import key_chooser
 from ringkv.client import Client
+from ringkv.clock import SystemClock
 from ringkv.errors import RingKVError
 from ringkv.quorum import ConsistencyLevel
+
+_CLOCK = SystemClock()
 
 SCENARIOS: dict[str, tuple[float, str]] = {  # name -> (read fraction, key distribution)
     "read-heavy": (0.95, "uniform"),
@@ -167,7 +169,7 @@ class RingKVUser(User):
                         lambda: self.kv.put(key, self.settings.value, consistency=level))
 
     def _timed(self, name: str, call: Any) -> None:
-        started = time.perf_counter()
+        started = _CLOCK.monotonic_s()
         exception: Exception | None = None
         try:
             call()
@@ -175,6 +177,6 @@ class RingKVUser(User):
             exception = exc
         self.environment.events.request.fire(
             request_type="ringkv", name=name,
-            response_time=(time.perf_counter() - started) * 1000, response_length=0,
+            response_time=(_CLOCK.monotonic_s() - started) * 1000, response_length=0,
             exception=exception, context={},
         )

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 TIERS = ("eventual", "transactional")
+BUILT_TIERS = ("eventual",)  # ringkv/txn is still to come
 ENGINES = ("leveldb", "memory")
 COMMIT_SYNCS = ("periodic", "batch")
 FILE_FIELD = "<file>"
@@ -231,7 +232,7 @@ def load_config(
     """Read the YAML file at ``path`` (None: all defaults), apply ``overrides``, validate.
 
     ``overrides`` maps dotted keys to values, e.g. ``{"cluster.node_id": "n2",
-    "cluster.seeds": ["10.0.0.1:7500"], "keyspaces.orders.tier": "transactional"}``.
+    "cluster.seeds": ["10.0.0.1:7500"], "keyspaces.orders.replication_factor": 5}``.
     A key names a section, a field, a keyspace or a keyspace field.
     """
     if path is None:
@@ -488,6 +489,10 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
         sec.take("tier", _check_choice, TIERS)
         sec.take("default_consistency", _check_consistency)
         keyspace = KeyspaceConfig(name, **sec.done())
+        if keyspace.tier not in BUILT_TIERS:
+            # Serving it eventually consistent would break what the name promises.
+            ctx.fail(sec.dotted("tier"), "eventual: the transactional tier is not built in "
+                     "this version", _show(keyspace.tier))
         needed = block_for(keyspace.default_consistency, keyspace.replication_factor)
         if needed > keyspace.replication_factor:
             ctx.fail(

@@ -110,7 +110,7 @@ def test_keyspaces_section_replaces_default_list(tmp_path):
         tmp_path,
         {
             "keyspaces": {
-                "orders": {"replication_factor": 5, "tier": "transactional"},
+                "orders": {"replication_factor": 5, "tier": "eventual"},
                 "cache": {"replication_factor": 1, "default_consistency": "one"},
             }
         },
@@ -118,7 +118,7 @@ def test_keyspaces_section_replaces_default_list(tmp_path):
     config = load_config(path)
     assert list(config.keyspaces) == ["orders", "cache"]
     assert config.keyspaces["orders"] == KeyspaceConfig(
-        "orders", 5, "transactional", ConsistencyLevel.QUORUM
+        "orders", 5, "eventual", ConsistencyLevel.QUORUM
     )
     assert config.keyspaces["cache"].default_consistency is ConsistencyLevel.ONE
     assert load_config(write_yaml(tmp_path, {"keyspaces": {}}, "none.yaml")).keyspaces == {}
@@ -129,15 +129,15 @@ def test_to_dict_is_json_safe_and_round_trips():
         None,
         {
             "cluster.data_dir": "/var/lib/ringkv",
-            "keyspaces.tx.tier": "transactional",
+            "keyspaces.tx.replication_factor": 5,
             "timing.phi_threshold": 12,
         },
     )
     as_dict = json.loads(json.dumps(config.to_dict()))
     assert as_dict["cluster"]["data_dir"] == "/var/lib/ringkv"
     assert as_dict["keyspaces"]["tx"] == {
-        "replication_factor": 3,
-        "tier": "transactional",
+        "replication_factor": 5,
+        "tier": "eventual",
         "default_consistency": "QUORUM",
     }
     assert config_from_dict(as_dict) == config
@@ -297,6 +297,11 @@ BAD_FIELDS = [
         {"keyspaces": {"ks": {"tier": "strong"}}},
         "keyspaces.ks.tier",
         "one of eventual, transactional",
+    ),
+    (  # a known tier that this version does not serve is refused, not downgraded
+        {"keyspaces": {"ks": {"tier": "transactional"}}},
+        "keyspaces.ks.tier",
+        "the transactional tier is not built",
     ),
     (
         {"keyspaces": {"ks": {"default_consistency": "ANY"}}},

@@ -601,6 +601,26 @@ def test_wrong_node_at_address_is_refused() -> None:
     run(body())
 
 
+def test_a_peer_that_answers_with_our_own_id_is_refused() -> None:
+    """A seed address that leads back to this node (its own listener, a
+    duplicate node id, or a TCP self-connect) is never taken for a peer."""
+
+    async def body() -> None:
+        a = make("a")
+        await a.start()
+        try:
+            a.set_peer_address("@seed", *a.address)  # known only by address
+            with pytest.raises(PeerUnreachable, match="this node's own id"):
+                await a.request("@seed", "echo", 1, timeout_s=2)
+            await wait_for_condition(lambda: a.stats["refused_handshakes"] >= 2,
+                                     "both ends to refuse the handshake")
+            assert a.stats["inbound_connections"] == 0
+        finally:
+            await a.stop()
+
+    run(body())
+
+
 def test_silent_connection_closed_after_handshake_timeout() -> None:
     async def body() -> None:
         b = make("b", handshake_timeout_s=0.2)

@@ -629,6 +629,10 @@ class Transport:
             )
         if hello.protocol != PROTOCOL_VERSION:
             return f"node {hello.node_id!r} speaks protocol {hello.protocol}, we speak {PROTOCOL_VERSION}"
+        if hello.node_id == self.node_id:
+            # Either a second node runs with our id, or a dial to a port nobody
+            # listens on was connected to itself by TCP (source port == port).
+            return f"the peer says it is {self.node_id!r}, which is this node's own id"
         if expected_node_id is not None and hello.node_id != expected_node_id:
             return f"expected node {expected_node_id!r} but {hello.node_id!r} answered"
         return None
