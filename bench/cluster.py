@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.loadgen import LoadResult, format_table, run_load
+from bench.loadgen import LoadResult, compare, format_table, run_load
 from ringkv.launcher import free_port_block
 from ringkv.local_cluster import LocalCluster
 
@@ -47,9 +47,20 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down()
     print()
     print(format_table(results))
+    print()
+    # What each stronger level costs against ONE, measured in this same run.
+    ratios = []
+    for op in ("put", "get"):
+        one = next(r for r in results if r.op == op and r.label == "rf3 ONE")
+        for level in LEVELS[1:]:
+            ours = next(r for r in results if r.op == op and r.label == f"rf3 {level}")
+            record, line = compare(f"{level}/ONE", ours, one)
+            ratios.append(record)
+            print(line)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "cluster.json"
-    out.write_text(json.dumps({"results": [r.to_json() for r in results]}, indent=2))
+    out.write_text(json.dumps({"results": [r.to_json() for r in results], "ratios": ratios},
+                              indent=2))
     print(f"\nresults written to {out}")
     return 0
 

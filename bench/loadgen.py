@@ -21,10 +21,9 @@ import multiprocessing
 import os
 import random
 import resource
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
-import aiohttp
 
 from ringkv.clock import SystemClock
 
@@ -110,6 +109,67 @@ def _read_fraction(op: str, read_fraction: float | None) -> float:
     return read_fraction
 
 
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    prefix: str  # a path prefix in the base URL, if any
+
+    @property
+    def host_header(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @staticmethod
+    def parse(url: str) -> _Target:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"load target must be an http:// URL, got {url!r}")
+        return _Target(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection carrying one request at a time.
+
+    A plain-HTTP phase measures the cluster, not the client: a general client
+    such as aiohttp's spends ~100 us of CPU a request, which on a small machine
+    takes cores from the nodes under test. Like wrk, this writes precomputed
+    bytes and reads only the status line and Content-Length.
+    """
+
+    def __init__(self, target: _Target) -> None:
+        self._target = target
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, data: bytes) -> int:
+        """Send one request; the response's status, or 0 if the exchange failed."""
+        try:
+            if self._writer is None:
+                self._reader, self._writer = await asyncio.open_connection(
+                    self._target.host, self._target.port)
+            assert self._reader is not None
+            self._writer.write(data)
+            head = await self._reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            lowered = head.lower()
+            at = lowered.find(b"\r\ncontent-length:")
+            if at < 0:
+                raise ValueError("response without Content-Length")
+            length = int(lowered[at + 17:lowered.index(b"\r\n", at + 2)])
+            await self._reader.readexactly(length)
+            if b"\r\nconnection: close" in lowered:
+                self.close()
+            return status
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            self.close()
+            return 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
 async def _run(
     base_url: str | list[str], path_template: str, op: str, concurrency: int, duration_s: float,
     key_count: int, value: object, seed: int, read_fraction: float | None = None,
@@ -120,25 +180,28 @@ async def _run(
     errors = 0
     reads = _read_fraction(op, read_fraction)
     body = json.dumps({"value": value}).encode()
-    headers = {"Content-Type": "application/json"}
     deadline = _CLOCK.monotonic_s() + duration_s
     rng = random.Random(seed)
     next_key = key_chooser(key_dist, key_count, rng)
     # Several base URLs spread the load over a cluster's coordinators.
     base_urls = [base_url] if isinstance(base_url, str) else list(base_url)
 
-    async def http_op(session: aiohttp.ClientSession, read: bool, key: str) -> bool:
-        url = rng.choice(base_urls) + path_template.format(key=key)
-        try:
-            if read:
-                async with session.get(url) as response:
-                    await response.read()
-                    return response.status in (200, 404)
-            async with session.put(url, data=body, headers=headers) as response:
-                await response.read()
-                return response.status == 200
-        except aiohttp.ClientError:
-            return False
+    targets = [_Target.parse(url) for url in base_urls]
+    put_suffix = (f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  .encode() + body)
+
+    async def http_op(conns: dict[int, _Connection], read: bool, key: str) -> bool:
+        index = rng.randrange(len(targets))
+        target = targets[index]
+        conn = conns.get(index) or conns.setdefault(index, _Connection(target))
+        path = target.prefix + path_template.format(key=key)
+        if read:
+            status = await conn.request(f"GET {path} HTTP/1.1\r\nHost: {target.host_header}\r\n\r\n"
+                                        .encode())
+            return status in (200, 404)
+        status = await conn.request(f"PUT {path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+                                    .encode() + put_suffix)
+        return status == 200
 
     async def client_op(kv: object, read: bool, key: str) -> bool:
         from ringkv.errors import RingKVError
@@ -180,10 +243,14 @@ async def _run(
                 started = _CLOCK.monotonic_s()
                 await asyncio.gather(*(worker(kv, client_op) for _ in range(concurrency)))
         else:
-            connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-            async with aiohttp.ClientSession(connector=connector) as session:
+            pools: list[dict[int, _Connection]] = [{} for _ in range(concurrency)]
+            try:
                 started = _CLOCK.monotonic_s()
-                await asyncio.gather(*(worker(session, http_op) for _ in range(concurrency)))
+                await asyncio.gather(*(worker(pool, http_op) for pool in pools))
+            finally:
+                for pool in pools:
+                    for conn in pool.values():
+                        conn.close()
         elapsed = _CLOCK.monotonic_s() - started
     finally:
         reporter.cancel()
@@ -260,6 +327,16 @@ def run_load(
         read_fraction=_read_fraction(op, read_fraction), key_dist=key_dist,
         consistency=consistency,
     )
+
+
+def compare(name: str, ours: LoadResult, base: LoadResult) -> tuple[dict[str, object], str]:
+    """``ours`` against ``base`` from the same run: a JSON record and a printable line."""
+    ratio = ours.ops_per_s / base.ops_per_s if base.ops_per_s else 0.0
+    record = {"name": name, "op": ours.op, "concurrency": ours.concurrency,
+              "ratio": round(ratio, 3), "p99_ms": ours.p99_ms, "base_p99_ms": base.p99_ms}
+    line = (f"{name} {ours.op:<4} c={ours.concurrency:<3} throughput ratio {ratio:.2f}x  "
+            f"(p99 {ours.p99_ms:.2f} ms vs {base.p99_ms:.2f} ms)")
+    return record, line
 
 
 # The leading columns of the default table: (header, format spec, value of a result).

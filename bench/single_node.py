@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.loadgen import LoadResult, format_table, run_load
+from bench.loadgen import LoadResult, compare, format_table, run_load
 from ringkv.launcher import NodeProcess, free_port, http, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in args.concurrency:
             bare = next(r for r in results if (r.label, r.op, r.concurrency) == ("bare", op, concurrency))
             ours = next(r for r in results if (r.label, r.op, r.concurrency) == ("ringkv", op, concurrency))
-            ratio = ours.ops_per_s / bare.ops_per_s if bare.ops_per_s else 0.0
-            ratios.append({"op": op, "concurrency": concurrency, "ratio": round(ratio, 3)})
-            print(f"ringkv/bare {op:<4} c={concurrency:<3} throughput ratio {ratio:.2f}x  "
-                  f"(p99 {ours.p99_ms:.2f} ms vs {bare.p99_ms:.2f} ms)")
+            record, line = compare("ringkv/bare", ours, bare)
+            ratios.append(record)
+            print(line)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "single_node.json"
     out.write_text(json.dumps({"results": [r.to_json() for r in results], "ratios": ratios},

@@ -49,9 +49,9 @@ class Setup:
         node_reader, node_writer = await self.accepted.get()
         for _ in range(500):  # the proxy registers it once its upstream connect returns
             if self.proxy.connections > before:
-                break
+                return reader, writer, node_reader, node_writer
             await asyncio.sleep(0.01)
-        return reader, writer, node_reader, node_writer
+        raise AssertionError("the proxy never registered the connection")
 
     async def __aexit__(self, *exc: object) -> None:
         await self.proxy.stop()
