@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from ringkv.clock import ManualClock, Timestamp
-from ringkv.errors import CorruptRecord
+from ringkv.errors import CorruptRecord, StorageError
 from ringkv.storage import keys
 from ringkv.storage.leveldb import LevelDBEngine
 from ringkv.storage.memory import MemoryEngine
@@ -193,3 +194,50 @@ def test_leveldb_data_survives_reopen(tmp_path: Path) -> None:
 
     run(write())
     assert run(read()) == Cell(b'"v"', Timestamp(1))
+
+
+class HeldEngine(MemoryEngine):
+    """A memory engine that blocks like LevelDB: each write waits, in its worker
+    thread, until the test releases it, then fails if told to (a full disk)."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+
+    def write(self, puts, deletes, *, sync):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        assert self.release.wait(timeout=10), "the test never released the write"
+        if self.fail:
+            raise StorageError("disk I/O error")
+        return super().write(puts, deletes, sync=sync)
+
+
+@pytest.mark.parametrize("batch_fails", [True, False])
+def test_a_write_beaten_by_the_batch_in_flight_shares_its_fate(batch_fails: bool) -> None:
+    """An older write that loses to a cell still being fsynced must not be
+    acknowledged if that fsync fails: then neither cell reached the disk."""
+
+    async def scenario() -> None:
+        engine = HeldEngine()
+        engine.fail = batch_fails
+        store = LocalStore(engine, ManualClock(), sync_mode="batch")
+        newer, older = Cell(b'"new"', Timestamp(200)), Cell(b'"old"', Timestamp(100))
+        first = asyncio.ensure_future(store.apply("ks", 1, b"k", newer))
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, engine.entered.wait, 10)  # newer is in flight
+        second = asyncio.ensure_future(store.apply("ks", 1, b"k", older))
+        await asyncio.sleep(0)  # the older write reconciles against the batch in flight
+        engine.release.set()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        if batch_fails:
+            assert all(isinstance(o, StorageError) for o in outcomes), outcomes
+            assert store.read("ks", 1, b"k") is None
+        else:
+            assert outcomes == [newer, newer]
+            assert store.read("ks", 1, b"k") == newer
+
+    run(scenario())

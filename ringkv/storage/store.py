@@ -77,6 +77,7 @@ class LocalStore:
         self._pending: dict[bytes, Cell | bytes | None] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._flushing: dict[bytes, Cell | bytes | None] = {}
+        self._flushing_waiters: list[asyncio.Future[None]] = []  # share that batch's fate
         self._flush_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
@@ -169,7 +170,7 @@ class LocalStore:
         state includes ``cell``'s effect with the durability of the sync mode.
         """
         self._check_open()
-        if len(self._waiters) >= self._max_pending_writes:
+        if len(self._waiters) + len(self._flushing_waiters) >= self._max_pending_writes:
             raise Overloaded(
                 "storage write queue is full", limit=self._max_pending_writes
             )
@@ -181,12 +182,18 @@ class LocalStore:
             # replaces it; that is how repair heals a corrupt replica.
             current = None
         winner = reconcile(current, cell)
+        assert winner is not None
         if winner is cell and winner != current:
             self._pending[raw] = cell
             self.stats.writes_applied += 1
         else:
             self.stats.writes_superseded += 1
-        assert winner is not None
+            if raw not in self._pending and raw in self._flushing:
+                # What beat this write is in the batch being written now; if
+                # that batch fails, neither reached the disk, so this write
+                # must fail with it rather than be acknowledged by a later one.
+                await self._join_in_flight_batch()
+                return winner
         await self._enqueue_commit()
         return winner
 
@@ -217,6 +224,11 @@ class LocalStore:
             self._flush_task = asyncio.create_task(self._flush_loop())
         await waiter
 
+    async def _join_in_flight_batch(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._flushing_waiters.append(waiter)
+        await waiter
+
     async def flush(self) -> None:
         """Wait until every write accepted so far has been handed to the engine."""
         if self._pending or self._waiters or (self._flush_task and not self._flush_task.done()):
@@ -226,7 +238,7 @@ class LocalStore:
         while self._waiters:
             batch, waiters = self._pending, self._waiters
             self._pending, self._waiters = {}, []
-            self._flushing = batch
+            self._flushing, self._flushing_waiters = batch, waiters
             puts = [
                 (raw, encode_cell(item) if isinstance(item, Cell) else item)
                 for raw, item in batch.items()
@@ -254,7 +266,7 @@ class LocalStore:
                     if not waiter.done():
                         waiter.set_result(None)
             finally:
-                self._flushing = {}
+                self._flushing, self._flushing_waiters = {}, []
 
     # -- background work ---------------------------------------------------
 
