@@ -72,6 +72,9 @@ class HintStore:
         self._clock = clock
         self.max_hint_window_s = max_hint_window_s
         self.targets: set[str] = set()  # nodes that may have hints waiting
+        # Bumped by every hint stored, so that a scan that found nothing while a
+        # new hint was being stored does not forget the target (see ``oldest``).
+        self._stored_version: dict[str, int] = {}
         self.stats = HintStats()
 
     async def load(self) -> None:
@@ -96,12 +99,14 @@ class HintStore:
         raw = _target_prefix(target) + _STAMP.pack(stamp.wall_us, stamp.logical)
         value = msgpack.packb([keyspace, token, key, encode_cell(cell)], use_bin_type=True)
         await self._store.write_raw([(raw, value)], [])
+        self._stored_version[target] = self._stored_version.get(target, 0) + 1
         self.targets.add(target)
         self.stats.stored += 1
         return True
 
     async def oldest(self, target: str, limit: int) -> list[Hint]:
         prefix = _target_prefix(target)
+        version = self._stored_version.get(target, 0)
         items = await self._store.scan_raw(prefix, _prefix_end(prefix), limit=limit)
         hints = []
         for raw, value in items:
@@ -110,7 +115,7 @@ class HintStore:
             except (CorruptRecord, ValueError, TypeError, msgpack.UnpackException) as exc:
                 log.error("dropping corrupt hint for %s: %s", target, exc)
                 await self._store.write_raw([], [raw])
-        if not items:
+        if not items and self._stored_version.get(target, 0) == version:
             self.targets.discard(target)
         return hints
 

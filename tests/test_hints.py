@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from ringkv.clock import HybridLogicalClock, ManualClock, Timestamp
@@ -122,3 +123,57 @@ def test_hints_survive_a_restart(tmp_path: Path) -> None:
 
     run(write())
     assert run(reload()) == ({"node-b"}, 1)
+
+
+class HeldScanEngine(MemoryEngine):
+    """Scans like LevelDB, in a worker thread, from a snapshot taken when the
+    scan starts; the test decides when the scan returns."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scanning = threading.Event()
+        self.release = threading.Event()
+        self.hold = False
+
+    def scan(self, start, stop, *, limit=None):  # type: ignore[no-untyped-def]
+        items = list(super().scan(start, stop, limit=limit))
+        if self.hold:
+            self.scanning.set()
+            assert self.release.wait(timeout=10), "the test never released the scan"
+        return iter(items)
+
+
+def test_a_hint_stored_while_a_scan_finds_none_is_not_forgotten() -> None:
+    """A replay's last, empty scan races a write that times out and stores a
+    new hint: the target must stay known, or that hint waits for a restart."""
+
+    async def scenario() -> None:
+        engine = HeldScanEngine()
+        clock = ManualClock()
+        store, hints = make(engine, clock)
+        await store.start()
+        await hints.store_hint("n2", "ks", 1, b"a", Cell(b"1", Timestamp(1)))
+        await hints.delete(await hints.oldest("n2", 10))  # replayed; "n2" still known
+        engine.hold = True
+        empty_scan = asyncio.ensure_future(hints.oldest("n2", 10))
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, engine.scanning.wait, 10)
+        await hints.store_hint("n2", "ks", 2, b"b", Cell(b"2", Timestamp(2)))
+        engine.release.set()
+        assert await empty_scan == []
+        engine.hold = False
+        assert "n2" in hints.targets
+        delivered: list[bytes] = []
+
+        async def deliver(target, keyspace, token, key, cell):
+            delivered.append(key)
+
+        replayer = HintReplayer(hints, deliver, lambda node: True, rate_per_s=10_000)
+        assert await replayer.replay("n2") == 1 and delivered == [b"b"]
+        assert await hints.oldest("n2", 10) == [] and "n2" not in hints.targets
+        await replayer.stop()
+        await store.close()
+
+    run(scenario())
