@@ -532,13 +532,17 @@ class Coordinator:
                 if node not in receipt.asked:
                     receipt.asked.append(node)
             wanted = limit - len(items)
-            merged = await self._scan_piece(plan, targets, piece_after, end, wanted)
+            merged, horizon = await self._scan_piece(plan, targets, piece_after, end, wanted)
             for token, key, cell in merged[:wanted]:
                 if cell.is_live(now_us):
                     items.append((token, key, cell))
             if len(merged) >= wanted:
                 last_token, last_key, _ = merged[wanted - 1]
                 return ScanPage(items, (last_token, last_key), receipt)
+            if horizon is not None:
+                # A replica stopped at its own bound: end the page where every
+                # replica's answer is complete, and go on from there next time.
+                return ScanPage(items, horizon, receipt)
             cursor = (end, None)
         return ScanPage(items, None, receipt)
 
@@ -549,7 +553,10 @@ class Coordinator:
         after: tuple[int, bytes | None],
         end: int,
         limit: int,
-    ) -> list[tuple[int, bytes, Cell]]:
+    ) -> tuple[list[tuple[int, bytes, Cell]], tuple[int, bytes] | None]:
+        """The replicas' cells merged by LWW, and the horizon: the (token, key) up
+        to which every replica's answer is complete, or None if all of them
+        covered the whole piece. Only cells up to the horizon are returned."""
         results = await asyncio.gather(
             *(
                 self._replicas.scan(node, plan.keyspace, after, end, limit, self._read_timeout_s)
@@ -558,6 +565,7 @@ class Coordinator:
             return_exceptions=True,
         )
         merged: dict[tuple[int, bytes], Cell] = {}
+        horizon: tuple[int, bytes] | None = None
         answered = 0
         for result in results:
             if isinstance(result, BaseException):
@@ -565,7 +573,10 @@ class Coordinator:
                     raise result
                 continue
             answered += 1
-            for token, key, cell in result:
+            if result.truncated or len(result.items) >= limit:
+                last = result.items[-1][:2]
+                horizon = last if horizon is None else min(horizon, last)
+            for token, key, cell in result.items:
                 merged[(token, key)] = reconcile(merged.get((token, key)), cell)  # type: ignore[assignment]
         if answered < plan.block_for:
             raise Timeout(
@@ -576,7 +587,8 @@ class Coordinator:
                 received=answered,
                 write=False,
             )
-        return [(token, key, merged[(token, key)]) for token, key in sorted(merged)]
+        complete = [place for place in sorted(merged) if horizon is None or place <= horizon]
+        return [(token, key, merged[(token, key)]) for token, key in complete], horizon
 
 
 def _ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:

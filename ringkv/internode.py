@@ -56,10 +56,10 @@ class InternodeReplicas:
         end_token: int,
         limit: int,
         timeout_s: float,
-    ) -> list[tuple[int, bytes, Cell]]:
+    ) -> m.ScanReply:
         request = m.ScanRequest(keyspace, after[0], after[1], end_token, limit)
         result = await self._transport.request(node_id, m.SCAN, request.to_wire(), timeout_s)
-        return m.scan_result_from_wire(result)
+        return m.ScanReply.from_wire(result)
 
 
 GossipHandler = Callable[[str, str, Any], Awaitable[Any]]
@@ -88,13 +88,13 @@ class InternodeHandler:
         if verb == m.SCAN:
             request = m.ScanRequest.from_wire(payload)
             self._check_keyspace(request.keyspace)
-            items = await self._local.scan(
+            reply = await self._local.scan(
                 request.keyspace,
                 (request.after_token, request.after_key),
                 request.end_token,
                 request.limit,
             )
-            return m.scan_result_to_wire([(i.token, i.key, i.cell) for i in items])
+            return reply.to_wire()
         ref = m.KeyRef.from_wire(payload)
         self._check_keyspace(ref.keyspace)
         if verb == m.WRITE:

@@ -102,22 +102,37 @@ class ScanRequest:
         return cls(_keyspace(obj), _token(obj, "at"), after_key, _token(obj, "end"), limit)
 
 
-def scan_result_to_wire(items: list[tuple[int, bytes, Cell]]) -> list[list[Any]]:
-    return [[token, key, encode_cell(cell)] for token, key, cell in items]
+@dataclass(frozen=True)
+class ScanReply:
+    """What a replica returns for one scan request, in (token, key) order.
 
+    ``truncated``: the replica stopped early, at its item cap or its byte
+    budget, so more cells may follow the last one in the requested range. A
+    reply that is not truncated and shorter than asked covers the whole range.
+    """
 
-def scan_result_from_wire(obj: Any) -> list[tuple[int, bytes, Cell]]:
-    if not isinstance(obj, list):
-        raise ProtocolError("scan result must be a list")
-    out = []
-    for item in obj:
-        if not (isinstance(item, list) and len(item) == 3):
-            raise ProtocolError("scan item must be [token, key, cell]")
-        token, key, record = item
-        if not isinstance(token, int) or not isinstance(key, bytes):
-            raise ProtocolError("scan item has the wrong types")
-        cell = cell_from_wire(record)
-        if cell is None:
-            raise ProtocolError("scan item has no cell")
-        out.append((token, key, cell))
-    return out
+    items: list[tuple[int, bytes, Cell]]
+    truncated: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"i": [[token, key, encode_cell(cell)] for token, key, cell in self.items],
+                "more": self.truncated}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> ScanReply:
+        raw_items = _field(obj, "i", list)
+        truncated = _field(obj, "more", bool)
+        out = []
+        for item in raw_items:
+            if not (isinstance(item, list) and len(item) == 3):
+                raise ProtocolError("scan item must be [token, key, cell]")
+            token, key, record = item
+            if not isinstance(token, int) or not isinstance(key, bytes):
+                raise ProtocolError("scan item has the wrong types")
+            cell = cell_from_wire(record)
+            if cell is None:
+                raise ProtocolError("scan item has no cell")
+            out.append((token, key, cell))
+        if truncated and not out:
+            raise ProtocolError("a truncated scan reply must hold at least one item")
+        return cls(out, truncated)

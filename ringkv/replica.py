@@ -11,11 +11,16 @@ from __future__ import annotations
 from typing import Protocol
 
 from ringkv.errors import BadRequest, PeerUnreachable
-from ringkv.storage.store import LocalStore, StoredCell
+from ringkv.messages import ScanReply
+from ringkv.storage.store import LocalStore
 from ringkv.versioning import Cell, cell_digest, check_timestamp
 
-# Scan pages are bounded on the replica too, whatever the caller asks for.
+# A scan reply is bounded on the replica, whatever the caller asks for: in
+# items, and in bytes so that it always fits in one internode frame (half of
+# the 16 MiB frame limit) even when values are large.
 MAX_SCAN_ITEMS = 10_000
+MAX_SCAN_REPLY_BYTES = 8 * 1024 * 1024
+_SCAN_ITEM_OVERHEAD_BYTES = 64  # token, timestamps, flags and framing, generously
 
 
 class LocalReplica:
@@ -38,21 +43,30 @@ class LocalReplica:
         after: tuple[int, bytes | None],
         end_token: int,
         limit: int,
-    ) -> list[StoredCell]:
+    ) -> ScanReply:
         """Cells with (token, key) > ``after`` and token <= ``end_token``, in order.
 
-        ``after = (t, None)`` excludes every key of token t.
+        ``after = (t, None)`` excludes every key of token t. The reply is
+        marked truncated when it stops short of ``limit`` for its own bounds.
         """
-        limit = max(1, min(limit, MAX_SCAN_ITEMS))
+        capped = max(1, min(limit, MAX_SCAN_ITEMS))
         after_token, after_key = after
         if after_key is not None:
             # Finish the keys that share after_token first, then move on.
-            same = await self.store.scan(keyspace, after=(after_token, after_key), limit=limit)
-            items = [item for item in same if item.token <= end_token]
-            return items[:limit]
-        if after_token >= end_token:
-            return []
-        return await self.store.scan_range(keyspace, after_token, end_token, limit=limit)
+            same = await self.store.scan(keyspace, after=(after_token, after_key), limit=capped)
+            found = [item for item in same if item.token <= end_token][:capped]
+        elif after_token >= end_token:
+            found = []
+        else:
+            found = await self.store.scan_range(keyspace, after_token, end_token, limit=capped)
+        items: list[tuple[int, bytes, Cell]] = []
+        size = 0
+        for item in found:
+            size += len(item.key) + len(item.cell.value) + _SCAN_ITEM_OVERHEAD_BYTES
+            if items and size > MAX_SCAN_REPLY_BYTES:
+                return ScanReply(items, truncated=True)
+            items.append((item.token, item.key, item.cell))
+        return ScanReply(items, truncated=len(items) == capped < limit)
 
 
 class ReplicaClient(Protocol):
@@ -82,7 +96,7 @@ class ReplicaClient(Protocol):
         end_token: int,
         limit: int,
         timeout_s: float,
-    ) -> list[tuple[int, bytes, Cell]]: ...
+    ) -> ScanReply: ...
 
 
 class ReplicaRouter:
@@ -128,10 +142,9 @@ class ReplicaRouter:
         end_token: int,
         limit: int,
         timeout_s: float,
-    ) -> list[tuple[int, bytes, Cell]]:
+    ) -> ScanReply:
         if node_id == self.node_id:
-            items = await self.local.scan(keyspace, after, end_token, limit)
-            return [(item.token, item.key, item.cell) for item in items]
+            return await self.local.scan(keyspace, after, end_token, limit)
         return await self._remote(node_id).scan(
             node_id, keyspace, after, end_token, limit, timeout_s
         )

@@ -185,6 +185,23 @@ def test_batch_runs_each_op_and_reports_each_result() -> None:
     serve(scenario)
 
 
+async def scan_all(client: TestClient, keyspace: str, limit: int) -> tuple[dict[str, Any], int]:
+    """Every item of a paged scan, checking that no key comes twice; and the page count."""
+    seen: dict[str, Any] = {}
+    token = None
+    for pages in range(1, 201):  # bounded
+        query = f"?limit={limit}" + (f"&page_token={token}" if token else "")
+        status, body = await call(client, "GET", f"/v1/kv/{keyspace}{query}")
+        assert status == 200, body
+        for item in body["items"]:
+            assert item["key"] not in seen
+            seen[item["key"]] = item["value"]
+        token = body["next_page_token"]
+        if token is None:
+            return seen, pages
+    raise AssertionError("the scan never ended")
+
+
 def test_scan_pages_through_a_keyspace_in_token_order() -> None:
     async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
         expected = {f"key-{i}": i for i in range(37)}
@@ -193,19 +210,33 @@ def test_scan_pages_through_a_keyspace_in_token_order() -> None:
         await call(client, "DELETE", "/v1/kv/default/key-3")
         del expected["key-3"]
         await call(client, "PUT", "/v1/kv/solo/elsewhere", json={"value": 0})
-        seen: dict[str, int] = {}
-        token = None
-        for _ in range(50):  # bounded: 37 keys at 5 per page
-            query = "?limit=5" + (f"&page_token={token}" if token else "")
-            status, body = await call(client, "GET", f"/v1/kv/default{query}")
-            assert status == 200
-            for item in body["items"]:
-                assert item["key"] not in seen
-                seen[item["key"]] = item["value"]
-            token = body["next_page_token"]
-            if token is None:
-                break
+        seen, _ = await scan_all(client, "default", limit=5)
         assert seen == expected
+
+    serve(scenario)
+
+
+@pytest.mark.parametrize("bound", ["items", "bytes"])
+def test_a_scan_stopped_by_a_replica_bound_skips_nothing(
+    bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica caps each scan reply (in items, and in bytes so that a reply of
+    large values still fits one internode frame); a capped reply is marked, and
+    the coordinator ends the page there instead of taking the range as done."""
+    import ringkv.replica
+
+    if bound == "items":
+        monkeypatch.setattr(ringkv.replica, "MAX_SCAN_ITEMS", 4)
+    else:
+        monkeypatch.setattr(ringkv.replica, "MAX_SCAN_REPLY_BYTES", 400)
+
+    async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
+        expected = {f"key-{i}": "v" * 50 for i in range(40)}
+        for key, value in expected.items():
+            await call(client, "PUT", f"/v1/kv/solo/{key}", json={"value": value})
+        seen, pages = await scan_all(client, "solo", limit=20)
+        assert seen == expected
+        assert pages > 2  # 20 per page would have needed two
 
     serve(scenario)
 
