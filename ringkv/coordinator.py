@@ -93,22 +93,32 @@ class ScanPage:
 
 
 class _AckTracker:
-    """Counts write acknowledgements; ``done`` resolves once the outcome is known."""
+    """Counts write acknowledgements; ``done`` resolves once the outcome is known.
 
-    def __init__(self, block_for: int, asked: int, done: asyncio.Future[None]) -> None:
+    ``hints_count``: at ANY, a hint stored for a replica that failed counts
+    toward ``block_for`` like an acknowledgement.
+    """
+
+    def __init__(self, block_for: int, asked: int, done: asyncio.Future[None], *,
+                 hints_count: bool = False) -> None:
         self.block_for = block_for
         self.asked = asked
+        self.hints_count = hints_count
         self.acked: list[str] = []
+        self.hinted: list[str] = []
         self.responded = 0
         self.done = done
         if asked == 0:
             self.expire()
 
-    def record(self, node: str, *, ok: bool) -> None:
+    def record(self, node: str, *, ok: bool, hinted: bool = False) -> None:
         self.responded += 1
         if ok:
             self.acked.append(node)
-        if len(self.acked) >= self.block_for or self.responded >= self.asked:
+        elif hinted:
+            self.hinted.append(node)
+        counted = len(self.acked) + (len(self.hinted) if self.hints_count else 0)
+        if counted >= self.block_for or self.responded >= self.asked:
             self.expire()
 
     def expire(self) -> None:
@@ -219,7 +229,8 @@ class Coordinator:
             if await self._store_hint(target, plan, key, cell):
                 receipt.hints_stored += 1
         loop = asyncio.get_running_loop()
-        acks = _AckTracker(plan.block_for, len(plan.live), loop.create_future())
+        acks = _AckTracker(plan.block_for, len(plan.live), loop.create_future(),
+                           hints_count=plan.consistency is ConsistencyLevel.ANY)
         for target in plan.live:
             if target != self.node_id:
                 self._spawn(self._write_one(target, plan, key, cell, acks))
@@ -233,6 +244,7 @@ class Coordinator:
             finally:
                 timer.cancel()
         receipt.answered = list(acks.acked)
+        receipt.hints_stored += len(acks.hinted)
         if len(acks.acked) >= plan.block_for:
             return WriteResult(cell, receipt)
         if plan.consistency is ConsistencyLevel.ANY and receipt.hints_stored > 0:
@@ -255,12 +267,13 @@ class Coordinator:
             )
         except RingKVError as exc:
             log.debug("write to %s failed: %s", target, exc)
-            acks.record(target, ok=False)
             # A replica that did not acknowledge gets a hint, even if the
             # client was already answered (Cassandra does the same). This
             # node's own failed write is not hinted: it has no later replay.
-            if target != self.node_id:
-                await self._store_hint(target, plan, key, cell)
+            # The hint is stored before the failure is counted, so that at
+            # ANY the answer can count it.
+            hinted = target != self.node_id and await self._store_hint(target, plan, key, cell)
+            acks.record(target, ok=False, hinted=hinted)
             return
         acks.record(target, ok=True)
 

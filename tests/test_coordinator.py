@@ -118,6 +118,18 @@ def test_any_succeeds_on_a_hint_alone() -> None:
     assert result.receipt.hints_stored == 2  # b and c were down; a failed and is not hinted
 
 
+def test_any_counts_hints_for_replicas_that_fail_while_thought_up() -> None:
+    """Gossip still says b and c are UP, but both refuse the write: their
+    hints are the acknowledgement ANY asks for, and the receipt counts them."""
+    replicas, hints = FakeReplicas(), Hints()
+    replicas.failing.update({"a", "b", "c"})
+    result = run(make(replicas, hints=hints).write("ks", b"k", cell(b"1", 1), CL.ANY))
+    assert sorted(hints.stored) == ["b", "c"]
+    assert result.receipt.hints_stored >= 1 and result.receipt.answered == []
+    with pytest.raises(Timeout):  # a hint is no acknowledgement at ONE
+        run(make(replicas, hints=Hints()).write("ks", b"k", cell(b"1", 2), CL.ONE))
+
+
 def test_digest_mismatch_triggers_blocking_read_repair() -> None:
     """Dynamo §4.5: the reconciled newest value is written back before the read answers."""
     replicas = FakeReplicas()
