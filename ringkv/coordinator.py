@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
-from ringkv.errors import BadRequest, NotFound, RingKVError, Timeout
+from ringkv.errors import BadRequest, CorruptRecord, NotFound, RemoteError, RingKVError, Timeout
 from ringkv.quorum import ConsistencyLevel
 from ringkv.replica import ReplicaClient
 from ringkv.replica_plan import ReplicaPlan, plan_for
@@ -301,12 +301,15 @@ class Coordinator:
         targets = ordered[: plan.block_for]
         spares = ordered[plan.block_for :]
         receipt = Receipt(plan.consistency.value, list(plan.natural), asked=list(targets))
-        results = await self._gather_reads(plan, key, targets, spares, receipt)
+        corrupt: list[str] = []
+        results = await self._gather_reads(plan, key, targets, spares, receipt, corrupt)
         cells = [cell for _, cell in results]
         winner = None
         for cell in cells:
             winner = reconcile(winner, cell)
-        stale = [node for node, cell in results if cell != winner]
+        # A replica whose record failed its checksum is stale too: the repair
+        # write replaces the corrupt record (LocalStore.apply).
+        stale = [node for node, cell in results if cell != winner] + corrupt
         if stale and winner is not None:
             receipt.read_repair = True
             await self._repair(plan, key, winner, stale, receipt)
@@ -319,21 +322,29 @@ class Coordinator:
         targets: list[str],
         spares: list[str],
         receipt: Receipt,
+        corrupt: list[str],
     ) -> list[tuple[str, Cell | None]]:
         """Data from block_for replicas: one data read, digests from the rest.
 
         If the digests disagree with the data, fetch full data from every
         replica that answered. A replica that is slower than the speculative
         retry threshold is backed up by a data read to a spare replica.
+        Replicas that reported a corrupt record are added to ``corrupt``.
         """
         data_node, digest_nodes = targets[0], targets[1:]
         if targets == [self.node_id]:
-            # Fast path: the one replica needed is this node.
-            cell = await self._replicas.read(
-                data_node, plan.keyspace, plan.token, key, self._read_timeout_s
-            )
-            receipt.answered = [data_node]
-            return [(data_node, cell)]
+            # Fast path: the one replica needed is this node. If it cannot
+            # answer (a corrupt record, say), the general path below asks
+            # again and falls back to the spare replicas.
+            try:
+                cell = await self._replicas.read(
+                    data_node, plan.keyspace, plan.token, key, self._read_timeout_s
+                )
+            except RingKVError as exc:
+                log.debug("local read failed, asking other replicas: %s", exc)
+            else:
+                receipt.answered = [data_node]
+                return [(data_node, cell)]
         start = self._clock.monotonic_s()
         deadline = start + self._read_timeout_s
         # task -> (node, "data" | "digest", when it was asked)
@@ -390,8 +401,11 @@ class Coordinator:
                 # so that the same inputs always give the same run.
                 for task in [t for t in tasks if t in done]:
                     node, kind, asked_at = tasks[task]
-                    if task.exception() is not None:
+                    error = task.exception()
+                    if error is not None:
                         failed.add(node)
+                        if _is_corrupt_record(error) and node not in corrupt:
+                            corrupt.append(node)
                         self._note_latency(node, self._read_timeout_s)  # a failure ranks last
                         continue
                     # Timed from its own request: a speculative answer's time
@@ -602,6 +616,13 @@ class Coordinator:
             )
         complete = [place for place in sorted(merged) if horizon is None or place <= horizon]
         return [(token, key, merged[(token, key)]) for token, key in complete], horizon
+
+
+def _is_corrupt_record(error: BaseException) -> bool:
+    """A replica's own record failed its checksum, here or on a peer."""
+    if isinstance(error, CorruptRecord):
+        return True
+    return isinstance(error, RemoteError) and error.details.get("remote_code") == CorruptRecord.code
 
 
 def _ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import pytest
 
 from ringkv.clock import Clock, HybridLogicalClock, ManualClock, SystemClock, Timestamp
 from ringkv.coordinator import Coordinator, KeyspaceSettings
-from ringkv.errors import PeerUnreachable, Timeout, Unavailable
+from ringkv.errors import CorruptRecord, PeerUnreachable, Timeout, Unavailable
 from ringkv.quorum import ConsistencyLevel as CL
 from ringkv.ring import TokenRing
 from ringkv.versioning import Cell, cell_digest
@@ -27,6 +27,7 @@ class FakeReplicas:
         self.hanging: set[str] = set()
         self.writes: list[str] = []
         self.hang_passes: tuple[ManualClock, float] | None = None  # time that passes in a hang
+        self.corrupt: set[str] = set()  # reads fail their checksum until the key is rewritten
 
     async def _gate(self, node: str) -> None:
         if node in self.failing:
@@ -40,16 +41,21 @@ class FakeReplicas:
     async def write(self, node, keyspace, token, key, cell, timeout_s):
         await self._gate(node)
         self.writes.append(node)
+        self.corrupt.discard(node)  # as LocalStore.apply replaces a corrupt record
         current = self.data[node].get(key)
         if current is None or cell.ts >= current.ts:
             self.data[node][key] = cell
 
     async def read(self, node, keyspace, token, key, timeout_s):
         await self._gate(node)
+        if node in self.corrupt:
+            raise CorruptRecord("checksum mismatch")
         return self.data[node].get(key)
 
     async def digest(self, node, keyspace, token, key, timeout_s):
         await self._gate(node)
+        if node in self.corrupt:
+            raise CorruptRecord("checksum mismatch")
         return cell_digest(self.data[node].get(key))
 
     async def scan(self, node, keyspace, after, end_token, limit, timeout_s):
@@ -128,6 +134,18 @@ def test_any_counts_hints_for_replicas_that_fail_while_thought_up() -> None:
     assert result.receipt.hints_stored >= 1 and result.receipt.answered == []
     with pytest.raises(Timeout):  # a hint is no acknowledgement at ONE
         run(make(replicas, hints=Hints()).write("ks", b"k", cell(b"1", 2), CL.ONE))
+
+
+@pytest.mark.parametrize("level", [CL.ONE, CL.QUORUM])
+def test_a_corrupt_local_record_is_read_elsewhere_and_repaired(level: CL) -> None:
+    replicas = FakeReplicas()
+    for node in NODES:
+        replicas.data[node][b"k"] = cell(b'"v"', 1)
+    replicas.corrupt.add("a")  # the coordinator's own replica
+    result = run(make(replicas).read("ks", b"k", level))
+    assert result.cell == cell(b'"v"', 1)
+    assert "a" not in result.receipt.answered and "a" in result.receipt.repaired
+    assert replicas.corrupt == set()
 
 
 def test_digest_mismatch_triggers_blocking_read_repair() -> None:
