@@ -506,7 +506,10 @@ class Node:
     ) -> WriteResult:
         ts = self.hlc.now()
         ttl_s = ttl_s if ttl_s is not None else (self.config.timing.default_ttl_s or None)
-        expires = ts.wall_us + ttl_s * 1_000_000 if ttl_s else None
+        # Expiry counts from this node's wall clock (as Cassandra's local expiration
+        # time does), not from an HLC that a peer's fast clock has pushed ahead.
+        start_us = min(ts.wall_us, self.clock.wall_us())
+        expires = start_us + ttl_s * 1_000_000 if ttl_s else None
         return await self._write(keyspace, key, Cell(value, ts, False, expires), consistency)
 
     async def delete(

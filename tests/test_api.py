@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ringkv.clock import ManualClock
+from ringkv.clock import ManualClock, Timestamp
 from ringkv.config import config_from_dict
 from ringkv.node import Node
 from ringkv.server.api import build_app
@@ -89,6 +89,23 @@ def test_ttl_expires_and_reads_as_absent() -> None:
         await call(client, "PUT", "/v1/kv/default/t", json={"value": 1, "ttl": 5})
         status, body = await call(client, "GET", "/v1/kv/default/t")
         assert status == 200 and "expires_at_us" in body
+        clock.advance(6)
+        status, _ = await call(client, "GET", "/v1/kv/default/t")
+        assert status == 404
+
+    serve(scenario)
+
+
+def test_ttl_counts_from_the_local_clock_when_the_hlc_runs_ahead() -> None:
+    """A peer with a fast clock pushes this node's HLC ahead (the HLC receive
+    rule); a TTL must still last its seconds on this node's own clock."""
+
+    async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
+        node.hlc.observe(Timestamp(clock.wall_us() + 3600 * 1_000_000))  # an hour ahead
+        await call(client, "PUT", "/v1/kv/default/t", json={"value": 1, "ttl": 5})
+        status, body = await call(client, "GET", "/v1/kv/default/t")
+        assert status == 200 and body["expires_at_us"] == clock.wall_us() + 5_000_000
+        assert body["timestamp"][0] > clock.wall_us()  # ordered by the HLC all the same
         clock.advance(6)
         status, _ = await call(client, "GET", "/v1/kv/default/t")
         assert status == 404
