@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import BadRequest, NotFound, RingKVError, Timeout
@@ -273,8 +273,8 @@ class Coordinator:
             log.exception("could not store hint for %s", target)
             return False
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -325,6 +325,17 @@ class Coordinator:
         deadline = start + self._read_timeout_s
         # task -> (node, "data" | "digest", when it was asked)
         tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str, float]] = {}
+        data: dict[str, Cell | None] = {}
+        digests: dict[str, bytes] = {}
+        failed: set[str] = set()
+
+        def answered(node: str, asked_at: float) -> None:
+            # Timed from its own request: a speculative answer's time
+            # must not include the wait before it was asked, or every
+            # speculation would raise the next threshold.
+            elapsed = self._clock.monotonic_s() - asked_at
+            self._latencies.record(elapsed)
+            self._note_latency(node, elapsed)
 
         def launch(node: str, kind: str) -> None:
             if kind == "data":
@@ -335,15 +346,25 @@ class Coordinator:
                 coro = self._replicas.digest(
                     node, plan.keyspace, plan.token, key, self._read_timeout_s
                 )
-            tasks[asyncio.ensure_future(coro)] = (node, kind, self._clock.monotonic_s())
+            tasks[asyncio.create_task(coro)] = (node, kind, self._clock.monotonic_s())
 
-        launch(data_node, "data")
+        if data_node == self.node_id:
+            # The local replica is read inline, as writes are: no task, no
+            # network, and one fewer answer to wait for.
+            try:
+                data[data_node] = await self._replicas.read(
+                    data_node, plan.keyspace, plan.token, key, self._read_timeout_s
+                )
+            except Exception:  # noqa: BLE001 - as a failed task: a spare may stand in
+                failed.add(data_node)
+                self._note_latency(data_node, self._read_timeout_s)
+            else:
+                answered(data_node, start)
+        else:
+            launch(data_node, "data")
         for node in digest_nodes:
             launch(node, "digest")
 
-        data: dict[str, Cell | None] = {}
-        digests: dict[str, bytes] = {}
-        failed: set[str] = set()
         speculated = False
         try:
             while len(data) + len(digests) < plan.block_for:
@@ -381,12 +402,7 @@ class Coordinator:
                         failed.add(node)
                         self._note_latency(node, self._read_timeout_s)  # a failure ranks last
                         continue
-                    # Timed from its own request: a speculative answer's time
-                    # must not include the wait before it was asked, or every
-                    # speculation would raise the next threshold.
-                    elapsed = self._clock.monotonic_s() - asked_at
-                    self._latencies.record(elapsed)
-                    self._note_latency(node, elapsed)
+                    answered(node, asked_at)
                     if kind == "data":
                         data[node] = task.result()  # type: ignore[assignment]
                     else:
