@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import BadRequest, NotFound, RingKVError, Timeout
@@ -29,6 +29,8 @@ from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell, cell_digest, reconcile
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest sample in a replica's latency estimate
 
@@ -274,7 +276,7 @@ class Coordinator:
             return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -321,6 +323,7 @@ class Coordinator:
             )
             receipt.answered = [data_node]
             return [(data_node, cell)]
+        loop = asyncio.get_running_loop()
         start = self._clock.monotonic_s()
         deadline = start + self._read_timeout_s
         # task -> (node, "data" | "digest", when it was asked)
@@ -346,7 +349,7 @@ class Coordinator:
                 coro = self._replicas.digest(
                     node, plan.keyspace, plan.token, key, self._read_timeout_s
                 )
-            tasks[asyncio.create_task(coro)] = (node, kind, self._clock.monotonic_s())
+            tasks[loop.create_task(coro)] = (node, kind, self._clock.monotonic_s())
 
         if data_node == self.node_id:
             # The local replica is read inline, as writes are: no task, no
@@ -384,9 +387,7 @@ class Coordinator:
                 spec_s = self._speculative_after_s()
                 if not speculated and spares and spec_s is not None:
                     wait_s = min(wait_s, max(0.0, start + spec_s - now))
-                done, _ = await asyncio.wait(
-                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-                )
+                done = await _first_done(pending, wait_s)
                 if not done and not speculated and spares:
                     speculated = True
                     node = spares.pop(0)
@@ -593,6 +594,29 @@ class Coordinator:
                 write=False,
             )
         return [(token, key, merged[(token, key)]) for token, key in sorted(merged)]
+
+
+async def _first_done(tasks: list[asyncio.Task[T]], timeout_s: float) -> set[asyncio.Task[T]]:
+    """``asyncio.wait(tasks, timeout=timeout_s, return_when=FIRST_COMPLETED)``'s done
+    set, without its generality (sets, coroutine checks, a counter): every read
+    that waits on a replica waits here, once per answer."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    timer = loop.call_later(timeout_s, wake)
+    for task in tasks:
+        task.add_done_callback(wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        for task in tasks:
+            task.remove_done_callback(wake)
+    return {task for task in tasks if task.done()}
 
 
 def _ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:
