@@ -314,7 +314,7 @@ class SimTransport:
                         {"code": err.code, "message": err.message, "details": {}})
             return
         self._inflight += 1
-        self._tasks.add(asyncio.create_task(self._serve(src, frame)))
+        self._tasks.add(self.network.loop.create_task(self._serve(src, frame)))
 
     async def _serve(self, src: SimTransport, frame: Frame) -> None:
         try:

@@ -213,10 +213,11 @@ class LocalStore:
         handing back the future, not a coroutine: one frame fewer on every write.)"""
         # Even a superseded write waits for the next batch: the newer cell
         # that beat it may itself still be waiting to reach the disk.
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters.append(waiter)
         if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.create_task(self._flush_loop())
+            self._flush_task = loop.create_task(self._flush_loop())
         return waiter
 
     async def flush(self) -> None:
