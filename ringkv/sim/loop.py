@@ -85,7 +85,7 @@ class _Callback:
 
 class _Timer(_Callback):
     """A timer: ``asyncio.TimerHandle``'s interface on the light callback. (``_when``
-    is set by ``call_at``: no ``__init__`` of its own, one call fewer per timer.)"""
+    is set by ``_timer``: no ``__init__`` of its own, one call fewer per timer.)"""
 
     __slots__ = ("_when",)
 
