@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import BadRequest, CorruptRecord, NotFound, RemoteError, RingKVError, Timeout
@@ -29,6 +29,8 @@ from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell, cell_digest, reconcile
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest sample in a replica's latency estimate
 
@@ -286,8 +288,8 @@ class Coordinator:
             log.exception("could not store hint for %s", target)
             return False
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -345,10 +347,22 @@ class Coordinator:
             else:
                 receipt.answered = [data_node]
                 return [(data_node, cell)]
+        loop = asyncio.get_running_loop()
         start = self._clock.monotonic_s()
         deadline = start + self._read_timeout_s
         # task -> (node, "data" | "digest", when it was asked)
         tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str, float]] = {}
+        data: dict[str, Cell | None] = {}
+        digests: dict[str, bytes] = {}
+        failed: set[str] = set()
+
+        def answered(node: str, asked_at: float) -> None:
+            # Timed from its own request: a speculative answer's time
+            # must not include the wait before it was asked, or every
+            # speculation would raise the next threshold.
+            elapsed = self._clock.monotonic_s() - asked_at
+            self._latencies.record(elapsed)
+            self._note_latency(node, elapsed)
 
         def launch(node: str, kind: str) -> None:
             if kind == "data":
@@ -359,15 +373,27 @@ class Coordinator:
                 coro = self._replicas.digest(
                     node, plan.keyspace, plan.token, key, self._read_timeout_s
                 )
-            tasks[asyncio.ensure_future(coro)] = (node, kind, self._clock.monotonic_s())
+            tasks[loop.create_task(coro)] = (node, kind, self._clock.monotonic_s())
 
-        launch(data_node, "data")
+        if data_node == self.node_id:
+            # The local replica is read inline, as writes are: no task, no
+            # network, and one fewer answer to wait for.
+            try:
+                data[data_node] = await self._replicas.read(
+                    data_node, plan.keyspace, plan.token, key, self._read_timeout_s
+                )
+            except Exception as exc:  # noqa: BLE001 - as a failed task: a spare may stand in
+                failed.add(data_node)
+                if _is_corrupt_record(exc):
+                    corrupt.append(data_node)
+                self._note_latency(data_node, self._read_timeout_s)
+            else:
+                answered(data_node, start)
+        else:
+            launch(data_node, "data")
         for node in digest_nodes:
             launch(node, "digest")
 
-        data: dict[str, Cell | None] = {}
-        digests: dict[str, bytes] = {}
-        failed: set[str] = set()
         speculated = False
         try:
             while len(data) + len(digests) < plan.block_for:
@@ -387,9 +413,7 @@ class Coordinator:
                 spec_s = self._speculative_after_s()
                 if not speculated and spares and spec_s is not None:
                     wait_s = min(wait_s, max(0.0, start + spec_s - now))
-                done, _ = await asyncio.wait(
-                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-                )
+                done = await _first_done(pending, wait_s)
                 if not done and not speculated and spares:
                     speculated = True
                     node = spares.pop(0)
@@ -408,12 +432,7 @@ class Coordinator:
                             corrupt.append(node)
                         self._note_latency(node, self._read_timeout_s)  # a failure ranks last
                         continue
-                    # Timed from its own request: a speculative answer's time
-                    # must not include the wait before it was asked, or every
-                    # speculation would raise the next threshold.
-                    elapsed = self._clock.monotonic_s() - asked_at
-                    self._latencies.record(elapsed)
-                    self._note_latency(node, elapsed)
+                    answered(node, asked_at)
                     if kind == "data":
                         data[node] = task.result()  # type: ignore[assignment]
                     else:
@@ -623,6 +642,29 @@ def _is_corrupt_record(error: BaseException) -> bool:
     if isinstance(error, CorruptRecord):
         return True
     return isinstance(error, RemoteError) and error.details.get("remote_code") == CorruptRecord.code
+
+
+async def _first_done(tasks: list[asyncio.Task[T]], timeout_s: float) -> set[asyncio.Task[T]]:
+    """``asyncio.wait(tasks, timeout=timeout_s, return_when=FIRST_COMPLETED)``'s done
+    set, without its generality (sets, coroutine checks, a counter): every read
+    that waits on a replica waits here, once per answer."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    timer = loop.call_later(timeout_s, wake)
+    for task in tasks:
+        task.add_done_callback(wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        for task in tasks:
+            task.remove_done_callback(wake)
+    return {task for task in tasks if task.done()}
 
 
 def _ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:

@@ -48,8 +48,9 @@ def plan_for(
     silently weakens a quorum.
     """
     natural = ring.replicas(token, replication_factor)
-    live = tuple(node for node in natural if is_alive(node))
-    down = tuple(node for node in natural if node not in live)
+    # List comprehensions, not generators: these run for every request.
+    live = tuple([node for node in natural if is_alive(node)])
+    down = tuple([node for node in natural if node not in live])
     needed = block_for(consistency, len(natural))
     enough = len(live) >= needed or (write and consistency is ConsistencyLevel.ANY)
     if not enough or needed > len(natural):

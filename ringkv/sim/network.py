@@ -314,9 +314,7 @@ class SimTransport:
                         {"code": err.code, "message": err.message, "details": {}})
             return
         self._inflight += 1
-        task = asyncio.ensure_future(self._serve(src, frame))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(self.network.loop.create_task(self._serve(src, frame)))
 
     async def _serve(self, src: SimTransport, frame: Frame) -> None:
         try:
@@ -332,6 +330,10 @@ class SimTransport:
                 kind, body = KIND_RESPONSE, result
         finally:
             self._inflight -= 1
+            # The task leaves the set itself: a done callback would cost one more
+            # loop callback for every message served. (The loop is named: an
+            # abandoned coroutine may run this when no loop is running.)
+            self._tasks.discard(asyncio.current_task(self.network.loop))  # type: ignore[arg-type]
         if frame.kind == KIND_REQUEST and not self.closed:
             self._reply(src, frame, kind, body)
 

@@ -137,8 +137,11 @@ class Workload:
             if not woken.done():
                 woken.set_result(None)
 
-        task.add_done_callback(_retrieve)
-        task.add_done_callback(wake)
+        def done(_: asyncio.Task[Any]) -> None:  # one callback, not two: there is one per op
+            _retrieve(task)
+            wake()
+
+        task.add_done_callback(done)
         timer = self.loop.call_later(timeout_s, wake)
         await woken
         timer.cancel()

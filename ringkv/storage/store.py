@@ -215,19 +215,23 @@ class LocalStore:
         await self.flush()
         return await self._run(lambda: list(self._engine.scan(start, stop, limit=limit)))
 
-    async def _enqueue_commit(self) -> None:
+    def _enqueue_commit(self) -> asyncio.Future[None]:
+        """A future that resolves once the next batch is committed. (A plain function
+        handing back the future, not a coroutine: one frame fewer on every write.)"""
         # Even a superseded write waits for the next batch: the newer cell
         # that beat it may itself still be waiting to reach the disk.
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters.append(waiter)
         if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.create_task(self._flush_loop())
-        await waiter
+            self._flush_task = loop.create_task(self._flush_loop())
+        return waiter
 
-    async def _join_in_flight_batch(self) -> None:
+    def _join_in_flight_batch(self) -> asyncio.Future[None]:
+        """A future that resolves with the batch being written now (its fate, too)."""
         waiter = asyncio.get_running_loop().create_future()
         self._flushing_waiters.append(waiter)
-        await waiter
+        return waiter
 
     async def flush(self) -> None:
         """Wait until every write accepted so far has been handed to the engine."""
