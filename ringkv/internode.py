@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from ringkv import messages as m
 from ringkv.clock import HybridLogicalClock
 from ringkv.errors import ProtocolError
+from ringkv.net.transport import NOT_NOW
 from ringkv.replica import LocalReplica
 from ringkv.versioning import Cell, cell_digest
 
@@ -95,6 +96,8 @@ class InternodeHandler:
                 request.limit,
             )
             return reply.to_wire()
+        if verb == m.READ or verb == m.DIGEST:
+            return self.answer_now(from_node, verb, payload)
         ref = m.KeyRef.from_wire(payload)
         self._check_keyspace(ref.keyspace)
         if verb == m.WRITE:
@@ -105,11 +108,17 @@ class InternodeHandler:
             self._hlc.observe(cell.ts)
             await self._local.write(ref.keyspace, ref.token, ref.key, cell)
             return None
-        if verb == m.READ:
-            return m.cell_to_wire(self._local.read(ref.keyspace, ref.token, ref.key))
-        if verb == m.DIGEST:
-            return cell_digest(self._local.read(ref.keyspace, ref.token, ref.key))
         raise ProtocolError(f"unknown verb {verb!r}")
+
+    def answer_now(self, from_node: str, verb: str, payload: Any) -> Any:
+        """Reads and digests are local reads that never wait: the transport
+        answers them as they arrive, without a task (see ``answer_now_of``)."""
+        if verb != m.READ and verb != m.DIGEST:
+            return NOT_NOW
+        ref = m.KeyRef.from_wire(payload)
+        self._check_keyspace(ref.keyspace)
+        cell = self._local.read(ref.keyspace, ref.token, ref.key)
+        return m.cell_to_wire(cell) if verb == m.READ else cell_digest(cell)
 
     def _check_keyspace(self, keyspace: str) -> None:
         if not self._known_keyspace(keyspace):

@@ -38,7 +38,7 @@ from ringkv.net.codec import (
     FrameDecoder,
     encode_frame,
 )
-from ringkv.net.transport import Transport
+from ringkv.net.transport import NOT_NOW, Transport
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -363,6 +363,58 @@ def test_many_concurrent_requests_are_matched() -> None:
             # Coalescing: far fewer socket writes than frames is not observable directly,
             # but every frame went over the one connection.
             assert a.stats["frames_out"] == n and a.stats["responses_received"] == n
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(body())
+
+
+class AnswersNow:
+    """A handler with a synchronous path for some verbs (as replica reads have)."""
+
+    SYNC_VERBS = ("echo", "bad_request", "boom", "unencodable")
+
+    def __init__(self) -> None:
+        self.awaited: list[str] = []
+
+    def answer_now(self, from_node: str, verb: str, payload: Any) -> Any:
+        if verb not in self.SYNC_VERBS:
+            return NOT_NOW
+        coro = echo_handler(from_node, verb, payload)
+        try:
+            coro.send(None)  # these verbs of echo_handler never wait
+        except StopIteration as done:
+            return done.value
+        raise AssertionError(f"{verb} waited")
+
+    async def __call__(self, from_node: str, verb: str, payload: Any) -> Any:
+        self.awaited.append(verb)
+        return await echo_handler(from_node, verb, payload)
+
+
+def test_requests_answered_now_skip_the_handler_task_and_fail_alike() -> None:
+    async def body() -> None:
+        handler = AnswersNow()
+        a, b = make("a"), make("b", handler=handler)
+        await a.start()
+        await b.start()
+        try:
+            link(a, b)
+            assert (await a.request("b", "echo", "ok", timeout_s=2))["payload"] == "ok"
+            with pytest.raises(RemoteError) as ei:
+                await a.request("b", "bad_request", None, timeout_s=2)
+            assert ei.value.remote_code == "bad_request" and ei.value.remote_details == {"field": "key"}
+            with pytest.raises(RemoteError) as ei:
+                await a.request("b", "boom", None, timeout_s=2)
+            assert ei.value.remote_code == "internal" and "ZeroDivisionError" in ei.value.remote_message
+            with pytest.raises(RemoteError) as ei:
+                await a.request("b", "unencodable", None, timeout_s=2)
+            assert ei.value.remote_code == "protocol_error"
+            assert handler.awaited == []  # all of that was answered without a task
+            assert await a.request("b", "double", 21, timeout_s=2) == 42  # NOT_NOW: the task path
+            assert handler.awaited == ["double"]
+            assert b.stats["handler_errors"] == 2
         finally:
             await a.stop()
             await b.stop()

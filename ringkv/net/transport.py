@@ -9,7 +9,8 @@ Shape (one asyncio loop per node):
   on the same connection and are matched by request id.
 * Inbound: the server accepts connections, completes the handshake (so it knows the
   peer's node id), runs the handler for each request / one-way frame in its own task
-  (bounded per connection), and writes responses back on that connection.
+  (bounded per connection), or at once for requests the handler can answer without
+  waiting (``answer_now``), and writes responses back on that connection.
 
 Failure policy: a bad frame closes only its own connection; a refused or failed
 connect puts the peer into a bounded exponential backoff during which requests fail
@@ -57,6 +58,20 @@ log = logging.getLogger("ringkv.net")
 ADDRESS_PEER_PREFIX = "@"
 
 Handler = Callable[[str, str, Any], Awaitable[Any]]
+
+# What ``handler.answer_now`` returns for a request it cannot answer without waiting.
+NOT_NOW: Any = object()
+
+
+def answer_now_of(handler: Handler) -> Callable[[str, str, Any], Any] | None:
+    """The handler's synchronous path, if it has one.
+
+    A handler may offer ``answer_now(from_node_id, verb, payload)``: the response
+    payload for requests it can answer at once (a local read, say), else
+    ``NOT_NOW``. Those requests are answered as their frame is decoded, without
+    a task of their own: most of what a replica does for a read is that task.
+    """
+    return getattr(handler, "answer_now", None)
 
 READ_CHUNK = 64 * 1024
 WRITE_BATCH_BYTES = 256 * 1024  # flush at least this often so one huge backlog isn't one huge copy
@@ -337,6 +352,7 @@ class Transport:
         self._port = port
         self._source = _source_address(host)
         self._handler = handler
+        self._answer_now = answer_now_of(handler)
         self._max_frame_bytes = max_frame_bytes
         self._max_queue = max_queue
         self._connect_timeout_s = connect_timeout_s
@@ -737,6 +753,15 @@ class Transport:
         # Inbound connections carry requests and one-way messages.
         if kind not in (KIND_REQUEST, KIND_ONEWAY):
             raise ProtocolError(f"frame kind {kind} on an inbound connection")
+        if kind == KIND_REQUEST and self._answer_now is not None:
+            try:
+                result = self._answer_now(conn.peer_node_id, frame.verb, frame.payload)
+            except Exception as e:  # noqa: BLE001 - answered like a failed handler task
+                conn.out.put(None, self._failure_frame(conn, frame, e))
+                return
+            if result is not NOT_NOW:
+                conn.out.put(None, self._response_frame(frame, result))
+                return
         if conn.inflight >= self._max_inflight:
             if kind == KIND_REQUEST:
                 self._stats["overloaded_responses"] += 1
@@ -758,20 +783,23 @@ class Transport:
                 result = await self._handler(conn.peer_node_id, frame.verb, frame.payload)
             except asyncio.CancelledError:
                 raise
-            except RingKVError as e:
-                self._stats["handler_errors"] += 1
-                log.debug("handler for %r from %s raised %r", frame.verb, conn.peer_node_id, e)
-                reply = self._error_frame(frame, e.code, e.message, e.details)
-            except Exception as e:
-                self._stats["handler_errors"] += 1
-                log.exception("handler for %r from node %s failed", frame.verb, conn.peer_node_id)
-                reply = self._error_frame(frame, "internal", f"{type(e).__name__}: {e}", {})
+            except Exception as e:  # noqa: BLE001 - every failure is answered
+                reply = self._failure_frame(conn, frame, e)
             else:
                 reply = self._response_frame(frame, result) if is_request else b""
         finally:
             conn.inflight -= 1
         if is_request and not conn.closed:
             conn.out.put(None, reply)
+
+    def _failure_frame(self, conn: _Conn, frame: Frame, error: Exception) -> bytes:
+        """The answer to a request whose handler raised (called in its except clause)."""
+        self._stats["handler_errors"] += 1
+        if isinstance(error, RingKVError):
+            log.debug("handler for %r from %s raised %r", frame.verb, conn.peer_node_id, error)
+            return self._error_frame(frame, error.code, error.message, error.details)
+        log.exception("handler for %r from node %s failed", frame.verb, conn.peer_node_id)
+        return self._error_frame(frame, "internal", f"{type(error).__name__}: {error}", {})
 
     def _response_frame(self, frame: Frame, result: Any) -> bytes:
         try:

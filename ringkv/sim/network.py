@@ -49,7 +49,14 @@ from ringkv.net.codec import (
     FrameDecoder,
     encode_frame,
 )
-from ringkv.net.transport import ADDRESS_PEER_PREFIX, BASE_BACKOFF_S, Handler, _remote_error
+from ringkv.net.transport import (
+    ADDRESS_PEER_PREFIX,
+    BASE_BACKOFF_S,
+    NOT_NOW,
+    Handler,
+    _remote_error,
+    answer_now_of,
+)
 from ringkv.sim.loop import Process, VirtualTimeLoop
 
 
@@ -184,6 +191,7 @@ class SimTransport:
         self.cluster = cluster
         self.address_text = f"{host}:{port}"
         self._handler = handler
+        self._answer_now = answer_now_of(handler)
         self._max_frame_bytes = max_frame_bytes
         self._max_inflight = max_inflight
         self._max_backoff_s = max_backoff_s
@@ -308,6 +316,16 @@ class SimTransport:
         if self.closed:
             return
         frame = self._decode(data)
+        if frame.kind == KIND_REQUEST and self._answer_now is not None:
+            # As the real transport: what the handler can answer at once needs no task.
+            try:
+                result = self._answer_now(src.node_id, frame.verb, frame.payload)
+            except Exception as exc:  # noqa: BLE001 - answered like a failed handler task
+                self._reply(src, frame, KIND_ERROR, _failure_body(exc))
+                return
+            if result is not NOT_NOW:
+                self._reply(src, frame, KIND_RESPONSE, result)
+                return
         if frame.kind == KIND_REQUEST and self._inflight >= self._max_inflight:
             err = Overloaded(f"node {self.node_id} has {self._inflight} requests in flight")
             self._reply(src, frame, KIND_ERROR,
@@ -320,12 +338,8 @@ class SimTransport:
         try:
             try:
                 result = await self._handler(src.node_id, frame.verb, frame.payload)
-            except RingKVError as exc:
-                kind, body = KIND_ERROR, {"code": exc.code, "message": exc.message,
-                                          "details": exc.details}
-            except Exception as exc:  # noqa: BLE001 - the real transport answers "internal"
-                kind, body = KIND_ERROR, {"code": "internal",
-                                          "message": f"{type(exc).__name__}: {exc}", "details": {}}
+            except Exception as exc:  # noqa: BLE001 - every failure is answered
+                kind, body = KIND_ERROR, _failure_body(exc)
             else:
                 kind, body = KIND_RESPONSE, result
         finally:
@@ -391,3 +405,10 @@ class SimTransport:
             del self.pending[request_id]
             if not pending.future.done():
                 pending.future.set_exception(make_error(pending))
+
+
+def _failure_body(error: Exception) -> dict[str, Any]:
+    """The error a failed handler sends back, as the real transport words it."""
+    if isinstance(error, RingKVError):
+        return {"code": error.code, "message": error.message, "details": error.details}
+    return {"code": "internal", "message": f"{type(error).__name__}: {error}", "details": {}}
