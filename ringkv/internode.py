@@ -8,6 +8,7 @@ to the gossip service untouched.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -96,8 +97,20 @@ class InternodeHandler:
                 request.limit,
             )
             return reply.to_wire()
-        if verb == m.READ or verb == m.DIGEST:
-            return self.answer_now(from_node, verb, payload)
+        answer = self.answer_now(from_node, verb, payload)
+        if answer is NOT_NOW:
+            raise ProtocolError(f"unknown verb {verb!r}")
+        return await answer if isinstance(answer, asyncio.Future) else answer
+
+    def answer_now(self, from_node: str, verb: str, payload: Any) -> Any:
+        """The replica verbs that need no task of their own (see ``answer_now_of``).
+
+        Reads and digests are local reads that never wait: their answer is
+        returned at once. A write's answer is the future of its group commit,
+        which resolves to None (the acknowledgement) once the write is durable.
+        """
+        if verb != m.READ and verb != m.DIGEST and verb != m.WRITE:
+            return NOT_NOW
         ref = m.KeyRef.from_wire(payload)
         self._check_keyspace(ref.keyspace)
         if verb == m.WRITE:
@@ -106,17 +119,8 @@ class InternodeHandler:
                 raise ProtocolError("write carries no cell")
             # HLC receive rule: later local writes get later timestamps.
             self._hlc.observe(cell.ts)
-            await self._local.write(ref.keyspace, ref.token, ref.key, cell)
-            return None
-        raise ProtocolError(f"unknown verb {verb!r}")
-
-    def answer_now(self, from_node: str, verb: str, payload: Any) -> Any:
-        """Reads and digests are local reads that never wait: the transport
-        answers them as they arrive, without a task (see ``answer_now_of``)."""
-        if verb != m.READ and verb != m.DIGEST:
-            return NOT_NOW
-        ref = m.KeyRef.from_wire(payload)
-        self._check_keyspace(ref.keyspace)
+            _, committed = self._local.write_nowait(ref.keyspace, ref.token, ref.key, cell)
+            return committed
         cell = self._local.read(ref.keyspace, ref.token, ref.key)
         return m.cell_to_wire(cell) if verb == m.READ else cell_digest(cell)
 

@@ -8,6 +8,7 @@ local and a remote replica behave exactly alike.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from ringkv.errors import BadRequest, PeerUnreachable
@@ -28,11 +29,19 @@ class LocalReplica:
         self.store = store
 
     async def write(self, keyspace: str, token: int, key: bytes, cell: Cell) -> Cell:
+        winner, committed = self.write_nowait(keyspace, token, key, cell)
+        await committed
+        return winner
+
+    def write_nowait(
+        self, keyspace: str, token: int, key: bytes, cell: Cell
+    ) -> tuple[Cell, asyncio.Future[None]]:
+        """The stored winner, and a future that resolves once it is committed."""
         try:
             check_timestamp(cell.ts)
         except ValueError as exc:
             raise BadRequest(str(exc), field="timestamp") from None
-        return await self.store.apply(keyspace, token, key, cell)
+        return self.store.apply_nowait(keyspace, token, key, cell)
 
     def read(self, keyspace: str, token: int, key: bytes) -> Cell | None:
         return self.store.read(keyspace, token, key)

@@ -66,12 +66,23 @@ NOT_NOW: Any = object()
 def answer_now_of(handler: Handler) -> Callable[[str, str, Any], Any] | None:
     """The handler's synchronous path, if it has one.
 
-    A handler may offer ``answer_now(from_node_id, verb, payload)``: the response
-    payload for requests it can answer at once (a local read, say), else
-    ``NOT_NOW``. Those requests are answered as their frame is decoded, without
-    a task of their own: most of what a replica does for a read is that task.
+    A handler may offer ``answer_now(from_node_id, verb, payload)``, which
+    returns the response payload for requests it can answer at once (a local
+    read, say), an ``asyncio.Future`` of the payload for requests whose answer
+    only waits on one future (a write's group commit), or ``NOT_NOW``. Such
+    requests are answered as their frame is decoded, or from the future's
+    callback, without a task of their own: for a replica's reads and writes
+    that task is most of the cost.
     """
     return getattr(handler, "answer_now", None)
+
+
+def settled(answer: asyncio.Future[Any], node_id: str) -> tuple[BaseException | None, Any]:
+    """(error, payload) of an ``answer_now`` future that is done; cancelled means stopping."""
+    if answer.cancelled():
+        return ShuttingDown(f"node {node_id} is stopping"), None
+    error = answer.exception()
+    return error, None if error is not None else answer.result()
 
 READ_CHUNK = 64 * 1024
 WRITE_BATCH_BYTES = 256 * 1024  # flush at least this often so one huge backlog isn't one huge copy
@@ -759,6 +770,9 @@ class Transport:
             except Exception as e:  # noqa: BLE001 - answered like a failed handler task
                 conn.out.put(None, self._failure_frame(conn, frame, e))
                 return
+            if isinstance(result, asyncio.Future):
+                self._answer_later(conn, frame, result)
+                return
             if result is not NOT_NOW:
                 conn.out.put(None, self._response_frame(frame, result))
                 return
@@ -792,13 +806,30 @@ class Transport:
         if is_request and not conn.closed:
             conn.out.put(None, reply)
 
-    def _failure_frame(self, conn: _Conn, frame: Frame, error: Exception) -> bytes:
-        """The answer to a request whose handler raised (called in its except clause)."""
+    def _answer_later(self, conn: _Conn, frame: Frame, answer: asyncio.Future[Any]) -> None:
+        """Queue the response once ``answer`` resolves; it counts as in flight till then."""
+        conn.inflight += 1
+
+        def respond(done: asyncio.Future[Any]) -> None:
+            conn.inflight -= 1
+            error, payload = settled(done, self.node_id)
+            if conn.closed:
+                return
+            if error is None:
+                conn.out.put(None, self._response_frame(frame, payload))
+            else:
+                conn.out.put(None, self._failure_frame(conn, frame, error))
+
+        answer.add_done_callback(respond)
+
+    def _failure_frame(self, conn: _Conn, frame: Frame, error: BaseException) -> bytes:
+        """The answer to a request whose handler raised."""
         self._stats["handler_errors"] += 1
         if isinstance(error, RingKVError):
             log.debug("handler for %r from %s raised %r", frame.verb, conn.peer_node_id, error)
             return self._error_frame(frame, error.code, error.message, error.details)
-        log.exception("handler for %r from node %s failed", frame.verb, conn.peer_node_id)
+        log.error("handler for %r from node %s failed", frame.verb, conn.peer_node_id,
+                  exc_info=error)
         return self._error_frame(frame, "internal", f"{type(error).__name__}: {error}", {})
 
     def _response_frame(self, frame: Frame, result: Any) -> bytes:

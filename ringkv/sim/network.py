@@ -56,6 +56,7 @@ from ringkv.net.transport import (
     Handler,
     _remote_error,
     answer_now_of,
+    settled,
 )
 from ringkv.sim.loop import Process, VirtualTimeLoop
 
@@ -323,6 +324,9 @@ class SimTransport:
             except Exception as exc:  # noqa: BLE001 - answered like a failed handler task
                 self._reply(src, frame, KIND_ERROR, _failure_body(exc))
                 return
+            if isinstance(result, asyncio.Future):
+                self._answer_later(src, frame, result)
+                return
             if result is not NOT_NOW:
                 self._reply(src, frame, KIND_RESPONSE, result)
                 return
@@ -350,6 +354,22 @@ class SimTransport:
             self._tasks.discard(asyncio.current_task(self.network.loop))  # type: ignore[arg-type]
         if frame.kind == KIND_REQUEST and not self.closed:
             self._reply(src, frame, kind, body)
+
+    def _answer_later(self, src: SimTransport, frame: Frame, answer: asyncio.Future[Any]) -> None:
+        """As the real transport: reply from the future's callback, in flight till then."""
+        self._inflight += 1
+
+        def respond(done: asyncio.Future[Any]) -> None:
+            self._inflight -= 1
+            error, payload = settled(done, self.node_id)
+            if self.closed:
+                return
+            if error is None:
+                self._reply(src, frame, KIND_RESPONSE, payload)
+            else:
+                self._reply(src, frame, KIND_ERROR, _failure_body(error))
+
+        answer.add_done_callback(respond)
 
     def _reply(self, src: SimTransport, frame: Frame, kind: int, body: Any) -> None:
         try:
@@ -407,7 +427,7 @@ class SimTransport:
                 pending.future.set_exception(make_error(pending))
 
 
-def _failure_body(error: Exception) -> dict[str, Any]:
+def _failure_body(error: BaseException) -> dict[str, Any]:
     """The error a failed handler sends back, as the real transport words it."""
     if isinstance(error, RingKVError):
         return {"code": error.code, "message": error.message, "details": error.details}

@@ -169,6 +169,16 @@ class LocalStore:
         one that was already there. Either way, once this returns, the stored
         state includes ``cell``'s effect with the durability of the sync mode.
         """
+        winner, committed = self.apply_nowait(keyspace, token, key, cell)
+        await committed
+        return winner
+
+    def apply_nowait(
+        self, keyspace: str, token: int, key: bytes, cell: Cell
+    ) -> tuple[Cell, asyncio.Future[None]]:
+        """``apply`` without the wait: the winner now, and a future that resolves
+        (or fails) once that winner is committed. For callers that answer from
+        a callback rather than a task of their own."""
         self._check_open()
         if len(self._waiters) + len(self._flushing_waiters) >= self._max_pending_writes:
             raise Overloaded(
@@ -192,10 +202,8 @@ class LocalStore:
                 # What beat this write is in the batch being written now; if
                 # that batch fails, neither reached the disk, so this write
                 # must fail with it rather than be acknowledged by a later one.
-                await self._join_in_flight_batch()
-                return winner
-        await self._enqueue_commit()
-        return winner
+                return winner, self._join_in_flight_batch()
+        return winner, self._enqueue_commit()
 
     async def write_raw(self, puts: Sequence[tuple[bytes, bytes]], deletes: Sequence[bytes]) -> None:
         """Commit records outside the data key space (hints, metadata) with group commit."""
