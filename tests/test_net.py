@@ -370,6 +370,19 @@ def test_many_concurrent_requests_are_matched() -> None:
     run(body())
 
 
+async def check_failures_come_back_typed(a: Transport, peer: str) -> None:
+    """What echo_handler's failing verbs look like to the caller."""
+    with pytest.raises(RemoteError) as ei:
+        await a.request(peer, "bad_request", None, timeout_s=2)
+    assert ei.value.remote_code == "bad_request" and ei.value.remote_details == {"field": "key"}
+    with pytest.raises(RemoteError) as ei:
+        await a.request(peer, "boom", None, timeout_s=2)
+    assert ei.value.remote_code == "internal" and "ZeroDivisionError" in ei.value.remote_message
+    with pytest.raises(RemoteError) as ei:
+        await a.request(peer, "unencodable", None, timeout_s=2)
+    assert ei.value.remote_code == "protocol_error"
+
+
 class AnswersNow:
     """A handler with a synchronous path for some verbs (as replica reads have)."""
 
@@ -402,15 +415,7 @@ def test_requests_answered_now_skip_the_handler_task_and_fail_alike() -> None:
         try:
             link(a, b)
             assert (await a.request("b", "echo", "ok", timeout_s=2))["payload"] == "ok"
-            with pytest.raises(RemoteError) as ei:
-                await a.request("b", "bad_request", None, timeout_s=2)
-            assert ei.value.remote_code == "bad_request" and ei.value.remote_details == {"field": "key"}
-            with pytest.raises(RemoteError) as ei:
-                await a.request("b", "boom", None, timeout_s=2)
-            assert ei.value.remote_code == "internal" and "ZeroDivisionError" in ei.value.remote_message
-            with pytest.raises(RemoteError) as ei:
-                await a.request("b", "unencodable", None, timeout_s=2)
-            assert ei.value.remote_code == "protocol_error"
+            await check_failures_come_back_typed(a, "b")
             assert handler.awaited == []  # all of that was answered without a task
             assert await a.request("b", "double", 21, timeout_s=2) == 42  # NOT_NOW: the task path
             assert handler.awaited == ["double"]
@@ -436,19 +441,12 @@ def test_handler_errors_come_back_typed() -> None:
             assert e.remote_details == {"field": "key"}
             assert e.node_id == "b" and e.verb == "bad_request"
             assert BY_CODE[e.code] is RemoteError
-
-            with pytest.raises(RemoteError) as ei:
-                await a.request("b", "boom", None, timeout_s=2)
-            assert ei.value.remote_code == "internal" and "ZeroDivisionError" in ei.value.remote_message
-
-            with pytest.raises(RemoteError) as ei:
-                await a.request("b", "unencodable", None, timeout_s=2)
-            assert ei.value.remote_code == "protocol_error"
+            await check_failures_come_back_typed(a, "b")
 
             # None of that hurt the connection or the node.
             assert (await a.request("b", "echo", "ok", timeout_s=2))["payload"] == "ok"
             assert a.stats["connects"] == 1
-            assert b.stats["handler_errors"] == 2
+            assert b.stats["handler_errors"] == 3  # bad_request twice, boom once
         finally:
             await a.stop()
             await b.stop()
