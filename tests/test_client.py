@@ -436,6 +436,36 @@ def test_idempotency_cache_is_bounded_and_expires() -> None:
     run_async(main())
 
 
+def test_idempotency_cache_is_bounded_in_bytes() -> None:
+    """Responses are remembered within a byte budget, oldest out first; one too
+    large for a sixteenth of it is not remembered (a repeat executes again)."""
+    cache = IdempotencyCache(ManualClock(), max_bytes=1600)
+    runs: list[str] = []
+
+    def sized(key: str, size: int) -> Callable[[], Any]:
+        async def execute() -> StoredResponse:
+            runs.append(key)
+            return StoredResponse(200, b"x" * size, "application/json")
+        return execute
+
+    async def main() -> None:
+        for key in "abcdefghijkl":
+            await cache.run(key, b"fp", sized(key, 100))
+            assert cache.size_bytes <= 1600
+        assert len(cache) == 12 and cache.size_bytes == 1200
+        for key in "mnopq":
+            await cache.run(key, b"fp", sized(key, 100))
+        assert cache.size_bytes == 1600 and len(cache) == 16  # the 17th pushed out "a", the oldest
+        assert (await cache.run("a", b"fp", sized("a", 100)))[1] is False
+        assert (await cache.run("q", b"fp", sized("q", 100)))[1] is True
+        big = sized("big", 101)
+        assert (await cache.run("big", b"fp", big))[1] is False
+        assert (await cache.run("big", b"fp", big))[1] is False  # never remembered
+        assert runs.count("big") == 2 and cache.size_bytes <= 1600
+
+    run_async(main())
+
+
 def test_idempotency_cache_makes_a_concurrent_repeat_wait() -> None:
     cache = IdempotencyCache(ManualClock())
     release = asyncio.Event()

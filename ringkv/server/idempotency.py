@@ -6,9 +6,12 @@ sends the same ``Idempotency-Key`` with every attempt; this node remembers
 the response of the first successful attempt and returns that very response
 (same timestamp, same receipt) to every repeat, instead of writing again.
 
-Bounded on purpose: at most ``max_entries`` keys (least recently used go
-first), each kept ``ttl_s`` seconds on the node's clock. The memory is per
-node, so a retry must reach the same coordinator to be de-duplicated; the
+Bounded on purpose: at most ``max_entries`` keys and ``max_bytes`` of
+remembered response bodies (least recently used go first), each kept
+``ttl_s`` seconds on the node's clock. A response larger than
+``max_bytes / 16`` (a batch of large reads, say) is not remembered at all: a
+repeat of it executes again, which for its writes means the same values
+written again under new timestamps. The memory is per node, so a retry must reach the same coordinator to be de-duplicated; the
 Python client (``ringkv.client``) retries an ambiguous keyed write on the
 node it sent it to.
 """
@@ -28,6 +31,7 @@ HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 128
 DEFAULT_MAX_ENTRIES = 100_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_TTL_S = 600.0
 
 
@@ -76,17 +80,25 @@ class IdempotencyCache:
         clock: Clock,
         *,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
-        if max_entries < 1 or ttl_s <= 0:
-            raise ValueError("max_entries must be >= 1 and ttl_s > 0")
+        if max_entries < 1 or max_bytes < 16 or ttl_s <= 0:
+            raise ValueError("max_entries must be >= 1, max_bytes >= 16 and ttl_s > 0")
         self._clock = clock
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
         self._ttl_s = ttl_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0  # of the remembered response bodies
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of response bodies remembered now (at most ``max_bytes``)."""
+        return self._bytes
 
     async def run(
         self,
@@ -124,8 +136,10 @@ class IdempotencyCache:
             assert entry.done is not None
             entry.done.set()
             entry.done = None
-        if response.status < 300:
+        if response.status < 300 and len(response.body) <= self._max_bytes // 16:
             entry.response = response
+            self._bytes += len(response.body)
+            self._evict(self._clock.monotonic_s())
         else:
             self._forget(key, entry)
         return response, False
@@ -135,7 +149,7 @@ class IdempotencyCache:
         if entry is None:
             return None
         if entry.expires_at <= now and entry.done is None:
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry
@@ -143,15 +157,24 @@ class IdempotencyCache:
     def _insert(self, key: str, entry: _Entry, now: float) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
-        # Drop expired entries from the cold end, then enforce the size bound.
+        self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        """Drop expired entries from the cold end, then enforce the bounds."""
         while self._entries:
             oldest_key, oldest = next(iter(self._entries.items()))
-            if len(self._entries) <= self._max_entries and oldest.expires_at > now:
+            within = len(self._entries) <= self._max_entries and self._bytes <= self._max_bytes
+            if within and oldest.expires_at > now:
                 break
-            if oldest.done is not None and len(self._entries) <= self._max_entries:
+            if oldest.done is not None and within:
                 break  # still running and within bounds: keep it
-            del self._entries[oldest_key]
+            self._drop(oldest_key)
 
     def _forget(self, key: str, entry: _Entry) -> None:
         if self._entries.get(key) is entry:
-            del self._entries[key]
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        if entry.response is not None:
+            self._bytes -= len(entry.response.body)
