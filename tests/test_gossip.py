@@ -749,3 +749,48 @@ def test_handle_rejects_non_messages():
 
 
 # Purity of these modules is enforced with the other pure cores in tests/test_layering.py.
+
+
+class RecordingTransport:
+    """The two calls GossipService makes of a transport, recorded."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, tuple[str, int]] = {}
+        self.sent: list[str] = []
+
+    def set_peer_address(self, node_id: str, host: str, port: int) -> None:
+        self.peers[node_id] = (host, port)
+
+    def forget_peer(self, node_id: str) -> None:
+        del self.peers[node_id]
+
+    def send_oneway(self, node_id: str, verb: str, payload: object) -> None:
+        assert node_id in self.peers, f"sent to {node_id}, which the transport does not know"
+        self.sent.append(node_id)
+
+
+def test_senders_named_only_by_address_are_bounded_and_seeds_kept() -> None:
+    """A peer that names a new sender address in every Syn must neither grow
+    the transport's peer table nor steer this node to dial without bound."""
+    import asyncio
+
+    from ringkv.clock import ManualClock
+    from ringkv.gossip.service import MAX_ADDRESS_PEERS, VERB, GossipService
+
+    g = make_node(1, seeds=(0,))
+    transport = RecordingTransport()
+    service = GossipService(g, transport, ManualClock(), random.Random(1), self_address=addr(1),
+                            interval_s=1.0, on_events=lambda events: None)
+    service.tick_now()  # gossips with its seed
+    assert "@" + addr(0) in transport.peers
+
+    async def flood() -> None:
+        for port in range(1, 3 * MAX_ADDRESS_PEERS):
+            payload = {"from": f"10.9.0.1:{port}", "m": Syn(CLUSTER, ()).to_wire()}
+            await service.handle("x", VERB, payload)
+
+    asyncio.run(flood())
+    assert len(transport.sent) > 3 * MAX_ADDRESS_PEERS - 5  # every sender got its answer
+    assert len(transport.peers) <= MAX_ADDRESS_PEERS + 1
+    assert "@" + addr(0) in transport.peers  # the seed was never evicted
+    assert f"@10.9.0.1:{3 * MAX_ADDRESS_PEERS - 1}" in transport.peers  # the newest were kept

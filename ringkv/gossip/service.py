@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -28,7 +29,17 @@ VERB = "gossip.msg"
 class OneWaySender(Protocol):
     def set_peer_address(self, node_id: str, host: str, port: int) -> None: ...
 
+    def forget_peer(self, node_id: str) -> None: ...
+
     def send_oneway(self, node_id: str, verb: str, payload: Any) -> None: ...
+
+
+# Gossip answers a sender it knows only by the address the sender names (a
+# node that is joining, say). Such address-only transport peers are kept for
+# the most recent senders only, so a peer that names a new address in every
+# message can neither grow the transport's peer table nor have this node
+# dial more than this many addresses of its choosing. Seeds are always kept.
+MAX_ADDRESS_PEERS = 64
 
 
 def address_peer_id(address: str) -> str:
@@ -56,6 +67,8 @@ class GossipService:
         self._interval_s = interval_s
         self._on_events = on_events
         self._task: asyncio.Task[None] | None = None
+        self._seeds = frozenset(gossiper.seeds)
+        self._address_peers: OrderedDict[str, None] = OrderedDict()  # non-seed, oldest first
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -108,6 +121,12 @@ class GossipService:
         peer = address_peer_id(address)
         host, port = parse_address(address)
         self._transport.set_peer_address(peer, host, port)
+        if address not in self._seeds:
+            self._address_peers[peer] = None
+            self._address_peers.move_to_end(peer)
+            while len(self._address_peers) > MAX_ADDRESS_PEERS:
+                oldest, _ = self._address_peers.popitem(last=False)
+                self._transport.forget_peer(oldest)
         return peer
 
     def _deliver_events(self) -> None:

@@ -448,6 +448,19 @@ class Transport:
         s["pending_requests"] = sum(len(p.pending) for p in self._peers.values())
         return s
 
+    def forget_peer(self, node_id: str) -> None:
+        """Drop everything about ``node_id``: its connection, queue and pending requests."""
+        peer = self._peers.pop(node_id, None)
+        if peer is None:
+            return
+        if peer.connect_task is not None:
+            peer.connect_task.cancel()
+            peer.connect_task = None
+        if peer.conn is not None:
+            peer.conn.close("peer forgotten")
+        self._fail_peer(peer, lambda: PeerUnreachable(f"node {node_id} was forgotten",
+                                                      node_id=node_id, maybe_delivered=True))
+
     def set_peer_address(self, node_id: str, host: str, port: int) -> None:
         """Where to connect for ``node_id``. A changed address drops the old connection."""
         peer = self._peers.get(node_id)

@@ -219,6 +219,14 @@ class SimTransport:
         for task in list(self._tasks):
             task.cancel()
 
+    def forget_peer(self, node_id: str) -> None:
+        if self._peers.pop(node_id, None) is not None:
+            self._fail_pending(
+                lambda p: PeerUnreachable(f"node {node_id} was forgotten", node_id=node_id,
+                                          maybe_delivered=True),
+                only_peer=node_id,
+            )
+
     def set_peer_address(self, node_id: str, host: str, port: int) -> None:
         address = f"{host}:{port}"
         peer = self._peers.get(node_id)
