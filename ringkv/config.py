@@ -505,20 +505,29 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
     return keyspaces
 
 
+# Upper bounds: a number too large to mean anything (10**400 ms, say) is a
+# config error naming the field, not an overflow when the node starts.
+_HOUR_MS = 3_600_000
+_DAY_S = 86_400
+_MAX_TTL_S = 20 * 365 * _DAY_S  # Cassandra's TTL limit
+# A value travels to a replica in one internode frame (16 MiB at most).
+_MAX_VALUE_BYTES = 15 * 1024 * 1024
+
+
 def _read_timing(ctx: _Context, raw: object) -> TimingConfig:
     sec = _Section(ctx, "timing", raw, _SECTIONS["timing"])
-    sec.take("read_timeout_ms", _check_int, 1)
-    sec.take("write_timeout_ms", _check_int, 1)
-    sec.take("gossip_interval_ms", _check_int, 1)
+    sec.take("read_timeout_ms", _check_int, 1, _HOUR_MS)
+    sec.take("write_timeout_ms", _check_int, 1, _HOUR_MS)
+    sec.take("gossip_interval_ms", _check_int, 1, 60_000)
     sec.take("phi_threshold", _check_number, 0.0, None)
-    sec.take("max_hint_window_s", _check_int, 0)
-    sec.take("hint_replay_rate_per_s", _check_int, 1)
-    sec.take("gc_grace_s", _check_int, 0)
-    sec.take("default_ttl_s", _check_int, 0)
-    sec.take("tombstone_sweep_interval_s", _check_int, 1)
+    sec.take("max_hint_window_s", _check_int, 0, 30 * _DAY_S)
+    sec.take("hint_replay_rate_per_s", _check_int, 1, 1_000_000)
+    sec.take("gc_grace_s", _check_int, 0, _MAX_TTL_S)
+    sec.take("default_ttl_s", _check_int, 0, _MAX_TTL_S)
+    sec.take("tombstone_sweep_interval_s", _check_int, 1, 30 * _DAY_S)
     sec.take("speculative_retry_percentile", _check_number, 0.0, 100.0)
-    sec.take("speculative_retry_min_ms", _check_int, 0)
-    sec.take("shutdown_drain_timeout_s", _check_int, 0)
+    sec.take("speculative_retry_min_ms", _check_int, 0, _HOUR_MS)
+    sec.take("shutdown_drain_timeout_s", _check_int, 0, 3600)
     return TimingConfig(**sec.done())
 
 
@@ -526,19 +535,19 @@ def _read_storage(ctx: _Context, raw: object) -> StorageConfig:
     sec = _Section(ctx, "storage", raw, _SECTIONS["storage"])
     sec.take("engine", _check_choice, ENGINES)
     sec.take("commit_sync", _check_choice, COMMIT_SYNCS)
-    sec.take("periodic_sync_interval_ms", _check_int, 1)
-    sec.take("leveldb_cache_mb", _check_int, 1)
-    sec.take("leveldb_write_buffer_mb", _check_int, 1)
+    sec.take("periodic_sync_interval_ms", _check_int, 1, _HOUR_MS)
+    sec.take("leveldb_cache_mb", _check_int, 1, 1_048_576)
+    sec.take("leveldb_write_buffer_mb", _check_int, 1, 65_536)
     return StorageConfig(**sec.done())
 
 
 def _read_limits(ctx: _Context, raw: object) -> LimitsConfig:
     sec = _Section(ctx, "limits", raw, _SECTIONS["limits"])
     sec.take("max_key_bytes", _check_int, 1, 65535)
-    sec.take("max_value_bytes", _check_int, 1)
-    sec.take("max_request_bytes", _check_int, 1)
-    sec.take("max_batch_ops", _check_int, 1)
-    sec.take("max_scan_page", _check_int, 1)
+    sec.take("max_value_bytes", _check_int, 1, _MAX_VALUE_BYTES)
+    sec.take("max_request_bytes", _check_int, 1, 2**31)
+    sec.take("max_batch_ops", _check_int, 1, 100_000)
+    sec.take("max_scan_page", _check_int, 1, 10_000)
     limits = LimitsConfig(**sec.done())
     if limits.max_value_bytes > limits.max_request_bytes:
         ctx.fail(
