@@ -70,6 +70,16 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     )
     cluster.build()
     print(f"starting {args.nodes} nodes (rf={args.rf}) under {cluster.data_dir} ...", flush=True)
+    stop = threading.Event()
+
+    def on_sigterm(*_: object) -> None:
+        # While the cluster starts or the demo runs, stop like Ctrl-C would, so
+        # that the finally below still stops every node it started.
+        if not stop.is_set():
+            stop.set()
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cluster.up()
         print("cluster is up; every node sees every other node UP:")
@@ -78,8 +88,6 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         if args.demo:
             run_demo(cluster, say=lambda line: print(line, flush=True))
         print("\npress Ctrl-C to stop the cluster", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
             pass
     except KeyboardInterrupt:

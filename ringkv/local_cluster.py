@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,15 @@ class LocalCluster:
                    what=f"{sorted(expected)} to see each other UP")
 
     def down(self) -> None:
+        """Stop every node, even when stopping one of them fails; then raise that."""
+        errors: list[BaseException] = []
         for proc in reversed(self.procs):
-            proc.stop()
+            try:
+                proc.stop()
+            except Exception as exc:  # noqa: BLE001 - the others must still be stopped
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def endpoints(self) -> list[str]:
         return [proc.url for proc in self.procs]
@@ -107,7 +115,7 @@ def node_view(proc: NodeProcess) -> dict[str, dict[str, Any]] | None:
     """node id -> status row, as ``proc`` sees the cluster; None if it does not answer."""
     try:
         status, body = http("GET", f"{proc.url}/v1/status", timeout_s=2)
-    except OSError:
+    except (OSError, HTTPException):
         return None
     if status != 200 or not isinstance(body, dict):
         return None
