@@ -48,9 +48,11 @@ import functools
 import hashlib
 import http.client
 import inspect
+import itertools
 import json
 import random
 import select
+import socket
 import threading
 import uuid
 from collections import Counter
@@ -910,6 +912,53 @@ class _ClientBase:
 # -- the blocking client ---------------------------------------------------------------
 
 
+class _Watchdog:
+    """One background thread that cuts off blocking attempts at their deadline.
+
+    A socket timeout bounds each ``recv``, not an attempt: a server that sends
+    a byte every little while could hold a call for ever. Each attempt arms the
+    watchdog with its deadline; when the deadline passes first, the watchdog
+    shuts the socket down, and the blocked read returns at once.
+    """
+
+    def __init__(self, clock: SystemClock) -> None:
+        self._clock = clock
+        self._armed: dict[int, tuple[float, socket.socket]] = {}
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline_s: float, sock: socket.socket) -> int:
+        with self._wake:
+            token = next(self._ids)
+            self._armed[token] = (deadline_s, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ringkv-client-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._wake:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = self._clock.monotonic_s()
+                for token, (deadline_s, sock) in list(self._armed.items()):
+                    if deadline_s <= now:
+                        del self._armed[token]
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass  # already closed
+                earliest = min((d for d, _ in self._armed.values()), default=None)
+                # Bounded waits: the thread re-checks at least once a second.
+                self._wake.wait(timeout=1.0 if earliest is None else min(1.0, earliest - now))
+
+
 class _ConnectionPool:
     """Keep-alive ``http.client`` connections per node; safe to share between threads."""
 
@@ -918,6 +967,7 @@ class _ConnectionPool:
         self._idle: dict[tuple[str, str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
         self._lock = threading.Lock()
         self._clock = SystemClock()
+        self._watchdog = _Watchdog(self._clock)
 
     def send(self, effect: _Send) -> _Reply | _Failure:
         parts = urlsplit(effect.url)
@@ -936,18 +986,21 @@ class _ConnectionPool:
                 return _Failure("connect", f"cannot connect: {exc}")
         assert conn.sock is not None
         conn.sock.settimeout(effect.timeout_s)
+        deadline_s = self._clock.monotonic_s() + effect.timeout_s
+        watch = self._watchdog.arm(deadline_s, conn.sock)
         try:
             conn.request(effect.method, target, body=effect.body, headers=dict(effect.headers))
             response = conn.getresponse()
             body = response.read()
-        except TimeoutError:
-            conn.close()
-            return _Failure("timeout", f"no answer within {effect.timeout_s:g} s")
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            if isinstance(exc, TimeoutError) or self._clock.monotonic_s() >= deadline_s:
+                return _Failure("timeout", f"no answer within {effect.timeout_s:g} s")
             return _Failure("io", f"connection lost: {exc!r}")
-        if response.will_close:
-            conn.close()
+        finally:
+            self._watchdog.disarm(watch)
+        if response.will_close or self._clock.monotonic_s() >= deadline_s:
+            conn.close()  # the watchdog may have shut it down just as the answer arrived
         else:
             self._checkin(origin, conn)
         return _Reply(response.status, body, response.msg)  # headers, case-insensitive

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -239,6 +240,67 @@ def test_no_node_available_names_every_node() -> None:
         with pytest.raises(NoNodeAvailable) as error:
             kv.put("k", 1)
         assert error.value.maybe_applied is False  # refused connections: nothing was sent
+
+
+class DrippingServer:
+    """A loopback HTTP server that answers every request correctly but sends
+    the body one byte at a time, a little under a client's socket timeout apart."""
+
+    def __init__(self, gap_s: float) -> None:
+        self.gap_s = gap_s
+        self.listener = socket.create_server(("127.0.0.1", free_port()))
+        self.listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                if head.startswith(b"GET /v1/ring"):
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    continue
+                body = b'{"key":"k","value":1,"timestamp":[1,0]}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+                for byte in body:
+                    if self.stop.wait(self.gap_s):
+                        break
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        break  # the client gave up
+
+    def __enter__(self) -> DrippingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
+def test_a_blocking_call_ends_at_its_timeout_even_when_bytes_keep_coming() -> None:
+    """Each byte arrives within the socket timeout, yet the whole answer would
+    take far longer than ``timeout_s``: the attempt ends at its deadline."""
+    with DrippingServer(gap_s=0.1) as server, \
+            Client(server.url, timeout_s=0.5, max_retries=0) as kv:
+        with pytest.raises(NoNodeAvailable) as error:
+            kv.get("k")
+        assert "no answer within 0.5 s" in str(error.value)
 
 
 def test_a_dead_seed_is_skipped(node: InProcessNode) -> None:
