@@ -6,11 +6,14 @@ simulator) never mix their numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import bisect
+import itertools
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 # Buckets in seconds: from sub-millisecond local hits to multi-second timeouts.
 LATENCY_BUCKETS_S = (
@@ -20,29 +23,61 @@ LATENCY_BUCKETS_S = (
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _RequestCollector:
+    """Request counts, latencies and coordination counts, exposed on scrape."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        # (op, consistency) -> [count per bucket, then +Inf], and the sum of seconds
+        self.latency: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        self.coordinated = {True: 0, False: 0}
+
+    def observe(self, op: str, consistency: str, status: int, seconds: float) -> None:
+        key = (op, consistency, str(status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        series = self.latency.get((op, consistency))
+        if series is None:
+            series = self.latency[(op, consistency)] = ([0] * (len(LATENCY_BUCKETS_S) + 1), [0.0])
+        series[0][bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # le is inclusive
+        series[1][0] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "ringkv_requests",
+            "Client API requests served, by operation, consistency level and outcome",
+            labels=["op", "consistency", "status"],
+        )
+        for labels, count in sorted(self.requests.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "ringkv_request_latency_seconds",
+            "Client API request latency, by operation and consistency level",
+            labels=["op", "consistency"],
+        )
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
+        for labels, (counts, total) in sorted(self.latency.items()):
+            latency.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))),
+                               sum_value=total[0])
+        yield latency
+        coordinated = CounterMetricFamily(
+            "ringkv_coordinated_keys",
+            "Keys this node coordinated, and whether it was one of the key's replicas",
+            labels=["replica"],
+        )
+        for flag in (True, False):
+            coordinated.add_metric([str(flag).lower()], self.coordinated[flag])
+        yield coordinated
+
+
 class NodeMetrics:
     def __init__(self, node_id: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"node": node_id}
-        self.requests = Counter(
-            "ringkv_requests",
-            "Client API requests served, by operation, consistency level and outcome",
-            ["op", "consistency", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "ringkv_request_latency_seconds",
-            "Client API request latency, by operation and consistency level",
-            ["op", "consistency"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.coordinated = Counter(
-            "ringkv_coordinated_keys",
-            "Keys this node coordinated, and whether it was one of the key's replicas",
-            ["replica"],
-            registry=self.registry,
-        )
+        # Counted on every request: plain numbers here, metric families only
+        # when /metrics is scraped (prometheus_client's own take a lock each).
+        self._hot = _RequestCollector()
+        self.registry.register(self._hot)
         self.read_repairs = Counter(
             "ringkv_read_repairs", "Reads that repaired at least one stale replica",
             registry=self.registry,
@@ -72,26 +107,13 @@ class NodeMetrics:
             registry=self.registry,
         )
         self.info.labels(**labels).set(1)
-        self._coordinated_children = {
-            flag: self.coordinated.labels(str(flag).lower()) for flag in (True, False)
-        }
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, op: str, consistency: str, status: int, seconds: float) -> None:
-        """Count one client request and its latency (label children are cached: hot path)."""
-        key = (op, consistency, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(op, consistency, str(status)),
-                self.latency.labels(op, consistency),
-            )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one client request and its latency."""
+        self._hot.observe(op, consistency, status, seconds)
 
     def coordinated_by_replica(self, is_replica: bool) -> None:
-        self._coordinated_children[is_replica].inc()
+        self._hot.coordinated[is_replica] += 1
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read when /metrics is scraped."""
