@@ -93,6 +93,8 @@ DOWN_COOLDOWN_S = 5.0
 MIN_REFRESH_GAP_S = 1.0
 # Nodes asked for the ring in one refresh before giving up until the next.
 MAX_REFRESH_TRIES = 4
+# An attempt with less time left than this before its call's deadline is not made.
+MIN_ATTEMPT_S = 0.005
 # Idle pooled connections are closed after this long: well below the
 # server's keep-alive timeout, so a pooled connection is rarely stale.
 KEEPALIVE_S = 15.0
@@ -661,8 +663,12 @@ class _Operations:
 
     # ---- the ring -----------------------------------------------------------
 
-    def _refresh(self, *, force: bool = False) -> _Plan[None]:
-        """Fetch ``/v1/ring`` from a live node when it is due (one refresh at a time)."""
+    def _refresh(self, *, force: bool = False, deadline_s: float | None = None) -> _Plan[None]:
+        """Fetch ``/v1/ring`` from a live node when it is due (one refresh at a time).
+
+        ``deadline_s`` (monotonic): the refresh gives up then, so that it stays
+        inside the time bound of the call it runs for.
+        """
         now = self._clock.monotonic_s()
         if force or self._stale:
             due = now >= self._last_refresh_attempt + MIN_REFRESH_GAP_S
@@ -673,7 +679,10 @@ class _Operations:
         try:
             self._last_refresh_attempt = now
             for url in self._candidates(())[:MAX_REFRESH_TRIES]:
-                outcome = yield _Send("GET", url + "/v1/ring", None, _JSON_HEADERS, self.timeout_s)
+                timeout_s = self._attempt_timeout_s(deadline_s)
+                if timeout_s is None:
+                    return
+                outcome = yield _Send("GET", url + "/v1/ring", None, _JSON_HEADERS, timeout_s)
                 if isinstance(outcome, _Failure):
                     if outcome.kind == "connect":
                         self._mark_down(url)
@@ -698,6 +707,13 @@ class _Operations:
 
     # ---- sending, with retries ---------------------------------------------------
 
+    def _attempt_timeout_s(self, deadline_s: float | None) -> float | None:
+        """``timeout_s``, cut to what is left before ``deadline_s``; None if nothing is."""
+        if deadline_s is None:
+            return self.timeout_s
+        left_s = deadline_s - self._clock.monotonic_s()
+        return min(self.timeout_s, left_s) if left_s > MIN_ATTEMPT_S else None
+
     def _backoff_s(self, retry: int) -> float:
         """Exponential backoff with jitter: base * 2**retry, capped, times 0.5-1."""
         ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** retry))
@@ -710,9 +726,13 @@ class _Operations:
         cost no retry, so every node is tried before ``NoNodeAvailable``.
         Other failures are retried, up to ``max_retries`` times, only when
         that is safe; a repeatable write whose answer was lost is retried on
-        the same node, which de-duplicates it by its idempotency key.
+        the same node, which de-duplicates it by its idempotency key. The whole
+        call, ring refresh and connection attempts included, ends by its
+        deadline: ``(max_retries + 1) * timeout_s`` plus the longest backoffs.
         """
-        yield from self._refresh()
+        deadline_s = self._clock.monotonic_s() + (self.max_retries + 1) * self.timeout_s \
+            + self.max_retries * self.backoff_max_s
+        yield from self._refresh(deadline_s=deadline_s)
         candidates = self._candidates(call.routing, call.idempotency_key)
         headers = dict(_JSON_HEADERS)
         if call.idempotency_key is not None:
@@ -730,9 +750,15 @@ class _Operations:
                 url, position = self._next_url(candidates, excluded, position)
                 if url is None:
                     break
+            timeout_s = self._attempt_timeout_s(deadline_s)
+            if timeout_s is None:
+                if last_error is not None:
+                    raise last_error
+                reasons.append(f"the call's deadline passed after {len(tried)} node(s)")
+                raise _no_node(call, tried, reasons, maybe_applied)
             if url not in tried:
                 tried.append(url)
-            outcome = yield _Send(call.method, url + call.path, call.body, headers, self.timeout_s)
+            outcome = yield _Send(call.method, url + call.path, call.body, headers, timeout_s)
             assert outcome is not None
             if isinstance(outcome, _Reply):
                 self._mark_up(url)
@@ -765,7 +791,8 @@ class _Operations:
                     url = None  # a read: any replica will do
                 # else: same node, same key, so the node can de-duplicate it
             retries += 1
-            yield _Sleep(self._backoff_s(retries - 1))
+            yield _Sleep(min(self._backoff_s(retries - 1),
+                             max(0.0, deadline_s - self._clock.monotonic_s())))
         if last_error is not None:
             raise last_error
         raise _no_node(call, tried, reasons, maybe_applied)
@@ -995,7 +1022,7 @@ class _ConnectionPool:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if isinstance(exc, TimeoutError) or self._clock.monotonic_s() >= deadline_s:
-                return _Failure("timeout", f"no answer within {effect.timeout_s:g} s")
+                return _Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
             return _Failure("io", f"connection lost: {exc!r}")
         finally:
             self._watchdog.disarm(watch)
@@ -1145,7 +1172,7 @@ class AsyncClient(_ClientBase):
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return _Failure("connect", f"cannot connect: {exc}")
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            return _Failure("timeout", f"no answer within {effect.timeout_s:g} s")
+            return _Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
         except aiohttp.ClientError as exc:
             return _Failure("io", f"connection lost: {exc!r}")
 
