@@ -777,6 +777,14 @@ class Transport:
         # Inbound connections carry requests and one-way messages.
         if kind not in (KIND_REQUEST, KIND_ONEWAY):
             raise ProtocolError(f"frame kind {kind} on an inbound connection")
+        if conn.inflight >= self._max_inflight:
+            if kind == KIND_REQUEST:
+                self._stats["overloaded_responses"] += 1
+                err = Overloaded(f"node {self.node_id} has {conn.inflight} requests in flight")
+                conn.out.put(None, self._error_frame(frame, err.code, err.message, {}))
+            else:
+                self._stats["dropped_inbound_oneway"] += 1
+            return
         if kind == KIND_REQUEST and self._answer_now is not None:
             try:
                 result = self._answer_now(conn.peer_node_id, frame.verb, frame.payload)
@@ -789,14 +797,6 @@ class Transport:
             if result is not NOT_NOW:
                 conn.out.put(None, self._response_frame(frame, result))
                 return
-        if conn.inflight >= self._max_inflight:
-            if kind == KIND_REQUEST:
-                self._stats["overloaded_responses"] += 1
-                err = Overloaded(f"node {self.node_id} has {conn.inflight} requests in flight")
-                conn.out.put(None, self._error_frame(frame, err.code, err.message, {}))
-            else:
-                self._stats["dropped_inbound_oneway"] += 1
-            return
         conn.inflight += 1
         task = asyncio.create_task(self._serve(conn, frame))
         self._tasks.add(task)

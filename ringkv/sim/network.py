@@ -325,6 +325,11 @@ class SimTransport:
         if self.closed:
             return
         frame = self._decode(data)
+        if frame.kind == KIND_REQUEST and self._inflight >= self._max_inflight:
+            err = Overloaded(f"node {self.node_id} has {self._inflight} requests in flight")
+            self._reply(src, frame, KIND_ERROR,
+                        {"code": err.code, "message": err.message, "details": {}})
+            return
         if frame.kind == KIND_REQUEST and self._answer_now is not None:
             # As the real transport: what the handler can answer at once needs no task.
             try:
@@ -338,11 +343,6 @@ class SimTransport:
             if result is not NOT_NOW:
                 self._reply(src, frame, KIND_RESPONSE, result)
                 return
-        if frame.kind == KIND_REQUEST and self._inflight >= self._max_inflight:
-            err = Overloaded(f"node {self.node_id} has {self._inflight} requests in flight")
-            self._reply(src, frame, KIND_ERROR,
-                        {"code": err.code, "message": err.message, "details": {}})
-            return
         self._inflight += 1
         self._tasks.add(self.network.loop.create_task(self._serve(src, frame)))
 
