@@ -354,7 +354,6 @@ class Coordinator:
         tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str, float]] = {}
         data: dict[str, Cell | None] = {}
         digests: dict[str, bytes] = {}
-        failed: set[str] = set()
 
         def answered(node: str, asked_at: float) -> None:
             # Timed from its own request: a speculative answer's time
@@ -383,7 +382,6 @@ class Coordinator:
                     data_node, plan.keyspace, plan.token, key, self._read_timeout_s
                 )
             except Exception as exc:  # noqa: BLE001 - as a failed task: a spare may stand in
-                failed.add(data_node)
                 if _is_corrupt_record(exc):
                     corrupt.append(data_node)
                 self._note_latency(data_node, self._read_timeout_s)
@@ -427,7 +425,6 @@ class Coordinator:
                     node, kind, asked_at = tasks[task]
                     error = task.exception()
                     if error is not None:
-                        failed.add(node)
                         if _is_corrupt_record(error) and node not in corrupt:
                             corrupt.append(node)
                         self._note_latency(node, self._read_timeout_s)  # a failure ranks last

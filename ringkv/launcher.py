@@ -14,8 +14,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from http import client as http_client
 from dataclasses import dataclass, field
+from http import client as http_client
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +45,19 @@ _HANDED_OUT: set[tuple[str, int]] = set()  # released after bind, so remember th
 _MAX_ATTEMPTS = 500
 
 
-def free_port_block(count: int, host: str = "127.0.0.1", *, seed: int | None = None) -> int:
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     """The first of ``count`` consecutive ports free on ``host`` and outside the ephemeral range.
 
     A port is free when it binds right now; ports this process has handed out
     before are skipped, since their listener may not have started yet.
     """
-    rng = random.Random(seed) if seed is not None else _PICKER
     ephemeral_low, ephemeral_high = _ephemeral_port_range()
     if ephemeral_low - _LOWEST_PORT > count:
         low, high = _LOWEST_PORT, ephemeral_low - count
     else:  # an unusual kernel setting: fall back to the ports above the range
         low, high = ephemeral_high + 1, 65535 - count
     for _ in range(_MAX_ATTEMPTS):
-        start = rng.randrange(low, high)
+        start = _PICKER.randrange(low, high)
         ports = [(host, port) for port in range(start, start + count)]
         if any(p in _HANDED_OUT for p in ports):
             continue

@@ -77,6 +77,13 @@ def answer_now_of(handler: Handler) -> Callable[[str, str, Any], Any] | None:
     return getattr(handler, "answer_now", None)
 
 
+def failure_body(error: BaseException) -> dict[str, Any]:
+    """How an error response words a handler's failure: its own code, or "internal"."""
+    if isinstance(error, RingKVError):
+        return {"code": error.code, "message": error.message, "details": error.details}
+    return {"code": "internal", "message": f"{type(error).__name__}: {error}", "details": {}}
+
+
 def settled(answer: asyncio.Future[Any], node_id: str) -> tuple[BaseException | None, Any]:
     """(error, payload) of an ``answer_now`` future that is done; cancelled means stopping."""
     if answer.cancelled():
@@ -840,10 +847,11 @@ class Transport:
         self._stats["handler_errors"] += 1
         if isinstance(error, RingKVError):
             log.debug("handler for %r from %s raised %r", frame.verb, conn.peer_node_id, error)
-            return self._error_frame(frame, error.code, error.message, error.details)
-        log.error("handler for %r from node %s failed", frame.verb, conn.peer_node_id,
-                  exc_info=error)
-        return self._error_frame(frame, "internal", f"{type(error).__name__}: {error}", {})
+        else:
+            log.error("handler for %r from node %s failed", frame.verb, conn.peer_node_id,
+                      exc_info=error)
+        body = failure_body(error)
+        return self._error_frame(frame, body["code"], body["message"], body["details"])
 
     def _response_frame(self, frame: Frame, result: Any) -> bytes:
         try:

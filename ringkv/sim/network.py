@@ -56,6 +56,7 @@ from ringkv.net.transport import (
     Handler,
     _remote_error,
     answer_now_of,
+    failure_body,
     settled,
 )
 from ringkv.sim.loop import Process, VirtualTimeLoop
@@ -335,7 +336,7 @@ class SimTransport:
             try:
                 result = self._answer_now(src.node_id, frame.verb, frame.payload)
             except Exception as exc:  # noqa: BLE001 - answered like a failed handler task
-                self._reply(src, frame, KIND_ERROR, _failure_body(exc))
+                self._reply(src, frame, KIND_ERROR, failure_body(exc))
                 return
             if isinstance(result, asyncio.Future):
                 self._answer_later(src, frame, result)
@@ -351,7 +352,7 @@ class SimTransport:
             try:
                 result = await self._handler(src.node_id, frame.verb, frame.payload)
             except Exception as exc:  # noqa: BLE001 - every failure is answered
-                kind, body = KIND_ERROR, _failure_body(exc)
+                kind, body = KIND_ERROR, failure_body(exc)
             else:
                 kind, body = KIND_RESPONSE, result
         finally:
@@ -375,7 +376,7 @@ class SimTransport:
             if error is None:
                 self._reply(src, frame, KIND_RESPONSE, payload)
             else:
-                self._reply(src, frame, KIND_ERROR, _failure_body(error))
+                self._reply(src, frame, KIND_ERROR, failure_body(error))
 
         answer.add_done_callback(respond)
 
@@ -433,10 +434,3 @@ class SimTransport:
             del self.pending[request_id]
             if not pending.future.done():
                 pending.future.set_exception(make_error(pending))
-
-
-def _failure_body(error: BaseException) -> dict[str, Any]:
-    """The error a failed handler sends back, as the real transport words it."""
-    if isinstance(error, RingKVError):
-        return {"code": error.code, "message": error.message, "details": error.details}
-    return {"code": "internal", "message": f"{type(error).__name__}: {error}", "details": {}}
