@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import BadRequest, CorruptRecord, NotFound, RemoteError, RingKVError, Timeout
 from ringkv.quorum import ConsistencyLevel
-from ringkv.replica import ReplicaClient
+from ringkv.replica import ReplicaClient, soon_of
 from ringkv.replica_plan import ReplicaPlan, plan_for
 from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell, cell_digest, reconcile
@@ -178,6 +178,9 @@ class Coordinator:
         self._ring = ring
         self._is_alive = is_alive
         self._replicas = replicas
+        # Reads wait on several replicas at once: through futures, not a task each.
+        self._read_soon = soon_of(replicas, "read")
+        self._digest_soon = soon_of(replicas, "digest")
         self._keyspaces = keyspaces
         self._clock = clock
         self._hlc = hlc
@@ -350,8 +353,8 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         start = self._clock.monotonic_s()
         deadline = start + self._read_timeout_s
-        # task -> (node, "data" | "digest", when it was asked)
-        tasks: dict[asyncio.Task[Cell | None | bytes], tuple[str, str, float]] = {}
+        # answer -> (node, "data" | "digest", when it was asked)
+        tasks: dict[asyncio.Future[Cell | None | bytes], tuple[str, str, float]] = {}
         data: dict[str, Cell | None] = {}
         digests: dict[str, bytes] = {}
 
@@ -364,15 +367,9 @@ class Coordinator:
             self._note_latency(node, elapsed)
 
         def launch(node: str, kind: str) -> None:
-            if kind == "data":
-                coro = self._replicas.read(
-                    node, plan.keyspace, plan.token, key, self._read_timeout_s
-                )
-            else:
-                coro = self._replicas.digest(
-                    node, plan.keyspace, plan.token, key, self._read_timeout_s
-                )
-            tasks[loop.create_task(coro)] = (node, kind, self._clock.monotonic_s())
+            ask = self._read_soon if kind == "data" else self._digest_soon
+            answer = ask(node, plan.keyspace, plan.token, key, self._read_timeout_s)
+            tasks[answer] = (node, kind, self._clock.monotonic_s())
 
         if data_node == self.node_id:
             # The local replica is read inline, as writes are: no task, no
@@ -641,7 +638,7 @@ def _is_corrupt_record(error: BaseException) -> bool:
     return isinstance(error, RemoteError) and error.details.get("remote_code") == CorruptRecord.code
 
 
-async def _first_done(tasks: list[asyncio.Task[T]], timeout_s: float) -> set[asyncio.Task[T]]:
+async def _first_done(tasks: list[asyncio.Future[T]], timeout_s: float) -> set[asyncio.Future[T]]:
     """``asyncio.wait(tasks, timeout=timeout_s, return_when=FIRST_COMPLETED)``'s done
     set, without its generality (sets, coroutine checks, a counter): every read
     that waits on a replica waits here, once per answer."""

@@ -10,23 +10,79 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from ringkv import messages as m
 from ringkv.clock import HybridLogicalClock
-from ringkv.errors import ProtocolError
+from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net.transport import NOT_NOW
 from ringkv.replica import LocalReplica
 from ringkv.versioning import Cell, cell_digest
 
+T = TypeVar("T")
 
 class Requester(Protocol):
     async def request(self, node_id: str, verb: str, payload: Any, timeout_s: float) -> Any: ...
+
+    def request_future(
+        self, node_id: str, verb: str, payload: Any, timeout_s: float
+    ) -> asyncio.Future[Any]: ...
 
 
 class InternodeReplicas:
     def __init__(self, transport: Requester) -> None:
         self._transport = transport
+
+    def _soon(
+        self, node_id: str, verb: str, payload: Any, timeout_s: float, convert: Callable[[Any], T]
+    ) -> asyncio.Future[T]:
+        """The converted answer to one request, as a future: no task is needed to wait.
+
+        A request that cannot even be sent fails the future, as a failed
+        answer would; cancelling the future abandons the request.
+        """
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            sent = self._transport.request_future(node_id, verb, payload, timeout_s)
+        except RingKVError as exc:
+            answer.set_exception(exc)
+            return answer
+
+        def arrived(done: asyncio.Future[Any]) -> None:
+            if answer.done():  # abandoned
+                return
+            if done.cancelled():
+                answer.cancel()
+                return
+            error = done.exception()
+            if error is not None:
+                answer.set_exception(error)
+                return
+            try:
+                answer.set_result(convert(done.result()))
+            except RingKVError as exc:
+                answer.set_exception(exc)
+
+        def abandoned(_: asyncio.Future[T]) -> None:
+            if answer.cancelled():
+                sent.cancel()
+
+        sent.add_done_callback(arrived)
+        answer.add_done_callback(abandoned)
+        return answer
+
+    def read_soon(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> asyncio.Future[Cell | None]:
+        payload = m.KeyRef(keyspace, token, key).to_wire()
+        return self._soon(node_id, m.READ, payload, timeout_s, m.cell_from_wire)
+
+    def digest_soon(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> asyncio.Future[bytes]:
+        payload = m.KeyRef(keyspace, token, key).to_wire()
+        return self._soon(node_id, m.DIGEST, payload, timeout_s, partial(_digest_bytes, node_id))
 
     async def write(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
@@ -38,17 +94,12 @@ class InternodeReplicas:
     async def read(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> Cell | None:
-        payload = m.KeyRef(keyspace, token, key).to_wire()
-        return m.cell_from_wire(await self._transport.request(node_id, m.READ, payload, timeout_s))
+        return await self.read_soon(node_id, keyspace, token, key, timeout_s)
 
     async def digest(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> bytes:
-        payload = m.KeyRef(keyspace, token, key).to_wire()
-        result = await self._transport.request(node_id, m.DIGEST, payload, timeout_s)
-        if not isinstance(result, bytes):
-            raise ProtocolError(f"digest from {node_id} is not bytes")
-        return result
+        return await self.digest_soon(node_id, keyspace, token, key, timeout_s)
 
     async def scan(
         self,
@@ -62,6 +113,12 @@ class InternodeReplicas:
         request = m.ScanRequest(keyspace, after[0], after[1], end_token, limit)
         result = await self._transport.request(node_id, m.SCAN, request.to_wire(), timeout_s)
         return m.ScanReply.from_wire(result)
+
+
+def _digest_bytes(node_id: str, result: Any) -> bytes:
+    if not isinstance(result, bytes):
+        raise ProtocolError(f"digest from {node_id} is not bytes")
+    return result
 
 
 GossipHandler = Callable[[str, str, Any], Awaitable[Any]]

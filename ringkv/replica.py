@@ -9,12 +9,15 @@ local and a remote replica behave exactly alike.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
-from ringkv.errors import BadRequest, PeerUnreachable
+from ringkv.errors import BadRequest, PeerUnreachable, RingKVError
 from ringkv.messages import ScanReply
 from ringkv.storage.store import LocalStore
 from ringkv.versioning import Cell, cell_digest, check_timestamp
+
+T = TypeVar("T")
 
 # A scan reply is bounded on the replica, whatever the caller asks for: in
 # items, and in bytes so that it always fits in one internode frame (half of
@@ -83,6 +86,9 @@ class ReplicaClient(Protocol):
 
     ``ReplicaRouter`` implements it for the coordinator (this node locally,
     others remotely); ``internode.InternodeReplicas`` implements it for peers.
+    Both also offer ``read_soon`` and ``digest_soon``: the same calls, answered
+    through a future rather than a coroutine, so that a coordinator waiting on
+    several replicas needs no task per replica (see ``soon_of``).
     """
 
     async def write(
@@ -108,6 +114,29 @@ class ReplicaClient(Protocol):
     ) -> ScanReply: ...
 
 
+def soon_of(client: ReplicaClient, verb: str) -> Callable[..., asyncio.Future[Any]]:
+    """``client``'s future-returning form of ``verb`` ("read" or "digest").
+
+    A client without one (a test double, say) is wrapped: its coroutine runs
+    in a task, which is also a future.
+    """
+    soon = getattr(client, f"{verb}_soon", None)
+    if soon is not None:
+        return soon
+    call = getattr(client, verb)
+    return lambda *args: asyncio.ensure_future(call(*args))
+
+
+def _settled_now(compute: Callable[[], T]) -> asyncio.Future[T]:
+    """A future already holding ``compute()``'s result, or its RingKVError."""
+    answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    try:
+        answer.set_result(compute())
+    except RingKVError as exc:
+        answer.set_exception(exc)
+    return answer
+
+
 class ReplicaRouter:
     """The coordinator's ``ReplicaClient``: this node locally, others over the network."""
 
@@ -120,6 +149,15 @@ class ReplicaRouter:
         if self.remote is None:
             raise PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
         return self.remote
+
+    def _remote_soon(self, verb: str, node_id: str, *args: Any) -> asyncio.Future[Any]:
+        try:
+            remote = self._remote(node_id)
+        except RingKVError as exc:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        return soon_of(remote, verb)(node_id, *args)
 
     async def write(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
@@ -142,6 +180,20 @@ class ReplicaRouter:
         if node_id == self.node_id:
             return cell_digest(self.local.read(keyspace, token, key))
         return await self._remote(node_id).digest(node_id, keyspace, token, key, timeout_s)
+
+    def read_soon(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> asyncio.Future[Cell | None]:
+        if node_id == self.node_id:
+            return _settled_now(lambda: self.local.read(keyspace, token, key))
+        return self._remote_soon("read", node_id, keyspace, token, key, timeout_s)
+
+    def digest_soon(
+        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
+    ) -> asyncio.Future[bytes]:
+        if node_id == self.node_id:
+            return _settled_now(lambda: cell_digest(self.local.read(keyspace, token, key)))
+        return self._remote_soon("digest", node_id, keyspace, token, key, timeout_s)
 
     async def scan(
         self,

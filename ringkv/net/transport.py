@@ -140,19 +140,6 @@ def _parse_hello(frame: Frame) -> _Hello:
     return _Hello(cluster, node_id, protocol)
 
 
-async def _read_first_frame(
-    reader: asyncio.StreamReader, decoder: FrameDecoder
-) -> tuple[Frame, list[Frame]]:
-    """Read until one frame is complete; also return any frames that came with it."""
-    while True:
-        data = await reader.read(READ_CHUNK)
-        if not data:
-            raise ConnectionError("connection closed during handshake")
-        frames = decoder.feed(data)
-        if frames:
-            return frames[0], frames[1:]
-
-
 def _source_address(host: str) -> tuple[str, int] | None:
     """Where outbound connections leave from: the listen address, if it is one.
 
@@ -167,8 +154,8 @@ def _source_address(host: str) -> tuple[str, int] | None:
     return None if address.is_unspecified else (host, 0)
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -177,26 +164,35 @@ def _set_nodelay(writer: asyncio.StreamWriter) -> None:
 
 
 class _OutQueue:
-    """Bounded FIFO of encoded frames plus the events its writer task waits on.
+    """Bounded FIFO of encoded frames, flushed by the connection attached to it.
 
-    Entries are ``(request_id or None, frame)``: the id lets the writer skip requests
-    whose caller already gave up (timed out) instead of sending them late.
+    Entries are ``(request_id or None, frame)``: the id lets the flush skip requests
+    whose caller already gave up (timed out) instead of sending them late. An
+    outbound peer's queue outlives its connections: frames queued while it is
+    connecting are sent once a connection is attached.
     """
 
-    __slots__ = ("items", "maxlen", "wake", "space")
+    __slots__ = ("items", "maxlen", "conn")
 
     def __init__(self, maxlen: int) -> None:
         self.items: deque[tuple[int | None, bytes]] = deque()
         self.maxlen = maxlen
-        self.wake = asyncio.Event()  # set when items were added
-        self.space = asyncio.Event()  # set when the writer flushed (reader back-pressure)
+        self.conn: _Conn | None = None  # the established connection that sends these
 
     def full(self) -> bool:
         return len(self.items) >= self.maxlen
 
     def put(self, request_id: int | None, frame: bytes) -> None:
         self.items.append((request_id, frame))
-        self.wake.set()
+        if self.conn is not None:
+            self.conn.schedule_flush()
+
+
+class _Pending(NamedTuple):
+    """A request waiting for its answer, and the timer that gives up on it."""
+
+    future: asyncio.Future[Any]
+    timer: asyncio.TimerHandle
 
 
 class _Peer:
@@ -207,7 +203,7 @@ class _Peer:
         self.host = host
         self.port = port
         self.out = _OutQueue(max_queue)
-        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.pending: dict[int, _Pending] = {}
         self.conn: _Conn | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.failures = 0  # consecutive failed connects, drives the backoff
@@ -215,124 +211,206 @@ class _Peer:
         self.ever_connected = False
 
 
-class _Conn:
-    """One established (post-handshake) TCP connection, inbound or outbound."""
+class _Conn(asyncio.Protocol):
+    """One TCP connection, inbound or outbound, as an asyncio protocol.
 
-    def __init__(
-        self,
-        transport: Transport,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        decoder: FrameDecoder,
-        peer_node_id: str,
-        out: _OutQueue,
-        peer: _Peer | None,
-    ) -> None:
+    Bytes are decoded and dispatched as they arrive (``data_received``), and
+    queued frames are written once per loop turn (``schedule_flush``): no task
+    per connection and none per frame, so a request costs two callbacks rather
+    than four task wake-ups. The first frame either way is the hello; until
+    the handshake is done the connection is not ``established`` and carries
+    nothing else.
+    """
+
+    def __init__(self, transport: Transport, peer: _Peer | None) -> None:
         self.t = transport
-        self.reader = reader
-        self.writer = writer
-        self.decoder = decoder
-        self.peer_node_id = peer_node_id
-        self.peer_addr = writer.get_extra_info("peername")
-        self.out = out
+        self.decoder = FrameDecoder(transport._max_frame_bytes)
         self.peer = peer  # set for outbound connections only
-        self.inflight = 0  # handler tasks running for this (inbound) connection
+        self.peer_node_id = peer.node_id if peer is not None else "?"
+        self.peer_addr: Any = None
+        self.sock: asyncio.Transport | None = None
+        self.out: _OutQueue | None = None  # set once established
+        self.established = False
         self.closed = False
-        self.reader_task: asyncio.Task[None] | None = None
-        self.writer_task: asyncio.Task[None] | None = None
+        self.inflight = 0  # requests being answered for this (inbound) connection
+        self._loop = asyncio.get_running_loop()
+        # Outbound: resolves to the peer's hello frame; frames after it wait in _early.
+        self.hello: asyncio.Future[Frame] = self._loop.create_future()
+        self._early: list[Frame] = []
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._read_paused = False
 
     @property
     def outbound(self) -> bool:
         return self.peer is not None
 
-    def start(self, early_frames: list[Frame]) -> None:
-        self.writer_task = asyncio.create_task(self._write_loop())
-        self.reader_task = asyncio.create_task(self._read_loop(early_frames))
+    # -- asyncio.Protocol --------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """Idempotent. Cancels this connection's tasks and tells the transport."""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but are one.
+        self.sock = transport  # type: ignore[assignment]
+        self.peer_addr = transport.get_extra_info("peername")
+        _set_nodelay(transport)
+        if not self.outbound:
+            self.t._on_inbound_made(self)
+
+    def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.closed = True
-        current = asyncio.current_task()
-        for task in (self.reader_task, self.writer_task):
-            if task is not None and task is not current:
-                task.cancel()
-        try:
-            self.writer.close()
-        except Exception:  # already broken; nothing more to release
-            pass
-        log.debug("closed connection with %s at %s: %s", self.peer_node_id, self.peer_addr, reason)
-        self.t._on_conn_closed(self, reason)
-
-    async def _read_loop(self, early_frames: list[Frame]) -> None:
         t = self.t
-        stats = t._stats
+        t._stats["bytes_in"] += len(data)
         try:
-            for frame in early_frames:
+            frames = self.decoder.feed(data)
+            if not self.established:
+                frames = self._handshake_frames(frames)
+            for frame in frames:
                 t._on_frame(self, frame)
-            while True:
-                # Inbound back-pressure: if the peer is not reading our responses, stop
-                # reading its requests rather than queue responses without bound.
-                while not self.outbound and self.out.full():
-                    self.out.space.clear()
-                    await self.out.space.wait()
-                data = await self.reader.read(READ_CHUNK)
-                if not data:
-                    self.close("peer closed the connection")
-                    return
-                stats["bytes_in"] += len(data)
-                for frame in self.decoder.feed(data):
-                    t._on_frame(self, frame)
-        except asyncio.CancelledError:
-            raise
         except ProtocolError as e:
-            stats["protocol_errors"] += 1
-            log.warning(
-                "protocol error from node %s at %s, closing that connection: %s",
-                self.peer_node_id,
-                self.peer_addr,
-                e.message,
-            )
+            if not self.established and self.outbound:
+                # The dialing coroutine counts and reports it, as a failed connect.
+                if not self.hello.done():
+                    self.hello.set_exception(e)
+                self.close(f"protocol error: {e.message}")
+                return
+            t._stats["protocol_errors"] += 1
+            if not self.established:
+                log.warning("bad handshake from %s, closing: %s", self.peer_addr, e.message)
+            else:
+                log.warning(
+                    "protocol error from node %s at %s, closing that connection: %s",
+                    self.peer_node_id, self.peer_addr, e.message,
+                )
             self.close(f"protocol error: {e.message}")
-        except (ConnectionError, OSError) as e:
-            self.close(f"read failed: {e!r}")
+            return
         except Exception:  # a bug in frame dispatch must cost one connection, not the node
             log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
             self.close("internal error in reader")
+            return
+        # Inbound back-pressure: if the peer is not reading our responses, stop
+        # reading its requests rather than queue responses without bound.
+        if self.out is not None and not self.outbound and self.out.full() and not self._read_paused:
+            self._read_paused = True
+            self.sock.pause_reading()  # type: ignore[union-attr]
 
-    async def _write_loop(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close("peer closed the connection" if exc is None else f"connection lost: {exc!r}")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.schedule_flush()
+
+    # -- handshake ---------------------------------------------------------
+
+    def _handshake_frames(self, frames: list[Frame]) -> list[Frame]:
+        """Consume the hello; return the frames that may be dispatched now."""
+        if not frames:
+            return []
+        if self.outbound:
+            # The dialing coroutine checks the hello; anything after it waits.
+            if not self.hello.done():
+                self.hello.set_result(frames[0])
+                frames = frames[1:]
+            self._early.extend(frames)
+            return []
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if not self.t._on_inbound_hello(self, _parse_hello(frames[0])):
+            return []
+        return frames[1:]
+
+    def start_hello_timer(self, timeout_s: float) -> None:
+        self._hello_timer = self._loop.call_later(timeout_s, self._hello_timed_out, timeout_s)
+
+    def _hello_timed_out(self, timeout_s: float) -> None:
+        if self.established or self.closed:
+            return
+        self.t._stats["handshake_timeouts"] += 1
+        log.warning("no hello from %s within %.2fs, closing", self.peer_addr, timeout_s)
+        self.close("handshake timed out")
+
+    def establish(self, peer_node_id: str, out: _OutQueue) -> None:
+        """The handshake passed: carry frames from now on."""
+        self.peer_node_id = peer_node_id
+        self.out = out
+        self.established = True
+        out.conn = self
+        early, self._early = self._early, []
+        try:
+            for frame in early:
+                self.t._on_frame(self, frame)
+        except ProtocolError as e:
+            self.t._stats["protocol_errors"] += 1
+            log.warning("protocol error from node %s at %s, closing that connection: %s",
+                        self.peer_node_id, self.peer_addr, e.message)
+            self.close(f"protocol error: {e.message}")
+            return
+        if out.items:
+            self.schedule_flush()
+
+    # -- writing -----------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write everything queued, coalesced into few writes, unless TCP pushes back."""
+        self._flush_scheduled = False
         out = self.out
+        if self.closed or out is None:
+            return
         items = out.items
         pending = self.peer.pending if self.peer is not None else None
         stats = self.t._stats
         try:
-            while True:
-                while not items:
-                    out.wake.clear()
-                    await out.wake.wait()
-                # Coalesce everything queued (up to a batch size) into one write.
+            while items and not self._write_paused:
                 chunks: list[bytes] = []
                 size = 0
                 while items and size < WRITE_BATCH_BYTES:
                     request_id, frame = items.popleft()
-                    if request_id is not None and pending is not None and request_id not in pending:
-                        continue  # its caller timed out already; don't spend bandwidth on it
+                    if request_id is not None and pending is not None:
+                        waiting = pending.get(request_id)
+                        if waiting is None or waiting.future.done():
+                            continue  # its caller gave up already; don't spend bandwidth on it
                     chunks.append(frame)
                     size += len(frame)
                 if chunks:
-                    self.writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                    # May call pause_writing() at once, which ends this loop.
+                    self.sock.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))  # type: ignore[union-attr]
                     stats["frames_out"] += len(chunks)
                     stats["bytes_out"] += size
-                    await self.writer.drain()  # respect TCP back-pressure
-                out.space.set()
-        except asyncio.CancelledError:
-            raise
         except (ConnectionError, OSError, RuntimeError) as e:
             self.close(f"write failed: {e!r}")
-        except Exception:
-            log.exception("unexpected error writing to %s at %s", self.peer_node_id, self.peer_addr)
-            self.close("internal error in writer")
+            return
+        if self._read_paused and not out.full():
+            self._read_paused = False
+            self.sock.resume_reading()  # type: ignore[union-attr]
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Idempotent. Closes the socket and tells the transport."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if not self.hello.done():
+            self.hello.set_exception(ConnectionError(f"connection closed: {reason}"))
+        if not self.hello.cancelled():
+            self.hello.exception()  # retrieved: a dial that gave up must not log it
+        if self.out is not None and self.out.conn is self:
+            self.out.conn = None
+        if self.sock is not None:
+            self.sock.close()
+        log.debug("closed connection with %s at %s: %s", self.peer_node_id, self.peer_addr, reason)
+        self.t._on_conn_closed(self, reason)
 
 
 class Transport:
@@ -389,8 +467,8 @@ class Transport:
         self._server: asyncio.Server | None = None
         self._peers: dict[str, _Peer] = {}
         self._inbound: set[_Conn] = set()
-        self._handshaking: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()  # handler and accept tasks, for stop()
+        self._handshaking: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # handler tasks, for stop()
         self._closing = False
         self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
 
@@ -399,8 +477,9 @@ class Transport:
     async def start(self) -> None:
         if self._closing:
             raise ShuttingDown(f"transport of node {self.node_id} was stopped")
-        self._server = await asyncio.start_server(
-            self._on_inbound, self._host, self._port, limit=READ_CHUNK
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Conn(self, None), self._host, self._port
         )
 
     async def stop(self) -> None:
@@ -417,13 +496,9 @@ class Transport:
                 peer.connect_task.cancel()
                 waits.append(peer.connect_task)
             if peer.conn is not None:
-                waits.extend(self._conn_waits(peer.conn))
                 peer.conn.close("transport stopping")
-        for conn in list(self._inbound):
-            waits.extend(self._conn_waits(conn))
+        for conn in list(self._inbound) + list(self._handshaking):
             conn.close("transport stopping")
-        for writer in list(self._handshaking):
-            writer.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:  # stop() may be called from a handler
@@ -433,10 +508,6 @@ class Transport:
             await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=5.0)
         if self._server is not None:
             await self._server.wait_closed()
-
-    @staticmethod
-    def _conn_waits(conn: _Conn) -> list[Awaitable[Any]]:
-        return [t for t in (conn.reader_task, conn.writer_task) if t is not None]
 
     @property
     def address(self) -> tuple[str, int]:
@@ -498,6 +569,18 @@ class Transport:
         Raises PeerTimeout, PeerUnreachable, Overloaded, RemoteError, ShuttingDown, and
         (for a payload we cannot send) ProtocolError or TooLarge.
         """
+        return await self.request_future(node_id, verb, payload, timeout_s)
+
+    def request_future(
+        self, node_id: str, verb: str, payload: Any, timeout_s: float
+    ) -> asyncio.Future[Any]:
+        """Send a request; the returned future resolves to its response payload.
+
+        For callers that wait on several answers at once (a coordinator), this
+        needs no task per request. What ``request`` raises before sending is
+        raised here; the rest arrives through the future. Cancelling the
+        future abandons the request: it is not sent if it is still queued.
+        """
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if verb == HELLO:
@@ -516,16 +599,12 @@ class Transport:
         )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        peer.pending[request_id] = fut
+        timer = loop.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
+        peer.pending[request_id] = _Pending(fut, timer)
         peer.out.put(request_id, frame)
         self._stats["requests_sent"] += 1
         self._ensure_connecting(peer)
-        timer = loop.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            peer.pending.pop(request_id, None)
+        return fut
 
     def send_oneway(self, node_id: str, verb: str, payload: Any) -> bool:
         """Queue a one-way message; never blocks. Returns False (and counts a drop) when
@@ -569,7 +648,8 @@ class Transport:
         return peer
 
     def _expire(self, peer: _Peer, request_id: int, verb: str, timeout_s: float) -> None:
-        fut = peer.pending.pop(request_id, None)
+        waiting = peer.pending.pop(request_id, None)
+        fut = waiting.future if waiting is not None else None
         if fut is not None and not fut.done():
             self._stats["timeouts"] += 1
             fut.set_exception(
@@ -583,9 +663,10 @@ class Transport:
 
     def _fail_peer(self, peer: _Peer, make_error: Callable[[], RingKVError]) -> None:
         """Fail every pending request of ``peer`` and drop what is still queued."""
-        futs = list(peer.pending.values())
-        peer.pending.clear()  # in place: a writer task holds a reference to this dict
-        for fut in futs:
+        waiting = list(peer.pending.values())
+        peer.pending.clear()  # in place: the connection's flush holds a reference to this dict
+        for fut, timer in waiting:
+            timer.cancel()
             if not fut.done():
                 fut.set_exception(make_error())  # one instance per waiter: tracebacks differ
         dropped = sum(1 for rid, _ in peer.out.items if rid is None)
@@ -600,18 +681,17 @@ class Transport:
 
     async def _connect(self, peer: _Peer) -> None:
         host, port = peer.host, peer.port
-        writer: asyncio.StreamWriter | None = None
+        conn: _Conn | None = None
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                reader, writer = await asyncio.open_connection(
-                    host, port, limit=READ_CHUNK, local_addr=self._source
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self, peer), host, port, local_addr=self._source
                 )
-            _set_nodelay(writer)
-            decoder = FrameDecoder(self._max_frame_bytes)
-            writer.write(self._hello)
+            assert conn.sock is not None
+            conn.sock.write(self._hello)
             async with asyncio.timeout(self._handshake_timeout_s):
-                await writer.drain()
-                first, early = await _read_first_frame(reader, decoder)
+                first = await asyncio.shield(conn.hello)
             hello = _parse_hello(first)
             # A peer known only by address (a gossip seed, named "@host:port")
             # may be any node of our cluster; a named peer must be that node.
@@ -623,13 +703,15 @@ class Transport:
                     "refused connection to %s:%s (expected node %s): %s", host, port, peer.node_id, refusal
                 )
                 raise ConnectionRefusedError(f"handshake refused: {refusal}")
+            if conn.closed:
+                raise ConnectionError("connection closed during handshake")
         except asyncio.CancelledError:
-            if writer is not None:
-                writer.close()
+            if conn is not None:
+                conn.close("dial cancelled")
             raise
         except Exception as e:  # refused, timed out, reset, bad hello: all mean "unreachable"
-            if writer is not None:
-                writer.close()
+            if conn is not None:
+                conn.close(f"dial failed: {e!r}")
             if isinstance(e, ProtocolError):
                 self._stats["protocol_errors"] += 1
             self._connect_failed(peer, e)
@@ -644,9 +726,8 @@ class Transport:
             log.info("reconnected to node %s at %s:%s", peer.node_id, host, port)
         peer.ever_connected = True
         peer.failures, peer.down_until = 0, 0.0
-        conn = _Conn(self, reader, writer, decoder, peer.node_id, peer.out, peer)
         peer.conn = conn
-        conn.start(early)
+        conn.establish(peer.node_id, peer.out)
 
     def _connect_failed(self, peer: _Peer, error: BaseException) -> None:
         peer.failures += 1
@@ -686,62 +767,39 @@ class Transport:
 
     # ----------------------------------------------------------------- accepting
 
-    async def _on_inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = writer.get_extra_info("peername")
+    def _on_inbound_made(self, conn: _Conn) -> None:
+        """A peer connected: it has one deadline to say hello (silent or trickling peers are closed)."""
         if self._closing:
-            writer.close()
+            conn.close("transport stopping")
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self._handshaking.add(writer)
+        self._handshaking.add(conn)
         self._stats["inbound_accepted"] += 1
-        _set_nodelay(writer)
-        decoder = FrameDecoder(self._max_frame_bytes)
-        try:
-            # One deadline for the whole hello: silent or trickling connections get closed.
-            async with asyncio.timeout(self._handshake_timeout_s):
-                first, early = await _read_first_frame(reader, decoder)
-                hello = _parse_hello(first)
-                # Answer with our hello even if we will refuse, so the dialer can log
-                # exactly which cluster/node it reached.
-                writer.write(self._hello)
-                await writer.drain()
-        except TimeoutError:
-            self._stats["handshake_timeouts"] += 1
-            log.warning("no hello from %s within %.2fs, closing", addr, self._handshake_timeout_s)
-            writer.close()
-            return
-        except ProtocolError as e:
-            self._stats["protocol_errors"] += 1
-            log.warning("bad handshake from %s, closing: %s", addr, e.message)
-            writer.close()
-            return
-        except (ConnectionError, OSError) as e:
-            log.debug("connection from %s closed during handshake: %r", addr, e)
-            writer.close()
-            return
-        finally:
-            self._handshaking.discard(writer)
-            if task is not None:
-                self._tasks.discard(task)
+        conn.start_hello_timer(self._handshake_timeout_s)
 
+    def _on_inbound_hello(self, conn: _Conn, hello: _Hello) -> bool:
+        """Check an inbound hello; True if the connection may now carry frames."""
+        self._handshaking.discard(conn)
+        assert conn.sock is not None
+        # Answer with our hello even if we will refuse, so the dialer can log
+        # exactly which cluster/node it reached.
+        conn.sock.write(self._hello)
         refusal = self._refusal(hello)
         if refusal:
             self._stats["refused_handshakes"] += 1
-            log.warning("refused connection from %s: %s", addr, refusal)
-            writer.close()
-            return
+            log.warning("refused connection from %s: %s", conn.peer_addr, refusal)
+            conn.close(f"refused: {refusal}")
+            return False
         if self._closing:
-            writer.close()
-            return
-        conn = _Conn(self, reader, writer, decoder, hello.node_id, _OutQueue(self._max_queue), None)
+            conn.close("transport stopping")
+            return False
         self._inbound.add(conn)
-        conn.start(early)
+        conn.establish(hello.node_id, _OutQueue(self._max_queue))
+        return True
 
     # ----------------------------------------------------------------- receiving
 
     def _on_conn_closed(self, conn: _Conn, reason: str) -> None:
+        self._handshaking.discard(conn)
         peer = conn.peer
         if peer is None:
             self._inbound.discard(conn)
@@ -771,8 +829,13 @@ class Transport:
             # Outbound connections carry only answers to our requests.
             if kind not in (KIND_RESPONSE, KIND_ERROR):
                 raise ProtocolError(f"frame kind {kind} on an outbound connection")
-            fut = conn.peer.pending.pop(frame.request_id, None)
-            if fut is None or fut.done():
+            waiting = conn.peer.pending.pop(frame.request_id, None)
+            if waiting is None:
+                self._stats["late_responses"] += 1
+                return
+            fut, timer = waiting
+            timer.cancel()
+            if fut.done():  # abandoned by its caller
                 self._stats["late_responses"] += 1
                 return
             self._stats["responses_received"] += 1

@@ -246,6 +246,12 @@ class SimTransport:
     # -- sending -----------------------------------------------------------------
 
     async def request(self, node_id: str, verb: str, payload: Any, timeout_s: float) -> Any:
+        return await self.request_future(node_id, verb, payload, timeout_s)
+
+    def request_future(
+        self, node_id: str, verb: str, payload: Any, timeout_s: float
+    ) -> asyncio.Future[Any]:
+        """As ``Transport.request_future``: the answer as a future, no task needed."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if verb == HELLO:
@@ -264,11 +270,13 @@ class SimTransport:
             self.network.transmit(self.node_id, dst.node_id, dst.process, dst.on_frame,
                                   self, frame)
         timer = loop.call_later(timeout_s, self._expire, request_id, timeout_s)
-        try:
-            return await future
-        finally:
+
+        def settled(_: asyncio.Future[Any]) -> None:
             timer.cancel()
-            self.pending.pop(request_id, None)
+            self.pending.pop(request_id, None)  # answered, expired, failed or abandoned
+
+        future.add_done_callback(settled)
+        return future
 
     def send_oneway(self, node_id: str, verb: str, payload: Any) -> bool:
         if verb == HELLO:
