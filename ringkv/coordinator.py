@@ -350,98 +350,91 @@ class Coordinator:
             else:
                 receipt.answered = [data_node]
                 return [(data_node, cell)]
-        loop = asyncio.get_running_loop()
-        start = self._clock.monotonic_s()
-        deadline = start + self._read_timeout_s
-        # answer -> (node, "data" | "digest", when it was asked)
-        tasks: dict[asyncio.Future[Cell | None | bytes], tuple[str, str, float]] = {}
+        clock = self._clock
+        keyspace, token, timeout_s = plan.keyspace, plan.token, self._read_timeout_s
+        start = clock.monotonic_s()
+        deadline = start + timeout_s
+        # answer -> (node, is it a data read, when it was asked)
+        asked: dict[asyncio.Future[Any], tuple[str, bool, float]] = {}
+        waiting: list[asyncio.Future[Any]] = []  # answers not yet taken in, in launch order
         data: dict[str, Cell | None] = {}
         digests: dict[str, bytes] = {}
 
-        def answered(node: str, asked_at: float) -> None:
-            # Timed from its own request: a speculative answer's time
-            # must not include the wait before it was asked, or every
-            # speculation would raise the next threshold.
-            elapsed = self._clock.monotonic_s() - asked_at
-            self._latencies.record(elapsed)
-            self._note_latency(node, elapsed)
-
-        def launch(node: str, kind: str) -> None:
-            ask = self._read_soon if kind == "data" else self._digest_soon
-            answer = ask(node, plan.keyspace, plan.token, key, self._read_timeout_s)
-            tasks[answer] = (node, kind, self._clock.monotonic_s())
-
-        if data_node == self.node_id:
-            # The local replica is read inline, as writes are: no task, no
-            # network, and one fewer answer to wait for.
-            try:
-                data[data_node] = await self._replicas.read(
-                    data_node, plan.keyspace, plan.token, key, self._read_timeout_s
-                )
-            except Exception as exc:  # noqa: BLE001 - as a failed task: a spare may stand in
-                if _is_corrupt_record(exc):
-                    corrupt.append(data_node)
-                self._note_latency(data_node, self._read_timeout_s)
-            else:
-                answered(data_node, start)
-        else:
-            launch(data_node, "data")
-        for node in digest_nodes:
-            launch(node, "digest")
+        def ask(node: str, is_data: bool) -> None:
+            soon = self._read_soon if is_data else self._digest_soon
+            answer = soon(node, keyspace, token, key, timeout_s)
+            asked[answer] = (node, is_data, clock.monotonic_s())
+            waiting.append(answer)
 
         speculated = False
         try:
-            while len(data) + len(digests) < plan.block_for:
-                pending = [t for t in tasks if not t.done()]
-                if not pending:
+            # This node's own replica answers at once (no task, no network), so
+            # it is usually in before the first wait.
+            ask(data_node, True)
+            for node in digest_nodes:
+                ask(node, False)
+            while True:
+                # Take in what has arrived, in launch order (not completion
+                # order), so that the same inputs always give the same run.
+                still: list[asyncio.Future[Any]] = []
+                for answer in waiting:
+                    if not answer.done():
+                        still.append(answer)
+                        continue
+                    node, is_data, asked_at = asked[answer]
+                    error = answer.exception()
+                    if error is not None:
+                        if _is_corrupt_record(error) and node not in corrupt:
+                            corrupt.append(node)
+                        self._note_latency(node, timeout_s)  # a failure ranks last
+                        continue
+                    # Timed from its own request: a speculative answer's time
+                    # must not include the wait before it was asked, or every
+                    # speculation would raise the next threshold.
+                    elapsed = clock.monotonic_s() - asked_at
+                    self._latencies.record(elapsed)
+                    self._note_latency(node, elapsed)
+                    if is_data:
+                        data[node] = answer.result()
+                    else:
+                        digests[node] = answer.result()
+                waiting = still
+                if len(data) + len(digests) >= plan.block_for:
+                    break
+                if not waiting:
                     # Everyone asked has answered or failed; use a spare if any.
                     if not spares:
                         break
                     node = spares.pop(0)
                     receipt.speculative.append(node)
-                    launch(node, "data")
+                    receipt.asked.append(node)
+                    ask(node, True)
                     continue
-                now = self._clock.monotonic_s()
+                now = clock.monotonic_s()
                 if now >= deadline:
                     break
                 wait_s = deadline - now
-                spec_s = self._speculative_after_s()
-                if not speculated and spares and spec_s is not None:
+                spec_s = self._speculative_after_s() if spares and not speculated else None
+                if spec_s is not None:
                     wait_s = min(wait_s, max(0.0, start + spec_s - now))
-                done = await _first_done(pending, wait_s)
-                if not done and not speculated and spares:
+                if not await _any_done(waiting, wait_s) and spec_s is not None:
+                    # Slower than the speculative threshold: back it up (Dean's hedged request).
                     speculated = True
                     node = spares.pop(0)
                     receipt.speculative.append(node)
                     receipt.asked.append(node)
-                    launch(node, "data")
-                    continue
-                # In launch order, not set order (which follows memory addresses),
-                # so that the same inputs always give the same run.
-                for task in [t for t in tasks if t in done]:
-                    node, kind, asked_at = tasks[task]
-                    error = task.exception()
-                    if error is not None:
-                        if _is_corrupt_record(error) and node not in corrupt:
-                            corrupt.append(node)
-                        self._note_latency(node, self._read_timeout_s)  # a failure ranks last
-                        continue
-                    answered(node, asked_at)
-                    if kind == "data":
-                        data[node] = task.result()  # type: ignore[assignment]
-                    else:
-                        digests[node] = task.result()  # type: ignore[assignment]
+                    ask(node, True)
         finally:
-            now = self._clock.monotonic_s()
-            for task, (node, _, asked_at) in tasks.items():
-                if not task.done():
-                    task.cancel()
+            now = clock.monotonic_s()
+            for answer in waiting:
+                if not answer.done():
+                    answer.cancel()
                     # It kept us waiting at least this long. Counting that (as
                     # Cassandra's dynamic snitch counts timeouts) stops a replica
                     # that is UP but not answering from being asked first forever.
-                    self._note_latency(node, now - asked_at)
-                else:
-                    task.exception()  # mark retrieved
+                    self._note_latency(asked[answer][0], now - asked[answer][2])
+                elif not answer.cancelled():
+                    answer.exception()  # mark retrieved
         answered = len(data) + len(digests)
         receipt.answered = list(data) + list(digests)
         if answered < plan.block_for or not data:
@@ -454,9 +447,10 @@ class Coordinator:
                 write=False,
             )
         reference = next(iter(data.values()))
-        mismatched = [
-            node for node, digest in digests.items() if digest != cell_digest(reference)
-        ] + [node for node, cell in data.items() if cell != reference]
+        expected = cell_digest(reference) if digests else b""
+        mismatched = [node for node, digest in digests.items() if digest != expected] + [
+            node for node, cell in data.items() if cell != reference
+        ]
         if not mismatched:
             return [(node, reference) for node in receipt.answered]
         # Digest mismatch: fetch full data from every replica that answered.
@@ -638,10 +632,13 @@ def _is_corrupt_record(error: BaseException) -> bool:
     return isinstance(error, RemoteError) and error.details.get("remote_code") == CorruptRecord.code
 
 
-async def _first_done(tasks: list[asyncio.Future[T]], timeout_s: float) -> set[asyncio.Future[T]]:
-    """``asyncio.wait(tasks, timeout=timeout_s, return_when=FIRST_COMPLETED)``'s done
-    set, without its generality (sets, coroutine checks, a counter): every read
-    that waits on a replica waits here, once per answer."""
+async def _any_done(answers: list[asyncio.Future[Any]], timeout_s: float) -> bool:
+    """Wait until one of ``answers`` is done or ``timeout_s`` passes; True if one is.
+
+    ``asyncio.wait(..., return_when=FIRST_COMPLETED)`` without its generality
+    (sets, coroutine checks, a done set): every read that waits on a replica
+    waits here, once per answer.
+    """
     loop = asyncio.get_running_loop()
     woken = loop.create_future()
 
@@ -650,15 +647,15 @@ async def _first_done(tasks: list[asyncio.Future[T]], timeout_s: float) -> set[a
             woken.set_result(None)
 
     timer = loop.call_later(timeout_s, wake)
-    for task in tasks:
-        task.add_done_callback(wake)
+    for answer in answers:
+        answer.add_done_callback(wake)
     try:
         await woken
     finally:
         timer.cancel()
-        for task in tasks:
-            task.remove_done_callback(wake)
-    return {task for task in tasks if task.done()}
+        for answer in answers:
+            answer.remove_done_callback(wake)
+    return any(answer.done() for answer in answers)
 
 
 def _ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:

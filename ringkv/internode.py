@@ -26,7 +26,12 @@ class Requester(Protocol):
     async def request(self, node_id: str, verb: str, payload: Any, timeout_s: float) -> Any: ...
 
     def request_future(
-        self, node_id: str, verb: str, payload: Any, timeout_s: float
+        self,
+        node_id: str,
+        verb: str,
+        payload: Any,
+        timeout_s: float,
+        convert: Callable[[Any], Any] | None = None,
     ) -> asyncio.Future[Any]: ...
 
 
@@ -37,40 +42,17 @@ class InternodeReplicas:
     def _soon(
         self, node_id: str, verb: str, payload: Any, timeout_s: float, convert: Callable[[Any], T]
     ) -> asyncio.Future[T]:
-        """The converted answer to one request, as a future: no task is needed to wait.
+        """The parsed answer to one request, as a future: no task is needed to wait.
 
         A request that cannot even be sent fails the future, as a failed
         answer would; cancelling the future abandons the request.
         """
-        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         try:
-            sent = self._transport.request_future(node_id, verb, payload, timeout_s)
+            return self._transport.request_future(node_id, verb, payload, timeout_s, convert)
         except RingKVError as exc:
-            answer.set_exception(exc)
-            return answer
-
-        def arrived(done: asyncio.Future[Any]) -> None:
-            if answer.done():  # abandoned
-                return
-            if done.cancelled():
-                answer.cancel()
-                return
-            error = done.exception()
-            if error is not None:
-                answer.set_exception(error)
-                return
-            try:
-                answer.set_result(convert(done.result()))
-            except RingKVError as exc:
-                answer.set_exception(exc)
-
-        def abandoned(_: asyncio.Future[T]) -> None:
-            if answer.cancelled():
-                sent.cancel()
-
-        sent.add_done_callback(arrived)
-        answer.add_done_callback(abandoned)
-        return answer
+            failed: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
 
     def read_soon(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float

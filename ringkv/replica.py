@@ -145,19 +145,28 @@ class ReplicaRouter:
         self.local = local
         self.remote = remote
 
-    def _remote(self, node_id: str) -> ReplicaClient:
-        if self.remote is None:
-            raise PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
-        return self.remote
+    @property
+    def remote(self) -> ReplicaClient | None:
+        return self._remote_client
 
-    def _remote_soon(self, verb: str, node_id: str, *args: Any) -> asyncio.Future[Any]:
-        try:
-            remote = self._remote(node_id)
-        except RingKVError as exc:
-            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
-        return soon_of(remote, verb)(node_id, *args)
+    @remote.setter
+    def remote(self, client: ReplicaClient | None) -> None:
+        # Looked up once here, not on every read.
+        self._remote_client = client
+        self._remote_soon = (
+            {} if client is None else {verb: soon_of(client, verb) for verb in ("read", "digest")}
+        )
+
+    def _remote(self, node_id: str) -> ReplicaClient:
+        if self._remote_client is None:
+            raise PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
+        return self._remote_client
+
+    def _ask_remote(self, verb: str, node_id: str, *args: Any) -> asyncio.Future[Any]:
+        soon = self._remote_soon.get(verb)
+        if soon is None:
+            return _settled_now(lambda: self._remote(node_id))
+        return soon(node_id, *args)
 
     async def write(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
@@ -186,14 +195,14 @@ class ReplicaRouter:
     ) -> asyncio.Future[Cell | None]:
         if node_id == self.node_id:
             return _settled_now(lambda: self.local.read(keyspace, token, key))
-        return self._remote_soon("read", node_id, keyspace, token, key, timeout_s)
+        return self._ask_remote("read", node_id, keyspace, token, key, timeout_s)
 
     def digest_soon(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> asyncio.Future[bytes]:
         if node_id == self.node_id:
             return _settled_now(lambda: cell_digest(self.local.read(keyspace, token, key)))
-        return self._remote_soon("digest", node_id, keyspace, token, key, timeout_s)
+        return self._ask_remote("digest", node_id, keyspace, token, key, timeout_s)
 
     async def scan(
         self,

@@ -857,3 +857,33 @@ def test_too_large_payload_is_refused_locally() -> None:
             await b.stop()
 
     run(body())
+
+
+def test_an_abandoned_request_frees_its_place_at_once() -> None:
+    """Cancelling a request's future (as a read does to a replica it no longer
+    needs) frees its place in the pending table, as an answer would: abandoned
+    requests to a slow peer must not make new ones Overloaded until they time out."""
+
+    async def body() -> None:
+        slow = BlockingHandler()  # released only at the end
+        a, b = make("a", max_inflight_per_conn=3), make("b", slow)
+        await a.start()
+        await b.start()
+        try:
+            link(a, b)
+            futures = [a.request_future("b", "block", i, timeout_s=30) for i in range(2)]
+            caller = asyncio.create_task(a.request("b", "block", 2, timeout_s=30))
+            await wait_for_condition(lambda: slow.running == 3, "b to run all three handlers")
+            for future in futures:
+                future.cancel()
+            caller.cancel()
+            await wait_for_condition(lambda: a.stats["pending_requests"] == 0,
+                                     "abandoned requests to leave the table", timeout_s=2)
+            assert (await a.request("b", "echo", 1, timeout_s=2))["payload"] == 1
+            assert a.stats["overloaded_local"] == 0 and a.stats["timeouts"] == 0
+        finally:
+            slow.release.set()
+            await a.stop()
+            await b.stop()
+
+    run(body())

@@ -27,6 +27,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 from ringkv.clock import Clock, SystemClock
@@ -84,6 +85,19 @@ def failure_body(error: BaseException) -> dict[str, Any]:
     return {"code": "internal", "message": f"{type(error).__name__}: {error}", "details": {}}
 
 
+def settle_answer(
+    fut: asyncio.Future[Any], payload: Any, convert: Callable[[Any], Any] | None
+) -> None:
+    """Resolve a request's future with its answer, parsed by ``convert`` if given."""
+    if convert is None:
+        fut.set_result(payload)
+        return
+    try:
+        fut.set_result(convert(payload))
+    except RingKVError as exc:  # a malformed answer fails this request only
+        fut.set_exception(exc)
+
+
 def settled(answer: asyncio.Future[Any], node_id: str) -> tuple[BaseException | None, Any]:
     """(error, payload) of an ``answer_now`` future that is done; cancelled means stopping."""
     if answer.cancelled():
@@ -91,7 +105,6 @@ def settled(answer: asyncio.Future[Any], node_id: str) -> tuple[BaseException | 
     error = answer.exception()
     return error, None if error is not None else answer.result()
 
-READ_CHUNK = 64 * 1024
 WRITE_BATCH_BYTES = 256 * 1024  # flush at least this often so one huge backlog isn't one huge copy
 BASE_BACKOFF_S = 0.05
 
@@ -189,10 +202,12 @@ class _OutQueue:
 
 
 class _Pending(NamedTuple):
-    """A request waiting for its answer, and the timer that gives up on it."""
+    """A request waiting for its answer, the timer that gives up on it, and
+    how its answer is parsed (see ``request_future``)."""
 
     future: asyncio.Future[Any]
     timer: asyncio.TimerHandle
+    convert: Callable[[Any], Any] | None
 
 
 class _Peer:
@@ -572,7 +587,12 @@ class Transport:
         return await self.request_future(node_id, verb, payload, timeout_s)
 
     def request_future(
-        self, node_id: str, verb: str, payload: Any, timeout_s: float
+        self,
+        node_id: str,
+        verb: str,
+        payload: Any,
+        timeout_s: float,
+        convert: Callable[[Any], Any] | None = None,
     ) -> asyncio.Future[Any]:
         """Send a request; the returned future resolves to its response payload.
 
@@ -580,6 +600,8 @@ class Transport:
         needs no task per request. What ``request`` raises before sending is
         raised here; the rest arrives through the future. Cancelling the
         future abandons the request: it is not sent if it is still queued.
+        ``convert`` parses the payload as it arrives; a ``RingKVError`` it
+        raises (a malformed answer) fails the future instead.
         """
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
@@ -600,7 +622,11 @@ class Transport:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         timer = loop.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
-        peer.pending[request_id] = _Pending(fut, timer)
+        peer.pending[request_id] = _Pending(fut, timer, convert)
+        # A caller that gives up (cancels) frees its place and timer at once, as an
+        # answer would; otherwise they stay until the timeout, and abandoned
+        # requests to a slow peer make new ones Overloaded.
+        fut.add_done_callback(partial(self._abandoned, peer, request_id))
         peer.out.put(request_id, frame)
         self._stats["requests_sent"] += 1
         self._ensure_connecting(peer)
@@ -647,6 +673,12 @@ class Transport:
             )
         return peer
 
+    def _abandoned(self, peer: _Peer, request_id: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            waiting = peer.pending.pop(request_id, None)
+            if waiting is not None:
+                waiting.timer.cancel()
+
     def _expire(self, peer: _Peer, request_id: int, verb: str, timeout_s: float) -> None:
         waiting = peer.pending.pop(request_id, None)
         fut = waiting.future if waiting is not None else None
@@ -665,7 +697,7 @@ class Transport:
         """Fail every pending request of ``peer`` and drop what is still queued."""
         waiting = list(peer.pending.values())
         peer.pending.clear()  # in place: the connection's flush holds a reference to this dict
-        for fut, timer in waiting:
+        for fut, timer, _ in waiting:
             timer.cancel()
             if not fut.done():
                 fut.set_exception(make_error())  # one instance per waiter: tracebacks differ
@@ -833,14 +865,14 @@ class Transport:
             if waiting is None:
                 self._stats["late_responses"] += 1
                 return
-            fut, timer = waiting
+            fut, timer, convert = waiting
             timer.cancel()
             if fut.done():  # abandoned by its caller
                 self._stats["late_responses"] += 1
                 return
             self._stats["responses_received"] += 1
             if kind == KIND_RESPONSE:
-                fut.set_result(frame.payload)
+                settle_answer(fut, frame.payload, convert)
             else:
                 fut.set_exception(_remote_error(conn.peer_node_id, frame.verb, frame.payload))
             return

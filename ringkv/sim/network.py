@@ -56,6 +56,7 @@ from ringkv.net.transport import (
     Handler,
     _remote_error,
     answer_now_of,
+    settle_answer,
     failure_body,
     settled,
 )
@@ -168,6 +169,7 @@ class Pending:
     dst: SimTransport | None  # who got the request (None: nobody; it will time out)
     peer_id: str
     verb: str
+    convert: Callable[[Any], Any] | None = None  # parses the answer (request_future)
 
 
 class SimTransport:
@@ -249,7 +251,12 @@ class SimTransport:
         return await self.request_future(node_id, verb, payload, timeout_s)
 
     def request_future(
-        self, node_id: str, verb: str, payload: Any, timeout_s: float
+        self,
+        node_id: str,
+        verb: str,
+        payload: Any,
+        timeout_s: float,
+        convert: Callable[[Any], Any] | None = None,
     ) -> asyncio.Future[Any]:
         """As ``Transport.request_future``: the answer as a future, no task needed."""
         if timeout_s <= 0:
@@ -265,7 +272,7 @@ class SimTransport:
         loop = self.network.loop
         future: asyncio.Future[Any] = loop.create_future()
         dst = self._connect(node_id, peer, request_id)
-        self.pending[request_id] = Pending(future, dst, node_id, verb)
+        self.pending[request_id] = Pending(future, dst, node_id, verb, convert)
         if dst is not None:
             self.network.transmit(self.node_id, dst.node_id, dst.process, dst.on_frame,
                                   self, frame)
@@ -403,7 +410,7 @@ class SimTransport:
         if pending is None or pending.future.done():
             return  # late: the request timed out, or a duplicate answer
         if frame.kind == KIND_RESPONSE:
-            pending.future.set_result(frame.payload)
+            settle_answer(pending.future, frame.payload, pending.convert)
         else:
             pending.future.set_exception(_remote_error(pending.peer_id, frame.verb, frame.payload))
 
