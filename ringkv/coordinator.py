@@ -17,11 +17,20 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
-from ringkv.errors import BadRequest, CorruptRecord, NotFound, RemoteError, RingKVError, Timeout
+from ringkv.errors import (
+    BadRequest,
+    CorruptRecord,
+    NotFound,
+    RemoteError,
+    RingKVError,
+    ShuttingDown,
+    Timeout,
+)
 from ringkv.quorum import ConsistencyLevel
 from ringkv.replica import ReplicaClient, soon_of
 from ringkv.replica_plan import ReplicaPlan, plan_for
@@ -178,7 +187,8 @@ class Coordinator:
         self._ring = ring
         self._is_alive = is_alive
         self._replicas = replicas
-        # Reads wait on several replicas at once: through futures, not a task each.
+        # Requests wait on several replicas at once: through futures, not a task each.
+        self._write_soon = soon_of(replicas, "write")
         self._read_soon = soon_of(replicas, "read")
         self._digest_soon = soon_of(replicas, "digest")
         self._keyspaces = keyspaces
@@ -191,8 +201,8 @@ class Coordinator:
         self._spec_min_s = speculative_retry_min_s
         self._replica_latency_s: dict[str, float] = {}
         self._latencies = LatencyWindow()
-        # Writes to slow replicas keep going after the client has its answer;
-        # keep a reference so they are not garbage collected mid-flight.
+        # Hints for failed writes are stored after the client may have its
+        # answer; keep a reference so they are not garbage collected mid-flight.
         self._background: set[asyncio.Task[None]] = set()
 
     # -- planning ------------------------------------------------------------
@@ -237,11 +247,12 @@ class Coordinator:
         acks = _AckTracker(plan.block_for, len(plan.live), loop.create_future(),
                            hints_count=plan.consistency is ConsistencyLevel.ANY)
         for target in plan.live:
-            if target != self.node_id:
-                self._spawn(self._write_one(target, plan, key, cell, acks))
-        if self.node_id in plan.live:
-            # The local replica is written inline: no task, no network.
-            await self._write_one(self.node_id, plan, key, cell, acks)
+            # Every replica, this node's own included, answers through a
+            # future (the local one is its group commit): no task per replica.
+            answer = self._write_soon(
+                target, plan.keyspace, plan.token, key, cell, self._write_timeout_s
+            )
+            answer.add_done_callback(partial(self._write_answered, target, plan, key, cell, acks))
         if not acks.done.done():
             timer = loop.call_later(self._write_timeout_s, acks.expire)
             try:
@@ -263,24 +274,40 @@ class Coordinator:
             write=True,
         )
 
-    async def _write_one(
+    def _write_answered(
+        self,
+        target: str,
+        plan: ReplicaPlan,
+        key: bytes,
+        cell: Cell,
+        acks: _AckTracker,
+        answer: asyncio.Future[None],
+    ) -> None:
+        error = (
+            ShuttingDown(f"node {self.node_id} is stopping") if answer.cancelled()
+            else answer.exception()
+        )
+        if error is None:
+            acks.record(target, ok=True)
+            return
+        if isinstance(error, RingKVError):
+            log.debug("write to %s failed: %s", target, error)
+        else:
+            log.error("write to %s failed unexpectedly", target, exc_info=error)
+        if target == self.node_id or self._hints is None:
+            # This node's own failed write is not hinted: it has no later replay.
+            acks.record(target, ok=False)
+            return
+        # A replica that did not acknowledge gets a hint, even if the client
+        # was already answered (Cassandra does the same). The hint is stored
+        # before the failure is counted, so that at ANY the answer can count it.
+        self._spawn(self._hint_failed_write(target, plan, key, cell, acks))
+
+    async def _hint_failed_write(
         self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell, acks: _AckTracker
     ) -> None:
-        try:
-            await self._replicas.write(
-                target, plan.keyspace, plan.token, key, cell, self._write_timeout_s
-            )
-        except RingKVError as exc:
-            log.debug("write to %s failed: %s", target, exc)
-            # A replica that did not acknowledge gets a hint, even if the
-            # client was already answered (Cassandra does the same). This
-            # node's own failed write is not hinted: it has no later replay.
-            # The hint is stored before the failure is counted, so that at
-            # ANY the answer can count it.
-            hinted = target != self.node_id and await self._store_hint(target, plan, key, cell)
-            acks.record(target, ok=False, hinted=hinted)
-            return
-        acks.record(target, ok=True)
+        hinted = await self._store_hint(target, plan, key, cell)
+        acks.record(target, ok=False, hinted=hinted)
 
     async def _store_hint(self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell) -> bool:
         if self._hints is None:

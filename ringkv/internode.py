@@ -69,9 +69,15 @@ class InternodeReplicas:
     async def write(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
     ) -> None:
+        await self.write_soon(node_id, keyspace, token, key, cell, timeout_s)
+
+    def write_soon(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> asyncio.Future[None]:
+        """Resolves to None once the replica has the write durably (its acknowledgement)."""
         payload = m.KeyRef(keyspace, token, key).to_wire()
         payload["c"] = m.cell_to_wire(cell)
-        await self._transport.request(node_id, m.WRITE, payload, timeout_s)
+        return self._soon(node_id, m.WRITE, payload, timeout_s, _acknowledged)
 
     async def read(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
@@ -95,6 +101,11 @@ class InternodeReplicas:
         request = m.ScanRequest(keyspace, after[0], after[1], end_token, limit)
         result = await self._transport.request(node_id, m.SCAN, request.to_wire(), timeout_s)
         return m.ScanReply.from_wire(result)
+
+
+def _acknowledged(_payload: Any) -> None:
+    """A write's answer carries nothing: that it came is the acknowledgement."""
+    return None
 
 
 def _digest_bytes(node_id: str, result: Any) -> bytes:

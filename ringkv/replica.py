@@ -86,9 +86,10 @@ class ReplicaClient(Protocol):
 
     ``ReplicaRouter`` implements it for the coordinator (this node locally,
     others remotely); ``internode.InternodeReplicas`` implements it for peers.
-    Both also offer ``read_soon`` and ``digest_soon``: the same calls, answered
-    through a future rather than a coroutine, so that a coordinator waiting on
-    several replicas needs no task per replica (see ``soon_of``).
+    Both also offer ``write_soon``, ``read_soon`` and ``digest_soon``: the
+    same calls, answered through a future rather than a coroutine, so that a
+    coordinator waiting on several replicas needs no task per replica (see
+    ``soon_of``).
     """
 
     async def write(
@@ -115,7 +116,7 @@ class ReplicaClient(Protocol):
 
 
 def soon_of(client: ReplicaClient, verb: str) -> Callable[..., asyncio.Future[Any]]:
-    """``client``'s future-returning form of ``verb`` ("read" or "digest").
+    """``client``'s future-returning form of ``verb`` ("write", "read" or "digest").
 
     A client without one (a test double, say) is wrapped: its coroutine runs
     in a task, which is also a future.
@@ -124,7 +125,29 @@ def soon_of(client: ReplicaClient, verb: str) -> Callable[..., asyncio.Future[An
     if soon is not None:
         return soon
     call = getattr(client, verb)
-    return lambda *args: asyncio.ensure_future(call(*args))
+
+    def in_a_task(*args: Any) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(call(*args))
+        # The loop keeps only weak references to tasks; nobody else may hold this one.
+        _WRAPPED.add(task)
+        task.add_done_callback(_WRAPPED.discard)
+        return task
+
+    return in_a_task
+
+
+_WRAPPED: set[asyncio.Future[Any]] = set()
+
+
+def _unreachable(node_id: str) -> PeerUnreachable:
+    return PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
+
+
+def _failed(error: RingKVError) -> asyncio.Future[Any]:
+    """A future that already failed with ``error``."""
+    answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    answer.set_exception(error)
+    return answer
 
 
 def _settled_now(compute: Callable[[], T]) -> asyncio.Future[T]:
@@ -154,18 +177,19 @@ class ReplicaRouter:
         # Looked up once here, not on every read.
         self._remote_client = client
         self._remote_soon = (
-            {} if client is None else {verb: soon_of(client, verb) for verb in ("read", "digest")}
+            {} if client is None
+            else {verb: soon_of(client, verb) for verb in ("write", "read", "digest")}
         )
 
     def _remote(self, node_id: str) -> ReplicaClient:
         if self._remote_client is None:
-            raise PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
+            raise _unreachable(node_id)
         return self._remote_client
 
     def _ask_remote(self, verb: str, node_id: str, *args: Any) -> asyncio.Future[Any]:
         soon = self._remote_soon.get(verb)
         if soon is None:
-            return _settled_now(lambda: self._remote(node_id))
+            return _failed(_unreachable(node_id))
         return soon(node_id, *args)
 
     async def write(
@@ -189,6 +213,17 @@ class ReplicaRouter:
         if node_id == self.node_id:
             return cell_digest(self.local.read(keyspace, token, key))
         return await self._remote(node_id).digest(node_id, keyspace, token, key, timeout_s)
+
+    def write_soon(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> asyncio.Future[None]:
+        if node_id == self.node_id:
+            # The local write's future is its group commit: no task, no network.
+            try:
+                return self.local.write_nowait(keyspace, token, key, cell)[1]
+            except RingKVError as exc:
+                return _failed(exc)
+        return self._ask_remote("write", node_id, keyspace, token, key, cell, timeout_s)
 
     def read_soon(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
