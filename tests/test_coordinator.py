@@ -191,6 +191,9 @@ def test_a_failed_replica_is_replaced_by_a_spare() -> None:
     result = run(make(replicas).read("ks", b"k", CL.QUORUM))
     assert result.cell == cell(b"1", 1)
     assert "c" in result.receipt.answered
+    # The receipt names every replica asked, the spare included.
+    assert sorted(result.receipt.asked) == ["a", "b", "c"]
+    assert result.receipt.speculative == ["c"]
 
 
 def test_speculative_retry_backs_up_a_slow_replica() -> None:
