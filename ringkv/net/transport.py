@@ -25,6 +25,7 @@ import ipaddress
 import itertools
 import logging
 import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -176,6 +177,20 @@ def _set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
+def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make closing the socket send a reset, dropping what the kernel still holds to send.
+
+    A plain close lets the kernel deliver its send queue first (megabytes, to a
+    peer that may never read it); SO_LINGER with a zero timeout discards it.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
 class _OutQueue:
     """Bounded FIFO of encoded frames, flushed by the connection attached to it.
 
@@ -287,7 +302,7 @@ class _Conn(asyncio.Protocol):
                 # The dialing coroutine counts and reports it, as a failed connect.
                 if not self.hello.done():
                     self.hello.set_exception(e)
-                self.close(f"protocol error: {e.message}")
+                self.close(f"protocol error: {e.message}", abort=True)
                 return
             t._stats["protocol_errors"] += 1
             if not self.established:
@@ -297,11 +312,11 @@ class _Conn(asyncio.Protocol):
                     "protocol error from node %s at %s, closing that connection: %s",
                     self.peer_node_id, self.peer_addr, e.message,
                 )
-            self.close(f"protocol error: {e.message}")
+            self.close(f"protocol error: {e.message}", abort=True)
             return
         except Exception:  # a bug in frame dispatch must cost one connection, not the node
             log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
-            self.close("internal error in reader")
+            self.close("internal error in reader", abort=True)
             return
         # Inbound back-pressure: if the peer is not reading our responses, stop
         # reading its requests rather than queue responses without bound.
@@ -362,7 +377,7 @@ class _Conn(asyncio.Protocol):
             self.t._stats["protocol_errors"] += 1
             log.warning("protocol error from node %s at %s, closing that connection: %s",
                         self.peer_node_id, self.peer_addr, e.message)
-            self.close(f"protocol error: {e.message}")
+            self.close(f"protocol error: {e.message}", abort=True)
             return
         if out.items:
             self.schedule_flush()
@@ -409,8 +424,13 @@ class _Conn(asyncio.Protocol):
 
     # -- closing -----------------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """Idempotent. Closes the socket and tells the transport."""
+    def close(self, reason: str, *, abort: bool = False) -> None:
+        """Idempotent. Closes the socket and tells the transport.
+
+        ``abort`` resets the connection instead of first sending what is
+        buffered: after a protocol error the peer gets none of our bandwidth,
+        and a peer that stopped reading cannot keep the socket open.
+        """
         if self.closed:
             return
         self.closed = True
@@ -423,7 +443,11 @@ class _Conn(asyncio.Protocol):
         if self.out is not None and self.out.conn is self:
             self.out.conn = None
         if self.sock is not None:
-            self.sock.close()
+            if abort:
+                _reset_on_close(self.sock)
+                self.sock.abort()
+            else:
+                self.sock.close()
         log.debug("closed connection with %s at %s: %s", self.peer_node_id, self.peer_addr, reason)
         self.t._on_conn_closed(self, reason)
 
