@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from ringkv.net.transport import reset_on_close
 
 READ_CHUNK = 64 * 1024
 QUEUE_CHUNKS = 16  # per direction: at most 1 MiB waits in a stalled direction
@@ -225,12 +225,7 @@ class FaultProxy:
 
 def _abort(writer: asyncio.StreamWriter) -> None:
     """Close with a TCP RST rather than a FIN, as a middlebox reset would."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
+    reset_on_close(writer.transport)
     writer.transport.abort()
 
 

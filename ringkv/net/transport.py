@@ -177,7 +177,7 @@ def _set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
-def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+def reset_on_close(transport: asyncio.BaseTransport) -> None:
     """Make closing the socket send a reset, dropping what the kernel still holds to send.
 
     A plain close lets the kernel deliver its send queue first (megabytes, to a
@@ -444,7 +444,7 @@ class _Conn(asyncio.Protocol):
             self.out.conn = None
         if self.sock is not None:
             if abort:
-                _reset_on_close(self.sock)
+                reset_on_close(self.sock)
                 self.sock.abort()
             else:
                 self.sock.close()
