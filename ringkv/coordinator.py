@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from ringkv.clock import Clock, HybridLogicalClock, Timestamp
 from ringkv.errors import (
@@ -38,8 +38,6 @@ from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell, cell_digest, reconcile
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest sample in a replica's latency estimate
 
@@ -393,6 +391,12 @@ class Coordinator:
             asked[answer] = (node, is_data, clock.monotonic_s())
             waiting.append(answer)
 
+        def ask_spare() -> None:
+            node = spares.pop(0)
+            receipt.speculative.append(node)
+            receipt.asked.append(node)
+            ask(node, True)
+
         speculated = False
         try:
             # This node's own replica answers at once (no task, no network), so
@@ -432,10 +436,7 @@ class Coordinator:
                     # Everyone asked has answered or failed; use a spare if any.
                     if not spares:
                         break
-                    node = spares.pop(0)
-                    receipt.speculative.append(node)
-                    receipt.asked.append(node)
-                    ask(node, True)
+                    ask_spare()
                     continue
                 now = clock.monotonic_s()
                 if now >= deadline:
@@ -447,10 +448,7 @@ class Coordinator:
                 if not await _any_done(waiting, wait_s) and spec_s is not None:
                     # Slower than the speculative threshold: back it up (Dean's hedged request).
                     speculated = True
-                    node = spares.pop(0)
-                    receipt.speculative.append(node)
-                    receipt.asked.append(node)
-                    ask(node, True)
+                    ask_spare()
         finally:
             now = clock.monotonic_s()
             for answer in waiting:

@@ -17,7 +17,7 @@ from ringkv import messages as m
 from ringkv.clock import HybridLogicalClock
 from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net.transport import NOT_NOW
-from ringkv.replica import LocalReplica
+from ringkv.replica import LocalReplica, failed_future
 from ringkv.versioning import Cell, cell_digest
 
 T = TypeVar("T")
@@ -50,9 +50,7 @@ class InternodeReplicas:
         try:
             return self._transport.request_future(node_id, verb, payload, timeout_s, convert)
         except RingKVError as exc:
-            failed: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
+            return failed_future(exc)
 
     def read_soon(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float

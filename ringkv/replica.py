@@ -143,7 +143,7 @@ def _unreachable(node_id: str) -> PeerUnreachable:
     return PeerUnreachable(f"no internode transport to reach {node_id}", node_id=node_id)
 
 
-def _failed(error: RingKVError) -> asyncio.Future[Any]:
+def failed_future(error: RingKVError) -> asyncio.Future[Any]:
     """A future that already failed with ``error``."""
     answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     answer.set_exception(error)
@@ -189,30 +189,25 @@ class ReplicaRouter:
     def _ask_remote(self, verb: str, node_id: str, *args: Any) -> asyncio.Future[Any]:
         soon = self._remote_soon.get(verb)
         if soon is None:
-            return _failed(_unreachable(node_id))
+            return failed_future(_unreachable(node_id))
         return soon(node_id, *args)
 
     async def write(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
     ) -> None:
-        if node_id == self.node_id:
-            await self.local.write(keyspace, token, key, cell)
-        else:
-            await self._remote(node_id).write(node_id, keyspace, token, key, cell, timeout_s)
+        await self.write_soon(node_id, keyspace, token, key, cell, timeout_s)
 
     async def read(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> Cell | None:
         if node_id == self.node_id:
-            return self.local.read(keyspace, token, key)
-        return await self._remote(node_id).read(node_id, keyspace, token, key, timeout_s)
+            return self.local.read(keyspace, token, key)  # the ONE fast path: not even a future
+        return await self._ask_remote("read", node_id, keyspace, token, key, timeout_s)
 
     async def digest(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> bytes:
-        if node_id == self.node_id:
-            return cell_digest(self.local.read(keyspace, token, key))
-        return await self._remote(node_id).digest(node_id, keyspace, token, key, timeout_s)
+        return await self.digest_soon(node_id, keyspace, token, key, timeout_s)
 
     def write_soon(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
@@ -222,7 +217,7 @@ class ReplicaRouter:
             try:
                 return self.local.write_nowait(keyspace, token, key, cell)[1]
             except RingKVError as exc:
-                return _failed(exc)
+                return failed_future(exc)
         return self._ask_remote("write", node_id, keyspace, token, key, cell, timeout_s)
 
     def read_soon(

@@ -4,9 +4,10 @@ Shape (one asyncio loop per node):
 
 * Outbound: one ``_Peer`` per remote node id, holding a bounded frame queue, the
   table of pending requests, and at most one live connection. The connection is
-  opened lazily on the first send and reused; a writer task drains the queue,
-  coalescing whatever is queued into one ``write`` per loop turn. Responses come back
-  on the same connection and are matched by request id.
+  opened lazily on the first send and reused. Each connection is an asyncio
+  protocol (``_Conn``): it dispatches frames as they are decoded and writes whatever
+  is queued in one ``write`` per loop turn, with no task of its own. Responses come
+  back on the same connection and are matched by request id.
 * Inbound: the server accepts connections, completes the handshake (so it knows the
   peer's node id), runs the handler for each request / one-way frame in its own task
   (bounded per connection), or at once for requests the handler can answer without
@@ -289,22 +290,43 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        t = self.t
-        t._stats["bytes_in"] += len(data)
+        self.t._stats["bytes_in"] += len(data)
         try:
             frames = self.decoder.feed(data)
             if not self.established:
                 frames = self._handshake_frames(frames)
-            for frame in frames:
-                t._on_frame(self, frame)
         except ProtocolError as e:
-            if not self.established and self.outbound:
-                # The dialing coroutine counts and reports it, as a failed connect.
-                if not self.hello.done():
-                    self.hello.set_exception(e)
-                self.close(f"protocol error: {e.message}", abort=True)
-                return
-            t._stats["protocol_errors"] += 1
+            self._protocol_error(e)
+            return
+        if not self._dispatch(frames):
+            return
+        # Inbound back-pressure: if the peer is not reading our responses, stop
+        # reading its requests rather than queue responses without bound.
+        if self.out is not None and not self.outbound and self.out.full() and not self._read_paused:
+            self._read_paused = True
+            self.sock.pause_reading()  # type: ignore[union-attr]
+
+    def _dispatch(self, frames: list[Frame]) -> bool:
+        """Hand frames to the transport; False if that closed the connection."""
+        try:
+            for frame in frames:
+                self.t._on_frame(self, frame)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return False
+        except Exception:  # a bug in frame dispatch must cost one connection, not the node
+            log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
+            self.close("internal error in reader", abort=True)
+            return False
+        return True
+
+    def _protocol_error(self, e: ProtocolError) -> None:
+        if not self.established and self.outbound:
+            # The dialing coroutine counts and reports it, as a failed connect.
+            if not self.hello.done():
+                self.hello.set_exception(e)
+        else:
+            self.t._stats["protocol_errors"] += 1
             if not self.established:
                 log.warning("bad handshake from %s, closing: %s", self.peer_addr, e.message)
             else:
@@ -312,17 +334,7 @@ class _Conn(asyncio.Protocol):
                     "protocol error from node %s at %s, closing that connection: %s",
                     self.peer_node_id, self.peer_addr, e.message,
                 )
-            self.close(f"protocol error: {e.message}", abort=True)
-            return
-        except Exception:  # a bug in frame dispatch must cost one connection, not the node
-            log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
-            self.close("internal error in reader", abort=True)
-            return
-        # Inbound back-pressure: if the peer is not reading our responses, stop
-        # reading its requests rather than queue responses without bound.
-        if self.out is not None and not self.outbound and self.out.full() and not self._read_paused:
-            self._read_paused = True
-            self.sock.pause_reading()  # type: ignore[union-attr]
+        self.close(f"protocol error: {e.message}", abort=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close("peer closed the connection" if exc is None else f"connection lost: {exc!r}")
@@ -370,16 +382,7 @@ class _Conn(asyncio.Protocol):
         self.established = True
         out.conn = self
         early, self._early = self._early, []
-        try:
-            for frame in early:
-                self.t._on_frame(self, frame)
-        except ProtocolError as e:
-            self.t._stats["protocol_errors"] += 1
-            log.warning("protocol error from node %s at %s, closing that connection: %s",
-                        self.peer_node_id, self.peer_addr, e.message)
-            self.close(f"protocol error: {e.message}", abort=True)
-            return
-        if out.items:
+        if self._dispatch(early) and out.items:
             self.schedule_flush()
 
     # -- writing -----------------------------------------------------------

@@ -278,11 +278,11 @@ class SimTransport:
                                   self, frame)
         timer = loop.call_later(timeout_s, self._expire, request_id, timeout_s)
 
-        def settled(_: asyncio.Future[Any]) -> None:
+        def finished(_: asyncio.Future[Any]) -> None:
             timer.cancel()
             self.pending.pop(request_id, None)  # answered, expired, failed or abandoned
 
-        future.add_done_callback(settled)
+        future.add_done_callback(finished)
         return future
 
     def send_oneway(self, node_id: str, verb: str, payload: Any) -> bool:
