@@ -61,7 +61,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-from ringkv.clock import SystemClock, Timestamp
+from ringkv.clock import SystemClock
+from ringkv.hlc import Timestamp
 from ringkv.errors import (
     BadRequest,
     NoNodeAvailable,

@@ -21,7 +21,8 @@ from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ringkv.clock import Clock, HybridLogicalClock, Timestamp
+from ringkv.clock import Clock
+from ringkv.hlc import HybridLogicalClock, Timestamp
 from ringkv.errors import (
     BadRequest,
     CorruptRecord,

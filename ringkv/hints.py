@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import msgpack
 
-from ringkv.clock import Clock, HybridLogicalClock
+from ringkv.clock import Clock
+from ringkv.hlc import HybridLogicalClock
 from ringkv.errors import CorruptRecord, RingKVError
 from ringkv.storage.store import LocalStore
 from ringkv.versioning import Cell, decode_cell, encode_cell
@@ -70,6 +71,7 @@ class HintStore:
         self._store = store
         self._hlc = hlc
         self._clock = clock
+        self.clock = clock  # the replayer waits on it too
         self.max_hint_window_s = max_hint_window_s
         self.targets: set[str] = set()  # nodes that may have hints waiting
         # Bumped by every hint stored, so that a scan that found nothing while a
@@ -232,7 +234,7 @@ class HintReplayer:
                 self._on_expired(len(expired))
             if failed:
                 break
-            await asyncio.sleep(len(done) / self._rate_per_s)  # the throttle
+            await self._hints.clock.sleep(len(done) / self._rate_per_s)  # the throttle
         if delivered:
             log.info("replayed %d hints to %s", delivered, target)
         return delivered

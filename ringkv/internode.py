@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from ringkv import messages as m
-from ringkv.clock import HybridLogicalClock
+from ringkv.hlc import HybridLogicalClock
 from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net.transport import NOT_NOW
 from ringkv.replica import LocalReplica, failed_future

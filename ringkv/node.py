@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ringkv.clock import Clock, HybridLogicalClock, SystemClock
+from ringkv.clock import Clock, SystemClock
+from ringkv.hlc import HybridLogicalClock
 from ringkv.config import Config
 from ringkv.coordinator import Coordinator, KeyspaceSettings, ReadResult, Receipt, WriteResult
 from ringkv.errors import ConfigError
@@ -338,7 +339,7 @@ class Node:
             if len(self.ring) and len(self.ring) >= known:
                 break  # we know a ring, and every node we have heard of is on it
             self.gossip.tick_now()
-            await asyncio.sleep(interval_s)
+            await self.clock.sleep(interval_s)
 
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
@@ -459,7 +460,7 @@ class Node:
     async def _maintenance_loop(self) -> None:
         """Slow periodic chores: publish load, retry hints that are still waiting."""
         while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            await self.clock.sleep(MAINTENANCE_INTERVAL_S)
             try:
                 if self.gossiper is not None:
                     self.gossiper.set_local(gs.LOAD, str(self.store.size_bytes()))

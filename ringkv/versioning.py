@@ -30,7 +30,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from ringkv.clock import MAX_LOGICAL, MAX_WALL_US, Timestamp
+from ringkv.hlc import MAX_LOGICAL, MAX_WALL_US, Timestamp
 from ringkv.errors import CorruptRecord
 
 FORMAT_VERSION = 1

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ringkv.clock import ManualClock, Timestamp
+from ringkv.clock import ManualClock
+from ringkv.hlc import Timestamp
 from ringkv.config import config_from_dict
 from ringkv.node import Node
 from ringkv.server.api import build_app

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ringkv.clock import HybridLogicalClock, ManualClock, Timestamp
+from ringkv.clock import ManualClock
+from ringkv.hlc import HybridLogicalClock, Timestamp
 
 
 def test_timestamps_strictly_increase_even_if_the_wall_clock_steps_back() -> None:

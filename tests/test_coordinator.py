@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from ringkv.clock import Clock, HybridLogicalClock, ManualClock, SystemClock, Timestamp
+from ringkv.clock import Clock, ManualClock, SystemClock
+from ringkv.hlc import HybridLogicalClock, Timestamp
 from ringkv.coordinator import Coordinator, KeyspaceSettings
 from ringkv.errors import CorruptRecord, PeerUnreachable, Timeout, Unavailable
 from ringkv.quorum import ConsistencyLevel as CL

@@ -6,7 +6,8 @@ import asyncio
 import threading
 from pathlib import Path
 
-from ringkv.clock import HybridLogicalClock, ManualClock, Timestamp
+from ringkv.clock import ManualClock
+from ringkv.hlc import HybridLogicalClock, Timestamp
 from ringkv.errors import PeerUnreachable
 from ringkv.hints import HintReplayer, HintStore
 from ringkv.storage.leveldb import LevelDBEngine

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from ringkv.clock import Timestamp
+from ringkv.hlc import Timestamp
 from ringkv.errors import ProtocolError
 from ringkv.messages import KeyRef, ScanReply, ScanRequest
 from ringkv.versioning import Cell, encode_cell

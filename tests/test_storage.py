@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ringkv.clock import ManualClock, Timestamp
+from ringkv.clock import ManualClock
+from ringkv.hlc import Timestamp
 from ringkv.errors import CorruptRecord, StorageError
 from ringkv.storage import keys
 from ringkv.storage.leveldb import LevelDBEngine

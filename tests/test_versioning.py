@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ringkv.clock import Timestamp
+from ringkv.hlc import Timestamp
 from ringkv.errors import CorruptRecord
 from ringkv.versioning import (
     Cell,

@@ -89,7 +89,7 @@ class GossipService:
                 self.tick_now()
             except Exception:  # noqa: BLE001 - gossip must keep going whatever happens
                 log.exception("gossip round failed")
-            await asyncio.sleep(self._interval_s)
+            await self._clock.sleep(self._interval_s)
 
     async def handle(self, from_node: str, verb: str, payload: Any) -> None:
         """Internode handler for gossip frames. Raises only ProtocolError."""

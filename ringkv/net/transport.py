@@ -366,7 +366,7 @@ class _Conn(asyncio.Protocol):
         return frames[1:]
 
     def start_hello_timer(self, timeout_s: float) -> None:
-        self._hello_timer = self._loop.call_later(timeout_s, self._hello_timed_out, timeout_s)
+        self._hello_timer = self.t._clock.call_later(timeout_s, self._hello_timed_out, timeout_s)
 
     def _hello_timed_out(self, timeout_s: float) -> None:
         if self.established or self.closed:
@@ -648,7 +648,7 @@ class Transport:
         )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        timer = loop.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
+        timer = self._clock.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
         peer.pending[request_id] = _Pending(fut, timer, convert)
         # A caller that gives up (cancels) frees its place and timer at once, as an
         # answer would; otherwise they stay until the timeout, and abandoned

@@ -6,6 +6,11 @@ the same (possibly skewed) clock as before, as on a real machine.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from ringkv.clock import Timer
 from ringkv.sim.loop import VirtualTimeLoop
 
 EPOCH_US = 1_700_000_000_000_000  # virtual time 0 is this wall-clock instant
@@ -16,6 +21,10 @@ class SimClock:
 
     wall = epoch + elapsed * (1 + drift) + offset; ``step_us`` moves the wall
     clock as NTP would. The monotonic clock drifts too, but never steps.
+
+    Waits are measured in this machine's seconds: a clock that runs fast
+    (positive drift) ends its timers early in virtual time, as a fast
+    oscillator would, so drift reaches timeouts, intervals and leases.
     """
 
     def __init__(self, loop: VirtualTimeLoop, *, offset_us: int = 0, drift_ppm: float = 0.0) -> None:
@@ -32,3 +41,12 @@ class SimClock:
 
     def step_us(self, delta_us: int) -> None:
         self.offset_us += delta_us
+
+    def _virtual_s(self, delay_s: float) -> float:
+        return max(0.0, delay_s) / (1 + self.drift_ppm * 1e-6)
+
+    def call_later(self, delay_s: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        return self._loop.call_later(self._virtual_s(delay_s), callback, *args)
+
+    async def sleep(self, delay_s: float) -> None:
+        await asyncio.sleep(self._virtual_s(delay_s))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from ringkv.clock import Timestamp
+from ringkv.hlc import Timestamp
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
 from ringkv.errors import RingKVError
 from ringkv.quorum import ConsistencyLevel

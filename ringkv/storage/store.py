@@ -284,7 +284,7 @@ class LocalStore:
 
     async def _periodic_sync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._sync_interval_s)
+            await self._clock.sleep(self._sync_interval_s)
             try:
                 await self._run(self._engine.sync)
                 self.stats.syncs += 1
@@ -293,7 +293,7 @@ class LocalStore:
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._sweep_interval_s)
+            await self._clock.sleep(self._sweep_interval_s)
             try:
                 await self.sweep()
             except StorageError:
