@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from bench.loadgen import LoadResult, compare, format_table, run_load
-from ringkv.launcher import free_port_block
-from ringkv.local_cluster import LocalCluster
+from ringkv.tools.launcher import free_port_block
+from ringkv.tools.local_cluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = ("ONE", "QUORUM", "ALL")

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.loadgen import LoadResult, compare, format_table, run_load
-from ringkv.launcher import NodeProcess, free_port, http, wait_until
+from ringkv.tools.launcher import NodeProcess, free_port, http, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -30,8 +30,8 @@ from typing import Any
 from bench import loadgen
 from bench.loadgen import LoadResult, run_load
 from ringkv.clock import SystemClock
-from ringkv.launcher import free_port_block
-from ringkv.local_cluster import LocalCluster
+from ringkv.tools.launcher import free_port_block
+from ringkv.tools.local_cluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOADS = {"A": 0.5, "B": 0.95, "C": 1.0, "W": 0.0}

@@ -41,8 +41,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ringkv.launcher import http
-    from ringkv.local_cluster import format_status
+    from ringkv.tools.launcher import http
+    from ringkv.tools.local_cluster import format_status
 
     try:
         status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout)
@@ -59,7 +59,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ringkv.local_cluster import LocalCluster, run_demo
+    from ringkv.tools.local_cluster import LocalCluster, run_demo
 
     cluster = LocalCluster(
         Path(args.data_dir).resolve(),

@@ -7,29 +7,29 @@ simulator can build the very same node on a virtual clock and a memory engine.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import os
 import random
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import Config
-from ringkv.coordinator import Coordinator, KeyspaceSettings, ReadResult, Receipt, WriteResult
-from ringkv.errors import ConfigError
+from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
 from ringkv.gossip import state as gs
 from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
 from ringkv.gossip.gossiper import Event, Gossiper
 from ringkv.gossip.service import GossipService
-from ringkv.hints import HintReplayer, HintStore
-from ringkv.internode import InternodeHandler, InternodeReplicas
+from ringkv.repair.handoff import HintedHandoff
+from ringkv.repair.hints import HintStore
+from ringkv.replica.internode import InternodeHandler, InternodeReplicas
+from ringkv.membership import ring_from_gossip
+from ringkv.identity import FileIdentity, MemoryIdentity
+from ringkv.keyspaces import KeyspaceSettings, schema_version
 from ringkv.metrics import NodeMetrics
 from ringkv.quorum import ConsistencyLevel
-from ringkv.replica import LocalReplica, ReplicaRouter
+from ringkv.replica.local import LocalReplica
+from ringkv.replica.router import ReplicaRouter
 from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_tokens, token_for
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
@@ -38,9 +38,6 @@ from ringkv.versioning import Cell, tombstone
 
 log = logging.getLogger(__name__)
 
-IDENTITY_FILE = "node.json"
-PEERS_FILE = "peers.json"  # the ring as last seen, so a restart does not start from nothing
-GENERATION_FILE = "generation"  # the last gossip generation used, so the next one is higher
 # Heartbeats reach a peer second-hand through gossip, so some arrive a round
 # late; tolerating two intervals of silence before phi climbs avoids false
 # DOWNs without slowing detection of a real failure much (Akka uses 3 s).
@@ -49,91 +46,6 @@ ACCEPTABLE_PAUSE_INTERVALS = 2
 # allocates tokens (Cassandra's RING_DELAY, scaled to the gossip interval).
 JOIN_LEARN_ROUNDS = 5
 MAINTENANCE_INTERVAL_S = 5.0
-
-
-class FileIdentity:
-    """A node's identity in its data directory: tokens in node.json, peers in
-    peers.json, the last gossip generation in ``generation``."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-
-    def load_tokens(self) -> tuple[int, ...] | None:
-        """This node's tokens from an earlier run; a restart must not move data."""
-        path = self._config.node_data_dir / IDENTITY_FILE
-        if not path.exists():
-            return None
-        identity = json.loads(path.read_text())
-        cluster = self._config.cluster
-        for field, expected in (("cluster", cluster.name), ("node_id", cluster.node_id)):
-            if identity.get(field) != expected:
-                raise ConfigError(
-                    f"{path} belongs to {field} {identity.get(field)!r}, not {expected!r}; "
-                    f"refusing to serve another node's data",
-                    field=f"cluster.{'name' if field == 'cluster' else 'node_id'}",
-                    source=str(path),
-                )
-        return tuple(int(t) for t in identity["tokens"])
-
-    def save_tokens(self, tokens: tuple[int, ...]) -> None:
-        cluster = self._config.cluster
-        _write_atomically(
-            self._config.node_data_dir / IDENTITY_FILE,
-            json.dumps({"cluster": cluster.name, "node_id": cluster.node_id,
-                        "tokens": list(tokens)}),
-        )
-
-    def load_peers(self) -> dict[str, dict[str, Any]]:
-        path = self._config.node_data_dir / PEERS_FILE
-        if not path.exists():
-            return {}
-        try:
-            peers = json.loads(path.read_text())
-            for peer in peers.values():
-                [int(t) for t in peer["tokens"]]
-                str(peer["dc"]), str(peer["rack"])
-            return peers
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Gossip will rebuild it; a node that knows no peers is only less safe.
-            log.error("ignoring unreadable %s: %s", path, exc)
-            return {}
-
-    def save_peers(self, peers: dict[str, dict[str, Any]]) -> None:
-        _write_atomically(self._config.node_data_dir / PEERS_FILE, json.dumps(peers))
-
-    def next_generation(self, now_s: int) -> int:
-        path = self._config.node_data_dir / GENERATION_FILE
-        last = int(path.read_text()) if path.exists() else 0
-        generation = max(now_s, last + 1)
-        _write_atomically(path, str(generation))
-        return generation
-
-
-class MemoryIdentity:
-    """A node's identity held in memory. A fresh one per Node forgets it on restart (the
-    memory engine forgets its data too); the simulator keeps one per simulated machine,
-    so a restarted node keeps its tokens and peers like a real one."""
-
-    def __init__(self) -> None:
-        self._tokens: tuple[int, ...] | None = None
-        self._peers = "{}"
-        self._generation = 0
-
-    def load_tokens(self) -> tuple[int, ...] | None:
-        return self._tokens
-
-    def save_tokens(self, tokens: tuple[int, ...]) -> None:
-        self._tokens = tuple(tokens)
-
-    def load_peers(self) -> dict[str, dict[str, Any]]:
-        return json.loads(self._peers)
-
-    def save_peers(self, peers: dict[str, dict[str, Any]]) -> None:
-        self._peers = json.dumps(peers)  # a copy, as a file would be
-
-    def next_generation(self, now_s: int) -> int:
-        self._generation = max(now_s, self._generation + 1)
-        return self._generation
 
 
 def open_engine(config: Config) -> Engine:
@@ -201,13 +113,15 @@ class Node:
         self.hints = HintStore(
             self.store, self.hlc, self.clock, max_hint_window_s=config.timing.max_hint_window_s
         )
-        self.replayer = HintReplayer(
+        self.handoff = HintedHandoff(
             self.hints,
-            self._deliver_hint,
+            self.router,
             self.is_alive,
-            rate_per_s=config.timing.hint_replay_rate_per_s,
-            on_replayed=lambda n: self.metrics.hints_replayed.inc(n),
-            on_expired=lambda n: self.metrics.hints_expired.inc(n),
+            self.clock,
+            self.metrics,
+            max_hint_window_s=config.timing.max_hint_window_s,
+            replay_rate_per_s=config.timing.hint_replay_rate_per_s,
+            write_timeout_s=config.timing.write_timeout_ms / 1000,
         )
         self.transport: Any = None
         self.gossiper: Gossiper | None = None
@@ -216,9 +130,8 @@ class Node:
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
         self._saved_peers: dict[str, dict[str, Any]] = {}
-        self._down_since: dict[str, float] = {}  # node id -> monotonic time it went DOWN
         self.ring = TokenRing({})
-        self._keyspaces = {
+        self.keyspaces = {
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
             for name, ks in config.keyspaces.items()
         }
@@ -227,10 +140,10 @@ class Node:
             ring=lambda: self.ring,
             is_alive=self.is_alive,
             replicas=self.router,
-            keyspaces=lambda: self._keyspaces,
+            keyspaces=lambda: self.keyspaces,
             clock=self.clock,
             hlc=self.hlc,
-            hints=self,
+            hints=self.handoff,
             read_timeout_s=config.timing.read_timeout_ms / 1000,
             write_timeout_s=config.timing.write_timeout_ms / 1000,
             speculative_retry_percentile=config.timing.speculative_retry_percentile,
@@ -291,13 +204,13 @@ class Node:
             (gs.RACK, cluster.rack),
             (gs.STATUS, gs.BOOT),
             (gs.LOAD, str(self.store.size_bytes())),
-            (gs.SCHEMA, self._schema_version()),
+            (gs.SCHEMA, schema_version(self.keyspaces)),
         ):
             self.gossiper.set_local(key, value)
         handler = InternodeHandler(
             self.local_replica,
             self.hlc,
-            known_keyspace=lambda name: name in self._keyspaces,
+            known_keyspace=lambda name: name in self.keyspaces,
             gossip=self._handle_gossip,
         )
         factory = self._transport_factory
@@ -347,7 +260,7 @@ class Node:
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
-        await self.replayer.stop()
+        await self.handoff.stop()
         if self.gossip is not None:
             await self.gossip.stop()
         if self.transport is not None:
@@ -359,7 +272,7 @@ class Node:
         persisted = self.identity.load_tokens()
         if persisted is not None:
             return persisted
-        max_rf = max((ks.replication_factor for ks in self._keyspaces.values()), default=1)
+        max_rf = max((ks.replication_factor for ks in self.keyspaces.values()), default=1)
         chosen = allocate_tokens(ring, self.config.cluster.num_tokens, self._rng, rf=max_rf)
         # Allocation is deterministic for a given ring, so two nodes joining
         # at once would pick the same tokens; a tiny random nudge (2**-24 of
@@ -390,10 +303,9 @@ class Node:
             elif event.kind in ("join", "restart"):
                 log.info("gossip: %s %s %s", event.node_id, event.kind, event.details)
             if event.kind == "up" and event.node_id:
-                self._down_since.pop(event.node_id, None)
-                self.replayer.kick(event.node_id)
+                self.handoff.peer_up(event.node_id)
             if event.kind == "down" and event.node_id:
-                self._down_since.setdefault(event.node_id, self.clock.monotonic_s())
+                self.handoff.peer_down(event.node_id)
             if event.kind == "change" and event.node_id:
                 keys = event.details.get("keys", {})
                 address = keys.get(gs.INTERNODE_ADDR)
@@ -406,50 +318,9 @@ class Node:
             self._rebuild_ring()
 
     def _rebuild_ring(self) -> None:
-        """The ring as gossip describes it: every NORMAL or LEAVING node with tokens.
-
-        Peers saved by an earlier run stay on the ring until gossip says
-        otherwise. A restarted node therefore never believes it is alone and
-        answers from its own (stale) replica: until it hears from its peers,
-        they are replicas that are DOWN, and a quorum read fails as Unavailable
-        instead of going back in time (Cassandra keeps system.peers for this).
-        """
-        peers = dict(self._saved_peers)
-        if self.gossiper is not None:
-            for node_id, state in self.gossiper.endpoint_states().items():
-                status = state.get(gs.STATUS)
-                if node_id == self.node_id or status is None or status == gs.BOOT:
-                    continue
-                if status == gs.LEFT:
-                    peers.pop(node_id, None)
-                    continue
-                node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")
-                if node_tokens:
-                    peers[node_id] = {
-                        "tokens": node_tokens,
-                        "dc": state.get(gs.DC) or "dc1",
-                        "rack": state.get(gs.RACK) or "rack1",
-                        "internode_addr": state.get(gs.INTERNODE_ADDR),
-                    }
-        tokens: dict[str, list[int]] = {}
-        infos: dict[str, NodeInfo] = {}
-        if self.tokens:
-            tokens[self.node_id] = list(self.tokens)
-            infos[self.node_id] = self.info
-        for node_id, peer in peers.items():
-            tokens[node_id] = list(peer["tokens"])
-            infos[node_id] = NodeInfo(node_id, dc=peer["dc"], rack=peer["rack"])
-        # Two nodes that joined at once could still pick the same token; the
-        # first by node id keeps it, so every node builds the same ring.
-        seen: set[int] = set()
-        for node_id in sorted(tokens):
-            kept = [t for t in tokens[node_id] if t not in seen]
-            seen.update(kept)
-            if kept:
-                tokens[node_id] = kept
-            else:
-                del tokens[node_id], infos[node_id]
-        ring = TokenRing(tokens, infos)
+        """The ring as gossip describes it (``membership.ring_from_gossip``)."""
+        states = self.gossiper.endpoint_states() if self.gossiper is not None else {}
+        ring, peers = ring_from_gossip(states, self._saved_peers, self.info, self.tokens)
         if ring != self.ring:
             log.info("ring now has %d nodes: %s", len(ring), ", ".join(ring.node_ids))
             self.ring = ring
@@ -464,36 +335,9 @@ class Node:
             try:
                 if self.gossiper is not None:
                     self.gossiper.set_local(gs.LOAD, str(self.store.size_bytes()))
-                self.replayer.kick_all()
-                for target in list(self.hints.targets):
-                    if not self.is_alive(target):
-                        await self.replayer.drop_expired(target)
+                await self.handoff.chores()
             except Exception:  # noqa: BLE001 - chores must not die
                 log.exception("maintenance round failed")
-
-    # -- hints -------------------------------------------------------------------
-
-    async def store_hint(
-        self, target: str, keyspace: str, token: int, key: bytes, cell: Cell
-    ) -> bool:
-        down_since = self._down_since.get(target)
-        window_s = self.config.timing.max_hint_window_s
-        if down_since is not None and self.clock.monotonic_s() - down_since > window_s:
-            # Down longer than the hint window: stop collecting hints for it
-            # (as Cassandra does); repair, not hints, brings it up to date.
-            self.metrics.hints_not_stored.inc()
-            return False
-        stored = await self.hints.store_hint(target, keyspace, token, key, cell)
-        if stored:
-            self.metrics.hints_stored.inc()
-        return stored
-
-    async def _deliver_hint(
-        self, target: str, keyspace: str, token: int, key: bytes, cell: Cell
-    ) -> None:
-        await self.router.write(
-            target, keyspace, token, key, cell, self.config.timing.write_timeout_ms / 1000
-        )
 
     # -- operations ------------------------------------------------------------
 
@@ -504,6 +348,8 @@ class Node:
         value: bytes,
         ttl_s: int | None,
         consistency: ConsistencyLevel | None,
+        *,
+        started_s: float | None = None,
     ) -> WriteResult:
         ts = self.hlc.now()
         ttl_s = ttl_s if ttl_s is not None else (self.config.timing.default_ttl_s or None)
@@ -511,24 +357,44 @@ class Node:
         # time does), not from an HLC that a peer's fast clock has pushed ahead.
         start_us = min(ts.wall_us, self.clock.wall_us())
         expires = start_us + ttl_s * 1_000_000 if ttl_s else None
-        return await self._write(keyspace, key, Cell(value, ts, False, expires), consistency)
+        return await self._write(
+            keyspace, key, Cell(value, ts, False, expires), consistency, started_s=started_s
+        )
 
     async def delete(
-        self, keyspace: str, key: bytes, consistency: ConsistencyLevel | None
+        self,
+        keyspace: str,
+        key: bytes,
+        consistency: ConsistencyLevel | None,
+        *,
+        started_s: float | None = None,
     ) -> WriteResult:
-        return await self._write(keyspace, key, tombstone(self.hlc.now()), consistency)
+        return await self._write(
+            keyspace, key, tombstone(self.hlc.now()), consistency, started_s=started_s
+        )
 
     async def _write(
-        self, keyspace: str, key: bytes, cell: Cell, consistency: ConsistencyLevel | None
+        self,
+        keyspace: str,
+        key: bytes,
+        cell: Cell,
+        consistency: ConsistencyLevel | None,
+        *,
+        started_s: float | None = None,
     ) -> WriteResult:
-        result = await self.coordinator.write(keyspace, key, cell, consistency)
+        result = await self.coordinator.write(keyspace, key, cell, consistency, started_s=started_s)
         self._count(result.receipt)
         return result
 
     async def get(
-        self, keyspace: str, key: bytes, consistency: ConsistencyLevel | None
+        self,
+        keyspace: str,
+        key: bytes,
+        consistency: ConsistencyLevel | None,
+        *,
+        started_s: float | None = None,
     ) -> ReadResult:
-        result = await self.coordinator.read(keyspace, key, consistency)
+        result = await self.coordinator.read(keyspace, key, consistency, started_s=started_s)
         self._count(result.receipt)
         if result.receipt.read_repair:
             self.metrics.read_repairs.inc()
@@ -546,95 +412,6 @@ class Node:
         self.coordinator.keyspace(keyspace)
         return self.local_replica.read(keyspace, token_for(key), key)
 
-    # -- introspection ---------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """The cluster as this node sees it: one row per node, like nodetool status."""
-        ownership = self.ring.ownership(1) if len(self.ring) else {}
-        rows = []
-        if self.gossiper is None:
-            rows.append(self._status_row(self.node_id, "UP", gs.NORMAL, self.store.size_bytes(),
-                                         None, ownership))
-        else:
-            for row in self.gossiper.snapshot(self.clock.monotonic_s()):
-                load = self.store.size_bytes() if row["local"] else row["load"]
-                rows.append(self._status_row(row["node_id"], row["state"], row["status"], load,
-                                             row["phi"], ownership))
-        return {
-            "node_id": self.node_id,
-            "cluster": self.config.cluster.name,
-            "nodes": rows,
-            "keyspaces": self._keyspace_json(),
-            "storage": {"sync_mode": self.config.storage.commit_sync, **vars(self.store.stats)},
-            "hints": vars(self.hints.stats),
-        }
-
-    def _status_row(
-        self, node_id: str, liveness: str, status: str | None, load: int | None,
-        phi: float | None, ownership: Mapping[str, float],
-    ) -> dict[str, Any]:
-        in_ring = node_id in self.ring.node_ids
-        info = self.ring.info(node_id) if in_ring else None
-        return {
-            "node_id": node_id,
-            "address": self._client_address(node_id),
-            "liveness": liveness,
-            # BOOT is gossip's word; operators know it as JOINING (nodetool).
-            "status": "JOINING" if status == gs.BOOT else (status or "UNKNOWN"),
-            "load_bytes": load or 0,
-            "tokens": len(self.ring.tokens_of(node_id)) if in_ring else 0,
-            "owns": ownership.get(node_id, 0.0),
-            "dc": info.dc if info else None,
-            "rack": info.rack if info else None,
-            "phi": None if phi is None else round(phi, 3),
-        }
-
-    def ring_info(self) -> dict[str, Any]:
-        return {
-            "partitioner": "murmur3",
-            "nodes": [
-                {
-                    "node_id": node_id,
-                    "client_address": self._client_address(node_id),
-                    "tokens": list(self.ring.tokens_of(node_id)),
-                    "up": self.is_alive(node_id),
-                    # Placement is rack-aware once racks differ: clients need them to route.
-                    "dc": self.ring.info(node_id).dc,
-                    "rack": self.ring.info(node_id).rack,
-                }
-                for node_id in self.ring.node_ids
-            ],
-            "keyspaces": self._keyspace_json(),
-        }
-
-    def _client_address(self, node_id: str) -> str | None:
-        if node_id == self.node_id or self.gossiper is None:
-            return f"{self.config.cluster.listen_host}:{self.config.cluster.client_port}"
-        state = self.gossiper.endpoint_states().get(node_id)
-        return None if state is None else state.get(gs.CLIENT_ADDR)
-
-    def _schema_version(self) -> str:
-        """A short digest of the keyspace definitions, gossiped so mismatches are visible."""
-        text = json.dumps(self._keyspace_json(), sort_keys=True)
-        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-    def _keyspace_json(self) -> Mapping[str, Any]:
-        return {
-            name: {"replication_factor": ks.replication_factor,
-                   "default_consistency": ks.default_consistency.value}
-            for name, ks in self._keyspaces.items()
-        }
-
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

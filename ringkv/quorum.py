@@ -7,6 +7,7 @@ R + W > N makes every read quorum overlap every write quorum.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 from ringkv.errors import BadRequest
 
@@ -52,3 +53,82 @@ def block_for(level: ConsistencyLevel, replication_factor: int) -> int:
     if level is ConsistencyLevel.QUORUM:
         return replication_factor // 2 + 1
     return replication_factor  # ALL
+
+
+class Vote(enum.Enum):
+    """Where a quorum stands (etcd raft's ``quorum.VoteResult``)."""
+
+    PENDING = "pending"  # not decided: enough replicas may still answer
+    WON = "won"  # enough replicas answered
+    LOST = "lost"  # too few replicas can still answer for it ever to be won
+
+
+class Response(enum.Enum):
+    """One replica's answer, as a quorum counts it."""
+
+    OK = "ok"
+    FAILED = "failed"
+    HINTED = "hinted"  # failed, but a hint for it was stored on the coordinator
+
+
+class ResponseTracker:
+    """Counts replica responses toward ``block_for`` (pure).
+
+    The coordinator's write path, its read path and (next) Paxos phases all
+    ask a set of replicas and need ``block_for`` of them. ``record`` takes one
+    response and says where the quorum stands: WON once ``block_for`` count,
+    LOST as soon as too few replicas are left to get there, PENDING between.
+    A response from a replica that was not asked, or a second response from
+    one that was (the network may duplicate), changes nothing.
+
+    ``hints_count``: at ANY, a stored hint counts like an acknowledgement
+    (Cassandra's ``WriteType``/ANY semantics).
+    """
+
+    __slots__ = ("block_for", "hints_count", "ok", "failed", "hinted", "_outstanding")
+
+    def __init__(self, asked: Iterable[str], block_for: int, *, hints_count: bool = False) -> None:
+        if block_for < 0:
+            raise ValueError("block_for must be >= 0")
+        self.block_for = block_for
+        self.hints_count = hints_count
+        self.ok: list[str] = []
+        self.failed: list[str] = []
+        self.hinted: list[str] = []
+        self._outstanding: set[str] = set(asked)
+
+    def ask(self, node: str) -> Vote:
+        """One more replica was asked (a spare, say): its answer can count too."""
+        if node not in self.ok and node not in self.failed and node not in self.hinted:
+            self._outstanding.add(node)
+        return self.vote
+
+    def record(self, node: str, response: Response) -> Vote:
+        if node not in self._outstanding:
+            return self.vote
+        self._outstanding.discard(node)
+        if response is Response.OK:
+            self.ok.append(node)
+        elif response is Response.HINTED:
+            self.hinted.append(node)
+        else:
+            self.failed.append(node)
+        return self.vote
+
+    @property
+    def counted(self) -> int:
+        """How many responses count toward ``block_for``."""
+        return len(self.ok) + (len(self.hinted) if self.hints_count else 0)
+
+    @property
+    def outstanding(self) -> frozenset[str]:
+        return frozenset(self._outstanding)
+
+    @property
+    def vote(self) -> Vote:
+        counted = self.counted
+        if counted >= self.block_for:
+            return Vote.WON
+        if counted + len(self._outstanding) < self.block_for:
+            return Vote.LOST
+        return Vote.PENDING

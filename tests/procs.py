@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ringkv.launcher import NodeProcess, free_port, http, wait_until
+from ringkv.tools.launcher import NodeProcess, free_port, http, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -241,12 +241,12 @@ def test_a_scan_stopped_by_a_replica_bound_skips_nothing(
     """A replica caps each scan reply (in items, and in bytes so that a reply of
     large values still fits one internode frame); a capped reply is marked, and
     the coordinator ends the page there instead of taking the range as done."""
-    import ringkv.replica
+    import ringkv.replica.local
 
     if bound == "items":
-        monkeypatch.setattr(ringkv.replica, "MAX_SCAN_ITEMS", 4)
+        monkeypatch.setattr(ringkv.replica.local, "MAX_SCAN_ITEMS", 4)
     else:
-        monkeypatch.setattr(ringkv.replica, "MAX_SCAN_REPLY_BYTES", 400)
+        monkeypatch.setattr(ringkv.replica.local, "MAX_SCAN_REPLY_BYTES", 400)
 
     async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
         expected = {f"key-{i}": "v" * 50 for i in range(40)}

@@ -31,8 +31,8 @@ from ringkv.errors import (
     TooLarge,
     Unavailable,
 )
-from ringkv.launcher import free_port
-from ringkv.local_cluster import LocalCluster
+from ringkv.tools.launcher import free_port
+from ringkv.tools.local_cluster import LocalCluster
 from ringkv.node import Node
 from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.ring import NodeInfo, TokenRing, token_for

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from ringkv.local_cluster import LocalCluster, node_view
-from ringkv.launcher import NodeProcess, free_port_block
+from ringkv.tools.local_cluster import LocalCluster, node_view
+from ringkv.tools.launcher import NodeProcess, free_port_block
 from tests.procs import http, wait_until
 
 pytestmark = pytest.mark.cluster

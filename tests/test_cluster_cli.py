@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ringkv.launcher import free_port_block
+from ringkv.tools.launcher import free_port_block
 from tests.procs import REPO, http, wait_until
 
 pytestmark = pytest.mark.cluster

@@ -1,4 +1,8 @@
-"""The coordinator's read/write path against in-process fake replicas (Dynamo §4.5-§4.6)."""
+"""The coordinator's read/write path against in-process fake replicas (Dynamo §4.5-§4.6).
+
+Every scenario runs on the simulator's virtual-time loop, so a timeout of a
+second costs no wall time and the same scenario always runs the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from collections.abc import Mapping
 
 import pytest
 
-from ringkv.clock import Clock, ManualClock, SystemClock
+from ringkv.clock import Clock, ManualClock
 from ringkv.hlc import HybridLogicalClock, Timestamp
 from ringkv.coordinator import Coordinator, KeyspaceSettings
-from ringkv.errors import CorruptRecord, PeerUnreachable, Timeout, Unavailable
+from ringkv.errors import CorruptRecord, PeerTimeout, PeerUnreachable, Timeout, Unavailable
 from ringkv.quorum import ConsistencyLevel as CL
 from ringkv.ring import TokenRing
+from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.versioning import Cell, cell_digest
 
 NODES = ("a", "b", "c")
@@ -29,6 +34,9 @@ class FakeReplicas:
         self.writes: list[str] = []
         self.hang_passes: tuple[ManualClock, float] | None = None  # time that passes in a hang
         self.corrupt: set[str] = set()  # reads fail their checksum until the key is rewritten
+        self.slow_data: set[str] = set()  # full-data reads hang; digests still answer
+        self.slow_writes: set[str] = set()  # writes hang
+        self.digest_delay_s: dict[str, float] = {}  # digests answer after this long
 
     async def _gate(self, node: str) -> None:
         if node in self.failing:
@@ -39,8 +47,16 @@ class FakeReplicas:
                 clock.advance(seconds)
             await asyncio.Event().wait()  # never answers; cancelled by the coordinator
 
+    async def _time_out(self, node: str, timeout_s: float) -> None:
+        """No answer: the request's own timer fires, as the transport's does."""
+        await asyncio.sleep(timeout_s)
+        raise PeerTimeout(f"{node} did not answer in {timeout_s}s", node_id=node, verb="fake",
+                          timeout_s=timeout_s)
+
     async def write(self, node, keyspace, token, key, cell, timeout_s):
         await self._gate(node)
+        if node in self.slow_writes:
+            await self._time_out(node, timeout_s)
         self.writes.append(node)
         self.corrupt.discard(node)  # as LocalStore.apply replaces a corrupt record
         current = self.data[node].get(key)
@@ -49,15 +65,28 @@ class FakeReplicas:
 
     async def read(self, node, keyspace, token, key, timeout_s):
         await self._gate(node)
+        if node in self.slow_data:
+            await self._time_out(node, timeout_s)
         if node in self.corrupt:
             raise CorruptRecord("checksum mismatch")
         return self.data[node].get(key)
 
     async def digest(self, node, keyspace, token, key, timeout_s):
         await self._gate(node)
+        await asyncio.sleep(self.digest_delay_s.get(node, 0.0))
         if node in self.corrupt:
             raise CorruptRecord("checksum mismatch")
         return cell_digest(self.data[node].get(key))
+
+    # The coordinator's ReplicaClient calls: each answer is a future (a task here).
+    def write_future(self, node, keyspace, token, key, cell, timeout_s):
+        return asyncio.ensure_future(self.write(node, keyspace, token, key, cell, timeout_s))
+
+    def read_future(self, node, keyspace, token, key, timeout_s):
+        return asyncio.ensure_future(self.read(node, keyspace, token, key, timeout_s))
+
+    def digest_future(self, node, keyspace, token, key, timeout_s):
+        return asyncio.ensure_future(self.digest(node, keyspace, token, key, timeout_s))
 
     async def scan(self, node, keyspace, after, end_token, limit, timeout_s):
         raise NotImplementedError
@@ -76,7 +105,7 @@ def make(replicas: FakeReplicas, alive: set[str] | None = None, hints: Hints | N
          timeout_s: float = 1.0, clock: Clock | None = None) -> Coordinator:
     alive = set(NODES) if alive is None else alive
     keyspaces: Mapping[str, KeyspaceSettings] = {"ks": KeyspaceSettings("ks", 3, CL.QUORUM)}
-    clock = clock or SystemClock()
+    clock = clock or LoopClock()
     return Coordinator(
         "a", ring=lambda: RING, is_alive=lambda n: n in alive, replicas=replicas,
         keyspaces=lambda: keyspaces, clock=clock, hlc=HybridLogicalClock(clock), hints=hints,
@@ -84,8 +113,29 @@ def make(replicas: FakeReplicas, alive: set[str] | None = None, hints: Hints | N
     )
 
 
+class LoopClock:
+    """The running loop's time as the node's clock: virtual time in these tests."""
+
+    def wall_us(self) -> int:
+        return 1_700_000_000_000_000 + int(asyncio.get_running_loop().time() * 1_000_000)
+
+    def monotonic_s(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def call_later(self, delay_s, callback, *args):
+        return asyncio.get_running_loop().call_later(delay_s, callback, *args)
+
+    async def sleep(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+
+
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+    """Run ``coro`` on virtual time; a scenario stuck for a virtual minute fails."""
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout=60))
+    finally:
+        loop.dispose()
 
 
 def cell(value: bytes, wall_us: int) -> Cell:
@@ -207,7 +257,7 @@ def test_speculative_retry_backs_up_a_slow_replica() -> None:
     async def scenario() -> None:
         for _ in range(30):  # enough samples for a latency percentile
             await coordinator.read("ks", b"k", CL.QUORUM)
-        slow = coordinator._by_proximity(("b", "c"))[0]  # the peer it will ask first
+        slow = coordinator.snitch.by_proximity(("b", "c"))[0]  # the peer it will ask first
         replicas.hanging.add(slow)
         result = await coordinator.read("ks", b"k", CL.QUORUM)
         assert result.receipt.speculative, result.receipt
@@ -230,15 +280,59 @@ def test_a_replica_that_stops_answering_is_not_asked_first_again() -> None:
     async def scenario() -> None:
         for _ in range(30):  # enough samples for a latency percentile
             await coordinator.read("ks", b"k", CL.QUORUM)
-        silent = coordinator._by_proximity(("b", "c"))[0]  # the peer it will ask first
+        silent = coordinator.snitch.by_proximity(("b", "c"))[0]  # the peer it will ask first
         replicas.hanging.add(silent)
         replicas.hang_passes = (clock, 1.0)  # one second passes while it does not answer
         first = await coordinator.read("ks", b"k", CL.QUORUM)
         assert first.receipt.speculative and silent not in first.receipt.answered
         # The last sample is the spare's: asked after the second passed, it answered at once.
-        assert coordinator._latencies._samples[-1] == 0.0
+        assert coordinator.snitch.latencies.samples[-1] == 0.0
         second = await coordinator.read("ks", b"k", CL.QUORUM)
         assert silent not in second.receipt.asked
         assert second.receipt.speculative == []
 
     run(scenario())
+
+
+@pytest.mark.parametrize("stage", ["refetch after a digest mismatch", "blocking read repair"])
+def test_one_deadline_bounds_the_whole_read(stage: str) -> None:
+    """Cassandra's query start time: the digest-mismatch refetch and the read
+    repair spend what is left of the read's one timeout; they do not each
+    start a timeout of their own (which made a QUORUM read take up to
+    read + read + write timeouts)."""
+    replicas = FakeReplicas()
+    replicas.data["a"][b"k"] = cell(b'"old"', 1)
+    replicas.data["b"][b"k"] = cell(b'"new"', 2)
+    replicas.data["c"][b"k"] = cell(b'"new"', 2)
+    replicas.digest_delay_s = {"b": 0.6, "c": 0.6}  # the digest round takes 0.6 s
+    if stage.startswith("refetch"):
+        replicas.slow_data.update({"b", "c"})  # their digests answer, their data never
+    else:
+        replicas.slow_writes.add("a")  # the stale replica never takes the repair
+    coordinator = make(replicas, timeout_s=1.0)
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Timeout):
+            await coordinator.read("ks", b"k", CL.QUORUM)
+        return loop.time() - started
+
+    assert run(scenario()) == pytest.approx(1.0)
+
+
+def test_the_deadline_counts_from_when_the_request_arrived() -> None:
+    """A request that waited before reaching the coordinator has less time left."""
+    replicas = FakeReplicas()
+    replicas.hanging.update({"b", "c"})
+    coordinator = make(replicas, timeout_s=1.0)
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        await asyncio.sleep(0.75)  # queued behind other work
+        with pytest.raises(Timeout):
+            await coordinator.write("ks", b"k", cell(b"1", 1), CL.QUORUM, started_s=arrived)
+        return loop.time() - arrived
+
+    assert run(scenario()) == pytest.approx(1.0)

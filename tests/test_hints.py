@@ -9,7 +9,7 @@ from pathlib import Path
 from ringkv.clock import ManualClock
 from ringkv.hlc import HybridLogicalClock, Timestamp
 from ringkv.errors import PeerUnreachable
-from ringkv.hints import HintReplayer, HintStore
+from ringkv.repair.hints import HintReplayer, HintStore
 from ringkv.storage.leveldb import LevelDBEngine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
@@ -178,3 +178,19 @@ def test_a_hint_stored_while_a_scan_finds_none_is_not_forgotten() -> None:
         await store.close()
 
     run(scenario())
+
+
+def test_the_hint_window_closes_for_a_replica_down_too_long() -> None:
+    """Cassandra's max_hint_window: a replica DOWN for longer gets no more hints
+    (repair brings it up to date); one that only failed a write, or came back,
+    gets them again."""
+    from ringkv.repair.hint_window import HintWindow
+
+    window = HintWindow(max_hint_window_s=10.0)
+    assert window.accepts("n2", now_s=0.0)  # UP, failed one write
+    window.down("n2", now_s=100.0)
+    window.down("n2", now_s=105.0)  # a repeated DOWN report does not restart the window
+    assert window.accepts("n2", now_s=110.0)
+    assert not window.accepts("n2", now_s=110.5)
+    window.up("n2")
+    assert window.accepts("n2", now_s=500.0)

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench.loadgen import _Connection, _Target
-from ringkv.launcher import free_port
+from ringkv.tools.launcher import free_port
 
 
 def run(coro):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ringkv.local_cluster import LocalCluster
+from ringkv.tools.local_cluster import LocalCluster
 from tests.procs import REPO
 from tests.test_cluster import make_cluster
 

@@ -29,7 +29,7 @@ from ringkv.errors import (
     ShuttingDown,
     TooLarge,
 )
-from ringkv.launcher import free_port
+from ringkv.tools.launcher import free_port
 from ringkv.net.codec import (
     KIND_ONEWAY,
     KIND_REQUEST,

@@ -409,10 +409,11 @@ def test_quorum_quorum_loses_no_acknowledged_write_and_reads_nothing_stale(seed:
 
 
 def test_checkers_and_history_are_pure() -> None:
-    """A real-process test can reuse them: no asyncio, no clock, no node code."""
-    from tests.test_layering import FORBIDDEN_IN_PURE, imported_modules
+    """A real-process test can reuse them: no asyncio, no clock, no node code,
+    not even through their imports (the layering test's transitive check)."""
+    from tests.test_layering import FORBIDDEN_IN_PURE, imports_of, is_shell, reachable
 
-    for module in ("checkers.py", "history.py"):
-        path = REPO / "ringkv" / "sim" / module
-        assert not imported_modules(path) & FORBIDDEN_IN_PURE, module
-        assert "ringkv.node" not in path.read_text()
+    for module in ("sim/checkers.py", "sim/history.py"):
+        assert not is_shell(module), module
+        assert not imports_of(module)[0] & FORBIDDEN_IN_PURE, module
+        assert not [target for target in reachable(module) if is_shell(target)], module

@@ -33,8 +33,8 @@ from ringkv.chaos.proxy import FaultProxy
 from ringkv.client import AsyncClient
 from ringkv.clock import SystemClock
 from ringkv.errors import BadRequest, NoNodeAvailable, RingKVError
-from ringkv.launcher import NodeProcess, free_port, http
-from ringkv.local_cluster import LocalCluster
+from ringkv.tools.launcher import NodeProcess, free_port, http
+from ringkv.tools.local_cluster import LocalCluster
 from ringkv.sim import checkers
 from ringkv.sim.history import FAIL, INFO, OK, Op
 

@@ -1,25 +1,6 @@
-"""Internode messaging: msgpack frames over persistent asyncio TCP connections."""
+"""Internode messaging: msgpack frames (``codec``, pure) over persistent
+connections (``transport``).
 
-from ringkv.net.codec import (
-    KIND_ERROR,
-    KIND_ONEWAY,
-    KIND_REQUEST,
-    KIND_RESPONSE,
-    PROTOCOL_VERSION,
-    Frame,
-    FrameDecoder,
-    encode_frame,
-)
-from ringkv.net.transport import Transport
-
-__all__ = [
-    "KIND_ERROR",
-    "KIND_ONEWAY",
-    "KIND_REQUEST",
-    "KIND_RESPONSE",
-    "PROTOCOL_VERSION",
-    "Frame",
-    "FrameDecoder",
-    "Transport",
-    "encode_frame",
-]
+This package imports nothing itself, so that importing the pure codec does
+not pull in asyncio and sockets.
+"""

@@ -27,6 +27,7 @@ from ringkv.metrics import CONTENT_TYPE
 from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
 from ringkv.server import validation as v
+from ringkv.server.status import cluster_status, ring_view
 from ringkv.versioning import Cell
 
 if TYPE_CHECKING:
@@ -69,11 +70,16 @@ def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVE
     return BadRequest(exc.reason or "bad request", field="request")
 
 
+STARTED_S = "ringkv.started_s"  # request key: when the request arrived, on the node's clock
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Map every failure to the JSON error shape, and record request metrics."""
     node = request.app[NODE_KEY]
     started = node.clock.monotonic_s()
+    # The request's one deadline counts from here (Cassandra's query start time).
+    request[STARTED_S] = started
     route = request.match_info.route.name or "unknown"
     level = _metric_level(request.query.get("consistency"))
     try:
@@ -177,7 +183,7 @@ async def put_key(request: web.Request) -> web.Response:
     value = v.value_bytes(body["value"], node.config.limits, field="value")
     ttl = v.ttl_s(body.get("ttl", request.query.get("ttl")), field="ttl")
     level = v.consistency(request.query.get("consistency"), write=True)
-    result = await node.put(keyspace, key, value, ttl, level)
+    result = await node.put(keyspace, key, value, ttl, level, started_s=request[STARTED_S])
     return json_response(
         {"ok": True, "timestamp": result.cell.ts.to_json(), "receipt": result.receipt.to_json()}
     )
@@ -192,7 +198,7 @@ async def get_key(request: web.Request) -> web.Response:
         receipt = None
     else:
         level = v.consistency(request.query.get("consistency"), write=False)
-        result = await node.get(keyspace, key, level)
+        result = await node.get(keyspace, key, level, started_s=request[STARTED_S])
         cell, receipt = result.cell, result.receipt.to_json()
     if cell is None or not cell.is_live(node.clock.wall_us()):
         raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}", receipt=receipt)
@@ -205,7 +211,7 @@ async def delete_key(request: web.Request) -> web.Response:
     keyspace = _keyspace(request)
     key = v.key_from_path(request.rel_url.raw_path, node.config.limits)
     level = v.consistency(request.query.get("consistency"), write=True)
-    result = await node.delete(keyspace, key, level)
+    result = await node.delete(keyspace, key, level, started_s=request[STARTED_S])
     return json_response(
         {"ok": True, "timestamp": result.cell.ts.to_json(), "receipt": result.receipt.to_json()}
     )
@@ -319,11 +325,11 @@ async def scan(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return json_response(request.app[NODE_KEY].status())
+    return json_response(cluster_status(request.app[NODE_KEY]))
 
 
 async def ring(request: web.Request) -> web.Response:
-    return json_response(request.app[NODE_KEY].ring_info())
+    return json_response(ring_view(request.app[NODE_KEY]))
 
 
 async def metrics(request: web.Request) -> web.Response:

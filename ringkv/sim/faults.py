@@ -7,14 +7,14 @@ class of bug.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+from collections.abc import Iterable
 
 from ringkv.hlc import Timestamp
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
 from ringkv.errors import RingKVError
 from ringkv.quorum import ConsistencyLevel
-from ringkv.replica_plan import ReplicaPlan
+from ringkv.coordinator.replica_plan import ReplicaPlan
 from ringkv.versioning import Cell, encode_json_value
 
 
@@ -24,7 +24,8 @@ class AckWithoutWrite(Coordinator):
     _writes = 0  # per instance once incremented; counts writes coordinated
 
     async def write(self, keyspace: str, key: bytes, cell: Cell,
-                    consistency: ConsistencyLevel | None) -> WriteResult:
+                    consistency: ConsistencyLevel | None, *,
+                    started_s: float | None = None) -> WriteResult:
         self._writes += 1
         if self._writes % 3:
             return await super().write(keyspace, key, cell, consistency)
@@ -38,14 +39,15 @@ class AckBeforeWrite(Coordinator):
     delay_s = 0.05
 
     async def write(self, keyspace: str, key: bytes, cell: Cell,
-                    consistency: ConsistencyLevel | None) -> WriteResult:
+                    consistency: ConsistencyLevel | None, *,
+                    started_s: float | None = None) -> WriteResult:
         plan = self.plan(keyspace, key, consistency, write=True)
         self._spawn(self._write_behind(keyspace, key, cell, consistency))
         return WriteResult(cell, Receipt(plan.consistency.value, list(plan.natural)))
 
     async def _write_behind(self, keyspace: str, key: bytes, cell: Cell,
                             consistency: ConsistencyLevel | None) -> None:
-        await asyncio.sleep(self.delay_s)
+        await self._clock.sleep(self.delay_s)
         try:
             await super().write(keyspace, key, cell, consistency)
         except RingKVError:
@@ -58,7 +60,8 @@ class BackdatedWrite(Coordinator):
     _writes = 0  # per instance once incremented
 
     async def write(self, keyspace: str, key: bytes, cell: Cell,
-                    consistency: ConsistencyLevel | None) -> WriteResult:
+                    consistency: ConsistencyLevel | None, *,
+                    started_s: float | None = None) -> WriteResult:
         self._writes += 1
         if self._writes % 5 == 0:
             cell = dataclasses.replace(cell, ts=Timestamp(cell.ts.wall_us - 500_000, 0))
@@ -71,7 +74,8 @@ class PhantomRead(Coordinator):
     _reads = 0  # per instance once incremented
 
     async def read(self, keyspace: str, key: bytes,
-                   consistency: ConsistencyLevel | None) -> ReadResult:
+                   consistency: ConsistencyLevel | None, *,
+                   started_s: float | None = None) -> ReadResult:
         result = await super().read(keyspace, key, consistency)
         self._reads += 1
         if self._reads % 10 or result.cell is None or result.cell.tombstone:
@@ -83,8 +87,8 @@ class PhantomRead(Coordinator):
 class NoReadRepair(Coordinator):
     """Reconciles the answer but never writes it back to stale replicas."""
 
-    async def _repair(self, plan: ReplicaPlan, key: bytes, winner: Cell, stale: list[str],
-                      receipt: Receipt) -> None:
+    async def _repair(self, plan: ReplicaPlan, key: bytes, winner: Cell, stale: Iterable[str],
+                      receipt: Receipt, deadline_s: float) -> None:
         return None
 
 

@@ -169,16 +169,22 @@ class LocalStore:
         one that was already there. Either way, once this returns, the stored
         state includes ``cell``'s effect with the durability of the sync mode.
         """
-        winner, committed = self.apply_nowait(keyspace, token, key, cell)
+        winner, committed = self._merge(keyspace, token, key, cell)
         await committed
         return winner
 
-    def apply_nowait(
+    def apply_future(
+        self, keyspace: str, token: int, key: bytes, cell: Cell
+    ) -> asyncio.Future[None]:
+        """``apply`` without the wait: a future that resolves (or fails) once
+        the merged result is committed. For callers that answer from a
+        callback rather than a task of their own."""
+        return self._merge(keyspace, token, key, cell)[1]
+
+    def _merge(
         self, keyspace: str, token: int, key: bytes, cell: Cell
     ) -> tuple[Cell, asyncio.Future[None]]:
-        """``apply`` without the wait: the winner now, and a future that resolves
-        (or fails) once that winner is committed. For callers that answer from
-        a callback rather than a task of their own."""
+        """The stored winner now, and the future of its commit."""
         self._check_open()
         if len(self._waiters) + len(self._flushing_waiters) >= self._max_pending_writes:
             raise Overloaded(

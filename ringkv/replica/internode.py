@@ -17,7 +17,8 @@ from ringkv import messages as m
 from ringkv.hlc import HybridLogicalClock
 from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net.transport import NOT_NOW
-from ringkv.replica import LocalReplica, failed_future
+from ringkv.replica.client import failed_future
+from ringkv.replica.local import LocalReplica
 from ringkv.versioning import Cell, cell_digest
 
 T = TypeVar("T")
@@ -39,7 +40,7 @@ class InternodeReplicas:
     def __init__(self, transport: Requester) -> None:
         self._transport = transport
 
-    def _soon(
+    def _future(
         self, node_id: str, verb: str, payload: Any, timeout_s: float, convert: Callable[[Any], T]
     ) -> asyncio.Future[T]:
         """The parsed answer to one request, as a future: no task is needed to wait.
@@ -52,40 +53,25 @@ class InternodeReplicas:
         except RingKVError as exc:
             return failed_future(exc)
 
-    def read_soon(
+    def read_future(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> asyncio.Future[Cell | None]:
         payload = m.KeyRef(keyspace, token, key).to_wire()
-        return self._soon(node_id, m.READ, payload, timeout_s, m.cell_from_wire)
+        return self._future(node_id, m.READ, payload, timeout_s, m.cell_from_wire)
 
-    def digest_soon(
+    def digest_future(
         self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
     ) -> asyncio.Future[bytes]:
         payload = m.KeyRef(keyspace, token, key).to_wire()
-        return self._soon(node_id, m.DIGEST, payload, timeout_s, partial(_digest_bytes, node_id))
+        return self._future(node_id, m.DIGEST, payload, timeout_s, partial(_digest_bytes, node_id))
 
-    async def write(
-        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
-    ) -> None:
-        await self.write_soon(node_id, keyspace, token, key, cell, timeout_s)
-
-    def write_soon(
+    def write_future(
         self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
     ) -> asyncio.Future[None]:
         """Resolves to None once the replica has the write durably (its acknowledgement)."""
         payload = m.KeyRef(keyspace, token, key).to_wire()
         payload["c"] = m.cell_to_wire(cell)
-        return self._soon(node_id, m.WRITE, payload, timeout_s, _acknowledged)
-
-    async def read(
-        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
-    ) -> Cell | None:
-        return await self.read_soon(node_id, keyspace, token, key, timeout_s)
-
-    async def digest(
-        self, node_id: str, keyspace: str, token: int, key: bytes, timeout_s: float
-    ) -> bytes:
-        return await self.digest_soon(node_id, keyspace, token, key, timeout_s)
+        return self._future(node_id, m.WRITE, payload, timeout_s, _acknowledged)
 
     async def scan(
         self,
@@ -167,8 +153,7 @@ class InternodeHandler:
                 raise ProtocolError("write carries no cell")
             # HLC receive rule: later local writes get later timestamps.
             self._hlc.observe(cell.ts)
-            _, committed = self._local.write_nowait(ref.keyspace, ref.token, ref.key, cell)
-            return committed
+            return self._local.write_future(ref.keyspace, ref.token, ref.key, cell)
         cell = self._local.read(ref.keyspace, ref.token, ref.key)
         return m.cell_to_wire(cell) if verb == m.READ else cell_digest(cell)
 

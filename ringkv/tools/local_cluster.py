@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ringkv.clock import SystemClock
-from ringkv.launcher import NodeProcess, http, wait_until
+from ringkv.tools.launcher import NodeProcess, http, wait_until
 
 _CLOCK = SystemClock()
 

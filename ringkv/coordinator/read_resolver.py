@@ -1,0 +1,155 @@
+"""The read path's decisions, without the waiting (pure).
+
+Dynamo §4.5 and Cassandra's ``DigestResolver``: a read asks one replica for
+the data and ``block_for - 1`` others for a digest of theirs. ``ReadRound``
+decides whom to ask and when the read has enough: it counts answers with
+the same ``ResponseTracker`` as writes, brings in a spare replica when one of
+those asked fails (or, through ``on_slow``, when one is slower than the
+speculative-retry threshold), and remembers which replicas reported a
+corrupt record. ``resolve`` turns data and digests into the winner and the
+replicas to repair, or says that full data is needed first because a digest
+disagreed.
+
+The coordinator's driver (``driver.py``) sends the asks, waits, and feeds
+answers back in; nothing here awaits, sends or reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ringkv.quorum import Response, ResponseTracker, Vote
+from ringkv.versioning import Cell, cell_digest, reconcile
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    node: str
+    data: bool  # the full cell, or only its digest
+
+
+class ReadRound:
+    """Whom a read asks, and whether it has enough answers yet."""
+
+    def __init__(self, targets: Sequence[str], spares: Sequence[str], block_for: int) -> None:
+        if not targets:
+            raise ValueError("a read asks at least one replica")
+        self._targets = list(targets)
+        self._spares = list(spares)
+        self.block_for = block_for
+        self.tracker = ResponseTracker((), block_for)
+        self.data: dict[str, Cell | None] = {}
+        self.digests: dict[str, bytes] = {}
+        self.corrupt: list[str] = []
+        self.speculative: list[str] = []  # spares asked, in order
+        self.speculated = False  # a spare was asked for slowness (once per read)
+
+    def start(self) -> list[Ask]:
+        first, rest = self._targets[0], self._targets[1:]
+        asks = [Ask(first, True)] + [Ask(node, False) for node in rest]
+        for ask in asks:
+            self.tracker.ask(ask.node)
+        return asks
+
+    def on_data(self, node: str, cell: Cell | None) -> list[Ask]:
+        if node in self.tracker.outstanding:
+            self.data[node] = cell
+        self.tracker.record(node, Response.OK)
+        return self._refill()
+
+    def on_digest(self, node: str, digest: bytes) -> list[Ask]:
+        if node in self.tracker.outstanding:
+            self.digests[node] = digest
+        self.tracker.record(node, Response.OK)
+        return self._refill()
+
+    def on_failure(self, node: str, *, corrupt: bool = False) -> list[Ask]:
+        if corrupt and node not in self.corrupt:
+            # A replica whose record failed its checksum is stale: the read
+            # repair write replaces the record (LocalStore.apply).
+            self.corrupt.append(node)
+        self.tracker.record(node, Response.FAILED)
+        return self._refill()
+
+    def on_slow(self) -> list[Ask]:
+        """The read waited past the speculative threshold: back it up with a spare."""
+        if not self.can_speculate:
+            return []
+        self.speculated = True
+        return [self._ask_spare()]
+
+    @property
+    def can_speculate(self) -> bool:
+        return bool(self._spares) and not self.speculated and self.vote is Vote.PENDING
+
+    @property
+    def vote(self) -> Vote:
+        vote = self.tracker.vote
+        if vote is Vote.WON and not self.data:
+            # Enough digests but no data to compare them with: only a data
+            # read (a spare) can finish this read. (A read asks one data and
+            # block_for - 1 digests, and spares for data, so this is rare.)
+            return Vote.PENDING if self.tracker.outstanding or self._spares else Vote.LOST
+        return vote
+
+    @property
+    def answered(self) -> list[str]:
+        return list(self.data) + list(self.digests)
+
+    def _refill(self) -> list[Ask]:
+        """Once those asked can no longer make the quorum, ask a spare."""
+        if self._spares and (
+            self.tracker.vote is Vote.LOST
+            or (self.vote is Vote.PENDING and not self.tracker.outstanding)
+        ):
+            return [self._ask_spare()]
+        return []
+
+    def _ask_spare(self) -> Ask:
+        node = self._spares.pop(0)
+        self.speculative.append(node)
+        self.tracker.ask(node)
+        return Ask(node, True)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    winner: Cell | None  # the newest cell (last write wins), once resolved
+    stale: tuple[str, ...]  # replicas to write the winner back to (blocking read repair)
+    needs_data_from: tuple[str, ...]  # a digest disagreed: fetch these replicas' data first
+
+    @property
+    def resolved(self) -> bool:
+        return not self.needs_data_from
+
+
+def resolve(
+    data: Mapping[str, Cell | None],
+    digests: Mapping[str, bytes],
+    corrupt: Sequence[str] = (),
+) -> Resolution:
+    """Dynamo §4.5 read reconciliation over what the replicas answered.
+
+    If every digest matches the data, the data is the answer and only
+    corrupt replicas need repair. Otherwise full data is needed from every
+    replica that sent a digest; called again with that data (and no
+    digests), the winner is the newest cell and every replica that answered
+    anything else is stale.
+    """
+    if not data:
+        raise ValueError("resolve needs at least one data answer")
+    cells = list(data.values())
+    reference = cells[0]
+    if digests:
+        expected = cell_digest(reference)
+        if any(digest != expected for digest in digests.values()) or any(
+            cell != reference for cell in cells
+        ):
+            return Resolution(None, (), tuple(digests))
+    winner: Cell | None = None
+    for cell in cells:
+        winner = reconcile(winner, cell)
+    stale = [node for node, cell in data.items() if cell != winner]
+    stale += [node for node in corrupt if node not in stale]
+    return Resolution(winner, tuple(stale), ())

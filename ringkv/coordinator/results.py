@@ -1,0 +1,52 @@
+"""What a coordinated request returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ringkv.versioning import Cell
+
+
+@dataclass
+class Receipt:
+    """What a response reports about how it was served."""
+
+    consistency: str
+    replicas: list[str]
+    asked: list[str] = field(default_factory=list)
+    answered: list[str] = field(default_factory=list)
+    hints_stored: int = 0
+    read_repair: bool = False
+    repaired: list[str] = field(default_factory=list)
+    speculative: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "consistency": self.consistency,
+            "replicas": self.replicas,
+            "asked": self.asked,
+            "answered": self.answered,
+            "hints_stored": self.hints_stored,
+            "read_repair": self.read_repair,
+            "repaired": self.repaired,
+            "speculative": self.speculative,
+        }
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    cell: Cell
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    cell: Cell | None  # the reconciled cell (possibly a tombstone or expired)
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    items: list[tuple[int, bytes, Cell]]  # live cells only, in token order
+    next_after: tuple[int, bytes] | None  # cursor for the next page; None at the end
+    receipt: Receipt

@@ -1,0 +1,70 @@
+"""The ring derived from gossip state (Dynamo §4.8: membership and the ring;
+Cassandra's TokenMetadata and system.peers)."""
+
+from __future__ import annotations
+
+from ringkv.gossip import state as gs
+from ringkv.membership import ring_from_gossip
+from ringkv.ring import NodeInfo
+
+ME = NodeInfo("a")
+
+
+def states(**nodes: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {node_id: values for node_id, values in nodes.items()}
+
+
+def normal(tokens: str, **extra: str) -> dict[str, str]:
+    return {gs.STATUS: gs.NORMAL, gs.TOKENS: tokens, **extra}
+
+
+def test_normal_nodes_with_tokens_are_on_the_ring() -> None:
+    ring, peers = ring_from_gossip(
+        states(b=normal("10,20", **{gs.DC: "dc2", gs.RACK: "r9", gs.INTERNODE_ADDR: "h:1"})),
+        {}, ME, [5],
+    )
+    assert ring.node_ids == ("a", "b")
+    assert ring.tokens_of("b") == (10, 20)
+    assert ring.info("b") == NodeInfo("b", dc="dc2", rack="r9")
+    assert peers == {"b": {"tokens": [10, 20], "dc": "dc2", "rack": "r9", "internode_addr": "h:1"}}
+
+
+def test_booting_nodes_and_nodes_without_tokens_are_not_owners() -> None:
+    ring, peers = ring_from_gossip(
+        states(b={gs.STATUS: gs.BOOT, gs.TOKENS: "10"}, c=normal(""), d={gs.TOKENS: "30"}),
+        {}, ME, [5],
+    )
+    assert set(ring.node_ids) == {"a"} and peers == {}
+
+
+def test_a_node_without_tokens_is_not_on_its_own_ring() -> None:
+    ring, _ = ring_from_gossip(states(b=normal("10")), {}, ME, [])
+    assert set(ring.node_ids) == {"b"}
+
+
+def test_saved_peers_stay_until_gossip_says_they_left() -> None:
+    """A restarted node is never alone: peers from its last run stay on the ring."""
+    saved = {"b": {"tokens": [10], "dc": "dc1", "rack": "rack1", "internode_addr": "h:1"}}
+    ring, peers = ring_from_gossip({}, saved, ME, [5])
+    assert set(ring.node_ids) == {"a", "b"} and peers == saved
+    ring, peers = ring_from_gossip(states(b={gs.STATUS: gs.LEFT}), saved, ME, [5])
+    assert set(ring.node_ids) == {"a"} and peers == {}
+
+
+def test_gossip_overrides_what_was_saved() -> None:
+    saved = {"b": {"tokens": [10], "dc": "dc1", "rack": "rack1", "internode_addr": "h:1"}}
+    _, peers = ring_from_gossip(states(b=normal("11", **{gs.INTERNODE_ADDR: "h:2"})), saved, ME, [5])
+    assert peers["b"]["tokens"] == [11] and peers["b"]["internode_addr"] == "h:2"
+
+
+def test_a_token_claimed_twice_goes_to_the_first_node_by_id() -> None:
+    """Every node must build the same ring from the same states."""
+    ring, _ = ring_from_gossip(states(c=normal("10,30"), b=normal("10,20")), {}, ME, [5])
+    assert list(ring.tokens_of("b")) == [10, 20] and list(ring.tokens_of("c")) == [30]
+    ring, _ = ring_from_gossip(states(b=normal("5")), {}, ME, [5])
+    assert set(ring.node_ids) == {"a"}  # b's only token was a's: b is off the ring
+
+
+def test_this_nodes_own_gossip_entry_is_ignored() -> None:
+    ring, peers = ring_from_gossip(states(a=normal("99")), {}, ME, [5])
+    assert list(ring.tokens_of("a")) == [5] and peers == {}
