@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ringkv.client import AsyncClient, Client, _Operations, _parse_ring, _Topology
+from ringkv.client import AsyncClient, Client
+from ringkv.client.routing import Router, Topology, parse_ring
 from ringkv.clock import ManualClock
 from ringkv.config import config_from_dict
 from ringkv.errors import (
@@ -477,24 +479,28 @@ def test_overloaded_is_retried_with_a_bound() -> None:
         assert counter["requests"] == 3
 
 
+def make_router(seeds: list[str]) -> Router:
+    return Router(seeds, refresh_interval_s=30.0, rng=random.Random(7))
+
+
 def test_token_aware_candidates_put_replicas_first() -> None:
-    ops = _Operations(["http://seed:1"])
+    router = make_router(["http://seed:1"])
     tokens = {f"n{i}": [t] for i, t in enumerate((-6 * 10**18, -2 * 10**18, 2 * 10**18, 6 * 10**18))}
     ring = TokenRing(tokens)
     urls = {node_id: f"http://{node_id}:1" for node_id in tokens}
-    ops._topology = _Topology(ring, urls, {n: True for n in tokens}, {"default": 2})
+    router.topology = Topology(ring, urls, {n: True for n in tokens}, {"default": 2})
     for i in range(200):
         key = f"key{i}".encode()
         replicas = ring.replicas_for_key(key, 2)
-        candidates = ops._candidates((("default", key),))
+        candidates = router.candidates((("default", key),), now=0.0)
         assert {c.split("//")[1].split(":")[0] for c in candidates[:2]} == set(replicas)
         assert candidates[-1] == "http://seed:1"  # a seed not in the ring is the last resort
     # a replica marked down goes last among the ring's nodes
     key = b"key7"
     down = ring.replicas_for_key(key, 2)[0]
-    ops._topology = _Topology(ring, urls, {n: n != down for n in tokens}, {"default": 2})
-    assert ops._candidates((("default", key),))[0] == urls[ring.replicas_for_key(key, 2)[1]]
-    assert ops._candidates((("default", key),))[3] == urls[down]
+    router.topology = Topology(ring, urls, {n: n != down for n in tokens}, {"default": 2})
+    assert router.candidates((("default", key),), now=0.0)[0] == urls[ring.replicas_for_key(key, 2)[1]]
+    assert router.candidates((("default", key),), now=0.0)[3] == urls[down]
 
 
 # -- the server's idempotency cache -------------------------------------------------
@@ -601,7 +607,7 @@ def test_the_ring_carries_racks_so_routing_matches_rack_aware_placement() -> Non
                        "up": True, "dc": "dc1", "rack": infos[n].rack}
                       for i, (n, t) in enumerate(tokens.items())],
             "keyspaces": {"default": {"replication_factor": 2}}}
-    topology = _parse_ring(json.dumps(body).encode(), "http://10.0.0.9:7400")
+    topology = parse_ring(json.dumps(body).encode(), "http://10.0.0.9:7400")
     assert topology.ring == server_ring
     assert topology.urls["n1"] == "http://10.0.0.9:7401"  # a wildcard bind: the host we used
     for i in range(100):
@@ -789,12 +795,12 @@ def test_cluster_unavailable_with_two_of_three_down(tmp_path: Path) -> None:
 
 
 def test_calls_with_one_idempotency_key_go_to_one_node() -> None:
-    ops = _Operations(["http://seed:1"])
+    router = make_router(["http://seed:1"])
     tokens = {f"n{i}": [(i - 2) * 3 * 10**18] for i in range(5)}
     urls = {node_id: f"http://{node_id}:1" for node_id in tokens}
-    ops._topology = _Topology(TokenRing(tokens), urls, {n: True for n in tokens}, {"default": 3})
+    router.topology = Topology(TokenRing(tokens), urls, {n: True for n in tokens}, {"default": 3})
     routing = (("default", b"some-key"),)
-    firsts = {ops._candidates(routing, "key-1")[0] for _ in range(20)}
+    firsts = {router.candidates(routing, 0.0, affinity="key-1")[0] for _ in range(20)}
     assert len(firsts) == 1
-    spread = {ops._candidates(routing, f"key-{i}")[0] for i in range(50)}
+    spread = {router.candidates(routing, 0.0, affinity=f"key-{i}")[0] for i in range(50)}
     assert len(spread) == 3  # different keys still spread over the key's replicas

@@ -6,7 +6,8 @@ I/O module, draws no unseeded randomness, and reaches no shell module through
 its imports either: the check follows ringkv imports transitively, package
 ``__init__`` files included (importing ``ringkv.net.codec`` runs
 ``ringkv/net/__init__.py`` first). Imports under ``if TYPE_CHECKING:`` are
-for type checkers only and do not count.
+for type checkers only and do not count, nor do a package's lazy exports
+(a module-level ``__getattr__``, PEP 562), which run only when used.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SHELL = frozenset({
     "net/transport.py",
     "storage/store.py", "storage/leveldb.py",
     "server/*",
-    "client.py",
+    "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",
     # The simulator is a shell around virtual time; its histories and checkers are pure.
     "sim/*",
@@ -66,8 +67,13 @@ PURE_MODULES = [name for name in ALL_MODULES if not is_shell(name)]
 
 
 def _type_checking_only(tree: ast.Module) -> set[int]:
-    """Line numbers of statements under ``if TYPE_CHECKING:``."""
+    """Line numbers of imports that do not run when the module is imported:
+    those under ``if TYPE_CHECKING:``, and a package's lazy exports (a
+    module-level ``__getattr__``, PEP 562), which run only when that name is used."""
     lines: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            lines.update(inner.lineno for inner in ast.walk(node) if hasattr(inner, "lineno"))
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and (
             (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")

@@ -1,0 +1,100 @@
+"""The Python client for ringkv: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+    from ringkv.client import Client
+
+    with Client(["http://127.0.0.1:7400"], consistency="QUORUM") as kv:
+        kv.put("user:42", {"name": "Ada"}, ttl=3600)
+        kv.get("user:42")                     # {'name': 'Ada'}; None when absent
+        for record in kv.scan():              # every key, in token order, page by page
+            print(record.key, record.value)
+
+What both clients do:
+
+- **Token-aware routing.** The client fetches ``GET /v1/ring``, hashes each
+  key with the server's partitioner (``ringkv.ring.token_for``) and sends the
+  request to a live replica of the key, so the coordinator serves its own
+  copy; any other live node is the fallback. The ring is fetched again every
+  ``refresh_interval_s`` seconds, and soon after a connection error or an
+  ``Unavailable`` answer.
+- **Typed errors.** An error answer is raised as the ``ringkv.errors`` class
+  of its code (``Unavailable`` with ``required`` and ``alive``, ``Timeout``
+  with ``received``, ``BadRequest`` with ``field`` ...). When no node answers
+  at all, ``NoNodeAvailable`` says which nodes were tried and why each failed.
+- **Retries only where safe**, at most ``max_retries`` times, with bounded
+  exponential backoff and jitter: reads; writes that carry an idempotency key
+  (every write does, unless ``idempotent_writes=False``); and any request that
+  provably did not run (the connection was refused, or the node answered
+  ``Unavailable``, ``Overloaded`` or ``ShuttingDown``). A write whose answer
+  was lost is retried *on the same node* with the same ``Idempotency-Key``,
+  which that node de-duplicates (``ringkv.server.idempotency``): the retry
+  returns the original result and timestamp instead of writing again.
+- **Pooled keep-alive connections** and a timeout on every attempt
+  (``timeout_s``): a call takes at most about ``(max_retries + 1) *
+  timeout_s`` plus the backoff (capped at 1 s per retry).
+
+How it is built. The logic (routing, retries, ring refresh, encoding and
+decoding) is written once, as plans: generators that yield the I/O they need
+(an HTTP request, a pause) and receive its outcome. Two thin shells perform
+that I/O, and each spells out every public method as a call into the plans:
+
+    types.py       what the calls return: Record, WriteResult, BatchResult, Page, NodeView
+    plan.py        the effects a plan yields (Send, Sleep, Emit), their outcomes, a Stepper
+    routing.py     the ring as last fetched, node order (token-aware), down-marking, deadlines
+    operations.py  the plan of every call: encode, route, retry, decode (sans-I/O)
+    base.py        what both clients share: the constructor, nodes(), replicas()
+    blocking.py    Client: pooled http.client connections and a deadline watchdog (shell),
+                   so it also works under gevent, e.g. in locust
+    aio.py         AsyncClient: aiohttp (shell)
+
+``types``, ``plan``, ``routing`` and ``operations`` are pure: no sockets,
+threads, event loop or ``time``; ``base``, ``blocking`` and ``aio`` are the
+shells around them.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ringkv.client.types import BatchResult, NodeView, Page, Record, WriteResult
+
+# The errors calls raise, importable from here as they were from the old module.
+from ringkv.errors import (  # noqa: F401
+    BadRequest,
+    NoNodeAvailable,
+    Overloaded,
+    RingKVError,
+    ShuttingDown,
+    Unavailable,
+)
+
+# Internal names that code written against the old single module imports.
+from ringkv.client.operations import Operations as _Operations  # noqa: F401
+from ringkv.client.routing import Topology as _Topology  # noqa: F401
+from ringkv.client.routing import parse_ring as _parse_ring  # noqa: F401
+
+if TYPE_CHECKING:
+    from ringkv.client.aio import AsyncClient
+    from ringkv.client.blocking import Client
+
+
+def __getattr__(name: str) -> Any:
+    """The two clients are imported on first use (PEP 562), so that importing
+    the pure modules of this package pulls in no sockets, threads or aiohttp."""
+    if name == "Client":
+        from ringkv.client.blocking import Client
+
+        return Client
+    if name == "AsyncClient":
+        from ringkv.client.aio import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "AsyncClient",
+    "BatchResult",
+    "Client",
+    "NodeView",
+    "Page",
+    "Record",
+    "WriteResult",
+]

@@ -1,0 +1,215 @@
+"""The asyncio client: ``AsyncClient``, over aiohttp.
+
+A shell module: it performs the effects of the plans in ``operations.py`` on
+the running event loop. aiohttp is imported on first use, so blocking users
+(and locust's gevent) never load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from ringkv.client.base import KEEPALIVE_S, ClientBase
+from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
+from ringkv.client.types import BatchResult, Page, Record, WriteResult
+from ringkv.quorum import ConsistencyLevel
+
+T = TypeVar("T")
+
+
+class AsyncClient(ClientBase):
+    """An asyncio ringkv client (aiohttp underneath); use it from one event loop.
+
+    Same constructor and methods as ``Client``, but each call is awaited and
+    ``scan``/``scan_pages`` are async iterators. ``await client.close()``, or
+    ``async with AsyncClient(...) as kv:``.
+    """
+
+    # ---- the calls (each runs the plan of the same name in ``operations.py``) ----
+
+    async def get(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> Any:
+        """Read ``key``'s value (any JSON value), or None if the key is absent.
+
+        ``consistency`` (ONE, TWO, THREE, QUORUM, ALL) overrides the client's
+        default; ``keyspace`` overrides the client's keyspace.
+        """
+        return await self._call(self._ops.get(key, keyspace=keyspace, consistency=consistency))
+
+    async def get_with_meta(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> Record | None:
+        """Read ``key`` as a ``Record`` (value, timestamp, expiry, receipt), or None if absent."""
+        return await self._call(self._ops.get_with_meta(
+            key, keyspace=keyspace, consistency=consistency,
+        ))
+
+    async def put(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: int | None = None,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        idempotency_key: str | None = None,
+    ) -> WriteResult:
+        """Write ``value`` (any JSON value) under ``key``; ``ttl`` in whole seconds expires it.
+
+        ``consistency`` may also be ANY. The write carries an idempotency
+        key (``idempotency_key``, or a fresh UUID when the client has
+        ``idempotent_writes``), so it is retried safely.
+        """
+        return await self._call(self._ops.put(
+            key, value, ttl=ttl, keyspace=keyspace, consistency=consistency,
+            idempotency_key=idempotency_key,
+        ))
+
+    async def delete(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        idempotency_key: str | None = None,
+    ) -> WriteResult:
+        """Delete ``key`` (writes a tombstone; deleting an absent key succeeds too).
+
+        ``consistency`` and ``idempotency_key`` work as for ``put``.
+        """
+        return await self._call(self._ops.delete(
+            key, keyspace=keyspace, consistency=consistency, idempotency_key=idempotency_key,
+        ))
+
+    async def batch(
+        self,
+        ops: Sequence[Mapping[str, Any]],
+        *,
+        consistency: str | ConsistencyLevel | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[BatchResult]:
+        """Run several operations in one request; each succeeds or fails on its own.
+
+        Each op is a mapping like the HTTP API's: ``{"op": "put", "key": "a",
+        "value": 1, "ttl": 60}``, ``{"op": "get", "key": "a"}``,
+        ``{"op": "delete", "key": "a"}``, each optionally with its own
+        ``keyspace`` and ``consistency``. Returns one ``BatchResult`` per op,
+        in order. The request goes to the node that replicates most of its keys.
+        """
+        return await self._call(self._ops.batch(
+            ops, consistency=consistency, idempotency_key=idempotency_key,
+        ))
+
+    def scan(
+        self,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> AsyncIterator[Record]:
+        """Iterate over every live key of a keyspace as ``Record``s, in token order.
+
+        Takes the options of ``scan_pages``; fetches ``page_size`` keys per
+        request as the iteration goes.
+        """
+        return self._stream(self._ops.scan(
+            keyspace=keyspace, consistency=consistency, page_size=page_size,
+            page_token=page_token,
+        ))
+
+    def scan_pages(
+        self,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> AsyncIterator[Page]:
+        """Iterate over a keyspace one ``Page`` at a time, in token order.
+
+        Pages are fetched lazily, following ``next_page_token``; pass a
+        page's token as ``page_token`` to resume a scan later.
+        """
+        return self._stream(self._ops.scan_pages(
+            keyspace=keyspace, consistency=consistency, page_size=page_size,
+            page_token=page_token,
+        ))
+
+    async def refresh_ring(self) -> None:
+        """Fetch the ring now (it is also fetched every ``refresh_interval_s``, and on failures)."""
+        await self._call(self._ops.refresh_ring())
+
+    async def close(self) -> None:
+        """Close the pooled connections (the client may still be used; it reconnects)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ---- performing the plans' effects ------------------------------------------
+
+    def _setup(self) -> None:
+        self._session: Any = None
+
+    async def _perform(self, effect: Effect) -> Outcome:
+        if isinstance(effect, Send):
+            return await self._send(effect)
+        if isinstance(effect, Sleep):
+            await asyncio.sleep(effect.seconds)
+        return None
+
+    async def _stream(
+        self, plan: Plan[Any], result: list[Any] | None = None
+    ) -> AsyncIterator[Any]:
+        with Stepper(plan, [] if result is None else result) as steps:
+            for effect in steps:
+                if isinstance(effect, Emit):
+                    yield effect.item
+                steps.outcome = await self._perform(effect)
+
+    async def _call(self, plan: Plan[T]) -> T:
+        result: list[T] = []
+        async for _ in self._stream(plan, result):
+            raise AssertionError("a call emitted items")  # pragma: no cover
+        return result[0]
+
+    async def _send(self, effect: Send) -> Reply | Failure:
+        import aiohttp  # only asyncio users pay for it (and locust's gevent never sees it)
+        from yarl import URL
+
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=self._pool_size, keepalive_timeout=KEEPALIVE_S
+            )
+            self._session = aiohttp.ClientSession(connector=connector)
+        timeout = aiohttp.ClientTimeout(total=effect.timeout_s, sock_connect=effect.timeout_s)
+        try:
+            async with self._session.request(
+                effect.method, URL(effect.url, encoded=True), data=effect.body,
+                headers=effect.headers, timeout=timeout,
+            ) as response:
+                body = await response.read()
+                return Reply(response.status, body, response.headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return Failure("connect", f"cannot connect: {exc}")
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            return Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
+        except aiohttp.ClientError as exc:
+            return Failure("io", f"connection lost: {exc!r}")

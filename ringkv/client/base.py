@@ -1,0 +1,97 @@
+"""What both clients share: the constructor, the operations core it wires up, and the ring views.
+
+A shell module: it hands the pure core (``operations.py``) the real clock,
+a thread lock and random UUIDs for idempotency keys.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Sequence
+
+from ringkv.client.operations import Operations
+from ringkv.client.types import NodeView
+from ringkv.clock import SystemClock
+from ringkv.quorum import ConsistencyLevel
+
+# Idle pooled connections are closed after this long: well below the
+# server's keep-alive timeout, so a pooled connection is rarely stale.
+KEEPALIVE_S = 15.0
+
+
+def new_idempotency_key() -> str:
+    """A key no other write has, from any client (so not from a seedable generator)."""
+    return str(uuid.uuid4())
+
+
+class ClientBase:
+    """Configuration, the operations core, and the ring as last fetched."""
+
+    def __init__(
+        self,
+        seeds: Sequence[str] | str,
+        *,
+        keyspace: str = "default",
+        consistency: str | ConsistencyLevel | None = None,
+        timeout_s: float = 5.0,
+        max_retries: int = 3,
+        refresh_interval_s: float = 30.0,
+        idempotent_writes: bool = True,
+        pool_size: int = 32,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Connect lazily to a cluster through ``seeds`` (one or more node URLs).
+
+        ``keyspace`` and ``consistency`` are the defaults for every call
+        (``consistency=None``: each keyspace's own default level).
+        ``timeout_s`` bounds every attempt; ``max_retries`` bounds the
+        retries of one call, which wait ``backoff_base_s * 2**n`` (at most
+        ``backoff_max_s``, with jitter) in between. ``refresh_interval_s``:
+        how often the ring is fetched again. ``idempotent_writes``: give every
+        write an idempotency key, which makes it safe to retry.
+        ``pool_size``: the most keep-alive connections kept per node.
+        ``rng``: the randomness behind load spreading and jitter.
+        """
+        self._clock = SystemClock()
+        self._ops = Operations(
+            seeds,
+            clock=self._clock,
+            rng=rng or random.Random(),
+            refresh_lock=threading.Lock(),
+            new_idempotency_key=new_idempotency_key,
+            keyspace=keyspace,
+            consistency=consistency,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            refresh_interval_s=refresh_interval_s,
+            idempotent_writes=idempotent_writes,
+            backoff_base_s=backoff_base_s,
+            backoff_max_s=backoff_max_s,
+        )
+        self._pool_size = pool_size
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-client I/O state (a connection pool); set up by each subclass."""
+
+    @property
+    def keyspace(self) -> str:
+        """The keyspace of calls that name none."""
+        return self._ops.keyspace
+
+    @property
+    def consistency(self) -> str | None:
+        """The consistency level of calls that name none (None: the keyspace's default)."""
+        return self._ops.consistency
+
+    def nodes(self) -> list[NodeView]:
+        """The nodes of the ring as last fetched, with their URL and liveness."""
+        return self._ops.router.nodes()
+
+    def replicas(self, key: str, *, keyspace: str | None = None) -> list[str]:
+        """The node ids that replicate ``key`` per the last fetched ring (empty if unknown)."""
+        return self._ops.router.replicas(key, keyspace or self.keyspace)

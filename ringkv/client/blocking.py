@@ -1,0 +1,326 @@
+"""The blocking client: ``Client``, over pooled keep-alive ``http.client`` connections.
+
+A shell module: it performs the effects of the plans in ``operations.py``
+with blocking sockets, so it also works under gevent (e.g. in locust). A
+watchdog thread holds every attempt to its deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import select
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ringkv.client.base import KEEPALIVE_S, ClientBase
+from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
+from ringkv.client.types import BatchResult, Page, Record, WriteResult
+from ringkv.clock import SystemClock
+from ringkv.quorum import ConsistencyLevel
+
+T = TypeVar("T")
+
+
+class Client(ClientBase):
+    """A blocking ringkv client; safe to share between threads (and greenlets).
+
+    ``Client(["http://127.0.0.1:7400", ...], consistency="QUORUM",
+    timeout_s=5.0, max_retries=3)``. Methods: ``get``, ``get_with_meta``,
+    ``put``, ``delete``, ``batch``, ``scan``, ``scan_pages``,
+    ``refresh_ring``, ``nodes``, ``replicas``; ``close`` (or use ``with``).
+    """
+
+    # ---- the calls (each runs the plan of the same name in ``operations.py``) ----
+
+    def get(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> Any:
+        """Read ``key``'s value (any JSON value), or None if the key is absent.
+
+        ``consistency`` (ONE, TWO, THREE, QUORUM, ALL) overrides the client's
+        default; ``keyspace`` overrides the client's keyspace.
+        """
+        return self._call(self._ops.get(key, keyspace=keyspace, consistency=consistency))
+
+    def get_with_meta(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> Record | None:
+        """Read ``key`` as a ``Record`` (value, timestamp, expiry, receipt), or None if absent."""
+        return self._call(self._ops.get_with_meta(
+            key, keyspace=keyspace, consistency=consistency,
+        ))
+
+    def put(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: int | None = None,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        idempotency_key: str | None = None,
+    ) -> WriteResult:
+        """Write ``value`` (any JSON value) under ``key``; ``ttl`` in whole seconds expires it.
+
+        ``consistency`` may also be ANY. The write carries an idempotency
+        key (``idempotency_key``, or a fresh UUID when the client has
+        ``idempotent_writes``), so it is retried safely.
+        """
+        return self._call(self._ops.put(
+            key, value, ttl=ttl, keyspace=keyspace, consistency=consistency,
+            idempotency_key=idempotency_key,
+        ))
+
+    def delete(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        idempotency_key: str | None = None,
+    ) -> WriteResult:
+        """Delete ``key`` (writes a tombstone; deleting an absent key succeeds too).
+
+        ``consistency`` and ``idempotency_key`` work as for ``put``.
+        """
+        return self._call(self._ops.delete(
+            key, keyspace=keyspace, consistency=consistency, idempotency_key=idempotency_key,
+        ))
+
+    def batch(
+        self,
+        ops: Sequence[Mapping[str, Any]],
+        *,
+        consistency: str | ConsistencyLevel | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[BatchResult]:
+        """Run several operations in one request; each succeeds or fails on its own.
+
+        Each op is a mapping like the HTTP API's: ``{"op": "put", "key": "a",
+        "value": 1, "ttl": 60}``, ``{"op": "get", "key": "a"}``,
+        ``{"op": "delete", "key": "a"}``, each optionally with its own
+        ``keyspace`` and ``consistency``. Returns one ``BatchResult`` per op,
+        in order. The request goes to the node that replicates most of its keys.
+        """
+        return self._call(self._ops.batch(
+            ops, consistency=consistency, idempotency_key=idempotency_key,
+        ))
+
+    def scan(
+        self,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Iterator[Record]:
+        """Iterate over every live key of a keyspace as ``Record``s, in token order.
+
+        Takes the options of ``scan_pages``; fetches ``page_size`` keys per
+        request as the iteration goes.
+        """
+        return self._stream(self._ops.scan(
+            keyspace=keyspace, consistency=consistency, page_size=page_size,
+            page_token=page_token,
+        ))
+
+    def scan_pages(
+        self,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Iterator[Page]:
+        """Iterate over a keyspace one ``Page`` at a time, in token order.
+
+        Pages are fetched lazily, following ``next_page_token``; pass a
+        page's token as ``page_token`` to resume a scan later.
+        """
+        return self._stream(self._ops.scan_pages(
+            keyspace=keyspace, consistency=consistency, page_size=page_size,
+            page_token=page_token,
+        ))
+
+    def refresh_ring(self) -> None:
+        """Fetch the ring now (it is also fetched every ``refresh_interval_s``, and on failures)."""
+        self._call(self._ops.refresh_ring())
+
+    def close(self) -> None:
+        """Close the pooled connections (the client may still be used; it reconnects)."""
+        self._pool.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- performing the plans' effects ------------------------------------------
+
+    def _setup(self) -> None:
+        self._pool = _ConnectionPool(self._pool_size, self._clock)
+
+    def _perform(self, effect: Effect) -> Outcome:
+        if isinstance(effect, Send):
+            return self._pool.send(effect)
+        if isinstance(effect, Sleep):
+            self._clock.sleep_s(effect.seconds)
+        return None
+
+    def _stream(self, plan: Plan[Any], result: list[Any] | None = None) -> Iterator[Any]:
+        with Stepper(plan, [] if result is None else result) as steps:
+            for effect in steps:
+                if isinstance(effect, Emit):
+                    yield effect.item
+                steps.outcome = self._perform(effect)
+
+    def _call(self, plan: Plan[T]) -> T:
+        result: list[T] = []
+        for _ in self._stream(plan, result):
+            raise AssertionError("a call emitted items")  # pragma: no cover
+        return result[0]
+
+
+class _Watchdog:
+    """One background thread that cuts off blocking attempts at their deadline.
+
+    A socket timeout bounds each ``recv``, not an attempt: a server that sends
+    a byte every little while could hold a call for ever. Each attempt arms the
+    watchdog with its deadline; when the deadline passes first, the watchdog
+    shuts the socket down, and the blocked read returns at once.
+    """
+
+    def __init__(self, clock: SystemClock) -> None:
+        self._clock = clock
+        self._armed: dict[int, tuple[float, socket.socket]] = {}
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline_s: float, sock: socket.socket) -> int:
+        with self._wake:
+            token = next(self._ids)
+            self._armed[token] = (deadline_s, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ringkv-client-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._wake:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = self._clock.monotonic_s()
+                for token, (deadline_s, sock) in list(self._armed.items()):
+                    if deadline_s <= now:
+                        del self._armed[token]
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass  # already closed
+                earliest = min((d for d, _ in self._armed.values()), default=None)
+                # Bounded waits: the thread re-checks at least once a second.
+                self._wake.wait(timeout=1.0 if earliest is None else min(1.0, earliest - now))
+
+
+class _ConnectionPool:
+    """Keep-alive ``http.client`` connections per node; safe to share between threads."""
+
+    def __init__(self, max_idle_per_node: int, clock: SystemClock) -> None:
+        self._max_idle = max_idle_per_node
+        self._idle: dict[tuple[str, str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._watchdog = _Watchdog(clock)
+
+    def send(self, effect: Send) -> Reply | Failure:
+        parts = urlsplit(effect.url)
+        scheme, host = parts.scheme, parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        origin = (scheme, host, port)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = self._checkout(origin)
+        if conn is None:
+            factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            conn = factory(host, port, timeout=effect.timeout_s)
+            try:
+                conn.connect()
+            except OSError as exc:
+                conn.close()
+                return Failure("connect", f"cannot connect: {exc}")
+        assert conn.sock is not None
+        conn.sock.settimeout(effect.timeout_s)
+        deadline_s = self._clock.monotonic_s() + effect.timeout_s
+        watch = self._watchdog.arm(deadline_s, conn.sock)
+        try:
+            conn.request(effect.method, target, body=effect.body, headers=dict(effect.headers))
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if isinstance(exc, TimeoutError) or self._clock.monotonic_s() >= deadline_s:
+                return Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
+            return Failure("io", f"connection lost: {exc!r}")
+        finally:
+            self._watchdog.disarm(watch)
+        if response.will_close or self._clock.monotonic_s() >= deadline_s:
+            conn.close()  # the watchdog may have shut it down just as the answer arrived
+        else:
+            self._checkin(origin, conn)
+        return Reply(response.status, body, response.msg)  # headers, case-insensitive
+
+    def _checkout(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection | None:
+        now = self._clock.monotonic_s()
+        while True:
+            with self._lock:
+                idle = self._idle.get(origin)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if now - since < KEEPALIVE_S and not _dropped(conn):
+                return conn
+            conn.close()
+
+    def _checkin(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < self._max_idle:
+                idle.append((conn, self._clock.monotonic_s()))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection that is readable has been closed by the node."""
+    if conn.sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

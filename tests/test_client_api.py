@@ -1,0 +1,169 @@
+"""The client's public surface, and its sans-I/O core driven by hand.
+
+``Client`` and ``AsyncClient`` each spell out every public method; these
+tests keep the two from drifting apart (same names, parameters, defaults,
+annotations and docstrings; the asyncio client's I/O calls are coroutine
+functions, its scans async iterators). The core test steps the plan of a
+``put`` with a manual clock and made-up outcomes: no socket, no loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+from typing import Any
+
+import pytest
+
+from ringkv.client import AsyncClient, Client
+from ringkv.client.operations import IDEMPOTENCY_HEADER, REPLAYED_HEADER, Operations
+from ringkv.client.plan import Failure, Reply, Send, Sleep
+from ringkv.client.types import WriteResult
+from ringkv.clock import ManualClock
+from ringkv.errors import NoNodeAvailable
+from ringkv.hlc import Timestamp
+from ringkv.ring import TokenRing
+
+# Calls that run the plan of the same name in ``Operations``: awaited on the asyncio client.
+CALLS = {"get", "get_with_meta", "put", "delete", "batch", "refresh_ring"}
+# Plans that stream: an ``Iterator``, or an ``AsyncIterator`` on the asyncio client.
+STREAMS = {"scan", "scan_pages"}
+# Only the client's own state: plain functions on both clients (``close`` does I/O, so awaited).
+LOCAL = {"__init__", "nodes", "replicas"}
+PROPERTIES = {"keyspace", "consistency"}
+
+
+def public_names(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")} | {"__init__"}
+
+
+def test_both_clients_have_the_same_public_methods() -> None:
+    assert public_names(Client) == public_names(AsyncClient)
+    # Every public name is one of the kinds below, so a new method must say which it is.
+    assert public_names(Client) == CALLS | STREAMS | LOCAL | PROPERTIES | {"close"}
+
+
+@pytest.mark.parametrize("name", sorted(public_names(Client)))
+def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> None:
+    blocking = inspect.getattr_static(Client, name)
+    asynchronous = inspect.getattr_static(AsyncClient, name)
+    if isinstance(blocking, property):
+        assert isinstance(asynchronous, property)
+        return
+    assert inspect.getdoc(blocking), f"Client.{name} has no docstring"
+    assert inspect.getdoc(blocking) == inspect.getdoc(asynchronous)
+    sync_sig = inspect.signature(blocking)
+    async_sig = inspect.signature(asynchronous)
+    assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values())
+    assert not any(p.kind is p.VAR_KEYWORD for p in sync_sig.parameters.values()), \
+        f"Client.{name} hides its parameters behind **kwargs"
+    assert not inspect.iscoroutinefunction(blocking)
+    if name in STREAMS:
+        assert not inspect.iscoroutinefunction(asynchronous)
+        assert sync_sig.return_annotation.startswith("Iterator[")
+        assert async_sig.return_annotation == "Async" + sync_sig.return_annotation
+    elif name in LOCAL:
+        assert not inspect.iscoroutinefunction(asynchronous)
+        assert sync_sig.return_annotation == async_sig.return_annotation
+    else:
+        assert inspect.iscoroutinefunction(asynchronous), f"AsyncClient.{name} is not async"
+        assert sync_sig.return_annotation == async_sig.return_annotation
+
+
+@pytest.mark.parametrize("name", sorted(CALLS | STREAMS))
+def test_each_call_takes_the_parameters_of_its_plan(name: str) -> None:
+    """A client method passes its parameters on to the plan of the same name."""
+    plan = inspect.signature(getattr(Operations, name))
+    method = inspect.signature(getattr(Client, name))
+    assert list(method.parameters.values()) == list(plan.parameters.values())
+
+
+def test_help_shows_the_real_parameters() -> None:
+    text = inspect.getdoc(Client.put) or ""
+    assert "ttl" in text and "idempotency_key" in text
+    assert list(inspect.signature(Client.put).parameters) == [
+        "self", "key", "value", "ttl", "keyspace", "consistency", "idempotency_key",
+    ]
+
+
+def test_async_scan_is_an_async_iterator_and_sends_nothing_until_iterated() -> None:
+    kv = AsyncClient("http://127.0.0.1:1")
+    pages = kv.scan_pages(page_size=10)
+    assert hasattr(pages, "__anext__")
+    assert kv._session is None  # nothing was sent yet
+
+
+# -- the sans-I/O core -----------------------------------------------------------------
+
+
+def ring_body(urls: dict[str, str], rf: int) -> bytes:
+    nodes = [
+        {"node_id": node_id, "client_address": url.removeprefix("http://"),
+         "tokens": [(i - 1) * 4 * 10**18], "up": True}
+        for i, (node_id, url) in enumerate(urls.items())
+    ]
+    return json.dumps({"nodes": nodes, "keyspaces": {"default": {"replication_factor": rf}}}).encode()
+
+
+def make_ops(clock: ManualClock, **options: Any) -> Operations:
+    class NoLock:
+        def acquire(self, blocking: bool = True) -> bool:
+            return True
+
+        def release(self) -> None:
+            pass
+
+    keys = iter(f"key-{i}" for i in range(100))
+    return Operations(["http://127.0.0.1:7400"], clock=clock, rng=random.Random(3),
+                      refresh_lock=NoLock(), new_idempotency_key=lambda: next(keys), **options)
+
+
+def test_a_write_whose_answer_was_lost_is_retried_on_the_same_node_with_the_same_key() -> None:
+    """The client half of at-most-once keyed writes (see ``ringkv.server.idempotency``)."""
+    clock = ManualClock(monotonic_s=100.0)
+    ops = make_ops(clock, timeout_s=2.0, max_retries=2)
+    urls = {"n0": "http://127.0.0.1:7400", "n1": "http://127.0.0.1:7401",
+            "n2": "http://127.0.0.1:7402"}
+    plan = ops.put("user:1", {"a": 1})
+    fetch = next(plan)
+    assert isinstance(fetch, Send) and fetch.url == "http://127.0.0.1:7400/v1/ring"
+    first = plan.send(Reply(200, ring_body(urls, rf=1), {}))
+    assert isinstance(first, Send) and first.method == "PUT"
+    ring = TokenRing({n: [(i - 1) * 4 * 10**18] for i, n in enumerate(urls)})
+    (replica,) = ring.replicas_for_key(b"user:1", 1)
+    assert first.url == urls[replica] + "/v1/kv/default/user%3A1"
+    assert first.headers[IDEMPOTENCY_HEADER] == "key-0"
+    assert json.loads(first.body or b"") == {"value": {"a": 1}}
+    pause = plan.send(Failure("io", "connection lost"))
+    assert isinstance(pause, Sleep) and 0.025 <= pause.seconds <= 0.05  # backoff_base_s, jittered
+    clock.advance(pause.seconds)
+    again = plan.send(None)
+    assert isinstance(again, Send)
+    assert (again.url, again.headers[IDEMPOTENCY_HEADER]) == (first.url, "key-0")
+    answer = json.dumps({"timestamp": [5, 1], "receipt": {"answered": [replica]}}).encode()
+    with pytest.raises(StopIteration) as done:
+        plan.send(Reply(200, answer, {REPLAYED_HEADER: "true"}))
+    assert done.value.value == WriteResult(Timestamp(5, 1), {"answered": [replica]}, replayed=True)
+
+
+def test_a_call_ends_by_its_deadline_on_the_clock_passed_in() -> None:
+    clock = ManualClock(monotonic_s=0.0)
+    ops = make_ops(clock, timeout_s=1.0, max_retries=1, backoff_max_s=0.5)
+    plan = ops.get("k")
+    fetch = next(plan)  # the ring fetch, which never answers
+    assert isinstance(fetch, Send) and fetch.timeout_s == 1.0
+    clock.advance(1.0)
+    attempt = plan.send(Failure("timeout", "no answer within 1 s"))
+    assert isinstance(attempt, Send) and attempt.method == "GET"
+    clock.advance(1.0)
+    pause = plan.send(Failure("timeout", "no answer within 1 s"))
+    assert isinstance(pause, Sleep)
+    # Deadline: (max_retries + 1) * timeout_s + max_retries * backoff_max_s = 2.5 s.
+    clock.advance(0.45)
+    last = plan.send(None)
+    assert isinstance(last, Send) and last.timeout_s == pytest.approx(0.05)
+    clock.advance(0.05)
+    with pytest.raises(NoNodeAvailable) as error:
+        plan.send(Failure("timeout", "no answer within 0.05 s"))
+    assert error.value.tried == ["http://127.0.0.1:7400"]
