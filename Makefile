@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean bench
+.PHONY: run test install clean bench guarantees
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Reruns the simulator commands behind README's Guarantees figures and rewrites
+# them (and the pinned first-seed hashes the tests check) in README.md.
+guarantees: $(STAMP)
+	$(BIN)/python -m ringkv.sim.guarantees README.md
 
 clean:
 	rm -rf $(VENV) data build *.egg-info

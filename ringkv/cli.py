@@ -8,10 +8,13 @@ import logging
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ringkv.config import load_config
 from ringkv.errors import RingKVError
+
+if TYPE_CHECKING:
+    from ringkv.sim.run import SimSettings
 
 
 def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,21 +129,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     return bench_main(list(args.bench_args))
 
+def sim_settings(args: argparse.Namespace) -> SimSettings:
+    """The settings of ``ringkv sim`` (one seed: ``--seed``); ValueError if they are bad."""
+    from ringkv.sim.run import SimSettings
+
+    nemesis = tuple(n for n in args.nemesis.split(",") if n and n != "none")
+    return SimSettings(
+        seed=args.seed, nodes=args.nodes, rf=args.rf, ops=args.ops, clients=args.clients,
+        keys=args.keys, read_cl=args.read.upper(), write_cl=args.write.upper(),
+        nemesis=nemesis, fault=args.fault, duration_s=args.duration,
+        commit_sync=args.commit_sync, hints=not args.no_hints,
+        write_fraction=args.write_fraction, max_skew_s=args.max_skew, boot=args.boot,
+    )
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     # Imported here: the simulator is not needed to run a node.
     from dataclasses import replace
 
-    from ringkv.sim.run import SimSettings, format_line, format_report, format_totals, simulate
+    from ringkv.sim.run import format_line, format_report, format_totals, simulate
 
-    nemesis = tuple(n for n in args.nemesis.split(",") if n and n != "none")
     try:
-        settings = SimSettings(
-            seed=args.seed, nodes=args.nodes, rf=args.rf, ops=args.ops, clients=args.clients,
-            keys=args.keys, read_cl=args.read.upper(), write_cl=args.write.upper(),
-            nemesis=nemesis, fault=args.fault, duration_s=args.duration,
-            commit_sync=args.commit_sync, hints=not args.no_hints,
-            write_fraction=args.write_fraction, max_skew_s=args.max_skew, boot=args.boot,
-        )
+        settings = sim_settings(args)
     except ValueError as exc:
         print(f"ringkv sim: error: {exc}", file=sys.stderr)
         return 2

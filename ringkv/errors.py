@@ -82,11 +82,37 @@ class TooLarge(RingKVError):
     code = "too_large"
     http_status = 413
 
-    def __init__(self, message: str, *, field: str, limit: int, size: int | None = None) -> None:
-        super().__init__(message, field=field, limit=limit, size=size)
+    def __init__(self, message: str, *, field: str, limit: int, size: int | None = None,
+                 **details: Any) -> None:
+        super().__init__(message, field=field, limit=limit, size=size, **details)
         self.field = field
         self.limit = limit
         self.size = size
+
+
+class RequestLineTooLong(TooLarge):
+    """The request line (method, path and query) is over the HTTP parser's limit.
+
+    414 URI Too Long (RFC 9110 §15.5.15). The parser stops reading there, so
+    ``size`` is unknown; the connection is closed.
+    """
+
+    http_status = 414
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message, field="request_line", limit=limit)
+
+
+class HeaderTooLarge(TooLarge):
+    """One request header (name and value) is over its limit; ``header`` names it
+    when it is known. 431 Request Header Fields Too Large (RFC 6585 §5)."""
+
+    http_status = 431
+
+    def __init__(self, message: str, *, header: str | None, limit: int,
+                 size: int | None = None) -> None:
+        super().__init__(message, field="header", limit=limit, size=size, header=header)
+        self.header = header
 
 
 class Unavailable(RingKVError):

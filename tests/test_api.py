@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from ringkv.clock import ManualClock
 from ringkv.hlc import Timestamp
-from ringkv.config import config_from_dict
+from ringkv.config import Config, config_from_dict
 from ringkv.node import Node
 from ringkv.server.api import build_app
+from ringkv.server.http_protocol import PARSER_FIELD_BYTES, ApiRunner, parser_limits
+from ringkv.server.validation import MAX_HEADER_BYTES
 
 Scenario = Callable[[TestClient, Node, ManualClock], Awaitable[None]]
 
 
-def serve(scenario: Scenario, **limits: int) -> None:
-    config = config_from_dict(
+def api_config(**limits: int) -> Config:
+    return config_from_dict(
         {
             "storage": {"engine": "memory"},
             "limits": {"max_key_bytes": 64, "max_value_bytes": 1024, "max_request_bytes": 4096,
@@ -30,6 +35,10 @@ def serve(scenario: Scenario, **limits: int) -> None:
             },
         }
     )
+
+
+def serve(scenario: Scenario, **limits: int) -> None:
+    config = api_config(**limits)
 
     async def main() -> None:
         clock = ManualClock()
@@ -274,3 +283,163 @@ def test_status_ring_and_metrics() -> None:
         assert "ringkv_storage_bytes" in text
 
     serve(scenario)
+
+
+# -- what the HTTP parser refuses (served as ``ringkv node`` serves it) -----------
+
+LoopbackScenario = Callable[[int, Node], Awaitable[None]]
+
+
+def serve_on_loopback(scenario: LoopbackScenario) -> None:
+    """A real listening server on 127.0.0.1, built by the runner ``ringkv node`` uses."""
+    config = api_config()
+
+    async def main() -> None:
+        node = Node(config, clock=ManualClock(), standalone=True)
+        await node.start()
+        runner = ApiRunner(build_app(node), config.limits, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            await scenario(runner.addresses[0][1], node)
+        finally:
+            await runner.cleanup()
+            await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=20))
+
+
+async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send ``request`` as bytes, unchecked, and read the answer up to the server's close
+    (a request the server parsed must say ``Connection: close``).
+
+    The server may answer before it has read the whole request and then close
+    the connection, so sending runs beside reading and may fail.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(request)
+            await writer.drain()
+
+    sending = asyncio.ensure_future(send())
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in filter(None, header_lines):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers["content-length"]))
+        with contextlib.suppress(ConnectionError):  # a reset closes it too
+            assert await reader.read() == b"", "the server kept the connection open"
+    finally:
+        sending.cancel()
+        writer.close()
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+async def still_serves(port: int) -> None:
+    status, _, body = await raw_request(
+        port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200 and body["ok"] is True
+
+
+LINE_LIMIT_BYTES = parser_limits(api_config().limits)["max_line_size"]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_a_key_too_long_for_the_request_line_gets_a_json_414(method: str) -> None:
+    """RFC 9110 §15.5.15: 414 URI Too Long, in ringkv's error shape; the message
+    names the key path and the key limit, and the connection is closed."""
+
+    async def scenario(port: int, node: Node) -> None:
+        key = "k" * 70_000
+        body = b'{"value": 1}' if method == "PUT" else b""
+        request = (f"{method} /v1/kv/default/{key} HTTP/1.1\r\nHost: x\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                   ).encode() + body
+        status, headers, answer = await raw_request(port, request)
+        error = answer["error"]
+        assert (status, error["code"], error["field"], error["limit"]) == (
+            414, "too_large", "request_line", LINE_LIMIT_BYTES), answer
+        assert "/v1/kv/default/kkk" in error["message"]
+        assert "a key may be at most 64 bytes" in error["message"]
+        assert headers["content-type"].startswith("application/json")
+        assert headers["connection"].lower() == "close"
+        await still_serves(port)
+
+    serve_on_loopback(scenario)
+
+
+def test_a_key_over_its_limit_but_within_the_line_limit_is_named_by_validation() -> None:
+    """The parser's line limit leaves room above the key limit, so the API names
+    the key and its size (413) rather than the parser refusing the line."""
+
+    async def scenario(port: int, node: Node) -> None:
+        key = "%C3%A9" * 1000  # 2,000 bytes of key, 6,000 of request line
+        status, _, answer = await raw_request(
+            port, f"GET /v1/kv/default/{key} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            .encode())
+        error = answer["error"]
+        assert (status, error["code"], error["field"], error["limit"], error["size"]) == (
+            413, "too_large", "key", 64, 2000), answer
+
+    serve_on_loopback(scenario)
+
+
+def test_a_request_line_of_a_mebibyte_gets_a_json_414_and_the_node_serves_on() -> None:
+    async def scenario(port: int, node: Node) -> None:
+        path = "/v1/status?" + "x" * (1 << 20)
+        status, _, answer = await raw_request(
+            port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        error = answer["error"]
+        assert (status, error["code"], error["field"], error["limit"]) == (
+            414, "too_large", "request_line", LINE_LIMIT_BYTES), answer
+        assert "/v1/status?xxx" in error["message"] and "key" not in error["message"]
+        await still_serves(port)
+
+    serve_on_loopback(scenario)
+
+
+def test_an_overlong_header_gets_a_json_431_naming_it() -> None:
+    """RFC 6585 §5: 431 Request Header Fields Too Large, naming the header."""
+
+    async def scenario(port: int, node: Node) -> None:
+        value = "v" * 20_000
+        status, headers, answer = await raw_request(
+            port, f"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  f"X-Big: {value}\r\n\r\n".encode())
+        error = answer["error"]
+        assert (status, error["code"], error["field"], error["header"], error["limit"],
+                error["size"]) == (431, "too_large", "header", "X-Big", MAX_HEADER_BYTES,
+                                   len("X-Big") + 20_000), answer
+        await still_serves(port)
+
+    serve_on_loopback(scenario)
+
+
+def test_a_header_over_the_parsers_limit_gets_a_json_431_and_the_connection_closes() -> None:
+    async def scenario(port: int, node: Node) -> None:
+        value = "v" * (PARSER_FIELD_BYTES + 1)
+        status, headers, answer = await raw_request(
+            port, f"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Huge: {value}\r\n\r\n".encode())
+        error = answer["error"]
+        assert (status, error["code"], error["field"], error["limit"]) == (
+            431, "too_large", "header", PARSER_FIELD_BYTES), answer
+        assert headers["connection"].lower() == "close"
+        await still_serves(port)
+
+    serve_on_loopback(scenario)
+
+
+def test_a_malformed_request_gets_a_json_400() -> None:
+    async def scenario(port: int, node: Node) -> None:
+        status, _, answer = await raw_request(port, b"GET /v1/health HTTP/1.1\r\nno colon\r\n\r\n")
+        assert (status, answer["error"]["code"], answer["error"]["field"]) == (
+            400, "bad_request", "request"), answer
+        await still_serves(port)
+
+    serve_on_loopback(scenario)

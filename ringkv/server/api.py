@@ -85,6 +85,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         if node.draining:
             raise ShuttingDown("the node is shutting down")
+        v.check_headers(request.raw_headers)
         response = await handler(request)
     except RingKVError as exc:
         response = error_response(exc)

@@ -16,6 +16,7 @@ from aiohttp import web
 from ringkv.config import Config
 from ringkv.node import Node
 from ringkv.server.api import build_app
+from ringkv.server.http_protocol import ApiRunner
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
 
     node = Node(config)
     await node.start()
-    runner = web.AppRunner(
+    runner = ApiRunner(
         build_app(node),
+        config.limits,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=config.timing.shutdown_drain_timeout_s,

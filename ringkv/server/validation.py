@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import msgpack
 
 from ringkv.config import LimitsConfig
-from ringkv.errors import BadRequest, TooLarge
+from ringkv.errors import BadRequest, HeaderTooLarge, TooLarge
 from ringkv.quorum import ConsistencyLevel
 from ringkv.versioning import encode_json_value
 
 # Cassandra's limit: 20 years. A larger TTL is almost certainly a unit mistake.
 MAX_TTL_S = 20 * 365 * 24 * 3600
 KV_PREFIX = "/v1/kv/"
+# One request header, name and value: aiohttp's and nginx's default line limit.
+MAX_HEADER_BYTES = 8190
 
 
 def _reject_constant(name: str) -> Any:
@@ -34,6 +37,20 @@ def parse_json_body(body: bytes) -> Any:
         # RecursionError: absurdly deep nesting must not take the node down.
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise BadRequest(f"request body is not valid JSON: {reason}", field="body") from None
+
+
+def check_headers(raw_headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Each header, name and value, is at most MAX_HEADER_BYTES; the error names it."""
+    for name, value in raw_headers:
+        size = len(name) + len(value)
+        if size > MAX_HEADER_BYTES:
+            header = name.decode("latin-1")
+            raise HeaderTooLarge(
+                f"header {header} is {size} bytes; the limit is {MAX_HEADER_BYTES}",
+                header=header,
+                limit=MAX_HEADER_BYTES,
+                size=size,
+            )
 
 
 def key_from_path(raw_path: str, limits: LimitsConfig) -> bytes:

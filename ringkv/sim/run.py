@@ -284,7 +284,7 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
 
 def format_line(result: SimResult) -> str:
     """One line per run, for a series of seeds."""
-    counts = _counts(result)
+    counts = run_counts(result)
     return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
             f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
             f"{result.fault_count:>3} faults; lost {counts['lost']}, stale {counts['stale']}, "
@@ -293,13 +293,11 @@ def format_line(result: SimResult) -> str:
 
 def format_totals(results: list[SimResult]) -> str:
     """What a series of runs measured, summed (the figures README's Guarantees quote)."""
-    total = Counter[str]()
-    for result in results:
-        total.update(_counts(result))
+    total = series_counts(results)
     failed = [r for r in results if not r.ok]
     lines = [
         f"{len(results)} runs, {len(failed)} failed: {total['ops']} client ops, "
-        f"{sum(r.fault_count for r in results)} faults injected",
+        f"{total['faults']} faults injected",
         f"  lost acknowledged writes: {total['lost']} of {total['acked']}",
         f"  stale reads: {total['stale']} of {total['reads']} "
         f"({100 * total['stale'] / max(1, total['reads']):.2f}%)",
@@ -311,7 +309,17 @@ def format_totals(results: list[SimResult]) -> str:
     return "\n".join(lines)
 
 
-def _counts(result: SimResult) -> dict[str, int]:
+def series_counts(results: list[SimResult]) -> Counter[str]:
+    """``run_counts`` summed over a series of runs."""
+    total = Counter[str]()
+    for result in results:
+        total.update(run_counts(result))
+    return total
+
+
+def run_counts(result: SimResult) -> dict[str, int]:
+    """The figures one run measured: client ops, acknowledged writes, successful
+    reads, faults, and how many items each checker flagged."""
     client = [op for op in result.history if not op.final]
     return {
         "ops": len(client),
@@ -322,4 +330,5 @@ def _counts(result: SimResult) -> dict[str, int]:
         "phantom": result.verdict("reads of values").count,
         "diverged": result.verdict("replicas").count,
         "discarded": result.verdict("writes discarded").count,
+        "faults": result.fault_count,
     }
