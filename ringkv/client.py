@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
+from ringkv.address import format_address, parse_address
 from ringkv.clock import SystemClock
 from ringkv.hlc import Timestamp
 from ringkv.errors import (
@@ -251,15 +252,12 @@ def _normalise_url(url: str) -> str:
 
 
 def _url_for(address: str, answered_by: str) -> str:
-    """The base URL of a ``host:port`` client address from the ring."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    """The base URL of a ``host:port`` client address from the ring (ValueError if malformed)."""
+    host, port = parse_address(address)
     parts = urlsplit(answered_by)
-    if host in ("", "0.0.0.0", "::"):  # a wildcard bind: reach it the way we reached the ring
+    if host in ("0.0.0.0", "::"):  # a wildcard bind: reach it the way we reached the ring
         host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{port}"
+    return f"{parts.scheme}://{format_address(host, port)}"
 
 
 def _parse_ring(body: bytes, answered_by: str) -> _Topology:

@@ -286,7 +286,7 @@ class Node:
         self_address = cluster.internode_address  # what peers dial, maybe not where we listen
         for key, value in (
             (gs.INTERNODE_ADDR, self_address),
-            (gs.CLIENT_ADDR, f"{cluster.listen_host}:{cluster.client_port}"),
+            (gs.CLIENT_ADDR, cluster.client_address),
             (gs.DC, cluster.dc),
             (gs.RACK, cluster.rack),
             (gs.STATUS, gs.BOOT),
@@ -609,7 +609,7 @@ class Node:
 
     def _client_address(self, node_id: str) -> str | None:
         if node_id == self.node_id or self.gossiper is None:
-            return f"{self.config.cluster.listen_host}:{self.config.cluster.client_port}"
+            return self.config.cluster.client_address
         state = self.gossiper.endpoint_states().get(node_id)
         return None if state is None else state.get(gs.CLIENT_ADDR)
 

@@ -15,6 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ringkv"
 FORBIDDEN_IN_PURE = {"asyncio", "aiohttp", "plyvel", "socket", "time", "threading", "uvloop"}
 PURE_MODULES = [
+    "address.py",
     "ring.py",
     "versioning.py",
     "quorum.py",
