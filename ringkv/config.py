@@ -36,6 +36,7 @@ import yaml
 
 from ringkv.address import check_host, format_address, parse_address
 from ringkv.errors import BadRequest, ConfigError
+from ringkv.limits import MAX_KEY_BYTES, MAX_SCAN_ITEMS, MAX_VALUE_BYTES
 from ringkv.quorum import ConsistencyLevel, block_for
 
 __all__ = [
@@ -516,8 +517,6 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
 _HOUR_MS = 3_600_000
 _DAY_S = 86_400
 _MAX_TTL_S = 20 * 365 * _DAY_S  # Cassandra's TTL limit
-# A value travels to a replica in one internode frame (16 MiB at most).
-_MAX_VALUE_BYTES = 15 * 1024 * 1024
 
 
 def _read_timing(ctx: _Context, raw: object) -> TimingConfig:
@@ -549,11 +548,12 @@ def _read_storage(ctx: _Context, raw: object) -> StorageConfig:
 
 def _read_limits(ctx: _Context, raw: object) -> LimitsConfig:
     sec = _Section(ctx, "limits", raw, _SECTIONS["limits"])
-    sec.take("max_key_bytes", _check_int, 1, 65535)
-    sec.take("max_value_bytes", _check_int, 1, _MAX_VALUE_BYTES)
+    # A key and a value travel to a replica in one internode frame: see ringkv.limits.
+    sec.take("max_key_bytes", _check_int, 1, MAX_KEY_BYTES)
+    sec.take("max_value_bytes", _check_int, 1, MAX_VALUE_BYTES)
     sec.take("max_request_bytes", _check_int, 1, 2**31)
     sec.take("max_batch_ops", _check_int, 1, 100_000)
-    sec.take("max_scan_page", _check_int, 1, 10_000)
+    sec.take("max_scan_page", _check_int, 1, MAX_SCAN_ITEMS)  # no replica returns more
     limits = LimitsConfig(**sec.done())
     if limits.max_value_bytes > limits.max_request_bytes:
         ctx.fail(

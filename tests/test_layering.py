@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ringkv"
 FORBIDDEN_IN_PURE = {"asyncio", "aiohttp", "plyvel", "socket", "time", "threading", "uvloop"}
 PURE_MODULES = [
     "address.py",
+    "limits.py",
     "ring.py",
     "versioning.py",
     "quorum.py",
