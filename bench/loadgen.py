@@ -25,6 +25,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ringkv.address import format_address
 from ringkv.clock import SystemClock
 
 PROGRESS_INTERVAL_S = 0.5
@@ -117,7 +118,7 @@ class _Target:
 
     @property
     def host_header(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)  # [v6addr]:port, as HTTP wants
 
     @staticmethod
     def parse(url: str) -> _Target:

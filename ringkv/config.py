@@ -34,7 +34,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from ringkv.address import check_host, format_address, parse_address
 from ringkv.errors import BadRequest, ConfigError
+from ringkv.limits import MAX_KEY_BYTES, MAX_SCAN_ITEMS, MAX_VALUE_BYTES
 from ringkv.quorum import ConsistencyLevel, block_for
 
 __all__ = [
@@ -97,12 +99,17 @@ class ClusterConfig:
         """The internode "host:port" peers use to reach this node (what it gossips)."""
         if self.broadcast_internode is not None:
             return self.broadcast_internode
-        return f"{self.listen_host}:{self.internode_port}"
+        return format_address(self.listen_host, self.internode_port)
+
+    @property
+    def client_address(self) -> str:
+        """The "host:port" of this node's client API (what it gossips)."""
+        return format_address(self.listen_host, self.client_port)
 
     @property
     def seed_addresses(self) -> tuple[tuple[str, int], ...]:
         """``seeds`` as (host, port) pairs; IPv6 brackets are removed."""
-        return tuple(_split_host_port(seed) for seed in self.seeds)
+        return tuple(parse_address(seed) for seed in self.seeds)
 
 
 @dataclass(frozen=True)
@@ -510,8 +517,6 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
 _HOUR_MS = 3_600_000
 _DAY_S = 86_400
 _MAX_TTL_S = 20 * 365 * _DAY_S  # Cassandra's TTL limit
-# A value travels to a replica in one internode frame (16 MiB at most).
-_MAX_VALUE_BYTES = 15 * 1024 * 1024
 
 
 def _read_timing(ctx: _Context, raw: object) -> TimingConfig:
@@ -543,11 +548,12 @@ def _read_storage(ctx: _Context, raw: object) -> StorageConfig:
 
 def _read_limits(ctx: _Context, raw: object) -> LimitsConfig:
     sec = _Section(ctx, "limits", raw, _SECTIONS["limits"])
-    sec.take("max_key_bytes", _check_int, 1, 65535)
-    sec.take("max_value_bytes", _check_int, 1, _MAX_VALUE_BYTES)
+    # A key and a value travel to a replica in one internode frame: see ringkv.limits.
+    sec.take("max_key_bytes", _check_int, 1, MAX_KEY_BYTES)
+    sec.take("max_value_bytes", _check_int, 1, MAX_VALUE_BYTES)
     sec.take("max_request_bytes", _check_int, 1, 2**31)
     sec.take("max_batch_ops", _check_int, 1, 100_000)
-    sec.take("max_scan_page", _check_int, 1, 10_000)
+    sec.take("max_scan_page", _check_int, 1, MAX_SCAN_ITEMS)  # no replica returns more
     limits = LimitsConfig(**sec.done())
     if limits.max_value_bytes > limits.max_request_bytes:
         ctx.fail(
@@ -605,12 +611,13 @@ def _check_name(ctx: _Context, name: str, value: object, max_len: int) -> str:
 
 
 def _check_host(ctx: _Context, name: str, value: object) -> str:
-    wanted = "a host name or IP address"
+    wanted = "a host name or IP address (IPv6 without brackets)"
     if not isinstance(value, str):
         ctx.fail(name, wanted, _show_typed(value))
-    if not value or len(value) > 253 or any(c.isspace() for c in value):
-        ctx.fail(name, wanted, _show(value))
-    return value
+    try:
+        return check_host(value)
+    except ValueError as exc:
+        ctx.fail(name, wanted, f"{_show(value)} ({exc})")
 
 
 def _check_seeds(ctx: _Context, name: str, value: object) -> tuple[str, ...]:
@@ -629,10 +636,12 @@ def _check_address(ctx: _Context, name: str, value: object) -> str:
     if not isinstance(value, str):
         ctx.fail(name, 'a "host:port" string', _show_typed(value))
     try:
-        _split_host_port(value)
-    except ValueError:
+        parse_address(value)
+    except ValueError as exc:
         ctx.fail(
-            name, 'a "host:port" string with port 1-65535 ([v6addr]:port for IPv6)', _show(value)
+            name,
+            'a "host:port" string with port 1-65535 ([v6addr]:port for IPv6)',
+            f"{_show(value)} ({exc})",
         )
     return value
 
@@ -655,22 +664,6 @@ def _check_consistency(ctx: _Context, name: str, value: object) -> ConsistencyLe
         return ConsistencyLevel.parse(value, field=name, write=False)
     except BadRequest:
         ctx.fail(name, wanted, _show(value))
-
-
-def _split_host_port(text: str) -> tuple[str, int]:
-    """'host:port' or '[v6addr]:port' -> (host, port); ValueError when malformed."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not host:
-            raise ValueError(text)
-    elif ":" in host:  # a bare IPv6 address is ambiguous without brackets
-        raise ValueError(text)
-    if not sep or not host or any(c.isspace() for c in host):
-        raise ValueError(text)
-    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(text)
-    return host, int(port)
 
 
 # Messages.

@@ -199,7 +199,7 @@ class Node:
         self_address = cluster.internode_address  # what peers dial, maybe not where we listen
         for key, value in (
             (gs.INTERNODE_ADDR, self_address),
-            (gs.CLIENT_ADDR, f"{cluster.listen_host}:{cluster.client_port}"),
+            (gs.CLIENT_ADDR, cluster.client_address),
             (gs.DC, cluster.dc),
             (gs.RACK, cluster.rack),
             (gs.STATUS, gs.BOOT),

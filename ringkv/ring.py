@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,14 +33,95 @@ RING_SIZE = 2**64  # number of points on the ring; widths are measured in these
 
 
 def token_for(key: bytes) -> int:
-    """The ring token of ``key``: the first 64 bits of Murmur3 x64_128.
+    """The ring token of ``key``, exactly as Cassandra's Murmur3Partitioner.getToken.
 
-    Same as Cassandra's Murmur3Partitioner, so tokens are comparable with
-    Cassandra tooling. MIN_TOKEN is reserved there as the "minimum" sentinel,
-    so a key hashing to it is moved to MAX_TOKEN.
+    That is the first 64 bits (h1) of Cassandra's MurmurHash.hash3_x64_128
+    with seed 0, read as a signed long, with two special cases taken from
+    Cassandra:
+
+    - MIN_TOKEN is the "before everything" sentinel (a range ``(MIN_TOKEN, x]``
+      selects all tokens up to x), so a non-empty key hashing to it is moved
+      to MAX_TOKEN (Cassandra's ``normalize``).
+    - The empty key is MIN_TOKEN itself, without hashing. Scans start after
+      MIN_TOKEN and would never return such a key, so ringkv, like Cassandra,
+      refuses empty keys where they enter (``ringkv.server.validation.check_key``);
+      the value is kept only so that tokens agree with Cassandra tooling.
+
+    Cassandra's hash differs from reference MurmurHash3 (and from ``mmh3``) in
+    one place: the tail (the last ``len % 16`` bytes) is read as signed Java
+    bytes, each sign-extended to 64 bits before it is shifted, so a tail byte
+    >= 0x80 changes the result. Keys whose tail is ASCII hash the same either
+    way and go through ``mmh3`` (C); only the others take the pure-Python path.
     """
-    token = mmh3.hash64(key, signed=True)[0]
+    if not key:
+        return MIN_TOKEN
+    tail_len = len(key) & 15
+    if key[len(key) - tail_len :].isascii():
+        token = mmh3.hash64(key, signed=True)[0]
+    else:
+        token = _cassandra_hash3_x64_128_h1(key)
     return MAX_TOKEN if token == MIN_TOKEN else token
+
+
+_MASK_64 = 2**64 - 1
+_C1 = 0x87C37B91114253D5
+_C2 = 0x4CF5AD432745937F
+_BLOCKS = struct.Struct("<QQ")  # a 16-byte body block: two little-endian unsigned longs
+
+
+def _rotl64(value: int, shift: int) -> int:
+    return ((value << shift) | (value >> (64 - shift))) & _MASK_64
+
+
+def _fmix64(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _MASK_64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & _MASK_64
+    return k ^ (k >> 33)
+
+
+def _cassandra_hash3_x64_128_h1(key: bytes) -> int:
+    """h1 of Cassandra's MurmurHash.hash3_x64_128(key, seed=0), as a signed 64-bit int.
+
+    Python ints do not wrap, so every step masks to 64 bits; the result is
+    turned back into Java's signed long at the end.
+    """
+    length = len(key)
+    body_len = length - (length & 15)
+    h1 = h2 = 0
+    for k1, k2 in _BLOCKS.iter_unpack(key[:body_len]):  # body bytes are read unsigned
+        k1 = (_rotl64((k1 * _C1) & _MASK_64, 31) * _C2) & _MASK_64
+        h1 ^= k1
+        h1 = (_rotl64(h1, 27) + h2) & _MASK_64
+        h1 = (h1 * 5 + 0x52DCE729) & _MASK_64
+        k2 = (_rotl64((k2 * _C2) & _MASK_64, 33) * _C1) & _MASK_64
+        h2 ^= k2
+        h2 = (_rotl64(h2, 31) + h1) & _MASK_64
+        h2 = (h2 * 5 + 0x38495AB5) & _MASK_64
+
+    # Tail: Java's ByteBuffer.get returns a signed byte, and ``(long) b << n``
+    # sign-extends it, so a byte >= 0x80 also sets every bit above its own.
+    k1 = k2 = 0
+    for i, byte in enumerate(key[body_len:]):
+        signed = byte - 256 if byte >= 0x80 else byte
+        if i < 8:
+            k1 ^= (signed << (8 * i)) & _MASK_64
+        else:
+            k2 ^= (signed << (8 * (i - 8))) & _MASK_64
+    tail_len = length - body_len
+    if tail_len > 8:
+        h2 ^= (_rotl64((k2 * _C2) & _MASK_64, 33) * _C1) & _MASK_64
+    if tail_len > 0:
+        h1 ^= (_rotl64((k1 * _C1) & _MASK_64, 31) * _C2) & _MASK_64
+
+    # Java's ``h ^= length`` widens the int length to a long: a plain XOR for any real length.
+    h1 ^= length
+    h2 ^= length
+    h1 = (h1 + h2) & _MASK_64
+    h2 = (h2 + h1) & _MASK_64
+    h1 = (_fmix64(h1) + _fmix64(h2)) & _MASK_64
+    return h1 - 2**64 if h1 >= 2**63 else h1
 
 
 @dataclass(frozen=True)

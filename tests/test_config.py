@@ -169,6 +169,13 @@ def test_broadcast_internode_is_the_address_peers_are_told():
     assert config_from_dict(config.to_dict()) == config
 
 
+def test_ipv6_listen_host_is_bracketed_in_the_addresses_it_gossips():
+    config = load_config(None, {"cluster.listen_host": "::1", "cluster.seeds": ["[::1]:7500"]})
+    assert config.cluster.internode_address == "[::1]:7500"
+    assert config.cluster.client_address == "[::1]:7400"
+    assert config.cluster.seed_addresses == (("::1", 7500),)
+
+
 def test_node_flags_are_overrides():
     from ringkv.cli import _node_overrides, build_parser
 
@@ -268,6 +275,10 @@ BAD_FIELDS = [
     ({"cluster": {"seeds": ["127.0.0.1"]}}, "cluster.seeds[0]", "got '127.0.0.1'"),
     ({"cluster": {"seeds": ["a:1", "b:99999"]}}, "cluster.seeds[1]", "got 'b:99999'"),
     ({"cluster": {"seeds": ["::1:7500"]}}, "cluster.seeds[0]", "[v6addr]:port"),
+    ({"cluster": {"seeds": ["[::1:7500"]}}, "cluster.seeds[0]", "no closing ']'"),
+    ({"cluster": {"seeds": ["h:75x"]}}, "cluster.seeds[0]", "'75x' is not a decimal number"),
+    ({"cluster": {"listen_host": "[::1]"}}, "cluster.listen_host", "IPv6 without brackets"),
+    ({"cluster": {"listen_host": "my host"}}, "cluster.listen_host", "may hold only letters"),
     ({"cluster": {"seeds": [7500]}}, "cluster.seeds[0]", "got 7500 (an integer)"),
     ({"cluster": {"broadcast_internode": "127.0.0.2"}}, "cluster.broadcast_internode",
      "got '127.0.0.2'"),

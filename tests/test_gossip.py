@@ -40,6 +40,7 @@ from ringkv.gossip.state import (
     examine_digests,
     format_tokens,
     merge,
+    parse_address,
     parse_tokens,
     state_newer_than,
     states_for_requests,
@@ -372,6 +373,7 @@ def test_validate_app_state_and_tokens_helpers():
     assert parse_tokens(format_tokens([-(2**63), 0, 42])) == [-(2**63), 0, 42]
     assert parse_tokens("") == []
     validate_app_state(INTERNODE_ADDR, "[::1]:7000")
+    assert parse_address("[::1]:7000") == ("::1", 7000)  # brackets are syntax, not host
     validate_app_state("anything", "free text is fine")
     for key, value in [(STATUS, "UP"), (TOKENS, "1_000"), (LOAD, "1e3"), (CLIENT_ADDR, "h:0")]:
         with pytest.raises(ValueError):

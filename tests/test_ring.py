@@ -7,11 +7,14 @@ import functools
 import random
 from pathlib import Path
 
+import mmh3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringkv import ring as ring_module
+from ringkv.config import LimitsConfig
+from ringkv.errors import BadRequest
 from ringkv.ring import (
     MAX_TOKEN,
     MIN_TOKEN,
@@ -20,6 +23,7 @@ from ringkv.ring import (
     allocate_tokens,
     token_for,
 )
+from ringkv.server.validation import check_key, key_from_json
 
 RING_SIZE = 2**64
 SEEDS = range(5)
@@ -85,31 +89,133 @@ def test_module_is_pure():
 # ---- token_for -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "key, token",
-    [
-        # Pinned from mmh3.hash64(key, signed=True)[0]; must never change,
-        # or every stored key would land on the wrong replicas.
-        (b"", 0),
-        (b"foo", -2129773440516405919),
-        (b"hello", -3758069500696749310),
-        (b"user:42", -3674646904862786968),
-    ],
-)
-def test_token_for_is_stable(key, token):
+# Golden tokens: Cassandra's Murmur3Partitioner.getToken, computed from its
+# source (utils/MurmurHash.hash3_x64_128, dht/Murmur3Partitioner.getToken) by
+# a Java transcription run on the JDK, and cross-checked against the DataStax
+# driver's murmur3 (C). They must never change, or stored keys would sit on
+# the wrong replicas. Rows: ASCII keys of every tail length (len % 16) 0..16;
+# every tail length with bytes >= 0x80 after an ASCII body; all-high-byte
+# keys; UTF-8 keys; a non-ASCII body with an ASCII tail.
+CASSANDRA_TOKENS = [
+        (b'foo', -2129773440516405919),
+        (b'hello', -3758069500696749310),
+        (b'user:42', -3674646904862786968),
+        (b'a', -8839064797231613815),
+        (b'ab', -7815133031266706642),
+        (b'abc', -5434086359492102041),
+        (b'abcd', -5153323217664422577),
+        (b'abcde', 2321271983248423864),
+        (b'abcdef', -1982280103179862187),
+        (b'abcdefg', -6427428730009885543),
+        (b'abcdefgh', -3708139591217214462),
+        (b'abcdefghi', 380484692874131812),
+        (b'abcdefghij', -5277837174909203303),
+        (b'abcdefghijk', -6298899011365987070),
+        (b'abcdefghijkl', -8145996112604765804),
+        (b'abcdefghijklm', 1605577856027523699),
+        (b'abcdefghijklmn', -7939682693950507552),
+        (b'abcdefghijklmno', -8449275918290243589),
+        (b'abcdefghijklmnop', -4266531025627334877),
+        (b'kkkkkkkkkkkkkkkk', 366243685468693092),
+        (b'kkkkkkkkkkkkkkkk\x80', -2478430299069532083),
+        (b'kkkkkkkkkkkkkkkk\x80\x81', -3129810046859997545),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82', 7108805945674877282),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83', 1376543011196128120),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84', 3527925292505459766),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85', -4533427610063940112),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86', -7368535700264903082),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87', -6163720351853506521),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88', 6821365091052139002),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89', 1614636139630964110),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89\x8a', 2731039987624597109),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89\x8a\x8b', -6472956384418978743),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89\x8a\x8b\x8c', -5774851743447089113),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d', -8971072456842465132),
+        (b'kkkkkkkkkkkkkkkk\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e', 8111973195381618604),
+        (b'\xef', 8940581528398360514),
+        (b'\xee\xef', -6799765485727031335),
+        (b'\xed\xee\xef', 1319596367854568913),
+        (b'\xec\xed\xee\xef', -3336568777852545485),
+        (b'\xeb\xec\xed\xee\xef', 1862811984943558892),
+        (b'\xea\xeb\xec\xed\xee\xef', 7793010535232046715),
+        (b'\xe9\xea\xeb\xec\xed\xee\xef', -6278180021130436851),
+        (b'\xe8\xe9\xea\xeb\xec\xed\xee\xef', -8506056603516411696),
+        (b'\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', -7276957159198540755),
+        (b'\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', -6269579526664977440),
+        (b'\xe5\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', -8731525477616249118),
+        (b'\xe4\xe5\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', 8215748730246110470),
+        (b'\xe3\xe4\xe5\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', 6728120799450217500),
+        (b'\xe2\xe3\xe4\xe5\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', -127114211976959741),
+        (b'\xe1\xe2\xe3\xe4\xe5\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef', 3518885431160398817),
+        ("café".encode(), -5777272221172978824),
+        ("ключ".encode(), 1182936647932017555),
+        ("日本".encode(), -7507319893842418264),
+        ("user:ключ-日本-café".encode(), -999091597739951327),
+        ("日本語のキー:abc".encode(), 6090613798370671351),
+        ("ключ-0123456789".encode(), -3675273811113310798),
+        (b'\x80', -5284281814142962636),
+        (b'\xff', -4442228696663692417),
+        (b'\x7f\x80', 66678688558852036),
+        (b'\xf0\xf1\xf2\xf3\xf4\xf5\xf6\xf7\xf8\xf9\xfa\xfb\xfc\xfd\xfe\xff', -9084739235461062116),
+        (b'\xf0\xf1\xf2\xf3\xf4\xf5\xf6\xf7\xf8\xf9\xfa\xfb\xfc\xfd\xfe\xff\xff', 9026743292056184257),
+]
+
+
+@pytest.mark.parametrize("key, token", CASSANDRA_TOKENS)
+def test_token_for_matches_cassandra(key, token):
     assert token_for(key) == token
 
 
-@given(st.binary(max_size=64))
+def test_golden_table_covers_the_signed_tail_bytes():
+    """The table must exercise the one place Cassandra's hash differs from
+    reference MurmurHash3: a tail byte >= 0x80 is sign-extended (Java bytes are
+    signed). Every tail length 1..15 must appear with such a byte, and for
+    those rows the reference hash (mmh3) must give a different answer."""
+    tail_lengths = set()
+    for key, token in CASSANDRA_TOKENS:
+        tail = key[len(key) - (len(key) & 15) :]
+        if not tail.isascii():
+            tail_lengths.add(len(tail))
+            assert mmh3.hash64(key, signed=True)[0] != token
+        else:
+            assert mmh3.hash64(key, signed=True)[0] == token
+    assert tail_lengths == set(range(1, 16))
+
+
+def test_empty_key_is_min_token_and_refused_by_the_api():
+    """Cassandra's getToken gives an empty key MINIMUM without hashing it. Scans
+    start after MIN_TOKEN and would never return it, so the API refuses empty
+    keys (as CQL refuses empty partition keys) before they reach the ring."""
+    assert token_for(b"") == MIN_TOKEN
+    limits = LimitsConfig()
+    with pytest.raises(BadRequest) as raised:
+        check_key(b"", limits, field="key")
+    assert raised.value.field == "key"
+    with pytest.raises(BadRequest):
+        key_from_json("", limits, field="key")
+
+
+@given(st.binary(min_size=1, max_size=64))
 def test_token_for_is_in_range(key):
-    assert MIN_TOKEN <= token_for(key) <= MAX_TOKEN
-    assert token_for(key) != MIN_TOKEN
+    assert MIN_TOKEN < token_for(key) <= MAX_TOKEN
+
+
+@given(st.binary(max_size=80))
+def test_pure_hash_agrees_with_mmh3_when_the_tail_is_ascii(key):
+    """Two independent implementations: with the tail's high bits cleared the
+    signed and unsigned readings are the same, so the pure-Python hash must
+    equal mmh3's reference hash, for any body."""
+    tail_at = len(key) - (len(key) & 15)
+    key = key[:tail_at] + bytes(b & 0x7F for b in key[tail_at:])
+    assert ring_module._cassandra_hash3_x64_128_h1(key) == mmh3.hash64(key, signed=True)[0]
 
 
 def test_token_for_maps_min_token_to_max(monkeypatch):
-    """Cassandra reserves MIN_TOKEN as a sentinel; a key hashing to it goes to MAX_TOKEN."""
+    """Cassandra's normalize: MIN_TOKEN is the sentinel, so a non-empty key hashing to it goes to MAX_TOKEN."""
     monkeypatch.setattr(ring_module.mmh3, "hash64", lambda key, signed: (MIN_TOKEN, 0))
     assert token_for(b"x") == MAX_TOKEN
+    monkeypatch.setattr(ring_module, "_cassandra_hash3_x64_128_h1", lambda key: MIN_TOKEN)
+    assert token_for("café".encode()) == MAX_TOKEN
 
 
 # ---- construction ------------------------------------------------------------

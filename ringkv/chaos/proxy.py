@@ -35,6 +35,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ringkv.address import parse_address
 from ringkv.net.transport import reset_on_close
 
 READ_CHUNK = 64 * 1024
@@ -271,16 +272,12 @@ def apply_command(proxy: FaultProxy, line: str) -> str:
 
 
 def _parse_routes(specs: Iterable[str]) -> dict[tuple[str, int], tuple[str, int]]:
-    def address(text: str) -> tuple[str, int]:
-        host, _, port = text.rpartition(":")
-        return host, int(port)
-
     routes = {}
     for spec in specs:
         listen, sep, upstream = spec.partition("=")
         if not sep:
             raise ValueError(f"route {spec!r} is not LISTEN=UPSTREAM")
-        routes[address(listen)] = address(upstream)
+        routes[parse_address(listen)] = parse_address(upstream)
     return routes
 
 

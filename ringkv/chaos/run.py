@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ringkv.address import format_address
 from ringkv.chaos.proxy import FaultProxy
 from ringkv.client import AsyncClient
 from ringkv.clock import SystemClock
@@ -197,12 +198,12 @@ class ChaosRun:
         await self.proxy.start()
         cluster = LocalCluster(self.run_dir, nodes=len(HOSTS), rf=3)
         config = cluster.config_file()
-        seed = f"{HOSTS[0]}:{ports[HOSTS[0]][2]}"
+        seed = format_address(HOSTS[0], ports[HOSTS[0]][2])
         cluster.procs = [
             NodeProcess(
                 f"node{i + 1}", self.run_dir, host=host, client_port=client,
                 internode_port=internode, config_path=config,
-                extra_args=["--seeds", seed, "--broadcast-internode", f"{host}:{proxy}"],
+                extra_args=["--seeds", seed, "--broadcast-internode", format_address(host, proxy)],
             )
             for i, (host, (client, internode, proxy)) in enumerate(ports.items())
         ]

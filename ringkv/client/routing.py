@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ringkv.address import format_address, parse_address
 from ringkv.client.types import NodeView
 from ringkv.errors import BadRequest
 from ringkv.ring import NodeInfo, TokenRing
@@ -58,15 +59,12 @@ def normalise_url(url: str) -> str:
 
 
 def url_for(address: str, answered_by: str) -> str:
-    """The base URL of a ``host:port`` client address from the ring."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    """The base URL of a ``host:port`` client address from the ring (ValueError if malformed)."""
+    host, port = parse_address(address)
     parts = urlsplit(answered_by)
-    if host in ("", "0.0.0.0", "::"):  # a wildcard bind: reach it the way we reached the ring
+    if host in ("0.0.0.0", "::"):  # a wildcard bind: reach it the way we reached the ring
         host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{port}"
+    return f"{parts.scheme}://{format_address(host, port)}"
 
 
 def parse_ring(body: bytes, answered_by: str) -> Topology:

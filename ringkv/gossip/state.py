@@ -51,6 +51,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ringkv.address import parse_address  # re-exported: gossip values are addresses
 from ringkv.errors import ProtocolError
 
 __all__ = [
@@ -125,7 +126,6 @@ _MIN_TOKEN = -(2**63)
 _MAX_TOKEN = 2**63 - 1
 _TOKENS_RE = re.compile(r"-?[0-9]{1,20}(?:,-?[0-9]{1,20})*")
 _LOAD_RE = re.compile(r"[0-9]{1,20}")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 # --- value helpers -------------------------------------------------------------
@@ -145,19 +145,6 @@ def _is_name(text: object, max_len: int) -> bool:
 def is_valid_node_id(node_id: object) -> bool:
     """A node id is 1..MAX_NODE_ID_LEN printable characters without whitespace."""
     return _is_name(node_id, MAX_NODE_ID_LEN)
-
-
-def parse_address(value: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (``"[::1]:7000"`` for IPv6). Raises ValueError if malformed."""
-    if not isinstance(value, str):
-        raise ValueError(f"address must be a string, got {type(value).__name__}")
-    host, sep, port = value.rpartition(":")
-    if not sep or not _is_name(host, 255) or not _PORT_RE.fullmatch(port):
-        raise ValueError(f"address must look like 'host:port', got {value!r}")
-    number = int(port)
-    if not 1 <= number <= 65535:
-        raise ValueError(f"port must be in 1..65535, got {value!r}")
-    return host, number
 
 
 def parse_tokens(value: str) -> list[int]:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from ringkv.errors import ProtocolError, TooLarge
+from ringkv.limits import MAX_FRAME_BYTES
 
 PROTOCOL_VERSION = 1
 
@@ -34,7 +35,7 @@ KINDS = frozenset((KIND_REQUEST, KIND_RESPONSE, KIND_ERROR, KIND_ONEWAY))
 
 HELLO = "hello"  # verb of the handshake frame, reserved for the transport
 
-DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_FRAME_BYTES = MAX_FRAME_BYTES  # see ringkv.limits for what depends on it
 MAX_VERB_LEN = 128
 MAX_REQUEST_ID = 2**64 - 1
 

@@ -43,6 +43,7 @@ from ringkv.errors import (
     ShuttingDown,
     TooLarge,
 )
+from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import (
     HELLO,
     KIND_ERROR,
@@ -472,7 +473,7 @@ class Transport:
         port: int,
         handler: Handler,
         *,
-        max_frame_bytes: int = 16 * 1024 * 1024,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
         max_queue: int = 4096,
         connect_timeout_s: float = 2.0,
         handshake_timeout_s: float = 2.0,

@@ -11,16 +11,10 @@ from __future__ import annotations
 import asyncio
 
 from ringkv.errors import BadRequest
+from ringkv.limits import MAX_SCAN_ITEMS, MAX_SCAN_REPLY_BYTES, SCAN_ITEM_OVERHEAD_BYTES
 from ringkv.messages import ScanReply
 from ringkv.storage.store import LocalStore
 from ringkv.versioning import Cell, check_timestamp
-
-# A scan reply is bounded on the replica, whatever the caller asks for: in
-# items, and in bytes so that it always fits in one internode frame (half of
-# the 16 MiB frame limit) even when values are large.
-MAX_SCAN_ITEMS = 10_000
-MAX_SCAN_REPLY_BYTES = 8 * 1024 * 1024
-_SCAN_ITEM_OVERHEAD_BYTES = 64  # token, timestamps, flags and framing, generously
 
 
 class LocalReplica:
@@ -55,6 +49,8 @@ class LocalReplica:
 
         ``after = (t, None)`` excludes every key of token t. The reply is
         marked truncated when it stops short of ``limit`` for its own bounds.
+        Those bounds hold whatever the caller asks: MAX_SCAN_ITEMS items and
+        about MAX_SCAN_REPLY_BYTES, so the reply fits one frame (ringkv.limits).
         """
         capped = max(1, min(limit, MAX_SCAN_ITEMS))
         after_token, after_key = after
@@ -69,7 +65,7 @@ class LocalReplica:
         items: list[tuple[int, bytes, Cell]] = []
         size = 0
         for item in found:
-            size += len(item.key) + len(item.cell.value) + _SCAN_ITEM_OVERHEAD_BYTES
+            size += len(item.key) + len(item.cell.value) + SCAN_ITEM_OVERHEAD_BYTES
             if items and size > MAX_SCAN_REPLY_BYTES:
                 return ScanReply(items, truncated=True)
             items.append((item.token, item.key, item.cell))

@@ -56,7 +56,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         # A line tools and tests wait for: the node is ready for clients.
         print(
             f"ringkv node {node.node_id} listening on "
-            f"http://{config.cluster.listen_host}:{config.cluster.client_port}",
+            f"http://{config.cluster.client_address}",
             flush=True,
         )
         await stop.wait()

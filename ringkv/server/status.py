@@ -61,7 +61,7 @@ def ring_view(node: Node) -> dict[str, Any]:
 
 def client_address(node: Node, node_id: str) -> str | None:
     if node_id == node.node_id or node.gossiper is None:
-        return f"{node.config.cluster.listen_host}:{node.config.cluster.client_port}"
+        return node.config.cluster.client_address
     state = node.gossiper.endpoint_states().get(node_id)
     return None if state is None else state.get(gs.CLIENT_ADDR)
 

@@ -38,6 +38,7 @@ from ringkv.errors import (
     ShuttingDown,
     TooLarge,
 )
+from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import (
     HEADER_BYTES,
     HELLO,
@@ -185,7 +186,7 @@ class SimTransport:
         port: int,
         handler: Handler,
         *,
-        max_frame_bytes: int = 16 * 1024 * 1024,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
         max_inflight: int = 10000,
         max_backoff_s: float = 2.0,
     ) -> None:

@@ -19,6 +19,7 @@ from http import client as http_client
 from pathlib import Path
 from typing import Any
 
+from ringkv.address import format_address
 from ringkv.clock import SystemClock
 
 _CLOCK = SystemClock()
@@ -108,7 +109,7 @@ class NodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"http://{format_address(self.host, self.client_port)}"
 
     def start(self) -> NodeProcess:
         self.log_path = self.data_dir / f"{self.node_id}.log"
@@ -125,7 +126,7 @@ class NodeProcess:
         ]
         if "--seeds" not in self.extra_args:
             # A lone node is its own seed; it must not wander into another cluster.
-            args += ["--seeds", f"{self.host}:{self.internode_port}"]
+            args += ["--seeds", format_address(self.host, self.internode_port)]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ringkv.address import format_address
 from ringkv.clock import SystemClock
 from ringkv.tools.launcher import NodeProcess, http, wait_until
 
@@ -51,7 +52,7 @@ class LocalCluster:
 
     def build(self) -> list[NodeProcess]:
         config = self.config_file()
-        seed = f"{self.host_prefix}:{self.base_internode_port}"
+        seed = format_address(self.host_prefix, self.base_internode_port)
         self.procs = [
             NodeProcess(
                 f"node{i + 1}",
