@@ -49,17 +49,16 @@ from ringkv.net.codec import (
     FrameDecoder,
     encode_frame,
 )
-from ringkv.net.transport import (
-    ADDRESS_PEER_PREFIX,
+from ringkv.net.rpc import (
     BASE_BACKOFF_S,
-    NOT_NOW,
     Handler,
-    _remote_error,
-    answer_now_of,
-    settle_answer,
+    answer_future_of,
     failure_body,
+    remote_error as _remote_error,
+    settle_answer,
     settled,
 )
+from ringkv.net.transport import ADDRESS_PEER_PREFIX
 from ringkv.sim.loop import Process, VirtualTimeLoop
 
 
@@ -195,7 +194,7 @@ class SimTransport:
         self.cluster = cluster
         self.address_text = f"{host}:{port}"
         self._handler = handler
-        self._answer_now = answer_now_of(handler)
+        self._answer_future = answer_future_of(handler)
         self._max_frame_bytes = max_frame_bytes
         self._max_inflight = max_inflight
         self._max_backoff_s = max_backoff_s
@@ -346,18 +345,18 @@ class SimTransport:
             self._reply(src, frame, KIND_ERROR,
                         {"code": err.code, "message": err.message, "details": {}})
             return
-        if frame.kind == KIND_REQUEST and self._answer_now is not None:
+        if frame.kind == KIND_REQUEST and self._answer_future is not None:
             # As the real transport: what the handler can answer at once needs no task.
             try:
-                result = self._answer_now(src.node_id, frame.verb, frame.payload)
+                answer = self._answer_future(src.node_id, frame.verb, frame.payload)
             except Exception as exc:  # noqa: BLE001 - answered like a failed handler task
                 self._reply(src, frame, KIND_ERROR, failure_body(exc))
                 return
-            if isinstance(result, asyncio.Future):
-                self._answer_later(src, frame, result)
-                return
-            if result is not NOT_NOW:
-                self._reply(src, frame, KIND_RESPONSE, result)
+            if answer is not None:
+                if answer.done():
+                    self._respond(src, frame, answer)
+                else:
+                    self._answer_later(src, frame, answer)
                 return
         self._inflight += 1
         self._tasks.add(self.network.loop.create_task(self._serve(src, frame)))
@@ -385,15 +384,18 @@ class SimTransport:
 
         def respond(done: asyncio.Future[Any]) -> None:
             self._inflight -= 1
-            error, payload = settled(done, self.node_id)
-            if self.closed:
-                return
-            if error is None:
-                self._reply(src, frame, KIND_RESPONSE, payload)
-            else:
-                self._reply(src, frame, KIND_ERROR, failure_body(error))
+            self._respond(src, frame, done)
 
         answer.add_done_callback(respond)
+
+    def _respond(self, src: SimTransport, frame: Frame, answer: asyncio.Future[Any]) -> None:
+        error, payload = settled(answer, self.node_id)
+        if self.closed:
+            return
+        if error is None:
+            self._reply(src, frame, KIND_RESPONSE, payload)
+        else:
+            self._reply(src, frame, KIND_ERROR, failure_body(error))
 
     def _reply(self, src: SimTransport, frame: Frame, kind: int, body: Any) -> None:
         try:
