@@ -221,6 +221,8 @@ class _Conn(asyncio.Protocol):
         self._early: list[Frame] = []
         self._hello_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self._reading = False  # in data_received, which then flushes what was queued
+        self._flush_wanted = False
         self._write_paused = False
         self._read_paused = False
 
@@ -249,8 +251,17 @@ class _Conn(asyncio.Protocol):
         except ProtocolError as e:
             self._protocol_error(e)
             return
-        if not self._dispatch(frames):
-            return
+        # Answers queued while these frames are dispatched (a local read's) are
+        # written together once they all are, without waiting for a loop turn.
+        self._reading = True
+        try:
+            if not self._dispatch(frames):
+                return
+        finally:
+            self._reading = False
+        if self._flush_wanted:
+            self._flush_wanted = False
+            self._flush()
         # Inbound back-pressure: if the peer is not reading our responses, stop
         # reading its requests rather than queue responses without bound.
         if self.out is not None and not self.outbound and self.out.full() and not self._read_paused:
@@ -339,9 +350,12 @@ class _Conn(asyncio.Protocol):
     # -- writing -----------------------------------------------------------
 
     def schedule_flush(self) -> None:
+        if self._reading:
+            self._flush_wanted = True  # data_received flushes when it is done
+            return
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.t._flush_soon(self)
 
     def _flush(self) -> None:
         """Write everything queued, coalesced into few writes, unless TCP pushes back."""
@@ -472,6 +486,19 @@ class Transport:
         self._tasks: dict[asyncio.Task[Any], None] = {}  # handler tasks, for stop()
         self._closing = False
         self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        # Connections with frames to write this loop turn: one callback flushes
+        # them all (a coordinator's request to three replicas is one, not three).
+        self._to_flush: list[_Conn] = []
+
+    def _flush_soon(self, conn: _Conn) -> None:
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._to_flush.append(conn)
+
+    def _flush_all(self) -> None:
+        conns, self._to_flush = self._to_flush, []
+        for conn in conns:
+            conn._flush()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -647,11 +674,11 @@ class Transport:
                 node_id=node_id,
             )
         pending = len(peer.pending) if request else 0
-        refusal = admission_error(node_id, pending, self._max_inflight, len(peer.out.items),
-                                  peer.out.maxlen)
-        if refusal is not None:
+        queued = len(peer.out.items)
+        if pending >= self._max_inflight or queued >= peer.out.maxlen:
             self._stats["overloaded_local"] += 1
-            raise refusal
+            raise admission_error(node_id, pending, self._max_inflight, queued,  # type: ignore[misc]
+                                  peer.out.maxlen)
         return peer
 
     def _abandoned(self, peer: _Peer, request_id: int, fut: asyncio.Future[Any]) -> None:
@@ -688,6 +715,8 @@ class Transport:
     async def _connect(self, peer: _Peer) -> None:
         host, port = peer.host, peer.port
         conn: _Conn | None = None
+        # Named: a dial abandoned with its simulated process finishes when no loop runs.
+        loop = asyncio.get_running_loop()
         try:
             conn = await _within(  # type: ignore[assignment]
                 self._clock, self._connect_timeout_s,
@@ -721,7 +750,7 @@ class Transport:
             self._connect_failed(peer, e)
             return
         finally:
-            if peer.connect_task is asyncio.current_task():
+            if peer.connect_task is asyncio.current_task(loop):
                 peer.connect_task = None
 
         self._stats["connects"] += 1
