@@ -3,7 +3,9 @@
 ``InternodeReplicas`` is how a coordinator reaches a replica on another node;
 ``InternodeHandler`` is what a node runs for each request that arrives from a
 peer. Both speak the messages in ``ringkv.messages``. Gossip frames are passed
-to the gossip service untouched.
+to the gossip service untouched. ``InternodeHandler.answer_future`` is the
+transport's fast path (see ``ringkv.net.rpc``): reads, digests and writes are
+answered through a future, without a task of their own.
 """
 
 from __future__ import annotations

@@ -115,6 +115,15 @@ class FrameDecoder:
         if self._failed is not None:
             raise ProtocolError(f"decoder already failed: {self._failed.message}")
         buf = self._buf
+        if not buf and len(data) > HEADER_BYTES:
+            # Exactly one whole frame (the usual read): decode it in place.
+            (size,) = _HEADER.unpack_from(data, 0)
+            if size + HEADER_BYTES == len(data) and 0 < size <= self.max_frame_bytes:
+                try:
+                    return [self._decode_body(data[HEADER_BYTES:])]
+                except ProtocolError as e:
+                    self._failed = e
+                    raise
         # With nothing buffered (the common case: reads end on frame boundaries),
         # frames are decoded straight from ``data``; only a partial tail is kept.
         if buf:

@@ -208,6 +208,7 @@ class _Conn(asyncio.Protocol):
         self.t = transport
         self.decoder = FrameDecoder(transport._max_frame_bytes)
         self.peer = peer  # set for outbound connections only
+        self.outbound = peer is not None
         self.peer_node_id = peer.node_id if peer is not None else "?"
         self.peer_addr: Any = None
         self.sock: asyncio.Transport | None = None
@@ -225,10 +226,6 @@ class _Conn(asyncio.Protocol):
         self._flush_wanted = False
         self._write_paused = False
         self._read_paused = False
-
-    @property
-    def outbound(self) -> bool:
-        return self.peer is not None
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -255,10 +252,18 @@ class _Conn(asyncio.Protocol):
         # written together once they all are, without waiting for a loop turn.
         self._reading = True
         try:
-            if not self._dispatch(frames):
-                return
-        finally:
+            for frame in frames:
+                self.t._on_frame(self, frame)
+        except ProtocolError as e:
             self._reading = False
+            self._protocol_error(e)
+            return
+        except Exception:  # a bug in frame dispatch must cost one connection, not the node
+            self._reading = False
+            log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
+            self.close("internal error in reader", abort=True)
+            return
+        self._reading = False
         if self._flush_wanted:
             self._flush_wanted = False
             self._flush()
@@ -366,6 +371,20 @@ class _Conn(asyncio.Protocol):
         items = out.items
         pending = self.peer.pending if self.peer is not None else None
         stats = self.t._stats
+        if len(items) == 1 and not self._write_paused:
+            # One frame (the usual case): no batch to build.
+            request_id, frame = items.popleft()
+            if request_id is not None and pending is not None:
+                waiting = pending.get(request_id)
+                if waiting is None or waiting.future.done():
+                    return  # its caller gave up already
+            try:
+                self.sock.write(frame)  # type: ignore[union-attr]
+            except (ConnectionError, OSError, RuntimeError) as e:
+                self.close(f"write failed: {e!r}")
+                return
+            stats["frames_out"] += 1
+            stats["bytes_out"] += len(frame)
         try:
             while items and not self._write_paused:
                 chunks: list[bytes] = []
@@ -634,7 +653,10 @@ class Transport:
         # answer would; otherwise they stay until the timeout, and abandoned
         # requests to a slow peer make new ones Overloaded.
         fut.add_done_callback(partial(self._abandoned, peer, request_id))
-        peer.out.put(request_id, frame)
+        out = peer.out
+        out.items.append((request_id, frame))  # _OutQueue.put, inlined on the hottest path
+        if out.conn is not None:
+            out.conn.schedule_flush()
         self._stats["requests_sent"] += 1
         self._ensure_connecting(peer)
         return fut
