@@ -39,7 +39,8 @@ from ringkv.net.codec import (
     FrameDecoder,
     encode_frame,
 )
-from ringkv.net.transport import NOT_NOW, Transport
+from ringkv.net.rpc import resolved_future
+from ringkv.net.transport import Transport
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -404,14 +405,14 @@ class AnswersNow:
     def __init__(self) -> None:
         self.awaited: list[str] = []
 
-    def answer_now(self, from_node: str, verb: str, payload: Any) -> Any:
+    def answer_future(self, from_node: str, verb: str, payload: Any) -> asyncio.Future[Any] | None:
         if verb not in self.SYNC_VERBS:
-            return NOT_NOW
+            return None
         coro = echo_handler(from_node, verb, payload)
         try:
             coro.send(None)  # these verbs of echo_handler never wait
         except StopIteration as done:
-            return done.value
+            return resolved_future(done.value)
         raise AssertionError(f"{verb} waited")
 
     async def __call__(self, from_node: str, verb: str, payload: Any) -> Any:
@@ -430,7 +431,7 @@ def test_requests_answered_now_skip_the_handler_task_and_fail_alike() -> None:
             assert (await a.request("b", "echo", "ok", timeout_s=2))["payload"] == "ok"
             await check_failures_come_back_typed(a, "b")
             assert handler.awaited == []  # all of that was answered without a task
-            assert await a.request("b", "double", 21, timeout_s=2) == 42  # NOT_NOW: the task path
+            assert await a.request("b", "double", 21, timeout_s=2) == 42  # None: the task path
             assert handler.awaited == ["double"]
             assert b.stats["handler_errors"] == 2
         finally:

@@ -116,12 +116,28 @@ class FrameDecoder:
         if self._failed is not None:
             raise ProtocolError(f"decoder already failed: {self._failed.message}")
         buf = self._buf
-        buf += data
+        if not buf and len(data) > HEADER_BYTES:
+            # Exactly one whole frame (the usual read): decode it in place.
+            (size,) = _HEADER.unpack_from(data, 0)
+            if size + HEADER_BYTES == len(data) and 0 < size <= self.max_frame_bytes:
+                try:
+                    return [self._decode_body(data[HEADER_BYTES:])]
+                except ProtocolError as e:
+                    self._failed = e
+                    raise
+        # With nothing buffered (the common case: reads end on frame boundaries),
+        # frames are decoded straight from ``data``; only a partial tail is kept.
+        if buf:
+            buf += data
+            source: bytes | bytearray | memoryview = buf
+        else:
+            source = data
+        available = len(source)
         frames: list[Frame] = []
         pos = 0
         try:
-            while len(buf) - pos >= HEADER_BYTES:
-                (size,) = _HEADER.unpack_from(buf, pos)
+            while available - pos >= HEADER_BYTES:
+                (size,) = _HEADER.unpack_from(source, pos)
                 # Checked before waiting for the body: a hostile length prefix must not
                 # make us buffer gigabytes.
                 if size > self.max_frame_bytes:
@@ -133,15 +149,18 @@ class FrameDecoder:
                 if size == 0:
                     raise ProtocolError("empty frame body")
                 end = pos + HEADER_BYTES + size
-                if len(buf) < end:
+                if available < end:
                     break
-                frames.append(self._decode_body(bytes(buf[pos + HEADER_BYTES : end])))
+                frames.append(self._decode_body(source[pos + HEADER_BYTES : end]))
                 pos = end
         except ProtocolError as e:
             self._failed = e
             buf.clear()
             raise
-        del buf[:pos]
+        if source is buf:
+            del buf[:pos]
+        elif pos < available:
+            buf += source[pos:]
         return frames
 
     def _decode_body(self, body: bytes) -> Frame:

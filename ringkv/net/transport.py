@@ -1,4 +1,12 @@
-"""Internode transport: persistent TCP connections carrying msgpack frames.
+"""Internode transport: persistent connections carrying msgpack frames.
+
+There is one transport, for real sockets and for the simulator alike: it
+opens and accepts connections through a ``Network`` (``ringkv.net.sockets``:
+real TCP by default; the simulator passes in-memory byte streams), so the
+framing, handshake, back-pressure, admission and error mapping that run in
+production are the ones every simulated seed exercises. Its timers
+(request deadlines, dial and handshake timeouts, backoff) all run on the
+injected ``Clock``.
 
 Shape (one asyncio loop per node):
 
@@ -8,37 +16,33 @@ Shape (one asyncio loop per node):
   protocol (``_Conn``): it dispatches frames as they are decoded and writes whatever
   is queued in one ``write`` per loop turn, with no task of its own. Responses come
   back on the same connection and are matched by request id.
-* Inbound: the server accepts connections, completes the handshake (so it knows the
-  peer's node id), runs the handler for each request / one-way frame in its own task
-  (bounded per connection), or at once for requests the handler can answer without
-  waiting (``answer_now``), and writes responses back on that connection.
+* Inbound: the listener accepts connections, completes the handshake (so it knows
+  the peer's node id), runs the handler for each request / one-way frame in its own
+  task (bounded per connection), or without a task for requests the handler answers
+  through ``answer_future``, and writes responses back on that connection.
 
 Failure policy: a bad frame closes only its own connection; a refused or failed
 connect puts the peer into a bounded exponential backoff during which requests fail
 fast with ``PeerUnreachable``; every queue is bounded and overflow is an immediate
-``Overloaded`` (requests) or a counted drop (one-way messages).
+``Overloaded`` (requests) or a counted drop (one-way messages). The request core
+(pending table, admission, backoff, error mapping) is ``ringkv.net.rpc``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
-import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ringkv.clock import Clock, SystemClock
 from ringkv.errors import (
     Overloaded,
-    PeerTimeout,
     PeerUnreachable,
     ProtocolError,
-    RemoteError,
     RingKVError,
     ShuttingDown,
     TooLarge,
@@ -55,61 +59,54 @@ from ringkv.net.codec import (
     FrameDecoder,
     encode_frame,
 )
+from ringkv.net.rpc import (
+    Handler,
+    Pending,
+    admission_error,
+    answer_future_of,
+    backoff_s,
+    failure_body,
+    remote_error,
+    settle_answer,
+    settled,
+    timeout_error,
+)
+from ringkv.net.sockets import Listener, Network, SocketNetwork, reset_on_close, set_nodelay
+
+__all__ = ["ADDRESS_PEER_PREFIX", "Transport", "reset_on_close"]
 
 log = logging.getLogger("ringkv.net")
+
+T = TypeVar("T")
 
 # Peers named with this prefix are addressed by "host:port" before their node id is known.
 ADDRESS_PEER_PREFIX = "@"
 
-Handler = Callable[[str, str, Any], Awaitable[Any]]
 
-# What ``handler.answer_now`` returns for a request it cannot answer without waiting.
-NOT_NOW: Any = object()
+async def _within(clock: Clock, timeout_s: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or TimeoutError once ``timeout_s`` of ``clock``'s seconds
+    pass (``asyncio.timeout`` would wait on the loop's time, not the machine's)."""
+    inner = asyncio.ensure_future(awaitable)
+    expired = False
 
+    def expire() -> None:
+        nonlocal expired
+        if not inner.done():
+            expired = True
+            inner.cancel()
 
-def answer_now_of(handler: Handler) -> Callable[[str, str, Any], Any] | None:
-    """The handler's synchronous path, if it has one.
-
-    A handler may offer ``answer_now(from_node_id, verb, payload)``, which
-    returns the response payload for requests it can answer at once (a local
-    read, say), an ``asyncio.Future`` of the payload for requests whose answer
-    only waits on one future (a write's group commit), or ``NOT_NOW``. Such
-    requests are answered as their frame is decoded, or from the future's
-    callback, without a task of their own: for a replica's reads and writes
-    that task is most of the cost.
-    """
-    return getattr(handler, "answer_now", None)
-
-
-def failure_body(error: BaseException) -> dict[str, Any]:
-    """How an error response words a handler's failure: its own code, or "internal"."""
-    if isinstance(error, RingKVError):
-        return {"code": error.code, "message": error.message, "details": error.details}
-    return {"code": "internal", "message": f"{type(error).__name__}: {error}", "details": {}}
-
-
-def settle_answer(
-    fut: asyncio.Future[Any], payload: Any, convert: Callable[[Any], Any] | None
-) -> None:
-    """Resolve a request's future with its answer, parsed by ``convert`` if given."""
-    if convert is None:
-        fut.set_result(payload)
-        return
+    timer = clock.call_later(timeout_s, expire)
     try:
-        fut.set_result(convert(payload))
-    except RingKVError as exc:  # a malformed answer fails this request only
-        fut.set_exception(exc)
+        return await inner
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeoutError(f"not done within {timeout_s}s") from None
+        raise
+    finally:
+        timer.cancel()
 
-
-def settled(answer: asyncio.Future[Any], node_id: str) -> tuple[BaseException | None, Any]:
-    """(error, payload) of an ``answer_now`` future that is done; cancelled means stopping."""
-    if answer.cancelled():
-        return ShuttingDown(f"node {node_id} is stopping"), None
-    error = answer.exception()
-    return error, None if error is not None else answer.result()
 
 WRITE_BATCH_BYTES = 256 * 1024  # flush at least this often so one huge backlog isn't one huge copy
-BASE_BACKOFF_S = 0.05
 
 STAT_NAMES = (
     "frames_in",
@@ -156,43 +153,6 @@ def _parse_hello(frame: Frame) -> _Hello:
     return _Hello(cluster, node_id, protocol)
 
 
-def _source_address(host: str) -> tuple[str, int] | None:
-    """Where outbound connections leave from: the listen address, if it is one.
-
-    Leaving from the address we listen on makes a connection's source name
-    the node (Cassandra does the same), which per-node firewall rules and the
-    fault proxy rely on. A wildcard or a host name leaves it to the OS.
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return None if address.is_unspecified else (host, 0)
-
-
-def _set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
-def reset_on_close(transport: asyncio.BaseTransport) -> None:
-    """Make closing the socket send a reset, dropping what the kernel still holds to send.
-
-    A plain close lets the kernel deliver its send queue first (megabytes, to a
-    peer that may never read it); SO_LINGER with a zero timeout discards it.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-
-
 class _OutQueue:
     """Bounded FIFO of encoded frames, flushed by the connection attached to it.
 
@@ -218,15 +178,6 @@ class _OutQueue:
             self.conn.schedule_flush()
 
 
-class _Pending(NamedTuple):
-    """A request waiting for its answer, the timer that gives up on it, and
-    how its answer is parsed (see ``request_future``)."""
-
-    future: asyncio.Future[Any]
-    timer: asyncio.TimerHandle
-    convert: Callable[[Any], Any] | None
-
-
 class _Peer:
     """Outbound state for one remote node id."""
 
@@ -235,7 +186,7 @@ class _Peer:
         self.host = host
         self.port = port
         self.out = _OutQueue(max_queue)
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, Pending] = {}
         self.conn: _Conn | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.failures = 0  # consecutive failed connects, drives the backoff
@@ -258,6 +209,7 @@ class _Conn(asyncio.Protocol):
         self.t = transport
         self.decoder = FrameDecoder(transport._max_frame_bytes)
         self.peer = peer  # set for outbound connections only
+        self.outbound = peer is not None
         self.peer_node_id = peer.node_id if peer is not None else "?"
         self.peer_addr: Any = None
         self.sock: asyncio.Transport | None = None
@@ -271,12 +223,10 @@ class _Conn(asyncio.Protocol):
         self._early: list[Frame] = []
         self._hello_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self._reading = False  # in data_received, which then flushes what was queued
+        self._flush_wanted = False
         self._write_paused = False
         self._read_paused = False
-
-    @property
-    def outbound(self) -> bool:
-        return self.peer is not None
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -284,7 +234,7 @@ class _Conn(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, but are one.
         self.sock = transport  # type: ignore[assignment]
         self.peer_addr = transport.get_extra_info("peername")
-        _set_nodelay(transport)
+        set_nodelay(transport)
         if not self.outbound:
             self.t._on_inbound_made(self)
 
@@ -299,8 +249,25 @@ class _Conn(asyncio.Protocol):
         except ProtocolError as e:
             self._protocol_error(e)
             return
-        if not self._dispatch(frames):
+        # Answers queued while these frames are dispatched (a local read's) are
+        # written together once they all are, without waiting for a loop turn.
+        self._reading = True
+        try:
+            for frame in frames:
+                self.t._on_frame(self, frame)
+        except ProtocolError as e:
+            self._reading = False
+            self._protocol_error(e)
             return
+        except Exception:  # a bug in frame dispatch must cost one connection, not the node
+            self._reading = False
+            log.exception("unexpected error reading from %s at %s", self.peer_node_id, self.peer_addr)
+            self.close("internal error in reader", abort=True)
+            return
+        self._reading = False
+        if self._flush_wanted:
+            self._flush_wanted = False
+            self._flush()
         # Inbound back-pressure: if the peer is not reading our responses, stop
         # reading its requests rather than queue responses without bound.
         if self.out is not None and not self.outbound and self.out.full() and not self._read_paused:
@@ -389,9 +356,12 @@ class _Conn(asyncio.Protocol):
     # -- writing -----------------------------------------------------------
 
     def schedule_flush(self) -> None:
+        if self._reading:
+            self._flush_wanted = True  # data_received flushes when it is done
+            return
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.t._flush_soon(self)
 
     def _flush(self) -> None:
         """Write everything queued, coalesced into few writes, unless TCP pushes back."""
@@ -402,6 +372,20 @@ class _Conn(asyncio.Protocol):
         items = out.items
         pending = self.peer.pending if self.peer is not None else None
         stats = self.t._stats
+        if len(items) == 1 and not self._write_paused:
+            # One frame (the usual case): no batch to build.
+            request_id, frame = items.popleft()
+            if request_id is not None and pending is not None:
+                waiting = pending.get(request_id)
+                if waiting is None or waiting.future.done():
+                    return  # its caller gave up already
+            try:
+                self.sock.write(frame)  # type: ignore[union-attr]
+            except (ConnectionError, OSError, RuntimeError) as e:
+                self.close(f"write failed: {e!r}")
+                return
+            stats["frames_out"] += 1
+            stats["bytes_out"] += len(frame)
         try:
             while items and not self._write_paused:
                 chunks: list[bytes] = []
@@ -480,7 +464,13 @@ class Transport:
         max_backoff_s: float = 2.0,
         max_inflight_per_conn: int = 10000,
         clock: Clock | None = None,
+        network: Network | None = None,
     ) -> None:
+        """``max_queue`` bounds the frames waiting to be written to one peer, and
+        ``max_inflight_per_conn`` the requests pending to one peer (as a caller)
+        and those being served for one connection (as a server); past either,
+        ``Overloaded``. ``network`` opens and accepts connections (real TCP from
+        ``host`` by default; the simulator passes its own)."""
         if not node_id:
             raise ValueError("node_id must be non-empty")
         if max_queue < 1 or max_inflight_per_conn < 1:
@@ -489,9 +479,9 @@ class Transport:
         self.cluster = cluster
         self._host = host
         self._port = port
-        self._source = _source_address(host)
+        self._network: Network = network or SocketNetwork(host)
         self._handler = handler
-        self._answer_now = answer_now_of(handler)
+        self._answer_future = answer_future_of(handler)
         self._max_frame_bytes = max_frame_bytes
         self._max_queue = max_queue
         self._connect_timeout_s = connect_timeout_s
@@ -507,21 +497,35 @@ class Transport:
             {"cluster": cluster, "node_id": node_id, "protocol": PROTOCOL_VERSION},
         )
         self._ids = itertools.count(1)  # request id 0 is reserved for one-way frames
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._peers: dict[str, _Peer] = {}
-        self._inbound: set[_Conn] = set()
-        self._handshaking: set[_Conn] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()  # handler tasks, for stop()
+        # Dicts used as ordered sets: stop() walks them, and under simulation the
+        # order in which things happen must not depend on object addresses.
+        self._inbound: dict[_Conn, None] = {}
+        self._handshaking: dict[_Conn, None] = {}
+        self._tasks: dict[asyncio.Task[Any], None] = {}  # handler tasks, for stop()
         self._closing = False
         self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        # Connections with frames to write this loop turn: one callback flushes
+        # them all (a coordinator's request to three replicas is one, not three).
+        self._to_flush: list[_Conn] = []
+
+    def _flush_soon(self, conn: _Conn) -> None:
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._to_flush.append(conn)
+
+    def _flush_all(self) -> None:
+        conns, self._to_flush = self._to_flush, []
+        for conn in conns:
+            conn._flush()
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         if self._closing:
             raise ShuttingDown(f"transport of node {self.node_id} was stopped")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        self._listener = await self._network.listen(
             lambda: _Conn(self, None), self._host, self._port
         )
 
@@ -530,8 +534,8 @@ class Transport:
         if self._closing:
             return
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         waits: list[Awaitable[Any]] = []
         for peer in self._peers.values():
             self._fail_peer(peer, lambda p=peer: ShuttingDown(f"node {self.node_id} is stopping"))
@@ -548,17 +552,19 @@ class Transport:
                 task.cancel()
                 waits.append(task)
         if waits:
-            await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=5.0)
-        if self._server is not None:
-            await self._server.wait_closed()
+            try:
+                await _within(self._clock, 5.0, asyncio.wait([asyncio.ensure_future(w) for w in waits]))
+            except TimeoutError:
+                log.warning("node %s: %d tasks still running after stop", self.node_id, len(waits))
+        if self._listener is not None:
+            await self._listener.wait_closed()
 
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) the server listens on (the real port when started with port 0)."""
-        if self._server is None or not self._server.sockets:
+        if self._listener is None:
             return (self._host, self._port)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return (host, port)
+        return self._listener.address()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -635,14 +641,7 @@ class Transport:
             raise ValueError("timeout_s must be > 0")
         if verb == HELLO:
             raise ValueError(f"verb {HELLO!r} is reserved for the handshake")
-        peer = self._admit(node_id)
-        if len(peer.pending) >= self._max_inflight:
-            # The peer would refuse more than this in flight anyway; bound our table too.
-            self._stats["overloaded_local"] += 1
-            raise Overloaded(
-                f"{len(peer.pending)} requests already pending to node {node_id}",
-                node_id=node_id,
-            )
+        peer = self._admit(node_id, request=True)
         request_id = next(self._ids)
         frame = encode_frame(
             KIND_REQUEST, request_id, verb, payload, max_frame_bytes=self._max_frame_bytes
@@ -650,12 +649,15 @@ class Transport:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         timer = self._clock.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
-        peer.pending[request_id] = _Pending(fut, timer, convert)
+        peer.pending[request_id] = Pending(fut, timer, convert)
         # A caller that gives up (cancels) frees its place and timer at once, as an
         # answer would; otherwise they stay until the timeout, and abandoned
         # requests to a slow peer make new ones Overloaded.
         fut.add_done_callback(partial(self._abandoned, peer, request_id))
-        peer.out.put(request_id, frame)
+        out = peer.out
+        out.items.append((request_id, frame))  # _OutQueue.put, inlined on the hottest path
+        if out.conn is not None:
+            out.conn.schedule_flush()
         self._stats["requests_sent"] += 1
         self._ensure_connecting(peer)
         return fut
@@ -668,7 +670,7 @@ class Transport:
             raise ValueError(f"verb {HELLO!r} is reserved for the handshake")
         frame = encode_frame(KIND_ONEWAY, 0, verb, payload, max_frame_bytes=self._max_frame_bytes)
         try:
-            peer = self._admit(node_id)
+            peer = self._admit(node_id, request=False)
         except RingKVError:
             self._stats["dropped_oneway"] += 1
             return False
@@ -676,8 +678,9 @@ class Transport:
         self._ensure_connecting(peer)
         return True
 
-    def _admit(self, node_id: str) -> _Peer:
-        """The peer to queue a frame for, or raise why we cannot right now (fast)."""
+    def _admit(self, node_id: str, *, request: bool) -> _Peer:
+        """The peer to queue a frame for, or raise why we cannot right now (fast).
+        A request also needs a place in the peer's pending table."""
         if self._closing:
             raise ShuttingDown(f"node {self.node_id} is stopping")
         peer = self._peers.get(node_id)
@@ -693,12 +696,12 @@ class Transport:
                 f"(retrying after backoff)",
                 node_id=node_id,
             )
-        if peer.out.full():
+        pending = len(peer.pending) if request else 0
+        queued = len(peer.out.items)
+        if pending >= self._max_inflight or queued >= peer.out.maxlen:
             self._stats["overloaded_local"] += 1
-            raise Overloaded(
-                f"send queue to node {node_id} is full ({peer.out.maxlen} frames)",
-                node_id=node_id,
-            )
+            raise admission_error(node_id, pending, self._max_inflight, queued,  # type: ignore[misc]
+                                  peer.out.maxlen)
         return peer
 
     def _abandoned(self, peer: _Peer, request_id: int, fut: asyncio.Future[Any]) -> None:
@@ -712,14 +715,7 @@ class Transport:
         fut = waiting.future if waiting is not None else None
         if fut is not None and not fut.done():
             self._stats["timeouts"] += 1
-            fut.set_exception(
-                PeerTimeout(
-                    f"node {peer.node_id} did not answer {verb!r} within {timeout_s}s",
-                    node_id=peer.node_id,
-                    verb=verb,
-                    timeout_s=timeout_s,
-                )
-            )
+            fut.set_exception(timeout_error(peer.node_id, verb, timeout_s))
 
     def _fail_peer(self, peer: _Peer, make_error: Callable[[], RingKVError]) -> None:
         """Fail every pending request of ``peer`` and drop what is still queued."""
@@ -742,16 +738,16 @@ class Transport:
     async def _connect(self, peer: _Peer) -> None:
         host, port = peer.host, peer.port
         conn: _Conn | None = None
+        # Named: a dial abandoned with its simulated process finishes when no loop runs.
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Conn(self, peer), host, port, local_addr=self._source
-                )
-            assert conn.sock is not None
+            conn = await _within(  # type: ignore[assignment]
+                self._clock, self._connect_timeout_s,
+                self._network.connect(lambda: _Conn(self, peer), host, port),
+            )
+            assert conn is not None and conn.sock is not None
             conn.sock.write(self._hello)
-            async with asyncio.timeout(self._handshake_timeout_s):
-                first = await asyncio.shield(conn.hello)
+            first = await _within(self._clock, self._handshake_timeout_s, asyncio.shield(conn.hello))
             hello = _parse_hello(first)
             # A peer known only by address (a gossip seed, named "@host:port")
             # may be any node of our cluster; a named peer must be that node.
@@ -777,7 +773,7 @@ class Transport:
             self._connect_failed(peer, e)
             return
         finally:
-            if peer.connect_task is asyncio.current_task():
+            if peer.connect_task is asyncio.current_task(loop):
                 peer.connect_task = None
 
         self._stats["connects"] += 1
@@ -791,7 +787,7 @@ class Transport:
 
     def _connect_failed(self, peer: _Peer, error: BaseException) -> None:
         peer.failures += 1
-        backoff = min(self._max_backoff_s, BASE_BACKOFF_S * 2 ** min(peer.failures - 1, 30))
+        backoff = backoff_s(peer.failures, self._max_backoff_s)
         peer.down_until = self._clock.monotonic_s() + backoff
         self._stats["connect_failures"] += 1
         # Warn once per outage, not once per retry.
@@ -832,13 +828,13 @@ class Transport:
         if self._closing:
             conn.close("transport stopping")
             return
-        self._handshaking.add(conn)
+        self._handshaking[conn] = None
         self._stats["inbound_accepted"] += 1
         conn.start_hello_timer(self._handshake_timeout_s)
 
     def _on_inbound_hello(self, conn: _Conn, hello: _Hello) -> bool:
         """Check an inbound hello; True if the connection may now carry frames."""
-        self._handshaking.discard(conn)
+        self._handshaking.pop(conn, None)
         assert conn.sock is not None
         # Answer with our hello even if we will refuse, so the dialer can log
         # exactly which cluster/node it reached.
@@ -852,17 +848,17 @@ class Transport:
         if self._closing:
             conn.close("transport stopping")
             return False
-        self._inbound.add(conn)
+        self._inbound[conn] = None
         conn.establish(hello.node_id, _OutQueue(self._max_queue))
         return True
 
     # ----------------------------------------------------------------- receiving
 
     def _on_conn_closed(self, conn: _Conn, reason: str) -> None:
-        self._handshaking.discard(conn)
+        self._handshaking.pop(conn, None)
         peer = conn.peer
         if peer is None:
-            self._inbound.discard(conn)
+            self._inbound.pop(conn, None)
             return
         if peer.conn is conn:
             peer.conn = None
@@ -902,7 +898,7 @@ class Transport:
             if kind == KIND_RESPONSE:
                 settle_answer(fut, frame.payload, convert)
             else:
-                fut.set_exception(_remote_error(conn.peer_node_id, frame.verb, frame.payload))
+                fut.set_exception(remote_error(conn.peer_node_id, frame.verb, frame.payload))
             return
         # Inbound connections carry requests and one-way messages.
         if kind not in (KIND_REQUEST, KIND_ONEWAY):
@@ -915,22 +911,22 @@ class Transport:
             else:
                 self._stats["dropped_inbound_oneway"] += 1
             return
-        if kind == KIND_REQUEST and self._answer_now is not None:
+        if kind == KIND_REQUEST and self._answer_future is not None:
             try:
-                result = self._answer_now(conn.peer_node_id, frame.verb, frame.payload)
+                answer = self._answer_future(conn.peer_node_id, frame.verb, frame.payload)
             except Exception as e:  # noqa: BLE001 - answered like a failed handler task
                 conn.out.put(None, self._failure_frame(conn, frame, e))
                 return
-            if isinstance(result, asyncio.Future):
-                self._answer_later(conn, frame, result)
-                return
-            if result is not NOT_NOW:
-                conn.out.put(None, self._response_frame(frame, result))
+            if answer is not None:
+                if answer.done():  # a local read: its response frame is written at once
+                    self._respond(conn, frame, answer)
+                else:
+                    self._answer_later(conn, frame, answer)
                 return
         conn.inflight += 1
         task = asyncio.create_task(self._serve(conn, frame))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(self._task_done)
 
     async def _serve(self, conn: _Conn, frame: Frame) -> None:
         """Run the handler for one frame (in its own task) and queue the answer."""
@@ -949,19 +945,26 @@ class Transport:
         if is_request and not conn.closed:
             conn.out.put(None, reply)
 
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(task, None)
+
+    def _respond(self, conn: _Conn, frame: Frame, answer: asyncio.Future[Any]) -> None:
+        """Queue the response carried by ``answer``, which is done."""
+        error, payload = settled(answer, self.node_id)
+        if conn.closed:
+            return
+        if error is None:
+            conn.out.put(None, self._response_frame(frame, payload))
+        else:
+            conn.out.put(None, self._failure_frame(conn, frame, error))
+
     def _answer_later(self, conn: _Conn, frame: Frame, answer: asyncio.Future[Any]) -> None:
         """Queue the response once ``answer`` resolves; it counts as in flight till then."""
         conn.inflight += 1
 
         def respond(done: asyncio.Future[Any]) -> None:
             conn.inflight -= 1
-            error, payload = settled(done, self.node_id)
-            if conn.closed:
-                return
-            if error is None:
-                conn.out.put(None, self._response_frame(frame, payload))
-            else:
-                conn.out.put(None, self._failure_frame(conn, frame, error))
+            self._respond(conn, frame, done)
 
         answer.add_done_callback(respond)
 
@@ -995,27 +998,3 @@ class Transport:
             # Details that cannot travel are dropped; code and message always can.
             body = {"code": code, "message": message[:4096], "details": {}}
             return encode_frame(KIND_ERROR, frame.request_id, frame.verb, body)
-
-
-def _remote_error(node_id: str, verb: str, payload: Any) -> RingKVError:
-    """Turn an error response into the exception the requester sees."""
-    if isinstance(payload, dict):
-        code = payload.get("code")
-        message = payload.get("message")
-        details = payload.get("details")
-    else:
-        code = message = details = None
-    code = code if isinstance(code, str) else "internal"
-    message = message if isinstance(message, str) else "malformed error response"
-    details = details if isinstance(details, dict) else {}
-    if code == Overloaded.code:
-        # Whoever on the peer was overloaded, the caller's move is the same: back off.
-        return Overloaded(f"node {node_id} is overloaded: {message}", node_id=node_id, verb=verb)
-    return RemoteError(
-        f"node {node_id} failed {verb!r}: [{code}] {message}",
-        node_id=node_id,
-        verb=verb,
-        remote_code=code,
-        remote_message=message,
-        remote_details=details,
-    )

@@ -3,7 +3,9 @@
 ``InternodeReplicas`` is how a coordinator reaches a replica on another node;
 ``InternodeHandler`` is what a node runs for each request that arrives from a
 peer. Both speak the messages in ``ringkv.messages``. Gossip frames are passed
-to the gossip service untouched.
+to the gossip service untouched. ``InternodeHandler.answer_future`` is the
+transport's fast path (see ``ringkv.net.rpc``): reads, digests and writes are
+answered through a future, without a task of their own.
 """
 
 from __future__ import annotations
@@ -11,30 +13,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ringkv import messages as m
 from ringkv.hlc import HybridLogicalClock
 from ringkv.errors import ProtocolError, RingKVError
-from ringkv.net.transport import NOT_NOW
+from ringkv.net.rpc import Requester, resolved_future
 from ringkv.replica.client import failed_future
 from ringkv.replica.local import LocalReplica
 from ringkv.versioning import Cell, cell_digest
 
 T = TypeVar("T")
-
-class Requester(Protocol):
-    async def request(self, node_id: str, verb: str, payload: Any, timeout_s: float) -> Any: ...
-
-    def request_future(
-        self,
-        node_id: str,
-        verb: str,
-        payload: Any,
-        timeout_s: float,
-        convert: Callable[[Any], Any] | None = None,
-    ) -> asyncio.Future[Any]: ...
-
 
 class InternodeReplicas:
     def __init__(self, transport: Requester) -> None:
@@ -131,20 +120,22 @@ class InternodeHandler:
                 request.limit,
             )
             return reply.to_wire()
-        answer = self.answer_now(from_node, verb, payload)
-        if answer is NOT_NOW:
+        answer = self.answer_future(from_node, verb, payload)
+        if answer is None:
             raise ProtocolError(f"unknown verb {verb!r}")
-        return await answer if isinstance(answer, asyncio.Future) else answer
+        return await answer
 
-    def answer_now(self, from_node: str, verb: str, payload: Any) -> Any:
-        """The replica verbs that need no task of their own (see ``answer_now_of``).
+    def answer_future(self, from_node: str, verb: str, payload: Any) -> asyncio.Future[Any] | None:
+        """The replica verbs that need no task of their own (see ``ringkv.net.rpc``);
+        None for the others.
 
-        Reads and digests are local reads that never wait: their answer is
-        returned at once. A write's answer is the future of its group commit,
-        which resolves to None (the acknowledgement) once the write is durable.
+        Reads and digests are local reads that never wait: their future is
+        already done, and the transport writes the response at once. A write's
+        is the future of its group commit, which resolves to None (the
+        acknowledgement) once the write is durable.
         """
         if verb != m.READ and verb != m.DIGEST and verb != m.WRITE:
-            return NOT_NOW
+            return None
         ref = m.KeyRef.from_wire(payload)
         self._check_keyspace(ref.keyspace)
         if verb == m.WRITE:
@@ -155,7 +146,7 @@ class InternodeHandler:
             self._hlc.observe(cell.ts)
             return self._local.write_future(ref.keyspace, ref.token, ref.key, cell)
         cell = self._local.read(ref.keyspace, ref.token, ref.key)
-        return m.cell_to_wire(cell) if verb == m.READ else cell_digest(cell)
+        return resolved_future(m.cell_to_wire(cell) if verb == m.READ else cell_digest(cell))
 
     def _check_keyspace(self, keyspace: str) -> None:
         if not self._known_keyspace(keyspace):

@@ -12,7 +12,11 @@ Process faults, and what each loses:
   as LevelDB's log survives in the OS page cache. Peers see their
   connections reset.
 * ``power`` (machine crash): as ``crash``, and the engine also loses every
-  write since its last sync (``MemoryEngine.crash()``); peers hear nothing.
+  write since its last sync (``MemoryEngine.crash()``); peers hear nothing
+  until the machine boots again (then resets).
+
+Each node runs the real ``Transport`` on the machine's clock, connected
+through ``SimNetwork``'s byte streams (``SimHost`` is its ``Network``).
 * ``pause`` (SIGSTOP/SIGCONT): nothing runs until resumed; messages and
   timers wait, then all run late.
 """
@@ -26,11 +30,12 @@ from typing import Any
 
 from ringkv.config import Config
 from ringkv.coordinator import Coordinator
+from ringkv.net.transport import Transport
 from ringkv.node import MemoryIdentity, Node
 from ringkv.ring import allocate_tokens, token_for
 from ringkv.sim.clock import SimClock
 from ringkv.sim.loop import Process, VirtualTimeLoop
-from ringkv.sim.network import SimNetwork, SimTransport
+from ringkv.sim.network import SimNetwork
 from ringkv.storage.memory import MemoryEngine
 
 UP, PAUSED, CRASHED, OFF = "up", "paused", "crashed", "off"
@@ -51,7 +56,7 @@ class Machine:
         self.identity = MemoryIdentity()
         self.process: Process | None = None
         self.node: Node | None = None
-        self.transport: SimTransport | None = None
+        self.transport: Transport | None = None
         self.incarnation = 0
         self.state = OFF
 
@@ -66,12 +71,12 @@ class Machine:
         process = Process(f"{self.node_id}.{self.incarnation}")
 
         def transport_factory(node_id: str, cluster: str, host: str, port: int,
-                              handler: Any) -> SimTransport:
-            self.transport = SimTransport(self.network, process, node_id, cluster, host, port,
-                                          handler)
+                              handler: Any) -> Transport:
+            self.transport = Transport(node_id, cluster, host, port, handler, clock=self.clock,
+                                       network=self.network.host(process, self.node_id))
             return self.transport
 
-        self.network.machines_down.discard(self.node_id)
+        self.network.machine_up(self.node_id)
         self.process = process
         self.node = Node(
             self.config,
@@ -92,8 +97,7 @@ class Machine:
     def crash(self, *, power: bool = False) -> None:
         assert self.process is not None
         self.loop.crash(self.process)
-        if self.transport is not None:
-            self.network.process_died(self.transport, machine_down=power)
+        self.network.process_died(self.process, machine_down=power)
         if power:
             self.network.machines_down.add(self.node_id)
             self.engine.crash()
@@ -171,7 +175,7 @@ class SimCluster:
     async def heal(self) -> None:
         """End every fault: reconnect the network, resume and restart processes.
         (Clocks keep whatever skew they have, as real ones would.)"""
-        self.network.blocked.clear()
+        self.network.heal()
         self.network.clogged_until.clear()
         for machine in self.machines:
             if machine.state == PAUSED:

@@ -1,7 +1,8 @@
 """Nemeses: faults injected while the workload runs, each from the run's seed.
 
     partition  cut the network: one node isolated, majority/minority halves,
-               a ring (each node reaches only its neighbours), or one-way
+               a ring (each node reaches only its neighbours), or one-way;
+               connections stall across the cut and resume when it heals
     crash      process crash (SIGKILL) and restart on the same disk; loses
                the store's pending batch only (see ``cluster``)
     power      machine crash and restart: also loses unsynced engine writes
@@ -107,10 +108,10 @@ class Nemesis:
     async def _partition(self, stop: asyncio.Event) -> None:
         network = self.cluster.network
         text, cut = _partition(self.rng, [m.node_id for m in self.cluster.machines])
-        network.blocked |= cut
+        network.cut(cut)
         self.log.fault(f"partition: {text}")
         await _pause_unless(stop, self.rng.uniform(2.0, 12.0))
-        network.blocked -= cut
+        network.heal(cut)
         self.log.note(f"heal: {text}")
 
     async def _crash(self, stop: asyncio.Event) -> None:

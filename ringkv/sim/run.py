@@ -130,14 +130,15 @@ class Promises:
 
 
 def network_conditions(rng: random.Random) -> NetworkConditions:
-    """A network for this seed: mostly fast, a little lossy, sometimes slow."""
+    """A network for this seed: mostly fast, sometimes slow, writes often split
+    into pieces, and now and then a connection reset."""
     return NetworkConditions(
         latency_s=rng.uniform(0.0002, 0.002),
         jitter_s=rng.uniform(0.0001, 0.001),
-        loss=rng.choice((0.0, 0.001, 0.005, 0.01)),
-        duplicate=rng.choice((0.0, 0.001, 0.01)),
         delay=rng.choice((0.0, 0.01, 0.05)),
         delay_max_s=rng.uniform(0.005, 0.1),
+        split=rng.choice((0.05, 0.25, 0.5)),
+        reset=rng.choice((0.0, 0.0, 0.0001, 0.001)),
     )
 
 
@@ -265,7 +266,7 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
             f"{counts[(kind, 'info')]} indeterminate)"
             for kind in ("write", "read")
         ) + f"; {sum(1 for op in history if op.final)} final reads at ALL",
-        "messages: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
+        "streams: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
         f"faults injected: {result.fault_count}",
         *(f"  {line}" for line in result.faults),
     ]

@@ -1,0 +1,117 @@
+"""How the transport opens and accepts connections: the ``Network`` interface, and real TCP.
+
+``Transport`` never calls ``loop.create_connection`` or ``create_server``
+itself: it asks a ``Network``. ``SocketNetwork`` is the real one (TCP through
+the running loop); the simulator's (``ringkv.sim.network``) connects
+protocols through in-memory byte streams instead, so the same framing,
+handshake, back-pressure and error handling run under simulation.
+
+Either way a connection is an asyncio protocol driven through an
+asyncio-transport-like object (write, close, abort, pause/resume_reading,
+get_extra_info, ...), which calls its connection_made, data_received,
+connection_lost, pause_writing and resume_writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class Listener(Protocol):
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def address(self) -> tuple[str, int]:
+        """The (host, port) it listens on (the real port when asked for port 0)."""
+        ...
+
+
+class Network(Protocol):
+    async def listen(self, factory: ProtocolFactory, host: str, port: int) -> Listener:
+        """Accept connections at (host, port), each driving a protocol from ``factory``."""
+        ...
+
+    async def connect(self, factory: ProtocolFactory, host: str, port: int) -> asyncio.Protocol:
+        """Open a connection to (host, port); the connected protocol. Raises
+        ``OSError`` (refused, reset, ...); may never return (the caller times it out)."""
+        ...
+
+
+class _Server:
+    def __init__(self, server: asyncio.Server, host: str, port: int) -> None:
+        self._server = server
+        self._host, self._port = host, port
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    def address(self) -> tuple[str, int]:
+        if not self._server.sockets:
+            return (self._host, self._port)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return (host, port)
+
+
+class SocketNetwork:
+    """Real TCP. Outbound connections leave from ``source_host`` when it is an address."""
+
+    def __init__(self, source_host: str) -> None:
+        self._source = source_address(source_host)
+
+    async def listen(self, factory: ProtocolFactory, host: str, port: int) -> Listener:
+        server = await asyncio.get_running_loop().create_server(factory, host, port)
+        return _Server(server, host, port)
+
+    async def connect(self, factory: ProtocolFactory, host: str, port: int) -> asyncio.Protocol:
+        _, protocol = await asyncio.get_running_loop().create_connection(
+            factory, host, port, local_addr=self._source
+        )
+        return protocol
+
+
+def source_address(host: str) -> tuple[str, int] | None:
+    """Where outbound connections leave from: the listen address, if it is one.
+
+    Leaving from the address we listen on makes a connection's source name
+    the node (Cassandra does the same), which per-node firewall rules and the
+    fault proxy rely on. A wildcard or a host name leaves it to the OS.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if address.is_unspecified else (host, 0)
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make closing the socket send a reset, dropping what the kernel still holds to send.
+
+    A plain close lets the kernel deliver its send queue first (megabytes, to a
+    peer that may never read it); SO_LINGER with a zero timeout discards it.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
