@@ -56,8 +56,8 @@ class _RequestCollector:
             labels=["op", "consistency"],
         )
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
-        for labels, (counts, total) in sorted(self.latency.items()):
-            latency.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))),
+        for latency_labels, (counts, total) in sorted(self.latency.items()):
+            latency.add_metric(list(latency_labels), list(zip(bounds, itertools.accumulate(counts))),
                                sum_value=total[0])
         yield latency
         coordinated = CounterMetricFamily(

@@ -215,7 +215,9 @@ class Node:
         )
         factory = self._transport_factory
         if factory is None:
-            from ringkv.net.transport import Transport as factory  # real sockets
+            from ringkv.net.transport import Transport  # real sockets
+
+            factory = Transport
         self.transport = factory(
             self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
         )

@@ -468,8 +468,9 @@ class _Allocator:
         replica_sets = self._replica_sets()
 
         # Current deviation of every node's load from its target.
-        dev_1 = {node: -self.target_1 for node in self.old_nodes}
-        dev_rf = {node: -self.target_rf for node in self.old_nodes}
+        # Keyed by node id, and by _NEW (None) for the joining node.
+        dev_1: dict[str | None, float] = {node: -self.target_1 for node in self.old_nodes}
+        dev_rf: dict[str | None, float] = {node: -self.target_rf for node in self.old_nodes}
         dev_1[_NEW] = -self.target_1 * placed_fraction
         dev_rf[_NEW] = -self.target_rf * placed_fraction
         for i in range(count):

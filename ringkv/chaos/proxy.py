@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class FaultProxy:
     async def start(self) -> None:
         for (host, port), upstream in self.routes.items():
             server = await asyncio.start_server(
-                lambda r, w, up=upstream: self._accept(r, w, up), host, port, limit=READ_CHUNK
+                functools.partial(self._accept, upstream=upstream), host, port, limit=READ_CHUNK
             )
             self._servers.append(server)
 

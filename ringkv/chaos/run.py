@@ -288,7 +288,7 @@ class ChaosRun:
             return Op(index, process, "write", key, value, start, self.now(),
                       FAIL if certain else INFO, "client", "QUORUM", exc.code)
         return Op(index, process, "write", key, value, start, self.now(), OK, "client", "QUORUM",
-                  ts=tuple(result.timestamp))
+                  ts=(result.timestamp[0], result.timestamp[1]))
 
     async def _read(self, kv: AsyncClient, process: str, key: str, level: str) -> Op:
         index, start = next(self._index), self.now()
@@ -298,7 +298,8 @@ class ChaosRun:
         except RingKVError as exc:
             return Op(index, process, "read", key, None, start, self.now(), FAIL, "client", level,
                       exc.code, final)
-        value, ts = (None, None) if record is None else (record.value, tuple(record.timestamp))
+        value = None if record is None else record.value
+        ts = None if record is None else (record.timestamp[0], record.timestamp[1])
         return Op(index, process, "read", key, value, start, self.now(), OK, "client", level,
                   None, final, ts)
 

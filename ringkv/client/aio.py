@@ -27,6 +27,8 @@ class AsyncClient(ClientBase):
     ``async with AsyncClient(...) as kv:``.
     """
 
+    _session: Any  # an aiohttp.ClientSession, made by the first call that needs one
+
     # ---- the calls (each runs the plan of the same name in ``operations.py``) ----
 
     async def get(
@@ -166,7 +168,7 @@ class AsyncClient(ClientBase):
     # ---- performing the plans' effects ------------------------------------------
 
     def _setup(self) -> None:
-        self._session: Any = None
+        self._session = None
 
     async def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):

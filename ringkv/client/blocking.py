@@ -13,7 +13,7 @@ import select
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ringkv.client.base import KEEPALIVE_S, ClientBase
@@ -285,7 +285,8 @@ class _ConnectionPool:
             conn.close()  # the watchdog may have shut it down just as the answer arrived
         else:
             self._checkin(origin, conn)
-        return Reply(response.status, body, response.msg)  # headers, case-insensitive
+        # The message's headers, case-insensitive: an email Message reads as a Mapping.
+        return Reply(response.status, body, cast(Mapping[str, str], response.msg))
 
     def _checkout(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection | None:
         now = self._clock.monotonic_s()

@@ -163,7 +163,7 @@ class FrameDecoder:
             buf += source[pos:]
         return frames
 
-    def _decode_body(self, body: bytes) -> Frame:
+    def _decode_body(self, body: bytes | bytearray | memoryview) -> Frame:
         n = len(body)
         try:
             # Every limit is tied to this body's size, so nothing inside can claim more

@@ -165,7 +165,7 @@ class HintReplayer:
         self._batch_size = batch_size
         self._on_replayed = on_replayed
         self._on_expired = on_expired
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, asyncio.Task[int]] = {}
 
     def kick(self, target: str) -> None:
         """Start replaying ``target``'s hints unless a replay is already running."""

@@ -120,7 +120,7 @@ def _metric_level(text: str | None) -> str:
 
 def _cell_json(key: bytes, cell: Cell, receipt: dict[str, Any] | None) -> bytes:
     """Render a cell without decoding and re-encoding its (canonical JSON) value."""
-    head = {"key": key.decode(), "timestamp": cell.ts.to_json()}
+    head: dict[str, Any] = {"key": key.decode(), "timestamp": cell.ts.to_json()}
     if cell.expires_at_us is not None:
         head["expires_at_us"] = cell.expires_at_us
     if receipt is not None:

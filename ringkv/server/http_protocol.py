@@ -115,7 +115,8 @@ class ApiRunner(web.AppRunner):
     __slots__ = ("_max_key_bytes",)
 
     def __init__(self, app: web.Application, limits: LimitsConfig, **kwargs: Any) -> None:
-        super().__init__(app, **parser_limits(limits), **kwargs)
+        kwargs.update(parser_limits(limits))  # handed on to every connection's parser
+        super().__init__(app, **kwargs)
         self._max_key_bytes = limits.max_key_bytes
 
     async def _make_server(self) -> web.Server:

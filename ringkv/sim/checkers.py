@@ -24,6 +24,12 @@ EXCERPT_LINES = 12
 NOT_PROMISED = "; not promised by these settings, so measured, not judged"
 
 
+def _ended(op: Op) -> float:
+    """When ``op`` ended; only operations that ended are ever asked."""
+    assert op.end is not None, f"operation #{op.index} has not ended"
+    return op.end
+
+
 @dataclass(frozen=True)
 class Verdict:
     name: str
@@ -57,7 +63,7 @@ class _AckedWrites:
         acked = sorted((w for w in writes if w.status == OK and w.end is not None),
                        key=lambda w: (w.end, w.index))
         self.writes = acked
-        self.ends = [w.end for w in acked]
+        self.ends = [_ended(w) for w in acked]
         # latest[i]: the write with the latest start among acked[: i + 1]
         self.latest: list[Op] = []
         for write in acked:
@@ -197,7 +203,7 @@ def discarded_writes(history: Sequence[Op], *, promised: bool) -> Verdict:
             acked_total += 1
     for writes in by_key.values():
         writes.sort(key=lambda w: (w.end, w.index))
-        ends = [w.end for w in writes]
+        ends = [_ended(w) for w in writes]
         highest: list[Op] = []  # highest[i]: the largest timestamp among writes[: i + 1]
         for write in writes:
             best = highest[-1] if highest else None

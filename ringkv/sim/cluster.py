@@ -191,7 +191,7 @@ class SimCluster:
         for key in keys:
             raw = key.encode()
             replicas = node.ring.replicas(token_for(raw), rf)
-            cells = {}
+            cells: dict[str, object] = {}
             for node_id in replicas:
                 peer = self.by_id(node_id).node
                 cell = None if peer is None else peer.read_local(keyspace, raw)

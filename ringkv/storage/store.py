@@ -110,7 +110,7 @@ class LocalStore:
 
     def _current(self, raw: bytes) -> Cell | None:
         if raw in self._pending:
-            return self._pending[raw]  # type: ignore[return-value] - data keys hold cells
+            return self._pending[raw]  # type: ignore[return-value]  # data keys hold cells
         if raw in self._flushing:
             return self._flushing[raw]  # type: ignore[return-value]
         self._check_open()
