@@ -1,6 +1,8 @@
-"""Hybrid logical clock rules (Kulkarni et al. 2014)."""
+"""Hybrid logical clock rules (Kulkarni et al. 2014), and waiting on the one clock."""
 
 from __future__ import annotations
+
+import pytest
 
 from ringkv.clock import ManualClock
 from ringkv.hlc import HybridLogicalClock, Timestamp
@@ -32,3 +34,39 @@ def test_timestamps_follow_the_wall_clock_when_it_is_ahead() -> None:
     hlc = HybridLogicalClock(clock)
     hlc.observe(Timestamp(900, 3))
     assert hlc.last == Timestamp(1_000, 0)
+
+
+def test_a_drifting_machine_waits_in_its_own_seconds() -> None:
+    """One clock for reading and for waiting: a simulated machine whose clock
+    runs 10% fast ends a one-second timer (and a one-second sleep) after
+    1/1.1 s of the world's time, as a fast oscillator would; its monotonic
+    clock reads exactly one second at that moment. Leases and commit wait
+    will rely on this."""
+    import asyncio
+
+    from ringkv.sim.clock import SimClock
+    from ringkv.sim.loop import VirtualTimeLoop
+
+    loop = VirtualTimeLoop()
+    fast = SimClock(loop, drift_ppm=100_000)
+    slow = SimClock(loop, drift_ppm=-100_000)
+    fired: dict[str, tuple[float, float]] = {}
+
+    async def scenario() -> None:
+        done = loop.create_future()
+        fast.call_later(1.0, lambda: fired.setdefault("timer", (loop.time(), fast.monotonic_s())))
+        slow.call_later(1.0, lambda: done.set_result(None))
+        start = loop.time()
+        await fast.sleep(1.0)
+        fired["sleep"] = (loop.time() - start, fast.monotonic_s())
+        await done
+        fired["slow"] = (loop.time(), slow.monotonic_s())
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.dispose()
+    assert fired["timer"][0] == pytest.approx(1 / 1.1)
+    assert fired["timer"][1] == pytest.approx(1.0)
+    assert fired["sleep"][0] == pytest.approx(1 / 1.1)
+    assert fired["slow"] == (pytest.approx(1 / 0.9), pytest.approx(1.0))
