@@ -336,3 +336,17 @@ def test_the_deadline_counts_from_when_the_request_arrived() -> None:
         return loop.time() - arrived
 
     assert run(scenario()) == pytest.approx(1.0)
+
+
+def test_a_write_that_spent_its_timeout_before_it_arrived_sends_nothing() -> None:
+    replicas, hints = FakeReplicas(), Hints()
+    coordinator = make(replicas, alive={"a", "b"}, hints=hints, timeout_s=1.0)
+
+    async def scenario() -> None:
+        arrived = asyncio.get_running_loop().time()
+        await asyncio.sleep(1.5)
+        with pytest.raises(Timeout):
+            await coordinator.write("ks", b"k", cell(b"1", 1), CL.ANY, started_s=arrived)
+
+    run(scenario())
+    assert replicas.writes == [] and hints.stored == []

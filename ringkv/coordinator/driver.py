@@ -145,6 +145,15 @@ class Coordinator:
     ) -> WriteResult:
         deadline_s = self._deadline_s(started_s, self._write_timeout_s)
         plan = self.plan(keyspace, key, consistency, write=True)
+        if self._remaining_s(deadline_s) <= 0:
+            # It waited out its whole timeout before reaching us: send nothing.
+            raise Timeout(
+                f"write at {plan.consistency.value} spent its timeout before it was sent",
+                consistency=plan.consistency.value,
+                required=plan.block_for,
+                received=0,
+                write=True,
+            )
         receipt = Receipt(plan.consistency.value, list(plan.natural), asked=list(plan.live))
         hinted_down = [
             target for target in plan.down if await self._store_hint(target, plan, key, cell)
@@ -162,18 +171,19 @@ class Coordinator:
             if not decided.done() and (force or acks.vote is not Vote.PENDING):
                 decided.set_result(None)
 
-        timeout_s = self._remaining_s(deadline_s)
-        if timeout_s > 0:
-            for target in plan.live:
-                # Every replica, this node's own included, answers through a
-                # future (the local one is its group commit): no task per replica.
-                answer = self._replicas.write_future(
-                    target, plan.keyspace, plan.token, key, cell, timeout_s
-                )
-                answer.add_done_callback(
-                    partial(self._write_answered, target, plan, key, cell, acks, settle)
-                )
-        settle(force=timeout_s <= 0)
+        # Storing hints for down replicas may have taken a moment: at least
+        # a sliver of time is left for the replicas (a timeout must be > 0).
+        timeout_s = max(self._remaining_s(deadline_s), 1e-3)
+        for target in plan.live:
+            # Every replica, this node's own included, answers through a
+            # future (the local one is its group commit): no task per replica.
+            answer = self._replicas.write_future(
+                target, plan.keyspace, plan.token, key, cell, timeout_s
+            )
+            answer.add_done_callback(
+                partial(self._write_answered, target, plan, key, cell, acks, settle)
+            )
+        settle()
         if not decided.done():
             timer = self._clock.call_later(timeout_s, partial(settle, force=True))
             try:
