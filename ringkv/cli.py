@@ -62,6 +62,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ringkv.tools.launcher import STOP_REQUESTED, Interrupted
     from ringkv.tools.local_cluster import LocalCluster, run_demo
 
     cluster = LocalCluster(
@@ -76,11 +77,12 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_sigterm(*_: object) -> None:
-        # While the cluster starts or the demo runs, stop like Ctrl-C would, so
-        # that the finally below still stops every node it started.
-        if not stop.is_set():
-            stop.set()
-            raise KeyboardInterrupt
+        # While the cluster starts or the demo runs, every wait gives up at its
+        # next poll (Interrupted), so the finally below stops every node
+        # started so far. Nothing is raised from here: an exception landing
+        # inside subprocess.Popen would orphan the node being started.
+        STOP_REQUESTED.set()
+        stop.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -93,7 +95,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         print("\npress Ctrl-C to stop the cluster", flush=True)
         while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
             pass
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         pass
     finally:
         print("\nstopping the cluster ...", flush=True)

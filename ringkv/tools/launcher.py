@@ -11,6 +11,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import urllib.error
 import urllib.request
@@ -83,10 +84,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_port_block(1, host)
 
 
+class Interrupted(Exception):
+    """The operator asked to stop (``STOP_REQUESTED``) while we were waiting."""
+
+
+# Set by a signal handler (``ringkv cluster up`` on SIGTERM). Every wait gives
+# up at its next poll, so a stop request ends start-up between steps instead of
+# landing inside one: an exception raised from a handler in the middle of
+# ``subprocess.Popen`` would leave a node running that nobody tracks.
+STOP_REQUESTED = threading.Event()
+
+
 def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
     deadline = _CLOCK.monotonic_s() + timeout_s
     while True:
+        if STOP_REQUESTED.is_set():
+            raise Interrupted(f"asked to stop while waiting for {what}")
         result = predicate()
         if result:
             return result
