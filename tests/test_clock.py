@@ -42,7 +42,6 @@ def test_a_drifting_machine_waits_in_its_own_seconds() -> None:
     1/1.1 s of the world's time, as a fast oscillator would; its monotonic
     clock reads exactly one second at that moment. Leases and commit wait
     will rely on this."""
-    import asyncio
 
     from ringkv.sim.clock import SimClock
     from ringkv.sim.loop import VirtualTimeLoop
