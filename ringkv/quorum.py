@@ -126,7 +126,8 @@ class ResponseTracker:
 
     @property
     def vote(self) -> Vote:
-        counted = self.counted
+        # ``counted``, written out: the coordinator asks after every response.
+        counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
         if counted >= self.block_for:
             return Vote.WON
         if counted + len(self._outstanding) < self.block_for:

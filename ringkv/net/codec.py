@@ -60,8 +60,13 @@ def encode_frame(
     *,
     version: int = PROTOCOL_VERSION,
     max_frame_bytes: int | None = None,
+    packer: msgpack.Packer | None = None,
 ) -> bytes:
     """Encode one frame, header included.
+
+    ``packer`` (from ``frame_packer``) is reused instead of building one per
+    frame, as ``msgpack.packb`` does; it is not thread-safe, so each owner
+    (a transport, on its loop's thread) keeps its own.
 
     Raises ``ValueError`` for a bad kind/id/verb (a caller bug), ``ProtocolError`` when
     the payload is not msgpack-able, and ``TooLarge`` when the body exceeds
@@ -76,21 +81,27 @@ def encode_frame(
     if type(verb) is not str or not verb or len(verb) > MAX_VERB_LEN:
         raise ValueError(f"bad verb {verb!r}")
     try:
-        body = msgpack.packb([version, kind, request_id, verb, payload], use_bin_type=True)
+        body = (packer or msgpack.Packer(use_bin_type=True)).pack(
+            [version, kind, request_id, verb, payload])
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(
             f"payload for verb {verb!r} is not msgpack-serializable: {e}", verb=verb
         ) from e
+    size = len(body)
     limit = max_frame_bytes if max_frame_bytes is not None else _HEADER_MAX
-    if len(body) > limit:
+    if size > limit:
         raise TooLarge(
-            f"frame for verb {verb!r} is {len(body)} bytes, over the {limit}-byte limit",
+            f"frame for verb {verb!r} is {size} bytes, over the {limit}-byte limit",
             field="payload",
             limit=limit,
-            size=len(body),
+            size=size,
         )
-    return _HEADER.pack(len(body)) + body
+    return _HEADER.pack(size) + body
 
+
+def frame_packer() -> msgpack.Packer:
+    """A packer for ``encode_frame(packer=...)``: one per thread that encodes."""
+    return msgpack.Packer(use_bin_type=True)
 
 
 class FrameDecoder:
@@ -194,4 +205,5 @@ class FrameDecoder:
             raise ProtocolError(f"bad request id {request_id!r}")
         if type(verb) is not str or not verb or len(verb) > MAX_VERB_LEN:
             raise ProtocolError(f"bad verb {verb!r:.80}")
-        return Frame(version, kind, request_id, verb, payload)
+        # Frame(*obj), without the namedtuple's Python-level __new__: once per frame.
+        return tuple.__new__(Frame, obj)

@@ -59,12 +59,15 @@ class Requester(Protocol):
 
 
 class Pending(NamedTuple):
-    """A request waiting for its answer, the timer that gives up on it, and
-    how its answer is parsed (see ``Transport.request_future``)."""
+    """A request waiting for its answer, the timer that gives up on it, how
+    its answer is parsed, and the future's done callback that frees the entry
+    if the caller cancels (see ``Transport.request_future``; the answer's
+    arrival removes it, which costs less than letting it run)."""
 
     future: asyncio.Future[Any]
     timer: Timer
     convert: Callable[[Any], Any] | None
+    abandoned: Callable[[asyncio.Future[Any]], None]
 
 
 def answer_future_of(handler: Handler) -> AnswerFuture | None:

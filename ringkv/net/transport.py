@@ -58,6 +58,7 @@ from ringkv.net.codec import (
     Frame,
     FrameDecoder,
     encode_frame,
+    frame_packer,
 )
 from ringkv.net.rpc import (
     Handler,
@@ -249,6 +250,8 @@ class _Conn(asyncio.Protocol):
         except ProtocolError as e:
             self._protocol_error(e)
             return
+        if not frames:
+            return  # part of a frame: nothing to dispatch or answer yet
         # Answers queued while these frames are dispatched (a local read's) are
         # written together once they all are, without waiting for a loop turn.
         self._reading = True
@@ -270,7 +273,9 @@ class _Conn(asyncio.Protocol):
             self._flush()
         # Inbound back-pressure: if the peer is not reading our responses, stop
         # reading its requests rather than queue responses without bound.
-        if self.out is not None and not self.outbound and self.out.full() and not self._read_paused:
+        out = self.out
+        if (out is not None and not self.outbound and len(out.items) >= out.maxlen
+                and not self._read_paused):
             self._read_paused = True
             self.sock.pause_reading()  # type: ignore[union-attr]
 
@@ -361,7 +366,12 @@ class _Conn(asyncio.Protocol):
             return
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            self.t._flush_soon(self)
+            # One callback per loop turn flushes every connection with frames
+            # queued (a coordinator's request to three replicas is one, not three).
+            to_flush = self.t._to_flush
+            if not to_flush:
+                self._loop.call_soon(self.t._flush_all)
+            to_flush.append(self)
 
     def _flush(self) -> None:
         """Write everything queued, coalesced into few writes, unless TCP pushes back."""
@@ -489,6 +499,7 @@ class Transport:
         self._max_backoff_s = max_backoff_s
         self._max_inflight = max_inflight_per_conn
         self._clock = clock or SystemClock()
+        self._packer = frame_packer()  # for this transport's loop thread only
 
         self._hello = encode_frame(
             KIND_ONEWAY,
@@ -506,14 +517,8 @@ class Transport:
         self._tasks: dict[asyncio.Task[Any], None] = {}  # handler tasks, for stop()
         self._closing = False
         self._stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
-        # Connections with frames to write this loop turn: one callback flushes
-        # them all (a coordinator's request to three replicas is one, not three).
+        # Connections with frames to write this loop turn (see _Conn.schedule_flush).
         self._to_flush: list[_Conn] = []
-
-    def _flush_soon(self, conn: _Conn) -> None:
-        if not self._to_flush:
-            asyncio.get_running_loop().call_soon(self._flush_all)
-        self._to_flush.append(conn)
 
     def _flush_all(self) -> None:
         conns, self._to_flush = self._to_flush, []
@@ -643,17 +648,17 @@ class Transport:
             raise ValueError(f"verb {HELLO!r} is reserved for the handshake")
         peer = self._admit(node_id, request=True)
         request_id = next(self._ids)
-        frame = encode_frame(
-            KIND_REQUEST, request_id, verb, payload, max_frame_bytes=self._max_frame_bytes
-        )
+        frame = encode_frame(KIND_REQUEST, request_id, verb, payload,
+                             max_frame_bytes=self._max_frame_bytes, packer=self._packer)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         timer = self._clock.call_later(timeout_s, self._expire, peer, request_id, verb, timeout_s)
-        peer.pending[request_id] = Pending(fut, timer, convert)
         # A caller that gives up (cancels) frees its place and timer at once, as an
         # answer would; otherwise they stay until the timeout, and abandoned
         # requests to a slow peer make new ones Overloaded.
-        fut.add_done_callback(partial(self._abandoned, peer, request_id))
+        abandoned = partial(self._abandoned, peer, request_id)
+        peer.pending[request_id] = Pending(fut, timer, convert, abandoned)
+        fut.add_done_callback(abandoned)
         out = peer.out
         out.items.append((request_id, frame))  # _OutQueue.put, inlined on the hottest path
         if out.conn is not None:
@@ -668,7 +673,8 @@ class Transport:
         at all still raises (ProtocolError / TooLarge): that is a caller bug."""
         if verb == HELLO:
             raise ValueError(f"verb {HELLO!r} is reserved for the handshake")
-        frame = encode_frame(KIND_ONEWAY, 0, verb, payload, max_frame_bytes=self._max_frame_bytes)
+        frame = encode_frame(KIND_ONEWAY, 0, verb, payload, max_frame_bytes=self._max_frame_bytes,
+                             packer=self._packer)
         try:
             peer = self._admit(node_id, request=False)
         except RingKVError:
@@ -721,7 +727,7 @@ class Transport:
         """Fail every pending request of ``peer`` and drop what is still queued."""
         waiting = list(peer.pending.values())
         peer.pending.clear()  # in place: the connection's flush holds a reference to this dict
-        for fut, timer, _ in waiting:
+        for fut, timer, _convert, _abandoned in waiting:
             timer.cancel()
             if not fut.done():
                 fut.set_exception(make_error())  # one instance per waiter: tracebacks differ
@@ -889,14 +895,19 @@ class Transport:
             if waiting is None:
                 self._stats["late_responses"] += 1
                 return
-            fut, timer, convert = waiting
+            fut, timer, convert, abandoned = waiting
             timer.cancel()
             if fut.done():  # abandoned by its caller
                 self._stats["late_responses"] += 1
                 return
+            # Answered: nobody can abandon it now, so that callback need not run.
+            fut.remove_done_callback(abandoned)
             self._stats["responses_received"] += 1
             if kind == KIND_RESPONSE:
-                settle_answer(fut, frame.payload, convert)
+                if convert is None:
+                    fut.set_result(frame.payload)
+                else:
+                    settle_answer(fut, frame.payload, convert)
             else:
                 fut.set_exception(remote_error(conn.peer_node_id, frame.verb, frame.payload))
             return
@@ -981,9 +992,8 @@ class Transport:
 
     def _response_frame(self, frame: Frame, result: Any) -> bytes:
         try:
-            return encode_frame(
-                KIND_RESPONSE, frame.request_id, frame.verb, result, max_frame_bytes=self._max_frame_bytes
-            )
+            return encode_frame(KIND_RESPONSE, frame.request_id, frame.verb, result,
+                                max_frame_bytes=self._max_frame_bytes, packer=self._packer)
         except (ProtocolError, TooLarge) as e:
             log.error("cannot send response to %r: %s", frame.verb, e.message)
             return self._error_frame(frame, e.code, e.message, {})
@@ -991,9 +1001,8 @@ class Transport:
     def _error_frame(self, frame: Frame, code: str, message: str, details: dict[str, Any]) -> bytes:
         body = {"code": code, "message": message, "details": details}
         try:
-            return encode_frame(
-                KIND_ERROR, frame.request_id, frame.verb, body, max_frame_bytes=self._max_frame_bytes
-            )
+            return encode_frame(KIND_ERROR, frame.request_id, frame.verb, body,
+                                max_frame_bytes=self._max_frame_bytes, packer=self._packer)
         except (ProtocolError, TooLarge):
             # Details that cannot travel are dropped; code and message always can.
             body = {"code": code, "message": message[:4096], "details": {}}

@@ -32,12 +32,15 @@ class SimClock:
         self.offset_us = offset_us
         self.drift_ppm = drift_ppm
 
+    # The loop's ``time()`` is read as ``_now``: the coordinator asks for the time
+    # several times per request.
+
     def wall_us(self) -> int:
-        elapsed_us = self._loop.time() * 1_000_000
+        elapsed_us = self._loop._now * 1_000_000
         return EPOCH_US + int(elapsed_us * (1 + self.drift_ppm * 1e-6)) + self.offset_us
 
     def monotonic_s(self) -> float:
-        return self._loop.time() * (1 + self.drift_ppm * 1e-6)
+        return self._loop._now * (1 + self.drift_ppm * 1e-6)
 
     def step_us(self, delta_us: int) -> None:
         self.offset_us += delta_us
@@ -46,7 +49,11 @@ class SimClock:
         return max(0.0, delay_s) / (1 + self.drift_ppm * 1e-6)
 
     def call_later(self, delay_s: float, callback: Callable[..., Any], *args: Any) -> Timer:
-        return self._loop.call_later(self._virtual_s(delay_s), callback, *args)
+        # Straight to the loop's timer heap (``_virtual_s`` and ``loop.call_later``
+        # written out): every request's deadline is set here.
+        loop = self._loop
+        return loop._timer(loop._now + max(0.0, delay_s) / (1 + self.drift_ppm * 1e-6),
+                           callback, args, None)
 
     async def sleep(self, delay_s: float) -> None:
         await asyncio.sleep(self._virtual_s(delay_s))

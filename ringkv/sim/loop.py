@@ -55,18 +55,19 @@ class Process:
 
 class _Callback:
     """A ready callback: ``asyncio.Handle`` without its debug bookkeeping. Nearly
-    every step of every simulated node passes through here, so it is kept light."""
+    every step of every simulated node passes through here, so it is kept light:
+    the caller supplies the context (copied or not), and the loop reports what
+    the callback raises. ``_scheduled`` (on the timer heap) is set only where it
+    is read: for timers, by ``_timer``, and cleared as the heap gives them up."""
 
-    __slots__ = ("_callback", "_args", "_context", "_loop", "_cancelled", "_scheduled")
+    __slots__ = ("_callback", "_args", "_context", "_cancelled", "_scheduled")
 
     def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...],
-                 loop: VirtualTimeLoop, context: contextvars.Context | None) -> None:
+                 context: contextvars.Context) -> None:
         self._callback = callback
         self._args = args
-        self._loop = loop
-        self._context = context if context is not None else contextvars.copy_context()
+        self._context = context
         self._cancelled = False
-        self._scheduled = False
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -77,17 +78,13 @@ class _Callback:
     def get_context(self) -> contextvars.Context:
         return self._context
 
-    def _report(self, exc: BaseException) -> None:
-        """What asyncio.Handle does when its callback raises: report it, keep running."""
-        self._loop.call_exception_handler(
-            {"message": f"Exception in callback {self._callback!r}", "exception": exc})
-
 
 class _Timer(_Callback):
-    """A timer: ``asyncio.TimerHandle``'s interface on the light callback. (``_when``
-    is set by ``_timer``: no ``__init__`` of its own, one call fewer per timer.)"""
+    """A timer: ``asyncio.TimerHandle``'s interface on the light callback. (``_when``,
+    ``_loop`` and ``_scheduled`` are set by ``_timer``: no ``__init__`` of its own,
+    one call fewer per timer.)"""
 
-    __slots__ = ("_when",)
+    __slots__ = ("_when", "_loop")
 
     def when(self) -> float:
         return self._when
@@ -123,8 +120,9 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
                context: contextvars.Context | None) -> _Timer:
         if self._closed:
             raise RuntimeError("Event loop is closed")
-        timer = _Timer(callback, args, self, context)
+        timer = _Timer(callback, args, context if context is not None else contextvars.copy_context())
         timer._when = when
+        timer._loop = self
         # Heap entries are (when, sequence, timer): equal deadlines fire in the order
         # they were set, whatever the heap's shape (asyncio's timers compare only
         # ``when``), and the comparison stays in C.
@@ -135,15 +133,15 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
     def deliver_later(self, delay: float, context: contextvars.Context,
                       callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """``call_later`` for what is never cancelled (a message in flight), at less cost."""
-        callback_ = _Callback(callback, args, self, context)
-        callback_._scheduled = True
-        heapq.heappush(self._scheduled, (self._now + delay, next(self._timer_seq), callback_))
+        heapq.heappush(self._scheduled, (self._now + delay, next(self._timer_seq),
+                                         _Callback(callback, args, context)))
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,
                   context: contextvars.Context | None = None) -> Any:
         if self._closed:
             raise RuntimeError("Event loop is closed")
-        handle = _Callback(callback, args, self, context)
+        handle = _Callback(callback, args,
+                           context if context is not None else contextvars.copy_context())
         self._ready.append(handle)
         return handle
 
@@ -228,7 +226,9 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
                 except (SystemExit, KeyboardInterrupt):
                     raise
                 except BaseException as exc:
-                    handle._report(exc)
+                    # What asyncio.Handle does when its callback raises: report it, keep running.
+                    self.call_exception_handler(
+                        {"message": f"Exception in callback {handle._callback!r}", "exception": exc})
 
     def _compact(self) -> None:
         """Drop cancelled timers once they are most of the heap (as asyncio does)."""

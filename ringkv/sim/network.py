@@ -53,6 +53,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import log
 from typing import Any
 
 from ringkv.address import format_address
@@ -471,17 +472,20 @@ class SimNetwork:
     # -- carrying bytes ----------------------------------------------------------
 
     def _send(self, src: SimSocket, data: Any) -> None:
-        """Put ``data`` (bytes or an end marker) on the stream from ``src`` to its peer."""
+        """Put ``data`` (bytes or an end marker) on the stream from ``src`` to its peer.
+        (Every write of every node passes here: the draws are written out rather
+        than made through ``expovariate`` and ``uniform``, with the same results.)"""
         dst = src.peer
         if dst is None or dst.dead:
             return  # nobody will read it; the writer's buffer keeps counting it
         loop = self.loop
-        rng = self.rng
+        random_ = self.rng.random
         conditions = self.conditions
         now = loop._now
-        arrival = now + conditions.latency_s + rng.expovariate(1 / conditions.jitter_s)
-        if conditions.delay and rng.random() < conditions.delay:
-            arrival += rng.uniform(0, conditions.delay_max_s)
+        # latency + expovariate(1 / jitter_s)
+        arrival = now + conditions.latency_s - log(1.0 - random_()) / (1 / conditions.jitter_s)
+        if conditions.delay and random_() < conditions.delay:
+            arrival += conditions.delay_max_s * random_()  # uniform(0, delay_max_s)
         if self.clogged_until:
             held = max(self.clogged_until.get(src.machine, 0.0),
                        self.clogged_until.get(dst.machine, 0.0))
@@ -494,9 +498,10 @@ class SimNetwork:
             loop.deliver_later(arrival - now, dst.context, dst._arrive, (data,))
             return
         stats = self.stats
+        size = len(data)
         stats["writes"] += 1
-        stats["bytes"] += len(data)
-        if conditions.reset and rng.random() < conditions.reset:
+        stats["bytes"] += size
+        if conditions.reset and random_() < conditions.reset:
             # The connection breaks under this write: both ends see a reset.
             src.closing = True
             src.last_arrival = arrival
@@ -504,17 +509,25 @@ class SimNetwork:
             loop.call_soon(src._lost, ConnectionResetError("connection reset"),
                            context=src.context)
             return
-        size = len(data)
-        if conditions.split and size > 1 and rng.random() < conditions.split:
+        if conditions.split and size > 1 and random_() < conditions.split:
             stats["split_writes"] += 1
-            pieces = rng.randint(min(conditions.min_pieces, size), min(conditions.max_pieces, size))
-            cuts = sorted(rng.sample(range(1, size), pieces - 1))
+            fewest = min(conditions.min_pieces, size)
+            pieces = fewest + int(random_() * (min(conditions.max_pieces, size) - fewest + 1))
+            if pieces == size:
+                cuts: Any = range(1, size)  # every byte on its own
+            else:
+                # pieces - 1 distinct cut points in 1..size-1, each subset as likely
+                # as with rng.sample, without its Python-level machinery.
+                chosen: set[int] = set()
+                while len(chosen) < pieces - 1:
+                    chosen.add(1 + int(random_() * (size - 1)))
+                cuts = sorted(chosen)
             view = memoryview(data)  # pieces share the write's bytes: no copies
             start = 0
             for end in (*cuts, size):
                 loop.deliver_later(arrival - now, dst.context, dst._arrive, (view[start:end],))
                 start = end
-                arrival += rng.uniform(0, conditions.jitter_s)
+                arrival += conditions.jitter_s * random_()  # uniform(0, jitter_s)
         else:
             loop.deliver_later(arrival - now, dst.context, dst._arrive, (data,))
         src.last_arrival = arrival
