@@ -85,7 +85,7 @@ class ResponseTracker:
     (Cassandra's ``WriteType``/ANY semantics).
     """
 
-    __slots__ = ("block_for", "hints_count", "ok", "failed", "hinted", "_outstanding")
+    __slots__ = ("block_for", "hints_count", "ok", "failed", "hinted", "_outstanding", "vote")
 
     def __init__(self, asked: Iterable[str], block_for: int, *, hints_count: bool = False) -> None:
         if block_for < 0:
@@ -96,11 +96,15 @@ class ResponseTracker:
         self.failed: list[str] = []
         self.hinted: list[str] = []
         self._outstanding: set[str] = set(asked)
+        # Kept current by every change rather than computed on every look:
+        # the coordinator asks after each response, on every request.
+        self.vote: Vote = self._tally()
 
     def ask(self, node: str) -> Vote:
         """One more replica was asked (a spare, say): its answer can count too."""
         if node not in self.ok and node not in self.failed and node not in self.hinted:
             self._outstanding.add(node)
+            self.vote = self._tally()
         return self.vote
 
     def record(self, node: str, response: Response) -> Vote:
@@ -113,20 +117,23 @@ class ResponseTracker:
             self.hinted.append(node)
         else:
             self.failed.append(node)
-        return self.vote
+        self.vote = vote = self._tally()
+        return vote
+
+    def waiting_for(self, node: str) -> bool:
+        """Was ``node`` asked, and has it not answered yet?"""
+        return node in self._outstanding
+
+    @property
+    def outstanding_count(self) -> int:
+        return len(self._outstanding)
 
     @property
     def counted(self) -> int:
         """How many responses count toward ``block_for``."""
         return len(self.ok) + (len(self.hinted) if self.hints_count else 0)
 
-    @property
-    def outstanding(self) -> frozenset[str]:
-        return frozenset(self._outstanding)
-
-    @property
-    def vote(self) -> Vote:
-        # ``counted``, written out: the coordinator asks after every response.
+    def _tally(self) -> Vote:
         counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
         if counted >= self.block_for:
             return Vote.WON

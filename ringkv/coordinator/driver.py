@@ -145,7 +145,8 @@ class Coordinator:
     ) -> WriteResult:
         deadline_s = self._deadline_s(started_s, self._write_timeout_s)
         plan = self.plan(keyspace, key, consistency, write=True)
-        if self._remaining_s(deadline_s) <= 0:
+        timeout_s = self._remaining_s(deadline_s)
+        if timeout_s <= 0:
             # It waited out its whole timeout before reaching us: send nothing.
             raise Timeout(
                 f"write at {plan.consistency.value} spent its timeout before it was sent",
@@ -155,9 +156,14 @@ class Coordinator:
                 write=True,
             )
         receipt = Receipt(plan.consistency.value, list(plan.natural), asked=list(plan.live))
-        hinted_down = [
-            target for target in plan.down if await self._store_hint(target, plan, key, cell)
-        ]
+        hinted_down: list[str] = []
+        if plan.down:
+            for target in plan.down:
+                if await self._store_hint(target, plan, key, cell):
+                    hinted_down.append(target)
+            # Storing hints may have taken a moment: still leave the replicas
+            # a sliver of time (a timeout must be > 0).
+            timeout_s = max(self._remaining_s(deadline_s), 1e-3)
         acks = ResponseTracker(
             [*plan.live, *hinted_down],
             plan.block_for,
@@ -165,15 +171,8 @@ class Coordinator:
         )
         for target in hinted_down:
             acks.record(target, Response.HINTED)
+        # Resolved once the tracker decides (WON or LOST), or at the deadline.
         decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def settle(_: object = None, *, force: bool = False) -> None:
-            if not decided.done() and (force or acks.vote is not Vote.PENDING):
-                decided.set_result(None)
-
-        # Storing hints for down replicas may have taken a moment: at least
-        # a sliver of time is left for the replicas (a timeout must be > 0).
-        timeout_s = max(self._remaining_s(deadline_s), 1e-3)
         for target in plan.live:
             # Every replica, this node's own included, answers through a
             # future (the local one is its group commit): no task per replica.
@@ -181,11 +180,10 @@ class Coordinator:
                 target, plan.keyspace, plan.token, key, cell, timeout_s
             )
             answer.add_done_callback(
-                partial(self._write_answered, target, plan, key, cell, acks, settle)
+                partial(self._write_answered, target, plan, key, cell, acks, decided)
             )
-        settle()
-        if not decided.done():
-            timer = self._clock.call_later(timeout_s, partial(settle, force=True))
+        if acks.vote is Vote.PENDING:
+            timer = self._clock.call_later(timeout_s, _decide, decided)
             try:
                 await decided
             finally:
@@ -210,13 +208,13 @@ class Coordinator:
         key: bytes,
         cell: Cell,
         acks: ResponseTracker,
-        settle: Callable[[], None],
+        decided: asyncio.Future[None],
         answer: asyncio.Future[None],
     ) -> None:
         error = _error_of(answer, self.node_id)
         if error is None:
-            acks.record(target, Response.OK)
-            settle()
+            if acks.record(target, Response.OK) is not Vote.PENDING:
+                _decide(decided)
             return
         if isinstance(error, RingKVError):
             log.debug("write to %s failed: %s", target, error)
@@ -224,13 +222,13 @@ class Coordinator:
             log.error("write to %s failed unexpectedly", target, exc_info=error)
         if target == self.node_id or self._hints is None:
             # This node's own failed write is not hinted: it has no later replay.
-            acks.record(target, Response.FAILED)
-            settle()
+            if acks.record(target, Response.FAILED) is not Vote.PENDING:
+                _decide(decided)
             return
         # A replica that did not acknowledge gets a hint, even if the client
         # was already answered (Cassandra does the same). The hint is stored
         # before the failure is counted, so that at ANY the answer can count it.
-        self._spawn(self._hint_failed_write(target, plan, key, cell, acks, settle))
+        self._spawn(self._hint_failed_write(target, plan, key, cell, acks, decided))
 
     async def _hint_failed_write(
         self,
@@ -239,11 +237,11 @@ class Coordinator:
         key: bytes,
         cell: Cell,
         acks: ResponseTracker,
-        settle: Callable[[], None],
+        decided: asyncio.Future[None],
     ) -> None:
         hinted = await self._store_hint(target, plan, key, cell)
-        acks.record(target, Response.HINTED if hinted else Response.FAILED)
-        settle()
+        if acks.record(target, Response.HINTED if hinted else Response.FAILED) is not Vote.PENDING:
+            _decide(decided)
 
     async def _store_hint(self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell) -> bool:
         if self._hints is None:
@@ -358,7 +356,8 @@ class Coordinator:
                     else:
                         more += read.on_digest(node, answer.result())
                 waiting = still
-                launch(more)
+                if more:
+                    launch(more)
                 if read.vote is not Vote.PENDING or not waiting:
                     return
                 now_s = clock.monotonic_s()
@@ -372,7 +371,7 @@ class Coordinator:
                     # Slower than the speculative threshold: back it up (Dean's hedged request).
                     launch(read.on_slow())
         finally:
-            now_s = clock.monotonic_s()
+            now_s = clock.monotonic_s() if waiting else 0.0
             for answer in waiting:
                 if not answer.done():
                     answer.cancel()
@@ -576,6 +575,11 @@ class Coordinator:
                 write=False,
             )
         return merge_replies(replies, limit)
+
+
+def _decide(decided: asyncio.Future[None]) -> None:
+    if not decided.done():
+        decided.set_result(None)
 
 
 def _error_of(answer: asyncio.Future[Any], node_id: str) -> BaseException | None:

@@ -17,16 +17,18 @@ answers back in; nothing here awaits, sends or reads a clock.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ringkv.quorum import Response, ResponseTracker, Vote
 from ringkv.versioning import Cell, cell_digest, reconcile
 
 
-@dataclass(frozen=True, slots=True)
-class Ask:
+class Ask(NamedTuple):
     node: str
     data: bool  # the full cell, or only its digest
+
+
+NOTHING: tuple[Ask, ...] = ()  # no new asks
 
 
 class ReadRound:
@@ -38,7 +40,7 @@ class ReadRound:
         self._targets = list(targets)
         self._spares = list(spares)
         self.block_for = block_for
-        self.tracker = ResponseTracker((), block_for)
+        self.tracker = ResponseTracker(self._targets, block_for)
         self.data: dict[str, Cell | None] = {}
         self.digests: dict[str, bytes] = {}
         self.corrupt: list[str] = []
@@ -47,24 +49,21 @@ class ReadRound:
 
     def start(self) -> list[Ask]:
         first, rest = self._targets[0], self._targets[1:]
-        asks = [Ask(first, True)] + [Ask(node, False) for node in rest]
-        for ask in asks:
-            self.tracker.ask(ask.node)
-        return asks
+        return [Ask(first, True)] + [Ask(node, False) for node in rest]
 
-    def on_data(self, node: str, cell: Cell | None) -> list[Ask]:
-        if node in self.tracker.outstanding:
+    def on_data(self, node: str, cell: Cell | None) -> Sequence[Ask]:
+        if self.tracker.waiting_for(node):  # not a duplicate, nor a replica never asked
             self.data[node] = cell
-        self.tracker.record(node, Response.OK)
+            self.tracker.record(node, Response.OK)
         return self._refill()
 
-    def on_digest(self, node: str, digest: bytes) -> list[Ask]:
-        if node in self.tracker.outstanding:
+    def on_digest(self, node: str, digest: bytes) -> Sequence[Ask]:
+        if self.tracker.waiting_for(node):
             self.digests[node] = digest
-        self.tracker.record(node, Response.OK)
+            self.tracker.record(node, Response.OK)
         return self._refill()
 
-    def on_failure(self, node: str, *, corrupt: bool = False) -> list[Ask]:
+    def on_failure(self, node: str, *, corrupt: bool = False) -> Sequence[Ask]:
         if corrupt and node not in self.corrupt:
             # A replica whose record failed its checksum is stale: the read
             # repair write replaces the record (LocalStore.apply).
@@ -72,10 +71,10 @@ class ReadRound:
         self.tracker.record(node, Response.FAILED)
         return self._refill()
 
-    def on_slow(self) -> list[Ask]:
+    def on_slow(self) -> Sequence[Ask]:
         """The read waited past the speculative threshold: back it up with a spare."""
         if not self.can_speculate:
-            return []
+            return NOTHING
         self.speculated = True
         return [self._ask_spare()]
 
@@ -90,21 +89,23 @@ class ReadRound:
             # Enough digests but no data to compare them with: only a data
             # read (a spare) can finish this read. (A read asks one data and
             # block_for - 1 digests, and spares for data, so this is rare.)
-            return Vote.PENDING if self.tracker.outstanding or self._spares else Vote.LOST
+            return Vote.PENDING if self.tracker.outstanding_count or self._spares else Vote.LOST
         return vote
 
     @property
     def answered(self) -> list[str]:
         return list(self.data) + list(self.digests)
 
-    def _refill(self) -> list[Ask]:
+    def _refill(self) -> Sequence[Ask]:
         """Once those asked can no longer make the quorum, ask a spare."""
-        if self._spares and (
+        if not self._spares:
+            return NOTHING
+        if (
             self.tracker.vote is Vote.LOST
-            or (self.vote is Vote.PENDING and not self.tracker.outstanding)
+            or (self.vote is Vote.PENDING and not self.tracker.outstanding_count)
         ):
             return [self._ask_spare()]
-        return []
+        return NOTHING
 
     def _ask_spare(self) -> Ask:
         node = self._spares.pop(0)
@@ -113,8 +114,7 @@ class ReadRound:
         return Ask(node, True)
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
+class Resolution(NamedTuple):
     winner: Cell | None  # the newest cell (last write wins), once resolved
     stale: tuple[str, ...]  # replicas to write the winner back to (blocking read repair)
     needs_data_from: tuple[str, ...]  # a digest disagreed: fetch these replicas' data first
