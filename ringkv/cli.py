@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--read", default="QUORUM", help="read consistency level")
     sim.add_argument("--write", default="QUORUM", help="write consistency level")
     sim.add_argument("--nemesis", default="none",
-                     help="comma-separated: partition,crash,power,pause,clog,skew (or none)")
+                     help="comma-separated: partition,crash,power,pause,clog,skew,"
+                          "isolate-repeat (or none)")
     sim.add_argument("--fault", default=None,
                      help="plant a broken coordinator: ack-without-write, ack-before-write, "
                           "backdated-write, phantom-read, no-read-repair")

@@ -132,6 +132,15 @@ class TimingConfig:
     # threshold (higher = slower to mark a peer down, fewer false alarms).
     gossip_interval_ms: int = 1000
     phi_threshold: float = 8.0
+    # Heartbeat intervals longer than this are outages (partitions, pauses),
+    # not samples, and stay out of the detector's history; otherwise one long
+    # partition stretches the learned distribution until later partitions of
+    # the same node are never detected. 2000 is Cassandra's default
+    # (fd_max_interval_ms), twice its 1 s gossip round: a heartbeat relayed a
+    # round late is still learned. It also equals the acceptable pause the
+    # node adds (2 rounds), so with 1 s gossip every silence long enough to
+    # mark a peer DOWN is longer than the bound. Must exceed gossip_interval_ms.
+    phi_max_interval_ms: int = 2000
     # Hinted handoff: how long hints are kept for a down replica, and how fast
     # they are replayed so a returning node is not flooded.
     max_hint_window_s: int = 10800
@@ -525,6 +534,7 @@ def _read_timing(ctx: _Context, raw: object) -> TimingConfig:
     sec.take("write_timeout_ms", _check_int, 1, _HOUR_MS)
     sec.take("gossip_interval_ms", _check_int, 1, 60_000)
     sec.take("phi_threshold", _check_number, 0.0, None)
+    sec.take("phi_max_interval_ms", _check_int, 1, _HOUR_MS)
     sec.take("max_hint_window_s", _check_int, 0, 30 * _DAY_S)
     sec.take("hint_replay_rate_per_s", _check_int, 1, 1_000_000)
     sec.take("gc_grace_s", _check_int, 0, _MAX_TTL_S)
@@ -533,7 +543,16 @@ def _read_timing(ctx: _Context, raw: object) -> TimingConfig:
     sec.take("speculative_retry_percentile", _check_number, 0.0, 100.0)
     sec.take("speculative_retry_min_ms", _check_int, 0, _HOUR_MS)
     sec.take("shutdown_drain_timeout_s", _check_int, 0, 3600)
-    return TimingConfig(**sec.done())
+    timing = TimingConfig(**sec.done())
+    if timing.phi_max_interval_ms <= timing.gossip_interval_ms:
+        # Heartbeats come once a gossip round at best: nothing would be learned.
+        ctx.fail(
+            "timing.phi_max_interval_ms",
+            f"more than timing.gossip_interval_ms ({timing.gossip_interval_ms})",
+            _show(timing.phi_max_interval_ms),
+            related=("timing.gossip_interval_ms",),
+        )
+    return timing
 
 
 def _read_storage(ctx: _Context, raw: object) -> StorageConfig:

@@ -194,6 +194,7 @@ class Node:
                 threshold=timing.phi_threshold,
                 acceptable_pause_s=ACCEPTABLE_PAUSE_INTERVALS * interval_s,
                 first_heartbeat_estimate_s=interval_s,
+                max_interval_s=timing.phi_max_interval_ms / 1000,
             ),
         )
         self_address = cluster.internode_address  # what peers dial, maybe not where we listen

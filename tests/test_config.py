@@ -51,6 +51,7 @@ def test_defaults():
     }
     assert config.timing.read_timeout_ms == 2000
     assert config.timing.phi_threshold == 8.0
+    assert config.timing.phi_max_interval_ms == 2000
     assert config.storage.commit_sync == "periodic"
     assert config.limits.max_value_bytes == 1048576
     assert config.node_data_dir == Path("data") / "node1"
@@ -333,6 +334,19 @@ BAD_FIELDS = [
     ({"timing": {"phi_threshold": 0}}, "timing.phi_threshold", "got 0"),
     ({"timing": {"phi_threshold": float("inf")}}, "timing.phi_threshold", "got inf"),
     ({"timing": {"phi_threshold": "8"}}, "timing.phi_threshold", "(a string)"),
+    ({"timing": {"phi_max_interval_ms": 0}}, "timing.phi_max_interval_ms", "from 1 to 3600000, got 0"),
+    ({"timing": {"phi_max_interval_ms": 2.5}}, "timing.phi_max_interval_ms", "(a number)"),
+    ({"timing": {"phi_max_interval_ms": 10**400}}, "timing.phi_max_interval_ms", "from 1 to 3600000"),
+    (
+        {"timing": {"phi_max_interval_ms": 1000}},
+        "timing.phi_max_interval_ms",
+        "more than timing.gossip_interval_ms (1000), got 1000",
+    ),
+    (
+        {"timing": {"gossip_interval_ms": 5000}},
+        "timing.phi_max_interval_ms",
+        "more than timing.gossip_interval_ms (5000), got 2000",
+    ),
     ({"timing": {"read_timeout_ms": 0}}, "timing.read_timeout_ms", "an integer from 1 to 3600000, got 0"),
     ({"timing": {"write_timeout_ms": -5}}, "timing.write_timeout_ms", "got -5"),
     ({"timing": {"gossip_interval_ms": 0}}, "timing.gossip_interval_ms", "from 1 to 60000"),

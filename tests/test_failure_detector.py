@@ -188,3 +188,137 @@ def test_non_finite_time_is_rejected(bad):
 def test_constructor_validates(kwargs):
     with pytest.raises(ValueError):
         PhiAccrualFailureDetector(**kwargs)
+
+
+# -- gaps: partitions must not poison the history ---------------------------------
+#
+# Hayashibara et al. 2004, "The phi Accrual Failure Detector" (SRDS), §3 fits the
+# distribution to the *inter-arrival times of heartbeats*. A partition is not one:
+# fed in as an interval it stretches the mean and the standard deviation until the
+# next partition of the same node no longer convicts. Cassandra's ArrivalWindow.add
+# leaves out every interval over MAX_INTERVAL_IN_NANO (cassandra.fd_max_interval_ms,
+# 2 s by default); ringkv does the same with timing.phi_max_interval_ms.
+
+
+def node_detector(max_interval_s: float | None = 2.0) -> PhiAccrualFailureDetector:
+    """The detector as ringkv.node builds it for 1 s gossip (pause = 2 intervals)."""
+    return PhiAccrualFailureDetector(
+        threshold=8.0,
+        acceptable_pause_s=2.0,
+        first_heartbeat_estimate_s=1.0,
+        max_interval_s=max_interval_s,
+    )
+
+
+def heartbeats_with_gaps(
+    detector: PhiAccrualFailureDetector, gaps_s: list[float], steady_s: int = 22
+) -> float:
+    """1 s heartbeats for ``steady_s``, then per gap: the gap, ``steady_s`` more
+    of 1 s heartbeats. Returns the last arrival time."""
+    t = 0.0
+    detector.heartbeat("a", t)
+    for gap in [None, *gaps_s]:
+        if gap is not None:
+            t += gap
+            detector.heartbeat("a", t)
+        for _ in range(steady_s):
+            t += 1.0
+            detector.heartbeat("a", t)
+    return t
+
+
+def seconds_until_down(
+    detector: PhiAccrualFailureDetector, last_s: float, limit_s: float = 120.0
+) -> float | None:
+    """Silence after ``last_s`` until phi reaches the threshold (0.01 s steps), or None."""
+    for step in range(1, int(limit_s * 100) + 1):
+        if not detector.is_available("a", last_s + step / 100):
+            return step / 100
+    return None
+
+
+GAP_TABLE = [
+    # (gaps between stretches of steady heartbeats, what they model)
+    ([20.0], "one 20 s isolation (detected on real hosts in 4-8 s)"),
+    ([20.0] * 5, "the same 20 s isolation five times, 22 s apart"),
+    ([60.0], "one 60 s isolation (then detected only after 26.6-31.9 s)"),
+    ([20.0, 60.0, 5.0, 12.0, 300.0], "isolations of mixed lengths"),
+]
+
+
+@pytest.mark.parametrize(("gaps", "what"), GAP_TABLE, ids=[row[1] for row in GAP_TABLE])
+def test_silence_after_gaps_is_detected_as_fast_as_without(gaps, what):
+    """Hayashibara et al. 2004 §3 with Cassandra's bound: after any number of
+    partitions, phi crosses the threshold after the same silence as before the first."""
+    baseline = node_detector()
+    never_cut = seconds_until_down(baseline, heartbeats_with_gaps(baseline, []))
+    assert never_cut is not None and 3.0 < never_cut < 10.0
+
+    d = node_detector()
+    last = heartbeats_with_gaps(d, gaps)
+    assert seconds_until_down(d, last) == pytest.approx(never_cut, abs=0.011), what
+    # Only the 1 s intervals were learned: the history is that of the steady node.
+    assert d.sample_count("a") == 22 * (len(gaps) + 1) + len([g for g in gaps if g <= 2.0])
+
+
+def test_fifth_partition_is_detected_as_fast_as_the_first():
+    """The issue's scenario, step by step: steady 1 s heartbeats, then the node is
+    isolated five times; each time, the silence that convicts it is the same.
+    (Hayashibara et al. 2004 §3; Cassandra ArrivalWindow.add, fd_max_interval_ms.)"""
+    d = node_detector()
+    t = heartbeats_with_gaps(d, [])
+    detections = []
+    for _ in range(5):
+        detections.append(seconds_until_down(d, t))
+        t += 20.0  # the isolation ends: heartbeats resume, 22 s of them
+        for _ in range(22):
+            d.heartbeat("a", t)
+            t += 1.0
+        t -= 1.0
+    assert None not in detections
+    assert max(detections) - min(detections) <= 0.011, detections
+    assert max(detections) < 10.0
+
+
+def test_without_the_bound_one_partition_blinds_the_detector():
+    """What the bound prevents (the plain detector of the paper, every interval
+    learned). Steady 1 s heartbeats convict after 3.5 s of silence; after one
+    20 s gap it takes 18 s, after four a fifth 20 s isolation ends before phi
+    reaches 8 (as on real hosts), and after a 60 s gap it takes ~50 s."""
+    def after(gaps: list[float]) -> float | None:
+        d = node_detector(max_interval_s=None)
+        return seconds_until_down(d, heartbeats_with_gaps(d, gaps))
+
+    assert after([]) == pytest.approx(3.53, abs=0.011)
+    first = after([20.0])
+    assert first is not None and first > 15.0
+    fifth = after([20.0] * 4)
+    assert fifth is not None and fifth > 20.0
+    sixty = after([60.0])
+    assert sixty is not None and sixty > 40.0
+
+
+def test_gap_longer_than_the_bound_is_not_learned_but_restarts_the_clock():
+    d = node_detector(max_interval_s=2.0)
+    last = feed(d, "a", [1.0] * 10)
+    d.heartbeat("a", last + 2.0)  # at the bound: learned
+    assert d.sample_count("a") == 11
+    d.heartbeat("a", last + 2.0 + 2.5)  # over it: an outage
+    assert d.sample_count("a") == 11
+    # ...but it is the latest heartbeat: phi counts from it.
+    assert d.phi("a", last + 4.5 + 0.5) == pytest.approx(d.phi("a", last + 2.0 + 0.5))
+    assert d.is_available("a", last + 4.5 + 1.0)
+
+
+def test_gap_after_the_first_heartbeat_keeps_the_cold_start_estimate():
+    d = node_detector(max_interval_s=2.0)
+    d.heartbeat("a", 0.0)
+    d.heartbeat("a", 30.0)
+    assert d.sample_count("a") == 0
+    assert d.phi("a", 30.0 + 1.5) == pytest.approx(akka_phi(1.5, 1.0 + 2.0, 0.25))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_max_interval_is_validated(bad):
+    with pytest.raises(ValueError, match="max_interval_s"):
+        PhiAccrualFailureDetector(max_interval_s=bad)

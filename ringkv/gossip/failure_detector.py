@@ -27,6 +27,18 @@ Cold start (as in Akka): while a node has only one heartbeat, there is no
 interval to learn from, so the distribution is assumed to have mean
 ``first_heartbeat_estimate_s`` and standard deviation a quarter of that. From
 the second heartbeat on, only measured intervals are used.
+
+Gaps (as Cassandra's ``ArrivalWindow.add``): an interval longer than
+``max_interval_s`` is not a sample of the heartbeat process but an outage
+(a partition, a paused or overloaded node), so it never enters the history;
+the next heartbeat only restarts the clock. Every learned interval is then
+at most the bound, so whatever a node went through, its history stays that of
+a node heartbeating at least that often. Without this bound one 20 s
+partition among twenty 1 s intervals moves the mean to ~2 s and the standard
+deviation to ~4 s, after which phi stays below 8 for any silence the node
+will plausibly have: the next partition of the same node is never detected.
+With it, the history after a partition is what it was before, so the
+detector convicts the fifth partition as fast as the first.
 """
 
 from __future__ import annotations
@@ -91,6 +103,9 @@ class PhiAccrualFailureDetector:
     tolerated without suspicion (e.g. GC pauses).
     ``first_heartbeat_estimate_s``: assumed mean interval until a second
     heartbeat arrives.
+    ``max_interval_s``: longer intervals are outages, not samples: they are
+    left out of the history (Cassandra's ``fd_max_interval_ms``, 2 s by
+    default). ``None`` keeps every interval (the paper's plain detector).
 
     Heartbeats reported with a ``now_s`` earlier than the node's last one are
     ignored (a monotonic clock never does that; the detector just refuses to
@@ -104,6 +119,7 @@ class PhiAccrualFailureDetector:
         min_std_dev_s: float = 0.1,
         acceptable_pause_s: float = 0.0,
         first_heartbeat_estimate_s: float = 1.0,
+        max_interval_s: float | None = None,
     ) -> None:
         if not (math.isfinite(threshold) and threshold > 0):
             raise ValueError(f"threshold must be > 0, got {threshold!r}")
@@ -117,15 +133,24 @@ class PhiAccrualFailureDetector:
             raise ValueError(
                 f"first_heartbeat_estimate_s must be > 0, got {first_heartbeat_estimate_s!r}"
             )
+        if max_interval_s is not None and not (
+            math.isfinite(max_interval_s) and max_interval_s > 0
+        ):
+            raise ValueError(f"max_interval_s must be > 0 or None, got {max_interval_s!r}")
         self.threshold = float(threshold)
         self.max_samples = max_samples
         self.min_std_dev_s = float(min_std_dev_s)
         self.acceptable_pause_s = float(acceptable_pause_s)
         self.first_heartbeat_estimate_s = float(first_heartbeat_estimate_s)
+        self.max_interval_s = None if max_interval_s is None else float(max_interval_s)
         self._nodes: dict[str, _History] = {}
 
     def heartbeat(self, node_id: str, now_s: float) -> None:
-        """Record that a heartbeat from ``node_id`` arrived at ``now_s``."""
+        """Record that a heartbeat from ``node_id`` arrived at ``now_s``.
+
+        An interval longer than ``max_interval_s`` (an outage) is not learned;
+        the heartbeat still counts as the node's latest.
+        """
         now = _check_time(now_s)
         hist = self._nodes.get(node_id)
         if hist is None:
@@ -134,7 +159,8 @@ class PhiAccrualFailureDetector:
         interval = now - hist.last_s
         if interval < 0:
             return
-        hist.add(interval)
+        if self.max_interval_s is None or interval <= self.max_interval_s:
+            hist.add(interval)
         hist.last_s = now
 
     def phi(self, node_id: str, now_s: float) -> float:

@@ -42,6 +42,11 @@ and in simulated 4- to 10-node clusters peers flapped DOWN/UP several times
 a minute; with 3 s there were no false DOWNs, and a stopped node was DOWN
 everywhere within 9-14 s.
 
+Give it a ``max_interval_s`` too (``timing.phi_max_interval_ms``, 2 s): the
+detector is fed one interval per heartbeat, and the silence of a partition
+would otherwise enter its history as an interval like any other, so that
+after one long partition the same node's next partitions went undetected.
+
 Eviction: nodes that are LEFT or DOWN for a long time stay in the endpoint map
 for now (Cassandra evicts them after a quarantine delay / ``removenode``);
 the map is bounded by MAX_KNOWN_ENDPOINTS instead.

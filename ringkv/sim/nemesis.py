@@ -10,6 +10,10 @@
     clog       hold all of a node's traffic for a while, then let it through
     skew       clock offsets and drift per node, and clock steps (NTP-like);
                for measuring last-write-wins, not part of the correctness mixes
+    isolate-repeat
+               cut the same node off from all others, again and again
+               (10-20 s each, 10-25 s healed in between): a long partition
+               must not blind the failure detector to the next one
 
 Each nemesis runs as its own loop, so faults of different kinds overlap.
 Every fault is healed when its nemesis stops.
@@ -23,7 +27,7 @@ from collections.abc import Callable
 
 from ringkv.sim.cluster import UP, Machine, SimCluster
 
-NEMESES = ("partition", "crash", "power", "pause", "clog", "skew")
+NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repeat")
 
 
 class FaultLog:
@@ -87,12 +91,16 @@ class Nemesis:
         self.rng = rng
         self.log = log
         self.max_skew_s = max_skew_s
+        self._repeat_victim: str | None = None
+        # isolate-repeat: (victim, cut at, healed at) per isolation, in virtual seconds.
+        self.isolations: list[tuple[str, float, float]] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         """Inject faults of this kind until ``stop`` is set, then heal."""
         step: Callable[[asyncio.Event], object] = {
             "partition": self._partition, "crash": self._crash, "power": self._crash,
             "pause": self._pause, "clog": self._clog, "skew": self._skew,
+            "isolate-repeat": self._isolate_repeat,
         }[self.kind]
         if self.kind == "skew":
             self._initial_skew()
@@ -113,6 +121,23 @@ class Nemesis:
         await _pause_unless(stop, self.rng.uniform(2.0, 12.0))
         network.heal(cut)
         self.log.note(f"heal: {text}")
+
+    async def _isolate_repeat(self, stop: asyncio.Event) -> None:
+        if self._repeat_victim is None:
+            self._repeat_victim = self.rng.choice(self.cluster.machines).node_id
+        victim = self._repeat_victim
+        others = [m.node_id for m in self.cluster.machines if m.node_id != victim]
+        cut = {(victim, b) for b in others} | {(b, victim) for b in others}
+        network = self.cluster.network
+        network.cut(cut)
+        cut_at = network.loop.time()
+        self.log.fault(f"partition: isolate {victim} (isolation {len(self.isolations) + 1})")
+        await _pause_unless(stop, self.rng.uniform(10.0, 20.0))
+        network.heal(cut)
+        self.isolations.append((victim, cut_at, network.loop.time()))
+        self.log.note(f"heal: isolate {victim}")
+        # Long enough for every peer to see it UP again and learn its heartbeat anew.
+        await _pause_unless(stop, self.rng.uniform(10.0, 25.0))
 
     async def _crash(self, stop: asyncio.Event) -> None:
         victim = self._victim()
