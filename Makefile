@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/ringkv cluster up --nodes 3 --rf 3 --data-dir ./data --demo
 
 test: $(STAMP)
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

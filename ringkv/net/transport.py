@@ -36,9 +36,9 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
-from ringkv.clock import Clock, SystemClock
+from ringkv.clock import Clock, SystemClock, Timer
 from ringkv.errors import (
     Overloaded,
     PeerUnreachable,
@@ -222,7 +222,7 @@ class _Conn(asyncio.Protocol):
         # Outbound: resolves to the peer's hello frame; frames after it wait in _early.
         self.hello: asyncio.Future[Frame] = self._loop.create_future()
         self._early: list[Frame] = []
-        self._hello_timer: asyncio.TimerHandle | None = None
+        self._hello_timer: Timer | None = None
         self._flush_scheduled = False
         self._reading = False  # in data_received, which then flushes what was queued
         self._flush_wanted = False
@@ -542,8 +542,11 @@ class Transport:
         if self._listener is not None:
             self._listener.close()
         waits: list[Awaitable[Any]] = []
+        def stopping() -> RingKVError:
+            return ShuttingDown(f"node {self.node_id} is stopping")
+
         for peer in self._peers.values():
-            self._fail_peer(peer, lambda p=peer: ShuttingDown(f"node {self.node_id} is stopping"))
+            self._fail_peer(peer, stopping)
             if peer.connect_task is not None:
                 peer.connect_task.cancel()
                 waits.append(peer.connect_task)
@@ -747,10 +750,11 @@ class Transport:
         # Named: a dial abandoned with its simulated process finishes when no loop runs.
         loop = asyncio.get_running_loop()
         try:
-            conn = await _within(  # type: ignore[assignment]
+            protocol = await _within(
                 self._clock, self._connect_timeout_s,
                 self._network.connect(lambda: _Conn(self, peer), host, port),
             )
+            conn = cast(_Conn, protocol)  # the factory above makes a _Conn
             assert conn is not None and conn.sock is not None
             conn.sock.write(self._hello)
             first = await _within(self._clock, self._handshake_timeout_s, asyncio.shield(conn.hello))
@@ -881,6 +885,8 @@ class Transport:
 
     def _on_frame(self, conn: _Conn, frame: Frame) -> None:
         """Dispatch one decoded frame. Raises ProtocolError to close the connection."""
+        out = conn.out
+        assert out is not None  # frames are served on established connections only
         self._stats["frames_in"] += 1
         if frame.version != PROTOCOL_VERSION:
             raise ProtocolError(f"frame has protocol version {frame.version}")
@@ -918,7 +924,7 @@ class Transport:
             if kind == KIND_REQUEST:
                 self._stats["overloaded_responses"] += 1
                 err = Overloaded(f"node {self.node_id} has {conn.inflight} requests in flight")
-                conn.out.put(None, self._error_frame(frame, err.code, err.message, {}))
+                out.put(None, self._error_frame(frame, err.code, err.message, {}))
             else:
                 self._stats["dropped_inbound_oneway"] += 1
             return
@@ -926,7 +932,7 @@ class Transport:
             try:
                 answer = self._answer_future(conn.peer_node_id, frame.verb, frame.payload)
             except Exception as e:  # noqa: BLE001 - answered like a failed handler task
-                conn.out.put(None, self._failure_frame(conn, frame, e))
+                out.put(None, self._failure_frame(conn, frame, e))
                 return
             if answer is not None:
                 if answer.done():  # a local read: its response frame is written at once
@@ -941,6 +947,8 @@ class Transport:
 
     async def _serve(self, conn: _Conn, frame: Frame) -> None:
         """Run the handler for one frame (in its own task) and queue the answer."""
+        out = conn.out
+        assert out is not None  # frames are served on established connections only
         is_request = frame.kind == KIND_REQUEST
         try:
             try:
@@ -954,20 +962,22 @@ class Transport:
         finally:
             conn.inflight -= 1
         if is_request and not conn.closed:
-            conn.out.put(None, reply)
+            out.put(None, reply)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.pop(task, None)
 
     def _respond(self, conn: _Conn, frame: Frame, answer: asyncio.Future[Any]) -> None:
         """Queue the response carried by ``answer``, which is done."""
+        out = conn.out
+        assert out is not None  # frames are served on established connections only
         error, payload = settled(answer, self.node_id)
         if conn.closed:
             return
         if error is None:
-            conn.out.put(None, self._response_frame(frame, payload))
+            out.put(None, self._response_frame(frame, payload))
         else:
-            conn.out.put(None, self._failure_frame(conn, frame, error))
+            out.put(None, self._failure_frame(conn, frame, error))
 
     def _answer_later(self, conn: _Conn, frame: Frame, answer: asyncio.Future[Any]) -> None:
         """Queue the response once ``answer`` resolves; it counts as in flight till then."""
