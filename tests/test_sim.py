@@ -563,8 +563,10 @@ def test_a_new_node_whose_seed_is_unreachable_waits_instead_of_serving_alone() -
         await n2.start(wait_joined=False)  # its seed n1 is not running: nobody listens
         node = n2.node
         assert node is not None and n2.start_task is not None
-        waiting = lambda: (node.join_status() or {}).get("since_s", 0) >= 120  # noqa: E731
-        assert await _until(waiting, 300.0), node.join_status()
+        def waited_two_minutes() -> bool:
+            return bool((node.join_status() or {}).get("since_s", 0) >= 120)
+
+        assert await _until(waited_two_minutes, 300.0), node.join_status()
         # Two virtual minutes on, it is still not on any ring and says why.
         assert not n2.start_task.done()
         assert node.tokens == () and len(node.ring) == 0
