@@ -48,9 +48,10 @@ ACCEPTABLE_PAUSE_INTERVALS = 2
 # allocates tokens (Cassandra's RING_DELAY, scaled to the gossip interval).
 JOIN_LEARN_ROUNDS = 5
 MAINTENANCE_INTERVAL_S = 5.0
-# A new node that reaches none of its seeds waits for one (Cassandra refuses
-# to start instead). It retries from one gossip interval, doubling up to this
-# many intervals, and warns at most every WAITING_WARNING_INTERVAL_S.
+# A new node that reaches none of its seeds in JOIN_LEARN_ROUNDS waits for one
+# (Cassandra refuses to start instead). It retries from one gossip interval,
+# doubling up to this many intervals, and warns at most every
+# WAITING_WARNING_INTERVAL_S.
 SEED_RETRY_MAX_INTERVALS = 8
 WAITING_WARNING_INTERVAL_S = 30.0
 # What /v1/status says while a node is not yet on the ring ("joining" field).
@@ -108,7 +109,6 @@ class Node:
         # (JOINING or WAITING_FOR_SEEDS) and since when, on the monotonic clock.
         self.join_state: str | None = JOINING
         self._join_since_s = self.clock.monotonic_s()
-        self._peer_heard = asyncio.Event()  # set by the first gossip from another node
         # Addresses at which dialling reached this very node (a seed that names
         # it by another host name, say): never peers, never counted as seeds.
         self.self_aliases: set[str] = set()
@@ -345,78 +345,60 @@ class Node:
         own = {self.config.cluster.internode_address, *self.self_aliases}
         return all(seed in own for seed in self.config.cluster.seeds)
 
-    def _heard_from_a_peer(self) -> bool:
-        assert self.gossiper is not None
-        return any(node_id != self.node_id for node_id in self.gossiper.endpoint_states())
-
     async def _learn_ring(self) -> None:
-        """Gossip with the seeds for a few rounds so new tokens fit the ring as it is."""
+        """Gossip with the seeds so new tokens fit the ring as it is.
+
+        For up to JOIN_LEARN_ROUNDS rounds, until the ring holds every node
+        heard of. If no other node has answered by then, the node waits for
+        one, with a backoff bounded at SEED_RETRY_MAX_INTERVALS gossip
+        intervals: without a saved ring and without an answer it would form a
+        cluster of its own and acknowledge QUORUM writes held by one copy
+        while the real cluster runs elsewhere (Cassandra refuses to start).
+        It starts alone only if every seed turns out to be itself, or with
+        bootstrap_new_cluster. Once a seed answers it learns the ring for up
+        to JOIN_LEARN_ROUNDS more rounds.
+        """
         assert self.gossip is not None and self.gossiper is not None
+        cluster = self.config.cluster
         interval_s = self.config.timing.gossip_interval_ms / 1000
-        if self._only_seed_is_self():
-            return  # we are the only seed: the first node of a new cluster
-        if not await self._wait_for_a_seed(interval_s):
-            return  # bootstrap_new_cluster: no seed answered, start alone
-        for _ in range(JOIN_LEARN_ROUNDS):
+        max_delay_s = SEED_RETRY_MAX_INTERVALS * interval_s
+        delay_s = interval_s
+        rounds = 0
+        learn_until = JOIN_LEARN_ROUNDS
+        warn_at_s = self.clock.monotonic_s()
+        while True:
             known = len(self.gossiper.endpoint_states()) - 1  # peers we have heard of
             if len(self.ring) and len(self.ring) >= known:
                 break  # we know a ring, and every node we have heard of is on it
-            self.gossip.tick_now()
-            await self.clock.sleep(interval_s)
-
-    async def _wait_for_a_seed(self, interval_s: float) -> bool:
-        """Gossip until some other node answers; False to start a new cluster alone.
-
-        Without a saved ring and without an answer the node would otherwise
-        form a cluster of its own and acknowledge QUORUM writes held by one
-        copy while the real cluster runs elsewhere. It starts alone only if
-        every seed turns out to be itself, or bootstrap_new_cluster is set
-        (then after JOIN_LEARN_ROUNDS silent rounds, as before).
-        """
-        assert self.gossip is not None
-        cluster = self.config.cluster
-        delay_s = interval_s
-        max_delay_s = SEED_RETRY_MAX_INTERVALS * interval_s
-        rounds = 0
-        warn_at_s = self.clock.monotonic_s()
-        while not self._heard_from_a_peer():
-            if self._only_seed_is_self():
-                return False  # every seed turned out to be this node under another name
-            if cluster.bootstrap_new_cluster:
-                if rounds >= JOIN_LEARN_ROUNDS:
+            if known == 0 and self._only_seed_is_self():
+                break  # we are the only seed (maybe under other names): a new cluster
+            if known == 0 and rounds >= JOIN_LEARN_ROUNDS:
+                if cluster.bootstrap_new_cluster:
                     log.warning(
                         "node %s: none of its seeds (%s) answered; starting a new cluster alone "
                         "(bootstrap_new_cluster)", self.node_id, ", ".join(cluster.seeds))
-                    return False
-                delay_s = interval_s  # as before: a few rounds, then alone
-            else:
+                    break
                 self._set_join_state(WAITING_FOR_SEEDS)
                 now_s = self.clock.monotonic_s()
                 if now_s >= warn_at_s:
                     log.warning(
-                        "node %s has no saved ring and none of its seeds (%s) has answered for "
-                        "%.0fs; it waits for one and does not serve clients (start a seed, fix "
-                        "cluster.seeds, or pass --bootstrap-new-cluster to start a new cluster)",
-                        self.node_id, ", ".join(cluster.seeds), now_s - self._join_since_s)
+                        "node %s has no saved ring and none of its seeds (%s) has answered "
+                        "for %.0fs; it waits for one and does not serve clients (start a seed, "
+                        "fix cluster.seeds, or pass --bootstrap-new-cluster to start a new "
+                        "cluster)", self.node_id, ", ".join(cluster.seeds),
+                        now_s - self._join_since_s)
                     warn_at_s = now_s + WAITING_WARNING_INTERVAL_S
+                delay_s = min(2 * delay_s, max_delay_s)
+            elif known > 0 and self.join_state == WAITING_FOR_SEEDS:
+                log.info("node %s: a seed answered; joining", self.node_id)
+                self._set_join_state(JOINING)
+                delay_s = interval_s
+                learn_until = rounds + JOIN_LEARN_ROUNDS
+            elif known > 0 and rounds >= learn_until:
+                break
             self.gossip.tick_now()
-            await self._sleep_until_peer_heard(delay_s)
+            await self.clock.sleep(delay_s)
             rounds += 1
-            delay_s = min(2 * delay_s, max_delay_s)
-        if self.join_state == WAITING_FOR_SEEDS:
-            log.info("node %s: a seed answered; joining", self.node_id)
-        self._set_join_state(JOINING)
-        return True
-
-    async def _sleep_until_peer_heard(self, delay_s: float) -> None:
-        """Sleep ``delay_s`` on the node's clock, or less if another node is heard from."""
-        sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
-        heard = asyncio.ensure_future(self._peer_heard.wait())
-        try:
-            await asyncio.wait((sleeper, heard), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            heard.cancel()
 
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
@@ -462,8 +444,6 @@ class Node:
             if event.kind == "foreign_cluster":
                 log.warning("ignored gossip from another cluster: %s", event.details)
                 continue
-            if event.node_id and event.node_id != self.node_id:
-                self._peer_heard.set()
             if event.kind in ("up", "down"):
                 log.info("gossip: %s is now %s", event.node_id, event.kind.upper())
             elif event.kind in ("join", "restart"):
