@@ -54,6 +54,20 @@ def check_host(host: object) -> str:
     return host
 
 
+def is_wildcard(host: str) -> bool:
+    """True for a host that means "every local address" when bound (0.0.0.0, ::, empty).
+
+    Such a host is fine to listen on but means nothing to another machine:
+    dialled, it reaches the dialler itself.
+    """
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified
+    except ValueError:
+        return False  # a host name
+
+
 def check_port(port: object) -> int:
     # bool is an int subclass; True is not a port.
     if isinstance(port, bool) or not isinstance(port, int):

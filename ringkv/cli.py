@@ -25,10 +25,13 @@ def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cluster.client_port": args.client_port,
         "cluster.internode_port": args.internode_port,
         "cluster.broadcast_internode": args.broadcast_internode,
+        "cluster.broadcast_client": args.broadcast_client,
         "cluster.data_dir": args.data_dir,
         "cluster.seeds": args.seeds.split(",") if args.seeds is not None else None,
         "storage.commit_sync": args.commit_sync,
         "storage.engine": args.engine,
+        # Only ever turned on from the command line; the file may also say true.
+        "cluster.bootstrap_new_cluster": True if args.bootstrap_new_cluster else None,
     }
     return {key: value for key, value in flags.items() if value is not None}
 
@@ -188,8 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--broadcast-internode",
         help="internode host:port told to peers, e.g. a proxy's (overrides cluster.broadcast_internode)",
     )
+    node.add_argument(
+        "--broadcast-client",
+        help="client API host:port told to peers and clients (overrides cluster.broadcast_client)",
+    )
     node.add_argument("--data-dir", help="data directory (overrides cluster.data_dir)")
     node.add_argument("--seeds", help="comma-separated internode host:port seeds")
+    node.add_argument(
+        "--bootstrap-new-cluster", action="store_true",
+        help="start a new cluster alone if no seed answers (sets cluster.bootstrap_new_cluster)",
+    )
     node.add_argument("--commit-sync", choices=("periodic", "batch"), help="storage.commit_sync")
     node.add_argument("--engine", choices=("leveldb", "memory"), help="storage.engine")
     node.set_defaults(func=cmd_node)

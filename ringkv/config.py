@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from ringkv.address import check_host, format_address, parse_address
+from ringkv.address import check_host, format_address, is_wildcard, parse_address
 from ringkv.errors import BadRequest, ConfigError
 from ringkv.limits import MAX_KEY_BYTES, MAX_SCAN_ITEMS, MAX_VALUE_BYTES
 from ringkv.quorum import ConsistencyLevel, block_for
@@ -82,9 +82,19 @@ class ClusterConfig:
     # port forward or a fault-injecting proxy (Cassandra's broadcast_address).
     # None = listen_host:internode_port.
     broadcast_internode: str | None = None
+    # The client API "host:port" this node tells peers and clients (/v1/ring)
+    # when they must reach it elsewhere than listen_host:client_port.
+    # None = listen_host:client_port. Both broadcasts are required when
+    # listen_host is a wildcard (0.0.0.0, ::): nobody can dial a wildcard.
+    broadcast_client: str | None = None
     # Bootstrap: a starting node gossips with these internode "host:port"
     # addresses first to learn the rest of the cluster.
     seeds: tuple[str, ...] = ("127.0.0.1:7500",)
+    # A node with no saved ring that reaches none of its seeds waits for
+    # them (it would otherwise form a cluster of its own and acknowledge
+    # quorum writes alone); true lets it start a new cluster alone. Not
+    # needed when the node is its own only seed.
+    bootstrap_new_cluster: bool = False
     # Storage location: this node's data lives under data_dir / node_id, so
     # several local nodes can share one data_dir.
     data_dir: Path = Path("./data")
@@ -104,6 +114,8 @@ class ClusterConfig:
     @property
     def client_address(self) -> str:
         """The "host:port" of this node's client API (what it gossips)."""
+        if self.broadcast_client is not None:
+            return self.broadcast_client
         return format_address(self.listen_host, self.client_port)
 
     @property
@@ -477,8 +489,10 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("listen_host", _check_host)
     sec.take("client_port", _check_int, 1, 65535)
     sec.take("internode_port", _check_int, 1, 65535)
-    sec.take("broadcast_internode", _check_optional_address)
+    sec.take("broadcast_internode", _check_advertised_address)
+    sec.take("broadcast_client", _check_advertised_address)
     sec.take("seeds", _check_seeds)
+    sec.take("bootstrap_new_cluster", _check_bool)
     sec.take("data_dir", _check_path)
     sec.take("num_tokens", _check_int, 1, 256)
     sec.take("dc", _check_name, 64)
@@ -491,6 +505,23 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
             _show(cluster.internode_port),
             related=("cluster.client_port",),
         )
+    if is_wildcard(cluster.listen_host):
+        # Peers and clients would be told to dial 0.0.0.0, i.e. themselves:
+        # every node forms a cluster of one (issue #10).
+        missing = [
+            f"cluster.{name}"
+            for name in ("broadcast_internode", "broadcast_client")
+            if getattr(cluster, name) is None
+        ]
+        if missing:
+            also = f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+            ctx.fail(
+                missing[0],
+                f'the "host:port" others dial, because cluster.listen_host '
+                f"{cluster.listen_host!r} is a wildcard that nobody can dial",
+                f"null{also}",
+                related=("cluster.listen_host",),
+            )
     return cluster
 
 
@@ -647,8 +678,21 @@ def _check_seeds(ctx: _Context, name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _check_optional_address(ctx: _Context, name: str, value: object) -> str | None:
-    return None if value is None else _check_address(ctx, name, value)
+def _check_advertised_address(ctx: _Context, name: str, value: object) -> str | None:
+    """An address told to others: a dialable "host:port" (never a wildcard), or null."""
+    if value is None:
+        return None
+    address = _check_address(ctx, name, value)
+    if is_wildcard(parse_address(address)[0]):
+        ctx.fail(name, 'a "host:port" others can dial (not a wildcard such as 0.0.0.0 or ::)',
+                 _show(value))
+    return address
+
+
+def _check_bool(ctx: _Context, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        ctx.fail(name, "true or false", _show_typed(value))
+    return value
 
 
 def _check_address(ctx: _Context, name: str, value: object) -> str:

@@ -158,6 +158,23 @@ class ShuttingDown(RingKVError):
     http_status = 503
 
 
+class NotJoined(RingKVError):
+    """The node has not joined a cluster yet, so it owns no part of the ring.
+
+    ``reason`` is why (``waiting_for_seeds``: it has no saved ring and none of
+    ``seeds`` has answered; ``joining``: it is learning the ring). Serving
+    anyway would make it a cluster of one that acknowledges quorum writes alone.
+    """
+
+    code = "not_joined"
+    http_status = 503
+
+    def __init__(self, message: str, *, reason: str, seeds: list[str]) -> None:
+        super().__init__(message, reason=reason, seeds=seeds)
+        self.reason = reason
+        self.seeds = seeds
+
+
 class ConfigError(RingKVError):
     """A config file or flag is invalid. The message names the file and field."""
 
@@ -284,6 +301,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         Timeout,
         Overloaded,
         ShuttingDown,
+        NotJoined,
         StorageError,
         CorruptRecord,
         ProtocolError,

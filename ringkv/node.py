@@ -12,14 +12,16 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from ringkv.address import format_address
 from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
+from ringkv.errors import NotJoined
 from ringkv.gossip import state as gs
 from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
 from ringkv.gossip.gossiper import Event, Gossiper
-from ringkv.gossip.service import GossipService
+from ringkv.gossip.service import GossipService, address_peer_id
 from ringkv.repair.handoff import HintedHandoff
 from ringkv.repair.hints import HintStore
 from ringkv.replica.internode import InternodeHandler, InternodeReplicas
@@ -46,6 +48,15 @@ ACCEPTABLE_PAUSE_INTERVALS = 2
 # allocates tokens (Cassandra's RING_DELAY, scaled to the gossip interval).
 JOIN_LEARN_ROUNDS = 5
 MAINTENANCE_INTERVAL_S = 5.0
+# A new node that reaches none of its seeds in JOIN_LEARN_ROUNDS waits for one
+# (Cassandra refuses to start instead). It retries from one gossip interval,
+# doubling up to this many intervals, and warns at most every
+# WAITING_WARNING_INTERVAL_S.
+SEED_RETRY_MAX_INTERVALS = 8
+WAITING_WARNING_INTERVAL_S = 30.0
+# What /v1/status says while a node is not yet on the ring ("joining" field).
+JOINING = "joining"  # gossiping with a seed that answered, learning the ring
+WAITING_FOR_SEEDS = "waiting_for_seeds"  # no saved ring, and no seed has answered
 
 
 def open_engine(config: Config) -> Engine:
@@ -94,6 +105,13 @@ class Node:
         self.metrics = NodeMetrics(self.node_id)
         self.draining = False
         self.standalone = standalone
+        # None once the node is NORMAL on the ring; until then why it is not
+        # (JOINING or WAITING_FOR_SEEDS) and since when, on the monotonic clock.
+        self.join_state: str | None = JOINING
+        self._join_since_s = self.clock.monotonic_s()
+        # Addresses at which dialling reached this very node (a seed that names
+        # it by another host name, say): never peers, never counted as seeds.
+        self.self_aliases: set[str] = set()
         self._transport_factory = transport_factory
         self.engine = engine or open_engine(config)
         if identity is None:
@@ -156,15 +174,34 @@ class Node:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        """``open`` then ``join``: the node is NORMAL on the ring when this returns."""
+        await self.open()
+        await self.join()
+
+    async def open(self) -> None:
+        """Open storage and start gossip and the transport; the node is not on the ring yet.
+
+        A server can answer ``/v1/status`` from here on, while ``join`` runs.
+        """
         await self.store.start()
         await self.hints.load()
         self._saved_peers = self.identity.load_peers()
         if self.standalone:
             self.tokens = self._load_or_allocate_tokens(None)
             self._rebuild_ring()
+            self.join_state = None
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
+
+    async def join(self) -> None:
+        """Take a place on the ring (learning it from the seeds first if new) and go NORMAL.
+
+        A node with no saved ring waits here until a seed answers, unless it
+        is its own only seed or ``cluster.bootstrap_new_cluster`` is set.
+        """
+        if self.join_state is None:
+            return  # standalone: open() did it all
         if self.identity.load_tokens() is None:
             await self._learn_ring()
         self.tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
@@ -172,8 +209,43 @@ class Node:
         self.gossiper.set_local(gs.TOKENS, gs.format_tokens(self.tokens))
         self.gossiper.set_local(gs.STATUS, gs.NORMAL)
         self._rebuild_ring()
+        self.join_state = None
         self._maintenance = asyncio.create_task(self._maintenance_loop())
         log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
+
+    def join_status(self) -> dict[str, Any] | None:
+        """Why this node is not on the ring yet (for /v1/status), or None once it is."""
+        if self.join_state is None:
+            return None
+        return {
+            "state": self.join_state,
+            "seeds": list(self.config.cluster.seeds),
+            "since_s": round(self.clock.monotonic_s() - self._join_since_s, 3),
+            "bootstrap_new_cluster": self.config.cluster.bootstrap_new_cluster,
+        }
+
+    def require_joined(self) -> None:
+        """Raise NotJoined unless the node is on the ring: serving before that would
+        answer from a ring of one and acknowledge quorum writes held by one copy."""
+        if self.join_state is None:
+            return
+        seeds = list(self.config.cluster.seeds)
+        if self.join_state == WAITING_FOR_SEEDS:
+            waited_s = self.clock.monotonic_s() - self._join_since_s
+            message = (
+                f"node {self.node_id} has not joined a cluster: none of its seeds "
+                f"({', '.join(seeds)}) has answered in {waited_s:.0f}s; start a seed, fix "
+                "cluster.seeds, or start this node with --bootstrap-new-cluster to make it "
+                "a new cluster of its own"
+            )
+        else:
+            message = f"node {self.node_id} is still joining the cluster; retry shortly"
+        raise NotJoined(message, reason=self.join_state, seeds=seeds)
+
+    def _set_join_state(self, state: str) -> None:
+        if state != self.join_state:
+            self.join_state = state
+            self._join_since_s = self.clock.monotonic_s()
 
     async def _start_cluster_services(self) -> None:
         cluster = self.config.cluster
@@ -222,6 +294,9 @@ class Node:
         self.transport = factory(
             self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
         )
+        # Called by a transport that dialled an address and found this node
+        # there (the hello carried our own node id).
+        self.transport.on_self_dial = self.found_self_at
         await self.transport.start()
         for node_id, peer in self._saved_peers.items():
             if peer.get("internode_addr"):
@@ -243,19 +318,88 @@ class Node:
         assert self.gossip is not None
         await self.gossip.handle(from_node, verb, payload)
 
+    def found_self_at(self, host: str, port: int) -> None:
+        """Dialling ``host:port`` reached this node itself (it answered with our node id).
+
+        That address is another name for this node, so it is never a peer:
+        it leaves the gossip contacts, and a seed list naming only this node
+        (by any of its names) lets it start a new cluster.
+        """
+        address = format_address(host, port)
+        if address in self.self_aliases:
+            return
+        self.self_aliases.add(address)
+        log.error(
+            "node %s dialled %s and reached itself (it answered with this node's id); that "
+            "address names this node, so it is not counted as a peer. This node advertises "
+            "%s; check cluster.seeds and cluster.broadcast_internode on every node",
+            self.node_id, address, self.config.cluster.internode_address,
+        )
+        if self.gossiper is not None and address in self.gossiper.seeds:
+            self.gossiper.seeds = tuple(s for s in self.gossiper.seeds if s != address)
+        if self.transport is not None:
+            # Later: the transport may be inside its dial to that address now.
+            peer = address_peer_id(address)
+            asyncio.get_running_loop().call_soon(self.transport.forget_peer, peer)
+
+    def _only_seed_is_self(self) -> bool:
+        own = {self.config.cluster.internode_address, *self.self_aliases}
+        return all(seed in own for seed in self.config.cluster.seeds)
+
     async def _learn_ring(self) -> None:
-        """Gossip with the seeds for a few rounds so new tokens fit the ring as it is."""
+        """Gossip with the seeds so new tokens fit the ring as it is.
+
+        For up to JOIN_LEARN_ROUNDS rounds, until the ring holds every node
+        heard of. If no other node has answered by then, the node waits for
+        one, with a backoff bounded at SEED_RETRY_MAX_INTERVALS gossip
+        intervals: without a saved ring and without an answer it would form a
+        cluster of its own and acknowledge QUORUM writes held by one copy
+        while the real cluster runs elsewhere (Cassandra refuses to start).
+        It starts alone only if every seed turns out to be itself, or with
+        bootstrap_new_cluster. Once a seed answers it learns the ring for up
+        to JOIN_LEARN_ROUNDS more rounds.
+        """
         assert self.gossip is not None and self.gossiper is not None
+        cluster = self.config.cluster
         interval_s = self.config.timing.gossip_interval_ms / 1000
-        self_address = self.config.cluster.internode_address
-        if all(seed == self_address for seed in self.config.cluster.seeds):
-            return  # we are the only seed: the first node of a new cluster
-        for _ in range(JOIN_LEARN_ROUNDS):
+        max_delay_s = SEED_RETRY_MAX_INTERVALS * interval_s
+        delay_s = interval_s
+        rounds = 0
+        learn_until = JOIN_LEARN_ROUNDS
+        warn_at_s = self.clock.monotonic_s()
+        while True:
             known = len(self.gossiper.endpoint_states()) - 1  # peers we have heard of
             if len(self.ring) and len(self.ring) >= known:
                 break  # we know a ring, and every node we have heard of is on it
+            if known == 0 and self._only_seed_is_self():
+                break  # we are the only seed (maybe under other names): a new cluster
+            if known == 0 and rounds >= JOIN_LEARN_ROUNDS:
+                if cluster.bootstrap_new_cluster:
+                    log.warning(
+                        "node %s: none of its seeds (%s) answered; starting a new cluster alone "
+                        "(bootstrap_new_cluster)", self.node_id, ", ".join(cluster.seeds))
+                    break
+                self._set_join_state(WAITING_FOR_SEEDS)
+                now_s = self.clock.monotonic_s()
+                if now_s >= warn_at_s:
+                    log.warning(
+                        "node %s has no saved ring and none of its seeds (%s) has answered "
+                        "for %.0fs; it waits for one and does not serve clients (start a seed, "
+                        "fix cluster.seeds, or pass --bootstrap-new-cluster to start a new "
+                        "cluster)", self.node_id, ", ".join(cluster.seeds),
+                        now_s - self._join_since_s)
+                    warn_at_s = now_s + WAITING_WARNING_INTERVAL_S
+                delay_s = min(2 * delay_s, max_delay_s)
+            elif known > 0 and self.join_state == WAITING_FOR_SEEDS:
+                log.info("node %s: a seed answered; joining", self.node_id)
+                self._set_join_state(JOINING)
+                delay_s = interval_s
+                learn_until = rounds + JOIN_LEARN_ROUNDS
+            elif known > 0 and rounds >= learn_until:
+                break
             self.gossip.tick_now()
-            await self.clock.sleep(interval_s)
+            await self.clock.sleep(delay_s)
+            rounds += 1
 
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
@@ -354,6 +498,7 @@ class Node:
         *,
         started_s: float | None = None,
     ) -> WriteResult:
+        self.require_joined()
         ts = self.hlc.now()
         ttl_s = ttl_s if ttl_s is not None else (self.config.timing.default_ttl_s or None)
         # Expiry counts from this node's wall clock (as Cassandra's local expiration
@@ -372,6 +517,7 @@ class Node:
         *,
         started_s: float | None = None,
     ) -> WriteResult:
+        self.require_joined()
         return await self._write(
             keyspace, key, tombstone(self.hlc.now()), consistency, started_s=started_s
         )
@@ -397,6 +543,7 @@ class Node:
         *,
         started_s: float | None = None,
     ) -> ReadResult:
+        self.require_joined()
         result = await self.coordinator.read(keyspace, key, consistency, started_s=started_s)
         self._count(result.receipt)
         if result.receipt.read_repair:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ringkv.address import check_host, format_address, parse_address
+from ringkv.address import check_host, format_address, is_wildcard, parse_address
 
 GOOD = [
     # (text, host, port)
@@ -118,3 +118,11 @@ hosts = st.one_of(
 @given(hosts, st.integers(1, 65535))
 def test_format_then_parse_round_trips(host, port):
     assert parse_address(format_address(host, port)) == (host, port)
+
+
+@pytest.mark.parametrize("host, wildcard", [
+    ("0.0.0.0", True), ("::", True), ("0:0::0", True), ("", True),
+    ("127.0.0.1", False), ("::1", False), ("10.0.0.1", False), ("db-1.example", False),
+])
+def test_is_wildcard_knows_the_unspecified_addresses(host, wildcard):
+    assert is_wildcard(host) is wildcard

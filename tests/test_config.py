@@ -484,3 +484,89 @@ def test_config_from_dict_labels():
     with pytest.raises(ConfigError, match=r"^admin-api: cluster.num_tokens: "):
         config_from_dict({"cluster": {"num_tokens": 0}}, source="admin-api")
     assert config_from_dict({}, source="x").source == "x"
+
+
+# --- wildcard binds (issue #10) ----------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "0:0::0"])
+@pytest.mark.parametrize(
+    "given, missing, also",
+    [
+        ({}, "cluster.broadcast_internode", "also missing: cluster.broadcast_client"),
+        ({"cluster.broadcast_client": "10.0.0.1:7400"}, "cluster.broadcast_internode", None),
+        ({"cluster.broadcast_internode": "10.0.0.1:7500"}, "cluster.broadcast_client", None),
+    ],
+)
+def test_a_wildcard_listen_host_needs_both_advertised_addresses(host, given, missing, also):
+    # Without them every node gossips 0.0.0.0:7500, dials itself and forms a
+    # one-node ring of its own: the cluster splits silently.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"cluster.listen_host": host, **given})
+    assert err.value.field == missing
+    assert err.value.source == "<overrides>"
+    assert err.value.message.startswith(f"<overrides>: {missing}: expected")
+    assert "is a wildcard" in err.value.message
+    if also:
+        assert also in err.value.message
+    else:
+        assert "also missing" not in err.value.message
+
+
+def test_a_wildcard_listen_host_in_a_file_is_reported_against_the_file(tmp_path):
+    path = write_yaml(tmp_path, {"cluster": {"listen_host": "0.0.0.0"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.field == "cluster.broadcast_internode"
+    assert err.value.message.startswith(f"{path}: cluster.broadcast_internode: expected")
+
+
+def test_a_wildcard_listen_host_with_both_broadcasts_advertises_them():
+    config = load_config(None, {
+        "cluster.listen_host": "0.0.0.0",
+        "cluster.broadcast_internode": "10.0.0.1:7500",
+        "cluster.broadcast_client": "db-1.example:7400",
+    })
+    assert config.cluster.listen_host == "0.0.0.0"  # still where it binds
+    assert config.cluster.internode_address == "10.0.0.1:7500"
+    assert config.cluster.client_address == "db-1.example:7400"
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", ["broadcast_internode", "broadcast_client"])
+@pytest.mark.parametrize("address", ["0.0.0.0:7500", "[::]:7500"])
+def test_an_advertised_address_may_not_be_a_wildcard(name, address):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {f"cluster.{name}": address})
+    assert err.value.field == f"cluster.{name}"
+    assert "not a wildcard" in err.value.message
+
+
+def test_broadcast_client_is_the_client_address_told_to_others():
+    config = load_config(None, {"cluster.broadcast_client": "127.0.0.9:9400"})
+    assert config.cluster.client_address == "127.0.0.9:9400"
+    assert config.cluster.client_port == 7400  # still where it listens
+
+
+def test_bootstrap_new_cluster_is_a_boolean():
+    assert default_config().cluster.bootstrap_new_cluster is False
+    assert load_config(None, {"cluster.bootstrap_new_cluster": True}).cluster.bootstrap_new_cluster
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"cluster.bootstrap_new_cluster": "yes"})
+    assert err.value.field == "cluster.bootstrap_new_cluster"
+
+
+def test_broadcast_client_and_bootstrap_flags_are_overrides():
+    from ringkv.cli import _node_overrides, build_parser
+
+    args = build_parser().parse_args([
+        "node", "--host", "0.0.0.0", "--broadcast-internode", "10.0.0.1:7500",
+        "--broadcast-client", "10.0.0.1:7400", "--bootstrap-new-cluster",
+    ])
+    assert _node_overrides(args) == {
+        "cluster.listen_host": "0.0.0.0",
+        "cluster.broadcast_internode": "10.0.0.1:7500",
+        "cluster.broadcast_client": "10.0.0.1:7400",
+        "cluster.bootstrap_new_cluster": True,
+    }
+    assert "cluster.bootstrap_new_cluster" not in _node_overrides(build_parser().parse_args(["node"]))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.procs import REPO, NodeProcess, http, wait_until
+from tests.procs import REPO, NodeProcess, free_port, http, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -202,3 +202,120 @@ def test_raw_garbage_on_the_client_port_leaves_the_node_serving(fuzz_node) -> No
                 pass
     assert http("GET", f"{fuzz_node.url}/v1/health")[0] == 200
     assert fuzz_node.proc.poll() is None
+
+
+# -- several hosts: wildcard binds and the first start (issue #10) -------------
+
+
+def _status(node: NodeProcess) -> dict:
+    status, body = http("GET", f"{node.url}/v1/status", timeout_s=5)
+    assert status == 200, body
+    return body
+
+
+def test_a_wildcard_bind_with_both_broadcasts_forms_one_cluster_and_advertises_them(
+    tmp_path: Path,
+) -> None:
+    """Two nodes bound to 0.0.0.0 each advertise a dialable address. With only
+    --host 0.0.0.0 they used to gossip 0.0.0.0:7500, dial themselves and form two
+    one-node rings; /v1/ring told clients 0.0.0.0:<port> for every node."""
+    nodes = []
+    for name in ("w1", "w2"):
+        node = NodeProcess(name, tmp_path, host="0.0.0.0")
+        node.extra_args = [
+            "--broadcast-internode", f"127.0.0.1:{node.internode_port}",
+            "--broadcast-client", f"127.0.0.1:{node.client_port}",
+        ]
+        nodes.append(node)
+    w1, w2 = nodes
+    w1.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}"]  # its own only seed
+    w2.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}"]
+    try:
+        w1.start()
+        w2.start()
+
+        def one_ring() -> dict | None:
+            status, ring = http("GET", f"{w2.url}/v1/ring", timeout_s=5)
+            ids = sorted(n["node_id"] for n in ring["nodes"]) if status == 200 else []
+            return ring if ids == ["w1", "w2"] else None
+
+        ring = wait_until(one_ring, timeout_s=30, what="one ring of w1 and w2")
+        addresses = {n["node_id"]: n["client_address"] for n in ring["nodes"]}
+        assert addresses == {"w1": f"127.0.0.1:{w1.client_port}",
+                             "w2": f"127.0.0.1:{w2.client_port}"}
+        rows = {row["node_id"]: row["address"] for row in _status(w1)["nodes"]}
+        assert rows == addresses
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_a_wildcard_bind_without_broadcasts_refuses_to_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ringkv.cli", "node", "--host", "0.0.0.0",
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "cluster.broadcast_internode: expected" in result.stderr
+    assert "also missing: cluster.broadcast_client" in result.stderr
+
+
+def test_a_new_node_whose_seed_is_down_waits_says_why_and_joins_when_it_comes_up(
+    tmp_path: Path,
+) -> None:
+    """It used to go NORMAL alone after ~5 s and acknowledge QUORUM writes by itself."""
+    seed = NodeProcess("seed", tmp_path)  # not started yet: nobody listens on its port
+    seed_address = f"127.0.0.1:{seed.internode_port}"
+    late = NodeProcess("late", tmp_path, extra_args=["--seeds", seed_address])
+    try:
+        late.start(wait_joined=False)
+
+        def waiting() -> dict | None:
+            joining = _status(late)["joining"]
+            return joining if joining and joining["state"] == "waiting_for_seeds" else None
+
+        joining = wait_until(waiting, timeout_s=30, what="late to wait for its seed")
+        assert joining["seeds"] == [seed_address]
+        # Well past the five rounds after which it used to go NORMAL alone:
+        wait_until(lambda: _status(late)["joining"]["since_s"] >= 8, timeout_s=30,
+                   what="late to have waited 8 s")
+        status, body = http("PUT", f"{late.url}/v1/kv/default/k?consistency=QUORUM",
+                            {"value": 1})
+        assert status == 503, body
+        assert body["error"]["code"] == "not_joined"
+        assert body["error"]["reason"] == "waiting_for_seeds"
+        assert seed_address in body["error"]["message"]
+        assert http("GET", f"{late.url}/v1/health")[0] == 503
+        assert [row["status"] for row in _status(late)["nodes"]] == ["JOINING"]
+        assert "none of its seeds" in late.log_tail()
+
+        seed.start()  # its own only seed: it starts the cluster
+        wait_until(late._ready, timeout_s=60, what="late to join once its seed is up")
+        assert _status(late)["joining"] is None
+        both_up = {"seed": ("UP", "NORMAL"), "late": ("UP", "NORMAL")}
+        wait_until(lambda: {r["node_id"]: (r["liveness"], r["status"])
+                            for r in _status(late)["nodes"]} == both_up,
+                   timeout_s=30, what="late to see both nodes UP and NORMAL")
+        status, body = http("PUT", f"{late.url}/v1/kv/default/k?consistency=ALL", {"value": 1})
+        assert status == 200, body
+        assert sorted(body["receipt"]["answered"]) == ["late", "seed"]
+    finally:
+        late.stop()
+        seed.stop()
+
+
+def test_bootstrap_new_cluster_lets_a_node_whose_seed_is_down_start_alone(
+    tmp_path: Path,
+) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    node = NodeProcess("alone", tmp_path,
+                       extra_args=["--seeds", nobody, "--bootstrap-new-cluster"])
+    try:
+        node.start()  # returns once it serves clients
+        body = _status(node)
+        assert body["joining"] is None
+        assert [(row["node_id"], row["status"]) for row in body["nodes"]] == [("alone", "NORMAL")]
+        assert "starting a new cluster alone" in node.log_tail()
+    finally:
+        node.stop()

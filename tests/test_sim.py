@@ -25,6 +25,7 @@ from ringkv.config import config_from_dict
 from ringkv.coordinator import Coordinator
 from ringkv.errors import (
     BadRequest,
+    NotJoined,
     Overloaded,
     PeerTimeout,
     PeerUnreachable,
@@ -33,6 +34,7 @@ from ringkv.errors import (
 )
 from ringkv.node import FileIdentity
 from ringkv.quorum import ConsistencyLevel
+from ringkv.server.status import cluster_status
 from ringkv.sim import checkers
 from ringkv.sim.cluster import SimCluster
 from ringkv.sim.history import FAIL, INFO, OK, Op
@@ -611,3 +613,105 @@ def test_checkers_and_history_are_pure() -> None:
         assert not is_shell(module), module
         assert not imports_of(module)[0] & FORBIDDEN_IN_PURE, module
         assert not [target for target in reachable(module) if is_shell(target)], module
+
+
+# -- a new node's first start (issue #10) --------------------------------------
+
+
+def _first_start_scenario(scenario: Callable[[SimCluster], Awaitable[None]],
+                          **cluster_settings: Any) -> None:
+    """Two machines, n1 the seed of both; nothing is started."""
+    loop = VirtualTimeLoop()
+    network = SimNetwork(loop, random.Random(1), NetworkConditions())
+    configs = [
+        config_from_dict({**config.to_dict(),
+                          "cluster": {**config.to_dict()["cluster"], **cluster_settings}})
+        for config in node_configs(SimSettings(seed=1, nodes=2))
+    ]
+    cluster = SimCluster(loop, network, configs, 1, Coordinator)
+    try:
+        loop.run_until_complete(scenario(cluster))
+    finally:
+        cluster.stop_all()
+        loop.dispose()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Wait (virtual seconds, bounded) until ``condition()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition() and loop.time() < deadline:
+        await asyncio.sleep(0.25)
+    return condition()
+
+
+def test_a_new_node_whose_seed_is_unreachable_waits_instead_of_serving_alone() -> None:
+    """It used to become a NORMAL cluster of one after ~5 s and acknowledge QUORUM
+    writes held by one copy (Cassandra refuses to start instead)."""
+
+    async def scenario(cluster: SimCluster) -> None:
+        n1, n2 = cluster.machines
+        await n2.start(wait_joined=False)  # its seed n1 is not running: nobody listens
+        node = n2.node
+        assert node is not None and n2.start_task is not None
+        def waited_two_minutes() -> bool:
+            return bool((node.join_status() or {}).get("since_s", 0) >= 120)
+
+        assert await _until(waited_two_minutes, 300.0), node.join_status()
+        # Two virtual minutes on, it is still not on any ring and says why.
+        assert not n2.start_task.done()
+        assert node.tokens == () and len(node.ring) == 0
+        assert node.gossiper is not None and node.gossiper.status_of("n2") == "BOOT"
+        joining = cluster_status(node)["joining"]
+        assert joining["state"] == "waiting_for_seeds"
+        assert joining["seeds"] == ["127.0.0.1:7500"]
+        with pytest.raises(NotJoined) as err:
+            await n2.run(node.put("default", b"k", encode_json_value("v"), None,
+                                  ConsistencyLevel.QUORUM))
+        assert err.value.reason == "waiting_for_seeds" and err.value.http_status == 503
+        assert "127.0.0.1:7500" in err.value.message
+        # The seed comes up (it is its own only seed, so it starts a cluster).
+        await n1.start()
+        assert await _until(n2.start_task.done, 60.0)
+        n2.start_task.result()
+        assert node.join_status() is None
+        assert await cluster.wait_settled(60.0)
+        result = await n2.run(node.put("default", b"k", encode_json_value("v"), None,
+                                       ConsistencyLevel.ALL))
+        assert sorted(result.receipt.answered) == ["n1", "n2"]
+
+    _first_start_scenario(scenario)
+
+
+def test_bootstrap_new_cluster_lets_a_node_whose_seed_is_unreachable_start_alone() -> None:
+    async def scenario(cluster: SimCluster) -> None:
+        n2 = cluster.machines[1]
+        await n2.start()  # returns once NORMAL
+        assert n2.node is not None and n2.node.ring.node_ids == ("n2",)
+        assert n2.node.join_status() is None
+
+    _first_start_scenario(scenario, bootstrap_new_cluster=True)
+
+
+def test_a_seed_that_turns_out_to_be_this_node_is_never_a_peer_and_lets_it_start() -> None:
+    """What the node does when its transport finds its own id at a seed's address
+    (the seed names this node under another name): it drops that contact, does not
+    count itself twice, and, being its own only seed, starts the cluster."""
+
+    async def scenario(cluster: SimCluster) -> None:
+        n2 = cluster.machines[1]
+        await n2.start(wait_joined=False)
+        node = n2.node
+        assert node is not None and n2.start_task is not None
+        assert await _until(lambda: node.join_state == "waiting_for_seeds", 30.0)
+        node.found_self_at("127.0.0.1", 7500)  # as the transport reports a self-dial
+        node.found_self_at("127.0.0.1", 7500)  # reported again: nothing changes
+        assert node.self_aliases == {"127.0.0.1:7500"}
+        assert await _until(n2.start_task.done, 60.0)
+        n2.start_task.result()
+        assert node.ring.node_ids == ("n2",)
+        assert node.gossiper is not None
+        assert list(node.gossiper.endpoint_states()) == ["n2"]
+        assert "127.0.0.1:7500" not in node.gossiper.seeds
+
+    _first_start_scenario(scenario)

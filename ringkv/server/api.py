@@ -71,6 +71,10 @@ def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVE
 
 
 STARTED_S = "ringkv.started_s"  # request key: when the request arrived, on the node's clock
+# What a node that is not on the ring yet still answers: how it sees the
+# cluster and why it has not joined. Everything else (data, and health, so
+# that load balancers and tools wait) gets 503 not_joined.
+SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics"})
 
 
 @web.middleware
@@ -85,6 +89,8 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         if node.draining:
             raise ShuttingDown("the node is shutting down")
+        if route not in SERVED_BEFORE_JOINING:
+            node.require_joined()
         v.check_headers(request.raw_headers)
         response = await handler(request)
     except RingKVError as exc:

@@ -39,7 +39,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     node = Node(config)
-    await node.start()
+    await node.open()
     runner = ApiRunner(
         build_app(node),
         config.limits,
@@ -52,15 +52,35 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         runner, config.cluster.listen_host, config.cluster.client_port, reuse_address=True
     )
     try:
+        # Serve before joining: while a new node waits for its seeds,
+        # /v1/status says why and client requests get 503 not_joined.
         await site.start()
-        # A line tools and tests wait for: the node is ready for clients.
-        print(
-            f"ringkv node {node.node_id} listening on "
-            f"http://{config.cluster.client_address}",
-            flush=True,
-        )
-        await stop.wait()
+        if await _joined_or_stopped(node, stop):
+            # A line tools and tests wait for: the node is ready for clients.
+            print(
+                f"ringkv node {node.node_id} listening on "
+                f"http://{config.cluster.client_address}",
+                flush=True,
+            )
+            await stop.wait()
         log.info("shutting down node %s", node.node_id)
     finally:
         await runner.cleanup()  # stops accepting, then drains in-flight requests
         await node.stop()  # then flushes and closes storage
+
+
+async def _joined_or_stopped(node: Node, stop: asyncio.Event) -> bool:
+    """Run ``node.join()`` until it ends (True) or ``stop`` is set first (False)."""
+    join = asyncio.ensure_future(node.join())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((join, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not join.done():
+            join.cancel()
+            await asyncio.gather(join, return_exceptions=True)
+    if join.cancelled():
+        return False
+    join.result()  # a failed join raises here
+    return True

@@ -32,6 +32,8 @@ def cluster_status(node: Node) -> dict[str, Any]:
     return {
         "node_id": node.node_id,
         "cluster": node.config.cluster.name,
+        # None once on the ring; else why not (e.g. waiting_for_seeds) and since when.
+        "joining": node.join_status(),
         "nodes": rows,
         "keyspaces": describe(node.keyspaces),
         "storage": {"sync_mode": node.config.storage.commit_sync, **vars(node.store.stats)},

@@ -57,6 +57,7 @@ class Machine:
         self.process: Process | None = None
         self.node: Node | None = None
         self.transport: Transport | None = None
+        self.start_task: asyncio.Task[Any] | None = None
         self.incarnation = 0
         self.state = OFF
 
@@ -65,8 +66,12 @@ class Machine:
         assert self.process is not None
         return self.loop.create_task(coro, context=self.process.context)
 
-    async def start(self) -> None:
-        """Boot a new node process on this machine's disk, identity and clock."""
+    async def start(self, *, wait_joined: bool = True) -> None:
+        """Boot a new node process on this machine's disk, identity and clock.
+
+        Returns once the node is NORMAL on the ring; with ``wait_joined=False``
+        at once (``start_task`` then ends when it is NORMAL).
+        """
         self.incarnation += 1
         process = Process(f"{self.node_id}.{self.incarnation}")
 
@@ -88,7 +93,9 @@ class Machine:
             coordinator_class=self.coordinator_class,
         )
         self.state = UP
-        task = self.run(self.node.start())
+        task = self.start_task = self.run(self.node.start())
+        if not wait_joined:
+            return
         await asyncio.wait([task], timeout=START_TIMEOUT_S)
         if not task.done():
             raise RuntimeError(f"{self.node_id} did not start within {START_TIMEOUT_S}s")

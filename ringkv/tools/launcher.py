@@ -125,7 +125,9 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://{format_address(self.host, self.client_port)}"
 
-    def start(self) -> NodeProcess:
+    def start(self, *, wait_joined: bool = True) -> NodeProcess:
+        """Start the process; return once it serves clients (NORMAL on the ring), or
+        with ``wait_joined=False`` once it answers /v1/status (maybe still joining)."""
         self.log_path = self.data_dir / f"{self.node_id}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
@@ -145,8 +147,17 @@ class NodeProcess:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_until(self._ready, timeout_s=START_DEADLINE_S, what=f"{self.node_id} to start")
+        ready = self._ready if wait_joined else self._answers_status
+        wait_until(ready, timeout_s=START_DEADLINE_S, what=f"{self.node_id} to start")
         return self
+
+    def _answers_status(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.node_id} exited early:\n{self.log_tail()}")
+        try:
+            return http("GET", f"{self.url}/v1/status", timeout_s=1.0)[0] == 200
+        except (OSError, http_client.HTTPException):
+            return False
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
