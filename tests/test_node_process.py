@@ -319,3 +319,21 @@ def test_bootstrap_new_cluster_lets_a_node_whose_seed_is_down_start_alone(
         assert "starting a new cluster alone" in node.log_tail()
     finally:
         node.stop()
+
+
+def test_a_node_whose_seed_is_itself_under_another_name_says_so_and_starts_alone(
+    tmp_path: Path,
+) -> None:
+    """Its seed list names it as localhost while it advertises 127.0.0.1: the
+    dial reaches its own id, which it logs at error level; that address is then
+    never a peer, and as its own only seed it starts the cluster."""
+    node = NodeProcess("solo", tmp_path)
+    node.extra_args = ["--seeds", f"localhost:{node.internode_port}"]
+    try:
+        node.start()  # returns once it serves clients
+        body = _status(node)
+        assert body["joining"] is None
+        assert [(row["node_id"], row["status"]) for row in body["nodes"]] == [("solo", "NORMAL")]
+        assert f"dialled localhost:{node.internode_port} and reached itself" in node.log_tail()
+    finally:
+        node.stop()

@@ -498,6 +498,8 @@ class Transport:
         self._handshake_timeout_s = handshake_timeout_s
         self._max_backoff_s = max_backoff_s
         self._max_inflight = max_inflight_per_conn
+        # Called with (host, port) when a dial reaches this very node (see _connect).
+        self.on_self_dial: Callable[[str, int], None] | None = None
         self._clock = clock or SystemClock()
         self._packer = frame_packer()  # for this transport's loop thread only
 
@@ -768,6 +770,11 @@ class Transport:
                 log.warning(
                     "refused connection to %s:%s (expected node %s): %s", host, port, peer.node_id, refusal
                 )
+                if hello.node_id == self.node_id and self.on_self_dial is not None:
+                    # This address is this node under another name (a seed list
+                    # naming us as localhost, say): tell the node, so that it
+                    # stops dialling it and never counts itself twice.
+                    self.on_self_dial(host, port)
                 raise ConnectionRefusedError(f"handshake refused: {refusal}")
             if conn.closed:
                 raise ConnectionError("connection closed during handshake")
