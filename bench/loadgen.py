@@ -49,6 +49,8 @@ class LoadResult:
     read_fraction: float | None = None
     key_dist: str = "uniform"
     consistency: str | None = None
+    # CPU the server processes spent per completed op (bench/proc_cpu.py); None if not measured.
+    server_cpu_us_per_op: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -333,10 +335,15 @@ def run_load(
 def compare(name: str, ours: LoadResult, base: LoadResult) -> tuple[dict[str, object], str]:
     """``ours`` against ``base`` from the same run: a JSON record and a printable line."""
     ratio = ours.ops_per_s / base.ops_per_s if base.ops_per_s else 0.0
-    record = {"name": name, "op": ours.op, "concurrency": ours.concurrency,
-              "ratio": round(ratio, 3), "p99_ms": ours.p99_ms, "base_p99_ms": base.p99_ms}
+    record: dict[str, object] = {
+        "name": name, "op": ours.op, "concurrency": ours.concurrency,
+        "ratio": round(ratio, 3), "p99_ms": ours.p99_ms, "base_p99_ms": base.p99_ms}
     line = (f"{name} {ours.op:<4} c={ours.concurrency:<3} throughput ratio {ratio:.2f}x  "
             f"(p99 {ours.p99_ms:.2f} ms vs {base.p99_ms:.2f} ms)")
+    if ours.server_cpu_us_per_op and base.server_cpu_us_per_op:
+        cpu_ratio = ours.server_cpu_us_per_op / base.server_cpu_us_per_op
+        record["server_cpu_ratio"] = round(cpu_ratio, 3)
+        line += f"  server CPU/op ratio {cpu_ratio:.2f}x"
     return record, line
 
 
@@ -352,18 +359,24 @@ def format_table(
     results: list[LoadResult],
     leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = DEFAULT_LEADING,
 ) -> str:
-    """One row per result: the ``leading`` columns, then ops/s, latencies, errors, client CPU."""
+    """One row per result: the ``leading`` columns, then ops/s, latencies, errors, client CPU,
+    and the servers' CPU us/op when any result measured it."""
+    server_cpu = any(r.server_cpu_us_per_op is not None for r in results)
     header = "".join(f"{name:{spec}}" for name, spec, _ in leading) + \
         f"{'ops/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}" \
-        f"{'client cpu':>12}"
+        f"{'client cpu':>12}" + (f"{'server cpu us/op':>18}" if server_cpu else "")
     lines = [header, "-" * len(header)]
     for r in results:
-        lines.append(
+        line = (
             "".join(f"{str(value(r)):{spec}}" for _, spec, value in leading)
             + f"{r.ops_per_s:>10.0f}{r.p50_ms:>9.2f}"
             f"{r.p95_ms:>9.2f}{r.p99_ms:>9.2f}{r.max_ms:>9.1f}{r.errors:>8}"
             f"{r.client_cpu_pct:>11.0f}%"
         )
+        if server_cpu:
+            cpu = r.server_cpu_us_per_op
+            line += f"{cpu:>18.0f}" if cpu is not None else f"{'-':>18}"
+        lines.append(line)
     return "\n".join(lines)
 
 

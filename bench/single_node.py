@@ -5,7 +5,9 @@
 Both servers run as separate processes on loopback with the same load
 generator (its own process) at 1 and 50 concurrent connections. ringkv runs in
 periodic commit-sync mode, like the bare handler's unsynced LevelDB writes.
-The ratio column is ringkv ops/s over bare ops/s.
+The ratio column is ringkv ops/s over bare ops/s. Each phase also reports the
+CPU its server process spent per completed op (from /proc), which moves far
+less from run to run than ops/s does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import proc_cpu
 from bench.loadgen import LoadResult, compare, format_table, run_load
 from ringkv.tools.launcher import NodeProcess, free_port, http, wait_until
 
@@ -53,16 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         bare_proc, bare_url = start_bare(Path(tmp) / "bare")
         try:
             node.start()
+            assert node.proc is not None
             targets = [
-                ("bare", bare_url, "/kv/{key}"),
-                ("ringkv", node.url, "/v1/kv/default/{key}"),
+                ("bare", bare_url, "/kv/{key}", bare_proc.pid),
+                ("ringkv", node.url, "/v1/kv/default/{key}", node.proc.pid),
             ]
             for op in ("put", "get"):
                 for concurrency in args.concurrency:
                     # Alternate targets within each phase so drift hits both alike.
-                    for label, url, path in targets:
+                    for label, url, path, pid in targets:
+                        cpu_before_s = proc_cpu.cpu_s([pid])
                         result = run_load(label, url, path, op=op, concurrency=concurrency,
                                           duration_s=args.duration)
+                        result.server_cpu_us_per_op = proc_cpu.us_per_op(
+                            proc_cpu.cpu_s([pid]) - cpu_before_s, result.ops)
                         results.append(result)
                         print(format_table([result]).splitlines()[-1], flush=True)
         finally:
