@@ -85,7 +85,7 @@ class ResponseTracker:
     (Cassandra's ``WriteType``/ANY semantics).
     """
 
-    __slots__ = ("block_for", "hints_count", "ok", "failed", "hinted", "_outstanding", "vote")
+    __slots__ = ("block_for", "hints_count", "ok", "failed", "hinted", "outstanding", "vote")
 
     def __init__(self, asked: Iterable[str], block_for: int, *, hints_count: bool = False) -> None:
         if block_for < 0:
@@ -95,7 +95,9 @@ class ResponseTracker:
         self.ok: list[str] = []
         self.failed: list[str] = []
         self.hinted: list[str] = []
-        self._outstanding: set[str] = set(asked)
+        # Asked and not yet answered. Read it, never change it: ``ask`` and
+        # ``record`` keep it and ``vote`` in step.
+        self.outstanding: set[str] = set(asked)
         # Kept current by every change rather than computed on every look:
         # the coordinator asks after each response, on every request.
         self.vote: Vote = self._tally()
@@ -103,30 +105,32 @@ class ResponseTracker:
     def ask(self, node: str) -> Vote:
         """One more replica was asked (a spare, say): its answer can count too."""
         if node not in self.ok and node not in self.failed and node not in self.hinted:
-            self._outstanding.add(node)
+            self.outstanding.add(node)
             self.vote = self._tally()
         return self.vote
 
     def record(self, node: str, response: Response) -> Vote:
-        if node not in self._outstanding:
+        outstanding = self.outstanding
+        if node not in outstanding:
             return self.vote
-        self._outstanding.discard(node)
+        outstanding.discard(node)
         if response is Response.OK:
             self.ok.append(node)
         elif response is Response.HINTED:
             self.hinted.append(node)
         else:
             self.failed.append(node)
-        self.vote = vote = self._tally()
+        # _tally, written out: this runs for every replica's answer.
+        counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
+        block_for = self.block_for
+        if counted >= block_for:
+            vote = Vote.WON
+        elif counted + len(outstanding) < block_for:
+            vote = Vote.LOST
+        else:
+            vote = Vote.PENDING
+        self.vote = vote
         return vote
-
-    def waiting_for(self, node: str) -> bool:
-        """Was ``node`` asked, and has it not answered yet?"""
-        return node in self._outstanding
-
-    @property
-    def outstanding_count(self) -> int:
-        return len(self._outstanding)
 
     @property
     def counted(self) -> int:
@@ -137,6 +141,6 @@ class ResponseTracker:
         counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
         if counted >= self.block_for:
             return Vote.WON
-        if counted + len(self._outstanding) < self.block_for:
+        if counted + len(self.outstanding) < self.block_for:
             return Vote.LOST
         return Vote.PENDING

@@ -52,13 +52,13 @@ class ReadRound:
         return [Ask(first, True)] + [Ask(node, False) for node in rest]
 
     def on_data(self, node: str, cell: Cell | None) -> Sequence[Ask]:
-        if self.tracker.waiting_for(node):  # not a duplicate, nor a replica never asked
+        if node in self.tracker.outstanding:  # not a duplicate, nor a replica never asked
             self.data[node] = cell
             self.tracker.record(node, Response.OK)
         return self._refill()
 
     def on_digest(self, node: str, digest: bytes) -> Sequence[Ask]:
-        if self.tracker.waiting_for(node):
+        if node in self.tracker.outstanding:
             self.digests[node] = digest
             self.tracker.record(node, Response.OK)
         return self._refill()
@@ -89,7 +89,7 @@ class ReadRound:
             # Enough digests but no data to compare them with: only a data
             # read (a spare) can finish this read. (A read asks one data and
             # block_for - 1 digests, and spares for data, so this is rare.)
-            return Vote.PENDING if self.tracker.outstanding_count or self._spares else Vote.LOST
+            return Vote.PENDING if self.tracker.outstanding or self._spares else Vote.LOST
         return vote
 
     @property
@@ -102,7 +102,7 @@ class ReadRound:
             return NOTHING
         if (
             self.tracker.vote is Vote.LOST
-            or (self.vote is Vote.PENDING and not self.tracker.outstanding_count)
+            or (self.vote is Vote.PENDING and not self.tracker.outstanding)
         ):
             return [self._ask_spare()]
         return NOTHING
@@ -141,6 +141,13 @@ def resolve(
         raise ValueError("resolve needs at least one data answer")
     cells = list(data.values())
     reference = cells[0]
+    if len(cells) == 1 and digests:
+        # The usual QUORUM read: one data answer, digests that match it.
+        expected = cell_digest(reference)
+        for digest in digests.values():
+            if digest != expected:
+                return Resolution(None, (), tuple(digests))
+        return Resolution(reference, tuple(corrupt), ())
     if digests:
         expected = cell_digest(reference)
         if any(digest != expected for digest in digests.values()) or any(
