@@ -166,6 +166,7 @@ class Node:
             write_timeout_s=config.timing.write_timeout_ms / 1000,
             speculative_retry_percentile=config.timing.speculative_retry_percentile,
             speculative_retry_min_s=config.timing.speculative_retry_min_ms / 1000,
+            local_read=self.local_replica.read,
         )
         self.metrics.gauge(
             "ringkv_storage_bytes", "Bytes used by this node's storage engine", self.store.size_bytes

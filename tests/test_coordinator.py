@@ -63,6 +63,12 @@ class FakeReplicas:
         if current is None or cell.ts >= current.ts:
             self.data[node][key] = cell
 
+    def read_here(self, node, key):
+        """The coordinator's own replica, read at once (its ONE fast path)."""
+        if node in self.corrupt:
+            raise CorruptRecord("checksum mismatch")
+        return self.data[node].get(key)
+
     async def read(self, node, keyspace, token, key, timeout_s):
         await self._gate(node)
         if node in self.slow_data:
@@ -110,6 +116,7 @@ def make(replicas: FakeReplicas, alive: set[str] | None = None, hints: Hints | N
         "a", ring=lambda: RING, is_alive=lambda n: n in alive, replicas=replicas,
         keyspaces=lambda: keyspaces, clock=clock, hlc=HybridLogicalClock(clock), hints=hints,
         read_timeout_s=timeout_s, write_timeout_s=timeout_s,
+        local_read=lambda keyspace, token, key: replicas.read_here("a", key),
     )
 
 

@@ -76,8 +76,12 @@ class Coordinator:
         write_timeout_s: float = 2.0,
         speculative_retry_percentile: float = 99.0,
         speculative_retry_min_s: float = 0.02,
+        local_read: Callable[[str, int, bytes], Cell | None] | None = None,
     ) -> None:
+        """``local_read(keyspace, token, key)``: this node's own replica, read at
+        once, for reads that need only it (the ONE fast path)."""
         self.node_id = node_id
+        self._local_read = local_read
         self._ring = ring
         self._is_alive = is_alive
         self._replicas = replicas
@@ -273,20 +277,17 @@ class Coordinator:
         targets = ordered[: plan.block_for]
         spares = ordered[plan.block_for :]
         receipt = Receipt(plan.consistency.value, list(plan.natural), asked=list(targets))
-        if targets == [self.node_id]:
-            # Fast path: the one replica needed is this node, whose answer is
-            # already settled. If it cannot answer (a corrupt record, say), the
-            # general path asks again and falls back to the spare replicas.
-            local = self._replicas.read_future(
-                self.node_id, plan.keyspace, plan.token, key, self._remaining_s(deadline_s)
-            )
-            error = _error_of(local, self.node_id) if local.done() else None
-            if local.done() and error is None:
+        if self._local_read is not None and targets == [self.node_id]:
+            # Fast path: the one replica needed is this node: read it here, no
+            # future, no network. If it cannot answer (a corrupt record, say),
+            # the general path asks again and falls back to the spare replicas.
+            try:
+                cell = self._local_read(plan.keyspace, plan.token, key)
+            except RingKVError as exc:
+                log.debug("local read failed, asking other replicas: %s", exc)
+            else:
                 receipt.answered = [self.node_id]
-                return ReadResult(local.result(), receipt)
-            if not local.done():
-                local.cancel()
-            log.debug("local read failed, asking other replicas: %s", error)
+                return ReadResult(cell, receipt)
         read = ReadRound(targets, spares, plan.block_for)
         await self._gather(plan, key, read, deadline_s)
         receipt.asked.extend(read.speculative)
