@@ -15,6 +15,7 @@ time (Cassandra keeps ``system.peers`` for this).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -77,3 +78,65 @@ def ring_from_gossip(
         else:
             del tokens[node_id], infos[node_id]
     return TokenRing(tokens, infos), peers
+
+
+# -- joining ------------------------------------------------------------------
+
+JOIN_LEARN_ROUNDS = 5  # gossip rounds a new node spends learning the ring (Cassandra's RING_DELAY)
+SEED_RETRY_MAX_INTERVALS = 8  # a node waiting for seeds retries at most this many intervals apart
+
+JOINING = "joining"  # gossiping with a seed that answered, learning the ring
+WAITING_FOR_SEEDS = "waiting_for_seeds"  # no saved ring, and no seed has answered
+
+
+class JoinStep(enum.Enum):
+    DONE = "done"  # the ring is known: take tokens and go NORMAL
+    START_ALONE = "start_alone"  # nobody answered, but this node may start a new cluster
+    WAIT = "wait"  # nobody answered: keep gossiping with the seeds, backing off
+    LEARN = "learn"  # a seed answered (or may still): gossip another round
+
+
+class JoinPlanner:
+    """How a new node (no saved ring) learns the ring before it takes tokens (pure).
+
+    Each gossip round the node reports what it knows; ``step`` says what to
+    do. For up to JOIN_LEARN_ROUNDS rounds it learns, until the ring holds
+    every node heard of. If no other node has answered by then, it waits for
+    one, doubling its retry interval up to SEED_RETRY_MAX_INTERVALS gossip
+    intervals: without a saved ring and without an answer it would form a
+    cluster of its own and acknowledge QUORUM writes held by one copy while
+    the real cluster runs elsewhere (Cassandra refuses to start). It starts
+    alone only if every seed is itself (under any of its names) or the
+    operator asked for a new cluster. Once a seed answers, it learns the ring
+    for up to JOIN_LEARN_ROUNDS more rounds.
+    """
+
+    def __init__(self, *, bootstrap_new_cluster: bool) -> None:
+        self.bootstrap_new_cluster = bootstrap_new_cluster
+        self.rounds = 0
+        self.learn_until = JOIN_LEARN_ROUNDS
+        self.state = JOINING  # or WAITING_FOR_SEEDS
+        self.delay_intervals = 1  # the next wait, in gossip intervals
+
+    def step(self, *, known_peers: int, ring_size: int, only_seed_is_self: bool) -> JoinStep:
+        """One decision; after LEARN or WAIT the caller gossips and waits
+        ``delay_intervals`` gossip intervals, then calls ``step`` again."""
+        if ring_size and ring_size >= known_peers:
+            return JoinStep.DONE  # we know a ring, and every node heard of is on it
+        if known_peers == 0 and only_seed_is_self:
+            return JoinStep.DONE  # we are the only seed: the first node of a new cluster
+        if known_peers == 0 and self.rounds >= JOIN_LEARN_ROUNDS:
+            if self.bootstrap_new_cluster:
+                return JoinStep.START_ALONE
+            self.state = WAITING_FOR_SEEDS
+            self.delay_intervals = min(2 * self.delay_intervals, SEED_RETRY_MAX_INTERVALS)
+            self.rounds += 1
+            return JoinStep.WAIT
+        if known_peers > 0 and self.state == WAITING_FOR_SEEDS:
+            self.state = JOINING  # a seed answered: learn the ring from it
+            self.delay_intervals = 1
+            self.learn_until = self.rounds + JOIN_LEARN_ROUNDS
+        elif known_peers > 0 and self.rounds >= self.learn_until:
+            return JoinStep.DONE
+        self.rounds += 1
+        return JoinStep.LEARN

@@ -25,7 +25,13 @@ from ringkv.gossip.service import GossipService, address_peer_id
 from ringkv.repair.handoff import HintedHandoff
 from ringkv.repair.hints import HintStore
 from ringkv.replica.internode import InternodeHandler, InternodeReplicas
-from ringkv.membership import ring_from_gossip
+from ringkv.membership import (
+    JOINING,
+    WAITING_FOR_SEEDS,
+    JoinPlanner,
+    JoinStep,
+    ring_from_gossip,
+)
 from ringkv.identity import FileIdentity, MemoryIdentity
 from ringkv.keyspaces import KeyspaceSettings, schema_version
 from ringkv.metrics import NodeMetrics
@@ -44,19 +50,9 @@ log = logging.getLogger(__name__)
 # late; tolerating two intervals of silence before phi climbs avoids false
 # DOWNs without slowing detection of a real failure much (Akka uses 3 s).
 ACCEPTABLE_PAUSE_INTERVALS = 2
-# How long a new node gossips with its seeds to learn the ring before it
-# allocates tokens (Cassandra's RING_DELAY, scaled to the gossip interval).
-JOIN_LEARN_ROUNDS = 5
 MAINTENANCE_INTERVAL_S = 5.0
-# A new node that reaches none of its seeds in JOIN_LEARN_ROUNDS waits for one
-# (Cassandra refuses to start instead). It retries from one gossip interval,
-# doubling up to this many intervals, and warns at most every
-# WAITING_WARNING_INTERVAL_S.
-SEED_RETRY_MAX_INTERVALS = 8
+# A node waiting for its seeds warns at most this often.
 WAITING_WARNING_INTERVAL_S = 30.0
-# What /v1/status says while a node is not yet on the ring ("joining" field).
-JOINING = "joining"  # gossiping with a seed that answered, learning the ring
-WAITING_FOR_SEEDS = "waiting_for_seeds"  # no saved ring, and no seed has answered
 
 
 def open_engine(config: Config) -> Engine:
@@ -348,39 +344,31 @@ class Node:
         return all(seed in own for seed in self.config.cluster.seeds)
 
     async def _learn_ring(self) -> None:
-        """Gossip with the seeds so new tokens fit the ring as it is.
-
-        For up to JOIN_LEARN_ROUNDS rounds, until the ring holds every node
-        heard of. If no other node has answered by then, the node waits for
-        one, with a backoff bounded at SEED_RETRY_MAX_INTERVALS gossip
-        intervals: without a saved ring and without an answer it would form a
-        cluster of its own and acknowledge QUORUM writes held by one copy
-        while the real cluster runs elsewhere (Cassandra refuses to start).
-        It starts alone only if every seed turns out to be itself, or with
-        bootstrap_new_cluster. Once a seed answers it learns the ring for up
-        to JOIN_LEARN_ROUNDS more rounds.
-        """
+        """Gossip with the seeds until the ring is known (``membership.JoinPlanner``
+        decides each round; this only gossips, waits and says why it waits)."""
         assert self.gossip is not None and self.gossiper is not None
         cluster = self.config.cluster
         interval_s = self.config.timing.gossip_interval_ms / 1000
-        max_delay_s = SEED_RETRY_MAX_INTERVALS * interval_s
-        delay_s = interval_s
-        rounds = 0
-        learn_until = JOIN_LEARN_ROUNDS
+        planner = JoinPlanner(bootstrap_new_cluster=cluster.bootstrap_new_cluster)
         warn_at_s = self.clock.monotonic_s()
         while True:
-            known = len(self.gossiper.endpoint_states()) - 1  # peers we have heard of
-            if len(self.ring) and len(self.ring) >= known:
-                break  # we know a ring, and every node we have heard of is on it
-            if known == 0 and self._only_seed_is_self():
-                break  # we are the only seed (maybe under other names): a new cluster
-            if known == 0 and rounds >= JOIN_LEARN_ROUNDS:
-                if cluster.bootstrap_new_cluster:
-                    log.warning(
-                        "node %s: none of its seeds (%s) answered; starting a new cluster alone "
-                        "(bootstrap_new_cluster)", self.node_id, ", ".join(cluster.seeds))
-                    break
-                self._set_join_state(WAITING_FOR_SEEDS)
+            step = planner.step(
+                known_peers=len(self.gossiper.endpoint_states()) - 1,  # peers heard of
+                ring_size=len(self.ring),
+                only_seed_is_self=self._only_seed_is_self(),
+            )
+            if step is JoinStep.DONE:
+                return
+            if step is JoinStep.START_ALONE:
+                log.warning(
+                    "node %s: none of its seeds (%s) answered; starting a new cluster alone "
+                    "(bootstrap_new_cluster)", self.node_id, ", ".join(cluster.seeds))
+                return
+            if planner.state != self.join_state:
+                if planner.state == JOINING:
+                    log.info("node %s: a seed answered; joining", self.node_id)
+                self._set_join_state(planner.state)
+            if step is JoinStep.WAIT:
                 now_s = self.clock.monotonic_s()
                 if now_s >= warn_at_s:
                     log.warning(
@@ -390,17 +378,8 @@ class Node:
                         "cluster)", self.node_id, ", ".join(cluster.seeds),
                         now_s - self._join_since_s)
                     warn_at_s = now_s + WAITING_WARNING_INTERVAL_S
-                delay_s = min(2 * delay_s, max_delay_s)
-            elif known > 0 and self.join_state == WAITING_FOR_SEEDS:
-                log.info("node %s: a seed answered; joining", self.node_id)
-                self._set_join_state(JOINING)
-                delay_s = interval_s
-                learn_until = rounds + JOIN_LEARN_ROUNDS
-            elif known > 0 and rounds >= learn_until:
-                break
             self.gossip.tick_now()
-            await self.clock.sleep(delay_s)
-            rounds += 1
+            await self.clock.sleep(planner.delay_intervals * interval_s)
 
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""

@@ -68,3 +68,60 @@ def test_a_token_claimed_twice_goes_to_the_first_node_by_id() -> None:
 def test_this_nodes_own_gossip_entry_is_ignored() -> None:
     ring, peers = ring_from_gossip(states(a=normal("99")), {}, ME, [5])
     assert list(ring.tokens_of("a")) == [5] and peers == {}
+
+
+# -- joining (Cassandra refuses to start a node that reaches no seed) --
+
+from ringkv.membership import (  # noqa: E402
+    JOIN_LEARN_ROUNDS,
+    JOINING,
+    SEED_RETRY_MAX_INTERVALS,
+    WAITING_FOR_SEEDS,
+    JoinPlanner,
+    JoinStep,
+)
+
+
+def steps(planner: JoinPlanner, rounds: list[tuple[int, int, bool]]) -> list[tuple[str, int]]:
+    """(step, next wait in intervals) for each (known peers, ring size, only seed is self)."""
+    out = []
+    for known, ring, only_self in rounds:
+        step = planner.step(known_peers=known, ring_size=ring, only_seed_is_self=only_self)
+        out.append((step.value, planner.delay_intervals))
+    return out
+
+
+def test_a_node_that_is_its_own_only_seed_starts_at_once() -> None:
+    assert steps(JoinPlanner(bootstrap_new_cluster=False), [(0, 0, True)]) == [("done", 1)]
+
+
+def test_a_node_that_hears_a_ring_is_done_once_every_node_heard_of_is_on_it() -> None:
+    planner = JoinPlanner(bootstrap_new_cluster=False)
+    assert steps(planner, [(0, 0, False), (2, 1, False), (2, 2, False)]) == [
+        ("learn", 1), ("learn", 1), ("done", 1)]
+
+
+def test_a_new_node_that_reaches_no_seed_waits_with_a_bounded_backoff() -> None:
+    """It used to go NORMAL alone after the learning rounds."""
+    planner = JoinPlanner(bootstrap_new_cluster=False)
+    silent = [(0, 0, False)] * (JOIN_LEARN_ROUNDS + 5)
+    got = steps(planner, silent)
+    assert got[:JOIN_LEARN_ROUNDS] == [("learn", 1)] * JOIN_LEARN_ROUNDS
+    assert [step for step, _ in got[JOIN_LEARN_ROUNDS:]] == ["wait"] * 5
+    assert [wait for _, wait in got[JOIN_LEARN_ROUNDS:]] == [2, 4, 8, 8, 8]
+    assert planner.state == WAITING_FOR_SEEDS
+    assert max(wait for _, wait in got) == SEED_RETRY_MAX_INTERVALS
+
+
+def test_once_a_seed_answers_it_learns_the_ring_for_a_few_more_rounds() -> None:
+    planner = JoinPlanner(bootstrap_new_cluster=False)
+    steps(planner, [(0, 0, False)] * (JOIN_LEARN_ROUNDS + 2))
+    got = steps(planner, [(3, 0, False)] * (JOIN_LEARN_ROUNDS + 1))
+    assert planner.state == JOINING
+    assert got == [("learn", 1)] * JOIN_LEARN_ROUNDS + [("done", 1)]
+
+
+def test_bootstrap_new_cluster_starts_alone_after_the_learning_rounds() -> None:
+    planner = JoinPlanner(bootstrap_new_cluster=True)
+    got = steps(planner, [(0, 0, False)] * (JOIN_LEARN_ROUNDS + 1))
+    assert got[-1] == ("start_alone", 1)

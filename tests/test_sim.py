@@ -32,7 +32,7 @@ from ringkv.errors import (
     RemoteError,
     Unavailable,
 )
-from ringkv.node import FileIdentity
+from ringkv.identity import FileIdentity
 from ringkv.quorum import ConsistencyLevel
 from ringkv.server.status import cluster_status
 from ringkv.sim import checkers

@@ -31,7 +31,8 @@ from typing import Any
 from ringkv.config import Config
 from ringkv.coordinator import Coordinator
 from ringkv.net.transport import Transport
-from ringkv.node import MemoryIdentity, Node
+from ringkv.identity import MemoryIdentity
+from ringkv.node import Node
 from ringkv.ring import allocate_tokens, token_for
 from ringkv.sim.clock import SimClock
 from ringkv.sim.loop import Process, VirtualTimeLoop
