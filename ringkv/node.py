@@ -430,6 +430,8 @@ class Node:
             elif event.kind in ("join", "restart"):
                 log.info("gossip: %s %s %s", event.node_id, event.kind, event.details)
             if event.kind == "up" and event.node_id:
+                if self.transport is not None:
+                    self.transport.peer_up(event.node_id)
                 self.handoff.peer_up(event.node_id)
             if event.kind == "down" and event.node_id:
                 self.handoff.peer_down(event.node_id)

@@ -78,7 +78,6 @@ from ringkv.membership import (  # noqa: E402
     SEED_RETRY_MAX_INTERVALS,
     WAITING_FOR_SEEDS,
     JoinPlanner,
-    JoinStep,
 )
 
 

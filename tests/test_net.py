@@ -949,3 +949,61 @@ def test_an_abandoned_request_frees_its_place_at_once() -> None:
             await b.stop()
 
     run(body())
+
+
+def test_internode_sockets_carry_liveness_bounds() -> None:
+    """Issue #10: a connection stalled in TCP's retransmission backoff is closed
+    by the kernel after USER_TIMEOUT_MS of unacknowledged data (and an idle one
+    to a dead peer by keepalive), so it is redialled rather than left carrying
+    nothing for minutes after a partition heals."""
+    import socket as socket_module
+
+    from ringkv.net import sockets
+
+    async def body() -> None:
+        a, b = make("a"), make("b")
+        await a.start()
+        await b.start()
+        try:
+            link(a, b)
+            assert (await a.request("b", "echo", 1, timeout_s=2))["payload"] == 1
+            for conn in [a._peers["b"].conn, *b._inbound]:
+                assert conn is not None
+                sock = conn.sock.get_extra_info("socket")
+                assert sock.getsockopt(socket_module.SOL_SOCKET, socket_module.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY) == 1
+                if hasattr(socket_module, "TCP_USER_TIMEOUT"):
+                    assert sock.getsockopt(socket_module.IPPROTO_TCP,
+                                           socket_module.TCP_USER_TIMEOUT) == sockets.USER_TIMEOUT_MS
+                    assert sock.getsockopt(socket_module.IPPROTO_TCP,
+                                           socket_module.TCP_KEEPIDLE) == sockets.KEEPALIVE_IDLE_S
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(body())
+
+
+def test_a_peer_back_up_is_dialled_at_once() -> None:
+    """Gossip's UP forgets the reconnect backoff: the next request dials at once
+    instead of failing fast for what is left of the backoff."""
+
+    async def body() -> None:
+        clock = ManualClock()
+        a = make("a", max_backoff_s=60.0, clock=clock)
+        await a.start()
+        try:
+            a.set_peer_address("c", LOCALHOST, free_port())
+            with pytest.raises(PeerUnreachable, match="ConnectionRefused"):
+                await a.request("c", "echo", 1, timeout_s=2)
+            with pytest.raises(PeerUnreachable, match="backoff"):
+                await a.request("c", "echo", 1, timeout_s=2)
+            failures = a.stats["connect_failures"]
+            a.peer_up("c")
+            with pytest.raises(PeerUnreachable, match="ConnectionRefused"):
+                await a.request("c", "echo", 1, timeout_s=2)  # dialled again, no waiting
+            assert a.stats["connect_failures"] == failures + 1
+        finally:
+            await a.stop()
+
+    run(body())

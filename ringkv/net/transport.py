@@ -72,7 +72,7 @@ from ringkv.net.rpc import (
     settled,
     timeout_error,
 )
-from ringkv.net.sockets import Listener, Network, SocketNetwork, reset_on_close, set_nodelay
+from ringkv.net.sockets import Listener, Network, SocketNetwork, reset_on_close, tune_socket
 
 __all__ = ["ADDRESS_PEER_PREFIX", "Transport", "reset_on_close"]
 
@@ -235,7 +235,7 @@ class _Conn(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, but are one.
         self.sock = transport  # type: ignore[assignment]
         self.peer_addr = transport.get_extra_info("peername")
-        set_nodelay(transport)
+        tune_socket(transport)
         if not self.outbound:
             self.t._on_inbound_made(self)
 
@@ -597,6 +597,13 @@ class Transport:
             peer.conn.close("peer forgotten")
         self._fail_peer(peer, lambda: PeerUnreachable(f"node {node_id} was forgotten",
                                                       node_id=node_id, maybe_delivered=True))
+
+    def peer_up(self, node_id: str) -> None:
+        """Gossip hears ``node_id`` again: forget the reconnect backoff, so the
+        next request dials at once instead of failing fast."""
+        peer = self._peers.get(node_id)
+        if peer is not None and peer.conn is None:
+            peer.failures, peer.down_until = 0, 0.0
 
     def set_peer_address(self, node_id: str, host: str, port: int) -> None:
         """Where to connect for ``node_id``. A changed address drops the old connection."""
