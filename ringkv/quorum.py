@@ -132,11 +132,6 @@ class ResponseTracker:
         self.vote = vote
         return vote
 
-    @property
-    def counted(self) -> int:
-        """How many responses count toward ``block_for``."""
-        return len(self.ok) + (len(self.hinted) if self.hints_count else 0)
-
     def _tally(self) -> Vote:
         counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
         if counted >= self.block_for:

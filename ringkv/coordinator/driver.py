@@ -45,8 +45,7 @@ from ringkv.keyspaces import KeyspaceSettings
 from ringkv.messages import ScanReply
 from ringkv.quorum import ConsistencyLevel, Response, ResponseTracker, Vote
 from ringkv.replica.client import ReplicaClient
-from ringkv.ring import MIN_TOKEN, token_for
-from ringkv.ring import TokenRing
+from ringkv.ring import MIN_TOKEN, TokenRing, token_for
 from ringkv.versioning import Cell
 
 log = logging.getLogger(__name__)
