@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -117,9 +118,24 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     # A fresh directory per run: old data would show up as values nobody wrote.
     run_dir = Path(tempfile.mkdtemp(prefix=f"seed{seed}-", dir=args.data_dir)).resolve()
-    print(f"chaos run: seed {seed}, {args.duration:g}s of faults, data under {run_dir}", flush=True)
-    report = run_chaos(run_dir, seed=seed, duration_s=args.duration, clients=args.clients,
-                       keys=args.keys, say=lambda line: print(line, flush=True))
+    say = functools.partial(print, flush=True)
+    if args.netns:
+        from ringkv.chaos.netns_run import NetnsChaosRun
+        from ringkv.tools.netns import NetnsError, NetnsHosts
+
+        print(f"chaos run on 5 namespace hosts: seed {seed}, data under {run_dir}", flush=True)
+        try:
+            with NetnsHosts(5) as hosts:
+                report = asyncio.run(NetnsChaosRun(run_dir, hosts, seed=seed, clients=args.clients,
+                                                   keys=args.keys, say=say).run())
+        except NetnsError as exc:
+            print(f"ringkv: error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        print(f"chaos run: seed {seed}, {args.duration:g}s of faults, data under {run_dir}",
+              flush=True)
+        report = run_chaos(run_dir, seed=seed, duration_s=args.duration, clients=args.clients,
+                           keys=args.keys, say=say)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -225,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chaos = commands.add_parser(
         "chaos", help="Jepsen-style run: 3 nodes on 127.0.0.1-3, faults, load, history checks")
-    chaos.add_argument("--duration", type=float, default=45.0, help="seconds of load and faults")
+    chaos.add_argument("--duration", type=float, default=45.0,
+                       help="seconds of load and faults (the --netns run has a fixed schedule)")
+    chaos.add_argument("--netns", action="store_true",
+                       help="5 nodes on network-namespace hosts, real packet drops (root, "
+                            "iproute2 and iptables)")
     chaos.add_argument("--seed", type=int, help="seed of the fault schedule (default: random)")
     chaos.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     chaos.add_argument("--keys", type=int, default=10, help="keys the clients share (default 10)")

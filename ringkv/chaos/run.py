@@ -69,6 +69,8 @@ class Report:
     faults: list[Fault]
     verdicts: list[checkers.Verdict]
     run_dir: Path
+    hosts: tuple[str, ...] = HOSTS
+    kinds: tuple[str, ...] = FAULT_KINDS
 
     @property
     def ok(self) -> bool:
@@ -83,11 +85,11 @@ class Report:
         reads = Counter(op.status for op in client_ops if op.kind == "read")
         kinds = Counter(fault.kind for fault in self.faults)
         return "\n".join([
-            f"ringkv chaos: seed {self.seed}, {len(HOSTS)} nodes, history in "
+            f"ringkv chaos: seed {self.seed}, {len(self.hosts)} nodes, history in "
             f"{self.run_dir / 'history.jsonl'}",
             f"ops: {len(client_ops)}; writes: {writes[OK]} acknowledged, {writes[FAIL]} failed, "
             f"{writes[INFO]} indeterminate; reads: {reads[OK]} ok, {reads[FAIL]} failed",
-            "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS),
+            "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in self.kinds),
             *(verdict.render() for verdict in self.verdicts),
             "PASS" if self.ok else "FAIL",
         ])
@@ -147,6 +149,15 @@ def read_history(path: Path) -> list[Op]:
 
 
 class ChaosRun:
+    """Three nodes on loopback behind fault proxies (see the module's docstring).
+
+    A run on other hosts (``ringkv.chaos.netns_run``) overrides the cluster's
+    start and stop, the schedule, and how faults are applied and healed.
+    """
+
+    hosts: tuple[str, ...] = HOSTS
+    kinds: tuple[str, ...] = FAULT_KINDS
+
     def __init__(
         self,
         run_dir: Path,
@@ -177,7 +188,7 @@ class ChaosRun:
         return _CLOCK.monotonic_s() - self._t0
 
     async def run(self) -> Report:
-        faults = schedule(self.seed, self.duration_s)
+        faults = self.schedule()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self._start_cluster()
@@ -185,8 +196,14 @@ class ChaosRun:
         finally:
             await self._stop_cluster()
         self._write_history()
-        return Report(self.seed, self.history, self.done, judge(self.history, replicas),
-                      self.run_dir)
+        return Report(self.seed, self.history, self.done, self.judge(replicas), self.run_dir,
+                      self.hosts, self.kinds)
+
+    def schedule(self) -> list[Fault]:
+        return schedule(self.seed, self.duration_s)
+
+    def judge(self, replicas: dict[str, dict[str, Any]]) -> list[checkers.Verdict]:
+        return judge(self.history, replicas)
 
     # -- cluster -----------------------------------------------------------------
 
@@ -218,9 +235,13 @@ class ChaosRun:
         if self.proxy is not None:
             await self.proxy.stop()
 
-    async def _heal_everything(self) -> None:
-        assert self.proxy is not None and self.cluster is not None
+    async def _heal_network(self) -> None:
+        assert self.proxy is not None
         self.proxy.heal()
+
+    async def _heal_everything(self) -> None:
+        assert self.cluster is not None
+        await self._heal_network()
         for proc in self.cluster.procs:
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.signal(signal.SIGCONT)
@@ -252,7 +273,7 @@ class ChaosRun:
                 # also read-repairs every replica before they are compared.
                 self.history.append(await self._final_read(kv, key, "QUORUM"))
                 self.history.append(await self._final_read(kv, key, "ALL"))
-        return {key: await self._replicas(key) for key in self.keys}
+            return {key: await self._replicas(key, kv.replicas(key)) for key in self.keys}
 
     def _new_client(self, process: str) -> AsyncClient:
         """One workload client (Jepsen's process): its own connections and ring view."""
@@ -314,11 +335,13 @@ class ChaosRun:
         assert op is not None
         return op
 
-    async def _replicas(self, key: str) -> dict[str, Any]:
-        """What each node's own replica holds (``?local=true``, which the client does
+    async def _replicas(self, key: str, replica_ids: list[str]) -> dict[str, Any]:
+        """What each replica of ``key`` holds (``?local=true``, which the client does
         not offer), as the convergence checker wants it: (value, ts) or None."""
         cells: dict[str, Any] = {}
         for proc in self.cluster.procs:  # type: ignore[union-attr]
+            if replica_ids and proc.node_id not in replica_ids:
+                continue  # with more nodes than RF, the others hold nothing of it
             status, body = await asyncio.to_thread(
                 http, "GET", f"{proc.url}/v1/kv/{KEYSPACE}/{key}?local=true")
             cells[proc.node_id] = (body["value"], tuple(body["timestamp"])) if status == 200 \

@@ -118,12 +118,14 @@ class NodeProcess:
     internode_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
     config_path: Path | None = None
+    wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: runs it on a test host
+    url_host: str | None = None  # where clients reach it when ``host`` is a wildcard
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{format_address(self.host, self.client_port)}"
+        return f"http://{format_address(self.url_host or self.host, self.client_port)}"
 
     def start(self, *, wait_joined: bool = True) -> NodeProcess:
         """Start the process; return once it serves clients (NORMAL on the ring), or
@@ -132,7 +134,7 @@ class NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         args = [
-            sys.executable, "-m", "ringkv.cli", "node",
+            *self.wrapper, sys.executable, "-m", "ringkv.cli", "node",
             "--id", self.node_id,
             "--host", self.host,
             "--client-port", str(self.client_port),
