@@ -25,7 +25,7 @@ import pytest
 
 from ringkv.address import format_address
 from ringkv.chaos.netns_run import (
-    DETECTION_BOUND_S, NETNS_FAULT_KINDS, RECOVERY_BOUND_S, Detection, NetnsChaosRun, Recovery,
+    DETECTION_BOUND_S, LONG_ISOLATION_S, NETNS_FAULT_KINDS, RECOVERY_BOUND_S, Detection, NetnsChaosRun, Recovery,
     membership_checks, netns_schedule,
 )
 from ringkv.tools.netns import NetnsHosts
@@ -46,6 +46,7 @@ def test_the_schedule_isolates_one_node_first_and_last_and_runs_every_kind() -> 
         assert Counter(kinds) == Counter({**{k: 1 for k in NETNS_FAULT_KINDS}, "isolate": 2})
         assert kinds[0] == kinds[-1] == "isolate"
         assert faults[0].targets == faults[-1].targets  # the same node, twice
+        assert faults[-1].hold_s == LONG_ISOLATION_S > faults[0].hold_s
         for fault, following in zip(faults, faults[1:]):
             assert fault.at_s + fault.hold_s < following.at_s
         split = next(f for f in faults if f.kind == "split")
