@@ -287,9 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--write-fraction", type=float, default=0.5)
     sim.add_argument("--max-skew", type=float, default=0.25,
                      help="skew nemesis: largest clock offset, seconds (default 0.25)")
-    sim.add_argument("--boot", choices=("join", "provisioned"), default="join",
-                     help="join: nodes join one by one (real token allocation); "
-                          "provisioned: tokens preset, faster")
+    sim.add_argument("--boot", choices=("join", "together", "provisioned"), default="join",
+                     help="join: nodes join one by one (real token allocation); together: "
+                          "all start at once and join; provisioned: tokens preset, faster")
     sim.add_argument("--no-hints", action="store_true", help="turn hinted handoff off")
     sim.add_argument("--history", action="store_true", help="print every operation")
     sim.add_argument("--node-logs", action="store_true",

@@ -16,7 +16,7 @@ time (Cassandra keeps ``system.peers`` for this).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from ringkv.gossip import state as gs
@@ -84,6 +84,11 @@ def ring_from_gossip(
 
 JOIN_LEARN_ROUNDS = 5  # gossip rounds a new node spends learning the ring (Cassandra's RING_DELAY)
 SEED_RETRY_MAX_INTERVALS = 8  # a node waiting for seeds retries at most this many intervals apart
+# Gossip rounds a new node waits, with no joiner ahead of it taking its
+# tokens, before it passes over the first of them. A joiner ahead needs at
+# most JOIN_LEARN_ROUNDS to finish learning, then a few rounds for its tokens
+# to spread (about log2(n)); four times the learning rounds is ample.
+JOIN_TURN_STALL_ROUNDS = 4 * JOIN_LEARN_ROUNDS
 
 JOINING = "joining"  # gossiping with a seed that answered, learning the ring
 WAITING_FOR_SEEDS = "waiting_for_seeds"  # no saved ring, and no seed has answered
@@ -94,6 +99,27 @@ class JoinStep(enum.Enum):
     START_ALONE = "start_alone"  # nobody answered, but this node may start a new cluster
     WAIT = "wait"  # nobody answered: keep gossiping with the seeds, backing off
     LEARN = "learn"  # a seed answered (or may still): gossip another round
+    WAIT_TURN = "wait_turn"  # the ring is known, but a joiner ahead takes its tokens first
+
+
+def joiners_ahead(
+    states: Mapping[str, HasStates], self_id: str, may_be_alive: Callable[[str], bool]
+) -> frozenset[str]:
+    """The nodes that are joining without tokens yet, may be alive, and come
+    before ``self_id`` in the joining order (node ids, sorted as strings).
+
+    Nodes that start together would each allocate tokens against the same
+    ring and pick near-identical ones; so they take turns, in this order, and
+    each allocates against a ring that holds the tokens of those before it.
+    ``may_be_alive`` is gossip's: a node heard of a moment ago counts (it is
+    not UP yet, but may well be joining too); one the failure detector has
+    convicted does not hold anyone up.
+    """
+    return frozenset(
+        node_id for node_id, state in states.items()
+        if node_id < self_id and state.get(gs.STATUS) == gs.BOOT
+        and not state.get(gs.TOKENS) and may_be_alive(node_id)
+    )
 
 
 class JoinPlanner:
@@ -109,6 +135,15 @@ class JoinPlanner:
     alone only if every seed is itself (under any of its names) or the
     operator asked for a new cluster. Once a seed answers, it learns the ring
     for up to JOIN_LEARN_ROUNDS more rounds.
+
+    Once the ring is known, it waits its turn: while a node ahead of it
+    (``joiners_ahead``) is still joining without tokens, it does not take
+    tokens (Cassandra likewise has nodes join one at a time). The first
+    joiner in the order waits for nobody, so someone always goes; each goes
+    once the tokens of those before it reach it, so each allocates knowing
+    them. A joiner that goes DOWN stops holding others up, and if the
+    joiners ahead stay the same for JOIN_TURN_STALL_ROUNDS rounds (the first
+    of them is stuck), the first is passed over for good.
     """
 
     def __init__(self, *, bootstrap_new_cluster: bool) -> None:
@@ -117,14 +152,18 @@ class JoinPlanner:
         self.learn_until = JOIN_LEARN_ROUNDS
         self.state = JOINING  # or WAITING_FOR_SEEDS
         self.delay_intervals = 1  # the next wait, in gossip intervals
+        self.ahead: frozenset[str] = frozenset()  # the joiners ahead when last asked
+        self.ahead_since = 0  # the round at which they became those
+        self.passed_over: set[str] = set()  # stuck joiners no longer waited for
 
-    def step(self, *, known_peers: int, ring_size: int, only_seed_is_self: bool) -> JoinStep:
-        """One decision; after LEARN or WAIT the caller gossips and waits
-        ``delay_intervals`` gossip intervals, then calls ``step`` again."""
+    def step(self, *, known_peers: int, ring_size: int, only_seed_is_self: bool,
+             joiners_ahead: Collection[str] = ()) -> JoinStep:
+        """One decision; after LEARN, WAIT or WAIT_TURN the caller gossips and
+        waits ``delay_intervals`` gossip intervals, then calls ``step`` again."""
         if ring_size and ring_size >= known_peers:
-            return JoinStep.DONE  # we know a ring, and every node heard of is on it
+            return self._turn(joiners_ahead)  # we know a ring, and every node heard of is on it
         if known_peers == 0 and only_seed_is_self:
-            return JoinStep.DONE  # we are the only seed: the first node of a new cluster
+            return self._turn(joiners_ahead)  # we are the only seed: maybe the first node
         if known_peers == 0 and self.rounds >= JOIN_LEARN_ROUNDS:
             if self.bootstrap_new_cluster:
                 return JoinStep.START_ALONE
@@ -137,6 +176,21 @@ class JoinPlanner:
             self.delay_intervals = 1
             self.learn_until = self.rounds + JOIN_LEARN_ROUNDS
         elif known_peers > 0 and self.rounds >= self.learn_until:
-            return JoinStep.DONE
+            return self._turn(joiners_ahead)
         self.rounds += 1
         return JoinStep.LEARN
+
+    def _turn(self, joiners_ahead: Collection[str]) -> JoinStep:
+        """DONE if no joiner ahead is still without tokens, else WAIT_TURN."""
+        ahead = frozenset(joiners_ahead) - self.passed_over
+        stalled = self.rounds - self.ahead_since >= JOIN_TURN_STALL_ROUNDS
+        if ahead and ahead == self.ahead and stalled:
+            self.passed_over.add(min(ahead))  # no progress: the first in line is stuck
+            ahead -= self.passed_over
+        if ahead != self.ahead:
+            self.ahead, self.ahead_since = ahead, self.rounds
+        if not ahead:
+            return JoinStep.DONE
+        self.state, self.delay_intervals = JOINING, 1
+        self.rounds += 1
+        return JoinStep.WAIT_TURN

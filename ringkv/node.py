@@ -26,10 +26,12 @@ from ringkv.repair.handoff import HintedHandoff
 from ringkv.repair.hints import HintStore
 from ringkv.replica.internode import InternodeHandler, InternodeReplicas
 from ringkv.membership import (
+    JOIN_TURN_STALL_ROUNDS,
     JOINING,
     WAITING_FOR_SEEDS,
     JoinPlanner,
     JoinStep,
+    joiners_ahead,
     ring_from_gossip,
 )
 from ringkv.identity import FileIdentity, MemoryIdentity
@@ -342,6 +344,10 @@ class Node:
             peer = address_peer_id(address)
             asyncio.get_running_loop().call_soon(self.transport.forget_peer, peer)
 
+    def _may_be_alive(self, node_id: str) -> bool:
+        assert self.gossiper is not None
+        return self.gossiper.may_be_alive(node_id, self.clock.monotonic_s())
+
     def _only_seed_is_self(self) -> bool:
         own = {self.config.cluster.internode_address, *self.self_aliases}
         return all(seed in own for seed in self.config.cluster.seeds)
@@ -354,14 +360,27 @@ class Node:
         interval_s = self.config.timing.gossip_interval_ms / 1000
         planner = JoinPlanner(bootstrap_new_cluster=cluster.bootstrap_new_cluster)
         warn_at_s = self.clock.monotonic_s()
+        passed_over: set[str] = set()  # what has been logged
+        waiting_for: frozenset[str] = frozenset()
         while True:
+            states = self.gossiper.endpoint_states()
             step = planner.step(
-                known_peers=len(self.gossiper.endpoint_states()) - 1,  # peers heard of
+                known_peers=len(states) - 1,  # peers heard of
                 ring_size=len(self.ring),
                 only_seed_is_self=self._only_seed_is_self(),
+                joiners_ahead=joiners_ahead(states, self.node_id, self._may_be_alive),
             )
+            for stuck in sorted(planner.passed_over - passed_over):
+                log.warning("node %s: %s, joining too, has taken no tokens for %d gossip rounds; "
+                            "no longer waiting for it", self.node_id, stuck,
+                            JOIN_TURN_STALL_ROUNDS)
+            passed_over = set(planner.passed_over)
             if step is JoinStep.DONE:
                 return
+            if step is JoinStep.WAIT_TURN and planner.ahead != waiting_for:
+                log.info("node %s: waiting for %s, joining too, to take tokens first",
+                         self.node_id, ", ".join(sorted(planner.ahead)))
+            waiting_for = planner.ahead
             if step is JoinStep.START_ALONE:
                 log.warning(
                     "node %s: none of its seeds (%s) answered; starting a new cluster alone "
@@ -404,9 +423,10 @@ class Node:
             return persisted
         max_rf = max((ks.replication_factor for ks in self.keyspaces.values()), default=1)
         chosen = allocate_tokens(ring, self.config.cluster.num_tokens, self._rng, rf=max_rf)
-        # Allocation is deterministic for a given ring, so two nodes joining
-        # at once would pick the same tokens; a tiny random nudge (2**-24 of
-        # the ring) keeps them apart at no cost to balance.
+        # Allocation is deterministic for a given ring. Joiners take turns
+        # (membership.JoinPlanner), but two that allocate against the same
+        # ring anyway (one passed over as stuck) would pick the same tokens;
+        # a tiny random nudge (2**-24 of the ring) keeps them apart.
         jitter = 2**40
         tokens = tuple(sorted({
             min(MAX_TOKEN, max(MIN_TOKEN + 1, t + self._rng.randrange(-jitter, jitter)))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ringkv.ring import TokenRing
 from ringkv.tools.local_cluster import LocalCluster, node_view
 from ringkv.tools.launcher import NodeProcess, free_port_block
 from tests.procs import http, wait_until
@@ -162,3 +163,22 @@ def test_scan_and_batch_cover_the_whole_ring(cluster: LocalCluster) -> None:
         if token is None:
             break
     assert seen == {f"s{i}": i for i in range(60)}
+
+
+def test_nodes_started_at_once_own_at_most_1_25x_the_mean(tmp_path: Path) -> None:
+    """Dynamo §4.2 (vnodes): five new nodes launched together (node1 the seed of all) take
+    tokens in turn, each knowing the tokens of those before, so each owns about a fifth."""
+    cluster = make_cluster(tmp_path, nodes=5)
+    cluster.build()
+    try:
+        for proc in cluster.procs:
+            proc.launch()
+        cluster.wait_all_up(timeout_s=45)
+        status, body = http("GET", f"{cluster.procs[-1].url}/v1/ring")
+        assert status == 200
+        ring = TokenRing({row["node_id"]: row["tokens"] for row in body["nodes"]})
+        ownership = ring.ownership()
+        assert len(ownership) == 5
+        assert max(ownership.values()) * 5 <= 1.25, ownership
+    finally:
+        cluster.down()

@@ -493,6 +493,19 @@ def test_new_node_is_announced_as_join_and_change_then_up():
     assert all(e.kind in EVENT_KINDS for e in net.nodes[addr(1)].drain_events())
 
 
+def test_a_node_just_learned_of_may_be_alive_until_the_detector_convicts_it():
+    """Not UP before its heartbeat is seen to advance, but not ruled out either (a
+    joiner heard of once may well be joining too); a silent one is convicted."""
+    net = Net([make_node(0), make_node(1)])
+    net.round()
+    seed = net.nodes[addr(0)]
+    assert not seed.is_alive("n1") and seed.may_be_alive("n1", net.now)
+    assert not seed.may_be_alive("n9", net.now)  # never heard of
+    net.stopped.add(addr(1))
+    assert seed.may_be_alive("n1", net.now + 1.0)
+    assert not seed.may_be_alive("n1", net.now + 10.0)
+
+
 @pytest.mark.parametrize("pause_s", [PAUSE_S, 0.0])
 def test_stopped_node_goes_down_and_comes_back_up(pause_s):
     net = Net([make_node(i, pause_s=pause_s) for i in range(4)], seed=7)

@@ -278,6 +278,16 @@ class Gossiper:
         """UP per gossip and the failure detector; this node is always alive."""
         return node_id == self.node_id or node_id in self._live
 
+    def may_be_alive(self, node_id: str, now_s: float) -> bool:
+        """UP, or heard of and not yet convicted by the failure detector.
+
+        A node learned of a moment ago is not UP until its heartbeat is seen
+        to advance, but it may well be running: this says whether it could be.
+        """
+        if node_id not in self._states:
+            return False
+        return self.is_alive(node_id) or self.detector.is_available(node_id, now_s)
+
     def live_peers(self) -> list[str]:
         """Node ids of UP peers (not this node), sorted."""
         return sorted(self._live)

@@ -137,11 +137,14 @@ class SimCluster:
     def up(self) -> list[Machine]:
         return [m for m in self.machines if m.state == UP]
 
-    async def boot(self, timeout_s: float, *, provision: random.Random | None = None) -> None:
+    async def boot(self, timeout_s: float, *, provision: random.Random | None = None,
+                   together: bool = False) -> None:
         """Start the nodes, then wait until every node sees every other UP on one ring.
 
         By default they start one after another, each joining the ring the
         previous ones formed (gossip, then token allocation: the real join).
+        With ``together``, every node starts at the same instant and the
+        joiners take their tokens in turn (``membership.JoinPlanner``).
         With ``provision``, every node instead starts with tokens already on
         its disk, evenly interleaved at a random rotation (like operators who
         set initial tokens), which skips the join and its cost.
@@ -156,7 +159,14 @@ class SimCluster:
                 machine.identity.save_tokens(
                     tuple(t for j, t in enumerate(tokens) if order[j % count] == i))
         for machine in self.machines:
-            await machine.start()
+            await machine.start(wait_joined=not together)
+        if together:
+            tasks = [m.start_task for m in self.machines if m.start_task is not None]
+            await asyncio.wait(tasks, timeout=timeout_s)
+            for task in tasks:
+                if not task.done():
+                    raise RuntimeError(f"the nodes did not all start within {timeout_s}s")
+                task.result()
         await self.wait_settled(timeout_s)
 
     async def wait_settled(self, timeout_s: float) -> bool:

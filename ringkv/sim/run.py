@@ -33,6 +33,7 @@ HEAL_TIMEOUT_S = 60.0  # virtual seconds for every node to see every other UP ag
 QUIET_S = 10.0  # after healing: gossip and hint replay (replay also retries every 5 s)
 SETTLE_S = 2.0  # after the final reads (whose read repair blocks), before replicas are compared
 KEYSPACE = "default"
+BOOT_MODES = ("join", "together", "provisioned")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class SimSettings:
     hints: bool = True
     write_fraction: float = 0.5
     max_skew_s: float = 0.25
-    boot: str = "join"  # "join": each node joins the ring; "provisioned": tokens preset (faster)
+    # "join": each node joins the ring in turn; "together": all start at once and
+    # join; "provisioned": tokens preset (faster)
+    boot: str = "join"
 
     def __post_init__(self) -> None:
         for kind in self.nemesis:
@@ -60,8 +63,8 @@ class SimSettings:
                 raise ValueError(f"unknown nemesis {kind!r}; choose from {', '.join(NEMESES)}")
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; choose from {', '.join(FAULTS)}")
-        if self.boot not in ("join", "provisioned"):
-            raise ValueError(f"boot must be 'join' or 'provisioned', not {self.boot!r}")
+        if self.boot not in BOOT_MODES:
+            raise ValueError(f"boot must be one of {', '.join(BOOT_MODES)}, not {self.boot!r}")
         ConsistencyLevel.parse(self.read_cl, write=False)
         ConsistencyLevel.parse(self.write_cl, write=True)
 
@@ -194,7 +197,7 @@ async def _run(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
     log = FaultLog(loop)
 
     provision = random.Random(f"{seed}/tokens") if settings.boot == "provisioned" else None
-    await cluster.boot(BOOT_TIMEOUT_S, provision=provision)
+    await cluster.boot(BOOT_TIMEOUT_S, provision=provision, together=settings.boot == "together")
     log.note(f"cluster of {settings.nodes} is up; workload starts")
     spec = WorkloadSpec(
         ops=settings.ops, clients=settings.clients, keys=settings.keys,

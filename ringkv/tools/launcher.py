@@ -130,6 +130,13 @@ class NodeProcess:
     def start(self, *, wait_joined: bool = True) -> NodeProcess:
         """Start the process; return once it serves clients (NORMAL on the ring), or
         with ``wait_joined=False`` once it answers /v1/status (maybe still joining)."""
+        self.launch()
+        ready = self._ready if wait_joined else self._answers_status
+        wait_until(ready, timeout_s=START_DEADLINE_S, what=f"{self.node_id} to start")
+        return self
+
+    def launch(self) -> NodeProcess:
+        """Start the process and return at once (``start`` also waits for it)."""
         self.log_path = self.data_dir / f"{self.node_id}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
@@ -149,8 +156,6 @@ class NodeProcess:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        ready = self._ready if wait_joined else self._answers_status
-        wait_until(ready, timeout_s=START_DEADLINE_S, what=f"{self.node_id} to start")
         return self
 
     def _answers_status(self) -> bool:

@@ -2,7 +2,8 @@
 
 Nodes start one at a time, each joining through the first node (the seed), so
 every node allocates its tokens knowing the ring so far and ownership stays
-balanced. The cluster is up when every node sees every other node UP.
+balanced (nodes launched together take turns to the same end, but each waits
+for those before it). The cluster is up when every node sees every other node UP.
 """
 
 from __future__ import annotations
