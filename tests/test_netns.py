@@ -57,18 +57,24 @@ def test_the_schedule_isolates_one_node_first_and_last_and_runs_every_kind() -> 
 def test_membership_checks_catch_slow_or_missing_detection_and_recovery() -> None:
     fast = [Detection("isolate", "a", 6.0), Detection("pause", "b", 7.5)]
     quick = [Recovery("split", "a", 0.0), Recovery("split", "b", 2.6)]
-    assert all(v.ok for v in membership_checks(fast, quick))
+    even = {"a": 0.21, "b": 0.19, "c": 0.2, "d": 0.2, "e": 0.2}
+    assert all(v.ok for v in membership_checks(fast, quick, even))
     # Planted bugs: a detector gone blind, a stalled connection, a run that measured nothing.
-    blind = membership_checks([*fast, Detection("isolate", "a", None)], quick)[0]
+    blind = membership_checks([*fast, Detection("isolate", "a", None)], quick, even)[0]
     assert not blind.ok and blind.count == 1 and "never" in blind.excerpt[0]
-    slow = membership_checks([Detection("isolate", "a", DETECTION_BOUND_S + 0.1)], quick)[0]
+    slow = membership_checks([Detection("isolate", "a", DETECTION_BOUND_S + 0.1)], quick,
+                             even)[0]
     assert not slow.ok
-    stalled = membership_checks(fast, [*quick, Recovery("isolate", "c", 44.8)])[1]
+    stalled = membership_checks(fast, [*quick, Recovery("isolate", "c", 44.8)], even)[1]
     assert not stalled.ok and "44.8 s" in stalled.excerpt[0]
-    never = membership_checks(fast, [Recovery("isolate", "c", None)])[1]
+    never = membership_checks(fast, [Recovery("isolate", "c", None)], even)[1]
     assert not never.ok
-    assert not membership_checks([], quick)[0].ok
-    assert not membership_checks(fast, [])[1].ok
+    assert not membership_checks([], quick, even)[0].ok
+    assert not membership_checks(fast, [], even)[1].ok
+    # Issue #10's three nodes started at once: 47.9 / 38.8 / 13.3%.
+    skewed = membership_checks(fast, quick, {"a": 0.479, "b": 0.388, "c": 0.133})[2]
+    assert not skewed.ok and "1.437x" in skewed.summary
+    assert not membership_checks(fast, quick, {})[2].ok
     assert RECOVERY_BOUND_S == 5.0 and DETECTION_BOUND_S == 10.0  # issue #10's targets
 
 
@@ -224,6 +230,6 @@ def test_five_hosts_keep_every_promise_through_real_partitions(tmp_path: Path) -
     outcomes = Counter((op.kind, op.status) for op in report.history if not op.final)
     assert outcomes["write", "ok"] > 0 and outcomes["read", "ok"] > 0, summary
     for name in ("lost acknowledged writes", "stale reads", "reads of values never written",
-                 "failures detected", "writes at ALL after heal"):
+                 "failures detected", "writes at ALL after heal", "tokens balanced"):
         assert report.verdict(name).ok, summary
     assert report.ok, summary

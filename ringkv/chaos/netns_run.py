@@ -21,6 +21,8 @@ with ``membership_checks``:
 
 * **detection:** how long until every other node shows an isolated or paused
   node DOWN (bound: DETECTION_BOUND_S);
+* **balance:** the nodes, started together, own near-equal shares of the
+  ring (at most MAX_OWNERSHIP_RATIO times the mean);
 * **recovery:** after every heal, how long from a node showing every node UP
   until a write at ALL through it succeeds (bound: RECOVERY_BOUND_S). A
   connection stalled in TCP's retransmission backoff would hold this up for
@@ -56,6 +58,7 @@ LONG_ISOLATION_S = 30.0
 CALM_S = 9.0  # after each heal: recovery is measured in here, before the next fault
 DETECTION_BOUND_S = 10.0  # issue #10: every isolation of >= 5 s detected within 10 s
 RECOVERY_BOUND_S = 5.0  # issue #10: writes at ALL succeed within 5 s of the peer showing UP
+MAX_OWNERSHIP_RATIO = 1.25  # README: no node owns more than 1.25x the mean
 POLL_S = 0.2
 PROBE_TIMEOUT_S = 3.0  # one probe write at ALL; the node itself times out replicas at 2 s
 
@@ -101,8 +104,8 @@ def netns_schedule(seed: int, hosts: tuple[str, ...]) -> list[Fault]:
     return faults
 
 
-def membership_checks(detections: list[Detection], recoveries: list[Recovery]) -> list[
-        checkers.Verdict]:
+def membership_checks(detections: list[Detection], recoveries: list[Recovery],
+                      ownership: dict[str, float]) -> list[checkers.Verdict]:
     """Judge what the run measured against issue #10's bounds."""
     slow = [d for d in detections if d.after_s is None or d.after_s > DETECTION_BOUND_S]
     times = [d.after_s for d in detections if d.after_s is not None]
@@ -121,7 +124,13 @@ def membership_checks(detections: list[Detection], recoveries: list[Recovery]) -
         + (f" (slowest {max(waits):.1f} s)" if waits else ""),
         len(late), tuple(f"after {r.fault}, via {r.via}: "
                          + ("never" if r.after_s is None else f"{r.after_s:.1f} s") for r in late))
-    return [detected, recovered]
+    mean = sum(ownership.values()) / len(ownership) if ownership else 0.0
+    ratio = max(ownership.values()) / mean if mean > 0 else float("inf")
+    balanced = checkers.Verdict(
+        "tokens balanced", ratio <= MAX_OWNERSHIP_RATIO,
+        f"{len(ownership)} nodes started at once: the largest owns {ratio:.3f}x the mean "
+        f"(bound {MAX_OWNERSHIP_RATIO:g}x)", 0 if ratio <= MAX_OWNERSHIP_RATIO else 1)
+    return [detected, recovered, balanced]
 
 
 class NetnsChaosRun(ChaosRun):
@@ -136,6 +145,7 @@ class NetnsChaosRun(ChaosRun):
         self.net = hosts
         self.hosts = tuple(hosts.hosts)
         self.detections: list[Detection] = []
+        self.ownership: dict[str, float] = {}  # node id -> primary share, nodes started at once
         self.recoveries: list[Recovery] = []
         self._probes = 0
 
@@ -143,7 +153,8 @@ class NetnsChaosRun(ChaosRun):
         return netns_schedule(self.seed, self.hosts)
 
     def judge(self, replicas: dict[str, dict[str, Any]]) -> list[checkers.Verdict]:
-        return judge(self.history, replicas) + membership_checks(self.detections, self.recoveries)
+        return (judge(self.history, replicas)
+                + membership_checks(self.detections, self.recoveries, self.ownership))
 
     # -- cluster -----------------------------------------------------------------------
 
@@ -162,12 +173,16 @@ class NetnsChaosRun(ChaosRun):
         self.by_host = dict(zip(self.hosts, cluster.procs))
         try:
             for proc in cluster.procs:
-                await asyncio.to_thread(proc.start, wait_joined=False)
-            await asyncio.to_thread(cluster.wait_all_up, None, 60.0)
+                proc.launch()
+            await asyncio.to_thread(cluster.wait_all_up, None, 90.0)
         except BaseException:
             await asyncio.to_thread(cluster.down)
             raise
         self.say(f"cluster up: {', '.join(p.node_id + ' ' + p.url for p in cluster.procs)}")
+        view = await asyncio.to_thread(node_view, cluster.procs[0])
+        self.ownership = {node_id: row["owns"] for node_id, row in (view or {}).items()}
+        self.say("primary ownership: " + ", ".join(f"{n} {100 * o:.1f}%"
+                                                  for n, o in sorted(self.ownership.items())))
 
     async def _stop_cluster(self) -> None:
         if self.cluster is not None:
