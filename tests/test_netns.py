@@ -193,8 +193,9 @@ def test_a_new_node_whose_seed_is_unreachable_waits_instead_of_serving_alone(
             hosts.heal()
             wait_until(lambda: _ring_size(new) == 2 and _joining_state(new) is None
                        and _ring_size(seed) == 2, timeout_s=60, what="the node to join")
-            status, _ = http("PUT", f"{new.url}/v1/kv/default/k", {"value": "v"})
-            assert status == 200
+            # Joined; QUORUM (2 of the 2 replicas here) succeeds once each sees the other UP.
+            wait_until(lambda: http("PUT", f"{new.url}/v1/kv/default/k", {"value": "v"})[0] == 200,
+                       timeout_s=30, interval_s=0.2, what="a QUORUM write through the new node")
         finally:
             new.stop()
             seed.stop()
