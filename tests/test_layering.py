@@ -46,7 +46,8 @@ SHELL = frozenset({
     "sim/*",
 })
 PURE_IN_SHELL_PACKAGES = frozenset({
-    "sim/__init__.py", "sim/history.py", "sim/checkers.py", "server/validation.py",
+    "sim/__init__.py", "sim/history.py", "sim/checkers.py", "sim/linearizability.py",
+    "server/validation.py",
 })
 
 
