@@ -200,6 +200,16 @@ class CorruptRecord(StorageError):
     code = "corrupt_record"
 
 
+class SnapshotTooOld(RingKVError):
+    """A read at a timestamp below the versions garbage collection has kept.
+
+    ``snapshot_ts`` is the timestamp asked for, ``gc_threshold_ts`` the oldest
+    one still readable (both in microseconds)."""
+
+    code = "snapshot_too_old"
+    http_status = 400
+
+
 class ProtocolError(RingKVError):
     """A peer or client sent bytes that do not follow the protocol."""
 
@@ -304,6 +314,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         NotJoined,
         StorageError,
         CorruptRecord,
+        SnapshotTooOld,
         ProtocolError,
         PeerUnreachable,
         PeerTimeout,
