@@ -175,6 +175,27 @@ class NotJoined(RingKVError):
         self.seeds = seeds
 
 
+class ClockUncertain(RingKVError):
+    """This node cannot stand behind a timestamp: its clock uncertainty ε is
+    unknown or above the bound, or its clock is too far from the time a
+    majority of the cluster's clocks keep (Spanner §3; ``txn/truetime.py``).
+    Transactional work is refused until it is back inside the bound.
+
+    ``epsilon_us`` is the current ε (None when it cannot be bounded at all),
+    ``max_uncertainty_us`` the bound; the message says which test failed.
+    """
+
+    code = "clock_uncertain"
+    http_status = 503
+
+    def __init__(
+        self, message: str, *, epsilon_us: int | None, max_uncertainty_us: int
+    ) -> None:
+        super().__init__(message, epsilon_us=epsilon_us, max_uncertainty_us=max_uncertainty_us)
+        self.epsilon_us = epsilon_us
+        self.max_uncertainty_us = max_uncertainty_us
+
+
 class ConfigError(RingKVError):
     """A config file or flag is invalid. The message names the file and field."""
 
@@ -312,6 +333,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         Overloaded,
         ShuttingDown,
         NotJoined,
+        ClockUncertain,
         StorageError,
         CorruptRecord,
         SnapshotTooOld,
