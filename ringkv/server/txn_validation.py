@@ -1,0 +1,129 @@
+"""Transactional requests from untrusted JSON, or a BadRequest/TooLarge naming the field.
+
+* a condition on a single-key PUT or DELETE (``"if"``), or in a one-shot
+  transaction's ``conditions``: ``{"version": N}``, ``{"absent": true}`` or
+  ``{"equals": <json>}`` (see ``txn/requests.py`` for what each means);
+* a one-shot transaction, ``POST /v1/txn``: ``{"keyspace", "id"?,
+  "reads": [keys], "conditions": [{"key", ...}], "writes": [{"op": "put" |
+  "delete", "key", "value"?}]}``; each list may be left out, not all of them.
+
+Written values are kept as their canonical JSON bytes (``encode_json_value``),
+as the eventual tier stores them; ``equals`` compares JSON values, whatever
+the spacing or key order of either side. A transaction id is 1-64 characters of ``[A-Za-z0-9._:-]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ringkv.config import LimitsConfig
+from ringkv.errors import BadRequest, TooLarge
+from ringkv.server.validation import key_from_json, value_bytes
+from ringkv.txn.requests import CONDITION_KINDS, Condition, TxnRequest, Write, comparable_json
+
+TXN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_TXN_FIELDS = frozenset({"keyspace", "id", "reads", "conditions", "writes"})
+_WRITE_FIELDS = frozenset({"op", "key", "value"})
+
+
+def parse_condition(obj: Any, key: bytes, limits: LimitsConfig, *, field: str) -> Condition:
+    """One condition on ``key`` (from the path, or the condition's own ``key``)."""
+    if not isinstance(obj, Mapping):
+        raise BadRequest(f"{field} must be an object with one of {', '.join(CONDITION_KINDS)}",
+                         field=field)
+    kinds = [kind for kind in CONDITION_KINDS if kind in obj]
+    unknown = sorted(set(obj) - set(CONDITION_KINDS) - {"key"})
+    if unknown:
+        raise BadRequest(f"{field} has unknown field {unknown[0]!r}; a condition is one of "
+                         f"{', '.join(CONDITION_KINDS)}", field=f"{field}.{unknown[0]}")
+    if len(kinds) != 1:
+        raise BadRequest(f"{field} must name exactly one of {', '.join(CONDITION_KINDS)}",
+                         field=field)
+    kind = kinds[0]
+    where = f"{field}.{kind}"
+    if kind == "version":
+        version = obj["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise BadRequest("version must be a commit timestamp: a whole number of "
+                             "microseconds, 0 or more", field=where)
+        return Condition(key, "version", version_us=version)
+    if kind == "absent":
+        if obj["absent"] is not True:
+            raise BadRequest("absent must be true (to require a value, use version or equals)",
+                             field=where)
+        return Condition(key, "absent")
+    value_bytes(obj["equals"], limits, field=where)  # a JSON value, within the value limit
+    return Condition(key, "equals", equals=comparable_json(obj["equals"]))
+
+
+def parse_txn(body: Any, limits: LimitsConfig) -> TxnRequest:
+    """A one-shot transaction from the body of ``POST /v1/txn``."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("a transaction is a JSON object", field="body")
+    unknown = sorted(set(body) - _TXN_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a transaction has "
+                         f"{', '.join(sorted(_TXN_FIELDS))}", field=unknown[0])
+    keyspace = body.get("keyspace")
+    if not isinstance(keyspace, str) or not keyspace:
+        raise BadRequest("keyspace must be a non-empty string", field="keyspace")
+    txn_id = body.get("id")
+    if txn_id is not None and (not isinstance(txn_id, str) or not TXN_ID.match(txn_id)):
+        raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -",
+                         field="id")
+    reads = tuple(key_from_json(key, limits, field=f"reads[{i}]")
+                  for i, key in enumerate(_list(body, "reads")))
+    conditions = []
+    for i, obj in enumerate(_list(body, "conditions")):
+        where = f"conditions[{i}]"
+        key = key_from_json(obj.get("key") if isinstance(obj, Mapping) else None, limits,
+                            field=f"{where}.key")
+        conditions.append(parse_condition(obj, key, limits, field=where))
+    writes = [_write(obj, limits, field=f"writes[{i}]")
+              for i, obj in enumerate(_list(body, "writes"))]
+    if not (reads or conditions or writes):
+        raise BadRequest("a transaction needs reads, conditions or writes", field="body")
+    seen: set[bytes] = set()
+    for i, write in enumerate(writes):
+        if write.key in seen:
+            raise BadRequest(f"key {write.key.decode()!r} is written twice in one transaction",
+                             field=f"writes[{i}].key")
+        seen.add(write.key)
+    request = TxnRequest(keyspace, txn_id, reads, tuple(conditions), tuple(writes))
+    touched = len(request.keys())
+    if touched > limits.max_batch_ops:
+        raise TooLarge(f"the transaction touches {touched} keys; the limit is "
+                       f"{limits.max_batch_ops} (limits.max_batch_ops)", field="body",
+                       limit=limits.max_batch_ops, size=touched)
+    return request
+
+
+def _list(body: Mapping[str, Any], name: str) -> list[Any]:
+    items = body.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise BadRequest(f"{name} must be a list", field=name)
+    return items
+
+
+def _write(obj: Any, limits: LimitsConfig, *, field: str) -> Write:
+    if not isinstance(obj, Mapping):
+        raise BadRequest(f"{field} must be an object with op, key and value", field=field)
+    unknown = sorted(set(obj) - _WRITE_FIELDS)
+    if unknown:
+        raise BadRequest(f"{field} has unknown field {unknown[0]!r}",
+                         field=f"{field}.{unknown[0]}")
+    key = key_from_json(obj.get("key"), limits, field=f"{field}.key")
+    op = obj.get("op")
+    if op == "put":
+        if "value" not in obj:
+            raise BadRequest("a put needs a value", field=f"{field}.value")
+        return Write(key, value_bytes(obj["value"], limits, field=f"{field}.value"))
+    if op == "delete":
+        if "value" in obj:
+            raise BadRequest("a delete takes no value", field=f"{field}.value")
+        return Write(key, None)
+    raise BadRequest("op must be \"put\" or \"delete\"", field=f"{field}.op")
