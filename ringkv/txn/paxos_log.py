@@ -31,7 +31,8 @@ applying after it: re-applying older entries could bring back versions GC has
 since dropped.
 
 Calls are synchronous; the group shell runs them off the event loop when the
-engine blocks.
+engine blocks. ``persist(sync=False)`` is for batches nothing sent depends
+on (chosen records alone: see ``group.py``).
 """
 
 from __future__ import annotations
