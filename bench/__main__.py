@@ -5,6 +5,7 @@
     ycsb          YCSB-style workloads A, B, C and write-only through the Python client,
                   at ONE, QUORUM and ALL (--quick: under 2 minutes); table, JSON and a plot
     sim-speed     the deterministic simulator: simulated client ops per wall-clock second
+    txn-group     one Paxos group (3 GroupRunners in one process, LevelDB): commits/s, latency, CPU/commit
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main(argv: list[str]) -> int:
         "cluster": "bench.cluster",
         "ycsb": "bench.ycsb",
         "sim-speed": "bench.sim_speed",
+        "txn-group": "bench.txn_group",
     }
     if not argv or argv[0] not in commands:
         print(__doc__)

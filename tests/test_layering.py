@@ -40,6 +40,8 @@ SHELL = frozenset({
     "net/rpc.py", "net/sockets.py", "net/transport.py",
     "storage/store.py", "storage/leveldb.py",
     "txn/mvcc.py",  # runs engine calls off the loop (LevelDB fsyncs)
+    "txn/paxos_log.py",  # fsyncs a group's Paxos records through the engine
+    "txn/group.py",  # runs one group: timers, a drain task, fsyncs off the loop
     "server/*",
     "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",

@@ -390,6 +390,27 @@ def test_reads_below_the_gc_threshold_are_refused_even_after_a_restart(tmp_path:
     assert BY_CODE["snapshot_too_old"] is SnapshotTooOld and SnapshotTooOld.http_status == 400
 
 
+def test_a_raised_gc_threshold_refuses_older_reads_and_never_lowers(tmp_path: Path) -> None:
+    """A Paxos snapshot copied from a peer whose GC thinned its history carries the
+    peer's threshold: reads below it are refused here too (Spanner §4.1.3)."""
+    engine = LevelDBEngine(tmp_path / "db")
+    store = MvccStore(engine)
+    store.apply_now("ks", {b"k": b"a"}, 10)
+    store.raise_gc_threshold("ks", 15)
+    store.raise_gc_threshold("ks", 12)  # lower: ignored
+    assert store.gc_threshold_us("ks") == 15
+    with pytest.raises(SnapshotTooOld):
+        store.read("ks", b"k", 14)
+    assert store.read("ks", b"k", 15) == (b"a", 10)
+    engine.sync()  # the installer syncs once the snapshot is in
+    engine.close()
+    engine = LevelDBEngine(tmp_path / "db")
+    try:
+        assert MvccStore(engine).gc_threshold_us("ks") == 15
+    finally:
+        engine.close()
+
+
 def test_gc_batches_are_bounded_and_a_pass_finishes(engine) -> None:
     """Each call examines at most max_records versions with one engine scan
     and at most one write, so it holds the event loop for a bounded time."""

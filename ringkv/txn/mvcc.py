@@ -338,6 +338,19 @@ class MvccStore:
         """Reads of ``keyspace`` below this timestamp are refused (0: nothing collected yet)."""
         return self._threshold(keyspace)
 
+    def raise_gc_threshold(self, keyspace: str, threshold_us: int) -> None:
+        """Refuse reads of ``keyspace`` below ``threshold_us`` from now on: versions
+        installed from a peer whose GC has thinned the history below it (a Paxos
+        snapshot) cannot answer them. Unsynced, like a GC batch: the caller syncs."""
+        mvcc_keys.check_ts(threshold_us)
+        if threshold_us <= self._threshold(keyspace):
+            return
+        self._engine.write(
+            [(mvcc_keys.gc_threshold_key(keyspace), mvcc_keys.encode_threshold(threshold_us))], (),
+            sync=False,
+        )
+        self._thresholds[keyspace] = threshold_us
+
     # -- helpers -----------------------------------------------------------
 
     def _threshold(self, keyspace: str) -> int:

@@ -1,0 +1,699 @@
+"""``GroupRunner``: the shell that runs one Paxos group's replica on this node.
+
+It feeds a ``PaxosReplica`` (``txn/paxos.py``) what happens: messages
+(``step``, or ``receive`` for an undecoded one), time (``tick`` on a timer of
+the one clock) and proposals (``propose_future``), and carries out each
+``Ready`` in order, as the replica's contract says:
+
+1. persist the records: one engine batch, fsynced (``txn/paxos_log.py``);
+2. then hand the messages to ``send(node_id, group_id, message)``, the
+   node's (which coalesces them per destination: ``paxos_messages.Outbox``);
+3. then install a snapshot, if any, and apply the committed entries in slot
+   order to the ``MvccStore``.
+
+Readies queue while a persist is in flight and the next round takes all of
+them: one fsync covers every record of the batch (group commit), and every
+message still leaves after the records it depends on are on disk. One drain
+task at a time does this, so the order holds across rounds.
+
+**Log entries.** A commit is a ``paxos_messages.CommitValue``: the
+transaction id, its commit timestamp (the entry's, handed out by
+``PaxosReplica.assign_ts`` from ``TT.now()`` inside the leader's lease) and
+its writes. An entry delivered ``superseded`` (its timestamp is not above
+one applied before it) is not applied, and its proposal is answered
+aborted. A value that does not decode is skipped on every replica alike
+(the log is the same everywhere) and counted.
+
+**Outcomes.** ``propose_future`` resolves to an ``Outcome``: committed at
+``commit_ts_us`` once applied here; aborted when its slot chose another
+value (a leader change lost it) or it was superseded; refused when this
+node cannot propose (not leader, with a hint; no lease; backlog; clock
+uncertain); unknown when the runner stopped, the wait timed out, or a
+snapshot jumped over the slot before this node learned it. The slot decides:
+a proposal is only ever at one slot.
+
+**Bounded log.** After applying, once more than ``max_log_slots`` applied
+slots are held, the runner compacts the log to ``keep_log_slots`` behind
+the applied point; the MVCC store is the snapshot, and its handle names this
+node. A replica that needs slots below a compaction point gets an
+``InstallSnapshot`` and fetches the group's MVCC records at or below the
+snapshot's timestamp, page by page, through ``fetch_snapshot(node_id,
+SnapshotRequest)`` (the node sends it to the peer's ``serve_snapshot``).
+Records after the snapshot's slot are newer than its timestamp (applied
+timestamps rise in slot order), so any member that has applied through that
+slot can serve it. The store's applied point (``paxos_log``'s ``T``) moves
+only once every page is in, so a crash mid-install installs again.
+
+**What is fsynced.** A batch holding a promise, an accept or a snapshot
+record is fsynced before its messages leave: replies depend on those. A
+batch of chosen records alone is written unsynced. Nothing anyone was told
+depends on it: a value is chosen because a quorum accepted it, durably, so a
+replica that loses its chosen records in a crash learns them again from the
+commit point or a ``CatchUp``, and they reach the disk with the next fsync
+anyway. This halves the fsyncs of a commit (accept, then chosen) on every
+replica. The applied point is written after the entries it covers (below),
+so it never survives a crash that the chosen records it relies on did not.
+
+**Durability order.** The applied point and the applied versions are
+written unsynced, in the engine the log uses, before the next fsynced log
+batch; a crash loses a suffix of unsynced writes, so it can lose applies
+(which restart redoes from the log) but never leave the applied point ahead
+of the store. The log, the store and the snapshot installs must therefore
+share one engine: the node's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ringkv.clock import Clock, Timer
+from ringkv.errors import ClockUncertain, CorruptRecord, ProtocolError, RingKVError
+from ringkv.ring import token_for
+from ringkv.storage.engine import Engine
+from ringkv.txn import mvcc_keys
+from ringkv.txn.mvcc import MvccStore
+from ringkv.txn.paxos import (
+    ELECTION_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    ChosenRecord,
+    LEASE_S,
+    MAX_DRIFT_PPM,
+    Committed,
+    Message,
+    PaxosReplica,
+    ProposalRefused,
+    Ready,
+    Role,
+    Snapshot,
+)
+from ringkv.txn.paxos_log import PaxosLog
+from ringkv.txn.paxos_messages import (
+    CommitValue,
+    SnapshotPage,
+    SnapshotRequest,
+    decode_batch,
+    decode_commit_value,
+    decode_message,
+    encode_commit_value,
+)
+from ringkv.txn.ranges import Range
+from ringkv.txn.truetime import TrueTime
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TICK_INTERVAL_S = HEARTBEAT_INTERVAL_S / 4  # PaxosReplica.tick's advice
+MAX_LOG_SLOTS = 512  # applied slots held before the log is compacted
+KEEP_LOG_SLOTS = 128  # slots kept behind the applied point, for followers a little behind
+PROPOSE_TIMEOUT_S = 2 * LEASE_S  # a proposal not decided by then is answered unknown
+SNAPSHOT_PAGE_ITEMS = 1_000
+SNAPSHOT_ATTEMPTS = 8  # sources tried (in turn) before the runner gives up and stops
+SNAPSHOT_RETRY_S = 0.2  # first wait between attempts; doubles, up to SNAPSHOT_RETRY_MAX_S
+SNAPSHOT_RETRY_MAX_S = 5.0
+
+# Outcome statuses, and reasons.
+COMMITTED, ABORTED, REFUSED, UNKNOWN = "committed", "aborted", "refused", "unknown"
+
+SendFn = Callable[[str, str, Message], None]
+FetchSnapshotFn = Callable[[str, SnapshotRequest], Awaitable[SnapshotPage]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a proposal.
+
+    ``status``: committed (``commit_ts_us`` set; applied here), aborted
+    (reason ``lost``: its slot chose another value; ``superseded``), refused
+    (``not_leader`` with ``leader_hint`` when known, ``no_lease``,
+    ``backlog``, ``stale_ts``, ``clock_uncertain``, ``stopped``) or unknown
+    (``timeout``, ``stopped``, ``compacted``: it may or may not have committed).
+    """
+
+    status: str
+    txn_id: str
+    commit_ts_us: int | None = None
+    slot: int | None = None
+    reason: str = ""
+    leader_hint: str | None = None
+
+
+@dataclass
+class GroupStats:
+    steps: int = 0
+    ticks: int = 0
+    rejected: int = 0  # messages that did not decode, or came from outside the group
+    persist_batches: int = 0
+    fsyncs: int = 0  # persist batches written with fsync
+    readies: int = 0
+    messages_sent: int = 0
+    applied: int = 0  # commits applied to the store
+    superseded: int = 0
+    bad_entries: int = 0  # chosen values that did not decode or broke the range: skipped
+    compactions: int = 0
+    snapshots_installed: int = 0
+    snapshot_records: int = 0
+    snapshot_failures: int = 0
+    proposed: int = 0
+    committed: int = 0
+    aborted: int = 0
+    refused: int = 0
+    unknown: int = 0
+
+
+@dataclass
+class _Waiter:
+    txn_id: str
+    ts_us: int
+    future: asyncio.Future[Outcome]
+    timer: Timer | None
+
+
+class SnapshotNotReady(RingKVError):
+    """This member cannot serve the asked snapshot: it has not applied through its slot."""
+
+    code = "snapshot_not_ready"
+    http_status = 503
+
+
+class GroupRunner:
+    """One group's replica on this node (module docstring). ``start``, then feed it."""
+
+    def __init__(
+        self,
+        node_id: str,
+        group: Range,
+        *,
+        engine: Engine,
+        mvcc: MvccStore,
+        clock: Clock,
+        truetime: TrueTime,
+        send: SendFn,
+        fetch_snapshot: FetchSnapshotFn,
+        rng: random.Random,
+        tick_interval_s: float = TICK_INTERVAL_S,
+        max_log_slots: int = MAX_LOG_SLOTS,
+        keep_log_slots: int = KEEP_LOG_SLOTS,
+        propose_timeout_s: float = PROPOSE_TIMEOUT_S,
+        lease_s: float = LEASE_S,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        election_timeout_s: float = ELECTION_TIMEOUT_S,
+        max_drift_ppm: float = MAX_DRIFT_PPM,
+    ) -> None:
+        if node_id not in group.replicas:
+            raise ValueError(f"{node_id!r} is not a member of group {group.group_id!r}")
+        if not 0 <= keep_log_slots < max_log_slots:
+            raise ValueError("keep_log_slots must be in [0, max_log_slots)")
+        if not 0 < tick_interval_s < heartbeat_interval_s:
+            raise ValueError("tick_interval_s must be in (0, heartbeat_interval_s)")
+        self.node_id = node_id
+        self.group = group
+        self.group_id = group.group_id
+        self.keyspace = group.keyspace
+        self.members = frozenset(group.replicas)
+        self._peers = [m for m in group.replicas if m != node_id]
+        self._engine = engine
+        self._mvcc = mvcc
+        self._clock = clock
+        self._truetime = truetime
+        self._send = send
+        self._fetch_snapshot = fetch_snapshot
+        self._rng = rng
+        self.tick_interval_s = tick_interval_s
+        self.max_log_slots = max_log_slots
+        self.keep_log_slots = keep_log_slots
+        self.propose_timeout_s = propose_timeout_s
+        self._options = {
+            "lease_s": lease_s, "heartbeat_interval_s": heartbeat_interval_s,
+            "election_timeout_s": election_timeout_s, "max_drift_ppm": max_drift_ppm,
+        }
+        self._bounds = _engine_bounds(group)
+        self._log = PaxosLog(engine, self.group_id)
+        self.replica: PaxosReplica | None = None
+        self.applied_through = 0  # the last slot the store holds (or is being installed)
+        self._installing_through = 0  # a snapshot's slot while its install is in flight
+        self._queue: list[Ready] = []
+        self._drain_task: asyncio.Task[None] | None = None
+        self._timer: Timer | None = None
+        self._waiting: dict[int, _Waiter] = {}
+        self.stopped = True
+        self.failed: BaseException | None = None
+        self.stats = GroupStats()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the log, rebuild the replica from it, and start ticking."""
+        if not self.stopped:
+            raise RuntimeError("already started")
+        loaded = self._log.load()
+        now_s = self._clock.monotonic_s()
+        peers = self._peers
+        if loaded.empty:
+            # Nothing persisted means no promise, so no lease vote was ever granted:
+            # every vote raises the promised ballot, and that is persisted first.
+            self.replica = PaxosReplica(self.node_id, peers, **self._options)
+        else:
+            self.replica = PaxosReplica.restore(
+                self.node_id, peers, loaded.state, now_s,
+                applied_through=loaded.applied_through, **self._options,
+            )
+        self.applied_through = loaded.applied_through
+        snapshot = loaded.state.snapshot
+        self.stopped = False
+        self.failed = None
+        if snapshot is not None and loaded.applied_through < snapshot.last_slot:
+            # The snapshot record is durable but its data never arrived: fetch it
+            # before applying anything after it.
+            self._enqueue(Ready(snapshot=snapshot))
+        self._enqueue(self.replica.tick(now_s, self._rng))  # chosen entries past the applied point
+        self._timer = self._clock.call_later(self.tick_interval_s, self._on_tick)
+
+    def stop(self) -> None:
+        """Stop at once, as a crash would: nothing more is persisted, sent or applied.
+        Proposals still waiting are answered unknown."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        self._queue.clear()
+        for slot in list(self._waiting):
+            self._resolve(slot, UNKNOWN, "stopped")
+
+    # -- what the runner is fed ------------------------------------------------------------
+
+    def step(self, msg: Message) -> None:
+        """A decoded message from a member of the group."""
+        if self.stopped or self.replica is None:
+            return
+        if msg.sender not in self.members or msg.sender == self.node_id:
+            self.stats.rejected += 1
+            return
+        self.stats.steps += 1
+        self._enqueue(self.replica.step(msg, self._clock.monotonic_s()))
+
+    def receive(self, sender: str, raw: Any) -> None:
+        """An undecoded message from ``sender``: decoded and stepped, or counted and dropped."""
+        try:
+            msg = decode_message(raw, sender)
+        except ProtocolError as exc:
+            self._reject(sender, exc)
+            return
+        self.step(msg)
+
+    def tick(self) -> None:
+        """Time passes: heartbeats and lease renewal as leader, elections otherwise."""
+        if self.stopped or self.replica is None:
+            return
+        self.stats.ticks += 1
+        self._enqueue(self.replica.tick(self._clock.monotonic_s(), self._rng))
+
+    def _on_tick(self) -> None:
+        if self.stopped:
+            return
+        self._timer = self._clock.call_later(self.tick_interval_s, self._on_tick)
+        self.tick()
+
+    def _reject(self, sender: str, exc: ProtocolError) -> None:
+        self.stats.rejected += 1  # counted, logged quietly: a peer sending garbage must not flood the log
+        log.debug("group %s: dropped a malformed message from %s: %s", self.group_id, sender, exc.message)
+
+    # -- proposing ---------------------------------------------------------------------------
+
+    def propose_future(
+        self, txn_id: str, writes: Iterable[tuple[bytes, bytes | None]],
+        *, timeout_s: float | None = None,
+    ) -> asyncio.Future[Outcome]:
+        """Commit ``writes`` (a value, or None to delete) as one log entry, at a
+        timestamp this leader assigns; the future gives the ``Outcome``.
+
+        A malformed commit (a key outside the group's range, a key twice, an
+        oversized value) raises ``ProtocolError`` naming it; every other
+        failure is an outcome.
+        """
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        writes = tuple(writes)
+        for key, _ in writes:
+            if isinstance(key, bytes) and key and not self.group.contains(token_for(key)):
+                raise ProtocolError(f"key {key[:32]!r} is outside group {self.group_id}", field="key")
+        replica = self.replica
+        if self.stopped or replica is None:
+            return self._done(future, Outcome(REFUSED, txn_id, reason="stopped"))
+        now_s = self._clock.monotonic_s()
+        if not replica.is_leader(now_s):
+            reason = "not_leader" if replica.role is not Role.LEADER else "no_lease"
+            hint = replica.leader_hint if replica.leader_hint != self.node_id else None
+            return self._done(future, Outcome(REFUSED, txn_id, reason=reason, leader_hint=hint))
+        try:
+            interval = self._truetime.check(self._clock.wall_us(), now_s).interval
+        except ClockUncertain:
+            return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
+        if interval is None:  # check() raises first; this keeps the type checker sure
+            return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
+        ts_us = replica.assign_ts(now_s, interval.earliest_us, interval.latest_us)
+        if ts_us is None:
+            return self._done(future, Outcome(REFUSED, txn_id, reason="no_lease"))
+        value = encode_commit_value(CommitValue(txn_id, ts_us, writes))
+        try:
+            ready = replica.propose(value, now_s, ts_us=ts_us)
+        except ProposalRefused as exc:
+            return self._done(future, Outcome(REFUSED, txn_id, reason=exc.reason,
+                                              leader_hint=exc.leader_hint))
+        slot = replica.next_slot - 1
+        self._resolve(slot, UNKNOWN, "stale")  # never the case (slots are not reused), but never lost
+        timeout = self.propose_timeout_s if timeout_s is None else timeout_s
+        timer = self._clock.call_later(timeout, self._resolve, slot, UNKNOWN, "timeout")
+        self._waiting[slot] = _Waiter(txn_id, ts_us, future, timer)
+        self.stats.proposed += 1
+        self._enqueue(ready)
+        return future
+
+    def _done(self, future: asyncio.Future[Outcome], outcome: Outcome) -> asyncio.Future[Outcome]:
+        self._count(outcome.status)
+        future.set_result(outcome)
+        return future
+
+    def _count(self, status: str) -> None:
+        setattr(self.stats, status, getattr(self.stats, status) + 1)
+
+    def _resolve(self, slot: int, status: str, reason: str = "") -> None:
+        waiter = self._waiting.pop(slot, None)
+        if waiter is None:
+            return
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        if waiter.future.done():
+            return
+        ts = waiter.ts_us if status == COMMITTED else None
+        hint = None
+        if status != COMMITTED and self.replica is not None and self.replica.leader_hint != self.node_id:
+            hint = self.replica.leader_hint
+        self._count(status)
+        waiter.future.set_result(Outcome(status, waiter.txn_id, ts, slot, reason, hint))
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        """Leads with phase 1 done and a live lease: may propose and assign timestamps."""
+        return self.replica is not None and not self.stopped and self.replica.is_leader(
+            self._clock.monotonic_s())
+
+    def leader(self) -> str | None:
+        """This node while it leads under a lease, else the leader last heard from (a hint)."""
+        if self.replica is None or self.stopped:
+            return None
+        if self.is_leader():
+            return self.node_id
+        hint = self.replica.leader_hint
+        return hint if hint != self.node_id else None
+
+    def lease_valid(self) -> bool:
+        return self.replica is not None and not self.stopped and self.replica.lease_valid(
+            self._clock.monotonic_s())
+
+    @property
+    def applied_ts_us(self) -> int:
+        """The highest commit timestamp applied here: nothing applied later is older."""
+        return 0 if self.replica is None else self.replica.applied_ts_us
+
+    def log_slots(self) -> int:
+        """Slot records in the durable log (what compaction bounds)."""
+        return self._log.slots_on_disk()
+
+    # -- carrying out Readies --------------------------------------------------------------------
+
+    def _enqueue(self, ready: Ready) -> None:
+        if not ready or self.stopped:
+            return
+        self._queue.append(ready)
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and not self.stopped:
+                batch, self._queue = self._queue, []
+                records = [record for ready in batch for record in ready.persist]
+                if records:
+                    # Only promises, accepts and snapshots back a reply; a batch of
+                    # chosen records alone needs no fsync (module notes).
+                    sync = not all(isinstance(record, ChosenRecord) for record in records)
+                    if sync:
+                        await self._io(self._log.persist, records, sync=True)
+                    else:  # an unsynced write only reaches LevelDB's log and memtable: in place
+                        self._log.persist(records, sync=False)
+                    self.stats.persist_batches += 1
+                    self.stats.fsyncs += sync
+                    if self.stopped:
+                        return  # stopped during the fsync: send nothing
+                self.stats.readies += len(batch)
+                for ready in batch:
+                    for out in ready.messages:
+                        self._send(out.to, self.group_id, out.msg)
+                    self.stats.messages_sent += len(ready.messages)
+                for ready in batch:
+                    if ready.snapshot is not None:
+                        await self._install(ready.snapshot)
+                        if self.stopped:
+                            return
+                    self._apply(ready.committed)
+                self._maybe_compact()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a storage failure: this replica cannot go on safely
+            log.exception("group %s on %s failed; stopping it", self.group_id, self.node_id)
+            self.failed = exc
+            self._drain_task = None
+            self.stop()
+        finally:
+            # Nothing runs between the loop's last check of the queue and here.
+            if self._drain_task is asyncio.current_task():
+                self._drain_task = None
+
+    def _apply(self, committed: Sequence[Committed]) -> None:
+        if not committed:
+            return
+        for item in committed:
+            slot, entry = item.slot, item.entry
+            if slot <= self.applied_through:
+                continue  # already in the store (a snapshot covered it)
+            value = None if entry.noop else self._decode(slot, entry.value, entry.ts_us)
+            if value is not None and not item.superseded:
+                self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
+                self.stats.applied += 1
+            elif item.superseded:
+                self.stats.superseded += 1
+            self.applied_through = slot
+            waiter = self._waiting.get(slot)
+            if waiter is not None:
+                self._resolve(slot, *decide(waiter.txn_id, waiter.ts_us, item, value))
+        self._log.set_applied(self.applied_through)
+
+    def _decode(self, slot: int, data: bytes, ts_us: int) -> CommitValue | None:
+        try:
+            value = decode_commit_value(data)
+            if value.commit_ts_us != ts_us:
+                raise ProtocolError(f"commit timestamp {value.commit_ts_us} is not the entry's {ts_us}",
+                                    field="commit.commit_ts_us")
+            for key, _ in value.writes:
+                if not self.group.contains(token_for(key)):
+                    raise ProtocolError(f"key {key[:32]!r} is outside the group's range", field="key")
+        except ProtocolError as exc:
+            self.stats.bad_entries += 1
+            log.error("group %s: slot %d holds a value that cannot be applied: %s", self.group_id,
+                      slot, exc.message)
+            return None
+        return value
+
+    def _maybe_compact(self) -> None:
+        replica = self.replica
+        if replica is None:
+            return
+        floor = replica.snapshot.last_slot if replica.snapshot else 0
+        if self.applied_through - floor <= self.max_log_slots:
+            return
+        self.stats.compactions += 1
+        self._enqueue(replica.compact(self.applied_through - self.keep_log_slots, self.node_id))
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    async def _install(self, snapshot: Snapshot) -> None:
+        """Fetch the group's MVCC state at ``snapshot`` from a member that has it."""
+        if snapshot.last_slot <= self.applied_through:
+            return
+        self._installing_through = snapshot.last_slot
+        sources = [snapshot.handle] if snapshot.handle in self._peers else []
+        sources += [peer for peer in self._peers if peer not in sources]
+        if not sources:
+            raise RingKVError(f"group {self.group_id}: no member to fetch a snapshot from")
+        delay_s = SNAPSHOT_RETRY_S
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            source = sources[attempt % len(sources)]
+            try:
+                threshold_us = await self._fetch_all(source, snapshot)
+            except (RingKVError, OSError) as exc:
+                self.stats.snapshot_failures += 1
+                log.warning("group %s: snapshot through slot %d from %s failed (attempt %d): %s",
+                            self.group_id, snapshot.last_slot, source, attempt + 1, exc)
+                await self._clock.sleep(delay_s)
+                delay_s = min(SNAPSHOT_RETRY_MAX_S, 2 * delay_s)
+                if self.stopped:
+                    return
+                continue
+            if threshold_us:
+                self._mvcc.raise_gc_threshold(self.keyspace, threshold_us)
+            # Synced: the store now holds the snapshot, so restart must not fetch it again.
+            await self._io(self._log.set_applied, snapshot.last_slot, sync=True)
+            self.applied_through = snapshot.last_slot
+            self._installing_through = 0
+            self.stats.snapshots_installed += 1
+            for slot in [s for s in self._waiting if s <= snapshot.last_slot]:
+                self._resolve(slot, UNKNOWN, "compacted")
+            return
+        raise RingKVError(f"group {self.group_id}: no member served the snapshot through slot "
+                          f"{snapshot.last_slot} in {SNAPSHOT_ATTEMPTS} attempts")
+
+    async def _fetch_all(self, source: str, snapshot: Snapshot) -> int:
+        after: bytes | None = None
+        threshold_us = 0
+        while not self.stopped:  # bounded: each page moves ``after`` strictly forward
+            page = await self._fetch_snapshot(
+                source, SnapshotRequest(self.group_id, snapshot, after, SNAPSHOT_PAGE_ITEMS))
+            previous = after
+            for key, record in page.items:
+                self._check_snapshot_record(key, record, previous, snapshot)
+                previous = key
+            if page.items:
+                await self._io(self._engine.write, list(page.items), (), sync=False)
+                self.stats.snapshot_records += len(page.items)
+            threshold_us = max(threshold_us, page.gc_threshold_us)
+            if page.resume_after is None:
+                break
+            if (after is not None and page.resume_after <= after) or (
+                    previous is not None and page.resume_after < previous):
+                raise ProtocolError("snapshot page does not move forward", field="resume_after")
+            after = page.resume_after
+        return threshold_us
+
+    def _check_snapshot_record(self, key: bytes, record: bytes, previous: bytes | None,
+                               snapshot: Snapshot) -> None:
+        if previous is not None and key <= previous:
+            raise ProtocolError("snapshot records out of order", field="items")
+        if not any(lo <= key < hi for lo, hi in self._bounds):
+            raise ProtocolError(f"snapshot record {key[:32]!r} is outside the group", field="items")
+        try:
+            _, ts_us = mvcc_keys.split_version_key(key)
+            mvcc_keys.decode_record(record)
+        except CorruptRecord as exc:
+            raise ProtocolError(f"corrupt snapshot record: {exc.message}", field="items") from None
+        if ts_us > snapshot.max_ts_us:
+            raise ProtocolError("snapshot record newer than the snapshot", field="items")
+
+    async def serve_snapshot(self, request: SnapshotRequest) -> SnapshotPage:
+        """A page of this group's MVCC records at or below the snapshot's timestamp."""
+        if request.group_id != self.group_id:
+            raise ProtocolError(f"group {request.group_id!r} is not {self.group_id!r}", field="group_id")
+        if self.stopped or self.applied_through < request.snapshot.last_slot or self._installing_through:
+            raise SnapshotNotReady(
+                f"{self.node_id} has applied group {self.group_id} through slot {self.applied_through}, "
+                f"not {request.snapshot.last_slot}")
+        return await self._io(self._snapshot_page, request)
+
+    def _snapshot_page(self, request: SnapshotRequest) -> SnapshotPage:
+        max_ts_us = request.snapshot.max_ts_us
+        budget = 4 * request.limit  # records examined, newer ones included
+        items: list[tuple[bytes, bytes]] = []
+        last: bytes | None = None
+        for lo, hi in self._bounds:
+            start = lo if request.after is None else max(lo, request.after + b"\x00")
+            if start >= hi:
+                continue
+            for key, record in self._engine.scan(start, hi, limit=budget):
+                budget -= 1
+                last = key
+                try:
+                    newer = mvcc_keys.split_version_key(key)[1] > max_ts_us
+                except CorruptRecord:
+                    newer = True  # not sent; the receiver would refuse it
+                if not newer:
+                    items.append((key, record))
+                if len(items) >= request.limit or budget <= 0:
+                    return SnapshotPage(tuple(items), last, self._mvcc.gc_threshold_us(self.keyspace))
+        return SnapshotPage(tuple(items), None, self._mvcc.gc_threshold_us(self.keyspace))
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An engine call, off the event loop when the engine may block (an fsync)."""
+        if not self._engine.blocking:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+
+def decide(txn_id: str, ts_us: int, item: Committed, value: CommitValue | None) -> tuple[str, str]:
+    """(status, reason) of the proposal of ``txn_id`` at ``ts_us``, once its slot is
+    chosen as ``item`` (``value``: the chosen value decoded, None for a no-op or
+    one that does not decode). A proposal lives at one slot only, so whatever
+    that slot chose is final."""
+    if value is None or value.txn_id != txn_id or item.entry.ts_us != ts_us:
+        return ABORTED, "lost"  # a leader change filled the slot with something else
+    if item.superseded:
+        return ABORTED, "superseded"
+    return COMMITTED, ""
+
+
+def _engine_bounds(group: Range) -> list[tuple[bytes, bytes]]:
+    """The MVCC engine ranges [lo, hi) of a group's tokens, in key order."""
+    ks = group.keyspace
+    if group.start == group.end:
+        return [mvcc_keys.keyspace_bounds(ks)]
+    if group.start < group.end:
+        return [mvcc_keys.range_bounds(ks, group.start, group.end)]
+    # Wraps past the ring's end: (start, MAX] and [MIN, end]; the second sorts first.
+    return [mvcc_keys.range_bounds(ks, mvcc_keys.MIN_TOKEN - 1, group.end),
+            mvcc_keys.range_bounds(ks, group.start, mvcc_keys.MAX_TOKEN)]
+
+
+@dataclass
+class RouteReport:
+    delivered: int = 0
+    rejected: int = 0  # malformed items (or the whole batch)
+    unknown_group: int = 0
+
+
+def route_batch(raw: Any, runners: Mapping[str, GroupRunner], *,
+                expect_sender: str | None = None) -> RouteReport:
+    """Decode a coalesced batch and step each message into its group's runner.
+
+    A malformed envelope drops the batch, a malformed item only itself; both
+    are counted, never raised (a peer that talks garbage is not fatal).
+    """
+    report = RouteReport()
+    try:
+        batch = decode_batch(raw, expect_sender=expect_sender)
+    except ProtocolError as exc:
+        report.rejected += 1
+        log.warning("dropped a malformed Paxos batch%s: %s",
+                    f" from {expect_sender}" if expect_sender else "", exc.message)
+        return report
+    report.rejected += len(batch.errors)
+    for error in batch.errors:
+        log.debug("dropped a malformed Paxos message from %s: %s", batch.sender, error.message)
+    for group_id, msg in batch.items:
+        runner = runners.get(group_id)
+        if runner is None:
+            report.unknown_group += 1
+            continue
+        runner.step(msg)
+        report.delivered += 1
+    return report
