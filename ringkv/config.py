@@ -45,6 +45,8 @@ __all__ = [
     "TimingConfig",
     "StorageConfig",
     "LimitsConfig",
+    "TrueTimeConfig",
+    "TxnConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 TIERS = ("eventual", "transactional")
-BUILT_TIERS = ("eventual",)  # ringkv/txn is still to come
+TRANSACTIONAL = "transactional"
 ENGINES = ("leveldb", "memory")
 COMMIT_SYNCS = ("periodic", "batch")
 FILE_FIELD = "<file>"
@@ -128,7 +130,8 @@ class ClusterConfig:
 class KeyspaceConfig:
     # A keyspace groups keys that share a replication factor, a tier
     # (eventual = Dynamo-style, transactional = Paxos groups + 2PC) and the
-    # consistency level used when a request does not choose one.
+    # consistency level used when a request does not choose one (SERIAL, the
+    # only level, on a transactional keyspace).
     name: str
     replication_factor: int = 3
     tier: str = "eventual"
@@ -196,6 +199,30 @@ class LimitsConfig:
     max_scan_page: int = 1000
 
 
+@dataclass(frozen=True)
+class TrueTimeConfig:
+    # TrueTime (the transactional tier's clock): epsilon is this floor, plus
+    # max_drift_ppm times the age of the last offset sample, plus the offset
+    # bound measured by pinging peers every sync_interval_ms. A node whose
+    # epsilon exceeds max_uncertainty_ms refuses transactional work.
+    min_uncertainty_ms: float = 1.0
+    max_drift_ppm: int = 200
+    max_uncertainty_ms: int = 250
+    sync_interval_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class TxnConfig:
+    # Paxos leader leases (Spanner's are 10 s); old MVCC versions kept this
+    # long for snapshot reads; how often an idle group's leader advances its
+    # safe time (so followers serve snapshot reads); how many times a leader
+    # retries a transaction wounded by an older one before answering aborted.
+    lease_s: float = 2.0
+    mvcc_gc_s: int = 600
+    safe_time_interval_ms: int = 200
+    max_conflict_retries: int = 8
+
+
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
     return {"default": KeyspaceConfig("default")}
 
@@ -207,6 +234,8 @@ class Config:
     timing: TimingConfig = field(default_factory=TimingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    truetime: TrueTimeConfig = field(default_factory=TrueTimeConfig)
+    txn: TxnConfig = field(default_factory=TxnConfig)
     # Where the config came from (file path), None for defaults or a dict.
     # Not part of equality: two configs with the same values are equal.
     source: str | None = field(default=None, compare=False)
@@ -235,7 +264,12 @@ class Config:
             "timing": dataclasses.asdict(self.timing),
             "storage": dataclasses.asdict(self.storage),
             "limits": dataclasses.asdict(self.limits),
+            "truetime": dataclasses.asdict(self.truetime),
+            "txn": dataclasses.asdict(self.txn),
         }
+
+    def transactional_keyspaces(self) -> list[str]:
+        return [name for name, ks in self.keyspaces.items() if ks.tier == TRANSACTIONAL]
 
 
 # --------------------------------------------------------------------------- #
@@ -479,7 +513,9 @@ def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config
     timing = _read_timing(ctx, data.get("timing"))
     storage = _read_storage(ctx, data.get("storage"))
     limits = _read_limits(ctx, data.get("limits"))
-    return Config(cluster, keyspaces, timing, storage, limits, source)
+    truetime = _read_truetime(ctx, data.get("truetime"))
+    txn = _read_txn(ctx, data.get("txn"))
+    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, source)
 
 
 def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
@@ -535,11 +571,18 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
         sec.take("replication_factor", _check_int, 1, 15)
         sec.take("tier", _check_choice, TIERS)
         sec.take("default_consistency", _check_consistency)
-        keyspace = KeyspaceConfig(name, **sec.done())
-        if keyspace.tier not in BUILT_TIERS:
-            # Serving it eventually consistent would break what the name promises.
-            ctx.fail(sec.dotted("tier"), "eventual: the transactional tier is not built in "
-                     "this version", _show(keyspace.tier))
+        values = sec.done()
+        if values.get("tier") == TRANSACTIONAL:
+            # Paxos groups serve every request serializably: SERIAL is the only level.
+            level = values.setdefault("default_consistency", ConsistencyLevel.SERIAL)
+            if level is not ConsistencyLevel.SERIAL:
+                ctx.fail(sec.dotted("default_consistency"), "SERIAL on a transactional keyspace "
+                         "(eventual levels would break what the tier promises)", _show(level.value),
+                         related=(sec.dotted("tier"),))
+        elif values.get("default_consistency") is ConsistencyLevel.SERIAL:
+            ctx.fail(sec.dotted("default_consistency"), "an eventual level (ONE, QUORUM, ...): "
+                     "SERIAL needs tier: transactional", "'SERIAL'", related=(sec.dotted("tier"),))
+        keyspace = KeyspaceConfig(name, **values)
         needed = block_for(keyspace.default_consistency, keyspace.replication_factor)
         if needed > keyspace.replication_factor:
             ctx.fail(
@@ -615,7 +658,46 @@ def _read_limits(ctx: _Context, raw: object) -> LimitsConfig:
     return limits
 
 
+def _read_truetime(ctx: _Context, raw: object) -> TrueTimeConfig:
+    sec = _Section(ctx, "truetime", raw, _SECTIONS["truetime"])
+    sec.take("min_uncertainty_ms", _check_number_from, 0.0, 1000.0)
+    sec.take("max_drift_ppm", _check_int, 0, 100_000)
+    sec.take("max_uncertainty_ms", _check_int, 1, 60_000)
+    sec.take("sync_interval_ms", _check_int, 10, 60_000)
+    truetime = TrueTimeConfig(**sec.done())
+    if truetime.max_uncertainty_ms <= truetime.min_uncertainty_ms:
+        ctx.fail("truetime.max_uncertainty_ms",
+                 f"more than truetime.min_uncertainty_ms ({truetime.min_uncertainty_ms:g})",
+                 _show(truetime.max_uncertainty_ms), related=("truetime.min_uncertainty_ms",))
+    return truetime
+
+
+def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
+    sec = _Section(ctx, "txn", raw, _SECTIONS["txn"])
+    sec.take("lease_s", _check_number, 0.0, 60.0)
+    sec.take("mvcc_gc_s", _check_int, 1, 30 * _DAY_S)
+    sec.take("safe_time_interval_ms", _check_int, 10, 60_000)
+    sec.take("max_conflict_retries", _check_int, 0, 100)
+    txn = TxnConfig(**sec.done())
+    if txn.lease_s < 0.2:
+        # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.
+        ctx.fail("txn.lease_s", "a number from 0.2 to 60", _show(txn.lease_s))
+    return txn
+
+
 # Field checks: each returns the typed value or raises through ctx.fail.
+
+
+def _check_number_from(
+    ctx: _Context, name: str, value: object, lo: float, hi: float
+) -> float:
+    """A finite number in [lo, hi]; integers are accepted."""
+    wanted = f"a number from {lo:g} to {hi:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ctx.fail(name, wanted, _show_typed(value))
+    if not math.isfinite(value) or not lo <= value <= hi:
+        ctx.fail(name, wanted, _show(value))
+    return float(value)
 
 
 def _check_int(ctx: _Context, name: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -719,7 +801,7 @@ def _check_path(ctx: _Context, name: str, value: object) -> Path:
 
 def _check_consistency(ctx: _Context, name: str, value: object) -> ConsistencyLevel:
     usable = [level.value for level in ConsistencyLevel if level is not ConsistencyLevel.ANY]
-    wanted = "one of " + ", ".join(usable) + " (not ANY: it is write-only)"
+    wanted = "one of " + ", ".join(usable) + " (not ANY: it is write-only; SERIAL: transactional)"
     if not isinstance(value, str):
         ctx.fail(name, wanted, _show_typed(value))
     try:
@@ -777,5 +859,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "timing": _field_names(TimingConfig),
     "storage": _field_names(StorageConfig),
     "limits": _field_names(LimitsConfig),
+    "truetime": _field_names(TrueTimeConfig),
+    "txn": _field_names(TxnConfig),
 }
 _KEYSPACE_KEYS = _field_names(KeyspaceConfig, skip=("name",))

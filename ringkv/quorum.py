@@ -19,6 +19,8 @@ class ConsistencyLevel(enum.Enum):
     THREE = "THREE"
     QUORUM = "QUORUM"
     ALL = "ALL"
+    # The transactional tier's one level: Paxos groups, strictly serializable.
+    SERIAL = "SERIAL"
 
     @classmethod
     def parse(cls, text: str, *, field: str = "consistency", write: bool) -> ConsistencyLevel:
@@ -50,7 +52,7 @@ def block_for(level: ConsistencyLevel, replication_factor: int) -> int:
         return 2
     if level is ConsistencyLevel.THREE:
         return 3
-    if level is ConsistencyLevel.QUORUM:
+    if level is ConsistencyLevel.QUORUM or level is ConsistencyLevel.SERIAL:
         return replication_factor // 2 + 1
     return replication_factor  # ALL
 

@@ -17,6 +17,8 @@ from ringkv.config import (
     LimitsConfig,
     StorageConfig,
     TimingConfig,
+    TrueTimeConfig,
+    TxnConfig,
     config_from_dict,
     default_config,
     load_config,
@@ -71,8 +73,10 @@ def test_reference_yaml_lists_and_documents_every_field():
         "timing": TimingConfig,
         "storage": StorageConfig,
         "limits": LimitsConfig,
+        "truetime": TrueTimeConfig,
+        "txn": TxnConfig,
     }
-    assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits"]
+    assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn"]
     for section, cls in sections.items():
         assert list(data[section]) == [f.name for f in dataclasses.fields(cls)], section
     assert list(data["keyspaces"]["default"]) == [
@@ -310,11 +314,29 @@ BAD_FIELDS = [
         "keyspaces.ks.tier",
         "one of eventual, transactional",
     ),
-    (  # a known tier that this version does not serve is refused, not downgraded
-        {"keyspaces": {"ks": {"tier": "transactional"}}},
-        "keyspaces.ks.tier",
-        "the transactional tier is not built",
+    (  # a transactional keyspace is SERIAL: an eventual level would break what it promises
+        {"keyspaces": {"ks": {"tier": "transactional", "default_consistency": "QUORUM"}}},
+        "keyspaces.ks.default_consistency",
+        "SERIAL on a transactional keyspace",
     ),
+    (
+        {"keyspaces": {"ks": {"default_consistency": "SERIAL"}}},
+        "keyspaces.ks.default_consistency",
+        "SERIAL needs tier: transactional",
+    ),
+    ({"truetime": {"min_uncertainty_ms": -1}}, "truetime.min_uncertainty_ms", "from 0 to 1000"),
+    ({"truetime": {"max_drift_ppm": 1.5}}, "truetime.max_drift_ppm", "got 1.5 (a number)"),
+    ({"truetime": {"max_uncertainty_ms": 0}}, "truetime.max_uncertainty_ms", "got 0"),
+    ({"truetime": {"min_uncertainty_ms": 5, "max_uncertainty_ms": 5}},
+     "truetime.max_uncertainty_ms", "more than truetime.min_uncertainty_ms"),
+    ({"truetime": {"sync_interval_ms": 1}}, "truetime.sync_interval_ms", "from 10 to 60000"),
+    ({"truetime": {"sync": 1}}, "truetime.sync", "unknown key"),
+    ({"txn": {"lease_s": 0}}, "txn.lease_s", "a number > 0"),
+    ({"txn": {"lease_s": 0.1}}, "txn.lease_s", "from 0.2 to 60"),
+    ({"txn": {"lease_s": "2"}}, "txn.lease_s", "(a string)"),
+    ({"txn": {"mvcc_gc_s": 0}}, "txn.mvcc_gc_s", "got 0"),
+    ({"txn": {"safe_time_interval_ms": 5}}, "txn.safe_time_interval_ms", "from 10 to 60000"),
+    ({"txn": {"max_conflict_retries": 101}}, "txn.max_conflict_retries", "got 101"),
     (
         {"keyspaces": {"ks": {"default_consistency": "ANY"}}},
         "keyspaces.ks.default_consistency",
@@ -570,3 +592,14 @@ def test_broadcast_client_and_bootstrap_flags_are_overrides():
         "cluster.bootstrap_new_cluster": True,
     }
     assert "cluster.bootstrap_new_cluster" not in _node_overrides(build_parser().parse_args(["node"]))
+
+
+def test_transactional_keyspace_is_serial_by_default():
+    config = config_from_dict({"keyspaces": {"default": {}, "txn": {"tier": "transactional"}}})
+    assert config.keyspaces["txn"].default_consistency is ConsistencyLevel.SERIAL
+    assert config.keyspaces["default"].default_consistency is ConsistencyLevel.QUORUM
+    assert config.transactional_keyspaces() == ["txn"]
+    assert config_from_dict(config.to_dict()) == config
+    assert default_config().transactional_keyspaces() == []
+    assert default_config().truetime == TrueTimeConfig(1.0, 200, 250, 1000)
+    assert default_config().txn == TxnConfig(2.0, 600, 200, 8)

@@ -114,6 +114,9 @@ class Coordinator:
         level = consistency or settings.default_consistency
         if level is ConsistencyLevel.ANY and not write:
             raise BadRequest("consistency ANY is only valid for writes", field="consistency")
+        if level is ConsistencyLevel.SERIAL:
+            raise BadRequest(f"consistency SERIAL needs a transactional keyspace; {keyspace!r} is "
+                             "eventual", field="consistency")
         return plan_for(
             self._ring(),
             keyspace,
@@ -513,6 +516,9 @@ class Coordinator:
         level = consistency or settings.default_consistency
         if level is ConsistencyLevel.ANY:
             raise BadRequest("consistency ANY is only valid for writes", field="consistency")
+        if level is ConsistencyLevel.SERIAL:
+            raise BadRequest(f"keyspace {keyspace!r} is transactional: scans of it are not "
+                             "served yet", field="keyspace")
         ring = self._ring()
         now_us = self._clock.wall_us()
         cursor: tuple[int, bytes | None] = after if after is not None else (MIN_TOKEN, None)
