@@ -318,6 +318,54 @@ class NoNodeAvailable(RingKVError):
         self.maybe_applied = maybe_applied
 
 
+class ConditionFailed(RingKVError):
+    """A transaction's condition (``"if"``) does not hold; nothing was applied.
+
+    ``key`` names the key, ``field`` the condition, ``current_value`` and
+    ``current_version`` what the key holds (None: nothing).
+    """
+
+    code = "condition_failed"
+    http_status = 409
+
+
+class Aborted(RingKVError):
+    """The transaction did not commit and nothing of it was applied (``reason``:
+    ``conflict`` after its retries, ``lost`` or ``superseded`` on a leader change,
+    ``in_progress`` when the same id is running)."""
+
+    code = "aborted"
+    http_status = 409
+
+
+class CrossRange(RingKVError):
+    """The keys of one transaction fall in more than one range (``keys``, by range):
+    transactions across ranges are not built yet."""
+
+    code = "cross_range"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
+        self.field = field
+
+
+class RangeMoving(RingKVError):
+    """The ring gives the range other replicas than the Paxos group persisted for
+    it (``range``): it is served again once the group has moved."""
+
+    code = "range_moving"
+    http_status = 503
+
+
+class NoLeader(RingKVError):
+    """The range's Paxos group has no leader within the request's deadline (an
+    election is running, or too few replicas are up)."""
+
+    code = "no_leader"
+    http_status = 503
+
+
 _RESERVED_ATTRIBUTES = frozenset({"code", "message", "details", "args", "http_status"})
 
 # Stable code -> class, used by the client to rebuild typed errors from JSON.
@@ -341,5 +389,10 @@ BY_CODE: dict[str, type[RingKVError]] = {
         PeerUnreachable,
         PeerTimeout,
         RemoteError,
+        ConditionFailed,
+        Aborted,
+        CrossRange,
+        RangeMoving,
+        NoLeader,
     )
 }

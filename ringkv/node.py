@@ -44,6 +44,7 @@ from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_toke
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
+from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,17 @@ class Node:
         self.metrics.gauge(
             "ringkv_storage_bytes", "Bytes used by this node's storage engine", self.store.size_bytes
         )
+        # The transactional tier: idle (no timers, no pings, no draws from the
+        # node's rng) unless a keyspace is transactional, so other clusters and
+        # the simulator's histories are unchanged.
+        transactional = bool(config.transactional_keyspaces())
+        self.txn = TxnService(
+            self.node_id, config, clock=self.clock, engine=self.engine,
+            rng=random.Random(self._rng.getrandbits(64)) if transactional else random.Random(0),
+            ring=lambda: self.ring, transport=lambda: self.transport,
+        )
+        if transactional:
+            self._txn_metrics()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -192,6 +204,7 @@ class Node:
             self.tokens = self._load_or_allocate_tokens(None)
             self._rebuild_ring()
             self.join_state = None
+            self.txn.start()
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
@@ -213,6 +226,7 @@ class Node:
         self._rebuild_ring()
         self.join_state = None
         self._maintenance = asyncio.create_task(self._maintenance_loop())
+        self.txn.start()
         log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
 
     def join_status(self) -> dict[str, Any] | None:
@@ -287,6 +301,7 @@ class Node:
             self.hlc,
             known_keyspace=lambda name: name in self.keyspaces,
             gossip=self._handle_gossip,
+            txn=self.txn.handle if self.txn.enabled else None,
         )
         factory = self._transport_factory
         if factory is None:
@@ -410,6 +425,7 @@ class Node:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
         await self.handoff.stop()
+        self.txn.stop()
         if self.gossip is not None:
             await self.gossip.stop()
         if self.transport is not None:
@@ -556,6 +572,27 @@ class Node:
         if result.receipt.speculative:
             self.metrics.speculative_retries.inc()
         return result
+
+    def _txn_metrics(self) -> None:
+        def status() -> Any:
+            return self.txn.truetime.status(self.clock.wall_us(), self.clock.monotonic_s())
+
+        def epsilon_s() -> float:
+            eps = status().epsilon_us
+            return float("nan") if eps is None else eps / 1e6
+
+        self.metrics.gauge("ringkv_truetime_epsilon_seconds",
+                           "TrueTime uncertainty (half the interval); NaN while unmeasured",
+                           epsilon_s)
+        self.metrics.gauge("ringkv_truetime_fenced",
+                           "1 while TrueTime fences this node (503 clock_uncertain)",
+                           lambda: float(status().uncertain))
+        self.metrics.gauge("ringkv_txn_groups", "Paxos groups running on this node",
+                           lambda: float(len(self.txn.groups)))
+        self.metrics.gauge("ringkv_txn_leading", "Paxos groups this node leads under a lease",
+                           lambda: float(sum(g.runner.is_leader() for g in self.txn.groups.values())))
+        self.metrics.gauge("ringkv_txn_commits", "Transactions committed at this node as leader",
+                           lambda: float(self.txn.stats["commits"]))
 
     def _count(self, receipt: Receipt) -> None:
         # Lets operators (and the client's tests) see whether requests arrive

@@ -42,6 +42,7 @@ SHELL = frozenset({
     "txn/mvcc.py",  # runs engine calls off the loop (LevelDB fsyncs)
     "txn/paxos_log.py",  # fsyncs a group's Paxos records through the engine
     "txn/group.py",  # runs one group: timers, a drain task, fsyncs off the loop
+    "txn/service.py",  # the tier on a node: groups, clock pings, forwarding, commit wait
     "server/*",
     "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",

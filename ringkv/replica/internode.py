@@ -100,16 +100,22 @@ class InternodeHandler:
         known_keyspace: Callable[[str], bool],
         gossip: GossipHandler | None = None,
         gossip_prefix: str = "gossip.",
+        txn: GossipHandler | None = None,
+        txn_prefix: str = "txn.",
     ) -> None:
         self._local = local
         self._hlc = hlc
         self._known_keyspace = known_keyspace
         self._gossip = gossip
         self._gossip_prefix = gossip_prefix
+        self._txn = txn  # the transactional tier's verbs (txn/service.py)
+        self._txn_prefix = txn_prefix
 
     async def __call__(self, from_node: str, verb: str, payload: Any) -> Any:
         if verb.startswith(self._gossip_prefix) and self._gossip is not None:
             return await self._gossip(from_node, verb, payload)
+        if verb.startswith(self._txn_prefix) and self._txn is not None:
+            return await self._txn(from_node, verb, payload)
         if verb == m.SCAN:
             request = m.ScanRequest.from_wire(payload)
             self._check_keyspace(request.keyspace)

@@ -28,6 +28,9 @@ from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
 from ringkv.server import validation as v
 from ringkv.server.status import cluster_status, ring_view
+from ringkv.server import txn_validation as tv
+from ringkv.txn.requests import Condition, TxnRequest, Write
+from ringkv.txn.service import Op
 from ringkv.versioning import Cell
 
 if TYPE_CHECKING:
@@ -188,6 +191,9 @@ async def put_key(request: web.Request) -> web.Response:
     if "value" not in body:
         raise BadRequest('body must have a "value" field', field="value")
     value = v.value_bytes(body["value"], node.config.limits, field="value")
+    if _transactional(node, keyspace):
+        return await _txn_write(request, keyspace, key, value, body)
+    _no_condition(body, keyspace)
     ttl = v.ttl_s(body.get("ttl", request.query.get("ttl")), field="ttl")
     level = v.consistency(request.query.get("consistency"), write=True)
     result = await node.put(keyspace, key, value, ttl, level, started_s=request[STARTED_S])
@@ -200,6 +206,12 @@ async def get_key(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     keyspace = _keyspace(request)
     key = v.key_from_path(request.rel_url.raw_path, node.config.limits)
+    if _transactional(node, keyspace):
+        return await _txn_get(request, keyspace, key)
+    for name in ("snapshot_ts", "max_staleness_ms"):
+        if name in request.query:
+            raise BadRequest(f"{name} needs a transactional keyspace; {keyspace!r} is eventual",
+                             field=name)
     if request.query.get("local", "").lower() in ("1", "true", "yes"):
         cell = node.read_local(keyspace, key)
         receipt = None
@@ -217,6 +229,10 @@ async def delete_key(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     keyspace = _keyspace(request)
     key = v.key_from_path(request.rel_url.raw_path, node.config.limits)
+    body = await _json_object(request) if await request.read() else {}
+    if _transactional(node, keyspace):
+        return await _txn_write(request, keyspace, key, None, body)
+    _no_condition(body, keyspace)
     level = v.consistency(request.query.get("consistency"), write=True)
     result = await node.delete(keyspace, key, level, started_s=request[STARTED_S])
     return json_response(
@@ -262,6 +278,9 @@ def _plan_batch_op(node: Node, index: int, op: Any, default_level: str | None) -
     if not isinstance(keyspace, str):
         raise BadRequest("keyspace must be a string", field=f"{where}.keyspace")
     node.coordinator.keyspace(keyspace)
+    if _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is transactional: a batch is not atomic; use "
+                         "POST /v1/txn", field=f"{where}.keyspace")
     planned = {
         "op": kind,
         "keyspace": keyspace,
@@ -305,6 +324,9 @@ async def _run_batch_op(node: Node, op: dict[str, Any]) -> dict[str, Any]:
 async def scan(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     keyspace = _keyspace(request)
+    if _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is transactional: scans of it are not served "
+                         "yet", field="keyspace")
     limit = v.bounded_int(
         request.query.get("limit"),
         field="limit",
@@ -326,6 +348,139 @@ async def scan(request: web.Request) -> web.Response:
             "receipt": page.receipt.to_json(),
         }
     )
+
+
+# -- the transactional tier -------------------------------------------------
+
+
+def _transactional(node: Node, keyspace: str) -> bool:
+    return keyspace in node.txn.keyspaces
+
+
+def _no_condition(body: dict[str, Any], keyspace: str) -> None:
+    if "if" in body:
+        raise BadRequest(f'a condition ("if") needs a transactional keyspace; {keyspace!r} is '
+                         "eventual", field="if")
+
+
+def _serial(request: web.Request) -> None:
+    """SERIAL (the default) is the only level of a transactional keyspace."""
+    level = request.query.get("consistency")
+    if level and level.upper() != ConsistencyLevel.SERIAL.value:
+        raise BadRequest(f"consistency {level!r} is an eventual level; a transactional keyspace "
+                         "is SERIAL only", field="consistency")
+
+
+def _txn_timeout_s(node: Node) -> float:
+    return node.config.timing.write_timeout_ms / 1000
+
+
+def _json_value(raw: Any) -> Any:
+    return None if raw is None else json.loads(raw)
+
+
+def _txn_reads(reads: Any) -> list[dict[str, Any]]:
+    return [{"key": bytes(r["key"]).decode(), "found": r["value"] is not None,
+             "value": _json_value(r["value"]), "version": r["version"]} for r in reads or ()]
+
+
+async def _txn_write(request: web.Request, keyspace: str, key: bytes, value: bytes | None,
+                     body: dict[str, Any]) -> web.Response:
+    node = request.app[NODE_KEY]
+    _serial(request)
+    unknown = sorted(set(body) - {"value", "if", "id"})
+    if unknown or "ttl" in request.query:
+        name = unknown[0] if unknown else "ttl"
+        raise BadRequest(f"{name!r} is not accepted on a transactional keyspace", field=name)
+    if value is None and "value" in body:
+        raise BadRequest("a delete takes no value", field="value")
+    conditions: tuple[Condition, ...] = ()
+    if "if" in body:
+        conditions = (tv.parse_condition(body["if"], key, node.config.limits, field="if"),)
+    txn_id = body.get("id")
+    if txn_id is not None and (not isinstance(txn_id, str) or not tv.TXN_ID.match(txn_id)):
+        raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -", field="id")
+    txn = TxnRequest(keyspace, txn_id, (), conditions, (Write(key, value),))
+    result = await node.txn.execute(Op("txn", keyspace, txn), started_s=request[STARTED_S],
+                                    timeout_s=_txn_timeout_s(node))
+    return json_response({"ok": True, "id": result["id"], "version": result["commit_ts"],
+                          "commit_ts": result["commit_ts"], "receipt": result.get("receipt")})
+
+
+def _query_int(request: web.Request, name: str, high: int) -> int | None:
+    if name not in request.query:
+        return None
+    return v.bounded_int(request.query[name], field=name, low=0, high=high, default=0)
+
+
+async def _txn_get(request: web.Request, keyspace: str, key: bytes) -> web.Response:
+    node = request.app[NODE_KEY]
+    _serial(request)
+    snapshot_ts = _query_int(request, "snapshot_ts", 2**63 - 1)
+    staleness_ms = _query_int(request, "max_staleness_ms", 86_400_000)
+    if snapshot_ts is not None and staleness_ms is not None:
+        raise BadRequest("give snapshot_ts or max_staleness_ms, not both", field="snapshot_ts")
+    if snapshot_ts is not None or staleness_ms is not None:
+        op = Op("snapshot_get", keyspace, key=key, snapshot_ts_us=snapshot_ts,
+                max_staleness_ms=staleness_ms)
+        result = await node.txn.execute(op, started_s=request[STARTED_S],
+                                        timeout_s=node.config.timing.read_timeout_ms / 1000)
+        return json_response({"key": key.decode(), "value": _json_value(result["value"]),
+                              "version": result["version"], "receipt": result["receipt"]})
+    result = await node.txn.execute(Op("get", keyspace, key=key), started_s=request[STARTED_S],
+                                    timeout_s=node.config.timing.read_timeout_ms / 1000)
+    read = result["reads"][0]
+    if read["value"] is None:
+        raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}",
+                       receipt=result["receipt"])
+    return json_response({"key": key.decode(), "value": _json_value(read["value"]),
+                          "version": read["version"], "receipt": result["receipt"]})
+
+
+@_deduplicated
+async def post_txn(request: web.Request) -> web.Response:
+    """A one-shot transaction in one range: reads, conditions and writes at one timestamp."""
+    node = request.app[NODE_KEY]
+    body = v.parse_json_body(await request.read())
+    txn = tv.parse_txn(body, node.config.limits)
+    node.coordinator.keyspace(txn.keyspace)  # raises NotFound
+    if not _transactional(node, txn.keyspace):
+        raise BadRequest(f"keyspace {txn.keyspace!r} is eventual: transactions need a "
+                         "transactional keyspace", field="keyspace")
+    result = await node.txn.execute(Op("txn", txn.keyspace, txn), started_s=request[STARTED_S],
+                                    timeout_s=_txn_timeout_s(node))
+    answer = {"ok": True, "id": result["id"], "committed": result["committed"],
+              "reads": _txn_reads(result.get("reads")), "receipt": result.get("receipt")}
+    if result.get("commit_ts") is not None:
+        answer["commit_ts"] = result["commit_ts"]
+    return json_response(answer)
+
+
+async def get_txn(request: web.Request) -> web.Response:
+    """A transaction's definite outcome: committed (with its timestamp), or 404 not committed."""
+    node = request.app[NODE_KEY]
+    txn_id = request.match_info["txn_id"]
+    if not tv.TXN_ID.match(txn_id):
+        raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -", field="id")
+    keyspace = request.query.get("keyspace")
+    if not keyspace:
+        raise BadRequest("keyspace is required (the transaction's keyspace)", field="keyspace")
+    node.coordinator.keyspace(keyspace)
+    if not _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is eventual", field="keyspace")
+    raw_key = request.query.get("key")
+    if raw_key is None:
+        ranges = node.txn.range_map(keyspace)
+        if len(ranges) > 1:
+            raise BadRequest(f"keyspace {keyspace!r} has {len(ranges)} ranges: name a key the "
+                             "transaction touched", field="key")
+        key = b""
+    else:
+        key = v.key_from_json(raw_key, node.config.limits, field="key")
+    op = Op("status", keyspace, key=key, txn_id=txn_id)
+    result = await node.txn.execute(op, started_s=request[STARTED_S],
+                                    timeout_s=node.config.timing.read_timeout_ms / 1000)
+    return json_response(result)
 
 
 # -- cluster information -----------------------------------------------------
@@ -360,6 +515,8 @@ def build_app(node: Node) -> web.Application:
     app.router.add_delete(key_path, delete_key, name="delete")
     app.router.add_get("/v1/kv/{keyspace}", scan, name="scan", allow_head=False)
     app.router.add_post("/v1/batch", batch, name="batch")
+    app.router.add_post("/v1/txn", post_txn, name="txn")
+    app.router.add_get("/v1/txn/{txn_id}", get_txn, name="txn_status", allow_head=False)
     app.router.add_get("/v1/status", status, name="status", allow_head=False)
     app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
     app.router.add_get("/v1/health", health, name="health", allow_head=False)

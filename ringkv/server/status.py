@@ -29,7 +29,7 @@ def cluster_status(node: Node) -> dict[str, Any]:
             load = node.store.size_bytes() if row["local"] else row["load"]
             rows.append(_row(node, row["node_id"], row["state"], row["status"], load, row["phi"],
                              ownership))
-    return {
+    view = {
         "node_id": node.node_id,
         "cluster": node.config.cluster.name,
         # None once on the ring; else why not (e.g. waiting_for_seeds) and since when.
@@ -39,6 +39,10 @@ def cluster_status(node: Node) -> dict[str, Any]:
         "storage": {"sync_mode": node.config.storage.commit_sync, **vars(node.store.stats)},
         "hints": vars(node.hints.stats),
     }
+    if node.txn.enabled:
+        # TrueTime (ε, fenced or not and why), the Paxos groups here, their counters.
+        view["transactional"] = node.txn.status_view()
+    return view
 
 
 def ring_view(node: Node) -> dict[str, Any]:

@@ -204,7 +204,11 @@ class GroupRunner:
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         election_timeout_s: float = ELECTION_TIMEOUT_S,
         max_drift_ppm: float = MAX_DRIFT_PPM,
+        on_apply: Callable[[CommitValue], None] | None = None,
     ) -> None:
+        """``on_apply(value)`` runs after each commit is applied to the store,
+        in slot order, before the applied point moves past it (the service
+        records transaction outcomes there)."""
         if node_id not in group.replicas:
             raise ValueError(f"{node_id!r} is not a member of group {group.group_id!r}")
         if not 0 <= keep_log_slots < max_log_slots:
@@ -223,6 +227,7 @@ class GroupRunner:
         self._truetime = truetime
         self._send = send
         self._fetch_snapshot = fetch_snapshot
+        self._on_apply = on_apply
         self._rng = rng
         self.tick_interval_s = tick_interval_s
         self.max_log_slots = max_log_slots
@@ -491,6 +496,8 @@ class GroupRunner:
             if value is not None and not item.superseded:
                 self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
                 self.stats.applied += 1
+                if self._on_apply is not None:
+                    self._on_apply(value)
             elif item.superseded:
                 self.stats.superseded += 1
             self.applied_through = slot

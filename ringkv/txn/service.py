@@ -1,0 +1,802 @@
+"""``TxnService``: the transactional tier on one node (shell).
+
+It carries out what the pure cores decide, for every transactional keyspace:
+
+* **Clock sync.** Every ``sync_interval_ms`` the node pings each ring peer
+  (verb ``txn.ping``): it sends at ``t0`` (wall clock), the peer answers with
+  its wall clock at receipt and reply (``t1``, ``t2``), and ``t3`` is ``t0``
+  plus the elapsed *monotonic* time, so a wall-clock step mid-ping cannot
+  corrupt the sample (``txn/truetime.py``). Samples feed the one
+  ``TrueTime``, whose peers are the ring's other nodes.
+* **Groups.** A ``RangeMap`` per keyspace from the ring (``txn/ranges.py``),
+  and a ``GroupRunner`` per range this node replicates, created lazily: on
+  the first request for the range, or the first Paxos batch for it. A
+  group's members are persisted with it (prefix ``r``); when the ring later
+  gives a range other replicas than a persisted group that covers it, the
+  range answers 503 ``range_moving`` (moving groups is the topology work's).
+  Groups are only formed once the ring has the keyspace's replication factor
+  of nodes, so a node that has not yet heard of its peers never persists a
+  group of one.
+* **Paxos traffic.** Every group's messages go through one ``Outbox``,
+  flushed once per loop turn: one coalesced one-way ``txn.paxos`` batch per
+  destination; an incoming batch must come from the peer the connection
+  authenticated (``expect_sender``). Snapshots travel as ``txn.snapshot``
+  requests served by ``GroupRunner.serve_snapshot``.
+* **Operations** (``execute``), each with the request's one deadline:
+  ``txn/leader.py``'s ``route`` decides where (here, the leader over
+  ``txn.op``, wait for an election, or ``range_moving``); at the leader,
+  ``TxnManager`` takes the locks (wound-wait), ``evaluate`` decides,
+  ``GroupRunner.propose_future`` commits at a timestamp ``s`` inside the
+  lease, and commit wait holds the answer and the locks until
+  ``TT.after(s)`` (Spanner §4.1.2). Strong reads take shared locks at the
+  leader, under a live lease, once every slot it has proposed is applied.
+  Snapshot reads are served by any replica whose safe time (the highest
+  applied timestamp) has passed the read's timestamp; an idle leader
+  proposes an empty commit every ``safe_time_interval_ms`` so safe time
+  keeps moving (Spanner §4.1.3).
+* **Outcomes.** Each applied commit records its transaction id and
+  timestamp (prefix ``x``, written unsynced before the group's applied
+  point, like the applied versions themselves, so replay after a crash
+  writes it again). ``status`` answers committed from that record, and
+  "not committed" only at the leader once every slot it has proposed is
+  applied: no earlier attempt of that id can be chosen after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import logging
+import random
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ringkv.clock import Clock, Timer
+from ringkv.config import TRANSACTIONAL, Config
+from ringkv.errors import (
+    Aborted,
+    ClockUncertain,
+    ConditionFailed,
+    CrossRange,
+    NoLeader,
+    NotFound,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    RangeMoving,
+    RemoteError,
+    RingKVError,
+    Overloaded,
+    Timeout,
+    BY_CODE,
+)
+from ringkv.ring import TokenRing
+from ringkv.storage.engine import Engine
+from ringkv.txn.group import (
+    ABORTED,
+    COMMITTED,
+    REFUSED,
+    GroupRunner,
+    HEARTBEAT_INTERVAL_S,
+)
+from ringkv.txn.leader import (
+    CONDITION_FAILED,
+    COMMIT,
+    Current,
+    Retries,
+    Route,
+    TxnManager,
+    evaluate,
+    lock_plan,
+    route,
+)
+from ringkv.txn.mvcc import MvccStore
+from ringkv.txn.paxos_messages import (
+    CommitValue,
+    Outbox,
+    SnapshotPage,
+    SnapshotRequest,
+    decode_batch,
+)
+from ringkv.txn.ranges import Range, RangeMap
+from ringkv.txn.requests import Condition, TxnRequest, Write
+from ringkv.txn.truetime import TrueTime, ntp_sample
+
+log = logging.getLogger(__name__)
+
+PING, PAXOS, SNAPSHOT, OP = "txn.ping", "txn.paxos", "txn.snapshot", "txn.op"
+VERBS = frozenset({PING, PAXOS, SNAPSHOT, OP})
+MEMBERS_PREFIX = b"r"  # r | u8 len(group_id) | group_id -> msgpack [start, end, replicas]
+OUTCOME_PREFIX = b"x"  # x | u8 len(group_id) | group_id | txn_id -> u64 commit ts
+SAFE_TIME_TXN = "~safe"  # the empty commits that advance safe time ('~' is no client id's)
+PING_TIMEOUT_S = 1.0
+WAIT_STEP_S = 0.005  # polling step while waiting for a leader or for applies, within the deadline
+LEADER_WAIT_STEP_S = 0.05
+MAX_HOPS = 2
+_TS = struct.Struct(">Q")
+
+
+def _group_key(prefix: bytes, group_id: str) -> bytes:
+    name = group_id.encode()
+    return prefix + bytes([len(name)]) + name
+
+
+@dataclass
+class _Running:
+    """A transaction at this leader: its future resolves "ready" or "wounded"."""
+
+    future: asyncio.Future[str]
+
+
+@dataclass
+class _Group:
+    runner: GroupRunner
+    manager: TxnManager = field(default_factory=TxnManager)
+    running: dict[str, _Running] = field(default_factory=dict)
+    last_safe_propose_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Op:
+    """One transactional operation, as it travels to the leader."""
+
+    kind: str  # get, snapshot_get, txn, status
+    keyspace: str
+    request: TxnRequest | None = None
+    key: bytes = b""
+    snapshot_ts_us: int | None = None
+    max_staleness_ms: int | None = None
+    txn_id: str | None = None
+
+    def to_wire(self, hops: int, timeout_s: float) -> dict[str, Any]:
+        wire: dict[str, Any] = {"k": self.kind, "ks": self.keyspace, "h": hops, "t": timeout_s,
+                                "key": self.key, "sts": self.snapshot_ts_us,
+                                "stale": self.max_staleness_ms, "id": self.txn_id}
+        if self.request is not None:
+            r = self.request
+            wire["req"] = {
+                "id": r.txn_id, "reads": list(r.reads),
+                "conds": [[c.key, c.kind, c.version_us, c.equals] for c in r.conditions],
+                "writes": [[w.key, w.value] for w in r.writes],
+            }
+        return wire
+
+    @staticmethod
+    def from_wire(raw: Any) -> tuple[Op, int, float]:
+        try:
+            req = None
+            if raw.get("req") is not None:
+                r = raw["req"]
+                req = TxnRequest(
+                    raw["ks"], r["id"], tuple(bytes(k) for k in r["reads"]),
+                    tuple(Condition(bytes(c[0]), str(c[1]), c[2], c[3]) for c in r["conds"]),
+                    tuple(Write(bytes(w[0]), w[1]) for w in r["writes"]))
+            op = Op(str(raw["k"]), str(raw["ks"]), req, bytes(raw["key"]), raw["sts"],
+                    raw["stale"], raw["id"])
+            return op, int(raw["h"]), float(raw["t"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed transactional operation: {exc}", field="op") from None
+
+
+class TxnService:
+    def __init__(
+        self,
+        node_id: str,
+        config: Config,
+        *,
+        clock: Clock,
+        engine: Engine,
+        rng: random.Random,
+        ring: Callable[[], TokenRing],
+        transport: Callable[[], Any],
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.keyspaces = {name: ks.replication_factor for name, ks in config.keyspaces.items()
+                          if ks.tier == TRANSACTIONAL}
+        self._clock = clock
+        self._engine = engine
+        self._rng = rng
+        self._ring = ring
+        self._transport = transport
+        tt = config.truetime
+        self.truetime = TrueTime(min_uncertainty_ms=tt.min_uncertainty_ms,
+                                 max_drift_ppm=tt.max_drift_ppm,
+                                 max_uncertainty_ms=tt.max_uncertainty_ms)
+        self.mvcc = MvccStore(engine)
+        self.outbox = Outbox(node_id)
+        self._flush_scheduled = False
+        self.groups: dict[str, _Group] = {}
+        self._maps: dict[str, tuple[TokenRing, RangeMap]] = {}
+        self._persisted: dict[str, Range] = {}  # group id -> the group as persisted here
+        self._retries = Retries(config.txn.max_conflict_retries)
+        self._ids = itertools.count(1)
+        self._ping_timer: Timer | None = None
+        self._safe_timer: Timer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopped = True
+        self.stats = {"commits": 0, "aborts": 0, "condition_failed": 0, "forwarded": 0,
+                      "strong_reads": 0, "snapshot_reads": 0, "pings": 0, "ping_failures": 0,
+                      "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keyspaces)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.enabled or not self.stopped:
+            return
+        self.stopped = False
+        for raw_key, raw in self._engine.scan(MEMBERS_PREFIX, MEMBERS_PREFIX + b"\xff"):
+            try:
+                name_len = raw_key[1]
+                group_id = raw_key[2:2 + name_len].decode()
+                start, end, replicas = msgpack.unpackb(raw, raw=False)
+                keyspace = group_id.rsplit("/", 1)[0]
+                self._persisted[group_id] = Range(keyspace, int(start), int(end), tuple(replicas))
+            except (ValueError, IndexError, TypeError, UnicodeDecodeError) as exc:
+                log.error("unreadable group membership record %r: %s", raw_key[:64], exc)
+        self._schedule_ping(0.0)
+        interval_s = self.config.txn.safe_time_interval_ms / 1000
+        self._safe_timer = self._clock.call_later(interval_s, self._safe_time_tick)
+
+    def stop(self) -> None:
+        self.stopped = True
+        for timer in (self._ping_timer, self._safe_timer):
+            if timer is not None:
+                timer.cancel()
+        for group in self.groups.values():
+            group.runner.stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- clock sync ------------------------------------------------------------------------
+
+    def _peers(self) -> list[str]:
+        return [n for n in self._ring().node_ids if n != self.node_id]
+
+    def _schedule_ping(self, delay_s: float) -> None:
+        if not self.stopped:
+            self._ping_timer = self._clock.call_later(delay_s, self._ping_round)
+
+    def _ping_round(self) -> None:
+        if self.stopped:
+            return
+        self._schedule_ping(self.config.truetime.sync_interval_ms / 1000)
+        peers = self._peers()
+        self.truetime.set_peers(peers)
+        if self._transport() is None:
+            return
+        for peer in peers:
+            self._spawn(self._ping(peer))
+
+    async def _ping(self, peer: str) -> None:
+        transport = self._transport()
+        t0_us = self._clock.wall_us()
+        m0_s = self._clock.monotonic_s()
+        try:
+            answer = await transport.request(peer, PING, {"t0": t0_us}, PING_TIMEOUT_S)
+            t1_us, t2_us = int(answer["t1"]), int(answer["t2"])
+        except (RingKVError, OSError, KeyError, TypeError, ValueError):
+            self.stats["ping_failures"] += 1
+            return
+        m3_s = self._clock.monotonic_s()
+        t3_us = t0_us + int((m3_s - m0_s) * 1_000_000)
+        try:
+            sample = ntp_sample(t0_us, t1_us, t2_us, t3_us)
+        except ValueError:
+            self.stats["ping_failures"] += 1
+            return
+        self.truetime.record(peer, sample, m3_s)
+        self.stats["pings"] += 1
+
+    def clock_status(self) -> dict[str, Any]:
+        status = self.truetime.status(self._clock.wall_us(), self._clock.monotonic_s())
+        out = status.to_json()
+        out["fenced"] = status.uncertain
+        if status.uncertain:
+            out["why"] = status.reason
+        return out
+
+    def _fence(self) -> int:
+        """ε in µs, or ClockUncertain (503 clock_uncertain) while TrueTime fences this node."""
+        status = self.truetime.check(self._clock.wall_us(), self._clock.monotonic_s())
+        return status.epsilon_us or 0
+
+    # -- groups ----------------------------------------------------------------------------
+
+    def range_map(self, keyspace: str) -> RangeMap:
+        ring = self._ring()
+        cached = self._maps.get(keyspace)
+        if cached is not None and cached[0] is ring:
+            return cached[1]
+        rf = self.keyspaces[keyspace]
+        if len(ring) < rf:
+            raise NoLeader(f"the ring has {len(ring)} nodes, fewer than keyspace {keyspace!r}'s "
+                           f"replication_factor {rf}: its Paxos groups are not formed yet",
+                           reason="ring_too_small")
+        ranges = RangeMap(keyspace, ring, rf)
+        self._maps[keyspace] = (ring, ranges)
+        return ranges
+
+    def _moving(self, rng: Range) -> Range | None:
+        """A persisted group covering part of ``rng`` that is not ``rng`` itself."""
+        for old in self._persisted.values():
+            if old.keyspace != rng.keyspace:
+                continue
+            same = (old.start, old.end) == (rng.start, rng.end) and set(old.replicas) == set(
+                rng.replicas)
+            if same:
+                continue
+            if old.contains(rng.end) or rng.contains(old.end):
+                return old
+        return None
+
+    def _ensure(self, rng: Range) -> _Group:
+        group = self.groups.get(rng.group_id)
+        if group is not None:
+            return group
+        if self._moving(rng) is not None:
+            raise RangeMoving(f"range {rng.group_id} has moved to replicas "
+                              f"{', '.join(rng.replicas)}; its group is not moved yet",
+                              range=rng.group_id)
+        if rng.group_id not in self._persisted:
+            record = msgpack.packb([rng.start, rng.end, list(rng.replicas)], use_bin_type=True)
+            self._engine.write([(_group_key(MEMBERS_PREFIX, rng.group_id), record)], (), sync=True)
+            self._persisted[rng.group_id] = rng
+        lease_s = self.config.txn.lease_s
+        runner = GroupRunner(
+            self.node_id, rng, engine=self._engine, mvcc=self.mvcc, clock=self._clock,
+            truetime=self.truetime, send=self._send, fetch_snapshot=self._fetch_snapshot,
+            rng=random.Random(self._rng.getrandbits(64)), lease_s=lease_s,
+            heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, lease_s / 4),
+            tick_interval_s=min(HEARTBEAT_INTERVAL_S, lease_s / 4) / 4,
+            max_drift_ppm=self.config.truetime.max_drift_ppm,
+            on_apply=functools.partial(self._record_outcome, rng.group_id),
+        )
+        group = _Group(runner)
+        self.groups[rng.group_id] = group
+        runner.start()
+        log.info("group %s started on %s with %s", rng.group_id, self.node_id,
+                 ", ".join(rng.replicas))
+        return group
+
+    def _record_outcome(self, group_id: str, value: CommitValue) -> None:
+        if value.txn_id.startswith("~"):
+            return
+        key = _group_key(OUTCOME_PREFIX, group_id) + value.txn_id.encode()
+        self._engine.write([(key, _TS.pack(value.commit_ts_us))], (), sync=False)
+
+    def _committed_ts(self, group_id: str, txn_id: str) -> int | None:
+        raw = self._engine.get(_group_key(OUTCOME_PREFIX, group_id) + txn_id.encode())
+        return None if raw is None else int(_TS.unpack(raw)[0])
+
+    def _send(self, to: str, group_id: str, msg: Any) -> None:
+        self.outbox.add(to, group_id, msg)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport()
+        for to, batches in self.outbox.take().items():
+            if transport is None:
+                continue
+            for batch in batches:
+                transport.send_oneway(to, PAXOS, batch)
+
+    async def _fetch_snapshot(self, node_id: str, request: Any) -> Any:
+        transport = self._transport()
+        if transport is None:
+            raise PeerUnreachable("no transport", node_id=node_id)
+        raw = await transport.request(node_id, SNAPSHOT, request.to_wire(), 10.0)
+        return SnapshotPage.from_wire(raw)
+
+    def _safe_time_tick(self) -> None:
+        """Idle leaders propose an empty commit so followers' safe time moves (§4.1.3)."""
+        if self.stopped:
+            return
+        interval_s = self.config.txn.safe_time_interval_ms / 1000
+        self._safe_timer = self._clock.call_later(interval_s, self._safe_time_tick)
+        now_s = self._clock.monotonic_s()
+        for group in self.groups.values():
+            runner = group.runner
+            if not runner.is_leader() or now_s - group.last_safe_propose_s < interval_s:
+                continue
+            try:
+                interval = self.truetime.now(self._clock.wall_us(), now_s)
+            except ClockUncertain:
+                return
+            if interval.earliest_us - runner.applied_ts_us < interval_s * 1_000_000:
+                continue  # commits keep it moving
+            group.last_safe_propose_s = now_s
+            runner.propose_future(SAFE_TIME_TXN, ())
+
+    # -- the internode verbs ------------------------------------------------------------------
+
+    async def handle(self, from_node: str, verb: str, payload: Any) -> Any:
+        if verb == PING:
+            now_us = self._clock.wall_us()
+            return {"t1": now_us, "t2": self._clock.wall_us()}
+        if not self.enabled:
+            raise ProtocolError(f"this node serves no transactional keyspace ({verb!r})")
+        if verb == PAXOS:
+            self._on_batch(from_node, payload)
+            return None
+        if verb == SNAPSHOT:
+            request = SnapshotRequest.from_wire(payload)
+            group = self.groups.get(request.group_id)
+            if group is None:
+                raise NotFound(f"group {request.group_id!r} does not run here")
+            return (await group.runner.serve_snapshot(request)).to_wire()
+        if verb == OP:
+            op, hops, timeout_s = Op.from_wire(payload)
+            started_s = self._clock.monotonic_s()
+            return await self.execute(op, started_s=started_s, timeout_s=min(timeout_s, 60.0),
+                                      hops=hops)
+        raise ProtocolError(f"unknown verb {verb!r}")
+
+    def _on_batch(self, from_node: str, raw: Any) -> None:
+        try:
+            batch = decode_batch(raw, expect_sender=from_node)
+        except ProtocolError as exc:
+            self.stats["batches_rejected"] += 1
+            log.warning("dropped a malformed Paxos batch from %s: %s", from_node, exc.message)
+            return
+        for group_id, msg in batch.items:
+            group = self.groups.get(group_id)
+            if group is None:
+                group = self._group_for_id(group_id)
+                if group is None:
+                    continue
+            group.runner.step(msg)
+
+    def _group_for_id(self, group_id: str) -> _Group | None:
+        keyspace = group_id.rsplit("/", 1)[0]
+        if keyspace not in self.keyspaces:
+            return None
+        try:
+            ranges = self.range_map(keyspace)
+        except RingKVError:
+            return None
+        for rng in ranges.groups_of(self.node_id):
+            if rng.group_id == group_id:
+                try:
+                    return self._ensure(rng)
+                except RingKVError:
+                    return None
+        return None
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def new_txn_id(self) -> str:
+        return f"{self.node_id}:{next(self._ids)}:{self._rng.getrandbits(32):08x}"
+
+    def range_of(self, keyspace: str, keys: Sequence[bytes], *, field: str = "keys") -> Range:
+        grouped = self.range_map(keyspace).by_range(keys)
+        if len(grouped) > 1:
+            names = {r.group_id: [k.decode(errors="replace") for k in ks] for r, ks in grouped.items()}
+            raise CrossRange("the keys fall in more than one range; transactions across ranges "
+                             f"are not built yet: {names}", field=field, keys=names)
+        return next(iter(grouped))
+
+    async def execute(self, op: Op, *, started_s: float, timeout_s: float,
+                      hops: int = 0) -> dict[str, Any]:
+        """Serve ``op`` here or where ``route`` says, within the one deadline."""
+        if op.keyspace not in self.keyspaces:
+            raise NotFound(f"keyspace {op.keyspace!r} is not transactional", keyspace=op.keyspace)
+        deadline_s = started_s + timeout_s
+        self._fence()
+        keys = [op.key] if op.request is None else op.request.keys()
+        rng = self.range_of(op.keyspace, keys)
+        snapshot = op.kind == "snapshot_get"
+        while True:
+            member = self.node_id in rng.replicas
+            group = self._ensure(rng) if member else None
+            runner = None if group is None else group.runner
+            persisted = self._persisted.get(rng.group_id)
+            if persisted is None and self._moving(rng) is not None:
+                persisted = self._moving(rng)
+            decision = route(
+                self.node_id, rng.replicas,
+                persisted=None if persisted is None else persisted.replicas,
+                leads=runner is not None and runner.is_leader(),
+                leader_hint=None if runner is None else runner.leader(),
+                snapshot_ready=runner is not None and self._snapshot_ready(runner, op),
+                snapshot_read=snapshot, hops=hops, max_hops=MAX_HOPS)
+            if decision.route is Route.MOVING:
+                raise RangeMoving(f"range {rng.group_id} is moving: the ring gives it replicas "
+                                  f"{', '.join(rng.replicas)}, not the group's", range=rng.group_id)
+            if decision.route is Route.LOCAL:
+                assert group is not None
+                return await self._serve(group, rng, op, deadline_s)
+            remaining_s = deadline_s - self._clock.monotonic_s()
+            if decision.route is Route.FORWARD and decision.target is not None and remaining_s > 0:
+                try:
+                    return await self._forward(decision.target, op, hops + 1, remaining_s)
+                except (NoLeader, PeerUnreachable, PeerTimeout, Overloaded) as exc:
+                    if hops > 0:
+                        raise
+                    log.debug("forward to %s failed: %s", decision.target, exc)
+            elif hops > 0 and not member:
+                raise NoLeader(f"range {rng.group_id} has no leader here", range=rng.group_id)
+            if hops > 0 and decision.route is Route.WAIT:
+                raise NoLeader(f"{self.node_id} does not lead range {rng.group_id}",
+                               range=rng.group_id)
+            if self._clock.monotonic_s() + LEADER_WAIT_STEP_S >= deadline_s:
+                raise NoLeader(f"range {rng.group_id} has no leader within the deadline "
+                               f"({timeout_s:.3f} s)", range=rng.group_id, reason="no_leader")
+            await self._clock.sleep(LEADER_WAIT_STEP_S)
+
+    async def _forward(self, target: str, op: Op, hops: int, remaining_s: float) -> dict[str, Any]:
+        transport = self._transport()
+        if transport is None:
+            raise PeerUnreachable("no transport", node_id=target)
+        self.stats["forwarded"] += 1
+        try:
+            answer = await transport.request(target, OP, op.to_wire(hops, remaining_s), remaining_s)
+        except RemoteError as exc:
+            raise _rebuild(exc) from None
+        if not isinstance(answer, dict):
+            raise ProtocolError("malformed answer to a transactional operation", field="answer")
+        return answer
+
+    def _snapshot_ready(self, runner: GroupRunner, op: Op) -> bool:
+        if op.kind != "snapshot_get":
+            return False
+        return runner.applied_ts_us >= self._snapshot_ts(op)
+
+    def _snapshot_ts(self, op: Op) -> int:
+        if op.snapshot_ts_us is not None:
+            return op.snapshot_ts_us
+        staleness_us = (op.max_staleness_ms or 0) * 1000
+        interval = self.truetime.now(self._clock.wall_us(), self._clock.monotonic_s())
+        return interval.latest_us - staleness_us
+
+    async def _serve(self, group: _Group, rng: Range, op: Op, deadline_s: float) -> dict[str, Any]:
+        if op.kind == "snapshot_get":
+            return await self._snapshot_get(group, op, deadline_s)
+        if op.kind == "status":
+            assert op.txn_id is not None
+            return await self._status(group, op.txn_id, deadline_s)
+        if op.kind == "get":
+            request = TxnRequest(op.keyspace, None, (op.key,), (), ())
+            answer = await self._run(group, rng, request, deadline_s)
+            self.stats["strong_reads"] += 1
+            return answer
+        assert op.request is not None
+        return await self._run(group, rng, op.request, deadline_s)
+
+    async def _snapshot_get(self, group: _Group, op: Op, deadline_s: float) -> dict[str, Any]:
+        runner = group.runner
+        if op.snapshot_ts_us is not None:
+            at_us = op.snapshot_ts_us
+        elif runner.is_leader():
+            at_us = runner.applied_ts_us  # the freshest safe time there is
+        else:
+            at_us = runner.applied_ts_us
+            if at_us < self._snapshot_ts(op):
+                raise NoLeader("this replica's safe time is older than max_staleness_ms allows",
+                               reason="stale")
+        while runner.applied_ts_us < at_us:
+            if self._clock.monotonic_s() + WAIT_STEP_S >= deadline_s:
+                raise Timeout(f"safe time did not reach {at_us} within the deadline",
+                              consistency="SERIAL", received=0, required=1, write=True)
+            await self._clock.sleep(WAIT_STEP_S)
+        version = self.mvcc.read(op.keyspace, op.key, at_us)
+        self.stats["snapshot_reads"] += 1
+        receipt = {"replica": self.node_id, "read_ts": at_us, "safe_ts": runner.applied_ts_us,
+                   "range": runner.group_id}
+        if version is None:
+            raise NotFound(f"key {op.key.decode(errors='replace')!r} not found in "
+                           f"{op.keyspace!r} at {at_us}", receipt=receipt)
+        return {"key": op.key, "value": version.value, "version": version.commit_ts_us,
+                "receipt": receipt}
+
+    async def _caught_up(self, runner: GroupRunner, deadline_s: float) -> None:
+        """Wait until every slot this leader has proposed is applied here."""
+        replica = runner.replica
+        target = 0 if replica is None else replica.next_slot - 1
+        while runner.applied_through < target:
+            if self._clock.monotonic_s() + WAIT_STEP_S >= deadline_s:
+                raise Timeout("the leader did not apply its log within the deadline",
+                              consistency="SERIAL", received=0, required=1, write=True)
+            await self._clock.sleep(WAIT_STEP_S)
+
+    async def _status(self, group: _Group, txn_id: str, deadline_s: float) -> dict[str, Any]:
+        runner = group.runner
+        ts = self._committed_ts(runner.group_id, txn_id)
+        if ts is not None:
+            return {"id": txn_id, "status": "committed", "commit_ts": ts, "range": runner.group_id}
+        if txn_id in group.running:
+            return {"id": txn_id, "status": "pending", "range": runner.group_id}
+        await self._caught_up(runner, deadline_s)
+        ts = self._committed_ts(runner.group_id, txn_id)
+        if ts is not None:
+            return {"id": txn_id, "status": "committed", "commit_ts": ts, "range": runner.group_id}
+        definitive = runner.stats.snapshots_installed == 0
+        raise NotFound(f"transaction {txn_id!r} has not committed in range {runner.group_id}"
+                       + ("" if definitive else " (this leader installed a snapshot and may "
+                          "not know older transactions)"),
+                       id=txn_id, status="not_committed", definitive=definitive)
+
+    async def _run(self, group: _Group, rng: Range, request: TxnRequest,
+                   deadline_s: float) -> dict[str, Any]:
+        """One transaction at this leader: lock, evaluate, propose, commit wait, release."""
+        runner = group.runner
+        txn_id = request.txn_id or self.new_txn_id()
+        if request.txn_id is not None:
+            ts = self._committed_ts(runner.group_id, txn_id)
+            if ts is not None:  # a retry of a transaction that committed: never twice
+                return {"ok": True, "id": txn_id, "committed": True, "commit_ts": ts,
+                        "replayed": True}
+        if txn_id in group.running:
+            raise Aborted(f"transaction {txn_id!r} is already running", id=txn_id,
+                          reason="in_progress")
+        priority = (self._clock.wall_us(), txn_id)
+        plan = lock_plan([*request.reads, *(c.key for c in request.conditions)],
+                         [w.key for w in request.writes])
+        try:
+            while True:
+                running = _Running(asyncio.get_running_loop().create_future())
+                group.running[txn_id] = running
+                self._apply_step(group, group.manager.begin(txn_id, priority, plan))
+                remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
+                timer = self._clock.call_later(remaining_s, _settle, running.future, "timeout")
+                try:
+                    state = await running.future
+                finally:
+                    timer.cancel()
+                if state == "timeout":
+                    self._apply_step(group, group.manager.abort(txn_id))
+                    raise Timeout(f"transaction {txn_id} waited for locks past its deadline",
+                                  consistency="SERIAL", received=0, required=1, write=True)
+                if state == "ready":
+                    break
+                self.stats["wounded"] += 1
+                if not self._retries.again(txn_id):
+                    raise Aborted(f"transaction {txn_id} was wounded by older transactions "
+                                  f"{self._retries.max_retries + 1} times", id=txn_id,
+                                  reason="conflict")
+            try:
+                return await self._locked(group, runner, request, txn_id, deadline_s)
+            finally:
+                self._apply_step(group, group.manager.finish(txn_id))
+        finally:
+            self._retries.forget(txn_id)
+            group.running.pop(txn_id, None)
+
+    def _apply_step(self, group: _Group, step: Any) -> None:
+        """Wake the ready (committing from now: they cannot be wounded), abort the wounded."""
+        pending = [step]
+        while pending:
+            ready, wounded = pending.pop()
+            for txn in ready:
+                group.manager.start_commit(txn)
+                running = group.running.get(str(txn))
+                if running is not None and not running.future.done():
+                    running.future.set_result("ready")
+            for txn in wounded:
+                running = group.running.get(str(txn))
+                if running is not None and not running.future.done():
+                    running.future.set_result("wounded")
+                pending.append(group.manager.abort(txn))
+
+    async def _locked(self, group: _Group, runner: GroupRunner, request: TxnRequest, txn_id: str,
+                      deadline_s: float) -> dict[str, Any]:
+        if not runner.is_leader():
+            raise NoLeader(f"{self.node_id} lost the lease of range {runner.group_id}",
+                           range=runner.group_id)
+        await self._caught_up(runner, deadline_s)
+        current: dict[bytes, Current] = {}
+        for key in dict.fromkeys([*request.reads, *(c.key for c in request.conditions)]):
+            version = self.mvcc.latest_version(request.keyspace, key)
+            current[key] = (Current(None, None) if version is None or version.value is None
+                            else Current(version.value, version.commit_ts_us))
+        verdict = evaluate(request, current)
+        epsilon_us = self._fence()
+        receipt: dict[str, Any] = {"leader": self.node_id, "range": runner.group_id,
+                                   "epsilon_us": epsilon_us, "txn_id": txn_id}
+        reads = [{"key": key, "value": cur.value, "version": cur.version_us}
+                 for key, cur in verdict.reads]
+        if verdict.kind == CONDITION_FAILED:
+            assert verdict.failed is not None and verdict.current is not None
+            self.stats["condition_failed"] += 1
+            raise ConditionFailed(
+                f"condition {verdict.failed.kind} on key "
+                f"{verdict.failed.key.decode(errors='replace')!r} does not hold",
+                key=verdict.failed.key.decode(errors="replace"),
+                field=f"conditions[{verdict.failed_index}]",
+                current_value=None if verdict.current.value is None
+                else json.loads(verdict.current.value),
+                current_version=verdict.current.version_us, id=txn_id)
+        if verdict.kind != COMMIT:
+            # A read under shared locks: what is applied here, with a live lease, is the
+            # latest committed state (writers hold exclusive locks through commit wait).
+            if not runner.is_leader():
+                raise NoLeader(f"{self.node_id} lost the lease of range {runner.group_id}",
+                               range=runner.group_id)
+            receipt["read_ts"] = runner.applied_ts_us
+            return {"ok": True, "id": txn_id, "committed": False, "reads": reads,
+                    "receipt": receipt}
+        remaining_s = deadline_s - self._clock.monotonic_s()
+        if remaining_s <= 0:
+            raise Timeout(f"transaction {txn_id} reached its deadline before proposing",
+                          consistency="SERIAL", received=0, required=1, write=True)
+        outcome = await runner.propose_future(txn_id, verdict.writes, timeout_s=remaining_s)
+        if outcome.status == REFUSED:
+            if outcome.reason == "clock_uncertain":
+                self._fence()
+            raise NoLeader(f"range {runner.group_id} refused the commit ({outcome.reason})",
+                           range=runner.group_id, reason=outcome.reason)
+        if outcome.status == ABORTED:
+            self.stats["aborts"] += 1
+            raise Aborted(f"transaction {txn_id} did not commit ({outcome.reason})", id=txn_id,
+                          reason=outcome.reason)
+        if outcome.status != COMMITTED or outcome.commit_ts_us is None:
+            raise Timeout(f"transaction {txn_id}'s outcome is not known yet ({outcome.reason}); "
+                          f"ask GET /v1/txn/{txn_id}", consistency="SERIAL", received=0,
+                          required=1, write=True)
+        commit_ts = outcome.commit_ts_us
+        waited_s = await self._commit_wait(commit_ts, deadline_s)
+        self.stats["commits"] += 1
+        self.stats["commit_wait_us"] += int(waited_s * 1_000_000)
+        receipt.update(commit_ts=commit_ts, commit_wait_ms=round(waited_s * 1000, 3))
+        return {"ok": True, "id": txn_id, "committed": True, "commit_ts": commit_ts,
+                "reads": reads, "receipt": receipt}
+
+    async def _commit_wait(self, commit_ts_us: int, deadline_s: float) -> float:
+        """Spanner §4.1.2: hold the answer (and the locks) until ``TT.after(s)``."""
+        started_s = self._clock.monotonic_s()
+        for _ in range(10_000):  # bounded: each round sleeps the computed wait
+            wait_us = self.truetime.wait_until_after(commit_ts_us, self._clock.wall_us(),
+                                                     self._clock.monotonic_s())
+            if wait_us <= 0:
+                return self._clock.monotonic_s() - started_s
+            await self._clock.sleep(wait_us / 1_000_000)
+        raise Timeout(f"commit wait for {commit_ts_us} did not end", consistency="SERIAL",
+                      received=0, required=1, write=True)
+
+    # -- views -----------------------------------------------------------------------------
+
+    def status_view(self) -> dict[str, Any]:
+        groups = {}
+        for gid, group in sorted(self.groups.items()):
+            runner = group.runner
+            groups[gid] = {"replicas": list(runner.group.replicas), "leader": runner.leader(),
+                           "leads": runner.is_leader(), "applied_through": runner.applied_through,
+                           "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks)}
+        return {"truetime": self.clock_status(), "groups": groups, "stats": dict(self.stats)}
+
+
+def _settle(future: asyncio.Future[str], value: str) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _rebuild(exc: RemoteError) -> RingKVError:
+    """The peer's typed error, as if raised here (a forwarded operation's answer)."""
+    code = getattr(exc, "remote_code", "")
+    if code not in BY_CODE or code in ("remote_error", "protocol_error"):
+        return exc
+    details = dict(getattr(exc, "remote_details", {}) or {})
+    return RingKVError.from_json(
+        {"error": {"code": code, "message": getattr(exc, "remote_message", exc.message),
+                   **details}})
+
+
+__all__ = ["TxnService", "Op", "VERBS"]
