@@ -504,6 +504,7 @@ class TxnService:
         keys = [op.key] if op.request is None else op.request.keys()
         rng = self.range_of(op.keyspace, keys)
         snapshot = op.kind == "snapshot_get"
+        failed: set[str] = set()
         while True:
             member = self.node_id in rng.replicas
             group = self._ensure(rng) if member else None
@@ -525,13 +526,20 @@ class TxnService:
                 assert group is not None
                 return await self._serve(group, rng, op, deadline_s)
             remaining_s = deadline_s - self._clock.monotonic_s()
-            if decision.route is Route.FORWARD and decision.target is not None and remaining_s > 0:
+            target = decision.target
+            if target is not None and not member and target in failed:
+                # An outsider tries the other members in turn (the first may be down).
+                target = next((r for r in rng.replicas if r not in failed), target)
+            if decision.route is Route.FORWARD and target is not None and remaining_s > 0:
                 try:
-                    return await self._forward(decision.target, op, hops + 1, remaining_s)
+                    return await self._forward(target, op, hops + 1, remaining_s)
                 except (NoLeader, PeerUnreachable, PeerTimeout, Overloaded) as exc:
                     if hops > 0:
                         raise
-                    log.debug("forward to %s failed: %s", decision.target, exc)
+                    failed.add(target)
+                    if len(failed) >= len(rng.replicas):
+                        failed.clear()
+                    log.debug("forward to %s failed: %s", target, exc)
             elif hops > 0 and not member:
                 raise NoLeader(f"range {rng.group_id} has no leader here", range=rng.group_id)
             if hops > 0 and decision.route is Route.WAIT:
