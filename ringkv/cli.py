@@ -161,6 +161,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         nemesis=nemesis, fault=args.fault, duration_s=args.duration,
         commit_sync=args.commit_sync, hints=not args.no_hints,
         write_fraction=args.write_fraction, max_skew_s=args.max_skew, boot=args.boot,
+        workload=args.workload,
     )
 
 
@@ -277,10 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--write", default="QUORUM", help="write consistency level")
     sim.add_argument("--nemesis", default="none",
                      help="comma-separated: partition,crash,power,pause,clog,skew,"
-                          "isolate-repeat (or none)")
+                          "isolate-repeat,leader (or none)")
     sim.add_argument("--fault", default=None,
                      help="plant a broken coordinator: ack-without-write, ack-before-write, "
-                          "backdated-write, phantom-read, no-read-repair")
+                          "backdated-write, phantom-read, no-read-repair; with --workload "
+                          "register a broken transactional node: skip-commit-wait, no-fencing")
     sim.add_argument("--duration", type=float, default=60.0,
                      help="virtual seconds the workload is spread over (default 60)")
     sim.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic")
@@ -290,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--boot", choices=("join", "together", "provisioned"), default="join",
                      help="join: nodes join one by one (real token allocation); together: "
                           "all start at once and join; provisioned: tokens preset, faster")
+    sim.add_argument("--workload", choices=("eventual", "register"), default="eventual",
+                     help="eventual: writes and reads on an eventual keyspace; register: "
+                          "compare-and-set registers on a transactional keyspace (RF 3), "
+                          "checked for linearizability and commit wait")
     sim.add_argument("--no-hints", action="store_true", help="turn hinted handoff off")
     sim.add_argument("--history", action="store_true", help="print every operation")
     sim.add_argument("--node-logs", action="store_true",

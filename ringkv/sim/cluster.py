@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ringkv.config import Config
@@ -45,13 +45,15 @@ START_TIMEOUT_S = 60.0  # virtual seconds a node may take to start
 
 class Machine:
     def __init__(self, loop: VirtualTimeLoop, network: SimNetwork, config: Config, seed: int,
-                 coordinator_class: type[Coordinator]) -> None:
+                 coordinator_class: type[Coordinator],
+                 node_hook: Callable[[Node], None] | None = None) -> None:
         self.loop = loop
         self.network = network
         self.config = config
         self.node_id = config.cluster.node_id
         self.seed = seed
         self.coordinator_class = coordinator_class
+        self.node_hook = node_hook  # sees each new Node before it starts (observers, faults)
         self.clock = SimClock(loop)
         self.engine = MemoryEngine()
         self.identity = MemoryIdentity()
@@ -93,6 +95,8 @@ class Machine:
             identity=self.identity,
             coordinator_class=self.coordinator_class,
         )
+        if self.node_hook is not None:
+            self.node_hook(self.node)
         self.state = UP
         task = self.start_task = self.run(self.node.start())
         if not wait_joined:
@@ -125,10 +129,11 @@ class Machine:
 
 class SimCluster:
     def __init__(self, loop: VirtualTimeLoop, network: SimNetwork, configs: list[Config],
-                 seed: int, coordinator_class: type[Coordinator]) -> None:
+                 seed: int, coordinator_class: type[Coordinator],
+                 node_hook: Callable[[Node], None] | None = None) -> None:
         self.loop = loop
         self.network = network
-        self.machines = [Machine(loop, network, config, seed, coordinator_class)
+        self.machines = [Machine(loop, network, config, seed, coordinator_class, node_hook)
                          for config in configs]
 
     def by_id(self, node_id: str) -> Machine:

@@ -2,20 +2,26 @@
 
 They exist only here; the simulator plants one through ``Node``'s
 ``coordinator_class`` hook (``ringkv sim --fault NAME``). Each models a real
-class of bug.
+class of bug. The transactional tier's (``TXN_FAULTS``, for ``--workload
+register``) are planted into a node's ``TxnService`` before it starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ringkv.hlc import Timestamp
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
 from ringkv.errors import RingKVError
 from ringkv.quorum import ConsistencyLevel
 from ringkv.coordinator.replica_plan import ReplicaPlan
+from ringkv.txn.truetime import CERTAIN, ClockStatus, TrueTime
 from ringkv.versioning import Cell, encode_json_value
+
+if TYPE_CHECKING:
+    from ringkv.node import Node
 
 
 class AckWithoutWrite(Coordinator):
@@ -98,4 +104,41 @@ FAULTS: dict[str, type[Coordinator]] = {
     "backdated-write": BackdatedWrite,
     "phantom-read": PhantomRead,
     "no-read-repair": NoReadRepair,
+}
+
+
+async def _no_commit_wait(commit_ts_us: int, deadline_s: float) -> float:
+    return 0.0
+
+
+def skip_commit_wait(node: Node) -> None:
+    """The leader answers as soon as the commit is chosen, without waiting out
+    ``TT.after(s)`` (Spanner §4.1.2): a commit timestamp may then still lie in
+    the future when the client hears of it."""
+    setattr(node.txn, "_commit_wait", _no_commit_wait)
+
+
+class UnfencedTrueTime(TrueTime):
+    """TrueTime without the fence: where it would refuse (its clock disagrees with
+    the peers', ε is too wide or unknown), the node carries on with its own clock
+    (``local ± floor``), as a node with no fence has nothing else to go by."""
+
+    def status(self, local_now_us: int, monotonic_now_s: float) -> ClockStatus:
+        status = super().status(local_now_us, monotonic_now_s)
+        if status.verdict == CERTAIN:
+            return status
+        return dataclasses.replace(status, interval=self.local_interval(local_now_us),
+                                   verdict=CERTAIN)
+
+
+def no_fencing(node: Node) -> None:
+    tt = node.config.truetime
+    node.txn.truetime = UnfencedTrueTime(min_uncertainty_ms=tt.min_uncertainty_ms,
+                                         max_drift_ppm=tt.max_drift_ppm,
+                                         max_uncertainty_ms=tt.max_uncertainty_ms)
+
+
+TXN_FAULTS: dict[str, Callable[[Node], None]] = {
+    "skip-commit-wait": skip_commit_wait,
+    "no-fencing": no_fencing,
 }

@@ -9,7 +9,12 @@
     pause      SIGSTOP a node for a while, then SIGCONT
     clog       hold all of a node's traffic for a while, then let it through
     skew       clock offsets and drift per node, and clock steps (NTP-like);
-               for measuring last-write-wins, not part of the correctness mixes
+               for measuring last-write-wins, not part of the correctness mixes;
+               with ``falsetickers`` (the register workload) only that many
+               clocks, a minority, skew and step, and the rest keep true time
+               (TrueTime's fault model: a majority of truechimers)
+    leader     kill, or cut off, the current leader of a transactional range,
+               then restart or heal it
     isolate-repeat
                cut the same node off from all others, again and again
                (10-20 s each, 10-25 s healed in between): a long partition
@@ -27,7 +32,7 @@ from collections.abc import Callable
 
 from ringkv.sim.cluster import UP, Machine, SimCluster
 
-NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repeat")
+NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repeat", "leader")
 
 
 class FaultLog:
@@ -83,7 +88,7 @@ def _partition(rng: random.Random, ids: list[str]) -> tuple[str, set[tuple[str, 
 
 class Nemesis:
     def __init__(self, kind: str, cluster: SimCluster, rng: random.Random, log: FaultLog,
-                 *, max_skew_s: float = 0.25) -> None:
+                 *, max_skew_s: float = 0.25, falsetickers: int | None = None) -> None:
         if kind not in NEMESES:
             raise ValueError(f"unknown nemesis {kind!r}; expected some of {', '.join(NEMESES)}")
         self.kind = kind
@@ -91,6 +96,8 @@ class Nemesis:
         self.rng = rng
         self.log = log
         self.max_skew_s = max_skew_s
+        self.falsetickers = falsetickers
+        self._skewed: list[Machine] = list(cluster.machines)  # the clocks skew may move
         self._repeat_victim: str | None = None
         # isolate-repeat: (victim, cut at, healed at) per isolation, in virtual seconds.
         self.isolations: list[tuple[str, float, float]] = []
@@ -100,7 +107,7 @@ class Nemesis:
         step: Callable[[asyncio.Event], object] = {
             "partition": self._partition, "crash": self._crash, "power": self._crash,
             "pause": self._pause, "clog": self._clog, "skew": self._skew,
-            "isolate-repeat": self._isolate_repeat,
+            "isolate-repeat": self._isolate_repeat, "leader": self._leader,
         }[self.kind]
         if self.kind == "skew":
             self._initial_skew()
@@ -172,7 +179,41 @@ class Nemesis:
         self.log.fault(f"clog {victim.node_id} for {seconds:.2f}s")
         await _pause_unless(stop, seconds)
 
+    async def _leader(self, stop: asyncio.Event) -> None:
+        leaders = sorted({m.node_id for m in self.cluster.up() if m.node is not None
+                          for g in m.node.txn.groups.values() if g.runner.is_leader()})
+        if not leaders:
+            return
+        victim = self.cluster.by_id(self.rng.choice(leaders))
+        if self.rng.random() < 0.5:
+            victim.crash()
+            self.log.fault(f"kill -9 leader {victim.node_id}")
+            await _pause_unless(stop, self.rng.uniform(0.5, 6.0))
+            await victim.start()
+            self.log.note(f"restart {victim.node_id} (incarnation {victim.incarnation})")
+            return
+        others = [m.node_id for m in self.cluster.machines if m.node_id != victim.node_id]
+        cut = ({(victim.node_id, b) for b in others} | {(b, victim.node_id) for b in others})
+        self.cluster.network.cut(cut)
+        self.log.fault(f"partition: isolate leader {victim.node_id}")
+        await _pause_unless(stop, self.rng.uniform(1.0, 8.0))
+        self.cluster.network.heal(cut)
+        self.log.note(f"heal: isolate leader {victim.node_id}")
+
     def _initial_skew(self) -> None:
+        if self.falsetickers is not None:
+            machines = list(self.cluster.machines)
+            self.rng.shuffle(machines)
+            self._skewed = machines[:self.falsetickers]
+            for machine in self._skewed:
+                # Beyond a small offset: a falseticker is far from true time, either way.
+                magnitude = self.rng.uniform(self.max_skew_s / 2, self.max_skew_s)
+                machine.clock.offset_us = int(self.rng.choice((-1, 1)) * magnitude * 1e6)
+                machine.clock.drift_ppm = self.rng.uniform(-200, 200)
+                self.log.fault(f"clock {machine.node_id} (falseticker): offset "
+                               f"{machine.clock.offset_us / 1e3:+.1f} ms, "
+                               f"drift {machine.clock.drift_ppm:+.0f} ppm")
+            return
         for machine in self.cluster.machines:
             machine.clock.offset_us = int(self.rng.uniform(-self.max_skew_s, self.max_skew_s) * 1e6)
             machine.clock.drift_ppm = self.rng.uniform(-200, 200)
@@ -181,7 +222,9 @@ class Nemesis:
 
     async def _skew(self, stop: asyncio.Event) -> None:
         # Step to a new offset within the bound, so skew never grows without limit.
-        victim = self.rng.choice(self.cluster.machines)
+        if not self._skewed:
+            return
+        victim = self.rng.choice(self._skewed)
         target_us = int(self.rng.uniform(-self.max_skew_s, self.max_skew_s) * 1e6)
         step_us = target_us - victim.clock.offset_us
         victim.clock.step_us(step_us)

@@ -21,12 +21,21 @@ from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.sim import checkers
 from ringkv.sim.checkers import Verdict
 from ringkv.sim.cluster import SimCluster
-from ringkv.sim.faults import FAULTS
+from ringkv.sim.faults import FAULTS, TXN_FAULTS
 from ringkv.sim.history import Op, history_hash
+from ringkv.sim.linearizability import linearizable
 from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.sim.nemesis import NEMESES, FaultLog, Nemesis
 from ringkv.sim.network import NetworkConditions, SimNetwork
-from ringkv.sim.workload import Workload, WorkloadSpec
+from ringkv.node import Node
+from ringkv.txn.service import Op as TxnOp
+from ringkv.sim.workload import (
+    CommitObserver,
+    RegisterSpec,
+    RegisterWorkload,
+    Workload,
+    WorkloadSpec,
+)
 
 BOOT_TIMEOUT_S = 120.0  # virtual seconds for the cluster to form
 HEAL_TIMEOUT_S = 60.0  # virtual seconds for every node to see every other UP again
@@ -34,6 +43,14 @@ QUIET_S = 10.0  # after healing: gossip and hint replay (replay also retries eve
 SETTLE_S = 2.0  # after the final reads (whose read repair blocks), before replicas are compared
 KEYSPACE = "default"
 BOOT_MODES = ("join", "together", "provisioned")
+# "eventual": writes and reads on an eventual keyspace; "register": single-key
+# compare-and-set registers on a transactional one (RF 3), judged for linearizability.
+WORKLOADS = ("eventual", "register")
+TXN_KEYSPACE = "txn"
+# The register workload's TrueTime floor: within Spanner's 1-7 ms, and above a
+# commit's replication time here, so commit wait is what keeps ``s`` in the past.
+REGISTER_MIN_UNCERTAINTY_MS = 5.0
+WARMUP_TIMEOUT_S = 30.0  # virtual seconds for clocks to sync and the groups to elect leaders
 
 
 @dataclass(frozen=True)
@@ -56,13 +73,19 @@ class SimSettings:
     # "join": each node joins the ring in turn; "together": all start at once and
     # join; "provisioned": tokens preset (faster)
     boot: str = "join"
+    workload: str = "eventual"
 
     def __post_init__(self) -> None:
         for kind in self.nemesis:
             if kind not in NEMESES:
                 raise ValueError(f"unknown nemesis {kind!r}; choose from {', '.join(NEMESES)}")
-        if self.fault is not None and self.fault not in FAULTS:
-            raise ValueError(f"unknown fault {self.fault!r}; choose from {', '.join(FAULTS)}")
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, "
+                             f"not {self.workload!r}")
+        faults = TXN_FAULTS if self.workload == "register" else FAULTS
+        if self.fault is not None and self.fault not in faults:
+            raise ValueError(f"unknown fault {self.fault!r} for the {self.workload} workload; "
+                             f"choose from {', '.join(faults)}")
         if self.boot not in BOOT_MODES:
             raise ValueError(f"boot must be one of {', '.join(BOOT_MODES)}, not {self.boot!r}")
         ConsistencyLevel.parse(self.read_cl, write=False)
@@ -77,7 +100,7 @@ class SimSettings:
                            ("read_cl", "--read"), ("write_cl", "--write"), ("fault", "--fault"),
                            ("duration_s", "--duration"), ("commit_sync", "--commit-sync"),
                            ("write_fraction", "--write-fraction"), ("max_skew_s", "--max-skew"),
-                           ("boot", "--boot")):
+                           ("boot", "--boot"), ("workload", "--workload")):
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 parts.append(f"{flag} {value}")
@@ -146,8 +169,9 @@ def network_conditions(rng: random.Random) -> NetworkConditions:
 
 
 def node_configs(settings: SimSettings) -> list[Config]:
-    return [
-        config_from_dict({
+    configs = []
+    for i in range(settings.nodes):
+        raw: dict[str, object] = {
             "cluster": {"name": "sim", "node_id": f"n{i + 1}", "listen_host": "127.0.0.1",
                         "client_port": 7400 + i, "internode_port": 7500 + i,
                         "seeds": ["127.0.0.1:7500"]},
@@ -155,9 +179,14 @@ def node_configs(settings: SimSettings) -> list[Config]:
             "storage": {"engine": "memory", "commit_sync": settings.commit_sync},
             # 0 turns hinted handoff off.
             "timing": {"max_hint_window_s": 10800 if settings.hints else 0},
-        })
-        for i in range(settings.nodes)
-    ]
+        }
+        if settings.workload == "register":
+            raw["keyspaces"] = {KEYSPACE: {"replication_factor": settings.rf},
+                                TXN_KEYSPACE: {"replication_factor": 3,
+                                               "tier": "transactional"}}
+            raw["truetime"] = {"min_uncertainty_ms": REGISTER_MIN_UNCERTAINTY_MS}
+        configs.append(config_from_dict(raw))
+    return configs
 
 
 def simulate(settings: SimSettings, *, node_logs: bool = False) -> SimResult:
@@ -177,8 +206,9 @@ def simulate(settings: SimSettings, *, node_logs: bool = False) -> SimResult:
     # cycle collector would run at points that depend on the process's past.
     gc_enabled = gc.isenabled()
     gc.disable()
+    run = _run_register if settings.workload == "register" else _run
     try:
-        result = loop.run_until_complete(_run(settings, loop))
+        result = loop.run_until_complete(run(settings, loop))
     finally:
         loop.dispose()
         if gc_enabled:
@@ -242,6 +272,80 @@ async def _run(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
     )
 
 
+async def _run_register(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
+    seed = settings.seed
+    conditions = network_conditions(random.Random(f"{seed}/network"))
+    network = SimNetwork(loop, random.Random(f"{seed}/packets"), conditions)
+    observer = CommitObserver(loop)
+    plant = TXN_FAULTS[settings.fault] if settings.fault else None
+
+    def hook(node: Node) -> None:
+        if plant is not None:
+            plant(node)
+        observer.attach(node)
+
+    cluster = SimCluster(loop, network, node_configs(settings), seed, Coordinator, hook)
+    log = FaultLog(loop)
+    provision = random.Random(f"{seed}/tokens") if settings.boot == "provisioned" else None
+    await cluster.boot(BOOT_TIMEOUT_S, provision=provision, together=settings.boot == "together")
+    spec = RegisterSpec(ops=settings.ops, clients=settings.clients, keys=settings.keys,
+                        duration_s=settings.duration_s, keyspace=TXN_KEYSPACE)
+    workload = RegisterWorkload(spec, cluster, seed)
+    warm = await _warm_up(cluster, spec, loop)
+    log.note(f"cluster of {settings.nodes} is up; "
+             f"{'groups elected' if warm else 'groups not all ready'}; workload starts")
+    stop = asyncio.Event()
+    falsetickers = (settings.nodes - 1) // 2  # TrueTime tolerates a minority
+    nemeses = [
+        asyncio.ensure_future(Nemesis(kind, cluster, random.Random(f"{seed}/nemesis/{kind}"), log,
+                                      max_skew_s=settings.max_skew_s,
+                                      falsetickers=falsetickers).run(stop))
+        for kind in settings.nemesis
+    ]
+    await workload.run()
+    stop.set()
+    await asyncio.gather(*nemeses)
+    await cluster.heal()
+    log.note("workload done; every fault healed")
+    healed = await cluster.wait_settled(HEAL_TIMEOUT_S)
+    await workload.resolve_unknown()
+    await workload.final_reads()
+    resolved = ", ".join(f"{n} {what}" for what, n in sorted(workload.resolved.items()))
+    log.note(f"unknown outcomes asked by transaction id: {resolved or 'none'}")
+    cluster.stop_all()
+    history = workload.history()
+    verdicts = [
+        linearizable(workload.register_history()),
+        observer.verdict(),
+        _health(healed, loop.errors, workload.unexpected),
+    ]
+    return SimResult(
+        settings=settings, history=history, faults=log.lines, fault_count=log.count,
+        verdicts=verdicts, history_hash=history_hash(history, log.lines),
+        network=conditions.describe(), network_stats=dict(network.stats),
+        virtual_s=loop.time(),
+    )
+
+
+async def _warm_up(cluster: SimCluster, spec: RegisterSpec, loop: VirtualTimeLoop) -> bool:
+    """Read every key once (unrecorded, changes nothing), so clocks are synced and each
+    key's group has a leader before the clients start; bounded."""
+    deadline_s = loop.time() + WARMUP_TIMEOUT_S
+    for key in spec.key_names:
+        while loop.time() < deadline_s:
+            machine = cluster.machines[0]
+            node = machine.node
+            assert node is not None
+            task = machine.run(node.txn.execute(TxnOp("get", spec.keyspace, key=key.encode()),
+                                                started_s=node.clock.monotonic_s(),
+                                                timeout_s=1.0))
+            await asyncio.wait([task])
+            if task.exception() is None:
+                break
+            await asyncio.sleep(0.2)
+    return loop.time() < deadline_s
+
+
 def _health(healed: bool, loop_errors: list[str], unexpected: list[str]) -> Verdict:
     """The cluster healed, and no node raised anything but ringkv errors."""
     problems = ([] if healed else ["after healing, some node never saw every other UP"])
@@ -258,17 +362,21 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
     history = result.history
     client_ops = [op for op in history if not op.final]
     counts = Counter((op.kind, op.status) for op in client_ops)
+    register = settings.workload == "register"
+    kinds = ("write", "cas", "read") if register else ("write", "read")
     lines = [
         f"$ {settings.command()}",
         f"network: {result.network}",
-        f"consistency: writes {settings.write_cl}, reads {settings.read_cl}, "
-        f"rf {settings.rf}; fault switch: {settings.fault or 'none'}",
+        (f"transactional keyspace {TXN_KEYSPACE!r} (rf 3, SERIAL)" if register else
+         f"consistency: writes {settings.write_cl}, reads {settings.read_cl}, "
+         f"rf {settings.rf}") + f"; fault switch: {settings.fault or 'none'}",
         "ops: " + "; ".join(
             f"{sum(counts[(kind, s)] for s in ('ok', 'fail', 'info'))} {kind}s "
             f"({counts[(kind, 'ok')]} ok, {counts[(kind, 'fail')]} fail, "
             f"{counts[(kind, 'info')]} indeterminate)"
-            for kind in ("write", "read")
-        ) + f"; {sum(1 for op in history if op.final)} final reads at ALL",
+            for kind in kinds
+        ) + f"; {sum(1 for op in history if op.final)} final reads at "
+        + ("SERIAL" if register else "ALL"),
         "streams: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
         f"faults injected: {result.fault_count}",
         *(f"  {line}" for line in result.faults),
@@ -289,6 +397,12 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
 def format_line(result: SimResult) -> str:
     """One line per run, for a series of seeds."""
     counts = run_counts(result)
+    if result.settings.workload == "register":
+        return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
+                f"{counts['ops']:>5} ops, {counts['acked']:>4} acked writes/cas, "
+                f"{counts['unknown']:>3} unknown, {counts['commits']:>4} commits, "
+                f"{result.fault_count:>3} faults; not linearizable {counts['nonlinear']}, "
+                f"commit wait broken {counts['early']}; hash {result.history_hash}")
     return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
             f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
             f"{result.fault_count:>3} faults; lost {counts['lost']}, stale {counts['stale']}, "
@@ -299,6 +413,17 @@ def format_totals(results: list[SimResult]) -> str:
     """What a series of runs measured, summed (the figures README's Guarantees quote)."""
     total = series_counts(results)
     failed = [r for r in results if not r.ok]
+    if results and results[0].settings.workload == "register":
+        lines = [
+            f"{len(results)} runs, {len(failed)} failed: {total['ops']} client ops "
+            f"({total['acked']} acknowledged writes/cas, {total['unknown']} unknown), "
+            f"{total['faults']} faults injected",
+            f"  runs whose register history is not linearizable: {total['nonlinear']}",
+            f"  commits acknowledged before true time reached s: {total['early']} "
+            f"of {total['commits']}",
+        ]
+        lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
+        return "\n".join(lines)
     lines = [
         f"{len(results)} runs, {len(failed)} failed: {total['ops']} client ops, "
         f"{total['faults']} faults injected",
@@ -325,6 +450,18 @@ def run_counts(result: SimResult) -> dict[str, int]:
     """The figures one run measured: client ops, acknowledged writes, successful
     reads, faults, and how many items each checker flagged."""
     client = [op for op in result.history if not op.final]
+    if result.settings.workload == "register":
+        early = result.verdict("commit wait")
+        return {
+            "ops": len(client),
+            "acked": sum(1 for op in client if op.kind != "read" and op.status == "ok"),
+            "unknown": sum(1 for op in client if op.status == "info"),
+            "nonlinear": int(not result.verdict("linearizable").ok),
+            "early": early.count,
+            # "N commits acknowledged ..." or "k of N commits acknowledged ..."
+            "commits": int(early.summary.split()[0 if early.ok else 2]),
+            "faults": result.fault_count,
+        }
     return {
         "ops": len(client),
         "acked": sum(1 for op in client if op.kind == "write" and op.status == "ok"),

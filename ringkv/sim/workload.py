@@ -1,24 +1,42 @@
 """Concurrent clients writing unique values and reading them back, recorded as a history.
 
-Clients call a coordinator's ``Node.put``/``Node.get`` directly, inside that
+Two workloads. ``Workload`` (eventual): clients call a coordinator's ``Node.put``/``Node.get`` directly, inside that
 node's process (so a crash or pause of the coordinator stops the request
 too), and give up after a client timeout like an HTTP client would. Every
 value written is unique ("c3-17": client 3's 17th write), so a read names
 the write it saw.
+
+``RegisterWorkload`` (``--workload register``): clients read, write and
+compare-and-set a few registers of a transactional keyspace through random
+nodes' ``TxnService.execute``, each operation a single-key transaction with a
+unique id, recorded as ``RegisterOp``s for the linearizability checker. A
+failed condition certainly changed nothing; any other error or a timeout
+leaves a write's outcome unknown. ``CommitObserver`` is white-box: it
+records, at each leader, every commit's timestamp and the true (virtual)
+time at which the leader answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ringkv.errors import RingKVError, Unavailable
+from ringkv.errors import ClockUncertain, ConditionFailed, NotFound, RingKVError, Unavailable
+from ringkv.node import Node
 from ringkv.quorum import ConsistencyLevel
+from ringkv.sim.checkers import EXCERPT_LINES, Verdict
+from ringkv.sim.clock import EPOCH_US
 from ringkv.sim.cluster import CRASHED, OFF, Machine, SimCluster
 from ringkv.sim.history import FAIL, INFO, OK, Op
+from ringkv.sim.linearizability import RegisterOp
+from ringkv.txn.requests import Condition, TxnRequest, Write, comparable_json
+from ringkv.txn.service import Op as TxnOp
 from ringkv.versioning import encode_json_value
 
 
@@ -158,6 +176,259 @@ class Workload:
         """Every op in invocation order; ops still in flight are indeterminate (INFO)."""
         everything = {**self._open, **self.ops}
         return [everything[i] for i in sorted(everything)]
+
+
+@dataclass(frozen=True)
+class RegisterSpec:
+    ops: int
+    clients: int
+    keys: int
+    duration_s: float  # virtual seconds the ops are spread over
+    read_fraction: float = 0.3
+    write_fraction: float = 0.2  # the rest are compare-and-set
+    client_timeout_s: float = 3.0
+    keyspace: str = "txn"
+
+    @functools.cached_property
+    def key_names(self) -> list[str]:
+        return [f"r{i}" for i in range(self.keys)]
+
+
+def true_us(loop: asyncio.AbstractEventLoop) -> int:
+    """The simulator's true time in µs (what every truechimer's wall clock reads)."""
+    return EPOCH_US + int(loop.time() * 1_000_000)
+
+
+@dataclass(frozen=True)
+class Commit:
+    leader: str
+    commit_ts_us: int
+    answered_true_us: int  # true time when the leader answered (after commit wait)
+
+
+class CommitObserver:
+    """White-box (Spanner §4.1.2): each commit's ``s`` and the true time its leader answered."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.commits: list[Commit] = []
+
+    def attach(self, node: Node) -> None:
+        service = node.txn
+        inner = service._commit_wait  # whatever it is, a planted fault included
+
+        async def observed(commit_ts_us: int, deadline_s: float) -> float:
+            waited_s = await inner(commit_ts_us, deadline_s)
+            self.commits.append(Commit(node.node_id, commit_ts_us, true_us(self.loop)))
+            return waited_s
+
+        setattr(service, "_commit_wait", observed)
+
+    def verdict(self) -> Verdict:
+        """Every commit's timestamp is below the true time at which it was acknowledged."""
+        early = [c for c in self.commits if c.commit_ts_us >= c.answered_true_us]
+        if not early:
+            return Verdict("commit wait", True, f"{len(self.commits)} commits acknowledged after "
+                           "their timestamp had passed in true time")
+        lines = tuple(f"{c.leader} answered commit at s={c.commit_ts_us} when true time was "
+                      f"{c.answered_true_us} ({(c.commit_ts_us - c.answered_true_us) / 1000:.3f} "
+                      f"ms early)" for c in early[:EXCERPT_LINES])
+        return Verdict("commit wait", False, f"{len(early)} of {len(self.commits)} commits "
+                       "acknowledged before true time reached their timestamp", len(early), lines)
+
+
+class RegisterWorkload:
+    def __init__(self, spec: RegisterSpec, cluster: SimCluster, seed: int) -> None:
+        self.spec = spec
+        self.cluster = cluster
+        self.loop = cluster.loop
+        self.seed = seed
+        self.ops: dict[int, Op] = {}
+        self._open: dict[int, tuple[Op, RegisterOp | None]] = {}
+        self._registers: dict[int, RegisterOp] = {}
+        self._next_index = 0
+        self.unexpected: list[str] = []
+        self.resolved: Counter[str] = Counter()  # unknown outcomes, as resolve_unknown found
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._client(c) for c in range(self.spec.clients)))
+
+    async def _client(self, cid: int) -> None:
+        spec = self.spec
+        rng = random.Random(f"{self.seed}/register/{cid}")
+        think_s = spec.clients * spec.duration_s / max(1, spec.ops)
+        seen: dict[str, str | None] = {}  # the value this client last saw per key
+        written = 0
+        for _ in range(spec.ops):  # bounded: the shared budget ends it sooner
+            await asyncio.sleep(rng.expovariate(1 / think_s))
+            if self._next_index >= spec.ops:
+                return
+            key = rng.choice(spec.key_names)
+            machine = rng.choice(self.cluster.machines)
+            draw = rng.random()
+            if draw < spec.read_fraction:
+                op = await self.call(f"c{cid}", machine, "read", key)
+                if op.status == OK:
+                    seen[key] = op.value
+                continue
+            written += 1
+            kind = "write" if draw < spec.read_fraction + spec.write_fraction else "cas"
+            await self.call(f"c{cid}", machine, kind, key, f"c{cid}-{written}", seen.get(key),
+                            seen=seen)
+
+    async def final_reads(self, attempts: int = 10) -> None:
+        """After healing: a strong read of every key, retried a few times."""
+        machines = self.cluster.machines
+        for i, key in enumerate(self.spec.key_names):
+            for attempt in range(attempts):
+                op = await self.call("final", machines[(i + attempt) % len(machines)], "read", key)
+                if op.status == OK:
+                    break
+                await asyncio.sleep(1.0)
+
+    async def call(self, process: str, machine: Machine, kind: str, key: str,
+                   value: str | None = None, expected: str | None = None, *,
+                   seen: dict[str, str | None] | None = None) -> Op:
+        index = self._next_index
+        self._next_index += 1
+        start = self.loop.time()
+        shown = f"{expected!r}->{value!r}" if kind == "cas" else value
+        invoked = Op(index, process, kind, key, shown, start, None, INFO, machine.node_id,
+                     "SERIAL", None, process == "final")
+        if machine.state in (CRASHED, OFF) or machine.node is None:
+            return self._record(invoked, FAIL, start, None, "connection refused")
+        node = machine.node
+        raw = key.encode()
+        spec = self.spec
+        txn_id = f"{process}.{index}"
+        if kind == "read":
+            request = TxnOp("get", spec.keyspace, key=raw)
+            pending: RegisterOp | None = None
+        else:
+            assert value is not None
+            conditions: tuple[Condition, ...] = ()
+            if kind == "cas":
+                conditions = ((Condition(raw, "absent"),) if expected is None else
+                              (Condition(raw, "equals", equals=comparable_json(expected)),))
+            txn = TxnRequest(spec.keyspace, txn_id, (), conditions,
+                             (Write(raw, json.dumps(value).encode()),))
+            request = TxnOp("txn", spec.keyspace, txn)
+            pending = RegisterOp(process, kind, key, value, start, None, expected,
+                                 None if kind == "cas" else True)
+        try:
+            node.txn._fence()  # what execute does first: a fenced node refuses, doing nothing
+        except ClockUncertain:
+            return self._record(invoked, FAIL, start, None, "ClockUncertain")
+        self._open[index] = (invoked, pending)
+        task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
+                                            timeout_s=spec.client_timeout_s))
+        await _wait(self.loop, task, spec.client_timeout_s + 0.5)
+        if not task.done():
+            return self._record(invoked, INFO, None, pending, "client timeout")
+        exc = task.exception()
+        end = self.loop.time()
+        if exc is None:
+            result = task.result()
+            if kind == "read":
+                raw_value = result["reads"][0]["value"]
+                read = None if raw_value is None else json.loads(raw_value)
+                return self._record(dataclasses.replace(invoked, value=read), OK, end,
+                                    RegisterOp(process, "read", key, read, start, end), None)
+            assert pending is not None
+            if seen is not None:
+                seen[key] = value
+            return self._record(invoked, OK, end, RegisterOp(
+                process, kind, key, value, start, end, expected, True), None,
+                (int(result["commit_ts"]), 0))
+        if not isinstance(exc, RingKVError):
+            self.unexpected.append(f"{invoked.line()}: {exc!r}")
+        if isinstance(exc, ConditionFailed) and kind == "cas":
+            current = exc.details.get("current_value")
+            if seen is not None:
+                seen[key] = current if isinstance(current, str) else None
+            return self._record(invoked, FAIL, end, RegisterOp(
+                process, kind, key, value, start, end, expected, False), "condition_failed")
+        if kind == "read":  # a failed read changed nothing and tells nothing
+            return self._record(invoked, FAIL, end, None, type(exc).__name__)
+        return self._record(invoked, INFO, end, pending, type(exc).__name__)
+
+    async def resolve_unknown(self, attempts: int = 5) -> None:
+        """After healing, ask for the outcome of every write whose answer never came
+        (``GET /v1/txn/{id}``): committed ones took effect before the answer, and
+        the not committed ones never will. Unanswered ones stay unknown."""
+        machines = self.cluster.machines
+        unknown = sorted(i for i, r in self._registers.items() if r.end is None)
+        unknown += sorted(i for i, (_, r) in self._open.items() if r is not None)
+        for n, index in enumerate(unknown):
+            register = self._registers.get(index) or self._open[index][1]
+            assert register is not None
+            txn_id = f"{register.process}.{index}"
+            for attempt in range(attempts):
+                machine = machines[(n + attempt) % len(machines)]
+                node = machine.node
+                if node is None:
+                    continue
+                request = TxnOp("status", self.spec.keyspace, key=register.key.encode(),
+                                txn_id=txn_id)
+                task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
+                                                    timeout_s=self.spec.client_timeout_s))
+                await _wait(self.loop, task, self.spec.client_timeout_s + 0.5)
+                if not task.done():
+                    continue
+                exc = task.exception()
+                if exc is None and task.result().get("status") == "committed":
+                    self._registers[index] = dataclasses.replace(register, end=self.loop.time(),
+                                                                 ok=True)
+                    self.resolved["committed"] += 1
+                    break
+                if (isinstance(exc, NotFound) and exc.details.get("status") == "not_committed"
+                        and exc.details.get("definitive")):
+                    self._registers.pop(index, None)
+                    self._open.pop(index, None)
+                    self.resolved["not committed"] += 1
+                    break
+            else:
+                self.resolved["unresolved"] += 1
+
+    def _record(self, invoked: Op, status: str, end: float | None, register: RegisterOp | None,
+                error: str | None, ts: tuple[int, int] | None = None) -> Op:
+        op = Op(invoked.index, invoked.process, invoked.kind, invoked.key, invoked.value,
+                invoked.start, end, status, invoked.node, invoked.consistency, error,
+                invoked.final, ts)
+        self._open.pop(op.index, None)
+        self.ops[op.index] = op
+        if register is not None:
+            self._registers[op.index] = register
+        return op
+
+    def history(self) -> list[Op]:
+        everything = {**{i: op for i, (op, _) in self._open.items()}, **self.ops}
+        return [everything[i] for i in sorted(everything)]
+
+    def register_history(self) -> list[RegisterOp]:
+        """What the linearizability checker judges: ops still open at the end are unknown."""
+        registers = {**{i: r for i, (_, r) in self._open.items() if r is not None},
+                     **self._registers}
+        return [registers[i] for i in sorted(registers)]
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
+                timeout_s: float) -> None:
+    """Wait for ``task`` at most ``timeout_s``, leaving it running if it is late."""
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def done(_: asyncio.Task[Any]) -> None:
+        _retrieve(task)
+        wake()
+
+    task.add_done_callback(done)
+    timer = loop.call_later(timeout_s, wake)
+    await woken
+    timer.cancel()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
