@@ -186,3 +186,29 @@ def test_bad_input_is_refused_before_sending(call: Any, field: str) -> None:
     with pytest.raises(BadRequest) as bad:
         next(call(ops))
     assert bad.value.field == field
+
+
+def test_a_failed_condition_after_a_lost_answer_is_settled_by_the_id() -> None:
+    """The lost attempt may have committed, and a new leader that had not yet
+    applied it ran the id again: its condition then fails because of that very
+    commit. The id's outcome (GET /v1/txn/{id}) decides."""
+    ops, _ = make_ops()
+    plan = ops.put("k", 2, if_version=1, txn_id="cas-1")
+    start(plan)
+    assert isinstance(plan.send(Failure("timeout", "no answer")), Sleep)
+    retry = plan.send(None)
+    assert isinstance(retry, Send)
+    ask = plan.send(Reply(409, error("condition_failed", current_value=2, current_version=7,
+                                     key="k", id="cas-1"), {}))
+    assert isinstance(ask, Send) and "/v1/txn/cas-1?keyspace=txn&key=k" in ask.url
+    committed = {"id": "cas-1", "status": "committed", "commit_ts": 7, "range": "txn/0"}
+    result = finish(plan, Reply(200, json.dumps(committed).encode(), {}))
+    assert (result.version, result.replayed, result.txn_id) == (7, True, "cas-1")
+
+    plan = ops.put("k", 2, if_version=1, txn_id="cas-2")
+    next(plan)
+    assert isinstance(plan.send(Failure("io", "reset")), Sleep)
+    plan.send(None)
+    plan.send(Reply(409, error("condition_failed", current_value=5, current_version=9), {}))
+    with pytest.raises(ConditionFailed):  # not committed: the condition failed for real
+        plan.send(Reply(404, error("not_found", status="not_committed", definitive=True), {}))

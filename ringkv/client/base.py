@@ -43,6 +43,7 @@ class ClientBase:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
         txn_retries: int = TXN_RETRIES,
+        leader_hints: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         """Connect lazily to a cluster through ``seeds`` (one or more node URLs).
@@ -56,7 +57,9 @@ class ClientBase:
         write an idempotency key, which makes it safe to retry.
         ``pool_size``: the most keep-alive connections kept per node.
         ``txn_retries``: how many times a transaction aborted by a conflict
-        is sent again, under the same id.
+        is sent again, under the same id. ``leader_hints``: send transactions
+        to the range's leader last named by a receipt (else to any replica,
+        which forwards them).
         ``rng``: the randomness behind load spreading and jitter.
         """
         self._clock = SystemClock()
@@ -75,6 +78,7 @@ class ClientBase:
             backoff_base_s=backoff_base_s,
             backoff_max_s=backoff_max_s,
             txn_retries=txn_retries,
+            leader_hints=leader_hints,
         )
         self._pool_size = pool_size
         self._setup()

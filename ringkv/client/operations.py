@@ -43,6 +43,7 @@ from ringkv.client.types import (
 from ringkv.errors import (
     Aborted,
     BadRequest,
+    ConditionFailed,
     NoNodeAvailable,
     Overloaded,
     RingKVError,
@@ -60,6 +61,8 @@ MAX_REFRESH_TRIES = 4
 # A transaction aborted by a conflict (409 aborted) is sent again, under the
 # same id, at most this many times (each a whole call with its own deadline).
 TXN_RETRIES = 8
+# How often a transaction id reported pending is asked about again.
+STATUS_POLLS = 5
 
 
 class _Unset:
@@ -125,6 +128,7 @@ class Operations:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
         txn_retries: int = TXN_RETRIES,
+        leader_hints: bool = True,
     ) -> None:
         """The options are the client's (see ``ClientBase``); the rest is what the shell provides.
 
@@ -141,6 +145,7 @@ class Operations:
             raise ValueError("timeout_s and refresh_interval_s must be > 0, max_retries and "
                              "txn_retries >= 0")
         self.txn_retries = txn_retries
+        self.leader_hints = leader_hints
         self.keyspace = keyspace
         self.consistency = self._level(consistency, write=True, default=None)
         self.timeout_s = timeout_s
@@ -385,7 +390,7 @@ class Operations:
             idempotency_key=None if read else (
                 idempotency_key if txn_id is not None else self._idempotency_key(idempotency_key)),
             txn_id=txn_id,
-            prefer=self.router.leader(keyspace, raw) if txn_id is not None else None,
+            prefer=self._leader(keyspace, raw) if txn_id is not None else None,
         )
 
     def _write(
@@ -423,6 +428,9 @@ class Operations:
         self._note_leader(keyspace, key.encode(), answer.get("receipt"))
         return _txn_write_result(answer, txn_id, answer.get("receipt") is None)
 
+    def _leader(self, keyspace: str, key: bytes) -> str | None:
+        return self.router.leader(keyspace, key) if self.leader_hints else None
+
     def _note_leader(self, keyspace: str, key: bytes, receipt: Any) -> None:
         if isinstance(receipt, dict) and isinstance(receipt.get("leader"), str):
             self.router.note_leader(keyspace, key, receipt["leader"])
@@ -432,12 +440,38 @@ class Operations:
         abort (at most ``txn_retries`` times, with backoff); returns the reply and the retries.
 
         Only ``aborted`` is retried: nothing of the transaction was applied.
-        A failed condition (``ConditionFailed``) is the answer, raised as is.
+        A failed condition (``ConditionFailed``) is the answer, raised as is,
+        unless an earlier attempt may have run: the condition may then have
+        failed *because* that attempt committed (a new leader that had not yet
+        applied it ran the id again), so the id's outcome decides.
         """
         conflicts = 0
+        uncertain: list[str] = []
         while True:
             try:
-                return (yield from self._execute(call)), conflicts
+                return (yield from self._execute(call, uncertain)), conflicts
+            except ConditionFailed:
+                if not uncertain or call.txn_id is None:
+                    raise
+                keyspace, key = call.routing[0]
+                for asked in range(STATUS_POLLS):
+                    status = yield from self.txn_status(call.txn_id, keyspace=keyspace,
+                                                        key=key.decode())
+                    if status.status != "pending":
+                        break
+                    yield Sleep(backoff_s(asked, base_s=self.backoff_base_s,
+                                          max_s=self.backoff_max_s, rng=self._rng))
+                if status.status == "pending":
+                    raise NoNodeAvailable(
+                        f"transaction {call.txn_id} is still pending after a failed condition; "
+                        "its outcome is unknown", tried=[], reasons=uncertain,
+                        maybe_applied=True) from None
+                if status.status != "committed" or status.commit_ts is None:
+                    raise
+                answer = {"ok": True, "id": call.txn_id, "committed": True,
+                          "version": status.commit_ts, "commit_ts": status.commit_ts,
+                          "receipt": None}
+                return Reply(200, json.dumps(answer).encode(), {}), conflicts
             except Aborted:
                 if conflicts >= self.txn_retries:
                     raise
@@ -465,7 +499,7 @@ class Operations:
             query.append(f"max_staleness_ms={int(max_staleness_ms)}")
         path = _key_path(keyspace, raw) + ("?" + "&".join(query) if query else "")
         strong = not query
-        prefer = self.router.leader(keyspace, raw) if strong else None
+        prefer = self._leader(keyspace, raw) if strong else None
         call = Call("GET", path, None, ((keyspace, raw),), read=True, prefer=prefer)
         reply = yield from self._execute(call)
         body = _json(reply)
@@ -494,7 +528,7 @@ class Operations:
         wire["id"] = txn_id
         first = routing[0][1]
         call = Call("POST", "/v1/txn", json.dumps(wire).encode(), tuple(routing), read=False,
-                    txn_id=txn_id, prefer=self.router.leader(keyspace, first))
+                    txn_id=txn_id, prefer=self._leader(keyspace, first))
         reply, conflicts = yield from self._execute_txn(call)
         answer = _json(reply)
         receipt = answer.get("receipt")
@@ -576,7 +610,7 @@ class Operations:
 
     # ---- sending, with retries ---------------------------------------------------
 
-    def _execute(self, call: Call) -> Plan[Reply]:
+    def _execute(self, call: Call, uncertain: list[str] | None = None) -> Plan[Reply]:
         """Send ``call`` until a node answers for good; returns a 2xx (or a get's 404) reply.
 
         Connection failures (nothing was sent) move on to the next node and
@@ -586,6 +620,8 @@ class Operations:
         the same node, which de-duplicates it by its idempotency key. The whole
         call, ring refresh and connection attempts included, ends by its
         deadline: ``(max_retries + 1) * timeout_s`` plus the longest backoffs.
+        ``uncertain`` gets a line for each attempt that may have run without
+        its outcome coming back (a lost answer, a 5xx after it was sent).
         """
         router = self.router
         deadline_s = call_deadline_s(self._clock.monotonic_s(), timeout_s=self.timeout_s,
@@ -635,6 +671,8 @@ class Operations:
                     pass  # did not run: safe to retry anywhere
                 elif outcome.status < 500 or not call.repeatable:
                     raise error
+                elif uncertain is not None:
+                    uncertain.append(f"{url}: {error.code}")
                 if retries >= self.max_retries:
                     raise error
                 url = None  # retry on the next node
@@ -647,6 +685,8 @@ class Operations:
                     continue  # nothing was sent: try the next node, at no retry cost
                 router.stale = True
                 maybe_applied = maybe_applied or not call.read
+                if uncertain is not None:
+                    uncertain.append(f"{url}: {outcome.reason}")
                 if not call.repeatable or retries >= self.max_retries:
                     raise _no_node(call, tried, reasons, maybe_applied)
                 if call.idempotency_key is None or call.txn_id is not None:
