@@ -15,8 +15,8 @@ a closed loop of ``concurrency`` workers in this process:
 
 Reported per phase: ops/s, p50 and p99 latency, the share of latency spent
 in commit wait (the receipt's ``commit_wait_ms`` over the client's latency),
-the CPU µs the three node processes spent per op (``bench/proc_cpu.py``) and
-this process's CPU (the client shares the machine's cores with the nodes).
+the CPU µs the three node processes spent per op (``bench/proc_cpu.py``),
+the leader's share of it and its CPU use (% of one core), and this process's CPU (the client shares the machine's cores with the nodes).
 Targets from issue #11: ≥ 1,000 commits/s and ≥ 5,000 snapshot reads/s.
 
 ``--profile-leader`` samples the range leader's process with py-spy during
@@ -58,14 +58,17 @@ def phase_line(r: dict[str, Any]) -> str:
     wait = "-" if r["commit_wait_share"] is None else f"{100 * r['commit_wait_share']:.0f}%"
     return (f"{r['phase']:<9} {r['ops_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
             f"{wait:>11} {r['commit_wait_p50_ms'] or 0:>9.2f} "
-            f"{r['server_cpu_us_per_op'] or 0:>10.0f} {r['client_cpu_pct']:>8.0f} {r['errors']:>6}")
+            f"{r['server_cpu_us_per_op'] or 0:>10.0f} {r.get('leader_cpu_us_per_op') or 0:>10.0f} "
+            f"{r.get('leader_cpu_pct') or 0:>8.0f} {r['client_cpu_pct']:>8.0f} {r['errors']:>6}")
 
 
 HEADER = (f"{'phase':<9} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'commit wait':>11} "
-          f"{'wait p50':>9} {'srv µs/op':>10} {'client%':>8} {'errors':>6}")
+          f"{'wait p50':>9} {'srv µs/op':>10} {'ldr µs/op':>10} {'leader%':>8} {'client%':>8} "
+          f"{'errors':>6}")
 
 
-async def run_phase(name: str, urls: list[str], pids: list[int], *, concurrency: int,
+async def run_phase(name: str, urls: list[str], pids: list[int], *, leader: int | None,
+                    concurrency: int,
                     duration_s: float, op: Callable[[AsyncClient, int, random.Random],
                                                     Awaitable[float | None]]) -> dict[str, Any]:
     """``concurrency`` workers call ``op`` in a closed loop; it returns the receipt's commit
@@ -91,11 +94,13 @@ async def run_phase(name: str, urls: list[str], pids: list[int], *, concurrency:
                     waits.append(wait_ms)
 
         cpu_before_s = proc_cpu.cpu_s(pids)
+        leader_before_s = proc_cpu.cpu_s([leader]) if leader else 0.0
         own_before_s = time.process_time()
         began = time.monotonic()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed_s = time.monotonic() - began
         server_cpu_s = proc_cpu.cpu_s(pids) - cpu_before_s
+        leader_cpu_s = proc_cpu.cpu_s([leader]) - leader_before_s if leader else 0.0
         own_cpu_s = time.process_time() - own_before_s
     ordered = sorted(latencies)
     share = sum(waits) / sum(latencies) if waits and latencies else None
@@ -107,6 +112,10 @@ async def run_phase(name: str, urls: list[str], pids: list[int], *, concurrency:
         "commit_wait_share": None if share is None else round(share, 3),
         "commit_wait_p50_ms": round(percentile(sorted(waits), 50), 3) if waits else None,
         "server_cpu_us_per_op": proc_cpu.us_per_op(server_cpu_s, len(latencies)),
+        # The range's leader alone: every commit and strong read is its work.
+        "leader_cpu_us_per_op": proc_cpu.us_per_op(leader_cpu_s, len(latencies)) if leader
+        else None,
+        "leader_cpu_pct": round(100 * leader_cpu_s / elapsed_s, 1) if leader else None,
         "client_cpu_pct": round(100 * own_cpu_s / elapsed_s, 1),
     }
 
@@ -196,7 +205,8 @@ async def bench(urls: list[str], pids: list[int], args: argparse.Namespace) -> l
         if name == "cas" and args.profile_leader:
             pid = leader_pid(urls, pids)
             profile = None if pid is None else start_profile(pid, max(1.0, args.duration - 1))
-        result = await run_phase(name, urls, pids, concurrency=args.concurrency,
+        result = await run_phase(name, urls, pids, leader=leader_pid(urls, pids),
+                                 concurrency=args.concurrency,
                                  duration_s=args.duration, op=op)
         print(phase_line(result), flush=True)
         results.append(result)

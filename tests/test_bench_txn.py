@@ -22,7 +22,8 @@ def test_profile_summary_counts_inclusive_and_self(tmp_path: Path) -> None:
 def test_phase_line_lines_up_with_the_header() -> None:
     result = {"phase": "cas", "ops_per_s": 663.2, "p50_ms": 38.5, "p99_ms": 156.1,
               "commit_wait_share": 0.004, "commit_wait_p50_ms": 0.02,
-              "server_cpu_us_per_op": 712.0, "client_cpu_pct": 16.0, "errors": 0}
+              "server_cpu_us_per_op": 712.0, "leader_cpu_us_per_op": 450.0, "leader_cpu_pct": 60.0,
+              "client_cpu_pct": 16.0, "errors": 0}
     line = phase_line(result)
     assert len(line) == len(HEADER)
     assert line.split()[:5] == ["cas", "663", "38.50", "156.10", "0%"]
