@@ -3,7 +3,8 @@
 Checked: a conditional put carries its condition and a client-made
 transaction id; a conflict abort (409 ``aborted``) is sent again under the
 same id, within ``txn_retries``; a failed condition (409
-``condition_failed``) is raised at once with the current value and version;
+``condition_failed``) is not retried: once the id's outcome shows it did not
+commit, it is raised with the current value and version;
 a lost answer is sent again through another node under the same id (the
 leader runs an id at most once: Spanner §4.2.1, work at the group leader);
 the leader named by a receipt is tried first next time.
@@ -108,14 +109,17 @@ def test_conflict_aborts_stop_after_txn_retries() -> None:
     assert attempts == 3  # the first and two retries
 
 
-def test_a_failed_condition_is_raised_at_once_with_the_current_value() -> None:
+def test_a_failed_condition_is_not_retried_and_carries_the_current_value() -> None:
     ops, _ = make_ops()
     plan = ops.put("k", 2, if_equals=None)
     first = start(plan)
     assert json.loads(first.body or b"")["if"] == {"equals": None}  # null is a value to compare
+    ask = plan.send(Reply(409, error("condition_failed", key="k", current_value=1,
+                                     current_version=99, field="conditions[0]"), {}))
+    # The id's outcome first: a forwarding node may have run an earlier attempt.
+    assert isinstance(ask, Send) and ask.method == "GET" and "/v1/txn/id-0?" in ask.url
     with pytest.raises(ConditionFailed) as failed:
-        plan.send(Reply(409, error("condition_failed", key="k", current_value=1,
-                                   current_version=99, field="conditions[0]"), {}))
+        plan.send(Reply(404, error("not_found", status="not_committed", definitive=True), {}))
     assert (failed.value.current_value, failed.value.current_version) == (1, 99)
 
 

@@ -70,6 +70,6 @@ def test_cas_counters_survive_leader_kills_and_pauses(tmp_path: Path) -> None:
             "left running"
     summary = report.summary()
     print(summary)
-    assert {fault.kind for fault, _ in report.faults} == set(FAULT_KINDS), summary
+    assert {fault.kind for fault, _, _ in report.faults} == set(FAULT_KINDS), summary
     assert sum(report.acked.values()) > 100, summary  # the run did real work
     assert report.ok, summary

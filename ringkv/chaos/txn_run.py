@@ -90,7 +90,7 @@ def schedule(seed: int, duration_s: float) -> list[Fault]:
 class TxnReport:
     seed: int
     history: list[RegisterOp]
-    faults: list[tuple[Fault, str]]  # each fault and the node it hit
+    faults: list[tuple[Fault, str, float]]  # each fault, the node it hit, when (run time)
     acked: dict[str, int]
     unknown: dict[str, int]
     final: dict[str, Any]
@@ -102,16 +102,31 @@ class TxnReport:
     def ok(self) -> bool:
         return all(v.ok for v in self.verdicts)
 
+    def unavailable_s(self) -> list[float | None]:
+        """For each fault, from its start to the first increment acknowledged after it
+        that began after it (the range's unavailability, lease plus election)."""
+        acked = sorted((op.start, op.end) for op in self.history
+                       if op.kind == "cas" and op.ok and op.end is not None
+                       and op.process != "setup")
+        gaps: list[float | None] = []
+        for _, _, at in self.faults:
+            ends = [end for start, end in acked if start >= at]
+            gaps.append(round(min(ends) - at, 3) if ends else None)
+        return gaps
+
     def summary(self) -> str:
         cas = Counter("ok" if op.ok else "failed" if op.ok is False else "unknown"
                       for op in self.history if op.kind == "cas" and op.process != "setup")
         reads = sum(1 for op in self.history if op.kind == "read")
-        kinds = Counter(fault.kind for fault, _ in self.faults)
+        kinds = Counter(fault.kind for fault, _, _ in self.faults)
+        gaps = ", ".join(f"{fault.kind} {gap:.2f} s" if gap is not None else f"{fault.kind} -"
+                         for (fault, _, _), gap in zip(self.faults, self.unavailable_s()))
         return "\n".join([
             f"ringkv txn chaos: seed {self.seed}, history in {self.run_dir / 'history.jsonl'}",
             f"increments: {cas['ok']} acknowledged, {cas['failed']} failed conditions, "
             f"{cas['unknown']} unknown; {reads} reads",
             "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS),
+            f"fault to the next acknowledged increment: {gaps}",
             *(f"counter {key}: {self.final.get(key)} = {self.acked[key]} acknowledged "
               f"+ 0..{self.unknown[key]} unknown" for key in sorted(self.acked)),
             *self.notes,
@@ -150,7 +165,7 @@ class TxnChaosRun:
         self.history: list[RegisterOp] = []
         self.acked = dict.fromkeys(self.keys, 0)
         self.unknown = dict.fromkeys(self.keys, 0)
-        self.done: list[tuple[Fault, str]] = []
+        self.done: list[tuple[Fault, str, float]] = []
         self.cluster: LocalCluster | None = None
         self._t0 = _CLOCK.monotonic_s()
 
@@ -313,7 +328,7 @@ class TxnChaosRun:
                 await asyncio.to_thread(target.kill)
             else:
                 target.signal(signal.SIGSTOP)
-            self.done.append((fault, target.node_id))
+            self.done.append((fault, target.node_id, self.now()))
             await asyncio.sleep(max(0.0, zero + fault.at_s + fault.hold_s - self.now()))
             if fault.kind == "kill-leader":
                 await asyncio.to_thread(target.start)  # same data dir

@@ -441,9 +441,13 @@ class Operations:
 
         Only ``aborted`` is retried: nothing of the transaction was applied.
         A failed condition (``ConditionFailed``) is the answer, raised as is,
-        unless an earlier attempt may have run: the condition may then have
-        failed *because* that attempt committed (a new leader that had not yet
-        applied it ran the id again), so the id's outcome decides.
+        once the id's outcome (``txn_status``) shows it did not commit: an
+        earlier attempt may have run, and the condition may have failed
+        *because* it committed. That attempt may be one the client never saw
+        fail: a node forwarding to a leader that dies forwards again, in the
+        same request, to the next leader, which (before it re-checks ids after
+        catching up its log) runs the id a second time. So every failed
+        condition costs one more round trip, and only a failed one.
         """
         conflicts = 0
         uncertain: list[str] = []
@@ -451,7 +455,7 @@ class Operations:
             try:
                 return (yield from self._execute(call, uncertain)), conflicts
             except ConditionFailed:
-                if not uncertain or call.txn_id is None:
+                if call.txn_id is None:
                     raise
                 keyspace, key = call.routing[0]
                 for asked in range(STATUS_POLLS):
