@@ -216,3 +216,12 @@ def test_a_failed_condition_after_a_lost_answer_is_settled_by_the_id() -> None:
     plan.send(Reply(409, error("condition_failed", current_value=5, current_version=9), {}))
     with pytest.raises(ConditionFailed):  # not committed: the condition failed for real
         plan.send(Reply(404, error("not_found", status="not_committed", definitive=True), {}))
+
+
+def test_a_txn_id_on_an_eventual_keyspace_still_returns_its_write() -> None:
+    ops, _ = make_ops()
+    plan = ops.put("k", 1, keyspace="default", txn_id="t-1")
+    start(plan)
+    answer = {"ok": True, "timestamp": [5, 1], "receipt": {"answered": ["n0"]}}
+    result = finish(plan, Reply(200, json.dumps(answer).encode(), {}))
+    assert result == WriteResult(Timestamp(5, 1), {"answered": ["n0"]})

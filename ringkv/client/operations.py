@@ -731,6 +731,8 @@ def _key_path(keyspace: str, raw: bytes) -> str:
 
 def _txn_write_result(answer: Any, txn_id: str | None, replayed: bool) -> WriteResult:
     """A single-key transaction's answer; its version (commit timestamp, µs) is the timestamp too."""
+    if "version" not in answer:  # an eventual keyspace after all (a txn_id was given)
+        return WriteResult(_timestamp(answer["timestamp"]), answer["receipt"], replayed)
     version = int(answer["version"])
     return WriteResult(Timestamp(version, 0), answer.get("receipt") or {}, replayed=replayed,
                        version=version, txn_id=str(answer.get("id", txn_id)))
