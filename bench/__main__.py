@@ -5,6 +5,8 @@
     ycsb          YCSB-style workloads A, B, C and write-only through the Python client,
                   at ONE, QUORUM and ALL (--quick: under 2 minutes); table, JSON and a plot
     sim-speed     the deterministic simulator: simulated client ops per wall-clock second
+    txn           the transactional tier on 3 node processes: CAS commits/s, one-shot txns/s,
+                  snapshot reads/s (p50, p99, commit-wait share, server CPU µs/op)
     txn-group     one Paxos group (3 GroupRunners in one process, LevelDB): commits/s, latency, CPU/commit
 """
 
@@ -20,6 +22,7 @@ def main(argv: list[str]) -> int:
         "ycsb": "bench.ycsb",
         "sim-speed": "bench.sim_speed",
         "txn-group": "bench.txn_group",
+        "txn": "bench.txn",
     }
     if not argv or argv[0] not in commands:
         print(__doc__)

@@ -26,7 +26,8 @@ from ringkv.hlc import Timestamp
 from ringkv.ring import TokenRing
 
 # Calls that run the plan of the same name in ``Operations``: awaited on the asyncio client.
-CALLS = {"get", "get_with_meta", "put", "delete", "batch", "refresh_ring"}
+CALLS = {"get", "get_with_meta", "put", "delete", "batch", "refresh_ring", "get_versioned", "txn",
+         "txn_status"}
 # Plans that stream: an ``Iterator``, or an ``AsyncIterator`` on the asyncio client.
 STREAMS = {"scan", "scan_pages"}
 # Only the client's own state: plain functions on both clients (``close`` does I/O, so awaited).
@@ -84,6 +85,7 @@ def test_help_shows_the_real_parameters() -> None:
     assert "ttl" in text and "idempotency_key" in text
     assert list(inspect.signature(Client.put).parameters) == [
         "self", "key", "value", "ttl", "keyspace", "consistency", "idempotency_key",
+        "if_version", "if_absent", "if_equals", "txn_id",
     ]
 
 

@@ -28,6 +28,18 @@ What both clients do:
   was lost is retried *on the same node* with the same ``Idempotency-Key``,
   which that node de-duplicates (``ringkv.server.idempotency``): the retry
   returns the original result and timestamp instead of writing again.
+- **The transactional tier.** On a transactional keyspace ``put`` and
+  ``delete`` are single-key transactions and take one condition
+  (``if_version``, ``if_absent``, ``if_equals``); ``get_versioned`` reads a
+  key with its version (strongly, or at a snapshot), ``txn`` runs a one-shot
+  transaction and ``txn_status`` asks for a transaction's outcome. Every
+  transaction carries an id (the caller's, or one the client makes up), the
+  same for all its attempts, so the leader runs it at most once: a lost
+  answer is retried through any node, and a conflict abort (``Aborted``) is
+  retried up to ``txn_retries`` times. A failed condition raises
+  ``ConditionFailed`` (with ``current_value`` and ``current_version``) and is
+  not retried. The range's leader, named by each answer's receipt, is tried
+  first next time.
 - **Pooled keep-alive connections** and a timeout on every attempt
   (``timeout_s``): a call takes at most about ``(max_retries + 1) *
   timeout_s`` plus the backoff (capped at 1 s per retry).
@@ -37,7 +49,8 @@ decoding) is written once, as plans: generators that yield the I/O they need
 (an HTTP request, a pause) and receive its outcome. Two thin shells perform
 that I/O, and each spells out every public method as a call into the plans:
 
-    types.py       what the calls return: Record, WriteResult, BatchResult, Page, NodeView
+    types.py       what the calls return: Record, WriteResult, BatchResult, Page, NodeView,
+                   Versioned, TxnResult, TxnStatus
     plan.py        the effects a plan yields (Send, Sleep, Emit), their outcomes, a Stepper
     routing.py     the ring as last fetched, node order (token-aware), down-marking, deadlines
     operations.py  the plan of every call: encode, route, retry, decode (sans-I/O)
@@ -53,11 +66,22 @@ shells around them.
 
 from typing import TYPE_CHECKING, Any
 
-from ringkv.client.types import BatchResult, NodeView, Page, Record, WriteResult
+from ringkv.client.types import (
+    BatchResult,
+    NodeView,
+    Page,
+    Record,
+    TxnResult,
+    TxnStatus,
+    Versioned,
+    WriteResult,
+)
 
 # The errors calls raise, importable from here as they were from the old module.
 from ringkv.errors import (  # noqa: F401
+    Aborted,
     BadRequest,
+    ConditionFailed,
     NoNodeAvailable,
     Overloaded,
     RingKVError,
@@ -96,5 +120,8 @@ __all__ = [
     "NodeView",
     "Page",
     "Record",
+    "TxnResult",
+    "TxnStatus",
+    "Versioned",
     "WriteResult",
 ]

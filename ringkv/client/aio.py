@@ -13,7 +13,16 @@ from typing import Any, TypeVar
 
 from ringkv.client.base import KEEPALIVE_S, ClientBase
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
-from ringkv.client.types import BatchResult, Page, Record, WriteResult
+from ringkv.client.operations import UNSET
+from ringkv.client.types import (
+    BatchResult,
+    Page,
+    Record,
+    TxnResult,
+    TxnStatus,
+    Versioned,
+    WriteResult,
+)
 from ringkv.quorum import ConsistencyLevel
 
 T = TypeVar("T")
@@ -66,16 +75,30 @@ class AsyncClient(ClientBase):
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
+        if_version: int | None = None,
+        if_absent: bool = False,
+        if_equals: Any = UNSET,
+        txn_id: str | None = None,
     ) -> WriteResult:
         """Write ``value`` (any JSON value) under ``key``; ``ttl`` in whole seconds expires it.
 
         ``consistency`` may also be ANY. The write carries an idempotency
         key (``idempotency_key``, or a fresh UUID when the client has
         ``idempotent_writes``), so it is retried safely.
+
+        On a transactional keyspace the write is a single-key transaction
+        (``version`` in the result is its commit timestamp) and may carry one
+        condition: ``if_version`` (the key's version is this), ``if_absent``
+        (the key has no value) or ``if_equals`` (its value equals this JSON).
+        A condition that does not hold raises ``ConditionFailed`` with
+        ``current_value`` and ``current_version``, and is not retried; a
+        conflict abort is retried under the same ``txn_id`` (given, or made
+        up by the client) up to ``txn_retries`` times.
         """
         return await self._call(self._ops.put(
             key, value, ttl=ttl, keyspace=keyspace, consistency=consistency,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, if_version=if_version, if_absent=if_absent,
+            if_equals=if_equals, txn_id=txn_id,
         ))
 
     async def delete(
@@ -85,14 +108,75 @@ class AsyncClient(ClientBase):
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
+        if_version: int | None = None,
+        if_absent: bool = False,
+        if_equals: Any = UNSET,
+        txn_id: str | None = None,
     ) -> WriteResult:
         """Delete ``key`` (writes a tombstone; deleting an absent key succeeds too).
 
-        ``consistency`` and ``idempotency_key`` work as for ``put``.
+        ``consistency``, ``idempotency_key``, the conditions (``if_version``,
+        ``if_absent``, ``if_equals``) and ``txn_id`` work as for ``put``.
         """
         return await self._call(self._ops.delete(
             key, keyspace=keyspace, consistency=consistency, idempotency_key=idempotency_key,
+            if_version=if_version, if_absent=if_absent, if_equals=if_equals, txn_id=txn_id,
         ))
+
+    async def get_versioned(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        snapshot_ts: int | None = None,
+        max_staleness_ms: int | None = None,
+    ) -> Versioned | None:
+        """Read ``key`` of a transactional keyspace as ``Versioned`` (value, version, receipt),
+        or None if absent.
+
+        By default a strong read at the range's leader. ``snapshot_ts`` (µs)
+        reads the value as of that timestamp, ``max_staleness_ms`` a value at
+        most that old; either may be served by any replica whose safe time
+        has passed it.
+        """
+        return await self._call(self._ops.get_versioned(
+            key, keyspace=keyspace, snapshot_ts=snapshot_ts, max_staleness_ms=max_staleness_ms,
+        ))
+
+    async def txn(
+        self,
+        keyspace: str | None = None,
+        *,
+        reads: Sequence[str] = (),
+        conditions: Sequence[Mapping[str, Any]] = (),
+        writes: Sequence[Mapping[str, Any]] = (),
+        txn_id: str | None = None,
+    ) -> TxnResult:
+        """Run a one-shot transaction in one range of a transactional keyspace.
+
+        ``reads``: keys to read; ``conditions``: ``{"key": k, "version": N}``,
+        ``{"key": k, "absent": True}`` or ``{"key": k, "equals": json}``;
+        ``writes``: ``{"op": "put", "key": k, "value": v}`` or ``{"op":
+        "delete", "key": k}``. Either every write commits and the reads come
+        back, all at one timestamp, or nothing is applied: a failed condition
+        raises ``ConditionFailed`` (not retried), a conflict abort is retried
+        under the same ``txn_id`` up to ``txn_retries`` times and then raises
+        ``Aborted``. Keys in two ranges raise ``CrossRange``.
+        """
+        return await self._call(self._ops.txn(
+            keyspace, reads=reads, conditions=conditions, writes=writes, txn_id=txn_id,
+        ))
+
+    async def txn_status(
+        self, txn_id: str, *, keyspace: str | None = None, key: str | None = None,
+    ) -> TxnStatus:
+        """What the leader of a transaction's range knows of ``txn_id``: ``TxnStatus``
+        with ``status`` ``committed`` (and ``commit_ts``), ``pending`` or ``not_committed``.
+
+        ``key``: a key the transaction touched (needed when the keyspace has
+        more than one range).
+        """
+        return await self._call(self._ops.txn_status(txn_id, keyspace=keyspace, key=key))
 
     async def batch(
         self,

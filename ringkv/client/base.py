@@ -11,7 +11,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 
-from ringkv.client.operations import Operations
+from ringkv.client.operations import TXN_RETRIES, Operations
 from ringkv.client.types import NodeView
 from ringkv.clock import SystemClock
 from ringkv.quorum import ConsistencyLevel
@@ -42,6 +42,8 @@ class ClientBase:
         pool_size: int = 32,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
+        txn_retries: int = TXN_RETRIES,
+        leader_hints: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         """Connect lazily to a cluster through ``seeds`` (one or more node URLs).
@@ -54,6 +56,10 @@ class ClientBase:
         how often the ring is fetched again. ``idempotent_writes``: give every
         write an idempotency key, which makes it safe to retry.
         ``pool_size``: the most keep-alive connections kept per node.
+        ``txn_retries``: how many times a transaction aborted by a conflict
+        is sent again, under the same id. ``leader_hints``: send transactions
+        to the range's leader last named by a receipt (else to any replica,
+        which forwards them).
         ``rng``: the randomness behind load spreading and jitter.
         """
         self._clock = SystemClock()
@@ -71,6 +77,8 @@ class ClientBase:
             idempotent_writes=idempotent_writes,
             backoff_base_s=backoff_base_s,
             backoff_max_s=backoff_max_s,
+            txn_retries=txn_retries,
+            leader_hints=leader_hints,
         )
         self._pool_size = pool_size
         self._setup()

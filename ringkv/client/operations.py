@@ -31,9 +31,19 @@ from ringkv.client.routing import (
     normalise_url,
     parse_ring,
 )
-from ringkv.client.types import BatchResult, Page, Record, WriteResult
+from ringkv.client.types import (
+    BatchResult,
+    Page,
+    Record,
+    TxnResult,
+    TxnStatus,
+    Versioned,
+    WriteResult,
+)
 from ringkv.errors import (
+    Aborted,
     BadRequest,
+    ConditionFailed,
     NoNodeAvailable,
     Overloaded,
     RingKVError,
@@ -48,6 +58,21 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 # Nodes asked for the ring in one refresh before giving up until the next.
 MAX_REFRESH_TRIES = 4
+# A transaction aborted by a conflict (409 aborted) is sent again, under the
+# same id, at most this many times (each a whole call with its own deadline).
+TXN_RETRIES = 8
+# How often a transaction id reported pending is asked about again.
+STATUS_POLLS = 5
+
+
+class _Unset:
+    """No ``if_equals`` condition (None is a JSON value one may compare with)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
 
 
 class MonotonicClock(Protocol):
@@ -72,11 +97,15 @@ class Call:
     routing: tuple[tuple[str, bytes], ...]  # (keyspace, key) pairs, for replica choice
     read: bool
     idempotency_key: str | None = None
+    # A transaction's id: the range's leader runs an id at most once, so a
+    # call carrying one is safe to send again, through any node.
+    txn_id: str | None = None
+    prefer: str | None = None  # a node id to try first (the range's last known leader)
 
     @property
     def repeatable(self) -> bool:
         """Safe to send again even if an earlier attempt ran."""
-        return self.read or self.idempotency_key is not None
+        return self.read or self.idempotency_key is not None or self.txn_id is not None
 
 
 class Operations:
@@ -98,6 +127,8 @@ class Operations:
         idempotent_writes: bool = True,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
+        txn_retries: int = TXN_RETRIES,
+        leader_hints: bool = True,
     ) -> None:
         """The options are the client's (see ``ClientBase``); the rest is what the shell provides.
 
@@ -110,8 +141,11 @@ class Operations:
             seeds = [seeds]
         if not seeds:
             raise ValueError("a client needs at least one seed URL")
-        if timeout_s <= 0 or max_retries < 0 or refresh_interval_s <= 0:
-            raise ValueError("timeout_s and refresh_interval_s must be > 0, max_retries >= 0")
+        if timeout_s <= 0 or max_retries < 0 or refresh_interval_s <= 0 or txn_retries < 0:
+            raise ValueError("timeout_s and refresh_interval_s must be > 0, max_retries and "
+                             "txn_retries >= 0")
+        self.txn_retries = txn_retries
+        self.leader_hints = leader_hints
         self.keyspace = keyspace
         self.consistency = self._level(consistency, write=True, default=None)
         self.timeout_s = timeout_s
@@ -160,7 +194,9 @@ class Operations:
         return Record(
             key=body["key"],
             value=body["value"],
-            timestamp=_timestamp(body["timestamp"]),
+            # A transactional keyspace answers a version: its commit timestamp in µs.
+            timestamp=(_timestamp(body["timestamp"]) if "timestamp" in body
+                       else Timestamp(int(body["version"]), 0)),
             expires_at_us=body.get("expires_at_us"),
             receipt=body.get("receipt"),
         )
@@ -174,12 +210,18 @@ class Operations:
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
+        if_version: int | None = None,
+        if_absent: bool = False,
+        if_equals: Any = UNSET,
+        txn_id: str | None = None,
     ) -> Plan[WriteResult]:
         """Plan: write ``value`` under ``key``, with an idempotency key unless writes have none."""
         body: dict[str, Any] = {"value": _encode_value(value, "value")}
         if ttl is not None:
             body["ttl"] = ttl
-        return (yield from self._write("PUT", keyspace, key, consistency, body, idempotency_key))
+        condition = _condition(if_version, if_absent, if_equals)
+        return (yield from self._write("PUT", keyspace, key, consistency, body, idempotency_key,
+                                       condition, txn_id))
 
     def delete(
         self,
@@ -188,9 +230,15 @@ class Operations:
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
+        if_version: int | None = None,
+        if_absent: bool = False,
+        if_equals: Any = UNSET,
+        txn_id: str | None = None,
     ) -> Plan[WriteResult]:
         """Plan: write a tombstone for ``key``."""
-        return (yield from self._write("DELETE", keyspace, key, consistency, None, idempotency_key))
+        condition = _condition(if_version, if_absent, if_equals)
+        return (yield from self._write("DELETE", keyspace, key, consistency, None, idempotency_key,
+                                       condition, txn_id))
 
     def batch(
         self,
@@ -324,31 +372,210 @@ class Operations:
     def _key_call(
         self, method: str, keyspace: str, key: str, consistency: Any, *,
         body: dict[str, Any] | None, idempotency_key: str | None = None,
+        txn_id: str | None = None,
     ) -> Call:
         raw = key_bytes(key)
         read = method == "GET"
-        level = self._level(consistency, write=not read, default=self.consistency)
-        # Every reserved character is escaped, and dots too, so that no key
-        # (not even "." or "..") is ever read as a path segment to normalise.
-        path = f"/v1/kv/{quote(keyspace, safe='')}/{quote(raw, safe='').replace('.', '%2E')}"
+        # A transactional keyspace is SERIAL only: the client's default level is not sent.
+        serial = txn_id is not None or self.router.transactional(keyspace)
+        default = None if serial else self.consistency
+        level = self._level(consistency, write=not read, default=default)
+        path = _key_path(keyspace, raw)
         if level:
             path += f"?consistency={level}"
         return Call(
             method, path, None if body is None else json.dumps(body).encode(),
             ((keyspace, raw),), read=read,
-            idempotency_key=None if read else self._idempotency_key(idempotency_key),
+            # A transaction's id already makes it run once; a key is sent only if given.
+            idempotency_key=None if read else (
+                idempotency_key if txn_id is not None else self._idempotency_key(idempotency_key)),
+            txn_id=txn_id,
+            prefer=self._leader(keyspace, raw) if txn_id is not None else None,
         )
 
     def _write(
         self, method: str, keyspace: str | None, key: str, consistency: Any,
         body: dict[str, Any] | None, idempotency_key: str | None,
+        condition: dict[str, Any] | None = None, txn_id: str | None = None,
     ) -> Plan[WriteResult]:
-        call = self._key_call(method, keyspace or self.keyspace, key, consistency, body=body,
-                              idempotency_key=idempotency_key)
-        reply = yield from self._execute(call)
+        keyspace = keyspace or self.keyspace
+        key_bytes(key)
+        transactional = (condition is not None or txn_id is not None
+                         or self.router.transactional(keyspace))
+        if not transactional:
+            call = self._key_call(method, keyspace, key, consistency, body=body,
+                                  idempotency_key=idempotency_key)
+            reply = yield from self._execute(call)
+            answer = _json(reply)
+            replayed = reply.headers.get(REPLAYED_HEADER, "").lower() == "true"
+            if "version" in answer:  # a transactional keyspace the ring had not shown yet
+                self._note_leader(keyspace, key.encode(), answer.get("receipt"))
+                return _txn_write_result(answer, None, replayed)
+            return WriteResult(_timestamp(answer["timestamp"]), answer["receipt"], replayed)
+        # A single-key transaction: under one id for all its attempts, so that
+        # a retry after a lost answer or a conflict abort never applies twice.
+        body = dict(body or {})
+        if "ttl" in body:
+            raise BadRequest("a transactional keyspace takes no ttl", field="ttl")
+        if condition is not None:
+            body["if"] = condition
+        txn_id = _txn_id(txn_id, self._new_idempotency_key)
+        body["id"] = txn_id
+        call = self._key_call(method, keyspace, key, consistency, body=body,
+                              idempotency_key=idempotency_key, txn_id=txn_id)
+        reply, _ = yield from self._execute_txn(call)
         answer = _json(reply)
-        replayed = reply.headers.get(REPLAYED_HEADER, "").lower() == "true"
-        return WriteResult(_timestamp(answer["timestamp"]), answer["receipt"], replayed)
+        self._note_leader(keyspace, key.encode(), answer.get("receipt"))
+        return _txn_write_result(answer, txn_id, answer.get("receipt") is None)
+
+    def _leader(self, keyspace: str, key: bytes) -> str | None:
+        return self.router.leader(keyspace, key) if self.leader_hints else None
+
+    def _note_leader(self, keyspace: str, key: bytes, receipt: Any) -> None:
+        if isinstance(receipt, dict) and isinstance(receipt.get("leader"), str):
+            self.router.note_leader(keyspace, key, receipt["leader"])
+
+    def _execute_txn(self, call: Call) -> Plan[tuple[Reply, int]]:
+        """``_execute`` a transaction, sending it again under the same id after a conflict
+        abort (at most ``txn_retries`` times, with backoff); returns the reply and the retries.
+
+        Only ``aborted`` is retried: nothing of the transaction was applied.
+        A failed condition (``ConditionFailed``) is the answer, raised as is,
+        once the id's outcome (``txn_status``) shows it did not commit: an
+        earlier attempt may have run, and the condition may have failed
+        *because* it committed. That attempt may be one the client never saw
+        fail: a node forwarding to a leader that dies forwards again, in the
+        same request, to the next leader, which (before it re-checks ids after
+        catching up its log) runs the id a second time. So every failed
+        condition costs one more round trip, and only a failed one.
+        """
+        conflicts = 0
+        uncertain: list[str] = []
+        while True:
+            try:
+                return (yield from self._execute(call, uncertain)), conflicts
+            except ConditionFailed:
+                if call.txn_id is None:
+                    raise
+                keyspace, key = call.routing[0]
+                for asked in range(STATUS_POLLS):
+                    status = yield from self.txn_status(call.txn_id, keyspace=keyspace,
+                                                        key=key.decode())
+                    if status.status != "pending":
+                        break
+                    yield Sleep(backoff_s(asked, base_s=self.backoff_base_s,
+                                          max_s=self.backoff_max_s, rng=self._rng))
+                if status.status == "pending":
+                    raise NoNodeAvailable(
+                        f"transaction {call.txn_id} is still pending after a failed condition; "
+                        "its outcome is unknown", tried=[], reasons=uncertain,
+                        maybe_applied=True) from None
+                if status.status != "committed" or status.commit_ts is None:
+                    raise
+                answer = {"ok": True, "id": call.txn_id, "committed": True,
+                          "version": status.commit_ts, "commit_ts": status.commit_ts,
+                          "receipt": None}
+                return Reply(200, json.dumps(answer).encode(), {}), conflicts
+            except Aborted:
+                if conflicts >= self.txn_retries:
+                    raise
+            conflicts += 1
+            yield Sleep(backoff_s(conflicts - 1, base_s=self.backoff_base_s,
+                                  max_s=self.backoff_max_s, rng=self._rng))
+
+    # ---- the transactional tier --------------------------------------------------
+
+    def get_versioned(
+        self,
+        key: str,
+        *,
+        keyspace: str | None = None,
+        snapshot_ts: int | None = None,
+        max_staleness_ms: int | None = None,
+    ) -> Plan[Versioned | None]:
+        """Plan: ``key`` of a transactional keyspace with its version, or None if absent."""
+        keyspace = keyspace or self.keyspace
+        raw = key_bytes(key)
+        query = []
+        if snapshot_ts is not None:
+            query.append(f"snapshot_ts={int(snapshot_ts)}")
+        if max_staleness_ms is not None:
+            query.append(f"max_staleness_ms={int(max_staleness_ms)}")
+        path = _key_path(keyspace, raw) + ("?" + "&".join(query) if query else "")
+        strong = not query
+        prefer = self._leader(keyspace, raw) if strong else None
+        call = Call("GET", path, None, ((keyspace, raw),), read=True, prefer=prefer)
+        reply = yield from self._execute(call)
+        body = _json(reply)
+        if reply.status == 404:
+            error = RingKVError.from_json(body, http_status=404)
+            if "receipt" in error.details:  # the key is absent (not: no such keyspace)
+                return None
+            raise error
+        if strong:
+            self._note_leader(keyspace, raw, body.get("receipt"))
+        return Versioned(body["key"], body["value"], int(body["version"]), body.get("receipt"))
+
+    def txn(
+        self,
+        keyspace: str | None = None,
+        *,
+        reads: Sequence[str] = (),
+        conditions: Sequence[Mapping[str, Any]] = (),
+        writes: Sequence[Mapping[str, Any]] = (),
+        txn_id: str | None = None,
+    ) -> Plan[TxnResult]:
+        """Plan: one ``POST /v1/txn``, retried under one id after a conflict abort."""
+        keyspace = keyspace or self.keyspace
+        wire, routing = _txn_body(keyspace, reads, conditions, writes)
+        txn_id = _txn_id(txn_id, self._new_idempotency_key)
+        wire["id"] = txn_id
+        first = routing[0][1]
+        call = Call("POST", "/v1/txn", json.dumps(wire).encode(), tuple(routing), read=False,
+                    txn_id=txn_id, prefer=self._leader(keyspace, first))
+        reply, conflicts = yield from self._execute_txn(call)
+        answer = _json(reply)
+        receipt = answer.get("receipt")
+        self._note_leader(keyspace, first, receipt)
+        got: dict[str, Versioned | None] = {}
+        for item in answer.get("reads") or ():
+            got[item["key"]] = (Versioned(item["key"], item["value"], int(item["version"]))
+                                if item.get("found") else None)
+        commit_ts = answer.get("commit_ts")
+        return TxnResult(
+            id=str(answer.get("id", txn_id)), committed=bool(answer.get("committed")),
+            commit_ts=None if commit_ts is None else int(commit_ts), reads=got, receipt=receipt,
+            conflict_retries=conflicts, replayed=receipt is None and bool(answer.get("committed")),
+        )
+
+    def txn_status(
+        self, txn_id: str, *, keyspace: str | None = None, key: str | None = None,
+    ) -> Plan[TxnStatus]:
+        """Plan: ``GET /v1/txn/{id}``: what the range's leader knows of a transaction."""
+        keyspace = keyspace or self.keyspace
+        if not isinstance(txn_id, str) or not _TXN_ID_CHARS.issuperset(txn_id) \
+                or not 1 <= len(txn_id) <= 64:
+            raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -",
+                             field="id")
+        query = f"keyspace={quote(keyspace, safe='')}"
+        routing: tuple[tuple[str, bytes], ...] = ()
+        if key is not None:
+            raw = key_bytes(key)
+            query += f"&key={quote(raw, safe='')}"
+            routing = ((keyspace, raw),)
+        call = Call("GET", f"/v1/txn/{quote(txn_id, safe='')}?{query}", None, routing,
+                    read=True)
+        reply = yield from self._execute(call)
+        body = _json(reply)
+        if reply.status == 404:
+            error = RingKVError.from_json(body, http_status=404)
+            if error.details.get("status") == "not_committed":
+                return TxnStatus(txn_id, "not_committed",
+                                 definitive=bool(error.details.get("definitive", True)))
+            raise error
+        commit_ts = body.get("commit_ts")
+        return TxnStatus(str(body["id"]), str(body["status"]),
+                         None if commit_ts is None else int(commit_ts), body.get("range"))
 
     # ---- the ring -----------------------------------------------------------
 
@@ -387,7 +614,7 @@ class Operations:
 
     # ---- sending, with retries ---------------------------------------------------
 
-    def _execute(self, call: Call) -> Plan[Reply]:
+    def _execute(self, call: Call, uncertain: list[str] | None = None) -> Plan[Reply]:
         """Send ``call`` until a node answers for good; returns a 2xx (or a get's 404) reply.
 
         Connection failures (nothing was sent) move on to the next node and
@@ -397,13 +624,18 @@ class Operations:
         the same node, which de-duplicates it by its idempotency key. The whole
         call, ring refresh and connection attempts included, ends by its
         deadline: ``(max_retries + 1) * timeout_s`` plus the longest backoffs.
+        ``uncertain`` gets a line for each attempt that may have run without
+        its outcome coming back (a lost answer, a 5xx after it was sent).
         """
         router = self.router
         deadline_s = call_deadline_s(self._clock.monotonic_s(), timeout_s=self.timeout_s,
                                      max_retries=self.max_retries, backoff_max_s=self.backoff_max_s)
         yield from self._refresh(deadline_s=deadline_s)
         now = self._clock.monotonic_s()
-        candidates = router.candidates(call.routing, now, affinity=call.idempotency_key)
+        # A transaction goes to its range's last known leader first; its id (not
+        # an idempotency key) makes it safe to send again, through any node.
+        affinity = None if call.txn_id is not None else call.idempotency_key
+        candidates = router.candidates(call.routing, now, affinity=affinity, prefer=call.prefer)
         headers = dict(JSON_HEADERS)
         if call.idempotency_key is not None:
             headers[IDEMPOTENCY_HEADER] = call.idempotency_key
@@ -443,6 +675,8 @@ class Operations:
                     pass  # did not run: safe to retry anywhere
                 elif outcome.status < 500 or not call.repeatable:
                     raise error
+                elif uncertain is not None:
+                    uncertain.append(f"{url}: {error.code}")
                 if retries >= self.max_retries:
                     raise error
                 url = None  # retry on the next node
@@ -455,10 +689,12 @@ class Operations:
                     continue  # nothing was sent: try the next node, at no retry cost
                 router.stale = True
                 maybe_applied = maybe_applied or not call.read
+                if uncertain is not None:
+                    uncertain.append(f"{url}: {outcome.reason}")
                 if not call.repeatable or retries >= self.max_retries:
                     raise _no_node(call, tried, reasons, maybe_applied)
-                if call.idempotency_key is None:
-                    url = None  # a read: any replica will do
+                if call.idempotency_key is None or call.txn_id is not None:
+                    url = None  # a read, or a transaction (its id): any node will do
                 # else: same node, same key, so the node can de-duplicate it
             retries += 1
             pause_s = backoff_s(retries - 1, base_s=self.backoff_base_s,
@@ -479,6 +715,103 @@ def _next_url(candidates: list[str], excluded: set[str], position: int) -> tuple
         if url not in excluded:
             return url, position + step + 1
     return None, position
+
+
+_TXN_ID_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+)
+_CONDITION_KINDS = ("version", "absent", "equals")
+
+
+def _key_path(keyspace: str, raw: bytes) -> str:
+    # Every reserved character is escaped, and dots too, so that no key
+    # (not even "." or "..") is ever read as a path segment to normalise.
+    return f"/v1/kv/{quote(keyspace, safe='')}/{quote(raw, safe='').replace('.', '%2E')}"
+
+
+def _txn_write_result(answer: Any, txn_id: str | None, replayed: bool) -> WriteResult:
+    """A single-key transaction's answer; its version (commit timestamp, µs) is the timestamp too."""
+    if "version" not in answer:  # an eventual keyspace after all (a txn_id was given)
+        return WriteResult(_timestamp(answer["timestamp"]), answer["receipt"], replayed)
+    version = int(answer["version"])
+    return WriteResult(Timestamp(version, 0), answer.get("receipt") or {}, replayed=replayed,
+                       version=version, txn_id=str(answer.get("id", txn_id)))
+
+
+def _txn_id(given: str | None, new: Callable[[], str]) -> str:
+    """The caller's transaction id, checked, or a fresh one (the same for every attempt)."""
+    txn_id = given if given is not None else new()
+    if not isinstance(txn_id, str) or not 1 <= len(txn_id) <= 64 \
+            or not _TXN_ID_CHARS.issuperset(txn_id):
+        raise BadRequest("txn_id must be 1-64 characters of letters, digits and . _ : -",
+                         field="txn_id")
+    return txn_id
+
+
+def _condition(if_version: int | None, if_absent: bool, if_equals: Any) -> dict[str, Any] | None:
+    """The ``"if"`` of a single-key write, from at most one of the three keyword arguments."""
+    given: dict[str, Any] = {}
+    if if_version is not None:
+        if isinstance(if_version, bool) or not isinstance(if_version, int) or if_version < 0:
+            raise BadRequest("if_version must be a version (a commit timestamp, µs, >= 0)",
+                             field="if_version")
+        given["version"] = if_version
+    if if_absent:
+        given["absent"] = True
+    if if_equals is not UNSET:
+        given["equals"] = _encode_value(if_equals, "if_equals")
+    if len(given) > 1:
+        raise BadRequest("give at most one of if_version, if_absent and if_equals",
+                         field="if_" + sorted(given)[1])
+    return given or None
+
+
+def _txn_body(
+    keyspace: str, reads: Sequence[str], conditions: Sequence[Mapping[str, Any]],
+    writes: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """The body of ``POST /v1/txn`` and its (keyspace, key) pairs, checked before sending."""
+    if isinstance(reads, str):
+        raise BadRequest("reads must be a list of keys, not one string", field="reads")
+    routing = [(keyspace, key_bytes(key, f"reads[{i}]")) for i, key in enumerate(reads)]
+    wire_conditions = []
+    for i, cond in enumerate(conditions):
+        if not isinstance(cond, Mapping):
+            raise BadRequest("a condition is a mapping: key and one of version, absent, equals",
+                             field=f"conditions[{i}]")
+        routing.append((keyspace, key_bytes(cond.get("key"), f"conditions[{i}].key")))
+        kinds = [kind for kind in _CONDITION_KINDS if kind in cond]
+        if len(kinds) != 1:
+            raise BadRequest("a condition names exactly one of version, absent, equals",
+                             field=f"conditions[{i}]")
+        if "equals" in cond:
+            _encode_value(cond["equals"], f"conditions[{i}].equals")
+        wire_conditions.append(dict(cond))
+    wire_writes = []
+    for i, write in enumerate(writes):
+        if not isinstance(write, Mapping):
+            raise BadRequest("a write is a mapping: op (put or delete), key, value",
+                             field=f"writes[{i}]")
+        item = dict(write)
+        item.setdefault("op", "put")
+        if item["op"] not in ("put", "delete"):
+            raise BadRequest("op must be put or delete", field=f"writes[{i}].op")
+        routing.append((keyspace, key_bytes(item.get("key"), f"writes[{i}].key")))
+        if item["op"] == "put":
+            if "value" not in item:
+                raise BadRequest("a put needs a value", field=f"writes[{i}].value")
+            _encode_value(item["value"], f"writes[{i}].value")
+        wire_writes.append(item)
+    if not routing:
+        raise BadRequest("a transaction needs reads, conditions or writes", field="body")
+    wire: dict[str, Any] = {"keyspace": keyspace}
+    if reads:
+        wire["reads"] = list(reads)
+    if wire_conditions:
+        wire["conditions"] = wire_conditions
+    if wire_writes:
+        wire["writes"] = wire_writes
+    return wire, routing
 
 
 def _timestamp(raw: Any) -> Timestamp:

@@ -42,6 +42,8 @@ class Topology:
     urls: Mapping[str, str]
     up: Mapping[str, bool]
     replication: Mapping[str, int]
+    # Keyspaces of the transactional tier (their default level is SERIAL).
+    serial: frozenset[str] = frozenset()
 
 
 NO_TOPOLOGY = Topology(None, {}, {}, {})
@@ -85,8 +87,12 @@ def parse_ring(body: bytes, answered_by: str) -> Topology:
         str(name): int(ks["replication_factor"])
         for name, ks in (data.get("keyspaces") or {}).items()
     }
+    serial = frozenset(
+        str(name) for name, ks in (data.get("keyspaces") or {}).items()
+        if ks.get("default_consistency") == "SERIAL"
+    )
     ring = TokenRing(tokens, infos) if tokens else None
-    return Topology(ring, urls, up, replication)
+    return Topology(ring, urls, up, replication, serial)
 
 
 def key_bytes(key: object, field: str = "key") -> bytes:
@@ -115,6 +121,9 @@ class Router:
         self._next_refresh_at = 0.0
         self._last_refresh_attempt = -MIN_REFRESH_GAP_S
         self._down_until: dict[str, float] = {}
+        # The last leader a transactional answer named, per (keyspace, replica set):
+        # a range is a run of the ring with one replica set, so this names its group.
+        self._leaders: dict[tuple[str, tuple[str, ...]], str] = {}
 
     # ---- the ring -------------------------------------------------------------
 
@@ -154,6 +163,28 @@ class Router:
             return []
         return list(topology.ring.replicas_for_key(key_bytes(key), topology.replication[keyspace]))
 
+    def transactional(self, keyspace: str) -> bool:
+        """Whether the last fetched ring shows ``keyspace`` on the transactional tier."""
+        return keyspace in self.topology.serial
+
+    def _range_of(self, keyspace: str, key: bytes) -> tuple[str, tuple[str, ...]] | None:
+        topology = self.topology
+        rf = topology.replication.get(keyspace)
+        if topology.ring is None or rf is None:
+            return None
+        return keyspace, tuple(sorted(topology.ring.replicas_for_key(key, rf)))
+
+    def note_leader(self, keyspace: str, key: bytes, node_id: str) -> None:
+        """A transactional answer named ``node_id`` as the leader of ``key``'s range."""
+        where = self._range_of(keyspace, key)
+        if where is not None and node_id in where[1]:
+            self._leaders[where] = node_id
+
+    def leader(self, keyspace: str, key: bytes) -> str | None:
+        """The leader last named for ``key``'s range, if any (a hint: leaders change)."""
+        where = self._range_of(keyspace, key)
+        return None if where is None else self._leaders.get(where)
+
     # ---- choosing nodes --------------------------------------------------------
 
     def mark_down(self, url: str, now: float) -> None:
@@ -168,7 +199,8 @@ class Router:
         return self._down_until.get(url, 0.0) <= now
 
     def candidates(
-        self, routing: Sequence[tuple[str, bytes]], now: float, affinity: str | None = None
+        self, routing: Sequence[tuple[str, bytes]], now: float, affinity: str | None = None,
+        prefer: str | None = None,
     ) -> list[str]:
         """Node URLs in the order to try: live replicas, other live nodes, the rest.
 
@@ -177,7 +209,8 @@ class Router:
         to spread the load, except for a call with an ``affinity`` (its
         idempotency key): rendezvous hashing then sends every call with that
         key to the same node while the ring stays the same, because only that
-        node can recognise a repeat.
+        node can recognise a repeat. ``prefer`` (a node id: a range's last
+        known leader) goes first among the live nodes, which saves a hop.
         """
         topology = self.topology
         ring = topology.ring
@@ -194,10 +227,10 @@ class Router:
                 if rf is not None:
                     preference.update(ring.replicas_for_key(key, rf))
 
-        def rank(node_id: str) -> tuple[int, int]:
+        def rank(node_id: str) -> tuple[int, bool, int]:
             url = topology.urls[node_id]
             live = topology.up.get(node_id, False) and self.usable(url, now)
-            return (0 if live else 1, -preference[node_id])
+            return (0 if live else 1, node_id != prefer, -preference[node_id])
 
         ordered = sorted((n for n in node_ids if n in topology.urls), key=rank)
         urls = [topology.urls[n] for n in ordered]

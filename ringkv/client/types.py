@@ -30,13 +30,21 @@ class Record:
 class WriteResult:
     """The outcome of a put or delete.
 
-    ``replayed`` is True when the node recognised the idempotency key of an
-    earlier, already applied attempt and returned that attempt's result.
+    ``replayed`` is True when the node recognised the idempotency key (or,
+    on a transactional keyspace, the transaction id) of an earlier, already
+    applied attempt and returned that attempt's result.
+
+    On a transactional keyspace ``version`` is the commit timestamp (µs, the
+    key's new version, also ``timestamp.wall_us``), ``txn_id`` the
+    transaction's id, and the receipt names the leader, ``commit_ts``,
+    ``epsilon_us`` and ``commit_wait_ms`` (empty on a replay).
     """
 
     timestamp: Timestamp
     receipt: dict[str, Any]
     replayed: bool = False
+    version: int | None = None
+    txn_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,3 +79,50 @@ class NodeView:
     node_id: str
     url: str | None
     up: bool
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A key of a transactional keyspace as read: its value and ``version``
+    (the commit timestamp of that value, µs). ``receipt``: the leader and
+    ``read_ts`` of a strong read, or the replica, ``read_ts`` and ``safe_ts``
+    of a snapshot read."""
+
+    key: str
+    value: Any
+    version: int
+    receipt: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """The outcome of a one-shot transaction that committed (or only read).
+
+    ``reads`` maps each key read to what it held at the transaction's
+    timestamp (None: absent). ``commit_ts`` is None for a read-only
+    transaction. ``conflict_retries``: how many times the client retried it
+    under the same id after a conflict abort. ``replayed``: the id had
+    already committed (an earlier attempt's answer was lost); the node then
+    returns no reads and no receipt.
+    """
+
+    id: str
+    committed: bool
+    commit_ts: int | None
+    reads: dict[str, Versioned | None]
+    receipt: dict[str, Any] | None
+    conflict_retries: int = 0
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class TxnStatus:
+    """What a range's leader knows of a transaction id: ``status`` is
+    ``committed`` (with ``commit_ts``), ``pending``, or ``not_committed``
+    (``definitive`` False when the leader may have forgotten older ids)."""
+
+    id: str
+    status: str
+    commit_ts: int | None = None
+    range: str | None = None
+    definitive: bool = True
