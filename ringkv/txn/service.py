@@ -710,6 +710,14 @@ class TxnService:
             raise NoLeader(f"{self.node_id} lost the lease of range {runner.group_id}",
                            range=runner.group_id)
         await self._caught_up(runner, deadline_s)
+        if request.txn_id is not None:
+            # Checked again now that this leader has applied its predecessors' log: a
+            # retry forwarded to a new leader may find its own first attempt committed
+            # there, and must answer that, not fail its condition on its own write.
+            ts = self._committed_ts(runner.group_id, txn_id)
+            if ts is not None:
+                return {"ok": True, "id": txn_id, "committed": True, "commit_ts": ts,
+                        "replayed": True}
         current: dict[bytes, Current] = {}
         for key in dict.fromkeys([*request.reads, *(c.key for c in request.conditions)]):
             version = self.mvcc.latest_version(request.keyspace, key)
