@@ -9,7 +9,7 @@ transit is caught exactly like one corrupted on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ringkv.errors import CorruptRecord, ProtocolError
 from ringkv.versioning import Cell, decode_cell, encode_cell
@@ -63,9 +63,9 @@ def _keyspace(obj: Any) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class KeyRef:
-    """Which key a replica verb is about."""
+class KeyRef(NamedTuple):
+    """Which key a replica verb is about (a named tuple: one is built for every
+    replica request, on both ends, and a frozen dataclass builds slowly)."""
 
     keyspace: str
     token: int

@@ -27,8 +27,7 @@ import hashlib
 import json
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ringkv.hlc import MAX_LOGICAL, MAX_WALL_US, Timestamp
 from ringkv.errors import CorruptRecord
@@ -42,8 +41,11 @@ _CRC = struct.Struct(">I")
 _MIN_RECORD = _HEADER.size + _CRC.size
 
 
-@dataclass(frozen=True, slots=True)
-class Cell:
+class Cell(NamedTuple):
+    """One replica's value for one key. A named tuple (immutable, as a value must
+    be) rather than a frozen dataclass, whose __init__ costs a setattr call per
+    field: cells are built for every read and every write a replica serves."""
+
     value: bytes  # canonical JSON bytes; b"" for a tombstone
     ts: Timestamp
     tombstone: bool = False
