@@ -192,24 +192,30 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
         ready = self._ready
         while not self._stopping:
             scheduled = self._scheduled
-            if (self._timer_cancelled_count > _MIN_CANCELLED_TO_COMPACT
-                    and self._timer_cancelled_count * 2 > len(scheduled)):
-                self._compact()
-                scheduled = self._scheduled
-            while scheduled and scheduled[0][2]._cancelled:
-                self._timer_cancelled_count -= 1
-                heapq.heappop(scheduled)[2]._scheduled = False
             if not ready:
+                # Nothing to do until the next live timer: jump there instead of
+                # waiting. (Cancelled timers are dropped from the top of the heap
+                # here, and the heap compacted when they are most of it; while
+                # callbacks are ready, the due timers below are all that matter.)
+                if (self._timer_cancelled_count > _MIN_CANCELLED_TO_COMPACT
+                        and self._timer_cancelled_count * 2 > len(scheduled)):
+                    self._compact()
+                    scheduled = self._scheduled
+                while scheduled and scheduled[0][2]._cancelled:
+                    self._timer_cancelled_count -= 1
+                    heapq.heappop(scheduled)[2]._scheduled = False
                 if not scheduled:
                     raise SimulationStuck("no callback is ready and no timer is set")
-                # Nothing to do until the next timer: jump there instead of waiting.
                 if scheduled[0][0] > self._now:
                     self._now = scheduled[0][0]
             now = self._now
             while scheduled and scheduled[0][0] <= now:
                 timer = heapq.heappop(scheduled)[2]
                 timer._scheduled = False
-                ready.append(timer)
+                if timer._cancelled:
+                    self._timer_cancelled_count -= 1
+                else:
+                    ready.append(timer)
             for _ in range(len(ready)):
                 handle = ready.popleft()
                 if handle._cancelled:
