@@ -102,6 +102,9 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
         self._now = 0.0
         self._timer_seq = itertools.count()
         self.errors: list[str] = []  # unhandled exceptions reported by asyncio
+        # Until a process is first paused or crashed, every handle's owner is
+        # running and the loop need not look its owner up.
+        self._all_running = True
 
     # -- time ----------------------------------------------------------------
 
@@ -158,6 +161,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
     def pause(self, process: Process) -> None:
         if process.state == RUNNING:
             process.state = PAUSED
+            self._all_running = False
 
     def resume(self, process: Process) -> None:
         if process.state == PAUSED:
@@ -168,6 +172,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
     def crash(self, process: Process) -> None:
         process.state = CRASHED
         process.parked.clear()
+        self._all_running = False
 
     def dispose(self) -> None:
         """Drop every pending callback and timer, free what only they kept alive
@@ -221,11 +226,12 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
                 if handle._cancelled:
                     continue
                 context = handle._context
-                owner = context.get(_OWNER)
-                if owner is not None and owner.state is not RUNNING:
-                    if owner.state is PAUSED:
-                        owner.parked.append(handle)
-                    continue  # crashed: the handle is abandoned
+                if not self._all_running:
+                    owner = context.get(_OWNER)
+                    if owner is not None and owner.state is not RUNNING:
+                        if owner.state is PAUSED:
+                            owner.parked.append(handle)
+                        continue  # crashed: the handle is abandoned
                 # asyncio.Handle._run, inlined here: one call fewer per callback.
                 try:
                     context.run(handle._callback, *handle._args)
