@@ -179,12 +179,11 @@ class Coordinator:
             acks.record(target, HINTED)
         # Resolved once the tracker decides (WON or LOST), or at the deadline.
         decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        send, token = self._replicas.write_future, plan.token
         for target in plan.live:
             # Every replica, this node's own included, answers through a
             # future (the local one is its group commit): no task per replica.
-            answer = self._replicas.write_future(
-                target, plan.keyspace, plan.token, key, cell, timeout_s
-            )
+            answer = send(target, keyspace, token, key, cell, timeout_s)
             answer.add_done_callback(
                 partial(self._write_answered, target, plan, key, cell, acks, decided)
             )
