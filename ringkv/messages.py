@@ -76,6 +76,15 @@ class KeyRef(NamedTuple):
 
     @classmethod
     def from_wire(cls, obj: Any) -> KeyRef:
+        if type(obj) is dict:
+            # A well-formed reference, checked in one go (every replica request
+            # passes here); anything else goes through the checks that name what
+            # is wrong with it.
+            keyspace, token, key = obj.get("ks"), obj.get("t"), obj.get("k")
+            if (type(keyspace) is str and type(token) is int and type(key) is bytes
+                    and keyspace and len(keyspace.encode()) <= MAX_NAME_BYTES
+                    and TOKEN_MIN <= token <= TOKEN_MAX):
+                return cls(keyspace, token, key)
         return cls(_keyspace(obj), _token(obj, "t"), _field(obj, "k", bytes))
 
 
