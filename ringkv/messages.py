@@ -9,7 +9,7 @@ transit is caught exactly like one corrupted on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ringkv.errors import CorruptRecord, ProtocolError
 from ringkv.versioning import Cell, decode_cell, encode_cell
@@ -63,9 +63,9 @@ def _keyspace(obj: Any) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class KeyRef:
-    """Which key a replica verb is about."""
+class KeyRef(NamedTuple):
+    """Which key a replica verb is about (a named tuple: one is built for every
+    replica request, on both ends, and a frozen dataclass builds slowly)."""
 
     keyspace: str
     token: int
@@ -76,6 +76,15 @@ class KeyRef:
 
     @classmethod
     def from_wire(cls, obj: Any) -> KeyRef:
+        if type(obj) is dict:
+            # A well-formed reference, checked in one go (every replica request
+            # passes here); anything else goes through the checks that name what
+            # is wrong with it.
+            keyspace, token, key = obj.get("ks"), obj.get("t"), obj.get("k")
+            if (type(keyspace) is str and type(token) is int and type(key) is bytes
+                    and keyspace and len(keyspace.encode()) <= MAX_NAME_BYTES
+                    and TOKEN_MIN <= token <= TOKEN_MAX):
+                return cls(keyspace, token, key)
         return cls(_keyspace(obj), _token(obj, "t"), _field(obj, "k", bytes))
 
 

@@ -7,7 +7,7 @@ R + W > N makes every read quorum overlap every write quorum.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ringkv.errors import BadRequest
 
@@ -46,15 +46,22 @@ def block_for(level: ConsistencyLevel, replication_factor: int) -> int:
     """
     if replication_factor < 1:
         raise ValueError("replication_factor must be >= 1")
-    if level is ConsistencyLevel.ANY or level is ConsistencyLevel.ONE:
-        return 1
-    if level is ConsistencyLevel.TWO:
-        return 2
-    if level is ConsistencyLevel.THREE:
-        return 3
-    if level is ConsistencyLevel.QUORUM or level is ConsistencyLevel.SERIAL:
-        return replication_factor // 2 + 1
-    return replication_factor  # ALL
+    return _NEEDED[level](replication_factor)
+
+
+# A table rather than a chain of ``level is ConsistencyLevel.X`` tests: every
+# request asks, and each enum member read off its class is slow (see below).
+_NEEDED: dict[ConsistencyLevel, Callable[[int], int]] = {
+    ConsistencyLevel.ANY: lambda rf: 1,
+    ConsistencyLevel.ONE: lambda rf: 1,
+    ConsistencyLevel.TWO: lambda rf: 2,
+    ConsistencyLevel.THREE: lambda rf: 3,
+    ConsistencyLevel.QUORUM: lambda rf: rf // 2 + 1,
+    ConsistencyLevel.SERIAL: lambda rf: rf // 2 + 1,
+    ConsistencyLevel.ALL: lambda rf: rf,
+}
+if set(_NEEDED) != set(ConsistencyLevel):  # checked at import: every level says what it needs
+    raise AssertionError("block_for's table does not cover every consistency level")
 
 
 class Vote(enum.Enum):
@@ -71,6 +78,13 @@ class Response(enum.Enum):
     OK = "ok"
     FAILED = "failed"
     HINTED = "hinted"  # failed, but a hint for it was stored on the coordinator
+
+
+# The members under plain names, for the paths that every request takes: on
+# Python 3.11, reading a member off its enum (``Vote.WON``) goes through
+# ``EnumType.__getattr__``'s hook, about ten times the cost of reading a global.
+PENDING, WON, LOST = Vote.PENDING, Vote.WON, Vote.LOST
+OK, FAILED, HINTED = Response.OK, Response.FAILED, Response.HINTED
 
 
 class ResponseTracker:
@@ -116,9 +130,9 @@ class ResponseTracker:
         if node not in outstanding:
             return self.vote
         outstanding.discard(node)
-        if response is Response.OK:
+        if response is OK:
             self.ok.append(node)
-        elif response is Response.HINTED:
+        elif response is HINTED:
             self.hinted.append(node)
         else:
             self.failed.append(node)
@@ -126,18 +140,18 @@ class ResponseTracker:
         counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
         block_for = self.block_for
         if counted >= block_for:
-            vote = Vote.WON
+            vote = WON
         elif counted + len(outstanding) < block_for:
-            vote = Vote.LOST
+            vote = LOST
         else:
-            vote = Vote.PENDING
+            vote = PENDING
         self.vote = vote
         return vote
 
     def _tally(self) -> Vote:
         counted = len(self.ok) + (len(self.hinted) if self.hints_count else 0)
         if counted >= self.block_for:
-            return Vote.WON
+            return WON
         if counted + len(self.outstanding) < self.block_for:
-            return Vote.LOST
-        return Vote.PENDING
+            return LOST
+        return PENDING

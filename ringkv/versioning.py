@@ -27,8 +27,7 @@ import hashlib
 import json
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ringkv.hlc import MAX_LOGICAL, MAX_WALL_US, Timestamp
 from ringkv.errors import CorruptRecord
@@ -39,11 +38,16 @@ _FLAG_EXPIRES = 0x02
 _HEADER = struct.Struct(">BBQI")
 _EXPIRY = struct.Struct(">Q")
 _CRC = struct.Struct(">I")
-_MIN_RECORD = _HEADER.size + _CRC.size
+_HEADER_BYTES, _CRC_BYTES = _HEADER.size, _CRC.size
+_MIN_RECORD = _HEADER_BYTES + _CRC_BYTES
+_UNKNOWN_FLAGS = ~(_FLAG_TOMBSTONE | _FLAG_EXPIRES)
 
 
-@dataclass(frozen=True, slots=True)
-class Cell:
+class Cell(NamedTuple):
+    """One replica's value for one key. A named tuple (immutable, as a value must
+    be) rather than a frozen dataclass, whose __init__ costs a setattr call per
+    field: cells are built for every read and every write a replica serves."""
+
     value: bytes  # canonical JSON bytes; b"" for a tombstone
     ts: Timestamp
     tombstone: bool = False
@@ -107,31 +111,28 @@ def _rank(cell: Cell) -> tuple[Timestamp, bool, int, bytes]:
 
 
 def encode_cell(cell: Cell) -> bytes:
-    flags = 0
-    if cell.tombstone:
-        flags |= _FLAG_TOMBSTONE
-    parts = [b""]
-    if cell.expires_at_us is not None:
-        flags |= _FLAG_EXPIRES
-        parts.append(_EXPIRY.pack(cell.expires_at_us))
-    parts[0] = _HEADER.pack(FORMAT_VERSION, flags, cell.ts.wall_us, cell.ts.logical)
-    parts.append(cell.value)
-    body = b"".join(parts)
+    value, (wall_us, logical), tombstone, expires_at_us = cell
+    flags = _FLAG_TOMBSTONE if tombstone else 0
+    if expires_at_us is None:
+        body = _HEADER.pack(FORMAT_VERSION, flags, wall_us, logical) + value
+    else:
+        body = (_HEADER.pack(FORMAT_VERSION, flags | _FLAG_EXPIRES, wall_us, logical)
+                + _EXPIRY.pack(expires_at_us) + value)
     return body + _CRC.pack(zlib.crc32(body))
 
 
 def decode_cell(record: bytes) -> Cell:
     if len(record) < _MIN_RECORD:
         raise CorruptRecord(f"record too short ({len(record)} bytes)")
-    body, (crc,) = record[: -_CRC.size], _CRC.unpack(record[-_CRC.size :])
-    if zlib.crc32(body) != crc:
+    body = record[:-_CRC_BYTES]
+    if zlib.crc32(body) != _CRC.unpack_from(record, len(body))[0]:
         raise CorruptRecord("record checksum mismatch")
     version, flags, wall_us, logical = _HEADER.unpack_from(body)
     if version != FORMAT_VERSION:
         raise CorruptRecord(f"unknown record format version {version}")
-    if flags & ~(_FLAG_TOMBSTONE | _FLAG_EXPIRES):
+    if flags & _UNKNOWN_FLAGS:
         raise CorruptRecord(f"unknown record flags {flags:#x}")
-    offset = _HEADER.size
+    offset = _HEADER_BYTES
     expires_at_us = None
     if flags & _FLAG_EXPIRES:
         if len(body) < offset + _EXPIRY.size:

@@ -5,7 +5,6 @@ differ, and repair moves only the differing leaves' data."""
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import msgpack
 import pytest
@@ -125,7 +124,7 @@ BASE = value({"v": 1}, 5_000)
     ("logical timestamp", Cell(BASE.value, Timestamp(5_000, 1))),
     ("tombstone instead of the value", tombstone(Timestamp(5_000))),
     ("ttl added", value({"v": 1}, 5_000, expires_at_us=9_000)),
-    ("ttl changed", replace(value({"v": 1}, 5_000, expires_at_us=9_000), expires_at_us=9_001)),
+    ("ttl changed", value({"v": 1}, 5_000, expires_at_us=9_000)._replace(expires_at_us=9_001)),
     ("missing", None),
 ])
 def test_a_single_changed_cell_shows_in_exactly_its_leaf(name: str, changed: Cell | None) -> None:

@@ -44,3 +44,17 @@ GOOD_ITEM = [1, b"k", encode_cell(Cell(b"1", Timestamp(1)))]
 def test_malformed_scan_replies_are_protocol_errors(wire: object, complaint: str) -> None:
     with pytest.raises(ProtocolError, match=complaint):
         ScanReply.from_wire(wire)
+
+
+@pytest.mark.parametrize("wire, complaint", [
+    ([], "message body must be a map"),
+    ({"t": 1, "k": b"k"}, "'ks'"),
+    ({"ks": "", "t": 1, "k": b"k"}, "'ks' is not a keyspace name"),
+    ({"ks": "é" * 200, "t": 1, "k": b"k"}, "'ks' is not a keyspace name"),  # 400 bytes
+    ({"ks": "ks", "t": True, "k": b"k"}, "'t'"),
+    ({"ks": "ks", "t": 2**63, "k": b"k"}, "'t' is not a token"),
+    ({"ks": "ks", "t": 1, "k": "k"}, "'k'"),
+])
+def test_malformed_key_references_are_protocol_errors(wire: object, complaint: str) -> None:
+    with pytest.raises(ProtocolError, match=complaint):
+        KeyRef.from_wire(wire)

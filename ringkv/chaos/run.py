@@ -25,7 +25,7 @@ import random
 import signal
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +394,7 @@ class ChaosRun:
     def _write_history(self) -> None:
         with open(self.run_dir / "history.jsonl", "w") as out:
             for op in self.history:
-                out.write(json.dumps(asdict(op)) + "\n")
+                out.write(json.dumps(op._asdict()) + "\n")
 
 
 def _links(fault: Fault) -> list[tuple[str, str]]:

@@ -43,10 +43,10 @@ from ringkv.errors import (
 from ringkv.hlc import HybridLogicalClock, Timestamp
 from ringkv.keyspaces import KeyspaceSettings
 from ringkv.messages import ScanReply
-from ringkv.quorum import ConsistencyLevel, Response, ResponseTracker, Vote
+from ringkv.quorum import FAILED, HINTED, OK, PENDING, WON, ConsistencyLevel, ResponseTracker
 from ringkv.replica.client import ReplicaClient
 from ringkv.ring import MIN_TOKEN, TokenRing, token_for
-from ringkv.versioning import Cell
+from ringkv.versioning import Cell, cell_digest
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +176,18 @@ class Coordinator:
             hints_count=plan.consistency is ConsistencyLevel.ANY,
         )
         for target in hinted_down:
-            acks.record(target, Response.HINTED)
+            acks.record(target, HINTED)
         # Resolved once the tracker decides (WON or LOST), or at the deadline.
         decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        send, token = self._replicas.write_future, plan.token
         for target in plan.live:
             # Every replica, this node's own included, answers through a
             # future (the local one is its group commit): no task per replica.
-            answer = self._replicas.write_future(
-                target, plan.keyspace, plan.token, key, cell, timeout_s
-            )
+            answer = send(target, keyspace, token, key, cell, timeout_s)
             answer.add_done_callback(
                 partial(self._write_answered, target, plan, key, cell, acks, decided)
             )
-        if acks.vote is Vote.PENDING:
+        if acks.vote is PENDING:
             timer = self._clock.call_later(timeout_s, _decide, decided)
             try:
                 await decided
@@ -196,7 +195,7 @@ class Coordinator:
                 timer.cancel()
         receipt.answered = list(acks.ok)
         receipt.hints_stored = len(acks.hinted)
-        if acks.vote is Vote.WON:
+        if acks.vote is WON:
             return WriteResult(cell, receipt)
         raise Timeout(
             f"write at {plan.consistency.value} got {len(acks.ok)} of {plan.block_for} "
@@ -219,7 +218,7 @@ class Coordinator:
     ) -> None:
         error = _error_of(answer, self.node_id)
         if error is None:
-            if acks.record(target, Response.OK) is not Vote.PENDING:
+            if acks.record(target, OK) is not PENDING:
                 _decide(decided)
             return
         if isinstance(error, RingKVError):
@@ -228,7 +227,7 @@ class Coordinator:
             log.error("write to %s failed unexpectedly", target, exc_info=error)
         if target == self.node_id or self._hints is None:
             # This node's own failed write is not hinted: it has no later replay.
-            if acks.record(target, Response.FAILED) is not Vote.PENDING:
+            if acks.record(target, FAILED) is not PENDING:
                 _decide(decided)
             return
         # A replica that did not acknowledge gets a hint, even if the client
@@ -246,7 +245,7 @@ class Coordinator:
         decided: asyncio.Future[None],
     ) -> None:
         hinted = await self._store_hint(target, plan, key, cell)
-        if acks.record(target, Response.HINTED if hinted else Response.FAILED) is not Vote.PENDING:
+        if acks.record(target, HINTED if hinted else FAILED) is not PENDING:
             _decide(decided)
 
     async def _store_hint(self, target: str, plan: ReplicaPlan, key: bytes, cell: Cell) -> bool:
@@ -295,7 +294,7 @@ class Coordinator:
         receipt.asked.extend(read.speculative)
         receipt.speculative = list(read.speculative)
         receipt.answered = read.answered
-        if read.vote is not Vote.WON:
+        if read.vote is not WON:
             raise self._read_timeout(plan, len(read.answered), "required responses in time")
         resolution = resolve(read.data, read.digests, read.corrupt)
         if not resolution.resolved:
@@ -316,22 +315,43 @@ class Coordinator:
     async def _gather(self, plan: ReplicaPlan, key: bytes, read: ReadRound, deadline_s: float) -> None:
         """Send the round's asks and feed it the answers until it is decided,
         the deadline passes, or nobody is left to answer."""
-        clock, snitch = self._clock, self.snitch
+        clock, snitch, replicas = self._clock, self.snitch, self._replicas
         keyspace, token = plan.keyspace, plan.token
+        local_read = self._local_read
         start_s = clock.monotonic_s()
         # answer -> (node, is it a data read, when it was asked)
         asked: dict[asyncio.Future[Any], tuple[str, bool, float]] = {}
         waiting: list[asyncio.Future[Any]] = []  # answers not yet taken in, in launch order
+        more: list[Ask] = []  # asks that the answers taken in call for
+
+        def failed(node: str, error: BaseException) -> None:
+            if not isinstance(error, RingKVError):
+                raise error
+            snitch.failed(node, self._read_timeout_s)  # a failure ranks last
+            more.extend(read.on_failure(node, corrupt=_is_corrupt_record(error)))
 
         def launch(asks: Iterable[Ask]) -> None:
             now_s = clock.monotonic_s()
             timeout_s = deadline_s - now_s
             if timeout_s <= 0:
                 return  # no time left to ask anyone: the read ends at its deadline
-            for ask in asks:
-                send = self._replicas.read_future if ask.data else self._replicas.digest_future
-                answer = send(ask.node, keyspace, token, key, timeout_s)
-                asked[answer] = (ask.node, ask.data, now_s)
+            for node, is_data in asks:
+                if node == self.node_id and local_read is not None:
+                    # This node's replica answers here and now: no future, no
+                    # network. It ranks first (snitch.by_proximity), so its
+                    # answer is taken in first, as in launch order.
+                    try:
+                        cell = local_read(keyspace, token, key)
+                    except RingKVError as exc:
+                        failed(node, exc)
+                        continue
+                    snitch.answered(node, now_s, now_s)
+                    more.extend(read.on_data(node, cell) if is_data
+                                else read.on_digest(node, cell_digest(cell)))
+                    continue
+                send = replicas.read_future if is_data else replicas.digest_future
+                answer = send(node, keyspace, token, key, timeout_s)
+                asked[answer] = (node, is_data, now_s)
                 waiting.append(answer)
 
         try:
@@ -340,7 +360,6 @@ class Coordinator:
                 # Take in what has arrived, in launch order (not completion
                 # order), so that the same inputs always give the same run.
                 still: list[asyncio.Future[Any]] = []
-                more: list[Ask] = []
                 for answer in waiting:
                     if not answer.done():
                         still.append(answer)
@@ -348,20 +367,18 @@ class Coordinator:
                     node, is_data, asked_at_s = asked[answer]
                     error = _error_of(answer, self.node_id)
                     if error is not None:
-                        if not isinstance(error, RingKVError):
-                            raise error
-                        snitch.failed(node, self._read_timeout_s)  # a failure ranks last
-                        more += read.on_failure(node, corrupt=_is_corrupt_record(error))
+                        failed(node, error)
                         continue
                     snitch.answered(node, asked_at_s, clock.monotonic_s())
                     if is_data:
-                        more += read.on_data(node, answer.result())
+                        more.extend(read.on_data(node, answer.result()))
                     else:
-                        more += read.on_digest(node, answer.result())
+                        more.extend(read.on_digest(node, answer.result()))
                 waiting = still
                 if more:
-                    launch(more)
-                if read.vote is not Vote.PENDING or not waiting:
+                    asks, more = more, []
+                    launch(asks)
+                if read.vote is not PENDING or not waiting:
                     return
                 now_s = clock.monotonic_s()
                 if now_s >= deadline_s:

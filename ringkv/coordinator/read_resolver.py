@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from ringkv.quorum import Response, ResponseTracker, Vote
+from ringkv.quorum import FAILED, LOST, OK, PENDING, WON, ResponseTracker, Vote
 from ringkv.versioning import Cell, cell_digest, reconcile
 
 
@@ -52,15 +52,19 @@ class ReadRound:
         return [Ask(first, True)] + [Ask(node, False) for node in rest]
 
     def on_data(self, node: str, cell: Cell | None) -> Sequence[Ask]:
-        if node in self.tracker.outstanding:  # not a duplicate, nor a replica never asked
+        tracker = self.tracker
+        if node in tracker.outstanding:  # not a duplicate, nor a replica never asked
             self.data[node] = cell
-            self.tracker.record(node, Response.OK)
+            if tracker.record(node, OK) is WON:
+                return NOTHING  # won, with data: the usual end of a read
         return self._refill()
 
     def on_digest(self, node: str, digest: bytes) -> Sequence[Ask]:
-        if node in self.tracker.outstanding:
+        tracker = self.tracker
+        if node in tracker.outstanding:
             self.digests[node] = digest
-            self.tracker.record(node, Response.OK)
+            if tracker.record(node, OK) is WON and self.data:
+                return NOTHING
         return self._refill()
 
     def on_failure(self, node: str, *, corrupt: bool = False) -> Sequence[Ask]:
@@ -68,7 +72,7 @@ class ReadRound:
             # A replica whose record failed its checksum is stale: the read
             # repair write replaces the record (LocalStore.apply).
             self.corrupt.append(node)
-        self.tracker.record(node, Response.FAILED)
+        self.tracker.record(node, FAILED)
         return self._refill()
 
     def on_slow(self) -> Sequence[Ask]:
@@ -80,16 +84,16 @@ class ReadRound:
 
     @property
     def can_speculate(self) -> bool:
-        return bool(self._spares) and not self.speculated and self.vote is Vote.PENDING
+        return bool(self._spares) and not self.speculated and self.vote is PENDING
 
     @property
     def vote(self) -> Vote:
         vote = self.tracker.vote
-        if vote is Vote.WON and not self.data:
+        if vote is WON and not self.data:
             # Enough digests but no data to compare them with: only a data
             # read (a spare) can finish this read. (A read asks one data and
             # block_for - 1 digests, and spares for data, so this is rare.)
-            return Vote.PENDING if self.tracker.outstanding or self._spares else Vote.LOST
+            return PENDING if self.tracker.outstanding or self._spares else LOST
         return vote
 
     @property
@@ -101,8 +105,8 @@ class ReadRound:
         if not self._spares:
             return NOTHING
         if (
-            self.tracker.vote is Vote.LOST
-            or (self.vote is Vote.PENDING and not self.tracker.outstanding)
+            self.tracker.vote is LOST
+            or (self.vote is PENDING and not self.tracker.outstanding)
         ):
             return [self._ask_spare()]
         return NOTHING

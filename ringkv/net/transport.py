@@ -242,7 +242,8 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.t._stats["bytes_in"] += len(data)
+        t = self.t
+        t._stats["bytes_in"] += len(data)
         try:
             frames = self.decoder.feed(data)
             if not self.established:
@@ -257,7 +258,7 @@ class _Conn(asyncio.Protocol):
         self._reading = True
         try:
             for frame in frames:
-                self.t._on_frame(self, frame)
+                t._on_frame(self, frame)
         except ProtocolError as e:
             self._reading = False
             self._protocol_error(e)
@@ -273,11 +274,11 @@ class _Conn(asyncio.Protocol):
             self._flush()
         # Inbound back-pressure: if the peer is not reading our responses, stop
         # reading its requests rather than queue responses without bound.
-        out = self.out
-        if (out is not None and not self.outbound and len(out.items) >= out.maxlen
-                and not self._read_paused):
-            self._read_paused = True
-            self.sock.pause_reading()  # type: ignore[union-attr]
+        if not self.outbound:
+            out = self.out
+            if out is not None and len(out.items) >= out.maxlen and not self._read_paused:
+                self._read_paused = True
+                self.sock.pause_reading()  # type: ignore[union-attr]
 
     def _dispatch(self, frames: list[Frame]) -> bool:
         """Hand frames to the transport; False if that closed the connection."""
@@ -380,13 +381,12 @@ class _Conn(asyncio.Protocol):
         if self.closed or out is None:
             return
         items = out.items
-        pending = self.peer.pending if self.peer is not None else None
         stats = self.t._stats
         if len(items) == 1 and not self._write_paused:
             # One frame (the usual case): no batch to build.
             request_id, frame = items.popleft()
-            if request_id is not None and pending is not None:
-                waiting = pending.get(request_id)
+            if request_id is not None:  # a request (only a peer's queue holds those)
+                waiting = self.peer.pending.get(request_id)  # type: ignore[union-attr]
                 if waiting is None or waiting.future.done():
                     return  # its caller gave up already
             try:
@@ -402,8 +402,8 @@ class _Conn(asyncio.Protocol):
                 size = 0
                 while items and size < WRITE_BATCH_BYTES:
                     request_id, frame = items.popleft()
-                    if request_id is not None and pending is not None:
-                        waiting = pending.get(request_id)
+                    if request_id is not None:
+                        waiting = self.peer.pending.get(request_id)  # type: ignore[union-attr]
                         if waiting is None or waiting.future.done():
                             continue  # its caller gave up already; don't spend bandwidth on it
                     chunks.append(frame)
@@ -676,7 +676,8 @@ class Transport:
         if out.conn is not None:
             out.conn.schedule_flush()
         self._stats["requests_sent"] += 1
-        self._ensure_connecting(peer)
+        if out.conn is None:
+            self._ensure_connecting(peer)
         return fut
 
     def send_oneway(self, node_id: str, verb: str, payload: Any) -> bool:
@@ -899,19 +900,18 @@ class Transport:
 
     def _on_frame(self, conn: _Conn, frame: Frame) -> None:
         """Dispatch one decoded frame. Raises ProtocolError to close the connection."""
-        out = conn.out
-        assert out is not None  # frames are served on established connections only
+        version, kind, request_id, verb, payload = frame
         self._stats["frames_in"] += 1
-        if frame.version != PROTOCOL_VERSION:
-            raise ProtocolError(f"frame has protocol version {frame.version}")
-        if frame.verb == HELLO:
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"frame has protocol version {version}")
+        if verb == HELLO:
             raise ProtocolError("duplicate hello")
-        kind = frame.kind
-        if conn.peer is not None:
+        peer = conn.peer
+        if peer is not None:
             # Outbound connections carry only answers to our requests.
             if kind not in (KIND_RESPONSE, KIND_ERROR):
                 raise ProtocolError(f"frame kind {kind} on an outbound connection")
-            waiting = conn.peer.pending.pop(frame.request_id, None)
+            waiting = peer.pending.pop(request_id, None)
             if waiting is None:
                 self._stats["late_responses"] += 1
                 return
@@ -925,13 +925,15 @@ class Transport:
             self._stats["responses_received"] += 1
             if kind == KIND_RESPONSE:
                 if convert is None:
-                    fut.set_result(frame.payload)
+                    fut.set_result(payload)
                 else:
-                    settle_answer(fut, frame.payload, convert)
+                    settle_answer(fut, payload, convert)
             else:
-                fut.set_exception(remote_error(conn.peer_node_id, frame.verb, frame.payload))
+                fut.set_exception(remote_error(conn.peer_node_id, verb, payload))
             return
         # Inbound connections carry requests and one-way messages.
+        out = conn.out
+        assert out is not None  # frames are served on established connections only
         if kind not in (KIND_REQUEST, KIND_ONEWAY):
             raise ProtocolError(f"frame kind {kind} on an inbound connection")
         if conn.inflight >= self._max_inflight:
@@ -944,7 +946,7 @@ class Transport:
             return
         if kind == KIND_REQUEST and self._answer_future is not None:
             try:
-                answer = self._answer_future(conn.peer_node_id, frame.verb, frame.payload)
+                answer = self._answer_future(conn.peer_node_id, verb, payload)
             except Exception as e:  # noqa: BLE001 - answered like a failed handler task
                 out.put(None, self._failure_frame(conn, frame, e))
                 return

@@ -32,28 +32,38 @@ class SimClock:
         self.offset_us = offset_us
         self.drift_ppm = drift_ppm
 
+    @property
+    def drift_ppm(self) -> float:
+        return self._drift_ppm
+
+    @drift_ppm.setter
+    def drift_ppm(self, drift_ppm: float) -> None:
+        self._drift_ppm = drift_ppm
+        # How fast this clock runs against virtual time, worked out once: every
+        # reading and every timer scales by it.
+        self._rate = 1 + drift_ppm * 1e-6
+
     # The loop's ``time()`` is read as ``_now``: the coordinator asks for the time
     # several times per request.
 
     def wall_us(self) -> int:
         elapsed_us = self._loop._now * 1_000_000
-        return EPOCH_US + int(elapsed_us * (1 + self.drift_ppm * 1e-6)) + self.offset_us
+        return EPOCH_US + int(elapsed_us * self._rate) + self.offset_us
 
     def monotonic_s(self) -> float:
-        return self._loop._now * (1 + self.drift_ppm * 1e-6)
+        return self._loop._now * self._rate
 
     def step_us(self, delta_us: int) -> None:
         self.offset_us += delta_us
 
     def _virtual_s(self, delay_s: float) -> float:
-        return max(0.0, delay_s) / (1 + self.drift_ppm * 1e-6)
+        return max(0.0, delay_s) / self._rate
 
     def call_later(self, delay_s: float, callback: Callable[..., Any], *args: Any) -> Timer:
         # Straight to the loop's timer heap (``_virtual_s`` and ``loop.call_later``
         # written out): every request's deadline is set here.
         loop = self._loop
-        return loop._timer(loop._now + max(0.0, delay_s) / (1 + self.drift_ppm * 1e-6),
-                           callback, args, None)
+        return loop._timer(loop._now + max(0.0, delay_s) / self._rate, callback, args, None)
 
     async def sleep(self, delay_s: float) -> None:
         await asyncio.sleep(self._virtual_s(delay_s))

@@ -70,7 +70,7 @@ class BackdatedWrite(Coordinator):
                     started_s: float | None = None) -> WriteResult:
         self._writes += 1
         if self._writes % 5 == 0:
-            cell = dataclasses.replace(cell, ts=Timestamp(cell.ts.wall_us - 500_000, 0))
+            cell = cell._replace(ts=Timestamp(cell.ts.wall_us - 500_000, 0))
         return await super().write(keyspace, key, cell, consistency)
 
 
@@ -87,7 +87,7 @@ class PhantomRead(Coordinator):
         if self._reads % 10 or result.cell is None or result.cell.tombstone:
             return result
         corrupt = encode_json_value(f"{result.cell.json_value()}~")
-        return ReadResult(dataclasses.replace(result.cell, value=corrupt), result.receipt)
+        return ReadResult(result.cell._replace(value=corrupt), result.receipt)
 
 
 class NoReadRepair(Coordinator):

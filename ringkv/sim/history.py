@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OK = "ok"  # acknowledged / answered
 FAIL = "fail"  # certainly had no effect (e.g. Unavailable: nothing was sent)
 INFO = "info"  # outcome unknown (timeout, coordinator died, still in flight at the end)
 
 
-@dataclass(frozen=True)
-class Op:
-    index: int
+class Op(NamedTuple):
+    """One client operation. A named tuple, not a frozen dataclass (whose __init__
+    makes a setattr call per field): the simulator records two per operation."""
+
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing calls
     process: str  # the client ("c3"), or "final" for the reads after healing
     kind: str  # "write" or "read"
     key: str

@@ -102,6 +102,9 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
         self._now = 0.0
         self._timer_seq = itertools.count()
         self.errors: list[str] = []  # unhandled exceptions reported by asyncio
+        # Until a process is first paused or crashed, every handle's owner is
+        # running and the loop need not look its owner up.
+        self._all_running = True
 
     # -- time ----------------------------------------------------------------
 
@@ -158,6 +161,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
     def pause(self, process: Process) -> None:
         if process.state == RUNNING:
             process.state = PAUSED
+            self._all_running = False
 
     def resume(self, process: Process) -> None:
         if process.state == PAUSED:
@@ -168,6 +172,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
     def crash(self, process: Process) -> None:
         process.state = CRASHED
         process.parked.clear()
+        self._all_running = False
 
     def dispose(self) -> None:
         """Drop every pending callback and timer, free what only they kept alive
@@ -192,34 +197,41 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
         ready = self._ready
         while not self._stopping:
             scheduled = self._scheduled
-            if (self._timer_cancelled_count > _MIN_CANCELLED_TO_COMPACT
-                    and self._timer_cancelled_count * 2 > len(scheduled)):
-                self._compact()
-                scheduled = self._scheduled
-            while scheduled and scheduled[0][2]._cancelled:
-                self._timer_cancelled_count -= 1
-                heapq.heappop(scheduled)[2]._scheduled = False
             if not ready:
+                # Nothing to do until the next live timer: jump there instead of
+                # waiting. (Cancelled timers are dropped from the top of the heap
+                # here, and the heap compacted when they are most of it; while
+                # callbacks are ready, the due timers below are all that matter.)
+                if (self._timer_cancelled_count > _MIN_CANCELLED_TO_COMPACT
+                        and self._timer_cancelled_count * 2 > len(scheduled)):
+                    self._compact()
+                    scheduled = self._scheduled
+                while scheduled and scheduled[0][2]._cancelled:
+                    self._timer_cancelled_count -= 1
+                    heapq.heappop(scheduled)[2]._scheduled = False
                 if not scheduled:
                     raise SimulationStuck("no callback is ready and no timer is set")
-                # Nothing to do until the next timer: jump there instead of waiting.
                 if scheduled[0][0] > self._now:
                     self._now = scheduled[0][0]
             now = self._now
             while scheduled and scheduled[0][0] <= now:
                 timer = heapq.heappop(scheduled)[2]
                 timer._scheduled = False
-                ready.append(timer)
+                if timer._cancelled:
+                    self._timer_cancelled_count -= 1
+                else:
+                    ready.append(timer)
             for _ in range(len(ready)):
                 handle = ready.popleft()
                 if handle._cancelled:
                     continue
                 context = handle._context
-                owner = context.get(_OWNER)
-                if owner is not None and owner.state is not RUNNING:
-                    if owner.state is PAUSED:
-                        owner.parked.append(handle)
-                    continue  # crashed: the handle is abandoned
+                if not self._all_running:
+                    owner = context.get(_OWNER)
+                    if owner is not None and owner.state is not RUNNING:
+                        if owner.state is PAUSED:
+                            owner.parked.append(handle)
+                        continue  # crashed: the handle is abandoned
                 # asyncio.Handle._run, inlined here: one call fewer per callback.
                 try:
                     context.run(handle._callback, *handle._args)

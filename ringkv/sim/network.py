@@ -144,7 +144,7 @@ class SimSocket:
             return
         self.buffered += len(data)
         self.network._send(self, data)
-        if not self.write_paused and self.buffered > self.high_water and not self.closing:
+        if self.buffered > self.high_water and not self.write_paused and not self.closing:
             self.write_paused = True
             self.network.stats["write_pauses"] += 1
             self.protocol.pause_writing()  # type: ignore[union-attr]

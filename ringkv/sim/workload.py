@@ -332,7 +332,7 @@ class RegisterWorkload:
             if kind == "read":
                 raw_value = result["reads"][0]["value"]
                 read = None if raw_value is None else json.loads(raw_value)
-                return self._record(dataclasses.replace(invoked, value=read), OK, end,
+                return self._record(invoked._replace(value=read), OK, end,
                                     RegisterOp(process, "read", key, read, start, end), None)
             assert pending is not None
             if seen is not None:
