@@ -197,6 +197,23 @@ class LimitsConfig:
     # Per-request work limits for batch and scan.
     max_batch_ops: int = 1000
     max_scan_page: int = 1000
+    # The client door (ringkv.door): how long a client connection may hold
+    # the node without sending, and how many may. A request's head (request
+    # line and headers) must arrive within header_timeout_s of its first
+    # byte; on a new connection, of the connect. A body must arrive within
+    # body_timeout_s plus one second per body_min_rate_bytes_per_s received
+    # (Apache mod_reqtimeout's MinRate), so a slow honest upload finishes and
+    # a trickle does not. A keep-alive connection with no request is closed
+    # after idle_timeout_s (above the Python client's 15 s pool timeout).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    body_min_rate_bytes_per_s: int = 16384
+    idle_timeout_s: float = 60.0
+    # Open client connections at most. At the cap a new connection takes the
+    # place of the longest idle one, or gets 503 overloaded when none is
+    # idle. Lowered at start-up when the open-files limit cannot hold it
+    # beside the descriptors kept for LevelDB and internode links.
+    max_client_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -647,6 +664,11 @@ def _read_limits(ctx: _Context, raw: object) -> LimitsConfig:
     sec.take("max_request_bytes", _check_int, 1, 2**31)
     sec.take("max_batch_ops", _check_int, 1, 100_000)
     sec.take("max_scan_page", _check_int, 1, MAX_SCAN_ITEMS)  # no replica returns more
+    sec.take("header_timeout_s", _check_number, 0.0, 3600.0)
+    sec.take("body_timeout_s", _check_number, 0.0, 3600.0)
+    sec.take("body_min_rate_bytes_per_s", _check_int, 1, 2**31)
+    sec.take("idle_timeout_s", _check_number, 0.0, 86_400.0)
+    sec.take("max_client_connections", _check_int, 1, 1_000_000)
     limits = LimitsConfig(**sec.done())
     if limits.max_value_bytes > limits.max_request_bytes:
         ctx.fail(

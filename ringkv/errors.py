@@ -115,6 +115,21 @@ class HeaderTooLarge(TooLarge):
         self.header = header
 
 
+class RequestTimeout(RingKVError):
+    """The client did not send its request in time: the head (``field`` "head")
+    within ``timeout_s`` of its first byte, or the body (``field`` "body") at
+    the minimum rate. 408 Request Timeout (RFC 9110 §15.5.9); the node closes
+    the connection."""
+
+    code = "request_timeout"
+    http_status = 408
+
+    def __init__(self, message: str, *, field: str, timeout_s: float) -> None:
+        super().__init__(message, field=field, timeout_s=timeout_s)
+        self.field = field
+        self.timeout_s = timeout_s
+
+
 class Unavailable(RingKVError):
     """Too few replicas are alive to even try the request (nothing was sent)."""
 
@@ -376,6 +391,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         NotFound,
         MethodNotAllowed,
         TooLarge,
+        RequestTimeout,
         Unavailable,
         Timeout,
         Overloaded,

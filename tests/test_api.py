@@ -23,7 +23,7 @@ from ringkv.server.validation import MAX_HEADER_BYTES
 Scenario = Callable[[TestClient, Node, ManualClock], Awaitable[None]]
 
 
-def api_config(**limits: int) -> Config:
+def api_config(**limits: Any) -> Config:
     return config_from_dict(
         {
             "storage": {"engine": "memory"},
@@ -290,9 +290,9 @@ def test_status_ring_and_metrics() -> None:
 LoopbackScenario = Callable[[int, Node], Awaitable[None]]
 
 
-def serve_on_loopback(scenario: LoopbackScenario) -> None:
+def serve_on_loopback(scenario: LoopbackScenario, **limits: Any) -> None:
     """A real listening server on 127.0.0.1, built by the runner ``ringkv node`` uses."""
-    config = api_config()
+    config = api_config(**limits)
 
     async def main() -> None:
         node = Node(config, clock=ManualClock(), standalone=True)
@@ -443,3 +443,60 @@ def test_a_malformed_request_gets_a_json_400() -> None:
         await still_serves(port)
 
     serve_on_loopback(scenario)
+
+
+@pytest.mark.parametrize("request_bytes,reason", [
+    (b"GET /v1/kv/default/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid char in url path"),
+    (b"FROB /v1/health HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid method"),
+    (b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Ctl: a\x01\x7fb\r\n\r\n",
+     "Invalid header value char"),
+])
+def test_a_request_the_parser_refuses_gets_json_without_its_input_echoed_or_a_traceback(
+    request_bytes: bytes, reason: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A raw \\xff in the path, an unknown method, a control character in a header:
+    ringkv's 400, naming what is wrong, quoting none of the client's bytes."""
+
+    async def scenario(port: int, node: Node) -> None:
+        status, headers, answer = await raw_request(port, request_bytes)
+        error = answer["error"]
+        assert (status, error["code"], error["field"]) == (400, "bad_request", "request"), answer
+        assert reason in error["message"]
+        for quoted in ("b'", "\\x", "FROB", "^"):
+            assert quoted not in error["message"], error["message"]
+        assert headers["content-type"].startswith("application/json")
+        await still_serves(port)
+
+    with caplog.at_level("DEBUG"):
+        serve_on_loopback(scenario)
+    assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info] == []
+
+
+def test_at_the_cap_a_new_connection_gets_a_json_503_when_none_can_make_room() -> None:
+    """Connections in the middle of an upload are never closed to make room: the new
+    one is answered 503 overloaded and closed; once one finishes, others get in."""
+
+    async def scenario(port: int, node: Node) -> None:
+        uploads = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PUT /v1/kv/solo/k HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 12\r\n\r\n{\"val")
+            await writer.drain()
+            uploads.append((reader, writer))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await asyncio.wait_for(reader.read(), timeout=5)  # to the node's close
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), answer
+        error = json.loads(body)["error"]
+        assert (error["code"], error["limit"]) == ("overloaded", 2), error
+        first_reader, first_writer = uploads[0]
+        first_writer.write(b'ue": 1}')
+        assert (await asyncio.wait_for(first_reader.readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 200 ")
+        for _, upload in uploads:
+            upload.close()
+        await still_serves(port)  # the first upload's connection waits now: it makes room
+
+    serve_on_loopback(scenario, max_client_connections=2)

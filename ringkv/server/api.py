@@ -73,6 +73,7 @@ def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVE
     return BadRequest(exc.reason or "bad request", field="request")
 
 
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request"; never reaches a client
 STARTED_S = "ringkv.started_s"  # request key: when the request arrived, on the node's clock
 # What a node that is not on the ring yet still answers: how it sees the
 # cluster and why it has not joined. Everything else (data, and health, so
@@ -104,7 +105,13 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         response = error_response(_map_http_exception(exc, request))
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001 - the boundary: log it, never crash the node
+    except Exception as exc:  # noqa: BLE001 - the boundary: log it, never crash the node
+        if isinstance(exc, ConnectionError) and request.transport is None:
+            # The connection is gone mid-request: the client left (the door counts it
+            # as client_closed) or the door closed it. No failure of ours, and nobody
+            # is left to answer.
+            log.debug("the connection closed during %s %s", request.method, request.path)
+            return web.Response(status=CLIENT_CLOSED_STATUS)  # never sent
         log.exception("unhandled error serving %s %s", request.method, request.path)
         response = json_response(
             {"error": {"code": "internal", "message": "internal server error"}}, status=500

@@ -12,19 +12,33 @@ sees and names what is too large: every key up to ``max_key_bytes`` fits in
 the request line even percent-encoded, with room for the rest, and a header
 up to ``PARSER_FIELD_BYTES`` reaches the middleware, which names any header
 over ``MAX_HEADER_BYTES``. Only input beyond even that stops at the parser.
+
+Each connection also passes the client door (``ringkv.door``, with
+``server/guard.py``): it is admitted under the connection cap (or takes an
+idle connection's place, or gets 503 ``overloaded``), its request head and
+body must arrive in time (else 408), it may idle only so long, and a body
+declared over ``max_request_bytes`` gets 413 before any of it is read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from typing import Any
+from http import HTTPStatus
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import _ErrInfo
 
+from ringkv.clock import Clock
 from ringkv.config import LimitsConfig
+from ringkv.door import CLIENT_CLOSED, TOO_LARGE, Connection, Door, DoorLimits, Expiry
 from ringkv.errors import BadRequest, HeaderTooLarge, RequestLineTooLong, RingKVError
-from ringkv.server.api import error_response
+from ringkv.server.api import NODE_KEY, error_response
+from ringkv.server.guard import DeadlineTimer, Guest
 from ringkv.server.validation import KV_PREFIX, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -64,19 +78,171 @@ def parse_error(exc: BaseException | None, *, line_bytes: int, field_bytes: int,
                 f"the request line is over {line_bytes} bytes (it starts {shown}){hint}",
                 limit=line_bytes,
             )
+    if isinstance(exc, RingKVError):  # the door's own answer (413 for a declared body)
+        return exc
     if isinstance(exc, HttpProcessingError):
-        return BadRequest(f"malformed HTTP request: {exc.message}", field="request")
+        return BadRequest(f"malformed HTTP request: {_reason(exc.message)}", field="request")
     return RingKVError("internal server error")
 
 
+def _reason(message: str) -> str:
+    """The parser's reason without the input it quotes (``b'...'`` and a ``^`` under it):
+    a client's bytes are not echoed back, nor into the log."""
+    kept = []
+    for line in message.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("b'", 'b"')) or set(line) <= {"^", "~", " "}:
+            continue
+        kept.append(line.rstrip(":"))
+    text = ": ".join(kept) or "unparsable request"
+    return text[:SHOWN_BYTES * 2].encode("ascii", "backslashreplace").decode("ascii")
+
+
+def raw_error_response(error: RingKVError) -> bytes:
+    """``error`` as a whole HTTP/1.1 response that closes the connection, for answers
+    written straight to the transport (no request was parsed, or it is past helping)."""
+    body = json.dumps(error.to_json(), separators=(",", ":")).encode()
+    status = HTTPStatus(error.http_status)
+    head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
 class ApiRequestHandler(web.RequestHandler):
-    """aiohttp's connection protocol, with the parser's errors answered in JSON."""
+    """aiohttp's connection protocol, with the parser's errors answered in JSON, and
+    the client door: admission under the cap, read deadlines, early 413."""
 
-    __slots__ = ("max_key_bytes",)
+    __slots__ = ("max_key_bytes", "_door", "_clock", "_visit", "_deadline", "_body")
 
-    def __init__(self, manager: web.Server, *, max_key_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, max_key_bytes: int, door: Door, clock: Clock,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.max_key_bytes = max_key_bytes  # named when a key path is over the line limit
+        self._door = door
+        self._clock = clock
+        self._visit: Connection | None = None  # None: refused at the cap
+        self._deadline: DeadlineTimer | None = None
+        self._body: StreamReader | None = None  # the body still arriving, if one is
+
+    # -- the door ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        now = self._clock.monotonic_s()
+        admission = self._door.admit(self, now)
+        if admission.evict is not None:  # of this listener or another
+            cast(Guest, admission.evict.owner).door_close(admission.evict_error)
+        if admission.connection is None:
+            # Refused before aiohttp sees it: nothing else runs for this connection.
+            assert admission.refusal is not None
+            log.debug("refused a client connection: %s", admission.refusal.message)
+            cast(asyncio.Transport, transport).write(raw_error_response(admission.refusal))
+            transport.close()
+            return
+        self._visit = admission.connection
+        super().connection_made(transport)
+        self._deadline = DeadlineTimer(admission.connection, self._clock, self._expired)
+        self._deadline.update(now)
+
+    def data_received(self, data: bytes) -> None:
+        visit = self._visit
+        if visit is None or not visit.is_open:
+            return  # refused, or being closed: read nothing more
+        messages = self._messages
+        queued = len(messages)
+        body = self._body
+        web.RequestHandler.data_received(self, data)  # (cheaper than super() per request)
+        count = len(messages)
+        if body is None and count > queued:  # whole heads arrived (appended in order)
+            for index in range(queued, count):
+                payload = messages[index][1]
+                if payload is EMPTY_PAYLOAD or payload.is_eof():  # no body, or all of it
+                    visit.request_complete()  # the deadline only moved off: no update
+                else:
+                    self._head_then_body(index, visit)
+        elif body is None:
+            if data:
+                now = self._clock.monotonic_s()
+                visit.head_started(now)
+                self._update_deadline(now)
+        else:
+            self._body_arrived(body, visit, queued)
+
+    def _body_arrived(self, body: StreamReader, visit: Connection, queued: int) -> None:
+        visit.body_received(body.total_bytes)
+        if body.is_eof():
+            self._body = None
+            visit.body_complete(self._clock.monotonic_s())
+            for index in range(queued, len(self._messages)):  # pipelined behind it
+                self._head_then_body(index, visit)
+        self._update_deadline(self._clock.monotonic_s())
+
+    def _head_then_body(self, index: int, visit: Connection) -> None:
+        """A head arrived: with its body whole, or a body to wait for (or refuse)."""
+        message, payload = self._messages[index]
+        if payload is EMPTY_PAYLOAD or payload.is_eof():
+            visit.request_complete()
+            return
+        assert not isinstance(message, _ErrInfo)  # a parse error has no body
+        declared = message.headers.get("Content-Length")
+        error = self._door.body_too_large(int(declared)) if declared is not None else None
+        if error is not None:
+            # Answered before any more of the body is read; then the connection closes.
+            visit.closing(TOO_LARGE)
+            self._messages[index] = (_ErrInfo(status=error.http_status, exc=error,
+                                              message=error.message), EMPTY_PAYLOAD)
+            visit.request_complete()
+            return
+        now = self._clock.monotonic_s()
+        visit.head_complete(now)
+        visit.body_received(payload.total_bytes)
+        self._body = payload
+        self._update_deadline(now)
+
+    def _update_deadline(self, now: float) -> None:
+        assert self._deadline is not None
+        self._deadline.update(now)
+
+    def log_access(self, request: web.BaseRequest, response: web.StreamResponse,
+                   time: float | None) -> None:
+        # aiohttp calls this once per request, as its answer is written (or fails to
+        # be): the door's "answered", without a coroutine of its own.
+        if self._logging_enabled:
+            web.RequestHandler.log_access(self, request, response, time)
+        visit = self._visit
+        if visit is not None and self._deadline is not None:
+            now = self._clock.monotonic_s()
+            self._deadline.update_to(visit.answered(now), now)
+
+    def _answering(self) -> bool:
+        """A response is being written: the handler has returned, its answer not yet
+        (aiohttp clears the current request when the handler returns)."""
+        return self._request_in_progress and self._current_request is None
+
+    def _expired(self, expiry: Expiry) -> None:
+        assert self._visit is not None
+        log.debug("closing a client connection from %s: %s", self.peername, expiry.reason)
+        self._visit.closing(expiry.reason)
+        self.door_close(expiry.error)
+
+    def door_close(self, error: RingKVError | None) -> None:
+        """Answer ``error`` unless a response is under way, then close at once."""
+        transport = self.transport
+        if transport is None:
+            return
+        if error is not None and not self._answering():
+            transport.write(raw_error_response(error))
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        visit = self._visit
+        if visit is None:
+            return  # refused: aiohttp never took it on
+        if visit.lost() == CLIENT_CLOSED:
+            log.debug("client %s went away mid-request", self.peername)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._body = None
+        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -88,7 +254,7 @@ class ApiRequestHandler(web.RequestHandler):
         if error.http_status == 500:
             log.error("unhandled error serving a request", exc_info=exc)
         else:  # the client's mistake: no traceback
-            log.debug("rejected a request the HTTP parser refused: %s", error.message)
+            log.debug("refused a request before it reached the API: %s", error.message)
         response = error_response(error)
         response.force_close()
         # Said outright: the answer goes out as HTTP/1.0 (the request was never parsed).
@@ -97,28 +263,37 @@ class ApiRequestHandler(web.RequestHandler):
 
 
 class _ApiServer(web.Server):
-    def __init__(self, plain: web.Server, max_key_bytes: int) -> None:
+    def __init__(self, plain: web.Server, max_key_bytes: int, door: Door, clock: Clock) -> None:
         super().__init__(plain.request_handler, request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop,
                          **plain._kwargs)
         self.max_key_bytes = max_key_bytes
+        self.door = door
+        self.clock = clock
 
     def __call__(self) -> web.RequestHandler:
         # web.Server builds its RequestHandler itself, so build the subclass as it does.
         return ApiRequestHandler(self, loop=self._loop, max_key_bytes=self.max_key_bytes,
-                                 **self._kwargs)
+                                 door=self.door, clock=self.clock, **self._kwargs)
 
 
 class ApiRunner(web.AppRunner):
-    """``web.AppRunner`` for the API: parser limits above ringkv's, JSON parse errors."""
+    """``web.AppRunner`` for the API: parser limits above ringkv's, JSON parse errors,
+    and the client door (``door``: shared with the node's other client listeners;
+    None: one of this runner's own, from ``limits``)."""
 
-    __slots__ = ("_max_key_bytes",)
+    __slots__ = ("_max_key_bytes", "door")
 
-    def __init__(self, app: web.Application, limits: LimitsConfig, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, limits: LimitsConfig, *, door: Door | None = None,
+                 **kwargs: Any) -> None:
         kwargs.update(parser_limits(limits))  # handed on to every connection's parser
+        # aiohttp's own idle timer is only a backstop: the door closes idle connections.
+        kwargs.setdefault("keepalive_timeout", 2 * limits.idle_timeout_s)
         super().__init__(app, **kwargs)
         self._max_key_bytes = limits.max_key_bytes
+        self.door = door if door is not None else Door(DoorLimits.from_config(limits))
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # starts and freezes the application
-        return _ApiServer(plain, self._max_key_bytes)
+        clock = self.app[NODE_KEY].clock
+        return _ApiServer(plain, self._max_key_bytes, self.door, clock)

@@ -1,5 +1,7 @@
 """Runs one node process: ordered start-up, and a clean shutdown on SIGTERM/SIGINT.
 
+Start-up raises the open-files limit first, and sizes the client door to fit
+in it, so that clients can never take the descriptors LevelDB needs.
 Shutdown order matters for durability: stop accepting connections, let the
 requests in flight finish (bounded by shutdown_drain_timeout_s), and only
 then flush and close the storage engine.
@@ -14,8 +16,10 @@ import signal
 from aiohttp import web
 
 from ringkv.config import Config
+from ringkv.door import Door, DoorLimits, file_plan
 from ringkv.node import Node
 from ringkv.server.api import build_app
+from ringkv.server.guard import DoorCollector, raise_open_files_limit
 from ringkv.server.http_protocol import ApiRunner
 
 log = logging.getLogger(__name__)
@@ -38,11 +42,14 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    door = open_door(config)
     node = Node(config)
     await node.open()
+    node.metrics.registry.register(DoorCollector(door))
     runner = ApiRunner(
         build_app(node),
         config.limits,
+        door=door,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=config.timing.shutdown_drain_timeout_s,
@@ -67,6 +74,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     finally:
         await runner.cleanup()  # stops accepting, then drains in-flight requests
         await node.stop()  # then flushes and closes storage
+
+
+def open_door(config: Config) -> Door:
+    """The client door every client listener of this process shares, its cap fitted
+    to the open-files limit (raised first to the hard limit)."""
+    plan = file_plan(raise_open_files_limit(), config.limits.max_client_connections,
+                     leveldb=config.storage.engine == "leveldb")
+    warning = plan.warning()
+    if warning:
+        log.warning("%s", warning)
+    return Door(DoorLimits.from_config(config.limits, max_connections=plan.client_connections))
 
 
 async def _joined_or_stopped(node: Node, stop: asyncio.Event) -> bool:
