@@ -232,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               metavar="ACTION")
     up = cluster_commands.add_parser("up", help="start N nodes on loopback; Ctrl-C stops them")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    up.add_argument("--rf", type=int, default=3, help="replication factor of the default keyspace")
+    up.add_argument("--rf", type=int, default=3, help="replication factor of the keyspaces default and txn")
     up.add_argument("--data-dir", default="./data", help="data directory (one folder per node)")
     up.add_argument("--base-port", type=int, default=7400,
                     help="node i serves HTTP on base+i and internode on base+100+i")
     up.add_argument("--demo", action="store_true",
-                    help="run the demo: write, kill a node, read, restart, replay hints")
+                    help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
 
     chaos = commands.add_parser(

@@ -241,7 +241,14 @@ class TxnConfig:
 
 
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
-    return {"default": KeyspaceConfig("default")}
+    # Both tiers out of the box: `default` (Dynamo-style) and `txn` (Paxos
+    # groups per range, strictly serializable), as conf/ringkv.yaml lists them.
+    return {
+        "default": KeyspaceConfig("default"),
+        "txn": KeyspaceConfig(
+            "txn", tier=TRANSACTIONAL, default_consistency=ConsistencyLevel.SERIAL
+        ),
+    }
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def test_defaults():
     assert config.cluster.internode_address == "127.0.0.1:7500"
     assert config.cluster.data_dir == Path("data")
     assert config.keyspaces == {
-        "default": KeyspaceConfig("default", 3, "eventual", ConsistencyLevel.QUORUM)
+        "default": KeyspaceConfig("default", 3, "eventual", ConsistencyLevel.QUORUM),
+        "txn": KeyspaceConfig("txn", 3, "transactional", ConsistencyLevel.SERIAL),
     }
     assert config.timing.read_timeout_ms == 2000
     assert config.timing.phi_threshold == 8.0
@@ -221,7 +222,7 @@ def test_override_adds_keyspace_and_keeps_defaults():
     config = load_config(
         None, {"keyspaces.orders.replication_factor": 1, "keyspaces.default.tier": "eventual"}
     )
-    assert set(config.keyspaces) == {"default", "orders"}
+    assert set(config.keyspaces) == {"default", "txn", "orders"}
     assert config.keyspaces["orders"].replication_factor == 1
     assert config.keyspaces["default"] == KeyspaceConfig("default")
 
@@ -600,6 +601,7 @@ def test_transactional_keyspace_is_serial_by_default():
     assert config.keyspaces["default"].default_consistency is ConsistencyLevel.QUORUM
     assert config.transactional_keyspaces() == ["txn"]
     assert config_from_dict(config.to_dict()) == config
-    assert default_config().transactional_keyspaces() == []
+    assert default_config().transactional_keyspaces() == ["txn"]
+    assert config_from_dict({"keyspaces": {"default": {}}}).transactional_keyspaces() == []
     assert default_config().truetime == TrueTimeConfig(1.0, 200, 250, 1000)
     assert default_config().txn == TxnConfig(2.0, 600, 200, 8)
