@@ -8,12 +8,14 @@ scheduler. For one range it:
    tree depth, then builds this node's Merkle tree while every peer builds
    its own (``repair.tree``); trees are built by paged scans off the event
    loop, throttled to ``repair.scan_rate_mib_s``;
-2. diffs the trees (``session.sync_plan``) and pulls each peer's cells in the
-   sub-ranges where it differs, through the existing replica ``SCAN`` verb,
-   merging them into the local store by last-write-wins;
-3. asks every peer to pull the union of differing sub-ranges from this node
-   (``repair.sync``), and, for a whole ring range, to record it repaired;
-   then records it here too.
+2. diffs the trees (``session.pull_plan``) and pulls the cells of the
+   sub-ranges where peers differ, from one peer per distinct version, through
+   the existing replica ``SCAN`` verb, merging them into the local store by
+   last-write-wins;
+3. rebuilds its own tree if it pulled anything, and asks each peer to pull
+   from this node the sub-ranges where that peer still differs
+   (``session.push_plan``, over ``repair.sync``), and, for a whole ring range,
+   to record it repaired; then records it here too.
 
 A range counts as repaired as of when its trees began, less the write
 timeout: a write older than that is on every replica that acknowledged it
@@ -44,8 +46,9 @@ from ringkv.repair.session import (
     RepairSchedule,
     down_peers,
     plan,
+    pull_plan,
+    push_plan,
     ring_range_of,
-    sync_plan,
     tree_depth,
 )
 from ringkv.replica.internode import InternodeReplicas
@@ -231,15 +234,18 @@ class RepairService:
         assert isinstance(local, MerkleTree)
         self._cell_counts[count_key] = local.cells
         trees = {peer: MerkleTree.from_wire(wire) for peer, wire in zip(job.peers, results[1:])}
-        steps = sync_plan(local, trees)
+        pulls = pull_plan(local, trees)
         cells = 0
-        for peer, ranges in steps.pulls.items():
+        for peer, ranges in pulls.items():
             cells += await self._pull(peer, job.keyspace, ranges)
-        sync = m.RepairSyncRequest(job.keyspace, job.ring_range, steps.push,
-                                   began_us if job.full else None)
+        # Rebuilt after pulling, our tree says which peers still lack something.
+        merged = await self._build_tree(job.keyspace, job.token_range, depth) if pulls else local
+        pushes = push_plan(merged, trees)
+        at_us = began_us if job.full else None
         replies = await asyncio.gather(
-            *(requester.request(peer, m.REPAIR_SYNC, sync.to_wire(), self._timeout_s)
-              for peer in job.peers), return_exceptions=True)
+            *(requester.request(peer, m.REPAIR_SYNC, m.RepairSyncRequest(
+                job.keyspace, job.ring_range, pushes.get(peer, []), at_us).to_wire(),
+                self._timeout_s) for peer in job.peers), return_exceptions=True)
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
@@ -248,7 +254,7 @@ class RepairService:
             cells += reply["n"]
         if job.full:
             await self.history.record(job.key, began_us)
-        return steps.differed, cells
+        return bool(pulls or pushes), cells
 
     def _need_requester(self) -> Requester:
         requester = self._requester()

@@ -12,7 +12,7 @@ Transactional keyspaces are not repaired here: their replicas are Paxos
 groups whose logs already make them agree (``txn/``).
 
 This module plans (``plan``), chooses tree depths, turns trees into what to
-stream (``sync_plan``), schedules (``RepairSchedule``) and answers the
+stream (``pull_plan``, ``push_plan``), schedules (``RepairSchedule``) and answers the
 question tombstone GC asks (``repaired_since``). ``repair/service.py``
 carries it out.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ringkv.repair.merkle import (
     MAX_CELLS_PER_LEAF,
@@ -146,31 +146,33 @@ def tree_depth(expected_cells: int, token_range: TokenRange) -> int:
     return depth_for(expected_cells, MAX_CELLS_PER_LEAF, token_range=token_range)
 
 
-@dataclass(frozen=True)
-class SyncPlan:
-    """What to stream after comparing trees: from each peer, the sub-ranges
-    where its tree differs from ours (``pulls``); to every peer, the union of
-    all differing sub-ranges (``push``), since what we pull from one peer in
-    a sub-range is news there to the others too."""
+def pull_plan(local: MerkleTree, peers: Mapping[str, MerkleTree]) -> dict[str, list[TokenRange]]:
+    """What to pull from whom: for each leaf where some peer differs from us,
+    one peer of each distinct leaf hash (peers whose leaves hash alike hold the
+    same cells, so one of them is enough), the first by name. Raises
+    ``merkle.TreeMismatch`` if a peer's tree covers another range or depth.
+    """
+    diffs = {peer: set(differing_leaves(local, peers[peer])) for peer in sorted(peers)}
+    chosen: dict[str, list[int]] = {}
+    for leaf in sorted(set().union(*diffs.values())):
+        hashes: set[bytes] = set()
+        for peer, leaves in diffs.items():
+            if leaf in leaves and peers[peer].leaves[leaf] not in hashes:
+                hashes.add(peers[peer].leaves[leaf])
+                chosen.setdefault(peer, []).append(leaf)
+    return {peer: leaf_runs(local, leaves) for peer, leaves in chosen.items()}
 
-    pulls: dict[str, list[TokenRange]] = field(default_factory=dict)
-    push: list[TokenRange] = field(default_factory=list)
 
-    @property
-    def differed(self) -> bool:
-        return bool(self.push)
-
-
-def sync_plan(local: MerkleTree, peers: Mapping[str, MerkleTree]) -> SyncPlan:
-    """Raises ``merkle.TreeMismatch`` if a peer's tree covers another range or depth."""
-    pulls: dict[str, list[TokenRange]] = {}
-    union: set[int] = set()
+def push_plan(merged: MerkleTree, peers: Mapping[str, MerkleTree]) -> dict[str, list[TokenRange]]:
+    """What each peer must pull back from us: the leaves where our tree, rebuilt
+    after the pulls (so holding every distinct version there was), still
+    differs from the peer's. Peers that already hold it all get nothing."""
+    out = {}
     for peer in sorted(peers):
-        leaves = differing_leaves(local, peers[peer])
+        leaves = differing_leaves(merged, peers[peer])
         if leaves:
-            pulls[peer] = leaf_runs(local, leaves)
-            union.update(leaves)
-    return SyncPlan(pulls, leaf_runs(local, sorted(union)))
+            out[peer] = leaf_runs(merged, leaves)
+    return out
 
 
 def ring_range_of(ring: TokenRing, token: int) -> TokenRange:
