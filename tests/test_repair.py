@@ -197,11 +197,14 @@ class Net:
     def __init__(self) -> None:
         self.nodes: dict[str, FakeNode] = {}
         self.down: set[str] = set()
+        self.failing_sync: set[str] = set()  # nodes whose repair.sync fails
 
     async def request(self, frm: str, to: str, verb: str, payload: Any, timeout_s: float) -> Any:
         if to in self.down:
             raise PeerUnreachable(f"{to} is down", node_id=to)
         node = self.nodes[to]
+        if verb == m.REPAIR_SYNC and to in self.failing_sync:
+            raise PeerUnreachable(f"{to} broke off the sync", node_id=to)
         if verb == m.SCAN:
             req = m.ScanRequest.from_wire(payload)
             reply = await node.replica.scan(req.keyspace, (req.after_token, req.after_key),
@@ -303,6 +306,25 @@ def test_a_range_whose_peer_fails_is_reported_and_not_recorded() -> None:
         assert "b is down" in report["failures"][0]["error"]
         assert a.history.last == {}
         assert a.repair.current is None  # released: the next repair may start
+        for node in net.nodes.values():
+            await node.store.close()
+
+    run(scenario())
+
+
+def test_no_replica_records_a_range_repaired_unless_every_replica_synced() -> None:
+    """b synced, c did not: were b to count the range repaired, it could purge a
+    tombstone that c still lacks. Nobody records it."""
+    async def scenario() -> None:
+        clock = ManualClock()
+        net = Net()
+        a, b, _c = (FakeNode(net, n, clock, RING) for n in "abc")
+        for node in net.nodes.values():
+            await node.store.start()
+        net.failing_sync.add("c")
+        report = await a.repair.run(a.repair.begin())
+        assert report["ranges_failed"] == report["ranges_total"]
+        assert a.history.last == {} and b.history.last == {}
         for node in net.nodes.values():
             await node.store.close()
 

@@ -14,8 +14,9 @@ scheduler. For one range it:
    last-write-wins;
 3. rebuilds its own tree if it pulled anything, and asks each peer to pull
    from this node the sub-ranges where that peer still differs
-   (``session.push_plan``, over ``repair.sync``), and, for a whole ring range,
-   to record it repaired; then records it here too.
+   (``session.push_plan``, over ``repair.sync``); once every peer has, a
+   whole ring range is recorded as repaired here and then, by a second
+   ``repair.sync`` with nothing to pull, on every peer.
 
 A range counts as repaired as of when its trees began, less the write
 timeout: a write older than that is on every replica that acknowledged it
@@ -241,20 +242,33 @@ class RepairService:
         # Rebuilt after pulling, our tree says which peers still lack something.
         merged = await self._build_tree(job.keyspace, job.token_range, depth) if pulls else local
         pushes = push_plan(merged, trees)
-        at_us = began_us if job.full else None
+        cells += await self._sync_peers(job, {peer: pushes.get(peer, []) for peer in job.peers},
+                                        None)
+        if job.full:
+            # Every replica now holds what any held when the trees were built:
+            # only now may any of them count the range as repaired (a peer
+            # that recorded it while another's sync failed could purge a
+            # tombstone that one still lacks).
+            await self.history.record(job.key, began_us)
+            await self._sync_peers(job, {peer: [] for peer in job.peers}, began_us)
+        return bool(pulls or pushes), cells
+
+    async def _sync_peers(self, job: RangeJob, pieces: dict[str, list[TokenRange]],
+                          repaired_at_us: int | None) -> int:
+        """Send every peer its ``repair.sync``; the cells they pulled, or the first failure."""
+        requester = self._need_requester()
         replies = await asyncio.gather(
             *(requester.request(peer, m.REPAIR_SYNC, m.RepairSyncRequest(
-                job.keyspace, job.ring_range, pushes.get(peer, []), at_us).to_wire(),
+                job.keyspace, job.ring_range, pieces[peer], repaired_at_us).to_wire(),
                 self._timeout_s) for peer in job.peers), return_exceptions=True)
+        cells = 0
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply
             if not isinstance(reply, dict) or not isinstance(reply.get("n"), int):
                 raise ProtocolError("a repair sync reply must be {n: cells}")
             cells += reply["n"]
-        if job.full:
-            await self.history.record(job.key, began_us)
-        return bool(pulls or pushes), cells
+        return cells
 
     def _need_requester(self) -> Requester:
         requester = self._requester()
