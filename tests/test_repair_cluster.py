@@ -71,6 +71,11 @@ def test_ringkv_repair_gives_a_replica_every_write_it_missed(tmp_path: Path) -> 
             status, body = http("POST", f"{stale.url}/v1/admin/repair", bad)
             assert status == 400 and body["error"]["field"] == field, body
 
+        refused = subprocess.run(
+            [sys.executable, "-m", "ringkv.cli", "repair", "--url", stale.url, "--keyspace", "x"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "'x' is not an eventual keyspace" in refused.stderr
+
         cli = subprocess.run(
             [sys.executable, "-m", "ringkv.cli", "repair", "--url", stale.url],
             cwd=REPO, capture_output=True, text=True, timeout=60)
