@@ -27,6 +27,7 @@ from ringkv.metrics import CONTENT_TYPE
 from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
 from ringkv.server import validation as v
+from ringkv.repair.session import parse_range
 from ringkv.server.status import cluster_status, ring_view
 from ringkv.server import txn_validation as tv
 from ringkv.txn.requests import Condition, TxnRequest, Write
@@ -506,6 +507,61 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def post_repair(request: web.Request) -> web.StreamResponse:
+    """Run an anti-entropy repair on this node (``ringkv repair``).
+
+    Refusals (a repair running, a replica down, bad input) are plain JSON
+    errors. Once the repair starts, the answer streams one JSON line per
+    event: ``start``, one ``range`` per range done, then ``done`` with the
+    report (ranges compared, ranges that differed, cells streamed).
+    """
+    node = request.app[NODE_KEY]
+    node.require_joined()
+    body = await _json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"keyspace", "range"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a repair takes keyspace and range",
+                         field=unknown[0])
+    keyspace = body.get("keyspace")
+    if keyspace is not None and not isinstance(keyspace, str):
+        raise BadRequest("keyspace must be a string", field="keyspace")
+    token_range = None
+    if body.get("range") is not None:
+        if not isinstance(body["range"], str):
+            raise BadRequest("range must be a string START:END", field="range")
+        try:
+            token_range = parse_range(body["range"])
+        except ValueError as exc:
+            raise BadRequest(str(exc), field="range") from None
+    jobs = node.repair.begin(keyspace, token_range)  # claims the node, or refuses
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+
+    async def emit(event: dict[str, Any]) -> None:
+        try:
+            await response.write(_ENCODER.encode(event).encode() + b"\n")
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away; the repair goes on
+
+    try:
+        await response.prepare(request)
+        await emit({"event": "start", "node_id": node.node_id, "ranges": len(jobs),
+                    "keyspaces": sorted({job.keyspace for job in jobs})})
+    except BaseException:
+        node.repair.current = None  # never started: release the claim
+        raise
+    report = await node.repair.run(jobs, on_event=emit)
+    await emit({"event": "done", **report})
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+    return response
+
+
+async def get_repair(request: web.Request) -> web.Response:
+    return json_response(request.app[NODE_KEY].repair.status())
+
+
 async def health(request: web.Request) -> web.Response:
     return json_response({"ok": True, "node_id": request.app[NODE_KEY].node_id})
 
@@ -528,4 +584,6 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
     app.router.add_get("/v1/health", health, name="health", allow_head=False)
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
+    app.router.add_post("/v1/admin/repair", post_repair, name="repair")
+    app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
     return app

@@ -140,6 +140,18 @@ def format_status(status: dict[str, Any]) -> str:
             f"{state:<9}{_human_bytes(row.get('load_bytes', 0)):>11}{row.get('tokens', 0):>8}"
             f"{100 * float(row.get('owns', 0.0)):>7.1f}%  {row.get('dc', '?')}/{row.get('rack', '?')}"
         )
+    repair = status.get("repair")
+    if isinstance(repair, dict):
+        lines.append(f"Repair (ranges {status.get('node_id')} replicates):")
+        for keyspace, view in sorted(repair.get("keyspaces", {}).items()):
+            age = view.get("oldest_age_s")
+            oldest = "never (some range not yet repaired)" if age is None else f"{age:.0f}s ago"
+            lines.append(f"  {keyspace}: {view.get('repaired')}/{view.get('ranges')} ranges "
+                         f"repaired; oldest repair {oldest}")
+        if repair.get("running"):
+            run = repair["running"]
+            lines.append(f"  running ({run.get('trigger')}): {run.get('ranges_done')}/"
+                         f"{run.get('ranges_total')} ranges")
     return "\n".join(lines)
 
 
