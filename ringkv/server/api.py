@@ -75,7 +75,8 @@ def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVE
 
 
 CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request"; never reaches a client
-STARTED_S = "ringkv.started_s"  # request key: when the request arrived, on the node's clock
+# When the request arrived, on the node's clock (a typed request key).
+STARTED_S = web.RequestKey("ringkv.started_s", float)
 # What a node that is not on the ring yet still answers: how it sees the
 # cluster and why it has not joined. Everything else (data, and health, so
 # that load balancers and tools wait) gets 503 not_joined.
