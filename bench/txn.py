@@ -106,7 +106,7 @@ def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors
         # snapshot reads.
         "nodes": [{"pid": pid, "role": roles[pid], "cpu_us_per_op": proc_cpu.us_per_op(cpu, ops),
                    "cpu_pct": round(100 * cpu / elapsed_s, 1)}
-                  for pid, cpu in sorted(node_cpu_s.items(), key=lambda kv: roles[kv[0]])],
+                  for pid, cpu in sorted(node_cpu_s.items(), key=lambda kv: (roles[kv[0]] != "leader", roles[kv[0]]))],
         "loadgen_cpu_us_per_op": proc_cpu.us_per_op(loadgen_cpu_s, ops),
         "loadgen_cpu_pct": round(100 * loadgen_cpu_s / elapsed_s, 1),
     }
@@ -219,7 +219,7 @@ def finish_profiles(started: list[tuple[subprocess.Popen[bytes], Path]]) -> None
             print(f"py-spy gave no profile: {err.decode(errors='replace')[:300]}")
 
 
-def summarise_profile(raw: Path, top: int = 30) -> str:
+def summarise_profile(raw: Path, top: int = 45) -> str:
     """Collapsed stacks → the functions most often on the stack (inclusive) and on top (self)."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
