@@ -674,12 +674,16 @@ class TxnService:
                 running = _Running(asyncio.get_running_loop().create_future())
                 group.running[txn_id] = running
                 self._apply_step(group, group.manager.begin(txn_id, priority, plan))
-                remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
-                timer = self._clock.call_later(remaining_s, _settle, running.future, "timeout")
+                timer = None
+                if not running.future.done():  # no timer when the locks were free at once
+                    remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
+                    timer = self._clock.call_later(remaining_s, _settle, running.future,
+                                                   "timeout")
                 try:
                     state = await running.future
                 finally:
-                    timer.cancel()
+                    if timer is not None:
+                        timer.cancel()
                 if state == "timeout":
                     self._apply_step(group, group.manager.abort(txn_id))
                     raise Timeout(f"transaction {txn_id} waited for locks past its deadline",
@@ -735,7 +739,8 @@ class TxnService:
             current[key] = (Current(None, None) if version is None or version.value is None
                             else Current(version.value, version.commit_ts_us))
         verdict = evaluate(request, current)
-        epsilon_us = self._fence()
+        now = self._fenced_now()
+        epsilon_us = now.epsilon_us
         receipt: dict[str, Any] = {"leader": self.node_id, "range": runner.group_id,
                                    "epsilon_us": epsilon_us, "txn_id": txn_id}
         reads = [{"key": key, "value": cur.value, "version": cur.version_us}
@@ -764,7 +769,8 @@ class TxnService:
         if remaining_s <= 0:
             raise Timeout(f"transaction {txn_id} reached its deadline before proposing",
                           consistency="SERIAL", received=0, required=1, write=True)
-        outcome = await runner.propose_future(txn_id, verdict.writes, timeout_s=remaining_s)
+        outcome = await runner.propose_future(txn_id, verdict.writes, timeout_s=remaining_s,
+                                              now=now)
         if outcome.status == REFUSED:
             if outcome.reason == "clock_uncertain":
                 self._fence()
