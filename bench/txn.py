@@ -73,23 +73,31 @@ def _us(value: float | None) -> str:
 
 HEADER = (f"{'phase':<9} {'ops/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'wait%':>6} {'wait p50':>8} "
           f"| {'CPU µs/op:':<10} {'leader':>6} {'fol.1':>6} {'fol.2':>6} {'nodes':>6} "
-          f"{'loadgen':>7} | {'errors':>6}")
+          f"{'loadgen':>7} | {'fsyncs/op':<10} {'leader':>6} {'fol.':>6} | {'errors':>6}")
 
 
 def phase_line(r: dict[str, Any]) -> str:
     wait = "-" if r["commit_wait_share"] is None else f"{100 * r['commit_wait_share']:.1f}%"
     followers = [n["cpu_us_per_op"] for n in r["nodes"] if n["role"] != "leader"] + [None, None]
     leader = next((n["cpu_us_per_op"] for n in r["nodes"] if n["role"] == "leader"), None)
+    leader_fsyncs = next((n.get("fsyncs_per_op") for n in r["nodes"] if n["role"] == "leader"),
+                         None)
+    follower_fsyncs = next((n.get("fsyncs_per_op") for n in r["nodes"]
+                            if n["role"] != "leader"), None)
     return (f"{r['phase']:<9} {r['ops_per_s']:>7.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
             f"{wait:>6} {r['commit_wait_p50_ms'] or 0:>8.2f} | {'':<10} {_us(leader):>6} "
             f"{_us(followers[0]):>6} {_us(followers[1]):>6} "
             f"{_us(r['server_cpu_us_per_op']):>6} {_us(r['loadgen_cpu_us_per_op']):>7} | "
-            f"{r['errors']:>6}")
+            f"{'':<10} {_ratio(leader_fsyncs):>6} {_ratio(follower_fsyncs):>6} | {r['errors']:>6}")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors: list[str],
               elapsed_s: float, node_cpu_s: dict[int, float], roles: dict[int, str],
-              loadgen_cpu_s: float) -> dict[str, Any]:
+              loadgen_cpu_s: float, fsyncs: dict[int, int] | None = None) -> dict[str, Any]:
     ops = len(latencies_s)
     ordered = sorted(1000 * x for x in latencies_s)
     total_ms = sum(ordered)
@@ -105,7 +113,10 @@ def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors
         # Each node alone: the leader does every commit and strong read; any node serves
         # snapshot reads.
         "nodes": [{"pid": pid, "role": roles[pid], "cpu_us_per_op": proc_cpu.us_per_op(cpu, ops),
-                   "cpu_pct": round(100 * cpu / elapsed_s, 1)}
+                   "cpu_pct": round(100 * cpu / elapsed_s, 1),
+                   # Group commit: the Paxos log's fsyncs on this node per operation.
+                   "fsyncs_per_op": round((fsyncs or {}).get(pid, 0) / ops, 3)
+                   if ops and fsyncs is not None else None}
                   for pid, cpu in sorted(node_cpu_s.items(), key=lambda kv: (roles[kv[0]] != "leader", roles[kv[0]]))],
         "loadgen_cpu_us_per_op": proc_cpu.us_per_op(loadgen_cpu_s, ops),
         "loadgen_cpu_pct": round(100 * loadgen_cpu_s / elapsed_s, 1),
@@ -136,6 +147,7 @@ async def run_aio(name: str, urls: list[str], pids: list[int], roles: dict[int, 
                 if wait_ms is not None:
                     waits.append(wait_ms)
 
+        fsyncs_before = node_fsyncs(urls, pids)
         before = {pid: proc_cpu.cpu_s([pid]) for pid in pids}
         own_before_s = time.process_time()
         began = time.monotonic()
@@ -143,7 +155,9 @@ async def run_aio(name: str, urls: list[str], pids: list[int], roles: dict[int, 
         elapsed_s = time.monotonic() - began
         node_cpu_s = {pid: proc_cpu.cpu_s([pid]) - before[pid] for pid in pids}
         own_cpu_s = time.process_time() - own_before_s
-    return summarise(name, latencies, waits, errors, elapsed_s, node_cpu_s, roles, own_cpu_s)
+        fsyncs_after = node_fsyncs(urls, pids)
+    return summarise(name, latencies, waits, errors, elapsed_s, node_cpu_s, roles, own_cpu_s,
+                     {pid: fsyncs_after[pid] - fsyncs_before[pid] for pid in pids})
 
 
 def run_lean(name: str, urls: list[str], pids: list[int], roles: dict[int, str],
@@ -152,15 +166,18 @@ def run_lean(name: str, urls: list[str], pids: list[int], roles: dict[int, str],
                             duration_s=args.duration, keys=args.keys)
     time.sleep(1.0)  # the children start and import before the clock starts
     profiles = start_profiles(name, roles, generators.pids, args.duration) if args.profile else []
+    fsyncs_before = node_fsyncs(urls, pids)
     before = {pid: proc_cpu.cpu_s([pid]) for pid in pids}
     began = time.monotonic()
     generators.go()
     result = generators.results()
     elapsed_s = time.monotonic() - began
     node_cpu_s = {pid: proc_cpu.cpu_s([pid]) - before[pid] for pid in pids}
+    fsyncs_after = node_fsyncs(urls, pids)
     finish_profiles(profiles)
     return summarise(name, result["latencies_s"], result["waits_ms"], result["errors"],
-                     elapsed_s, node_cpu_s, roles, result["cpu_s"])
+                     elapsed_s, node_cpu_s, roles, result["cpu_s"],
+                     {pid: fsyncs_after[pid] - fsyncs_before[pid] for pid in pids})
 
 
 def node_ids(urls: list[str]) -> dict[str, int]:
@@ -171,6 +188,19 @@ def node_ids(urls: list[str]) -> dict[str, int]:
             view = json.loads(response.read())
         out[view["node_id"]] = index
     return out
+
+
+def _status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/v1/status", timeout=5) as response:
+        view: dict[str, Any] = json.loads(response.read())
+    return view
+
+
+def node_fsyncs(urls: list[str], pids: list[int]) -> dict[int, int]:
+    """pid -> the Paxos log fsyncs so far over the node's groups (its /v1/status)."""
+    return {pid: sum(int(group.get("fsyncs", 0)) for group in
+                     _status(url).get("transactional", {}).get("groups", {}).values())
+            for url, pid in zip(urls, pids)}
 
 
 def node_roles(urls: list[str], pids: list[int]) -> dict[int, str]:

@@ -812,7 +812,10 @@ class TxnService:
             runner = group.runner
             groups[gid] = {"replicas": list(runner.group.replicas), "leader": runner.leader(),
                            "leads": runner.is_leader(), "applied_through": runner.applied_through,
-                           "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks)}
+                           "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks),
+                           # Group commit at work: fsyncs and persist batches per applied commit.
+                           "applied": runner.stats.applied, "fsyncs": runner.stats.fsyncs,
+                           "persist_batches": runner.stats.persist_batches}
         return {"truetime": self.clock_status(), "groups": groups, "stats": dict(self.stats)}
 
 
