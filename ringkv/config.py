@@ -240,6 +240,15 @@ class TxnConfig:
     max_conflict_retries: int = 8
 
 
+@dataclass(frozen=True)
+class StreamingConfig:
+    # Bootstrap streaming: a joining node copies the ranges it takes over
+    # from their current replicas at most this fast (MiB/s, Cassandra's
+    # stream_throughput_outbound), in scan pages of at most page_cells cells.
+    throughput_mib_s: float = 32.0
+    page_cells: int = 500
+
+
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
     return {"default": KeyspaceConfig("default")}
 
@@ -253,6 +262,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     truetime: TrueTimeConfig = field(default_factory=TrueTimeConfig)
     txn: TxnConfig = field(default_factory=TxnConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     # Where the config came from (file path), None for defaults or a dict.
     # Not part of equality: two configs with the same values are equal.
     source: str | None = field(default=None, compare=False)
@@ -283,6 +293,7 @@ class Config:
             "limits": dataclasses.asdict(self.limits),
             "truetime": dataclasses.asdict(self.truetime),
             "txn": dataclasses.asdict(self.txn),
+            "streaming": dataclasses.asdict(self.streaming),
         }
 
     def transactional_keyspaces(self) -> list[str]:
@@ -532,7 +543,8 @@ def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config
     limits = _read_limits(ctx, data.get("limits"))
     truetime = _read_truetime(ctx, data.get("truetime"))
     txn = _read_txn(ctx, data.get("txn"))
-    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, source)
+    streaming = _read_streaming(ctx, data.get("streaming"))
+    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, streaming, source)
 
 
 def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
@@ -705,6 +717,13 @@ def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
         # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.
         ctx.fail("txn.lease_s", "a number from 0.2 to 60", _show(txn.lease_s))
     return txn
+
+
+def _read_streaming(ctx: _Context, raw: object) -> StreamingConfig:
+    sec = _Section(ctx, "streaming", raw, _SECTIONS["streaming"])
+    sec.take("throughput_mib_s", _check_number_from, 0.1, 100_000.0)
+    sec.take("page_cells", _check_int, 1, MAX_SCAN_ITEMS)  # no replica returns more
+    return StreamingConfig(**sec.done())
 
 
 # Field checks: each returns the typed value or raises through ctx.fail.
@@ -883,5 +902,6 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "limits": _field_names(LimitsConfig),
     "truetime": _field_names(TrueTimeConfig),
     "txn": _field_names(TxnConfig),
+    "streaming": _field_names(StreamingConfig),
 }
 _KEYSPACE_KEYS = _field_names(KeyspaceConfig, skip=("name",))

@@ -26,6 +26,7 @@ from ringkv.repair.handoff import HintedHandoff
 from ringkv.repair.hints import HintStore
 from ringkv.replica.internode import InternodeHandler, InternodeReplicas
 from ringkv.membership import (
+    JOIN_LEARN_ROUNDS,
     JOIN_TURN_STALL_ROUNDS,
     JOINING,
     WAITING_FOR_SEEDS,
@@ -33,6 +34,7 @@ from ringkv.membership import (
     JoinStep,
     joiners_ahead,
     ring_from_gossip,
+    streaming_joiners,
 )
 from ringkv.identity import FileIdentity, MemoryIdentity
 from ringkv.keyspaces import KeyspaceSettings, schema_version
@@ -44,6 +46,9 @@ from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_toke
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
+from ringkv.topology.pending import future_ring, joining_from_gossip
+from ringkv.topology.plan import StreamProgress, bootstrap_plan
+from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
 
@@ -59,6 +64,12 @@ ACCEPTABLE_PAUSE_INTERVALS = 0.5
 MAINTENANCE_INTERVAL_S = 5.0
 # A node waiting for its seeds warns at most this often.
 WAITING_WARNING_INTERVAL_S = 30.0
+# The join_state of a node that has taken tokens and streams their ranges.
+STREAMING = "streaming"
+# A bootstrap whose streams keep failing tries again this many times (each
+# pass resumes every range where it stopped), then the node gives up.
+MAX_BOOTSTRAP_PASSES = 10
+BOOTSTRAP_RETRY_S = 2.0
 
 
 def open_engine(config: Config) -> Engine:
@@ -149,8 +160,14 @@ class Node:
         self._maintenance: asyncio.Task[None] | None = None
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
+        # While bootstrapping: the tokens taken, still pending (not on the ring).
+        self.bootstrap_tokens: tuple[int, ...] = ()
+        self.streaming = StreamProgress()
         self._saved_peers: dict[str, dict[str, Any]] = {}
         self.ring = TokenRing({})
+        # The ring once the joins in progress finish (topology.pending); None
+        # while the topology is settled.
+        self.future_ring: TokenRing | None = None
         self.keyspaces = {
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
             for name, ks in config.keyspaces.items()
@@ -169,6 +186,7 @@ class Node:
             speculative_retry_percentile=config.timing.speculative_retry_percentile,
             speculative_retry_min_s=config.timing.speculative_retry_min_ms / 1000,
             local_read=self.local_replica.read,
+            future_ring=lambda: self.future_ring,
         )
         self.metrics.gauge(
             "ringkv_storage_bytes", "Bytes used by this node's storage engine", self.store.size_bytes
@@ -184,6 +202,7 @@ class Node:
         )
         if transactional:
             self._txn_metrics()
+        self._streaming_metrics()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -217,10 +236,14 @@ class Node:
         """
         if self.join_state is None:
             return  # standalone: open() did it all
-        if self.identity.load_tokens() is None:
+        if self.identity.load_tokens() is None or not self.identity.load_bootstrapped():
             await self._learn_ring()
-        self.tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
+        tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
         assert self.gossiper is not None
+        if not self.identity.load_bootstrapped():
+            await self._bootstrap(tokens)
+            self.identity.save_tokens(tokens, bootstrapped=True)
+        self.tokens, self.bootstrap_tokens = tokens, ()
         self.gossiper.set_local(gs.TOKENS, gs.format_tokens(self.tokens))
         self.gossiper.set_local(gs.STATUS, gs.NORMAL)
         self._rebuild_ring()
@@ -238,7 +261,63 @@ class Node:
             "seeds": list(self.config.cluster.seeds),
             "since_s": round(self.clock.monotonic_s() - self._join_since_s, 3),
             "bootstrap_new_cluster": self.config.cluster.bootstrap_new_cluster,
+            "streaming": self.streaming.view(self.clock.monotonic_s()),
         }
+
+    async def _bootstrap(self, tokens: tuple[int, ...]) -> None:
+        """Announce ``tokens`` as pending (BOOT with TOKENS), stream every range
+        they bring from its current replicas, and return once all have arrived.
+
+        The node waits a ring delay first (Cassandra's RING_DELAY): gossip
+        rounds for every coordinator to learn the pending tokens and send
+        writes here too, plus a write timeout for writes planned before
+        that to finish. Anything written after the wait reaches this node
+        directly; anything before, the streams bring.
+        """
+        assert self.gossiper is not None
+        self.bootstrap_tokens = tokens
+        self._set_join_state(STREAMING)
+        self.gossiper.set_local(gs.TOKENS, gs.format_tokens(tokens))
+        self._rebuild_ring()
+        progress = self.streaming
+        progress.state = "waiting_for_ring"
+        timing = self.config.timing
+        await self.clock.sleep(JOIN_LEARN_ROUNDS * timing.gossip_interval_ms / 1000
+                               + timing.write_timeout_ms / 1000)
+        self._rebuild_ring()
+        future = self.future_ring or self.ring.with_node(self.node_id, tokens, self.info)
+        transactional = set(self.config.transactional_keyspaces())
+        replication = {name: ks.replication_factor for name, ks in self.keyspaces.items()
+                       if name not in transactional}
+        plan = bootstrap_plan(self.ring, future, self.node_id, replication, self.is_alive,
+                              self.coordinator.snitch.by_proximity)
+        progress.ranges_total, progress.state = len(plan), "streaming"
+        progress.started_s = self.clock.monotonic_s()
+        log.info("node %s: streaming %d ranges from %d replicas", self.node_id, len(plan),
+                 len({r.sources[0] for r in plan if r.sources}))
+        streaming = self.config.streaming
+        streamer = Streamer(
+            scanner=self.router, store=self.store, clock=self.clock, is_alive=self.is_alive,
+            throughput_mib_s=streaming.throughput_mib_s, page_cells=streaming.page_cells,
+            timeout_s=timing.read_timeout_ms / 1000, progress=progress)
+        for attempt in range(1, MAX_BOOTSTRAP_PASSES + 1):
+            try:
+                await streamer.run(plan[progress.ranges_done:])
+                break
+            except StreamFailed as exc:
+                if attempt == MAX_BOOTSTRAP_PASSES:
+                    progress.state = "failed"
+                    raise NotJoined(
+                        f"node {self.node_id} could not stream its ranges: {exc}; it stays "
+                        "out of the ring (restart it to try again)",
+                        reason="bootstrap_failed", seeds=list(self.config.cluster.seeds),
+                    ) from None
+                log.warning("node %s: %s; trying again in %.0fs", self.node_id, exc,
+                            BOOTSTRAP_RETRY_S)
+                await self.clock.sleep(BOOTSTRAP_RETRY_S)
+        progress.state, progress.finished_s = "done", self.clock.monotonic_s()
+        log.info("node %s: streamed %d ranges, %d cells, %d bytes", self.node_id,
+                 progress.ranges_done, progress.cells, progress.bytes)
 
     def require_joined(self) -> None:
         """Raise NotJoined unless the node is on the ring: serving before that would
@@ -384,6 +463,7 @@ class Node:
                 ring_size=len(self.ring),
                 only_seed_is_self=self._only_seed_is_self(),
                 joiners_ahead=joiners_ahead(states, self.node_id, self._may_be_alive),
+                streaming=streaming_joiners(states, self.node_id, self._may_be_alive),
             )
             for stuck in sorted(planner.passed_over - passed_over):
                 log.warning("node %s: %s, joining too, has taken no tokens for %d gossip rounds; "
@@ -393,7 +473,8 @@ class Node:
             if step is JoinStep.DONE:
                 return
             if step is JoinStep.WAIT_TURN and planner.ahead != waiting_for:
-                log.info("node %s: waiting for %s, joining too, to take tokens first",
+                log.info("node %s: waiting for %s, joining too, to take tokens or finish "
+                         "streaming first",
                          self.node_id, ", ".join(sorted(planner.ahead)))
             waiting_for = planner.ahead
             if step is JoinStep.START_ALONE:
@@ -448,7 +529,8 @@ class Node:
             min(MAX_TOKEN, max(MIN_TOKEN + 1, t + self._rng.randrange(-jitter, jitter)))
             for t in chosen
         }))
-        self.identity.save_tokens(tokens)
+        # A node joining a ring that exists must stream its ranges first.
+        self.identity.save_tokens(tokens, bootstrapped=ring is None or not len(ring))
         return tokens
 
     # -- membership -------------------------------------------------------------
@@ -492,6 +574,13 @@ class Node:
         if ring != self.ring:
             log.info("ring now has %d nodes: %s", len(ring), ", ".join(ring.node_ids))
             self.ring = ring
+        joining = joining_from_gossip(states, self.node_id)
+        if self.bootstrap_tokens:
+            joining[self.node_id] = (self.bootstrap_tokens, self.info)
+        future = future_ring(ring, joining)
+        if future != self.future_ring:
+            log.info("pending joins: %s", ", ".join(sorted(joining)) if future else "none")
+            self.future_ring = future
         if peers != self._saved_peers:
             self._saved_peers = peers
             self.identity.save_peers(peers)
@@ -593,6 +682,20 @@ class Node:
                            lambda: float(sum(g.runner.is_leader() for g in self.txn.groups.values())))
         self.metrics.gauge("ringkv_txn_commits", "Transactions committed at this node as leader",
                            lambda: float(self.txn.stats["commits"]))
+
+    def _streaming_metrics(self) -> None:
+        progress = self.streaming
+        for name, doc, read in (
+            ("ringkv_streaming_ranges_done", "Ranges this node has streamed in while joining",
+             lambda: float(progress.ranges_done)),
+            ("ringkv_streaming_ranges_total", "Ranges this node must stream in to join",
+             lambda: float(progress.ranges_total)),
+            ("ringkv_streaming_bytes", "Bytes streamed in while joining",
+             lambda: float(progress.bytes)),
+            ("ringkv_streaming_fallbacks", "Streams that broke and went on from another replica",
+             lambda: float(progress.fallbacks)),
+        ):
+            self.metrics.gauge(name, doc, read)
 
     def _count(self, receipt: Receipt) -> None:
         # Lets operators (and the client's tests) see whether requests arrive

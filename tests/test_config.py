@@ -16,6 +16,7 @@ from ringkv.config import (
     KeyspaceConfig,
     LimitsConfig,
     StorageConfig,
+    StreamingConfig,
     TimingConfig,
     TrueTimeConfig,
     TxnConfig,
@@ -75,8 +76,10 @@ def test_reference_yaml_lists_and_documents_every_field():
         "limits": LimitsConfig,
         "truetime": TrueTimeConfig,
         "txn": TxnConfig,
+        "streaming": StreamingConfig,
     }
-    assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn"]
+    assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn",
+                          "streaming"]
     for section, cls in sections.items():
         assert list(data[section]) == [f.name for f in dataclasses.fields(cls)], section
     assert list(data["keyspaces"]["default"]) == [

@@ -138,6 +138,13 @@ def format_status(status: dict[str, Any]) -> str:
             f"{state:<9}{_human_bytes(row.get('load_bytes', 0)):>11}{row.get('tokens', 0):>8}"
             f"{100 * float(row.get('owns', 0.0)):>7.1f}%  {row.get('dc', '?')}/{row.get('rack', '?')}"
         )
+    streaming = status.get("streaming")
+    if isinstance(streaming, dict) and streaming.get("state") not in (None, "idle"):
+        lines.append(
+            f"Streaming ({status.get('node_id')}): {streaming.get('state')}, ranges "
+            f"{streaming.get('ranges_done', 0)}/{streaming.get('ranges_total', 0)}, "
+            f"{_human_bytes(streaming.get('bytes', 0))} at {streaming.get('rate_mib_s', 0)} MiB/s, "
+            f"{streaming.get('fallbacks', 0)} fallbacks")
     return "\n".join(lines)
 
 
