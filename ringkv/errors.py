@@ -381,6 +381,19 @@ class NoLeader(RingKVError):
     http_status = 503
 
 
+class TopologyRefused(RingKVError):
+    """A topology change (``decommission``) was refused (``reason``): the node is
+    not NORMAL, another change is running, a node is down, or too few nodes
+    would remain for the replication factor."""
+
+    code = "topology_refused"
+    http_status = 409
+
+    def __init__(self, message: str, *, reason: str, **details: Any) -> None:
+        super().__init__(message, reason=reason, **details)
+        self.reason = reason
+
+
 _RESERVED_ATTRIBUTES = frozenset({"code", "message", "details", "args", "http_status"})
 
 # Stable code -> class, used by the client to rebuild typed errors from JSON.
@@ -410,5 +423,6 @@ BY_CODE: dict[str, type[RingKVError]] = {
         CrossRange,
         RangeMoving,
         NoLeader,
+        TopologyRefused,
     )
 }

@@ -106,7 +106,8 @@ def streaming_joiners(
     states: Mapping[str, HasStates], self_id: str, may_be_alive: Callable[[str], bool]
 ) -> frozenset[str]:
     """The other nodes that have taken tokens but are still joining (BOOT with
-    TOKENS: streaming their ranges) and may be alive.
+    TOKENS: streaming their ranges), or are LEAVING (streaming theirs out),
+    and may be alive.
 
     They are ahead of every new joiner whatever their node id: a node takes
     tokens only once no other node is streaming, so joins stay one at a
@@ -115,8 +116,9 @@ def streaming_joiners(
     """
     return frozenset(
         node_id for node_id, state in states.items()
-        if node_id != self_id and state.get(gs.STATUS) == gs.BOOT
-        and state.get(gs.TOKENS) and may_be_alive(node_id)
+        if node_id != self_id and may_be_alive(node_id) and (
+            (state.get(gs.STATUS) == gs.BOOT and state.get(gs.TOKENS))
+            or state.get(gs.STATUS) == gs.LEAVING)
     )
 
 

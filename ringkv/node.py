@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ringkv.address import format_address
@@ -17,7 +18,7 @@ from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
-from ringkv.errors import NotJoined
+from ringkv.errors import NotJoined, TopologyRefused
 from ringkv.gossip import state as gs
 from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
 from ringkv.gossip.gossiper import Event, Gossiper
@@ -46,8 +47,8 @@ from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_toke
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
-from ringkv.topology.pending import future_ring, joining_from_gossip
-from ringkv.topology.plan import StreamProgress, bootstrap_plan
+from ringkv.topology.pending import future_ring, joining_from_gossip, leaving_from_gossip
+from ringkv.topology.plan import StreamProgress, bootstrap_plan, leave_plan
 from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
@@ -163,6 +164,11 @@ class Node:
         # While bootstrapping: the tokens taken, still pending (not on the ring).
         self.bootstrap_tokens: tuple[int, ...] = ()
         self.streaming = StreamProgress()
+        # Decommission: LEAVING while its ranges stream out, then LEFT, and
+        # then ``on_left`` (the server stops the process).
+        self.leaving = False
+        self.on_left: Callable[[], None] | None = None
+        self._leave_task: asyncio.Task[None] | None = None
         self._saved_peers: dict[str, dict[str, Any]] = {}
         self.ring = TokenRing({})
         # The ring once the joins in progress finish (topology.pending); None
@@ -281,25 +287,16 @@ class Node:
         self._rebuild_ring()
         progress = self.streaming
         progress.state = "waiting_for_ring"
-        timing = self.config.timing
-        await self.clock.sleep(JOIN_LEARN_ROUNDS * timing.gossip_interval_ms / 1000
-                               + timing.write_timeout_ms / 1000)
+        await self.clock.sleep(self._ring_delay_s())
         self._rebuild_ring()
         future = self.future_ring or self.ring.with_node(self.node_id, tokens, self.info)
-        transactional = set(self.config.transactional_keyspaces())
-        replication = {name: ks.replication_factor for name, ks in self.keyspaces.items()
-                       if name not in transactional}
-        plan = bootstrap_plan(self.ring, future, self.node_id, replication, self.is_alive,
-                              self.coordinator.snitch.by_proximity)
+        plan = bootstrap_plan(self.ring, future, self.node_id, self._eventual_replication(),
+                              self.is_alive, self.coordinator.snitch.by_proximity)
         progress.ranges_total, progress.state = len(plan), "streaming"
         progress.started_s = self.clock.monotonic_s()
         log.info("node %s: streaming %d ranges from %d replicas", self.node_id, len(plan),
                  len({r.sources[0] for r in plan if r.sources}))
-        streaming = self.config.streaming
-        streamer = Streamer(
-            scanner=self.router, store=self.store, clock=self.clock, is_alive=self.is_alive,
-            throughput_mib_s=streaming.throughput_mib_s, page_cells=streaming.page_cells,
-            timeout_s=timing.read_timeout_ms / 1000, progress=progress)
+        streamer = self._streamer(progress)
         for attempt in range(1, MAX_BOOTSTRAP_PASSES + 1):
             try:
                 await streamer.run(plan[progress.ranges_done:])
@@ -336,6 +333,92 @@ class Node:
         else:
             message = f"node {self.node_id} is still joining the cluster; retry shortly"
         raise NotJoined(message, reason=self.join_state, seeds=seeds)
+
+    def _ring_delay_s(self) -> float:
+        """Gossip rounds for every coordinator to learn of a range movement,
+        plus a write timeout for writes planned before it (Cassandra's RING_DELAY)."""
+        timing = self.config.timing
+        return (JOIN_LEARN_ROUNDS * timing.gossip_interval_ms / 1000
+                + timing.write_timeout_ms / 1000)
+
+    def _eventual_replication(self) -> dict[str, int]:
+        transactional = set(self.config.transactional_keyspaces())
+        return {name: ks.replication_factor for name, ks in self.keyspaces.items()
+                if name not in transactional}
+
+    def decommission(self) -> dict[str, Any]:
+        """Start leaving the ring (``ringkv decommission``): go LEAVING, stream
+        every range this node replicates to the nodes that take it over, go
+        LEFT, and stop. Returns the streaming progress at once; refuses with
+        TopologyRefused when the change is not safe to start."""
+        if self.leaving:
+            return self.streaming.view(self.clock.monotonic_s())  # already under way
+        if self.join_state is not None or self.gossiper is None:
+            raise TopologyRefused(f"node {self.node_id} is not NORMAL on a cluster's ring",
+                                  reason="not_normal")
+        states = self.gossiper.endpoint_states()
+        busy = sorted(joining_from_gossip(states, self.node_id)) + sorted(
+            leaving_from_gossip(states, self.node_id))
+        if busy:
+            raise TopologyRefused(
+                f"another topology change is running ({', '.join(busy)}); wait for it to end",
+                reason="topology_change_running", nodes=busy)
+        down = sorted(n for n in self.ring.node_ids if not self.is_alive(n))
+        if down:
+            raise TopologyRefused(
+                f"{', '.join(down)} {'is' if len(down) == 1 else 'are'} down: the ranges this "
+                "node hands over need every replica up (remove or restart it first)",
+                reason="node_down", nodes=down)
+        rf = max(self._eventual_replication().values(), default=1)
+        if len(self.ring) - 1 < rf:
+            raise TopologyRefused(
+                f"the ring has {len(self.ring)} nodes; without this one it could not hold "
+                f"{rf} replicas (replication_factor {rf})", reason="too_few_nodes",
+                nodes_left=len(self.ring) - 1, replication_factor=rf)
+        self.leaving = True
+        self.streaming = StreamProgress(direction="out", state="waiting_for_ring")
+        self.gossiper.set_local(gs.STATUS, gs.LEAVING)
+        self._rebuild_ring()
+        log.info("node %s is LEAVING: its ranges stream to their new replicas", self.node_id)
+        self._leave_task = asyncio.create_task(self._leave())
+        return self.streaming.view(self.clock.monotonic_s())
+
+    async def _leave(self) -> None:
+        assert self.gossiper is not None
+        progress = self.streaming
+        try:
+            await self.clock.sleep(self._ring_delay_s())
+            self._rebuild_ring()
+            future = self.future_ring or self.ring.without_node(self.node_id)
+            plan = leave_plan(self.ring, future, self.node_id, self._eventual_replication())
+            progress.ranges_total, progress.state = len(plan), "streaming"
+            progress.started_s = self.clock.monotonic_s()
+            log.info("node %s: streaming %d ranges to %d nodes", self.node_id, len(plan),
+                     len({r.target for r in plan}))
+            await self._streamer(progress).run(plan)
+        except Exception as exc:  # noqa: BLE001 - a failed leave must put the node back
+            progress.state = "failed"
+            log.error("node %s: decommission failed (%s); it stays on the ring, NORMAL",
+                      self.node_id, exc)
+            self.leaving = False
+            self.gossiper.set_local(gs.STATUS, gs.NORMAL)
+            self._rebuild_ring()
+            return
+        progress.state, progress.finished_s = "done", self.clock.monotonic_s()
+        # LEFT, then gossip on for a few rounds so every node hears it before we go.
+        self.gossiper.set_local(gs.STATUS, gs.LEFT)
+        log.info("node %s is LEFT: streamed %d ranges, %d cells, %d bytes", self.node_id,
+                 progress.ranges_done, progress.cells, progress.bytes)
+        await self.clock.sleep(JOIN_LEARN_ROUNDS * self.config.timing.gossip_interval_ms / 1000)
+        if self.on_left is not None:
+            self.on_left()
+
+    def _streamer(self, progress: StreamProgress) -> Streamer:
+        streaming = self.config.streaming
+        return Streamer(
+            replicas=self.router, store=self.store, clock=self.clock, is_alive=self.is_alive,
+            throughput_mib_s=streaming.throughput_mib_s, page_cells=streaming.page_cells,
+            timeout_s=self.config.timing.read_timeout_ms / 1000, progress=progress)
 
     def _set_join_state(self, state: str) -> None:
         if state != self.join_state:
@@ -502,6 +585,9 @@ class Node:
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
         self.draining = True
+        if self._leave_task is not None:
+            self._leave_task.cancel()
+            await asyncio.gather(self._leave_task, return_exceptions=True)
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
@@ -577,9 +663,13 @@ class Node:
         joining = joining_from_gossip(states, self.node_id)
         if self.bootstrap_tokens:
             joining[self.node_id] = (self.bootstrap_tokens, self.info)
-        future = future_ring(ring, joining)
+        leaving = leaving_from_gossip(states, self.node_id)
+        if self.leaving:
+            leaving |= {self.node_id}
+        future = future_ring(ring, joining, leaving)
         if future != self.future_ring:
-            log.info("pending joins: %s", ", ".join(sorted(joining)) if future else "none")
+            log.info("pending joins: %s; leaving: %s", ", ".join(sorted(joining)) or "none",
+                     ", ".join(sorted(leaving)) or "none")
             self.future_ring = future
         if peers != self._saved_peers:
             self._saved_peers = peers
@@ -684,18 +774,18 @@ class Node:
                            lambda: float(self.txn.stats["commits"]))
 
     def _streaming_metrics(self) -> None:
-        progress = self.streaming
-        for name, doc, read in (
-            ("ringkv_streaming_ranges_done", "Ranges this node has streamed in while joining",
-             lambda: float(progress.ranges_done)),
-            ("ringkv_streaming_ranges_total", "Ranges this node must stream in to join",
-             lambda: float(progress.ranges_total)),
-            ("ringkv_streaming_bytes", "Bytes streamed in while joining",
-             lambda: float(progress.bytes)),
-            ("ringkv_streaming_fallbacks", "Streams that broke and went on from another replica",
-             lambda: float(progress.fallbacks)),
+        # Read self.streaming on each scrape: a decommission starts a new one.
+        for name, doc, field in (
+            ("ringkv_streaming_ranges_done", "Ranges streamed (in while joining, out while "
+             "leaving)", "ranges_done"),
+            ("ringkv_streaming_ranges_total", "Ranges to stream (in while joining, out while "
+             "leaving)", "ranges_total"),
+            ("ringkv_streaming_bytes", "Bytes streamed (in while joining, out while leaving)",
+             "bytes"),
+            ("ringkv_streaming_fallbacks", "Stream pages that failed and went on from another "
+             "replica or were sent again", "fallbacks"),
         ):
-            self.metrics.gauge(name, doc, read)
+            self.metrics.gauge(name, doc, partial(_progress_field, self, field))
 
     def _count(self, receipt: Receipt) -> None:
         # Lets operators (and the client's tests) see whether requests arrive
@@ -706,6 +796,10 @@ class Node:
         """What this node's own replica holds, with no coordination."""
         self.coordinator.keyspace(keyspace)
         return self.local_replica.read(keyspace, token_for(key), key)
+
+
+def _progress_field(node: Node, field: str) -> float:
+    return float(getattr(node.streaming, field))
 
 
 def _unique(items: list[str]) -> list[str]:

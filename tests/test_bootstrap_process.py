@@ -1,13 +1,16 @@
-"""Growing a real cluster under load (Dynamo §4.9, adding storage nodes;
-Cassandra's bootstrap): node processes on loopback, a cluster holding data
-grows while a client writes and reads at QUORUM, and no acknowledged write is
-missing from any natural replica afterwards."""
+"""Growing and shrinking a real cluster under load (Dynamo §4.9, adding and
+removing storage nodes; Cassandra's bootstrap and decommission): node
+processes on loopback, a cluster holding data grows and shrinks while a
+client writes and reads at QUORUM, and no acknowledged write is missing from
+any natural replica afterwards."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -79,8 +82,9 @@ def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list
 class Load:
     """A client writing new keys and reading them back at QUORUM, until stopped."""
 
-    def __init__(self, procs: list[NodeProcess]) -> None:
+    def __init__(self, procs: list[NodeProcess], prefix: str = "load") -> None:
         self.procs = procs
+        self.prefix = prefix
         self.acked: dict[str, Any] = {}
         self.reads = {"ok": 0, "failed": 0}
         self._stop = threading.Event()
@@ -90,11 +94,11 @@ class Load:
         i = 0
         while not self._stop.is_set() and i < 100_000:
             proc = self.procs[i % len(self.procs)]
-            key = f"load{i}"
+            key = f"{self.prefix}{i}"
             if put(proc, key, i):
                 self.acked[key] = i
             if i % 4 == 3:  # read back an earlier write through another coordinator
-                earlier = f"load{i - 2}"
+                earlier = f"{self.prefix}{i - 2}"
                 try:
                     status, _ = http("GET", f"{self.procs[(i + 1) % len(self.procs)].url}"
                                      f"/v1/kv/default/{earlier}?consistency=QUORUM", timeout_s=5)
@@ -103,7 +107,7 @@ class Load:
                 self.reads["ok" if status == 200 else "failed"] += 1
             i += 1
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -112,12 +116,14 @@ class Load:
         self._thread.join(timeout=30)
 
 
-def test_a_cluster_holding_data_grows_from_three_to_five_under_quorum_load(
+def test_a_cluster_holding_data_grows_from_three_to_five_and_shrinks_to_four_under_load(
     tmp_path: Path,
 ) -> None:
     cluster = make_cluster(tmp_path, 5)
     try:
         start_first(cluster, 3)
+        status, body = http("POST", f"{cluster.procs[0].url}/v1/decommission")
+        assert status == 409 and body["error"]["reason"] == "too_few_nodes"  # 3 nodes, RF 3
         acked = {}
         for i in range(300):
             key = f"seed{i}"
@@ -133,6 +139,24 @@ def test_a_cluster_holding_data_grows_from_three_to_five_under_quorum_load(
                 assert status["cells"] > 0
         assert len(load.acked) > 20 and load.reads["ok"] > 0
         check_every_replica(cluster, {**acked, **load.acked}, cluster.procs)
+        acked.update(load.acked)
+
+        # Decommission node2 (5 -> 4) through the command line, under load elsewhere.
+        leaving, staying = cluster.procs[1], [cluster.procs[0], *cluster.procs[2:]]
+        with Load(staying, prefix="leave") as load:
+            done = subprocess.run(
+                [sys.executable, "-m", "ringkv.cli", "decommission", "--url", leaving.url,
+                 "--wait-s", "120"], capture_output=True, text=True, timeout=180, check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "has LEFT the ring" in done.stdout
+            assert leaving.proc is not None and leaving.proc.wait(timeout=30) == 0
+
+            def four_nodes() -> bool:
+                return all(len(ring_of(proc).node_ids) == 4 for proc in staying)
+
+            wait_until(four_nodes, timeout_s=30, interval_s=0.2, what="node2 off every ring")
+        assert len(load.acked) > 20
+        check_every_replica(cluster, {**acked, **load.acked}, staying)
     finally:
         cluster.down()
 

@@ -16,12 +16,30 @@ from ringkv.hlc import Timestamp
 from ringkv.membership import JoinPlanner, JoinStep, streaming_joiners
 from ringkv.messages import ScanReply
 from ringkv.quorum import ConsistencyLevel
-from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_tokens, token_for
+from ringkv.ring import (
+    MAX_TOKEN,
+    MIN_TOKEN,
+    NodeInfo,
+    TokenRing,
+    allocate_tokens,
+    token_for,
+)
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
-from ringkv.topology.pending import future_ring, joining_from_gossip, pending_replicas
-from ringkv.topology.plan import Pacer, StreamProgress, StreamRange, bootstrap_plan
-from ringkv.topology.streamer import StreamFailed, Streamer
+from ringkv.topology.pending import (
+    future_ring,
+    joining_from_gossip,
+    leaving_from_gossip,
+    pending_replicas,
+)
+from ringkv.topology.plan import (
+    Pacer,
+    StreamProgress,
+    StreamRange,
+    bootstrap_plan,
+    leave_plan,
+)
+from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.versioning import Cell
 
 QUORUM = ConsistencyLevel.QUORUM
@@ -95,6 +113,23 @@ def test_a_down_pending_replica_is_hinted_and_can_make_a_write_unavailable() -> 
                  future=future)
 
 
+def test_a_leaving_node_stays_natural_and_the_nodes_taking_over_are_pending() -> None:
+    """Cassandra's decommission: LEAVING keeps the node a replica until LEFT; the
+    nodes gaining its ranges get the writes too."""
+    ring = TokenRing({"a": [-(2**62)], "b": [0], "c": [2**62], "d": [2**61]})
+    assert leaving_from_gossip({"b": {gs.STATUS: gs.LEAVING}, "c": {gs.STATUS: gs.NORMAL},
+                                "me": {gs.STATUS: gs.LEAVING}}, "me") == {"b"}
+    future = future_ring(ring, {}, frozenset({"b"}))
+    assert future is not None and "b" not in future.node_ids
+    for token in range(MIN_TOKEN, MAX_TOKEN, 2**58):
+        natural = ring.replicas(token, 3)
+        pending = pending_replicas(natural, future, token, 3)
+        if "b" in natural:
+            assert len(pending) == 1 and pending[0] not in natural
+        else:
+            assert pending == ()
+
+
 # -- the bootstrap plan (topology.plan) -----------------------------------------
 
 
@@ -141,6 +176,23 @@ def test_no_plan_for_the_first_node_or_for_a_node_not_on_the_future_ring() -> No
     empty = TokenRing({})
     assert bootstrap_plan(empty, empty.with_node("a", [1]), "a", {"ks": 3}, bool, sorted) == []
     assert bootstrap_plan(three(), three(), "d", {"ks": 3}, bool, sorted) == []
+
+
+@pytest.mark.parametrize("rf", [1, 2, 3])
+def test_the_leave_plan_sends_each_range_to_every_node_that_gains_it(rf: int) -> None:
+    import random
+
+    ring = TokenRing({n: allocate_tokens(None, 16, random.Random(1))[i::4]
+                      for i, n in enumerate("abcd")})
+    future = ring.without_node("b")
+    plan = leave_plan(ring, future, "b", {"ks": rf})
+    assert plan and all(r.sources == ("b",) and r.start < r.end for r in plan)
+    for key in range(2000):
+        token = token_for(f"k{key}".encode())
+        gainers = {n for n in future.replicas(token, rf) if n not in ring.replicas(token, rf)}
+        targets = {r.target for r in every_token(plan, "ks", token)}
+        assert targets == (gainers if "b" in ring.replicas(token, rf) else set())
+    assert leave_plan(ring, future, "z", {"ks": rf}) == []
 
 
 def test_the_pacer_spends_a_byte_budget_per_second() -> None:
@@ -202,6 +254,10 @@ class FlakyScanner:
                  and t <= end_token][:limit]
         return ScanReply(items, truncated=False)
 
+    def write_future(self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell,
+                     timeout_s: float) -> asyncio.Future[None]:
+        raise AssertionError("a bootstrap stream writes to its own store only")
+
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(asyncio.wait_for(coro, timeout=30))
@@ -216,7 +272,7 @@ def test_a_broken_stream_resumes_from_the_last_cell_applied_at_the_next_source()
                  for k in (f"key{i}".encode() for i in range(100))}
         scanner = FlakyScanner(cells, dies={"a"}, pages_ok=3)
         progress = StreamProgress(ranges_total=1)
-        streamer = Streamer(scanner=scanner, store=store, clock=clock, is_alive=lambda n: True,
+        streamer = Streamer(replicas=scanner, store=store, clock=clock, is_alive=lambda n: True,
                             throughput_mib_s=1e6, page_cells=10, timeout_s=1.0, progress=progress)
         task = asyncio.ensure_future(
             streamer.run([StreamRange("ks", MIN_TOKEN, MAX_TOKEN, ("a", "b"))]))
@@ -243,7 +299,7 @@ def test_a_range_no_source_can_serve_fails_after_a_bound() -> None:
         store = LocalStore(MemoryEngine(), clock)
         await store.start()
         scanner = FlakyScanner({}, dies={"a", "b"}, pages_ok=0)
-        streamer = Streamer(scanner=scanner, store=store, clock=clock, is_alive=lambda n: True,
+        streamer = Streamer(replicas=scanner, store=store, clock=clock, is_alive=lambda n: True,
                             throughput_mib_s=1.0, page_cells=10, timeout_s=1.0,
                             progress=StreamProgress())
         task = asyncio.ensure_future(

@@ -10,6 +10,10 @@ too, so nothing written while the joiner streams can slip past it
 (Dynamo §4.9: "nodes ... will transfer the keys to the new node", with
 writes to the moving ranges sent to both). Reads never go to them.
 
+A leaving node (STATUS=LEAVING, decommission) stays a natural replica until
+it is LEFT; the future ring lacks it, so the nodes that take its ranges over
+are pending replicas of them while it streams its data out.
+
 The consistency level still counts the natural replicas only; each pending
 replica adds one to the acknowledgements required (Cassandra's
 ``blockFor + pending``): a QUORUM write acknowledged by two of three
@@ -52,20 +56,31 @@ def joining_from_gossip(
     return out
 
 
+def leaving_from_gossip(states: Mapping[str, HasStates], self_id: str) -> frozenset[str]:
+    """The peers that are LEAVING (decommissioning): on the ring until they are LEFT."""
+    return frozenset(node_id for node_id, state in states.items()
+                     if node_id != self_id and state.get(gs.STATUS) == gs.LEAVING)
+
+
 def future_ring(
-    ring: TokenRing, joining: Mapping[str, tuple[Sequence[int], NodeInfo]]
+    ring: TokenRing, joining: Mapping[str, tuple[Sequence[int], NodeInfo]],
+    leaving: frozenset[str] = frozenset(),
 ) -> TokenRing | None:
-    """Today's ring with every joiner's tokens added, or None when nobody joins.
+    """Today's ring with every joiner's tokens added and every leaving node
+    taken off, or None when no node joins or leaves.
 
     A token that is already taken stays with its owner (the same rule as
     ``ring_from_gossip``: first by node id keeps it), so every node computes
     the same future ring.
     """
     joiners = {node_id: j for node_id, j in joining.items() if node_id not in ring.node_ids}
-    if not joiners:
+    leavers = [node_id for node_id in sorted(leaving) if node_id in ring.node_ids]
+    if not joiners and not leavers:
         return None
     taken = {token for token, _ in ring.sorted_tokens}
     future = ring
+    for node_id in leavers:
+        future = future.without_node(node_id)
     for node_id in sorted(joiners):
         tokens, info = joiners[node_id]
         kept = [t for t in tokens if t not in taken]

@@ -8,6 +8,9 @@ one that *loses* the piece to the joiner (its copy is exactly what the
 joiner replaces, as Cassandra's strict bootstrap prefers), else the closest
 live one; the others follow as fallbacks if a stream breaks.
 
+``leave_plan`` is the other direction: a leaving node pushes each piece it
+replicates to the nodes that gain it.
+
 ``Pacer`` is the throttle: a byte budget per second that says how long to
 wait after each page (``streaming.throughput_mib_s``).
 """
@@ -30,9 +33,11 @@ class StreamRange:
     start: int  # exclusive; start < end (never wraps)
     end: int  # inclusive
     sources: tuple[str, ...]  # current replicas in the order to try them
+    target: str | None = None  # the node that receives the cells (None: this node)
 
     def describe(self) -> str:
-        return f"{self.keyspace} ({self.start}, {self.end}]"
+        to = f" to {self.target}" if self.target else ""
+        return f"{self.keyspace} ({self.start}, {self.end}]{to}"
 
 
 def bootstrap_plan(
@@ -75,6 +80,35 @@ def bootstrap_plan(
     return plan
 
 
+def leave_plan(
+    ring: TokenRing, future: TokenRing, node_id: str, replication: Mapping[str, int],
+) -> list[StreamRange]:
+    """What a leaving node streams (Cassandra's decommission): each piece it
+    replicates today goes, from its own copy, to every node that replicates
+    the piece on ``future`` (the ring without it) and does not today."""
+    if node_id not in ring.node_ids:
+        return []
+    plan: list[StreamRange] = []
+    pieces = ring_pieces(ring)
+    for keyspace in sorted(replication):
+        rf = replication[keyspace]
+        for start, end in pieces:
+            before = ring.replicas(end, rf)
+            if node_id not in before:
+                continue
+            for gainer in future.replicas(end, rf) if len(future) else ():
+                if gainer in before:
+                    continue
+                same = [i for i, r in enumerate(plan) if r.keyspace == keyspace
+                        and r.target == gainer and r.end == start]
+                if same:
+                    plan[same[-1]] = StreamRange(keyspace, plan[same[-1]].start, end,
+                                                 (node_id,), gainer)
+                else:
+                    plan.append(StreamRange(keyspace, start, end, (node_id,), gainer))
+    return plan
+
+
 class Pacer:
     """A byte-rate throttle: ``after(now_s, nbytes)`` is how long to wait.
 
@@ -108,6 +142,7 @@ class StreamProgress:
     started_s: float | None = None
     finished_s: float | None = None
     state: str = "idle"  # idle | waiting_for_ring | streaming | done | failed
+    direction: str = "in"  # in: bootstrap (to this node); out: decommission (from it)
 
     def view(self, now_s: float) -> dict[str, object]:
         elapsed_s = 0.0
@@ -116,6 +151,7 @@ class StreamProgress:
         rate = self.bytes / MIB / elapsed_s if elapsed_s > 0 else 0.0
         return {
             "state": self.state,
+            "direction": self.direction,
             "ranges_done": self.ranges_done,
             "ranges_total": self.ranges_total,
             "bytes": self.bytes,

@@ -1,4 +1,4 @@
-"""Streaming ranges to this node from their current replicas (shell).
+"""Streaming ranges between replicas (shell).
 
 The bootstrap's data path: for each ``StreamRange`` of the plan, page
 through a source replica with the ordinary SCAN verb (raw cells,
@@ -8,6 +8,10 @@ is never overwritten by an older one). A page is applied and committed
 before the next is asked for, and the cursor is the last (token, key)
 applied: when a source fails (dies, times out, or breaks the link) the
 stream goes on from that cursor at the next source, not from the start.
+
+A leaving node runs the same loop the other way round (``leave_plan``):
+the source is its own replica and each page is written to the range's
+``target`` with the WRITE verb; a failed page is sent again.
 
 Throughput is paced (``plan.Pacer``, ``streaming.throughput_mib_s``) with
 ``clock.sleep``, so the event loop keeps serving; the source's scan runs
@@ -27,6 +31,7 @@ from ringkv.limits import SCAN_ITEM_OVERHEAD_BYTES
 from ringkv.messages import ScanReply
 from ringkv.storage.store import LocalStore
 from ringkv.topology.plan import Pacer, StreamProgress, StreamRange
+from ringkv.versioning import Cell
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +46,17 @@ class StreamFailed(Exception):
     """A range could not be streamed from any of its sources."""
 
 
-class Scanner(Protocol):
+class Replicas(Protocol):
+    """The replica verbs streaming uses (``replica.router.ReplicaRouter``)."""
+
     async def scan(
         self, node_id: str, keyspace: str, after: tuple[int, bytes | None], end_token: int,
         limit: int, timeout_s: float,
     ) -> ScanReply: ...
+
+    def write_future(
+        self, node_id: str, keyspace: str, token: int, key: bytes, cell: Cell, timeout_s: float
+    ) -> asyncio.Future[None]: ...
 
 
 class Streamer:
@@ -54,7 +65,7 @@ class Streamer:
     def __init__(
         self,
         *,
-        scanner: Scanner,
+        replicas: Replicas,
         store: LocalStore,
         clock: Clock,
         is_alive: Callable[[str], bool],
@@ -63,7 +74,7 @@ class Streamer:
         timeout_s: float,
         progress: StreamProgress,
     ) -> None:
-        self._scanner = scanner
+        self._replicas = replicas
         self._store = store
         self._clock = clock
         self._is_alive = is_alive
@@ -95,9 +106,10 @@ class Streamer:
             at = sources.index(source)
             self.progress.source = source
             try:
-                reply = await self._scanner.scan(
+                reply = await self._replicas.scan(
                     source, keyspace, cursor, end, self._page_cells, self._timeout_s)
-            except (RingKVError, OSError, asyncio.TimeoutError) as exc:
+                nbytes = await self._apply(stream_range.target, keyspace, reply)
+            except (RingKVError, OSError, TimeoutError) as exc:
                 failures += 1
                 if failures >= MAX_FAILURES_PER_RANGE:
                     raise StreamFailed(
@@ -111,7 +123,6 @@ class Streamer:
                     min(MAX_RETRY_BACKOFF_S, RETRY_BACKOFF_S * 2 ** (failures - 1)))
                 continue
             failures = 0
-            nbytes = await self._apply(keyspace, reply)
             if reply.items:
                 last_token, last_key, _ = reply.items[-1]
                 cursor = (last_token, last_key)
@@ -130,12 +141,17 @@ class Streamer:
                 return candidate
         return sources[at % len(sources)]
 
-    async def _apply(self, keyspace: str, reply: ScanReply) -> int:
-        """Merge a page into the store and wait for its commit; its size in bytes."""
+    async def _apply(self, target: str | None, keyspace: str, reply: ScanReply) -> int:
+        """Merge a page into the store (or, with a ``target``, write it to that
+        replica) and wait for its commit; its size in bytes."""
         commits = []
         nbytes = 0
         for token, key, cell in reply.items:
-            commits.append(self._store.apply_future(keyspace, token, key, cell))
+            if target is None:
+                commits.append(self._store.apply_future(keyspace, token, key, cell))
+            else:
+                commits.append(self._replicas.write_future(
+                    target, keyspace, token, key, cell, self._timeout_s))
             nbytes += len(key) + len(cell.value) + SCAN_ITEM_OVERHEAD_BYTES
         if commits:
             await asyncio.gather(*commits)
