@@ -314,3 +314,16 @@ def test_a_range_no_source_can_serve_fails_after_a_bound() -> None:
         await store.close()
 
     run(main())
+
+
+def test_ringkv_status_shows_streaming_progress_only_while_there_is_some() -> None:
+    from ringkv.tools.local_cluster import format_status
+
+    status = {"cluster": "c", "node_id": "node4", "nodes": [],
+              "streaming": StreamProgress(ranges_total=8, ranges_done=3, bytes=3 * 2**20,
+                                          state="streaming", source="node2",
+                                          started_s=0.0).view(1.0)}
+    text = format_status(status)
+    assert "Streaming (node4): streaming, ranges 3/8, 3.0 MiB at 3.0 MiB/s" in text
+    status["streaming"] = StreamProgress().view(1.0)
+    assert "Streaming" not in format_status(status)
