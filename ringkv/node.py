@@ -167,6 +167,7 @@ class Node:
         # Decommission: LEAVING while its ranges stream out, then LEFT, and
         # then ``on_left`` (the server stops the process).
         self.leaving = False
+        self.left = False  # LEFT: it no longer coordinates, and is about to stop
         self.on_left: Callable[[], None] | None = None
         self._leave_task: asyncio.Task[None] | None = None
         self._saved_peers: dict[str, dict[str, Any]] = {}
@@ -319,9 +320,12 @@ class Node:
     def require_joined(self) -> None:
         """Raise NotJoined unless the node is on the ring: serving before that would
         answer from a ring of one and acknowledge quorum writes held by one copy."""
-        if self.join_state is None:
-            return
+        if self.join_state is None and not self.left:
+            return  # the hot path: one check per request
         seeds = list(self.config.cluster.seeds)
+        if self.left or self.join_state is None:
+            raise NotJoined(f"node {self.node_id} has left the ring (decommissioned); "
+                            "use another node", reason="left", seeds=seeds)
         if self.join_state == WAITING_FOR_SEEDS:
             waited_s = self.clock.monotonic_s() - self._join_since_s
             message = (
@@ -406,6 +410,7 @@ class Node:
             return
         progress.state, progress.finished_s = "done", self.clock.monotonic_s()
         # LEFT, then gossip on for a few rounds so every node hears it before we go.
+        self.left = True
         self.gossiper.set_local(gs.STATUS, gs.LEFT)
         log.info("node %s is LEFT: streamed %d ranges, %d cells, %d bytes", self.node_id,
                  progress.ranges_done, progress.cells, progress.bytes)
