@@ -37,7 +37,7 @@ from ringkv.sim.workload import (
     WorkloadSpec,
 )
 
-BOOT_TIMEOUT_S = 120.0  # virtual seconds for the cluster to form
+BOOT_TIMEOUT_S = 400.0  # virtual seconds for the cluster to form (joins stream one at a time)
 HEAL_TIMEOUT_S = 60.0  # virtual seconds for every node to see every other UP again
 QUIET_S = 10.0  # after healing: gossip and hint replay (replay also retries every 5 s)
 SETTLE_S = 2.0  # after the final reads (whose read repair blocks), before replicas are compared
