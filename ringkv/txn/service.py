@@ -594,7 +594,9 @@ class TxnService:
         if op.snapshot_ts_us is not None:
             at_us = op.snapshot_ts_us
         elif runner.is_leader():
-            at_us = runner.applied_ts_us  # the freshest safe time there is
+            # The freshest safe time there is, but never older than the bound allows
+            # (a new leader's may be): then wait for safe time to reach the bound.
+            at_us = max(runner.applied_ts_us, self._snapshot_ts(op))
         else:
             at_us = runner.applied_ts_us
             if at_us < self._snapshot_ts(op):
