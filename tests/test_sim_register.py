@@ -146,4 +146,4 @@ def test_same_seed_same_register_history_and_the_command_replays_it() -> None:
     parsed = sim_settings(build_parser().parse_args(command[1:]))
     assert parsed == settings
     assert "not linearizable 0" in format_line(first)
-    assert "snapshot reads wrong 0, above safe time 0" in format_line(first)
+    assert "snapshot reads wrong 0, too stale 0, above safe time 0" in format_line(first)

@@ -411,7 +411,8 @@ def format_line(result: SimResult) -> str:
                 f"{counts['snapshots']:>4} snapshot reads, "
                 f"{result.fault_count:>3} faults; not linearizable {counts['nonlinear']}, "
                 f"commit wait broken {counts['early']}, snapshot reads wrong "
-                f"{counts['snapshot_wrong']}, above safe time {counts['unsafe']}; "
+                f"{counts['snapshot_wrong']}, too stale {counts['too_stale']}, above safe time "
+                f"{counts['unsafe']}; "
                 f"hash {result.history_hash}")
     return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
             f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
@@ -433,6 +434,7 @@ def format_totals(results: list[SimResult]) -> str:
             f"of {total['commits']}",
             f"  snapshot reads not returning the newest commit at or below their timestamp: "
             f"{total['snapshot_wrong']} of {total['snapshots']}",
+            f"  bounded-staleness reads older than their bound: {total['too_stale']}",
             f"  snapshot reads served above the replica's safe time: {total['unsafe']}",
         ]
         lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
@@ -470,7 +472,9 @@ def run_counts(result: SimResult) -> dict[str, int]:
             "acked": sum(1 for op in client if op.kind in ("write", "cas") and op.status == "ok"),
             "snapshots": sum(1 for op in client if op.kind == "snapshot" and op.status == "ok"),
             "snapshot_wrong": result.verdict("snapshot reads").count,
+            "too_stale": result.verdict("bounded staleness").count,
             "unsafe": result.verdict("safe time").count,
+            "failed": int(not result.ok),  # a negative control's run: caught
             "unknown": sum(1 for op in client if op.status == "info"),
             "nonlinear": int(not result.verdict("linearizable").ok),
             "early": early.count,
