@@ -8,6 +8,9 @@
     txn           the transactional tier on 3 node processes: CAS commits/s, one-shot txns/s,
                   snapshot reads/s (p50, p99, commit-wait share, server CPU µs/op)
     txn-group     one Paxos group (3 GroupRunners in one process, LevelDB): commits/s, latency, CPU/commit
+    repair        anti-entropy repair on 3 node processes: time and cells streamed for N missed keys
+    scale         10 to 1,000 nodes: gossip rounds after a join, data moved by a join or leave,
+                  coordinator messages per QUORUM op (pure cores; --json)
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def main(argv: list[str]) -> int:
         "sim-speed": "bench.sim_speed",
         "txn-group": "bench.txn_group",
         "txn": "bench.txn",
+        "repair": "bench.repair",
+        "scale": "bench.scale",
     }
     if not argv or argv[0] not in commands:
         print(__doc__)

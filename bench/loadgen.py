@@ -146,6 +146,10 @@ class _Connection:
 
     async def request(self, data: bytes) -> int:
         """Send one request; the response's status, or 0 if the exchange failed."""
+        return (await self.exchange(data))[0]
+
+    async def exchange(self, data: bytes) -> tuple[int, bytes]:
+        """Send one request; the response's status and body, or (0, b"") if it failed."""
         try:
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(
@@ -159,13 +163,13 @@ class _Connection:
             if at < 0:
                 raise ValueError("response without Content-Length")
             length = int(lowered[at + 17:lowered.index(b"\r\n", at + 2)])
-            await self._reader.readexactly(length)
+            body = await self._reader.readexactly(length)
             if b"\r\nconnection: close" in lowered:
                 self.close()
-            return status
+            return status, body
         except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             self.close()
-            return 0
+            return 0, b""
 
     def close(self) -> None:
         if self._writer is not None:

@@ -1,27 +1,37 @@
 """The transactional tier on 3 node processes (keyspace ``txn``, RF 3, ε floor 1 ms).
 
-    python -m bench txn [--duration 10] [--concurrency 32] [--keys 1000] [--profile-leader]
+    python -m bench txn [--duration 10] [--concurrency 32] [--keys 1000]
+                        [--client lean|aio] [--procs 2] [--phases cas,txn,snapshot] [--profile]
 
-Three phases through the asyncio client (``ringkv.client.AsyncClient``), each
-a closed loop of ``concurrency`` workers in this process:
+Three phases, each a closed loop of ``concurrency`` workers:
 
-* ``cas``: single-key compare-and-set commits. Each worker owns its keys and
+* ``cas``: single-key compare-and-set commits. Each worker owns its key and
   keeps the version its last commit returned, so every operation is one
-  ``put(key, n + 1, if_version=v)`` that commits (no read, no conflict);
+  conditional put (``"if": {"version": v}``) that commits (no read, no conflict);
 * ``txn``: one-shot single-range transactions, each reading one key and
   writing two (``POST /v1/txn``);
 * ``snapshot``: snapshot reads (``max_staleness_ms``) on random keys,
   through random nodes (any replica whose safe time has passed serves them).
 
+The load comes from ``--client``: ``lean`` (the default) is
+``bench/txn_load.py``, prebuilt HTTP/1.1 on keep-alive connections in
+``--procs`` processes of its own, routed as the client routes (writes to the
+leader the last receipt named); ``aio`` is the asyncio client
+(``ringkv.client.AsyncClient``) in this process, which costs ~170 µs of CPU a
+request and so, on a small machine, measures the client as much as the nodes.
+
 Reported per phase: ops/s, p50 and p99 latency, the share of latency spent
-in commit wait (the receipt's ``commit_wait_ms`` over the client's latency),
-the CPU µs the three node processes spent per op (``bench/proc_cpu.py``),
-the leader's share of it and its CPU use (% of one core), and this process's CPU (the client shares the machine's cores with the nodes).
+in commit wait (the receipts' ``commit_wait_ms`` over the measured latency),
+and, from ``/proc`` (``bench/proc_cpu.py``), the CPU µs per operation of the
+leader, of each follower, of all three nodes, and of the load generator, side
+by side. Throughput on a shared machine drifts; CPU per operation barely
+moves, so compare changes by it. The load average is recorded with each run.
 Targets from issue #11: ≥ 1,000 commits/s and ≥ 5,000 snapshot reads/s.
 
-``--profile-leader`` samples the range leader's process with py-spy during
-the ``cas`` phase and prints where its time goes (the functions most often
-on its stack, and the ones on top), to ``bench/results/txn-leader.txt``.
+``--profile`` samples every node and the load generator with py-spy (only
+samples holding the GIL: the idle event loop is not counted) during each
+phase, and writes where the time goes (the functions most often on the
+stack, and the ones on top) to ``bench/results/txn-profile-<phase>-<role>.txt``.
 """
 
 from __future__ import annotations
@@ -29,20 +39,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
-import urllib.request
-from collections import Counter
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from bench import proc_cpu
 from bench.loadgen import percentile
+from bench.txn_load import PHASES, STALENESS_MS, Generators
 from ringkv.client import AsyncClient
 from ringkv.tools.launcher import free_port_block
 from ringkv.tools.local_cluster import LocalCluster
@@ -50,29 +62,71 @@ from ringkv.tools.local_cluster import LocalCluster
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYSPACE = "txn"
 EPSILON_FLOOR_MS = 1.0
-STALENESS_MS = 1000
 READY_TIMEOUT_S = 60.0
+
+AioOp = Callable[[AsyncClient, int, random.Random], Awaitable[float | None]]
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+HEADER = (f"{'phase':<9} {'ops/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'wait%':>6} {'wait p50':>8} "
+          f"| {'CPU µs/op:':<10} {'leader':>6} {'fol.1':>6} {'fol.2':>6} {'nodes':>6} "
+          f"{'loadgen':>7} | {'fsyncs/op':<10} {'leader':>6} {'fol.':>6} | {'errors':>6}")
 
 
 def phase_line(r: dict[str, Any]) -> str:
-    wait = "-" if r["commit_wait_share"] is None else f"{100 * r['commit_wait_share']:.0f}%"
-    return (f"{r['phase']:<9} {r['ops_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{wait:>11} {r['commit_wait_p50_ms'] or 0:>9.2f} "
-            f"{r['server_cpu_us_per_op'] or 0:>10.0f} {r.get('leader_cpu_us_per_op') or 0:>10.0f} "
-            f"{r.get('leader_cpu_pct') or 0:>8.0f} {r['client_cpu_pct']:>8.0f} {r['errors']:>6}")
+    wait = "-" if r["commit_wait_share"] is None else f"{100 * r['commit_wait_share']:.1f}%"
+    followers = [n["cpu_us_per_op"] for n in r["nodes"] if n["role"] != "leader"] + [None, None]
+    leader = next((n["cpu_us_per_op"] for n in r["nodes"] if n["role"] == "leader"), None)
+    leader_fsyncs = next((n.get("fsyncs_per_op") for n in r["nodes"] if n["role"] == "leader"),
+                         None)
+    follower_fsyncs = next((n.get("fsyncs_per_op") for n in r["nodes"]
+                            if n["role"] != "leader"), None)
+    return (f"{r['phase']:<9} {r['ops_per_s']:>7.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+            f"{wait:>6} {r['commit_wait_p50_ms'] or 0:>8.2f} | {'':<10} {_us(leader):>6} "
+            f"{_us(followers[0]):>6} {_us(followers[1]):>6} "
+            f"{_us(r['server_cpu_us_per_op']):>6} {_us(r['loadgen_cpu_us_per_op']):>7} | "
+            f"{'':<10} {_ratio(leader_fsyncs):>6} {_ratio(follower_fsyncs):>6} | {r['errors']:>6}")
 
 
-HEADER = (f"{'phase':<9} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'commit wait':>11} "
-          f"{'wait p50':>9} {'srv µs/op':>10} {'ldr µs/op':>10} {'leader%':>8} {'client%':>8} "
-          f"{'errors':>6}")
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
-async def run_phase(name: str, urls: list[str], pids: list[int], *, leader: int | None,
-                    concurrency: int,
-                    duration_s: float, op: Callable[[AsyncClient, int, random.Random],
-                                                    Awaitable[float | None]]) -> dict[str, Any]:
-    """``concurrency`` workers call ``op`` in a closed loop; it returns the receipt's commit
-    wait (ms), or None when the operation has none."""
+def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors: list[str],
+              elapsed_s: float, node_cpu_s: dict[int, float], roles: dict[int, str],
+              loadgen_cpu_s: float, fsyncs: dict[int, int] | None = None) -> dict[str, Any]:
+    ops = len(latencies_s)
+    ordered = sorted(1000 * x for x in latencies_s)
+    total_ms = sum(ordered)
+    share = sum(waits_ms) / total_ms if waits_ms and total_ms else None
+    return {
+        "phase": name, "ops": ops, "errors": len(errors),
+        "first_errors": sorted(set(errors))[:3], "duration_s": round(elapsed_s, 2),
+        "ops_per_s": round(ops / elapsed_s, 1),
+        "p50_ms": round(percentile(ordered, 50), 3), "p99_ms": round(percentile(ordered, 99), 3),
+        "commit_wait_share": None if share is None else round(share, 4),
+        "commit_wait_p50_ms": round(percentile(sorted(waits_ms), 50), 3) if waits_ms else None,
+        "server_cpu_us_per_op": proc_cpu.us_per_op(sum(node_cpu_s.values()), ops),
+        # Each node alone: the leader does every commit and strong read; any node serves
+        # snapshot reads.
+        "nodes": [{"pid": pid, "role": roles[pid], "cpu_us_per_op": proc_cpu.us_per_op(cpu, ops),
+                   "cpu_pct": round(100 * cpu / elapsed_s, 1),
+                   # Group commit: the Paxos log's fsyncs on this node per operation.
+                   "fsyncs_per_op": round((fsyncs or {}).get(pid, 0) / ops, 3)
+                   if ops and fsyncs is not None else None}
+                  for pid, cpu in sorted(node_cpu_s.items(), key=lambda kv: (roles[kv[0]] != "leader", roles[kv[0]]))],
+        "loadgen_cpu_us_per_op": proc_cpu.us_per_op(loadgen_cpu_s, ops),
+        "loadgen_cpu_pct": round(100 * loadgen_cpu_s / elapsed_s, 1),
+    }
+
+
+async def run_aio(name: str, urls: list[str], pids: list[int], roles: dict[int, str], *,
+                  concurrency: int, duration_s: float, op: AioOp) -> dict[str, Any]:
+    """``concurrency`` workers of the asyncio client in this process call ``op`` in a closed
+    loop; it returns the receipt's commit wait (ms), or None when the operation has none."""
     latencies: list[float] = []
     waits: list[float] = []
     errors: list[str] = []
@@ -89,62 +143,113 @@ async def run_phase(name: str, urls: list[str], pids: list[int], *, leader: int 
                 except Exception as exc:  # counted, reported with the first few
                     errors.append(f"{type(exc).__name__}: {exc}"[:200])
                     continue
-                latencies.append((time.perf_counter() - started) * 1000)
+                latencies.append(time.perf_counter() - started)
                 if wait_ms is not None:
                     waits.append(wait_ms)
 
-        cpu_before_s = proc_cpu.cpu_s(pids)
-        leader_before_s = proc_cpu.cpu_s([leader]) if leader else 0.0
+        fsyncs_before = node_fsyncs(urls, pids)
+        before = {pid: proc_cpu.cpu_s([pid]) for pid in pids}
         own_before_s = time.process_time()
         began = time.monotonic()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed_s = time.monotonic() - began
-        server_cpu_s = proc_cpu.cpu_s(pids) - cpu_before_s
-        leader_cpu_s = proc_cpu.cpu_s([leader]) - leader_before_s if leader else 0.0
+        node_cpu_s = {pid: proc_cpu.cpu_s([pid]) - before[pid] for pid in pids}
         own_cpu_s = time.process_time() - own_before_s
-    ordered = sorted(latencies)
-    share = sum(waits) / sum(latencies) if waits and latencies else None
-    return {
-        "phase": name, "ops": len(latencies), "errors": len(errors),
-        "first_errors": sorted(set(errors))[:3], "duration_s": round(elapsed_s, 2),
-        "ops_per_s": round(len(latencies) / elapsed_s, 1),
-        "p50_ms": round(percentile(ordered, 50), 3), "p99_ms": round(percentile(ordered, 99), 3),
-        "commit_wait_share": None if share is None else round(share, 3),
-        "commit_wait_p50_ms": round(percentile(sorted(waits), 50), 3) if waits else None,
-        "server_cpu_us_per_op": proc_cpu.us_per_op(server_cpu_s, len(latencies)),
-        # The range's leader alone: every commit and strong read is its work.
-        "leader_cpu_us_per_op": proc_cpu.us_per_op(leader_cpu_s, len(latencies)) if leader
-        else None,
-        "leader_cpu_pct": round(100 * leader_cpu_s / elapsed_s, 1) if leader else None,
-        "client_cpu_pct": round(100 * own_cpu_s / elapsed_s, 1),
-    }
+        fsyncs_after = node_fsyncs(urls, pids)
+    return summarise(name, latencies, waits, errors, elapsed_s, node_cpu_s, roles, own_cpu_s,
+                     {pid: fsyncs_after[pid] - fsyncs_before[pid] for pid in pids})
 
 
-def leader_pid(urls: list[str], pids: list[int]) -> int | None:
-    """The pid of the node whose /v1/status says it leads a group of ``txn``."""
+def run_lean(name: str, urls: list[str], pids: list[int], roles: dict[int, str],
+             leaders: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    generators = Generators(name, urls, leaders, procs=args.procs, concurrency=args.concurrency,
+                            duration_s=args.duration, keys=args.keys)
+    time.sleep(1.0)  # the children start and import before the clock starts
+    profiles = start_profiles(name, roles, generators.pids, args.duration) if args.profile else []
+    fsyncs_before = node_fsyncs(urls, pids)
+    before = {pid: proc_cpu.cpu_s([pid]) for pid in pids}
+    began = time.monotonic()
+    generators.go()
+    result = generators.results()
+    elapsed_s = time.monotonic() - began
+    node_cpu_s = {pid: proc_cpu.cpu_s([pid]) - before[pid] for pid in pids}
+    fsyncs_after = node_fsyncs(urls, pids)
+    finish_profiles(profiles)
+    return summarise(name, result["latencies_s"], result["waits_ms"], result["errors"],
+                     elapsed_s, node_cpu_s, roles, result["cpu_s"],
+                     {pid: fsyncs_after[pid] - fsyncs_before[pid] for pid in pids})
+
+
+def node_ids(urls: list[str]) -> dict[str, int]:
+    """node id -> index into ``urls``, from each node's own /v1/status."""
+    out = {}
+    for index, url in enumerate(urls):
+        with urllib.request.urlopen(f"{url}/v1/status", timeout=5) as response:
+            view = json.loads(response.read())
+        out[view["node_id"]] = index
+    return out
+
+
+def _status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/v1/status", timeout=5) as response:
+        view: dict[str, Any] = json.loads(response.read())
+    return view
+
+
+def node_fsyncs(urls: list[str], pids: list[int]) -> dict[int, int]:
+    """pid -> the Paxos log fsyncs so far over the node's groups (its /v1/status)."""
+    return {pid: sum(int(group.get("fsyncs", 0)) for group in
+                     _status(url).get("transactional", {}).get("groups", {}).values())
+            for url, pid in zip(urls, pids)}
+
+
+def node_roles(urls: list[str], pids: list[int]) -> dict[int, str]:
+    """pid -> "leader" for the node whose /v1/status says it leads a group of ``txn``,
+    "follower-N" for the others."""
+    roles = {}
+    followers = 0
     for url, pid in zip(urls, pids):
         with urllib.request.urlopen(f"{url}/v1/status", timeout=5) as response:
             view = json.loads(response.read())
         groups = view.get("transactional", {}).get("groups", {})
         if any(group.get("leads") for group in groups.values()):
-            return pid
-    return None
+            roles[pid] = "leader"
+        else:
+            followers += 1
+            roles[pid] = f"follower-{followers}"
+    return roles
 
 
-def start_profile(pid: int, seconds: float) -> tuple[subprocess.Popen[bytes], Path] | None:
+def start_profiles(phase: str, roles: dict[int, str], loadgen_pids: list[int],
+                   seconds: float) -> list[tuple[subprocess.Popen[bytes], Path]]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("py-spy not found: no profile", flush=True)
-        return None
+        return []
     RESULTS.mkdir(exist_ok=True)
-    raw = RESULTS / "txn-leader.raw"
-    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                             "--rate", "200", "--format", "raw", "--output", str(raw),
-                             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proc, raw
+    targets = dict(roles) | {pid: f"loadgen-{i + 1}" for i, pid in enumerate(loadgen_pids)}
+    started = []
+    for pid, role in targets.items():
+        raw = RESULTS / f"txn-profile-{phase}-{role}.raw"
+        proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration",
+                                 str(max(1, int(seconds) - 1)), "--rate", "100", "--gil",
+                                 "--format", "raw", "--output", str(raw), "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started.append((proc, raw))
+    return started
 
 
-def summarise_profile(raw: Path, top: int = 25) -> str:
+def finish_profiles(started: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
+    for proc, raw in started:
+        _, err = proc.communicate(timeout=60)
+        if raw.exists():
+            raw.with_suffix(".txt").write_text(summarise_profile(raw) + "\n")
+            raw.unlink()
+        else:
+            print(f"py-spy gave no profile: {err.decode(errors='replace')[:300]}")
+
+
+def summarise_profile(raw: Path, top: int = 45) -> str:
     """Collapsed stacks → the functions most often on the stack (inclusive) and on top (self)."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -160,14 +265,15 @@ def summarise_profile(raw: Path, top: int = 25) -> str:
         for frame in set(frames):
             inclusive[frame] += count
         own[frames[-1]] += count
-    lines = [f"{total} samples of the leader during the cas phase", "", "inclusive:"]
+    total = max(total, 1)
+    lines = [f"{total} samples holding the GIL ({raw.stem})", "", "inclusive:"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
     lines += ["", "self:"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
     return "\n".join(lines)
 
 
-async def bench(urls: list[str], pids: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def aio_ops(args: argparse.Namespace) -> dict[str, AioOp]:
     versions: dict[str, tuple[int, int]] = {}  # a worker's key -> (value, version)
 
     async def cas(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
@@ -191,33 +297,40 @@ async def bench(urls: list[str], pids: list[int], args: argparse.Namespace) -> l
         await kv.get_versioned(f"k-{rng.randrange(args.keys)}", max_staleness_ms=STALENESS_MS)
         return None
 
-    async def load(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
+    return {"cas": cas, "txn": txn, "snapshot": snapshot}
+
+
+async def load_keys(urls: list[str], args: argparse.Namespace) -> None:
+    """The keys the snapshot reads hit (one pass, not timed as a phase)."""
+    async def load(kv: AsyncClient, index: int) -> None:
         for i in range(index, args.keys, args.concurrency):
             await kv.put(f"k-{i}", i)
-        return None
 
-    # Keys for the snapshot reads (one pass, not timed as a phase).
     async with AsyncClient(urls, keyspace=KEYSPACE) as kv:
-        await asyncio.gather(*(load(kv, i, random.Random(i)) for i in range(args.concurrency)))
+        await asyncio.gather(*(load(kv, i) for i in range(args.concurrency)))
+
+
+def bench(urls: list[str], pids: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    asyncio.run(load_keys(urls, args))
+    leaders = node_ids(urls)
+    ops = aio_ops(args)
     results = []
-    for name, op in (("cas", cas), ("txn", txn), ("snapshot", snapshot)):
-        profile = None
-        if name == "cas" and args.profile_leader:
-            pid = leader_pid(urls, pids)
-            profile = None if pid is None else start_profile(pid, max(1.0, args.duration - 1))
-        result = await run_phase(name, urls, pids, leader=leader_pid(urls, pids),
-                                 concurrency=args.concurrency,
-                                 duration_s=args.duration, op=op)
+    for name in args.phases:
+        roles = node_roles(urls, pids)
+        if args.client == "lean":
+            result = run_lean(name, urls, pids, roles, leaders, args)
+        else:
+            async def aio_phase() -> dict[str, Any]:
+                profiles = start_profiles(name, roles, [os.getpid()], args.duration) \
+                    if args.profile else []
+                try:
+                    return await run_aio(name, urls, pids, roles, concurrency=args.concurrency,
+                                         duration_s=args.duration, op=ops[name])
+                finally:
+                    finish_profiles(profiles)
+            result = asyncio.run(aio_phase())
         print(phase_line(result), flush=True)
         results.append(result)
-        if profile is not None:
-            proc, raw = profile
-            _, err = proc.communicate(timeout=60)
-            if raw.exists():
-                text = summarise_profile(raw)
-                (RESULTS / "txn-leader.txt").write_text(text + "\n")
-            else:
-                print(f"py-spy gave no profile: {err.decode(errors='replace')[:300]}")
     return results
 
 
@@ -238,11 +351,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench txn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="operations in flight (workers), over all generator processes")
     parser.add_argument("--keys", type=int, default=1000, help="keys the snapshot reads hit")
-    parser.add_argument("--profile-leader", action="store_true",
-                        help="sample the leader with py-spy during the cas phase")
+    parser.add_argument("--client", choices=("lean", "aio"), default="lean",
+                        help="lean: bench/txn_load.py in processes of its own; aio: the "
+                             "asyncio client in this process")
+    parser.add_argument("--procs", type=int, default=2, help="lean generator processes")
+    parser.add_argument("--phases", type=lambda text: text.split(","), default=list(PHASES),
+                        help="comma-separated, from cas,txn,snapshot")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample every node and the load generator with py-spy")
+    parser.add_argument("--out", type=Path, default=RESULTS / "txn.json")
     args = parser.parse_args(argv)
+    if not set(args.phases) <= set(PHASES) or not 1 <= args.procs <= args.concurrency:
+        parser.error("--phases must come from cas,txn,snapshot; --procs from 1 to --concurrency")
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ringkv-bench-txn-") as tmp:
         cluster = LocalCluster(Path(tmp), nodes=3, rf=3, base_client_port=free_port_block(3),
                                base_internode_port=free_port_block(3), config_overrides={
@@ -254,18 +378,26 @@ def main(argv: list[str] | None = None) -> int:
             urls = cluster.endpoints()
             pids = [node.proc.pid for node in cluster.procs if node.proc is not None]
             asyncio.run(wait_ready(urls))
+            print(f"client {args.client}" + (f" ({args.procs} processes)" if args.client == "lean"
+                                              else "") + f", concurrency {args.concurrency}, "
+                  f"load average before {load_before[0]:.2f}", flush=True)
             print(HEADER, flush=True)
-            results = asyncio.run(bench(urls, pids, args))
+            results = bench(urls, pids, args)
         finally:
             cluster.down()
+    load_after = os.getloadavg()
     for result in results:
         for line in result["first_errors"]:
             print(f"  {result['phase']} error: {line}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "txn.json"
-    out.write_text(json.dumps({"epsilon_floor_ms": EPSILON_FLOOR_MS, "concurrency": args.concurrency,
-                               "results": results}, indent=2))
-    print(f"\nresults written to {out}")
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "epsilon_floor_ms": EPSILON_FLOOR_MS, "client": args.client, "procs": args.procs,
+        "concurrency": args.concurrency, "duration_s": args.duration,
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results}, indent=2))
+    print(f"\nresults written to {args.out}")
     return 0
 
 

@@ -63,6 +63,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    """Run an anti-entropy repair on the node at --url and print its progress."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body: dict[str, Any] = {}
+    if args.keyspace is not None:
+        body["keyspace"] = args.keyspace
+    if args.range is not None:
+        body["range"] = args.range
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/v1/admin/repair", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"})
+    report: dict[str, Any] | None = None
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            for line in response:  # one JSON event per line, as the repair goes
+                event = json.loads(line)
+                if event.get("event") == "start":
+                    print(f"repairing {event['ranges']} ranges of "
+                          f"{', '.join(event['keyspaces'])} on {event['node_id']}", flush=True)
+                elif event.get("event") == "range":
+                    start, end = event["range"]
+                    outcome = (f"failed: {event['error']}" if not event["ok"] else
+                               f"differed, {event['cells_streamed']} cells streamed"
+                               if event["differed"] else "in step")
+                    print(f"  [{event['done']}/{event['total']}] {event['keyspace']} "
+                          f"({start}, {end}]: {outcome}", flush=True)
+                elif event.get("event") == "done":
+                    report = event
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())["error"]
+            message = error["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        print(f"ringkv: error: {message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"ringkv: error: repair via {args.url} broke off: {exc}", file=sys.stderr)
+        return 1
+    if report is None:
+        print("ringkv: error: the node closed the connection before the repair finished",
+              file=sys.stderr)
+        return 1
+    print(f"repair {'done' if report['ok'] else 'FAILED'} in {report['duration_s']:.1f}s: "
+          f"{report['ranges_compared']} ranges compared, {report['ranges_differed']} differed, "
+          f"{report['cells_streamed']} cells streamed, {report['ranges_failed']} failed")
+    return 0 if report["ok"] else 1
+
+
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -227,17 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
     status.set_defaults(func=cmd_status)
 
+    repair = commands.add_parser(
+        "repair", help="anti-entropy repair: compare Merkle trees with the other replicas of "
+                       "every range a node replicates and stream what differs")
+    repair.add_argument("--url", default="http://127.0.0.1:7400", help="the node to repair")
+    repair.add_argument("--keyspace", help="only this eventual keyspace (default: all)")
+    repair.add_argument("--range", help="only tokens in START:END (start exclusive, end inclusive)")
+    repair.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds to wait for progress before giving up")
+    repair.set_defaults(func=cmd_repair)
+
     cluster = commands.add_parser("cluster", help="run a local cluster of node processes")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True,
                                               metavar="ACTION")
     up = cluster_commands.add_parser("up", help="start N nodes on loopback; Ctrl-C stops them")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    up.add_argument("--rf", type=int, default=3, help="replication factor of the default keyspace")
+    up.add_argument("--rf", type=int, default=3, help="replication factor of the keyspaces default and txn")
     up.add_argument("--data-dir", default="./data", help="data directory (one folder per node)")
     up.add_argument("--base-port", type=int, default=7400,
                     help="node i serves HTTP on base+i and internode on base+100+i")
     up.add_argument("--demo", action="store_true",
-                    help="run the demo: write, kill a node, read, restart, replay hints")
+                    help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
 
     chaos = commands.add_parser(

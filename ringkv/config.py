@@ -47,6 +47,7 @@ __all__ = [
     "LimitsConfig",
     "TrueTimeConfig",
     "TxnConfig",
+    "RepairConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -57,6 +58,7 @@ TIERS = ("eventual", "transactional")
 TRANSACTIONAL = "transactional"
 ENGINES = ("leveldb", "memory")
 COMMIT_SYNCS = ("periodic", "batch")
+TOMBSTONE_GC_MODES = ("repair", "timeout")
 FILE_FIELD = "<file>"
 
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]+")
@@ -240,8 +242,34 @@ class TxnConfig:
     max_conflict_retries: int = 8
 
 
+@dataclass(frozen=True)
+class RepairConfig:
+    # Anti-entropy repair (ringkv/repair/): the built-in scheduler repairs every
+    # range this node replicates at least once per interval_s (0 = half of
+    # timing.gc_grace_s, so a deletion reaches every replica before its
+    # tombstone may go); trees are built by a scan throttled to
+    # scan_rate_mib_s; a peer's tree or sync must answer within
+    # request_timeout_s. tombstone_gc: repair = a tombstone (or expired cell)
+    # is purged only after gc_grace AND a repair of its range that began after
+    # it was written (ScyllaDB's tombstone_gc: repair); timeout = after
+    # gc_grace alone (Cassandra's default, which can resurrect deleted data
+    # when a replica missed the delete and no repair ran in time).
+    scheduled: bool = True
+    interval_s: int = 0
+    scan_rate_mib_s: float = 32.0
+    request_timeout_s: int = 600
+    tombstone_gc: str = "repair"
+
+
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
-    return {"default": KeyspaceConfig("default")}
+    # Both tiers out of the box: `default` (Dynamo-style) and `txn` (Paxos
+    # groups per range, strictly serializable), as conf/ringkv.yaml lists them.
+    return {
+        "default": KeyspaceConfig("default"),
+        "txn": KeyspaceConfig(
+            "txn", tier=TRANSACTIONAL, default_consistency=ConsistencyLevel.SERIAL
+        ),
+    }
 
 
 @dataclass(frozen=True)
@@ -253,6 +281,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     truetime: TrueTimeConfig = field(default_factory=TrueTimeConfig)
     txn: TxnConfig = field(default_factory=TxnConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
     # Where the config came from (file path), None for defaults or a dict.
     # Not part of equality: two configs with the same values are equal.
     source: str | None = field(default=None, compare=False)
@@ -283,7 +312,12 @@ class Config:
             "limits": dataclasses.asdict(self.limits),
             "truetime": dataclasses.asdict(self.truetime),
             "txn": dataclasses.asdict(self.txn),
+            "repair": dataclasses.asdict(self.repair),
         }
+
+    def repair_interval_s(self) -> int:
+        """The scheduler's interval: repair.interval_s, or half of gc_grace_s (at least 1 s)."""
+        return self.repair.interval_s or max(1, self.timing.gc_grace_s // 2)
 
     def transactional_keyspaces(self) -> list[str]:
         return [name for name, ks in self.keyspaces.items() if ks.tier == TRANSACTIONAL]
@@ -532,7 +566,8 @@ def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config
     limits = _read_limits(ctx, data.get("limits"))
     truetime = _read_truetime(ctx, data.get("truetime"))
     txn = _read_txn(ctx, data.get("txn"))
-    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, source)
+    repair = _read_repair(ctx, data.get("repair"), timing)
+    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, repair, source)
 
 
 def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
@@ -705,6 +740,23 @@ def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
         # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.
         ctx.fail("txn.lease_s", "a number from 0.2 to 60", _show(txn.lease_s))
     return txn
+
+
+def _read_repair(ctx: _Context, raw: object, timing: TimingConfig) -> RepairConfig:
+    sec = _Section(ctx, "repair", raw, _SECTIONS["repair"])
+    sec.take("scheduled", _check_bool)
+    sec.take("interval_s", _check_int, 0, _MAX_TTL_S)
+    sec.take("scan_rate_mib_s", _check_number_from, 0.01, 100_000.0)
+    sec.take("request_timeout_s", _check_int, 1, 86_400)
+    sec.take("tombstone_gc", _check_choice, TOMBSTONE_GC_MODES)
+    repair = RepairConfig(**sec.done())
+    if repair.interval_s and repair.interval_s >= timing.gc_grace_s:
+        # A range repaired less often than gc_grace lets tombstones wait past it
+        # (tombstone_gc: repair) or go before the delete reached every replica.
+        ctx.fail("repair.interval_s",
+                 f"less than timing.gc_grace_s ({timing.gc_grace_s}), or 0 for half of it",
+                 _show(repair.interval_s), related=("timing.gc_grace_s",))
+    return repair
 
 
 # Field checks: each returns the typed value or raises through ctx.fail.
@@ -883,5 +935,6 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "limits": _field_names(LimitsConfig),
     "truetime": _field_names(TrueTimeConfig),
     "txn": _field_names(TxnConfig),
+    "repair": _field_names(RepairConfig),
 }
 _KEYSPACE_KEYS = _field_names(KeyspaceConfig, skip=("name",))

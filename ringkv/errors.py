@@ -381,6 +381,24 @@ class NoLeader(RingKVError):
     http_status = 503
 
 
+class RepairRunning(RingKVError):
+    """A repair is already running on this node (one at a time per node)."""
+
+    code = "repair_running"
+    http_status = 409
+
+
+class ReplicaDown(RingKVError):
+    """A repair needs every replica of its ranges, and ``down`` are not alive."""
+
+    code = "replica_down"
+    http_status = 503
+
+    def __init__(self, message: str, *, down: list[str], **details: Any) -> None:
+        super().__init__(message, down=down, **details)
+        self.down = down
+
+
 _RESERVED_ATTRIBUTES = frozenset({"code", "message", "details", "args", "http_status"})
 
 # Stable code -> class, used by the client to rebuild typed errors from JSON.
@@ -410,5 +428,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         CrossRange,
         RangeMoving,
         NoLeader,
+        RepairRunning,
+        ReplicaDown,
     )
 }

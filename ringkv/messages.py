@@ -145,3 +145,65 @@ class ScanReply:
         if truncated and not out:
             raise ProtocolError("a truncated scan reply must hold at least one item")
         return cls(out, truncated)
+
+
+# Anti-entropy repair verbs (repair/service.py): build a Merkle tree of a range,
+# and pull the cells of some sub-ranges from the sender.
+REPAIR_TREE = "repair.tree"
+REPAIR_SYNC = "repair.sync"
+REPAIR_PREFIX = "repair."
+# A sync names at most one run per tree leaf (2**merkle.MAX_DEPTH).
+MAX_SYNC_PIECES = 1 << 15
+
+
+@dataclass(frozen=True)
+class RepairTreeRequest:
+    """Build the tree of ``token_range`` (part of the ring range ``ring_range``) at ``depth``."""
+
+    keyspace: str
+    token_range: tuple[int, int]
+    ring_range: tuple[int, int]
+    depth: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ks": self.keyspace, "s": self.token_range[0], "e": self.token_range[1],
+                "rs": self.ring_range[0], "re": self.ring_range[1], "d": self.depth}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> RepairTreeRequest:
+        depth = _field(obj, "d", int)
+        if not 0 <= depth <= 15:
+            raise ProtocolError("field 'd' is not a tree depth")
+        return cls(_keyspace(obj), (_token(obj, "s"), _token(obj, "e")),
+                   (_token(obj, "rs"), _token(obj, "re")), depth)
+
+
+@dataclass(frozen=True)
+class RepairSyncRequest:
+    """Pull ``pieces`` of ``ring_range`` from the sender; then, given
+    ``repaired_at_us``, record the ring range as repaired at that time (the
+    sender's whole repair of it succeeded with every replica)."""
+
+    keyspace: str
+    ring_range: tuple[int, int]
+    pieces: list[tuple[int, int]]
+    repaired_at_us: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ks": self.keyspace, "rs": self.ring_range[0], "re": self.ring_range[1],
+                "p": [[s, e] for s, e in self.pieces], "at": self.repaired_at_us}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> RepairSyncRequest:
+        raw = _field(obj, "p", list)
+        if len(raw) > MAX_SYNC_PIECES:
+            raise ProtocolError(f"field 'p' has more than {MAX_SYNC_PIECES} pieces")
+        pieces = []
+        for piece in raw:
+            if not (isinstance(piece, list) and len(piece) == 2):
+                raise ProtocolError("a sync piece must be [start, end]")
+            pieces.append((_token({"t": piece[0]}, "t"), _token({"t": piece[1]}, "t")))
+        at = obj.get("at")
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int) or at < 0):
+            raise ProtocolError("field 'at' must be a wall-clock time in µs or nil")
+        return cls(_keyspace(obj), (_token(obj, "rs"), _token(obj, "re")), pieces, at)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
@@ -70,6 +75,20 @@ class _RequestCollector:
         yield coordinated
 
 
+class _ReadOnScrape:
+    """One gauge family with labels, its samples read on every scrape."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str],
+                 read: Callable[[], Iterable[tuple[list[str], float]]]) -> None:
+        self._name, self._doc, self._labels, self._read = name, documentation, labels, read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self._name, self._doc, labels=self._labels)
+        for values, value in self._read():
+            family.add_metric(values, value)
+        yield family
+
+
 class NodeMetrics:
     def __init__(self, node_id: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -118,6 +137,11 @@ class NodeMetrics:
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read when /metrics is scraped."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def labelled_gauge(self, name: str, documentation: str, labels: list[str],
+                       read: Callable[[], Iterable[tuple[list[str], float]]]) -> None:
+        """A gauge family whose labelled samples are read when /metrics is scraped."""
+        self.registry.register(_ReadOnScrape(name, documentation, labels, read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ simulator can build the very same node on a virtual clock and a memory engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from ringkv.gossip.gossiper import Event, Gossiper
 from ringkv.gossip.service import GossipService, address_peer_id
 from ringkv.repair.handoff import HintedHandoff
 from ringkv.repair.hints import HintStore
+from ringkv.repair.history import RepairHistory
+from ringkv.repair.service import RepairService
+from ringkv.repair.session import repaired_since
 from ringkv.replica.internode import InternodeHandler, InternodeReplicas
 from ringkv.membership import (
     JOIN_TURN_STALL_ROUNDS,
@@ -127,11 +131,16 @@ class Node:
             periodic_sync_interval_ms=config.storage.periodic_sync_interval_ms,
             gc_grace_s=config.timing.gc_grace_s,
             sweep_interval_s=config.timing.tombstone_sweep_interval_s,
+            # Repair-aware tombstone GC (ScyllaDB's tombstone_gc: repair).
+            repaired_since=(self._repaired_since if config.repair.tombstone_gc == "repair"
+                            else None),
         )
+        self.repair_history = RepairHistory(self.store)
         self.local_replica = LocalReplica(self.store)
         self.router = ReplicaRouter(self.node_id, self.local_replica, remote=None)
         self.hints = HintStore(
-            self.store, self.hlc, self.clock, max_hint_window_s=config.timing.max_hint_window_s
+            self.store, self.hlc, self.clock, max_hint_window_s=config.timing.max_hint_window_s,
+            gc_grace_s=config.timing.gc_grace_s,
         )
         self.handoff = HintedHandoff(
             self.hints,
@@ -184,6 +193,23 @@ class Node:
         )
         if transactional:
             self._txn_metrics()
+        self.repair = RepairService(
+            self.node_id, self.store, self.local_replica, self.repair_history, self.clock,
+            # Seeded from the node id, not drawn from the node's rng: the
+            # scheduler's jitter leaves the simulator's other draws unchanged.
+            random.Random(f"repair:{self.node_id}"),
+            ring=lambda: self.ring,
+            keyspaces=self.eventual_keyspaces,
+            is_alive=self.is_alive,
+            requester=lambda: self.transport,
+            observe=self.hlc.observe,
+            interval_s=config.repair_interval_s(),
+            scheduled=config.repair.scheduled,
+            scan_rate_mib_s=config.repair.scan_rate_mib_s,
+            request_timeout_s=config.repair.request_timeout_s,
+            in_flight_margin_s=config.timing.write_timeout_ms / 1000,
+        )
+        self._repair_metrics()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -199,12 +225,14 @@ class Node:
         """
         await self.store.start()
         await self.hints.load()
+        await self.repair_history.load()
         self._saved_peers = self.identity.load_peers()
         if self.standalone:
             self.tokens = self._load_or_allocate_tokens(None)
             self._rebuild_ring()
             self.join_state = None
             self.txn.start()
+            self.repair.start()
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
@@ -227,6 +255,7 @@ class Node:
         self.join_state = None
         self._maintenance = asyncio.create_task(self._maintenance_loop())
         self.txn.start()
+        self.repair.start()
         log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
 
     def join_status(self) -> dict[str, Any] | None:
@@ -302,6 +331,7 @@ class Node:
             known_keyspace=lambda name: name in self.keyspaces,
             gossip=self._handle_gossip,
             txn=self.txn.handle if self.txn.enabled else None,
+            repair=self.repair.handle,
         )
         factory = self._transport_factory
         if factory is None:
@@ -425,6 +455,7 @@ class Node:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
         await self.handoff.stop()
+        await self.repair.stop()
         self.txn.stop()
         if self.gossip is not None:
             await self.gossip.stop()
@@ -594,6 +625,30 @@ class Node:
         self.metrics.gauge("ringkv_txn_commits", "Transactions committed at this node as leader",
                            lambda: float(self.txn.stats["commits"]))
 
+    def eventual_keyspaces(self) -> dict[str, int]:
+        """Eventual keyspace -> replication factor: what anti-entropy repair covers."""
+        return {name: ks.replication_factor for name, ks in self.config.keyspaces.items()
+                if ks.tier != "transactional"}
+
+    def _repaired_since(self, keyspace: str, token: int) -> int | None:
+        return repaired_since(self.repair_history.last, self.ring, keyspace, token)
+
+    def _repair_metrics(self) -> None:
+        repair = self.repair
+        for name, doc in (("ranges_compared", "Ranges whose Merkle trees repair compared"),
+                          ("ranges_differed", "Compared ranges where some replica differed"),
+                          ("cells_streamed", "Cells repair streamed between replicas"),
+                          ("ranges_failed", "Ranges a repair could not finish"),
+                          ("runs", "Repair runs finished (manual and scheduled)")):
+            self.metrics.gauge(f"ringkv_repair_{name}", doc,
+                               functools.partial(_total, repair.totals, name))
+        self.metrics.labelled_gauge(
+            "ringkv_repair_last_repaired_timestamp_seconds",
+            "When each range this node replicates was last repaired with every replica "
+            "(Unix seconds; 0 = never)", ["keyspace", "range"],
+            lambda: [([ks, f"{start}:{end}"], (last or 0) / 1e6)
+                     for ks, start, end, last in repair.ranges()])
+
     def _count(self, receipt: Receipt) -> None:
         # Lets operators (and the client's tests) see whether requests arrive
         # at a replica of their key, i.e. whether token-aware routing works.
@@ -603,6 +658,10 @@ class Node:
         """What this node's own replica holds, with no coordination."""
         self.coordinator.keyspace(keyspace)
         return self.local_replica.read(keyspace, token_for(key), key)
+
+
+def _total(totals: dict[str, int], name: str) -> float:
+    return float(totals[name])
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.txn import HEADER, phase_line, summarise_profile
+from bench.txn import HEADER, phase_line, summarise, summarise_profile
 
 
 def test_profile_summary_counts_inclusive_and_self(tmp_path: Path) -> None:
@@ -20,11 +20,18 @@ def test_profile_summary_counts_inclusive_and_self(tmp_path: Path) -> None:
 
 
 def test_phase_line_lines_up_with_the_header() -> None:
-    result = {"phase": "cas", "ops_per_s": 663.2, "p50_ms": 38.5, "p99_ms": 156.1,
-              "commit_wait_share": 0.004, "commit_wait_p50_ms": 0.02,
-              "server_cpu_us_per_op": 712.0, "leader_cpu_us_per_op": 450.0, "leader_cpu_pct": 60.0,
-              "client_cpu_pct": 16.0, "errors": 0}
+    result = summarise("cas", [0.010, 0.020, 0.030, 0.040], [0.02, 0.02, 0.03, 0.01], ["409"],
+                       elapsed_s=2.0, node_cpu_s={11: 0.002, 12: 0.0004, 13: 0.0008},
+                       roles={11: "leader", 12: "follower-1", 13: "follower-2"},
+                       loadgen_cpu_s=0.0002, fsyncs={11: 2, 12: 1, 13: 1})
     line = phase_line(result)
     assert len(line) == len(HEADER)
-    assert line.split()[:5] == ["cas", "663", "38.50", "156.10", "0%"]
+    # 4 ops in 2 s; commit wait 0.08 ms of 100 ms; CPU µs/op: leader, followers, all, loadgen;
+    # fsyncs per op: the leader's, a follower's.
+    assert line.split()[:5] == ["cas", "2", "30.00", "40.00", "0.1%"]
+    assert line.split("|")[1].split() == ["500", "100", "200", "800", "50"]
+    assert line.split("|")[2].split() == ["0.50", "0.25"]
+    assert line.split("|")[3].split() == ["1"]
     assert phase_line({**result, "commit_wait_share": None}).split()[4] == "-"
+    assert result["nodes"][0] == {"pid": 11, "role": "leader", "cpu_us_per_op": 500.0,
+                                  "cpu_pct": 0.1, "fsyncs_per_op": 0.5}

@@ -19,6 +19,7 @@ from ringkv.config import (
     TimingConfig,
     TrueTimeConfig,
     TxnConfig,
+    RepairConfig,
     config_from_dict,
     default_config,
     load_config,
@@ -49,7 +50,8 @@ def test_defaults():
     assert config.cluster.internode_address == "127.0.0.1:7500"
     assert config.cluster.data_dir == Path("data")
     assert config.keyspaces == {
-        "default": KeyspaceConfig("default", 3, "eventual", ConsistencyLevel.QUORUM)
+        "default": KeyspaceConfig("default", 3, "eventual", ConsistencyLevel.QUORUM),
+        "txn": KeyspaceConfig("txn", 3, "transactional", ConsistencyLevel.SERIAL),
     }
     assert config.timing.read_timeout_ms == 2000
     assert config.timing.phi_threshold == 8.0
@@ -75,8 +77,10 @@ def test_reference_yaml_lists_and_documents_every_field():
         "limits": LimitsConfig,
         "truetime": TrueTimeConfig,
         "txn": TxnConfig,
+        "repair": RepairConfig,
     }
-    assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn"]
+    assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn",
+                          "repair"]
     for section, cls in sections.items():
         assert list(data[section]) == [f.name for f in dataclasses.fields(cls)], section
     assert list(data["keyspaces"]["default"]) == [
@@ -221,7 +225,7 @@ def test_override_adds_keyspace_and_keeps_defaults():
     config = load_config(
         None, {"keyspaces.orders.replication_factor": 1, "keyspaces.default.tier": "eventual"}
     )
-    assert set(config.keyspaces) == {"default", "orders"}
+    assert set(config.keyspaces) == {"default", "txn", "orders"}
     assert config.keyspaces["orders"].replication_factor == 1
     assert config.keyspaces["default"] == KeyspaceConfig("default")
 
@@ -375,6 +379,13 @@ BAD_FIELDS = [
     ({"timing": {"max_hint_window_s": -1}}, "timing.max_hint_window_s", "an integer from 0 to"),
     ({"timing": {"hint_replay_rate_per_s": 0}}, "timing.hint_replay_rate_per_s", "from 1 to"),
     ({"timing": {"gc_grace_s": 1.5}}, "timing.gc_grace_s", "(a number)"),
+    ({"repair": {"interval_s": 864000}}, "repair.interval_s",
+     "less than timing.gc_grace_s (864000), or 0 for half of it, got 864000"),
+    ({"timing": {"gc_grace_s": 10}, "repair": {"interval_s": 10}}, "repair.interval_s",
+     "less than timing.gc_grace_s (10)"),
+    ({"repair": {"tombstone_gc": "never"}}, "repair.tombstone_gc", "one of"),
+    ({"repair": {"scheduled": "yes"}}, "repair.scheduled", "true or false"),
+    ({"repair": {"scan_rate_mib_s": 0}}, "repair.scan_rate_mib_s", "from 0.01"),
     ({"timing": {"default_ttl_s": -1}}, "timing.default_ttl_s", "from 0 to 630720000"),
     ({"timing": {"tombstone_sweep_interval_s": 0}}, "timing.tombstone_sweep_interval_s", "from 1 to"),
     (
@@ -600,6 +611,16 @@ def test_transactional_keyspace_is_serial_by_default():
     assert config.keyspaces["default"].default_consistency is ConsistencyLevel.QUORUM
     assert config.transactional_keyspaces() == ["txn"]
     assert config_from_dict(config.to_dict()) == config
-    assert default_config().transactional_keyspaces() == []
+    assert default_config().transactional_keyspaces() == ["txn"]
+    assert config_from_dict({"keyspaces": {"default": {}}}).transactional_keyspaces() == []
     assert default_config().truetime == TrueTimeConfig(1.0, 200, 250, 1000)
     assert default_config().txn == TxnConfig(2.0, 600, 200, 8)
+
+
+def test_the_repair_interval_defaults_to_half_of_gc_grace() -> None:
+    """ScyllaDB's tombstone_gc: repair needs a repair within gc_grace; half leaves room."""
+    assert default_config().repair_interval_s() == 432000
+    small = config_from_dict({"timing": {"gc_grace_s": 1}})
+    assert small.repair_interval_s() == 1  # never 0
+    explicit = config_from_dict({"timing": {"gc_grace_s": 100}, "repair": {"interval_s": 60}})
+    assert explicit.repair_interval_s() == 60

@@ -96,6 +96,33 @@ def test_hints_older_than_the_window_are_dropped_and_counted() -> None:
     run(scenario())
 
 
+def test_a_hint_older_than_gc_grace_is_never_replayed() -> None:
+    """Its write may have been deleted since, and the tombstone purged after
+    gc_grace: replaying it would resurrect the value. The window is longer
+    here, so only gc_grace can stop it (without it, the hint is replayed)."""
+    async def scenario(gc_grace_s: int | None) -> list[bytes]:
+        clock = ManualClock()
+        store = LocalStore(MemoryEngine(), clock)
+        hints = HintStore(store, HybridLogicalClock(clock), clock, max_hint_window_s=3600,
+                          gc_grace_s=gc_grace_s)
+        await store.start()
+        await hints.store_hint("n2", "ks", 1, b"old", Cell(b"1", Timestamp(1)))
+        clock.advance(31)
+        await hints.store_hint("n2", "ks", 2, b"new", Cell(b"1", Timestamp(2)))
+        delivered: list[bytes] = []
+
+        async def deliver(target, keyspace, token, key, cell):
+            delivered.append(key)
+
+        await HintReplayer(hints, deliver, lambda node: True, rate_per_s=10_000).replay("n2")
+        assert await hints.count("n2") == 0  # delivered or dropped, none left
+        await store.close()
+        return delivered
+
+    assert run(scenario(gc_grace_s=30)) == [b"new"]
+    assert run(scenario(gc_grace_s=None)) == [b"old", b"new"]
+
+
 def test_a_zero_window_disables_hints() -> None:
     async def scenario() -> None:
         store, hints = make(MemoryEngine(), ManualClock(), window_s=0)

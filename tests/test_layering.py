@@ -35,7 +35,7 @@ SHELL = frozenset({
     "coordinator/driver.py",
     "coordinator/__init__.py",  # re-exports the driver
     "replica/client.py", "replica/local.py", "replica/router.py", "replica/internode.py",
-    "repair/hints.py", "repair/handoff.py",
+    "repair/hints.py", "repair/handoff.py", "repair/history.py", "repair/service.py",
     "gossip/service.py",
     "net/rpc.py", "net/sockets.py", "net/transport.py",
     "storage/store.py", "storage/leveldb.py",

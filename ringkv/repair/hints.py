@@ -6,7 +6,10 @@ are records in the node's own LevelDB, committed with the same group commit
 as data, so they survive a restart. When gossip reports the replica UP again,
 its hints are replayed to it, throttled, oldest first, and deleted once
 acknowledged. Hints older than ``max_hint_window_s`` are dropped (and
-counted): by then anti-entropy repair, not a hint, is the right tool.
+counted): by then anti-entropy repair, not a hint, is the right tool. So are
+hints older than ``gc_grace_s``, whatever the window: the tombstones that
+superseded such a hint's write may already be purged, and replaying it would
+bring the deleted value back.
 
 Record layout::
 
@@ -66,13 +69,15 @@ class HintStats:
 
 class HintStore:
     def __init__(
-        self, store: LocalStore, hlc: HybridLogicalClock, clock: Clock, *, max_hint_window_s: int
+        self, store: LocalStore, hlc: HybridLogicalClock, clock: Clock, *, max_hint_window_s: int,
+        gc_grace_s: int | None = None,
     ) -> None:
         self._store = store
         self._hlc = hlc
         self._clock = clock
         self.clock = clock  # the replayer waits on it too
         self.max_hint_window_s = max_hint_window_s
+        self.gc_grace_s = gc_grace_s
         self.targets: set[str] = set()  # nodes that may have hints waiting
         # Bumped by every hint stored, so that a scan that found nothing while a
         # new hint was being stored does not forget the target (see ``oldest``).
@@ -126,7 +131,11 @@ class HintStore:
             await self._store.write_raw([], [hint.raw_key for hint in hints])
 
     def is_expired(self, hint: Hint) -> bool:
-        return self._clock.wall_us() - hint.created_us > self.max_hint_window_s * 1_000_000
+        """Past the hint window, or older than gc_grace (never replayed: see above)."""
+        limit_s = self.max_hint_window_s
+        if self.gc_grace_s is not None:
+            limit_s = min(limit_s, self.gc_grace_s)
+        return self._clock.wall_us() - hint.created_us > limit_s * 1_000_000
 
     async def count(self, target: str, limit: int = 1_000_000) -> int:
         prefix = _target_prefix(target)

@@ -385,6 +385,12 @@ def diff(a: MerkleTree, b: MerkleTree) -> list[TokenRange]:
     crosses the range's start is one wrapping range, and all leaves
     differing is the whole ring ``(start, start]``.
     """
+    return leaf_runs(a, differing_leaves(a, b))
+
+
+def differing_leaves(a: MerkleTree, b: MerkleTree) -> list[int]:
+    """The indices of the leaves where ``a`` and ``b`` differ, in order, found by
+    descending only into differing subtrees."""
     if a.range != b.range or a.depth != b.depth:
         raise TreeMismatch(
             f"trees of range {a.range} depth {a.depth} and range {b.range} depth {b.depth} "
@@ -394,9 +400,15 @@ def diff(a: MerkleTree, b: MerkleTree) -> list[TokenRange]:
         ours, theirs = a._levels[level], b._levels[level]
         differing = [child for node in differing for child in (2 * node, 2 * node + 1)
                      if ours[child] != theirs[child]]
+    return differing
+
+
+def leaf_runs(tree: MerkleTree, leaves: Sequence[int]) -> list[TokenRange]:
+    """The token ranges of ``leaves`` (indices in increasing order), adjacent
+    leaves merged into one run; on the whole ring a run may wrap past its start."""
     out: list[TokenRange] = []
-    for leaf in differing:
-        start, end = a.leaf_range(leaf)
+    for leaf in leaves:
+        start, end = tree.leaf_range(leaf)
         if out and out[-1][1] == start:  # the next leaf: extend the run
             out[-1] = (out[-1][0], end)
         else:

@@ -102,6 +102,7 @@ class InternodeHandler:
         gossip_prefix: str = "gossip.",
         txn: GossipHandler | None = None,
         txn_prefix: str = "txn.",
+        repair: GossipHandler | None = None,
     ) -> None:
         self._local = local
         self._hlc = hlc
@@ -110,12 +111,15 @@ class InternodeHandler:
         self._gossip_prefix = gossip_prefix
         self._txn = txn  # the transactional tier's verbs (txn/service.py)
         self._txn_prefix = txn_prefix
+        self._repair = repair  # anti-entropy repair's verbs (repair/service.py)
 
     async def __call__(self, from_node: str, verb: str, payload: Any) -> Any:
         if verb.startswith(self._gossip_prefix) and self._gossip is not None:
             return await self._gossip(from_node, verb, payload)
         if verb.startswith(self._txn_prefix) and self._txn is not None:
             return await self._txn(from_node, verb, payload)
+        if verb.startswith(m.REPAIR_PREFIX) and self._repair is not None:
+            return await self._repair(from_node, verb, payload)
         if verb == m.SCAN:
             request = m.ScanRequest.from_wire(payload)
             self._check_keyspace(request.keyspace)

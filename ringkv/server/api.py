@@ -27,6 +27,7 @@ from ringkv.metrics import CONTENT_TYPE
 from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
 from ringkv.server import validation as v
+from ringkv.repair.session import parse_range
 from ringkv.server.status import cluster_status, ring_view
 from ringkv.server import txn_validation as tv
 from ringkv.txn.requests import Condition, TxnRequest, Write
@@ -74,7 +75,8 @@ def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVE
 
 
 CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request"; never reaches a client
-STARTED_S = "ringkv.started_s"  # request key: when the request arrived, on the node's clock
+# When the request arrived, on the node's clock (a typed request key).
+STARTED_S = web.RequestKey("ringkv.started_s", float)
 # What a node that is not on the ring yet still answers: how it sees the
 # cluster and why it has not joined. Everything else (data, and health, so
 # that load balancers and tools wait) gets 503 not_joined.
@@ -432,16 +434,22 @@ async def _txn_get(request: web.Request, keyspace: str, key: bytes) -> web.Respo
                 max_staleness_ms=staleness_ms)
         result = await node.txn.execute(op, started_s=request[STARTED_S],
                                         timeout_s=node.config.timing.read_timeout_ms / 1000)
-        return json_response({"key": key.decode(), "value": _json_value(result["value"]),
-                              "version": result["version"], "receipt": result["receipt"]})
+        return _versioned_json(key, result["value"], result["version"], result["receipt"])
     result = await node.txn.execute(Op("get", keyspace, key=key), started_s=request[STARTED_S],
                                     timeout_s=node.config.timing.read_timeout_ms / 1000)
     read = result["reads"][0]
     if read["value"] is None:
         raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}",
                        receipt=result["receipt"])
-    return json_response({"key": key.decode(), "value": _json_value(read["value"]),
-                          "version": read["version"], "receipt": result["receipt"]})
+    return _versioned_json(key, read["value"], read["version"], result["receipt"])
+
+
+def _versioned_json(key: bytes, value: bytes, version: int, receipt: Any) -> web.Response:
+    """A transactional read's answer; the stored value is canonical JSON already, so it is
+    spliced in rather than decoded and encoded again (as ``_cell_json`` does)."""
+    head = _ENCODER.encode({"key": key.decode(), "version": version, "receipt": receipt})
+    return web.Response(body=head.encode()[:-1] + b',"value":' + bytes(value) + b"}",
+                        content_type="application/json")
 
 
 @_deduplicated
@@ -506,6 +514,61 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def post_repair(request: web.Request) -> web.StreamResponse:
+    """Run an anti-entropy repair on this node (``ringkv repair``).
+
+    Refusals (a repair running, a replica down, bad input) are plain JSON
+    errors. Once the repair starts, the answer streams one JSON line per
+    event: ``start``, one ``range`` per range done, then ``done`` with the
+    report (ranges compared, ranges that differed, cells streamed).
+    """
+    node = request.app[NODE_KEY]
+    node.require_joined()
+    body = await _json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"keyspace", "range"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a repair takes keyspace and range",
+                         field=unknown[0])
+    keyspace = body.get("keyspace")
+    if keyspace is not None and not isinstance(keyspace, str):
+        raise BadRequest("keyspace must be a string", field="keyspace")
+    token_range = None
+    if body.get("range") is not None:
+        if not isinstance(body["range"], str):
+            raise BadRequest("range must be a string START:END", field="range")
+        try:
+            token_range = parse_range(body["range"])
+        except ValueError as exc:
+            raise BadRequest(str(exc), field="range") from None
+    jobs = node.repair.begin(keyspace, token_range)  # claims the node, or refuses
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+
+    async def emit(event: dict[str, Any]) -> None:
+        try:
+            await response.write(_ENCODER.encode(event).encode() + b"\n")
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away; the repair goes on
+
+    try:
+        await response.prepare(request)
+        await emit({"event": "start", "node_id": node.node_id, "ranges": len(jobs),
+                    "keyspaces": sorted({job.keyspace for job in jobs})})
+    except BaseException:
+        node.repair.current = None  # never started: release the claim
+        raise
+    report = await node.repair.run(jobs, on_event=emit)
+    await emit({"event": "done", **report})
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+    return response
+
+
+async def get_repair(request: web.Request) -> web.Response:
+    return json_response(request.app[NODE_KEY].repair.status())
+
+
 async def health(request: web.Request) -> web.Response:
     return json_response({"ok": True, "node_id": request.app[NODE_KEY].node_id})
 
@@ -528,4 +591,6 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
     app.router.add_get("/v1/health", health, name="health", allow_head=False)
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
+    app.router.add_post("/v1/admin/repair", post_repair, name="repair")
+    app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
     return app

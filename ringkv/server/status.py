@@ -39,6 +39,9 @@ def cluster_status(node: Node) -> dict[str, Any]:
         "storage": {"sync_mode": node.config.storage.commit_sync, **vars(node.store.stats)},
         "hints": vars(node.hints.stats),
     }
+    # Anti-entropy repair: the scheduler, the run in progress, the last run,
+    # and when each range this node replicates was last repaired.
+    view["repair"] = node.repair.status()
     if node.txn.enabled:
         # TrueTime (ε, fenced or not and why), the Paxos groups here, their counters.
         view["transactional"] = node.txn.status_view()

@@ -47,6 +47,9 @@ class StoreStats:
     syncs: int = 0
     corrupt_records: int = 0
     purged: int = 0
+    # Purgeable by age, but kept: their range has not been repaired since they
+    # were written (repair-aware GC); counted once per sweep that keeps them.
+    purges_awaiting_repair: int = 0
 
 
 class LocalStore:
@@ -61,7 +64,11 @@ class LocalStore:
         sweep_interval_s: float = 3600.0,
         max_pending_writes: int = 10_000,
         sweep_chunk: int = 1000,
+        repaired_since: Callable[[str, int], int | None] | None = None,
     ) -> None:
+        """``repaired_since(keyspace, token)``: when (wall µs) the range holding
+        the token last began a repair that completed with every replica, or
+        None. Given, the sweep is repair-aware (``_repaired_after``)."""
         if sync_mode not in SYNC_MODES:
             raise ValueError(f"sync_mode must be one of {SYNC_MODES}, got {sync_mode!r}")
         self._engine = engine
@@ -72,6 +79,7 @@ class LocalStore:
         self._sweep_interval_s = sweep_interval_s
         self._max_pending_writes = max_pending_writes
         self._sweep_chunk = sweep_chunk
+        self._repaired_since = repaired_since
         # Writes not yet handed to the engine: raw key -> winning cell, or None
         # for a purge. Reads look here first, then at the batch being written.
         self._pending: dict[bytes, Cell | bytes | None] = {}
@@ -328,7 +336,10 @@ class LocalStore:
                 except CorruptRecord:
                     continue
                 if cell.is_purgeable(now_us, self._gc_grace_s):
-                    doomed.append((raw, cell))
+                    if self._repaired_after(raw, cell):
+                        doomed.append((raw, cell))
+                    else:
+                        self.stats.purges_awaiting_repair += 1
             for raw, cell in doomed:
                 try:
                     still_there = self._current(raw) == cell
@@ -341,6 +352,17 @@ class LocalStore:
             if doomed:
                 await self._enqueue_commit()
             start = items[-1][0] + b"\x00"
+
+    def _repaired_after(self, raw: bytes, cell: Cell) -> bool:
+        """Repair-aware GC (ScyllaDB's ``tombstone_gc: repair``): a tombstone or
+        expired cell goes only once a repair of its range began after it was
+        written, so every replica holds it (or newer) and no replica that
+        missed the delete can bring the old value back."""
+        if self._repaired_since is None:
+            return True  # GC by age alone
+        keyspace, token, _key = keys.parse_data_key(raw)
+        since = self._repaired_since(keyspace, token)
+        return since is not None and since > cell.ts.wall_us
 
     # -- helpers -----------------------------------------------------------
 

@@ -42,6 +42,8 @@ class LocalCluster:
             "keyspaces": {
                 "default": {"replication_factor": self.rf, "tier": "eventual",
                             "default_consistency": "QUORUM"},
+                "txn": {"replication_factor": self.rf, "tier": "transactional",
+                        "default_consistency": "SERIAL"},
             },
         }
         for dotted, value in self.config_overrides.items():
@@ -138,6 +140,18 @@ def format_status(status: dict[str, Any]) -> str:
             f"{state:<9}{_human_bytes(row.get('load_bytes', 0)):>11}{row.get('tokens', 0):>8}"
             f"{100 * float(row.get('owns', 0.0)):>7.1f}%  {row.get('dc', '?')}/{row.get('rack', '?')}"
         )
+    repair = status.get("repair")
+    if isinstance(repair, dict):
+        lines.append(f"Repair (ranges {status.get('node_id')} replicates):")
+        for keyspace, view in sorted(repair.get("keyspaces", {}).items()):
+            age = view.get("oldest_age_s")
+            oldest = "never (some range not yet repaired)" if age is None else f"{age:.0f}s ago"
+            lines.append(f"  {keyspace}: {view.get('repaired')}/{view.get('ranges')} ranges "
+                         f"repaired; oldest repair {oldest}")
+        if repair.get("running"):
+            run = repair["running"]
+            lines.append(f"  running ({run.get('trigger')}): {run.get('ranges_done')}/"
+                         f"{run.get('ranges_total')} ranges")
     return "\n".join(lines)
 
 
@@ -151,6 +165,13 @@ def _human_bytes(value: Any) -> str:
 
 
 def run_demo(cluster: LocalCluster, say=print) -> None:
+    """Both tiers: the eventual one (``run_eventual_demo``), then the
+    transactional one (``run_txn_demo``)."""
+    run_eventual_demo(cluster, say)
+    run_txn_demo(cluster, say)
+
+
+def run_eventual_demo(cluster: LocalCluster, say=print) -> None:
     """Write at QUORUM, kill a node, read at QUORUM, restart it, watch its hints replay."""
     first, victim = cluster.procs[0], cluster.procs[-1]
     say("\n== demo: write at QUORUM")
@@ -191,3 +212,82 @@ def run_demo(cluster: LocalCluster, say=print) -> None:
     say(f"hints stored by {first.node_id}: {body['hints']['stored']}, "
         f"replayed: {body['hints']['replayed']}")
     say("\n== `ringkv status`\n" + format_status(body))
+
+
+COUNTER = "demo-counter"
+
+
+def run_txn_demo(cluster: LocalCluster, say=print) -> None:
+    """Compare-and-set on the transactional keyspace ``txn``, surviving the
+    SIGKILL of its range's Paxos leader (Spanner §4.1: a new leader takes over
+    once the old lease has run out; no increment is lost or applied twice)."""
+    procs = cluster.procs
+    say("\n== demo: compare-and-set on the transactional keyspace `txn`")
+    value, version, receipt = _cas_increment(procs, procs[0], timeout_s=30)
+    say(f"CAS {COUNTER} -> {value} (version {version}), committed by leader "
+        f"{receipt['leader']} after {receipt['commit_wait_ms']} ms of commit wait")
+    status, stale = http("PUT", f"{procs[1].url}/v1/kv/txn/{COUNTER}",
+                         {"value": value + 100, "if": {"version": version - 1}})
+    error = stale.get("error", {}) if isinstance(stale, dict) else {}
+    say(f"CAS with a stale version -> {status} {error.get('code')}, "
+        f"current value {error.get('current_value')}")
+    leader = next((p for p in procs if p.node_id == receipt["leader"]), None)
+    if leader is None or len(procs) < 3:
+        say("(a leader kill needs 3 nodes; skipped)")
+        return
+    say(f"\n== demo: kill {leader.node_id}, the range's Paxos leader (SIGKILL)")
+    leader.kill()
+    killed_at = _CLOCK.monotonic_s()
+    survivors = [p for p in procs if p is not leader]
+    value, version, receipt = _cas_increment(survivors, survivors[0], timeout_s=30)
+    took_s = _CLOCK.monotonic_s() - killed_at
+    say(f"CAS {COUNTER} -> {value} (version {version}) through {survivors[0].node_id}, "
+        f"{took_s:.1f} s after the kill: {receipt['leader']} leads now "
+        f"(the old lease ran out, then an election)")
+    status, got = http("GET", f"{survivors[-1].url}/v1/kv/txn/{COUNTER}")
+    say(f"GET {COUNTER} through {survivors[-1].node_id} -> {status} {got.get('value')} "
+        f"(version {got.get('version')})")
+    say(f"\n== demo: restart {leader.node_id}; it catches up from the group's log")
+    leader.start()
+    cluster.wait_all_up()
+
+    def leader_caught_up() -> bool:
+        status, got = http("GET", f"{leader.url}/v1/kv/txn/{COUNTER}?max_staleness_ms=60000")
+        return status == 200 and got.get("value") == value
+
+    wait_until(leader_caught_up, timeout_s=60, interval_s=0.2,
+               what=f"{leader.node_id} to catch up")
+    say(f"{leader.node_id} serves {COUNTER} = {value} again (a snapshot read from its own replica)")
+
+
+def _cas_increment(procs: list[NodeProcess], first: NodeProcess, *,
+                   timeout_s: float) -> tuple[int, int, dict[str, Any]]:
+    """Read the counter, then put value + 1 if its version is unchanged; while
+    the range has no leader (503, 504), try again through the next node. A
+    409 means our own earlier attempt, whose answer was lost, committed, or
+    someone else's did: read again and retry. Returns (value, version, receipt)."""
+    order = [first, *[p for p in procs if p is not first]]
+    attempt = 0
+
+    def try_once() -> tuple[int, int, dict[str, Any]] | None:
+        nonlocal attempt
+        proc = order[attempt % len(order)]
+        attempt += 1
+        try:
+            status, got = http("GET", f"{proc.url}/v1/kv/txn/{COUNTER}", timeout_s=5)
+            if status == 404:
+                current, condition = 0, {"absent": True}
+            elif status == 200:
+                current, condition = int(got["value"]), {"version": got["version"]}
+            else:
+                return None
+            status, put = http("PUT", f"{proc.url}/v1/kv/txn/{COUNTER}",
+                               {"value": current + 1, "if": condition}, timeout_s=5)
+        except (OSError, HTTPException):
+            return None  # the node is down or cut off: try the next one
+        if status != 200:
+            return None
+        return current + 1, put["version"], put["receipt"]
+
+    return wait_until(try_once, timeout_s=timeout_s, interval_s=0.1,
+                      what=f"a compare-and-set on {COUNTER}")

@@ -102,7 +102,7 @@ from ringkv.txn.paxos_messages import (
     encode_commit_value,
 )
 from ringkv.txn.ranges import Range
-from ringkv.txn.truetime import TrueTime
+from ringkv.txn.truetime import TrueTime, TTInterval
 
 log = logging.getLogger(__name__)
 
@@ -342,10 +342,14 @@ class GroupRunner:
 
     def propose_future(
         self, txn_id: str, writes: Iterable[tuple[bytes, bytes | None]],
-        *, timeout_s: float | None = None,
+        *, timeout_s: float | None = None, now: TTInterval | None = None,
     ) -> asyncio.Future[Outcome]:
         """Commit ``writes`` (a value, or None to delete) as one log entry, at a
         timestamp this leader assigns; the future gives the ``Outcome``.
+
+        ``now``: ``TT.now()`` as the caller just read it through the fence, in the
+        same step (no await since), with the transaction's locks held; the
+        timestamp is assigned from it rather than from a second reading.
 
         A malformed commit (a key outside the group's range, a key twice, an
         oversized value) raises ``ProtocolError`` naming it; every other
@@ -365,7 +369,8 @@ class GroupRunner:
             hint = replica.leader_hint if replica.leader_hint != self.node_id else None
             return self._done(future, Outcome(REFUSED, txn_id, reason=reason, leader_hint=hint))
         try:
-            interval = self._truetime.check(self._clock.wall_us(), now_s).interval
+            interval = now if now is not None else self._truetime.check(
+                self._clock.wall_us(), now_s).interval
         except ClockUncertain:
             return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
         if interval is None:  # check() raises first; this keeps the type checker sure

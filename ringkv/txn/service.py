@@ -106,7 +106,7 @@ from ringkv.txn.paxos_messages import (
 )
 from ringkv.txn.ranges import Range, RangeMap
 from ringkv.txn.requests import Condition, TxnRequest, Write
-from ringkv.txn.truetime import TrueTime, ntp_sample
+from ringkv.txn.truetime import TrueTime, TTInterval, ntp_sample
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +333,15 @@ class TxnService:
 
     def _fence(self) -> int:
         """ε in µs, or ClockUncertain (503 clock_uncertain) while TrueTime fences this node."""
+        return self._fenced_now().epsilon_us
+
+    def _fenced_now(self) -> TTInterval:
+        """``TT.now()``, or ClockUncertain while TrueTime fences this node. Each call
+        combines every peer's samples (Marzullo): a request asks once and passes it on."""
         status = self.truetime.check(self._clock.wall_us(), self._clock.monotonic_s())
-        return status.epsilon_us or 0
+        if status.interval is None:  # check() raises first; this keeps the type checker sure
+            raise status.error()
+        return status.interval
 
     # -- groups ----------------------------------------------------------------------------
 
@@ -520,7 +527,7 @@ class TxnService:
         if op.keyspace not in self.keyspaces:
             raise NotFound(f"keyspace {op.keyspace!r} is not transactional", keyspace=op.keyspace)
         deadline_s = started_s + timeout_s
-        self._fence()
+        now = self._fenced_now()
         keys = [op.key] if op.request is None else op.request.keys()
         rng = self.range_of(op.keyspace, keys)
         snapshot = op.kind == "snapshot_get"
@@ -537,14 +544,14 @@ class TxnService:
                 persisted=None if persisted is None else persisted.replicas,
                 leads=runner is not None and runner.is_leader(),
                 leader_hint=None if runner is None else runner.leader(),
-                snapshot_ready=runner is not None and self._snapshot_ready(runner, op),
+                snapshot_ready=runner is not None and self._snapshot_ready(runner, op, now),
                 snapshot_read=snapshot, hops=hops, max_hops=MAX_HOPS)
             if decision.route is Route.MOVING:
                 raise RangeMoving(f"range {rng.group_id} is moving: the ring gives it replicas "
                                   f"{', '.join(rng.replicas)}, not the group's", range=rng.group_id)
             if decision.route is Route.LOCAL:
                 assert group is not None
-                return await self._serve(group, rng, op, deadline_s)
+                return await self._serve(group, rng, op, deadline_s, now)
             remaining_s = deadline_s - self._clock.monotonic_s()
             target = decision.target
             if target is not None and not member and target in failed:
@@ -569,6 +576,7 @@ class TxnService:
                 raise NoLeader(f"range {rng.group_id} has no leader within the deadline "
                                f"({timeout_s:.3f} s)", range=rng.group_id, reason="no_leader")
             await self._clock.sleep(LEADER_WAIT_STEP_S)
+            now = self.truetime.now(self._clock.wall_us(), self._clock.monotonic_s())
 
     async def _forward(self, target: str, op: Op, hops: int, remaining_s: float) -> dict[str, Any]:
         transport = self._transport()
@@ -583,21 +591,23 @@ class TxnService:
             raise ProtocolError("malformed answer to a transactional operation", field="answer")
         return answer
 
-    def _snapshot_ready(self, runner: GroupRunner, op: Op) -> bool:
+    def _snapshot_ready(self, runner: GroupRunner, op: Op, now: TTInterval) -> bool:
         if op.kind != "snapshot_get":
             return False
-        return self.faults.ignore_safe_time or runner.applied_ts_us >= self._snapshot_ts(op)
+        return self.faults.ignore_safe_time or runner.applied_ts_us >= self._snapshot_ts(op, now)
 
-    def _snapshot_ts(self, op: Op) -> int:
+    @staticmethod
+    def _snapshot_ts(op: Op, now: TTInterval) -> int:
+        """The timestamp a snapshot read must see: its own, or ``TT.now()`` minus its staleness."""
         if op.snapshot_ts_us is not None:
             return op.snapshot_ts_us
         staleness_us = (op.max_staleness_ms or 0) * 1000
-        interval = self.truetime.now(self._clock.wall_us(), self._clock.monotonic_s())
-        return interval.latest_us - staleness_us
+        return now.latest_us - staleness_us
 
-    async def _serve(self, group: _Group, rng: Range, op: Op, deadline_s: float) -> dict[str, Any]:
+    async def _serve(self, group: _Group, rng: Range, op: Op, deadline_s: float,
+                     now: TTInterval) -> dict[str, Any]:
         if op.kind == "snapshot_get":
-            return await self._snapshot_get(group, op, deadline_s)
+            return await self._snapshot_get(group, op, deadline_s, now)
         if op.kind == "status":
             assert op.txn_id is not None
             return await self._status(group, op.txn_id, deadline_s)
@@ -609,17 +619,18 @@ class TxnService:
         assert op.request is not None
         return await self._run(group, rng, op.request, deadline_s)
 
-    async def _snapshot_get(self, group: _Group, op: Op, deadline_s: float) -> dict[str, Any]:
+    async def _snapshot_get(self, group: _Group, op: Op, deadline_s: float,
+                            now: TTInterval) -> dict[str, Any]:
         runner = group.runner
         if op.snapshot_ts_us is not None:
             at_us = op.snapshot_ts_us
         elif runner.is_leader():
             # The freshest safe time there is, but never older than the bound allows
             # (a new leader's may be): then wait for safe time to reach the bound.
-            at_us = max(runner.applied_ts_us, self._snapshot_ts(op))
+            at_us = max(runner.applied_ts_us, self._snapshot_ts(op, now))
         else:
             at_us = runner.applied_ts_us
-            if at_us < self._snapshot_ts(op):
+            if at_us < self._snapshot_ts(op, now):
                 raise NoLeader("this replica's safe time is older than max_staleness_ms allows",
                                reason="stale")
         while runner.applied_ts_us < at_us and not self.faults.ignore_safe_time:
@@ -687,12 +698,16 @@ class TxnService:
                 running = _Running(asyncio.get_running_loop().create_future())
                 group.running[txn_id] = running
                 self._apply_step(group, group.manager.begin(txn_id, priority, plan))
-                remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
-                timer = self._clock.call_later(remaining_s, _settle, running.future, "timeout")
+                timer = None
+                if not running.future.done():  # no timer when the locks were free at once
+                    remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
+                    timer = self._clock.call_later(remaining_s, _settle, running.future,
+                                                   "timeout")
                 try:
                     state = await running.future
                 finally:
-                    timer.cancel()
+                    if timer is not None:
+                        timer.cancel()
                 if state == "timeout":
                     self._apply_step(group, group.manager.abort(txn_id))
                     raise Timeout(f"transaction {txn_id} waited for locks past its deadline",
@@ -748,7 +763,8 @@ class TxnService:
             current[key] = (Current(None, None) if version is None or version.value is None
                             else Current(version.value, version.commit_ts_us))
         verdict = evaluate(request, current)
-        epsilon_us = self._fence()
+        now = self._fenced_now()
+        epsilon_us = now.epsilon_us
         receipt: dict[str, Any] = {"leader": self.node_id, "range": runner.group_id,
                                    "epsilon_us": epsilon_us, "txn_id": txn_id}
         reads = [{"key": key, "value": cur.value, "version": cur.version_us}
@@ -777,7 +793,8 @@ class TxnService:
         if remaining_s <= 0:
             raise Timeout(f"transaction {txn_id} reached its deadline before proposing",
                           consistency="SERIAL", received=0, required=1, write=True)
-        outcome = await runner.propose_future(txn_id, verdict.writes, timeout_s=remaining_s)
+        outcome = await runner.propose_future(txn_id, verdict.writes, timeout_s=remaining_s,
+                                              now=now)
         if outcome.status == REFUSED:
             if outcome.reason == "clock_uncertain":
                 self._fence()
@@ -822,7 +839,10 @@ class TxnService:
             runner = group.runner
             groups[gid] = {"replicas": list(runner.group.replicas), "leader": runner.leader(),
                            "leads": runner.is_leader(), "applied_through": runner.applied_through,
-                           "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks)}
+                           "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks),
+                           # Group commit at work: fsyncs and persist batches per applied commit.
+                           "applied": runner.stats.applied, "fsyncs": runner.stats.fsyncs,
+                           "persist_batches": runner.stats.persist_batches}
         return {"truetime": self.clock_status(), "groups": groups, "stats": dict(self.stats)}
 
 
