@@ -33,6 +33,7 @@ def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "storage.engine": args.engine,
         # Only ever turned on from the command line; the file may also say true.
         "cluster.bootstrap_new_cluster": True if args.bootstrap_new_cluster else None,
+        "streaming.auto_bootstrap": False if args.no_auto_bootstrap else None,
     }
     return {key: value for key, value in flags.items() if value is not None}
 
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--commit-sync", choices=("periodic", "batch"), help="storage.commit_sync")
     node.add_argument("--engine", choices=("leveldb", "memory"), help="storage.engine")
+    node.add_argument("--no-auto-bootstrap", action="store_true",
+                      help="go NORMAL at once without streaming (streaming.auto_bootstrap: false); "
+                           "only for forming a new cluster that holds no data yet")
     node.set_defaults(func=cmd_node)
 
     status = commands.add_parser("status", help="print the cluster as one node sees it")

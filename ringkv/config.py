@@ -268,6 +268,11 @@ class StreamingConfig:
     # stream_throughput_outbound), in scan pages of at most page_cells cells.
     throughput_mib_s: float = 32.0
     page_cells: int = 500
+    # false: a new node takes its tokens and goes NORMAL at once, streaming
+    # nothing (Cassandra's auto_bootstrap: false). Only for forming a new
+    # cluster that holds no data yet; `ringkv cluster up` uses it for the
+    # nodes it starts together on fresh data directories.
+    auto_bootstrap: bool = True
 
 
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
@@ -774,6 +779,7 @@ def _read_streaming(ctx: _Context, raw: object) -> StreamingConfig:
     sec = _Section(ctx, "streaming", raw, _SECTIONS["streaming"])
     sec.take("throughput_mib_s", _check_number_from, 0.1, 100_000.0)
     sec.take("page_cells", _check_int, 1, MAX_SCAN_ITEMS)  # no replica returns more
+    sec.take("auto_bootstrap", _check_bool)
     return StreamingConfig(**sec.done())
 
 

@@ -274,7 +274,7 @@ class Node:
             await self._learn_ring()
         tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
         assert self.gossiper is not None
-        if not self.identity.load_bootstrapped():
+        if not self.identity.load_bootstrapped() and self.config.streaming.auto_bootstrap:
             await self._bootstrap(tokens)
             self.identity.save_tokens(tokens, bootstrapped=True)
         self.tokens, self.bootstrap_tokens = tokens, ()

@@ -21,6 +21,7 @@ from ringkv.clock import SystemClock
 from ringkv.tools.launcher import NodeProcess, http, wait_until
 
 _CLOCK = SystemClock()
+NO_STREAMING = "--no-auto-bootstrap"
 
 
 @dataclass
@@ -71,8 +72,17 @@ class LocalCluster:
         return self.procs
 
     def up(self, timeout_s: float = 60.0) -> None:
+        """Form the cluster: start every node, one at a time.
+
+        Nodes on fresh data directories form a new cluster that holds no
+        data, so they join without streaming (``--no-auto-bootstrap``, as
+        Cassandra forms a new cluster); a node that joins later streams.
+        """
         if not self.procs:
             self.build()
+        forming = [proc for proc in self.procs if not (self.data_dir / proc.node_id).exists()]
+        for proc in forming:
+            proc.extra_args.append(NO_STREAMING)
         try:
             for proc in self.procs:
                 proc.start()
@@ -81,6 +91,9 @@ class LocalCluster:
         except BaseException:
             self.down()
             raise
+        finally:
+            for proc in forming:
+                proc.extra_args.remove(NO_STREAMING)
 
     def wait_all_up(self, procs: list[NodeProcess] | None = None, timeout_s: float = 60.0) -> None:
         procs = self.procs if procs is None else procs
