@@ -60,13 +60,13 @@ def local_value(proc: NodeProcess, key: str) -> Any:
     return body["value"] if status == 200 else None
 
 
-def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list[NodeProcess]
-                        ) -> None:
+def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list[NodeProcess],
+                        consistency: str = "QUORUM") -> None:
     """Each acknowledged write on each natural replica's own copy (local=true, read
-    before any coordinated read of the key), then at QUORUM."""
+    before any coordinated read of the key), then at ``consistency``."""
     ring = ring_of(live[0])
     assert all(ring_of(proc) == ring for proc in live)
-    by_id = {proc.node_id: proc for proc in cluster.procs}
+    by_id = {proc.node_id: proc for proc in [*cluster.procs, *live]}
     missing = []
     for key, value in acked.items():
         for node_id in ring.replicas_for_key(key.encode(), 3):
@@ -75,7 +75,7 @@ def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list
     assert missing == [], f"{len(missing)} copies missing, e.g. {missing[:5]}"
     for i, (key, value) in enumerate(acked.items()):
         proc = live[i % len(live)]
-        status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?consistency=QUORUM")
+        status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?consistency={consistency}")
         assert status == 200 and body["value"] == value, (key, status, body)
 
 
