@@ -497,6 +497,13 @@ class Node:
         if self.join_state is not None or self.gossiper is None or self.left or self.leaving:
             raise TopologyRefused(f"node {self.node_id} is not NORMAL on a cluster's ring",
                                   reason="not_normal")
+        states = self.gossiper.endpoint_states()
+        # A removal that broke off left the dead node LEAVING; removing it again resumes.
+        busy = [n for n in self._topology_changes(states) if n != dead]
+        if busy:
+            raise TopologyRefused(
+                f"another topology change is running ({', '.join(busy)}); wait for it to end",
+                reason="topology_change_running", nodes=busy)
         if not gs.is_valid_node_id(dead):
             raise TopologyRefused(f"{dead!r:.80} is not a node id", reason="unknown_node",
                                   node=str(dead)[:80])
@@ -510,13 +517,6 @@ class Node:
             raise TopologyRefused(
                 f"{dead} is alive (UP in gossip); removenode is for dead nodes: decommission "
                 "it, or stop it for good first", reason="node_alive", node=dead)
-        states = self.gossiper.endpoint_states()
-        # A removal that broke off left the dead node LEAVING; removing it again resumes.
-        busy = [n for n in self._topology_changes(states) if n != dead]
-        if busy:
-            raise TopologyRefused(
-                f"another topology change is running ({', '.join(busy)}); wait for it to end",
-                reason="topology_change_running", nodes=busy)
         down = sorted(n for n in self.ring.node_ids if n != dead and not self.is_alive(n))
         if down:
             raise TopologyRefused(
