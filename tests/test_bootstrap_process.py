@@ -82,8 +82,10 @@ def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list
 class Load:
     """A client writing new keys and reading them back at QUORUM, until stopped."""
 
-    def __init__(self, procs: list[NodeProcess], prefix: str = "load") -> None:
+    def __init__(self, procs: list[NodeProcess], prefix: str = "load",
+                 pause_s: float = 0.0) -> None:
         self.procs = procs
+        self.pause_s = pause_s  # between writes: fewer keys to check afterwards
         self.prefix = prefix
         self.acked: dict[str, Any] = {}
         self.reads = {"ok": 0, "failed": 0}
@@ -106,6 +108,8 @@ class Load:
                     status = 0
                 self.reads["ok" if status == 200 else "failed"] += 1
             i += 1
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> Self:
         self._thread.start()

@@ -76,7 +76,7 @@ def test_removenode_restores_rf_copies_of_a_dead_nodes_ranges(tmp_path: Path) ->
 
         staying = cluster.procs[:3]
         kill_for_good(victim, staying)
-        with Load(staying, prefix="remove") as load:
+        with Load(staying, prefix="remove", pause_s=0.02) as load:
             done = subprocess.run(
                 [sys.executable, "-m", "ringkv.cli", "removenode", victim.node_id,
                  "--url", first.url, "--wait-s", "120"],
@@ -120,15 +120,15 @@ def test_a_replacement_with_an_empty_disk_takes_over_a_dead_nodes_tokens_and_dat
             return proc
 
         # Refusals: replacing a node that is alive, or one nobody knows, stops the new node.
-        for node_id, replace, reason in (("node8", "node2", "cannot replace node2: it is alive"),
-                                         ("node9", "nodeX", "cannot replace nodeX: it is not "
-                                                            "on the cluster's ring")):
-            refused = new_node(node_id, replace).launch()
+        refusals = {"cannot replace node2: it is alive": new_node("node8", "node2").launch(),
+                    "cannot replace nodeX: it is not on the cluster's ring":
+                        new_node("node9", "nodeX").launch()}
+        for reason, refused in refusals.items():
             assert refused.proc is not None and refused.proc.wait(timeout=60) != 0
             assert reason in refused.log_tail(80), refused.log_tail(80)
 
         replacement = new_node("node5", victim.node_id)
-        with Load(others, prefix="replace") as load:
+        with Load(others, prefix="replace", pause_s=0.02) as load:
             replacement.start()  # returns once it serves: NORMAL, every range streamed
             live = [*others, replacement]
             wait_ring(live, {p.node_id for p in live})
