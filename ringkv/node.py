@@ -573,9 +573,9 @@ class Node:
                       "removenode again to resume", self.node_id, dead, exc)
             self.removing = None
             return
+        # Its LEFT reaches this node's own gossip events too: hints go with it.
         self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEFT)
         self._rebuild_ring()
-        self._forget_hints(dead)
         progress.state, progress.finished_s = "done", self.clock.monotonic_s()
         log.info("node %s: %s is removed (LEFT): streamed %d ranges, %d cells, %d bytes",
                  self.node_id, dead, progress.ranges_done, progress.cells, progress.bytes)

@@ -128,6 +128,12 @@ def test_removenode_and_replace_recover_dead_nodes_and_refuse_what_is_unsafe() -
 
         n4.crash(power=True)
         await until(lambda: not node1.is_alive("n4") and not node2.is_alive("n4"), "n4 DOWN")
+        hinted_n4 = 0
+        for i in range(50):  # writes n4 replicates while down: n1 keeps hints for it
+            await put(f"hinted{i}", i)
+            hinted_n4 = await n1.run(node1.hints.count("n4"))
+            if hinted_n4:
+                break
         node1.removenode("n4")
         await until(lambda: node2.future_ring is not None, "n2 to learn n4 is LEAVING")
         # One topology change at a time, wherever it is asked for.
@@ -140,6 +146,9 @@ def test_removenode_and_replace_recover_dead_nodes_and_refuse_what_is_unsafe() -
             await asyncio.sleep(0.05)
         assert during > 20 and node1.streaming.state == "done"
         await until(lambda: "n4" not in node2.ring.node_ids, "n4 off n2's ring")
+        # The hints kept for n4 while it was down go with it (it never comes back).
+        await until(lambda: "n4" not in node1.hints.targets, "n4's hints dropped")
+        assert hinted_n4 > 0 and await n1.run(node1.hints.count("n4")) == 0
         check_every_replica(["n1", "n2", "n3"])
 
         n3.crash(power=True)
