@@ -34,6 +34,7 @@ def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
         # Only ever turned on from the command line; the file may also say true.
         "cluster.bootstrap_new_cluster": True if args.bootstrap_new_cluster else None,
         "streaming.auto_bootstrap": False if args.no_auto_bootstrap else None,
+        "cluster.replace_node_id": args.replace,
     }
     return {key: value for key, value in flags.items() if value is not None}
 
@@ -154,6 +155,57 @@ def cmd_decommission(args: argparse.Namespace) -> int:
             return 1
         clock.sleep_s(0.5)
     print(f"ringkv: error: {node_id} had not left after {args.wait_s:.0f}s", file=sys.stderr)
+    return 1
+
+
+def cmd_removenode(args: argparse.Namespace) -> int:
+    """Ask the node at --url to remove a dead node, then follow it until done."""
+    from ringkv.clock import SystemClock
+    from ringkv.tools.launcher import http
+
+    url = args.url.rstrip("/")
+    try:
+        status, body = http("POST", url + "/v1/removenode", {"node_id": args.node_id},
+                            timeout_s=args.timeout)
+    except OSError as exc:
+        print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if status != 202:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        print(f"ringkv: error: removenode refused ({error.get('reason', status)}): "
+              f"{error.get('message', body)}", file=sys.stderr)
+        return 1
+    coordinator = body["node_id"]
+    print(f"{args.node_id} is LEAVING (removed by {coordinator}); streaming its ranges from the "
+          "surviving replicas to their new owners")
+    clock = SystemClock()
+    deadline_s = clock.monotonic_s() + args.wait_s
+    shown = None
+    while clock.monotonic_s() < deadline_s:
+        try:
+            status, body = http("GET", url + "/v1/status", timeout_s=args.timeout)
+        except OSError as exc:
+            print(f"ringkv: error: lost {args.url} while it removed {args.node_id}: {exc}; "
+                  "run removenode again (on any node) to resume", file=sys.stderr)
+            return 1
+        view = body.get("streaming", {}) if status == 200 and isinstance(body, dict) else {}
+        line = (f"  {view.get('state')}: ranges {view.get('ranges_done', 0)}/"
+                f"{view.get('ranges_total', 0)}, {view.get('cells', 0)} cells, "
+                f"{view.get('bytes', 0)} bytes, {view.get('rate_mib_s', 0)} MiB/s")
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if view.get("state") == "done":
+            print(f"{args.node_id} is removed (LEFT): its ranges have RF copies again")
+            return 0
+        if view.get("state") == "failed":
+            print(f"ringkv: error: the ranges of {args.node_id} could not be streamed; it stays "
+                  "LEAVING (see the log of the node at --url; run removenode again to resume)",
+                  file=sys.stderr)
+            return 1
+        clock.sleep_s(0.5)
+    print(f"ringkv: error: {args.node_id} was not removed after {args.wait_s:.0f}s",
+          file=sys.stderr)
     return 1
 
 
@@ -312,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-new-cluster", action="store_true",
         help="start a new cluster alone if no seed answers (sets cluster.bootstrap_new_cluster)",
     )
+    node.add_argument(
+        "--replace", metavar="NODE_ID",
+        help="take the place of this dead node: its tokens, and its data streamed from the "
+             "other replicas (sets cluster.replace_node_id; start with an empty data dir)",
+    )
     node.add_argument("--commit-sync", choices=("periodic", "batch"), help="storage.commit_sync")
     node.add_argument("--engine", choices=("leveldb", "memory"), help="storage.engine")
     node.add_argument("--no-auto-bootstrap", action="store_true",
@@ -340,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     leave.add_argument("--wait-s", type=float, default=3600.0,
                        help="seconds to follow the node until it has left")
     leave.set_defaults(func=cmd_decommission)
+    remove = commands.add_parser(
+        "removenode", help="remove a dead node: the surviving replicas stream its ranges to "
+                           "their new owners, so every range has RF copies again")
+    remove.add_argument("node_id", metavar="NODE_ID", help="the id of the dead node")
+    remove.add_argument("--url", required=True,
+                        help="the HTTP address of a live node, which coordinates the removal")
+    remove.add_argument("--timeout", type=float, default=5.0, help="seconds to wait per request")
+    remove.add_argument("--wait-s", type=float, default=3600.0,
+                        help="seconds to follow the removal until it is done")
+    remove.set_defaults(func=cmd_removenode)
 
     cluster = commands.add_parser("cluster", help="run a local cluster of node processes")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True,

@@ -99,6 +99,10 @@ class ClusterConfig:
     # quorum writes alone); true lets it start a new cluster alone. Not
     # needed when the node is its own only seed.
     bootstrap_new_cluster: bool = False
+    # A new node that takes a dead node's place (``ringkv node --replace``):
+    # the dead node's id. The new node takes its tokens and streams their
+    # ranges from the other replicas before it serves. None = a plain join.
+    replace_node_id: str | None = None
     # Storage location: this node's data lives under data_dir / node_id, so
     # several local nodes can share one data_dir.
     data_dir: Path = Path("./data")
@@ -599,6 +603,7 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("broadcast_client", _check_advertised_address)
     sec.take("seeds", _check_seeds)
     sec.take("bootstrap_new_cluster", _check_bool)
+    sec.take("replace_node_id", _check_optional_name, 64)
     sec.take("data_dir", _check_path)
     sec.take("num_tokens", _check_int, 1, 256)
     sec.take("dc", _check_name, 64)
@@ -838,6 +843,10 @@ def _check_name(ctx: _Context, name: str, value: object, max_len: int) -> str:
     if len(value) > max_len or not _NAME_CHARS.fullmatch(value) or value in (".", ".."):
         ctx.fail(name, wanted, _show(value))
     return value
+
+
+def _check_optional_name(ctx: _Context, name: str, value: object, max_len: int) -> str | None:
+    return None if value is None else _check_name(ctx, name, value, max_len)
 
 
 def _check_host(ctx: _Context, name: str, value: object) -> str:

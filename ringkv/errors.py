@@ -398,9 +398,10 @@ class ReplicaDown(RingKVError):
         super().__init__(message, down=down, **details)
         self.down = down
 class TopologyRefused(RingKVError):
-    """A topology change (``decommission``) was refused (``reason``): the node is
-    not NORMAL, another change is running, a node is down, or too few nodes
-    would remain for the replication factor."""
+    """A topology change (``decommission``, ``removenode``, ``--replace``) was
+    refused (``reason``): the node is not NORMAL, another change is running, a
+    node is down, the node named is alive or unknown, or too few nodes would
+    remain for the replication factor."""
 
     code = "topology_refused"
     http_status = 409

@@ -3,7 +3,7 @@
 Every node builds its ring from the endpoint states gossip has spread
 (Dynamo §4.8, Cassandra's ``TokenMetadata``): a node is on the ring once it
 announces NORMAL (or LEAVING) with tokens, and comes off when it announces
-LEFT. Nodes still in BOOT are not owners yet: with tokens, they are
+LEFT (or a NORMAL node names it in REPLACES). Nodes still in BOOT are not owners yet: with tokens, they are
 *pending* owners streaming their ranges (``topology.pending``).
 
 Peers saved by an earlier run stay on the ring until gossip says otherwise.
@@ -44,11 +44,15 @@ def ring_from_gossip(
     it, and a node with no tokens yet is not on its own ring).
     """
     peers = dict(saved_peers)
+    # A NORMAL node that replaced a dead one (REPLACES) holds its tokens: the
+    # dead node is off the ring even before its LEFT reaches this node.
+    replaced = {state.get(gs.REPLACES) for node_id, state in states.items()
+                if state.get(gs.STATUS) == gs.NORMAL and state.get(gs.REPLACES)}
     for node_id, state in states.items():
         status = state.get(gs.STATUS)
         if node_id == self_info.node_id or status is None or status == gs.BOOT:
             continue
-        if status == gs.LEFT:
+        if status == gs.LEFT or node_id in replaced:
             peers.pop(node_id, None)
             continue
         node_tokens = gs.parse_tokens(state.get(gs.TOKENS) or "")

@@ -50,8 +50,13 @@ from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_toke
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
-from ringkv.topology.pending import future_ring, joining_from_gossip, leaving_from_gossip
-from ringkv.topology.plan import StreamProgress, bootstrap_plan, leave_plan
+from ringkv.topology.pending import (
+    future_ring,
+    joining_from_gossip,
+    leaving_from_gossip,
+    replacing_from_gossip,
+)
+from ringkv.topology.plan import StreamProgress, StreamRange, bootstrap_plan, leave_plan, remove_plan
 from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
@@ -178,6 +183,11 @@ class Node:
         self.left = False  # LEFT: it no longer coordinates, and is about to stop
         self.on_left: Callable[[], None] | None = None
         self._leave_task: asyncio.Task[None] | None = None
+        # removenode coordinated here: the dead node being removed, while it runs.
+        self.removing: str | None = None
+        self._remove_task: asyncio.Task[None] | None = None
+        # ``ringkv node --replace``: the dead node whose tokens this node takes.
+        self.replacing: str | None = config.cluster.replace_node_id or None
         self._saved_peers: dict[str, dict[str, Any]] = {}
         self.ring = TokenRing({})
         # The ring once the joins in progress finish (topology.pending); None
@@ -270,16 +280,30 @@ class Node:
         """
         if self.join_state is None:
             return  # standalone: open() did it all
-        if self.identity.load_tokens() is None or not self.identity.load_bootstrapped():
+        new_node = self.identity.load_tokens() is None
+        if new_node or not self.identity.load_bootstrapped():
             await self._learn_ring()
-        tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
         assert self.gossiper is not None
-        if not self.identity.load_bootstrapped() and self.config.streaming.auto_bootstrap:
-            await self._bootstrap(tokens)
+        if self.replacing and (new_node or not self.identity.load_bootstrapped()):
+            tokens = await self._replace_tokens(self.replacing)
+        else:
+            tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
+        if not self.identity.load_bootstrapped():
+            # Without auto_bootstrap (forming a new cluster that holds no
+            # data) the node takes its tokens and goes NORMAL at once; a
+            # replacement always streams the dead node's data.
+            if self.replacing or self.config.streaming.auto_bootstrap:
+                await self._bootstrap(tokens)
             self.identity.save_tokens(tokens, bootstrapped=True)
         self.tokens, self.bootstrap_tokens = tokens, ()
+        if self.replacing:
+            self.gossiper.set_local(gs.REPLACES, self.replacing)
         self.gossiper.set_local(gs.TOKENS, gs.format_tokens(self.tokens))
         self.gossiper.set_local(gs.STATUS, gs.NORMAL)
+        if self.replacing:
+            # Our NORMAL with REPLACES takes the dead node off every ring; its
+            # LEFT (said on its behalf) makes the others drop its hints too.
+            self.gossiper.set_for_dead(self.replacing, gs.STATUS, gs.LEFT)
         self._rebuild_ring()
         self.join_state = None
         self._maintenance = asyncio.create_task(self._maintenance_loop())
@@ -312,15 +336,23 @@ class Node:
         assert self.gossiper is not None
         self.bootstrap_tokens = tokens
         self._set_join_state(STREAMING)
+        if self.replacing:
+            self.gossiper.set_local(gs.REPLACES, self.replacing)
         self.gossiper.set_local(gs.TOKENS, gs.format_tokens(tokens))
         self._rebuild_ring()
         progress = self.streaming
         progress.state = "waiting_for_ring"
         await self.clock.sleep(self._ring_delay_s())
         self._rebuild_ring()
-        future = self.future_ring or self.ring.with_node(self.node_id, tokens, self.info)
+        future = self.future_ring or self._ring_without(self.replacing).with_node(
+            self.node_id, tokens, self.info)
         plan = bootstrap_plan(self.ring, future, self.node_id, self._eventual_replication(),
                               self.is_alive, self.coordinator.snitch.by_proximity)
+        if self.replacing:
+            # The node replaced is dead: never a source (its data is what is lost).
+            plan = [StreamRange(r.keyspace, r.start, r.end,
+                                tuple(n for n in r.sources if n != self.replacing), r.target)
+                    for r in plan]
         progress.ranges_total, progress.state = len(plan), "streaming"
         progress.started_s = self.clock.monotonic_s()
         log.info("node %s: streaming %d ranges from %d replicas", self.node_id, len(plan),
@@ -389,8 +421,7 @@ class Node:
             raise TopologyRefused(f"node {self.node_id} is not NORMAL on a cluster's ring",
                                   reason="not_normal")
         states = self.gossiper.endpoint_states()
-        busy = sorted(joining_from_gossip(states, self.node_id)) + sorted(
-            leaving_from_gossip(states, self.node_id))
+        busy = self._topology_changes(states)
         if busy:
             raise TopologyRefused(
                 f"another topology change is running ({', '.join(busy)}); wait for it to end",
@@ -445,6 +476,145 @@ class Node:
         await self.clock.sleep(JOIN_LEARN_ROUNDS * self.config.timing.gossip_interval_ms / 1000)
         if self.on_left is not None:
             self.on_left()
+
+    def _topology_changes(self, states: dict[str, Any]) -> list[str]:
+        """The nodes joining, leaving or being removed now (a change is running)."""
+        busy = set(joining_from_gossip(states, self.node_id)) | set(
+            leaving_from_gossip(states, self.node_id))
+        if self.removing:
+            busy.add(self.removing)
+        return sorted(busy)
+
+    def _ring_without(self, node_id: str | None) -> TokenRing:
+        return self.ring.without_node(node_id) if node_id in self.ring.node_ids else self.ring
+
+    def removenode(self, dead: str) -> dict[str, Any]:
+        """Remove a node that is down for good (``ringkv removenode``, Cassandra's
+        removenode): mark it LEAVING on its behalf, stream each range it
+        replicated from a surviving replica to the node that gains it, so RF
+        copies exist again, then mark it LEFT. This node coordinates; the
+        cells pass through it (SCAN from a survivor, WRITE to the gainer), so
+        no node needs a new verb. Returns the progress at once; refuses with
+        TopologyRefused when the removal is not safe to start."""
+        if self.removing == dead:
+            return self._removal_view()  # already under way
+        if self.join_state is not None or self.gossiper is None or self.left or self.leaving:
+            raise TopologyRefused(f"node {self.node_id} is not NORMAL on a cluster's ring",
+                                  reason="not_normal")
+        states = self.gossiper.endpoint_states()
+        # A removal that broke off left the dead node LEAVING; removing it again resumes.
+        busy = [n for n in self._topology_changes(states) if n != dead]
+        if busy:
+            raise TopologyRefused(
+                f"another topology change is running ({', '.join(busy)}); wait for it to end",
+                reason="topology_change_running", nodes=busy)
+        if not gs.is_valid_node_id(dead):
+            raise TopologyRefused(f"{dead!r:.80} is not a node id", reason="unknown_node",
+                                  node=str(dead)[:80])
+        if dead == self.node_id:
+            raise TopologyRefused(f"{dead} is this node; decommission it instead",
+                                  reason="node_alive", node=dead)
+        if dead not in self.ring.node_ids:
+            raise TopologyRefused(f"{dead} is not on the ring (unknown, or already left)",
+                                  reason="unknown_node", node=dead)
+        if self.is_alive(dead):
+            raise TopologyRefused(
+                f"{dead} is alive (UP in gossip); removenode is for dead nodes: decommission "
+                "it, or stop it for good first", reason="node_alive", node=dead)
+        down = sorted(n for n in self.ring.node_ids if n != dead and not self.is_alive(n))
+        if down:
+            raise TopologyRefused(
+                f"{', '.join(down)} {'is' if len(down) == 1 else 'are'} down too: the nodes "
+                f"taking over {dead}'s ranges must be up (restart or remove it first)",
+                reason="node_down", nodes=down)
+        rf = max(self._eventual_replication().values(), default=1)
+        if len(self.ring) - 1 < rf:
+            raise TopologyRefused(
+                f"the ring has {len(self.ring)} nodes; without {dead} it could not hold "
+                f"{rf} replicas (replication_factor {rf})", reason="too_few_nodes",
+                nodes_left=len(self.ring) - 1, replication_factor=rf)
+        self.removing = dead
+        self.streaming = StreamProgress(direction="removenode", state="waiting_for_ring")
+        self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEAVING)
+        self._rebuild_ring()
+        log.info("node %s: removing dead node %s; its ranges stream from the surviving "
+                 "replicas to their new owners", self.node_id, dead)
+        self._remove_task = asyncio.create_task(self._remove(dead))
+        return self._removal_view()
+
+    def _removal_view(self) -> dict[str, Any]:
+        return {"removing": self.removing, **self.streaming.view(self.clock.monotonic_s())}
+
+    async def _remove(self, dead: str) -> None:
+        assert self.gossiper is not None
+        progress = self.streaming
+        try:
+            # Every coordinator learns that the dead node is LEAVING and sends
+            # writes to its ranges' new owners too before the streams start.
+            await self.clock.sleep(self._ring_delay_s())
+            self._rebuild_ring()
+            future = self.future_ring or self._ring_without(dead)
+            plan = remove_plan(self.ring, future, dead, self._eventual_replication(),
+                               self.is_alive, self.coordinator.snitch.by_proximity)
+            progress.ranges_total, progress.state = len(plan), "streaming"
+            progress.started_s = self.clock.monotonic_s()
+            log.info("node %s: removenode %s streams %d ranges to %d nodes", self.node_id,
+                     dead, len(plan), len({r.target for r in plan}))
+            streamer = self._streamer(progress)
+            for attempt in range(1, MAX_BOOTSTRAP_PASSES + 1):
+                try:
+                    await streamer.run(plan[progress.ranges_done:])
+                    break
+                except StreamFailed as exc:
+                    if attempt == MAX_BOOTSTRAP_PASSES:
+                        raise
+                    log.warning("node %s: removenode %s: %s; trying again in %.0fs",
+                                self.node_id, dead, exc, BOOTSTRAP_RETRY_S)
+                    await self.clock.sleep(BOOTSTRAP_RETRY_S)
+        except Exception as exc:  # noqa: BLE001 - a failed removal must say so
+            progress.state = "failed"
+            log.error("node %s: removenode %s failed (%s); it stays LEAVING on the ring: run "
+                      "removenode again to resume", self.node_id, dead, exc)
+            self.removing = None
+            return
+        # Its LEFT reaches this node's own gossip events too: hints go with it.
+        self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEFT)
+        self._rebuild_ring()
+        progress.state, progress.finished_s = "done", self.clock.monotonic_s()
+        log.info("node %s: %s is removed (LEFT): streamed %d ranges, %d cells, %d bytes",
+                 self.node_id, dead, progress.ranges_done, progress.cells, progress.bytes)
+        self.removing = None
+
+    async def _replace_tokens(self, dead: str) -> tuple[int, ...]:
+        """The tokens of ``dead``, which this new node takes over (``--replace``),
+        once it is sure ``dead`` is a known ring member that is down: its
+        heartbeat must not move for a ring delay. Refuses with TopologyRefused."""
+        assert self.gossiper is not None
+        if dead == self.node_id:
+            raise TopologyRefused(f"node {self.node_id} cannot replace itself; give the "
+                                  "replacement a new node id", reason="node_alive", node=dead)
+        state = self.gossiper.endpoint_states().get(dead)
+        tokens = tuple(sorted(self.gossiper.tokens_of(dead)))
+        if state is None or dead not in self.ring.node_ids or not tokens:
+            raise TopologyRefused(
+                f"cannot replace {dead}: it is not on the cluster's ring (unknown, or it has "
+                "left)", reason="unknown_node", node=dead)
+        heartbeat = state.heartbeat.version
+        await self.clock.sleep(self._ring_delay_s())
+        state = self.gossiper.endpoint_states().get(dead)
+        if self.is_alive(dead) or state is None or state.heartbeat.version != heartbeat:
+            raise TopologyRefused(
+                f"cannot replace {dead}: it is alive (its heartbeat advances); stop it for "
+                "good first, or decommission it", reason="node_alive", node=dead)
+        log.info("node %s replaces %s: takes its %d tokens and streams their ranges from "
+                 "the other replicas", self.node_id, dead, len(tokens))
+        self.identity.save_tokens(tokens, bootstrapped=False)
+        return tokens
+
+    def _forget_hints(self, node_id: str) -> None:
+        """Drop the hints kept for a node that has left the ring: it never comes back."""
+        task = asyncio.get_running_loop().create_task(self.hints.drop_target(node_id))
+        task.add_done_callback(_log_failure)
 
     def _streamer(self, progress: StreamProgress) -> Streamer:
         streaming = self.config.streaming
@@ -619,9 +789,10 @@ class Node:
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
         self.draining = True
-        if self._leave_task is not None:
-            self._leave_task.cancel()
-            await asyncio.gather(self._leave_task, return_exceptions=True)
+        for task in (self._leave_task, self._remove_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
@@ -683,8 +854,10 @@ class Node:
                 if address and self.transport is not None:
                     host, port = gs.parse_address(address)
                     self.transport.set_peer_address(event.node_id, host, port)
-                if {gs.TOKENS, gs.STATUS, gs.DC, gs.RACK} & set(keys):
+                if {gs.TOKENS, gs.STATUS, gs.DC, gs.RACK, gs.REPLACES} & set(keys):
                     rebuild = True
+                if keys.get(gs.STATUS) == gs.LEFT and event.node_id != self.node_id:
+                    self._forget_hints(event.node_id)
         if rebuild:
             self._rebuild_ring()
 
@@ -701,6 +874,11 @@ class Node:
         leaving = leaving_from_gossip(states, self.node_id)
         if self.leaving:
             leaving |= {self.node_id}
+        # A replacement with tokens takes its dead node's place on the future ring.
+        replacing = replacing_from_gossip(states, self.node_id)
+        leaving |= {dead for joiner, dead in replacing.items() if joiner in joining}
+        if self.replacing and self.bootstrap_tokens:
+            leaving |= {self.replacing}
         future = future_ring(ring, joining, leaving)
         if future != self.future_ring:
             log.info("pending joins: %s; leaving: %s", ", ".join(sorted(joining)) or "none",
@@ -854,6 +1032,11 @@ class Node:
         """What this node's own replica holds, with no coordination."""
         self.coordinator.keyspace(keyspace)
         return self.local_replica.read(keyspace, token_for(key), key)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed: %s", task.exception())
 
 
 def _total(totals: dict[str, int], name: str) -> float:

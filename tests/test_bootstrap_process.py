@@ -60,13 +60,13 @@ def local_value(proc: NodeProcess, key: str) -> Any:
     return body["value"] if status == 200 else None
 
 
-def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list[NodeProcess]
-                        ) -> None:
+def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list[NodeProcess],
+                        consistency: str = "QUORUM") -> None:
     """Each acknowledged write on each natural replica's own copy (local=true, read
-    before any coordinated read of the key), then at QUORUM."""
+    before any coordinated read of the key), then at ``consistency``."""
     ring = ring_of(live[0])
     assert all(ring_of(proc) == ring for proc in live)
-    by_id = {proc.node_id: proc for proc in cluster.procs}
+    by_id = {proc.node_id: proc for proc in [*cluster.procs, *live]}
     missing = []
     for key, value in acked.items():
         for node_id in ring.replicas_for_key(key.encode(), 3):
@@ -75,15 +75,17 @@ def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list
     assert missing == [], f"{len(missing)} copies missing, e.g. {missing[:5]}"
     for i, (key, value) in enumerate(acked.items()):
         proc = live[i % len(live)]
-        status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?consistency=QUORUM")
+        status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?consistency={consistency}")
         assert status == 200 and body["value"] == value, (key, status, body)
 
 
 class Load:
     """A client writing new keys and reading them back at QUORUM, until stopped."""
 
-    def __init__(self, procs: list[NodeProcess], prefix: str = "load") -> None:
+    def __init__(self, procs: list[NodeProcess], prefix: str = "load",
+                 pause_s: float = 0.0) -> None:
         self.procs = procs
+        self.pause_s = pause_s  # between writes: fewer keys to check afterwards
         self.prefix = prefix
         self.acked: dict[str, Any] = {}
         self.reads = {"ok": 0, "failed": 0}
@@ -106,6 +108,8 @@ class Load:
                     status = 0
                 self.reads["ok" if status == 200 else "failed"] += 1
             i += 1
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> Self:
         self._thread.start()

@@ -809,3 +809,39 @@ def test_senders_named_only_by_address_are_bounded_and_seeds_kept() -> None:
     assert len(transport.peers) <= MAX_ADDRESS_PEERS + 1
     assert "@" + addr(0) in transport.peers  # the seed was never evicted
     assert f"@10.9.0.1:{3 * MAX_ADDRESS_PEERS - 1}" in transport.peers  # the newest were kept
+
+
+def test_a_dead_nodes_state_can_be_set_on_its_behalf_and_a_restart_overrides_it():
+    """Cassandra's advertiseRemoving: removenode marks a dead node LEAVING, then
+    LEFT, with the dead node's next version; gossip spreads it like the node's
+    own change, and the node coming back (a new generation) overrides it."""
+    net = Net([make_node(i) for i in range(3)], seed=5)
+    for _ in range(6):
+        net.round()
+    coordinator = net.nodes[addr(0)]
+    # n2 is UP: nothing may be said on its behalf; nor on ours, nor on a stranger's.
+    assert not coordinator.set_for_dead("n2", STATUS, LEFT)
+    assert not coordinator.set_for_dead("n0", STATUS, LEFT)
+    assert not coordinator.set_for_dead("nobody", STATUS, LEFT)
+    net.stopped.add(addr(2))
+    for _ in range(40):
+        net.round()
+        if not coordinator.is_alive("n2"):
+            break
+    assert not coordinator.is_alive("n2")
+    with pytest.raises(ValueError):
+        coordinator.set_for_dead("n2", STATUS, "GONE")
+    coordinator.drain_events()
+    assert coordinator.set_for_dead("n2", STATUS, LEFT)
+    assert [e.kind for e in coordinator.drain_events() if e.node_id == "n2"] == ["change"]
+    for _ in range(4):
+        net.round()
+    assert net.nodes[addr(1)].status_of("n2") == LEFT
+    assert net.nodes[addr(1)].tokens_of("n2") == coordinator.tokens_of("n2")
+    # It comes back after all: its new generation wins over what was said for it.
+    back = make_node(2, generation=2)
+    net.nodes[addr(2)] = back
+    net.stopped.discard(addr(2))
+    for _ in range(6):
+        net.round()
+    assert coordinator.status_of("n2") == NORMAL and net.nodes[addr(1)].status_of("n2") == NORMAL

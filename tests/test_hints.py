@@ -123,6 +123,22 @@ def test_a_hint_older_than_gc_grace_is_never_replayed() -> None:
     assert run(scenario(gc_grace_s=None)) == [b"old", b"new"]
 
 
+def test_the_hints_for_a_node_that_left_the_ring_are_all_dropped() -> None:
+    """A removed or replaced node never comes back: its hints go, page by page."""
+    async def scenario() -> None:
+        store, hints = make(MemoryEngine(), ManualClock())
+        await store.start()
+        for i in range(25):
+            assert await hints.store_hint("gone", "ks", i, b"k%d" % i, Cell(b"v", Timestamp(i)))
+        await hints.store_hint("n3", "ks", 9, b"other", Cell(b"9", Timestamp(9)))
+        assert await hints.drop_target("gone", page=10) == 25
+        assert await hints.count("gone") == 0 and "gone" not in hints.targets
+        assert await hints.count("n3") == 1  # other targets untouched
+        await store.close()
+
+    run(scenario())
+
+
 def test_a_zero_window_disables_hints() -> None:
     async def scenario() -> None:
         store, hints = make(MemoryEngine(), ManualClock(), window_s=0)

@@ -13,7 +13,7 @@ from ringkv.coordinator.replica_plan import plan_for
 from ringkv.errors import PeerUnreachable, Unavailable
 from ringkv.gossip import state as gs
 from ringkv.hlc import Timestamp
-from ringkv.membership import JoinPlanner, JoinStep, streaming_joiners
+from ringkv.membership import JoinPlanner, JoinStep, ring_from_gossip, streaming_joiners
 from ringkv.messages import ScanReply
 from ringkv.quorum import ConsistencyLevel
 from ringkv.ring import (
@@ -31,6 +31,7 @@ from ringkv.topology.pending import (
     joining_from_gossip,
     leaving_from_gossip,
     pending_replicas,
+    replacing_from_gossip,
 )
 from ringkv.topology.plan import (
     Pacer,
@@ -38,6 +39,7 @@ from ringkv.topology.plan import (
     StreamRange,
     bootstrap_plan,
     leave_plan,
+    remove_plan,
 )
 from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.versioning import Cell
@@ -193,6 +195,77 @@ def test_the_leave_plan_sends_each_range_to_every_node_that_gains_it(rf: int) ->
         targets = {r.target for r in every_token(plan, "ks", token)}
         assert targets == (gainers if "b" in ring.replicas(token, rf) else set())
     assert leave_plan(ring, future, "z", {"ks": rf}) == []
+
+
+def four_nodes() -> TokenRing:
+    import random
+
+    return TokenRing({n: allocate_tokens(None, 16, random.Random(1))[i::4]
+                      for i, n in enumerate("abcd")})
+
+
+@pytest.mark.parametrize("rf", [1, 2, 3])
+def test_the_remove_plan_gives_each_gainer_the_dead_nodes_ranges_from_survivors(rf: int) -> None:
+    """Cassandra's removenode: each range the dead node replicated reaches every
+    node that gains it, from the surviving replicas, the live ones first."""
+    ring = four_nodes()
+    future = ring.without_node("b")
+    plan = remove_plan(ring, future, "b", {"ks": rf}, lambda n: n != "c",
+                       lambda nodes: sorted(nodes, reverse=True))
+    assert plan and all(r.start < r.end for r in plan)
+    for key in range(2000):
+        token = token_for(f"k{key}".encode())
+        before = ring.replicas(token, rf)
+        gainers = {n for n in future.replicas(token, rf) if n not in before}
+        covering = every_token(plan, "ks", token)
+        assert {r.target for r in covering} == (gainers if "b" in before else set())
+        assert len(covering) == len({r.target for r in covering})  # each cell once per gainer
+        for stream_range in covering:
+            survivors = [n for n in before if n != "b"]
+            assert sorted(stream_range.sources) == sorted(survivors)  # never the dead node
+            live = sorted((n for n in survivors if n != "c"), reverse=True)
+            assert list(stream_range.sources[: len(live)]) == live  # live first, by proximity
+    assert remove_plan(ring, future, "z", {"ks": rf}, bool, sorted) == []
+
+
+def test_a_replacement_is_pending_exactly_where_the_dead_node_was_a_replica() -> None:
+    """Cassandra's replace_address: the new node takes the dead node's tokens, so
+    it gains exactly the dead node's ranges and nobody else's change."""
+    ring = four_nodes()
+    states = {"e": {gs.STATUS: gs.BOOT, gs.TOKENS: gs.format_tokens(ring.tokens_of("b")),
+                    gs.REPLACES: "b"},
+              "f": {gs.STATUS: gs.NORMAL, gs.REPLACES: "x"},  # done replacing: not a joiner
+              "me": {gs.STATUS: gs.BOOT, gs.REPLACES: "c"}}
+    assert replacing_from_gossip(states, "me") == {"e": "b"}
+    joining = joining_from_gossip(states, "me")
+    # Without freeing the dead node's tokens the replacement would gain nothing.
+    assert future_ring(ring, joining) is None
+    future = future_ring(ring, joining, frozenset({"b"}))
+    assert future is not None and future.tokens_of("e") == ring.tokens_of("b")
+    assert "b" not in future.node_ids
+    for token in range(MIN_TOKEN, MAX_TOKEN, 2**57):
+        natural = ring.replicas(token, 3)
+        expected = ("e",) if "b" in natural else ()
+        assert pending_replicas(natural, future, token, 3) == expected
+        assert [n for n in future.replicas(token, 3) if n != "e"] == [
+            n for n in natural if n != "b"]
+
+
+def test_a_normal_replacement_takes_the_dead_node_off_every_ring() -> None:
+    """Once the replacement is NORMAL with REPLACES, the dead node (still NORMAL in
+    its last gossip, its LEFT not arrived yet) is off the ring and forgotten."""
+    ring = four_nodes()
+    saved = {"b": {"tokens": list(ring.tokens_of("b")), "dc": "dc1", "rack": "rack1",
+                   "internode_addr": "127.0.0.1:2"}}
+    states = {n: {gs.STATUS: gs.NORMAL, gs.TOKENS: gs.format_tokens(ring.tokens_of(n))}
+              for n in "bcd"}
+    states["e"] = {gs.STATUS: gs.BOOT, gs.TOKENS: states["b"][gs.TOKENS], gs.REPLACES: "b"}
+    during, peers = ring_from_gossip(states, saved, NodeInfo("a"), ring.tokens_of("a"))
+    assert during == ring and "b" in peers  # streaming: the dead node still owns its ranges
+    states["e"] = {**states["e"], gs.STATUS: gs.NORMAL}
+    after, peers = ring_from_gossip(states, saved, NodeInfo("a"), ring.tokens_of("a"))
+    assert set(after.node_ids) == {"a", "c", "d", "e"} and "b" not in peers
+    assert after.tokens_of("e") == ring.tokens_of("b")
 
 
 def test_the_pacer_spends_a_byte_budget_per_second() -> None:

@@ -201,6 +201,28 @@ class Gossiper:
         app[key] = VersionedValue(value, self._next_version())
         self._states[self.node_id] = EndpointState(local.heartbeat, app)
 
+    def set_for_dead(self, node_id: str, key: str, value: str) -> bool:
+        """Set an application state of a peer that is down for good (Cassandra's
+        ``advertiseRemoving``): removenode and replace mark the dead node
+        LEAVING, then LEFT, on its behalf.
+
+        The value takes the dead node's next version in its own generation,
+        so gossip spreads it like any change the node made itself; a node that
+        does come back starts a new generation and overrides it. Returns False
+        (and changes nothing) for an unknown node, this node, or a node UP.
+        """
+        validate_app_state(key, value)
+        state = self._states.get(node_id)
+        if state is None or node_id == self.node_id or node_id in self._live:
+            return False
+        app = dict(state.app)
+        if key not in app and len(app) >= MAX_APP_STATES:
+            raise ValueError("too many application states")
+        app[key] = VersionedValue(value, state.max_version + 1)
+        self._states[node_id] = EndpointState(state.heartbeat, app)
+        self._emit_change(node_id, self._states[node_id], frozenset({key}))
+        return True
+
     @property
     def generation(self) -> int:
         return self._states[self.node_id].generation

@@ -63,6 +63,7 @@ __all__ = [
     "CLIENT_ADDR",
     "LOAD",
     "SCHEMA",
+    "REPLACES",
     "BOOT",
     "NORMAL",
     "LEAVING",
@@ -105,6 +106,7 @@ INTERNODE_ADDR = "INTERNODE_ADDR"  # "host:port" where the node listens for inte
 CLIENT_ADDR = "CLIENT_ADDR"  # "host:port" of the client (HTTP) API
 LOAD = "LOAD"  # bytes of data on disk, decimal
 SCHEMA = "SCHEMA"  # schema version string
+REPLACES = "REPLACES"  # node id of the dead node this one takes the place of (replace)
 
 # --- STATUS values -----------------------------------------------------------
 BOOT = "BOOT"
@@ -192,6 +194,9 @@ def validate_app_state(key: str, value: str) -> None:
             parse_address(value)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
+    elif key == REPLACES:
+        if not is_valid_node_id(value):
+            raise ValueError(f"REPLACES must be a node id, got {value!r:.80}")
     elif key == LOAD:
         if not _LOAD_RE.fullmatch(value):
             raise ValueError(f"LOAD must be a non-negative decimal integer, got {value!r:.80}")

@@ -130,6 +130,18 @@ class HintStore:
         if hints:
             await self._store.write_raw([], [hint.raw_key for hint in hints])
 
+    async def drop_target(self, target: str, page: int = 1000) -> int:
+        """Delete every hint kept for ``target`` (a node that left the ring)."""
+        dropped = 0
+        for _ in range(100_000):  # bounded: one step per page of hints
+            hints = await self.oldest(target, page)
+            if not hints:
+                break
+            await self.delete(hints)
+            dropped += len(hints)
+        self.targets.discard(target)
+        return dropped
+
     def is_expired(self, hint: Hint) -> bool:
         """Past the hint window, or older than gc_grace (never replayed: see above)."""
         limit_s = self.max_hint_window_s

@@ -573,6 +573,19 @@ async def decommission(request: web.Request) -> web.Response:
                           "streaming": request.app[NODE_KEY].decommission()}, status=202)
 
 
+async def removenode(request: web.Request) -> web.Response:
+    """Remove a dead node (body ``{"node_id": ...}``), coordinated by this node;
+    progress is in /v1/status ``streaming``."""
+    body = await _json_object(request)
+    dead = body.get("node_id")
+    if not isinstance(dead, str) or not dead:
+        raise BadRequest('the body must be {"node_id": "<the dead node\'s id>"}',
+                         field="node_id")
+    node = request.app[NODE_KEY]
+    return json_response({"node_id": node.node_id, "streaming": node.removenode(dead)},
+                         status=202)
+
+
 async def health(request: web.Request) -> web.Response:
     return json_response({"ok": True, "node_id": request.app[NODE_KEY].node_id})
 
@@ -595,6 +608,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
     app.router.add_get("/v1/health", health, name="health", allow_head=False)
     app.router.add_post("/v1/decommission", decommission, name="decommission")
+    app.router.add_post("/v1/removenode", removenode, name="removenode")
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)

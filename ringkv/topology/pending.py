@@ -14,6 +14,13 @@ A leaving node (STATUS=LEAVING, decommission) stays a natural replica until
 it is LEFT; the future ring lacks it, so the nodes that take its ranges over
 are pending replicas of them while it streams its data out.
 
+A node replacing a dead one (``ringkv node --replace``) gossips BOOT with
+the dead node's tokens and REPLACES=<dead node id>; the future ring lacks
+the dead node and has the replacement in its place, so the replacement is
+the pending replica of exactly the dead node's ranges. A node being removed
+(``ringkv removenode``) is marked LEAVING on its behalf and counts as a
+leaver.
+
 The consistency level still counts the natural replicas only; each pending
 replica adds one to the acknowledgements required (Cassandra's
 ``blockFor + pending``): a QUORUM write acknowledged by two of three
@@ -62,6 +69,16 @@ def leaving_from_gossip(states: Mapping[str, HasStates], self_id: str) -> frozen
                      if node_id != self_id and state.get(gs.STATUS) == gs.LEAVING)
 
 
+def replacing_from_gossip(states: Mapping[str, HasStates], self_id: str) -> dict[str, str]:
+    """Joiners (BOOT) that replace a dead node: joiner id -> the dead node's id."""
+    out: dict[str, str] = {}
+    for node_id, state in states.items():
+        dead = state.get(gs.REPLACES)
+        if node_id != self_id and dead and state.get(gs.STATUS) == gs.BOOT:
+            out[node_id] = dead
+    return out
+
+
 def future_ring(
     ring: TokenRing, joining: Mapping[str, tuple[Sequence[int], NodeInfo]],
     leaving: frozenset[str] = frozenset(),
@@ -69,7 +86,7 @@ def future_ring(
     """Today's ring with every joiner's tokens added and every leaving node
     taken off, or None when no node joins or leaves.
 
-    A token that is already taken stays with its owner (the same rule as
+    A token that is already taken (by a node that stays) stays with its owner (the same rule as
     ``ring_from_gossip``: first by node id keeps it), so every node computes
     the same future ring.
     """
@@ -77,10 +94,11 @@ def future_ring(
     leavers = [node_id for node_id in sorted(leaving) if node_id in ring.node_ids]
     if not joiners and not leavers:
         return None
-    taken = {token for token, _ in ring.sorted_tokens}
     future = ring
     for node_id in leavers:
         future = future.without_node(node_id)
+    # A leaver's tokens are free: a replacement takes over its dead node's.
+    taken = {token for token, _ in future.sorted_tokens}
     for node_id in sorted(joiners):
         tokens, info = joiners[node_id]
         kept = [t for t in tokens if t not in taken]

@@ -11,6 +11,10 @@ live one; the others follow as fallbacks if a stream breaks.
 ``leave_plan`` is the other direction: a leaving node pushes each piece it
 replicates to the nodes that gain it.
 
+``remove_plan`` is for a node that died for good (``ringkv removenode``):
+each piece it replicated goes to every node that gains the piece on the
+ring without it, streamed from the piece's surviving replicas.
+
 ``Pacer`` is the throttle: a byte budget per second that says how long to
 wait after each page (``streaming.throughput_mib_s``).
 """
@@ -106,6 +110,42 @@ def leave_plan(
                                                  (node_id,), gainer)
                 else:
                     plan.append(StreamRange(keyspace, start, end, (node_id,), gainer))
+    return plan
+
+
+def remove_plan(
+    ring: TokenRing, future: TokenRing, dead: str, replication: Mapping[str, int],
+    is_alive: Callable[[str], bool], by_proximity: Callable[[Sequence[str]], Sequence[str]],
+) -> list[StreamRange]:
+    """What ``removenode`` streams for the dead node ``dead`` (Cassandra's
+    removenode): each piece ``dead`` replicates on ``ring`` goes to every node
+    that replicates it on ``future`` (the ring without ``dead``) and does not
+    today. Sources are the piece's surviving replicas, the live ones first
+    by proximity; the dead node never is one. Adjacent pieces with the same
+    target and sources are merged."""
+    if dead not in ring.node_ids:
+        return []
+    plan: list[StreamRange] = []
+    pieces = ring_pieces(ring)
+    for keyspace in sorted(replication):
+        rf = replication[keyspace]
+        for start, end in pieces:
+            before = ring.replicas(end, rf)
+            if dead not in before:
+                continue
+            survivors = [n for n in before if n != dead]
+            live = [n for n in by_proximity(survivors) if is_alive(n)]
+            sources = tuple(live + [n for n in survivors if n not in live])
+            for gainer in future.replicas(end, rf) if len(future) else ():
+                if gainer in before:
+                    continue
+                same = [i for i, r in enumerate(plan) if r.keyspace == keyspace
+                        and r.target == gainer and r.end == start and r.sources == sources]
+                if same:
+                    plan[same[-1]] = StreamRange(keyspace, plan[same[-1]].start, end,
+                                                 sources, gainer)
+                else:
+                    plan.append(StreamRange(keyspace, start, end, sources, gainer))
     return plan
 
 
