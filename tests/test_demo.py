@@ -39,5 +39,9 @@ def test_demo_shows_both_tiers(tmp_path: Path) -> None:
         for proc in cluster.procs:
             status, got = http("GET", f"{proc.url}/v1/kv/txn/{COUNTER}")
             assert (status, got["value"]) == (200, 2), (proc.node_id, got)
+            # Formed without streaming (a new cluster holds no data), and
+            # restarted as a member: no node ever streamed.
+            status, view = http("GET", f"{proc.url}/v1/status")
+            assert view["streaming"]["state"] == "idle", (proc.node_id, view["streaming"])
     finally:
         cluster.down()
