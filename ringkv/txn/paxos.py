@@ -81,6 +81,53 @@ proposer "aborted". The rule depends only on the log, so every replica
 decides the same. ``applied_ts_us``, the highest applied timestamp, is then
 a safe time for reads at any replica: nothing applied later is older.
 
+Membership (Paxos Made Simple §3; Lamport, "Reconfiguring a State Machine",
+with alpha = 1; Raft §6's one server at a time). A configuration is a log
+entry (``Entry.members``, a no-op to the shell). It takes effect when it is
+*chosen and every slot before it is known*: it governs the slots after it,
+while the slot holding it was decided by the configuration before. So each
+slot is a single-decree Paxos instance among the configuration the chosen
+prefix names. Three rules keep Multi-Paxos's one phase 1 for many slots
+inside that:
+
+1. A phase 1 is run with a quorum of the configuration at the candidate's
+   commit point and covers slots only up to the first configuration entry
+   after it (one it knows chosen, or one a promise returned). The leader
+   re-proposes through that slot and nothing beyond until it is chosen; then
+   it runs phase 1 again, with a new ballot, among the new members. A value
+   chosen at a slot was accepted by a quorum of that slot's configuration,
+   and by induction on slots every phase 1 that covers the slot used a
+   quorum of that same configuration, so the two intersect (PMS §2.2).
+2. No lease while a configuration entry in the window is unchosen
+   (``lease_valid``). A candidate that missed changes runs phase 1 in a
+   configuration that is no longer current. Any later configuration was
+   chosen by a quorum of the one it knows, which its quorum meets, so it finds
+   the entry in its window and holds no lease until it has caught up through
+   every change. Hence leases are held only under the newest chosen
+   configuration, or the one it replaces while a change is in flight, and
+   quorums of those two intersect: lease disjointness holds across the change.
+3. One member at a time, and the next change only once the previous one is
+   chosen and the lease counted under the configuration before it has ended.
+   When a configuration takes effect, the leader recounts its lease from the
+   new members' votes only, which may end it sooner. The timestamps it handed
+   out under the old count stay safe, because a quorum of the old members
+   still holds live votes for it and, with one member changed, every quorum of
+   the new configuration contains one of them, so no other node can lead
+   before the old count ends. Two changes on, that would no longer hold,
+   hence the wait (``_change_not_before_s``, at most one lease).
+
+A joining node starts outside the configuration (``members``): the leader
+sends it heartbeats and catches it up with the snapshot and the log tail,
+and adds it only once it acknowledged a commit point within a Learn batch of
+the leader's, since it counts towards quorums from then on. A node that
+applies a configuration without itself stops standing, voting and
+accepting; a leader that removed itself steps down, and the others wait out
+its votes as after any leader change. An acceptor answers a proposer outside
+the configuration it knows, which may lead one it has not learned yet;
+acceptor safety does not depend on who proposes. The configuration persists
+with the log: entries are records, and a snapshot names the configuration
+after its last slot (``Snapshot.members``).
+
 Bounded log. Once the shell has applied entries through a slot, it calls
 ``compact(slot, handle)`` with a handle to its MVCC state at that slot.
 A replica asking for slots at or below the compaction point is sent
@@ -400,12 +447,13 @@ class PaxosReplica:
         self,
         node_id: str,
         peers: Iterable[str],
+        members: Iterable[str] | None = None,
+        /,
         *,
         lease_s: float = LEASE_S,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         election_timeout_s: float = ELECTION_TIMEOUT_S,
         max_drift_ppm: float = MAX_DRIFT_PPM,
-        members: Iterable[str] | None = None,
     ) -> None:
         self.node_id = node_id
         # The configuration before any configuration entry: ``members`` when
@@ -487,9 +535,10 @@ class PaxosReplica:
         peers: Iterable[str],
         state: PersistedState,
         now_s: float,
+        members: Iterable[str] | None = None,
+        /,
         *,
         applied_through: int | None = None,
-        members: Iterable[str] | None = None,
         **options: float,
     ) -> PaxosReplica:
         """A replica rebuilt from what was persisted, at local time ``now_s``.
@@ -499,7 +548,7 @@ class PaxosReplica:
         ``applied_through``: the last slot the shell's store has applied
         (default: the snapshot's); later chosen entries come back in the next Ready.
         """
-        replica = cls(node_id, peers, members=members, **options)
+        replica = cls(node_id, peers, members, **options)
         if state.snapshot is not None and state.snapshot.members is not None:
             replica._set_members(state.snapshot.members)
         replica.promised = state.promised
@@ -614,8 +663,10 @@ class PaxosReplica:
         if len(target ^ self.members) != 1:
             raise ProposalRefused("bad_config")
         for joining in target - self.members:
-            # It counts towards quorums once added, so it must hold the log first.
-            if self._learners.setdefault(joining, -1) < self.commit_through - LEARN_BATCH:
+            # It counts towards quorums once added, so it must hold the log first:
+            # it has acknowledged a commit point within one Learn batch of ours.
+            through = self._learners.setdefault(joining, -1)
+            if through < 0 or through < self.commit_through - LEARN_BATCH:
                 raise ProposalRefused("catching_up")
         self._propose_config(target)
         self._settle_config(now_s)
@@ -872,8 +923,9 @@ class PaxosReplica:
         # holds only up to the first configuration entry after it: re-propose
         # through there, and nothing beyond until it is chosen ("Membership").
         for slot in range(self.commit_through + 1, top + 1):
-            found = self.chosen.get(slot) or self._recovered.get(slot, (None, None))[1]
-            if found is not None and found.members is not None:
+            held = self._recovered.get(slot)
+            here = self.chosen.get(slot) or (held[1] if held else None)
+            if here is not None and here.members is not None:
                 top = slot
                 self._config_slot = slot
                 break
