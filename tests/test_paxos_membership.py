@@ -41,7 +41,9 @@ def committed_config(leader: PaxosReplica, members: frozenset[str], now_s: float
 def caught_up(leader: PaxosReplica, node: str, now_s: float = 10.1) -> None:
     """``node`` acknowledges the leader's commit point, as a learner does."""
     leader._learners.setdefault(node, -1)
-    leader.step(HeartbeatAck(node, leader.ballot, now_s, leader.commit_through, False), now_s)
+    leader.tick(now_s, random.Random(5))  # a heartbeat, to the learner too
+    sent_s = leader._last_beat[0]
+    leader.step(HeartbeatAck(node, leader.ballot, sent_s, leader.commit_through, False), now_s)
 
 
 @pytest.mark.parametrize("target, reason", [
@@ -167,7 +169,13 @@ def run_moves(seed: int, **world: object) -> tuple[World, int]:
     w.heal()
     done = w.reconfigure(PLAN, w.now + 30.0, chaos=False) if done < len(PLAN) else done
     w.propose_rate = 0.0
-    w.run_until(w.now + 4.0)
+    # Quiet: the final members converge (bounded; a leader that removed itself
+    # leaves its votes to be waited out first, then an election).
+    deadline = w.now + 15.0
+    while w.now < deadline:
+        w.run_until(w.now + 0.5)
+        if len({w.nodes[n].applied_through for n in PLAN[-1]} | {max(w.committed, default=0)}) == 1:
+            break
     return w, done
 
 

@@ -515,7 +515,8 @@ class PaxosReplica:
         self._config_slot: int | None = None  # an unchosen configuration entry in our window
         self._config_changed = False  # settled, with the time, at the end of the entry point
         self._change_not_before_s = float("-inf")  # the lease counted under the previous config ends
-        self._learners: dict[str, int] = {}  # joining node -> the commit point it acknowledged
+        self._learners: dict[str, int] = {}  # joining node -> how far behind it acknowledged being (-1: unheard)
+        self._last_beat = (float("nan"), 0)  # (sent_s, our commit point then) of the last heartbeat
 
         # Election timer: drawn in tick (the only call with an rng).
         self._last_contact_s: float | None = None
@@ -664,9 +665,9 @@ class PaxosReplica:
             raise ProposalRefused("bad_config")
         for joining in target - self.members:
             # It counts towards quorums once added, so it must hold the log first:
-            # it has acknowledged a commit point within one Learn batch of ours.
-            through = self._learners.setdefault(joining, -1)
-            if through < 0 or through < self.commit_through - LEARN_BATCH:
+            # answering our last heartbeat, it was within one Learn batch of us.
+            lag = self._learners.setdefault(joining, -1)
+            if lag < 0 or lag > LEARN_BATCH:
                 raise ProposalRefused("catching_up")
         self._propose_config(target)
         self._settle_config(now_s)
@@ -964,6 +965,7 @@ class PaxosReplica:
             self._grant_vote(self.node_id, now_s)
             self._count_vote(self.node_id, now_s, now_s)
         beat = Heartbeat(self.node_id, self.ballot, self.commit_through, now_s)
+        self._last_beat = (now_s, self.commit_through)
         self._broadcast(beat)
         for learner in self._learners:
             self._send(learner, beat)  # its acks tell us how far to catch it up
@@ -1179,8 +1181,8 @@ class PaxosReplica:
             return
         if m.granted:
             self._count_vote(m.sender, m.sent_s, now_s)
-        if m.sender in self._learners:
-            self._learners[m.sender] = max(self._learners[m.sender], m.commit_through)
+        if m.sender in self._learners and m.sent_s == self._last_beat[0]:
+            self._learners[m.sender] = max(0, self._last_beat[1] - m.commit_through)
         if m.commit_through < self.commit_through:
             self._catch_up(m.sender, m.commit_through + 1)
 
@@ -1196,6 +1198,10 @@ class PaxosReplica:
         for slot, entry in m.entries:
             self._choose(slot, entry)
         self._advance_commit()
+        if len(m.entries) >= LEARN_BATCH and self.commit_through >= m.entries[-1][0]:
+            # A full batch: there may be more. Pull the next one now rather than
+            # a heartbeat later, so a joining node outruns the leader's load.
+            self._send(m.sender, CatchUp(self.node_id, self.commit_through + 1))
 
     def _on_install_snapshot(self, m: InstallSnapshot, now_s: float) -> None:
         if m.snapshot.last_slot > self.commit_through:
