@@ -130,3 +130,22 @@ def test_a_group_moves_from_abc_to_abd_under_compare_and_set_increments() -> Non
     figures = run(main)
     print("move:", figures)
     assert figures["changes"] == 2  # add d, then remove c: one member at a time
+
+
+def test_a_new_replica_is_not_heard_before_the_group_adds_it() -> None:
+    """A node the ring names but the group's log does not (yet) is heard only
+    by a leader catching it up: if it had started the group by itself with
+    the ring's replicas as its configuration, it must not win a phase 1."""
+    async def main(loop: VirtualTimeLoop) -> None:
+        from ringkv.txn.paxos import Ballot, Prepare
+        bus = sim_bus(loop)
+        for node_id in GROUP.replicas:
+            bus.start(node_id)
+        lead = await wait_for(lambda: leader_of(bus), 10.0, "a leader")
+        follower = next(bus.runner(n) for n in GROUP.replicas if bus.runner(n) is not lead)
+        follower.move_to(MOVED)
+        before = follower.stats.rejected
+        follower.step(Prepare("d", Ballot(99, "d"), 1, 0.0))
+        assert follower.stats.rejected == before + 1
+        assert "d" not in follower.known_nodes()
+    run(main)

@@ -343,9 +343,16 @@ class GroupRunner:
         return self.replica.members if self.replica is not None else self.initial_members
 
     def known_nodes(self) -> frozenset[str]:
-        """Whom this runner hears: the configuration it knows, where the group
-        should be, and where it started (a peer may know a newer configuration)."""
-        return self.members | frozenset(self.group.replicas) | self.initial_members
+        """Whom this runner hears: the configuration it knows, the one it started
+        from, and, while it leads, the nodes it is catching up to add. Not the
+        ring's new replicas as such: one that started the group on its own with
+        the new replica set as its configuration (one the group never had)
+        could otherwise win a phase 1 among them."""
+        heard = self.members | self.initial_members
+        replica = self.replica
+        if replica is not None and replica.role is Role.LEADER:
+            heard |= replica.joining()
+        return heard
 
     @property
     def moving(self) -> bool:

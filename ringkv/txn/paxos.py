@@ -673,6 +673,10 @@ class PaxosReplica:
         self._settle_config(now_s)
         return self._take_ready()
 
+    def joining(self) -> frozenset[str]:
+        """Nodes this leader is catching up to add (it sends them heartbeats)."""
+        return frozenset(self._learners)
+
     def _propose_config(self, target: frozenset[str]) -> None:
         slot = self.next_slot
         self.next_slot += 1
