@@ -251,3 +251,24 @@ def test_a_stale_member_cannot_hold_a_lease_beside_the_new_configurations_leader
         w = stale_candidate_scenario(seed, PaxosReplica)
         assert not (w.lease_overlaps() + w.violations), f"seed {seed}: {(w.lease_overlaps() + w.violations)[:3]}"
     assert caught == 10
+
+
+def majorities(members: frozenset[str]) -> list[frozenset[str]]:
+    from itertools import combinations
+    need = len(members) // 2 + 1
+    return [frozenset(c) for c in combinations(sorted(members), need)]
+
+
+def test_why_one_member_at_a_time_quorums_of_adjacent_configurations_intersect() -> None:
+    """Raft §6's argument, which rule 3 ("Membership") rests on: the voters
+    backing a lease counted under C (a majority of C) meet every majority of
+    C plus or minus one member, so nobody leads C' before that lease ends.
+    Swapping one member (two changes at once) breaks it from five members on."""
+    nodes = [f"n{i}" for i in range(7)]
+    for size in range(1, 6):
+        old = frozenset(nodes[:size])
+        for new in [old | {nodes[size]}] + [old - {n} for n in old if size > 1]:
+            assert all(m & q for m in majorities(old) for q in majorities(new)), (old, new)
+    old = frozenset(nodes[:5])
+    swapped = old - {"n0"} | {"n5"}
+    assert any(not (m & q) for m in majorities(old) for q in majorities(swapped))
