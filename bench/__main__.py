@@ -7,6 +7,8 @@
     sim-speed     the deterministic simulator: simulated client ops per wall-clock second
     txn           the transactional tier on 3 node processes: CAS commits/s, one-shot txns/s,
                   snapshot reads/s (p50, p99, commit-wait share, server CPU µs/op)
+    bootstrap     a 3-node cluster holding data grows to 4: streaming MiB/s, and QUORUM p50/p99
+                  while the joiner streams against the same load with no streaming
     txn-group     one Paxos group (3 GroupRunners in one process, LevelDB): commits/s, latency, CPU/commit
     repair        anti-entropy repair on 3 node processes: time and cells streamed for N missed keys
     scale         10 to 1,000 nodes: gossip rounds after a join, data moved by a join or leave,
@@ -28,6 +30,7 @@ def main(argv: list[str]) -> int:
         "txn": "bench.txn",
         "repair": "bench.repair",
         "scale": "bench.scale",
+        "bootstrap": "bench.bootstrap",
     }
     if not argv or argv[0] not in commands:
         print(__doc__)

@@ -113,6 +113,47 @@ def cmd_repair(args: argparse.Namespace) -> int:
           f"{report['ranges_compared']} ranges compared, {report['ranges_differed']} differed, "
           f"{report['cells_streamed']} cells streamed, {report['ranges_failed']} failed")
     return 0 if report["ok"] else 1
+def cmd_decommission(args: argparse.Namespace) -> int:
+    """Ask the node at --url to leave the ring, then follow it until it has left."""
+    from ringkv.clock import SystemClock
+    from ringkv.tools.launcher import http
+
+    url = args.url.rstrip("/")
+    try:
+        status, body = http("POST", url + "/v1/decommission", timeout_s=args.timeout)
+    except OSError as exc:
+        print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if status != 202:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        print(f"ringkv: error: decommission refused ({error.get('reason', status)}): "
+              f"{error.get('message', body)}", file=sys.stderr)
+        return 1
+    node_id = body["node_id"]
+    print(f"{node_id} is LEAVING; streaming its ranges to their new replicas")
+    clock = SystemClock()
+    deadline_s = clock.monotonic_s() + args.wait_s
+    shown = None
+    while clock.monotonic_s() < deadline_s:
+        try:
+            status, body = http("GET", url + "/v1/status", timeout_s=args.timeout)
+        except OSError:
+            print(f"{node_id} has LEFT the ring and stopped")
+            return 0
+        view = body.get("streaming", {}) if status == 200 and isinstance(body, dict) else {}
+        line = (f"  {view.get('state')}: ranges {view.get('ranges_done', 0)}/"
+                f"{view.get('ranges_total', 0)}, {view.get('cells', 0)} cells, "
+                f"{view.get('bytes', 0)} bytes, {view.get('rate_mib_s', 0)} MiB/s")
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if view.get("state") == "failed":
+            print(f"ringkv: error: {node_id} could not stream its ranges; it stays NORMAL "
+                  "(see its log)", file=sys.stderr)
+            return 1
+        clock.sleep_s(0.5)
+    print(f"ringkv: error: {node_id} had not left after {args.wait_s:.0f}s", file=sys.stderr)
+    return 1
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -288,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     repair.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds to wait for progress before giving up")
     repair.set_defaults(func=cmd_repair)
+    leave = commands.add_parser(
+        "decommission", help="make a node stream its data to the others, leave the ring and stop")
+    leave.add_argument("--url", required=True, help="the HTTP address of the node to remove")
+    leave.add_argument("--timeout", type=float, default=5.0, help="seconds to wait per request")
+    leave.add_argument("--wait-s", type=float, default=3600.0,
+                       help="seconds to follow the node until it has left")
+    leave.set_defaults(func=cmd_decommission)
 
     cluster = commands.add_parser("cluster", help="run a local cluster of node processes")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True,

@@ -261,6 +261,15 @@ class RepairConfig:
     tombstone_gc: str = "repair"
 
 
+@dataclass(frozen=True)
+class StreamingConfig:
+    # Bootstrap streaming: a joining node copies the ranges it takes over
+    # from their current replicas at most this fast (MiB/s, Cassandra's
+    # stream_throughput_outbound), in scan pages of at most page_cells cells.
+    throughput_mib_s: float = 32.0
+    page_cells: int = 500
+
+
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
     # Both tiers out of the box: `default` (Dynamo-style) and `txn` (Paxos
     # groups per range, strictly serializable), as conf/ringkv.yaml lists them.
@@ -282,6 +291,7 @@ class Config:
     truetime: TrueTimeConfig = field(default_factory=TrueTimeConfig)
     txn: TxnConfig = field(default_factory=TxnConfig)
     repair: RepairConfig = field(default_factory=RepairConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     # Where the config came from (file path), None for defaults or a dict.
     # Not part of equality: two configs with the same values are equal.
     source: str | None = field(default=None, compare=False)
@@ -313,6 +323,7 @@ class Config:
             "truetime": dataclasses.asdict(self.truetime),
             "txn": dataclasses.asdict(self.txn),
             "repair": dataclasses.asdict(self.repair),
+            "streaming": dataclasses.asdict(self.streaming),
         }
 
     def repair_interval_s(self) -> int:
@@ -567,7 +578,9 @@ def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config
     truetime = _read_truetime(ctx, data.get("truetime"))
     txn = _read_txn(ctx, data.get("txn"))
     repair = _read_repair(ctx, data.get("repair"), timing)
-    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, repair, source)
+    streaming = _read_streaming(ctx, data.get("streaming"))
+    return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, repair, streaming,
+                  source)
 
 
 def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
@@ -757,6 +770,11 @@ def _read_repair(ctx: _Context, raw: object, timing: TimingConfig) -> RepairConf
                  f"less than timing.gc_grace_s ({timing.gc_grace_s}), or 0 for half of it",
                  _show(repair.interval_s), related=("timing.gc_grace_s",))
     return repair
+def _read_streaming(ctx: _Context, raw: object) -> StreamingConfig:
+    sec = _Section(ctx, "streaming", raw, _SECTIONS["streaming"])
+    sec.take("throughput_mib_s", _check_number_from, 0.1, 100_000.0)
+    sec.take("page_cells", _check_int, 1, MAX_SCAN_ITEMS)  # no replica returns more
+    return StreamingConfig(**sec.done())
 
 
 # Field checks: each returns the typed value or raises through ctx.fail.
@@ -936,5 +954,6 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "truetime": _field_names(TrueTimeConfig),
     "txn": _field_names(TxnConfig),
     "repair": _field_names(RepairConfig),
+    "streaming": _field_names(StreamingConfig),
 }
 _KEYSPACE_KEYS = _field_names(KeyspaceConfig, skip=("name",))

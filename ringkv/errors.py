@@ -397,6 +397,17 @@ class ReplicaDown(RingKVError):
     def __init__(self, message: str, *, down: list[str], **details: Any) -> None:
         super().__init__(message, down=down, **details)
         self.down = down
+class TopologyRefused(RingKVError):
+    """A topology change (``decommission``) was refused (``reason``): the node is
+    not NORMAL, another change is running, a node is down, or too few nodes
+    would remain for the replication factor."""
+
+    code = "topology_refused"
+    http_status = 409
+
+    def __init__(self, message: str, *, reason: str, **details: Any) -> None:
+        super().__init__(message, reason=reason, **details)
+        self.reason = reason
 
 
 _RESERVED_ATTRIBUTES = frozenset({"code", "message", "details", "args", "http_status"})
@@ -430,5 +441,6 @@ BY_CODE: dict[str, type[RingKVError]] = {
         NoLeader,
         RepairRunning,
         ReplicaDown,
+        TopologyRefused,
     )
 }

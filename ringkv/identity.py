@@ -51,13 +51,20 @@ class FileIdentity:
                 )
         return tuple(int(t) for t in identity["tokens"])
 
-    def save_tokens(self, tokens: tuple[int, ...]) -> None:
+    def save_tokens(self, tokens: tuple[int, ...], *, bootstrapped: bool = True) -> None:
+        """``bootstrapped=False``: the tokens are chosen but their ranges are
+        still streaming in; a restart streams them again before going NORMAL."""
         cluster = self._config.cluster
         write_atomically(
             self._config.node_data_dir / IDENTITY_FILE,
             json.dumps({"cluster": cluster.name, "node_id": cluster.node_id,
-                        "tokens": list(tokens)}),
+                        "tokens": list(tokens), "bootstrapped": bootstrapped}),
         )
+
+    def load_bootstrapped(self) -> bool:
+        """Whether this node's ranges have all arrived (True for files from before streaming)."""
+        path = self._config.node_data_dir / IDENTITY_FILE
+        return not path.exists() or bool(json.loads(path.read_text()).get("bootstrapped", True))
 
     def load_peers(self) -> dict[str, dict[str, Any]]:
         path = self._config.node_data_dir / PEERS_FILE
@@ -92,14 +99,19 @@ class MemoryIdentity:
 
     def __init__(self) -> None:
         self._tokens: tuple[int, ...] | None = None
+        self._bootstrapped = True
         self._peers = "{}"
         self._generation = 0
 
     def load_tokens(self) -> tuple[int, ...] | None:
         return self._tokens
 
-    def save_tokens(self, tokens: tuple[int, ...]) -> None:
+    def save_tokens(self, tokens: tuple[int, ...], *, bootstrapped: bool = True) -> None:
         self._tokens = tuple(tokens)
+        self._bootstrapped = bootstrapped
+
+    def load_bootstrapped(self) -> bool:
+        return self._bootstrapped
 
     def load_peers(self) -> dict[str, dict[str, Any]]:
         return json.loads(self._peers)

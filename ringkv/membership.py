@@ -3,8 +3,8 @@
 Every node builds its ring from the endpoint states gossip has spread
 (Dynamo §4.8, Cassandra's ``TokenMetadata``): a node is on the ring once it
 announces NORMAL (or LEAVING) with tokens, and comes off when it announces
-LEFT. Nodes still in BOOT are not owners yet; when bootstrap streaming
-lands, they become *pending* owners here.
+LEFT. Nodes still in BOOT are not owners yet: with tokens, they are
+*pending* owners streaming their ranges (``topology.pending``).
 
 Peers saved by an earlier run stay on the ring until gossip says otherwise.
 A restarted node therefore never believes it is alone and answers from its
@@ -102,6 +102,26 @@ class JoinStep(enum.Enum):
     WAIT_TURN = "wait_turn"  # the ring is known, but a joiner ahead takes its tokens first
 
 
+def streaming_joiners(
+    states: Mapping[str, HasStates], self_id: str, may_be_alive: Callable[[str], bool]
+) -> frozenset[str]:
+    """The other nodes that have taken tokens but are still joining (BOOT with
+    TOKENS: streaming their ranges), or are LEAVING (streaming theirs out),
+    and may be alive.
+
+    They are ahead of every new joiner whatever their node id: a node takes
+    tokens only once no other node is streaming, so joins stay one at a
+    time from token-taking until NORMAL (Cassandra's consistent range
+    movement), and each joiner plans its streams against a settled ring.
+    """
+    return frozenset(
+        node_id for node_id, state in states.items()
+        if node_id != self_id and may_be_alive(node_id) and (
+            (state.get(gs.STATUS) == gs.BOOT and state.get(gs.TOKENS))
+            or state.get(gs.STATUS) == gs.LEAVING)
+    )
+
+
 def joiners_ahead(
     states: Mapping[str, HasStates], self_id: str, may_be_alive: Callable[[str], bool]
 ) -> frozenset[str]:
@@ -157,9 +177,19 @@ class JoinPlanner:
         self.passed_over: set[str] = set()  # stuck joiners no longer waited for
 
     def step(self, *, known_peers: int, ring_size: int, only_seed_is_self: bool,
-             joiners_ahead: Collection[str] = ()) -> JoinStep:
+             joiners_ahead: Collection[str] = (),
+             streaming: Collection[str] = ()) -> JoinStep:
         """One decision; after LEARN, WAIT or WAIT_TURN the caller gossips and
-        waits ``delay_intervals`` gossip intervals, then calls ``step`` again."""
+        waits ``delay_intervals`` gossip intervals, then calls ``step`` again.
+
+        ``streaming``: joiners that hold tokens and still stream
+        (``streaming_joiners``); they are waited for as long as they may be
+        alive, however long streaming takes, and never passed over."""
+        if streaming:
+            self.ahead, self.ahead_since = frozenset(streaming), self.rounds
+            self.state, self.delay_intervals = JOINING, 1
+            self.rounds += 1
+            return JoinStep.WAIT_TURN
         if ring_size and ring_size >= known_peers:
             return self._turn(joiners_ahead)  # we know a ring, and every node heard of is on it
         if known_peers == 0 and only_seed_is_self:

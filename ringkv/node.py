@@ -7,10 +7,10 @@ simulator can build the very same node on a virtual clock and a memory engine.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ringkv.address import format_address
@@ -18,7 +18,7 @@ from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
-from ringkv.errors import NotJoined
+from ringkv.errors import NotJoined, TopologyRefused
 from ringkv.gossip import state as gs
 from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
 from ringkv.gossip.gossiper import Event, Gossiper
@@ -30,6 +30,7 @@ from ringkv.repair.service import RepairService
 from ringkv.repair.session import repaired_since
 from ringkv.replica.internode import InternodeHandler, InternodeReplicas
 from ringkv.membership import (
+    JOIN_LEARN_ROUNDS,
     JOIN_TURN_STALL_ROUNDS,
     JOINING,
     WAITING_FOR_SEEDS,
@@ -37,6 +38,7 @@ from ringkv.membership import (
     JoinStep,
     joiners_ahead,
     ring_from_gossip,
+    streaming_joiners,
 )
 from ringkv.identity import FileIdentity, MemoryIdentity
 from ringkv.keyspaces import KeyspaceSettings, schema_version
@@ -48,6 +50,9 @@ from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_toke
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
 from ringkv.storage.store import LocalStore
+from ringkv.topology.pending import future_ring, joining_from_gossip, leaving_from_gossip
+from ringkv.topology.plan import StreamProgress, bootstrap_plan, leave_plan
+from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
 
@@ -63,6 +68,12 @@ ACCEPTABLE_PAUSE_INTERVALS = 0.5
 MAINTENANCE_INTERVAL_S = 5.0
 # A node waiting for its seeds warns at most this often.
 WAITING_WARNING_INTERVAL_S = 30.0
+# The join_state of a node that has taken tokens and streams their ranges.
+STREAMING = "streaming"
+# A bootstrap whose streams keep failing tries again this many times (each
+# pass resumes every range where it stopped), then the node gives up.
+MAX_BOOTSTRAP_PASSES = 10
+BOOTSTRAP_RETRY_S = 2.0
 
 
 def open_engine(config: Config) -> Engine:
@@ -158,8 +169,20 @@ class Node:
         self._maintenance: asyncio.Task[None] | None = None
         self.info = NodeInfo(self.node_id, dc=config.cluster.dc, rack=config.cluster.rack)
         self.tokens: tuple[int, ...] = ()
+        # While bootstrapping: the tokens taken, still pending (not on the ring).
+        self.bootstrap_tokens: tuple[int, ...] = ()
+        self.streaming = StreamProgress()
+        # Decommission: LEAVING while its ranges stream out, then LEFT, and
+        # then ``on_left`` (the server stops the process).
+        self.leaving = False
+        self.left = False  # LEFT: it no longer coordinates, and is about to stop
+        self.on_left: Callable[[], None] | None = None
+        self._leave_task: asyncio.Task[None] | None = None
         self._saved_peers: dict[str, dict[str, Any]] = {}
         self.ring = TokenRing({})
+        # The ring once the joins in progress finish (topology.pending); None
+        # while the topology is settled.
+        self.future_ring: TokenRing | None = None
         self.keyspaces = {
             name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
             for name, ks in config.keyspaces.items()
@@ -178,6 +201,7 @@ class Node:
             speculative_retry_percentile=config.timing.speculative_retry_percentile,
             speculative_retry_min_s=config.timing.speculative_retry_min_ms / 1000,
             local_read=self.local_replica.read,
+            future_ring=lambda: self.future_ring,
         )
         self.metrics.gauge(
             "ringkv_storage_bytes", "Bytes used by this node's storage engine", self.store.size_bytes
@@ -210,6 +234,7 @@ class Node:
             in_flight_margin_s=config.timing.write_timeout_ms / 1000,
         )
         self._repair_metrics()
+        self._streaming_metrics()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -245,10 +270,14 @@ class Node:
         """
         if self.join_state is None:
             return  # standalone: open() did it all
-        if self.identity.load_tokens() is None:
+        if self.identity.load_tokens() is None or not self.identity.load_bootstrapped():
             await self._learn_ring()
-        self.tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
+        tokens = self._load_or_allocate_tokens(self.ring if len(self.ring) else None)
         assert self.gossiper is not None
+        if not self.identity.load_bootstrapped():
+            await self._bootstrap(tokens)
+            self.identity.save_tokens(tokens, bootstrapped=True)
+        self.tokens, self.bootstrap_tokens = tokens, ()
         self.gossiper.set_local(gs.TOKENS, gs.format_tokens(self.tokens))
         self.gossiper.set_local(gs.STATUS, gs.NORMAL)
         self._rebuild_ring()
@@ -267,14 +296,64 @@ class Node:
             "seeds": list(self.config.cluster.seeds),
             "since_s": round(self.clock.monotonic_s() - self._join_since_s, 3),
             "bootstrap_new_cluster": self.config.cluster.bootstrap_new_cluster,
+            "streaming": self.streaming.view(self.clock.monotonic_s()),
         }
+
+    async def _bootstrap(self, tokens: tuple[int, ...]) -> None:
+        """Announce ``tokens`` as pending (BOOT with TOKENS), stream every range
+        they bring from its current replicas, and return once all have arrived.
+
+        The node waits a ring delay first (Cassandra's RING_DELAY): gossip
+        rounds for every coordinator to learn the pending tokens and send
+        writes here too, plus a write timeout for writes planned before
+        that to finish. Anything written after the wait reaches this node
+        directly; anything before, the streams bring.
+        """
+        assert self.gossiper is not None
+        self.bootstrap_tokens = tokens
+        self._set_join_state(STREAMING)
+        self.gossiper.set_local(gs.TOKENS, gs.format_tokens(tokens))
+        self._rebuild_ring()
+        progress = self.streaming
+        progress.state = "waiting_for_ring"
+        await self.clock.sleep(self._ring_delay_s())
+        self._rebuild_ring()
+        future = self.future_ring or self.ring.with_node(self.node_id, tokens, self.info)
+        plan = bootstrap_plan(self.ring, future, self.node_id, self._eventual_replication(),
+                              self.is_alive, self.coordinator.snitch.by_proximity)
+        progress.ranges_total, progress.state = len(plan), "streaming"
+        progress.started_s = self.clock.monotonic_s()
+        log.info("node %s: streaming %d ranges from %d replicas", self.node_id, len(plan),
+                 len({r.sources[0] for r in plan if r.sources}))
+        streamer = self._streamer(progress)
+        for attempt in range(1, MAX_BOOTSTRAP_PASSES + 1):
+            try:
+                await streamer.run(plan[progress.ranges_done:])
+                break
+            except StreamFailed as exc:
+                if attempt == MAX_BOOTSTRAP_PASSES:
+                    progress.state = "failed"
+                    raise NotJoined(
+                        f"node {self.node_id} could not stream its ranges: {exc}; it stays "
+                        "out of the ring (restart it to try again)",
+                        reason="bootstrap_failed", seeds=list(self.config.cluster.seeds),
+                    ) from None
+                log.warning("node %s: %s; trying again in %.0fs", self.node_id, exc,
+                            BOOTSTRAP_RETRY_S)
+                await self.clock.sleep(BOOTSTRAP_RETRY_S)
+        progress.state, progress.finished_s = "done", self.clock.monotonic_s()
+        log.info("node %s: streamed %d ranges, %d cells, %d bytes", self.node_id,
+                 progress.ranges_done, progress.cells, progress.bytes)
 
     def require_joined(self) -> None:
         """Raise NotJoined unless the node is on the ring: serving before that would
         answer from a ring of one and acknowledge quorum writes held by one copy."""
-        if self.join_state is None:
-            return
+        if self.join_state is None and not self.left:
+            return  # the hot path: one check per request
         seeds = list(self.config.cluster.seeds)
+        if self.left or self.join_state is None:
+            raise NotJoined(f"node {self.node_id} has left the ring (decommissioned); "
+                            "use another node", reason="left", seeds=seeds)
         if self.join_state == WAITING_FOR_SEEDS:
             waited_s = self.clock.monotonic_s() - self._join_since_s
             message = (
@@ -286,6 +365,93 @@ class Node:
         else:
             message = f"node {self.node_id} is still joining the cluster; retry shortly"
         raise NotJoined(message, reason=self.join_state, seeds=seeds)
+
+    def _ring_delay_s(self) -> float:
+        """Gossip rounds for every coordinator to learn of a range movement,
+        plus a write timeout for writes planned before it (Cassandra's RING_DELAY)."""
+        timing = self.config.timing
+        return (JOIN_LEARN_ROUNDS * timing.gossip_interval_ms / 1000
+                + timing.write_timeout_ms / 1000)
+
+    def _eventual_replication(self) -> dict[str, int]:
+        transactional = set(self.config.transactional_keyspaces())
+        return {name: ks.replication_factor for name, ks in self.keyspaces.items()
+                if name not in transactional}
+
+    def decommission(self) -> dict[str, Any]:
+        """Start leaving the ring (``ringkv decommission``): go LEAVING, stream
+        every range this node replicates to the nodes that take it over, go
+        LEFT, and stop. Returns the streaming progress at once; refuses with
+        TopologyRefused when the change is not safe to start."""
+        if self.leaving:
+            return self.streaming.view(self.clock.monotonic_s())  # already under way
+        if self.join_state is not None or self.gossiper is None:
+            raise TopologyRefused(f"node {self.node_id} is not NORMAL on a cluster's ring",
+                                  reason="not_normal")
+        states = self.gossiper.endpoint_states()
+        busy = sorted(joining_from_gossip(states, self.node_id)) + sorted(
+            leaving_from_gossip(states, self.node_id))
+        if busy:
+            raise TopologyRefused(
+                f"another topology change is running ({', '.join(busy)}); wait for it to end",
+                reason="topology_change_running", nodes=busy)
+        down = sorted(n for n in self.ring.node_ids if not self.is_alive(n))
+        if down:
+            raise TopologyRefused(
+                f"{', '.join(down)} {'is' if len(down) == 1 else 'are'} down: the ranges this "
+                "node hands over need every replica up (remove or restart it first)",
+                reason="node_down", nodes=down)
+        rf = max(self._eventual_replication().values(), default=1)
+        if len(self.ring) - 1 < rf:
+            raise TopologyRefused(
+                f"the ring has {len(self.ring)} nodes; without this one it could not hold "
+                f"{rf} replicas (replication_factor {rf})", reason="too_few_nodes",
+                nodes_left=len(self.ring) - 1, replication_factor=rf)
+        self.leaving = True
+        self.streaming = StreamProgress(direction="out", state="waiting_for_ring")
+        self.gossiper.set_local(gs.STATUS, gs.LEAVING)
+        self._rebuild_ring()
+        log.info("node %s is LEAVING: its ranges stream to their new replicas", self.node_id)
+        self._leave_task = asyncio.create_task(self._leave())
+        return self.streaming.view(self.clock.monotonic_s())
+
+    async def _leave(self) -> None:
+        assert self.gossiper is not None
+        progress = self.streaming
+        try:
+            await self.clock.sleep(self._ring_delay_s())
+            self._rebuild_ring()
+            future = self.future_ring or self.ring.without_node(self.node_id)
+            plan = leave_plan(self.ring, future, self.node_id, self._eventual_replication())
+            progress.ranges_total, progress.state = len(plan), "streaming"
+            progress.started_s = self.clock.monotonic_s()
+            log.info("node %s: streaming %d ranges to %d nodes", self.node_id, len(plan),
+                     len({r.target for r in plan}))
+            await self._streamer(progress).run(plan)
+        except Exception as exc:  # noqa: BLE001 - a failed leave must put the node back
+            progress.state = "failed"
+            log.error("node %s: decommission failed (%s); it stays on the ring, NORMAL",
+                      self.node_id, exc)
+            self.leaving = False
+            self.gossiper.set_local(gs.STATUS, gs.NORMAL)
+            self._rebuild_ring()
+            return
+        progress.state, progress.finished_s = "done", self.clock.monotonic_s()
+        # LEFT, then gossip on for a few rounds so every node hears it before we go.
+        self.left = True
+        self.gossiper.set_local(gs.STATUS, gs.LEFT)
+        log.info("node %s is LEFT: streamed %d ranges, %d cells, %d bytes", self.node_id,
+                 progress.ranges_done, progress.cells, progress.bytes)
+        await self.clock.sleep(JOIN_LEARN_ROUNDS * self.config.timing.gossip_interval_ms / 1000)
+        if self.on_left is not None:
+            self.on_left()
+
+    def _streamer(self, progress: StreamProgress) -> Streamer:
+        streaming = self.config.streaming
+        return Streamer(
+            replicas=self.router, store=self.store, clock=self.clock, is_alive=self.is_alive,
+            throughput_mib_s=streaming.throughput_mib_s, page_cells=streaming.page_cells,
+            timeout_s=self.config.timing.read_timeout_ms / 1000, progress=progress)
 
     def _set_join_state(self, state: str) -> None:
         if state != self.join_state:
@@ -414,6 +580,7 @@ class Node:
                 ring_size=len(self.ring),
                 only_seed_is_self=self._only_seed_is_self(),
                 joiners_ahead=joiners_ahead(states, self.node_id, self._may_be_alive),
+                streaming=streaming_joiners(states, self.node_id, self._may_be_alive),
             )
             for stuck in sorted(planner.passed_over - passed_over):
                 log.warning("node %s: %s, joining too, has taken no tokens for %d gossip rounds; "
@@ -423,7 +590,8 @@ class Node:
             if step is JoinStep.DONE:
                 return
             if step is JoinStep.WAIT_TURN and planner.ahead != waiting_for:
-                log.info("node %s: waiting for %s, joining too, to take tokens first",
+                log.info("node %s: waiting for %s, joining too, to take tokens or finish "
+                         "streaming first",
                          self.node_id, ", ".join(sorted(planner.ahead)))
             waiting_for = planner.ahead
             if step is JoinStep.START_ALONE:
@@ -451,6 +619,9 @@ class Node:
     async def stop(self) -> None:
         """Flush and close storage. The HTTP server has already drained by now."""
         self.draining = True
+        if self._leave_task is not None:
+            self._leave_task.cancel()
+            await asyncio.gather(self._leave_task, return_exceptions=True)
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
@@ -479,7 +650,8 @@ class Node:
             min(MAX_TOKEN, max(MIN_TOKEN + 1, t + self._rng.randrange(-jitter, jitter)))
             for t in chosen
         }))
-        self.identity.save_tokens(tokens)
+        # A node joining a ring that exists must stream its ranges first.
+        self.identity.save_tokens(tokens, bootstrapped=ring is None or not len(ring))
         return tokens
 
     # -- membership -------------------------------------------------------------
@@ -523,6 +695,17 @@ class Node:
         if ring != self.ring:
             log.info("ring now has %d nodes: %s", len(ring), ", ".join(ring.node_ids))
             self.ring = ring
+        joining = joining_from_gossip(states, self.node_id)
+        if self.bootstrap_tokens:
+            joining[self.node_id] = (self.bootstrap_tokens, self.info)
+        leaving = leaving_from_gossip(states, self.node_id)
+        if self.leaving:
+            leaving |= {self.node_id}
+        future = future_ring(ring, joining, leaving)
+        if future != self.future_ring:
+            log.info("pending joins: %s; leaving: %s", ", ".join(sorted(joining)) or "none",
+                     ", ".join(sorted(leaving)) or "none")
+            self.future_ring = future
         if peers != self._saved_peers:
             self._saved_peers = peers
             self.identity.save_peers(peers)
@@ -641,13 +824,26 @@ class Node:
                           ("ranges_failed", "Ranges a repair could not finish"),
                           ("runs", "Repair runs finished (manual and scheduled)")):
             self.metrics.gauge(f"ringkv_repair_{name}", doc,
-                               functools.partial(_total, repair.totals, name))
+                               partial(_total, repair.totals, name))
         self.metrics.labelled_gauge(
             "ringkv_repair_last_repaired_timestamp_seconds",
             "When each range this node replicates was last repaired with every replica "
             "(Unix seconds; 0 = never)", ["keyspace", "range"],
             lambda: [([ks, f"{start}:{end}"], (last or 0) / 1e6)
                      for ks, start, end, last in repair.ranges()])
+    def _streaming_metrics(self) -> None:
+        # Read self.streaming on each scrape: a decommission starts a new one.
+        for name, doc, field in (
+            ("ringkv_streaming_ranges_done", "Ranges streamed (in while joining, out while "
+             "leaving)", "ranges_done"),
+            ("ringkv_streaming_ranges_total", "Ranges to stream (in while joining, out while "
+             "leaving)", "ranges_total"),
+            ("ringkv_streaming_bytes", "Bytes streamed (in while joining, out while leaving)",
+             "bytes"),
+            ("ringkv_streaming_fallbacks", "Stream pages that failed and went on from another "
+             "replica or were sent again", "fallbacks"),
+        ):
+            self.metrics.gauge(name, doc, partial(_progress_field, self, field))
 
     def _count(self, receipt: Receipt) -> None:
         # Lets operators (and the client's tests) see whether requests arrive
@@ -662,6 +858,8 @@ class Node:
 
 def _total(totals: dict[str, int], name: str) -> float:
     return float(totals[name])
+def _progress_field(node: Node, field: str) -> float:
+    return float(getattr(node.streaming, field))
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -349,6 +349,19 @@ class TokenRing:
         return TokenRing(tokens, nodes)
 
 
+def ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:
+    """The ring's ranges as non-wrapping (start_exclusive, end_inclusive) pieces, in order."""
+    pieces = []
+    for start, end, _owner in ring.ranges():
+        if start < end:
+            pieces.append((start, end))
+        else:  # the wrapping range, or the whole ring when there is one token
+            pieces.append((MIN_TOKEN, end))
+            pieces.append((start, MAX_TOKEN))
+    pieces = [(s, e) for s, e in pieces if s < e]
+    return sorted(pieces, key=lambda piece: piece[1])
+
+
 # ---- token allocation ----------------------------------------------------
 
 # Relative weight of the "keep ranges evenly sized" term against the node-load

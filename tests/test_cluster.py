@@ -173,7 +173,9 @@ def test_nodes_started_at_once_own_at_most_1_25x_the_mean(tmp_path: Path) -> Non
     try:
         for proc in cluster.procs:
             proc.launch()
-        cluster.wait_all_up(timeout_s=45)
+        # Joins run one at a time until each has streamed its ranges (a ring
+        # delay of about 7 s each with 1 s gossip): about 40 s for five.
+        cluster.wait_all_up(timeout_s=120)
         status, body = http("GET", f"{cluster.procs[-1].url}/v1/ring")
         assert status == 200
         ring = TokenRing({row["node_id"]: row["tokens"] for row in body["nodes"]})

@@ -16,6 +16,7 @@ from ringkv.config import (
     KeyspaceConfig,
     LimitsConfig,
     StorageConfig,
+    StreamingConfig,
     TimingConfig,
     TrueTimeConfig,
     TxnConfig,
@@ -78,9 +79,10 @@ def test_reference_yaml_lists_and_documents_every_field():
         "truetime": TrueTimeConfig,
         "txn": TxnConfig,
         "repair": RepairConfig,
+        "streaming": StreamingConfig,
     }
     assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn",
-                          "repair"]
+                          "repair", "streaming"]
     for section, cls in sections.items():
         assert list(data[section]) == [f.name for f in dataclasses.fields(cls)], section
     assert list(data["keyspaces"]["default"]) == [

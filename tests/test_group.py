@@ -324,6 +324,43 @@ def test_a_proposal_commits_and_is_applied_on_all_three() -> None:
     run(main)
 
 
+def test_safe_time_never_runs_ahead_of_the_store() -> None:
+    """Spanner §4.1.3: a replica serves a snapshot read at ``t`` once its safe time has
+    passed ``t``, so safe time may count only commits its MVCC store already holds,
+    even between the message that commits an entry and the drain that applies it."""
+
+    async def main(loop: VirtualTimeLoop) -> None:
+        bus = sim_bus(loop)
+        for node_id in GROUP.replicas:
+            bus.start(node_id)
+        leader = await wait_for(lambda: leader_of(bus), 10.0, "a leader")
+        leader_node = next(n for n in bus.nodes.values() if n.runner is leader)
+        ahead: list[str] = []
+        deliver = bus._deliver
+
+        def delivered_then_checked(src: str, to: str, data: bytes) -> None:
+            deliver(src, to, data)  # steps the replica; its drain runs on a later turn
+            node = bus.nodes[to]
+            runner = node.runner
+            if runner is None or runner is leader:
+                return
+            safe_us = runner.applied_ts_us
+            if read(node, b"k", safe_us) != read(leader_node, b"k", safe_us):
+                ahead.append(f"{to}: safe time {safe_us}, store at {runner.applied_through}")
+
+        bus._deliver = delivered_then_checked  # type: ignore[method-assign]
+        last = None
+        for i in range(5):
+            last = await leader.propose_future(f"t{i}", [(b"k", f"v{i}".encode())])
+            assert last.status == COMMITTED, last
+        assert last is not None and last.commit_ts_us is not None
+        await wait_for(lambda: all(n.runner and n.runner.applied_ts_us >= last.commit_ts_us
+                                   for n in bus.nodes.values()), 5.0, "applied everywhere")
+        assert not ahead, ahead
+
+    run(main)
+
+
 def test_the_leader_is_killed_and_another_takes_over_after_its_lease() -> None:
     """Spanner §4.1 (disjointness): a new leader's lease starts only after the
     old leader's ended, in true time; then it commits. Figure printed with -s."""

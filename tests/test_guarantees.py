@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from ringkv.sim import guarantees
+from ringkv.sim.checkers import Verdict
 from ringkv.sim.guarantees import COMMANDS, STALE_HINT, Pin, first_seed_pin, parse_pins, stale_pins
+from ringkv.sim.run import SimResult
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -74,3 +76,23 @@ def test_replace_block_keeps_the_prose_around_it() -> None:
         "before\n<!-- guarantees:begin x -->\nnew\n<!-- guarantees:end x -->\nafter\n")
     with pytest.raises(ValueError, match="no <!-- guarantees:begin y -->"):
         guarantees.replace_block(text, "y", "new")
+
+
+def test_a_negative_control_that_is_not_caught_stops_the_figures(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controls' row says each planted bug is caught in every run: a run of a
+    control that passes every checker is refused, like a healthy run that fails."""
+    names = ("lost writes", "stale reads", "reads of values", "replicas", "writes discarded",
+             "linearizable", "commit wait", "snapshot reads", "bounded staleness", "safe time")
+    passing = [Verdict(name, True, "0 items") for name in names]
+
+    def every_run_passes(command: str, progress: object) -> list[SimResult]:
+        settings, _ = guarantees.parse_command(command)
+        return [SimResult(settings, [], [], 0, passing, "0" * 16, "", {}, 0.0)]
+
+    monkeypatch.setattr(guarantees, "run_series", every_run_passes)
+    with pytest.raises(RuntimeError, match="not caught") as raised:
+        guarantees.generate(README.read_text(encoding="utf-8"), progress=lambda line: None)
+    for name in guarantees.TXN_CONTROLS:
+        assert COMMANDS[name].split("--fault ")[1] in str(raised.value)
+    assert str(raised.value).count("(not caught)") == len(guarantees.TXN_CONTROLS)

@@ -37,6 +37,7 @@ SHELL = frozenset({
     "replica/client.py", "replica/local.py", "replica/router.py", "replica/internode.py",
     "repair/hints.py", "repair/handoff.py", "repair/history.py", "repair/service.py",
     "gossip/service.py",
+    "topology/streamer.py",  # pages scans from peers into the store, paced on the clock
     "net/rpc.py", "net/sockets.py", "net/transport.py",
     "storage/store.py", "storage/leveldb.py",
     "txn/mvcc.py",  # runs engine calls off the loop (LevelDB fsyncs)
@@ -51,6 +52,7 @@ SHELL = frozenset({
 })
 PURE_IN_SHELL_PACKAGES = frozenset({
     "sim/__init__.py", "sim/history.py", "sim/checkers.py", "sim/linearizability.py",
+    "sim/snapshot_reads.py",
     "server/__init__.py", "server/validation.py", "server/txn_validation.py",
 })
 

@@ -6,7 +6,11 @@ compare-and-set a few registers through random nodes; the history is judged
 by the linearizability checker (Herlihy and Wing; Wing and Gong's search),
 and, white-box against the simulator's true time, every commit's timestamp
 ``s`` must lie in the past when its leader answers (Spanner §4.1.2, commit
-wait). Negative controls plant a broken node and must be caught.
+wait). Clients also make snapshot reads through any replica (Spanner §4.1.3):
+each must return the newest commit at or below its timestamp, a bounded-
+staleness read must be no older than its bound, and, white-box, every one
+must be served at or below the serving replica's safe time. Negative
+controls plant a broken node and must be caught.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ import dataclasses
 import pytest
 
 from ringkv.cli import build_parser, sim_settings
-from ringkv.sim.run import SimResult, SimSettings, format_line, format_report, simulate
+from ringkv.sim.run import (
+    SimResult,
+    SimSettings,
+    format_line,
+    format_report,
+    run_counts,
+    simulate,
+)
 
 
 def register(seed: int, **extra: object) -> SimSettings:
@@ -50,6 +61,8 @@ def test_registers_stay_linearizable_and_commit_wait_holds_under_faults(seed: in
     result = simulate(settings)
     assert result.verdict("linearizable").ok, _explain(result)
     assert result.verdict("commit wait").ok, _explain(result)
+    assert result.verdict("snapshot reads").ok, _explain(result)
+    assert result.verdict("safe time").ok, _explain(result)
     assert result.ok, _explain(result)
     assert result.fault_count > 0
 
@@ -87,6 +100,28 @@ def test_a_node_without_the_clock_fence_is_caught_under_skew_beyond_the_bound() 
     assert not broken.verdict("commit wait").ok, format_report(broken)
 
 
+def test_a_replica_that_serves_snapshot_reads_above_its_safe_time_is_caught() -> None:
+    """Spanner §4.1.3: a replica may serve a read at ``t`` only once its safe time has
+    passed ``t``. One that serves at once is caught white-box in every run, and,
+    black-box, reads that miss commits at or below their timestamp (a partitioned
+    follower far behind) in most."""
+    seeds = range(1, 5)
+    healthy = [simulate(register(seed, nemesis=("partition",))) for seed in seeds]
+    for result in healthy:
+        assert result.ok, _explain(result)
+        assert run_counts(result)["snapshots"] > 0
+    broken = [simulate(dataclasses.replace(r.settings, fault="snapshot-ignores-safe-time"))
+              for r in healthy]
+    for result in broken:
+        unsafe = result.verdict("safe time")
+        assert not unsafe.ok and unsafe.count > 0 and unsafe.excerpt, format_report(result)
+        assert "above its safe time" in unsafe.excerpt[0]
+    wrong = [r.verdict("snapshot reads") for r in broken if not r.verdict("snapshot reads").ok]
+    assert len(wrong) >= 2, "\n\n".join(format_report(r) for r in broken)
+    assert all(v.count > 0 and "missed" in "".join(v.excerpt) for v in wrong)
+    assert "replay with:" in format_report(broken[0])
+
+
 def test_the_fault_switches_belong_to_their_workload() -> None:
     with pytest.raises(ValueError, match="skip-commit-wait"):
         SimSettings(seed=1, fault="ack-without-write", workload="register")
@@ -111,3 +146,4 @@ def test_same_seed_same_register_history_and_the_command_replays_it() -> None:
     parsed = sim_settings(build_parser().parse_args(command[1:]))
     assert parsed == settings
     assert "not linearizable 0" in format_line(first)
+    assert "snapshot reads wrong 0, too stale 0, above safe time 0" in format_line(first)

@@ -76,12 +76,16 @@ class Coordinator:
         speculative_retry_percentile: float = 99.0,
         speculative_retry_min_s: float = 0.02,
         local_read: Callable[[str, int, bytes], Cell | None] | None = None,
+        future_ring: Callable[[], TokenRing | None] | None = None,
     ) -> None:
         """``local_read(keyspace, token, key)``: this node's own replica, read at
         once, for reads that need only it (the ONE fast path)."""
         self.node_id = node_id
         self._local_read = local_read
         self._ring = ring
+        # The ring once the joins in progress finish (writes also go to the
+        # pending replicas on it); None while the topology is settled.
+        self._future_ring = future_ring or (lambda: None)
         self._is_alive = is_alive
         self._replicas = replicas
         self._keyspaces = keyspaces
@@ -125,6 +129,7 @@ class Coordinator:
             level,
             self._is_alive,
             write=write,
+            future=self._future_ring() if write else None,
         )
 
     def new_timestamp(self) -> Timestamp:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 from ringkv.errors import Unavailable
 from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.ring import TokenRing
+from ringkv.topology.pending import pending_replicas
 
 
 class ReplicaPlan(NamedTuple):
@@ -25,10 +26,13 @@ class ReplicaPlan(NamedTuple):
     token: int
     consistency: ConsistencyLevel
     natural: tuple[str, ...]  # every replica of the key, in ring order
-    live: tuple[str, ...]  # the natural replicas the failure detector believes are up
+    live: tuple[str, ...]  # the replicas to send to (natural, then pending) believed up
     down: tuple[str, ...]
     block_for: int
     ring: TokenRing  # the ring the plan was made on
+    # Writes only: replicas joining the key's range (topology.pending); they
+    # are in live/down too, and each adds one to block_for.
+    pending: tuple[str, ...] = ()
 
 
 def plan_for(
@@ -40,6 +44,7 @@ def plan_for(
     is_alive: Callable[[str], bool],
     *,
     write: bool,
+    future: TokenRing | None = None,
 ) -> ReplicaPlan:
     """Decide who is asked and how many must answer, or raise Unavailable.
 
@@ -48,19 +53,29 @@ def plan_for(
     measured against the replicas that exist, as Riak does with n_val on a
     small cluster. Down nodes still count as replicas, so losing a node never
     silently weakens a quorum.
+
+    ``future`` is the ring once the joins in progress finish: a write also
+    goes to the key's pending replicas on it, and waits for one more
+    acknowledgement per pending replica (Cassandra's blockFor + pending),
+    while the consistency level is still reckoned on the natural replicas.
+    Reads never ask pending replicas.
     """
     natural = ring.replicas(token, replication_factor)
+    pending = pending_replicas(natural, future, token, replication_factor) if write else ()
+    targets = natural + pending if pending else natural
     # List comprehensions, not generators: these run for every request.
-    live = tuple([node for node in natural if is_alive(node)])
-    down = tuple([node for node in natural if node not in live])
+    live = tuple([node for node in targets if is_alive(node)])
+    down = tuple([node for node in targets if node not in live])
     needed = block_for(consistency, len(natural))
+    if pending and consistency is not ConsistencyLevel.ANY:
+        needed += len(pending)
     enough = len(live) >= needed or (write and consistency is ConsistencyLevel.ANY)
-    if not enough or needed > len(natural):
+    if not enough or needed > len(targets):
         raise Unavailable(
             f"consistency {consistency.value} needs {needed} live replicas of "
-            f"{len(natural)} but {len(live)} are alive",
+            f"{len(targets)} but {len(live)} are alive",
             consistency=consistency.value,
             required=needed,
             alive=len(live),
         )
-    return ReplicaPlan(keyspace, token, consistency, natural, live, down, needed, ring)
+    return ReplicaPlan(keyspace, token, consistency, natural, live, down, needed, ring, pending)

@@ -13,23 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ringkv.messages import ScanReply
-from ringkv.ring import MAX_TOKEN, MIN_TOKEN, TokenRing
+from ringkv.ring import ring_pieces
 from ringkv.versioning import Cell, reconcile
 
 Item = tuple[int, bytes, Cell]
 
-
-def ring_pieces(ring: TokenRing) -> list[tuple[int, int]]:
-    """The ring's ranges as non-wrapping (start_exclusive, end_inclusive) pieces, in order."""
-    pieces = []
-    for start, end, _owner in ring.ranges():
-        if start < end:
-            pieces.append((start, end))
-        else:  # the wrapping range, or the whole ring when there is one token
-            pieces.append((MIN_TOKEN, end))
-            pieces.append((start, MAX_TOKEN))
-    pieces = [(s, e) for s, e in pieces if s < e]
-    return sorted(pieces, key=lambda piece: piece[1])
+__all__ = ["Item", "merge_replies", "ring_pieces"]
 
 
 def merge_replies(

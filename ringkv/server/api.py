@@ -567,6 +567,10 @@ async def post_repair(request: web.Request) -> web.StreamResponse:
 
 async def get_repair(request: web.Request) -> web.Response:
     return json_response(request.app[NODE_KEY].repair.status())
+async def decommission(request: web.Request) -> web.Response:
+    """Start this node's decommission; its progress is in /v1/status ``streaming``."""
+    return json_response({"node_id": request.app[NODE_KEY].node_id,
+                          "streaming": request.app[NODE_KEY].decommission()}, status=202)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -590,6 +594,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/status", status, name="status", allow_head=False)
     app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
     app.router.add_get("/v1/health", health, name="health", allow_head=False)
+    app.router.add_post("/v1/decommission", decommission, name="decommission")
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)

@@ -44,6 +44,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
 
     door = open_door(config)
     node = Node(config)
+    node.on_left = stop.set  # decommissioned: LEFT the ring, so the process ends
     await node.open()
     node.metrics.registry.register(DoorCollector(door))
     runner = ApiRunner(

@@ -34,6 +34,8 @@ def cluster_status(node: Node) -> dict[str, Any]:
         "cluster": node.config.cluster.name,
         # None once on the ring; else why not (e.g. waiting_for_seeds) and since when.
         "joining": node.join_status(),
+        # Bootstrap streaming: ranges done/total, bytes, cells, rate, fallbacks.
+        "streaming": node.streaming.view(node.clock.monotonic_s()),
         "nodes": rows,
         "keyspaces": describe(node.keyspaces),
         "storage": {"sync_mode": node.config.storage.commit_sync, **vars(node.store.stats)},

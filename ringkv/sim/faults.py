@@ -3,7 +3,8 @@
 They exist only here; the simulator plants one through ``Node``'s
 ``coordinator_class`` hook (``ringkv sim --fault NAME``). Each models a real
 class of bug. The transactional tier's (``TXN_FAULTS``, for ``--workload
-register``) are planted into a node's ``TxnService`` before it starts.
+register``) are planted into a node's ``TxnService`` before it starts, through
+its public fault switches (``TxnService.faults``) or its ``truetime``.
 """
 
 from __future__ import annotations
@@ -107,15 +108,19 @@ FAULTS: dict[str, type[Coordinator]] = {
 }
 
 
-async def _no_commit_wait(commit_ts_us: int, deadline_s: float) -> float:
-    return 0.0
-
-
 def skip_commit_wait(node: Node) -> None:
     """The leader answers as soon as the commit is chosen, without waiting out
     ``TT.after(s)`` (Spanner §4.1.2): a commit timestamp may then still lie in
     the future when the client hears of it."""
-    setattr(node.txn, "_commit_wait", _no_commit_wait)
+    node.txn.faults.skip_commit_wait = True
+
+
+def snapshot_ignores_safe_time(node: Node) -> None:
+    """A replica serves a snapshot read at its timestamp at once, without waiting
+    for its safe time to pass it (Spanner §4.1.3): a follower behind the leader,
+    or a leader with commits in flight, then misses commits at or below the
+    read's timestamp."""
+    node.txn.faults.ignore_safe_time = True
 
 
 class UnfencedTrueTime(TrueTime):
@@ -141,4 +146,5 @@ def no_fencing(node: Node) -> None:
 TXN_FAULTS: dict[str, Callable[[Node], None]] = {
     "skip-commit-wait": skip_commit_wait,
     "no-fencing": no_fencing,
+    "snapshot-ignores-safe-time": snapshot_ignores_safe_time,
 }

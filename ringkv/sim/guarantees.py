@@ -1,7 +1,9 @@
 """The README's Guarantees figures, generated from the simulator (``make guarantees``).
 
 Every figure in the README's Guarantees table and power-loss paragraph comes
-from a ``ringkv sim`` command shown beside it. This module runs those commands
+from a ``ringkv sim`` command shown beside it: the eventual tier's rows, and
+the transactional tier's (the register workload under each nemesis, and the
+negative controls, whose every run must be caught). This module runs those commands
 in-process, through the same argument parser as the command line, and rewrites
 the two blocks of the README between ``<!-- guarantees:begin NAME -->`` and
 ``<!-- guarantees:end NAME -->``. The prose outside the blocks is written by
@@ -41,14 +43,42 @@ COMMANDS: dict[str, str] = {
     "power_mixed_batch": ("ringkv sim --seed 900 --seeds 10 --ops 1000 --duration 30 --nodes 4 "
                           "--nemesis crash,power,partition --commit-sync batch"),
 }
+# The transactional tier: single-key registers (read, write, compare-and-set) and
+# snapshot reads on a keyspace with RF 3, five nodes; then the negative controls.
+REGISTER = ("ringkv sim --seed 1 --seeds 10 --workload register --ops 1000 --clients 8 "
+            "--keys 5 --duration 30 --boot provisioned")
+TXN_ROWS: dict[str, tuple[str, str]] = {  # name -> (what the row says, the command's tail)
+    "txn_partition": ("partitions of every shape", "--nemesis partition"),
+    "txn_crash": ("kill -9 and restart", "--nemesis crash"),
+    "txn_pause": ("SIGSTOP and SIGCONT", "--nemesis pause"),
+    "txn_leader": ("the range's leader killed or cut off; clogged links", "--nemesis leader,clog"),
+    "txn_skew": ("clocks skewed within the bound: a minority 100-200 ms off, drifting and "
+                 "stepping", "--nemesis skew --max-skew 0.2"),
+    "txn_mix": ("all of partitions, kill -9, SIGSTOP and skew within the bound",
+                "--nemesis partition,crash,pause,skew --max-skew 0.2"),
+}
+TXN_CONTROLS: dict[str, tuple[str, str]] = {
+    "ctl_commit_wait": ("`skip-commit-wait`: leaders answer without commit wait",
+                        "--fault skip-commit-wait"),
+    "ctl_fencing": ("`no-fencing`: a minority of clocks 1-2 s off (beyond the bound), and "
+                    "nodes carry on with their own clock", "--nemesis skew,leader --max-skew 2.0 "
+                    "--fault no-fencing"),
+    "ctl_safe_time": ("`snapshot-ignores-safe-time`: replicas serve snapshot reads without "
+                      "waiting for their safe time", "--nemesis partition "
+                      "--fault snapshot-ignores-safe-time"),
+}
+COMMANDS.update({name: f"{REGISTER} {tail}"
+                 for name, (_, tail) in {**TXN_ROWS, **TXN_CONTROLS}.items()})
 TABLE_FOOTNOTES = ("qq_faults", "qq", "all_one_faults", "one_q_faults", "one_one",
-                   "one_one_faults", "skew")  # footnotes 1 to 7, in this order
+                   "one_one_faults", "skew", *TXN_ROWS, *TXN_CONTROLS)  # footnotes 1, 2, ... in order
 POWER_COMMANDS = ("power", "power_mixed", "power_mixed_batch")
 STALE_HINT = "README guarantees are stale: run `make guarantees`"
 # The counts a pin holds, in the order it prints them.
 PIN_COUNTS = ("ops", "acked", "lost", "reads", "stale", "discarded", "faults")
+REGISTER_PIN_COUNTS = ("ops", "acked", "unknown", "commits", "snapshots", "nonlinear", "early",
+                       "snapshot_wrong", "too_stale", "unsafe", "faults")
 _PIN = re.compile(r"<!-- pin (?P<command>ringkv sim [^|]+?) \| seed (?P<seed>\d+) \| "
-                  r"hash (?P<hash>[0-9a-f]+) \| (?P<counts>[a-z0-9 ]+) -->")
+                  r"hash (?P<hash>[0-9a-f]+) \| (?P<counts>[a-z0-9_ ]+) -->")
 
 
 def parse_command(command: str) -> tuple[SimSettings, int]:
@@ -74,8 +104,9 @@ class Pin:
     @classmethod
     def of(cls, command: str, result: SimResult) -> Pin:
         counts = run_counts(result)
+        names = REGISTER_PIN_COUNTS if result.settings.workload == "register" else PIN_COUNTS
         return cls(command, result.settings.seed, result.history_hash,
-                   tuple((name, counts[name]) for name in PIN_COUNTS))
+                   tuple((name, counts[name]) for name in names))
 
     def render(self) -> str:
         counts = " ".join(f"{name} {value}" for name, value in self.counts)
@@ -129,9 +160,51 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "n/a"
 
 
+_SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _note(name: str) -> str:
+    """A row's footnote mark: its command's place in ``TABLE_FOOTNOTES``."""
+    return str(TABLE_FOOTNOTES.index(name) + 1).translate(_SUPERSCRIPT)
+
+
+def render_txn_rows(t: Mapping[str, Counter[str]]) -> list[str]:
+    """The transactional tier's rows: each nemesis, then the negative controls."""
+    rows = []
+    for i, (name, (what, _)) in enumerate(TXN_ROWS.items()):
+        c = t[name]
+        promise = ("strict serializability: the register history (reads, writes, "
+                   "compare-and-set) is linearizable; every commit's `s` has passed in true "
+                   "time when it is acknowledged (commit wait); a snapshot read at `t` returns "
+                   "the newest commit at or below `t`, is served at or below the replica's "
+                   "safe time, and a bounded-staleness read is within its bound"
+                   if i == 0 else "as above")
+        rows.append(
+            f"| SERIAL (transactional), {what} | {promise} | **{_n(c['nonlinear'])} of "
+            f"{_n(c['runs'])} runs not linearizable, {_n(c['early'])} of {_n(c['commits'])} "
+            f"commits acknowledged before `s`, {_n(c['snapshot_wrong'])} of "
+            f"{_n(c['snapshots'])} snapshot reads wrong, {_n(c['too_stale'])} too stale, "
+            f"{_n(c['unsafe'])} served above safe time**; {_n(c['ops'])} ops "
+            f"({_n(c['acked'])} acknowledged writes and compare-and-sets, {_n(c['unknown'])} "
+            f"of unknown outcome), {_n(c['faults'])} faults {_note(name)} |")
+    caught = []
+    for name, (what, _) in TXN_CONTROLS.items():
+        c = t[name]
+        found = [f"{_n(c['nonlinear'])} runs not linearizable" if c["nonlinear"] else "",
+                 f"{_n(c['early'])} commits acknowledged before `s`" if c["early"] else "",
+                 f"{_n(c['snapshot_wrong'])} snapshot reads wrong" if c["snapshot_wrong"] else "",
+                 f"{_n(c['too_stale'])} too stale" if c["too_stale"] else "",
+                 f"{_n(c['unsafe'])} served above safe time" if c["unsafe"] else ""]
+        caught.append(f"{what}: caught in {_n(c['failed'])} of {_n(c['runs'])} runs "
+                      f"({', '.join(f for f in found if f)}) {_note(name)}")
+    rows.append("| SERIAL, negative controls (planted bugs) | each is caught | "
+                + "; ".join(caught) + " |")
+    return rows
+
+
 def render_table(t: Mapping[str, Counter[str]]) -> str:
     """The Guarantees table and its footnotes (``t``: each command's totals)."""
-    f, q, a, oq, o, of_, s = (t[name] for name in TABLE_FOOTNOTES)
+    f, q, a, oq, o, of_, s = (t[name] for name in TABLE_FOOTNOTES[:7])
     rows = [
         "| writes / reads | promise | measured |",
         "|---|---|---|",
@@ -160,6 +233,7 @@ def render_table(t: Mapping[str, Counter[str]]) -> str:
         f"carried a later timestamp; {_n(s['lost'])} acknowledged writes missing from the final "
         f"state; {_n(s['stale'])} of {_n(s['reads'])} reads stale "
         f"({_pct(s['stale'], s['reads'])}) ⁷ |",
+        *render_txn_rows(t),
     ]
     notes = [f"{i}. `{COMMANDS[name]}`" for i, name in enumerate(TABLE_FOOTNOTES, start=1)]
     return "\n".join([*rows, "", *notes])
@@ -219,10 +293,15 @@ def generate(readme: str, progress: Callable[[str], None] = print) -> str:
         progress(f"$ {command}")
         results = run_series(command, progress)
         totals[name] = series_counts(results)
+        totals[name]["runs"] = len(results)
         pins[name] = Pin.of(command, results[0])
-        failed.extend(r.settings.command() for r in results if not r.ok)
+        if name in TXN_CONTROLS:  # a planted bug: every run must be caught
+            failed.extend(f"{r.settings.command()} (not caught)" for r in results if r.ok)
+        else:
+            failed.extend(r.settings.command() for r in results if not r.ok)
     if failed:
-        raise RuntimeError("runs broke a promise; replay with:\n" + "\n".join(failed))
+        raise RuntimeError("runs broke a promise, or a control was not caught; replay with:\n"
+                           + "\n".join(failed))
     for block, (names, render) in BLOCKS.items():
         body = render(totals) + "\n" + "\n".join(pins[name].render() for name in names)
         readme = replace_block(readme, block, body)

@@ -24,6 +24,7 @@ from ringkv.sim.cluster import SimCluster
 from ringkv.sim.faults import FAULTS, TXN_FAULTS
 from ringkv.sim.history import Op, history_hash
 from ringkv.sim.linearizability import linearizable
+from ringkv.sim.snapshot_reads import check_snapshot_reads, check_staleness
 from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.sim.nemesis import NEMESES, FaultLog, Nemesis
 from ringkv.sim.network import NetworkConditions, SimNetwork
@@ -33,11 +34,12 @@ from ringkv.sim.workload import (
     CommitObserver,
     RegisterSpec,
     RegisterWorkload,
+    SafeTimeObserver,
     Workload,
     WorkloadSpec,
 )
 
-BOOT_TIMEOUT_S = 120.0  # virtual seconds for the cluster to form
+BOOT_TIMEOUT_S = 400.0  # virtual seconds for the cluster to form (joins stream one at a time)
 HEAL_TIMEOUT_S = 60.0  # virtual seconds for every node to see every other UP again
 QUIET_S = 10.0  # after healing: gossip and hint replay (replay also retries every 5 s)
 SETTLE_S = 2.0  # after the final reads (whose read repair blocks), before replicas are compared
@@ -277,12 +279,14 @@ async def _run_register(settings: SimSettings, loop: VirtualTimeLoop) -> SimResu
     conditions = network_conditions(random.Random(f"{seed}/network"))
     network = SimNetwork(loop, random.Random(f"{seed}/packets"), conditions)
     observer = CommitObserver(loop)
+    safe_time = SafeTimeObserver()
     plant = TXN_FAULTS[settings.fault] if settings.fault else None
 
     def hook(node: Node) -> None:
         if plant is not None:
             plant(node)
         observer.attach(node)
+        safe_time.attach(node)
 
     cluster = SimCluster(loop, network, node_configs(settings), seed, Coordinator, hook)
     log = FaultLog(loop)
@@ -317,6 +321,9 @@ async def _run_register(settings: SimSettings, loop: VirtualTimeLoop) -> SimResu
     verdicts = [
         linearizable(workload.register_history()),
         observer.verdict(),
+        check_snapshot_reads(workload.snapshot_reads, workload.known_writes()),
+        check_staleness(workload.snapshot_reads),
+        safe_time.verdict(),
         _health(healed, loop.errors, workload.unexpected),
     ]
     return SimResult(
@@ -363,7 +370,7 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
     client_ops = [op for op in history if not op.final]
     counts = Counter((op.kind, op.status) for op in client_ops)
     register = settings.workload == "register"
-    kinds = ("write", "cas", "read") if register else ("write", "read")
+    kinds = ("write", "cas", "read", "snapshot") if register else ("write", "read")
     lines = [
         f"$ {settings.command()}",
         f"network: {result.network}",
@@ -401,8 +408,12 @@ def format_line(result: SimResult) -> str:
         return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
                 f"{counts['ops']:>5} ops, {counts['acked']:>4} acked writes/cas, "
                 f"{counts['unknown']:>3} unknown, {counts['commits']:>4} commits, "
+                f"{counts['snapshots']:>4} snapshot reads, "
                 f"{result.fault_count:>3} faults; not linearizable {counts['nonlinear']}, "
-                f"commit wait broken {counts['early']}; hash {result.history_hash}")
+                f"commit wait broken {counts['early']}, snapshot reads wrong "
+                f"{counts['snapshot_wrong']}, too stale {counts['too_stale']}, above safe time "
+                f"{counts['unsafe']}; "
+                f"hash {result.history_hash}")
     return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
             f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
             f"{result.fault_count:>3} faults; lost {counts['lost']}, stale {counts['stale']}, "
@@ -421,6 +432,10 @@ def format_totals(results: list[SimResult]) -> str:
             f"  runs whose register history is not linearizable: {total['nonlinear']}",
             f"  commits acknowledged before true time reached s: {total['early']} "
             f"of {total['commits']}",
+            f"  snapshot reads not returning the newest commit at or below their timestamp: "
+            f"{total['snapshot_wrong']} of {total['snapshots']}",
+            f"  bounded-staleness reads older than their bound: {total['too_stale']}",
+            f"  snapshot reads served above the replica's safe time: {total['unsafe']}",
         ]
         lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
         return "\n".join(lines)
@@ -454,7 +469,12 @@ def run_counts(result: SimResult) -> dict[str, int]:
         early = result.verdict("commit wait")
         return {
             "ops": len(client),
-            "acked": sum(1 for op in client if op.kind != "read" and op.status == "ok"),
+            "acked": sum(1 for op in client if op.kind in ("write", "cas") and op.status == "ok"),
+            "snapshots": sum(1 for op in client if op.kind == "snapshot" and op.status == "ok"),
+            "snapshot_wrong": result.verdict("snapshot reads").count,
+            "too_stale": result.verdict("bounded staleness").count,
+            "unsafe": result.verdict("safe time").count,
+            "failed": int(not result.ok),  # a negative control's run: caught
             "unknown": sum(1 for op in client if op.status == "info"),
             "nonlinear": int(not result.verdict("linearizable").ok),
             "early": early.count,

@@ -11,9 +11,17 @@ compare-and-set a few registers of a transactional keyspace through random
 nodes' ``TxnService.execute``, each operation a single-key transaction with a
 unique id, recorded as ``RegisterOp``s for the linearizability checker. A
 failed condition certainly changed nothing; any other error or a timeout
-leaves a write's outcome unknown. ``CommitObserver`` is white-box: it
-records, at each leader, every commit's timestamp and the true (virtual)
-time at which the leader answered.
+leaves a write's outcome unknown. Clients also make snapshot reads, as the
+HTTP API serves them (``?snapshot_ts=`` or ``?max_staleness_ms=``), through
+random nodes, followers included; they are judged by
+``sim/snapshot_reads.py`` against the commits the history knows of.
+
+Two white-box observers use the simulator's knowledge, through each
+``TxnService``'s public ``faults`` hooks: ``CommitObserver`` records, at each
+leader, every commit's timestamp and the true (virtual) time at which the
+leader answered (Spanner §4.1.2); ``SafeTimeObserver`` records, for every
+snapshot read served, its timestamp and the serving replica's safe time at
+that moment (§4.1.3).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ringkv.errors import ClockUncertain, ConditionFailed, NotFound, RingKVError, Unavailable
+from ringkv.errors import ConditionFailed, NotFound, RingKVError, Unavailable
 from ringkv.node import Node
 from ringkv.quorum import ConsistencyLevel
 from ringkv.sim.checkers import EXCERPT_LINES, Verdict
@@ -35,6 +43,7 @@ from ringkv.sim.clock import EPOCH_US
 from ringkv.sim.cluster import CRASHED, OFF, Machine, SimCluster
 from ringkv.sim.history import FAIL, INFO, OK, Op
 from ringkv.sim.linearizability import RegisterOp
+from ringkv.sim.snapshot_reads import COMMITTED, FAILED, UNKNOWN, KnownWrite, SnapshotRead
 from ringkv.txn.requests import Condition, TxnRequest, Write, comparable_json
 from ringkv.txn.service import Op as TxnOp
 from ringkv.versioning import encode_json_value
@@ -184,8 +193,10 @@ class RegisterSpec:
     clients: int
     keys: int
     duration_s: float  # virtual seconds the ops are spread over
-    read_fraction: float = 0.3
-    write_fraction: float = 0.2  # the rest are compare-and-set
+    read_fraction: float = 0.25  # strong reads
+    snapshot_fraction: float = 0.2  # snapshot reads, at a timestamp or with bounded staleness
+    write_fraction: float = 0.15  # the rest are compare-and-set
+    follow_snapshot: float = 0.3  # chance that an acknowledged write is read back at its commit_ts
     client_timeout_s: float = 3.0
     keyspace: str = "txn"
 
@@ -214,15 +225,10 @@ class CommitObserver:
         self.commits: list[Commit] = []
 
     def attach(self, node: Node) -> None:
-        service = node.txn
-        inner = service._commit_wait  # whatever it is, a planted fault included
-
-        async def observed(commit_ts_us: int, deadline_s: float) -> float:
-            waited_s = await inner(commit_ts_us, deadline_s)
+        def committed(commit_ts_us: int) -> None:  # called once commit wait (if any) is over
             self.commits.append(Commit(node.node_id, commit_ts_us, true_us(self.loop)))
-            return waited_s
 
-        setattr(service, "_commit_wait", observed)
+        node.txn.faults.on_commit = committed
 
     def verdict(self) -> Verdict:
         """Every commit's timestamp is below the true time at which it was acknowledged."""
@@ -237,6 +243,41 @@ class CommitObserver:
                        "acknowledged before true time reached their timestamp", len(early), lines)
 
 
+@dataclass(frozen=True)
+class ServedSnapshot:
+    node: str
+    group_id: str
+    read_ts_us: int
+    safe_ts_us: int  # the serving replica's safe time (highest applied timestamp) then
+
+
+class SafeTimeObserver:
+    """White-box (Spanner §4.1.3): every snapshot read is served at or below the
+    serving replica's safe time, as the simulator sees that replica's group."""
+
+    def __init__(self) -> None:
+        self.served: list[ServedSnapshot] = []
+
+    def attach(self, node: Node) -> None:
+        def served(group_id: str, read_ts_us: int) -> None:
+            runner = node.txn.groups[group_id].runner
+            self.served.append(ServedSnapshot(node.node_id, group_id, read_ts_us,
+                                              runner.applied_ts_us))
+
+        node.txn.faults.on_snapshot_read = served
+
+    def verdict(self) -> Verdict:
+        unsafe = [s for s in self.served if s.read_ts_us > s.safe_ts_us]
+        if not unsafe:
+            return Verdict("safe time", True, f"{len(self.served)} snapshot reads served at or "
+                           "below the serving replica's safe time")
+        lines = tuple(f"{s.node} served {s.group_id} at {s.read_ts_us}, above its safe time "
+                      f"{s.safe_ts_us} (by {(s.read_ts_us - s.safe_ts_us) / 1000:.3f} ms)"
+                      for s in unsafe[:EXCERPT_LINES])
+        return Verdict("safe time", False, f"{len(unsafe)} of {len(self.served)} snapshot reads "
+                       "served above the serving replica's safe time", len(unsafe), lines)
+
+
 class RegisterWorkload:
     def __init__(self, spec: RegisterSpec, cluster: SimCluster, seed: int) -> None:
         self.spec = spec
@@ -249,6 +290,14 @@ class RegisterWorkload:
         self._next_index = 0
         self.unexpected: list[str] = []
         self.resolved: Counter[str] = Counter()  # unknown outcomes, as resolve_unknown found
+        # What the snapshot-read checker needs: every write asked for, the commit
+        # timestamps learned (from acks, outcome queries and strong reads), the
+        # writes known not to have committed, and the answered snapshot reads.
+        self._written: dict[int, tuple[str, str]] = {}  # index -> (key, value)
+        self._commit_ts: dict[int, int] = {}
+        self._not_committed: set[int] = set()
+        self._observed: dict[tuple[str, str], int] = {}  # (key, value) -> version, strong reads
+        self.snapshot_reads: list[SnapshotRead] = []
 
     async def run(self) -> None:
         await asyncio.gather(*(self._client(c) for c in range(self.spec.clients)))
@@ -258,6 +307,7 @@ class RegisterWorkload:
         rng = random.Random(f"{self.seed}/register/{cid}")
         think_s = spec.clients * spec.duration_s / max(1, spec.ops)
         seen: dict[str, str | None] = {}  # the value this client last saw per key
+        learned_ts: list[int] = []  # the last commit timestamp this client learned
         written = 0
         for _ in range(spec.ops):  # bounded: the shared budget ends it sooner
             await asyncio.sleep(rng.expovariate(1 / think_s))
@@ -271,10 +321,23 @@ class RegisterWorkload:
                 if op.status == OK:
                     seen[key] = op.value
                 continue
+            draw -= spec.read_fraction
+            if draw < spec.snapshot_fraction:
+                await self.snapshot_read(f"c{cid}", machine, key, rng, learned_ts)
+                continue
             written += 1
-            kind = "write" if draw < spec.read_fraction + spec.write_fraction else "cas"
-            await self.call(f"c{cid}", machine, kind, key, f"c{cid}-{written}", seen.get(key),
-                            seen=seen)
+            kind = "write" if draw < spec.snapshot_fraction + spec.write_fraction else "cas"
+            op = await self.call(f"c{cid}", machine, kind, key, f"c{cid}-{written}",
+                                 seen.get(key), seen=seen)
+            if op.ts is None:
+                continue
+            learned_ts[:] = [op.ts[0]]
+            if rng.random() < spec.follow_snapshot and self._next_index < spec.ops:
+                # Read one's own write at its commit timestamp, through any replica:
+                # one behind the leader must wait for its safe time to pass it.
+                machine = rng.choice(self.cluster.machines)
+                await self.snapshot_read(f"c{cid}", machine, key, rng, learned_ts,
+                                         at_ts=op.ts[0])
 
     async def final_reads(self, attempts: int = 10) -> None:
         """After healing: a strong read of every key, retried a few times."""
@@ -312,12 +375,13 @@ class RegisterWorkload:
                               (Condition(raw, "equals", equals=comparable_json(expected)),))
             txn = TxnRequest(spec.keyspace, txn_id, (), conditions,
                              (Write(raw, json.dumps(value).encode()),))
+            self._written[index] = (key, value)
             request = TxnOp("txn", spec.keyspace, txn)
             pending = RegisterOp(process, kind, key, value, start, None, expected,
                                  None if kind == "cas" else True)
-        try:
-            node.txn._fence()  # what execute does first: a fenced node refuses, doing nothing
-        except ClockUncertain:
+        if node.txn.clock_status()["fenced"]:
+            # What execute does first: a fenced node refuses, doing nothing. (Later, a
+            # ClockUncertain may come after a commit, so only this one is certain.)
             return self._record(invoked, FAIL, start, None, "ClockUncertain")
         self._open[index] = (invoked, pending)
         task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
@@ -332,11 +396,15 @@ class RegisterWorkload:
             if kind == "read":
                 raw_value = result["reads"][0]["value"]
                 read = None if raw_value is None else json.loads(raw_value)
+                version = result["reads"][0].get("version")
+                if read is not None and version is not None:
+                    self._observed[(key, read)] = int(version)
                 return self._record(invoked._replace(value=read), OK, end,
                                     RegisterOp(process, "read", key, read, start, end), None)
             assert pending is not None
             if seen is not None:
                 seen[key] = value
+            self._commit_ts[index] = int(result["commit_ts"])
             return self._record(invoked, OK, end, RegisterOp(
                 process, kind, key, value, start, end, expected, True), None,
                 (int(result["commit_ts"]), 0))
@@ -351,6 +419,79 @@ class RegisterWorkload:
         if kind == "read":  # a failed read changed nothing and tells nothing
             return self._record(invoked, FAIL, end, None, type(exc).__name__)
         return self._record(invoked, INFO, end, pending, type(exc).__name__)
+
+    async def snapshot_read(self, process: str, machine: Machine, key: str, rng: random.Random,
+                            learned_ts: list[int], *, at_ts: int | None = None) -> Op:
+        """A snapshot read as ``GET ...?snapshot_ts=`` or ``?max_staleness_ms=`` makes it:
+        at ``at_ts`` if given, else at a commit timestamp this client learned, at the
+        asked node's clock (now or up to 300 ms ago), or with bounded staleness;
+        any replica with a fresh enough safe time answers, followers included."""
+        index = self._next_index
+        self._next_index += 1
+        start = self.loop.time()
+        node = machine.node
+        snapshot_ts: int | None = at_ts
+        staleness_ms: int | None = None
+        draw = rng.random()
+        if at_ts is not None:
+            pass
+        elif draw < 0.25 and learned_ts:
+            snapshot_ts = learned_ts[0]
+        elif draw < 0.65 and node is not None:
+            snapshot_ts = node.clock.wall_us() - rng.choice((0, rng.randrange(300_000)))
+        else:
+            staleness_ms = rng.choice((250, 1000, 5000))
+        asked = (f"snapshot_ts={snapshot_ts}" if snapshot_ts is not None
+                 else f"max_staleness_ms={staleness_ms}")
+        invoked = Op(index, process, "snapshot", key, None, start, None, INFO, machine.node_id,
+                     asked)
+        if machine.state in (CRASHED, OFF) or node is None:
+            return self._record(invoked, FAIL, start, None, "connection refused")
+        if node.txn.clock_status()["fenced"]:
+            return self._record(invoked, FAIL, start, None, "ClockUncertain")
+        self._open[index] = (invoked, None)
+        spec = self.spec
+        request = TxnOp("snapshot_get", spec.keyspace, key=key.encode(),
+                        snapshot_ts_us=snapshot_ts, max_staleness_ms=staleness_ms)
+        task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
+                                            timeout_s=spec.client_timeout_s))
+        await _wait(self.loop, task, spec.client_timeout_s + 0.5)
+        if not task.done():
+            return self._record(invoked, INFO, None, None, "client timeout")
+        exc = task.exception()
+        end = self.loop.time()
+        if exc is None:
+            answer = task.result()
+            value = None if answer["value"] is None else json.loads(answer["value"])
+            version: int | None = int(answer["version"])
+            receipt = answer["receipt"]
+        elif isinstance(exc, NotFound) and isinstance(exc.details.get("receipt"), dict):
+            value, version, receipt = None, None, exc.details["receipt"]
+        else:
+            if not isinstance(exc, RingKVError):
+                self.unexpected.append(f"{invoked.line()}: {exc!r}")
+            return self._record(invoked, FAIL, end, None, type(exc).__name__)
+        read_ts = int(receipt["read_ts"])
+        self.snapshot_reads.append(SnapshotRead(
+            index, process, machine.node_id, key, asked, read_ts, value, version,
+            None if staleness_ms is None else staleness_ms * 1000,
+            EPOCH_US + int(start * 1_000_000)))
+        return self._record(invoked._replace(value=value), OK, end, None, None, (read_ts, 0))
+
+    def known_writes(self) -> list[KnownWrite]:
+        """Every write and compare-and-set, with what the history knows of its outcome."""
+        writes = []
+        for index, (key, value) in sorted(self._written.items()):
+            op = self.ops.get(index)
+            if index in self._commit_ts:
+                writes.append(KnownWrite(key, value, COMMITTED, self._commit_ts[index]))
+            elif (key, value) in self._observed:  # a strong read saw it: it committed then
+                writes.append(KnownWrite(key, value, COMMITTED, self._observed[(key, value)]))
+            elif index in self._not_committed or (op is not None and op.status == FAIL):
+                writes.append(KnownWrite(key, value, FAILED))
+            else:
+                writes.append(KnownWrite(key, value, UNKNOWN))
+        return writes
 
     async def resolve_unknown(self, attempts: int = 5) -> None:
         """After healing, ask for the outcome of every write whose answer never came
@@ -379,12 +520,14 @@ class RegisterWorkload:
                 if exc is None and task.result().get("status") == "committed":
                     self._registers[index] = dataclasses.replace(register, end=self.loop.time(),
                                                                  ok=True)
+                    self._commit_ts[index] = int(task.result()["commit_ts"])
                     self.resolved["committed"] += 1
                     break
                 if (isinstance(exc, NotFound) and exc.details.get("status") == "not_committed"
                         and exc.details.get("definitive")):
                     self._registers.pop(index, None)
                     self._open.pop(index, None)
+                    self._not_committed.add(index)
                     self.resolved["not committed"] += 1
                     break
             else:

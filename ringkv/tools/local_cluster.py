@@ -152,6 +152,13 @@ def format_status(status: dict[str, Any]) -> str:
             run = repair["running"]
             lines.append(f"  running ({run.get('trigger')}): {run.get('ranges_done')}/"
                          f"{run.get('ranges_total')} ranges")
+    streaming = status.get("streaming")
+    if isinstance(streaming, dict) and streaming.get("state") not in (None, "idle"):
+        lines.append(
+            f"Streaming ({status.get('node_id')}): {streaming.get('state')}, ranges "
+            f"{streaming.get('ranges_done', 0)}/{streaming.get('ranges_total', 0)}, "
+            f"{_human_bytes(streaming.get('bytes', 0))} at {streaming.get('rate_mib_s', 0)} MiB/s, "
+            f"{streaming.get('fallbacks', 0)} fallbacks")
     return "\n".join(lines)
 
 

@@ -250,6 +250,9 @@ class GroupRunner:
         self._log = PaxosLog(engine, self.group_id)
         self.replica: PaxosReplica | None = None
         self.applied_through = 0  # the last slot the store holds (or is being installed)
+        # Safe time: the highest timestamp the store holds. The replica's own
+        # applied_ts_us runs ahead of it until the drain applies its Ready.
+        self._store_ts_us = 0
         self._installing_through = 0  # a snapshot's slot while its install is in flight
         self._queue: list[Ready] = []
         self._drain_task: asyncio.Task[None] | None = None
@@ -280,6 +283,8 @@ class GroupRunner:
             )
         self.applied_through = loaded.applied_through
         snapshot = loaded.state.snapshot
+        missing = snapshot is not None and loaded.applied_through < snapshot.last_slot
+        self._store_ts_us = 0 if missing else self.replica.applied_ts_us
         self.stopped = False
         self.failed = None
         if snapshot is not None and loaded.applied_through < snapshot.last_slot:
@@ -500,8 +505,9 @@ class GroupRunner:
 
     @property
     def applied_ts_us(self) -> int:
-        """The highest commit timestamp applied here: nothing applied later is older."""
-        return 0 if self.replica is None else self.replica.applied_ts_us
+        """The highest commit timestamp applied to the store here, the replica's safe
+        time (Spanner §4.1.3): nothing applied later is older."""
+        return self._store_ts_us
 
     def log_slots(self) -> int:
         """Slot records in the durable log (what compaction bounds)."""
@@ -572,6 +578,8 @@ class GroupRunner:
                     self._on_apply(value)
             elif item.superseded:
                 self.stats.superseded += 1
+            if not entry.noop and not item.superseded:
+                self._store_ts_us = max(self._store_ts_us, entry.ts_us)
             self.applied_through = slot
             waiter = self._waiting.get(slot)
             if waiter is not None:
@@ -635,6 +643,7 @@ class GroupRunner:
             # Synced: the store now holds the snapshot, so restart must not fetch it again.
             await self._io(self._log.set_applied, snapshot.last_slot, sync=True)
             self.applied_through = snapshot.last_slot
+            self._store_ts_us = max(self._store_ts_us, snapshot.max_ts_us)
             self._installing_through = 0
             self.stats.snapshots_installed += 1
             for slot in [s for s in self._waiting if s <= snapshot.last_slot]:

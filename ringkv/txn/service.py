@@ -142,6 +142,24 @@ class _Group:
     last_safe_propose_s: float = 0.0
 
 
+@dataclass
+class TxnFaults:
+    """Where the simulator and tests watch and break the tier; production passes none.
+
+    ``skip_commit_wait``: answer a commit once it is chosen, without waiting out
+    ``TT.after(s)`` (breaks Spanner §4.1.2). ``ignore_safe_time``: serve a
+    snapshot read at its timestamp at once, as if this replica's safe time had
+    passed it (breaks §4.1.3). ``on_commit(commit_ts_us)``: a commit is being
+    answered, after commit wait. ``on_snapshot_read(group_id, read_ts_us)``: a
+    snapshot read is being served at ``read_ts_us``, in the same step as the read.
+    """
+
+    skip_commit_wait: bool = False
+    ignore_safe_time: bool = False
+    on_commit: Callable[[int], None] | None = None
+    on_snapshot_read: Callable[[str, int], None] | None = None
+
+
 @dataclass(frozen=True)
 class Op:
     """One transactional operation, as it travels to the leader."""
@@ -195,8 +213,10 @@ class TxnService:
         rng: random.Random,
         ring: Callable[[], TokenRing],
         transport: Callable[[], Any],
+        faults: TxnFaults | None = None,
     ) -> None:
         self.node_id = node_id
+        self.faults = faults or TxnFaults()
         self.config = config
         self.keyspaces = {name: ks.replication_factor for name, ks in config.keyspaces.items()
                           if ks.tier == TRANSACTIONAL}
@@ -574,7 +594,7 @@ class TxnService:
     def _snapshot_ready(self, runner: GroupRunner, op: Op, now: TTInterval) -> bool:
         if op.kind != "snapshot_get":
             return False
-        return runner.applied_ts_us >= self._snapshot_ts(op, now)
+        return self.faults.ignore_safe_time or runner.applied_ts_us >= self._snapshot_ts(op, now)
 
     @staticmethod
     def _snapshot_ts(op: Op, now: TTInterval) -> int:
@@ -605,17 +625,21 @@ class TxnService:
         if op.snapshot_ts_us is not None:
             at_us = op.snapshot_ts_us
         elif runner.is_leader():
-            at_us = runner.applied_ts_us  # the freshest safe time there is
+            # The freshest safe time there is, but never older than the bound allows
+            # (a new leader's may be): then wait for safe time to reach the bound.
+            at_us = max(runner.applied_ts_us, self._snapshot_ts(op, now))
         else:
             at_us = runner.applied_ts_us
             if at_us < self._snapshot_ts(op, now):
                 raise NoLeader("this replica's safe time is older than max_staleness_ms allows",
                                reason="stale")
-        while runner.applied_ts_us < at_us:
+        while runner.applied_ts_us < at_us and not self.faults.ignore_safe_time:
             if self._clock.monotonic_s() + WAIT_STEP_S >= deadline_s:
                 raise Timeout(f"safe time did not reach {at_us} within the deadline",
                               consistency="SERIAL", received=0, required=1, write=True)
             await self._clock.sleep(WAIT_STEP_S)
+        if self.faults.on_snapshot_read is not None:
+            self.faults.on_snapshot_read(runner.group_id, at_us)
         version = self.mvcc.read(op.keyspace, op.key, at_us)
         self.stats["snapshot_reads"] += 1
         receipt = {"replica": self.node_id, "read_ts": at_us, "safe_ts": runner.applied_ts_us,
@@ -785,7 +809,10 @@ class TxnService:
                           f"ask GET /v1/txn/{txn_id}", consistency="SERIAL", received=0,
                           required=1, write=True)
         commit_ts = outcome.commit_ts_us
-        waited_s = await self._commit_wait(commit_ts, deadline_s)
+        waited_s = (0.0 if self.faults.skip_commit_wait else
+                    await self._commit_wait(commit_ts, deadline_s))
+        if self.faults.on_commit is not None:
+            self.faults.on_commit(commit_ts)
         self.stats["commits"] += 1
         self.stats["commit_wait_us"] += int(waited_s * 1_000_000)
         receipt.update(commit_ts=commit_ts, commit_wait_ms=round(waited_s * 1000, 3))
@@ -835,4 +862,4 @@ def _rebuild(exc: RemoteError) -> RingKVError:
                    **details}})
 
 
-__all__ = ["TxnService", "Op", "VERBS"]
+__all__ = ["TxnService", "TxnFaults", "Op", "VERBS"]

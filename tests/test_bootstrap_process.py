@@ -1,0 +1,196 @@
+"""Growing and shrinking a real cluster under load (Dynamo §4.9, adding and
+removing storage nodes; Cassandra's bootstrap and decommission): node
+processes on loopback, a cluster holding data grows and shrinks while a
+client writes and reads at QUORUM, and no acknowledged write is missing from
+any natural replica afterwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+
+from ringkv.ring import NodeInfo, TokenRing
+from ringkv.tools.launcher import NodeProcess, free_port_block
+from ringkv.tools.local_cluster import LocalCluster
+from tests.procs import http, wait_until
+
+pytestmark = pytest.mark.cluster
+
+GOSSIP = {"timing.gossip_interval_ms": 500}
+
+
+def make_cluster(tmp_path: Path, nodes: int, **overrides: Any) -> LocalCluster:
+    cluster = LocalCluster(tmp_path, nodes=nodes, rf=3, base_client_port=free_port_block(nodes),
+                           base_internode_port=free_port_block(nodes),
+                           config_overrides={**GOSSIP, **overrides})
+    cluster.build()
+    return cluster
+
+
+def start_first(cluster: LocalCluster, count: int) -> None:
+    for proc in cluster.procs[:count]:
+        proc.start()
+        cluster.wait_all_up(cluster.procs[: cluster.procs.index(proc) + 1], timeout_s=60)
+
+
+def ring_of(proc: NodeProcess) -> TokenRing:
+    status, body = http("GET", f"{proc.url}/v1/ring")
+    assert status == 200
+    return TokenRing({n["node_id"]: n["tokens"] for n in body["nodes"]},
+                     {n["node_id"]: NodeInfo(n["node_id"], n["dc"], n["rack"])
+                      for n in body["nodes"]})
+
+
+def put(proc: NodeProcess, key: str, value: Any) -> bool:
+    try:
+        status, _ = http("PUT", f"{proc.url}/v1/kv/default/{key}?consistency=QUORUM",
+                         {"value": value}, timeout_s=5)
+    except OSError:
+        return False
+    return status == 200
+
+
+def local_value(proc: NodeProcess, key: str) -> Any:
+    status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?local=true")
+    return body["value"] if status == 200 else None
+
+
+def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list[NodeProcess]
+                        ) -> None:
+    """Each acknowledged write on each natural replica's own copy (local=true, read
+    before any coordinated read of the key), then at QUORUM."""
+    ring = ring_of(live[0])
+    assert all(ring_of(proc) == ring for proc in live)
+    by_id = {proc.node_id: proc for proc in cluster.procs}
+    missing = []
+    for key, value in acked.items():
+        for node_id in ring.replicas_for_key(key.encode(), 3):
+            if local_value(by_id[node_id], key) != value:
+                missing.append((key, node_id))
+    assert missing == [], f"{len(missing)} copies missing, e.g. {missing[:5]}"
+    for i, (key, value) in enumerate(acked.items()):
+        proc = live[i % len(live)]
+        status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?consistency=QUORUM")
+        assert status == 200 and body["value"] == value, (key, status, body)
+
+
+class Load:
+    """A client writing new keys and reading them back at QUORUM, until stopped."""
+
+    def __init__(self, procs: list[NodeProcess], prefix: str = "load") -> None:
+        self.procs = procs
+        self.prefix = prefix
+        self.acked: dict[str, Any] = {}
+        self.reads = {"ok": 0, "failed": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set() and i < 100_000:
+            proc = self.procs[i % len(self.procs)]
+            key = f"{self.prefix}{i}"
+            if put(proc, key, i):
+                self.acked[key] = i
+            if i % 4 == 3:  # read back an earlier write through another coordinator
+                earlier = f"{self.prefix}{i - 2}"
+                try:
+                    status, _ = http("GET", f"{self.procs[(i + 1) % len(self.procs)].url}"
+                                     f"/v1/kv/default/{earlier}?consistency=QUORUM", timeout_s=5)
+                except OSError:
+                    status = 0
+                self.reads["ok" if status == 200 else "failed"] += 1
+            i += 1
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def test_a_cluster_holding_data_grows_from_three_to_five_and_shrinks_to_four_under_load(
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster(tmp_path, 5)
+    try:
+        start_first(cluster, 3)
+        status, body = http("POST", f"{cluster.procs[0].url}/v1/decommission")
+        assert status == 409 and body["error"]["reason"] == "too_few_nodes"  # 3 nodes, RF 3
+        acked = {}
+        for i in range(300):
+            key = f"seed{i}"
+            assert put(cluster.procs[i % 3], key, {"n": i, "pad": "x" * 50})
+            acked[key] = {"n": i, "pad": "x" * 50}
+        with Load(cluster.procs[:3]) as load:
+            for joiner in cluster.procs[3:]:
+                joiner.start()  # returns once it serves: NORMAL, every range streamed
+                cluster.wait_all_up(cluster.procs[: cluster.procs.index(joiner) + 1],
+                                    timeout_s=60)
+                status = http("GET", f"{joiner.url}/v1/status")[1]["streaming"]
+                assert status["state"] == "done" and status["ranges_done"] == status["ranges_total"]
+                assert status["cells"] > 0
+        assert len(load.acked) > 20 and load.reads["ok"] > 0
+        check_every_replica(cluster, {**acked, **load.acked}, cluster.procs)
+        acked.update(load.acked)
+
+        # Decommission node2 (5 -> 4) through the command line, under load elsewhere.
+        leaving, staying = cluster.procs[1], [cluster.procs[0], *cluster.procs[2:]]
+        with Load(staying, prefix="leave") as load:
+            done = subprocess.run(
+                [sys.executable, "-m", "ringkv.cli", "decommission", "--url", leaving.url,
+                 "--wait-s", "120"], capture_output=True, text=True, timeout=180, check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "has LEFT the ring" in done.stdout
+            assert leaving.proc is not None and leaving.proc.wait(timeout=30) == 0
+
+            def four_nodes() -> bool:
+                return all(len(ring_of(proc).node_ids) == 4 for proc in staying)
+
+            wait_until(four_nodes, timeout_s=30, interval_s=0.2, what="node2 off every ring")
+        assert len(load.acked) > 20
+        check_every_replica(cluster, {**acked, **load.acked}, staying)
+    finally:
+        cluster.down()
+
+
+def test_when_the_streaming_source_dies_the_joiner_resumes_from_another_replica(
+    tmp_path: Path,
+) -> None:
+    # Slow streaming (small pages, 0.1 MiB/s) so the source can be killed mid-stream.
+    cluster = make_cluster(tmp_path, 4, **{"streaming.throughput_mib_s": 0.1,
+                                           "streaming.page_cells": 20})
+    try:
+        start_first(cluster, 3)
+        acked = {}
+        for i in range(1500):
+            acked[f"k{i}"] = "v" * 200
+            assert put(cluster.procs[i % 3], f"k{i}", acked[f"k{i}"])
+        joiner = cluster.procs[3]
+        joiner.start(wait_joined=False)
+
+        def streaming_source() -> str | None:
+            view = http("GET", f"{joiner.url}/v1/status")[1]["streaming"]
+            return view["source"] if view["cells"] > 0 else None
+
+        source = wait_until(streaming_source, timeout_s=60, interval_s=0.05,
+                            what="the joiner to stream its first pages")
+        victim = next(proc for proc in cluster.procs if proc.node_id == source)
+        victim.kill()
+        wait_until(joiner._ready, timeout_s=90, interval_s=0.2, what="the joiner to go NORMAL")
+        view = http("GET", f"{joiner.url}/v1/status")[1]["streaming"]
+        assert view["fallbacks"] >= 1 and view["state"] == "done"
+        ring = ring_of(joiner)
+        mine = [key for key in acked if joiner.node_id in ring.replicas_for_key(key.encode(), 3)]
+        # It resumed where it stopped: every cell it replicates arrived exactly once.
+        assert view["cells"] == len(mine)
+        assert all(local_value(joiner, key) == acked[key] for key in mine)
+    finally:
+        cluster.down()
