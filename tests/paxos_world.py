@@ -79,6 +79,7 @@ class World:
         check_contract: bool = True,
         compact_every: int = 20,
         extreme_rates: bool = False,
+        spares: int = 0,
     ) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
@@ -86,14 +87,16 @@ class World:
         self.options = {"max_drift_ppm": 1000.0, **(options or {})}
         self.check_contract = check_contract
         self.compact_every = compact_every
-        ids = [f"n{i}" for i in range(size)]
+        ids = [f"n{i}" for i in range(size + spares)]
+        # The group starts as the first ``size`` nodes; spares are there to be added.
+        self.initial_members = tuple(ids[:size])
         self.nodes: dict[str, Node] = {}
         for node_id in ids:
             # Rates anywhere within the drift, or (extreme_rates) at either edge of it.
             skew = self.rng.choice([-1, 1]) if extreme_rates else self.rng.uniform(-1, 1)
             rate = 1 + skew * drift_ppm / 1e6
             node = Node(node_id, self.rng.uniform(-1000, 1000), rate)
-            node.replica = replica_cls(node_id, [p for p in ids if p != node_id], **self.options)
+            node.replica = replica_cls(node_id, [], self.initial_members, **self.options)
             self.nodes[node_id] = node
         self.faults = Faults()
         self.now = 0.0
@@ -302,10 +305,52 @@ class World:
             return
         peers = [p for p in self.nodes if p != node_id]
         node.replica = self.replica_cls.restore(
-            node_id, peers, node.disk.copy(), node.local(self.now),
+            node_id, peers, node.disk.copy(), node.local(self.now), self.initial_members,
             applied_through=node.applied_through, **self.options,
         )
         self._at(self.now + self.rng.uniform(0, TICK_S), "tick", (node_id, node.incarnation))
+
+    def change_members(self, members: set[str] | frozenset[str]) -> bool:
+        """Ask whoever leads to move the group to ``members``; True once proposed."""
+        for node in self.nodes.values():
+            if node.replica is None or node.replica.role is not Role.LEADER:
+                continue
+            try:
+                ready = node.replica.change_members(members, node.local(self.now))
+            except ProposalRefused as refused:
+                self.count(f"change refused/{refused.reason}")
+                continue
+            self.count("change proposed")
+            if node.node_id not in members:
+                self.count("leader removes itself")
+            self._carry_out(node, ready)
+            return True
+        return False
+
+    def configuration(self) -> frozenset[str] | None:
+        """The configuration of the highest committed configuration entry, if any."""
+        for slot in sorted(self.committed, reverse=True):
+            members = self.committed[slot].entry.members
+            if members is not None:
+                return frozenset(members)
+        return None
+
+    def reconfigure(self, plan: list[frozenset[str]], until_s: float, *, chaos: bool = True) -> int:
+        """Drive the group through ``plan`` (one configuration after another)
+        until ``until_s``, under random faults when ``chaos``; returns how many
+        configurations of the plan were committed."""
+        done = 0
+        while self.now < until_s:
+            if chaos:
+                self.chaos(min(until_s, self.now + self.rng.uniform(0.5, 3.0)))
+            else:
+                self.run_until(min(until_s, self.now + 0.2))
+            current = self.configuration()
+            if current in plan[done:]:
+                done = plan.index(current, done) + 1  # steps may commit between two looks
+            if done < len(plan):
+                self.change_members(plan[done])
+        return done
 
     def leader(self) -> str | None:
         """A node that leads under a lease now (at most one, if leases are disjoint)."""

@@ -57,6 +57,10 @@ HISTORY: list[list[Record]] = [
     [PromiseRecord(B3), AcceptRecord(3, B3, E[4]), ChosenRecord(3, E[4])],
     [SnapshotRecord(Snapshot("a", 2, 102))],
     [AcceptRecord(4, B3, E[5]), AcceptRecord(1, B3, E[6])],  # slot 1 is below the snapshot: dropped
+    # Membership persists with the log: a configuration entry, then a snapshot naming it.
+    [AcceptRecord(5, B3, Entry(b"", 0, noop=True, members=("a", "b", "d"))),
+     ChosenRecord(5, Entry(b"", 0, noop=True, members=("a", "b", "d")))],
+    [SnapshotRecord(Snapshot("a", 5, 105, ("a", "b", "d")))],
 ]
 
 

@@ -83,6 +83,9 @@ EVERY_TYPE: list[Message] = [
     Learn("a", ((12, E), (13, Entry(b"", 0, noop=True)))),
     InstallSnapshot("a", B, SNAP),
     InstallSnapshot("a", ZERO_BALLOT, SNAP),
+    # Membership: a configuration entry, and a snapshot naming the configuration after it.
+    Accept("a", B, ((9, Entry(b"", 0, noop=True, members=("a", "b", "d"))),), 8),
+    InstallSnapshot("a", B, Snapshot("a", 40, 5, ("a", "b", "c", "d"))),
 ]
 
 
@@ -150,6 +153,12 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("snapshot handle empty", [11, [3, "a"], ["", 3, 5]], "InstallSnapshot.snapshot.handle"),
     ("snapshot not a list", [11, [3, "a"], None], "InstallSnapshot.snapshot"),
     ("learn entries bad", [10, [[1, [b"", 0]]]], "Learn.entries[0].entry"),
+    ("entry of five", [3, [3, "a"], [[7, [b"", 0, True, ["a"], 1]]], 6], "Accept.entries[0].entry"),
+    ("members not a list", [3, [3, "a"], [[7, [b"", 0, True, "ab"]]], 6], "Accept.entries[0].entry.members"),
+    ("no members", [3, [3, "a"], [[7, [b"", 0, True, []]]], 6], "Accept.entries[0].entry.members"),
+    ("member twice", [3, [3, "a"], [[7, [b"", 0, True, ["a", "a"]]]], 6], "Accept.entries[0].entry.members"),
+    ("member empty", [3, [3, "a"], [[7, [b"", 0, True, ["a", ""]]]], 6], "Accept.entries[0].entry.members[1]"),
+    ("snapshot members bad", [11, [3, "a"], ["a", 3, 5, [7]]], "InstallSnapshot.snapshot.members[0]"),
 ]
 
 
@@ -174,9 +183,10 @@ ints = st.integers(0, MAX_INT)
 slots = st.integers(1, MAX_INT)
 times = st.floats(allow_nan=False, allow_infinity=False)
 ballots = st.one_of(st.just(ZERO_BALLOT), st.builds(Ballot, ints, nodes))
-entries = st.builds(Entry, st.binary(max_size=40), ints, st.booleans())
+member_sets = st.one_of(st.none(), st.sets(nodes, min_size=1, max_size=5).map(lambda m: tuple(sorted(m))))
+entries = st.builds(Entry, st.binary(max_size=40), ints, st.booleans(), member_sets)
 slot_entries = st.lists(st.tuples(slots, entries), max_size=4).map(tuple)
-snapshots = st.builds(Snapshot, st.text(min_size=1, max_size=20), slots, ints)
+snapshots = st.builds(Snapshot, st.text(min_size=1, max_size=20), slots, ints, member_sets)
 
 messages = st.one_of(
     st.builds(Prepare, nodes, ballots, slots, times),

@@ -164,6 +164,8 @@ class GroupStats:
     aborted: int = 0
     refused: int = 0
     unknown: int = 0
+    config_changes: int = 0  # membership changes proposed here as leader
+    move_waits: int = 0  # ticks a move waited (a joining node catching up, a change settling)
 
 
 @dataclass
@@ -205,11 +207,19 @@ class GroupRunner:
         election_timeout_s: float = ELECTION_TIMEOUT_S,
         max_drift_ppm: float = MAX_DRIFT_PPM,
         on_apply: Callable[[CommitValue], None] | None = None,
+        members: Iterable[str] | None = None,
     ) -> None:
         """``on_apply(value)`` runs after each commit is applied to the store,
         in slot order, before the applied point moves past it (the service
-        records transaction outcomes there)."""
-        if node_id not in group.replicas:
+        records transaction outcomes there).
+
+        ``group.replicas`` is where the group should be; ``members`` (default:
+        the same) is its configuration before its log says otherwise. When they
+        differ the range is moving, and whoever leads moves the group one member
+        at a time (``_move``); a node in ``group.replicas`` but not in
+        ``members`` joins as a learner."""
+        initial = frozenset(members) if members is not None else frozenset(group.replicas)
+        if node_id not in group.replicas and node_id not in initial:
             raise ValueError(f"{node_id!r} is not a member of group {group.group_id!r}")
         if not 0 <= keep_log_slots < max_log_slots:
             raise ValueError("keep_log_slots must be in [0, max_log_slots)")
@@ -219,8 +229,7 @@ class GroupRunner:
         self.group = group
         self.group_id = group.group_id
         self.keyspace = group.keyspace
-        self.members = frozenset(group.replicas)
-        self._peers = [m for m in group.replicas if m != node_id]
+        self.initial_members = initial
         self._engine = engine
         self._mvcc = mvcc
         self._clock = clock
@@ -261,14 +270,15 @@ class GroupRunner:
             raise RuntimeError("already started")
         loaded = self._log.load()
         now_s = self._clock.monotonic_s()
-        peers = self._peers
+        peers = sorted(self.initial_members - {self.node_id})
         if loaded.empty:
             # Nothing persisted means no promise, so no lease vote was ever granted:
             # every vote raises the promised ballot, and that is persisted first.
-            self.replica = PaxosReplica(self.node_id, peers, **self._options)
+            self.replica = PaxosReplica(self.node_id, peers, self.initial_members, **self._options)
         else:
+            # The configuration comes back from the log (entries and snapshot).
             self.replica = PaxosReplica.restore(
-                self.node_id, peers, loaded.state, now_s,
+                self.node_id, peers, loaded.state, now_s, self.initial_members,
                 applied_through=loaded.applied_through, **self._options,
             )
         self.applied_through = loaded.applied_through
@@ -306,7 +316,7 @@ class GroupRunner:
         """A decoded message from a member of the group."""
         if self.stopped or self.replica is None:
             return
-        if msg.sender not in self.members or msg.sender == self.node_id:
+        if msg.sender not in self.known_nodes() or msg.sender == self.node_id:
             self.stats.rejected += 1
             return
         self.stats.steps += 1
@@ -326,7 +336,64 @@ class GroupRunner:
         if self.stopped or self.replica is None:
             return
         self.stats.ticks += 1
-        self._enqueue(self.replica.tick(self._clock.monotonic_s(), self._rng))
+        now_s = self._clock.monotonic_s()
+        self._enqueue(self.replica.tick(now_s, self._rng))
+        self._move(now_s)
+
+    # -- membership ------------------------------------------------------------------------------
+
+    @property
+    def members(self) -> frozenset[str]:
+        """The group's configuration as this replica knows it (from its log)."""
+        return self.replica.members if self.replica is not None else self.initial_members
+
+    def known_nodes(self) -> frozenset[str]:
+        """Whom this runner hears: the configuration it knows, the one it started
+        from, and, while it leads, the nodes it is catching up to add. Not the
+        ring's new replicas as such: one that started the group on its own with
+        the new replica set as its configuration (one the group never had)
+        could otherwise win a phase 1 among them."""
+        heard = self.members | self.initial_members
+        replica = self.replica
+        if replica is not None and replica.role is Role.LEADER:
+            heard |= replica.joining()
+        return heard
+
+    @property
+    def moving(self) -> bool:
+        return self.members != frozenset(self.group.replicas)
+
+    @property
+    def removed(self) -> bool:
+        """This node applied a configuration without itself: the runner has nothing left to do."""
+        return self.replica is not None and self.replica.removed
+
+    def move_to(self, group: Range) -> None:
+        """The ring gives this range (same bounds) other replicas: move there."""
+        if (group.start, group.end, group.keyspace) != (self.group.start, self.group.end, self.group.keyspace):
+            raise ValueError(f"group {self.group_id} keeps its bounds; {group} has others")
+        self.group = group
+
+    def _move(self, now_s: float) -> None:
+        """As leader, take one step from the configuration to ``group.replicas``:
+        add a new member first (so the group never shrinks below either set),
+        then remove an old one, this node last (it steps down when it goes)."""
+        replica = self.replica
+        if replica is None or not self.moving or not replica.is_leader(now_s):
+            return
+        target = frozenset(self.group.replicas)
+        adding = sorted(target - self.members)
+        leaving = sorted(self.members - target, key=lambda n: (n == self.node_id, n))
+        step = self.members | {adding[0]} if adding else self.members - {leaving[0]}
+        try:
+            self._enqueue(replica.change_members(step, now_s))
+        except ProposalRefused as exc:
+            self.stats.move_waits += 1  # catching the new member up, or the last change settling
+            log.debug("group %s: move to %s waits: %s", self.group_id, sorted(step), exc.reason)
+            return
+        self.stats.config_changes += 1
+        log.info("group %s: configuration %s proposed (moving to %s)", self.group_id,
+                 ", ".join(sorted(step)), ", ".join(self.group.replicas))
 
     def _on_tick(self) -> None:
         if self.stopped:
@@ -552,8 +619,9 @@ class GroupRunner:
         if snapshot.last_slot <= self.applied_through:
             return
         self._installing_through = snapshot.last_slot
-        sources = [snapshot.handle] if snapshot.handle in self._peers else []
-        sources += [peer for peer in self._peers if peer not in sources]
+        peers = sorted(self.known_nodes() - {self.node_id})
+        sources = [snapshot.handle] if snapshot.handle in peers else []
+        sources += [peer for peer in peers if peer not in sources]
         if not sources:
             raise RingKVError(f"group {self.group_id}: no member to fetch a snapshot from")
         delay_s = SNAPSHOT_RETRY_S

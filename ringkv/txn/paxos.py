@@ -81,6 +81,53 @@ proposer "aborted". The rule depends only on the log, so every replica
 decides the same. ``applied_ts_us``, the highest applied timestamp, is then
 a safe time for reads at any replica: nothing applied later is older.
 
+Membership (Paxos Made Simple §3; Lamport, "Reconfiguring a State Machine",
+with alpha = 1; Raft §6's one server at a time). A configuration is a log
+entry (``Entry.members``, a no-op to the shell). It takes effect when it is
+*chosen and every slot before it is known*: it governs the slots after it,
+while the slot holding it was decided by the configuration before. So each
+slot is a single-decree Paxos instance among the configuration the chosen
+prefix names. Three rules keep Multi-Paxos's one phase 1 for many slots
+inside that:
+
+1. A phase 1 is run with a quorum of the configuration at the candidate's
+   commit point and covers slots only up to the first configuration entry
+   after it (one it knows chosen, or one a promise returned). The leader
+   re-proposes through that slot and nothing beyond until it is chosen; then
+   it runs phase 1 again, with a new ballot, among the new members. A value
+   chosen at a slot was accepted by a quorum of that slot's configuration,
+   and by induction on slots every phase 1 that covers the slot used a
+   quorum of that same configuration, so the two intersect (PMS §2.2).
+2. No lease while a configuration entry in the window is unchosen
+   (``lease_valid``). A candidate that missed changes runs phase 1 in a
+   configuration that is no longer current. Any later configuration was
+   chosen by a quorum of the one it knows, which its quorum meets, so it finds
+   the entry in its window and holds no lease until it has caught up through
+   every change. Hence leases are held only under the newest chosen
+   configuration, or the one it replaces while a change is in flight, and
+   quorums of those two intersect: lease disjointness holds across the change.
+3. One member at a time, and the next change only once the previous one is
+   chosen and the lease counted under the configuration before it has ended.
+   When a configuration takes effect, the leader recounts its lease from the
+   new members' votes only, which may end it sooner. The timestamps it handed
+   out under the old count stay safe, because a quorum of the old members
+   still holds live votes for it and, with one member changed, every quorum of
+   the new configuration contains one of them, so no other node can lead
+   before the old count ends. Two changes on, that would no longer hold,
+   hence the wait (``_change_not_before_s``, at most one lease).
+
+A joining node starts outside the configuration (``members``): the leader
+sends it heartbeats and catches it up with the snapshot and the log tail,
+and adds it only once it acknowledged a commit point within a Learn batch of
+the leader's, since it counts towards quorums from then on. A node that
+applies a configuration without itself stops standing, voting and
+accepting; a leader that removed itself steps down, and the others wait out
+its votes as after any leader change. An acceptor answers a proposer outside
+the configuration it knows, which may lead one it has not learned yet;
+acceptor safety does not depend on who proposes. The configuration persists
+with the log: entries are records, and a snapshot names the configuration
+after its last slot (``Snapshot.members``).
+
 Bounded log. Once the shell has applied entries through a slot, it calls
 ``compact(slot, handle)`` with a handle to its MVCC state at that slot.
 A replica asking for slots at or below the compaction point is sent
@@ -143,6 +190,9 @@ class Entry:
     value: bytes
     ts_us: int
     noop: bool = False
+    # A configuration entry (noop to the shell): the group's members for every
+    # slot after this one, once this slot is chosen (see "Membership").
+    members: tuple[str, ...] | None = None
 
 
 NOOP = Entry(b"", 0, noop=True)  # fills a slot no value was found for on a leader change
@@ -155,6 +205,7 @@ class Snapshot:
     handle: str
     last_slot: int
     max_ts_us: int  # the highest timestamp at or below last_slot
+    members: tuple[str, ...] | None = None  # the configuration in force after last_slot
 
 
 # --- records: what the shell persists, in order, before sending ------------------
@@ -396,6 +447,8 @@ class PaxosReplica:
         self,
         node_id: str,
         peers: Iterable[str],
+        members: Iterable[str] | None = None,
+        /,
         *,
         lease_s: float = LEASE_S,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
@@ -403,8 +456,16 @@ class PaxosReplica:
         max_drift_ppm: float = MAX_DRIFT_PPM,
     ) -> None:
         self.node_id = node_id
-        self.peers: tuple[str, ...] = tuple(sorted(set(peers) - {node_id}))
-        self.members = frozenset((node_id, *self.peers))
+        # The configuration before any configuration entry: ``members`` when
+        # given (a new node starts as a learner, outside it), else this node
+        # and its peers.
+        self.initial_members = frozenset(members) if members is not None else frozenset((node_id, *peers))
+        if not self.initial_members:
+            raise ValueError("a group needs at least one member")
+        self.peers: tuple[str, ...] = ()
+        self.members: frozenset[str] = frozenset()
+        self.quorum = 1
+        self._set_members(self.initial_members)
         if not 0 < heartbeat_interval_s < lease_s:
             raise ValueError("heartbeat_interval_s must be in (0, lease_s): renewals come before the end")
         if not 0 <= max_drift_ppm < 1e6:
@@ -417,7 +478,6 @@ class PaxosReplica:
         self.rho = max_drift_ppm / 1e6
         # How long the holder counts a vote, from its send time (module docstring).
         self.vote_credit_s = lease_s * (1 - self.rho) / (1 + self.rho)
-        self.quorum = len(self.members) // 2 + 1
 
         # Acceptor and learner state (persisted).
         self.promised = ZERO_BALLOT
@@ -450,6 +510,14 @@ class PaxosReplica:
         self._lease_end_s = float("-inf")
         self._next_heartbeat_s = float("-inf")
 
+        # Membership (see "Membership" in the module docstring).
+        self.removed = False  # applied a configuration that removed this node: votes no more
+        self._config_slot: int | None = None  # an unchosen configuration entry in our window
+        self._config_changed = False  # settled, with the time, at the end of the entry point
+        self._change_not_before_s = float("-inf")  # the lease counted under the previous config ends
+        self._learners: dict[str, int] = {}  # joining node -> how far behind it acknowledged being (-1: unheard)
+        self._last_beat = (float("nan"), 0)  # (sent_s, our commit point then) of the last heartbeat
+
         # Election timer: drawn in tick (the only call with an rng).
         self._last_contact_s: float | None = None
         self._not_before_s = float("-inf")
@@ -468,6 +536,8 @@ class PaxosReplica:
         peers: Iterable[str],
         state: PersistedState,
         now_s: float,
+        members: Iterable[str] | None = None,
+        /,
         *,
         applied_through: int | None = None,
         **options: float,
@@ -479,7 +549,9 @@ class PaxosReplica:
         ``applied_through``: the last slot the shell's store has applied
         (default: the snapshot's); later chosen entries come back in the next Ready.
         """
-        replica = cls(node_id, peers, **options)
+        replica = cls(node_id, peers, members, **options)
+        if state.snapshot is not None and state.snapshot.members is not None:
+            replica._set_members(state.snapshot.members)
         replica.promised = state.promised
         replica.ballot = state.promised if state.promised.node_id == node_id else ZERO_BALLOT
         replica.accepted = dict(state.accepted)
@@ -502,14 +574,19 @@ class PaxosReplica:
         replica.next_slot = max([base, *state.accepted, *state.chosen]) + 1
         replica.restart_until_s = now_s + replica.lease_s
         replica._last_contact_s = now_s
-        replica._advance_commit()
+        replica._advance_commit()  # replays configuration entries too
+        replica._config_changed = False
         return replica
 
     # --- the three entry points -----------------------------------------------------
 
     def step(self, msg: Message, now_s: float) -> Ready:
         """Take one message from a member of the group."""
-        if msg.sender not in self.members or msg.sender == self.node_id:
+        # Any sender is heard, not only members: a lagging member must hear a
+        # leader added after the configuration it knows. Accepting from anyone
+        # is safe (acceptor safety does not depend on the proposer's identity);
+        # membership matters where quorums are counted.
+        if msg.sender == self.node_id:
             return self._take_ready()
         if isinstance(msg, _FROM_BALLOT_OWNER) and msg.ballot.node_id != msg.sender:
             return self._take_ready()  # only a ballot's owner proposes with it
@@ -517,6 +594,7 @@ class PaxosReplica:
             self._last_contact_s = now_s
         handler = _HANDLERS[type(msg)]
         handler(self, msg, now_s)
+        self._settle_config(now_s)
         return self._take_ready()
 
     def tick(self, now_s: float, rng: random.Random) -> Ready:
@@ -535,9 +613,10 @@ class PaxosReplica:
             if now_s >= self._candidate_deadline_s:
                 self._become_follower(now_s)  # phase 1 stalled: stand again, with a new ballot
                 self._not_before_s = now_s + rng.uniform(0, self.election_timeout_s)
-        elif now_s >= self.election_due_s():
+        elif self.node_id in self.members and now_s >= self.election_due_s():
             timeout_s = rng.uniform(self.election_timeout_s, 2 * self.election_timeout_s)
             self._start_phase1(now_s, now_s + timeout_s)
+        self._settle_config(now_s)
         return self._take_ready()
 
     def propose(self, value: bytes, now_s: float, *, ts_us: int) -> Ready:
@@ -548,6 +627,8 @@ class PaxosReplica:
         if self.role is not Role.LEADER:
             hint = self.leader_hint if self.leader_hint != self.node_id else None
             raise ProposalRefused("not_leader", hint)
+        if self._config_slot is not None:
+            raise ProposalRefused("config_change")
         if not self.lease_valid(now_s):
             raise ProposalRefused("no_lease")
         if len(self._inflight) >= MAX_UNCHOSEN_SLOTS:
@@ -559,17 +640,61 @@ class PaxosReplica:
         self._propose_at(slot, Entry(value, ts_us))
         self._send_accepts([slot], self.peers)
         self._check_chosen([slot])
+        self._settle_config(now_s)
         return self._take_ready()
+
+    def change_members(self, members: Iterable[str], now_s: float) -> Ready:
+        """Propose the configuration ``members``: this one plus or minus one node.
+
+        Raises ProposalRefused: not_leader / no_lease as ``propose``;
+        config_change while an earlier change is not chosen yet or the lease
+        counted under the configuration before it may still live; bad_config
+        unless exactly one node is added or removed; catching_up while a node
+        being added is behind our commit point (it is sent the snapshot and
+        log tail with the next heartbeats: ask again).
+        """
+        target = frozenset(members)
+        if self.role is not Role.LEADER:
+            hint = self.leader_hint if self.leader_hint != self.node_id else None
+            raise ProposalRefused("not_leader", hint)
+        if self._config_slot is not None or now_s < self._change_not_before_s:
+            raise ProposalRefused("config_change")
+        if not self.lease_valid(now_s):
+            raise ProposalRefused("no_lease")
+        if len(target ^ self.members) != 1:
+            raise ProposalRefused("bad_config")
+        for joining in target - self.members:
+            # It counts towards quorums once added, so it must hold the log first:
+            # answering our last heartbeat, it was within one Learn batch of us.
+            lag = self._learners.setdefault(joining, -1)
+            if lag < 0 or lag > LEARN_BATCH:
+                raise ProposalRefused("catching_up")
+        self._propose_config(target)
+        self._settle_config(now_s)
+        return self._take_ready()
+
+    def joining(self) -> frozenset[str]:
+        """Nodes this leader is catching up to add (it sends them heartbeats)."""
+        return frozenset(self._learners)
+
+    def _propose_config(self, target: frozenset[str]) -> None:
+        slot = self.next_slot
+        self.next_slot += 1
+        self._config_slot = slot
+        self._propose_at(slot, Entry(b"", 0, noop=True, members=tuple(sorted(target))))
+        self._send_accepts([slot], self.peers)
+        self._check_chosen([slot])
 
     # --- leases and timestamps --------------------------------------------------------
 
     def lease_valid(self, now_s: float) -> bool:
-        """This node holds the group's lease at local time ``now_s``."""
-        return self._lease_start_s is not None and now_s < self._lease_end_s
+        """This node holds the group's lease at local time ``now_s`` (never while
+        a configuration entry in its window is unchosen: see "Membership")."""
+        return self._lease_start_s is not None and now_s < self._lease_end_s and self._config_slot is None
 
     def lease_interval(self, now_s: float) -> tuple[float, float] | None:
         """(start, end) of the lease held at ``now_s``, in this node's clock, or None."""
-        if self._lease_start_s is None or now_s >= self._lease_end_s:
+        if self._lease_start_s is None or not self.lease_valid(now_s):
             return None
         return (self._lease_start_s, self._lease_end_s)
 
@@ -614,7 +739,8 @@ class PaxosReplica:
             [self.snapshot.max_ts_us if self.snapshot else 0]
             + [entry.ts_us for slot, entry in self.chosen.items() if slot <= up_to_slot]
         )
-        self._adopt_snapshot(Snapshot(handle, up_to_slot, max_ts))
+        members = tuple(sorted(self._config_at(up_to_slot)))
+        self._adopt_snapshot(Snapshot(handle, up_to_slot, max_ts, members))
         return self._take_ready()
 
     def log_size(self) -> int:
@@ -660,6 +786,8 @@ class PaxosReplica:
             self.vote_node, self.vote_expires_s = node, now_s + self.lease_s
 
     def _count_vote(self, voter: str, sent_s: float, now_s: float) -> None:
+        if voter not in self.members:
+            return  # a learner's or a removed node's vote counts for nothing
         # A vote starts after we asked for it; an echoed time from our future is not believed.
         credit_end = min(sent_s, now_s) + self.vote_credit_s
         self._vote_ends[voter] = max(self._vote_ends.get(voter, float("-inf")), credit_end)
@@ -670,6 +798,72 @@ class PaxosReplica:
         if self._lease_start_s is None or now_s >= self._lease_end_s:
             self._lease_start_s = now_s  # a new lease: the old one (if any) had lapsed
         self._lease_end_s = max(self._lease_end_s, end)
+
+    def _recount_lease(self, now_s: float) -> None:
+        """The configuration changed: the lease is what a quorum of the new
+        members' live votes gives, which may end sooner (never later)."""
+        self._vote_ends = {v: end for v, end in self._vote_ends.items() if v in self.members}
+        ends = sorted(self._vote_ends.values(), reverse=True)
+        end = ends[self.quorum - 1] if len(ends) >= self.quorum else float("-inf")
+        if end <= now_s or self._lease_start_s is None:
+            self._lease_start_s = None
+            self._lease_end_s = float("-inf")
+        else:
+            self._lease_end_s = min(self._lease_end_s, end)
+
+    def _set_members(self, members: Iterable[str]) -> None:
+        self.members = frozenset(members)
+        self.peers = tuple(sorted(self.members - {self.node_id}))
+        self.quorum = len(self.members) // 2 + 1
+
+    def _config_at(self, slot: int) -> frozenset[str]:
+        """The configuration in force after ``slot`` (which must be chosen and known)."""
+        floor = self.snapshot.last_slot if self.snapshot else 0
+        for s in range(slot, floor, -1):
+            members = self.chosen[s].members
+            if members is not None:
+                return frozenset(members)
+        if self.snapshot is not None and self.snapshot.members is not None:
+            return frozenset(self.snapshot.members)
+        return self.initial_members
+
+    def _apply_config(self, members: Iterable[str]) -> None:
+        """A configuration entry is chosen and every slot before it known: it
+        governs every slot after it (see "Membership")."""
+        target = frozenset(members)
+        if target == self.members:
+            return
+        was_member = self.node_id in self.members
+        self._set_members(target)
+        if was_member and self.node_id not in target:
+            self.removed = True
+        elif self.node_id in target:
+            self.removed = False
+        for node in target:
+            self._learners.pop(node, None)
+        self._config_changed = True
+
+    def _settle_config(self, now_s: float) -> None:
+        """After an entry point: act on a configuration that took effect in it."""
+        if self._config_slot is not None and self.commit_through >= self._config_slot:
+            self._config_slot = None
+        if not self._config_changed:
+            return
+        self._config_changed = False
+        if self.role is Role.FOLLOWER:
+            return
+        if self.node_id not in self.members:
+            self._become_follower(now_s)  # removed itself: steps down (its votes lapse)
+            return
+        # Our lease votes were counted under the old configuration; no next
+        # change until that count has ended (see "Membership").
+        self._change_not_before_s = max(self._change_not_before_s, self._lease_end_s)
+        self._recount_lease(now_s)
+        # Phase 1 covered slots up to the configuration entry only: run it again
+        # with a quorum of the new members for the slots after it.
+        self._start_phase1(now_s, now_s + 2 * self.election_timeout_s)
+        if self.role is not Role.CANDIDATE and self.role is not Role.LEADER:
+            self._become_follower(now_s)
 
     def _drop_lease(self) -> None:
         self._vote_ends.clear()
@@ -695,6 +889,7 @@ class PaxosReplica:
         self._recovered = {}
         self._inflight.clear()
         self._candidate_deadline_s = float("inf")
+        self._config_slot = None
         self._drop_lease()
         self._last_contact_s = now_s
         self._redraw = True
@@ -711,6 +906,7 @@ class PaxosReplica:
         self.role = Role.CANDIDATE
         self._candidate_deadline_s = deadline_s
         self._inflight.clear()
+        self._config_slot = None
         from_slot = self.commit_through + 1
         self._recovered = {s: v for s, v in self.accepted.items() if s >= from_slot}
         self._tracker = ResponseTracker(self.members, self.quorum)
@@ -728,6 +924,16 @@ class PaxosReplica:
             self._grant_vote(self.node_id, now_s)
             self._count_vote(self.node_id, now_s, now_s)
         top = max([self.commit_through, *self._recovered, *self.chosen])
+        # Our quorum is one of the configuration at the commit point, so phase 1
+        # holds only up to the first configuration entry after it: re-propose
+        # through there, and nothing beyond until it is chosen ("Membership").
+        for slot in range(self.commit_through + 1, top + 1):
+            held = self._recovered.get(slot)
+            here = self.chosen.get(slot) or (held[1] if held else None)
+            if here is not None and here.members is not None:
+                top = slot
+                self._config_slot = slot
+                break
         slots = []
         for slot in range(self.commit_through + 1, top + 1):
             if slot in self.chosen:
@@ -762,7 +968,11 @@ class PaxosReplica:
         if self._can_vote(self.node_id, now_s):
             self._grant_vote(self.node_id, now_s)
             self._count_vote(self.node_id, now_s, now_s)
-        self._broadcast(Heartbeat(self.node_id, self.ballot, self.commit_through, now_s))
+        beat = Heartbeat(self.node_id, self.ballot, self.commit_through, now_s)
+        self._last_beat = (now_s, self.commit_through)
+        self._broadcast(beat)
+        for learner in self._learners:
+            self._send(learner, beat)  # its acks tell us how far to catch it up
         if not resend:
             return
         # Re-send what is not chosen yet to whoever has not accepted it (messages get lost).
@@ -777,7 +987,7 @@ class PaxosReplica:
         newly = False
         for slot in slots:
             held = self._inflight.get(slot)
-            if held is not None and len(held[1]) >= self.quorum:
+            if held is not None and len(held[1] & self.members) >= self.quorum:
                 del self._inflight[slot]
                 self._choose(slot, held[0])
                 newly = True
@@ -797,6 +1007,9 @@ class PaxosReplica:
         before = self.commit_through
         while self.commit_through + 1 in self.chosen:
             self.commit_through += 1
+            members = self.chosen[self.commit_through].members
+            if members is not None:
+                self._apply_config(members)
         while self.applied_through < self.commit_through:
             self.applied_through += 1
             entry = self.chosen[self.applied_through]
@@ -831,6 +1044,8 @@ class PaxosReplica:
         self.next_slot = max(self.next_slot, last + 1)
         if last > self.commit_through:
             self.commit_through = last
+            if snapshot.members is not None:
+                self._apply_config(snapshot.members)
         if last > self.applied_through:
             self.applied_through = last
             self.applied_ts_us = max(self.applied_ts_us, snapshot.max_ts_us)
@@ -855,6 +1070,8 @@ class PaxosReplica:
     # --- handlers ------------------------------------------------------------------------
 
     def _on_prepare(self, m: Prepare, now_s: float) -> None:
+        if self.removed:
+            return  # removed from the group: votes and accepts no more
         if self.snapshot is not None and m.from_slot <= self.snapshot.last_slot:
             # Our accepted values there are compacted away; the candidate must catch up first.
             self._send(m.sender, InstallSnapshot(self.node_id, self.ballot, self.snapshot))
@@ -914,6 +1131,8 @@ class PaxosReplica:
                 self._not_before_s = now_s + m.retry_after_s
 
     def _on_accept(self, m: Accept, now_s: float) -> None:
+        if self.removed:
+            return  # removed from the group: votes and accepts no more
         if m.ballot < self.promised:
             self._send(m.sender, Reject(self.node_id, m.ballot, self.promised, "ballot"))
             return
@@ -946,6 +1165,8 @@ class PaxosReplica:
         self._check_chosen(m.slots)
 
     def _on_heartbeat(self, m: Heartbeat, now_s: float) -> None:
+        if self.removed:
+            return  # removed from the group: votes and accepts no more
         if m.ballot < self.promised:
             self._send(m.sender, Reject(self.node_id, m.ballot, self.promised, "ballot"))
             return
@@ -964,6 +1185,8 @@ class PaxosReplica:
             return
         if m.granted:
             self._count_vote(m.sender, m.sent_s, now_s)
+        if m.sender in self._learners and m.sent_s == self._last_beat[0]:
+            self._learners[m.sender] = max(0, self._last_beat[1] - m.commit_through)
         if m.commit_through < self.commit_through:
             self._catch_up(m.sender, m.commit_through + 1)
 
@@ -979,6 +1202,10 @@ class PaxosReplica:
         for slot, entry in m.entries:
             self._choose(slot, entry)
         self._advance_commit()
+        if len(m.entries) >= LEARN_BATCH and self.commit_through >= m.entries[-1][0]:
+            # A full batch: there may be more. Pull the next one now rather than
+            # a heartbeat later, so a joining node outruns the leader's load.
+            self._send(m.sender, CatchUp(self.node_id, self.commit_through + 1))
 
     def _on_install_snapshot(self, m: InstallSnapshot, now_s: float) -> None:
         if m.snapshot.last_slot > self.commit_through:

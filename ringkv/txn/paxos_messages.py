@@ -6,7 +6,9 @@ Every message of ``txn/paxos.py`` has a msgpack-able wire shape, a list::
 
 with a stable integer tag per type and the fields in the order of the
 ``_SCHEMAS`` table. Ballots are ``[round, node_id]``, entries
-``[value, ts_us, noop]``, snapshots ``[handle, last_slot, max_ts_us]``.
+``[value, ts_us, noop]``, snapshots ``[handle, last_slot, max_ts_us]``;
+a configuration entry, and a snapshot, append ``[member, ...]`` (the
+group's members from then on), and the 3-element forms still decode.
 
 **Coalescing** (CockroachDB's coalesced heartbeats). A node runs many
 groups, and two nodes share most of them; every heartbeat, lease renewal and
@@ -85,6 +87,7 @@ MAX_GROUP_ID_BYTES = 512  # "keyspace/end token": 255 + 1 + 20 bytes, with room
 MAX_HANDLE_BYTES = 512
 MAX_TXN_ID_BYTES = 128
 MAX_INT = 2**63 - 1  # slots, rounds and timestamps
+MAX_MEMBERS = 64  # nodes in one group's configuration (RF is far below)
 REJECT_REASONS = frozenset({"ballot", "lease", "restart", "snapshot"})
 COMMIT_FORMAT = 1  # the first element of a packed CommitValue
 MAX_SNAPSHOT_PAGE_ITEMS = 10_000
@@ -155,27 +158,55 @@ def decode_ballot(raw: Any, where: str = "ballot") -> Ballot:
     return Ballot(round_, _node(node, f"{where}.node_id"))
 
 
+def _encode_members(members: tuple[str, ...] | None) -> list[Any]:
+    return [] if members is None else [list(members)]
+
+
+def _decode_members(raw: list[Any], where: str) -> tuple[str, ...] | None:
+    """The optional trailing configuration: absent in records written before it existed."""
+    if not raw:
+        return None
+    nodes = _list(raw[0], where)
+    if not 1 <= len(nodes) <= MAX_MEMBERS:
+        raise _fail(where, f"has {len(nodes)} members, not 1..{MAX_MEMBERS}")
+    members = tuple(_node(node, f"{where}[{i}]") for i, node in enumerate(nodes))
+    if len(set(members)) != len(members):
+        raise _fail(where, "names a member twice")
+    return tuple(sorted(members))
+
+
+def _list_of(raw: Any, where: str, lengths: tuple[int, int]) -> list[Any]:
+    items = _list(raw, where)
+    if len(items) not in lengths:
+        raise _fail(where, f"has {len(items)} elements, not {' or '.join(map(str, lengths))}")
+    return items
+
+
 def encode_entry(entry: Entry) -> list[Any]:
-    return [entry.value, entry.ts_us, entry.noop]
+    return [entry.value, entry.ts_us, entry.noop, *_encode_members(entry.members)]
 
 
 def decode_entry(raw: Any, where: str = "entry") -> Entry:
-    value, ts_us, noop = _list(raw, where, 3)
+    items = _list_of(raw, where, (3, 4))
+    value, ts_us, noop = items[:3]
     if type(value) is not bytes:
         raise _fail(f"{where}.value", "is not bytes")
-    return Entry(value, _int(ts_us, f"{where}.ts_us"), _bool(noop, f"{where}.noop"))
+    members = _decode_members(items[3:], f"{where}.members")
+    return Entry(value, _int(ts_us, f"{where}.ts_us"), _bool(noop, f"{where}.noop"), members)
 
 
 def encode_snapshot(snapshot: Snapshot) -> list[Any]:
-    return [snapshot.handle, snapshot.last_slot, snapshot.max_ts_us]
+    return [snapshot.handle, snapshot.last_slot, snapshot.max_ts_us, *_encode_members(snapshot.members)]
 
 
 def decode_snapshot(raw: Any, where: str = "snapshot") -> Snapshot:
-    handle, last_slot, max_ts_us = _list(raw, where, 3)
+    items = _list_of(raw, where, (3, 4))
+    handle, last_slot, max_ts_us = items[:3]
     return Snapshot(
         _str(handle, f"{where}.handle", MAX_HANDLE_BYTES),
         _int(last_slot, f"{where}.last_slot", 1),
         _int(max_ts_us, f"{where}.max_ts_us"),
+        _decode_members(items[3:], f"{where}.members"),
     )
 
 

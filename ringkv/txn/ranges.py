@@ -15,8 +15,11 @@ A range is ``(start, end]`` on the ring, as ``TokenRing.ranges`` gives them;
 preference order of its first vnode range, so ``replicas[0]`` (the preferred
 leader) differs from range to range and leadership spreads over the nodes.
 
-Ranges follow the ring: a topology change gives a new ``RangeMap`` (moving a
-group's data and membership with it is the topology issue's work).
+Ranges follow the ring: a topology change gives a new ``RangeMap``. A range
+whose bounds stay and whose replicas change keeps its group id (the id names
+the end token), so its group can move there through its own log
+(``GroupRunner.move_to``); a range whose bounds change (a new node's tokens
+cut it) needs a split or merge, which is not built.
 """
 
 from __future__ import annotations
