@@ -115,69 +115,65 @@ def cmd_repair(args: argparse.Namespace) -> int:
           f"{report['ranges_compared']} ranges compared, {report['ranges_differed']} differed, "
           f"{report['cells_streamed']} cells streamed, {report['ranges_failed']} failed")
     return 0 if report["ok"] else 1
+
 def cmd_decommission(args: argparse.Namespace) -> int:
     """Ask the node at --url to leave the ring, then follow it until it has left."""
-    from ringkv.clock import SystemClock
-    from ringkv.tools.launcher import http
-
-    url = args.url.rstrip("/")
-    try:
-        status, body = http("POST", url + "/v1/decommission", timeout_s=args.timeout)
-    except OSError as exc:
-        print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    if status != 202:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        print(f"ringkv: error: decommission refused ({error.get('reason', status)}): "
-              f"{error.get('message', body)}", file=sys.stderr)
+    body = _start_topology_change(args, "/v1/decommission", None, "decommission")
+    if body is None:
         return 1
     node_id = body["node_id"]
     print(f"{node_id} is LEAVING; streaming its ranges to their new replicas")
-    clock = SystemClock()
-    deadline_s = clock.monotonic_s() + args.wait_s
-    shown = None
-    while clock.monotonic_s() < deadline_s:
-        try:
-            status, body = http("GET", url + "/v1/status", timeout_s=args.timeout)
-        except OSError:
-            print(f"{node_id} has LEFT the ring and stopped")
-            return 0
-        view = body.get("streaming", {}) if status == 200 and isinstance(body, dict) else {}
-        line = (f"  {view.get('state')}: ranges {view.get('ranges_done', 0)}/"
-                f"{view.get('ranges_total', 0)}, {view.get('cells', 0)} cells, "
-                f"{view.get('bytes', 0)} bytes, {view.get('rate_mib_s', 0)} MiB/s")
-        if line != shown:
-            print(line, flush=True)
-            shown = line
-        if view.get("state") == "failed":
-            print(f"ringkv: error: {node_id} could not stream its ranges; it stays NORMAL "
-                  "(see its log)", file=sys.stderr)
-            return 1
-        clock.sleep_s(0.5)
-    print(f"ringkv: error: {node_id} had not left after {args.wait_s:.0f}s", file=sys.stderr)
-    return 1
+    # The node stops once it has LEFT: losing it is how the command learns it is done.
+    return _follow_streaming(
+        args, done_when_unreachable=f"{node_id} has LEFT the ring and stopped",
+        done_state=None,
+        failed=(f"{node_id} could not stream its ranges; it stays NORMAL (see its log)"),
+        timed_out=f"{node_id} had not left after {args.wait_s:.0f}s")
 
 
 def cmd_removenode(args: argparse.Namespace) -> int:
     """Ask the node at --url to remove a dead node, then follow it until done."""
+    body = _start_topology_change(args, "/v1/removenode", {"node_id": args.node_id},
+                                  "removenode")
+    if body is None:
+        return 1
+    print(f"{args.node_id} is LEAVING (removed by {body['node_id']}); streaming its ranges from "
+          "the surviving replicas to their new owners")
+    return _follow_streaming(
+        args, done_when_unreachable=None,
+        done_state=f"{args.node_id} is removed (LEFT): its ranges have RF copies again",
+        failed=(f"the ranges of {args.node_id} could not be streamed; it stays LEAVING (see the "
+                "log of the node at --url; run removenode again to resume)"),
+        timed_out=f"{args.node_id} was not removed after {args.wait_s:.0f}s")
+
+
+def _start_topology_change(args: argparse.Namespace, path: str, body: Any,
+                           what: str) -> dict[str, Any] | None:
+    """POST a topology change to --url: its 202 answer, or None after printing why not."""
+    from ringkv.tools.launcher import http
+
+    try:
+        status, answer = http("POST", args.url.rstrip("/") + path, body, timeout_s=args.timeout)
+    except OSError as exc:
+        print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return None
+    if status != 202:
+        error = answer.get("error", {}) if isinstance(answer, dict) else {}
+        print(f"ringkv: error: {what} refused ({error.get('reason', status)}): "
+              f"{error.get('message', answer)}", file=sys.stderr)
+        return None
+    return answer
+
+
+def _follow_streaming(args: argparse.Namespace, *, done_when_unreachable: str | None,
+                      done_state: str | None, failed: str, timed_out: str) -> int:
+    """Print the streaming progress of the node at --url until it is done
+    (its streaming state is "done", or it stops answering, per the flags),
+    fails, or --wait-s passes."""
     from ringkv.clock import SystemClock
     from ringkv.tools.launcher import http
 
     url = args.url.rstrip("/")
-    try:
-        status, body = http("POST", url + "/v1/removenode", {"node_id": args.node_id},
-                            timeout_s=args.timeout)
-    except OSError as exc:
-        print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    if status != 202:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        print(f"ringkv: error: removenode refused ({error.get('reason', status)}): "
-              f"{error.get('message', body)}", file=sys.stderr)
-        return 1
-    coordinator = body["node_id"]
-    print(f"{args.node_id} is LEAVING (removed by {coordinator}); streaming its ranges from the "
-          "surviving replicas to their new owners")
     clock = SystemClock()
     deadline_s = clock.monotonic_s() + args.wait_s
     shown = None
@@ -185,8 +181,11 @@ def cmd_removenode(args: argparse.Namespace) -> int:
         try:
             status, body = http("GET", url + "/v1/status", timeout_s=args.timeout)
         except OSError as exc:
-            print(f"ringkv: error: lost {args.url} while it removed {args.node_id}: {exc}; "
-                  "run removenode again (on any node) to resume", file=sys.stderr)
+            if done_when_unreachable is not None:
+                print(done_when_unreachable)
+                return 0
+            print(f"ringkv: error: lost {args.url}: {exc}; run the command again (on any "
+                  "node) to resume", file=sys.stderr)
             return 1
         view = body.get("streaming", {}) if status == 200 and isinstance(body, dict) else {}
         line = (f"  {view.get('state')}: ranges {view.get('ranges_done', 0)}/"
@@ -195,17 +194,14 @@ def cmd_removenode(args: argparse.Namespace) -> int:
         if line != shown:
             print(line, flush=True)
             shown = line
-        if view.get("state") == "done":
-            print(f"{args.node_id} is removed (LEFT): its ranges have RF copies again")
+        if done_state is not None and view.get("state") == "done":
+            print(done_state)
             return 0
         if view.get("state") == "failed":
-            print(f"ringkv: error: the ranges of {args.node_id} could not be streamed; it stays "
-                  "LEAVING (see the log of the node at --url; run removenode again to resume)",
-                  file=sys.stderr)
+            print(f"ringkv: error: {failed}", file=sys.stderr)
             return 1
         clock.sleep_s(0.5)
-    print(f"ringkv: error: {args.node_id} was not removed after {args.wait_s:.0f}s",
-          file=sys.stderr)
+    print(f"ringkv: error: {timed_out}", file=sys.stderr)
     return 1
 
 

@@ -90,27 +90,7 @@ def leave_plan(
     """What a leaving node streams (Cassandra's decommission): each piece it
     replicates today goes, from its own copy, to every node that replicates
     the piece on ``future`` (the ring without it) and does not today."""
-    if node_id not in ring.node_ids:
-        return []
-    plan: list[StreamRange] = []
-    pieces = ring_pieces(ring)
-    for keyspace in sorted(replication):
-        rf = replication[keyspace]
-        for start, end in pieces:
-            before = ring.replicas(end, rf)
-            if node_id not in before:
-                continue
-            for gainer in future.replicas(end, rf) if len(future) else ():
-                if gainer in before:
-                    continue
-                same = [i for i, r in enumerate(plan) if r.keyspace == keyspace
-                        and r.target == gainer and r.end == start]
-                if same:
-                    plan[same[-1]] = StreamRange(keyspace, plan[same[-1]].start, end,
-                                                 (node_id,), gainer)
-                else:
-                    plan.append(StreamRange(keyspace, start, end, (node_id,), gainer))
-    return plan
+    return _handover(ring, future, node_id, replication, lambda before: (node_id,))
 
 
 def remove_plan(
@@ -121,9 +101,24 @@ def remove_plan(
     removenode): each piece ``dead`` replicates on ``ring`` goes to every node
     that replicates it on ``future`` (the ring without ``dead``) and does not
     today. Sources are the piece's surviving replicas, the live ones first
-    by proximity; the dead node never is one. Adjacent pieces with the same
-    target and sources are merged."""
-    if dead not in ring.node_ids:
+    by proximity; the dead node never is one."""
+
+    def survivors_first(before: Sequence[str]) -> tuple[str, ...]:
+        survivors = [n for n in before if n != dead]
+        live = [n for n in by_proximity(survivors) if is_alive(n)]
+        return tuple(live + [n for n in survivors if n not in live])
+
+    return _handover(ring, future, dead, replication, survivors_first)
+
+
+def _handover(
+    ring: TokenRing, future: TokenRing, departing: str, replication: Mapping[str, int],
+    sources_for: Callable[[Sequence[str]], tuple[str, ...]],
+) -> list[StreamRange]:
+    """Each piece ``departing`` replicates on ``ring``, to every node that
+    gains it on ``future``, from ``sources_for(today's replicas)``. Adjacent
+    pieces with the same target and sources are merged into one range."""
+    if departing not in ring.node_ids:
         return []
     plan: list[StreamRange] = []
     pieces = ring_pieces(ring)
@@ -131,11 +126,9 @@ def remove_plan(
         rf = replication[keyspace]
         for start, end in pieces:
             before = ring.replicas(end, rf)
-            if dead not in before:
+            if departing not in before:
                 continue
-            survivors = [n for n in before if n != dead]
-            live = [n for n in by_proximity(survivors) if is_alive(n)]
-            sources = tuple(live + [n for n in survivors if n not in live])
+            sources = sources_for(before)
             for gainer in future.replicas(end, rf) if len(future) else ():
                 if gainer in before:
                     continue
