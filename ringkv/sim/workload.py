@@ -137,7 +137,7 @@ class Workload:
         else:
             coro = node.get(self.spec.keyspace, raw_key, consistency)
         task = machine.run(coro)
-        await self._wait(task, self.spec.client_timeout_s)
+        await _wait(self.loop, task, self.spec.client_timeout_s)
         if not task.done():
             return self._record(invoked, INFO, None, value, "client timeout")
         exc = task.exception()
@@ -154,24 +154,6 @@ class Workload:
         # still have reached a replica, so its outcome is unknown. Reads change nothing.
         certain = isinstance(exc, Unavailable) or kind == "read"
         return self._record(invoked, FAIL if certain else INFO, end, value, type(exc).__name__)
-
-    async def _wait(self, task: asyncio.Task[Any], timeout_s: float) -> None:
-        """Wait for ``task`` at most ``timeout_s``, leaving it running if it is late
-        (like a client that gives up on a server that may still act)."""
-        woken = self.loop.create_future()
-
-        def wake(_: object = None) -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        def done(_: asyncio.Task[Any]) -> None:  # one callback, not two: there is one per op
-            _retrieve(task)
-            wake()
-
-        task.add_done_callback(done)
-        timer = self.loop.call_later(timeout_s, wake)
-        await woken
-        timer.cancel()
 
     def _record(self, invoked: Op, status: str, end: float | None, value: str | None,
                 error: str | None, ts: tuple[int, int] | None = None) -> Op:
@@ -384,9 +366,7 @@ class RegisterWorkload:
             # ClockUncertain may come after a commit, so only this one is certain.)
             return self._record(invoked, FAIL, start, None, "ClockUncertain")
         self._open[index] = (invoked, pending)
-        task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
-                                            timeout_s=spec.client_timeout_s))
-        await _wait(self.loop, task, spec.client_timeout_s + 0.5)
+        task = await self._execute(machine, request)
         if not task.done():
             return self._record(invoked, INFO, None, pending, "client timeout")
         exc = task.exception()
@@ -453,9 +433,7 @@ class RegisterWorkload:
         spec = self.spec
         request = TxnOp("snapshot_get", spec.keyspace, key=key.encode(),
                         snapshot_ts_us=snapshot_ts, max_staleness_ms=staleness_ms)
-        task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
-                                            timeout_s=spec.client_timeout_s))
-        await _wait(self.loop, task, spec.client_timeout_s + 0.5)
+        task = await self._execute(machine, request)
         if not task.done():
             return self._record(invoked, INFO, None, None, "client timeout")
         exc = task.exception()
@@ -511,9 +489,7 @@ class RegisterWorkload:
                     continue
                 request = TxnOp("status", self.spec.keyspace, key=register.key.encode(),
                                 txn_id=txn_id)
-                task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
-                                                    timeout_s=self.spec.client_timeout_s))
-                await _wait(self.loop, task, self.spec.client_timeout_s + 0.5)
+                task = await self._execute(machine, request)
                 if not task.done():
                     continue
                 exc = task.exception()
@@ -532,6 +508,18 @@ class RegisterWorkload:
                     break
             else:
                 self.resolved["unresolved"] += 1
+
+    async def _execute(self, machine: Machine, request: TxnOp) -> asyncio.Task[Any]:
+        """Send ``request`` to ``machine``'s node as a client would: the node's own
+        deadline, and the client gives up half a second after it (the task may
+        still be running then)."""
+        node = machine.node
+        assert node is not None
+        timeout_s = self.spec.client_timeout_s
+        task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
+                                            timeout_s=timeout_s))
+        await _wait(self.loop, task, timeout_s + 0.5)
+        return task
 
     def _record(self, invoked: Op, status: str, end: float | None, register: RegisterOp | None,
                 error: str | None, ts: tuple[int, int] | None = None) -> Op:
@@ -557,14 +545,15 @@ class RegisterWorkload:
 
 async def _wait(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                 timeout_s: float) -> None:
-    """Wait for ``task`` at most ``timeout_s``, leaving it running if it is late."""
+    """Wait for ``task`` at most ``timeout_s``, leaving it running if it is late
+    (like a client that gives up on a server that may still act)."""
     woken = loop.create_future()
 
     def wake(_: object = None) -> None:
         if not woken.done():
             woken.set_result(None)
 
-    def done(_: asyncio.Task[Any]) -> None:
+    def done(_: asyncio.Task[Any]) -> None:  # one callback, not two: there is one per op
         _retrieve(task)
         wake()
 
