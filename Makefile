@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean bench guarantees
+.PHONY: run test soak install clean bench guarantees
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests
+
+# The long runs kept out of `make test`: minutes of chaos, thousands of keys.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m soak tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
