@@ -61,6 +61,25 @@ The safety rules (Gray and Lamport §3-4; Spanner §4.2.1, §4.1.3):
   the transaction everywhere. A prepared transaction cannot be wounded.
   ``priority`` travels with every request unchanged, so a retried
   transaction keeps its first priority and ages until it wins.
+
+What the shell provides (the contract the tests' model world keeps):
+
+* ``recover`` on the leader only once its log is complete through every
+  slot a predecessor may have had chosen (after its Paxos phase 1), with
+  every 2PC record of the group in log order: a compacted log must keep
+  them (in the snapshot) while a transaction is unfinished.
+* ``log_failed`` only for a proposal that definitely was not chosen; a
+  leader whose proposal is in doubt stops leading, and its successor
+  recovers.
+* The prepare timestamp passed to ``locks_granted`` comes from the group's
+  Paxos leader, above every timestamp it has handed out (so above the safe
+  time it served); the coordinator group is a participant too, so ``s`` is
+  above every timestamp the coordinator had handed out when it prepared.
+* An ``OutcomeRecord`` commit applies its writes at ``s`` on every replica
+  as the log is applied, although ``s`` may lie below timestamps the group
+  applied since the prepare (other keys; safe time held back meanwhile).
+* Messages older than ``finished_ttl_s``, and client retries of a commit
+  request after it, are dropped: outcomes are remembered that long.
 """
 
 from __future__ import annotations
