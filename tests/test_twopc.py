@@ -59,6 +59,7 @@ from ringkv.txn.twopc_messages import (
     PrepareRequest,
     Record,
     Vote,
+    Writes,
     decode_message,
     decode_record,
     encode_message,
@@ -290,6 +291,21 @@ def test_a_transaction_whose_client_went_away_is_aborted_after_idle_timeout() ->
     assert sends(fresh.step(PrepareRequest("t2", "A", PRIO, (), True), 0), Vote) == [("A", Vote("t2", "B", False, 0))]
 
 
+def test_a_client_abort_releases_at_once_and_refuses_the_commit() -> None:
+    part = TwoPCParticipant("B", T)
+    part.touch("t1", 0.0)
+    assert part.client_abort("t1", 0.01) == [Release("t1")]
+    assert part.client_abort("t1", 0.02) == [] and not part.touch("t1", 0.02)
+    # Once it is committing the client can no longer abort it here.
+    part.step(PrepareRequest("t2", "A", PRIO, ((b"k", b"v"),), False), 0)
+    assert part.client_abort("t2", 0) == [] and part.state("t2") is PState.LOCKING
+
+
+def test_timeouts_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="inquire_after_s"):
+        Timeouts(inquire_after_s=0)
+
+
 # --- crashes and recovery (Gray and Lamport §4: consensus makes 2PC non-blocking) ------------
 
 
@@ -479,6 +495,45 @@ def test_duplicate_and_reordered_messages_are_harmless() -> None:
     assert len(coord) == 0 and len(part) == 0
 
 
+def contend(fresh_priority_on_retry: bool = False) -> list[int]:
+    """40 transactions write the same two keys in two groups, half of them naming
+    the groups in the other order, all at once; aborted ones are retried. Returns
+    the attempts each chain of retries needed, oldest chain first."""
+    world = World(2, seed=7)
+    world.retry_aborted = True
+    world.fresh_priority_on_retry = fresh_priority_on_retry
+    hot = ((b"k0", b"v"), (b"k1", b"v"))
+    for i in range(40):
+        world.submit(["g0", "g1"] if i % 2 else ["g1", "g0"], active_here=False, writes=[hot, hot])
+        world.advance(100)
+    world.settle(2_000)
+    assert world.check() == []
+    attempts: dict[str, int] = {}
+    committed: set[str] = set()
+    for txn in world.requests:
+        root = world.chain.get(txn, txn)
+        attempts[root] = max(attempts.get(root, 1), world.attempts.get(txn, 1))
+        if world.answers[txn][0]:
+            assert root not in committed, "a chain committed twice"
+            committed.add(root)
+    assert committed == set(attempts), "every chain ends committed"
+    return [attempts[root] for root in sorted(attempts, key=lambda t: world.requests[t][0].priority)]
+
+
+def test_wound_wait_across_ranges_no_deadlock_no_starvation() -> None:
+    """Wound-wait across ranges (Spanner §4.2.1): no deadlock forms among
+    transactions meeting in two groups in opposite orders (everything finishes),
+    and a client that retries an aborted transaction under its first priority
+    cannot starve: an older chain of attempts never needs more attempts than a
+    younger one (age wins; a younger one already prepared may still commit
+    first, since prepared transactions cannot be wounded). A client that
+    retries under a fresh priority (the planted bug) breaks that order."""
+    by_age = contend()
+    assert by_age == sorted(by_age) and by_age[-1] > 2, by_age
+    planted = contend(fresh_priority_on_retry=True)
+    assert planted != sorted(planted), planted
+
+
 # --- the randomized model ------------------------------------------------------------------
 
 
@@ -513,6 +568,10 @@ class World:
         self.answers: dict[str, tuple[bool, int]] = {}
         self.violations: list[str] = []
         self.counts = {"crashes": 0, "dropped": 0, "duplicated": 0, "refused_logs": 0, "txns": 0}
+        self.retry_aborted = False  # clients retry an aborted transaction (same priority)
+        self.attempts: dict[str, int] = {}  # retried txn -> which attempt it is
+        self.chain: dict[str, str] = {}  # retried txn -> the client's first attempt
+        self.fresh_priority_on_retry = False  # planted bug: a retry starts young again
         for g in self.groups.values():
             self.restart(g.gid)
 
@@ -601,9 +660,17 @@ class World:
     def answer(self, e: Answer) -> None:
         if e.committed and not self.true_us > e.commit_ts_us:
             self.violations.append(f"{e.txn_id} acknowledged at true time {self.true_us} before s={e.commit_ts_us}")
+        first = e.txn_id not in self.answers
         earlier = self.answers.setdefault(e.txn_id, (e.committed, e.commit_ts_us))
         if earlier != (e.committed, e.commit_ts_us):
             self.violations.append(f"{e.txn_id} answered {earlier} and then {(e.committed, e.commit_ts_us)}")
+        if first and not e.committed and self.retry_aborted and e.txn_id in self.requests:
+            req = self.requests[e.txn_id][0]  # the client retries under its first priority
+            priority = (self.true_us, e.txn_id) if self.fresh_priority_on_retry else req.priority
+            retry = self.submit([p.group for p in req.participants], active_here=False, priority=priority,
+                                writes=[p.writes for p in req.participants])
+            self.attempts[retry] = self.attempts.get(e.txn_id, 1) + 1
+            self.chain[retry] = self.chain.get(e.txn_id, e.txn_id)
 
     # the network and the log --------------------------------------------------------------
     def deliver(self, i: int) -> None:
@@ -638,7 +705,7 @@ class World:
 
     # clients ------------------------------------------------------------------------------
     def submit(self, gids: Sequence[str], *, active_here: bool | None = None, priority: tuple[int, str] | None = None,
-               keys: int = 4) -> str:
+               keys: int = 4, writes: Sequence[Writes] | None = None) -> str:
         txn = f"t{self.counts['txns']}"
         self.counts["txns"] += 1
         parts = []
@@ -649,8 +716,9 @@ class World:
                 part.touch(txn, self.now_s())
             else:
                 active = False
-            writes = tuple((f"k{k}".encode(), txn.encode()) for k in sorted(self.rng.sample(range(keys), 2)))
-            parts.append(Participant(gid, writes, active))
+            mine = writes[len(parts)] if writes is not None else tuple(
+                (f"k{k}".encode(), txn.encode()) for k in sorted(self.rng.sample(range(keys), 2)))
+            parts.append(Participant(gid, mine, active))
         req = CommitRequest(txn, priority or (self.true_us, txn), tuple(parts))
         self.requests[txn] = (req, self.true_us)
         self.net.append((gids[0], req))
