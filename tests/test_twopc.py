@@ -23,6 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 
 from ringkv.errors import ProtocolError
@@ -149,6 +150,42 @@ def test_a_bad_record_is_a_protocol_error_naming_it(data: bytes, field: str) -> 
     with pytest.raises(ProtocolError) as err:
         decode_record(data)
     assert err.value.details["field"] == field
+
+
+def test_garbage_is_only_ever_a_protocol_error() -> None:
+    """Any field of any message or record replaced by junk, or a record's bytes
+    corrupted: a ProtocolError or a well-formed value, never another exception
+    (the trust boundary)."""
+    rng = random.Random(3)
+    junk: list[object] = [None, True, -1, 1.5, float("nan"), "", "x" * 600, b"", b"k", [], [[]],
+                          [1, "a"], {"a": 1}, [[b"k", b"v", 1]]]
+    outcomes = {"refused": 0, "accepted": 0}
+
+    def judge(decode: object, raw: object) -> None:
+        try:
+            decoded = decode(raw)  # type: ignore[operator]
+        except ProtocolError:
+            outcomes["refused"] += 1
+        else:
+            assert type(decoded) in (*map(type, MESSAGES), *map(type, RECORDS))
+            outcomes["accepted"] += 1
+
+    for msg in MESSAGES:
+        base = encode_message(msg)
+        for i in range(len(base)):
+            for value in [*junk, 2**70]:
+                judge(decode_message, base[:i] + [value] + base[i + 1:])
+    for record in RECORDS:
+        data = encode_record(record)
+        raw = msgpack.unpackb(data)
+        for i in range(len(raw)):
+            for value in junk:
+                judge(decode_record, msgpack.packb(raw[:i] + [value] + raw[i + 1:]))
+        for _ in range(300):
+            cut = bytearray(data)
+            cut[rng.randrange(len(cut))] = rng.randrange(256)
+            judge(decode_record, bytes(cut[: rng.randrange(1, len(cut) + 1)]))
+    assert outcomes["refused"] > 1_000 and outcomes["accepted"] > 0, outcomes
 
 
 # --- the happy path, step by step (Spanner §4.2.1) ------------------------------------------
