@@ -483,6 +483,8 @@ class Node:
             leaving_from_gossip(states, self.node_id))
         if self.removing:
             busy.add(self.removing)
+        busy |= {node_id for node_id, state in states.items() if node_id != self.node_id
+                 and state.get(gs.REMOVING) and self._may_be_alive(node_id)}
         return sorted(busy)
 
     def _ring_without(self, node_id: str | None) -> TokenRing:
@@ -535,6 +537,7 @@ class Node:
                 nodes_left=len(self.ring) - 1, replication_factor=rf)
         self.removing = dead
         self.streaming = StreamProgress(direction="removenode", state="waiting_for_ring")
+        self.gossiper.set_local(gs.REMOVING, dead)  # joiners wait while it runs
         self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEAVING)
         self._rebuild_ring()
         log.info("node %s: removing dead node %s; its ranges stream from the surviving "
@@ -576,6 +579,7 @@ class Node:
             log.error("node %s: removenode %s failed (%s); it stays LEAVING on the ring: run "
                       "removenode again to resume", self.node_id, dead, exc)
             self.removing = None
+            self.gossiper.set_local(gs.REMOVING, "")
             return
         # Its LEFT reaches this node's own gossip events too: hints go with it.
         self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEFT)
@@ -584,6 +588,7 @@ class Node:
         log.info("node %s: %s is removed (LEFT): streamed %d ranges, %d cells, %d bytes",
                  self.node_id, dead, progress.ranges_done, progress.cells, progress.bytes)
         self.removing = None
+        self.gossiper.set_local(gs.REMOVING, "")
 
     async def _replace_tokens(self, dead: str) -> tuple[int, ...]:
         """The tokens of ``dead``, which this new node takes over (``--replace``),
