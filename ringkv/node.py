@@ -516,6 +516,8 @@ class Node:
         if dead == self.node_id:
             raise TopologyRefused(f"{dead} is this node; decommission it instead",
                                   reason="node_alive", node=dead)
+        if dead not in self.ring.node_ids and dead in joining_from_gossip(states, self.node_id):
+            return self._remove_joiner(dead)
         if dead not in self.ring.node_ids:
             raise TopologyRefused(f"{dead} is not on the ring (unknown, or already left)",
                                   reason="unknown_node", node=dead)
@@ -544,6 +546,24 @@ class Node:
                  "replicas to their new owners", self.node_id, dead)
         self._remove_task = asyncio.create_task(self._remove(dead))
         return self._removal_view()
+
+    def _remove_joiner(self, dead: str) -> dict[str, Any]:
+        """Remove a joiner that died before it went NORMAL. It owned nothing, so
+        nothing streams; its LEFT takes its pending ranges off every node's
+        plans (writes stop counting it in ``block_for``)."""
+        assert self.gossiper is not None
+        if self.is_alive(dead):
+            raise TopologyRefused(
+                f"{dead} is joining and alive (UP in gossip); removenode is for dead nodes: "
+                "stop it for good first", reason="node_alive", node=dead)
+        self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEFT)
+        self._rebuild_ring()
+        log.info("node %s: %s died while joining; it is removed (LEFT), nothing to stream",
+                 self.node_id, dead)
+        now_s = self.clock.monotonic_s()
+        self.streaming = StreamProgress(direction="removenode", state="done", started_s=now_s,
+                                        finished_s=now_s)
+        return {"removing": dead, **self.streaming.view(now_s)}
 
     def _removal_view(self) -> dict[str, Any]:
         return {"removing": self.removing, **self.streaming.view(self.clock.monotonic_s())}
