@@ -66,6 +66,17 @@ class FileIdentity:
         path = self._config.node_data_dir / IDENTITY_FILE
         return not path.exists() or bool(json.loads(path.read_text()).get("bootstrapped", True))
 
+    def save_left(self) -> None:
+        """This node was decommissioned: its data stops being kept up to date, so
+        it must never serve again (``load_left``)."""
+        path = self._config.node_data_dir / IDENTITY_FILE
+        identity = json.loads(path.read_text()) if path.exists() else {}
+        write_atomically(path, json.dumps({**identity, "left": True}))
+
+    def load_left(self) -> bool:
+        path = self._config.node_data_dir / IDENTITY_FILE
+        return path.exists() and bool(json.loads(path.read_text()).get("left", False))
+
     def load_peers(self) -> dict[str, dict[str, Any]]:
         path = self._config.node_data_dir / PEERS_FILE
         if not path.exists():
@@ -100,6 +111,7 @@ class MemoryIdentity:
     def __init__(self) -> None:
         self._tokens: tuple[int, ...] | None = None
         self._bootstrapped = True
+        self._left = False
         self._peers = "{}"
         self._generation = 0
 
@@ -112,6 +124,12 @@ class MemoryIdentity:
 
     def load_bootstrapped(self) -> bool:
         return self._bootstrapped
+
+    def save_left(self) -> None:
+        self._left = True
+
+    def load_left(self) -> bool:
+        return self._left
 
     def load_peers(self) -> dict[str, dict[str, Any]]:
         return json.loads(self._peers)

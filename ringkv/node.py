@@ -257,7 +257,14 @@ class Node:
         """Open storage and start gossip and the transport; the node is not on the ring yet.
 
         A server can answer ``/v1/status`` from here on, while ``join`` runs.
+        A decommissioned node's data dir is refused: the ring moved on without it.
         """
+        if self.identity.load_left():
+            raise TopologyRefused(
+                f"node {self.node_id} was decommissioned: it LEFT the ring and its data in "
+                f"{self.config.node_data_dir} is out of date; to use this machine again, empty "
+                "that directory and start it as a new node (it streams its ranges)",
+                reason="decommissioned", node=self.node_id)
         await self.store.start()
         await self.hints.load()
         await self.repair_history.load()
@@ -470,6 +477,7 @@ class Node:
         progress.state, progress.finished_s = "done", self.clock.monotonic_s()
         # LEFT, then gossip on for a few rounds so every node hears it before we go.
         self.left = True
+        self.identity.save_left()  # never to serve this data again (open refuses it)
         self.gossiper.set_local(gs.STATUS, gs.LEFT)
         log.info("node %s is LEFT: streamed %d ranges, %d cells, %d bytes", self.node_id,
                  progress.ranges_done, progress.cells, progress.bytes)
