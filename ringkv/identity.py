@@ -66,16 +66,18 @@ class FileIdentity:
         path = self._config.node_data_dir / IDENTITY_FILE
         return not path.exists() or bool(json.loads(path.read_text()).get("bootstrapped", True))
 
-    def save_left(self) -> None:
-        """This node was decommissioned: its data stops being kept up to date, so
-        it must never serve again (``load_left``)."""
+    def save_left(self, why: str) -> None:
+        """This node left the ring (``why``: "decommissioned" or "removed"): its
+        data stops being kept up to date, so it must never serve again."""
         path = self._config.node_data_dir / IDENTITY_FILE
         identity = json.loads(path.read_text()) if path.exists() else {}
-        write_atomically(path, json.dumps({**identity, "left": True}))
+        write_atomically(path, json.dumps({**identity, "left": why}))
 
-    def load_left(self) -> bool:
+    def load_left(self) -> str | None:
+        """Why this node left the ring, or None if it has not."""
         path = self._config.node_data_dir / IDENTITY_FILE
-        return path.exists() and bool(json.loads(path.read_text()).get("left", False))
+        left = json.loads(path.read_text()).get("left") if path.exists() else None
+        return str(left) if left else None
 
     def load_peers(self) -> dict[str, dict[str, Any]]:
         path = self._config.node_data_dir / PEERS_FILE
@@ -111,7 +113,7 @@ class MemoryIdentity:
     def __init__(self) -> None:
         self._tokens: tuple[int, ...] | None = None
         self._bootstrapped = True
-        self._left = False
+        self._left: str | None = None
         self._peers = "{}"
         self._generation = 0
 
@@ -125,10 +127,10 @@ class MemoryIdentity:
     def load_bootstrapped(self) -> bool:
         return self._bootstrapped
 
-    def save_left(self) -> None:
-        self._left = True
+    def save_left(self, why: str) -> None:
+        self._left = why
 
-    def load_left(self) -> bool:
+    def load_left(self) -> str | None:
         return self._left
 
     def load_peers(self) -> dict[str, dict[str, Any]]:

@@ -77,6 +77,8 @@ WAITING_WARNING_INTERVAL_S = 30.0
 STREAMING = "streaming"
 # A bootstrap whose streams keep failing tries again this many times (each
 # pass resumes every range where it stopped), then the node gives up.
+RESTART_CHECK_ROUNDS = 3  # shadow rounds a restarted node sends before carrying on
+RESTART_CHECK_POLLS = 10  # checks for an answer per gossip interval
 MAX_BOOTSTRAP_PASSES = 10
 BOOTSTRAP_RETRY_S = 2.0
 
@@ -259,12 +261,9 @@ class Node:
         A server can answer ``/v1/status`` from here on, while ``join`` runs.
         A decommissioned node's data dir is refused: the ring moved on without it.
         """
-        if self.identity.load_left():
-            raise TopologyRefused(
-                f"node {self.node_id} was decommissioned: it LEFT the ring and its data in "
-                f"{self.config.node_data_dir} is out of date; to use this machine again, empty "
-                "that directory and start it as a new node (it streams its ranges)",
-                reason="decommissioned", node=self.node_id)
+        left = self.identity.load_left()
+        if left:
+            raise self._left_the_ring(left)
         await self.store.start()
         await self.hints.load()
         await self.repair_history.load()
@@ -477,7 +476,7 @@ class Node:
         progress.state, progress.finished_s = "done", self.clock.monotonic_s()
         # LEFT, then gossip on for a few rounds so every node hears it before we go.
         self.left = True
-        self.identity.save_left()  # never to serve this data again (open refuses it)
+        self.identity.save_left("decommissioned")  # never to serve this data again
         self.gossiper.set_local(gs.STATUS, gs.LEFT)
         log.info("node %s is LEFT: streamed %d ranges, %d cells, %d bytes", self.node_id,
                  progress.ranges_done, progress.cells, progress.bytes)
@@ -728,7 +727,41 @@ class Node:
             interval_s=interval_s,
             on_events=self._on_gossip_events,
         )
+        if self.identity.load_tokens() is not None and self.identity.load_bootstrapped():
+            await self._check_not_removed()  # before our new generation spreads
         self.gossip.start()
+
+    def _left_the_ring(self, why: str) -> TopologyRefused:
+        how = ("was decommissioned: it LEFT the ring" if why == "decommissioned" else
+               "was removed from the ring while it was down (removenode, or a replacement "
+               "took its place)")
+        return TopologyRefused(
+            f"node {self.node_id} {how}, and its data in {self.config.node_data_dir} is out "
+            "of date; to use this machine again, empty that directory and start it as a new "
+            "node (it streams its ranges)", reason=why, node=self.node_id)
+
+    async def _check_not_removed(self) -> None:
+        """Before a restarted node gossips or serves, ask its seeds and known peers
+        what they know of it (a shadow round). If the ring moved on without it
+        while it was down (removenode, or a replacement took its place), its
+        data is out of date and it must not serve (Cassandra checks likewise).
+        With nobody answering within a few gossip intervals (a whole cluster
+        restarting), it carries on."""
+        assert self.gossip is not None and self.gossiper is not None
+        interval_s = self.config.timing.gossip_interval_ms / 1000
+        for _ in range(RESTART_CHECK_ROUNDS):
+            if not self.gossiper.shadow_round():
+                return  # nobody to ask: we are our only contact
+            self.gossip.shadow_round_now()
+            for _ in range(RESTART_CHECK_POLLS):
+                await self.clock.sleep(interval_s / RESTART_CHECK_POLLS)
+                if self.gossiper.left_before:
+                    self.identity.save_left("removed")  # every later start refuses at once
+                    raise self._left_the_ring("removed")
+                if self.gossiper.shadow_answers:
+                    return
+        log.info("node %s: no seed or peer answered its restart check; carrying on",
+                 self.node_id)
 
     async def _handle_gossip(self, from_node: str, verb: str, payload: Any) -> None:
         assert self.gossip is not None
