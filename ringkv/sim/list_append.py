@@ -311,10 +311,10 @@ def _dependencies(txns: dict[int, Txn], writer: dict[tuple[Key, object], tuple[i
         last = next((a for v in reversed(read) if (a := author(key, v)) is not None), None)
         if last is not None:
             _add(graph, last, txn.id, WR, f"{key}: read {read} ending at T{last}'s append")
-        order = orders.get(key)
-        if order is None:
+        versions = orders.get(key)
+        if versions is None:
             continue
-        later = order[len(read):] if order[: len(read)] == read else []
+        later = versions[len(read):] if versions[: len(read)] == read else []
         nxt = next(((v, a) for v in later if (a := author(key, v)) is not None), None)
         if nxt is not None:
             _add(graph, txn.id, nxt[1], RW, f"{key}: read {read}, {nxt[0]!r} appended next")
