@@ -28,11 +28,14 @@ A transaction whose outcome is unknown (``info``) may or may not have
 committed: its appends may be read and order like any other, and reading them
 is no G1a. Its reads are not known.
 
-Cycle search is polynomial: strongly connected components (networkx), then for
-each kind in turn a shortest path closing each candidate edge (a breadth-first
-search over (transaction, rw edges used) states), at most ``MAX_TRIES``
-candidate edges per component and kind, and at most ``MAX_PER_KIND`` cycles
-reported per kind.
+Cycle search is polynomial and bounded: strongly connected components
+(networkx); then, for each kind in turn, a candidate edge is tried only if a
+path of the allowed kinds leads back from its head to its tail (reachability
+bitsets over the condensation), and closed by a shortest path (a breadth-first
+search over (transaction, rw edges used) states). At most ``MAX_TRIES``
+candidates per component and kind, ``MAX_STEPS`` search states in all, and
+``MAX_PER_KIND`` cycles reported per kind; ``Report.truncated`` says when a
+bound cut a search short.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ WW, WR, RW, RT = "ww", "wr", "rw", "rt"
 MAX_PER_KIND = 8  # cycles reported per anomaly kind (the first few say what broke)
 MAX_TRIES = 256  # candidate edges tried per component and kind: bounds the search
 MAX_NON_CYCLE = 64  # non-cycle anomalies reported per kind
+MAX_STEPS = 1_000_000  # search states expanded in one check, in all: bounds the time
+MAX_BITSET_NODES = 20_000  # reachability bitsets up to this many transactions (50 MB)
 
 # When one pair of transactions has several dependencies, a cycle is explained by
 # the weakest: it needs real time only if nothing else closes it.
@@ -197,6 +202,7 @@ def _writers(txns: dict[int, Txn]) -> dict[tuple[Key, object], tuple[int, bool]]
 
 def _read_anomalies(txns: dict[int, Txn],
                     writer: dict[tuple[Key, object], tuple[int, bool]]) -> Iterable[Anomaly]:
+    good: dict[Key, set[object]] = {}  # values known appended by a transaction that did not fail
     for txn in txns.values():
         if txn.status != OK:
             continue
@@ -211,13 +217,15 @@ def _read_anomalies(txns: dict[int, Txn],
             if value is None:
                 continue
             read = list(_values(value))
-            yield from _one_read(txn, key, read, own.get(key, []), seen.get(key), txns, writer)
+            yield from _one_read(txn, key, read, own.get(key, []), seen.get(key), txns, writer,
+                                 good)
             seen[key] = read
 
 
 def _one_read(txn: Txn, key: Key, read: list[object], own: list[object],
               seen: list[object] | None, txns: dict[int, Txn],
-              writer: dict[tuple[Key, object], tuple[int, bool]]) -> Iterable[Anomaly]:
+              writer: dict[tuple[Key, object], tuple[int, bool]],
+              good: dict[Key, set[object]]) -> Iterable[Anomaly]:
     where = f"T{txn.id} read {key} = {read}"
     if seen is not None and read != seen:
         yield Anomaly("internal", (txn.id,),
@@ -226,11 +234,13 @@ def _one_read(txn: Txn, key: Key, read: list[object], own: list[object],
         yield Anomaly("internal", (txn.id,),
                       f"{where}, which does not end with its own appends {own}",
                       lines=(txn.describe(),))
-    if len(set(map(repr, read))) != len(read):
+    distinct = set(read)
+    if len(distinct) != len(read):
         dup = sorted({repr(v) for v in read if read.count(v) > 1})
         yield Anomaly("duplicate-elements", (txn.id,),
                       f"{where}: {', '.join(dup)} more than once", lines=(txn.describe(),))
-    for v in read:
+    unchecked = distinct - good.setdefault(key, set())
+    for v in (dict.fromkeys(x for x in read if x in unchecked) if unchecked else ()):
         if (key, v) not in writer:
             yield Anomaly("garbage", (txn.id,), f"{where}: {v!r} was never appended",
                           lines=(txn.describe(),))
@@ -240,6 +250,8 @@ def _one_read(txn: Txn, key: Key, read: list[object], own: list[object],
             yield Anomaly("G1a", (txn.id, author),
                           f"{where}: {v!r} was appended by T{author}, which failed (aborted read)",
                           lines=(txn.describe(), txns[author].describe()))
+        else:
+            good[key].add(v)  # checked once: long reads cost set operations, not a loop
     if read and (key, read[-1]) in writer:
         author, final = writer[(key, read[-1])]
         if author != txn.id and not final:
@@ -396,23 +408,31 @@ def _classify(cycle: Sequence[Edge]) -> str:
 def _cycles(txns: dict[int, Txn], graph: nx.DiGraph, realtime: bool, result: Report) -> None:
     found: dict[str, int] = {}
     searches = _SEARCHES + (_REALTIME_SEARCHES if realtime else ())
+    budget = [MAX_STEPS]
     for component in nx.strongly_connected_components(graph):
         if len(component) < 2:
             continue
         result.components += 1
         seen_here: set[str] = set()
+        inside = [(u, v, why) for u in component for v, data in graph.adj[u].items()
+                  if v in component for why in (data["why"],)]
+        reachability: dict[frozenset[str], Callable[[int, int], bool]] = {}
         for search in searches:
-            candidates = [
-                (u, v) for u, v, data in graph.subgraph(component).edges(data=True)
-                if search.through in data["why"] and _label(data["why"], search) == search.through
-            ]
-            if len(candidates) > MAX_TRIES:
-                result.truncated = True
-            for u, v in candidates[:MAX_TRIES]:
-                path = _shortest_path(graph, component, v, u, search)
+            if search.path not in reachability:
+                reachability[search.path] = _reachability(component, inside, search.path)
+            reaches = reachability[search.path]
+            tries = 0
+            for u, v, why in inside:
+                if _label(why, search) != search.through or not reaches(v, u):
+                    continue
+                if tries == MAX_TRIES or budget[0] <= 0:
+                    result.truncated = True
+                    break
+                tries += 1
+                path = _shortest_path(graph, component, v, u, search, budget)
                 if path is None:
                     continue
-                walk = [Edge(u, search.through, v, graph[u][v]["why"][search.through]), *path]
+                walk = [Edge(u, search.through, v, why[search.through]), *path]
                 reported = False
                 for cycle in _simple_cycles(walk):
                     kind = _classify(cycle)
@@ -424,6 +444,27 @@ def _cycles(txns: dict[int, Txn], graph: nx.DiGraph, realtime: bool, result: Rep
                     reported = True
                 if reported:
                     break
+
+
+def _reachability(component: set[int], inside: list[tuple[int, int, dict[str, str]]],
+                  kinds: frozenset[str]) -> Callable[[int, int], bool]:
+    """Whether one transaction reaches another over edges of these kinds: a bitset per
+    component of the condensation, so a candidate edge no path can close costs no search.
+    Over MAX_BITSET_NODES transactions, every pair is assumed to (the search decides)."""
+    if len(component) > MAX_BITSET_NODES:
+        return lambda src, dst: True
+    sub = nx.DiGraph()
+    sub.add_nodes_from(component)
+    sub.add_edges_from((u, v) for u, v, why in inside if not kinds.isdisjoint(why))
+    dag = nx.condensation(sub)
+    mapping: dict[int, int] = dag.graph["mapping"]
+    reach: dict[int, int] = {}
+    for c in reversed(list(nx.topological_sort(dag))):
+        bits = 1 << c
+        for after in dag.successors(c):
+            bits |= reach[after]
+        reach[c] = bits
+    return lambda src, dst: bool(reach[mapping[src]] >> mapping[dst] & 1)
 
 
 def _simple_cycles(walk: Sequence[Edge]) -> list[list[Edge]]:
@@ -455,14 +496,18 @@ def _label(why: dict[str, str], search: _Search) -> str | None:
 
 
 def _shortest_path(graph: nx.DiGraph, component: set[int], src: int, dst: int,
-                   search: _Search) -> list[Edge] | None:
+                   search: _Search, budget: list[int]) -> list[Edge] | None:
     """Breadth first over (transaction, rw edges used so far, capped) inside one
-    component: a shortest path from ``src`` to ``dst`` the search allows."""
+    component: a shortest path from ``src`` to ``dst`` the search allows. Each state
+    expanded spends one of ``budget``; None when none is left."""
     cap = search.min_rw if search.max_rw is None else search.max_rw
     start = (src, 0)
     parents: dict[tuple[int, int], tuple[tuple[int, int], Edge] | None] = {start: None}
     queue = deque([start])
     while queue:
+        if budget[0] <= 0:
+            return None
+        budget[0] -= 1
         node, used = state = queue.popleft()
         if node == dst and used >= search.min_rw:
             steps: list[Edge] = []
