@@ -78,7 +78,8 @@ def test_a_snapshot_that_sees_half_a_transfer_is_caught() -> None:
 
 def test_a_negative_balance_is_caught() -> None:
     """Two transfers that each fit but together overdraw a (a lost update)."""
-    moves = [Transfer(1, "c1", "a", "b", 8, OK, 0.0, 1.0), Transfer(2, "c2", "a", "c", 8, OK, 0.0, 1.0)]
+    moves = [Transfer(1, "c1", "a", "b", 8, OK, 0.0, 1.0),
+             Transfer(2, "c2", "a", "c", 8, OK, 0.0, 1.0)]
     snap = Snapshot(3, "c3", {"a": -6, "b": 18, "c": 18}, OK, 2.0, 2.5)
     found = check(INITIAL, moves, [snap])
     assert [x.kind for x in found] == ["negative-balance"]

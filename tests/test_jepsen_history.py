@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def well_formed(events: list[dict[str, Any]]) -> None:
     """Jepsen's rules: indices in order, times never go back, a process invokes, then
     completes, then may invoke again, unless it completed with info."""
     assert [e["index"] for e in events] == list(range(len(events)))
-    assert all(a["time"] <= b["time"] for a, b in zip(events, events[1:]))
+    assert all(a["time"] <= b["time"] for a, b in pairwise(events))
     open_call: dict[int, dict[str, Any]] = {}
     crashed: set[int] = set()
     for event in events:

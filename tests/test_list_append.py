@@ -328,7 +328,8 @@ def test_planted_reorders_and_aborts_in_random_histories_are_caught() -> None:
     for seed in SEEDS:
         history = serial_history(random.Random(seed))
         reads = [(i, j, v) for i, t in enumerate(history) if t.status == OK
-                 for j, (f, _, v) in enumerate(t.ops) if f == "r" and isinstance(v, list) and len(v) >= 2]
+                 for j, (f, _, v) in enumerate(t.ops)
+                 if f == "r" and isinstance(v, list) and len(v) >= 2]
         if reads:
             i, j, values = max(reads, key=lambda item: len(item[2]))
             assert isinstance(values, list)
@@ -394,3 +395,19 @@ def test_a_search_cut_short_by_its_budget_says_so(monkeypatch: pytest.MonkeyPatc
     assert not analyse(history).truncated
     monkeypatch.setattr(list_append, "MAX_STEPS", 5)
     assert analyse(history).truncated
+
+
+def test_reports_print_long_lists_short_and_sum_up() -> None:
+    """A long read is printed as its last few elements; two reads that part are
+    printed up to where they part."""
+    values = list(range(1, 41))
+    history = [*(txn(v, a("x", v)) for v in values),
+               txn(100, r("x", values)), txn(101, r("x", [*values[:9], 99]))]
+    report = analyse(history)
+    assert kinds(report.anomalies) == ["garbage", "incompatible-order"]
+    bad = only(report.anomalies, "incompatible-order")
+    assert "[...4 more, 5, 6, 7, 8, 9, 10, ...30 more]" in bad.detail
+    assert "part at element 9" in bad.detail
+    assert len(bad.render()) < 600
+    # A key whose reads disagree orders nothing: only the wr edges of its reads remain.
+    assert report.summary() == "42 transactions, edges: 2 wr; 1 garbage, 1 incompatible-order"

@@ -56,7 +56,8 @@ class Snapshot:
     def line(self) -> str:
         end = "..." if self.complete is None else f"{self.complete:.3f}"
         shown = ", ".join(f"{k}={v}" for k, v in sorted(self.balances.items()))
-        return f"#{self.index} {self.process} {self.status} {self.invoke:.3f}-{end}: read {{{shown}}}"
+        return (f"#{self.index} {self.process} {self.status} {self.invoke:.3f}-{end}: "
+                f"read {{{shown}}}")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ def from_bank(transfers: Iterable[Transfer], snapshots: Iterable[Snapshot]) -> l
                           move.complete))
     for snap in snapshots:
         told = dict(snap.balances) if snap.status == OK else None
-        calls.append(Call(snap.process, "read", None, snap.invoke, snap.status, told, snap.complete))
+        calls.append(Call(snap.process, "read", None, snap.invoke, snap.status, told,
+                          snap.complete))
     return events(calls)
 
 

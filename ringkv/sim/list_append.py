@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 # networkx ships no type information; it finds the strongly connected components.
 import networkx as nx  # type: ignore[import-untyped]
@@ -54,6 +55,7 @@ WW, WR, RW, RT = "ww", "wr", "rw", "rt"
 MAX_PER_KIND = 8  # cycles reported per anomaly kind (the first few say what broke)
 MAX_TRIES = 256  # candidate edges tried per component and kind: bounds the search
 MAX_NON_CYCLE = 64  # non-cycle anomalies reported per kind
+SHOWN_ELEMENTS = 6  # a long list is printed as its last few elements
 MAX_STEPS = 1_000_000  # search states expanded in one check, in all: bounds the time
 MAX_BITSET_NODES = 20_000  # reachability bitsets up to this many transactions (50 MB)
 
@@ -97,7 +99,7 @@ class Txn:
             if f == APPEND:
                 parts.append(f"append {key} {value!r}")
             else:
-                parts.append(f"r {key} {'?' if value is None else list(_values(value))}")
+                parts.append(f"r {key} {'?' if value is None else _short(_values(value))}")
         end = "..." if self.complete is None else f"{self.complete:.3f}"
         return (f"T{self.id} ({self.process} {self.status} {self.invoke:.3f}-{end}): "
                 f"[{', '.join(parts)}]")
@@ -142,6 +144,24 @@ class Report:
     def kinds(self) -> set[str]:
         return {a.kind for a in self.anomalies}
 
+    def summary(self) -> str:
+        """One line, for a run's report."""
+        edges = ", ".join(f"{n} {k}" for k, n in sorted(self.edges.items()))
+        found = ", ".join(f"{n} {k}" for k, n in sorted(_count(self.anomalies).items()))
+        tail = "; search cut short by its bounds" if self.truncated else ""
+        return (f"{self.txns} transactions, edges: {edges or 'none'}; "
+                f"{found or 'no anomalies'}{tail}")
+
+    def render(self) -> str:
+        return "\n".join([self.summary(), *(a.render() for a in self.anomalies)])
+
+
+def _count(anomalies: Iterable[Anomaly]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for anomaly in anomalies:
+        counts[anomaly.kind] = counts.get(anomaly.kind, 0) + 1
+    return counts
+
 
 def check(history: Iterable[Txn], *, realtime: bool = True) -> list[Anomaly]:
     """Every anomaly found (bounded per kind); empty for a serializable history
@@ -171,10 +191,25 @@ def analyse(history: Iterable[Txn], *, realtime: bool = True) -> Report:
         for kind in data["why"]:
             result.edges[kind] = result.edges.get(kind, 0) + 1
     _cycles(txns, graph, realtime, result)
+    # The weakest isolation a cycle breaks first; non-cycle anomalies before all.
+    rank = {kind: i for i, kind in enumerate(CYCLE_KINDS)}
+    result.anomalies.sort(key=lambda a: rank.get(a.kind, -1))
     return result
 
 
 # -- what the reads say, transaction by transaction ---------------------------------
+
+
+def _short(values: Sequence[object], upto: int | None = None) -> str:
+    """A list as printed in a report: its last few elements (the version it names),
+    up to ``upto`` when that is where two reads part."""
+    end = len(values) if upto is None else min(len(values), upto + 1)
+    shown = [repr(v) for v in values[max(0, end - SHOWN_ELEMENTS):end]]
+    if end > SHOWN_ELEMENTS:
+        shown.insert(0, f"...{end - SHOWN_ELEMENTS} more")
+    if end < len(values):
+        shown.append(f"...{len(values) - end} more")
+    return f"[{', '.join(shown)}]"
 
 
 def _values(read: object) -> tuple[object, ...]:
@@ -226,10 +261,11 @@ def _one_read(txn: Txn, key: Key, read: list[object], own: list[object],
               seen: list[object] | None, txns: dict[int, Txn],
               writer: dict[tuple[Key, object], tuple[int, bool]],
               good: dict[Key, set[object]]) -> Iterable[Anomaly]:
-    where = f"T{txn.id} read {key} = {read}"
+    where = f"T{txn.id} read {key} = {_short(read)}"
     if seen is not None and read != seen:
         yield Anomaly("internal", (txn.id,),
-                      f"{where}, but its earlier read and appends say {seen}", lines=(txn.describe(),))
+                      f"{where}, but its earlier read and appends say {_short(seen)}",
+                      lines=(txn.describe(),))
     elif seen is None and own and read[-len(own):] != own:
         yield Anomaly("internal", (txn.id,),
                       f"{where}, which does not end with its own appends {own}",
@@ -252,11 +288,12 @@ def _one_read(txn: Txn, key: Key, read: list[object], own: list[object],
                           lines=(txn.describe(), txns[author].describe()))
         else:
             good[key].add(v)  # checked once: long reads cost set operations, not a loop
-    if read and (key, read[-1]) in writer:
-        author, final = writer[(key, read[-1])]
+    others = read[: len(read) - len(own)] if own and read[-len(own):] == own else read
+    if others and (key, others[-1]) in writer:
+        author, final = writer[(key, others[-1])]
         if author != txn.id and not final:
             yield Anomaly("G1b", (txn.id, author),
-                          f"{where}: {read[-1]!r} is not T{author}'s last append to {key} "
+                          f"{where}: {others[-1]!r} is not T{author}'s last append to {key} "
                           f"(intermediate read)", lines=(txn.describe(), txns[author].describe()))
 
 
@@ -284,9 +321,11 @@ def _version_orders(txns: dict[int, Txn],
         full, by = longest[key]
         if key not in bad and full[: len(read)] != read:
             bad.add(key)
+            at = next(i for i, (x, y) in enumerate(zip(read, full)) if x != y)
             report(Anomaly("incompatible-order", (txn.id, by.id),
-                           f"T{txn.id} read {key} = {read} and T{by.id} read {full}: "
-                           f"neither is a prefix of the other", lines=(txn.describe(), by.describe())))
+                           f"T{txn.id} read {key} = {_short(read, at)} and T{by.id} read "
+                           f"{_short(full, at)}: neither is a prefix of the other (they part "
+                           f"at element {at})", lines=(txn.describe(), by.describe())))
     orders = {}
     for key, (full, _) in longest.items():
         if key not in bad:
@@ -315,21 +354,21 @@ def _dependencies(txns: dict[int, Txn], writer: dict[tuple[Key, object], tuple[i
 
     for key, order in orders.items():
         known = [(v, a) for v in order if (a := author(key, v)) is not None]
-        for (v1, a1), (v2, a2) in zip(known, known[1:]):
+        for (v1, a1), (v2, a2) in pairwise(known):
             _add(graph, a1, a2, WW, f"{key}: {v1!r} then {v2!r}")
     for txn, key, read in _reads(txns):
         while read and author(key, read[-1]) == txn.id:
             read = read[:-1]  # its own appends: what it read from others came before
         last = next((a for v in reversed(read) if (a := author(key, v)) is not None), None)
         if last is not None:
-            _add(graph, last, txn.id, WR, f"{key}: read {read} ending at T{last}'s append")
+            _add(graph, last, txn.id, WR, f"{key}: read {_short(read)} ending at T{last}'s append")
         versions = orders.get(key)
         if versions is None:
             continue
         later = versions[len(read):] if versions[: len(read)] == read else []
         nxt = next(((v, a) for v in later if (a := author(key, v)) is not None), None)
         if nxt is not None:
-            _add(graph, txn.id, nxt[1], RW, f"{key}: read {read}, {nxt[0]!r} appended next")
+            _add(graph, txn.id, nxt[1], RW, f"{key}: read {_short(read)}, {nxt[0]!r} appended next")
     return graph
 
 
@@ -366,6 +405,8 @@ def _before(a: Txn, b: Txn) -> bool:
 # -- cycles -------------------------------------------------------------------------
 
 _NO_RW = frozenset({WW, WR})
+CYCLE_KINDS = ("G0", "G1c", "G-single", "G2",
+               "G0-realtime", "G1c-realtime", "G-single-realtime", "G2-realtime")
 
 
 @dataclass(frozen=True)
@@ -536,4 +577,5 @@ def _shortest_path(graph: nx.DiGraph, component: set[int], src: int, dst: int,
 def _cycle_anomaly(kind: str, cycle: Sequence[Edge], txns: dict[int, Txn]) -> Anomaly:
     ids = tuple(e.src for e in cycle)
     route = " ".join([*(f"T{e.src} -{e.kind}->" for e in cycle), f"T{cycle[0].src}"])
-    return Anomaly(kind, ids, f"cycle {route}", tuple(cycle), tuple(txns[i].describe() for i in ids))
+    lines = tuple(txns[i].describe() for i in ids)
+    return Anomaly(kind, ids, f"cycle {route}", tuple(cycle), lines)
