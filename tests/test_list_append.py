@@ -184,6 +184,8 @@ def test_a_transaction_that_does_not_see_its_own_appends_is_caught() -> None:
 def test_values_appended_twice_are_refused() -> None:
     with pytest.raises(ValueError, match="unique per key"):
         check([txn(1, a("x", 1)), txn(2, a("x", 1))])
+    with pytest.raises(ValueError, match="two transactions with id 1"):
+        check([txn(1, a("x", 1)), txn(1, a("x", 2))])
 
 
 def test_cycles_reported_per_kind_are_capped() -> None:

@@ -170,7 +170,11 @@ def check(history: Iterable[Txn], *, realtime: bool = True) -> list[Anomaly]:
 
 
 def analyse(history: Iterable[Txn], *, realtime: bool = True) -> Report:
-    txns = {t.id: t for t in history}
+    txns: dict[int, Txn] = {}
+    for txn in history:
+        if txn.id in txns:
+            raise ValueError(f"two transactions with id {txn.id}")
+        txns[txn.id] = txn
     anomalies: list[Anomaly] = []
     writer = _writers(txns)
     counts: dict[str, int] = {}
