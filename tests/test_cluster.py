@@ -40,11 +40,13 @@ def cluster(tmp_path: Path):
 
 
 def test_three_nodes_discover_each_other_from_one_seed(tmp_path: Path) -> None:
-    """Dynamo §4.8.1: gossip-based membership; every node sees every node UP within 10 s."""
+    """Dynamo §4.8.1: gossip-based membership; every node sees every node UP within 10 s.
+    A new cluster holds no data, so they join without streaming (as ``cluster up``)."""
     cluster = make_cluster(tmp_path)
     cluster.build()
     try:
-        for proc in cluster.procs:  # start all at once; only node1 is a seed
+        for proc in cluster.procs:  # one after another; only node1 is a seed
+            proc.extra_args.append(NO_STREAMING)
             proc.start()
         cluster.wait_all_up(timeout_s=10)
         status, body = http("GET", f"{cluster.procs[1].url}/v1/ring")
