@@ -58,6 +58,7 @@ class Clients:
         self.history: list[RegisterOp] = []
         self.acked: list[tuple[float, str]] = []  # (when, key) of every acknowledged op
         self.refused: list[tuple[float, str]] = []  # 503 range_moving
+        self.refusal: RangeMoving | None = None  # the first, to show what it says
         self.errors: dict[str, int] = {}
         self.eligible: set[str] = {"n1", "n2", "n3", "n4"}
         self.stop = asyncio.Event()
@@ -114,6 +115,7 @@ class Clients:
         self.errors[name] = self.errors.get(name, 0) + 1
         if isinstance(exc, RangeMoving):
             self.refused.append((end, key))  # refused before anything was proposed
+            self.refusal = self.refusal or exc
             return
         if kind == "read":
             return  # a failed read tells nothing
@@ -266,10 +268,21 @@ def run_move(*, join_alone: bool = False) -> dict[str, Any]:
                 await _until(loop, lambda n=node, g=r.group_id: g not in n.txn.groups,
                              f"{node_id} stopping its removed replica of {r.group_id}", 30)
 
-        # -- n5 decommissions ------------------------------------------------------------
-        leave_at = loop.time()
+        # A restart of the new member: it resumes its groups from its record and log.
+        n5.crash()
+        await n5.start()
         node5 = n5.node
         assert node5 is not None
+        for r, new in moved.items():
+            await _until(loop, lambda g=r.group_id, t=frozenset(new.replicas): g in node5.txn.groups
+                         and node5.txn.groups[g].runner.members == t,
+                         f"n5 back in {r.group_id} after a restart", 30)
+        assert clients.refusal is not None
+        figures["refusal"] = (clients.refusal.details.get("reason"), clients.refusal.message)
+
+        # -- n5 decommissions ------------------------------------------------------------
+        await _until(loop, lambda: one_ring(cluster.machines, five), "n5 UP again", 60)
+        leave_at = loop.time()
         node5.decommission()
         await _until(loop, lambda: node5.left, "n5 LEFT", 120)
         four_ids = {"n1", "n2", "n3", "n4"}
@@ -316,6 +329,8 @@ def test_groups_move_with_a_join_and_a_decommission_and_stay_linearizable() -> N
     # The cut range was refused while cut (and only it), and serves again once whole.
     assert figures["refused_cut_during_join"] > 0 and figures["refused_elsewhere"] == 0
     assert figures["acked_cut_after_leave"] > 0
+    reason, message = figures["refusal"]
+    assert reason == "split" and "not built" in message, figures["refusal"]
 
 
 def test_a_new_replica_that_starts_the_group_alone_is_caught() -> None:
