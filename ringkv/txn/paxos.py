@@ -121,8 +121,11 @@ sends it heartbeats and catches it up with the snapshot and the log tail,
 and adds it only once it acknowledged a commit point within a Learn batch of
 the leader's, since it counts towards quorums from then on. A node that
 applies a configuration without itself stops standing, voting and
-accepting; a leader that removed itself steps down, and the others wait out
-its votes as after any leader change. An acceptor answers a proposer outside
+accepting (it still answers heartbeats, unvoted, with how far behind it is,
+so it can be added back); a leader that removed itself steps down, and the
+others wait out its votes as after any leader change. The Commit of the
+entry that removes a node goes to the new members only, so leaders keep
+heartbeating a removed node until it acknowledges that slot (``departed``). An acceptor answers a proposer outside
 the configuration it knows, which may lead one it has not learned yet;
 acceptor safety does not depend on who proposes. The configuration persists
 with the log: entries are records, and a snapshot names the configuration

@@ -10,13 +10,28 @@ It carries out what the pure cores decide, for every transactional keyspace:
   ``TrueTime``, whose peers are the ring's other nodes.
 * **Groups.** A ``RangeMap`` per keyspace from the ring (``txn/ranges.py``),
   and a ``GroupRunner`` per range this node replicates, created lazily: on
-  the first request for the range, or the first Paxos batch for it. A
-  group's members are persisted with it (prefix ``r``); when the ring later
-  gives a range other replicas than a persisted group that covers it, the
-  range answers 503 ``range_moving`` (moving groups is the topology work's).
-  Groups are only formed once the ring has the keyspace's replication factor
-  of nodes, so a node that has not yet heard of its peers never persists a
-  group of one.
+  the first request for the range, or the first Paxos batch for it. A node
+  without a record of the group first asks the range's other replicas
+  (verb ``txn.group``): if one holds it, the node joins it from the
+  configuration they name (as a learner when it is not in it), and it forms
+  a new group with the ring's replicas only once every other replica said
+  it holds none. A group's bounds and first configuration are persisted
+  with it (prefix ``r``); its log says what followed. Groups are only
+  formed once the ring has the keyspace's replication factor of nodes, so a
+  node that has not yet heard of its peers never persists a group of one.
+* **Moving with the ring** (issue #12 §5). When the ring gives a range the
+  same bounds and other replicas (a node joins, decommissions, is removed
+  or replaced), the group moves there through its own log: ``_reconcile``
+  hands every runner the ring's replicas (``GroupRunner.move_to``) and
+  whoever leads adds the new replica, once it is caught up as a learner,
+  then removes the old one, one member at a time (``txn/paxos.py``,
+  "Membership"). Operations go on meanwhile, served by the group's
+  configuration of the moment. A removed member stops its runner once it
+  has learned the removal (its record and log stay: a node added back
+  resumes from them, never from nothing). A range the ring cuts
+  differently from a group that holds its keys (a split or a merge) is
+  refused with 503 ``range_moving``, ``reason`` ``split`` or ``merge``:
+  moving a group across a split or merge is not built.
 * **Paxos traffic.** Every group's messages go through one ``Outbox``,
   flushed once per loop turn: one coalesced one-way ``txn.paxos`` batch per
   destination; an incoming batch must come from the peer the connection
@@ -24,7 +39,7 @@ It carries out what the pure cores decide, for every transactional keyspace:
   requests served by ``GroupRunner.serve_snapshot``.
 * **Operations** (``execute``), each with the request's one deadline:
   ``txn/leader.py``'s ``route`` decides where (here, the leader over
-  ``txn.op``, wait for an election, or ``range_moving``); at the leader,
+  ``txn.op``, or wait for an election; a split or merge is refused first); at the leader,
   ``TxnManager`` takes the locks (wound-wait), ``evaluate`` decides,
   ``GroupRunner.propose_future`` commits at a timestamp ``s`` inside the
   lease, and commit wait holds the answer and the locks until
@@ -453,11 +468,16 @@ class TxnService:
             held = [a for a in answers if a is not None and a.get("has")]
             if held:
                 answer = held[0]
-                if (int(answer["start"]), int(answer["end"])) != (rng.start, rng.end):
-                    raise _split_or_merge(rng, Range(rng.keyspace, int(answer["start"]),
-                                                     int(answer["end"]), ()))
+                for other in held:
+                    if (int(other["start"]), int(other["end"])) != (rng.start, rng.end):
+                        raise _split_or_merge(rng, Range(rng.keyspace, int(other["start"]),
+                                                         int(other["end"]), ()))
+                # Every holder started from the same first configuration (by induction:
+                # the group's founders, or one that joined this way); whom to hear is
+                # what any of them knows of the configuration now.
+                heard = sorted({str(n) for other in held for n in other["members"]})
                 group = self._ensure(rng, initial=[str(n) for n in answer["initial"]],
-                                     heard=[str(n) for n in answer["members"]])
+                                     heard=heard)
             elif any(a is not None and a.get("overlap") for a in answers):
                 raise RangeMoving(f"range {rng.group_id} is being cut differently by the ring; "
                                   "moving a group across a split or merge is not built",
