@@ -341,3 +341,82 @@ def test_a_new_replica_that_starts_the_group_alone_is_caught() -> None:
     verdict = linearizable(figures.pop("history"))
     print("join alone:", figures)
     assert not verdict.ok
+
+
+def test_groups_move_off_a_dead_node_that_is_replaced_and_stay_linearizable() -> None:
+    """Cassandra's replace_address: n3 dies and n5 takes its tokens. The ring's
+    ranges keep their bounds, so every group n3 was in moves (none is cut): each
+    adds n5, caught up as a learner, then removes the dead n3, with a quorum of
+    the live members throughout, while the clients keep going."""
+    loop = VirtualTimeLoop()
+    network = SimNetwork(loop, random.Random(SEED), NetworkConditions())
+    configs = [dataclasses.replace(c, cluster=dataclasses.replace(c.cluster, num_tokens=4))
+               for c in _configs()]
+    configs[4] = dataclasses.replace(
+        configs[4], cluster=dataclasses.replace(configs[4].cluster, replace_node_id="n3"))
+    cluster = SimCluster(loop, network, configs, SEED, Coordinator)
+    n1, n2, n3, n4, n5 = cluster.machines
+    four = [n1, n2, n3, n4]
+    figures: dict[str, Any] = {}
+
+    async def main() -> None:
+        tokens = allocate_tokens(None, 16, random.Random(SEED))
+        for i, machine in enumerate(four):
+            machine.identity.save_tokens(tuple(tokens[i::4]))
+        for machine in four:
+            await machine.start()
+        ids = {"n1", "n2", "n3", "n4"}
+        await _until(loop, lambda: all(m.node is not None and set(m.node.ring.node_ids) == ids
+                                       and all(m.node.is_alive(i) for i in ids) for m in four),
+                     "one ring of four", 60)
+        assert n1.node is not None
+        before = RangeMap(TXN_KEYSPACE, n1.node.ring, 3)
+        keys = _keys_by_range(before)
+        clients = Clients(loop, cluster, [k for ks in keys.values() for k in ks])
+        tasks = [asyncio.ensure_future(clients.run(f"c{i}", random.Random(f"{SEED}/c{i}")))
+                 for i in range(CLIENTS)]
+        await asyncio.sleep(4.0)
+        clients.eligible.discard("n3")
+        n3.crash(power=True)
+        node1 = n1.node
+        await _until(loop, lambda: not node1.is_alive("n3"), "n3 DOWN", 30)
+        start_at = loop.time()
+        await n5.start(wait_joined=False)
+        assert n5.start_task is not None
+        await _until(loop, lambda: n5.start_task is not None and n5.start_task.done(), "n5 NORMAL",
+                     120)
+        n5.start_task.result()
+        live = [n1, n2, n4, n5]
+        new_ids = {"n1", "n2", "n4", "n5"}
+        await _until(loop, lambda: all(m.node is not None and set(m.node.ring.node_ids) == new_ids
+                                       for m in live), "n3 off every ring", 60)
+        clients.eligible.add("n5")
+        after = RangeMap(TXN_KEYSPACE, node1.ring, 3)
+        assert {(r.start, r.end) for r in after.ranges} == {(r.start, r.end) for r in before.ranges}
+        moved = {r.group_id: frozenset(r.replicas) for r in after.ranges if "n5" in r.replicas}
+        figures["groups"], figures["moved"] = len(after), len(moved)
+        done_at = await _until(loop, lambda: all(_leader_config(cluster, g) == t
+                                                 for g, t in moved.items()),
+                               "every group off n3 and on n5", 90)
+        figures["replace_move_s"] = round(done_at - start_at, 2)
+        moved_keys = {k for r in before.ranges if "n3" in r.replicas for k in keys[r]}
+        figures["acked_moved_during"] = sum(1 for when, key in clients.acked
+                                            if start_at <= when <= done_at and key in moved_keys)
+        await asyncio.sleep(3.0)
+        clients.stop.set()
+        await asyncio.gather(*tasks)
+        figures["acked_after"] = sum(1 for when, _ in clients.acked if when > done_at)
+        figures["errors"] = dict(sorted(clients.errors.items()))
+        figures["history"] = clients.history
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        cluster.stop_all()
+        loop.dispose()
+    history = figures.pop("history")
+    verdict = linearizable(history)
+    print("txn replace:", figures, "ops:", len(history))
+    assert verdict.ok, verdict.render()
+    assert figures["moved"] >= 2 and figures["acked_moved_during"] > 0 and figures["acked_after"] > 0
+    assert "RangeMoving" not in figures["errors"]  # a replace cuts no range
