@@ -319,3 +319,14 @@ def test_a_leader_heartbeats_a_removed_node_until_it_has_learned_its_removal() -
     leader.step(HeartbeatAck("c", leader.ballot, sent_s, slot, False), 30.0)
     assert leader.departed() == frozenset()
     assert ready is not None
+
+
+def test_a_removed_node_that_never_answers_is_heartbeated_a_bounded_number_of_times() -> None:
+    from ringkv.txn.paxos import DEPARTED_BEATS
+    leader = elect("a")
+    leader._departed["e"] = (5, DEPARTED_BEATS)  # as after a configuration that removed e
+    beats = 0
+    for i in range(3 * DEPARTED_BEATS):
+        ready = leader.tick(10.0 + i * leader.heartbeat_interval_s, random.Random(i))
+        beats += sum(1 for out in ready.messages if out.to == "e" and isinstance(out.msg, Heartbeat))
+    assert beats == DEPARTED_BEATS and leader.departed() == frozenset()

@@ -167,6 +167,7 @@ MAX_DRIFT_PPM = 200.0  # bound on any clock's rate error (truetime.max_drift_ppm
 LEARN_BATCH = 64  # chosen entries per Learn message
 MAX_UNCHOSEN_SLOTS = 1024  # proposals in flight at the leader before it refuses more
 RESEND_BATCH = 64  # unchosen slots re-sent per heartbeat to replicas that did not accept
+DEPARTED_BEATS = 40  # heartbeats a removed node is sent to learn it (20 s at the default pace)
 
 
 class Role(enum.Enum):
@@ -519,9 +520,10 @@ class PaxosReplica:
         self._config_changed = False  # settled, with the time, at the end of the entry point
         self._change_not_before_s = float("-inf")  # the lease counted under the previous config ends
         self._learners: dict[str, int] = {}  # joining node -> how far behind it acknowledged being (-1: unheard)
-        # Removed node -> the slot of the configuration that removed it: a leader sends
-        # it heartbeats until it acknowledges that slot (it may have missed the entry).
-        self._departed: dict[str, int] = {}
+        # Removed node -> (the slot of the configuration that removed it, heartbeats
+        # left): a leader sends it heartbeats until it acknowledges that slot (it may
+        # have missed the entry), or DEPARTED_BEATS went unanswered (it is gone).
+        self._departed: dict[str, tuple[int, int]] = {}
         self._last_beat = (float("nan"), 0)  # (sent_s, our commit point then) of the last heartbeat
 
         # Election timer: drawn in tick (the only call with an rng).
@@ -854,7 +856,7 @@ class PaxosReplica:
             self._learners.pop(node, None)
             self._departed.pop(node, None)
         for node in previous - target - {self.node_id}:
-            self._departed[node] = slot
+            self._departed[node] = (slot, DEPARTED_BEATS)
         self._config_changed = True
 
     def _settle_config(self, now_s: float) -> None:
@@ -987,8 +989,12 @@ class PaxosReplica:
         self._broadcast(beat)
         for learner in self._learners:
             self._send(learner, beat)  # its acks tell us how far to catch it up
-        for node in self._departed:
+        for node, (slot, left) in list(self._departed.items()):
             self._send(node, beat)  # until it has learned it was removed
+            if left <= 1:
+                del self._departed[node]
+            else:
+                self._departed[node] = (slot, left - 1)
         if not resend:
             return
         # Re-send what is not chosen yet to whoever has not accepted it (messages get lost).
@@ -1207,7 +1213,7 @@ class PaxosReplica:
             self._count_vote(m.sender, m.sent_s, now_s)
         if m.sender in self._learners and m.sent_s == self._last_beat[0]:
             self._learners[m.sender] = max(0, self._last_beat[1] - m.commit_through)
-        if self._departed.get(m.sender, float("inf")) <= m.commit_through:
+        if m.sender in self._departed and self._departed[m.sender][0] <= m.commit_through:
             del self._departed[m.sender]  # it knows it was removed
         if m.commit_through < self.commit_through:
             self._catch_up(m.sender, m.commit_through + 1)

@@ -132,7 +132,7 @@ VERBS = frozenset({PING, PAXOS, SNAPSHOT, OP, GROUP})
 # configuration the group started from here (its log says what followed) and, for a
 # node that joined a running group, the members it was told the group had then.
 MEMBERS_PREFIX = b"r"
-GROUP_ASK_TIMEOUT_S = 1.0
+GROUP_ASK_TIMEOUT_S = 0.5  # per peer asked whether it holds a group (``_obtain``)
 OUTCOME_PREFIX = b"x"  # x | u8 len(group_id) | group_id | txn_id -> u64 commit ts
 SAFE_TIME_TXN = "~safe"  # the empty commits that advance safe time ('~' is no client id's)
 PING_TIMEOUT_S = 1.0
@@ -441,7 +441,8 @@ class TxnService:
     async def _obtain(self, rng: Range) -> _Group:
         """The group of ``rng``, for a replica the ring names: its own, or else the
         one the other replicas hold (joined as a learner from the configuration they
-        name), or else a new group once every other replica says it holds none.
+        name), or else a new group once a majority of the ring's replicas (this
+        one included) hold no record of it and none answered that it holds it.
 
         A node the ring makes a new replica of a running group must never start
         that group by itself with the ring's replicas as its configuration, one
@@ -482,11 +483,15 @@ class TxnService:
                 raise RangeMoving(f"range {rng.group_id} is being cut differently by the ring; "
                                   "moving a group across a split or merge is not built",
                                   range=rng.group_id, reason="split_or_merge")
-            elif any(a is None for a in answers):
-                raise NoLeader(f"range {rng.group_id}: not every replica answered whether it "
-                               "holds the group", range=rng.group_id, reason="no_leader")
+            elif 1 + sum(a is not None for a in answers) <= len(rng.replicas) // 2:
+                raise NoLeader(f"range {rng.group_id}: too few replicas answered whether they "
+                               "hold its group", range=rng.group_id, reason="no_leader")
             else:
-                group = self._ensure(rng)  # nobody holds it: a new group
+                # A majority holds no record: a new group. A member of a running group
+                # holds a record from the first message it heard, and a move changes one
+                # replica at a time, so the members that stay hold one: this errs only if
+                # one of them is down now and the other never heard from its group.
+                group = self._ensure(rng)
             if not result.done():
                 result.set_result(group)
         except Exception as exc:  # noqa: BLE001 - handed to every waiter
