@@ -17,9 +17,12 @@ leader) differs from range to range and leadership spreads over the nodes.
 
 Ranges follow the ring: a topology change gives a new ``RangeMap``. A range
 whose bounds stay and whose replicas change keeps its group id (the id names
-the end token), so its group can move there through its own log
-(``GroupRunner.move_to``); a range whose bounds change (a new node's tokens
-cut it) needs a split or merge, which is not built.
+the end token), and its group moves there through its own log
+(``GroupRunner.move_to``, driven by ``txn/service.py``); a range whose
+bounds change (a new node's token cuts it, a leaving node's token joins two)
+needs a split or merge, which is not built: the service refuses it. With
+vnodes most ranges of a join or decommission are cut; a replace keeps every
+token, so every range it touches moves.
 """
 
 from __future__ import annotations
