@@ -132,16 +132,22 @@ class ClusterConfig:
         return tuple(parse_address(seed) for seed in self.seeds)
 
 
+MAX_RANGES = 256  # slices per transactional keyspace: each is a Paxos group on RF nodes
+
+
 @dataclass(frozen=True)
 class KeyspaceConfig:
     # A keyspace groups keys that share a replication factor, a tier
     # (eventual = Dynamo-style, transactional = Paxos groups + 2PC) and the
     # consistency level used when a request does not choose one (SERIAL, the
-    # only level, on a transactional keyspace).
+    # only level, on a transactional keyspace). A transactional keyspace is cut
+    # into ``ranges`` fixed slices of the token space, one Paxos group each
+    # (ringkv/txn/ranges.py); fixed, so that groups move with the ring.
     name: str
     replication_factor: int = 3
     tier: str = "eventual"
     default_consistency: ConsistencyLevel = ConsistencyLevel.QUORUM
+    ranges: int = 1
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,7 @@ class Config:
                 "replication_factor": ks.replication_factor,
                 "tier": ks.tier,
                 "default_consistency": ks.default_consistency.value,
+                **({"ranges": ks.ranges} if ks.tier == TRANSACTIONAL else {}),
             }
             for name, ks in self.keyspaces.items()
         }
@@ -646,7 +653,12 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
         sec.take("replication_factor", _check_int, 1, 15)
         sec.take("tier", _check_choice, TIERS)
         sec.take("default_consistency", _check_consistency)
+        sec.take("ranges", _check_int, 1, MAX_RANGES)
         values = sec.done()
+        if "ranges" in values and values.get("tier") != TRANSACTIONAL:
+            ctx.fail(sec.dotted("ranges"), "no ranges setting: only a transactional keyspace is "
+                     "cut into ranges (an eventual one follows the ring)", _show(values["ranges"]),
+                     related=(sec.dotted("tier"),))
         if values.get("tier") == TRANSACTIONAL:
             # Paxos groups serve every request serializably: SERIAL is the only level.
             level = values.setdefault("default_consistency", ConsistencyLevel.SERIAL)

@@ -16,7 +16,7 @@ from typing import Any
 from ringkv.address import format_address
 from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
-from ringkv.config import Config
+from ringkv.config import TRANSACTIONAL, Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
 from ringkv.errors import NotJoined, TopologyRefused
 from ringkv.gossip import state as gs
@@ -196,7 +196,8 @@ class Node:
         # while the topology is settled.
         self.future_ring: TokenRing | None = None
         self.keyspaces = {
-            name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
+            name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency,
+                                   ks.ranges if ks.tier == TRANSACTIONAL else None)
             for name, ks in config.keyspaces.items()
         }
         self.coordinator = coordinator_class(

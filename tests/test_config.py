@@ -619,6 +619,19 @@ def test_transactional_keyspace_is_serial_by_default():
     assert default_config().txn == TxnConfig(2.0, 600, 200, 8)
 
 
+def test_a_transactional_keyspace_is_cut_into_fixed_ranges_and_only_it() -> None:
+    config = config_from_dict({"keyspaces": {"txn": {"tier": "transactional", "ranges": 8}}})
+    assert config.keyspaces["txn"].ranges == 8
+    assert config_from_dict(config.to_dict()) == config
+    assert default_config().keyspaces["txn"].ranges == 1
+    with pytest.raises(ConfigError, match="keyspaces.default.ranges") as info:
+        config_from_dict({"keyspaces": {"default": {"ranges": 4}}})
+    assert "only a transactional keyspace" in str(info.value)
+    for bad in (0, 257, "many"):
+        with pytest.raises(ConfigError, match="keyspaces.txn.ranges"):
+            config_from_dict({"keyspaces": {"txn": {"tier": "transactional", "ranges": bad}}})
+
+
 def test_the_repair_interval_defaults_to_half_of_gc_grace() -> None:
     """ScyllaDB's tombstone_gc: repair needs a repair within gc_grace; half leaves room."""
     assert default_config().repair_interval_s() == 432000

@@ -28,10 +28,11 @@ It carries out what the pure cores decide, for every transactional keyspace:
   "Membership"). Operations go on meanwhile, served by the group's
   configuration of the moment. A removed member stops its runner once it
   has learned the removal (its record and log stay: a node added back
-  resumes from them, never from nothing). A range the ring cuts
-  differently from a group that holds its keys (a split or a merge) is
-  refused with 503 ``range_moving``, ``reason`` ``split`` or ``merge``:
-  moving a group across a split or merge is not built.
+  resumes from them, never from nothing). Ranges are fixed slices
+  (``txn/ranges.py``), so the ring never cuts one; only a change of the
+  keyspace's ``ranges`` setting over data a group holds does (a split or a
+  merge), and such a range is refused with 503 ``range_moving``, ``reason``
+  ``split`` or ``merge``: splitting and merging groups is not built.
 * **Paxos traffic.** Every group's messages go through one ``Outbox``,
   flushed once per loop turn: one coalesced one-way ``txn.paxos`` batch per
   destination; an incoming batch must come from the peer the connection
@@ -247,6 +248,7 @@ class TxnService:
         self.config = config
         self.keyspaces = {name: ks.replication_factor for name, ks in config.keyspaces.items()
                           if ks.tier == TRANSACTIONAL}
+        self._range_counts = {name: config.keyspaces[name].ranges for name in self.keyspaces}
         self._clock = clock
         self._engine = engine
         self._rng = rng
@@ -386,13 +388,13 @@ class TxnService:
             raise NoLeader(f"the ring has {len(ring)} nodes, fewer than keyspace {keyspace!r}'s "
                            f"replication_factor {rf}: its Paxos groups are not formed yet",
                            reason="ring_too_small")
-        ranges = RangeMap(keyspace, ring, rf)
+        ranges = RangeMap(keyspace, ring, rf, self._range_counts[keyspace])
         self._maps[keyspace] = (ring, ranges)
         return ranges
 
     def _refusal(self, rng: Range) -> RangeMoving | None:
         """Why ``rng`` cannot be served here: a group persisted here covers part of it
-        with other bounds (the ring cut the range differently: a split or a merge,
+        with other bounds (the keyspace's ``ranges`` changed: a split or a merge,
         which is not built). A group with the same bounds and other replicas moves."""
         for old in self._persisted.values():
             if old.keyspace != rng.keyspace or (old.start, old.end) == (rng.start, rng.end):
@@ -1032,9 +1034,9 @@ def _split_or_merge(rng: Range, old: Range) -> RangeMoving:
                        (old.contains(rng.end) and old.contains(rng.start + 1))) else "merge"
     return RangeMoving(
         f"range {rng.group_id} ({rng.start}, {rng.end}] is cut differently from the Paxos "
-        f"group {old.group_id} ({old.start}, {old.end}] that holds its keys: the ring "
-        f"{'split' if kind == 'split' else 'merged'} ranges, and moving a group across a "
-        "split or merge is not built (a change of replicas on the same range moves)",
+        f"group {old.group_id} ({old.start}, {old.end}] that holds its keys: the keyspace's "
+        f"ranges setting changed, which {'splits' if kind == 'split' else 'merges'} ranges, "
+        "and splitting or merging a Paxos group is not built (set ranges back)",
         range=rng.group_id, group=old.group_id, reason=kind)
 
 
