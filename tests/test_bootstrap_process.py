@@ -14,9 +14,9 @@ from typing import Any, Self
 
 import pytest
 
-from ringkv.ring import NodeInfo, TokenRing
+from ringkv.ring import MAX_TOKEN, NodeInfo, TokenRing
 from ringkv.tools.launcher import NodeProcess, free_port_block
-from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster
+from ringkv.tools.local_cluster import COUNTER, NO_STREAMING, LocalCluster, _cas_increment
 from tests.procs import http, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -147,7 +147,7 @@ def test_a_cluster_holding_data_grows_from_three_to_five_and_shrinks_to_four_und
             key = f"seed{i}"
             assert put(cluster.procs[i % 3], key, {"n": i, "pad": "x" * 50})
             acked[key] = {"n": i, "pad": "x" * 50}
-        with Load(cluster.procs[:3], pause_s=pause_s) as load:
+        with Load(cluster.procs[:3], pause_s=pause_s) as load, CasLoad(cluster.procs[:3]) as cas:
             for joiner in cluster.procs[3:]:
                 joiner.start()  # returns once it serves: NORMAL, every range streamed
                 cluster.wait_all_up(cluster.procs[: cluster.procs.index(joiner) + 1],
@@ -156,6 +156,11 @@ def test_a_cluster_holding_data_grows_from_three_to_five_and_shrinks_to_four_und
                 assert status["state"] == "done" and status["ranges_done"] == status["ranges_total"]
                 assert status["cells"] > 0
         assert len(load.acked) > 20 and load.reads["ok"] > 0
+        # The transactional keyspace served while its group moved (Spanner §2.1's
+        # tablets move between groups): no acknowledged increment lost, none invented.
+        assert cas.acked > 10 and cas.acked <= cas.counter() <= cas.attempts, (
+            cas.acked, cas.counter(), cas.attempts)
+        group_followed_the_ring(cluster.procs)
         check_every_replica(cluster, {**acked, **load.acked}, cluster.procs)
         acked.update(load.acked)
 
@@ -182,6 +187,61 @@ def test_a_cluster_holding_data_grows_from_three_to_five_and_shrinks_to_four_und
         assert all(len(ring_of(proc).node_ids) == 4 for proc in staying)
     finally:
         cluster.down()
+
+
+def group_followed_the_ring(procs: list[NodeProcess]) -> None:
+    """The txn keyspace's one group (its range is the whole ring, ending at MAX_TOKEN)
+    runs on the ring's replicas of that token, whatever nodes joined or left."""
+    group_id = f"txn/{MAX_TOKEN}"
+    expected = sorted(ring_of(procs[0]).replicas(MAX_TOKEN, 3))
+    by_id = {proc.node_id: proc for proc in procs}
+
+    def members_everywhere() -> bool:
+        for node_id in expected:
+            groups = http("GET", f"{by_id[node_id].url}/v1/status")[1]["transactional"]["groups"]
+            if groups.get(group_id, {}).get("members") != expected:
+                return False
+        return True
+
+    wait_until(members_everywhere, timeout_s=60, interval_s=0.2,
+               what=f"{group_id}'s members to be the ring's replicas {expected}")
+    print(f"{group_id} runs on {expected}")
+
+
+class CasLoad:
+    """Compare-and-set increments of the transactional keyspace's counter through the
+    given nodes, until stopped: the tier must keep serving while the ring moves."""
+
+    def __init__(self, procs: list[NodeProcess]) -> None:
+        self.procs = procs
+        self.acked = 0
+        self.attempts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.attempts < 100_000:
+            self.attempts += 1
+            proc = self.procs[self.attempts % len(self.procs)]
+            try:
+                _cas_increment(self.procs, proc, timeout_s=10)
+            except AssertionError:
+                continue  # no answer within the bound: counted as not acknowledged
+            self.acked += 1
+            self._stop.wait(0.05)
+
+    def counter(self) -> int:
+        status, body = http("GET", f"{self.procs[0].url}/v1/kv/txn/{COUNTER}")
+        assert status == 200, body
+        return int(body["value"])
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def test_when_the_streaming_source_dies_the_joiner_resumes_from_another_replica(
