@@ -233,3 +233,14 @@ def test_a_body_over_the_request_limit_is_refused_and_the_connection_serves_on(
         assert raw.read().payload["status"] == 200
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("protocol", ["native", "http"])
+def test_the_benchmark_generators_speak_both_protocols(cluster: LocalCluster,
+                                                       protocol: str) -> None:
+    """bench cluster's lean generators: the native one pipelines on one link per node."""
+    from bench.loadgen import run_load
+
+    result = run_load(protocol, cluster.endpoints(), "/v1/kv/default/{key}?consistency=QUORUM",
+                      op="put", concurrency=4, duration_s=0.5, key_count=50, protocol=protocol)
+    assert result.ops > 0 and result.errors == 0
