@@ -242,7 +242,8 @@ class _NativeLink(asyncio.Protocol):
 
 
 async def _native_links(base_urls: list[str]) -> list[_NativeLink]:
-    """A handshaken native connection to every node the ring names (from the first URL)."""
+    """A handshaken native connection to each node of ``base_urls`` (their native
+    addresses from the ring the first one serves)."""
     import urllib.request
 
     from ringkv.address import parse_address
@@ -250,8 +251,9 @@ async def _native_links(base_urls: list[str]) -> list[_NativeLink]:
 
     with urllib.request.urlopen(base_urls[0].rstrip("/") + "/v1/ring", timeout=10) as answer:
         ring = json.loads(answer.read())
+    wanted = {urllib.parse.urlsplit(url).netloc for url in base_urls}
     addresses = [parse_address(n["native_address"]) for n in ring["nodes"]
-                 if n.get("native_address")]
+                 if n.get("native_address") and n.get("client_address") in wanted]
     if not addresses:
         raise RuntimeError("no node of the ring has a native address")
     loop = asyncio.get_running_loop()

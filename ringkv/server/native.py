@@ -189,12 +189,12 @@ class NativeConnection(asyncio.Protocol):
                 raise too_large
             key = (v.key_from_json(request.key, node.config.limits, field="key")
                    if request.key else b"")
-            call = h.ApiCall(
-                node, started, keyspace=request.keyspace, key=key, query=args,
-                body=request.body, idempotency_key=request.idempotency_key,
-                fingerprint_method=request.verb,
-                fingerprint_target=f"{request.keyspace}/{request.key}?{sorted(args.items())}",
-                txn_id=request.txn_id, cache=server.cache)
+            call = h.ApiCall(node, started, request.keyspace, key, args, request.body,
+                             request.idempotency_key, txn_id=request.txn_id, cache=server.cache)
+            if request.idempotency_key is not None:  # what a repeat must match
+                call.fingerprint_method = request.verb
+                call.fingerprint_target = (f"{request.keyspace}/{request.key}?txn={request.txn_id}"
+                                           f"&{sorted(args.items())}")
             result = await _ROUTES[request.verb](call)
         except RingKVError as exc:
             result = h.error_answer(exc)
