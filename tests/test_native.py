@@ -197,3 +197,92 @@ def test_a_response_becomes_the_plans_reply() -> None:
     assert reply.headers[client_native.REPLAYED_HEADER] == "true"
     with pytest.raises(ProtocolError):
         client_native.reply(frame("put", {"status": "200", "body": b""}, 3, KIND_RESPONSE))
+
+
+# -- the listener's bound on requests in flight (server/native.py) ---------------------
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.paused = False
+        self.pauses = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_at_most_max_in_flight_run_and_the_rest_wait_in_order(monkeypatch) -> None:
+    """A client that sends more than MAX_IN_FLIGHT requests at once is not refused:
+    the excess waits, reading pauses, and every request is answered by its id."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ringkv.clock import SystemClock
+    from ringkv.config import Config
+    from ringkv.door import Door, DoorLimits
+    from ringkv.server import handlers, native as server_native
+    from ringkv.server.idempotency import IdempotencyCache
+
+    monkeypatch.setattr(server_native, "MAX_IN_FLIGHT", 4)
+    release = None
+    running = 0
+    most = 0
+    started: list[str] = []
+
+    async def held(call: handlers.ApiCall) -> handlers.Answer:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        started.append(call.keyspace)
+        assert release is not None
+        await release.wait()
+        running -= 1
+        return handlers.answer({"ok": True})
+
+    monkeypatch.setitem(server_native._ROUTES, "scan", held)
+    config = Config()
+    node = SimpleNamespace(draining=False, require_joined=lambda: None, config=config,
+                           node_id="n1", metrics=SimpleNamespace(observe_request=lambda *a: None))
+
+    async def run() -> None:
+        nonlocal release
+        release = asyncio.Event()
+        clock = SystemClock()
+        door = Door(DoorLimits.from_config(config.limits))
+        server = server_native.NativeServer(node, door, IdempotencyCache(clock), clock)  # type: ignore[arg-type]
+        connection = server_native.NativeConnection(server)
+        transport = _FakeTransport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        wire = encode_frame(KIND_REQUEST, 0, "hello", {"versions": [1]})
+        wire += b"".join(encode_frame(KIND_REQUEST, i, "scan", {"keyspace": f"k{i:02}"})
+                         for i in range(1, 11))
+        connection.data_received(wire)
+        await asyncio.sleep(0)
+        assert running == 4 and transport.paused  # four run; six wait; reading paused
+        release.set()
+        for _ in range(200):
+            if len(connection.tasks) == 0 and not connection._backlog:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)  # the last answers' flush
+        frames = FrameDecoder().feed(bytes(transport.written))
+        assert [f.request_id for f in frames][0] == 0  # the hello answer first
+        assert sorted(f.request_id for f in frames[1:]) == list(range(1, 11))
+        assert all(f.payload["status"] == 200 for f in frames[1:])
+        assert not transport.paused and connection._visit.unanswered == 0
+        connection.close()
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert most == 4 and started == [f"k{i:02}" for i in range(1, 11)]  # in arrival order

@@ -5,8 +5,9 @@ bytes to the codec's decoder, lets ``net/native.py`` decide the handshake
 and each request, runs the operation (``server/handlers.py``, the same as
 HTTP's) in a task of its own, and writes the answers as they come, in any
 order, gathered into one write per loop turn. At most ``MAX_IN_FLIGHT``
-requests run per connection; past that the connection stops reading until
-answers go out (back-pressure, not an error).
+requests run per connection; the rest wait in arrival order, and the
+connection stops reading until they have started (back-pressure, not an
+error).
 
 The client door (``door.py``) holds it as it holds HTTP's connections: the
 connection cap shared with HTTP, a frame's length prefix read as the
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from collections import deque
+from typing import TYPE_CHECKING, cast
 
 from ringkv.clock import Clock
 from ringkv.door import CLIENT_CLOSED, TOO_LARGE, Connection, Door, Expiry
 from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net import native as core
-from ringkv.net.codec import KIND_ERROR, KIND_RESPONSE, FrameDecoder, encode_frame, frame_packer
+from ringkv.net.codec import (
+    KIND_ERROR, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
+)
 from ringkv.server import handlers as h
 from ringkv.server import validation as v
 from ringkv.server.guard import DeadlineTimer, Guest
@@ -88,6 +92,7 @@ class NativeConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._paused = False
         self._closing = False
+        self._backlog: deque[Frame] = deque()  # requests arrived, not started yet
         self._visit: Connection | None = None
         self._deadline: DeadlineTimer | None = None
 
@@ -129,28 +134,43 @@ class NativeConnection(asyncio.Protocol):
             self._fail(core.frame_error(exc, self.server.max_frame_bytes))
             return
         for frame in frames:
-            if self._closing:
-                return
-            if self.version is None:
+            visit.request_complete()  # arrived whole (the hello counts as a request too)
+            if self.version is None and not self._backlog:
                 self._handshake(frame)
-                continue
-            visit.request_complete()
+                if self._closing:
+                    return
+            else:
+                self._backlog.append(frame)
+        self._run_backlog()
+        if self.decoder.buffered and visit.is_open:
+            now = self.server.clock.monotonic_s()
+            visit.head_started(now)  # part of a frame: the header timeout runs
+            assert self._deadline is not None
+            self._deadline.update(now)
+
+    def _run_backlog(self) -> None:
+        """Start the requests that arrived, at most MAX_IN_FLIGHT at once; while some
+        wait their turn, read no more from the client (back-pressure)."""
+        backlog = self._backlog
+        while backlog and len(self.tasks) < MAX_IN_FLIGHT and not self._closing:
+            frame = backlog.popleft()
             try:
                 request = core.request(frame)
             except ProtocolError as exc:
                 self._answer(frame.request_id, frame.verb, h.error_answer(exc))
                 continue
             self._start(request)
-        if self.decoder.buffered and self._visit is not None:
-            now = self.server.clock.monotonic_s()
-            self._visit.head_started(now)  # part of a frame: the header timeout runs
-            assert self._deadline is not None
-            self._deadline.update(now)
-        if len(self.tasks) >= MAX_IN_FLIGHT and not self._paused and self.transport:
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        if backlog and not self._paused:
             self._paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
+        elif self._paused and not backlog and len(self.tasks) < MAX_IN_FLIGHT // 2:
+            self._paused = False
+            transport.resume_reading()
 
-    def _handshake(self, frame: Any) -> None:
+    def _handshake(self, frame: Frame) -> None:
         try:
             chosen = core.hello(frame)
         except ProtocolError as exc:
@@ -161,6 +181,13 @@ class NativeConnection(asyncio.Protocol):
         self._write(encode_frame(KIND_RESPONSE, core.HELLO_ID, core.HELLO, core.hello_answer(
             chosen, node_id=server.node.node_id, max_frame_bytes=server.max_frame_bytes,
             max_in_flight=MAX_IN_FLIGHT), version=self.version, packer=self.packer))
+        self._answered()
+
+    def _answered(self) -> None:
+        visit = self._visit
+        if visit is not None and self._deadline is not None:
+            now = self.server.clock.monotonic_s()
+            self._deadline.update_to(visit.answered(now), now)
 
     # -- running requests ----------------------------------------------------
 
@@ -171,9 +198,8 @@ class NativeConnection(asyncio.Protocol):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        if self._paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and self.transport:
-            self._paused = False
-            self.transport.resume_reading()
+        if self._paused:
+            self._run_backlog()
 
     async def _run(self, request: core.Request) -> None:
         server = self.server
@@ -219,10 +245,7 @@ class NativeConnection(asyncio.Protocol):
                                  core.response_payload(*h.error_answer(exc)),
                                  version=self.version or core.NATIVE_VERSION, packer=self.packer)
         self._write(frame)
-        visit = self._visit
-        if visit is not None and self._deadline is not None:
-            now = self.server.clock.monotonic_s()
-            self._deadline.update_to(visit.answered(now), now)
+        self._answered()
 
     # -- writing and closing ---------------------------------------------------
 
