@@ -825,3 +825,26 @@ def test_calls_with_one_idempotency_key_go_to_one_node() -> None:
     assert len(firsts) == 1
     spread = {router.candidates(routing, 0.0, affinity=f"key-{i}")[0] for i in range(50)}
     assert len(spread) == 3  # different keys still spread over the key's replicas
+
+
+def test_a_native_port_that_refuses_falls_back_to_http() -> None:
+    """The ring names a native address nobody listens on (a firewall, say): the request
+    never went out, so it goes to the same node's HTTP port at once, and stays there."""
+    with InProcessNode() as served:
+        assert served.node is not None
+        dead = free_port()
+        served.node.native_address = f"127.0.0.1:{dead}"
+        with Client(served.url, max_retries=0) as kv:
+            kv.refresh_ring()
+            assert kv._ops.router.topology.native[served.url] == ("127.0.0.1", dead)
+            kv.put("k", 1)
+            assert kv.get("k") == 1
+            assert ("127.0.0.1", dead) in kv._native_down and not kv._native._idle
+
+        async def main() -> None:
+            async with AsyncClient(served.url, max_retries=0) as kv:
+                await kv.refresh_ring()
+                assert await kv.get("k") == 1
+                assert ("127.0.0.1", dead) in kv._native_down
+
+        run_async(main())

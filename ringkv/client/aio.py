@@ -265,7 +265,10 @@ class AsyncClient(ClientBase):
         if isinstance(effect, Send):
             route = self._native_route(effect)
             if route is not None:
-                return await self._native.send(route[0], route[1], effect.timeout_s)
+                outcome = await self._native.send(route[0], route[1], effect.timeout_s)
+                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                    return outcome
+                self._native_unreachable(route[0])  # never sent: try the HTTP port
             return await self._send(effect)
         if isinstance(effect, Sleep):
             await asyncio.sleep(effect.seconds)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ringkv.client.native import NativeRequest, base_url, to_native
 from ringkv.client.operations import TXN_RETRIES, Operations
 from ringkv.client.plan import Send
+from ringkv.client.routing import DOWN_COOLDOWN_S
 from ringkv.client.types import NodeView
 from ringkv.clock import SystemClock
 from ringkv.quorum import ConsistencyLevel
@@ -94,6 +95,7 @@ class ClientBase:
             leader_hints=leader_hints,
         )
         self._pool_size = pool_size
+        self._native_down: dict[tuple[str, int], float] = {}
         self._setup()
 
     def _setup(self) -> None:
@@ -109,8 +111,15 @@ class ClientBase:
         address = native.get(base_url(effect.url))
         if address is None:
             return None
+        if self._native_down and self._native_down.get(address, 0.0) > self._clock.monotonic_s():
+            return None
         request = to_native(effect)
         return None if request is None else (address, request)
+
+    def _native_unreachable(self, address: tuple[str, int]) -> None:
+        """The node's native port refused us (the request never went out): use HTTP to
+        it for a while (a firewall may let only the HTTP port through)."""
+        self._native_down[address] = self._clock.monotonic_s() + DOWN_COOLDOWN_S
 
     @property
     def keyspace(self) -> str:

@@ -271,7 +271,10 @@ class Client(ClientBase):
         if isinstance(effect, Send):
             route = self._native_route(effect)
             if route is not None:
-                return self._native.send(route[0], route[1], effect.timeout_s)
+                outcome = self._native.send(route[0], route[1], effect.timeout_s)
+                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                    return outcome
+                self._native_unreachable(route[0])  # never sent: try the HTTP port
             return self._pool.send(effect)
         if isinstance(effect, Sleep):
             self._clock.sleep_s(effect.seconds)
