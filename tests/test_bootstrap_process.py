@@ -175,6 +175,11 @@ def test_a_cluster_holding_data_grows_from_three_to_five_and_shrinks_to_four_und
             wait_until(four_nodes, timeout_s=30, interval_s=0.2, what="node2 off every ring")
         assert len(load.acked) > 20
         check_every_replica(cluster, {**acked, **load.acked}, staying)
+
+        # A decommissioned node's data dir never serves again (Cassandra refuses it too).
+        assert leaving.launch().proc is not None and leaving.proc.wait(timeout=30) == 2
+        assert "was decommissioned" in leaving.log_tail()
+        assert all(len(ring_of(proc).node_ids) == 4 for proc in staying)
     finally:
         cluster.down()
 

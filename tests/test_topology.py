@@ -305,6 +305,30 @@ def test_a_streaming_joiner_holds_up_every_new_joiner_and_is_never_passed_over()
     assert planner.step(known_peers=2, ring_size=2, only_seed_is_self=False) is JoinStep.DONE
 
 
+def test_a_removal_under_way_holds_up_every_new_joiner_until_its_coordinator_ends_it() -> None:
+    """A removenode's coordinator says REMOVING while it streams a dead node's ranges
+    to their new owners; a join planned against that moving ring could miss them
+    (Cassandra's consistent range movement: one change at a time)."""
+    states = {
+        "dead": {gs.STATUS: gs.LEAVING, gs.TOKENS: "5"},  # marked on its behalf
+        "a": {gs.STATUS: gs.NORMAL, gs.TOKENS: "1", gs.REMOVING: "dead"},
+        "b": {gs.STATUS: gs.NORMAL, gs.TOKENS: "2", gs.REMOVING: ""},
+    }
+    alive = {"a", "b"}
+    assert streaming_joiners(states, "m", alive.__contains__) == {"a"}
+    states["a"][gs.REMOVING] = ""  # the removal ended (done, or failed and given up)
+    assert streaming_joiners(states, "m", alive.__contains__) == frozenset()
+    states["a"][gs.REMOVING] = "dead"
+    assert streaming_joiners(states, "m", {"b"}.__contains__) == frozenset()  # a died
+
+
+def test_removing_is_a_node_id_or_empty_in_gossip() -> None:
+    gs.validate_app_state(gs.REMOVING, "node3")
+    gs.validate_app_state(gs.REMOVING, "")
+    with pytest.raises(ValueError, match="REMOVING must be a node id"):
+        gs.validate_app_state(gs.REMOVING, "no spaces allowed")
+
+
 # -- the streamer: resume at the next source (topology.streamer) -----------------
 
 

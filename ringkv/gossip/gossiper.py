@@ -68,6 +68,7 @@ from ringkv.gossip.state import (
     MAX_CLUSTER_LEN,
     MAX_ENDPOINTS_PER_MESSAGE,
     MAX_INT,
+    LEFT,
     STATUS,
     TOKENS,
     Ack,
@@ -109,7 +110,8 @@ MAX_PENDING_EVENTS = 10_000  # undrained events beyond this are dropped (oldest 
 # MAX_GENERATION_DIFFERENCE: one year of seconds, for time-based generations).
 MAX_GENERATION_DIFFERENCE = 86400 * 365
 
-EVENT_KINDS = frozenset({"join", "up", "down", "change", "restart", "foreign_cluster"})
+EVENT_KINDS = frozenset({"join", "up", "down", "change", "restart", "foreign_cluster",
+                         "left_before"})
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ class Gossiper:
         }
         self._live: set[str] = set()
         self._events: deque[Event] = deque()
+        # Peers that answered a shadow round, and whether one of them knew an
+        # earlier incarnation of this node as LEFT (removed or replaced while down).
+        self.shadow_answers: set[str] = set()
+        self.left_before = False
 
     # --- local state -----------------------------------------------------------
 
@@ -264,6 +270,17 @@ class Gossiper:
                 targets.append(rng.choice(seeds))
         return [Outgoing(addr, syn) for addr in targets]
 
+    def shadow_round(self) -> list[Outgoing]:
+        """Syns with no digests, to every seed and every peer with an address but
+        us: each answers with everything it knows, our own earlier state
+        included (Cassandra's shadow round). A restarting node asks before it
+        serves, to learn whether the ring moved on without it (``left_before``)."""
+        own = self.address_of(self.node_id)
+        addresses = [*self.seeds, *(self.address_of(n) for n in sorted(self._states))]
+        syn = Syn(self.cluster, ())
+        return [Outgoing(addr, syn) for addr in dict.fromkeys(addresses)
+                if addr is not None and addr != own]
+
     def handle(self, sender_addr: str, msg: GossipMessage, now_s: float) -> list[Outgoing]:
         """Process one received message; return the replies (at most one, to ``sender_addr``).
 
@@ -276,6 +293,7 @@ class Gossiper:
         if isinstance(msg, Syn):
             return self._handle_syn(sender_addr, msg)
         if isinstance(msg, Ack):
+            self._note_shadow_answer(sender_addr, msg.states)
             self._apply(msg.states, now_s)
             states = _capped(states_for_requests(self._states, msg.digests_requested))
             return [Outgoing(sender_addr, Ack2(states))] if states else []
@@ -410,6 +428,19 @@ class Gossiper:
         if not to_request and not to_send:
             return []
         return [Outgoing(sender_addr, Ack(tuple(to_request), _capped(to_send)))]
+
+    def _note_shadow_answer(self, sender_addr: str, states: dict[str, EndpointState]) -> None:
+        """An Ack that carries our own state answers a shadow round (a normal Ack
+        never sends us our own state: our Syn's digest names it, and nobody
+        knows it better)."""
+        ours = states.get(self.node_id)
+        if ours is None:
+            return
+        self.shadow_answers.add(sender_addr)
+        if ours.generation < self.generation and ours.get(STATUS) == LEFT:
+            self.left_before = True
+            self._emit("left_before", self.node_id, sender_addr=sender_addr,
+                       generation=ours.generation)
 
     def _apply(self, states: dict[str, EndpointState], now_s: float) -> None:
         for node_id in sorted(states):

@@ -117,7 +117,10 @@ class Nemesis:
             await step(stop)  # type: ignore[misc]
 
     def _victim(self) -> Machine | None:
-        candidates = self.cluster.up()
+        # Not a machine another nemesis is still starting: killing it mid-start
+        # would fail that nemesis's restart, not test the node.
+        candidates = [m for m in self.cluster.up()
+                      if m.start_task is None or m.start_task.done()]
         return self.rng.choice(candidates) if candidates else None
 
     async def _partition(self, stop: asyncio.Event) -> None:
