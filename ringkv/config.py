@@ -81,6 +81,9 @@ class ClusterConfig:
     listen_host: str = "127.0.0.1"
     client_port: int = 7400
     internode_port: int = 7500
+    # The native binary client protocol (docs/native-protocol.md): its own
+    # port; 0 = no native listener (clients then use HTTP).
+    native_port: int = 7600
     # The internode "host:port" this node tells its peers (gossip) when they
     # must reach it elsewhere than listen_host:internode_port: behind NAT, a
     # port forward or a fault-injecting proxy (Cassandra's broadcast_address).
@@ -125,6 +128,15 @@ class ClusterConfig:
         if self.broadcast_client is not None:
             return self.broadcast_client
         return format_address(self.listen_host, self.client_port)
+
+    @property
+    def native_address(self) -> str | None:
+        """The "host:port" of this node's native protocol (what it gossips), or None when
+        it has none. Its host is the client API's (``broadcast_client``'s, when set)."""
+        if self.native_port == 0:
+            return None
+        host = parse_address(self.client_address)[0]
+        return format_address(host, self.native_port)
 
     @property
     def seed_addresses(self) -> tuple[tuple[str, int], ...]:
@@ -606,6 +618,7 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("listen_host", _check_host)
     sec.take("client_port", _check_int, 1, 65535)
     sec.take("internode_port", _check_int, 1, 65535)
+    sec.take("native_port", _check_int, 0, 65535)
     sec.take("broadcast_internode", _check_advertised_address)
     sec.take("broadcast_client", _check_advertised_address)
     sec.take("seeds", _check_seeds)
@@ -622,6 +635,14 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
             f"a port different from cluster.client_port ({cluster.client_port})",
             _show(cluster.internode_port),
             related=("cluster.client_port",),
+        )
+    if cluster.native_port in (cluster.client_port, cluster.internode_port):
+        ctx.fail(
+            "cluster.native_port",
+            f"0 (no native listener) or a port different from cluster.client_port "
+            f"({cluster.client_port}) and cluster.internode_port ({cluster.internode_port})",
+            _show(cluster.native_port),
+            related=("cluster.client_port", "cluster.internode_port"),
         )
     if is_wildcard(cluster.listen_host):
         # Peers and clients would be told to dial 0.0.0.0, i.e. themselves:

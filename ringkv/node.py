@@ -43,6 +43,7 @@ from ringkv.membership import (
 from ringkv.identity import FileIdentity, MemoryIdentity
 from ringkv.keyspaces import KeyspaceSettings, schema_version
 from ringkv.metrics import NodeMetrics
+from ringkv.net.native import GOSSIP_KEY as NATIVE_GOSSIP_KEY
 from ringkv.quorum import ConsistencyLevel
 from ringkv.replica.local import LocalReplica
 from ringkv.replica.router import ReplicaRouter
@@ -128,6 +129,10 @@ class Node:
         self._rng = rng or random.Random()
         self.metrics = NodeMetrics(self.node_id)
         self.draining = False
+        # Where this node's native protocol listens, gossiped under
+        # net.native.GOSSIP_KEY: set by the process before ``open`` when it
+        # serves one (the simulator's nodes have none, and gossip as before).
+        self.native_address: str | None = None
         self.standalone = standalone
         # None once the node is NORMAL on the ring; until then why it is not
         # (JOINING or WAITING_FOR_SEEDS) and since when, on the monotonic clock.
@@ -694,6 +699,8 @@ class Node:
             (gs.SCHEMA, schema_version(self.keyspaces)),
         ):
             self.gossiper.set_local(key, value)
+        if self.native_address is not None:
+            self.gossiper.set_local(NATIVE_GOSSIP_KEY, self.native_address)
         handler = InternodeHandler(
             self.local_replica,
             self.hlc,

@@ -16,7 +16,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from ringkv.client import native
 from ringkv.client.base import KEEPALIVE_S, ClientBase
+from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import UNSET
 from ringkv.client.types import (
@@ -29,6 +31,11 @@ from ringkv.client.types import (
     WriteResult,
 )
 from ringkv.clock import SystemClock
+from ringkv.errors import ProtocolError
+from ringkv.limits import MAX_FRAME_BYTES
+from ringkv.net.codec import (
+    KIND_REQUEST, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
+)
 from ringkv.quorum import ConsistencyLevel
 
 T = TypeVar("T")
@@ -246,6 +253,7 @@ class Client(ClientBase):
     def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects)."""
         self._pool.close()
+        self._native.close()
 
     def __enter__(self) -> Client:
         return self
@@ -257,9 +265,16 @@ class Client(ClientBase):
 
     def _setup(self) -> None:
         self._pool = _ConnectionPool(self._pool_size, self._clock)
+        self._native = _NativePool(self._pool_size, self._clock, self._pool.watchdog)
 
     def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):
+            route = self._native_route(effect)
+            if route is not None:
+                outcome = self._native.send(route[0], route[1], effect.timeout_s)
+                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                    return outcome
+                self._native_unreachable(route[0])  # never sent: try the HTTP port
             return self._pool.send(effect)
         if isinstance(effect, Sleep):
             self._clock.sleep_s(effect.seconds)
@@ -336,6 +351,10 @@ class _ConnectionPool:
         self._clock = clock
         self._watchdog = _Watchdog(clock)
 
+    @property
+    def watchdog(self) -> _Watchdog:
+        return self._watchdog
+
     def send(self, effect: Send) -> Reply | Failure:
         parts = urlsplit(effect.url)
         scheme, host = parts.scheme, parts.hostname or ""
@@ -399,6 +418,133 @@ class _ConnectionPool:
         for conns in idle.values():
             for conn, _ in conns:
                 conn.close()
+
+
+class _NativeConnection:
+    """One blocking native-protocol connection: handshaken, one request at a time."""
+
+    def __init__(self, sock: socket.socket, version: int) -> None:
+        self.sock = sock
+        self.version = version
+        self.decoder = FrameDecoder(MAX_FRAME_BYTES)
+        self.packer = frame_packer()
+        self.next_id = 1
+        self.last_used_s = 0.0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read_frame(self) -> Frame:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the node closed the connection")
+            frames = self.decoder.feed(data)
+            if frames:
+                if len(frames) > 1:  # one request at a time: a second answer is a bug
+                    raise ProtocolError("more answers than requests", field="frame")
+                return frames[0]
+
+
+class _NativePool:
+    """Native-protocol connections per node, each used by one request at a time;
+    safe to share between threads. (The asyncio client pipelines instead.)"""
+
+    def __init__(self, max_idle_per_node: int, clock: SystemClock, watchdog: _Watchdog) -> None:
+        self._max_idle = max_idle_per_node
+        self._idle: dict[tuple[str, int], list[_NativeConnection]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._watchdog = watchdog
+
+    def send(self, address: tuple[str, int], request: NativeRequest,
+             timeout_s: float) -> Reply | Failure:
+        conn = self._checkout(address)
+        deadline_s = self._clock.monotonic_s() + timeout_s
+        if conn is None:
+            try:
+                conn = self._connect(address, timeout_s, deadline_s)
+            except (OSError, ProtocolError) as exc:
+                return Failure("connect", f"cannot connect (native): {exc}")
+        conn.sock.settimeout(timeout_s)
+        request_id = conn.next_id
+        conn.next_id += 1
+        watch = self._watchdog.arm(deadline_s, conn.sock)
+        try:
+            conn.sock.sendall(encode_frame(KIND_REQUEST, request_id, request.verb,
+                                           dict(request.payload), version=conn.version,
+                                           packer=conn.packer))
+            frame = conn.read_frame()
+            if frame.request_id != request_id and frame.kind == KIND_RESPONSE:
+                raise ProtocolError(f"answer to request {frame.request_id}, not {request_id}",
+                                    field="request_id")
+            answer = native.reply(frame)
+        except (OSError, ProtocolError) as exc:
+            conn.close()
+            if isinstance(exc, TimeoutError) or self._clock.monotonic_s() >= deadline_s:
+                return Failure("timeout", f"no answer within {timeout_s:.3g} s")
+            return Failure("io", f"connection lost (native): {exc!r}")
+        finally:
+            self._watchdog.disarm(watch)
+        if self._clock.monotonic_s() >= deadline_s:
+            conn.close()  # the watchdog may have shut it down just as the answer arrived
+        else:
+            self._checkin(address, conn)
+        return answer
+
+    def _connect(self, address: tuple[str, int], timeout_s: float,
+                 deadline_s: float) -> _NativeConnection:
+        sock = socket.create_connection(address, timeout=timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            watch = self._watchdog.arm(deadline_s, sock)
+            try:
+                sock.sendall(native.hello_frame())
+                conn = _NativeConnection(sock, 0)
+                conn.version = native.check_hello(conn.read_frame())
+            finally:
+                self._watchdog.disarm(watch)
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    def _checkout(self, address: tuple[str, int]) -> _NativeConnection | None:
+        now = self._clock.monotonic_s()
+        while True:
+            with self._lock:
+                idle = self._idle.get(address)
+                if not idle:
+                    return None
+                conn = idle.pop()
+            if now - conn.last_used_s < KEEPALIVE_S and not _readable(conn.sock):
+                return conn
+            conn.close()
+
+    def _checkin(self, address: tuple[str, int], conn: _NativeConnection) -> None:
+        conn.last_used_s = self._clock.monotonic_s()
+        with self._lock:
+            idle = self._idle.setdefault(address, [])
+            if len(idle) < self._max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """An idle connection that is readable was closed (or broken) by the node."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:
