@@ -12,8 +12,8 @@ import itertools
 import select
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ringkv.client import native
@@ -341,13 +341,65 @@ class _Watchdog:
                 self._wake.wait(timeout=1.0 if earliest is None else min(1.0, earliest - now))
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+K = TypeVar("K")
+C = TypeVar("C", bound=_Closable)
+
+
+class _IdleConnections(Generic[K, C]):
+    """Idle keep-alive connections per node, at most ``max_idle`` each; safe to share
+    between threads. One idle past KEEPALIVE_S, or that the node has closed
+    (``dropped``), is closed rather than handed out again."""
+
+    def __init__(self, max_idle: int, clock: SystemClock, dropped: Callable[[C], bool]) -> None:
+        self._max_idle = max_idle
+        self._clock = clock
+        self._dropped = dropped
+        self._idle: dict[K, list[tuple[C, float]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many nodes have an idle connection here."""
+        with self._lock:
+            return sum(1 for conns in self._idle.values() if conns)
+
+    def take(self, key: K) -> C | None:
+        now = self._clock.monotonic_s()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if now - since < KEEPALIVE_S and not self._dropped(conn):
+                return conn
+            conn.close()
+
+    def give(self, key: K, conn: C) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._max_idle:
+                idle.append((conn, self._clock.monotonic_s()))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+
 class _ConnectionPool:
     """Keep-alive ``http.client`` connections per node; safe to share between threads."""
 
     def __init__(self, max_idle_per_node: int, clock: SystemClock) -> None:
-        self._max_idle = max_idle_per_node
-        self._idle: dict[tuple[str, str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
-        self._lock = threading.Lock()
+        self._idle: _IdleConnections[tuple[str, str, int], http.client.HTTPConnection] = (
+            _IdleConnections(max_idle_per_node, clock, _dropped))
         self._clock = clock
         self._watchdog = _Watchdog(clock)
 
@@ -361,7 +413,7 @@ class _ConnectionPool:
         port = parts.port or (443 if scheme == "https" else 80)
         origin = (scheme, host, port)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = self._checkout(origin)
+        conn = self._idle.take(origin)
         if conn is None:
             factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
             conn = factory(host, port, timeout=effect.timeout_s)
@@ -388,36 +440,12 @@ class _ConnectionPool:
         if response.will_close or self._clock.monotonic_s() >= deadline_s:
             conn.close()  # the watchdog may have shut it down just as the answer arrived
         else:
-            self._checkin(origin, conn)
+            self._idle.give(origin, conn)
         # The message's headers, case-insensitive: an email Message reads as a Mapping.
         return Reply(response.status, body, cast(Mapping[str, str], response.msg))
 
-    def _checkout(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection | None:
-        now = self._clock.monotonic_s()
-        while True:
-            with self._lock:
-                idle = self._idle.get(origin)
-                if not idle:
-                    return None
-                conn, since = idle.pop()
-            if now - since < KEEPALIVE_S and not _dropped(conn):
-                return conn
-            conn.close()
-
-    def _checkin(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(origin, [])
-            if len(idle) < self._max_idle:
-                idle.append((conn, self._clock.monotonic_s()))
-                return
-        conn.close()
-
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn, _ in conns:
-                conn.close()
+        self._idle.close()
 
 
 class _NativeConnection:
@@ -429,7 +457,6 @@ class _NativeConnection:
         self.decoder = FrameDecoder(MAX_FRAME_BYTES)
         self.packer = frame_packer()
         self.next_id = 1
-        self.last_used_s = 0.0
 
     def close(self) -> None:
         self.sock.close()
@@ -451,15 +478,14 @@ class _NativePool:
     safe to share between threads. (The asyncio client pipelines instead.)"""
 
     def __init__(self, max_idle_per_node: int, clock: SystemClock, watchdog: _Watchdog) -> None:
-        self._max_idle = max_idle_per_node
-        self._idle: dict[tuple[str, int], list[_NativeConnection]] = {}
-        self._lock = threading.Lock()
+        self._idle: _IdleConnections[tuple[str, int], _NativeConnection] = _IdleConnections(
+            max_idle_per_node, clock, lambda conn: _readable(conn.sock))
         self._clock = clock
         self._watchdog = watchdog
 
     def send(self, address: tuple[str, int], request: NativeRequest,
              timeout_s: float) -> Reply | Failure:
-        conn = self._checkout(address)
+        conn = self._idle.take(address)
         deadline_s = self._clock.monotonic_s() + timeout_s
         if conn is None:
             try:
@@ -489,7 +515,7 @@ class _NativePool:
         if self._clock.monotonic_s() >= deadline_s:
             conn.close()  # the watchdog may have shut it down just as the answer arrived
         else:
-            self._checkin(address, conn)
+            self._idle.give(address, conn)
         return answer
 
     def _connect(self, address: tuple[str, int], timeout_s: float,
@@ -509,33 +535,8 @@ class _NativePool:
             raise
         return conn
 
-    def _checkout(self, address: tuple[str, int]) -> _NativeConnection | None:
-        now = self._clock.monotonic_s()
-        while True:
-            with self._lock:
-                idle = self._idle.get(address)
-                if not idle:
-                    return None
-                conn = idle.pop()
-            if now - conn.last_used_s < KEEPALIVE_S and not _readable(conn.sock):
-                return conn
-            conn.close()
-
-    def _checkin(self, address: tuple[str, int], conn: _NativeConnection) -> None:
-        conn.last_used_s = self._clock.monotonic_s()
-        with self._lock:
-            idle = self._idle.setdefault(address, [])
-            if len(idle) < self._max_idle:
-                idle.append(conn)
-                return
-        conn.close()
-
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
+        self._idle.close()
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -549,10 +550,4 @@ def _readable(sock: socket.socket) -> bool:
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:
     """An idle keep-alive connection that is readable has been closed by the node."""
-    if conn.sock is None:
-        return True
-    try:
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+    return conn.sock is None or _readable(conn.sock)
