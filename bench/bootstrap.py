@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from bench.loadgen import LoadResult, format_table, run_load
+from bench.loadgen import LoadResult, format_row, format_table, run_load
 from ringkv.clock import SystemClock
 from ringkv.tools.launcher import NodeProcess, free_port_block, http, wait_until
 from ringkv.tools.local_cluster import LocalCluster
@@ -90,22 +90,27 @@ def main(argv: list[str] | None = None) -> int:
                 proc.start()
                 cluster.wait_all_up(cluster.procs[: cluster.procs.index(proc) + 1])
             urls = [proc.url for proc in cluster.procs[:3]]
+            pids = [proc.proc.pid for proc in cluster.procs[:3] if proc.proc is not None]
+            print(format_table([]), flush=True)
             preload = run_load("preload", urls, PATH, op="put", concurrency=args.concurrency,
-                               duration_s=args.preload_s, key_count=KEYS, value=VALUE)
-            print(format_table([preload]).splitlines()[-1], flush=True)
+                               duration_s=args.preload_s, key_count=KEYS, value=VALUE,
+                               node_pids=pids)
+            print(format_row(preload), flush=True)
             baseline = run_load("no stream", urls, PATH, op="mix", read_fraction=0.5,
                                 concurrency=args.concurrency, duration_s=args.duration,
-                                key_count=KEYS, value=VALUE)
-            print(format_table([baseline]).splitlines()[-1], flush=True)
+                                key_count=KEYS, value=VALUE, node_pids=pids)
+            print(format_row(baseline), flush=True)
 
             # node4 joins, throttled, while the same QUORUM mix runs.
             joiner = cluster.procs[3]
             _join(joiner)
+            assert joiner.proc is not None
             result: list[LoadResult] = []
+            # The joiner's CPU counts too: streaming is part of what this phase costs.
             load = threading.Thread(target=lambda: result.append(run_load(
                 "streaming", urls, PATH, op="mix", read_fraction=0.5,
                 concurrency=args.concurrency, duration_s=args.duration, key_count=KEYS,
-                value=VALUE)))
+                value=VALUE, node_pids=pids + [joiner.proc.pid])))
             started_s = clock.monotonic_s()
             load.start()
             streamed_s: float | None = None
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     streamed_s = clock.monotonic_s() - started_s
                 load.join(timeout=0.1)
             during = result[0]
-            print(format_table([during]).splitlines()[-1], flush=True)
+            print(format_row(during), flush=True)
             throttled = _streamed(joiner)
             cluster.wait_all_up(cluster.procs[:4])
 

@@ -5,9 +5,12 @@ over the native protocol and over HTTP, side by side in one run.
                             [--levels ONE,QUORUM,ALL] [--client]
 
 The load generator (its own process) spreads requests over all three nodes as
-coordinators and reports ops/s, p50/p95/p99 and its own CPU use. Beside them,
-the CPU all the node processes spent per completed op (from /proc), which
-moves far less from run to run than ops/s does. HTTP phases use the lean
+coordinators and reports ops/s, p50/p95/p99 and its own CPU per op and share
+of a core (a phase whose generator used more than 80% of a core is marked).
+Beside them, the CPU all the node processes spent per completed op (from
+/proc), which moves far less from run to run than ops/s does: judge changes
+by it. A stronger level measuring more ops/s than a weaker one (QUORUM above
+ONE) is flagged as noise, not printed silently. HTTP phases use the lean
 keep-alive HTTP/1.1 generator, native phases a lean pipelined native one (one
 connection per node); ``--client`` sends both through the Python
 ``AsyncClient`` instead (``protocol="native"`` or ``"http"``). Phases of the
@@ -23,8 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import proc_cpu
-from bench.loadgen import LoadResult, compare, format_table, run_load
+from bench.loadgen import LoadResult, compare, format_row, format_table, run_load
 from ringkv.tools.launcher import free_port_block
 from ringkv.tools.local_cluster import LocalCluster
 
@@ -66,19 +68,18 @@ def main(argv: list[str] | None = None) -> int:
             cluster.up()
             urls = cluster.endpoints()
             pids = [node.proc.pid for node in cluster.procs if node.proc is not None]
+            print(format_table([]), flush=True)
             for op in ("put", "get"):
                 for level in levels:
                     for protocol in protocols:
-                        cpu_before_s = proc_cpu.cpu_s(pids)
                         result = run_load(
                             f"{protocol} rf3 {level}", urls,
                             f"/v1/kv/default/{{key}}?consistency={level}",
                             op=op, concurrency=args.concurrency, duration_s=args.duration,
-                            protocol=protocol, use_client=args.client, consistency=level)
-                        result.server_cpu_us_per_op = proc_cpu.us_per_op(
-                            proc_cpu.cpu_s(pids) - cpu_before_s, result.ops)
+                            protocol=protocol, use_client=args.client, consistency=level,
+                            node_pids=pids)
                         results.append(result)
-                        print(format_table([result]).splitlines()[-1], flush=True)
+                        print(format_row(result), flush=True)
         finally:
             cluster.down()
     print()
@@ -100,12 +101,42 @@ def main(argv: list[str] | None = None) -> int:
                     record, line = compare(f"{protocol} {level}/ONE", ours, one)
                     ratios.append(record)
                     print(line)
+    noisy = stronger_above_weaker(results, levels, protocols)
+    for line in noisy:
+        print(line)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "cluster.json"
-    out.write_text(json.dumps({"via": via, "results": [r.to_json() for r in results],
-                               "ratios": ratios}, indent=2))
+    out.write_text(json.dumps({"via": via, "duration_s": args.duration,
+                               "results": [r.to_json() for r in results],
+                               "ratios": ratios, "noisy": noisy}, indent=2))
     print(f"\nresults written to {out}")
     return 0
+
+
+def stronger_above_weaker(results: list[LoadResult], levels: list[str],
+                          protocols: list[str]) -> list[str]:
+    """A warning for each (op, protocol) where a stronger level's ops/s measured above a weaker
+    one's. A stronger level never does less work, so that is the machine's noise, not the
+    code: the phases were too short or the neighbours too busy to rank levels by ops/s."""
+    warnings = []
+    ordered = [level for level in LEVELS if level in levels]
+    for op in ("put", "get"):
+        for protocol in protocols:
+            for weaker, stronger in zip(ordered, ordered[1:]):
+                low = _find(results, op, f"{protocol} rf3 {weaker}")
+                high = _find(results, op, f"{protocol} rf3 {stronger}")
+                if high.ops_per_s > low.ops_per_s:
+                    warnings.append(
+                        f"noisy: {protocol} {op} at {stronger} measured {high.ops_per_s:,.0f} "
+                        f"ops/s, above {weaker}'s {low.ops_per_s:,.0f}: phases too short or the "
+                        f"machine too busy to rank levels by ops/s; judge by node CPU us/op "
+                        f"({_us(high.server_cpu_us_per_op)} against "
+                        f"{_us(low.server_cpu_us_per_op)})")
+    return warnings
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _find(results: list[LoadResult], op: str, label: str) -> LoadResult:

@@ -20,10 +20,12 @@ import json
 import multiprocessing
 import os
 import random
-import resource
 import urllib.parse
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+from bench import proc_cpu
 
 from ringkv.address import format_address
 from ringkv.clock import SystemClock
@@ -45,12 +47,23 @@ class LoadResult:
     p95_ms: float
     p99_ms: float
     max_ms: float
-    client_cpu_pct: float
+    client_cpu_pct: float  # the generator process's CPU over the phase, in % of one core
     read_fraction: float | None = None
     key_dist: str = "uniform"
     consistency: str | None = None
-    # CPU the server processes spent per completed op (bench/proc_cpu.py); None if not measured.
+    # CPU the node processes spent per completed op, summed over them (bench/proc_cpu.py):
+    # the figure regressions are judged by. None if not measured.
     server_cpu_us_per_op: float | None = None
+    # The generator's own CPU per completed op, and whether it used more than 80% of a core.
+    gen_cpu_us_per_op: float | None = None
+    gen_limited: bool = False
+
+    def apply(self, phase: proc_cpu.PhaseCpu) -> None:
+        """Take the CPU figures of a phase measured by ``proc_cpu.PhaseMeter``."""
+        self.server_cpu_us_per_op = phase.node_us_per_op
+        self.gen_cpu_us_per_op = phase.gen_us_per_op
+        self.client_cpu_pct = phase.gen_core_pct
+        self.gen_limited = phase.gen_limited
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -390,14 +403,14 @@ def _child(conn, kwargs: dict[str, object]) -> None:
         uvloop.install()
     except ImportError:
         pass
-    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
 
     def progress(ops: int, errors: int, elapsed: float) -> None:
         conn.send(("progress", ops, errors, elapsed))
 
+    conn.send(("go",))  # the parent starts reading the nodes' CPU
+    cpu_before_s = proc_cpu.own_cpu_s()
     latencies, errors, elapsed = asyncio.run(_run(**kwargs, progress=progress))  # type: ignore[arg-type]
-    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    cpu_s = proc_cpu.own_cpu_s() - cpu_before_s
     conn.send(("done", latencies, errors, elapsed, cpu_s))
     conn.close()
 
@@ -408,8 +421,13 @@ def run_load(
     read_fraction: float | None = None, key_dist: str = "uniform", use_client: bool = False,
     consistency: str | None = None,
     on_progress: Callable[[int, int, float], None] | None = None, protocol: str = "http",
+    node_pids: Sequence[int] = (),
 ) -> LoadResult:
     """Run one load phase in a separate process and summarise it.
+
+    ``node_pids``: the node processes under test, whose CPU per operation
+    (``proc_cpu.PhaseMeter``, read from the generator's start to its end) goes
+    into the result beside the generator's own.
 
     ``op``: put, get, or mix (reads with probability ``read_fraction``).
     ``key_dist``: uniform or zipfian. ``use_client``: go through the
@@ -426,6 +444,7 @@ def run_load(
                   read_fraction=read_fraction, key_dist=key_dist, use_client=use_client,
                   consistency=consistency, protocol=protocol)
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(child, kwargs))
+    meter = proc_cpu.PhaseMeter(node_pids)
     process.start()
     child.close()
     deadline = _CLOCK.monotonic_s() + duration_s + 60
@@ -434,11 +453,15 @@ def run_load(
             if not parent.poll(max(0.0, deadline - _CLOCK.monotonic_s())):
                 raise RuntimeError(f"load generator for {label} did not report in time")
             message = parent.recv()
-            if message[0] == "done":
+            if message[0] == "go":
+                meter.start()
+            elif message[0] == "done":
+                meter.stop()
                 break
-            if on_progress is not None:
+            elif on_progress is not None:
                 on_progress(*message[1:])
         _, latencies, errors, elapsed, cpu_s = message
+        meter.add_reported_gen(cpu_s)
     finally:
         process.join(timeout=30)
         if process.is_alive():
@@ -446,15 +469,19 @@ def run_load(
             process.join(timeout=30)
     ordered = sorted(latencies)
     ms = [value * 1000 for value in ordered]
-    return LoadResult(
+    result = LoadResult(
         label=label, op=op, concurrency=concurrency, ops=len(ordered), errors=errors,
         duration_s=round(elapsed, 2), ops_per_s=round(len(ordered) / elapsed, 1),
         p50_ms=round(percentile(ms, 50), 3), p95_ms=round(percentile(ms, 95), 3),
         p99_ms=round(percentile(ms, 99), 3), max_ms=round(ms[-1] if ms else 0.0, 3),
-        client_cpu_pct=round(100 * cpu_s / elapsed, 1),
+        client_cpu_pct=0.0,
         read_fraction=_read_fraction(op, read_fraction), key_dist=key_dist,
         consistency=consistency,
     )
+    result.apply(meter.result(len(ordered), elapsed_s=elapsed))
+    if not node_pids:
+        result.server_cpu_us_per_op = None
+    return result
 
 
 def compare(name: str, ours: LoadResult, base: LoadResult) -> tuple[dict[str, object], str]:
@@ -480,28 +507,39 @@ DEFAULT_LEADING: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = (
 )
 
 
+def _header(leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...]) -> str:
+    return ("".join(f"{name:{spec}}" for name, spec, _ in leading)
+            + f"{'ops/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"
+            + f"{'node us/op':>12}{'gen us/op':>11}{'gen core':>10}")
+
+
+def _us(value: float | None, width: int) -> str:
+    return f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
+
+
+def format_row(
+    r: LoadResult,
+    leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = DEFAULT_LEADING,
+) -> str:
+    """One result as a row of ``format_table``; a generator-limited phase ends in the mark."""
+    gen_core = f"{r.client_cpu_pct:.0f}%{proc_cpu.gen_mark(r.gen_limited)}"
+    return ("".join(f"{str(value(r)):{spec}}" for _, spec, value in leading)
+            + f"{r.ops_per_s:>10.0f}{r.p50_ms:>9.2f}"
+            f"{r.p95_ms:>9.2f}{r.p99_ms:>9.2f}{r.max_ms:>9.1f}{r.errors:>8}"
+            f"{_us(r.server_cpu_us_per_op, 12)}{_us(r.gen_cpu_us_per_op, 11)}{gen_core:>10}")
+
+
 def format_table(
     results: list[LoadResult],
     leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = DEFAULT_LEADING,
 ) -> str:
-    """One row per result: the ``leading`` columns, then ops/s, latencies, errors, client CPU,
-    and the servers' CPU us/op when any result measured it."""
-    server_cpu = any(r.server_cpu_us_per_op is not None for r in results)
-    header = "".join(f"{name:{spec}}" for name, spec, _ in leading) + \
-        f"{'ops/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}" \
-        f"{'client cpu':>12}" + (f"{'server cpu us/op':>18}" if server_cpu else "")
-    lines = [header, "-" * len(header)]
-    for r in results:
-        line = (
-            "".join(f"{str(value(r)):{spec}}" for _, spec, value in leading)
-            + f"{r.ops_per_s:>10.0f}{r.p50_ms:>9.2f}"
-            f"{r.p95_ms:>9.2f}{r.p99_ms:>9.2f}{r.max_ms:>9.1f}{r.errors:>8}"
-            f"{r.client_cpu_pct:>11.0f}%"
-        )
-        if server_cpu:
-            cpu = r.server_cpu_us_per_op
-            line += f"{cpu:>18.0f}" if cpu is not None else f"{'-':>18}"
-        lines.append(line)
+    """One row per result: the ``leading`` columns, then ops/s, latencies, errors, the node
+    processes' CPU us/op (summed over them; "-" when not measured), the generator's own CPU
+    us/op and its share of a core; a note under the table explains any generator-limited mark."""
+    header = _header(leading)
+    lines = [header, "-" * len(header)] + [format_row(r, leading) for r in results]
+    if any(r.gen_limited for r in results):
+        lines.append(proc_cpu.GEN_LIMITED_NOTE)
     return "\n".join(lines)
 
 

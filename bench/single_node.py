@@ -7,7 +7,8 @@ generator (its own process) at 1 and 50 concurrent connections. ringkv runs in
 periodic commit-sync mode, like the bare handler's unsynced LevelDB writes.
 The ratio column is ringkv ops/s over bare ops/s. Each phase also reports the
 CPU its server process spent per completed op (from /proc), which moves far
-less from run to run than ops/s does.
+less from run to run than ops/s does (judge changes by it), and the load
+generator's own CPU per op and share of a core (marked above 80%).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import proc_cpu
-from bench.loadgen import LoadResult, compare, format_table, run_load
+from bench.loadgen import LoadResult, compare, format_row, format_table, run_load
 from ringkv.tools.launcher import NodeProcess, free_port, http, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             node.start()
             assert node.proc is not None
+            print(format_table([]), flush=True)
             targets = [
                 ("bare", bare_url, "/kv/{key}", bare_proc.pid),
                 ("ringkv", node.url, "/v1/kv/default/{key}", node.proc.pid),
@@ -65,13 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 for concurrency in args.concurrency:
                     # Alternate targets within each phase so drift hits both alike.
                     for label, url, path, pid in targets:
-                        cpu_before_s = proc_cpu.cpu_s([pid])
                         result = run_load(label, url, path, op=op, concurrency=concurrency,
-                                          duration_s=args.duration)
-                        result.server_cpu_us_per_op = proc_cpu.us_per_op(
-                            proc_cpu.cpu_s([pid]) - cpu_before_s, result.ops)
+                                          duration_s=args.duration, node_pids=[pid])
                         results.append(result)
-                        print(format_table([result]).splitlines()[-1], flush=True)
+                        print(format_row(result), flush=True)
         finally:
             node.stop()
             bare_proc.terminate()

@@ -73,11 +73,13 @@ def _us(value: float | None) -> str:
 
 HEADER = (f"{'phase':<9} {'ops/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'wait%':>6} {'wait p50':>8} "
           f"| {'CPU µs/op:':<10} {'leader':>6} {'fol.1':>6} {'fol.2':>6} {'nodes':>6} "
-          f"{'loadgen':>7} | {'fsyncs/op':<10} {'leader':>6} {'fol.':>6} | {'errors':>6}")
+          f"{'loadgen':>7} {'gen core':>9} | {'fsyncs/op':<10} {'leader':>6} {'fol.':>6} "
+          f"| {'errors':>6}")
 
 
 def phase_line(r: dict[str, Any]) -> str:
     wait = "-" if r["commit_wait_share"] is None else f"{100 * r['commit_wait_share']:.1f}%"
+    gen_core = f"{r['loadgen_cpu_pct']:.0f}%{proc_cpu.gen_mark(r['gen_limited'])}"
     followers = [n["cpu_us_per_op"] for n in r["nodes"] if n["role"] != "leader"] + [None, None]
     leader = next((n["cpu_us_per_op"] for n in r["nodes"] if n["role"] == "leader"), None)
     leader_fsyncs = next((n.get("fsyncs_per_op") for n in r["nodes"] if n["role"] == "leader"),
@@ -87,7 +89,8 @@ def phase_line(r: dict[str, Any]) -> str:
     return (f"{r['phase']:<9} {r['ops_per_s']:>7.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
             f"{wait:>6} {r['commit_wait_p50_ms'] or 0:>8.2f} | {'':<10} {_us(leader):>6} "
             f"{_us(followers[0]):>6} {_us(followers[1]):>6} "
-            f"{_us(r['server_cpu_us_per_op']):>6} {_us(r['loadgen_cpu_us_per_op']):>7} | "
+            f"{_us(r['server_cpu_us_per_op']):>6} {_us(r['loadgen_cpu_us_per_op']):>7} "
+            f"{gen_core:>9} | "
             f"{'':<10} {_ratio(leader_fsyncs):>6} {_ratio(follower_fsyncs):>6} | {r['errors']:>6}")
 
 
@@ -96,9 +99,11 @@ def _ratio(value: float | None) -> str:
 
 
 def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors: list[str],
-              elapsed_s: float, node_cpu_s: dict[int, float], roles: dict[int, str],
-              loadgen_cpu_s: float, fsyncs: dict[int, int] | None = None) -> dict[str, Any]:
+              cpu: proc_cpu.PhaseCpu, roles: dict[int, str],
+              fsyncs: dict[int, int] | None = None) -> dict[str, Any]:
+    """A phase's record; ``cpu`` is what ``proc_cpu.PhaseMeter`` measured over it."""
     ops = len(latencies_s)
+    elapsed_s, node_cpu_s = cpu.elapsed_s, cpu.node_cpu_s
     ordered = sorted(1000 * x for x in latencies_s)
     total_ms = sum(ordered)
     share = sum(waits_ms) / total_ms if waits_ms and total_ms else None
@@ -109,7 +114,7 @@ def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors
         "p50_ms": round(percentile(ordered, 50), 3), "p99_ms": round(percentile(ordered, 99), 3),
         "commit_wait_share": None if share is None else round(share, 4),
         "commit_wait_p50_ms": round(percentile(sorted(waits_ms), 50), 3) if waits_ms else None,
-        "server_cpu_us_per_op": proc_cpu.us_per_op(sum(node_cpu_s.values()), ops),
+        "server_cpu_us_per_op": cpu.node_us_per_op,
         # Each node alone: the leader does every commit and strong read; any node serves
         # snapshot reads.
         "nodes": [{"pid": pid, "role": roles[pid], "cpu_us_per_op": proc_cpu.us_per_op(cpu, ops),
@@ -118,8 +123,9 @@ def summarise(name: str, latencies_s: list[float], waits_ms: list[float], errors
                    "fsyncs_per_op": round((fsyncs or {}).get(pid, 0) / ops, 3)
                    if ops and fsyncs is not None else None}
                   for pid, cpu in sorted(node_cpu_s.items(), key=lambda kv: (roles[kv[0]] != "leader", roles[kv[0]]))],
-        "loadgen_cpu_us_per_op": proc_cpu.us_per_op(loadgen_cpu_s, ops),
-        "loadgen_cpu_pct": round(100 * loadgen_cpu_s / elapsed_s, 1),
+        "loadgen_cpu_us_per_op": cpu.gen_us_per_op,
+        "loadgen_cpu_pct": cpu.gen_core_pct,  # all generator processes, in % of one core
+        "gen_limited": cpu.gen_limited,
     }
 
 
@@ -148,15 +154,10 @@ async def run_aio(name: str, urls: list[str], pids: list[int], roles: dict[int, 
                     waits.append(wait_ms)
 
         fsyncs_before = node_fsyncs(urls, pids)
-        before = {pid: proc_cpu.cpu_s([pid]) for pid in pids}
-        own_before_s = time.process_time()
-        began = time.monotonic()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed_s = time.monotonic() - began
-        node_cpu_s = {pid: proc_cpu.cpu_s([pid]) - before[pid] for pid in pids}
-        own_cpu_s = time.process_time() - own_before_s
+        with proc_cpu.PhaseMeter(pids, in_process_gen=True) as meter:
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
         fsyncs_after = node_fsyncs(urls, pids)
-    return summarise(name, latencies, waits, errors, elapsed_s, node_cpu_s, roles, own_cpu_s,
+    return summarise(name, latencies, waits, errors, meter.result(len(latencies)), roles,
                      {pid: fsyncs_after[pid] - fsyncs_before[pid] for pid in pids})
 
 
@@ -167,16 +168,15 @@ def run_lean(name: str, urls: list[str], pids: list[int], roles: dict[int, str],
     time.sleep(1.0)  # the children start and import before the clock starts
     profiles = start_profiles(name, roles, generators.pids, args.duration) if args.profile else []
     fsyncs_before = node_fsyncs(urls, pids)
-    before = {pid: proc_cpu.cpu_s([pid]) for pid in pids}
-    began = time.monotonic()
-    generators.go()
-    result = generators.results()
-    elapsed_s = time.monotonic() - began
-    node_cpu_s = {pid: proc_cpu.cpu_s([pid]) - before[pid] for pid in pids}
+    with proc_cpu.PhaseMeter(pids) as meter:
+        generators.go()
+        result = generators.results()
+    for cpu_s in result["cpu_s"]:
+        meter.add_reported_gen(cpu_s)
     fsyncs_after = node_fsyncs(urls, pids)
     finish_profiles(profiles)
     return summarise(name, result["latencies_s"], result["waits_ms"], result["errors"],
-                     elapsed_s, node_cpu_s, roles, result["cpu_s"],
+                     meter.result(len(result["latencies_s"])), roles,
                      {pid: fsyncs_after[pid] - fsyncs_before[pid] for pid in pids})
 
 
@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.down()
     load_after = os.getloadavg()
+    if any(result["gen_limited"] for result in results):
+        print(proc_cpu.GEN_LIMITED_NOTE)
     for result in results:
         for line in result["first_errors"]:
             print(f"  {result['phase']} error: {line}")

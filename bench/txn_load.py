@@ -22,10 +22,10 @@ import asyncio
 import json
 import multiprocessing
 import random
-import resource
 import time
 from typing import Any
 
+from bench import proc_cpu
 from bench.loadgen import _Connection, _Target
 
 KEYSPACE = "txn"
@@ -157,11 +157,10 @@ def _child(conn: Any, kwargs: dict[str, Any]) -> None:
         uvloop.install()
     except ImportError:
         pass
-    before = resource.getrusage(resource.RUSAGE_SELF)
     conn.recv()  # the parent's go: every child has started and imported
+    before_s = proc_cpu.own_cpu_s()
     result = asyncio.run(_run(**kwargs))
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["cpu_s"] = proc_cpu.own_cpu_s() - before_s
     conn.send(result)
     conn.close()
 
@@ -196,7 +195,8 @@ class Generators:
 
     def results(self) -> dict[str, Any]:
         """Every child's results merged; waits for them (bounded)."""
-        merged: dict[str, Any] = {"latencies_s": [], "waits_ms": [], "errors": [], "cpu_s": 0.0}
+        # cpu_s: each child's own CPU over its run, one entry per process.
+        merged: dict[str, Any] = {"latencies_s": [], "waits_ms": [], "errors": [], "cpu_s": []}
         try:
             for process, parent in self.children:
                 if not parent.poll(self.duration_s + 60):
@@ -204,7 +204,7 @@ class Generators:
                 result = parent.recv()
                 for name in ("latencies_s", "waits_ms", "errors"):
                     merged[name] += result[name]
-                merged["cpu_s"] += result["cpu_s"]
+                merged["cpu_s"].append(result["cpu_s"])
         finally:
             self.stop()
         return merged

@@ -13,8 +13,10 @@ loads --keys keys, then runs each workload at each consistency level:
 Keys are chosen from a Zipfian distribution, as in YCSB. The load generator
 is a separate process (bench/loadgen.py) driving the token-aware AsyncClient
 (or plain HTTP with --raw-http); it reports its own CPU use. Prints a live
-progress line and a table of ops/s, p50/p95/p99/max latency and errors per
-(workload, level), and writes bench/results/ycsb.json and ycsb.png.
+progress line and a table of ops/s, p50/p95/p99/max latency, errors, the
+nodes' CPU µs per op (the figure to judge changes by; local cluster only) and
+the generator's own CPU per op and share of a core, per (workload, level);
+writes bench/results/ycsb.json and ycsb.png (generator-limited phases hatched).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
+from bench import loadgen, proc_cpu
 from bench.loadgen import LoadResult, run_load
 from ringkv.clock import SystemClock
 from ringkv.tools.launcher import free_port_block
@@ -68,32 +70,47 @@ def format_table(results: list[LoadResult]) -> str:
 
 
 def plot(results: list[LoadResult], path: Path, title: str) -> None:
-    """Throughput and latency per workload, one bar per consistency level."""
+    """Node CPU per op, throughput and latency per workload, one bar per consistency level;
+    a generator-limited phase's bars are hatched and marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     workloads = list(dict.fromkeys(r.label for r in results))
     levels = list(dict.fromkeys(r.consistency for r in results))
     by_key = {(r.label, r.consistency): r for r in results}
     width = 0.8 / max(1, len(levels))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (cpu, left, right) = plt.subplots(1, 3, figsize=(19, 5))
     for i, level in enumerate(levels):
         xs = [w + (i - (len(levels) - 1) / 2) * width for w in range(len(workloads))]
         rows = [by_key.get((w, level)) for w in workloads]
-        left.bar(xs, [r.ops_per_s if r else 0 for r in rows], width, label=level)
+        hatches = ["//" if r is not None and r.gen_limited else "" for r in rows]
+        cpu.bar(xs, [r.server_cpu_us_per_op or 0 if r else 0 for r in rows], width, label=level,
+                hatch=hatches)
+        bars = left.bar(xs, [r.ops_per_s if r else 0 for r in rows], width, label=level,
+                        hatch=hatches)
+        for bar, r in zip(bars, rows):
+            if r is not None and r.gen_limited:
+                left.annotate(proc_cpu.GEN_LIMITED_MARK, (bar.get_x() + bar.get_width() / 2,
+                                                         bar.get_height()), ha="center")
         right.bar(xs, [r.p99_ms if r else 0 for r in rows], width, alpha=0.45,
                   label=f"{level} p99", color=f"C{i}")
         right.bar(xs, [r.p50_ms if r else 0 for r in rows], width * 0.5,
                   label=f"{level} p50", color=f"C{i}")
-    for axis, ylabel in ((left, "ops/s"), (right, "latency (ms)")):
+    for axis, ylabel in ((cpu, "node CPU us/op (all nodes)"), (left, "ops/s"),
+                         (right, "latency (ms)")):
         axis.set_xticks(range(len(workloads)), workloads, rotation=10)
         axis.set_ylabel(ylabel)
         axis.grid(axis="y", alpha=0.3)
-    left.set_title("throughput")
+    cpu.set_title("node CPU per op: judge changes by this")
+    left.set_title("throughput (hatched *: generator-limited)"
+                   if any(r.gen_limited for r in results) else "throughput")
     right.set_title("latency: p50 (narrow) and p99 (wide)")
-    left.legend(title="consistency")
+    # Plain swatches: a level's first bar may be hatched (generator-limited).
+    cpu.legend(handles=[Patch(facecolor=f"C{i}", label=str(level)) for i, level in enumerate(levels)],
+               title="consistency")
     right.legend(fontsize="small", ncol=len(levels))
     fig.suptitle(title)
     fig.tight_layout()
@@ -142,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.target:
                 urls = list(args.target)
+                pids: list[int] = []  # remote nodes: their CPU is not this machine's to read
                 say(f"target: {', '.join(urls)}")
             else:
                 cluster = LocalCluster(Path(tmp), nodes=3, rf=3,
@@ -150,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 say("starting a local 3-node cluster (RF=3) ...")
                 cluster.up(timeout_s=60)
                 urls = cluster.endpoints()
+                pids = [proc.proc.pid for proc in cluster.procs if proc.proc is not None]
                 say(f"cluster up in {_CLOCK.monotonic_s() - started:.1f} s: {', '.join(urls)}")
             load_s = load_keys(urls, keys, value, say)
             for workload in workloads:
@@ -167,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                         op="mix", read_fraction=WORKLOADS[workload], key_dist=key_dist,
                         concurrency=concurrency, duration_s=duration, key_count=keys,
                         value=value, use_client=not args.raw_http, consistency=level,
-                        on_progress=progress,
+                        on_progress=progress, node_pids=pids,
                     )
                     results.append(result)
+                    node_us = result.server_cpu_us_per_op
                     say(f"\r  {phase} {result.ops_per_s:>9,.0f} ops/s  p50 {result.p50_ms:.2f} ms"
-                        f"  p99 {result.p99_ms:.2f} ms  {result.errors} errors" + " " * 20)
+                        f"  p99 {result.p99_ms:.2f} ms  {result.errors} errors  node "
+                        f"{'-' if node_us is None else f'{node_us:.0f}'} us/op  generator "
+                        f"{result.client_cpu_pct:.0f}% of a core"
+                        f"{' (generator-limited)' if result.gen_limited else ''}" + " " * 20)
         finally:
             if cluster is not None:
                 cluster.down()
