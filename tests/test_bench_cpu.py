@@ -162,6 +162,7 @@ def test_quorum_measuring_above_one_is_flagged_as_noise() -> None:
 
 class _Ok(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else delayed ACKs hold each answer ~40 ms
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
