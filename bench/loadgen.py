@@ -21,12 +21,10 @@ import multiprocessing
 import os
 import random
 import urllib.parse
-from collections.abc import Callable
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from bench import proc_cpu
-
 from ringkv.address import format_address
 from ringkv.clock import SystemClock
 
@@ -478,9 +476,7 @@ def run_load(
         read_fraction=_read_fraction(op, read_fraction), key_dist=key_dist,
         consistency=consistency,
     )
-    result.apply(meter.result(len(ordered), elapsed_s=elapsed))
-    if not node_pids:
-        result.server_cpu_us_per_op = None
+    result.apply(meter.result(len(ordered), elapsed_s=elapsed))  # node figures None without pids
     return result
 
 
