@@ -254,8 +254,11 @@ class SimCluster:
             for node_id in replicas:
                 peer = self.by_id(node_id).node
                 cell = None if peer is None else peer.read_local(keyspace, raw)
-                cells[node_id] = None if cell is None else (
-                    None if cell.tombstone else cell.json_value(), tuple(cell.ts))
+                # A tombstone reads as nothing; it may be purged on one replica
+                # before another (after gc_grace and a repair), or never reach a
+                # replica that never held the value: all three agree.
+                cells[node_id] = None if cell is None or cell.tombstone else (
+                    cell.json_value(), tuple(cell.ts))
             snapshot[key] = cells
         return snapshot
 

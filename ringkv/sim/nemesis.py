@@ -285,24 +285,35 @@ class Nemesis:
         return spare
 
     async def _start_new(self, machine: Machine, what: str) -> bool:
-        """Start a spare as a new node and wait (bounded) until it is NORMAL."""
+        """Start a spare as a new node and wait until it is NORMAL. A start the node
+        refuses (a replacement that finds the dead node's heartbeat still moving in
+        gossip, say) is tried again on an empty disk, as an operator would; bounded.
+        A machine that never made it is retired."""
         machine.protected = True
-        await machine.start(wait_joined=False)
-        task = machine.start_task
-        assert task is not None
-        await asyncio.wait([task], timeout=TOPOLOGY_TIMEOUT_S)
-        if not task.done():
-            self.log.note(f"{what}: {machine.node_id} not NORMAL after {TOPOLOGY_TIMEOUT_S:.0f}s")
-            machine.protected = False
-            return False
-        if task.exception() is not None:
-            self.log.note(f"{what}: {machine.node_id} failed to start ({task.exception()!r})")
-            machine.protected = False
-            return False
-        machine.protected = False
-        self.changes += 1
-        self.log.note(f"{what}: {machine.node_id} is NORMAL")
-        return True
+        deadline = self._deadline()
+        while self.cluster.loop.time() < deadline:
+            await machine.start(wait_joined=False)
+            task = machine.start_task
+            assert task is not None
+            await asyncio.wait([task], timeout=max(0.0, deadline - self.cluster.loop.time()))
+            if not task.done():
+                break
+            exc = task.exception()
+            if exc is None:
+                machine.protected = False
+                self.changes += 1
+                self.log.note(f"{what}: {machine.node_id} is NORMAL")
+                return True
+            self.log.note(f"{what}: {machine.node_id} failed to start "
+                          f"({getattr(exc, 'reason', type(exc).__name__)}); "
+                          f"again on an empty disk in {RETRY_S:.0f}s")
+            machine.crash(power=True)
+            machine.wipe()
+            await asyncio.sleep(RETRY_S)
+        self.log.note(f"{what}: {machine.node_id} not NORMAL after {TOPOLOGY_TIMEOUT_S:.0f}s; "
+                      "given up")
+        machine.retire()
+        return False
 
     async def _join(self, stop: asyncio.Event) -> None:
         async with self.cluster.topology_lock:
@@ -314,12 +325,13 @@ class Nemesis:
 
     async def _call_until_accepted(self, stop: asyncio.Event | None, what: str,
                                    pick: Callable[[], Machine | None],
-                                   call: Callable[[Node], object]) -> Machine | None:
+                                   call: Callable[[Node], object],
+                                   done: Callable[[], bool] = lambda: False) -> Machine | None:
         """Ask the node ``pick`` names to start a change until it accepts; bounded, and
         given up once ``stop`` is set (None: a change that must finish, e.g. a removal
         of a node already dead). Returns the node that accepted, or None (skipped)."""
         deadline = self._deadline()
-        while self.cluster.loop.time() < deadline:
+        while self.cluster.loop.time() < deadline and not done():
             machine = pick()
             node = None if machine is None else machine.node
             if machine is not None and node is not None and machine.state == UP:
@@ -333,7 +345,8 @@ class Nemesis:
             if stop is not None and stop.is_set():
                 break
             await asyncio.sleep(RETRY_S)
-        self.log.note(f"{what}: skipped (refused until the bound)")
+        if not done():
+            self.log.note(f"{what}: skipped (refused until the bound)")
         return None
 
     async def _decommission(self, stop: asyncio.Event) -> None:
@@ -397,9 +410,10 @@ class Nemesis:
                        and coordinator.node.removing == dead)
             if not running:
                 coordinator = await self._call_until_accepted(
-                    None, f"removenode {dead}", self._victim, lambda node: node.removenode(dead))
+                    None, f"removenode {dead}", self._victim, lambda node: node.removenode(dead),
+                    done=lambda: self._off_every_ring(dead))
                 if coordinator is None:
-                    return False
+                    continue  # removed meanwhile (checked above), or refused until the bound
                 self.log.note(f"removenode {dead}: run by {coordinator.node_id}")
             await asyncio.sleep(1.0)
         self.log.note(f"removenode {dead}: not removed after {TOPOLOGY_TIMEOUT_S:.0f}s")
