@@ -406,8 +406,10 @@ class Nemesis:
                 by = coordinator.node_id if coordinator is not None else "?"
                 self.log.note(f"removenode {dead}: removed (LEFT), run by {by}")
                 return True
-            running = (coordinator is not None and coordinator.node is not None
-                       and coordinator.node.removing == dead)
+            node = None if coordinator is None else coordinator.node
+            # Running, or done and its LEFT still spreading by gossip: wait.
+            running = node is not None and (node.removing == dead
+                                             or node.streaming.state == "done")
             if not running:
                 coordinator = await self._call_until_accepted(
                     None, f"removenode {dead}", self._victim, lambda node: node.removenode(dead),
