@@ -597,7 +597,7 @@ def sweep_settings(seed: int) -> SimSettings:
         # Deletes too, and tombstones purged within the run once repaired
         # (gc_grace 20 s: repair every 10 s), so a resurrection could show.
         return SimSettings(seed=seed, ops=250, duration_s=20, boot="provisioned", nemesis=mix,
-                           deletes=0.1, gc_grace_s=20)
+                           deletes=0.2, gc_grace_s=20)
     return SimSettings(seed=seed, ops=250, duration_s=20, boot="provisioned", nemesis=mix)
 
 
