@@ -36,8 +36,10 @@ operator runs them), and never below ``rf + 1`` nodes on the ring:
 
 A change the node refuses (409 ``topology_refused``: a node is down, another
 change is running) is retried every few seconds, within a bound, then
-skipped; each attempt is in the fault log. A change under way when the
-workload ends is finished (bounded), so the cluster can heal.
+skipped; each attempt is in the fault log. A change starts only once every
+running node agrees on one ring of exactly the members (waited for, bounded),
+and none starts after the workload ends; one under way then is finished
+(bounded), so the cluster can heal.
 
 Each nemesis runs as its own loop, so faults of different kinds overlap.
 Every fault is healed when its nemesis stops.
@@ -60,6 +62,7 @@ NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repe
            *TOPOLOGY)
 TOPOLOGY_TIMEOUT_S = 240.0  # virtual seconds one topology change may take, retries included
 RETRY_S = 3.0  # between attempts the node refused
+SETTLE_WAIT_S = 60.0  # how long a change waits for one agreed ring before it is skipped
 
 
 class FaultLog:
@@ -267,6 +270,29 @@ class Nemesis:
     def _deadline(self) -> float:
         return self.cluster.loop.time() + TOPOLOGY_TIMEOUT_S
 
+    def _ring_agreed(self) -> bool:
+        """Every running node sees one ring of exactly the members, with no change
+        pending (what an operator checks before the next change)."""
+        nodes = [m.node for m in self.cluster.up() if m.node is not None]
+        members = sorted(m.node_id for m in self.cluster.members())
+        return bool(nodes) and all(
+            node.join_state is None and node.future_ring is None and node.ring == nodes[0].ring
+            and sorted(node.ring.node_ids) == members for node in nodes)
+
+    async def _ready(self, stop: asyncio.Event, what: str) -> bool:
+        """Whether to start a change now: not once the workload is over, and only
+        on a settled ring (waited for, bounded; otherwise this round is skipped)."""
+        deadline = self.cluster.loop.time() + SETTLE_WAIT_S
+        while not stop.is_set():
+            if self._ring_agreed():
+                return True
+            if self.cluster.loop.time() >= deadline:
+                self.log.note(f"{what}: skipped (the ring did not settle within "
+                              f"{SETTLE_WAIT_S:.0f}s)")
+                return False
+            await asyncio.sleep(1.0)
+        return False
+
     def _may_shrink(self) -> bool:
         return len(self.cluster.members()) > self.rf + 1
 
@@ -317,6 +343,8 @@ class Nemesis:
 
     async def _join(self, stop: asyncio.Event) -> None:
         async with self.cluster.topology_lock:
+            if not await self._ready(stop, "join"):
+                return
             spare = self._spare()
             if spare is None:
                 return
@@ -351,8 +379,10 @@ class Nemesis:
 
     async def _decommission(self, stop: asyncio.Event) -> None:
         async with self.cluster.topology_lock:
+            if not self._may_shrink() or not await self._ready(stop, "decommission"):
+                return
             victim = self._victim()
-            if victim is None or not self._may_shrink():
+            if victim is None:
                 return
             victim.protected = True
             left = asyncio.Event()
@@ -387,8 +417,10 @@ class Nemesis:
 
     async def _removenode(self, stop: asyncio.Event) -> None:
         async with self.cluster.topology_lock:
+            if not self._may_shrink() or not await self._ready(stop, "removenode"):
+                return
             victim = self._victim()
-            if victim is None or not self._may_shrink():
+            if victim is None:
                 return
             victim.crash(power=True)
             victim.retire()
@@ -422,13 +454,17 @@ class Nemesis:
         return False
 
     def _off_every_ring(self, dead: str) -> bool:
+        """``dead`` is off the one ring every running node agrees on."""
         nodes = [m.node for m in self.cluster.up() if m.node is not None]
-        return bool(nodes) and all(dead not in node.ring.node_ids for node in nodes)
+        return bool(nodes) and all(dead not in node.ring.node_ids and node.ring == nodes[0].ring
+                                   for node in nodes)
 
     async def _wipe(self, stop: asyncio.Event) -> None:
         async with self.cluster.topology_lock:
+            if not self.cluster.spares() or not await self._ready(stop, "wipe"):
+                return
             victim = self._victim()
-            if victim is None or not self.cluster.spares():
+            if victim is None:
                 return
             victim.protected = True
             spare = self._spare(replacing=victim.node_id)
