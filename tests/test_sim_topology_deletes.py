@@ -110,7 +110,7 @@ def test_resurrection_checker_catches_replicas_that_purge_tombstones_at_once() -
 
 
 def test_every_topology_nemesis_runs_from_the_command_line_and_replays() -> None:
-    settings = SimSettings(seed=4, ops=200, duration_s=40, boot="provisioned",
+    settings = SimSettings(seed=4, ops=300, duration_s=60, boot="provisioned",
                            nemesis=("join", "decommission", "removenode", "wipe"),
                            deletes=0.1, gc_grace_s=20)
     command = settings.command().split()
