@@ -186,9 +186,10 @@ class Gossiper:
         # Endpoints whose state may be only part of one: taken whole from a reply
         # we did not ask for whole (a reply to this node's previous incarnation,
         # which named them: then it is a delta above what that one held). Until
-        # a whole copy comes, our digests claim nothing of them (version 0), so
-        # peers send all of it; claiming its versions would keep the missing
-        # keys (TOKENS, STATUS) from us, and from every node we relay it to.
+        # we get it whole (asked from version 0 when a peer's Syn names it), our
+        # digests claim nothing of it, and we pass none of it on; claiming its
+        # versions would keep the missing keys (TOKENS, STATUS) from us, and
+        # from every node we relay it to.
         self._unsure: set[str] = set()
 
     # --- local state -----------------------------------------------------------
@@ -287,6 +288,8 @@ class Gossiper:
         if isinstance(msg, Ack):
             self._apply(msg.states, now_s, reply_to_syn=True)
             states = _capped(states_for_requests(self._states, msg.digests_requested))
+            if self._unsure:  # never pass on what may be only part of a state
+                states = {n: st for n, st in states.items() if n not in self._unsure}
             return [Outgoing(sender_addr, Ack2(states))] if states else []
         if isinstance(msg, Ack2):
             self._apply(msg.states, now_s, reply_to_syn=False)
@@ -422,7 +425,8 @@ class Gossiper:
             named = {d.node_id: d.generation for d in syn.digests if d.node_id in self._unsure}
             to_request = [d for d in to_request if d.node_id not in named]
             to_request += [GossipDigest(n, g, 0) for n, g in sorted(named.items())]
-            to_send = {n: st for n, st in to_send.items() if n not in named}
+            # Never pass on what may be only part of a state (it would be taken whole).
+            to_send = {n: st for n, st in to_send.items() if n not in self._unsure}
         for digest in to_request:
             if digest.max_version == 0 and len(self._asked_whole) < MAX_KNOWN_ENDPOINTS:
                 self._asked_whole.add(digest.node_id)
@@ -442,16 +446,17 @@ class Gossiper:
             asked_whole = node_id in self._asked_whole
             self._asked_whole.discard(node_id)
             # Whether ``remote`` is the whole state: what we asked for from version
-            # 0, or what an Ack sent against our digest naming an older incarnation
-            # (sent whole) or claiming nothing (an unsure one). Our Syns name only
-            # endpoints we know, so an Ack's state of an endpoint we do not know
-            # was computed for someone else's digest.
+            # 0 (an Ack2), or what an Ack sent against our digest naming an older
+            # incarnation (sent whole). Our Syns name only endpoints we know, so an
+            # Ack's state of an endpoint we do not know was computed for someone
+            # else's digest.
             if local is None:
                 whole = asked_whole
             elif remote.generation > local.generation:
                 whole = reply_to_syn or asked_whole
             elif remote.generation == local.generation:
-                whole = asked_whole or (reply_to_syn and node_id in self._unsure)
+                # (Not an Ack: more answers to the old incarnation's Syns may come.)
+                whole = asked_whole
             else:
                 whole = False  # old news, ignored below
             if whole:
