@@ -414,6 +414,16 @@ class Nemesis:
             victim.retire()
             self.changes += 1
             self.log.note(f"decommission {victim.node_id}: LEFT, stopped")
+            # Its LEFT spreads only during a few gossip rounds before it stops; cut
+            # off then, the others keep it LEAVING, as an operator would find it,
+            # and remove it as one would.
+            deadline = self.cluster.loop.time() + SETTLE_WAIT_S
+            while not self._off_every_ring(victim.node_id) and self.cluster.loop.time() < deadline:
+                await asyncio.sleep(1.0)
+            if not self._off_every_ring(victim.node_id):
+                self.log.note(f"decommission {victim.node_id}: still LEAVING on the others' "
+                              "rings; removenode it")
+                await self._remove(victim.node_id)
 
     async def _removenode(self, stop: asyncio.Event) -> None:
         async with self.cluster.topology_lock:
