@@ -177,11 +177,108 @@ class _Connection:
         self._reader = self._writer = None
 
 
+class _NativeLink(asyncio.Protocol):
+    """One pipelined native-protocol connection to a node, shared by every worker.
+
+    As lean as the plain-HTTP generator: a request is one frame packed by a
+    reused packer; requests written in one loop turn go out in one write; an
+    answer is matched to its waiter by request id and only its status is read.
+    """
+
+    def __init__(self) -> None:
+        from ringkv.net.codec import FrameDecoder, frame_packer
+
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder()
+        self.packer = frame_packer()
+        self.pending: dict[int, asyncio.Future[int]] = {}
+        self.next_id = 1
+        self.out: list[bytes] = []
+        self.hello: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if frame.request_id == 0:
+                if not self.hello.done():
+                    self.hello.set_result(frame.payload)
+                continue
+            waiter = self.pending.pop(frame.request_id, None)
+            if waiter is not None and not waiter.done():
+                payload = frame.payload
+                waiter.set_result(payload.get("status", 0) if isinstance(payload, dict) else 0)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        pending, self.pending = self.pending, {}
+        for waiter in pending.values():
+            if not waiter.done():
+                waiter.set_result(0)
+        if not self.hello.done():
+            self.hello.set_exception(ConnectionError("closed during the handshake"))
+
+    def request(self, verb: str, payload: dict[str, object]) -> asyncio.Future[int]:
+        from ringkv.net.codec import KIND_REQUEST, encode_frame
+
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self.transport is None:
+            waiter.set_result(0)
+            return waiter
+        request_id = self.next_id
+        self.next_id += 1
+        self.pending[request_id] = waiter
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.out.append(encode_frame(KIND_REQUEST, request_id, verb, payload,
+                                     packer=self.packer))
+        return waiter
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if self.transport is not None and out:
+            self.transport.write(b"".join(out))
+
+
+async def _native_links(base_urls: list[str]) -> list[_NativeLink]:
+    """A handshaken native connection to each node of ``base_urls`` (their native
+    addresses from the ring the first one serves)."""
+    import urllib.request
+
+    from ringkv.address import parse_address
+    from ringkv.net.codec import KIND_REQUEST, encode_frame
+
+    with urllib.request.urlopen(base_urls[0].rstrip("/") + "/v1/ring", timeout=10) as answer:
+        ring = json.loads(answer.read())
+    wanted = {urllib.parse.urlsplit(url).netloc for url in base_urls}
+    addresses = [parse_address(n["native_address"]) for n in ring["nodes"]
+                 if n.get("native_address") and n.get("client_address") in wanted]
+    if not addresses:
+        raise RuntimeError("no node of the ring has a native address")
+    loop = asyncio.get_running_loop()
+    links = []
+    for host, port in addresses:
+        _, link = await loop.create_connection(_NativeLink, host, port)
+        assert link.transport is not None
+        link.transport.write(encode_frame(KIND_REQUEST, 0, "hello", {"versions": [1]}))
+        await asyncio.wait_for(link.hello, 10)
+        links.append(link)
+    return links
+
+
+def _native_request(path_template: str) -> tuple[str, dict[str, str]]:
+    """The keyspace and args of a ``/v1/kv/{keyspace}/{key}?...`` template."""
+    parts = urllib.parse.urlsplit(path_template)
+    keyspace = parts.path[len("/v1/kv/"):].split("/", 1)[0]
+    return keyspace, dict(urllib.parse.parse_qsl(parts.query))
+
+
 async def _run(
     base_url: str | list[str], path_template: str, op: str, concurrency: int, duration_s: float,
     key_count: int, value: object, seed: int, read_fraction: float | None = None,
     key_dist: str = "uniform", use_client: bool = False, consistency: str | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None, protocol: str = "http",
 ) -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
@@ -208,6 +305,19 @@ async def _run(
             return status in (200, 404)
         status = await conn.request(f"PUT {path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
                                     .encode() + put_suffix)
+        return status == 200
+
+    native_keyspace, native_args = _native_request(path_template)
+    native_body = body
+
+    async def native_op(links: list[_NativeLink], read: bool, key: str) -> bool:
+        link = links[rng.randrange(len(links))]
+        if read:
+            status = await link.request("get", {"keyspace": native_keyspace, "key": key,
+                                                "args": native_args})
+            return status in (200, 404)
+        status = await link.request("put", {"keyspace": native_keyspace, "key": key,
+                                            "args": native_args, "body": native_body})
         return status == 200
 
     async def client_op(kv: object, read: bool, key: str) -> bool:
@@ -245,10 +355,19 @@ async def _run(
             from ringkv.client import AsyncClient
 
             async with AsyncClient(base_urls, consistency=consistency,
-                                   pool_size=concurrency) as kv:
+                                   pool_size=concurrency, protocol=protocol) as kv:
                 await kv.refresh_ring()
                 started = _CLOCK.monotonic_s()
                 await asyncio.gather(*(worker(kv, client_op) for _ in range(concurrency)))
+        elif protocol == "native":
+            links = await _native_links(base_urls)
+            try:
+                started = _CLOCK.monotonic_s()
+                await asyncio.gather(*(worker(links, native_op) for _ in range(concurrency)))
+            finally:
+                for link in links:
+                    if link.transport is not None:
+                        link.transport.close()
         else:
             pools: list[dict[int, _Connection]] = [{} for _ in range(concurrency)]
             try:
@@ -288,7 +407,7 @@ def run_load(
     duration_s: float, key_count: int = 10_000, value: object = "x" * 100, seed: int = 1,
     read_fraction: float | None = None, key_dist: str = "uniform", use_client: bool = False,
     consistency: str | None = None,
-    on_progress: Callable[[int, int, float], None] | None = None,
+    on_progress: Callable[[int, int, float], None] | None = None, protocol: str = "http",
 ) -> LoadResult:
     """Run one load phase in a separate process and summarise it.
 
@@ -296,14 +415,16 @@ def run_load(
     ``key_dist``: uniform or zipfian. ``use_client``: go through the
     token-aware ``AsyncClient`` at ``consistency`` instead of plain HTTP to
     ``path_template``. ``on_progress(ops, errors, elapsed_s)`` is called as
-    the child reports.
+    the child reports. ``protocol``: ``native`` sends the requests over the
+    native protocol (a lean pipelined generator, one connection per node; or
+    the client's native default with ``use_client``), ``http`` over HTTP.
     """
     _read_fraction(op, read_fraction)  # fail here, not in the child
     parent, child = multiprocessing.Pipe(duplex=False)
     kwargs = dict(base_url=base_url, path_template=path_template, op=op, concurrency=concurrency,
                   duration_s=duration_s, key_count=key_count, value=value, seed=seed,
                   read_fraction=read_fraction, key_dist=key_dist, use_client=use_client,
-                  consistency=consistency)
+                  consistency=consistency, protocol=protocol)
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(child, kwargs))
     process.start()
     child.close()
@@ -353,7 +474,7 @@ def compare(name: str, ours: LoadResult, base: LoadResult) -> tuple[dict[str, ob
 
 # The leading columns of the default table: (header, format spec, value of a result).
 DEFAULT_LEADING: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = (
-    ("target", "<14", lambda r: r.label),
+    ("target", "<18", lambda r: r.label),
     ("op", "<5", lambda r: r.op),
     ("conc", ">5", lambda r: r.concurrency),
 )

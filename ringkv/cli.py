@@ -25,6 +25,7 @@ def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cluster.listen_host": args.host,
         "cluster.client_port": args.client_port,
         "cluster.internode_port": args.internode_port,
+        "cluster.native_port": args.native_port,
         "cluster.broadcast_internode": args.broadcast_internode,
         "cluster.broadcast_client": args.broadcast_client,
         "cluster.data_dir": args.data_dir,
@@ -217,6 +218,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         rf=args.rf,
         base_client_port=args.base_port,
         base_internode_port=args.base_port + 100,
+        base_native_port=args.base_port + 200,
     )
     cluster.build()
     print(f"starting {args.nodes} nodes (rf={args.rf}) under {cluster.data_dir} ...", flush=True)
@@ -347,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--internode-port", type=int, help="internode port (overrides cluster.internode_port)"
     )
     node.add_argument(
+        "--native-port", type=int,
+        help="native protocol port, 0 for none (overrides cluster.native_port)",
+    )
+    node.add_argument(
         "--broadcast-internode",
         help="internode host:port told to peers, e.g. a proxy's (overrides cluster.broadcast_internode)",
     )
@@ -412,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--rf", type=int, default=3, help="replication factor of the keyspaces default and txn")
     up.add_argument("--data-dir", default="./data", help="data directory (one folder per node)")
     up.add_argument("--base-port", type=int, default=7400,
-                    help="node i serves HTTP on base+i and internode on base+100+i")
+                    help="node i serves HTTP on base+i, internode on base+100+i and the native "
+                         "protocol on base+200+i")
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)

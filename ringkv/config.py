@@ -81,6 +81,9 @@ class ClusterConfig:
     listen_host: str = "127.0.0.1"
     client_port: int = 7400
     internode_port: int = 7500
+    # The native binary client protocol (docs/native-protocol.md): its own
+    # port; 0 = no native listener (clients then use HTTP).
+    native_port: int = 7600
     # The internode "host:port" this node tells its peers (gossip) when they
     # must reach it elsewhere than listen_host:internode_port: behind NAT, a
     # port forward or a fault-injecting proxy (Cassandra's broadcast_address).
@@ -127,9 +130,21 @@ class ClusterConfig:
         return format_address(self.listen_host, self.client_port)
 
     @property
+    def native_address(self) -> str | None:
+        """The "host:port" of this node's native protocol (what it gossips), or None when
+        it has none. Its host is the client API's (``broadcast_client``'s, when set)."""
+        if self.native_port == 0:
+            return None
+        host = parse_address(self.client_address)[0]
+        return format_address(host, self.native_port)
+
+    @property
     def seed_addresses(self) -> tuple[tuple[str, int], ...]:
         """``seeds`` as (host, port) pairs; IPv6 brackets are removed."""
         return tuple(parse_address(seed) for seed in self.seeds)
+
+
+MAX_RANGES = 256  # slices per transactional keyspace: each is a Paxos group on RF nodes
 
 
 @dataclass(frozen=True)
@@ -137,11 +152,14 @@ class KeyspaceConfig:
     # A keyspace groups keys that share a replication factor, a tier
     # (eventual = Dynamo-style, transactional = Paxos groups + 2PC) and the
     # consistency level used when a request does not choose one (SERIAL, the
-    # only level, on a transactional keyspace).
+    # only level, on a transactional keyspace). A transactional keyspace is cut
+    # into ``ranges`` fixed slices of the token space, one Paxos group each
+    # (ringkv/txn/ranges.py); fixed, so that groups move with the ring.
     name: str
     replication_factor: int = 3
     tier: str = "eventual"
     default_consistency: ConsistencyLevel = ConsistencyLevel.QUORUM
+    ranges: int = 1
 
 
 @dataclass(frozen=True)
@@ -320,6 +338,7 @@ class Config:
                 "replication_factor": ks.replication_factor,
                 "tier": ks.tier,
                 "default_consistency": ks.default_consistency.value,
+                **({"ranges": ks.ranges} if ks.tier == TRANSACTIONAL else {}),
             }
             for name, ks in self.keyspaces.items()
         }
@@ -599,6 +618,7 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("listen_host", _check_host)
     sec.take("client_port", _check_int, 1, 65535)
     sec.take("internode_port", _check_int, 1, 65535)
+    sec.take("native_port", _check_int, 0, 65535)
     sec.take("broadcast_internode", _check_advertised_address)
     sec.take("broadcast_client", _check_advertised_address)
     sec.take("seeds", _check_seeds)
@@ -615,6 +635,14 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
             f"a port different from cluster.client_port ({cluster.client_port})",
             _show(cluster.internode_port),
             related=("cluster.client_port",),
+        )
+    if cluster.native_port in (cluster.client_port, cluster.internode_port):
+        ctx.fail(
+            "cluster.native_port",
+            f"0 (no native listener) or a port different from cluster.client_port "
+            f"({cluster.client_port}) and cluster.internode_port ({cluster.internode_port})",
+            _show(cluster.native_port),
+            related=("cluster.client_port", "cluster.internode_port"),
         )
     if is_wildcard(cluster.listen_host):
         # Peers and clients would be told to dial 0.0.0.0, i.e. themselves:
@@ -646,7 +674,12 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
         sec.take("replication_factor", _check_int, 1, 15)
         sec.take("tier", _check_choice, TIERS)
         sec.take("default_consistency", _check_consistency)
+        sec.take("ranges", _check_int, 1, MAX_RANGES)
         values = sec.done()
+        if "ranges" in values and values.get("tier") != TRANSACTIONAL:
+            ctx.fail(sec.dotted("ranges"), "no ranges setting: only a transactional keyspace is "
+                     "cut into ranges (an eventual one follows the ring)", _show(values["ranges"]),
+                     related=(sec.dotted("tier"),))
         if values.get("tier") == TRANSACTIONAL:
             # Paxos groups serve every request serializably: SERIAL is the only level.
             level = values.setdefault("default_consistency", ConsistencyLevel.SERIAL)

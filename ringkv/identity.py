@@ -66,6 +66,19 @@ class FileIdentity:
         path = self._config.node_data_dir / IDENTITY_FILE
         return not path.exists() or bool(json.loads(path.read_text()).get("bootstrapped", True))
 
+    def save_left(self, why: str) -> None:
+        """This node left the ring (``why``: "decommissioned" or "removed"): its
+        data stops being kept up to date, so it must never serve again."""
+        path = self._config.node_data_dir / IDENTITY_FILE
+        identity = json.loads(path.read_text()) if path.exists() else {}
+        write_atomically(path, json.dumps({**identity, "left": why}))
+
+    def load_left(self) -> str | None:
+        """Why this node left the ring, or None if it has not."""
+        path = self._config.node_data_dir / IDENTITY_FILE
+        left = json.loads(path.read_text()).get("left") if path.exists() else None
+        return str(left) if left else None
+
     def load_peers(self) -> dict[str, dict[str, Any]]:
         path = self._config.node_data_dir / PEERS_FILE
         if not path.exists():
@@ -100,6 +113,7 @@ class MemoryIdentity:
     def __init__(self) -> None:
         self._tokens: tuple[int, ...] | None = None
         self._bootstrapped = True
+        self._left: str | None = None
         self._peers = "{}"
         self._generation = 0
 
@@ -112,6 +126,12 @@ class MemoryIdentity:
 
     def load_bootstrapped(self) -> bool:
         return self._bootstrapped
+
+    def save_left(self, why: str) -> None:
+        self._left = why
+
+    def load_left(self) -> str | None:
+        return self._left
 
     def load_peers(self) -> dict[str, dict[str, Any]]:
         return json.loads(self._peers)

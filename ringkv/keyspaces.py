@@ -17,13 +17,15 @@ class KeyspaceSettings:
     name: str
     replication_factor: int
     default_consistency: ConsistencyLevel
+    ranges: int | None = None  # a transactional keyspace's fixed slices (txn/ranges.py)
 
 
 def describe(keyspaces: Mapping[str, KeyspaceSettings]) -> dict[str, Any]:
     """The keyspaces as JSON, for status, the ring view and the schema version."""
     return {
         name: {"replication_factor": ks.replication_factor,
-               "default_consistency": ks.default_consistency.value}
+               "default_consistency": ks.default_consistency.value,
+               **({"ranges": ks.ranges} if ks.ranges is not None else {})}
         for name, ks in keyspaces.items()
     }
 

@@ -110,8 +110,9 @@ def streaming_joiners(
     states: Mapping[str, HasStates], self_id: str, may_be_alive: Callable[[str], bool]
 ) -> frozenset[str]:
     """The other nodes that have taken tokens but are still joining (BOOT with
-    TOKENS: streaming their ranges), or are LEAVING (streaming theirs out),
-    and may be alive.
+    TOKENS: streaming their ranges), are LEAVING (streaming theirs out), or
+    are removing a dead node (REMOVING: streaming its ranges to their new
+    owners), and may be alive.
 
     They are ahead of every new joiner whatever their node id: a node takes
     tokens only once no other node is streaming, so joins stay one at a
@@ -122,7 +123,7 @@ def streaming_joiners(
         node_id for node_id, state in states.items()
         if node_id != self_id and may_be_alive(node_id) and (
             (state.get(gs.STATUS) == gs.BOOT and state.get(gs.TOKENS))
-            or state.get(gs.STATUS) == gs.LEAVING)
+            or state.get(gs.STATUS) == gs.LEAVING or state.get(gs.REMOVING))
     )
 
 

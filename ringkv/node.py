@@ -16,7 +16,7 @@ from typing import Any
 from ringkv.address import format_address
 from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
-from ringkv.config import Config
+from ringkv.config import TRANSACTIONAL, Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
 from ringkv.errors import NotJoined, TopologyRefused
 from ringkv.gossip import state as gs
@@ -43,6 +43,7 @@ from ringkv.membership import (
 from ringkv.identity import FileIdentity, MemoryIdentity
 from ringkv.keyspaces import KeyspaceSettings, schema_version
 from ringkv.metrics import NodeMetrics
+from ringkv.net.native import GOSSIP_KEY as NATIVE_GOSSIP_KEY
 from ringkv.quorum import ConsistencyLevel
 from ringkv.replica.local import LocalReplica
 from ringkv.replica.router import ReplicaRouter
@@ -77,6 +78,8 @@ WAITING_WARNING_INTERVAL_S = 30.0
 STREAMING = "streaming"
 # A bootstrap whose streams keep failing tries again this many times (each
 # pass resumes every range where it stopped), then the node gives up.
+RESTART_CHECK_ROUNDS = 3  # shadow rounds a restarted node sends before carrying on
+RESTART_CHECK_POLLS = 10  # checks for an answer per gossip interval
 MAX_BOOTSTRAP_PASSES = 10
 BOOTSTRAP_RETRY_S = 2.0
 
@@ -126,6 +129,10 @@ class Node:
         self._rng = rng or random.Random()
         self.metrics = NodeMetrics(self.node_id)
         self.draining = False
+        # Where this node's native protocol listens, gossiped under
+        # net.native.GOSSIP_KEY: set by the process before ``open`` when it
+        # serves one (the simulator's nodes have none, and gossip as before).
+        self.native_address: str | None = None
         self.standalone = standalone
         # None once the node is NORMAL on the ring; until then why it is not
         # (JOINING or WAITING_FOR_SEEDS) and since when, on the monotonic clock.
@@ -194,7 +201,8 @@ class Node:
         # while the topology is settled.
         self.future_ring: TokenRing | None = None
         self.keyspaces = {
-            name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency)
+            name: KeyspaceSettings(name, ks.replication_factor, ks.default_consistency,
+                                   ks.ranges if ks.tier == TRANSACTIONAL else None)
             for name, ks in config.keyspaces.items()
         }
         self.coordinator = coordinator_class(
@@ -257,7 +265,11 @@ class Node:
         """Open storage and start gossip and the transport; the node is not on the ring yet.
 
         A server can answer ``/v1/status`` from here on, while ``join`` runs.
+        A decommissioned node's data dir is refused: the ring moved on without it.
         """
+        left = self.identity.load_left()
+        if left:
+            raise self._left_the_ring(left)
         await self.store.start()
         await self.hints.load()
         await self.repair_history.load()
@@ -470,6 +482,7 @@ class Node:
         progress.state, progress.finished_s = "done", self.clock.monotonic_s()
         # LEFT, then gossip on for a few rounds so every node hears it before we go.
         self.left = True
+        self.identity.save_left("decommissioned")  # never to serve this data again
         self.gossiper.set_local(gs.STATUS, gs.LEFT)
         log.info("node %s is LEFT: streamed %d ranges, %d cells, %d bytes", self.node_id,
                  progress.ranges_done, progress.cells, progress.bytes)
@@ -483,6 +496,8 @@ class Node:
             leaving_from_gossip(states, self.node_id))
         if self.removing:
             busy.add(self.removing)
+        busy |= {node_id for node_id, state in states.items() if node_id != self.node_id
+                 and state.get(gs.REMOVING) and self._may_be_alive(node_id)}
         return sorted(busy)
 
     def _ring_without(self, node_id: str | None) -> TokenRing:
@@ -514,6 +529,8 @@ class Node:
         if dead == self.node_id:
             raise TopologyRefused(f"{dead} is this node; decommission it instead",
                                   reason="node_alive", node=dead)
+        if dead not in self.ring.node_ids and dead in joining_from_gossip(states, self.node_id):
+            return self._remove_joiner(dead)
         if dead not in self.ring.node_ids:
             raise TopologyRefused(f"{dead} is not on the ring (unknown, or already left)",
                                   reason="unknown_node", node=dead)
@@ -535,12 +552,31 @@ class Node:
                 nodes_left=len(self.ring) - 1, replication_factor=rf)
         self.removing = dead
         self.streaming = StreamProgress(direction="removenode", state="waiting_for_ring")
+        self.gossiper.set_local(gs.REMOVING, dead)  # joiners wait while it runs
         self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEAVING)
         self._rebuild_ring()
         log.info("node %s: removing dead node %s; its ranges stream from the surviving "
                  "replicas to their new owners", self.node_id, dead)
         self._remove_task = asyncio.create_task(self._remove(dead))
         return self._removal_view()
+
+    def _remove_joiner(self, dead: str) -> dict[str, Any]:
+        """Remove a joiner that died before it went NORMAL. It owned nothing, so
+        nothing streams; its LEFT takes its pending ranges off every node's
+        plans (writes stop counting it in ``block_for``)."""
+        assert self.gossiper is not None
+        if self.is_alive(dead):
+            raise TopologyRefused(
+                f"{dead} is joining and alive (UP in gossip); removenode is for dead nodes: "
+                "stop it for good first", reason="node_alive", node=dead)
+        self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEFT)
+        self._rebuild_ring()
+        log.info("node %s: %s died while joining; it is removed (LEFT), nothing to stream",
+                 self.node_id, dead)
+        now_s = self.clock.monotonic_s()
+        self.streaming = StreamProgress(direction="removenode", state="done", started_s=now_s,
+                                        finished_s=now_s)
+        return {"removing": dead, **self.streaming.view(now_s)}
 
     def _removal_view(self) -> dict[str, Any]:
         return {"removing": self.removing, **self.streaming.view(self.clock.monotonic_s())}
@@ -576,6 +612,7 @@ class Node:
             log.error("node %s: removenode %s failed (%s); it stays LEAVING on the ring: run "
                       "removenode again to resume", self.node_id, dead, exc)
             self.removing = None
+            self.gossiper.set_local(gs.REMOVING, "")
             return
         # Its LEFT reaches this node's own gossip events too: hints go with it.
         self.gossiper.set_for_dead(dead, gs.STATUS, gs.LEFT)
@@ -584,6 +621,7 @@ class Node:
         log.info("node %s: %s is removed (LEFT): streamed %d ranges, %d cells, %d bytes",
                  self.node_id, dead, progress.ranges_done, progress.cells, progress.bytes)
         self.removing = None
+        self.gossiper.set_local(gs.REMOVING, "")
 
     async def _replace_tokens(self, dead: str) -> tuple[int, ...]:
         """The tokens of ``dead``, which this new node takes over (``--replace``),
@@ -661,6 +699,8 @@ class Node:
             (gs.SCHEMA, schema_version(self.keyspaces)),
         ):
             self.gossiper.set_local(key, value)
+        if self.native_address is not None:
+            self.gossiper.set_local(NATIVE_GOSSIP_KEY, self.native_address)
         handler = InternodeHandler(
             self.local_replica,
             self.hlc,
@@ -695,7 +735,41 @@ class Node:
             interval_s=interval_s,
             on_events=self._on_gossip_events,
         )
+        if self.identity.load_tokens() is not None and self.identity.load_bootstrapped():
+            await self._check_not_removed()  # before our new generation spreads
         self.gossip.start()
+
+    def _left_the_ring(self, why: str) -> TopologyRefused:
+        how = ("was decommissioned: it LEFT the ring" if why == "decommissioned" else
+               "was removed from the ring while it was down (removenode, or a replacement "
+               "took its place)")
+        return TopologyRefused(
+            f"node {self.node_id} {how}, and its data in {self.config.node_data_dir} is out "
+            "of date; to use this machine again, empty that directory and start it as a new "
+            "node (it streams its ranges)", reason=why, node=self.node_id)
+
+    async def _check_not_removed(self) -> None:
+        """Before a restarted node gossips or serves, ask its seeds and known peers
+        what they know of it (a shadow round). If the ring moved on without it
+        while it was down (removenode, or a replacement took its place), its
+        data is out of date and it must not serve (Cassandra checks likewise).
+        With nobody answering within a few gossip intervals (a whole cluster
+        restarting), it carries on."""
+        assert self.gossip is not None and self.gossiper is not None
+        interval_s = self.config.timing.gossip_interval_ms / 1000
+        for _ in range(RESTART_CHECK_ROUNDS):
+            if not self.gossiper.shadow_round():
+                return  # nobody to ask: we are our only contact
+            self.gossip.shadow_round_now()
+            for _ in range(RESTART_CHECK_POLLS):
+                await self.clock.sleep(interval_s / RESTART_CHECK_POLLS)
+                if self.gossiper.left_before:
+                    self.identity.save_left("removed")  # every later start refuses at once
+                    raise self._left_the_ring("removed")
+                if self.gossiper.shadow_answers:
+                    return
+        log.info("node %s: no seed or peer answered its restart check; carrying on",
+                 self.node_id)
 
     async def _handle_gossip(self, from_node: str, verb: str, payload: Any) -> None:
         assert self.gossip is not None

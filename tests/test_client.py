@@ -2,7 +2,9 @@
 
 The first part runs against one in-process standalone node (memory engine)
 served on a real loopback port from a background thread, so that both the
-blocking and the asyncio client speak real HTTP to it. The second part runs
+blocking and the asyncio client speak real HTTP to it; tests on the ``node``
+fixture run twice, once with the node's native listener (which the clients
+then use) and once over HTTP alone. The second part runs
 against real node processes (see ``test_cluster.py``).
 """
 
@@ -38,7 +40,9 @@ from ringkv.tools.local_cluster import LocalCluster
 from ringkv.node import Node
 from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.ring import NodeInfo, TokenRing, token_for
+from ringkv.door import Door, DoorLimits
 from ringkv.server.api import build_app
+from ringkv.server.native import NativeServer
 from ringkv.server.idempotency import IdempotencyCache, StoredResponse
 from tests.procs import http, wait_until
 from tests.test_cluster import liveness, make_cluster
@@ -49,8 +53,13 @@ DEADLINE_S = 30.0
 class InProcessNode:
     """A standalone node and its HTTP API on a loopback port, run by a background loop."""
 
-    def __init__(self, middlewares: list[Callable[..., Any]] | None = None) -> None:
+    def __init__(self, middlewares: list[Callable[..., Any]] | None = None, *,
+                 native: bool = False) -> None:
         self.port = free_port()
+        # With ``native``, the node also serves the native protocol and names it in
+        # /v1/ring, so the clients (native by default) speak it after the first ring.
+        self.native_port = free_port() if native else 0
+        self.native: NativeServer | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = config_from_dict({
             "cluster": {"client_port": self.port},
@@ -76,7 +85,13 @@ class InProcessNode:
         async def start() -> None:
             self.node = Node(self.config, standalone=True)
             await self.node.start()
-            app = build_app(self.node)
+            cache = IdempotencyCache(self.node.clock)
+            if self.native_port:
+                self.node.native_address = f"127.0.0.1:{self.native_port}"
+                door = Door(DoorLimits.from_config(self.config.limits))
+                self.native = NativeServer(self.node, door, cache, self.node.clock)
+                await self.native.start("127.0.0.1", self.native_port)
+            app = build_app(self.node, cache)
             app.middlewares.extend(self.middlewares)
             self.server = TestServer(app, host="127.0.0.1", port=self.port)
             await self.server.start_server()
@@ -88,6 +103,8 @@ class InProcessNode:
         async def stop() -> None:
             if self.server is not None:
                 await self.server.close()
+            if self.native is not None:
+                await self.native.close(1.0)
             if self.node is not None:
                 await self.node.stop()
 
@@ -99,9 +116,10 @@ class InProcessNode:
             self.loop.close()
 
 
-@pytest.fixture
-def node() -> Iterator[InProcessNode]:
-    with InProcessNode() as served:
+@pytest.fixture(params=["native", "http"])
+def node(request: pytest.FixtureRequest) -> Iterator[InProcessNode]:
+    """One node; the client tests on it run once over each protocol."""
+    with InProcessNode(native=request.param == "native") as served:
         yield served
 
 
@@ -122,6 +140,8 @@ def test_put_get_delete_round_trip(node: InProcessNode) -> None:
         assert kv.get("hello") == {"nested": [1, 2.5, None, True]}
         kv.delete("hello")
         assert kv.get("hello") is None
+        # Which protocol carried the calls: native once the ring named the listener.
+        assert bool(kv._native._idle) == bool(node.native_port)
         # keys that need escaping, dots included, survive the trip
         for key in ("a/b/c", "ключ", "sp ace", "..", ".", "100%", "q?x=1&y#z"):
             kv.put(key, key)
@@ -364,6 +384,7 @@ def test_async_client_does_everything(node: InProcessNode) -> None:
             values = await asyncio.gather(*(kv.get(f"x{i}") for i in range(30)))
             assert values == list(range(30))
             assert [v.node_id for v in kv.nodes()] == [node.node.node_id]
+            assert bool(kv._native._conns) == bool(node.native_port)  # pipelined, if native
 
     run_async(main())
 
@@ -804,3 +825,26 @@ def test_calls_with_one_idempotency_key_go_to_one_node() -> None:
     assert len(firsts) == 1
     spread = {router.candidates(routing, 0.0, affinity=f"key-{i}")[0] for i in range(50)}
     assert len(spread) == 3  # different keys still spread over the key's replicas
+
+
+def test_a_native_port_that_refuses_falls_back_to_http() -> None:
+    """The ring names a native address nobody listens on (a firewall, say): the request
+    never went out, so it goes to the same node's HTTP port at once, and stays there."""
+    with InProcessNode() as served:
+        assert served.node is not None
+        dead = free_port()
+        served.node.native_address = f"127.0.0.1:{dead}"
+        with Client(served.url, max_retries=0) as kv:
+            kv.refresh_ring()
+            assert kv._ops.router.topology.native[served.url] == ("127.0.0.1", dead)
+            kv.put("k", 1)
+            assert kv.get("k") == 1
+            assert ("127.0.0.1", dead) in kv._native_down and not kv._native._idle
+
+        async def main() -> None:
+            async with AsyncClient(served.url, max_retries=0) as kv:
+                await kv.refresh_ring()
+                assert await kv.get("k") == 1
+                assert ("127.0.0.1", dead) in kv._native_down
+
+        run_async(main())

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ringkv.ring import TokenRing
-from ringkv.tools.local_cluster import LocalCluster, node_view
+from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster, node_view
 from ringkv.tools.launcher import NodeProcess, free_port_block
 from tests.procs import http, wait_until
 
@@ -40,11 +40,13 @@ def cluster(tmp_path: Path):
 
 
 def test_three_nodes_discover_each_other_from_one_seed(tmp_path: Path) -> None:
-    """Dynamo §4.8.1: gossip-based membership; every node sees every node UP within 10 s."""
+    """Dynamo §4.8.1: gossip-based membership; every node sees every node UP within 10 s.
+    A new cluster holds no data, so they join without streaming (as ``cluster up``)."""
     cluster = make_cluster(tmp_path)
     cluster.build()
     try:
-        for proc in cluster.procs:  # start all at once; only node1 is a seed
+        for proc in cluster.procs:  # one after another; only node1 is a seed
+            proc.extra_args.append(NO_STREAMING)
             proc.start()
         cluster.wait_all_up(timeout_s=10)
         status, body = http("GET", f"{cluster.procs[1].url}/v1/ring")
@@ -167,14 +169,17 @@ def test_scan_and_batch_cover_the_whole_ring(cluster: LocalCluster) -> None:
 
 def test_nodes_started_at_once_own_at_most_1_25x_the_mean(tmp_path: Path) -> None:
     """Dynamo §4.2 (vnodes): five new nodes launched together (node1 the seed of all) take
-    tokens in turn, each knowing the tokens of those before, so each owns about a fifth."""
+    tokens in turn, each knowing the tokens of those before, so each owns about a fifth.
+
+    They form a new cluster that holds no data, so they join without streaming, as
+    ``ringkv cluster up`` forms one (a joiner that streams adds a ring delay each;
+    tests/test_bootstrap_process.py covers those)."""
     cluster = make_cluster(tmp_path, nodes=5)
     cluster.build()
     try:
         for proc in cluster.procs:
+            proc.extra_args.append(NO_STREAMING)
             proc.launch()
-        # Joins run one at a time until each has streamed its ranges (a ring
-        # delay of about 7 s each with 1 s gossip): about 40 s for five.
         cluster.wait_all_up(timeout_s=120)
         status, body = http("GET", f"{cluster.procs[-1].url}/v1/ring")
         assert status == 200

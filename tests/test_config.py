@@ -282,6 +282,9 @@ BAD_FIELDS = [
         "cluster.internode_port",
         "different from cluster.client_port",
     ),
+    ({"cluster": {"native_port": 7400}}, "cluster.native_port", "different from cluster.client_port"),
+    ({"cluster": {"native_port": 7500}}, "cluster.native_port", "0 (no native listener)"),
+    ({"cluster": {"native_port": -1}}, "cluster.native_port", "from 0 to 65535"),
     ({"cluster": {"seeds": "127.0.0.1:7500"}}, "cluster.seeds", "a list of"),
     ({"cluster": {"seeds": ["127.0.0.1"]}}, "cluster.seeds[0]", "got '127.0.0.1'"),
     ({"cluster": {"seeds": ["a:1", "b:99999"]}}, "cluster.seeds[1]", "got 'b:99999'"),
@@ -619,6 +622,19 @@ def test_transactional_keyspace_is_serial_by_default():
     assert default_config().txn == TxnConfig(2.0, 600, 200, 8)
 
 
+def test_a_transactional_keyspace_is_cut_into_fixed_ranges_and_only_it() -> None:
+    config = config_from_dict({"keyspaces": {"txn": {"tier": "transactional", "ranges": 8}}})
+    assert config.keyspaces["txn"].ranges == 8
+    assert config_from_dict(config.to_dict()) == config
+    assert default_config().keyspaces["txn"].ranges == 1
+    with pytest.raises(ConfigError, match="keyspaces.default.ranges") as info:
+        config_from_dict({"keyspaces": {"default": {"ranges": 4}}})
+    assert "only a transactional keyspace" in str(info.value)
+    for bad in (0, 257, "many"):
+        with pytest.raises(ConfigError, match="keyspaces.txn.ranges"):
+            config_from_dict({"keyspaces": {"txn": {"tier": "transactional", "ranges": bad}}})
+
+
 def test_the_repair_interval_defaults_to_half_of_gc_grace() -> None:
     """ScyllaDB's tombstone_gc: repair needs a repair within gc_grace; half leaves room."""
     assert default_config().repair_interval_s() == 432000
@@ -626,3 +642,11 @@ def test_the_repair_interval_defaults_to_half_of_gc_grace() -> None:
     assert small.repair_interval_s() == 1  # never 0
     explicit = config_from_dict({"timing": {"gc_grace_s": 100}, "repair": {"interval_s": 60}})
     assert explicit.repair_interval_s() == 60
+
+
+def test_the_native_port_is_advertised_with_the_client_host():
+    """cluster.native_port: the native protocol's port, told to clients on the client API's host."""
+    assert load_config(None).cluster.native_address == "127.0.0.1:7600"
+    behind = load_config(None, {"cluster.broadcast_client": "10.0.0.9:80"})
+    assert behind.cluster.native_address == "10.0.0.9:7600"
+    assert load_config(None, {"cluster.native_port": 0}).cluster.native_address is None

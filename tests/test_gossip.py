@@ -845,3 +845,52 @@ def test_a_dead_nodes_state_can_be_set_on_its_behalf_and_a_restart_overrides_it(
     for _ in range(6):
         net.round()
     assert coordinator.status_of("n2") == NORMAL and net.nodes[addr(1)].status_of("n2") == NORMAL
+
+
+# -- a restarted node asks first whether the ring moved on without it ----------------
+
+
+def test_a_shadow_round_tells_a_restarted_node_it_was_removed_while_down():
+    """Cassandra's shadow round before a restart: every seed and known peer answers
+    with all it knows, our own earlier incarnation included. One that was marked
+    LEFT on our behalf (removenode, replace) must not come back with its data."""
+    nodes = [make_node(i) for i in range(3)]
+    net = Net(nodes)
+    rounds_to_converge(net, limit=10)
+    # n2 dies for good and n0 removes it: LEFT on its behalf, in its generation.
+    net.stopped.add(addr(2))
+    for _ in range(12):
+        net.round()
+    assert not nodes[0].is_alive("n2")
+    assert nodes[0].set_for_dead("n2", STATUS, "LEFT")
+    for _ in range(3):
+        net.round()
+    assert nodes[1].status_of("n2") == "LEFT"
+
+    # Its restart: a new generation, peers from the last run; it asks before it gossips.
+    back = make_node(2, seeds=(0, 1), generation=2)
+    net.nodes[addr(2)] = back
+    net.stopped.discard(addr(2))
+    syns = back.shadow_round()
+    assert sorted(o.to_addr for o in syns) == [addr(0), addr(1)]
+    assert all(o.msg.digests == () for o in syns)
+    net.deliver(addr(2), syns)
+    assert back.left_before and back.shadow_answers == {addr(0), addr(1)}
+    assert [e.kind for e in back.drain_events()].count("left_before") == 2
+
+    # A node that only restarted is told nothing of the kind.
+    fresh = [make_node(i) for i in range(3)]
+    net = Net(fresh)
+    rounds_to_converge(net, limit=10)
+    again = make_node(2, seeds=(0, 1), generation=2)
+    net.nodes[addr(2)] = again
+    net.deliver(addr(2), again.shadow_round())
+    assert not again.left_before and again.shadow_answers == {addr(0), addr(1)}
+
+
+def test_a_normal_exchange_never_counts_as_a_shadow_answer():
+    nodes = [make_node(i) for i in range(3)]
+    net = Net(nodes)
+    for _ in range(8):
+        net.round()
+    assert all(not g.shadow_answers and not g.left_before for g in nodes)

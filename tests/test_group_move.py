@@ -149,3 +149,30 @@ def test_a_new_replica_is_not_heard_before_the_group_adds_it() -> None:
         assert follower.stats.rejected == before + 1
         assert "d" not in follower.known_nodes()
     run(main)
+
+
+def test_a_node_being_added_is_heard_for_its_answers_only() -> None:
+    """The leader catching d up hears d's answers (HeartbeatAck, CatchUp), never
+    d's ballots: a d that started the group on its own must not win the leader's
+    promise or lease vote the moment the leader's own vote lapses (Paxos Made
+    Simple §3: a configuration the group never had makes no quorum)."""
+    async def main(loop: VirtualTimeLoop) -> None:
+        from ringkv.txn.paxos import Ballot, CatchUp, Heartbeat, HeartbeatAck, Prepare
+        bus = sim_bus(loop)
+        for node_id in GROUP.replicas:
+            bus.start(node_id)
+        lead = await wait_for(lambda: leader_of(bus), 10.0, "a leader")
+        lead.move_to(MOVED)
+        await wait_for(lambda: lead.replica is not None and "d" in lead.replica.joining(), 5.0,
+                       "the leader catching d up")
+        assert "d" in lead.known_nodes() and "d" not in lead.voters()
+        for ask in (Prepare("d", Ballot(99, "d"), 1, 0.0), Heartbeat("d", Ballot(99, "d"), 0, 0.0)):
+            before = lead.stats.rejected
+            lead.step(ask)
+            assert lead.stats.rejected == before + 1, ask
+        assert lead.is_leader()
+        for answer in (HeartbeatAck("d", lead.replica.ballot, 0.0, 0, False), CatchUp("d", 1)):
+            before = lead.stats.rejected
+            lead.step(answer)
+            assert lead.stats.rejected == before, answer
+    run(main)

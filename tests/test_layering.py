@@ -52,7 +52,7 @@ SHELL = frozenset({
 })
 PURE_IN_SHELL_PACKAGES = frozenset({
     "sim/__init__.py", "sim/history.py", "sim/checkers.py", "sim/linearizability.py",
-    "sim/snapshot_reads.py",
+    "sim/snapshot_reads.py", "sim/list_append.py", "sim/bank.py", "sim/jepsen_history.py",
     "server/__init__.py", "server/validation.py", "server/txn_validation.py",
 })
 

@@ -272,3 +272,61 @@ def test_why_one_member_at_a_time_quorums_of_adjacent_configurations_intersect()
     old = frozenset(nodes[:5])
     swapped = old - {"n0"} | {"n5"}
     assert any(not (m & q) for m in majorities(old) for q in majorities(swapped))
+
+
+def test_a_removed_node_answers_heartbeats_unvoted_so_it_can_be_added_back() -> None:
+    """Removed, it votes and promises no more (Spanner §4.1: its vote must not count),
+    yet it says how far behind it is, which is what a leader adding it back needs."""
+    leader = elect("a")
+    committed_config(leader, frozenset("bc"))
+    assert leader.removed
+    promised = leader.promised
+    from ringkv.txn.paxos import Ballot
+    ready = leader.step(Heartbeat("b", Ballot(9, "b"), leader.commit_through, 20.0), 20.0)
+    acks = [out.msg for out in ready.messages if isinstance(out.msg, HeartbeatAck)]
+    assert len(acks) == 1 and not acks[0].granted and acks[0].commit_through == leader.commit_through
+    assert leader.promised == promised and not ready.persist  # no promise, no vote
+
+
+def test_a_leader_heartbeats_a_removed_node_until_it_has_learned_its_removal() -> None:
+    """The Commit of the entry that removes c goes to the new peers only; c may have
+    missed the entry, so the leader heartbeats it (answers only) until c
+    acknowledges the slot, then stops."""
+    from tests.test_paxos import Promise
+    leader = elect("a")
+    caught_up(leader, "d")
+    committed_config(leader, ABCD)
+    old_end = leader._change_not_before_s
+    for peer in "bcd":  # the new phase 1
+        leader.step(Promise(peer, leader.ballot, (), 10.3), 10.31)
+    leader.tick(old_end + 0.01, random.Random(2))
+    for peer in "bcd":
+        leader.step(HeartbeatAck(peer, leader.ballot, old_end + 0.01, leader.commit_through, True),
+                    old_end + 0.02)
+    ready = leader.change_members(frozenset("abd"), old_end + 0.03)
+    slot = leader.next_slot - 1
+    for voter in "bd":
+        leader.step(Accepted(voter, leader.ballot, (slot,)), old_end + 0.04)
+    assert leader.members == frozenset("abd") and leader.departed() == frozenset("c")
+    for peer in "bd":  # phase 1 again, among {a,b,d}
+        leader.step(Promise(peer, leader.ballot, (), old_end + 0.05), old_end + 0.05)
+    beats = leader.tick(30.0, random.Random(5))
+    to_c = [out.msg for out in beats.messages if out.to == "c"]
+    assert any(isinstance(m, Heartbeat) for m in to_c)
+    sent_s = leader._last_beat[0]
+    leader.step(HeartbeatAck("c", leader.ballot, sent_s, slot - 1, False), 30.0)
+    assert leader.departed() == frozenset("c")  # behind the slot that removed it: still heartbeated
+    leader.step(HeartbeatAck("c", leader.ballot, sent_s, slot, False), 30.0)
+    assert leader.departed() == frozenset()
+    assert ready is not None
+
+
+def test_a_removed_node_that_never_answers_is_heartbeated_a_bounded_number_of_times() -> None:
+    from ringkv.txn.paxos import DEPARTED_BEATS
+    leader = elect("a")
+    leader._departed["e"] = (5, DEPARTED_BEATS)  # as after a configuration that removed e
+    beats = 0
+    for i in range(3 * DEPARTED_BEATS):
+        ready = leader.tick(10.0 + i * leader.heartbeat_interval_s, random.Random(i))
+        beats += sum(1 for out in ready.messages if out.to == "e" and isinstance(out.msg, Heartbeat))
+    assert beats == DEPARTED_BEATS and leader.departed() == frozenset()

@@ -8,6 +8,7 @@ import asyncio
 import random
 
 from ringkv.coordinator import Coordinator
+from ringkv.gossip import state as gs
 from ringkv.quorum import ConsistencyLevel
 from ringkv.ring import token_for
 from ringkv.sim.cluster import SimCluster
@@ -139,6 +140,11 @@ def test_removenode_and_replace_recover_dead_nodes_and_refuse_what_is_unsafe() -
         # One topology change at a time, wherever it is asked for.
         assert refused(lambda: node1.removenode("n3")) == "topology_change_running"
         assert refused(lambda: node2.decommission()) == "topology_change_running"
+        # n1 says REMOVING while it runs: a second removal of n4 elsewhere is refused,
+        # and a new node would wait its turn (membership.streaming_joiners).
+        await until(lambda: node2.gossiper.endpoint_states()["n1"].get(gs.REMOVING) == "n4",
+                    "n2 to learn n1 is removing n4")
+        assert refused(lambda: node2.removenode("n4")) == "topology_change_running"
         during = 0
         while node1.removing and during < 10_000:
             await put(f"remove{during}", during)
@@ -146,6 +152,8 @@ def test_removenode_and_replace_recover_dead_nodes_and_refuse_what_is_unsafe() -
             await asyncio.sleep(0.05)
         assert during > 20 and node1.streaming.state == "done"
         await until(lambda: "n4" not in node2.ring.node_ids, "n4 off n2's ring")
+        await until(lambda: node2.gossiper.endpoint_states()["n1"].get(gs.REMOVING) == "",
+                    "n1's removal to end in n2's view")
         # The hints kept for n4 while it was down go with it (it never comes back).
         await until(lambda: "n4" not in node1.hints.targets, "n4's hints dropped")
         assert hinted_n4 > 0 and await n1.run(node1.hints.count("n4")) == 0

@@ -43,7 +43,7 @@ from ringkv.chaos.run import ChaosRun, Fault, judge
 from ringkv.clock import SystemClock
 from ringkv.sim import checkers
 from ringkv.tools.launcher import NodeProcess, http
-from ringkv.tools.local_cluster import LocalCluster, node_view
+from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster, node_view
 from ringkv.tools.netns import NetnsHosts
 
 _CLOCK = SystemClock()
@@ -82,12 +82,17 @@ class Recovery:
     after_s: float | None
 
 
-def netns_schedule(seed: int, hosts: tuple[str, ...]) -> list[Fault]:
-    """Every kind once, in a seeded order, between two isolations of the same node."""
+def netns_schedule(seed: int, hosts: tuple[str, ...],
+                   between: tuple[str, ...] = NETNS_FAULT_KINDS[1:]) -> list[Fault]:
+    """The kinds ``between`` (by default every other kind) once each, in a seeded
+    order, between two isolations of the same node."""
+    unknown = set(between) - set(NETNS_FAULT_KINDS[1:])
+    if unknown:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; "
+                         f"choose from {', '.join(NETNS_FAULT_KINDS[1:])}")
     rng = random.Random(seed)
     victim = rng.choice(hosts)
-    kinds = ["isolate", *rng.sample(NETNS_FAULT_KINDS[1:], len(NETNS_FAULT_KINDS) - 1),
-             "isolate"]
+    kinds = ["isolate", *rng.sample(between, len(between)), "isolate"]
     faults, at = [], 2.0  # the chaos run's warm-up
     for n, kind in enumerate(kinds):
         order = tuple(rng.sample(hosts, len(hosts)))
@@ -138,8 +143,10 @@ class NetnsChaosRun(ChaosRun):
 
     kinds = NETNS_FAULT_KINDS
 
-    def __init__(self, run_dir: Path, hosts: NetnsHosts, *, seed: int, **options: Any) -> None:
-        last = netns_schedule(seed, tuple(hosts.hosts))[-1]
+    def __init__(self, run_dir: Path, hosts: NetnsHosts, *, seed: int,
+                 between: tuple[str, ...] = NETNS_FAULT_KINDS[1:], **options: Any) -> None:
+        self.between = between  # the kinds run between the two isolations
+        last = netns_schedule(seed, tuple(hosts.hosts), between)[-1]
         super().__init__(run_dir, seed=seed, duration_s=last.at_s + last.hold_s + CALM_S,
                          **options)
         self.net = hosts
@@ -150,7 +157,7 @@ class NetnsChaosRun(ChaosRun):
         self._probes = 0
 
     def schedule(self) -> list[Fault]:
-        return netns_schedule(self.seed, self.hosts)
+        return netns_schedule(self.seed, self.hosts, self.between)
 
     def judge(self, replicas: dict[str, dict[str, Any]]) -> list[checkers.Verdict]:
         return (judge(self.history, replicas)
@@ -159,14 +166,15 @@ class NetnsChaosRun(ChaosRun):
     # -- cluster -----------------------------------------------------------------------
 
     async def _start_cluster(self) -> None:
-        """Every node at once, each in its own namespace; the first host is the seed."""
+        """Every node at once, each in its own namespace; the first host is the seed.
+        They form a new cluster holding no data, so none streams (as ``cluster up``)."""
         cluster = LocalCluster(self.run_dir, nodes=len(self.hosts), rf=3)
         config = cluster.config_file()
         seed = format_address(self.hosts[0], INTERNODE_PORT)
         cluster.procs = [
             NodeProcess(f"node{i + 1}", self.run_dir, host=host, client_port=CLIENT_PORT,
                         internode_port=INTERNODE_PORT, config_path=config,
-                        extra_args=["--seeds", seed], wrapper=self.net.wrapper(i))
+                        extra_args=["--seeds", seed, NO_STREAMING], wrapper=self.net.wrapper(i))
             for i, host in enumerate(self.hosts)
         ]
         self.cluster = cluster

@@ -40,6 +40,10 @@ What both clients do:
   ``ConditionFailed`` (with ``current_value`` and ``current_version``) and is
   not retried. The range's leader, named by each answer's receipt, is tried
   first next time.
+- **The native protocol by default** (``docs/native-protocol.md``): after
+  the first ring fetch, requests go over each node's native port (learned
+  from the ring), pipelined in ``AsyncClient``; ``protocol="http"`` keeps
+  everything on HTTP.
 - **Pooled keep-alive connections** and a timeout on every attempt
   (``timeout_s``): a call takes at most about ``(max_retries + 1) *
   timeout_s`` plus the backoff (capped at 1 s per retry).
@@ -54,12 +58,13 @@ that I/O, and each spells out every public method as a call into the plans:
     plan.py        the effects a plan yields (Send, Sleep, Emit), their outcomes, a Stepper
     routing.py     the ring as last fetched, node order (token-aware), down-marking, deadlines
     operations.py  the plan of every call: encode, route, retry, decode (sans-I/O)
+    native.py      a plan's HTTP request as a native-protocol operation, and its answer back
     base.py        what both clients share: the constructor, nodes(), replicas()
-    blocking.py    Client: pooled http.client connections and a deadline watchdog (shell),
-                   so it also works under gevent, e.g. in locust
-    aio.py         AsyncClient: aiohttp (shell)
+    blocking.py    Client: pooled http.client and native connections and a deadline
+                   watchdog (shell), so it also works under gevent, e.g. in locust
+    aio.py         AsyncClient: aiohttp and pipelined native connections (shell)
 
-``types``, ``plan``, ``routing`` and ``operations`` are pure: no sockets,
+``types``, ``plan``, ``routing``, ``operations`` and ``native`` are pure: no sockets,
 threads, event loop or ``time``; ``base``, ``blocking`` and ``aio`` are the
 shells around them.
 """

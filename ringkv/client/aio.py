@@ -11,7 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ringkv.client.base import KEEPALIVE_S, ClientBase
+from ringkv.client import native
+from ringkv.client.base import KEEPALIVE_S, NATIVE_CONNECTIONS_PER_NODE, ClientBase
+from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import UNSET
 from ringkv.client.types import (
@@ -23,6 +25,9 @@ from ringkv.client.types import (
     Versioned,
     WriteResult,
 )
+from ringkv.errors import ProtocolError
+from ringkv.limits import MAX_FRAME_BYTES
+from ringkv.net.codec import KIND_REQUEST, Frame, FrameDecoder, encode_frame, frame_packer
 from ringkv.quorum import ConsistencyLevel
 
 T = TypeVar("T")
@@ -240,6 +245,7 @@ class AsyncClient(ClientBase):
     async def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects)."""
         session, self._session = self._session, None
+        self._native.close()
         if session is not None:
             await session.close()
 
@@ -253,9 +259,16 @@ class AsyncClient(ClientBase):
 
     def _setup(self) -> None:
         self._session = None
+        self._native = _NativePool(min(self._pool_size, NATIVE_CONNECTIONS_PER_NODE))
 
     async def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):
+            route = self._native_route(effect)
+            if route is not None:
+                outcome = await self._native.send(route[0], route[1], effect.timeout_s)
+                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                    return outcome
+                self._native_unreachable(route[0])  # never sent: try the HTTP port
             return await self._send(effect)
         if isinstance(effect, Sleep):
             await asyncio.sleep(effect.seconds)
@@ -299,3 +312,131 @@ class AsyncClient(ClientBase):
             return Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
         except aiohttp.ClientError as exc:
             return Failure("io", f"connection lost: {exc!r}")
+
+
+class _NativeConnection(asyncio.Protocol):
+    """One pipelined native-protocol connection: many requests in flight, answers
+    matched to them by request id, in whatever order they come."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(MAX_FRAME_BYTES)
+        self.packer = frame_packer()
+        self.version = 0
+        self.next_id = 1
+        self.pending: dict[int, asyncio.Future[Frame]] = {}
+        self.hello: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        for frame in frames:
+            if not self.hello.done():
+                self.hello.set_result(frame)
+                continue
+            future = self.pending.pop(frame.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+            elif frame.request_id == 0:  # an error frame for the connection: it closes
+                self._fail(ConnectionError(f"the node closed the connection: {frame.payload}"))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._fail(exc or ConnectionError("the node closed the connection"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = exc
+        if self.transport is not None:
+            self.transport.close()
+        if not self.hello.done():
+            self.hello.set_exception(exc)
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    def request(self, request: NativeRequest) -> tuple[int, asyncio.Future[Frame]]:
+        assert self.transport is not None
+        request_id = self.next_id
+        self.next_id += 1
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        self.transport.write(encode_frame(KIND_REQUEST, request_id, request.verb,
+                                          dict(request.payload), version=self.version,
+                                          packer=self.packer))
+        return request_id, future
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _NativePool:
+    """A few pipelined native connections per node, opened on first use."""
+
+    def __init__(self, per_node: int) -> None:
+        self._per_node = max(1, per_node)
+        self._conns: dict[tuple[str, int], list[_NativeConnection]] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future[_NativeConnection]] = {}
+        self._turn = 0
+
+    async def _connection(self, address: tuple[str, int], timeout_s: float) -> _NativeConnection:
+        conns = self._conns.setdefault(address, [])
+        conns[:] = [c for c in conns if c.lost is None]
+        connecting = self._connecting.get(address)
+        if len(conns) >= self._per_node or (conns and connecting is not None):
+            self._turn += 1
+            return conns[self._turn % len(conns)]
+        if connecting is not None:  # the first connection is on its way: share it
+            return await asyncio.shield(connecting)
+        connecting = asyncio.ensure_future(self._connect(address, timeout_s))
+        self._connecting[address] = connecting
+        try:
+            conn = await asyncio.shield(connecting)
+        finally:
+            self._connecting.pop(address, None)
+        self._conns.setdefault(address, []).append(conn)
+        return conn
+
+    async def _connect(self, address: tuple[str, int], timeout_s: float) -> _NativeConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(_NativeConnection, address[0], address[1]), timeout_s)
+        try:
+            assert conn.transport is not None
+            conn.transport.write(native.hello_frame())
+            conn.version = native.check_hello(await asyncio.wait_for(conn.hello, timeout_s))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def send(self, address: tuple[str, int], request: NativeRequest,
+                   timeout_s: float) -> Reply | Failure:
+        try:
+            conn = await self._connection(address, timeout_s)
+        except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as exc:
+            return Failure("connect", f"cannot connect (native): {exc!r}")
+        if conn.lost is not None:
+            return Failure("connect", f"cannot connect (native): {conn.lost!r}")
+        request_id, future = conn.request(request)
+        try:
+            frame = await asyncio.wait_for(future, timeout_s)
+            return native.reply(frame)
+        except asyncio.TimeoutError:
+            conn.pending.pop(request_id, None)
+            return Failure("timeout", f"no answer within {timeout_s:.3g} s")
+        except (OSError, ConnectionError, ProtocolError) as exc:
+            return Failure("io", f"connection lost (native): {exc!r}")
+
+    def close(self) -> None:
+        conns, self._conns = self._conns, {}
+        for node_conns in conns.values():
+            for conn in node_conns:
+                conn.close()

@@ -11,7 +11,10 @@ import threading
 import uuid
 from collections.abc import Sequence
 
+from ringkv.client.native import NativeRequest, base_url, to_native
 from ringkv.client.operations import TXN_RETRIES, Operations
+from ringkv.client.plan import Send
+from ringkv.client.routing import DOWN_COOLDOWN_S
 from ringkv.client.types import NodeView
 from ringkv.clock import SystemClock
 from ringkv.quorum import ConsistencyLevel
@@ -19,6 +22,9 @@ from ringkv.quorum import ConsistencyLevel
 # Idle pooled connections are closed after this long: well below the
 # server's keep-alive timeout, so a pooled connection is rarely stale.
 KEEPALIVE_S = 15.0
+PROTOCOLS = ("native", "http")
+# Native connections per node: each carries many requests at once, so a few are enough.
+NATIVE_CONNECTIONS_PER_NODE = 2
 
 
 def new_idempotency_key() -> str:
@@ -45,6 +51,7 @@ class ClientBase:
         txn_retries: int = TXN_RETRIES,
         leader_hints: bool = True,
         rng: random.Random | None = None,
+        protocol: str = "native",
     ) -> None:
         """Connect lazily to a cluster through ``seeds`` (one or more node URLs).
 
@@ -61,7 +68,14 @@ class ClientBase:
         to the range's leader last named by a receipt (else to any replica,
         which forwards them).
         ``rng``: the randomness behind load spreading and jitter.
+        ``protocol``: ``"native"`` (the default) sends each request over the
+        native binary protocol to nodes whose native address the ring names
+        (the first ring fetch, and nodes without one, use HTTP); ``"http"``
+        sends everything over HTTP.
         """
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        self.protocol = protocol
         self._clock = SystemClock()
         self._ops = Operations(
             seeds,
@@ -81,10 +95,31 @@ class ClientBase:
             leader_hints=leader_hints,
         )
         self._pool_size = pool_size
+        self._native_down: dict[tuple[str, int], float] = {}
         self._setup()
 
     def _setup(self) -> None:
         """Per-client I/O state (a connection pool); set up by each subclass."""
+
+    def _native_route(self, effect: Send) -> tuple[tuple[str, int], NativeRequest] | None:
+        """Where and what to send over the native protocol, or None: over HTTP."""
+        if self.protocol != "native":
+            return None
+        native = self._ops.router.topology.native
+        if not native:
+            return None
+        address = native.get(base_url(effect.url))
+        if address is None:
+            return None
+        if self._native_down and self._native_down.get(address, 0.0) > self._clock.monotonic_s():
+            return None
+        request = to_native(effect)
+        return None if request is None else (address, request)
+
+    def _native_unreachable(self, address: tuple[str, int]) -> None:
+        """The node's native port refused us (the request never went out): use HTTP to
+        it for a while (a firewall may let only the HTTP port through)."""
+        self._native_down[address] = self._clock.monotonic_s() + DOWN_COOLDOWN_S
 
     @property
     def keyspace(self) -> str:

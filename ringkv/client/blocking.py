@@ -12,11 +12,13 @@ import itertools
 import select
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
+from ringkv.client import native
 from ringkv.client.base import KEEPALIVE_S, ClientBase
+from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import UNSET
 from ringkv.client.types import (
@@ -29,6 +31,11 @@ from ringkv.client.types import (
     WriteResult,
 )
 from ringkv.clock import SystemClock
+from ringkv.errors import ProtocolError
+from ringkv.limits import MAX_FRAME_BYTES
+from ringkv.net.codec import (
+    KIND_REQUEST, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
+)
 from ringkv.quorum import ConsistencyLevel
 
 T = TypeVar("T")
@@ -246,6 +253,7 @@ class Client(ClientBase):
     def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects)."""
         self._pool.close()
+        self._native.close()
 
     def __enter__(self) -> Client:
         return self
@@ -257,9 +265,16 @@ class Client(ClientBase):
 
     def _setup(self) -> None:
         self._pool = _ConnectionPool(self._pool_size, self._clock)
+        self._native = _NativePool(self._pool_size, self._clock, self._pool.watchdog)
 
     def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):
+            route = self._native_route(effect)
+            if route is not None:
+                outcome = self._native.send(route[0], route[1], effect.timeout_s)
+                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                    return outcome
+                self._native_unreachable(route[0])  # never sent: try the HTTP port
             return self._pool.send(effect)
         if isinstance(effect, Sleep):
             self._clock.sleep_s(effect.seconds)
@@ -326,15 +341,71 @@ class _Watchdog:
                 self._wake.wait(timeout=1.0 if earliest is None else min(1.0, earliest - now))
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+K = TypeVar("K")
+C = TypeVar("C", bound=_Closable)
+
+
+class _IdleConnections(Generic[K, C]):
+    """Idle keep-alive connections per node, at most ``max_idle`` each; safe to share
+    between threads. One idle past KEEPALIVE_S, or that the node has closed
+    (``dropped``), is closed rather than handed out again."""
+
+    def __init__(self, max_idle: int, clock: SystemClock, dropped: Callable[[C], bool]) -> None:
+        self._max_idle = max_idle
+        self._clock = clock
+        self._dropped = dropped
+        self._idle: dict[K, list[tuple[C, float]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many nodes have an idle connection here."""
+        with self._lock:
+            return sum(1 for conns in self._idle.values() if conns)
+
+    def take(self, key: K) -> C | None:
+        now = self._clock.monotonic_s()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if now - since < KEEPALIVE_S and not self._dropped(conn):
+                return conn
+            conn.close()
+
+    def give(self, key: K, conn: C) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._max_idle:
+                idle.append((conn, self._clock.monotonic_s()))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+
 class _ConnectionPool:
     """Keep-alive ``http.client`` connections per node; safe to share between threads."""
 
     def __init__(self, max_idle_per_node: int, clock: SystemClock) -> None:
-        self._max_idle = max_idle_per_node
-        self._idle: dict[tuple[str, str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
-        self._lock = threading.Lock()
+        self._idle: _IdleConnections[tuple[str, str, int], http.client.HTTPConnection] = (
+            _IdleConnections(max_idle_per_node, clock, _dropped))
         self._clock = clock
         self._watchdog = _Watchdog(clock)
+
+    @property
+    def watchdog(self) -> _Watchdog:
+        return self._watchdog
 
     def send(self, effect: Send) -> Reply | Failure:
         parts = urlsplit(effect.url)
@@ -342,7 +413,7 @@ class _ConnectionPool:
         port = parts.port or (443 if scheme == "https" else 80)
         origin = (scheme, host, port)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = self._checkout(origin)
+        conn = self._idle.take(origin)
         if conn is None:
             factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
             conn = factory(host, port, timeout=effect.timeout_s)
@@ -369,44 +440,114 @@ class _ConnectionPool:
         if response.will_close or self._clock.monotonic_s() >= deadline_s:
             conn.close()  # the watchdog may have shut it down just as the answer arrived
         else:
-            self._checkin(origin, conn)
+            self._idle.give(origin, conn)
         # The message's headers, case-insensitive: an email Message reads as a Mapping.
         return Reply(response.status, body, cast(Mapping[str, str], response.msg))
 
-    def _checkout(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection | None:
-        now = self._clock.monotonic_s()
-        while True:
-            with self._lock:
-                idle = self._idle.get(origin)
-                if not idle:
-                    return None
-                conn, since = idle.pop()
-            if now - since < KEEPALIVE_S and not _dropped(conn):
-                return conn
-            conn.close()
+    def close(self) -> None:
+        self._idle.close()
 
-    def _checkin(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(origin, [])
-            if len(idle) < self._max_idle:
-                idle.append((conn, self._clock.monotonic_s()))
-                return
-        conn.close()
+
+class _NativeConnection:
+    """One blocking native-protocol connection: handshaken, one request at a time."""
+
+    def __init__(self, sock: socket.socket, version: int) -> None:
+        self.sock = sock
+        self.version = version
+        self.decoder = FrameDecoder(MAX_FRAME_BYTES)
+        self.packer = frame_packer()
+        self.next_id = 1
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn, _ in conns:
-                conn.close()
+        self.sock.close()
+
+    def read_frame(self) -> Frame:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the node closed the connection")
+            frames = self.decoder.feed(data)
+            if frames:
+                if len(frames) > 1:  # one request at a time: a second answer is a bug
+                    raise ProtocolError("more answers than requests", field="frame")
+                return frames[0]
+
+
+class _NativePool:
+    """Native-protocol connections per node, each used by one request at a time;
+    safe to share between threads. (The asyncio client pipelines instead.)"""
+
+    def __init__(self, max_idle_per_node: int, clock: SystemClock, watchdog: _Watchdog) -> None:
+        self._idle: _IdleConnections[tuple[str, int], _NativeConnection] = _IdleConnections(
+            max_idle_per_node, clock, lambda conn: _readable(conn.sock))
+        self._clock = clock
+        self._watchdog = watchdog
+
+    def send(self, address: tuple[str, int], request: NativeRequest,
+             timeout_s: float) -> Reply | Failure:
+        conn = self._idle.take(address)
+        deadline_s = self._clock.monotonic_s() + timeout_s
+        if conn is None:
+            try:
+                conn = self._connect(address, timeout_s, deadline_s)
+            except (OSError, ProtocolError) as exc:
+                return Failure("connect", f"cannot connect (native): {exc}")
+        conn.sock.settimeout(timeout_s)
+        request_id = conn.next_id
+        conn.next_id += 1
+        watch = self._watchdog.arm(deadline_s, conn.sock)
+        try:
+            conn.sock.sendall(encode_frame(KIND_REQUEST, request_id, request.verb,
+                                           dict(request.payload), version=conn.version,
+                                           packer=conn.packer))
+            frame = conn.read_frame()
+            if frame.request_id != request_id and frame.kind == KIND_RESPONSE:
+                raise ProtocolError(f"answer to request {frame.request_id}, not {request_id}",
+                                    field="request_id")
+            answer = native.reply(frame)
+        except (OSError, ProtocolError) as exc:
+            conn.close()
+            if isinstance(exc, TimeoutError) or self._clock.monotonic_s() >= deadline_s:
+                return Failure("timeout", f"no answer within {timeout_s:.3g} s")
+            return Failure("io", f"connection lost (native): {exc!r}")
+        finally:
+            self._watchdog.disarm(watch)
+        if self._clock.monotonic_s() >= deadline_s:
+            conn.close()  # the watchdog may have shut it down just as the answer arrived
+        else:
+            self._idle.give(address, conn)
+        return answer
+
+    def _connect(self, address: tuple[str, int], timeout_s: float,
+                 deadline_s: float) -> _NativeConnection:
+        sock = socket.create_connection(address, timeout=timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            watch = self._watchdog.arm(deadline_s, sock)
+            try:
+                sock.sendall(native.hello_frame())
+                conn = _NativeConnection(sock, 0)
+                conn.version = native.check_hello(conn.read_frame())
+            finally:
+                self._watchdog.disarm(watch)
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        self._idle.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """An idle connection that is readable was closed (or broken) by the node."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:
     """An idle keep-alive connection that is readable has been closed by the node."""
-    if conn.sock is None:
-        return True
-    try:
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+    return conn.sock is None or _readable(conn.sock)

@@ -18,7 +18,7 @@ import json
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ringkv.address import format_address, parse_address
@@ -44,6 +44,8 @@ class Topology:
     replication: Mapping[str, int]
     # Keyspaces of the transactional tier (their default level is SERIAL).
     serial: frozenset[str] = frozenset()
+    # Node URL -> the (host, port) of its native protocol, for nodes that have one.
+    native: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
 
 NO_TOPOLOGY = Topology(None, {}, {}, {})
@@ -69,6 +71,14 @@ def url_for(address: str, answered_by: str) -> str:
     return f"{parts.scheme}://{format_address(host, port)}"
 
 
+def native_for(address: str, answered_by: str) -> tuple[str, int]:
+    """The (host, port) of a native address from the ring (ValueError if malformed)."""
+    host, port = parse_address(address)
+    if host in ("0.0.0.0", "::"):  # a wildcard bind: reach it the way we reached the ring
+        host = urlsplit(answered_by).hostname or "127.0.0.1"
+    return host, port
+
+
 def parse_ring(body: bytes, answered_by: str) -> Topology:
     """The ``GET /v1/ring`` answer of the node at ``answered_by``, as a ``Topology``."""
     data = json.loads(body)
@@ -76,12 +86,15 @@ def parse_ring(body: bytes, answered_by: str) -> Topology:
     infos: dict[str, NodeInfo] = {}
     urls: dict[str, str] = {}
     up: dict[str, bool] = {}
+    native: dict[str, tuple[str, int]] = {}
     for node in data["nodes"]:
         node_id = str(node["node_id"])
         tokens[node_id] = [int(t) for t in node["tokens"]]
         infos[node_id] = NodeInfo(node_id, dc=node.get("dc", "dc1"), rack=node.get("rack", "rack1"))
         if node.get("client_address"):
             urls[node_id] = url_for(str(node["client_address"]), answered_by)
+            if node.get("native_address"):
+                native[urls[node_id]] = native_for(str(node["native_address"]), answered_by)
         up[node_id] = bool(node.get("up", True))
     replication = {
         str(name): int(ks["replication_factor"])
@@ -92,7 +105,7 @@ def parse_ring(body: bytes, answered_by: str) -> Topology:
         if ks.get("default_consistency") == "SERIAL"
     )
     ring = TokenRing(tokens, infos) if tokens else None
-    return Topology(ring, urls, up, replication, serial)
+    return Topology(ring, urls, up, replication, serial, native)
 
 
 def key_bytes(key: object, field: str = "key") -> bytes:

@@ -68,6 +68,7 @@ from ringkv.gossip.state import (
     MAX_CLUSTER_LEN,
     MAX_ENDPOINTS_PER_MESSAGE,
     MAX_INT,
+    LEFT,
     STATUS,
     TOKENS,
     Ack,
@@ -109,7 +110,8 @@ MAX_PENDING_EVENTS = 10_000  # undrained events beyond this are dropped (oldest 
 # MAX_GENERATION_DIFFERENCE: one year of seconds, for time-based generations).
 MAX_GENERATION_DIFFERENCE = 86400 * 365
 
-EVENT_KINDS = frozenset({"join", "up", "down", "change", "restart", "foreign_cluster"})
+EVENT_KINDS = frozenset({"join", "up", "down", "change", "restart", "foreign_cluster",
+                         "left_before"})
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class Gossiper:
         # versions would keep the missing keys (TOKENS, STATUS) from us, and
         # from every node we relay it to.
         self._unsure: set[str] = set()
+        # Peers that answered a shadow round, and whether one of them knew an
+        # earlier incarnation of this node as LEFT (removed or replaced while down).
+        self.shadow_answers: set[str] = set()
+        self.left_before = False
 
     # --- local state -----------------------------------------------------------
 
@@ -274,6 +280,17 @@ class Gossiper:
                 targets.append(rng.choice(seeds))
         return [Outgoing(addr, syn) for addr in targets]
 
+    def shadow_round(self) -> list[Outgoing]:
+        """Syns with no digests, to every seed and every peer with an address but
+        us: each answers with everything it knows, our own earlier state
+        included (Cassandra's shadow round). A restarting node asks before it
+        serves, to learn whether the ring moved on without it (``left_before``)."""
+        own = self.address_of(self.node_id)
+        addresses = [*self.seeds, *(self.address_of(n) for n in sorted(self._states))]
+        syn = Syn(self.cluster, ())
+        return [Outgoing(addr, syn) for addr in dict.fromkeys(addresses)
+                if addr is not None and addr != own]
+
     def handle(self, sender_addr: str, msg: GossipMessage, now_s: float) -> list[Outgoing]:
         """Process one received message; return the replies (at most one, to ``sender_addr``).
 
@@ -286,7 +303,10 @@ class Gossiper:
         if isinstance(msg, Syn):
             return self._handle_syn(sender_addr, msg)
         if isinstance(msg, Ack):
-            self._apply(msg.states, now_s, reply_to_syn=True)
+            self._note_shadow_answer(sender_addr, msg.states)
+            # A shadow round's answer (it carries our own state) is every state whole.
+            self._apply(msg.states, now_s, reply_to_syn=True,
+                        shadow=self.node_id in msg.states)
             states = _capped(states_for_requests(self._states, msg.digests_requested))
             if self._unsure:  # never pass on what may be only part of a state
                 states = {n: st for n, st in states.items() if n not in self._unsure}
@@ -416,7 +436,8 @@ class Gossiper:
             self._emit("foreign_cluster", None, sender_addr=sender_addr, cluster=syn.cluster)
             return []
         if not syn.digests:  # shadow round: the sender wants everything we know
-            return [Outgoing(sender_addr, Ack((), _capped(dict(self._states))))]
+            known = {n: st for n, st in self._states.items() if n not in self._unsure}
+            return [Outgoing(sender_addr, Ack((), _capped(known)))]
         to_request, to_send = examine_digests(self._states, syn.digests)
         # Nobody knows our own state better than we do: never ask for it.
         to_request = [d for d in to_request if d.node_id != self.node_id]
@@ -434,10 +455,24 @@ class Gossiper:
             return []
         return [Outgoing(sender_addr, Ack(tuple(to_request), _capped(to_send)))]
 
+    def _note_shadow_answer(self, sender_addr: str, states: dict[str, EndpointState]) -> None:
+        """An Ack that carries our own state answers a shadow round (a normal Ack
+        never sends us our own state: our Syn's digest names it, and nobody
+        knows it better)."""
+        ours = states.get(self.node_id)
+        if ours is None:
+            return
+        self.shadow_answers.add(sender_addr)
+        if ours.generation < self.generation and ours.get(STATUS) == LEFT:
+            self.left_before = True
+            self._emit("left_before", self.node_id, sender_addr=sender_addr,
+                       generation=ours.generation)
+
     def _apply(self, states: dict[str, EndpointState], now_s: float, *,
-               reply_to_syn: bool) -> None:
+               reply_to_syn: bool, shadow: bool = False) -> None:
         """Merge the states of an Ack (``reply_to_syn``: computed against the digests
-        of our Syn) or an Ack2 (the answer to what our Ack asked for)."""
+        of our Syn, or ``shadow``: everything the peer knows, whole) or an Ack2 (the
+        answer to what our Ack asked for)."""
         for node_id in sorted(states):
             if node_id == self.node_id or not is_valid_node_id(node_id):
                 continue  # our own state is authoritative here
@@ -451,12 +486,12 @@ class Gossiper:
             # Ack's state of an endpoint we do not know was computed for someone
             # else's digest.
             if local is None:
-                whole = asked_whole
+                whole = asked_whole or shadow
             elif remote.generation > local.generation:
                 whole = reply_to_syn or asked_whole
             elif remote.generation == local.generation:
                 # (Not an Ack: more answers to the old incarnation's Syns may come.)
-                whole = asked_whole
+                whole = asked_whole or shadow
             else:
                 whole = False  # old news, ignored below
             if whole:

@@ -83,6 +83,10 @@ class GossipService:
         self._send(self.gossiper.tick(self._clock.monotonic_s(), self._rng))
         self._deliver_events()
 
+    def shadow_round_now(self) -> None:
+        """Ask every seed and known peer for everything it knows (``Gossiper.shadow_round``)."""
+        self._send(self.gossiper.shadow_round())
+
     async def _run(self) -> None:
         while True:
             try:

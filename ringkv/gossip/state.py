@@ -64,6 +64,7 @@ __all__ = [
     "LOAD",
     "SCHEMA",
     "REPLACES",
+    "REMOVING",
     "BOOT",
     "NORMAL",
     "LEAVING",
@@ -107,6 +108,9 @@ CLIENT_ADDR = "CLIENT_ADDR"  # "host:port" of the client (HTTP) API
 LOAD = "LOAD"  # bytes of data on disk, decimal
 SCHEMA = "SCHEMA"  # schema version string
 REPLACES = "REPLACES"  # node id of the dead node this one takes the place of (replace)
+# The dead node this one is removing (removenode), "" when none: while it is set
+# and this node lives, a removal runs, and no other topology change may start.
+REMOVING = "REMOVING"
 
 # --- STATUS values -----------------------------------------------------------
 BOOT = "BOOT"
@@ -197,6 +201,9 @@ def validate_app_state(key: str, value: str) -> None:
     elif key == REPLACES:
         if not is_valid_node_id(value):
             raise ValueError(f"REPLACES must be a node id, got {value!r:.80}")
+    elif key == REMOVING:
+        if value and not is_valid_node_id(value):
+            raise ValueError(f"REMOVING must be a node id or empty, got {value!r:.80}")
     elif key == LOAD:
         if not _LOAD_RE.fullmatch(value):
             raise ValueError(f"LOAD must be a non-negative decimal integer, got {value!r:.80}")

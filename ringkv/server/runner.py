@@ -21,6 +21,8 @@ from ringkv.node import Node
 from ringkv.server.api import build_app
 from ringkv.server.guard import DoorCollector, raise_open_files_limit
 from ringkv.server.http_protocol import ApiRunner
+from ringkv.server.idempotency import IdempotencyCache
+from ringkv.server.native import NativeServer
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,13 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     door = open_door(config)
     node = Node(config)
     node.on_left = stop.set  # decommissioned: LEFT the ring, so the process ends
+    node.native_address = config.cluster.native_address  # gossiped: clients find it
     await node.open()
     node.metrics.registry.register(DoorCollector(door))
+    cache = IdempotencyCache(node.clock)  # one for both front ends
+    native = NativeServer(node, door, cache, node.clock)
     runner = ApiRunner(
-        build_app(node),
+        build_app(node, cache),
         config.limits,
         door=door,
         access_log=None,
@@ -63,6 +68,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         # Serve before joining: while a new node waits for its seeds,
         # /v1/status says why and client requests get 503 not_joined.
         await site.start()
+        if config.cluster.native_port:
+            await native.start(config.cluster.listen_host, config.cluster.native_port)
         if await _joined_or_stopped(node, stop):
             # A line tools and tests wait for: the node is ready for clients.
             print(
@@ -73,7 +80,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
             await stop.wait()
         log.info("shutting down node %s", node.node_id)
     finally:
+        native.stop_accepting()
         await runner.cleanup()  # stops accepting, then drains in-flight requests
+        await native.close(config.timing.shutdown_drain_timeout_s)
         await node.stop()  # then flushes and closes storage
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ringkv.gossip import state as gs
 from ringkv.keyspaces import describe
+from ringkv.net.native import GOSSIP_KEY as NATIVE_GOSSIP_KEY
 
 if TYPE_CHECKING:
     from ringkv.node import Node
@@ -58,6 +59,7 @@ def ring_view(node: Node) -> dict[str, Any]:
             {
                 "node_id": node_id,
                 "client_address": client_address(node, node_id),
+                "native_address": native_address(node, node_id),
                 "tokens": list(ring.tokens_of(node_id)),
                 "up": node.is_alive(node_id),
                 # Placement is rack-aware once racks differ: clients need them to route.
@@ -75,6 +77,14 @@ def client_address(node: Node, node_id: str) -> str | None:
         return node.config.cluster.client_address
     state = node.gossiper.endpoint_states().get(node_id)
     return None if state is None else state.get(gs.CLIENT_ADDR)
+
+
+def native_address(node: Node, node_id: str) -> str | None:
+    """Where ``node_id``'s native protocol listens, if it has one and told us."""
+    if node_id == node.node_id or node.gossiper is None:
+        return node.native_address
+    state = node.gossiper.endpoint_states().get(node_id)
+    return None if state is None else state.get(NATIVE_GOSSIP_KEY)
 
 
 def _row(

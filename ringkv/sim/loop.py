@@ -100,6 +100,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self._now = 0.0
+        self._disposed = False  # closed by dispose: late callbacks are dropped
         self._timer_seq = itertools.count()
         self.errors: list[str] = []  # unhandled exceptions reported by asyncio
         # Until a process is first paused or crashed, every handle's owner is
@@ -141,10 +142,14 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,
                   context: contextvars.Context | None = None) -> Any:
-        if self._closed:
-            raise RuntimeError("Event loop is closed")
         handle = _Callback(callback, args,
                            context if context is not None else contextvars.copy_context())
+        if self._closed:
+            if self._disposed:
+                # A coroutine the run abandoned, collected after ``dispose``, runs
+                # its ``finally`` (a future cancelled, say): nothing will ever run.
+                return handle
+            raise RuntimeError("Event loop is closed")
         self._ready.append(handle)
         return handle
 
@@ -186,6 +191,7 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
         self._ready.clear()
         self._scheduled.clear()
         self.close()
+        self._disposed = True
 
     # -- the scheduler -----------------------------------------------------------
 

@@ -152,7 +152,11 @@ class Nemesis:
             await step(stop)  # type: ignore[misc]
 
     def _victim(self) -> Machine | None:
-        candidates = [m for m in self.cluster.up() if not m.protected]
+        # Not a machine another nemesis is still starting: killing it mid-start
+        # would fail that nemesis's restart, not test the node. Nor one under a
+        # topology change.
+        candidates = [m for m in self.cluster.up() if not m.protected
+                      and (m.start_task is None or m.start_task.done())]
         return self.rng.choice(candidates) if candidates else None
 
     async def _partition(self, stop: asyncio.Event) -> None:

@@ -116,6 +116,7 @@ class NodeProcess:
     host: str = "127.0.0.1"
     client_port: int = field(default_factory=free_port)
     internode_port: int = field(default_factory=free_port)
+    native_port: int = field(default_factory=free_port)  # the native client protocol's
     extra_args: list[str] = field(default_factory=list)
     config_path: Path | None = None
     wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: runs it on a test host
@@ -146,6 +147,7 @@ class NodeProcess:
             "--host", self.host,
             "--client-port", str(self.client_port),
             "--internode-port", str(self.internode_port),
+            "--native-port", str(self.native_port),
             "--data-dir", str(self.data_dir),
             *self.extra_args,
         ]

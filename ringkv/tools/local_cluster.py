@@ -18,7 +18,7 @@ import yaml
 
 from ringkv.address import format_address
 from ringkv.clock import SystemClock
-from ringkv.tools.launcher import NodeProcess, http, wait_until
+from ringkv.tools.launcher import NodeProcess, free_port_block, http, wait_until
 
 _CLOCK = SystemClock()
 NO_STREAMING = "--no-auto-bootstrap"
@@ -31,6 +31,8 @@ class LocalCluster:
     rf: int = 3
     base_client_port: int = 7400
     base_internode_port: int = 7500
+    # The native protocol's ports; None = a block of free ports.
+    base_native_port: int | None = None
     host_prefix: str = "127.0.0.1"
     extra_args: list[str] = field(default_factory=list)
     config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +59,8 @@ class LocalCluster:
     def build(self) -> list[NodeProcess]:
         config = self.config_file()
         seed = format_address(self.host_prefix, self.base_internode_port)
+        native = (self.base_native_port if self.base_native_port is not None
+                  else free_port_block(self.nodes))
         self.procs = [
             NodeProcess(
                 f"node{i + 1}",
@@ -64,6 +68,7 @@ class LocalCluster:
                 host=self.host_prefix,
                 client_port=self.base_client_port + i,
                 internode_port=self.base_internode_port + i,
+                native_port=native + i,
                 extra_args=["--seeds", seed, *self.extra_args],
                 config_path=config,
             )

@@ -80,12 +80,16 @@ from ringkv.txn.mvcc import MvccStore
 from ringkv.txn.paxos import (
     ELECTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
+    Accept,
     ChosenRecord,
+    Commit,
+    Heartbeat,
     LEASE_S,
     MAX_DRIFT_PPM,
     Committed,
     Message,
     PaxosReplica,
+    Prepare,
     ProposalRefused,
     Ready,
     Role,
@@ -208,6 +212,7 @@ class GroupRunner:
         max_drift_ppm: float = MAX_DRIFT_PPM,
         on_apply: Callable[[CommitValue], None] | None = None,
         members: Iterable[str] | None = None,
+        heard: Iterable[str] = (),
     ) -> None:
         """``on_apply(value)`` runs after each commit is applied to the store,
         in slot order, before the applied point moves past it (the service
@@ -217,7 +222,9 @@ class GroupRunner:
         the same) is its configuration before its log says otherwise. When they
         differ the range is moving, and whoever leads moves the group one member
         at a time (``_move``); a node in ``group.replicas`` but not in
-        ``members`` joins as a learner."""
+        ``members`` joins as a learner. ``heard``: the configuration a joining
+        node was told the group has now (it hears that leader before its log
+        names it)."""
         initial = frozenset(members) if members is not None else frozenset(group.replicas)
         if node_id not in group.replicas and node_id not in initial:
             raise ValueError(f"{node_id!r} is not a member of group {group.group_id!r}")
@@ -230,6 +237,7 @@ class GroupRunner:
         self.group_id = group.group_id
         self.keyspace = group.keyspace
         self.initial_members = initial
+        self.heard = frozenset(heard)
         self._engine = engine
         self._mvcc = mvcc
         self._clock = clock
@@ -319,6 +327,11 @@ class GroupRunner:
         if msg.sender not in self.known_nodes() or msg.sender == self.node_id:
             self.stats.rejected += 1
             return
+        if isinstance(msg, _ASKS_FOR_VOTES) and msg.sender not in self.voters():
+            # A node being added is heard for its answers only: one that started the
+            # group by itself must not win this node's promise or lease vote.
+            self.stats.rejected += 1
+            return
         self.stats.steps += 1
         self._enqueue(self.replica.step(msg, self._clock.monotonic_s()))
 
@@ -349,15 +362,22 @@ class GroupRunner:
 
     def known_nodes(self) -> frozenset[str]:
         """Whom this runner hears: the configuration it knows, the one it started
-        from, and, while it leads, the nodes it is catching up to add. Not the
+        from, and, while it leads, the nodes it is catching up to add or has just
+        removed (their answers only: ``voters`` ask for votes). Not the
         ring's new replicas as such: one that started the group on its own with
         the new replica set as its configuration (one the group never had)
         could otherwise win a phase 1 among them."""
-        heard = self.members | self.initial_members
+        heard = self.voters()
         replica = self.replica
         if replica is not None and replica.role is Role.LEADER:
-            heard |= replica.joining()
+            heard |= replica.joining() | replica.departed()
         return heard
+
+    def voters(self) -> frozenset[str]:
+        """Whose ballots this runner answers (Prepare, Accept, Heartbeat, Commit):
+        the configuration it knows, the one it started from, and the members it was
+        told of when it joined (``heard``), never a node only being added."""
+        return self.members | self.initial_members | self.heard
 
     @property
     def moving(self) -> bool:
@@ -751,6 +771,10 @@ def _engine_bounds(group: Range) -> list[tuple[bytes, bytes]]:
     # Wraps past the ring's end: (start, MAX] and [MIN, end]; the second sorts first.
     return [mvcc_keys.range_bounds(ks, mvcc_keys.MIN_TOKEN - 1, group.end),
             mvcc_keys.range_bounds(ks, group.start, mvcc_keys.MAX_TOKEN)]
+
+
+# Messages that carry a ballot and ask the receiver to promise, accept or vote.
+_ASKS_FOR_VOTES = (Prepare, Accept, Heartbeat, Commit)
 
 
 @dataclass

@@ -26,10 +26,14 @@ hold (409 ``condition_failed``, with the key's current value and version).
 ``route`` decides where a request for a range is served: here (this node
 leads, or the request is a snapshot read this replica can serve), forwarded
 to the leader (or, from a node outside the group, to a member), waited on
-(no leader yet: an election is running), or refused because the group this
-node persisted for the range has other members than the ring now gives it
-(a topology move, which the topology work will carry out; serving from the
-old group would silently split the range's history).
+(no leader yet: an election is running), or refused (``MOVING``) when the
+caller says the group it holds for the range is not the ring's. While a
+group moves to the ring's replicas through its own log, its configuration
+serves: the caller passes the ring's replicas followed by the members on
+their way out, so a hint naming a leader being removed is still followed.
+A range the ring cut differently (a split or merge) is refused by the
+service before routing: serving it from the old group beside a new one
+would silently split the range's history.
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ class Route(enum.Enum):
     LOCAL = "local"  # serve it here
     FORWARD = "forward"  # send it to ``target``
     WAIT = "wait"  # no leader known yet: wait for the election, then route again
-    MOVING = "moving"  # the persisted group differs from the ring's: 503 range_moving
+    MOVING = "moving"  # the group held here is not the ring's and cannot move: 503 range_moving
 
 
 class RouteDecision(NamedTuple):
@@ -223,10 +227,13 @@ def route(
     hops: int = 0,
     max_hops: int = 2,
 ) -> RouteDecision:
-    """Where to serve a request for a range whose ring replicas are ``replicas``.
+    """Where to serve a request for a range served by ``replicas`` (the ring's,
+    then a moving group's members on their way out; ``replicas[0]`` is where a
+    node outside them forwards).
 
-    ``persisted``: the members of the group this node has persisted for the
-    range (None if it has none); ``leads``: this node leads the group with a
+    ``persisted``: the members of a group this node holds for the range that
+    must not serve it (None: none, or one that moves with the ring, which the
+    service passes); ``leads``: this node leads the group with a
     live lease; ``leader_hint``: the leader it last heard from (not itself);
     ``snapshot_ready``: this replica's safe time has passed the read's
     timestamp; ``hops``: how often the request was forwarded already (a

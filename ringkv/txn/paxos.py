@@ -121,8 +121,11 @@ sends it heartbeats and catches it up with the snapshot and the log tail,
 and adds it only once it acknowledged a commit point within a Learn batch of
 the leader's, since it counts towards quorums from then on. A node that
 applies a configuration without itself stops standing, voting and
-accepting; a leader that removed itself steps down, and the others wait out
-its votes as after any leader change. An acceptor answers a proposer outside
+accepting (it still answers heartbeats, unvoted, with how far behind it is,
+so it can be added back); a leader that removed itself steps down, and the
+others wait out its votes as after any leader change. The Commit of the
+entry that removes a node goes to the new members only, so leaders keep
+heartbeating a removed node until it acknowledges that slot (``departed``). An acceptor answers a proposer outside
 the configuration it knows, which may lead one it has not learned yet;
 acceptor safety does not depend on who proposes. The configuration persists
 with the log: entries are records, and a snapshot names the configuration
@@ -164,6 +167,7 @@ MAX_DRIFT_PPM = 200.0  # bound on any clock's rate error (truetime.max_drift_ppm
 LEARN_BATCH = 64  # chosen entries per Learn message
 MAX_UNCHOSEN_SLOTS = 1024  # proposals in flight at the leader before it refuses more
 RESEND_BATCH = 64  # unchosen slots re-sent per heartbeat to replicas that did not accept
+DEPARTED_BEATS = 40  # heartbeats a removed node is sent to learn it (20 s at the default pace)
 
 
 class Role(enum.Enum):
@@ -516,6 +520,10 @@ class PaxosReplica:
         self._config_changed = False  # settled, with the time, at the end of the entry point
         self._change_not_before_s = float("-inf")  # the lease counted under the previous config ends
         self._learners: dict[str, int] = {}  # joining node -> how far behind it acknowledged being (-1: unheard)
+        # Removed node -> (the slot of the configuration that removed it, heartbeats
+        # left): a leader sends it heartbeats until it acknowledges that slot (it may
+        # have missed the entry), or DEPARTED_BEATS went unanswered (it is gone).
+        self._departed: dict[str, tuple[int, int]] = {}
         self._last_beat = (float("nan"), 0)  # (sent_s, our commit point then) of the last heartbeat
 
         # Election timer: drawn in tick (the only call with an rng).
@@ -677,6 +685,10 @@ class PaxosReplica:
         """Nodes this leader is catching up to add (it sends them heartbeats)."""
         return frozenset(self._learners)
 
+    def departed(self) -> frozenset[str]:
+        """Removed nodes not yet known to have learned it (a leader heartbeats them)."""
+        return frozenset(self._departed)
+
     def _propose_config(self, target: frozenset[str]) -> None:
         slot = self.next_slot
         self.next_slot += 1
@@ -827,13 +839,14 @@ class PaxosReplica:
             return frozenset(self.snapshot.members)
         return self.initial_members
 
-    def _apply_config(self, members: Iterable[str]) -> None:
+    def _apply_config(self, members: Iterable[str], slot: int) -> None:
         """A configuration entry is chosen and every slot before it known: it
         governs every slot after it (see "Membership")."""
         target = frozenset(members)
         if target == self.members:
             return
         was_member = self.node_id in self.members
+        previous = self.members
         self._set_members(target)
         if was_member and self.node_id not in target:
             self.removed = True
@@ -841,6 +854,9 @@ class PaxosReplica:
             self.removed = False
         for node in target:
             self._learners.pop(node, None)
+            self._departed.pop(node, None)
+        for node in previous - target - {self.node_id}:
+            self._departed[node] = (slot, DEPARTED_BEATS)
         self._config_changed = True
 
     def _settle_config(self, now_s: float) -> None:
@@ -973,6 +989,12 @@ class PaxosReplica:
         self._broadcast(beat)
         for learner in self._learners:
             self._send(learner, beat)  # its acks tell us how far to catch it up
+        for node, (slot, left) in list(self._departed.items()):
+            self._send(node, beat)  # until it has learned it was removed
+            if left <= 1:
+                del self._departed[node]
+            else:
+                self._departed[node] = (slot, left - 1)
         if not resend:
             return
         # Re-send what is not chosen yet to whoever has not accepted it (messages get lost).
@@ -1009,7 +1031,7 @@ class PaxosReplica:
             self.commit_through += 1
             members = self.chosen[self.commit_through].members
             if members is not None:
-                self._apply_config(members)
+                self._apply_config(members, self.commit_through)
         while self.applied_through < self.commit_through:
             self.applied_through += 1
             entry = self.chosen[self.applied_through]
@@ -1045,7 +1067,7 @@ class PaxosReplica:
         if last > self.commit_through:
             self.commit_through = last
             if snapshot.members is not None:
-                self._apply_config(snapshot.members)
+                self._apply_config(snapshot.members, last)
         if last > self.applied_through:
             self.applied_through = last
             self.applied_ts_us = max(self.applied_ts_us, snapshot.max_ts_us)
@@ -1166,7 +1188,11 @@ class PaxosReplica:
 
     def _on_heartbeat(self, m: Heartbeat, now_s: float) -> None:
         if self.removed:
-            return  # removed from the group: votes and accepts no more
+            # Removed from the group: no vote, no promise, but an answer that says
+            # how far behind it is, so a leader adding it back can catch it up.
+            self._send(m.sender, HeartbeatAck(self.node_id, m.ballot, m.sent_s, self.commit_through,
+                                              False))
+            return
         if m.ballot < self.promised:
             self._send(m.sender, Reject(self.node_id, m.ballot, self.promised, "ballot"))
             return
@@ -1187,6 +1213,8 @@ class PaxosReplica:
             self._count_vote(m.sender, m.sent_s, now_s)
         if m.sender in self._learners and m.sent_s == self._last_beat[0]:
             self._learners[m.sender] = max(0, self._last_beat[1] - m.commit_through)
+        if m.sender in self._departed and self._departed[m.sender][0] <= m.commit_through:
+            del self._departed[m.sender]  # it knows it was removed
         if m.commit_through < self.commit_through:
             self._catch_up(m.sender, m.commit_through + 1)
 

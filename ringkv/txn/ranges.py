@@ -1,25 +1,28 @@
 """The ranges of a transactional keyspace, and the Paxos group that serves each (pure).
 
 Spanner shards data into tablets, each replicated by one Paxos group
-(Spanner §2.1). ringkv splits a transactional keyspace's token space along
-the ring: a range is a maximal run of consecutive ring ranges (vnode ranges)
-whose replicas are the same set of nodes, and those nodes are the range's
-Paxos group. Merging runs keeps the number of groups near the number of
-distinct replica sets rather than the number of vnodes: three nodes with
-RF 3 have one range (the whole ring, one group), five nodes with 16 tokens
-each have a few dozen. Fewer groups mean fewer leaders, leases and
-heartbeats, and fewer transactions that cross ranges.
+(Spanner §2.1), and moves a tablet between groups without changing what it
+holds; CockroachDB likewise keeps a range's bounds apart from where its
+replicas live. ringkv cuts a transactional keyspace's token space into
+``count`` fixed, equal slices (the keyspace's ``ranges`` setting, 1 by
+default: one group for the whole keyspace), and places each slice's group
+on the ring's replicas of the slice's end token.
 
-A range is ``(start, end]`` on the ring, as ``TokenRing.ranges`` gives them;
-``start == end`` is the whole ring. Its ``replicas`` keep the ring's
-preference order of its first vnode range, so ``replicas[0]`` (the preferred
-leader) differs from range to range and leadership spreads over the nodes.
+Fixed bounds are what let the tier move with the ring. A topology change
+(join, decommission, removenode, replace) changes which nodes replicate a
+slice's end token, never where a slice starts or ends: the slice keeps its
+group id (the id names the end token), and its group moves to the new
+replicas through its own log, one member at a time (``GroupRunner.move_to``,
+driven by ``txn/service.py``). Only an operator changing ``ranges`` on a
+keyspace that holds data changes bounds (a split or merge, which is not
+built: the service refuses those ranges by name).
 
-Ranges follow the ring: a topology change gives a new ``RangeMap``. A range
-whose bounds stay and whose replicas change keeps its group id (the id names
-the end token), so its group can move there through its own log
-(``GroupRunner.move_to``); a range whose bounds change (a new node's tokens
-cut it) needs a split or merge, which is not built.
+More slices spread leaders and load over more nodes; fewer keep more
+transactions inside one range (one-shot transactions must stay inside one
+until two-phase commit across ranges lands). A range is ``(start, end]`` on
+the ring; ``start == end`` is the whole ring. Its ``replicas`` keep the
+ring's preference order for its end token, so ``replicas[0]`` (the
+preferred leader) differs from slice to slice.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ringkv.ring import TokenRing, token_for
+from ringkv.config import MAX_RANGES
+from ringkv.ring import MAX_TOKEN, MIN_TOKEN, TokenRing, token_for
+
+
+def slice_ends(count: int) -> list[int]:
+    """The end tokens of ``count`` equal slices of the ring, ascending; the last is
+    MAX_TOKEN, so the first slice starts there and wraps to MIN_TOKEN."""
+    span = MAX_TOKEN - MIN_TOKEN + 1
+    return [MIN_TOKEN + span * (i + 1) // count - 1 for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -52,28 +63,21 @@ class Range:
 
 
 class RangeMap:
-    """Every range of one keyspace, for one ring and replication factor."""
+    """Every range of one keyspace: ``count`` fixed slices of the token space,
+    each placed on ``ring``'s ``rf`` replicas of its end token."""
 
-    def __init__(self, keyspace: str, ring: TokenRing, rf: int) -> None:
+    def __init__(self, keyspace: str, ring: TokenRing, rf: int, count: int = 1) -> None:
         if not len(ring):
             raise ValueError("a range map needs a ring with at least one node")
+        if not 1 <= count <= MAX_RANGES:
+            raise ValueError(f"a keyspace has 1 to {MAX_RANGES} ranges, not {count}")
         self.keyspace = keyspace
         self.rf = rf
-        vnodes = [(start, end, ring.replicas(end, rf)) for start, end, _ in ring.ranges()]
-        runs: list[list[tuple[int, int, tuple[str, ...]]]] = []
-        for vnode in vnodes:
-            if runs and set(runs[-1][-1][2]) == set(vnode[2]):
-                runs[-1].append(vnode)
-            else:
-                runs.append([vnode])
-        if len(runs) > 1 and set(runs[0][0][2]) == set(runs[-1][-1][2]):
-            runs[0] = runs.pop() + runs[0]  # the run across the ring's end is one range
-        ranges = [Range(keyspace, run[0][0], run[-1][1], run[0][2]) for run in runs]
-        if len(ranges) == 1:
-            only = ranges[0]
-            ranges = [Range(keyspace, only.end, only.end, only.replicas)]  # the whole ring
-        self.ranges: tuple[Range, ...] = tuple(sorted(ranges, key=lambda r: r.end))
-        self._ends = [r.end for r in self.ranges]
+        ends = slice_ends(count)
+        ranges = [Range(keyspace, ends[i - 1], end, ring.replicas(end, rf))
+                  for i, end in enumerate(ends)]
+        self.ranges: tuple[Range, ...] = tuple(ranges)  # by end; the first wraps
+        self._ends = list(ends)
 
     def __len__(self) -> int:
         return len(self.ranges)

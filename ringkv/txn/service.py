@@ -10,13 +10,29 @@ It carries out what the pure cores decide, for every transactional keyspace:
   ``TrueTime``, whose peers are the ring's other nodes.
 * **Groups.** A ``RangeMap`` per keyspace from the ring (``txn/ranges.py``),
   and a ``GroupRunner`` per range this node replicates, created lazily: on
-  the first request for the range, or the first Paxos batch for it. A
-  group's members are persisted with it (prefix ``r``); when the ring later
-  gives a range other replicas than a persisted group that covers it, the
-  range answers 503 ``range_moving`` (moving groups is the topology work's).
-  Groups are only formed once the ring has the keyspace's replication factor
-  of nodes, so a node that has not yet heard of its peers never persists a
-  group of one.
+  the first request for the range, or the first Paxos batch for it. A node
+  without a record of the group first asks the range's other replicas
+  (verb ``txn.group``): if one holds it, the node joins it from the
+  configuration they name (as a learner when it is not in it), and it forms
+  a new group with the ring's replicas only once every other replica said
+  it holds none. A group's bounds and first configuration are persisted
+  with it (prefix ``r``); its log says what followed. Groups are only
+  formed once the ring has the keyspace's replication factor of nodes, so a
+  node that has not yet heard of its peers never persists a group of one.
+* **Moving with the ring** (issue #12 §5). When the ring gives a range the
+  same bounds and other replicas (a node joins, decommissions, is removed
+  or replaced), the group moves there through its own log: ``_reconcile``
+  hands every runner the ring's replicas (``GroupRunner.move_to``) and
+  whoever leads adds the new replica, once it is caught up as a learner,
+  then removes the old one, one member at a time (``txn/paxos.py``,
+  "Membership"). Operations go on meanwhile, served by the group's
+  configuration of the moment. A removed member stops its runner once it
+  has learned the removal (its record and log stay: a node added back
+  resumes from them, never from nothing). Ranges are fixed slices
+  (``txn/ranges.py``), so the ring never cuts one; only a change of the
+  keyspace's ``ranges`` setting over data a group holds does (a split or a
+  merge), and such a range is refused with 503 ``range_moving``, ``reason``
+  ``split`` or ``merge``: splitting and merging groups is not built.
 * **Paxos traffic.** Every group's messages go through one ``Outbox``,
   flushed once per loop turn: one coalesced one-way ``txn.paxos`` batch per
   destination; an incoming batch must come from the peer the connection
@@ -24,7 +40,7 @@ It carries out what the pure cores decide, for every transactional keyspace:
   requests served by ``GroupRunner.serve_snapshot``.
 * **Operations** (``execute``), each with the request's one deadline:
   ``txn/leader.py``'s ``route`` decides where (here, the leader over
-  ``txn.op``, wait for an election, or ``range_moving``); at the leader,
+  ``txn.op``, or wait for an election; a split or merge is refused first); at the leader,
   ``TxnManager`` takes the locks (wound-wait), ``evaluate`` decides,
   ``GroupRunner.propose_future`` commits at a timestamp ``s`` inside the
   lease, and commit wait holds the answer and the locks until
@@ -111,8 +127,13 @@ from ringkv.txn.truetime import TrueTime, TTInterval, ntp_sample
 log = logging.getLogger(__name__)
 
 PING, PAXOS, SNAPSHOT, OP = "txn.ping", "txn.paxos", "txn.snapshot", "txn.op"
-VERBS = frozenset({PING, PAXOS, SNAPSHOT, OP})
-MEMBERS_PREFIX = b"r"  # r | u8 len(group_id) | group_id -> msgpack [start, end, replicas]
+GROUP = "txn.group"  # does the peer hold a group, and from which configuration?
+VERBS = frozenset({PING, PAXOS, SNAPSHOT, OP, GROUP})
+# r | u8 len(group_id) | group_id -> msgpack [start, end, initial members, heard]: the
+# configuration the group started from here (its log says what followed) and, for a
+# node that joined a running group, the members it was told the group had then.
+MEMBERS_PREFIX = b"r"
+GROUP_ASK_TIMEOUT_S = 0.5  # per peer asked whether it holds a group (``_obtain``)
 OUTCOME_PREFIX = b"x"  # x | u8 len(group_id) | group_id | txn_id -> u64 commit ts
 SAFE_TIME_TXN = "~safe"  # the empty commits that advance safe time ('~' is no client id's)
 PING_TIMEOUT_S = 1.0
@@ -146,6 +167,12 @@ class _Group:
 class TxnFaults:
     """Where the simulator and tests watch and break the tier; production passes none.
 
+    ``join_alone``: a node the ring makes a new replica of a range starts the
+    range's group by itself, from what it holds, instead of asking the members
+    for the group and joining it as a learner caught up through the log (a
+    new member that elects itself alone: breaks single-key linearizability
+    across a range movement).
+
     ``skip_commit_wait``: answer a commit once it is chosen, without waiting out
     ``TT.after(s)`` (breaks Spanner §4.1.2). ``ignore_safe_time``: serve a
     snapshot read at its timestamp at once, as if this replica's safe time had
@@ -156,6 +183,7 @@ class TxnFaults:
 
     skip_commit_wait: bool = False
     ignore_safe_time: bool = False
+    join_alone: bool = False
     on_commit: Callable[[int], None] | None = None
     on_snapshot_read: Callable[[str, int], None] | None = None
 
@@ -220,6 +248,7 @@ class TxnService:
         self.config = config
         self.keyspaces = {name: ks.replication_factor for name, ks in config.keyspaces.items()
                           if ks.tier == TRANSACTIONAL}
+        self._range_counts = {name: config.keyspaces[name].ranges for name in self.keyspaces}
         self._clock = clock
         self._engine = engine
         self._rng = rng
@@ -234,7 +263,9 @@ class TxnService:
         self._flush_scheduled = False
         self.groups: dict[str, _Group] = {}
         self._maps: dict[str, tuple[TokenRing, RangeMap]] = {}
-        self._persisted: dict[str, Range] = {}  # group id -> the group as persisted here
+        self._persisted: dict[str, Range] = {}  # group id -> its bounds and initial members here
+        self._heard: dict[str, tuple[str, ...]] = {}  # group id -> members told of on joining
+        self._obtaining: dict[str, asyncio.Future[_Group]] = {}  # asking the peers, per group
         self._retries = Retries(config.txn.max_conflict_retries)
         self._ids = itertools.count(1)
         self._ping_timer: Timer | None = None
@@ -259,9 +290,11 @@ class TxnService:
             try:
                 name_len = raw_key[1]
                 group_id = raw_key[2:2 + name_len].decode()
-                start, end, replicas = msgpack.unpackb(raw, raw=False)
+                start, end, replicas, *rest = msgpack.unpackb(raw, raw=False)
                 keyspace = group_id.rsplit("/", 1)[0]
                 self._persisted[group_id] = Range(keyspace, int(start), int(end), tuple(replicas))
+                if rest:
+                    self._heard[group_id] = tuple(rest[0])
             except (ValueError, IndexError, TypeError, UnicodeDecodeError) as exc:
                 log.error("unreadable group membership record %r: %s", raw_key[:64], exc)
         self._schedule_ping(0.0)
@@ -355,35 +388,40 @@ class TxnService:
             raise NoLeader(f"the ring has {len(ring)} nodes, fewer than keyspace {keyspace!r}'s "
                            f"replication_factor {rf}: its Paxos groups are not formed yet",
                            reason="ring_too_small")
-        ranges = RangeMap(keyspace, ring, rf)
+        ranges = RangeMap(keyspace, ring, rf, self._range_counts[keyspace])
         self._maps[keyspace] = (ring, ranges)
         return ranges
 
-    def _moving(self, rng: Range) -> Range | None:
-        """A persisted group covering part of ``rng`` that is not ``rng`` itself."""
+    def _refusal(self, rng: Range) -> RangeMoving | None:
+        """Why ``rng`` cannot be served here: a group persisted here covers part of it
+        with other bounds (the keyspace's ``ranges`` changed: a split or a merge,
+        which is not built). A group with the same bounds and other replicas moves."""
         for old in self._persisted.values():
-            if old.keyspace != rng.keyspace:
-                continue
-            same = (old.start, old.end) == (rng.start, rng.end) and set(old.replicas) == set(
-                rng.replicas)
-            if same:
+            if old.keyspace != rng.keyspace or (old.start, old.end) == (rng.start, rng.end):
                 continue
             if old.contains(rng.end) or rng.contains(old.end):
-                return old
+                return _split_or_merge(rng, old)
         return None
 
-    def _ensure(self, rng: Range) -> _Group:
+    def _ensure(self, rng: Range, *, initial: Sequence[str] | None = None,
+                heard: Sequence[str] = ()) -> _Group:
+        """The group of ``rng`` on this node, started from its persisted record, or
+        else formed from ``initial`` (default: the ring's replicas, a new group)."""
         group = self.groups.get(rng.group_id)
         if group is not None:
             return group
-        if self._moving(rng) is not None:
-            raise RangeMoving(f"range {rng.group_id} has moved to replicas "
-                              f"{', '.join(rng.replicas)}; its group is not moved yet",
-                              range=rng.group_id)
-        if rng.group_id not in self._persisted:
-            record = msgpack.packb([rng.start, rng.end, list(rng.replicas)], use_bin_type=True)
-            self._engine.write([(_group_key(MEMBERS_PREFIX, rng.group_id), record)], (), sync=True)
-            self._persisted[rng.group_id] = rng
+        refusal = self._refusal(rng)
+        if refusal is not None:
+            raise refusal
+        record = self._persisted.get(rng.group_id)
+        if record is None:
+            members = tuple(rng.replicas if initial is None else initial)
+            value = [rng.start, rng.end, list(members)] + ([list(heard)] if heard else [])
+            self._engine.write([(_group_key(MEMBERS_PREFIX, rng.group_id),
+                                 msgpack.packb(value, use_bin_type=True))], (), sync=True)
+            record = self._persisted[rng.group_id] = Range(rng.keyspace, rng.start, rng.end, members)
+            if heard:
+                self._heard[rng.group_id] = tuple(heard)
         lease_s = self.config.txn.lease_s
         runner = GroupRunner(
             self.node_id, rng, engine=self._engine, mvcc=self.mvcc, clock=self._clock,
@@ -393,13 +431,133 @@ class TxnService:
             tick_interval_s=min(HEARTBEAT_INTERVAL_S, lease_s / 4) / 4,
             max_drift_ppm=self.config.truetime.max_drift_ppm,
             on_apply=functools.partial(self._record_outcome, rng.group_id),
+            members=record.replicas, heard=self._heard.get(rng.group_id, ()),
         )
         group = _Group(runner)
         self.groups[rng.group_id] = group
         runner.start()
-        log.info("group %s started on %s with %s", rng.group_id, self.node_id,
-                 ", ".join(rng.replicas))
+        log.info("group %s started on %s (replicas %s, configuration %s)", rng.group_id,
+                 self.node_id, ", ".join(rng.replicas), ", ".join(sorted(runner.members)))
         return group
+
+    async def _obtain(self, rng: Range) -> _Group:
+        """The group of ``rng``, for a replica the ring names: its own, or else the
+        one the other replicas hold (joined as a learner from the configuration they
+        name), or else a new group once a majority of the ring's replicas (this
+        one included) hold no record of it and none answered that it holds it.
+
+        A node the ring makes a new replica of a running group must never start
+        that group by itself with the ring's replicas as its configuration, one
+        the group never had: it could win a phase 1 among them that misses what
+        the group chose."""
+        group = self.groups.get(rng.group_id)
+        if group is not None or rng.group_id in self._persisted or self.faults.join_alone:
+            initial = (self.node_id,) if self.faults.join_alone else None
+            return group or self._ensure(rng, initial=initial)
+        refusal = self._refusal(rng)
+        if refusal is not None:
+            raise refusal
+        pending = self._obtaining.get(rng.group_id)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._obtaining[rng.group_id] = pending
+            self._spawn(self._ask_peers(rng, pending))
+        return await asyncio.shield(pending)
+
+    async def _ask_peers(self, rng: Range, result: asyncio.Future[_Group]) -> None:
+        try:
+            peers = [n for n in rng.replicas if n != self.node_id]
+            answers = await asyncio.gather(*(self._ask(peer, rng) for peer in peers))
+            held = [a for a in answers if a is not None and a.get("has")]
+            if held:
+                answer = held[0]
+                for other in held:
+                    if (int(other["start"]), int(other["end"])) != (rng.start, rng.end):
+                        raise _split_or_merge(rng, Range(rng.keyspace, int(other["start"]),
+                                                         int(other["end"]), ()))
+                # Every holder started from the same first configuration (by induction:
+                # the group's founders, or one that joined this way); whom to hear is
+                # what any of them knows of the configuration now.
+                heard = sorted({str(n) for other in held for n in other["members"]})
+                group = self._ensure(rng, initial=[str(n) for n in answer["initial"]],
+                                     heard=heard)
+            elif any(a is not None and a.get("overlap") for a in answers):
+                raise RangeMoving(f"range {rng.group_id} is being cut differently by the ring; "
+                                  "moving a group across a split or merge is not built",
+                                  range=rng.group_id, reason="split_or_merge")
+            elif 1 + sum(a is not None for a in answers) <= len(rng.replicas) // 2:
+                raise NoLeader(f"range {rng.group_id}: too few replicas answered whether they "
+                               "hold its group", range=rng.group_id, reason="no_leader")
+            else:
+                # A majority holds no record: a new group. A member of a running group
+                # holds a record from the first message it heard, and a move changes one
+                # replica at a time, so the members that stay hold one: this errs only if
+                # one of them is down now and the other never heard from its group.
+                group = self._ensure(rng)
+            if not result.done():
+                result.set_result(group)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiter
+            if not result.done():
+                result.set_exception(exc)
+                result.exception()  # retrieved here too: no waiter is a fine outcome
+        finally:
+            self._obtaining.pop(rng.group_id, None)
+
+    async def _ask(self, peer: str, rng: Range) -> dict[str, Any] | None:
+        transport = self._transport()
+        if transport is None:
+            return None
+        try:
+            answer = await transport.request(
+                peer, GROUP, {"g": rng.group_id, "s": rng.start, "e": rng.end},
+                GROUP_ASK_TIMEOUT_S)
+        except (RingKVError, OSError):
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    def _group_answer(self, payload: Any) -> dict[str, Any]:
+        """What this node holds of the group a peer asks about (``_obtain``)."""
+        try:
+            group_id, start, end = str(payload["g"]), int(payload["s"]), int(payload["e"])
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("malformed group question", field="g") from None
+        record = self._persisted.get(group_id)
+        if record is not None:
+            group = self.groups.get(group_id)
+            members = group.runner.members if group is not None else frozenset(record.replicas)
+            return {"has": True, "start": record.start, "end": record.end,
+                    "initial": list(record.replicas), "members": sorted(members)}
+        keyspace = group_id.rsplit("/", 1)[0]
+        overlap = self._refusal(Range(keyspace, start, end, ()))
+        return {"has": False, "overlap": overlap is not None}
+
+    def _reconcile(self) -> None:
+        """Each group follows the ring: one whose range keeps its bounds and has other
+        replicas moves there through its own log (``GroupRunner.move_to``, carried
+        out by whoever leads); a runner its group removed stops (its record and log
+        stay, so a node added back later resumes from them, never from nothing)."""
+        maps: dict[str, dict[str, Range]] = {}
+        for group_id, group in list(self.groups.items()):
+            runner = group.runner
+            if runner.removed and self.node_id not in runner.group.replicas:
+                runner.stop()
+                del self.groups[group_id]
+                log.info("group %s: %s was removed from it; stopped", group_id, self.node_id)
+                continue
+            keyspace = runner.keyspace
+            if keyspace not in maps:
+                try:
+                    maps[keyspace] = {r.group_id: r for r in self.range_map(keyspace).ranges}
+                except RingKVError:
+                    maps[keyspace] = {}
+            rng = maps[keyspace].get(group_id)
+            if rng is None or (rng.start, rng.end) != (runner.group.start, runner.group.end):
+                continue  # cut differently: refused (``_refusal``)
+            if set(rng.replicas) != set(runner.group.replicas) or rng.replicas != runner.group.replicas:
+                if set(rng.replicas) != set(runner.group.replicas):
+                    log.info("group %s moves from %s to %s", group_id,
+                             ", ".join(sorted(runner.members)), ", ".join(rng.replicas))
+                runner.move_to(rng)
 
     def _record_outcome(self, group_id: str, value: CommitValue) -> None:
         if value.txn_id.startswith("~"):
@@ -439,6 +597,7 @@ class TxnService:
             return
         interval_s = self.config.txn.safe_time_interval_ms / 1000
         self._safe_timer = self._clock.call_later(interval_s, self._safe_time_tick)
+        self._reconcile()
         now_s = self._clock.monotonic_s()
         for group in self.groups.values():
             runner = group.runner
@@ -464,6 +623,8 @@ class TxnService:
         if verb == PAXOS:
             self._on_batch(from_node, payload)
             return None
+        if verb == GROUP:
+            return self._group_answer(payload)
         if verb == SNAPSHOT:
             request = SnapshotRequest.from_wire(payload)
             group = self.groups.get(request.group_id)
@@ -493,6 +654,9 @@ class TxnService:
             group.runner.step(msg)
 
     def _group_for_id(self, group_id: str) -> _Group | None:
+        """The group a Paxos message names, if this node is one of its ring replicas:
+        started from its record at once; else asked for (``_obtain``), and this
+        message dropped (the sender repeats itself)."""
         keyspace = group_id.rsplit("/", 1)[0]
         if keyspace not in self.keyspaces:
             return None
@@ -501,12 +665,22 @@ class TxnService:
         except RingKVError:
             return None
         for rng in ranges.groups_of(self.node_id):
-            if rng.group_id == group_id:
+            if rng.group_id != group_id:
+                continue
+            if group_id in self._persisted:
                 try:
                     return self._ensure(rng)
                 except RingKVError:
                     return None
+            if group_id not in self._obtaining:
+                self._spawn(self._obtain_quietly(rng))
         return None
+
+    async def _obtain_quietly(self, rng: Range) -> None:
+        try:
+            await self._obtain(rng)
+        except RingKVError as exc:
+            log.debug("group %s not obtained on %s: %s", rng.group_id, self.node_id, exc)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -533,22 +707,29 @@ class TxnService:
         snapshot = op.kind == "snapshot_get"
         failed: set[str] = set()
         while True:
-            member = self.node_id in rng.replicas
-            group = self._ensure(rng) if member else None
+            refusal = self._refusal(rng)
+            if refusal is not None:
+                raise refusal
+            group = self.groups.get(rng.group_id)
+            if group is None and self.node_id in rng.replicas:
+                try:
+                    group = await self._obtain(rng)
+                except NoLeader:
+                    group = None  # a replica did not answer: wait and ask again
             runner = None if group is None else group.runner
-            persisted = self._persisted.get(rng.group_id)
-            if persisted is None and self._moving(rng) is not None:
-                persisted = self._moving(rng)
+            # While the group moves, its configuration serves: the ring's replicas
+            # first (replicas[0] is where an outsider forwards), then the members
+            # on their way out, who may still lead.
+            serving = tuple(rng.replicas)
+            if runner is not None:
+                serving += tuple(sorted(runner.members - set(rng.replicas)))
+            member = self.node_id in serving
             decision = route(
-                self.node_id, rng.replicas,
-                persisted=None if persisted is None else persisted.replicas,
+                self.node_id, serving, persisted=None,
                 leads=runner is not None and runner.is_leader(),
                 leader_hint=None if runner is None else runner.leader(),
                 snapshot_ready=runner is not None and self._snapshot_ready(runner, op, now),
                 snapshot_read=snapshot, hops=hops, max_hops=MAX_HOPS)
-            if decision.route is Route.MOVING:
-                raise RangeMoving(f"range {rng.group_id} is moving: the ring gives it replicas "
-                                  f"{', '.join(rng.replicas)}, not the group's", range=rng.group_id)
             if decision.route is Route.LOCAL:
                 assert group is not None
                 return await self._serve(group, rng, op, deadline_s, now)
@@ -556,7 +737,7 @@ class TxnService:
             target = decision.target
             if target is not None and not member and target in failed:
                 # An outsider tries the other members in turn (the first may be down).
-                target = next((r for r in rng.replicas if r not in failed), target)
+                target = next((r for r in serving if r not in failed), target)
             if decision.route is Route.FORWARD and target is not None and remaining_s > 0:
                 try:
                     return await self._forward(target, op, hops + 1, remaining_s)
@@ -564,7 +745,7 @@ class TxnService:
                     if hops > 0:
                         raise
                     failed.add(target)
-                    if len(failed) >= len(rng.replicas):
+                    if len(failed) >= len(serving):
                         failed.clear()
                     log.debug("forward to %s failed: %s", target, exc)
             elif hops > 0 and not member:
@@ -837,13 +1018,26 @@ class TxnService:
         groups = {}
         for gid, group in sorted(self.groups.items()):
             runner = group.runner
-            groups[gid] = {"replicas": list(runner.group.replicas), "leader": runner.leader(),
+            groups[gid] = {"replicas": list(runner.group.replicas),
+                           "members": sorted(runner.members), "moving": runner.moving,
+                           "leader": runner.leader(),
                            "leads": runner.is_leader(), "applied_through": runner.applied_through,
                            "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks),
                            # Group commit at work: fsyncs and persist batches per applied commit.
                            "applied": runner.stats.applied, "fsyncs": runner.stats.fsyncs,
                            "persist_batches": runner.stats.persist_batches}
         return {"truetime": self.clock_status(), "groups": groups, "stats": dict(self.stats)}
+
+
+def _split_or_merge(rng: Range, old: Range) -> RangeMoving:
+    kind = "split" if (old.start == old.end or
+                       (old.contains(rng.end) and old.contains(rng.start + 1))) else "merge"
+    return RangeMoving(
+        f"range {rng.group_id} ({rng.start}, {rng.end}] is cut differently from the Paxos "
+        f"group {old.group_id} ({old.start}, {old.end}] that holds its keys: the keyspace's "
+        f"ranges setting changed, which {'splits' if kind == 'split' else 'merges'} ranges, "
+        "and splitting or merging a Paxos group is not built (set ranges back)",
+        range=rng.group_id, group=old.group_id, reason=kind)
 
 
 def _settle(future: asyncio.Future[str], value: str) -> None:

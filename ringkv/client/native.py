@@ -1,0 +1,111 @@
+"""The client's side of the native protocol (``net/native.py``), sans I/O.
+
+The plans (``operations.py``) speak in HTTP requests (``Send``); a request
+for a node whose native address the ring named is carried over the native
+protocol instead: ``to_native`` turns the ``Send`` into an operation and its
+payload, and ``reply`` turns the answer back into the ``Reply`` the plan
+expects. The status, the JSON document and the replay flag are the HTTP
+API's, so the plans decode both the same way.
+
+Pure: no sockets, no event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ringkv.client.plan import Reply, Send
+from ringkv.errors import ProtocolError
+from ringkv.net.codec import KIND_REQUEST, KIND_RESPONSE, Frame, encode_frame
+from ringkv.net.native import HELLO, HELLO_ID, NATIVE_VERSION, VERSIONS
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+_FIXED = {("GET", "/v1/status"): "status", ("GET", "/v1/ring"): "ring",
+          ("GET", "/v1/health"): "health", ("POST", "/v1/batch"): "batch",
+          ("POST", "/v1/txn"): "txn"}
+_KEY_VERBS = {"GET": "get", "PUT": "put", "DELETE": "delete"}
+
+
+@dataclass(frozen=True)
+class NativeRequest:
+    base_url: str  # the node, as the ring names it
+    verb: str
+    payload: Mapping[str, Any]
+
+
+def base_url(url: str) -> str:
+    """The node part of a request URL (``http://host:port``)."""
+    cut = url.find("/v1/")
+    return url if cut < 0 else url[:cut]
+
+
+def to_native(send: Send) -> NativeRequest | None:
+    """The native operation for an HTTP request of the plans, or None (no such operation:
+    the request goes over HTTP)."""
+    parts = urlsplit(send.url)
+    path = parts.path
+    base = f"{parts.scheme}://{parts.netloc}"
+    payload: dict[str, Any] = {}
+    verb = _FIXED.get((send.method, path))
+    if verb is None:
+        if path.startswith("/v1/kv/"):
+            keyspace, slash, raw_key = path[len("/v1/kv/"):].partition("/")
+            payload["keyspace"] = unquote(keyspace)
+            if slash:
+                verb = _KEY_VERBS.get(send.method)
+                payload["key"] = unquote(raw_key, errors="strict")
+            elif send.method == "GET":
+                verb = "scan"
+        elif path.startswith("/v1/txn/") and send.method == "GET":
+            verb = "txn_status"
+            payload["txn_id"] = unquote(path[len("/v1/txn/"):])
+        if verb is None:
+            return None
+    if parts.query:
+        payload["args"] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if send.body:
+        payload["body"] = send.body
+    idempotency_key = send.headers.get(IDEMPOTENCY_HEADER)
+    if idempotency_key is not None:
+        payload["idempotency_key"] = idempotency_key
+    return NativeRequest(base, verb, payload)
+
+
+def hello_frame(client: str = "ringkv-python") -> bytes:
+    return encode_frame(KIND_REQUEST, HELLO_ID, HELLO,
+                        {"versions": list(VERSIONS), "client": client},
+                        version=NATIVE_VERSION)
+
+
+def check_hello(frame: Frame) -> int:
+    """The version the node chose, or ``ProtocolError`` (a refusal, or a bad answer)."""
+    if frame.kind != KIND_RESPONSE or frame.verb != HELLO:
+        raise _refusal(frame, "the node did not accept the handshake")
+    payload = frame.payload
+    version = payload.get("version") if isinstance(payload, dict) else None
+    if version not in VERSIONS:
+        raise ProtocolError(f"the node chose protocol version {version!r}", field="version")
+    return int(version)
+
+
+def reply(frame: Frame) -> Reply:
+    """A response frame as the ``Reply`` the plans decode."""
+    payload = frame.payload
+    if frame.kind != KIND_RESPONSE or not isinstance(payload, dict):
+        raise _refusal(frame, "the node answered with an error frame")
+    status = payload.get("status")
+    body = payload.get("body")
+    if type(status) is not int or not isinstance(body, bytes):
+        raise ProtocolError("a response needs an integer status and bytes body", field="payload")
+    headers = {REPLAYED_HEADER: "true"} if payload.get("replayed") else {}
+    return Reply(status, body, headers)
+
+
+def _refusal(frame: Frame, what: str) -> ProtocolError:
+    payload = frame.payload if isinstance(frame.payload, dict) else {}
+    return ProtocolError(f"{what}: {payload.get('code', '?')}: {payload.get('message', '')}",
+                         field="frame")

@@ -1,0 +1,469 @@
+"""The client API's operations, once for every front end (the HTTP API and the native protocol).
+
+A front end turns what arrived into an ``ApiCall`` (the keyspace and key,
+the query parameters as strings, the JSON body as bytes, the idempotency
+key, when the request arrived), runs the operation of its route, and sends
+the ``Answer`` back in its own framing: an HTTP response, or a native
+frame. So the validation, the node methods called, the error codes and the
+receipts are the same whichever way a client came in.
+
+A shell module (it awaits the node); the validation it calls is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ringkv.errors import BadRequest, NotFound, RingKVError, ShuttingDown, TooLarge
+from ringkv.quorum import ConsistencyLevel
+from ringkv.server import idempotency
+from ringkv.server import txn_validation as tv
+from ringkv.server import validation as v
+from ringkv.server.status import cluster_status, ring_view
+from ringkv.txn.requests import Condition, TxnRequest, Write
+from ringkv.txn.service import Op
+from ringkv.versioning import Cell
+
+if TYPE_CHECKING:
+    from ringkv.node import Node
+
+BATCH_OPS = ("put", "get", "delete")
+# What a node that is not on the ring yet still answers: how it sees the
+# cluster and why it has not joined. Everything else (data, and health, so
+# that load balancers and tools wait) gets 503 not_joined.
+SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics"})
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+@dataclass(slots=True)
+class ApiCall:
+    """One client request, whichever front end it came through."""
+
+    node: Node
+    started_s: float  # when it arrived: the request's one deadline counts from here
+    keyspace: str = ""
+    key: bytes = b""
+    query: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    idempotency_key: str | None = None
+    # What makes two requests "the same" for the idempotency cache: the front
+    # end's method and target (HTTP: method and path with query).
+    fingerprint_method: str = ""
+    fingerprint_target: str = ""
+    txn_id: str = ""
+    # The node's idempotency cache, one for every front end.
+    cache: idempotency.IdempotencyCache | None = None
+
+
+class Answer(NamedTuple):
+    """An operation's answer: a status (HTTP's numbers) and a JSON document."""
+
+    status: int
+    body: bytes
+    replayed: bool = False
+
+
+def answer(body: Any, status: int = 200) -> Answer:
+    return Answer(status, _ENCODER.encode(body).encode())
+
+
+def error_answer(error: RingKVError) -> Answer:
+    return answer(error.to_json(), error.http_status)
+
+
+INTERNAL_ERROR = Answer(500, b'{"error":{"code":"internal","message":"internal server error"}}')
+
+
+def admit(node: Node, route: str) -> None:
+    """What every front end checks before an operation runs."""
+    if node.draining:
+        raise ShuttingDown("the node is shutting down")
+    if route not in SERVED_BEFORE_JOINING:
+        node.require_joined()
+
+
+def metric_level(text: str | None) -> str:
+    """A bounded label value: clients must not be able to mint new time series."""
+    if not text:
+        return "default"
+    upper = text.upper()
+    return upper if upper in _LEVEL_NAMES else "invalid"
+
+
+_LEVEL_NAMES = frozenset(level.value for level in ConsistencyLevel)
+
+
+# -- single keys -------------------------------------------------------------
+
+
+def _cell_json(key: bytes, cell: Cell, receipt: dict[str, Any] | None) -> bytes:
+    """Render a cell without decoding and re-encoding its (canonical JSON) value."""
+    head: dict[str, Any] = {"key": key.decode(), "timestamp": cell.ts.to_json()}
+    if cell.expires_at_us is not None:
+        head["expires_at_us"] = cell.expires_at_us
+    if receipt is not None:
+        head["receipt"] = receipt
+    encoded = _ENCODER.encode(head).encode()
+    return encoded[:-1] + b',"value":' + cell.value + b"}"
+
+
+def _json_object(call: ApiCall) -> dict[str, Any]:
+    body = v.parse_json_body(call.body)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", field="body")
+    return body
+
+
+def check_keyspace(node: Node, name: str) -> str:
+    node.coordinator.keyspace(name)  # raises NotFound
+    return name
+
+
+Operation = Callable[[ApiCall], Awaitable[Answer]]
+
+
+def _deduplicated(handler: Operation) -> Operation:
+    """Run a write once per idempotency key; repeats get the first answer."""
+
+    async def wrapper(call: ApiCall) -> Answer:
+        cache = call.cache
+        if call.idempotency_key is None or cache is None:
+            return await handler(call)
+        key = idempotency.check_key(call.idempotency_key)
+        fingerprint = idempotency.fingerprint(
+            call.fingerprint_method, call.fingerprint_target, call.body)
+
+        async def execute() -> idempotency.StoredResponse:
+            result = await handler(call)
+            return idempotency.StoredResponse(result.status, result.body, "application/json")
+
+        stored, replayed = await cache.run(key, fingerprint, execute)
+        return Answer(stored.status, stored.body, replayed)
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
+
+
+@_deduplicated
+async def put_key(call: ApiCall) -> Answer:
+    node = call.node
+    keyspace = check_keyspace(node, call.keyspace)
+    body = _json_object(call)
+    if "value" not in body:
+        raise BadRequest('body must have a "value" field', field="value")
+    value = v.value_bytes(body["value"], node.config.limits, field="value")
+    if _transactional(node, keyspace):
+        return await _txn_write(call, keyspace, call.key, value, body)
+    _no_condition(body, keyspace)
+    ttl = v.ttl_s(body.get("ttl", call.query.get("ttl")), field="ttl")
+    level = v.consistency(call.query.get("consistency"), write=True)
+    result = await node.put(keyspace, call.key, value, ttl, level, started_s=call.started_s)
+    return answer(
+        {"ok": True, "timestamp": result.cell.ts.to_json(), "receipt": result.receipt.to_json()}
+    )
+
+
+async def get_key(call: ApiCall) -> Answer:
+    node = call.node
+    keyspace = check_keyspace(node, call.keyspace)
+    key = call.key
+    if _transactional(node, keyspace):
+        return await _txn_get(call, keyspace, key)
+    for name in ("snapshot_ts", "max_staleness_ms"):
+        if name in call.query:
+            raise BadRequest(f"{name} needs a transactional keyspace; {keyspace!r} is eventual",
+                             field=name)
+    if call.query.get("local", "").lower() in ("1", "true", "yes"):
+        cell = node.read_local(keyspace, key)
+        receipt = None
+    else:
+        level = v.consistency(call.query.get("consistency"), write=False)
+        result = await node.get(keyspace, key, level, started_s=call.started_s)
+        cell, receipt = result.cell, result.receipt.to_json()
+    if cell is None or not cell.is_live(node.clock.wall_us()):
+        raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}", receipt=receipt)
+    return Answer(200, _cell_json(key, cell, receipt))
+
+
+@_deduplicated
+async def delete_key(call: ApiCall) -> Answer:
+    node = call.node
+    keyspace = check_keyspace(node, call.keyspace)
+    body = _json_object(call) if call.body else {}
+    if _transactional(node, keyspace):
+        return await _txn_write(call, keyspace, call.key, None, body)
+    _no_condition(body, keyspace)
+    level = v.consistency(call.query.get("consistency"), write=True)
+    result = await node.delete(keyspace, call.key, level, started_s=call.started_s)
+    return answer(
+        {"ok": True, "timestamp": result.cell.ts.to_json(), "receipt": result.receipt.to_json()}
+    )
+
+
+# -- batches and scans -------------------------------------------------------
+
+
+@_deduplicated
+async def batch(call: ApiCall) -> Answer:
+    """Several independent operations in one request (not atomic, like an unlogged batch)."""
+    node = call.node
+    limits = node.config.limits
+    body = _json_object(call)
+    ops = body.get("ops")
+    if not isinstance(ops, list) or not ops:
+        raise BadRequest('"ops" must be a non-empty list', field="ops")
+    if len(ops) > limits.max_batch_ops:
+        raise TooLarge(
+            f"batch has {len(ops)} operations; the limit is {limits.max_batch_ops}",
+            field="ops",
+            limit=limits.max_batch_ops,
+            size=len(ops),
+        )
+    default_level = call.query.get("consistency")
+    # Validate everything before running anything, so a bad op fails the
+    # whole request instead of leaving half of it applied.
+    planned = [_plan_batch_op(node, i, op, default_level) for i, op in enumerate(ops)]
+    results = await asyncio.gather(*(_run_batch_op(node, op) for op in planned))
+    return answer({"results": results})
+
+
+def _plan_batch_op(node: Node, index: int, op: Any, default_level: str | None) -> dict[str, Any]:
+    where = f"ops[{index}]"
+    if not isinstance(op, dict):
+        raise BadRequest("each operation must be a JSON object", field=where)
+    kind = op.get("op")
+    if kind not in BATCH_OPS:
+        raise BadRequest(f"op must be one of {', '.join(BATCH_OPS)}", field=f"{where}.op")
+    keyspace = op.get("keyspace", "default")
+    if not isinstance(keyspace, str):
+        raise BadRequest("keyspace must be a string", field=f"{where}.keyspace")
+    node.coordinator.keyspace(keyspace)
+    if _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is transactional: a batch is not atomic; use "
+                         "POST /v1/txn", field=f"{where}.keyspace")
+    planned = {
+        "op": kind,
+        "keyspace": keyspace,
+        "key": v.key_from_json(op.get("key"), node.config.limits, field=f"{where}.key"),
+        "consistency": v.consistency(
+            op.get("consistency", default_level), write=kind != "get", field=f"{where}.consistency"
+        ),
+    }
+    if kind == "put":
+        if "value" not in op:
+            raise BadRequest('a put needs a "value"', field=f"{where}.value")
+        planned["value"] = v.value_bytes(op["value"], node.config.limits, field=f"{where}.value")
+        planned["ttl"] = v.ttl_s(op.get("ttl"), field=f"{where}.ttl")
+    return planned
+
+
+async def _run_batch_op(node: Node, op: dict[str, Any]) -> dict[str, Any]:
+    key: bytes = op["key"]
+    try:
+        if op["op"] == "put":
+            result = await node.put(op["keyspace"], key, op["value"], op["ttl"], op["consistency"])
+            return {"ok": True, "key": key.decode(), "timestamp": result.cell.ts.to_json()}
+        if op["op"] == "delete":
+            result = await node.delete(op["keyspace"], key, op["consistency"])
+            return {"ok": True, "key": key.decode(), "timestamp": result.cell.ts.to_json()}
+        read = await node.get(op["keyspace"], key, op["consistency"])
+        cell = read.cell
+        if cell is None or not cell.is_live(node.clock.wall_us()):
+            return {"ok": True, "key": key.decode(), "found": False}
+        return {
+            "ok": True,
+            "key": key.decode(),
+            "found": True,
+            "value": cell.json_value(),
+            "timestamp": cell.ts.to_json(),
+        }
+    except RingKVError as exc:
+        return {"ok": False, "key": key.decode(), **exc.to_json()}
+
+
+async def scan(call: ApiCall) -> Answer:
+    node = call.node
+    keyspace = check_keyspace(node, call.keyspace)
+    if _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is transactional: scans of it are not served "
+                         "yet", field="keyspace")
+    limit = v.bounded_int(
+        call.query.get("limit"),
+        field="limit",
+        low=1,
+        high=node.config.limits.max_scan_page,
+        default=min(100, node.config.limits.max_scan_page),
+    )
+    after = v.decode_page_token(call.query.get("page_token"))
+    level = v.consistency(call.query.get("consistency"), write=False)
+    page = await node.coordinator.scan(keyspace, after, limit, level)
+    items = [
+        {"key": key.decode(), "value": cell.json_value(), "timestamp": cell.ts.to_json()}
+        for _token, key, cell in page.items
+    ]
+    return answer(
+        {
+            "items": items,
+            "next_page_token": v.encode_page_token(page.next_after),
+            "receipt": page.receipt.to_json(),
+        }
+    )
+
+
+# -- the transactional tier -------------------------------------------------
+
+
+def _transactional(node: Node, keyspace: str) -> bool:
+    return keyspace in node.txn.keyspaces
+
+
+def _no_condition(body: dict[str, Any], keyspace: str) -> None:
+    if "if" in body:
+        raise BadRequest(f'a condition ("if") needs a transactional keyspace; {keyspace!r} is '
+                         "eventual", field="if")
+
+
+def _serial(call: ApiCall) -> None:
+    """SERIAL (the default) is the only level of a transactional keyspace."""
+    level = call.query.get("consistency")
+    if level and level.upper() != ConsistencyLevel.SERIAL.value:
+        raise BadRequest(f"consistency {level!r} is an eventual level; a transactional keyspace "
+                         "is SERIAL only", field="consistency")
+
+
+def _txn_timeout_s(node: Node) -> float:
+    return node.config.timing.write_timeout_ms / 1000
+
+
+def _json_value(raw: Any) -> Any:
+    return None if raw is None else json.loads(raw)
+
+
+def _txn_reads(reads: Any) -> list[dict[str, Any]]:
+    return [{"key": bytes(r["key"]).decode(), "found": r["value"] is not None,
+             "value": _json_value(r["value"]), "version": r["version"]} for r in reads or ()]
+
+
+async def _txn_write(call: ApiCall, keyspace: str, key: bytes, value: bytes | None,
+                     body: dict[str, Any]) -> Answer:
+    node = call.node
+    _serial(call)
+    unknown = sorted(set(body) - {"value", "if", "id"})
+    if unknown or "ttl" in call.query:
+        name = unknown[0] if unknown else "ttl"
+        raise BadRequest(f"{name!r} is not accepted on a transactional keyspace", field=name)
+    if value is None and "value" in body:
+        raise BadRequest("a delete takes no value", field="value")
+    conditions: tuple[Condition, ...] = ()
+    if "if" in body:
+        conditions = (tv.parse_condition(body["if"], key, node.config.limits, field="if"),)
+    txn_id = body.get("id")
+    if txn_id is not None and (not isinstance(txn_id, str) or not tv.TXN_ID.match(txn_id)):
+        raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -", field="id")
+    txn = TxnRequest(keyspace, txn_id, (), conditions, (Write(key, value),))
+    result = await node.txn.execute(Op("txn", keyspace, txn), started_s=call.started_s,
+                                    timeout_s=_txn_timeout_s(node))
+    return answer({"ok": True, "id": result["id"], "version": result["commit_ts"],
+                   "commit_ts": result["commit_ts"], "receipt": result.get("receipt")})
+
+
+def _query_int(call: ApiCall, name: str, high: int) -> int | None:
+    if name not in call.query:
+        return None
+    return v.bounded_int(call.query[name], field=name, low=0, high=high, default=0)
+
+
+async def _txn_get(call: ApiCall, keyspace: str, key: bytes) -> Answer:
+    node = call.node
+    _serial(call)
+    snapshot_ts = _query_int(call, "snapshot_ts", 2**63 - 1)
+    staleness_ms = _query_int(call, "max_staleness_ms", 86_400_000)
+    if snapshot_ts is not None and staleness_ms is not None:
+        raise BadRequest("give snapshot_ts or max_staleness_ms, not both", field="snapshot_ts")
+    if snapshot_ts is not None or staleness_ms is not None:
+        op = Op("snapshot_get", keyspace, key=key, snapshot_ts_us=snapshot_ts,
+                max_staleness_ms=staleness_ms)
+        result = await node.txn.execute(op, started_s=call.started_s,
+                                        timeout_s=node.config.timing.read_timeout_ms / 1000)
+        return _versioned_json(key, result["value"], result["version"], result["receipt"])
+    result = await node.txn.execute(Op("get", keyspace, key=key), started_s=call.started_s,
+                                    timeout_s=node.config.timing.read_timeout_ms / 1000)
+    read = result["reads"][0]
+    if read["value"] is None:
+        raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}",
+                       receipt=result["receipt"])
+    return _versioned_json(key, read["value"], read["version"], result["receipt"])
+
+
+def _versioned_json(key: bytes, value: bytes, version: int, receipt: Any) -> Answer:
+    """A transactional read's answer; the stored value is canonical JSON already, so it is
+    spliced in rather than decoded and encoded again (as ``_cell_json`` does)."""
+    head = _ENCODER.encode({"key": key.decode(), "version": version, "receipt": receipt})
+    return Answer(200, head.encode()[:-1] + b',"value":' + bytes(value) + b"}")
+
+
+@_deduplicated
+async def post_txn(call: ApiCall) -> Answer:
+    """A one-shot transaction in one range: reads, conditions and writes at one timestamp."""
+    node = call.node
+    body = v.parse_json_body(call.body)
+    txn = tv.parse_txn(body, node.config.limits)
+    node.coordinator.keyspace(txn.keyspace)  # raises NotFound
+    if not _transactional(node, txn.keyspace):
+        raise BadRequest(f"keyspace {txn.keyspace!r} is eventual: transactions need a "
+                         "transactional keyspace", field="keyspace")
+    result = await node.txn.execute(Op("txn", txn.keyspace, txn), started_s=call.started_s,
+                                    timeout_s=_txn_timeout_s(node))
+    reply = {"ok": True, "id": result["id"], "committed": result["committed"],
+             "reads": _txn_reads(result.get("reads")), "receipt": result.get("receipt")}
+    if result.get("commit_ts") is not None:
+        reply["commit_ts"] = result["commit_ts"]
+    return answer(reply)
+
+
+async def get_txn(call: ApiCall) -> Answer:
+    """A transaction's definite outcome: committed (with its timestamp), or 404 not committed."""
+    node = call.node
+    txn_id = call.txn_id
+    if not tv.TXN_ID.match(txn_id):
+        raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -", field="id")
+    keyspace = call.query.get("keyspace")
+    if not keyspace:
+        raise BadRequest("keyspace is required (the transaction's keyspace)", field="keyspace")
+    node.coordinator.keyspace(keyspace)
+    if not _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is eventual", field="keyspace")
+    raw_key = call.query.get("key")
+    if raw_key is None:
+        ranges = node.txn.range_map(keyspace)
+        if len(ranges) > 1:
+            raise BadRequest(f"keyspace {keyspace!r} has {len(ranges)} ranges: name a key the "
+                             "transaction touched", field="key")
+        key = b""
+    else:
+        key = v.key_from_json(raw_key, node.config.limits, field="key")
+    op = Op("status", keyspace, key=key, txn_id=txn_id)
+    result = await node.txn.execute(op, started_s=call.started_s,
+                                    timeout_s=node.config.timing.read_timeout_ms / 1000)
+    return answer(result)
+
+
+# -- cluster information -----------------------------------------------------
+
+
+async def status(call: ApiCall) -> Answer:
+    return answer(cluster_status(call.node))
+
+
+async def ring(call: ApiCall) -> Answer:
+    return answer(ring_view(call.node))
+
+
+async def health(call: ApiCall) -> Answer:
+    return answer({"ok": True, "node_id": call.node.node_id})

@@ -1,0 +1,310 @@
+"""The native protocol's listener (shell): frames in, the API's operations run, frames out.
+
+One asyncio ``Protocol`` per connection (no task per connection): it feeds
+bytes to the codec's decoder, lets ``net/native.py`` decide the handshake
+and each request, runs the operation (``server/handlers.py``, the same as
+HTTP's) in a task of its own, and writes the answers as they come, in any
+order, gathered into one write per loop turn. At most ``MAX_IN_FLIGHT``
+requests run per connection; the rest wait in arrival order, and the
+connection stops reading until they have started (back-pressure, not an
+error).
+
+The client door (``door.py``) holds it as it holds HTTP's connections: the
+connection cap shared with HTTP, a frame's length prefix read as the
+"head" (header timeout), the idle timeout between requests, and a frame
+over the size limit answered with ``too_large`` naming the limit, then
+closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from ringkv.clock import Clock
+from ringkv.door import CLIENT_CLOSED, TOO_LARGE, Connection, Door, Expiry
+from ringkv.errors import ProtocolError, RingKVError
+from ringkv.net import native as core
+from ringkv.net.codec import (
+    KIND_ERROR, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
+)
+from ringkv.server import handlers as h
+from ringkv.server import validation as v
+from ringkv.server.guard import DeadlineTimer, Guest
+from ringkv.server.idempotency import IdempotencyCache
+
+if TYPE_CHECKING:
+    from ringkv.node import Node
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 256  # requests running at once on one connection
+FRAME_OVERHEAD_BYTES = 64 * 1024  # the envelope and the fields around a body of the limit
+
+
+class NativeServer:
+    """What every native connection of a node shares."""
+
+    def __init__(self, node: Node, door: Door, cache: IdempotencyCache, clock: Clock) -> None:
+        self.node = node
+        self.door = door
+        self.cache = cache
+        self.clock = clock
+        self.max_body_bytes = node.config.limits.max_request_bytes
+        self.max_frame_bytes = self.max_body_bytes + FRAME_OVERHEAD_BYTES
+        self.connections: set[NativeConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: NativeConnection(self), host, port, reuse_address=True)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self, drain_s: float) -> None:
+        """Stop accepting, let the requests in flight finish (at most ``drain_s``), close."""
+        self.stop_accepting()
+        deadline = self.clock.monotonic_s() + drain_s
+        while any(c.tasks for c in self.connections) and self.clock.monotonic_s() < deadline:
+            await self.clock.sleep(0.01)
+        for connection in list(self.connections):
+            connection.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class NativeConnection(asyncio.Protocol):
+    """One client connection speaking the native protocol."""
+
+    def __init__(self, server: NativeServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(server.max_frame_bytes)
+        self.packer = frame_packer()
+        self.version: int | None = None  # None until the handshake
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused = False
+        self._closing = False
+        self._backlog: deque[Frame] = deque()  # requests arrived, not started yet
+        self._visit: Connection | None = None
+        self._deadline: DeadlineTimer | None = None
+
+    # -- the connection ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        server = self.server
+        now = server.clock.monotonic_s()
+        admission = server.door.admit(self, now)
+        if admission.evict is not None:  # of this listener or HTTP's
+            cast(Guest, admission.evict.owner).door_close(admission.evict_error)
+        if admission.connection is None:
+            assert admission.refusal is not None
+            self._send_error(0, admission.refusal)
+            self.close()
+            return
+        self._visit = admission.connection
+        server.connections.add(self)
+        self._deadline = DeadlineTimer(admission.connection, server.clock, self._expired)
+        self._deadline.update(now)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.server.connections.discard(self)
+        if self._visit is not None and self._visit.lost() == CLIENT_CLOSED:
+            log.debug("a native client went away mid-request")
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.transport = None
+        self._closing = True
+
+    def data_received(self, data: bytes) -> None:
+        visit = self._visit
+        if visit is None or not visit.is_open or self._closing:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(core.frame_error(exc, self.server.max_frame_bytes))
+            return
+        for frame in frames:
+            visit.request_complete()  # arrived whole (the hello counts as a request too)
+            if self.version is None and not self._backlog:
+                self._handshake(frame)
+                if self._closing:
+                    return
+            else:
+                self._backlog.append(frame)
+        self._run_backlog()
+        if self.decoder.buffered and visit.is_open:
+            now = self.server.clock.monotonic_s()
+            visit.head_started(now)  # part of a frame: the header timeout runs
+            assert self._deadline is not None
+            self._deadline.update(now)
+
+    def _run_backlog(self) -> None:
+        """Start the requests that arrived, at most MAX_IN_FLIGHT at once; while some
+        wait their turn, read no more from the client (back-pressure)."""
+        backlog = self._backlog
+        while backlog and len(self.tasks) < MAX_IN_FLIGHT and not self._closing:
+            frame = backlog.popleft()
+            try:
+                request = core.request(frame)
+            except ProtocolError as exc:
+                self._answer(frame.request_id, frame.verb, h.error_answer(exc))
+                continue
+            self._start(request)
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        if backlog and not self._paused:
+            self._paused = True
+            transport.pause_reading()
+        elif self._paused and not backlog and len(self.tasks) < MAX_IN_FLIGHT // 2:
+            self._paused = False
+            transport.resume_reading()
+
+    def _handshake(self, frame: Frame) -> None:
+        try:
+            chosen = core.hello(frame)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        self.version = chosen.version
+        server = self.server
+        self._write(encode_frame(KIND_RESPONSE, core.HELLO_ID, core.HELLO, core.hello_answer(
+            chosen, node_id=server.node.node_id, max_frame_bytes=server.max_frame_bytes,
+            max_in_flight=MAX_IN_FLIGHT), version=self.version, packer=self.packer))
+        self._answered()
+
+    def _answered(self) -> None:
+        visit = self._visit
+        if visit is not None and self._deadline is not None:
+            now = self.server.clock.monotonic_s()
+            self._deadline.update_to(visit.answered(now), now)
+
+    # -- running requests ----------------------------------------------------
+
+    def _start(self, request: core.Request) -> None:
+        task = asyncio.ensure_future(self._run(request))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self._paused:
+            self._run_backlog()
+
+    async def _run(self, request: core.Request) -> None:
+        server = self.server
+        node = server.node
+        clock = server.clock
+        started = clock.monotonic_s()
+        route = core.OPERATIONS[request.verb]
+        args = request.args
+        try:
+            h.admit(node, route)
+            too_large = server.door.body_too_large(len(request.body))
+            if too_large is not None:
+                raise too_large
+            key = (v.key_from_json(request.key, node.config.limits, field="key")
+                   if request.key else b"")
+            call = h.ApiCall(node, started, request.keyspace, key, args, request.body,
+                             request.idempotency_key, txn_id=request.txn_id, cache=server.cache)
+            if request.idempotency_key is not None:  # what a repeat must match
+                call.fingerprint_method = request.verb
+                call.fingerprint_target = (f"{request.keyspace}/{request.key}?txn={request.txn_id}"
+                                           f"&{sorted(args.items())}")
+            result = await _ROUTES[request.verb](call)
+        except RingKVError as exc:
+            result = h.error_answer(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the boundary: log it, never crash the node
+            log.exception("unhandled error serving native %s", request.verb)
+            result = h.INTERNAL_ERROR
+        node.metrics.observe_request(route, h.metric_level(args.get("consistency")),
+                                     result.status, clock.monotonic_s() - started)
+        self._answer(request.request_id, request.verb, result)
+
+    def _answer(self, request_id: int, verb: str, result: h.Answer) -> None:
+        if self.transport is None:
+            return
+        try:
+            frame = encode_frame(KIND_RESPONSE, request_id, verb,
+                                 core.response_payload(*result),
+                                 version=self.version or core.NATIVE_VERSION, packer=self.packer)
+        except RingKVError as exc:  # an answer over the frame limit
+            frame = encode_frame(KIND_RESPONSE, request_id, verb,
+                                 core.response_payload(*h.error_answer(exc)),
+                                 version=self.version or core.NATIVE_VERSION, packer=self.packer)
+        self._write(frame)
+        self._answered()
+
+    # -- writing and closing ---------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.transport is not None and out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _send_error(self, request_id: int, error: RingKVError) -> None:
+        """A ``KIND_ERROR`` frame: the connection is about to close."""
+        if self.transport is None:
+            return
+        self._flush()
+        self.transport.write(encode_frame(KIND_ERROR, request_id, "error", error.to_json()["error"],
+                                          version=self.version or core.NATIVE_VERSION))
+
+    def _fail(self, error: RingKVError) -> None:
+        log.debug("closing a native connection: %s", error.message)
+        if self._visit is not None and error.code == "too_large":
+            self._visit.closing(TOO_LARGE)
+        self._send_error(0, error)
+        self.close()
+
+    def _expired(self, expiry: Expiry) -> None:
+        assert self._visit is not None
+        self._visit.closing(expiry.reason)
+        self.door_close(expiry.error)
+
+    def door_close(self, error: RingKVError | None) -> None:
+        """The door closes this connection (a deadline, or room for another)."""
+        if error is not None:
+            self._send_error(0, error)
+        self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+_ROUTES = {
+    "get": h.get_key,
+    "put": h.put_key,
+    "delete": h.delete_key,
+    "scan": h.scan,
+    "batch": h.batch,
+    "txn": h.post_txn,
+    "txn_status": h.get_txn,
+    "status": h.status,
+    "ring": h.ring,
+    "health": h.health,
+}
