@@ -480,15 +480,15 @@ class Gossiper:
             local = self._states.get(node_id)
             asked_whole = node_id in self._asked_whole
             self._asked_whole.discard(node_id)
-            # Whether ``remote`` is the whole state: what we asked for from version
-            # 0 (an Ack2), or what an Ack sent against our digest naming an older
-            # incarnation (sent whole). Our Syns name only endpoints we know, so an
-            # Ack's state of an endpoint we do not know was computed for someone
-            # else's digest.
+            # Whether ``remote`` is the whole state. Our Syns name only endpoints we
+            # know, so an Ack's state of one we do not know was computed for
+            # another's digest (unless the Ack answers a shadow round); an Ack2
+            # answers what we asked, an unknown endpoint from version 0. A new
+            # incarnation's state is always sent whole.
             if local is None:
-                whole = asked_whole or shadow
+                whole = not reply_to_syn or shadow
             elif remote.generation > local.generation:
-                whole = reply_to_syn or asked_whole
+                whole = True
             elif remote.generation == local.generation:
                 # (Not an Ack: more answers to the old incarnation's Syns may come.)
                 whole = asked_whole or shadow
