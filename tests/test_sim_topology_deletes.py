@@ -90,7 +90,7 @@ def test_resurrection_checker() -> None:
 
 # Replicas that lose tombstones while another replica missed the delete: crashes
 # and partitions make replicas miss writes, hints and read repair deliver them late.
-RESURRECTION = SimSettings(seed=2, ops=300, keys=5, duration_s=15, boot="provisioned",
+RESURRECTION = SimSettings(seed=6, ops=300, keys=5, duration_s=15, boot="provisioned",
                            nemesis=("partition", "crash"), deletes=0.4)
 
 
