@@ -305,7 +305,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         nemesis=nemesis, fault=args.fault, duration_s=args.duration,
         commit_sync=args.commit_sync, hints=not args.no_hints,
         write_fraction=args.write_fraction, max_skew_s=args.max_skew, boot=args.boot,
-        workload=args.workload,
+        workload=args.workload, deletes=args.deletes, gc_grace_s=args.gc_grace,
     )
 
 
@@ -462,11 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--write", default="QUORUM", help="write consistency level")
     sim.add_argument("--nemesis", default="none",
                      help="comma-separated: partition,crash,power,pause,clog,skew,"
-                          "isolate-repeat,leader (or none)")
+                          "isolate-repeat,leader, and the topology changes join,"
+                          "decommission,removenode,wipe (or none)")
     sim.add_argument("--fault", default=None,
                      help="plant a broken coordinator: ack-without-write, ack-before-write, "
-                          "backdated-write, phantom-read, no-read-repair; with --workload "
-                          "register a broken transactional node: skip-commit-wait, no-fencing")
+                          "backdated-write, phantom-read, no-read-repair; or broken replicas: "
+                          "purge-tombstones-at-once; with --workload register a broken "
+                          "transactional node: skip-commit-wait, no-fencing")
     sim.add_argument("--duration", type=float, default=60.0,
                      help="virtual seconds the workload is spread over (default 60)")
     sim.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic")
@@ -480,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="eventual: writes and reads on an eventual keyspace; register: "
                           "compare-and-set registers on a transactional keyspace (RF 3), "
                           "checked for linearizability and commit wait")
+    sim.add_argument("--deletes", type=float, default=0.0,
+                     help="share of the eventual workload's writes that are deletes "
+                          "(default 0); reads after a delete are checked for resurrection")
+    sim.add_argument("--gc-grace", type=int, default=None,
+                     help="timing.gc_grace_s of every node (default: the config's); repair "
+                          "then runs every half of it and tombstones may be purged in the run")
     sim.add_argument("--no-hints", action="store_true", help="turn hinted handoff off")
     sim.add_argument("--history", action="store_true", help="print every operation")
     sim.add_argument("--node-logs", action="store_true",

@@ -522,7 +522,10 @@ class _Allocator:
                 if len(replica_sets[i]) == rf:
                     last = replica_sets[i][-1]
                     slope_rf[last] = slope_rf.get(last, 0) - 1
-            touched_rf = set(fixed) | set(slope_rf)
+            # In a fixed order (the joiner first, then by node id): float sums in
+            # a set's order, which follows string hashing (PYTHONHASHSEED), round
+            # differently and could pick other tokens in another process.
+            touched_rf = sorted(set(fixed) | set(slope_rf), key=lambda n: (n is not None, n or ""))
 
             # Minimum of the parabola: f'(x) = 2 * (sum_c w*c*offset + x * sum_c w*c^2).
             # Range-size term: (x - I)^2 + (width - x - I)^2, derivative 4x - 2*width.

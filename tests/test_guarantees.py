@@ -83,7 +83,7 @@ def test_a_negative_control_that_is_not_caught_stops_the_figures(
     """The controls' row says each planted bug is caught in every run: a run of a
     control that passes every checker is refused, like a healthy run that fails."""
     names = ("lost writes", "stale reads", "reads of values", "replicas", "writes discarded",
-             "linearizable", "commit wait", "snapshot reads", "bounded staleness", "safe time")
+             "resurrected values", "linearizable", "commit wait", "snapshot reads", "bounded staleness", "safe time")
     passing = [Verdict(name, True, "0 items") for name in names]
 
     def every_run_passes(command: str, progress: object) -> list[SimResult]:

@@ -183,6 +183,16 @@ class Gossiper:
         }
         self._live: set[str] = set()
         self._events: deque[Event] = deque()
+        # Endpoints we asked for whole (from version 0) and not yet heard about.
+        self._asked_whole: set[str] = set()
+        # Endpoints whose state may be only part of one: taken whole from a reply
+        # we did not ask for whole (a reply to this node's previous incarnation,
+        # which named them: then it is a delta above what that one held). Until
+        # we get it whole (asked from version 0 when a peer's Syn names it), our
+        # digests claim nothing of it, and we pass none of it on; claiming its
+        # versions would keep the missing keys (TOKENS, STATUS) from us, and
+        # from every node we relay it to.
+        self._unsure: set[str] = set()
         # Peers that answered a shadow round, and whether one of them knew an
         # earlier incarnation of this node as LEFT (removed or replaced while down).
         self.shadow_answers: set[str] = set()
@@ -294,11 +304,15 @@ class Gossiper:
             return self._handle_syn(sender_addr, msg)
         if isinstance(msg, Ack):
             self._note_shadow_answer(sender_addr, msg.states)
-            self._apply(msg.states, now_s)
+            # A shadow round's answer (it carries our own state) is every state whole.
+            self._apply(msg.states, now_s, reply_to_syn=True,
+                        shadow=self.node_id in msg.states)
             states = _capped(states_for_requests(self._states, msg.digests_requested))
+            if self._unsure:  # never pass on what may be only part of a state
+                states = {n: st for n, st in states.items() if n not in self._unsure}
             return [Outgoing(sender_addr, Ack2(states))] if states else []
         if isinstance(msg, Ack2):
-            self._apply(msg.states, now_s)
+            self._apply(msg.states, now_s, reply_to_syn=False)
             return []
         raise ProtocolError(f"not a gossip message: {type(msg).__name__}")
 
@@ -402,7 +416,8 @@ class Gossiper:
         if len(node_ids) > MAX_ENDPOINTS_PER_MESSAGE:
             others = [n for n in node_ids if n != self.node_id]
             node_ids = [self.node_id, *sorted(rng.sample(others, MAX_ENDPOINTS_PER_MESSAGE - 1))]
-        return tuple(digest_of(n, self._states[n]) for n in node_ids)
+        return tuple(GossipDigest(n, self._states[n].generation, 0) if n in self._unsure
+                     else digest_of(n, self._states[n]) for n in node_ids)
 
     def _check_liveness(self, now_s: float) -> None:
         for node_id in sorted(self._live):
@@ -421,10 +436,21 @@ class Gossiper:
             self._emit("foreign_cluster", None, sender_addr=sender_addr, cluster=syn.cluster)
             return []
         if not syn.digests:  # shadow round: the sender wants everything we know
-            return [Outgoing(sender_addr, Ack((), _capped(dict(self._states))))]
+            known = {n: st for n, st in self._states.items() if n not in self._unsure}
+            return [Outgoing(sender_addr, Ack((), _capped(known)))]
         to_request, to_send = examine_digests(self._states, syn.digests)
         # Nobody knows our own state better than we do: never ask for it.
         to_request = [d for d in to_request if d.node_id != self.node_id]
+        if self._unsure:
+            # Ask again, whole, for what we may hold only part of (see _unsure).
+            named = {d.node_id: d.generation for d in syn.digests if d.node_id in self._unsure}
+            to_request = [d for d in to_request if d.node_id not in named]
+            to_request += [GossipDigest(n, g, 0) for n, g in sorted(named.items())]
+            # Never pass on what may be only part of a state (it would be taken whole).
+            to_send = {n: st for n, st in to_send.items() if n not in self._unsure}
+        for digest in to_request:
+            if digest.max_version == 0 and len(self._asked_whole) < MAX_KNOWN_ENDPOINTS:
+                self._asked_whole.add(digest.node_id)
         if not to_request and not to_send:
             return []
         return [Outgoing(sender_addr, Ack(tuple(to_request), _capped(to_send)))]
@@ -442,12 +468,37 @@ class Gossiper:
             self._emit("left_before", self.node_id, sender_addr=sender_addr,
                        generation=ours.generation)
 
-    def _apply(self, states: dict[str, EndpointState], now_s: float) -> None:
+    def _apply(self, states: dict[str, EndpointState], now_s: float, *,
+               reply_to_syn: bool, shadow: bool = False) -> None:
+        """Merge the states of an Ack (``reply_to_syn``: computed against the digests
+        of our Syn, or ``shadow``: everything the peer knows, whole) or an Ack2 (the
+        answer to what our Ack asked for)."""
         for node_id in sorted(states):
             if node_id == self.node_id or not is_valid_node_id(node_id):
                 continue  # our own state is authoritative here
             remote = states[node_id]
             local = self._states.get(node_id)
+            asked_whole = node_id in self._asked_whole
+            self._asked_whole.discard(node_id)
+            # Whether ``remote`` is the whole state. Our Syns name only endpoints we
+            # know, so an Ack's state of one we do not know was computed for
+            # another's digest (unless the Ack answers a shadow round); an Ack2
+            # answers what we asked, an unknown endpoint from version 0. A new
+            # incarnation's state is always sent whole.
+            if local is None:
+                whole = not reply_to_syn or shadow
+            elif remote.generation > local.generation:
+                whole = True
+            elif remote.generation == local.generation:
+                # (Not an Ack: more answers to the old incarnation's Syns may come.)
+                whole = asked_whole or shadow
+            else:
+                whole = False  # old news, ignored below
+            if whole:
+                self._unsure.discard(node_id)
+            elif (local is None or remote.generation > local.generation) and \
+                    len(self._unsure) < MAX_KNOWN_ENDPOINTS:
+                self._unsure.add(node_id)
             if local is None:
                 if len(self._states) >= MAX_KNOWN_ENDPOINTS:
                     continue

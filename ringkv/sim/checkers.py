@@ -18,9 +18,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ringkv.sim.history import FAIL, OK, Op
+from ringkv.sim.history import DELETE, FAIL, OK, Op
 
 EXCERPT_LINES = 12
+MUTATIONS = ("write", DELETE)
 NOT_PROMISED = "; not promised by these settings, so measured, not judged"
 
 
@@ -44,11 +45,40 @@ class Verdict:
 
 
 def _writes_by_key(history: Sequence[Op]) -> dict[str, dict[str, Op]]:
+    """Each key's writes by the (unique) value they wrote; deletes are not here."""
     writes: dict[str, dict[str, Op]] = {}
     for op in history:
         if op.kind == "write":
             writes.setdefault(op.key, {})[op.value or ""] = op
     return writes
+
+
+def _deletes_by_key(history: Sequence[Op]) -> dict[str, list[Op]]:
+    deletes: dict[str, list[Op]] = {}
+    for op in history:
+        if op.kind == DELETE:
+            deletes.setdefault(op.key, []).append(op)
+    return deletes
+
+
+def _acked_mutations(writes: Mapping[str, Op], deletes: Sequence[Op]) -> _AckedWrites:
+    """A key's writes and deletes: a delete is a write of "absent"."""
+    return _AckedWrites([*writes.values(), *deletes])
+
+
+def _floor(read: Op, writes: Mapping[str, Op], deletes: Sequence[Op]) -> float:
+    """When the value ``read`` returned was certainly in effect: the ack of the write
+    that produced it; for "absent", the latest such moment of any delete that had
+    begun before the read ended (or never, -inf, if none: the initial absence).
+    An acknowledged write or delete that began after this was missed by the read."""
+    if read.value is not None:
+        source = writes.get(read.value)
+        return -math.inf if source is None else _acked_end(source)
+    floor = -math.inf
+    for delete in deletes:
+        if delete.status != FAIL and (read.end is None or delete.start <= read.end):
+            floor = max(floor, _acked_end(delete))
+    return floor
 
 
 def _acked_end(write: Op) -> float:
@@ -79,11 +109,9 @@ class _AckedWrites:
         return self.writes[: bisect.bisect_left(self.ends, t)]
 
 
-def _missed(read: Op, writes: dict[str, Op], acked: _AckedWrites) -> list[Op]:
-    """Acked writes that ``read`` should have seen (they ended before it began, and
-    the value it returned certainly came before them), all of them."""
-    source = writes.get(read.value) if read.value is not None else None
-    floor = -math.inf if source is None else _acked_end(source)
+def _missed(read: Op, floor: float, acked: _AckedWrites) -> list[Op]:
+    """Acked writes (and deletes) that ``read`` should have seen (they ended before it
+    began, and the value it returned certainly came before them), all of them."""
     return [w for w in acked.all_before(read.start) if w.start > floor]
 
 
@@ -106,17 +134,21 @@ def lost_writes(history: Sequence[Op], *, promised: bool = True) -> Verdict:
     ``promised=False`` (e.g. skewed clocks) losses are counted, not judged.
     """
     writes = _writes_by_key(history)
+    deletes = _deletes_by_key(history)
     final_reads = [op for op in history if op.final and op.kind == "read" and op.status == OK]
     read_keys = {op.key for op in final_reads}
     lost: dict[int, tuple[Op, Op]] = {}
     for read in final_reads:
-        key_writes = writes.get(read.key, {})
-        acked = _AckedWrites(list(key_writes.values()))
-        for write in _missed(read, key_writes, acked):
+        key_writes, key_deletes = writes.get(read.key, {}), deletes.get(read.key, [])
+        acked = _acked_mutations(key_writes, key_deletes)
+        for write in _missed(read, _floor(read, key_writes, key_deletes), acked):
             lost.setdefault(write.index, (write, read))
-    unchecked = sorted(key for key, ws in writes.items()
-                       if key not in read_keys and any(w.status == OK for w in ws.values()))
-    n_acked = sum(1 for op in history if op.kind == "write" and op.status == OK)
+    mutated = {key: [*ws.values(), *deletes.get(key, [])] for key, ws in writes.items()}
+    for key, ds in deletes.items():
+        mutated.setdefault(key, list(ds))
+    unchecked = sorted(key for key, ops in mutated.items()
+                       if key not in read_keys and any(op.status == OK for op in ops))
+    n_acked = sum(1 for op in history if op.kind in MUTATIONS and op.status == OK)
     if unchecked:
         return Verdict("lost acknowledged writes", False,
                        f"no final read succeeded for {len(unchecked)} key(s): {unchecked[:5]}",
@@ -142,7 +174,9 @@ def stale_reads(history: Sequence[Op], *, promised: bool) -> Verdict:
     as a measurement, and the verdict is ok.
     """
     writes = _writes_by_key(history)
-    acked = {key: _AckedWrites(list(ws.values())) for key, ws in writes.items()}
+    deletes = _deletes_by_key(history)
+    acked = {key: _acked_mutations(writes.get(key, {}), deletes.get(key, []))
+             for key in writes.keys() | deletes.keys()}
     reads = [op for op in history if op.kind == "read" and op.status == OK and not op.final]
     stale: list[tuple[Op, ...]] = []
     for read in reads:
@@ -151,7 +185,7 @@ def stale_reads(history: Sequence[Op], *, promised: bool) -> Verdict:
         if newest is None:
             continue
         source = key_writes.get(read.value) if read.value is not None else None
-        floor = -math.inf if source is None else _acked_end(source)
+        floor = _floor(read, key_writes, deletes.get(read.key, []))
         if newest.start > floor:
             stale.append((newest, *(() if source is None else (source,)), read))
     summary = f"{len(stale)} of {len(reads)} reads stale ({_rate(len(stale), len(reads))})"
@@ -198,7 +232,7 @@ def discarded_writes(history: Sequence[Op], *, promised: bool) -> Verdict:
     acked_total = 0
     by_key: dict[str, list[Op]] = {}
     for op in history:
-        if op.kind == "write" and op.status == OK and op.end is not None and op.ts is not None:
+        if op.kind in MUTATIONS and op.status == OK and op.end is not None and op.ts is not None:
             by_key.setdefault(op.key, []).append(op)
             acked_total += 1
     for writes in by_key.values():
@@ -220,6 +254,42 @@ def discarded_writes(history: Sequence[Op], *, promised: bool) -> Verdict:
     note = "" if promised else NOT_PROMISED
     return Verdict("writes discarded by LWW", True, summary + note, len(discarded),
                    _excerpt(discarded[:3]) if discarded else ())
+
+
+def resurrected_reads(history: Sequence[Op], *, promised: bool,
+                      final_promised: bool = True) -> Verdict:
+    """(f) No read returns a value after its deletion was acknowledged.
+
+    A read resurrects when it began after a delete of its key was acknowledged,
+    and returned a value whose write was acknowledged before that delete began
+    (so the delete certainly came after it; values are unique, so no later write
+    of the same value exists). The final reads (at ALL, after healing) are judged
+    whenever no acknowledged write may be lost (``final_promised``): a deletion
+    undone for good. The clients' reads are judged where reads are promised
+    fresh (``promised``); elsewhere such a read is counted as a measurement.
+    """
+    writes = _writes_by_key(history)
+    deletes = {key: _AckedWrites(ds) for key, ds in _deletes_by_key(history).items()}
+    reads = [op for op in history if op.kind == "read" and op.status == OK
+             and op.value is not None and op.key in deletes]
+    found: list[tuple[Op, Op, Op]] = []
+    for read in reads:
+        source = writes.get(read.key, {}).get(read.value or "")
+        if source is None or source.status != OK:
+            continue  # phantom (another checker), or its write may have landed any time
+        delete = deletes[read.key].latest_before(read.start)
+        if delete is not None and delete.start > _acked_end(source):
+            found.append((source, delete, read))
+    judged = [f for f in found if (promised if not f[2].final else final_promised)]
+    n_deleted = sum(1 for op in history if op.kind == DELETE and op.status == OK)
+    summary = (f"{len(found)} of {len(reads)} reads of a key with acknowledged deletes "
+               f"returned a value deleted before they began ({n_deleted} deletes acknowledged)")
+    if judged:
+        return Verdict("resurrected values", False,
+                       summary + " (the write, the delete acknowledged after it, the read)",
+                       len(found), _excerpt(found))
+    note = NOT_PROMISED if found else ""
+    return Verdict("resurrected values", True, summary + note, len(found), _excerpt(found[:3]))
 
 
 def convergence(replicas: Mapping[str, Mapping[str, object]]) -> Verdict:

@@ -19,6 +19,11 @@ Each node runs the real ``Transport`` on the machine's clock, connected
 through ``SimNetwork``'s byte streams (``SimHost`` is its ``Network``).
 * ``pause`` (SIGSTOP/SIGCONT): nothing runs until resumed; messages and
   timers wait, then all run late.
+
+Topology (``nemesis``'s join, decommission, removenode and wipe): a cluster
+may hold spare machines, ``SPARE`` until a nemesis starts one as a new node;
+a machine whose node left the ring for good (decommissioned, removed, or
+wiped and replaced) is ``GONE``: never restarted, never asked by clients.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ringkv.sim.network import SimNetwork
 from ringkv.storage.memory import MemoryEngine
 
 UP, PAUSED, CRASHED, OFF = "up", "paused", "crashed", "off"
+SPARE, GONE = "spare", "gone"  # not yet started; left the cluster for good
 START_TIMEOUT_S = 60.0  # virtual seconds a node may take to start
 
 
@@ -63,6 +69,8 @@ class Machine:
         self.start_task: asyncio.Task[Any] | None = None
         self.incarnation = 0
         self.state = OFF
+        # Under a topology change a nemesis runs: other nemeses leave it alone.
+        self.protected = False
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` as a task of this machine's current process."""
@@ -116,6 +124,21 @@ class Machine:
         self.node = self.transport = None
         self.state = OFF if power else CRASHED
 
+    def retire(self) -> None:
+        """The node left the cluster for good: end its process, never restart it."""
+        if self.process is not None and self.state != OFF:
+            self.loop.crash(self.process)
+            self.network.process_died(self.process, machine_down=True)
+            self.network.machines_down.add(self.node_id)
+        self.node = self.transport = None
+        self.state = GONE
+        self.protected = False
+
+    def wipe(self) -> None:
+        """The disk is lost: a fresh engine and identity (the process is already gone)."""
+        self.engine = MemoryEngine()
+        self.identity = MemoryIdentity()
+
     def pause(self) -> None:
         assert self.process is not None
         self.loop.pause(self.process)
@@ -130,11 +153,22 @@ class Machine:
 class SimCluster:
     def __init__(self, loop: VirtualTimeLoop, network: SimNetwork, configs: list[Config],
                  seed: int, coordinator_class: type[Coordinator],
-                 node_hook: Callable[[Node], None] | None = None) -> None:
+                 node_hook: Callable[[Node], None] | None = None, *, spares: int = 0) -> None:
         self.loop = loop
         self.network = network
         self.machines = [Machine(loop, network, config, seed, coordinator_class, node_hook)
                          for config in configs]
+        self.topology_lock = asyncio.Lock()  # one topology change at a time
+        # The last ``spares`` machines wait, unstarted, for a nemesis's join or wipe.
+        for machine in self.machines[len(self.machines) - spares:] if spares else ():
+            machine.state = SPARE
+
+    def members(self) -> list[Machine]:
+        """The machines whose nodes belong to the cluster (up or not), in order."""
+        return [m for m in self.machines if m.state not in (SPARE, GONE)]
+
+    def spares(self) -> list[Machine]:
+        return [m for m in self.machines if m.state == SPARE]
 
     def by_id(self, node_id: str) -> Machine:
         return next(m for m in self.machines if m.node_id == node_id)
@@ -154,19 +188,20 @@ class SimCluster:
         its disk, evenly interleaved at a random rotation (like operators who
         set initial tokens), which skips the join and its cost.
         """
+        members = self.members()
         if provision is not None:
-            count = len(self.machines)
-            num_tokens = self.machines[0].config.cluster.num_tokens
+            count = len(members)
+            num_tokens = members[0].config.cluster.num_tokens
             tokens = allocate_tokens(None, count * num_tokens, provision)  # evenly spaced
             order = list(range(count))
             provision.shuffle(order)  # which node follows which around the ring
-            for i, machine in enumerate(self.machines):
+            for i, machine in enumerate(members):
                 machine.identity.save_tokens(
                     tuple(t for j, t in enumerate(tokens) if order[j % count] == i))
-        for machine in self.machines:
+        for machine in members:
             await machine.start(wait_joined=not together)
         if together:
-            tasks = [m.start_task for m in self.machines if m.start_task is not None]
+            tasks = [m.start_task for m in members if m.start_task is not None]
             await asyncio.wait(tasks, timeout=timeout_s)
             for task in tasks:
                 if not task.done():
@@ -184,10 +219,11 @@ class SimCluster:
         return self.settled()
 
     def settled(self) -> bool:
-        nodes = [m.node for m in self.machines if m.state == UP and m.node is not None]
-        if len(nodes) != len(self.machines):
+        members = self.members()
+        nodes = [m.node for m in members if m.state == UP and m.node is not None]
+        if len(nodes) != len(members):
             return False
-        ids = [m.node_id for m in self.machines]
+        ids = [m.node_id for m in members]
         ring = nodes[0].ring
         return all(
             node.ring == ring and sorted(node.ring.node_ids) == sorted(ids)
@@ -218,8 +254,11 @@ class SimCluster:
             for node_id in replicas:
                 peer = self.by_id(node_id).node
                 cell = None if peer is None else peer.read_local(keyspace, raw)
-                cells[node_id] = None if cell is None else (
-                    None if cell.tombstone else cell.json_value(), tuple(cell.ts))
+                # A tombstone reads as nothing; it may be purged on one replica
+                # before another (after gc_grace and a repair), or never reach a
+                # replica that never held the value: all three agree.
+                cells[node_id] = None if cell is None or cell.tombstone else (
+                    cell.json_value(), tuple(cell.ts))
             snapshot[key] = cells
         return snapshot
 

@@ -1,8 +1,9 @@
 """Deliberately broken coordinators, to prove the checkers catch what they claim to.
 
 They exist only here; the simulator plants one through ``Node``'s
-``coordinator_class`` hook (``ringkv sim --fault NAME``). Each models a real
-class of bug. The transactional tier's (``TXN_FAULTS``, for ``--workload
+``coordinator_class`` hook (``ringkv sim --fault NAME``), or, for the
+broken replicas of ``NODE_FAULTS``, into each ``Node`` before it starts.
+Each models a real class of bug. The transactional tier's (``TXN_FAULTS``, for ``--workload
 register``) are planted into a node's ``TxnService`` before it starts, through
 its public fault switches (``TxnService.faults``) or its ``truetime``.
 """
@@ -105,6 +106,24 @@ FAULTS: dict[str, type[Coordinator]] = {
     "backdated-write": BackdatedWrite,
     "phantom-read": PhantomRead,
     "no-read-repair": NoReadRepair,
+}
+
+
+def purge_tombstones_at_once(node: Node) -> None:
+    """Replicas drop a tombstone as soon as their sweep sees it (every second),
+    ignoring gc_grace and whether a repair has spread it (a broken
+    ``tombstone_gc``): a replica that missed the delete, or a write older than
+    it arriving late (a hint, a read repair), brings the deleted value back.
+    Reaches into the store's private settings: a planted bug, nothing else."""
+    store = node.store
+    store._gc_grace_s = 0
+    store._repaired_since = None
+    store._sweep_interval_s = 1.0
+
+
+# Broken nodes for the eventual workload: planted into each ``Node`` before it starts.
+NODE_FAULTS: dict[str, Callable[[Node], None]] = {
+    "purge-tombstones-at-once": purge_tombstones_at_once,
 }
 
 

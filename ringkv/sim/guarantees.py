@@ -37,6 +37,11 @@ COMMANDS: dict[str, str] = {
     "one_one": "ringkv sim --seed 1 --seeds 10 --ops 2000 --write ONE --read ONE",
     "one_one_faults": f"ringkv sim --seed 1 --seeds 10 --ops 2000 --write ONE --read ONE {FAULT_MIX}",
     "skew": "ringkv sim --seed 1 --seeds 10 --ops 2000 --nemesis skew",
+    # Nodes join, leave, die for good and lose their disks while clients write,
+    # delete and read; tombstones may be purged within the run (after gc_grace
+    # and a repair).
+    "topology": ("ringkv sim --seed 1 --seeds 10 --ops 2000 --nemesis join,decommission,"
+                 "removenode,wipe --deletes 0.1 --gc-grace 20"),
     "power": "ringkv sim --seed 1 --seeds 10 --ops 2000 --nemesis power",
     "power_mixed": ("ringkv sim --seed 900 --seeds 10 --ops 1000 --duration 30 --nodes 4 "
                     "--nemesis crash,power,partition"),
@@ -70,7 +75,8 @@ TXN_CONTROLS: dict[str, tuple[str, str]] = {
 COMMANDS.update({name: f"{REGISTER} {tail}"
                  for name, (_, tail) in {**TXN_ROWS, **TXN_CONTROLS}.items()})
 TABLE_FOOTNOTES = ("qq_faults", "qq", "all_one_faults", "one_q_faults", "one_one",
-                   "one_one_faults", "skew", *TXN_ROWS, *TXN_CONTROLS)  # footnotes 1, 2, ... in order
+                   "one_one_faults", "topology", "skew", *TXN_ROWS,
+                   *TXN_CONTROLS)  # footnotes 1, 2, ... in order
 POWER_COMMANDS = ("power", "power_mixed", "power_mixed_batch")
 STALE_HINT = "README guarantees are stale: run `make guarantees`"
 # The counts a pin holds, in the order it prints them.
@@ -202,9 +208,24 @@ def render_txn_rows(t: Mapping[str, Counter[str]]) -> list[str]:
     return rows
 
 
+def render_topology_row(c: Counter[str]) -> str:
+    """The eventual tier while the ring changes under the workload."""
+    return (
+        "| QUORUM / QUORUM during join, decommission, removenode and wipe | as for QUORUM / "
+        "QUORUM while nodes join (streaming their ranges), leave, are removed once dead, or "
+        "lose their disk and are replaced (`--replace`); and no read returns a value after "
+        "its deletion was acknowledged, with tombstones purged after gc_grace and a repair | "
+        f"**{_n(c['lost'])} lost of {_n(c['acked'])} acknowledged writes and deletes, "
+        f"{_n(c['stale'])} stale of {_n(c['reads'])} reads, {_n(c['resurrected'])} reads of a "
+        f"deleted value** ({_n(c['deletes'])} deletes acknowledged), {_n(c['ops'])} ops, "
+        f"{_n(c['faults'])} topology changes over {_n(c['runs'])} runs {_note('topology')} |")
+
+
 def render_table(t: Mapping[str, Counter[str]]) -> str:
     """The Guarantees table and its footnotes (``t``: each command's totals)."""
-    f, q, a, oq, o, of_, s = (t[name] for name in TABLE_FOOTNOTES[:7])
+    f, q, a, oq, o, of_, s = (t[name] for name in ("qq_faults", "qq", "all_one_faults",
+                                                   "one_q_faults", "one_one", "one_one_faults",
+                                                   "skew"))
     rows = [
         "| writes / reads | promise | measured |",
         "|---|---|---|",
@@ -226,13 +247,14 @@ def render_table(t: Mapping[str, Counter[str]]) -> str:
         f"{_n(of_['acked'])} under faults; stale reads {_pct(o['stale'], o['reads'])} without "
         f"faults ({_n(o['stale'])} of {_n(o['reads'])}) ⁵, {_pct(of_['stale'], of_['reads'])} "
         f"under faults ({_n(of_['stale'])} of {_n(of_['reads'])}) ⁶ |",
+        render_topology_row(t["topology"]),
         "| QUORUM / QUORUM with skewed clocks | none for order: last write wins by timestamp, "
         "not by real time | clocks off by up to ±250 ms, drifting ±200 ppm and stepping: "
         f"**{_n(s['discarded'])} of {_n(s['acked'])} acknowledged writes "
         f"({_pct(s['discarded'], s['acked'])}) silently discarded** by an earlier write that "
         f"carried a later timestamp; {_n(s['lost'])} acknowledged writes missing from the final "
         f"state; {_n(s['stale'])} of {_n(s['reads'])} reads stale "
-        f"({_pct(s['stale'], s['reads'])}) ⁷ |",
+        f"({_pct(s['stale'], s['reads'])}) {_note('skew')} |",
         *render_txn_rows(t),
     ]
     notes = [f"{i}. `{COMMANDS[name]}`" for i, name in enumerate(TABLE_FOOTNOTES, start=1)]

@@ -15,6 +15,7 @@ from typing import NamedTuple
 OK = "ok"  # acknowledged / answered
 FAIL = "fail"  # certainly had no effect (e.g. Unavailable: nothing was sent)
 INFO = "info"  # outcome unknown (timeout, coordinator died, still in flight at the end)
+DELETE = "delete"  # a write of "absent" (a tombstone); its value is None
 
 
 class Op(NamedTuple):
@@ -23,7 +24,7 @@ class Op(NamedTuple):
 
     index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing calls
     process: str  # the client ("c3"), or "final" for the reads after healing
-    kind: str  # "write" or "read"
+    kind: str  # "write", "delete" or "read"
     key: str
     value: str | None  # write: the value written; read: the value returned (None: absent)
     start: float

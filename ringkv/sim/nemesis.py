@@ -20,6 +20,27 @@
                (10-20 s each, 10-25 s healed in between): a long partition
                must not blind the failure detector to the next one
 
+Topology changes, each on a node the other nemeses then leave alone
+(``Machine.protected``), one at a time (``SimCluster.topology_lock``, as an
+operator runs them), and never below ``rf + 1`` nodes on the ring:
+
+    join       start a spare machine as a new node: it takes tokens and
+               streams its ranges while the workload runs (Dynamo §4.9)
+    decommission
+               a live node leaves: LEAVING, streams its ranges out, LEFT, stops
+    removenode kill a node for good (power off); a survivor removes it,
+               streaming its ranges from the other replicas
+    wipe       a node loses its disk for good (power off, never back); a
+               spare machine takes its place (``replace_node_id``) and
+               streams its ranges from the other replicas
+
+A change the node refuses (409 ``topology_refused``: a node is down, another
+change is running) is retried every few seconds, within a bound, then
+skipped; each attempt is in the fault log. A change starts only once every
+running node agrees on one ring of exactly the members (waited for, bounded),
+and none starts after the workload ends; one under way then is finished
+(bounded), so the cluster can heal.
+
 Each nemesis runs as its own loop, so faults of different kinds overlap.
 Every fault is healed when its nemesis stops.
 """
@@ -27,12 +48,21 @@ Every fault is healed when its nemesis stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Callable
 
+from ringkv.address import format_address
+from ringkv.errors import TopologyRefused
+from ringkv.node import Node
 from ringkv.sim.cluster import UP, Machine, SimCluster
 
-NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repeat", "leader")
+TOPOLOGY = ("join", "decommission", "removenode", "wipe")
+NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repeat", "leader",
+           *TOPOLOGY)
+TOPOLOGY_TIMEOUT_S = 240.0  # virtual seconds one topology change may take, retries included
+RETRY_S = 3.0  # between attempts the node refused
+SETTLE_WAIT_S = 60.0  # how long a change waits for one agreed ring before it is skipped
 
 
 class FaultLog:
@@ -88,7 +118,8 @@ def _partition(rng: random.Random, ids: list[str]) -> tuple[str, set[tuple[str, 
 
 class Nemesis:
     def __init__(self, kind: str, cluster: SimCluster, rng: random.Random, log: FaultLog,
-                 *, max_skew_s: float = 0.25, falsetickers: int | None = None) -> None:
+                 *, max_skew_s: float = 0.25, falsetickers: int | None = None,
+                 rf: int = 3) -> None:
         if kind not in NEMESES:
             raise ValueError(f"unknown nemesis {kind!r}; expected some of {', '.join(NEMESES)}")
         self.kind = kind
@@ -97,6 +128,8 @@ class Nemesis:
         self.log = log
         self.max_skew_s = max_skew_s
         self.falsetickers = falsetickers
+        self.rf = rf
+        self.changes = 0  # topology changes that completed
         self._skewed: list[Machine] = list(cluster.machines)  # the clocks skew may move
         self._repeat_victim: str | None = None
         # isolate-repeat: (victim, cut at, healed at) per isolation, in virtual seconds.
@@ -108,6 +141,8 @@ class Nemesis:
             "partition": self._partition, "crash": self._crash, "power": self._crash,
             "pause": self._pause, "clog": self._clog, "skew": self._skew,
             "isolate-repeat": self._isolate_repeat, "leader": self._leader,
+            "join": self._join, "decommission": self._decommission,
+            "removenode": self._removenode, "wipe": self._wipe,
         }[self.kind]
         if self.kind == "skew":
             self._initial_skew()
@@ -118,14 +153,15 @@ class Nemesis:
 
     def _victim(self) -> Machine | None:
         # Not a machine another nemesis is still starting: killing it mid-start
-        # would fail that nemesis's restart, not test the node.
-        candidates = [m for m in self.cluster.up()
-                      if m.start_task is None or m.start_task.done()]
+        # would fail that nemesis's restart, not test the node. Nor one under a
+        # topology change.
+        candidates = [m for m in self.cluster.up() if not m.protected
+                      and (m.start_task is None or m.start_task.done())]
         return self.rng.choice(candidates) if candidates else None
 
     async def _partition(self, stop: asyncio.Event) -> None:
         network = self.cluster.network
-        text, cut = _partition(self.rng, [m.node_id for m in self.cluster.machines])
+        text, cut = _partition(self.rng, [m.node_id for m in self.cluster.members()])
         network.cut(cut)
         self.log.fault(f"partition: {text}")
         await _pause_unless(stop, self.rng.uniform(2.0, 12.0))
@@ -134,9 +170,9 @@ class Nemesis:
 
     async def _isolate_repeat(self, stop: asyncio.Event) -> None:
         if self._repeat_victim is None:
-            self._repeat_victim = self.rng.choice(self.cluster.machines).node_id
+            self._repeat_victim = self.rng.choice(self.cluster.members()).node_id
         victim = self._repeat_victim
-        others = [m.node_id for m in self.cluster.machines if m.node_id != victim]
+        others = [m.node_id for m in self.cluster.members() if m.node_id != victim]
         cut = {(victim, b) for b in others} | {(b, victim) for b in others}
         network = self.cluster.network
         network.cut(cut)
@@ -175,7 +211,7 @@ class Nemesis:
         self.log.note(f"resume {victim.node_id}")
 
     async def _clog(self, stop: asyncio.Event) -> None:
-        victim = self.rng.choice(self.cluster.machines)
+        victim = self.rng.choice(self.cluster.members())
         seconds = self.rng.uniform(0.2, 4.0)
         network = self.cluster.network
         network.clogged_until[victim.node_id] = network.loop.time() + seconds
@@ -195,7 +231,7 @@ class Nemesis:
             await victim.start()
             self.log.note(f"restart {victim.node_id} (incarnation {victim.incarnation})")
             return
-        others = [m.node_id for m in self.cluster.machines if m.node_id != victim.node_id]
+        others = [m.node_id for m in self.cluster.members() if m.node_id != victim.node_id]
         cut = ({(victim.node_id, b) for b in others} | {(b, victim.node_id) for b in others})
         self.cluster.network.cut(cut)
         self.log.fault(f"partition: isolate leader {victim.node_id}")
@@ -232,3 +268,227 @@ class Nemesis:
         step_us = target_us - victim.clock.offset_us
         victim.clock.step_us(step_us)
         self.log.fault(f"clock step {victim.node_id} by {step_us / 1e3:+.1f} ms")
+
+    # -- topology ------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return self.cluster.loop.time() + TOPOLOGY_TIMEOUT_S
+
+    def _ring_agreed(self) -> bool:
+        """Every running node sees one ring of exactly the members, with no change
+        pending (what an operator checks before the next change)."""
+        nodes = [m.node for m in self.cluster.up() if m.node is not None]
+        members = sorted(m.node_id for m in self.cluster.members())
+        return bool(nodes) and all(
+            node.join_state is None and node.future_ring is None and node.ring == nodes[0].ring
+            and sorted(node.ring.node_ids) == members for node in nodes)
+
+    async def _ready(self, stop: asyncio.Event, what: str) -> bool:
+        """Whether to start a change now: not once the workload is over, and only
+        on a settled ring (waited for, bounded; otherwise this round is skipped)."""
+        deadline = self.cluster.loop.time() + SETTLE_WAIT_S
+        while not stop.is_set():
+            if self._ring_agreed():
+                return True
+            if self.cluster.loop.time() >= deadline:
+                self.log.note(f"{what}: skipped (the ring did not settle within "
+                              f"{SETTLE_WAIT_S:.0f}s)")
+                return False
+            await asyncio.sleep(1.0)
+        return False
+
+    def _may_shrink(self) -> bool:
+        return len(self.cluster.members()) > self.rf + 1
+
+    def _spare(self, replacing: str | None = None) -> Machine | None:
+        """The next spare machine, its seeds set to live members (and the node it replaces)."""
+        spares = self.cluster.spares()
+        seeds = [m for m in self.cluster.up() if not m.protected]
+        if not spares or not seeds:
+            return None
+        spare = spares[0]
+        cluster_config = dataclasses.replace(
+            spare.config.cluster, replace_node_id=replacing,
+            seeds=tuple(format_address(m.config.cluster.listen_host, m.config.cluster.internode_port)
+                        for m in seeds[:3]))
+        spare.config = dataclasses.replace(spare.config, cluster=cluster_config)
+        return spare
+
+    async def _start_new(self, machine: Machine, what: str) -> bool:
+        """Start a spare as a new node and wait until it is NORMAL. A start the node
+        refuses (a replacement that finds the dead node's heartbeat still moving in
+        gossip, say) is tried again on an empty disk, as an operator would; bounded.
+        A machine that never made it is retired."""
+        machine.protected = True
+        deadline = self._deadline()
+        while self.cluster.loop.time() < deadline:
+            await machine.start(wait_joined=False)
+            task = machine.start_task
+            assert task is not None
+            await asyncio.wait([task], timeout=max(0.0, deadline - self.cluster.loop.time()))
+            if not task.done():
+                break
+            exc = task.exception()
+            if exc is None:
+                machine.protected = False
+                self.changes += 1
+                self.log.note(f"{what}: {machine.node_id} is NORMAL")
+                return True
+            self.log.note(f"{what}: {machine.node_id} failed to start "
+                          f"({getattr(exc, 'reason', type(exc).__name__)}); "
+                          f"again on an empty disk in {RETRY_S:.0f}s")
+            machine.crash(power=True)
+            machine.wipe()
+            await asyncio.sleep(RETRY_S)
+        self.log.note(f"{what}: {machine.node_id} not NORMAL after {TOPOLOGY_TIMEOUT_S:.0f}s; "
+                      "given up")
+        machine.retire()
+        return False
+
+    async def _join(self, stop: asyncio.Event) -> None:
+        async with self.cluster.topology_lock:
+            if not await self._ready(stop, "join"):
+                return
+            spare = self._spare()
+            if spare is None:
+                return
+            self.log.fault(f"join {spare.node_id}")
+            await self._start_new(spare, "join")
+
+    async def _call_until_accepted(self, stop: asyncio.Event | None, what: str,
+                                   pick: Callable[[], Machine | None],
+                                   call: Callable[[Node], object],
+                                   done: Callable[[], bool] = lambda: False) -> Machine | None:
+        """Ask the node ``pick`` names to start a change until it accepts; bounded, and
+        given up once ``stop`` is set (None: a change that must finish, e.g. a removal
+        of a node already dead). Returns the node that accepted, or None (skipped)."""
+        deadline = self._deadline()
+        while self.cluster.loop.time() < deadline and not done():
+            machine = pick()
+            node = None if machine is None else machine.node
+            if machine is not None and node is not None and machine.state == UP:
+                try:
+                    # Inside the node's process, so the change dies with it.
+                    await machine.run(_call(call, node))
+                    return machine
+                except TopologyRefused as exc:
+                    self.log.note(f"{what}: {machine.node_id} refused ({exc.reason}); "
+                                  f"retry in {RETRY_S:.0f}s")
+            if stop is not None and stop.is_set():
+                break
+            await asyncio.sleep(RETRY_S)
+        if not done():
+            self.log.note(f"{what}: skipped (refused until the bound)")
+        return None
+
+    async def _decommission(self, stop: asyncio.Event) -> None:
+        async with self.cluster.topology_lock:
+            if not self._may_shrink() or not await self._ready(stop, "decommission"):
+                return
+            victim = self._victim()
+            if victim is None:
+                return
+            victim.protected = True
+            left = asyncio.Event()
+            self.log.fault(f"decommission {victim.node_id}")
+
+            def leave(node: Node) -> object:
+                node.on_left = left.set
+                return node.decommission()
+
+            accepted = await self._call_until_accepted(stop, f"decommission {victim.node_id}",
+                                                       lambda: victim, leave)
+            if accepted is None:
+                victim.protected = False
+                return
+            deadline = self._deadline()
+            while not left.is_set() and self.cluster.loop.time() < deadline:
+                node = victim.node
+                if node is None or not (node.leaving or node.left):
+                    # It crashed, or the leave failed and it went back to NORMAL.
+                    self.log.note(f"decommission {victim.node_id}: broke off; it stays")
+                    victim.protected = False
+                    return
+                await asyncio.sleep(0.5)
+            if not left.is_set():
+                self.log.note(f"decommission {victim.node_id}: not LEFT after "
+                              f"{TOPOLOGY_TIMEOUT_S:.0f}s")
+                victim.protected = False
+                return
+            victim.retire()
+            self.changes += 1
+            self.log.note(f"decommission {victim.node_id}: LEFT, stopped")
+            # Its LEFT spreads only during a few gossip rounds before it stops; cut
+            # off then, the others keep it LEAVING, as an operator would find it,
+            # and remove it as one would.
+            deadline = self.cluster.loop.time() + SETTLE_WAIT_S
+            while not self._off_every_ring(victim.node_id) and self.cluster.loop.time() < deadline:
+                await asyncio.sleep(1.0)
+            if not self._off_every_ring(victim.node_id):
+                self.log.note(f"decommission {victim.node_id}: still LEAVING on the others' "
+                              "rings; removenode it")
+                await self._remove(victim.node_id)
+
+    async def _removenode(self, stop: asyncio.Event) -> None:
+        async with self.cluster.topology_lock:
+            if not self._may_shrink() or not await self._ready(stop, "removenode"):
+                return
+            victim = self._victim()
+            if victim is None:
+                return
+            victim.crash(power=True)
+            victim.retire()
+            dead = victim.node_id
+            self.log.fault(f"power off {dead} for good; removenode it")
+            if await self._remove(dead):
+                self.changes += 1
+
+    async def _remove(self, dead: str) -> bool:
+        """Have a survivor remove ``dead``, again from another if one breaks off; bounded."""
+        deadline = self._deadline()
+        coordinator: Machine | None = None
+        while self.cluster.loop.time() < deadline:
+            if self._off_every_ring(dead):
+                by = coordinator.node_id if coordinator is not None else "?"
+                self.log.note(f"removenode {dead}: removed (LEFT), run by {by}")
+                return True
+            node = None if coordinator is None else coordinator.node
+            # Running, or done and its LEFT still spreading by gossip: wait.
+            running = node is not None and (node.removing == dead
+                                             or node.streaming.state == "done")
+            if not running:
+                coordinator = await self._call_until_accepted(
+                    None, f"removenode {dead}", self._victim, lambda node: node.removenode(dead),
+                    done=lambda: self._off_every_ring(dead))
+                if coordinator is None:
+                    continue  # removed meanwhile (checked above), or refused until the bound
+                self.log.note(f"removenode {dead}: run by {coordinator.node_id}")
+            await asyncio.sleep(1.0)
+        self.log.note(f"removenode {dead}: not removed after {TOPOLOGY_TIMEOUT_S:.0f}s")
+        return False
+
+    def _off_every_ring(self, dead: str) -> bool:
+        """``dead`` is off the one ring every running node agrees on."""
+        nodes = [m.node for m in self.cluster.up() if m.node is not None]
+        return bool(nodes) and all(dead not in node.ring.node_ids and node.ring == nodes[0].ring
+                                   for node in nodes)
+
+    async def _wipe(self, stop: asyncio.Event) -> None:
+        async with self.cluster.topology_lock:
+            if not self.cluster.spares() or not await self._ready(stop, "wipe"):
+                return
+            victim = self._victim()
+            if victim is None:
+                return
+            victim.protected = True
+            spare = self._spare(replacing=victim.node_id)
+            assert spare is not None
+            victim.crash(power=True)
+            victim.wipe()
+            victim.retire()
+            self.log.fault(f"wipe {victim.node_id}: its disk is lost; {spare.node_id} replaces it")
+            await self._start_new(spare, f"replace {victim.node_id}")
+
+
+async def _call(call: Callable[[Node], object], node: Node) -> object:
+    return call(node)

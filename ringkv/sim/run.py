@@ -21,12 +21,12 @@ from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.sim import checkers
 from ringkv.sim.checkers import Verdict
 from ringkv.sim.cluster import SimCluster
-from ringkv.sim.faults import FAULTS, TXN_FAULTS
+from ringkv.sim.faults import FAULTS, NODE_FAULTS, TXN_FAULTS
 from ringkv.sim.history import Op, history_hash
 from ringkv.sim.linearizability import linearizable
 from ringkv.sim.snapshot_reads import check_snapshot_reads, check_staleness
 from ringkv.sim.loop import VirtualTimeLoop
-from ringkv.sim.nemesis import NEMESES, FaultLog, Nemesis
+from ringkv.sim.nemesis import NEMESES, TOPOLOGY, FaultLog, Nemesis
 from ringkv.sim.network import NetworkConditions, SimNetwork
 from ringkv.node import Node
 from ringkv.txn.service import Op as TxnOp
@@ -52,6 +52,8 @@ TXN_KEYSPACE = "txn"
 # The register workload's TrueTime floor: within Spanner's 1-7 ms, and above a
 # commit's replication time here, so commit wait is what keeps ``s`` in the past.
 REGISTER_MIN_UNCERTAINTY_MS = 5.0
+# Spare machines for the join and wipe nemeses (each join or replacement uses one).
+SPARES = 3
 WARMUP_TIMEOUT_S = 30.0  # virtual seconds for clocks to sync and the groups to elect leaders
 
 
@@ -76,6 +78,11 @@ class SimSettings:
     # join; "provisioned": tokens preset (faster)
     boot: str = "join"
     workload: str = "eventual"
+    # Share of the eventual workload's writes that are deletes (0: none).
+    deletes: float = 0.0
+    # timing.gc_grace_s (None: the config's default, 10 days); the repair
+    # scheduler then runs every half of it, and tombstones are swept every quarter.
+    gc_grace_s: int | None = None
 
     def __post_init__(self) -> None:
         for kind in self.nemesis:
@@ -84,7 +91,14 @@ class SimSettings:
         if self.workload not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, "
                              f"not {self.workload!r}")
-        faults = TXN_FAULTS if self.workload == "register" else FAULTS
+        if self.workload == "register" and (self.topology or self.deletes):
+            raise ValueError("the topology nemeses and deletes are for the eventual workload")
+        if not 0.0 <= self.deletes <= 1.0:
+            raise ValueError(f"deletes must be a fraction of the writes (0 to 1), "
+                             f"not {self.deletes}")
+        if self.gc_grace_s is not None and self.gc_grace_s < 2:
+            raise ValueError(f"gc_grace must be at least 2 s, not {self.gc_grace_s}")
+        faults = TXN_FAULTS if self.workload == "register" else {**FAULTS, **NODE_FAULTS}
         if self.fault is not None and self.fault not in faults:
             raise ValueError(f"unknown fault {self.fault!r} for the {self.workload} workload; "
                              f"choose from {', '.join(faults)}")
@@ -102,13 +116,24 @@ class SimSettings:
                            ("read_cl", "--read"), ("write_cl", "--write"), ("fault", "--fault"),
                            ("duration_s", "--duration"), ("commit_sync", "--commit-sync"),
                            ("write_fraction", "--write-fraction"), ("max_skew_s", "--max-skew"),
-                           ("boot", "--boot"), ("workload", "--workload")):
+                           ("boot", "--boot"), ("workload", "--workload"),
+                           ("deletes", "--deletes"), ("gc_grace_s", "--gc-grace")):
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 parts.append(f"{flag} {value}")
         if not self.hints:
             parts.append("--no-hints")
         return " ".join(parts)
+
+    @property
+    def topology(self) -> tuple[str, ...]:
+        """The topology nemeses among ``nemesis``."""
+        return tuple(kind for kind in self.nemesis if kind in TOPOLOGY)
+
+    @property
+    def spares(self) -> int:
+        """Machines held back for joins and replacements (none without those nemeses)."""
+        return SPARES if {"join", "wipe"} & set(self.nemesis) else 0
 
 
 @dataclass
@@ -171,8 +196,10 @@ def network_conditions(rng: random.Random) -> NetworkConditions:
 
 
 def node_configs(settings: SimSettings) -> list[Config]:
+    """The members' configs, then the spare machines' (``settings.spares``)."""
     configs = []
-    for i in range(settings.nodes):
+    for i in range(settings.nodes + settings.spares):
+        timing: dict[str, object] = {"max_hint_window_s": 10800 if settings.hints else 0}
         raw: dict[str, object] = {
             "cluster": {"name": "sim", "node_id": f"n{i + 1}", "listen_host": "127.0.0.1",
                         "client_port": 7400 + i, "internode_port": 7500 + i,
@@ -180,8 +207,13 @@ def node_configs(settings: SimSettings) -> list[Config]:
             "keyspaces": {KEYSPACE: {"replication_factor": settings.rf}},
             "storage": {"engine": "memory", "commit_sync": settings.commit_sync},
             # 0 turns hinted handoff off.
-            "timing": {"max_hint_window_s": 10800 if settings.hints else 0},
+            "timing": timing,
         }
+        if settings.gc_grace_s is not None:
+            # Tombstones may go within the run, once a repair (every half of
+            # gc_grace: the default interval) has spread them (tombstone_gc: repair).
+            timing["gc_grace_s"] = settings.gc_grace_s
+            timing["tombstone_sweep_interval_s"] = max(1, settings.gc_grace_s // 4)
         if settings.workload == "register":
             raw["keyspaces"] = {KEYSPACE: {"replication_factor": settings.rf},
                                 TXN_KEYSPACE: {"replication_factor": 3,
@@ -224,8 +256,9 @@ async def _run(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
     seed = settings.seed
     conditions = network_conditions(random.Random(f"{seed}/network"))
     network = SimNetwork(loop, random.Random(f"{seed}/packets"), conditions)
-    coordinator_class = FAULTS[settings.fault] if settings.fault else Coordinator
-    cluster = SimCluster(loop, network, node_configs(settings), seed, coordinator_class)
+    coordinator_class = FAULTS.get(settings.fault or "", Coordinator)
+    cluster = SimCluster(loop, network, node_configs(settings), seed, coordinator_class,
+                         NODE_FAULTS.get(settings.fault or ""), spares=settings.spares)
     log = FaultLog(loop)
 
     provision = random.Random(f"{seed}/tokens") if settings.boot == "provisioned" else None
@@ -235,13 +268,13 @@ async def _run(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
         ops=settings.ops, clients=settings.clients, keys=settings.keys,
         write_fraction=settings.write_fraction,
         read_cl=ConsistencyLevel(settings.read_cl), write_cl=ConsistencyLevel(settings.write_cl),
-        duration_s=settings.duration_s,
+        duration_s=settings.duration_s, delete_fraction=settings.deletes,
     )
     workload = Workload(spec, cluster, seed)
     stop = asyncio.Event()
     nemeses = [
         asyncio.ensure_future(Nemesis(kind, cluster, random.Random(f"{seed}/nemesis/{kind}"), log,
-                                      max_skew_s=settings.max_skew_s).run(stop))
+                                      max_skew_s=settings.max_skew_s, rf=settings.rf).run(stop))
         for kind in settings.nemesis
     ]
     await workload.run()
@@ -264,6 +297,8 @@ async def _run(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
         checkers.phantom_reads(history),
         checkers.convergence(replicas),
         checkers.discarded_writes(history, promised=promises.synced_clocks),
+        checkers.resurrected_reads(history, promised=promises.fresh_reads,
+                                   final_promised=promises.durable),
         _health(healed, loop.errors, workload.unexpected),
     ]
     return SimResult(
@@ -370,7 +405,8 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
     client_ops = [op for op in history if not op.final]
     counts = Counter((op.kind, op.status) for op in client_ops)
     register = settings.workload == "register"
-    kinds = ("write", "cas", "read", "snapshot") if register else ("write", "read")
+    kinds = (("write", "cas", "read", "snapshot") if register
+             else ("write", "delete", "read") if settings.deletes else ("write", "read"))
     lines = [
         f"$ {settings.command()}",
         f"network: {result.network}",
@@ -417,7 +453,9 @@ def format_line(result: SimResult) -> str:
     return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
             f"{counts['ops']:>6} ops, {counts['acked']:>5} acked writes, {counts['reads']:>5} reads, "
             f"{result.fault_count:>3} faults; lost {counts['lost']}, stale {counts['stale']}, "
-            f"discarded {counts['discarded']}; hash {result.history_hash}")
+            f"discarded {counts['discarded']}"
+            + (f", resurrected {counts['resurrected']}" if result.settings.deletes else "")
+            + f"; hash {result.history_hash}")
 
 
 def format_totals(results: list[SimResult]) -> str:
@@ -449,6 +487,9 @@ def format_totals(results: list[SimResult]) -> str:
         f"  keys whose replicas differ after healing: {total['diverged']}",
         f"  acknowledged writes discarded by LWW: {total['discarded']} of {total['acked']}",
     ]
+    if total["deletes"]:
+        lines.append(f"  reads returning a value after its deletion was acknowledged: "
+                     f"{total['resurrected']} ({total['deletes']} deletes acknowledged)")
     lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
     return "\n".join(lines)
 
@@ -484,12 +525,14 @@ def run_counts(result: SimResult) -> dict[str, int]:
         }
     return {
         "ops": len(client),
-        "acked": sum(1 for op in client if op.kind == "write" and op.status == "ok"),
+        "acked": sum(1 for op in client if op.kind in checkers.MUTATIONS and op.status == "ok"),
+        "deletes": sum(1 for op in client if op.kind == "delete" and op.status == "ok"),
         "reads": sum(1 for op in client if op.kind == "read" and op.status == "ok"),
         "lost": result.verdict("lost").count,
         "stale": result.verdict("stale").count,
         "phantom": result.verdict("reads of values").count,
         "diverged": result.verdict("replicas").count,
         "discarded": result.verdict("writes discarded").count,
+        "resurrected": result.verdict("resurrected").count,
         "faults": result.fault_count,
     }

@@ -1,8 +1,10 @@
 """Concurrent clients writing unique values and reading them back, recorded as a history.
 
-Two workloads. ``Workload`` (eventual): clients call a coordinator's ``Node.put``/``Node.get`` directly, inside that
-node's process (so a crash or pause of the coordinator stops the request
-too), and give up after a client timeout like an HTTP client would. Every
+Two workloads. ``Workload`` (eventual): clients call a coordinator's
+``Node.put``/``Node.get`` (and, with ``delete_fraction``, ``Node.delete``)
+directly, inside that node's process (so a crash or pause of the coordinator
+stops the request too), and give up after a client timeout like an HTTP
+client would. Clients ask the cluster's current members. Every
 value written is unique ("c3-17": client 3's 17th write), so a read names
 the write it saw.
 
@@ -41,7 +43,7 @@ from ringkv.quorum import ConsistencyLevel
 from ringkv.sim.checkers import EXCERPT_LINES, Verdict
 from ringkv.sim.clock import EPOCH_US
 from ringkv.sim.cluster import CRASHED, OFF, Machine, SimCluster
-from ringkv.sim.history import FAIL, INFO, OK, Op
+from ringkv.sim.history import DELETE, FAIL, INFO, OK, Op
 from ringkv.sim.linearizability import RegisterOp
 from ringkv.sim.snapshot_reads import COMMITTED, FAILED, UNKNOWN, KnownWrite, SnapshotRead
 from ringkv.txn.requests import Condition, TxnRequest, Write, comparable_json
@@ -59,6 +61,9 @@ class WorkloadSpec:
     write_cl: ConsistencyLevel
     duration_s: float  # virtual seconds the ops are spread over (sets the think time)
     follow_read: float = 0.3  # chance that an acknowledged write is read back at once
+    # Share of the writes that are deletes instead (0: none, and no draw for it,
+    # so histories without deletes are unchanged).
+    delete_fraction: float = 0.0
     client_timeout_s: float = 5.0
     keyspace: str = "default"
 
@@ -93,22 +98,25 @@ class Workload:
             if self._next_index >= spec.ops:
                 return
             key = rng.choice(spec.key_names)
-            machine = rng.choice(self.cluster.machines)
+            machine = rng.choice(self.cluster.members())
             if rng.random() >= spec.write_fraction:
                 await self.call(f"c{cid}", machine, "read", key, None, spec.read_cl)
                 continue
-            writes += 1
-            op = await self.call(f"c{cid}", machine, "write", key, f"c{cid}-{writes}",
-                                 spec.write_cl)
+            if spec.delete_fraction and rng.random() < spec.delete_fraction:
+                op = await self.call(f"c{cid}", machine, DELETE, key, None, spec.write_cl)
+            else:
+                writes += 1
+                op = await self.call(f"c{cid}", machine, "write", key, f"c{cid}-{writes}",
+                                     spec.write_cl)
             if op.status == OK and rng.random() < spec.follow_read and self._next_index < spec.ops:
                 # Read it straight back, elsewhere: the read most likely to see a stale
                 # replica, the one a client that writes then reads actually makes.
-                machine = rng.choice(self.cluster.machines)
+                machine = rng.choice(self.cluster.members())
                 await self.call(f"c{cid}", machine, "read", key, None, spec.read_cl)
 
     async def final_reads(self, consistency: ConsistencyLevel, attempts: int = 10) -> None:
         """After healing: read every key at ``consistency``, retrying a few times."""
-        machines = self.cluster.machines
+        machines = self.cluster.members()
         for i, key in enumerate(self.spec.key_names):
             for attempt in range(attempts):
                 machine = machines[(i + attempt) % len(machines)]
@@ -134,6 +142,8 @@ class Workload:
             assert value is not None
             coro: Any = node.put(self.spec.keyspace, raw_key, encode_json_value(value), None,
                                  consistency)
+        elif kind == DELETE:
+            coro = node.delete(self.spec.keyspace, raw_key, consistency)
         else:
             coro = node.get(self.spec.keyspace, raw_key, consistency)
         task = machine.run(coro)
