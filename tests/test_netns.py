@@ -28,6 +28,7 @@ from ringkv.chaos.netns_run import (
     DETECTION_BOUND_S, LONG_ISOLATION_S, NETNS_FAULT_KINDS, RECOVERY_BOUND_S, Detection, NetnsChaosRun, Recovery,
     membership_checks, netns_schedule,
 )
+from ringkv.tools.local_cluster import NO_STREAMING
 from ringkv.tools.netns import NetnsHosts
 from tests.hosts import netns_hosts
 from tests.procs import NodeProcess, http, wait_until
@@ -189,7 +190,9 @@ def test_a_new_node_whose_seed_is_unreachable_waits_instead_of_serving_alone(
         seed_host, new_host = hosts.hosts
         hosts.cut(seed_host, new_host)  # its SYNs vanish: no refusal, just silence
         seed = _node(hosts, 0, tmp_path / "seed")
-        new = _node(hosts, 1, tmp_path / "new", "--seeds", format_address(seed_host, 7500))
+        # The seed holds no data, so the new node joins without streaming.
+        new = _node(hosts, 1, tmp_path / "new", "--seeds", format_address(seed_host, 7500),
+                    NO_STREAMING)
         try:
             seed.start()
             new.start(wait_joined=False)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ringkv.tools.local_cluster import NO_STREAMING
 from tests.procs import REPO, NodeProcess, free_port, http, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -267,7 +268,8 @@ def test_a_new_node_whose_seed_is_down_waits_says_why_and_joins_when_it_comes_up
     """It used to go NORMAL alone after ~5 s and acknowledge QUORUM writes by itself."""
     seed = NodeProcess("seed", tmp_path)  # not started yet: nobody listens on its port
     seed_address = f"127.0.0.1:{seed.internode_port}"
-    late = NodeProcess("late", tmp_path, extra_args=["--seeds", seed_address])
+    # The seed will hold no data, so the late node joins without streaming.
+    late = NodeProcess("late", tmp_path, extra_args=["--seeds", seed_address, NO_STREAMING])
     try:
         late.start(wait_joined=False)
 
