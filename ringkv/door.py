@@ -227,8 +227,9 @@ class Connection:
         head_due = self._head_due_s()
         if head_due is not None and now >= head_due:
             error = RequestTimeout(
-                f"the request line and headers did not arrive within "
-                f"{limits.header_timeout_s:g} s (limits.header_timeout_s)",
+                f"the request's head (an HTTP request line and headers, or a native "
+                f"frame) did not arrive within {limits.header_timeout_s:g} s "
+                f"(limits.header_timeout_s)",
                 field="head", timeout_s=limits.header_timeout_s,
             ) if self.unanswered == 0 else None
             return Expiry(HEADER_TIMEOUT, error)
