@@ -17,6 +17,7 @@ from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.sim.network import NetworkConditions, SimNetwork
 from ringkv.sim.run import SimSettings, node_configs
 from ringkv.versioning import encode_json_value
+from tests.sim_waits import until
 
 QUORUM = ConsistencyLevel.QUORUM
 
@@ -27,13 +28,6 @@ def test_removenode_of_a_joiner_that_died_takes_its_pending_ranges_away() -> Non
     cluster = SimCluster(loop, network, node_configs(SimSettings(seed=11, nodes=4)), 11,
                          Coordinator)
     n1, n2, n3, n4 = cluster.machines
-
-    async def until(condition: object, what: str) -> None:
-        for _ in range(600):
-            if condition():  # type: ignore[operator]
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
 
     async def main() -> None:
         for machine in (n1, n2, n3):
@@ -89,11 +83,8 @@ def test_a_live_joiner_is_not_removed() -> None:
         node1 = n1.node
         assert node1 is not None
         await n4.start(wait_joined=False)
-        for _ in range(600):
-            future = node1.future_ring
-            if future is not None and "n4" in future.node_ids and node1.is_alive("n4"):
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: node1.future_ring is not None and "n4" in node1.future_ring.node_ids
+                    and node1.is_alive("n4"), "n1 to see n4 joining and UP")
         try:
             node1.removenode("n4")
         except TopologyRefused as exc:

@@ -18,6 +18,7 @@ from ringkv.sim.cluster import SimCluster
 from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.sim.network import NetworkConditions, SimNetwork
 from ringkv.sim.run import SimSettings, node_configs
+from tests.sim_waits import until
 
 
 def test_a_removed_or_replaced_node_that_comes_back_stops_and_a_restarted_one_serves() -> None:
@@ -28,13 +29,6 @@ def test_a_removed_or_replaced_node_that_comes_back_stops_and_a_restarted_one_se
         configs[4], cluster=dataclasses.replace(configs[4].cluster, replace_node_id="n3"))
     cluster = SimCluster(loop, network, configs, 21, Coordinator)
     n1, n2, n3, n4, n5 = cluster.machines
-
-    async def until(condition: object, what: str) -> None:
-        for _ in range(600):
-            if condition():  # type: ignore[operator]
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
 
     async def refused_at_start(machine: object) -> str:
         with pytest.raises(TopologyRefused) as info:

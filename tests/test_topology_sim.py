@@ -16,6 +16,7 @@ from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.sim.network import NetworkConditions, SimNetwork
 from ringkv.sim.run import SimSettings, node_configs
 from ringkv.versioning import encode_json_value
+from tests.sim_waits import until
 
 QUORUM = ConsistencyLevel.QUORUM
 
@@ -96,13 +97,6 @@ def test_removenode_and_replace_recover_dead_nodes_and_refuse_what_is_unsafe() -
         except TopologyRefused as exc:
             return exc.reason
         raise AssertionError("not refused")
-
-    async def until(condition: object, what: str) -> None:
-        for _ in range(600):
-            if condition():  # type: ignore[operator]
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
 
     def check_every_replica(live: list[str]) -> None:
         node = n1.node

@@ -248,7 +248,6 @@ class TxnService:
         self.config = config
         self.keyspaces = {name: ks.replication_factor for name, ks in config.keyspaces.items()
                           if ks.tier == TRANSACTIONAL}
-        self._range_counts = {name: config.keyspaces[name].ranges for name in self.keyspaces}
         self._clock = clock
         self._engine = engine
         self._rng = rng
@@ -388,7 +387,7 @@ class TxnService:
             raise NoLeader(f"the ring has {len(ring)} nodes, fewer than keyspace {keyspace!r}'s "
                            f"replication_factor {rf}: its Paxos groups are not formed yet",
                            reason="ring_too_small")
-        ranges = RangeMap(keyspace, ring, rf, self._range_counts[keyspace])
+        ranges = RangeMap(keyspace, ring, rf, self.config.keyspaces[keyspace].ranges)
         self._maps[keyspace] = (ring, ranges)
         return ranges
 
