@@ -36,7 +36,7 @@ from ringkv.errors import (
     Unavailable,
 )
 from ringkv.tools.launcher import free_port
-from ringkv.tools.local_cluster import LocalCluster
+from ringkv.tools.local_cluster import LocalCluster, node_view
 from ringkv.node import Node
 from ringkv.quorum import ConsistencyLevel, block_for
 from ringkv.ring import NodeInfo, TokenRing, token_for
@@ -772,6 +772,11 @@ def test_cluster_ring_refresh_after_a_node_restarts(tmp_path: Path) -> None:
                 kv.put(f"during{i}", i)
             wait_until(lambda: node_sees(kv, victim.node_id) is False, timeout_s=30,
                        interval_s=0.1, what="the client's ring to show the node down")
+            # Every coordinator must have convicted it too, or one still tries it
+            # and times out instead of refusing at once.
+            wait_until(lambda: all((node_view(p) or {}).get(victim.node_id, {})
+                                   .get("liveness") == "DOWN" for p in cluster.procs[:2]),
+                       timeout_s=30, interval_s=0.1, what="every node to show it DOWN")
             with pytest.raises(Unavailable):
                 kv.put(on_victim[0], 1, keyspace="solo")  # its only replica is down
             victim.start()
