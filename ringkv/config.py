@@ -262,6 +262,11 @@ class TxnConfig:
     mvcc_gc_s: int = 600
     safe_time_interval_ms: int = 200
     max_conflict_retries: int = 8
+    # A transaction across ranges whose client ran operations and then went
+    # silent this long is aborted where it holds locks (its session is gone).
+    idle_timeout_s: float = 30.0
+    # An interactive transaction (POST /v1/txn/begin) lives at most this long.
+    max_duration_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -791,6 +796,8 @@ def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
     sec.take("mvcc_gc_s", _check_int, 1, 30 * _DAY_S)
     sec.take("safe_time_interval_ms", _check_int, 10, 60_000)
     sec.take("max_conflict_retries", _check_int, 0, 100)
+    sec.take("idle_timeout_s", _check_number, 0.1, 3600.0)
+    sec.take("max_duration_s", _check_number, 0.1, 86_400.0)
     txn = TxnConfig(**sec.done())
     if txn.lease_s < 0.2:
         # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.

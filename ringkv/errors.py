@@ -354,8 +354,8 @@ class Aborted(RingKVError):
 
 
 class CrossRange(RingKVError):
-    """The keys of one transaction fall in more than one range (``keys``, by range):
-    transactions across ranges are not built yet."""
+    """The keys of an operation that must stay in one range fall in several
+    (``keys``, by range). One-shot transactions run across ranges (2PC)."""
 
     code = "cross_range"
     http_status = 400

@@ -44,6 +44,10 @@ SHELL = frozenset({
     "txn/paxos_log.py",  # fsyncs a group's Paxos records through the engine
     "txn/group.py",  # runs one group: timers, a drain task, fsyncs off the loop
     "txn/service.py",  # the tier on a node: groups, clock pings, forwarding, commit wait
+    "txn/twopc_group.py",  # 2PC at a group's leader: lock waits, proposals, commit-wait timers
+    "txn/twopc_records.py",  # a group's 2PC records in the engine
+    "txn/cross_range.py",  # a transaction across ranges: its operations at each leader
+    "txn/sessions.py",  # interactive transactions: open sessions, their operations and expiry
     "server/*",
     "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",

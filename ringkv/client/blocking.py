@@ -165,7 +165,8 @@ class Client(ClientBase):
         writes: Sequence[Mapping[str, Any]] = (),
         txn_id: str | None = None,
     ) -> TxnResult:
-        """Run a one-shot transaction in one range of a transactional keyspace.
+        """Run a one-shot transaction in a transactional keyspace (in one range, or
+        across several through two-phase commit).
 
         ``reads``: keys to read; ``conditions``: ``{"key": k, "version": N}``,
         ``{"key": k, "absent": True}`` or ``{"key": k, "equals": json}``;
@@ -174,7 +175,7 @@ class Client(ClientBase):
         back, all at one timestamp, or nothing is applied: a failed condition
         raises ``ConditionFailed`` (not retried), a conflict abort is retried
         under the same ``txn_id`` up to ``txn_retries`` times and then raises
-        ``Aborted``. Keys in two ranges raise ``CrossRange``.
+        ``Aborted``.
         """
         return self._call(self._ops.txn(
             keyspace, reads=reads, conditions=conditions, writes=writes, txn_id=txn_id,

@@ -107,6 +107,16 @@ from ringkv.txn.paxos_messages import (
 )
 from ringkv.txn.ranges import Range
 from ringkv.txn.truetime import TrueTime, TTInterval
+from ringkv.txn import twopc_records
+from ringkv.txn.twopc_messages import (
+    OutcomeRecord,
+    PreparedRecord,
+    Record,
+    decode_record,
+    encode_record,
+    is_record,
+)
+from ringkv.txn.twopc_records import TwoPCRecords
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +221,17 @@ class GroupRunner:
         election_timeout_s: float = ELECTION_TIMEOUT_S,
         max_drift_ppm: float = MAX_DRIFT_PPM,
         on_apply: Callable[[CommitValue], None] | None = None,
+        on_record: Callable[[Record, bool], None] | None = None,
+        finished_ttl_s: float = 600.0,
         members: Iterable[str] | None = None,
         heard: Iterable[str] = (),
     ) -> None:
         """``on_apply(value)`` runs after each commit is applied to the store,
         in slot order, before the applied point moves past it (the service
-        records transaction outcomes there).
+        records transaction outcomes there). ``on_record(record, superseded)``
+        runs likewise for each two-phase commit record (``txn/twopc_records.py``);
+        a superseded one did not take effect (a prepare at a timestamp not above
+        one applied before it), on any replica.
 
         ``group.replicas`` is where the group should be; ``members`` (default:
         the same) is its configuration before its log says otherwise. When they
@@ -245,6 +260,8 @@ class GroupRunner:
         self._send = send
         self._fetch_snapshot = fetch_snapshot
         self._on_apply = on_apply
+        self._on_record = on_record
+        self.records = TwoPCRecords(engine, group.group_id, finished_ttl_s)
         self._rng = rng
         self.tick_interval_s = tick_interval_s
         self.max_log_slots = max_log_slots
@@ -254,13 +271,17 @@ class GroupRunner:
             "lease_s": lease_s, "heartbeat_interval_s": heartbeat_interval_s,
             "election_timeout_s": election_timeout_s, "max_drift_ppm": max_drift_ppm,
         }
-        self._bounds = _engine_bounds(group)
+        # The group's MVCC records, then its 2PC records (key order): what a snapshot holds.
+        self._bounds = _engine_bounds(group) + [twopc_records.group_bounds(group.group_id)]
         self._log = PaxosLog(engine, self.group_id)
         self.replica: PaxosReplica | None = None
         self.applied_through = 0  # the last slot the store holds (or is being installed)
         # Safe time: the highest timestamp the store holds. The replica's own
         # applied_ts_us runs ahead of it until the drain applies its Ready.
         self._store_ts_us = 0
+        # A leader's reserved read timestamp, once it applied everything proposed
+        # before the reservation (``advance_safe_time``): nothing applies below it.
+        self._reserved_safe_us = 0
         self._installing_through = 0  # a snapshot's slot while its install is in flight
         self._queue: list[Ready] = []
         self._drain_task: asyncio.Task[None] | None = None
@@ -278,6 +299,7 @@ class GroupRunner:
             raise RuntimeError("already started")
         loaded = self._log.load()
         now_s = self._clock.monotonic_s()
+        self.records.load(now_s)
         peers = sorted(self.initial_members - {self.node_id})
         if loaded.empty:
             # Nothing persisted means no promise, so no lease vote was ever granted:
@@ -442,8 +464,55 @@ class GroupRunner:
         oversized value) raises ``ProtocolError`` naming it; every other
         failure is an outcome.
         """
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         writes = tuple(writes)
+        return self._propose(txn_id, writes, lambda ts_us: encode_commit_value(
+            CommitValue(txn_id, ts_us, writes)), timeout_s=timeout_s, now=now)
+
+    def propose_record(self, record: Record, *, ts_us: int | None = None,
+                       timeout_s: float | None = None) -> asyncio.Future[Outcome]:
+        """Log a two-phase commit record through this group (``txn/twopc.py``'s
+        ``Log`` effect); a prepare at its own timestamp, which ``assign_now``
+        handed out just before (in the same step). Every replica takes it in as
+        it applies it (``on_record``)."""
+        writes = getattr(record, "writes", ())
+        data = encode_record(record)
+        return self._propose(record.txn_id, writes, lambda _ts: data, timeout_s=timeout_s,
+                             fixed_ts_us=ts_us)
+
+    def assign_now(self) -> int | None:
+        """A timestamp from ``TT.now()`` inside this leader's lease, above every one
+        handed out before (Spanner §4.1.1), or None (not leading, clock uncertain)."""
+        replica = self.replica
+        if self.stopped or replica is None:
+            return None
+        now_s = self._clock.monotonic_s()
+        try:
+            interval = self._truetime.check(self._clock.wall_us(), now_s).interval
+        except ClockUncertain:
+            return None
+        if interval is None:
+            return None
+        return replica.assign_ts(now_s, interval.earliest_us, interval.latest_us)
+
+    def reserve_ts(self, ts_us: int) -> bool:
+        """As leader, promise that nothing proposed from now on commits at or below
+        ``ts_us`` (``PaxosReplica.reserve_ts``): a snapshot read there then waits
+        only for what is proposed already and for prepared transactions."""
+        replica = self.replica
+        if self.stopped or replica is None:
+            return False
+        now_s = self._clock.monotonic_s()
+        try:
+            interval = self._truetime.check(self._clock.wall_us(), now_s).interval
+        except ClockUncertain:
+            return False
+        return interval is not None and replica.reserve_ts(now_s, interval.earliest_us, ts_us)
+
+    def _propose(self, txn_id: str, writes: tuple[tuple[bytes, bytes | None], ...],
+                 encode: Callable[[int], bytes], *, timeout_s: float | None,
+                 now: TTInterval | None = None, fixed_ts_us: int | None = None,
+                 ) -> asyncio.Future[Outcome]:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         for key, _ in writes:
             if isinstance(key, bytes) and key and not self.group.contains(token_for(key)):
                 raise ProtocolError(f"key {key[:32]!r} is outside group {self.group_id}", field="key")
@@ -455,17 +524,20 @@ class GroupRunner:
             reason = "not_leader" if replica.role is not Role.LEADER else "no_lease"
             hint = replica.leader_hint if replica.leader_hint != self.node_id else None
             return self._done(future, Outcome(REFUSED, txn_id, reason=reason, leader_hint=hint))
-        try:
-            interval = now if now is not None else self._truetime.check(
-                self._clock.wall_us(), now_s).interval
-        except ClockUncertain:
-            return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
-        if interval is None:  # check() raises first; this keeps the type checker sure
-            return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
-        ts_us = replica.assign_ts(now_s, interval.earliest_us, interval.latest_us)
+        if fixed_ts_us is not None:
+            ts_us: int | None = fixed_ts_us
+        else:
+            try:
+                interval = now if now is not None else self._truetime.check(
+                    self._clock.wall_us(), now_s).interval
+            except ClockUncertain:
+                return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
+            if interval is None:  # check() raises first; this keeps the type checker sure
+                return self._done(future, Outcome(REFUSED, txn_id, reason="clock_uncertain"))
+            ts_us = replica.assign_ts(now_s, interval.earliest_us, interval.latest_us)
         if ts_us is None:
             return self._done(future, Outcome(REFUSED, txn_id, reason="no_lease"))
-        value = encode_commit_value(CommitValue(txn_id, ts_us, writes))
+        value = encode(ts_us)
         try:
             ready = replica.propose(value, now_s, ts_us=ts_us)
         except ProposalRefused as exc:
@@ -525,9 +597,19 @@ class GroupRunner:
 
     @property
     def applied_ts_us(self) -> int:
-        """The highest commit timestamp applied to the store here, the replica's safe
-        time (Spanner §4.1.3): nothing applied later is older."""
-        return self._store_ts_us
+        """This replica's safe time (Spanner §4.1.3): the highest timestamp applied
+        to the store here (nothing applied later is older), held one below the
+        least prepare timestamp of a transaction prepared and not yet decided
+        (t_safe = min(t_Paxos, t_TM)): it may still commit at any s above that."""
+        bound = self.records.safe_time_bound()
+        safe_us = max(self._store_ts_us, self._reserved_safe_us)
+        return safe_us if bound is None else min(safe_us, bound)
+
+    def advance_safe_time(self, ts_us: int) -> None:
+        """``ts_us`` was reserved (``reserve_ts``) and everything proposed before the
+        reservation is applied here, with no transaction prepared below it: nothing
+        will ever be applied here at or below ``ts_us``."""
+        self._reserved_safe_us = max(self._reserved_safe_us, ts_us)
 
     def log_slots(self) -> int:
         """Slot records in the durable log (what compaction bounds)."""
@@ -590,13 +672,19 @@ class GroupRunner:
             slot, entry = item.slot, item.entry
             if slot <= self.applied_through:
                 continue  # already in the store (a snapshot covered it)
-            value = None if entry.noop else self._decode(slot, entry.value, entry.ts_us)
-            if value is not None and not item.superseded:
-                self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
-                self.stats.applied += 1
-                if self._on_apply is not None:
-                    self._on_apply(value)
-            elif item.superseded:
+            value: CommitValue | Record | None = None
+            if entry.noop:
+                pass
+            elif is_record(entry.value):
+                value = self._apply_record(slot, entry.value, entry.ts_us, item.superseded)
+            else:
+                value = self._decode(slot, entry.value, entry.ts_us)
+                if value is not None and not item.superseded:
+                    self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
+                    self.stats.applied += 1
+                    if self._on_apply is not None:
+                        self._on_apply(value)
+            if item.superseded:
                 self.stats.superseded += 1
             if not entry.noop and not item.superseded:
                 self._store_ts_us = max(self._store_ts_us, entry.ts_us)
@@ -605,6 +693,34 @@ class GroupRunner:
             if waiter is not None:
                 self._resolve(slot, *decide(waiter.txn_id, waiter.ts_us, item, value))
         self._log.set_applied(self.applied_through)
+
+    def _apply_record(self, slot: int, data: bytes, ts_us: int, superseded: bool) -> Record | None:
+        """A two-phase commit record, on every replica alike: kept for recovery and
+        safe time, and a commit's writes applied at its commit timestamp ``s``
+        (which may lie below timestamps applied since its prepare: safe time was
+        held below the prepare meanwhile)."""
+        try:
+            record = decode_record(data)
+            for key, _ in getattr(record, "writes", ()):
+                if not self.group.contains(token_for(key)):
+                    raise ProtocolError(f"key {key[:32]!r} is outside the group's range", field="key")
+            if isinstance(record, PreparedRecord) and record.prepare_ts_us != ts_us:
+                raise ProtocolError(f"prepare timestamp {record.prepare_ts_us} is not the entry's "
+                                    f"{ts_us}", field="record.prepare_ts_us")
+        except ProtocolError as exc:
+            self.stats.bad_entries += 1
+            log.error("group %s: slot %d holds a 2PC record that cannot be applied: %s",
+                      self.group_id, slot, exc.message)
+            return None
+        if not superseded:
+            if isinstance(record, OutcomeRecord) and record.commit and record.writes:
+                self._mvcc.apply_now(self.keyspace, dict(record.writes), record.commit_ts_us,
+                                     sync=False)
+                self.stats.applied += 1
+            self.records.note(slot, record, self._clock.monotonic_s())
+        if self._on_record is not None:
+            self._on_record(record, superseded)
+        return record
 
     def _decode(self, slot: int, data: bytes, ts_us: int) -> CommitValue | None:
         try:
@@ -664,6 +780,7 @@ class GroupRunner:
             await self._io(self._log.set_applied, snapshot.last_slot, sync=True)
             self.applied_through = snapshot.last_slot
             self._store_ts_us = max(self._store_ts_us, snapshot.max_ts_us)
+            self.records.load(self._clock.monotonic_s())  # the snapshot's 2PC records
             self._installing_through = 0
             self.stats.snapshots_installed += 1
             for slot in [s for s in self._waiting if s <= snapshot.last_slot]:
@@ -673,6 +790,7 @@ class GroupRunner:
                           f"{snapshot.last_slot} in {SNAPSHOT_ATTEMPTS} attempts")
 
     async def _fetch_all(self, source: str, snapshot: Snapshot) -> int:
+        self.records.clear()  # the snapshot's own 2PC records replace them
         after: bytes | None = None
         threshold_us = 0
         while not self.stopped:  # bounded: each page moves ``after`` strictly forward
@@ -700,6 +818,14 @@ class GroupRunner:
             raise ProtocolError("snapshot records out of order", field="items")
         if not any(lo <= key < hi for lo, hi in self._bounds):
             raise ProtocolError(f"snapshot record {key[:32]!r} is outside the group", field="items")
+        if key.startswith(twopc_records.PREFIX):
+            try:
+                slot, _ = twopc_records.decode_value(record)
+            except CorruptRecord as exc:
+                raise ProtocolError(f"corrupt snapshot record: {exc.message}", field="items") from None
+            if slot > snapshot.last_slot:
+                raise ProtocolError("snapshot record newer than the snapshot", field="items")
+            return
         try:
             _, ts_us = mvcc_keys.split_version_key(key)
             mvcc_keys.decode_record(record)
@@ -731,7 +857,10 @@ class GroupRunner:
                 budget -= 1
                 last = key
                 try:
-                    newer = mvcc_keys.split_version_key(key)[1] > max_ts_us
+                    if key.startswith(twopc_records.PREFIX):
+                        newer = twopc_records.decode_value(record)[0] > request.snapshot.last_slot
+                    else:
+                        newer = mvcc_keys.split_version_key(key)[1] > max_ts_us
                 except CorruptRecord:
                     newer = True  # not sent; the receiver would refuse it
                 if not newer:
@@ -749,7 +878,8 @@ class GroupRunner:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
 
 
-def decide(txn_id: str, ts_us: int, item: Committed, value: CommitValue | None) -> tuple[str, str]:
+def decide(txn_id: str, ts_us: int, item: Committed,
+           value: CommitValue | Record | None) -> tuple[str, str]:
     """(status, reason) of the proposal of ``txn_id`` at ``ts_us``, once its slot is
     chosen as ``item`` (``value``: the chosen value decoded, None for a no-op or
     one that does not decode). A proposal lives at one slot only, so whatever

@@ -104,6 +104,21 @@ class TxnManager:
         self._advance(txn, ready, wounded)
         return Step(tuple(ready), tuple(wounded))
 
+    def extend(self, txn: TxnId, priority: Priority, plan: Sequence[tuple[bytes, Mode]]) -> Step:
+        """Ask for more locks for ``txn`` (a transaction across ranges takes them
+        operation by operation here, then its write locks at prepare): ``begin``
+        for a new one; a lock already held in that mode (or exclusively) is kept."""
+        state = self._txns.get(txn)
+        if state is None:
+            return self.begin(txn, priority, plan)
+        if state.next_lock < len(state.plan):
+            raise ValueError(f"transaction {txn!r} still waits for a lock")
+        state.plan.extend(plan)
+        ready: list[TxnId] = []
+        wounded: list[TxnId] = []
+        self._advance(txn, ready, wounded)
+        return Step(tuple(ready), tuple(wounded))
+
     def start_commit(self, txn: TxnId) -> None:
         """``txn`` holds its locks and is proposing: it can no longer be wounded."""
         self._committing.add(txn)

@@ -728,6 +728,20 @@ class PaxosReplica:
         self.max_assigned_ts = ts_us
         return ts_us
 
+    def reserve_ts(self, now_s: float, tt_earliest_us: int, ts_us: int) -> bool:
+        """A read at ``ts_us`` is served by this leader: every timestamp handed out
+        from now on is above it (Spanner §4.1.3: the leader's own writes then
+        cannot land below a read it served). False when this node does not lead
+        under a lease that covers ``ts_us`` (a successor's timestamps are above
+        the lease's end, so a reservation inside it binds them too)."""
+        if not self.is_leader(now_s):
+            return False
+        bound_us = tt_earliest_us + int((self._lease_end_s - now_s) / (1 + self.rho) * 1e6)
+        if ts_us >= bound_us:
+            return False
+        self.max_assigned_ts = max(self.max_assigned_ts, ts_us)
+        return True
+
     def election_due_s(self) -> float:
         """When a follower stands for election: after silence from the leader for a
         randomized timeout, and not before a vote it holds for another node

@@ -50,6 +50,16 @@ It carries out what the pure cores decide, for every transactional keyspace:
   applied timestamp) has passed the read's timestamp; an idle leader
   proposes an empty commit every ``safe_time_interval_ms`` so safe time
   keeps moving (Spanner §4.1.3).
+* **Transactions across ranges** (issue #13 §1): the node that took one runs
+  it (``txn/cross_range.py``): ``tx_lock`` operations at each range's leader,
+  then ``tx_commit`` at the coordinator group's leader, where
+  ``txn/twopc_group.py`` runs two-phase commit over the groups; their
+  messages travel one-way as ``txn.2pc`` to a group's leader (forwarded at
+  most ``MAX_HOPS`` times, else dropped: the 2PC cores resend). A group's
+  2PC records (``txn/twopc_records.py``) hold its replicas' safe time below
+  every prepared, undecided transaction. A snapshot read at a timestamp at
+  a leader reserves the timestamp (nothing commits at or below it from then
+  on) instead of waiting for safe time to pass it.
 * **Outcomes.** Each applied commit records its transaction id and
   timestamp (prefix ``x``, written unsynced before the group's applied
   point, like the applied versions themselves, so replay after a crash
@@ -94,6 +104,8 @@ from ringkv.errors import (
 )
 from ringkv.ring import TokenRing
 from ringkv.storage.engine import Engine
+from ringkv.txn.cross_range import CrossRangeTxn
+from ringkv.txn.sessions import TxnSessions
 from ringkv.txn.group import (
     ABORTED,
     COMMITTED,
@@ -123,12 +135,26 @@ from ringkv.txn.paxos_messages import (
 from ringkv.txn.ranges import Range, RangeMap
 from ringkv.txn.requests import Condition, TxnRequest, Write
 from ringkv.txn.truetime import TrueTime, TTInterval, ntp_sample
+from ringkv.txn.twopc import Timeouts
+from ringkv.txn.twopc_group import READY, GroupLocks, TwoPCRoles
+from ringkv.txn.twopc_messages import (
+    CommitRequest,
+    DecisionRecord,
+    Message as TwoPCMessage,
+    OutcomeRecord,
+    Record,
+    decode_message as decode_2pc,
+    encode_message as encode_2pc,
+)
 
 log = logging.getLogger(__name__)
 
 PING, PAXOS, SNAPSHOT, OP = "txn.ping", "txn.paxos", "txn.snapshot", "txn.op"
 GROUP = "txn.group"  # does the peer hold a group, and from which configuration?
-VERBS = frozenset({PING, PAXOS, SNAPSHOT, OP, GROUP})
+TWOPC = "txn.2pc"  # a two-phase commit message for a group's leader (one-way)
+VERBS = frozenset({PING, PAXOS, SNAPSHOT, OP, GROUP, TWOPC})
+TWOPC_TICK_S = 0.1  # the 2PC roles' timers (resends, inquiries, idle aborts) and leadership
+FINISHED_TTL_S = 60.0  # 2PC outcomes remembered this long for late duplicates
 # r | u8 len(group_id) | group_id -> msgpack [start, end, initial members, heard]: the
 # configuration the group started from here (its log says what followed) and, for a
 # node that joined a running group, the members it was told the group had then.
@@ -158,7 +184,8 @@ class _Running:
 @dataclass
 class _Group:
     runner: GroupRunner
-    manager: TxnManager = field(default_factory=TxnManager)
+    locks: GroupLocks = field(default_factory=GroupLocks)
+    roles: TwoPCRoles | None = None  # two-phase commit while this node leads the group
     running: dict[str, _Running] = field(default_factory=dict)
     last_safe_propose_s: float = 0.0
 
@@ -179,11 +206,20 @@ class TxnFaults:
     passed it (breaks §4.1.3). ``on_commit(commit_ts_us)``: a commit is being
     answered, after commit wait. ``on_snapshot_read(group_id, read_ts_us)``: a
     snapshot read is being served at ``read_ts_us``, in the same step as the read.
+
+    Two-phase commit (``txn/twopc_group.py``): ``early_lock_release``: a
+    participant releases its locks as soon as it votes yes, before the
+    decision (breaks two-phase locking: others read and write around a
+    transaction that may still commit). ``skip_prepare_log``: a participant
+    votes yes without logging its prepare through Paxos (a new leader knows
+    nothing of it, and replicas' safe time is not held back).
     """
 
     skip_commit_wait: bool = False
     ignore_safe_time: bool = False
     join_alone: bool = False
+    early_lock_release: bool = False
+    skip_prepare_log: bool = False
     on_commit: Callable[[int], None] | None = None
     on_snapshot_read: Callable[[str, int], None] | None = None
 
@@ -199,11 +235,22 @@ class Op:
     snapshot_ts_us: int | None = None
     max_staleness_ms: int | None = None
     txn_id: str | None = None
+    # A transaction across ranges, at one of its ranges (kinds tx_lock, tx_commit, tx_abort):
+    priority: tuple[int, str] | None = None  # its first priority (wound-wait)
+    lock_reads: tuple[bytes, ...] = ()  # tx_lock: keys to read under shared locks
+    lock_writes: tuple[bytes, ...] = ()  # tx_lock: keys it will write (exclusive locks)
+    first: bool = True  # tx_lock: its first operation in this range
+    commit: CommitRequest | None = None  # tx_commit: for the coordinator group
 
     def to_wire(self, hops: int, timeout_s: float) -> dict[str, Any]:
         wire: dict[str, Any] = {"k": self.kind, "ks": self.keyspace, "h": hops, "t": timeout_s,
                                 "key": self.key, "sts": self.snapshot_ts_us,
                                 "stale": self.max_staleness_ms, "id": self.txn_id}
+        if self.priority is not None:
+            wire.update(pr=list(self.priority), lr=list(self.lock_reads),
+                        lw=list(self.lock_writes), f=self.first)
+        if self.commit is not None:
+            wire["cm"] = encode_2pc(self.commit)
         if self.request is not None:
             r = self.request
             wire["req"] = {
@@ -223,8 +270,19 @@ class Op:
                     raw["ks"], r["id"], tuple(bytes(k) for k in r["reads"]),
                     tuple(Condition(bytes(c[0]), str(c[1]), c[2], c[3]) for c in r["conds"]),
                     tuple(Write(bytes(w[0]), w[1]) for w in r["writes"]))
+            extra: dict[str, Any] = {}
+            if raw.get("pr") is not None:
+                at_us, first_id = raw["pr"]
+                extra.update(priority=(int(at_us), str(first_id)),
+                             lock_reads=tuple(bytes(k) for k in raw["lr"]),
+                             lock_writes=tuple(bytes(k) for k in raw["lw"]), first=bool(raw["f"]))
+            if raw.get("cm") is not None:
+                commit = decode_2pc(raw["cm"])
+                if not isinstance(commit, CommitRequest):
+                    raise ValueError("cm is not a commit request")
+                extra["commit"] = commit
             op = Op(str(raw["k"]), str(raw["ks"]), req, bytes(raw["key"]), raw["sts"],
-                    raw["stale"], raw["id"])
+                    raw["stale"], raw["id"], **extra)
             return op, int(raw["h"]), float(raw["t"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"malformed transactional operation: {exc}", field="op") from None
@@ -269,11 +327,26 @@ class TxnService:
         self._ids = itertools.count(1)
         self._ping_timer: Timer | None = None
         self._safe_timer: Timer | None = None
+        self._twopc_timer: Timer | None = None
+        self.twopc_timeouts = Timeouts(idle_timeout_s=config.txn.idle_timeout_s,
+                                       finished_ttl_s=FINISHED_TTL_S)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopped = True
         self.stats = {"commits": 0, "aborts": 0, "condition_failed": 0, "forwarded": 0,
                       "strong_reads": 0, "snapshot_reads": 0, "pings": 0, "ping_failures": 0,
-                      "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0}
+                      "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0,
+                      "cross_range_commits": 0, "cross_range_aborts": 0, "twopc_rejected": 0,
+                      "read_only_txns": 0}
+        self._cross = CrossRangeTxn(self._execute_at, clock=clock,
+                                    max_retries=config.txn.max_conflict_retries,
+                                    spawn=self._spawn, stats=self.stats,
+                                    now_latest_us=lambda: self._fenced_now().latest_us,
+                                    rng=random.Random(rng.getrandbits(64)))
+        self.sessions = TxnSessions(clock=clock, execute=self._execute_at, range_map=self.range_map,
+                                    now_latest_us=lambda: self._fenced_now().latest_us,
+                                    new_id=self.new_txn_id, spawn=self._spawn,
+                                    idle_timeout_s=config.txn.idle_timeout_s,
+                                    max_duration_s=config.txn.max_duration_s)
 
     @property
     def enabled(self) -> bool:
@@ -299,13 +372,16 @@ class TxnService:
         self._schedule_ping(0.0)
         interval_s = self.config.txn.safe_time_interval_ms / 1000
         self._safe_timer = self._clock.call_later(interval_s, self._safe_time_tick)
+        self._twopc_timer = self._clock.call_later(TWOPC_TICK_S, self._twopc_tick)
 
     def stop(self) -> None:
         self.stopped = True
-        for timer in (self._ping_timer, self._safe_timer):
+        for timer in (self._ping_timer, self._safe_timer, self._twopc_timer):
             if timer is not None:
                 timer.cancel()
         for group in self.groups.values():
+            if group.roles is not None:
+                group.roles.stop()
             group.runner.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -430,9 +506,15 @@ class TxnService:
             tick_interval_s=min(HEARTBEAT_INTERVAL_S, lease_s / 4) / 4,
             max_drift_ppm=self.config.truetime.max_drift_ppm,
             on_apply=functools.partial(self._record_outcome, rng.group_id),
+            on_record=functools.partial(self._on_record, rng.group_id),
+            finished_ttl_s=FINISHED_TTL_S,
             members=record.replicas, heard=self._heard.get(rng.group_id, ()),
         )
         group = _Group(runner)
+        group.roles = TwoPCRoles(runner, group.locks, mvcc=self.mvcc, clock=self._clock,
+                                 truetime=self.truetime, send=self._send_2pc,
+                                 caught_up=self._caught_up, timeouts=self.twopc_timeouts,
+                                 faults=self.faults)
         self.groups[rng.group_id] = group
         runner.start()
         log.info("group %s started on %s (replicas %s, configuration %s)", rng.group_id,
@@ -539,6 +621,8 @@ class TxnService:
         for group_id, group in list(self.groups.items()):
             runner = group.runner
             if runner.removed and self.node_id not in runner.group.replicas:
+                if group.roles is not None:
+                    group.roles.stop()
                 runner.stop()
                 del self.groups[group_id]
                 log.info("group %s: %s was removed from it; stopped", group_id, self.node_id)
@@ -563,6 +647,74 @@ class TxnService:
             return
         key = _group_key(OUTCOME_PREFIX, group_id) + value.txn_id.encode()
         self._engine.write([(key, _TS.pack(value.commit_ts_us))], (), sync=False)
+
+    def _on_record(self, group_id: str, record: Record, superseded: bool) -> None:
+        """A group applied a 2PC record: a commit's outcome is kept like a one-range
+        commit's (``status``), and the leader's roles hear of it."""
+        if not superseded and isinstance(record, (DecisionRecord, OutcomeRecord)) and record.commit:
+            # Under the transaction's id, not its attempt's (txn/cross_range.py).
+            txn_id = record.txn_id.split("~", 1)[0]
+            key = _group_key(OUTCOME_PREFIX, group_id) + txn_id.encode()
+            self._engine.write([(key, _TS.pack(record.commit_ts_us))], (), sync=False)
+        group = self.groups.get(group_id)
+        if group is not None and group.roles is not None:
+            group.roles.on_record(record, superseded)
+
+    def _twopc_tick(self) -> None:
+        if self.stopped:
+            return
+        self._twopc_timer = self._clock.call_later(TWOPC_TICK_S, self._twopc_tick)
+        now_s = self._clock.monotonic_s()
+        for group in list(self.groups.values()):
+            if group.roles is not None:
+                group.roles.tick()
+            group.runner.records.expire(now_s)
+        self.sessions.expire()
+
+    def _send_2pc(self, group_id: str, msg: TwoPCMessage, hops: int = 0) -> None:
+        """To the leader of ``group_id``: here at once (next loop turn), or the leader
+        this node last heard of, or else a replica of the range (which forwards)."""
+        group = self.groups.get(group_id)
+        if group is not None and group.roles is not None and group.roles.active:
+            asyncio.get_running_loop().call_soon(group.roles.step, msg)
+            return
+        transport = self._transport()
+        if transport is None or hops > MAX_HOPS:
+            return
+        target = group.runner.leader() if group is not None else None
+        if target is None or target == self.node_id:
+            rng = self._range_by_id(group_id)
+            others = [] if rng is None else [n for n in rng.replicas if n != self.node_id]
+            if not others:
+                return  # dropped: the sender resends
+            target = others[hops % len(others)]
+        transport.send_oneway(target, TWOPC, {"g": group_id, "m": encode_2pc(msg), "h": hops})
+
+    def _on_2pc(self, from_node: str, payload: Any) -> None:
+        try:
+            group_id, hops = str(payload["g"]), int(payload["h"])
+            msg = decode_2pc(payload["m"])
+        except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+            self.stats["twopc_rejected"] += 1
+            log.debug("dropped a malformed 2PC message from %s: %s", from_node, exc)
+            return
+        group = self.groups.get(group_id)
+        if group is not None and group.roles is not None and group.roles.active:
+            group.roles.step(msg)
+        elif group is None:
+            self._group_for_id(group_id)  # a replica that has not started it yet
+            self._send_2pc(group_id, msg, hops + 1)
+        else:
+            self._send_2pc(group_id, msg, hops + 1)
+
+    def _range_by_id(self, group_id: str) -> Range | None:
+        keyspace = group_id.rsplit("/", 1)[0]
+        if keyspace not in self.keyspaces:
+            return None
+        try:
+            return next((r for r in self.range_map(keyspace).ranges if r.group_id == group_id), None)
+        except RingKVError:
+            return None
 
     def _committed_ts(self, group_id: str, txn_id: str) -> int | None:
         raw = self._engine.get(_group_key(OUTCOME_PREFIX, group_id) + txn_id.encode())
@@ -624,6 +776,9 @@ class TxnService:
             return None
         if verb == GROUP:
             return self._group_answer(payload)
+        if verb == TWOPC:
+            self._on_2pc(from_node, payload)
+            return None
         if verb == SNAPSHOT:
             request = SnapshotRequest.from_wire(payload)
             group = self.groups.get(request.group_id)
@@ -686,12 +841,26 @@ class TxnService:
     def new_txn_id(self) -> str:
         return f"{self.node_id}:{next(self._ids)}:{self._rng.getrandbits(32):08x}"
 
+    async def _execute_at(self, kind: str, keyspace: str, key: bytes, fields: dict[str, Any],
+                          deadline_s: float, *, missing_ok: bool = False) -> dict[str, Any]:
+        """One operation of a transaction across ranges, at the leader of ``key``'s
+        range (a snapshot read: at a replica that can serve it). ``missing_ok``: a key
+        that holds nothing answers ``{}`` instead of raising NotFound."""
+        started_s = self._clock.monotonic_s()
+        try:
+            return await self.execute(Op(kind, keyspace, key=key, **fields), started_s=started_s,
+                                      timeout_s=max(0.001, deadline_s - started_s))
+        except NotFound as exc:
+            if not missing_ok or "receipt" not in exc.details:
+                raise
+            return {}
+
     def range_of(self, keyspace: str, keys: Sequence[bytes], *, field: str = "keys") -> Range:
         grouped = self.range_map(keyspace).by_range(keys)
         if len(grouped) > 1:
             names = {r.group_id: [k.decode(errors="replace") for k in ks] for r, ks in grouped.items()}
-            raise CrossRange("the keys fall in more than one range; transactions across ranges "
-                             f"are not built yet: {names}", field=field, keys=names)
+            raise CrossRange(f"the keys fall in more than one range: {names}", field=field,
+                             keys=names)
         return next(iter(grouped))
 
     async def execute(self, op: Op, *, started_s: float, timeout_s: float,
@@ -701,6 +870,11 @@ class TxnService:
             raise NotFound(f"keyspace {op.keyspace!r} is not transactional", keyspace=op.keyspace)
         deadline_s = started_s + timeout_s
         now = self._fenced_now()
+        if op.kind == "txn" and op.request is not None and hops == 0:
+            grouped = self.range_map(op.keyspace).by_range(op.request.keys())
+            if len(grouped) > 1:
+                txn_id = op.request.txn_id or self.new_txn_id()
+                return await self._cross.run(op.request, txn_id, grouped, deadline_s)
         keys = [op.key] if op.request is None else op.request.keys()
         rng = self.range_of(op.keyspace, keys)
         snapshot = op.kind == "snapshot_get"
@@ -791,6 +965,8 @@ class TxnService:
         if op.kind == "status":
             assert op.txn_id is not None
             return await self._status(group, op.txn_id, deadline_s)
+        if op.kind in ("tx_lock", "tx_commit", "tx_abort"):
+            return await self._serve_cross(group, op, deadline_s)
         if op.kind == "get":
             request = TxnRequest(op.keyspace, None, (op.key,), (), ())
             answer = await self._run(group, rng, request, deadline_s)
@@ -798,6 +974,35 @@ class TxnService:
             return answer
         assert op.request is not None
         return await self._run(group, rng, op.request, deadline_s)
+
+    async def _serve_cross(self, group: _Group, op: Op, deadline_s: float) -> dict[str, Any]:
+        """An operation of a transaction across ranges, at this range's leader."""
+        roles = group.roles
+        if roles is None or not op.txn_id:
+            raise ProtocolError(f"{op.kind} names no transaction", field="id")
+        if op.kind == "tx_abort":
+            roles.abort(op.txn_id)
+            return {"ok": True}
+        if op.kind == "tx_lock":
+            if op.priority is None:
+                raise ProtocolError("tx_lock carries no priority", field="pr")
+            reads = await roles.lock_and_read(op.txn_id, op.priority, op.lock_reads,
+                                              op.lock_writes, first=op.first,
+                                              deadline_s=deadline_s)
+            return {"reads": [[key, cur.value, cur.version_us] for key, cur in reads],
+                    "leader": self.node_id}
+        if op.commit is None or op.commit.txn_id != op.txn_id:
+            raise ProtocolError("tx_commit carries no commit request for its transaction",
+                                field="cm")
+        outcome = await roles.commit(op.commit, deadline_s)
+        if outcome is None:
+            raise Timeout(f"transaction {op.txn_id}'s outcome is not known yet (its coordinator, "
+                          f"range {group.runner.group_id}, did not decide in time); ask "
+                          f"GET /v1/txn/{op.txn_id}", consistency="SERIAL", received=0,
+                          required=1, write=True)
+        committed, commit_ts = outcome
+        return {"committed": committed, "commit_ts": commit_ts if committed else None,
+                "coordinator": group.runner.group_id}
 
     async def _snapshot_get(self, group: _Group, op: Op, deadline_s: float,
                             now: TTInterval) -> dict[str, Any]:
@@ -813,7 +1018,23 @@ class TxnService:
             if at_us < self._snapshot_ts(op, now):
                 raise NoLeader("this replica's safe time is older than max_staleness_ms allows",
                                reason="stale")
-        while runner.applied_ts_us < at_us and not self.faults.ignore_safe_time:
+        reserved = runner.applied_ts_us < at_us and runner.is_leader() and runner.reserve_ts(at_us)
+        if reserved:
+            # A leader need not wait for safe time to pass a timestamp by itself: once
+            # nothing new can commit at or below it, what is proposed already (and
+            # any prepared transaction below it) is all the read waits for.
+            await self._caught_up(runner, deadline_s)
+            while not self.faults.ignore_safe_time:
+                bound = runner.records.safe_time_bound()
+                if bound is None or bound >= at_us:
+                    runner.advance_safe_time(at_us)
+                    break
+                if self._clock.monotonic_s() + WAIT_STEP_S >= deadline_s:
+                    raise Timeout(f"a transaction prepared below {at_us} was not decided within "
+                                  "the deadline", consistency="SERIAL", received=0, required=1,
+                                  write=True)
+                await self._clock.sleep(WAIT_STEP_S)
+        while not reserved and runner.applied_ts_us < at_us and not self.faults.ignore_safe_time:
             if self._clock.monotonic_s() + WAIT_STEP_S >= deadline_s:
                 raise Timeout(f"safe time did not reach {at_us} within the deadline",
                               consistency="SERIAL", received=0, required=1, write=True)
@@ -877,7 +1098,8 @@ class TxnService:
             while True:
                 running = _Running(asyncio.get_running_loop().create_future())
                 group.running[txn_id] = running
-                self._apply_step(group, group.manager.begin(txn_id, priority, plan))
+                group.locks.ask(txn_id, priority, plan,
+                                functools.partial(_one_shot_woken, group.locks, txn_id, running.future))
                 timer = None
                 if not running.future.done():  # no timer when the locks were free at once
                     remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
@@ -889,7 +1111,7 @@ class TxnService:
                     if timer is not None:
                         timer.cancel()
                 if state == "timeout":
-                    self._apply_step(group, group.manager.abort(txn_id))
+                    group.locks.finish(txn_id)
                     raise Timeout(f"transaction {txn_id} waited for locks past its deadline",
                                   consistency="SERIAL", received=0, required=1, write=True)
                 if state == "ready":
@@ -902,26 +1124,10 @@ class TxnService:
             try:
                 return await self._locked(group, runner, request, txn_id, deadline_s)
             finally:
-                self._apply_step(group, group.manager.finish(txn_id))
+                group.locks.finish(txn_id)
         finally:
             self._retries.forget(txn_id)
             group.running.pop(txn_id, None)
-
-    def _apply_step(self, group: _Group, step: Any) -> None:
-        """Wake the ready (committing from now: they cannot be wounded), abort the wounded."""
-        pending = [step]
-        while pending:
-            ready, wounded = pending.pop()
-            for txn in ready:
-                group.manager.start_commit(txn)
-                running = group.running.get(str(txn))
-                if running is not None and not running.future.done():
-                    running.future.set_result("ready")
-            for txn in wounded:
-                running = group.running.get(str(txn))
-                if running is not None and not running.future.done():
-                    running.future.set_result("wounded")
-                pending.append(group.manager.abort(txn))
 
     async def _locked(self, group: _Group, runner: GroupRunner, request: TxnRequest, txn_id: str,
                       deadline_s: float) -> dict[str, Any]:
@@ -1021,7 +1227,8 @@ class TxnService:
                            "members": sorted(runner.members), "moving": runner.moving,
                            "leader": runner.leader(),
                            "leads": runner.is_leader(), "applied_through": runner.applied_through,
-                           "safe_ts": runner.applied_ts_us, "locks": len(group.manager.locks),
+                           "safe_ts": runner.applied_ts_us, "locks": len(group.locks),
+                           "prepared": len(runner.records.prepared()),
                            # Group commit at work: fsyncs and persist batches per applied commit.
                            "applied": runner.stats.applied, "fsyncs": runner.stats.fsyncs,
                            "persist_batches": runner.stats.persist_batches}
@@ -1042,6 +1249,14 @@ def _split_or_merge(rng: Range, old: Range) -> RangeMoving:
 def _settle(future: asyncio.Future[str], value: str) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _one_shot_woken(locks: GroupLocks, txn_id: str, future: asyncio.Future[str], state: str) -> None:
+    """A one-range transaction holds its locks (committing from now: it cannot be
+    wounded, and it evaluates and proposes at once), or was wounded waiting."""
+    if state == READY:
+        locks.start_commit(txn_id)
+    _settle(future, state)
 
 
 def _rebuild(exc: RemoteError) -> RingKVError:

@@ -52,7 +52,7 @@ __all__ = [
     "RECORD_FORMAT", "MAX_PARTICIPANTS", "Writes", "Priority", "Participant", "CommitRequest",
     "PrepareRequest", "Vote", "Decision", "Ack", "Inquiry", "Message", "BeginRecord",
     "DecisionRecord", "PreparedRecord", "OutcomeRecord", "Record", "encode_message",
-    "decode_message", "encode_record", "decode_record",
+    "decode_message", "is_record", "encode_record", "decode_record",
 ]
 
 RECORD_FORMAT = 2  # a CommitValue's is 1
@@ -298,6 +298,12 @@ def decode_message(raw: Any) -> Message:
     """The message in ``raw``; ``ProtocolError`` naming the bad field."""
     msg: Message = _decode(_MESSAGES, MESSAGE_TAGS, raw, "message")
     return msg
+
+
+def is_record(data: bytes) -> bool:
+    """Whether a Paxos ``Entry.value`` holds a 2PC record (not a ``CommitValue``):
+    both are short msgpack arrays whose first element is their format."""
+    return len(data) > 1 and data[0] & 0xF0 == 0x90 and data[1] == RECORD_FORMAT
 
 
 def encode_record(record: Record) -> bytes:
