@@ -1,15 +1,22 @@
 """The transactional tier on 3 node processes (keyspace ``txn``, RF 3, ε floor 1 ms).
 
     python -m bench txn [--duration 10] [--concurrency 32] [--keys 1000]
-                        [--client lean|aio] [--procs 2] [--phases cas,txn,snapshot] [--profile]
+                        [--client lean|aio] [--procs 2] [--phases cas,txn,txn2,ro2,snapshot]
+                        [--profile]
 
-Three phases, each a closed loop of ``concurrency`` workers:
+The keyspace is cut into 4 ranges (``ranges``). Five phases, each a closed
+loop of ``concurrency`` workers:
 
 * ``cas``: single-key compare-and-set commits. Each worker owns its key and
   keeps the version its last commit returned, so every operation is one
   conditional put (``"if": {"version": v}``) that commits (no read, no conflict);
 * ``txn``: one-shot single-range transactions, each reading one key and
-  writing two (``POST /v1/txn``);
+  writing two (``POST /v1/txn``), both keys in one range;
+* ``txn2``: the same with the two keys in two ranges: two-phase commit over
+  two Paxos groups (issue #13's target: >= 300 commits/s; Spanner's Table 4
+  gives 17 ms for 2PC with one participant and 24.5 ms with two);
+* ``ro2``: read-only transactions reading two keys in two ranges (a
+  lock-free snapshot at ``TT.now().latest``), through random nodes;
 * ``snapshot``: snapshot reads (``max_staleness_ms``) on random keys,
   through random nodes (any replica whose safe time has passed serves them).
 
@@ -54,7 +61,7 @@ from typing import Any
 
 from bench import proc_cpu
 from bench.loadgen import percentile
-from bench.txn_load import PHASES, STALENESS_MS, Generators
+from bench.txn_load import PHASES, RANGES, STALENESS_MS, Generators, key_pair
 from ringkv.client import AsyncClient
 from ringkv.tools.launcher import free_port_block
 from ringkv.tools.local_cluster import LocalCluster
@@ -287,17 +294,27 @@ def aio_ops(args: argparse.Namespace) -> dict[str, AioOp]:
         versions[key] = (value + 1 if version else 0, result.version)
         return float(result.receipt.get("commit_wait_ms", 0.0))
 
-    async def txn(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
-        a, b = f"t-{index}-a", f"t-{index}-b"
+    async def one_shot(kv: AsyncClient, index: int, rng: random.Random, a: str,
+                       b: str) -> float | None:
         result = await kv.txn(reads=[a], writes=[{"key": a, "value": rng.random()},
                                                   {"key": b, "value": index}])
         return float((result.receipt or {}).get("commit_wait_ms", 0.0))
+
+    async def txn(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
+        return await one_shot(kv, index, rng, *key_pair(f"t-{index}", same_range=True))
+
+    async def txn2(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
+        return await one_shot(kv, index, rng, *key_pair(f"t2-{index}", same_range=False))
+
+    async def ro2(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
+        await kv.txn(reads=list(key_pair(f"t2-{index}", same_range=False)))
+        return None
 
     async def snapshot(kv: AsyncClient, index: int, rng: random.Random) -> float | None:
         await kv.get_versioned(f"k-{rng.randrange(args.keys)}", max_staleness_ms=STALENESS_MS)
         return None
 
-    return {"cas": cas, "txn": txn, "snapshot": snapshot}
+    return {"cas": cas, "txn": txn, "txn2": txn2, "ro2": ro2, "snapshot": snapshot}
 
 
 async def load_keys(urls: list[str], args: argparse.Namespace) -> None:
@@ -359,19 +376,19 @@ def main(argv: list[str] | None = None) -> int:
                              "asyncio client in this process")
     parser.add_argument("--procs", type=int, default=2, help="lean generator processes")
     parser.add_argument("--phases", type=lambda text: text.split(","), default=list(PHASES),
-                        help="comma-separated, from cas,txn,snapshot")
+                        help="comma-separated, from " + ",".join(PHASES))
     parser.add_argument("--profile", action="store_true",
                         help="sample every node and the load generator with py-spy")
     parser.add_argument("--out", type=Path, default=RESULTS / "txn.json")
     args = parser.parse_args(argv)
     if not set(args.phases) <= set(PHASES) or not 1 <= args.procs <= args.concurrency:
-        parser.error("--phases must come from cas,txn,snapshot; --procs from 1 to --concurrency")
+        parser.error(f"--phases must come from {','.join(PHASES)}; --procs from 1 to --concurrency")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ringkv-bench-txn-") as tmp:
         cluster = LocalCluster(Path(tmp), nodes=3, rf=3, base_client_port=free_port_block(3),
                                base_internode_port=free_port_block(3), config_overrides={
                                    "keyspaces.txn": {"replication_factor": 3,
-                                                     "tier": "transactional"},
+                                                     "tier": "transactional", "ranges": RANGES},
                                    "truetime.min_uncertainty_ms": EPSILON_FLOOR_MS})
         try:
             cluster.up()

@@ -27,10 +27,24 @@ from typing import Any
 
 from bench import proc_cpu
 from bench.loadgen import _Connection, _Target
+from ringkv.ring import token_for
+from ringkv.txn.ranges import slice_of
 
 KEYSPACE = "txn"
+RANGES = 4  # the bench keyspace's ``ranges``: txn2 and ro2 touch two of them
 STALENESS_MS = 1000
-PHASES = ("cas", "txn", "snapshot")
+PHASES = ("cas", "txn", "txn2", "ro2", "snapshot")
+
+
+def key_pair(prefix: str, *, same_range: bool) -> tuple[str, str]:
+    """Two keys in one range (``same_range``) or in two different ranges."""
+    a = f"{prefix}-a"
+    home = slice_of(token_for(a.encode()), RANGES)
+    for i in range(10_000):
+        b = f"{prefix}-b{i}"
+        if (slice_of(token_for(b.encode()), RANGES) == home) == same_range:
+            return a, b
+    raise AssertionError("no key pair found")
 
 
 class _Worker:
@@ -105,7 +119,27 @@ async def _run(phase: str, urls: list[str], leaders: dict[str, int], concurrency
             waits.append(w.note_receipt(answer.get("receipt")))
 
     async def txn(w: _Worker, index: int) -> None:
-        a, b = f"t-{seed}-{index}-a", f"t-{seed}-{index}-b"
+        await one_shot(w, index, *key_pair(f"t-{seed}-{index}", same_range=True))
+
+    async def txn2(w: _Worker, index: int) -> None:
+        await one_shot(w, index, *key_pair(f"t2-{seed}-{index}", same_range=False))
+
+    async def ro2(w: _Worker, index: int) -> None:
+        # Reads only: a lock-free snapshot of both keys at TT.now().latest.
+        a, b = key_pair(f"t2-{seed}-{index}", same_range=False)
+        body = json.dumps({"keyspace": KEYSPACE, "reads": [a, b]}).encode()
+        prebuilt = [_request("POST", t, "/v1/txn", body) for t in targets]
+        while time.monotonic() < stop_at:
+            at = w.rng.randrange(len(targets))
+            started = time.perf_counter()
+            status, raw = await w.conn(at).exchange(prebuilt[at])
+            elapsed = time.perf_counter() - started
+            if status != 200:
+                errors.append(f"{status} {raw[:160]!r}")
+                continue
+            latencies.append(elapsed)
+
+    async def one_shot(w: _Worker, index: int, a: str, b: str) -> None:
         while time.monotonic() < stop_at:
             body = {"keyspace": KEYSPACE, "reads": [a],
                     "writes": [{"op": "put", "key": a, "value": w.rng.random()},
@@ -139,7 +173,7 @@ async def _run(phase: str, urls: list[str], leaders: dict[str, int], concurrency
                 continue
             latencies.append(elapsed)
 
-    op = {"cas": cas, "txn": txn, "snapshot": snapshot}[phase]
+    op = {"cas": cas, "txn": txn, "txn2": txn2, "ro2": ro2, "snapshot": snapshot}[phase]
     workers = [_Worker(targets, leaders, random.Random(seed * 100_003 + i))
                for i in range(concurrency)]
     try:

@@ -25,7 +25,7 @@ from ringkv.sim.loop import VirtualTimeLoop
 from ringkv.sim.network import NetworkConditions, SimNetwork
 from ringkv.sim.run import TXN_KEYSPACE
 from ringkv.txn.ranges import RangeMap
-from test_txn_cross_range import ACCOUNTS, RANGES, START, _accounts, _configs, _until
+from tests.test_txn_cross_range import ACCOUNTS, RANGES, START, _accounts, _configs, _until
 
 KS = TXN_KEYSPACE
 

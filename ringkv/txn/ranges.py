@@ -18,8 +18,8 @@ keyspace that holds data changes bounds (a split or merge, which is not
 built: the service refuses those ranges by name).
 
 More slices spread leaders and load over more nodes; fewer keep more
-transactions inside one range (one-shot transactions must stay inside one
-until two-phase commit across ranges lands). A range is ``(start, end]`` on
+transactions inside one range, where a commit is one Paxos round instead of
+two-phase commit across groups. A range is ``(start, end]`` on
 the ring; ``start == end`` is the whole ring. Its ``replicas`` keep the
 ring's preference order for its end token, so ``replicas[0]`` (the
 preferred leader) differs from slice to slice.
@@ -40,6 +40,11 @@ def slice_ends(count: int) -> list[int]:
     MAX_TOKEN, so the first slice starts there and wraps to MIN_TOKEN."""
     span = MAX_TOKEN - MIN_TOKEN + 1
     return [MIN_TOKEN + span * (i + 1) // count - 1 for i in range(count)]
+
+
+def slice_of(token: int, count: int) -> int:
+    """Which of ``count`` equal slices holds ``token`` (0-based, in ``slice_ends`` order)."""
+    return bisect.bisect_left(slice_ends(count), token)
 
 
 @dataclass(frozen=True)

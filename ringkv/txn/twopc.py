@@ -243,11 +243,21 @@ class _CTxn:
 
 
 class TwoPCCoordinator:
-    """The coordinator role of one group's leader: a table of transactions."""
+    """The coordinator role of one group's leader: a table of transactions.
 
-    def __init__(self, group_id: str, timeouts: Timeouts = Timeouts()) -> None:
+    ``log_begin`` False: the prepares go out at once, with no ``BeginRecord``
+    (one Paxos round less before the decision). A leader that fails before
+    deciding leaves no trace of the transaction in its group's log, and
+    presumed abort covers it: a participant's inquiry makes the next leader
+    log an abort, and a client's retry of the request starts it again. What
+    was decided is in the log either way, and nobody heard a decision before
+    it was logged."""
+
+    def __init__(self, group_id: str, timeouts: Timeouts = Timeouts(), *,
+                 log_begin: bool = True) -> None:
         self.group_id = group_id
         self.timeouts = timeouts
+        self.log_begin = log_begin
         self._txns: dict[str, _CTxn] = {}
         self._finished: dict[str, _Finished] = {}
 
@@ -276,6 +286,8 @@ class TwoPCCoordinator:
             return []  # in progress: the answer comes when it is decided
         txn = _CTxn(request.txn_id, request.priority, request.participants, CState.BEGINNING)
         self._txns[txn.txn_id] = txn
+        if not self.log_begin:
+            return self._start_collecting(txn, now_s)
         return [Log(BeginRecord(txn.txn_id, txn.priority, txn.participants))]
 
     def step(self, msg: Message, now_s: float, tt: TTInterval) -> list[Effect]:

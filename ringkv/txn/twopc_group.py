@@ -26,7 +26,10 @@ for the group while this node leads it, and carries out their effects:
 **Leading.** The roles start only once this node leads the group under a
 lease and has applied every slot its phase 1 found (``recover``'s contract:
 the log is complete), and then recover from the group's 2PC records
-(``txn/twopc_records.py``). They stop when the lease lapses or the ballot
+(``txn/twopc_records.py``). The coordinator logs no begin record
+(``log_begin=False``): its prepares go out at once, and a transaction a
+failed leader had not decided is presumed aborted (the session's retry of
+its commit request starts it again). They stop when the lease lapses or the ballot
 changes: their state is dropped and the locks of their transactions are
 released (a prepared transaction's locks come back with the next leader's
 ``recover``; an active one's are gone, and its prepare votes no).
@@ -176,7 +179,7 @@ class TwoPCRoles:
         self._caught_up = caught_up
         self.timeouts = timeouts
         self._faults = faults
-        self.coordinator = TwoPCCoordinator(self.group_id, timeouts)
+        self.coordinator = TwoPCCoordinator(self.group_id, timeouts, log_begin=False)
         self.participant = TwoPCParticipant(self.group_id, timeouts)
         self.ballot: Any = None  # the ballot the roles run under; None: not running
         self._recover_through: int | None = None
@@ -235,7 +238,7 @@ class TwoPCRoles:
         for txn in sorted(self._txns):
             self.locks.finish(txn)
         self._txns.clear()
-        self.coordinator = TwoPCCoordinator(self.group_id, self.timeouts)
+        self.coordinator = TwoPCCoordinator(self.group_id, self.timeouts, log_begin=False)
         self.participant = TwoPCParticipant(self.group_id, self.timeouts)
 
     def _tt(self) -> TTInterval | None:
@@ -345,6 +348,7 @@ class TwoPCRoles:
         """Coordinate ``request`` (this group is its coordinator): (committed, s) once
         decided and, for a commit, past commit wait; None if not known in time."""
         await self._until_active(deadline_s)
+        ballot = self.ballot
         future = self._answers.get(request.txn_id)
         if future is None or future.done():
             future = self._answers[request.txn_id] = asyncio.get_running_loop().create_future()
@@ -353,7 +357,14 @@ class TwoPCRoles:
             return future.result()
         remaining_s = max(0.0, deadline_s - self._clock.monotonic_s())
         try:
-            return await self._wait(future, remaining_s)
+            outcome = await self._wait(future, remaining_s)
+            if outcome is None and self.ballot != ballot:
+                # This leader stepped down: the group's next one has the decision if
+                # one was logged, and otherwise takes the request again (presumed abort).
+                raise NoLeader(f"{self.runner.node_id} stopped leading range {self.group_id} "
+                               f"while coordinating {request.txn_id}", range=self.group_id,
+                               reason="leader_changed")
+            return outcome
         finally:
             if self._answers.get(request.txn_id) is future and future.done():
                 self._answers.pop(request.txn_id, None)
