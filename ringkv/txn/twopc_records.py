@@ -28,6 +28,7 @@ applied here, long enough to answer late duplicates, then dropped.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import msgpack
@@ -86,6 +87,8 @@ class TwoPCRecords:
         self._prefix = _group_prefix(group_id)
         self._held: dict[tuple[bytes, str], _Held] = {}
         self._prepared: dict[str, int] = {}  # txn id -> prepare ts, undecided
+        # Finished records in the order they finished: expiry looks at the front only.
+        self._finished_order: deque[tuple[float, bytes, str]] = deque()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -94,6 +97,7 @@ class TwoPCRecords:
         """Read what the engine holds (at start, and after a snapshot is installed);
         returns how many records did not decode (skipped)."""
         self._held.clear()
+        self._finished_order.clear()
         bad = 0
         lo, hi = group_bounds(self.group_id)
         for key, raw in self._engine.scan(lo, hi):
@@ -104,6 +108,8 @@ class TwoPCRecords:
                 bad += 1
                 continue
             self._held[(role, txn_id)] = _Held(slot, record, now_s if _finished(record) else None)
+            if _finished(record):
+                self._finished_order.append((now_s, role, txn_id))
         self._prepared = {h.record.txn_id: h.record.prepare_ts_us for (role, _), h in self._held.items()
                           if role == PARTICIPANT and isinstance(h.record, PreparedRecord)}
         return bad
@@ -116,11 +122,14 @@ class TwoPCRecords:
             self._engine.write((), keys, sync=False)
         self._held.clear()
         self._prepared.clear()
+        self._finished_order.clear()
 
     def note(self, slot: int, record: Record, now_s: float) -> None:
         """``record`` was applied at ``slot`` here: keep it (unsynced, see notes)."""
         role = role_of(record)
         self._held[(role, record.txn_id)] = _Held(slot, record, now_s if _finished(record) else None)
+        if _finished(record):
+            self._finished_order.append((now_s, role, record.txn_id))
         if isinstance(record, PreparedRecord):
             self._prepared[record.txn_id] = record.prepare_ts_us
         elif isinstance(record, OutcomeRecord):
@@ -145,10 +154,15 @@ class TwoPCRecords:
 
     def expire(self, now_s: float) -> int:
         """Drop finished records older than ``finished_ttl_s``; returns how many."""
-        old = [k for k, h in self._held.items()
-               if h.finished_at_s is not None and now_s - h.finished_at_s >= self.finished_ttl_s]
-        for k in old:
-            del self._held[k]
+        old = []
+        while self._finished_order and now_s - self._finished_order[0][0] >= self.finished_ttl_s:
+            _, role, txn_id = self._finished_order.popleft()
+            held = self._held.get((role, txn_id))
+            # Only a record still finished since then (a later one replaced it otherwise).
+            if held is not None and held.finished_at_s is not None \
+                    and now_s - held.finished_at_s >= self.finished_ttl_s:
+                del self._held[(role, txn_id)]
+                old.append((role, txn_id))
         if old:
             self._engine.write((), [self._key(role, txn) for role, txn in old], sync=False)
         return len(old)
