@@ -109,6 +109,7 @@ from ringkv.txn.ranges import Range
 from ringkv.txn.truetime import TrueTime, TTInterval
 from ringkv.txn import twopc_records
 from ringkv.txn.twopc_messages import (
+    DecisionRecord,
     OutcomeRecord,
     PreparedRecord,
     Record,
@@ -707,13 +708,17 @@ class GroupRunner:
             if isinstance(record, PreparedRecord) and record.prepare_ts_us != ts_us:
                 raise ProtocolError(f"prepare timestamp {record.prepare_ts_us} is not the entry's "
                                     f"{ts_us}", field="record.prepare_ts_us")
+            if isinstance(record, DecisionRecord) and record.writes \
+                    and record.commit_ts_us != ts_us:
+                raise ProtocolError(f"commit timestamp {record.commit_ts_us} is not the entry's "
+                                    f"{ts_us}", field="record.commit_ts_us")
         except ProtocolError as exc:
             self.stats.bad_entries += 1
             log.error("group %s: slot %d holds a 2PC record that cannot be applied: %s",
                       self.group_id, slot, exc.message)
             return None
         if not superseded:
-            if isinstance(record, OutcomeRecord) and record.commit and record.writes:
+            if isinstance(record, (OutcomeRecord, DecisionRecord)) and record.commit and record.writes:
                 self._mvcc.apply_now(self.keyspace, dict(record.writes), record.commit_ts_us,
                                      sync=False)
                 self.stats.applied += 1

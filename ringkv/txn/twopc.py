@@ -16,9 +16,10 @@ no I/O.
 ``TwoPCCoordinator`` runs at the leader of the coordinator group (one
 participant's group, e.g. that of the first key written)::
 
-    CommitRequest ─► log BeginRecord ─► PrepareRequest to every participant
+    CommitRequest ─► log BeginRecord ─► PrepareRequest to every other participant,
+                                        LocalPrepare for its own group's part
       ─► all Vote yes: s = max(every prepare ts, TT.now().latest)
-         log DecisionRecord(commit, s) + CommitWait(s)
+         log DecisionRecord(commit, s, its own group's writes) + CommitWait(s)
       ─► a Vote no, or no full vote by prepare_timeout_s: log DecisionRecord(abort)
       ─► decision logged (and, for a commit, TT.after(s)): Answer the client,
          Decision to every participant, resent until each Acks
@@ -33,6 +34,15 @@ participant's group, e.g. that of the first key written)::
 
 The safety rules (Gray and Lamport §3-4; Spanner §4.2.1, §4.1.3):
 
+* **The coordinator group's own part** (Spanner §4.2.1: "the coordinator
+  leader ... logs a commit record through Paxos"). It logs neither a prepare
+  nor an outcome: ``LocalPrepare`` takes its locks at the leader, the
+  ``DecisionRecord`` carries its writes, which every replica applies at
+  ``s`` with the record, and its locks go when the decision is told. Its
+  shell must log that record at timestamp ``s`` itself, with ``s`` above
+  every timestamp the group handed out before (its safe time then never
+  passes ``s`` before the record applies: there is no prepare record to
+  hold it back); it passes ``tt`` with ``latest`` raised to that.
 * **Log before telling.** Nobody hears a decision (no participant, no
   client) before its ``DecisionRecord`` is logged, and no participant votes
   yes before its ``PreparedRecord`` is logged. A successor leader therefore
@@ -108,7 +118,8 @@ from ringkv.txn.twopc_messages import (
 )
 
 __all__ = [
-    "Timeouts", "Log", "Send", "Lock", "Release", "Apply", "CommitWait", "Answer", "Effect",
+    "Timeouts", "Log", "Send", "Lock", "LocalPrepare", "Release", "Apply", "CommitWait", "Answer",
+    "Effect",
     "COORDINATOR_MESSAGES", "PARTICIPANT_MESSAGES", "CState", "PState", "TwoPCCoordinator", "TwoPCParticipant",
 ]
 
@@ -188,6 +199,25 @@ class CommitWait:
 
 
 @dataclass(frozen=True)
+class LocalPrepare:
+    """The coordinator's own group is a participant: take its write locks on
+    ``keys`` at this leader (with ``active_here``, the transaction must hold
+    its locks here already, from its operations), then call
+    ``local_prepared`` with a timestamp from this leader, or
+    ``local_refused``. Nothing is logged: the decision record carries this
+    group's writes, and a leader that fails before deciding leaves the
+    transaction to presumed abort. The locks stay woundable until a commit
+    decision is logged (``local_refused`` then, which aborts it): a part
+    that could not be wounded before the others voted could deadlock with
+    another coordinator's."""
+
+    txn_id: str
+    priority: Priority
+    keys: tuple[bytes, ...]
+    active_here: bool
+
+
+@dataclass(frozen=True)
 class Answer:
     """Answer the client waiting on ``txn_id`` (if any): committed at
     ``commit_ts_us``, or aborted."""
@@ -197,7 +227,7 @@ class Answer:
     commit_ts_us: int
 
 
-Effect = Log | Send | Lock | Release | Apply | CommitWait | Answer
+Effect = Log | Send | Lock | LocalPrepare | Release | Apply | CommitWait | Answer
 
 # Which role a message is for, at the group it is sent to.
 COORDINATOR_MESSAGES = (CommitRequest, Vote, Ack, Inquiry)
@@ -240,6 +270,10 @@ class _CTxn:
     @property
     def groups(self) -> tuple[str, ...]:
         return tuple(p.group for p in self.participants)
+
+    def own(self, group_id: str) -> Participant | None:
+        """The coordinator group's own part in the transaction, if it has one."""
+        return next((p for p in self.participants if p.group == group_id), None)
 
 
 class TwoPCCoordinator:
@@ -327,6 +361,15 @@ class TwoPCCoordinator:
             txn.retry_log = True  # decide again on the next tick, with a fresh TT.now()
         return []
 
+    def local_prepared(self, txn_id: str, prepare_ts_us: int, now_s: float,
+                       tt: TTInterval) -> list[Effect]:
+        """``LocalPrepare`` got its locks: this group's vote, at ``prepare_ts_us``."""
+        return self._on_vote(Vote(txn_id, self.group_id, True, prepare_ts_us), now_s, tt)
+
+    def local_refused(self, txn_id: str, now_s: float, tt: TTInterval) -> list[Effect]:
+        """``LocalPrepare`` could not have its locks: this group votes no."""
+        return self._on_vote(Vote(txn_id, self.group_id, False, 0), now_s, tt)
+
     def tick(self, now_s: float, tt: TTInterval) -> list[Effect]:
         out: list[Effect] = []
         for txn in list(self._txns.values()):
@@ -345,7 +388,7 @@ class TwoPCCoordinator:
                 elif now_s >= txn.resend_at_s:
                     txn.resend_at_s = now_s + self.timeouts.resend_s
                     out += [Send(g, Decision(txn.txn_id, self.group_id, txn.commit, txn.commit_ts_us))
-                            for g in txn.groups if g not in txn.acked]
+                            for g in txn.groups if g not in txn.acked and g != self.group_id]
         self._finished = {t: f for t, f in self._finished.items() if f.forget_at_s > now_s}
         return out
 
@@ -366,7 +409,7 @@ class TwoPCCoordinator:
                 if txn.state is not CState.DECIDED:  # the first decision wins
                     txn.state, txn.commit, txn.commit_ts_us = CState.DECIDED, record.commit, record.commit_ts_us
         out: list[Effect] = []
-        for txn in self._txns.values():
+        for txn in list(self._txns.values()):
             if txn.state is CState.COLLECTING:
                 out += self._start_collecting(txn, now_s)
             else:
@@ -393,7 +436,7 @@ class TwoPCCoordinator:
         if txn is None or txn.state is not CState.DECIDED or not txn.told:
             return []
         txn.acked.add(ack.participant)
-        if txn.acked >= set(txn.groups):
+        if txn.acked | {self.group_id} >= set(txn.groups):
             del self._txns[txn.txn_id]
             self._finished[txn.txn_id] = _Finished(txn.commit, txn.commit_ts_us, 0,
                                                    now_s + self.timeouts.finished_ttl_s)
@@ -418,13 +461,17 @@ class TwoPCCoordinator:
         txn.state = CState.COLLECTING
         txn.votes.clear()
         txn.deadline_s = now_s + self.timeouts.prepare_timeout_s
-        return self._send_prepares(txn, now_s, only_silent=False)
+        own = txn.own(self.group_id)
+        local: list[Effect] = [] if own is None else [LocalPrepare(
+            txn.txn_id, txn.priority, tuple(sorted(k for k, _ in own.writes)), own.active_here)]
+        return local + self._send_prepares(txn, now_s, only_silent=False)
 
     def _send_prepares(self, txn: _CTxn, now_s: float, *, only_silent: bool) -> list[Effect]:
         txn.resend_at_s = now_s + self.timeouts.resend_s
         return [Send(p.group, PrepareRequest(txn.txn_id, self.group_id, txn.priority, p.writes,
                                              p.active_here))
-                for p in txn.participants if not (only_silent and p.group in txn.votes)]
+                for p in txn.participants
+                if p.group != self.group_id and not (only_silent and p.group in txn.votes)]
 
     def _commit_ts(self, txn: _CTxn, tt: TTInterval) -> int:
         """Spanner §4.2.1: at least every prepare timestamp and TT.now().latest."""
@@ -434,7 +481,10 @@ class TwoPCCoordinator:
         txn.state = CState.DECIDING
         txn.commit = commit
         txn.commit_ts_us = self._commit_ts(txn, tt) if commit and tt is not None else 0
-        out: list[Effect] = [Log(DecisionRecord(txn.txn_id, commit, txn.commit_ts_us, txn.groups))]
+        own = txn.own(self.group_id)
+        writes = own.writes if commit and own is not None else ()
+        out: list[Effect] = [Log(DecisionRecord(txn.txn_id, commit, txn.commit_ts_us, txn.groups,
+                                                writes))]
         if commit:
             out.append(CommitWait(txn.txn_id, txn.commit_ts_us))  # overlapped with logging
         return out
@@ -445,9 +495,18 @@ class TwoPCCoordinator:
             return []
         txn.told = True
         txn.resend_at_s = now_s + self.timeouts.resend_s
-        return [Answer(txn.txn_id, txn.commit, txn.commit_ts_us),
-                *(Send(g, Decision(txn.txn_id, self.group_id, txn.commit, txn.commit_ts_us))
-                  for g in txn.groups if g not in txn.acked)]
+        # This group's own writes took effect with the decision record; its locks go
+        # now, after commit wait (Spanner §4.2.1: held until then).
+        own: list[Effect] = [Release(txn.txn_id)] if self.group_id in txn.groups else []
+        out: list[Effect] = [Answer(txn.txn_id, txn.commit, txn.commit_ts_us), *own,
+                             *(Send(g, Decision(txn.txn_id, self.group_id, txn.commit,
+                                                txn.commit_ts_us))
+                               for g in txn.groups if g not in txn.acked and g != self.group_id)]
+        if txn.acked | {self.group_id} >= set(txn.groups):  # no other group to hear it
+            del self._txns[txn.txn_id]
+            self._finished[txn.txn_id] = _Finished(txn.commit, txn.commit_ts_us, 0,
+                                                   now_s + self.timeouts.finished_ttl_s)
+        return out
 
 
 # --- the participant ---------------------------------------------------------------------
@@ -515,6 +574,16 @@ class TwoPCParticipant:
             self._txns[txn_id] = _PTxn(txn_id, PState.ACTIVE, last_active_s=now_s)
             return True
         txn.last_active_s = max(txn.last_active_s, now_s)
+        return True
+
+    def hand_over(self, txn_id: str) -> bool:
+        """The transaction's coordinator is this group (``LocalPrepare``): it takes
+        over the locks ``txn_id`` holds here, and this role forgets it (no idle
+        abort). False unless it was active here."""
+        txn = self._txns.get(txn_id)
+        if txn is None or txn.state is not PState.ACTIVE:
+            return False
+        del self._txns[txn_id]
         return True
 
     def client_abort(self, txn_id: str, now_s: float) -> list[Effect]:

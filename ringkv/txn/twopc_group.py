@@ -62,6 +62,7 @@ from ringkv.txn.twopc import (
     Apply,
     CommitWait,
     Effect,
+    LocalPrepare,
     Lock,
     Log,
     PState,
@@ -89,7 +90,9 @@ __all__ = ["GroupLocks", "TwoPCRoles", "READY", "WOUNDED", "LOST"]
 
 READY, WOUNDED, LOST, TIMEOUT = "ready", "wounded", "lost", "timeout"
 WAIT_STEP_S = 0.005  # polling step while the roles recover, within the deadline
-_NEVER = TTInterval(0, 2**62)  # TT.now() while the clock is uncertain: nothing is after(s)
+# TT.now() while the clock is uncertain, for what decides nothing (a record logged, a
+# no vote): nothing is after(s) in it. Never for a yes vote: s would be taken from it.
+_NEVER = TTInterval(0, 2**62)
 
 Woken = Callable[[str], None]
 
@@ -185,6 +188,7 @@ class TwoPCRoles:
         self._recover_through: int | None = None
         self._answers: dict[str, asyncio.Future[tuple[bool, int] | None]] = {}
         self._txns: set[str] = set()  # transactions holding locks here through 2PC
+        self._local: set[str] = set()  # ... as this coordinator's own part (LocalPrepare)
         self.stats = {"recoveries": 0, "stepped_down": 0, "logged": 0, "log_failed": 0}
         locks.on_wounded = self._wounded
 
@@ -238,14 +242,22 @@ class TwoPCRoles:
         for txn in sorted(self._txns):
             self.locks.finish(txn)
         self._txns.clear()
+        self._local.clear()
         self.coordinator = TwoPCCoordinator(self.group_id, self.timeouts, log_begin=False)
         self.participant = TwoPCParticipant(self.group_id, self.timeouts)
 
     def _tt(self) -> TTInterval | None:
+        """``TT.now()`` for the roles, with ``latest`` raised above every timestamp
+        this leader handed out: a commit timestamp chosen from it is above them
+        all, so the decision record, logged at ``s``, is the first entry at or
+        above ``s`` in this group's log (``txn/twopc.py``: the coordinator's own part)."""
         try:
-            return self._truetime.now(self._clock.wall_us(), self._clock.monotonic_s())
+            tt = self._truetime.now(self._clock.wall_us(), self._clock.monotonic_s())
         except ClockUncertain:
             return None
+        replica = self.runner.replica
+        floor_us = 0 if replica is None else replica.max_assigned_ts + 1
+        return tt if tt.latest_us >= floor_us else TTInterval(tt.earliest_us, floor_us)
 
     # -- what the roles are fed -----------------------------------------------------------------
 
@@ -397,8 +409,15 @@ class TwoPCRoles:
         _settle(future, state)
 
     def _wounded(self, txn_id: str) -> None:
-        if self.ballot is not None and txn_id in self._txns:
-            self._run(self.participant.refused(txn_id, self._clock.monotonic_s()))
+        if self.ballot is None or txn_id not in self._txns:
+            return
+        now_s = self._clock.monotonic_s()
+        if txn_id in self._local:  # this coordinator's own part, not decided yet
+            self._local.discard(txn_id)
+            self._txns.discard(txn_id)
+            self._run(self.coordinator.local_refused(txn_id, now_s, self._tt() or _NEVER))
+            return
+        self._run(self.participant.refused(txn_id, now_s))
 
     # -- carrying out effects -------------------------------------------------------------------
 
@@ -415,7 +434,10 @@ class TwoPCRoles:
                 self._lock(effect)
             elif isinstance(effect, Release):
                 self._txns.discard(effect.txn_id)
+                self._local.discard(effect.txn_id)
                 self.locks.finish(effect.txn_id)
+            elif isinstance(effect, LocalPrepare):
+                self._local_prepare(effect)
             elif isinstance(effect, Apply):
                 pass  # applied by every replica with the entry (GroupRunner)
             elif isinstance(effect, CommitWait):
@@ -433,6 +455,15 @@ class TwoPCRoles:
             self._run(self.participant.logged(record, self._clock.monotonic_s()))
             return
         ts_us = record.prepare_ts_us if isinstance(record, PreparedRecord) else None
+        if isinstance(record, DecisionRecord) and record.commit:
+            if record.txn_id in self._local:
+                self.locks.start_commit(record.txn_id)  # decided: no longer woundable
+            # Logged at s itself, and nothing handed out later is at or below it.
+            if not self.runner.reserve_ts(record.commit_ts_us):
+                self.stats["log_failed"] += 1
+                self._run(self.coordinator.log_failed(record, self._clock.monotonic_s()))
+                return
+            ts_us = record.commit_ts_us
         future = self.runner.propose_record(record, ts_us=ts_us)
         future.add_done_callback(functools.partial(self._log_done, self.ballot, record))
 
@@ -445,6 +476,31 @@ class TwoPCRoles:
             self._run(self.coordinator.log_failed(record, now_s)
                       if isinstance(record, (BeginRecord, DecisionRecord))
                       else self.participant.log_failed(record, now_s))
+
+    def _local_prepare(self, effect: LocalPrepare) -> None:
+        """This group's own part of a transaction it coordinates: its write locks
+        now, without waiting (held already if it ran operations here), woundable
+        until the decision; then its vote."""
+        now_s = self._clock.monotonic_s()
+        txn_id = effect.txn_id
+        if effect.active_here and not self.participant.hand_over(txn_id):
+            self._run(self.coordinator.local_refused(txn_id, now_s, self._tt() or _NEVER))
+            return
+        self._txns.add(txn_id)
+        plan = [(key, Mode.EXCLUSIVE) for key in effect.keys]
+        try:
+            granted = self.locks.ask(txn_id, effect.priority, plan, _ignore, wait=False)
+        except ValueError:
+            granted = False
+        ts_us = self.runner.assign_now() if granted else None
+        tt = self._tt()  # a vote may decide: with a real TT.now() only, never _NEVER
+        if ts_us is None or tt is None:
+            self._txns.discard(txn_id)
+            self.locks.finish(txn_id)
+            self._run(self.coordinator.local_refused(txn_id, now_s, self._tt() or _NEVER))
+            return
+        self._local.add(txn_id)
+        self._run(self.coordinator.local_prepared(txn_id, ts_us, now_s, tt))
 
     def _lock(self, effect: Lock) -> None:
         """A prepare's write locks. The transaction took them (and its read locks)
@@ -478,6 +534,10 @@ class TwoPCRoles:
             self._run(self.participant.refused(effect.txn_id, now_s))
             return
         self._run(self.participant.locks_granted(effect.txn_id, ts_us, now_s))
+
+
+def _ignore(_state: str) -> None:
+    """A lock request answered at once (``wait=False``): later wounds go to ``on_wounded``."""
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:

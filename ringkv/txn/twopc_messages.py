@@ -136,12 +136,17 @@ class BeginRecord:
 
 @dataclass(frozen=True)
 class DecisionRecord:
-    """Coordinator: the outcome, and every group that must hear it."""
+    """Coordinator: the outcome, and every group that must hear it. A commit
+    carries the coordinator group's own writes, which take effect at
+    ``commit_ts_us`` as the record is applied: the coordinator group logs
+    neither a prepare nor an outcome of its own (Spanner §4.2.1: the
+    coordinator leader logs a commit record, its participants prepare)."""
 
     txn_id: str
     commit: bool
     commit_ts_us: int
     groups: tuple[str, ...]
+    writes: Writes = ()
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,8 @@ _MESSAGES: dict[type, tuple[int, tuple[tuple[str, Kind], ...]]] = {
 }
 _RECORDS: dict[type, tuple[int, tuple[tuple[str, Kind], ...]]] = {
     BeginRecord: (1, (("txn_id", TXN), ("priority", PRIORITY), ("participants", PARTICIPANTS))),
-    DecisionRecord: (2, (("txn_id", TXN), ("commit", BOOL), ("commit_ts_us", TS), ("groups", GROUPS))),
+    DecisionRecord: (2, (("txn_id", TXN), ("commit", BOOL), ("commit_ts_us", TS), ("groups", GROUPS),
+                         ("writes", WRITES))),
     PreparedRecord: (3, (("txn_id", TXN), ("coordinator", GROUP), ("priority", PRIORITY),
                          ("prepare_ts_us", TS), ("writes", WRITES))),
     OutcomeRecord: (4, (("txn_id", TXN), ("commit", BOOL), ("commit_ts_us", TS), ("writes", WRITES))),
@@ -284,7 +290,7 @@ def _check_outcome(obj: Any) -> None:
     name = type(obj).__name__
     if isinstance(obj, (Decision, DecisionRecord, OutcomeRecord)) and not obj.commit and obj.commit_ts_us:
         raise _fail(f"{name}.commit_ts_us", "is not 0 for an abort")
-    if isinstance(obj, OutcomeRecord) and not obj.commit and obj.writes:
+    if isinstance(obj, (OutcomeRecord, DecisionRecord)) and not obj.commit and obj.writes:
         raise _fail(f"{name}.writes", "is not empty for an abort")
     if isinstance(obj, Vote) and not obj.prepared and obj.prepare_ts_us:
         raise _fail(f"{name}.prepare_ts_us", "is not 0 for a refusal")
