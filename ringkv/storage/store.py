@@ -4,12 +4,13 @@ This is the asyncio shell around an ``Engine``. Writes that arrive during one
 event-loop turn are reconciled against what is stored and written as a single
 engine batch (group commit). A write newer than anything ever stored in its
 slice of the token space wins without reading the stored cell (see
-``_merge``); only a write that may be older is reconciled against it. In ``batch`` sync mode that batch is fsynced
-before any write in it is acknowledged; in ``periodic`` mode writes are
-acknowledged once they are in the engine's log, and a background task fsyncs
-every interval. Only one batch is in flight at a time, so batches reach the
-disk in the order they were formed, and later writes queue up behind it —
-the busier the node, the bigger (and cheaper per write) the batches.
+``_merge``); only a write that may be older is reconciled against it. In
+``batch`` sync mode that batch is fsynced before any write in it is
+acknowledged; in ``periodic`` mode writes are acknowledged once they are in
+the engine's log, and a background task fsyncs every interval. Only one
+batch is in flight at a time, so batches reach the disk in the order they
+were formed, and later writes queue up behind it — the busier the node, the
+bigger (and cheaper per write) the batches.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any, TypeVar
 
 from ringkv.clock import Clock
 from ringkv.errors import CorruptRecord, Overloaded, ShuttingDown, StorageError
+from ringkv.hlc import MAX_LOGICAL, MAX_WALL_US, Timestamp
 from ringkv.storage import keys
 from ringkv.storage.engine import Engine
-from ringkv.hlc import MAX_LOGICAL, MAX_WALL_US, Timestamp
 from ringkv.versioning import Cell, decode_cell, encode_cell, reconcile
 
 log = logging.getLogger(__name__)
