@@ -10,13 +10,17 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from yarl import URL
 
 from ringkv.clock import ManualClock
 from ringkv.hlc import Timestamp
-from ringkv.config import Config, config_from_dict
+from ringkv.config import Config, LimitsConfig, config_from_dict
 from ringkv.node import Node
-from ringkv.server.api import build_app
+from ringkv.coordinator.results import Receipt, WriteResult
+from ringkv.server.api import build_app, request_handler
+from ringkv.server.handlers import _cell_json, receipt_json, write_answer
+from ringkv.versioning import Cell
 from ringkv.server.http_protocol import PARSER_FIELD_BYTES, ApiRunner, parser_limits
 from ringkv.server.validation import MAX_HEADER_BYTES
 
@@ -37,6 +41,18 @@ def api_config(**limits: Any) -> Config:
     )
 
 
+class ApiTestServer(TestServer):
+    """aiohttp's test server, serving through the runner ``ringkv node`` uses (the key
+    routes without the router, the door, the parser's errors in JSON)."""
+
+    def __init__(self, app: web.Application, limits: LimitsConfig) -> None:
+        super().__init__(app)
+        self._limits = limits
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return ApiRunner(self.app, self._limits, **kwargs)
+
+
 def serve(scenario: Scenario, **limits: int) -> None:
     config = api_config(**limits)
 
@@ -44,7 +60,7 @@ def serve(scenario: Scenario, **limits: int) -> None:
         clock = ManualClock()
         node = Node(config, clock=clock, standalone=True)
         await node.start()
-        client = TestClient(TestServer(build_app(node)))
+        client = TestClient(ApiTestServer(build_app(node), config.limits))
         await client.start_server()
         try:
             await scenario(client, node, clock)
@@ -171,6 +187,106 @@ def test_unknown_routes_keyspaces_and_methods_are_json_errors() -> None:
         assert status == 405 and body["error"]["code"] == "method_not_allowed"
 
     serve(scenario)
+
+
+@pytest.mark.parametrize(
+    "method,path,headers,routed",
+    [
+        ("PUT", "/v1/kv/default/k", {}, False),
+        ("GET", "/v1/kv/default/a/b?consistency=ONE", {}, False),
+        ("DELETE", "/v1/kv/solo/k", {}, False),
+        ("GET", "/v1/kv/nope/k", {}, False),  # an unknown keyspace's 404 is the same either way
+        ("GET", "/v1/kv/de%20fault/k", {}, True),  # escapes in the keyspace: the router decodes
+        ("GET", "/v1/kv/default/a%0Ab", {}, True),  # a newline the router's pattern refuses
+        ("GET", "/v1/kv/default/", {}, True),  # no key
+        ("PUT", "/v1/kv/default/k", {"Expect": "100-continue"}, True),
+        ("POST", "/v1/kv/default/k", {}, True),
+        ("HEAD", "/v1/kv/default/k", {}, True),
+        ("GET", "/v1/kv/default", {}, True),
+        ("GET", "/v1/status", {}, True),
+    ],
+)
+def test_only_plain_key_requests_skip_the_router(method, path, headers, routed) -> None:
+    async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
+        app = build_app(node)
+        seen: list[str] = []
+
+        async def router(request: web.BaseRequest) -> web.StreamResponse:
+            seen.append(request.path)
+            return web.Response(status=299)
+
+        handle = request_handler(app, router)
+        response = await handle(make_mocked_request(method, path, headers=headers, app=app))
+        assert (bool(seen), response.status == 299) == (routed, routed), (seen, response.status)
+
+    serve(scenario)
+
+
+def test_requests_the_router_keeps_are_served_as_before() -> None:
+    """What the key routes' fast path hands to the router still gets the router's answer."""
+
+    async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
+        # Sent as it stands (a client's URL would decode the escape before sending).
+        escaped = URL(f"http://{client.host}:{client.port}/v1/kv/de%66ault/k?consistency=ONE",
+                      encoded=True)
+        async with client.session.put(escaped, json={"value": 7}) as response:
+            assert response.status == 200, await response.text()
+        status, body = await call(client, "GET", "/v1/kv/default/k?consistency=ONE")
+        assert (status, body["value"]) == (200, 7)
+        status, body = await call(client, "PUT", "/v1/kv/default/k?consistency=ONE",
+                                  json={"value": 8}, headers={"Expect": "100-continue"})
+        assert status == 200, body
+        status, body = await call(client, "GET", "/v1/kv/default/a%0Ab")
+        assert (status, body["error"]["code"]) == (404, "not_found")
+        # The keyspace is checked before the key, on either path.
+        status, body = await call(client, "GET", "/v1/kv/nope/%FF")
+        assert (status, body["error"].get("keyspace")) == (404, "nope"), body
+
+    serve(scenario)
+
+
+def test_a_chunked_body_over_the_limit_gets_413_on_the_key_routes() -> None:
+    """No Content-Length for the door to refuse early: the body read itself stops it, and
+    the error names the limit (the fast path has no router match to find the app by)."""
+
+    async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
+        async def chunks() -> Any:
+            for _ in range(10):
+                yield b"x" * 1000
+
+        status, body = await call(client, "PUT", "/v1/kv/default/k", data=chunks())
+        assert (status, body["error"]["code"], body["error"]["limit"]) == (413, "too_large",
+                                                                           4096), body
+
+    serve(scenario)
+
+
+def test_answers_written_by_hand_match_the_json_encoder() -> None:
+    encoder = json.JSONEncoder(separators=(",", ":"))
+    receipts = [
+        Receipt("ONE", ["n1"], asked=["n1"], answered=["n1"]),
+        Receipt("QUORUM", ["a", "b", "c"], asked=["a", "b"], answered=["b"], hints_stored=2,
+                read_repair=True, repaired=["a"], speculative=["c"]),
+        Receipt("ALL", ["n\u00e9\"\\x"], asked=[], answered=[]),
+    ]
+    for receipt in receipts:
+        assert receipt_json(receipt) == encoder.encode(receipt.to_json())
+        cell = Cell(b'{"v":1}', Timestamp(1_700_000_000_000_000, 3))
+        assert json.loads(write_answer(WriteResult(cell, receipt)).body) == {
+            "ok": True, "timestamp": [1_700_000_000_000_000, 3], "receipt": receipt.to_json()}
+        assert write_answer(WriteResult(cell, receipt)).body == encoder.encode(
+            {"ok": True, "timestamp": [1_700_000_000_000_000, 3],
+             "receipt": receipt.to_json()}).encode()
+        for expires in (None, 1_800_000_000_000_000):
+            for with_receipt in (receipt, None):
+                key = "k\u00e9y/\"q\""
+                got = _cell_json(key.encode(), cell._replace(expires_at_us=expires), with_receipt)
+                head: dict[str, Any] = {"key": key, "timestamp": [1_700_000_000_000_000, 3]}
+                if expires is not None:
+                    head["expires_at_us"] = expires
+                if with_receipt is not None:
+                    head["receipt"] = with_receipt.to_json()
+                assert got == encoder.encode(head).encode()[:-1] + b',"value":{"v":1}}'
 
 
 def test_unavailable_when_the_level_exceeds_the_replicas() -> None:

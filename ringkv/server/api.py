@@ -9,12 +9,13 @@ the boundary where aiohttp's own exceptions are mapped into that shape too.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ringkv.errors import (
     BadRequest,
@@ -27,6 +28,7 @@ from ringkv.metrics import CONTENT_TYPE
 from ringkv.server import handlers as h
 from ringkv.server import idempotency
 from ringkv.server import validation as v
+from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
 
 if TYPE_CHECKING:
@@ -53,7 +55,8 @@ def error_response(error: RingKVError) -> web.Response:
     return json_response(error.to_json(), status=error.http_status)
 
 
-def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVError:
+def _map_http_exception(exc: web.HTTPException, request: web.BaseRequest,
+                        node: Node) -> RingKVError:
     if exc.status == 404:
         return NotFound(f"no such endpoint: {request.path}", path=request.path)
     if exc.status == 405:
@@ -61,7 +64,7 @@ def _map_http_exception(exc: web.HTTPException, request: web.Request) -> RingKVE
             f"method {request.method} is not allowed on {request.path}", method=request.method
         )
     if exc.status == 413:
-        limit = request.app[NODE_KEY].config.limits.max_request_bytes
+        limit = node.config.limits.max_request_bytes
         return TooLarge(
             f"request body exceeds the limit of {limit} bytes", field="body", limit=limit
         )
@@ -82,32 +85,101 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     # The request's one deadline counts from here (Cassandra's query start time).
     request[STARTED_S] = started
     route = request.match_info.route.name or "unknown"
-    level = h.metric_level(request.query.get("consistency"))
     try:
         h.admit(node, route)
         v.check_headers(request.raw_headers)
         response = await handler(request)
-    except RingKVError as exc:
-        response = error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(_map_http_exception(exc, request))
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the boundary: log it, never crash the node
-        if isinstance(exc, ConnectionError) and request.transport is None:
-            # The connection is gone mid-request: the client left (the door counts it
-            # as client_closed) or the door closed it. No failure of ours, and nobody
-            # is left to answer.
-            log.debug("the connection closed during %s %s", request.method, request.path)
-            return web.Response(status=CLIENT_CLOSED_STATUS)  # never sent
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        response = json_response(
-            {"error": {"code": "internal", "message": "internal server error"}}, status=500
-        )
-    node.metrics.observe_request(route, level, response.status, node.clock.monotonic_s() - started)
+    except BaseException as exc:  # noqa: BLE001 - mapped (or raised again) by _failed
+        response = _failed(exc, request, node)
+    node.metrics.observe_request(route, h.metric_level(request.query.get("consistency")),
+                                 response.status, node.clock.monotonic_s() - started)
     return response
+
+
+def _failed(exc: BaseException, request: web.BaseRequest, node: Node) -> web.StreamResponse:
+    """The answer to a request whose handling raised ``exc`` (the API's boundary):
+    ringkv's errors and aiohttp's HTTP errors as JSON, anything else a logged 500."""
+    if isinstance(exc, RingKVError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return error_response(_map_http_exception(exc, request, node))
+    if not isinstance(exc, Exception):  # cancellation, and what stops the process
+        raise exc
+    if isinstance(exc, ConnectionError) and request.transport is None:
+        # The connection is gone mid-request: the client left (the door counts it
+        # as client_closed) or the door closed it. No failure of ours, and nobody
+        # is left to answer.
+        log.debug("the connection closed during %s %s", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED_STATUS)  # never sent
+    log.exception("unhandled error serving %s %s", request.method, request.path,
+                  exc_info=exc)
+    return json_response(
+        {"error": {"code": "internal", "message": "internal server error"}}, status=500
+    )
+
+
+# -- the key routes, without the router ----------------------------------------
+
+# Method -> (route name, operation, whether a body is read). These three carry
+# nearly all of a node's client traffic, so they skip aiohttp's router and its
+# middleware chain: ``request_handler`` tells them from the raw target alone and
+# runs them here, with the same checks, errors and metrics as the middleware.
+_KEY_ROUTES: dict[str, tuple[str, h.Operation, bool]] = {
+    "PUT": ("put", h.put_key, True),
+    "GET": ("get", h.get_key, False),
+    "DELETE": ("delete", h.delete_key, True),
+}
+# A keyspace segment the router would match as it stands (no percent-escape to
+# decode, nothing its ``{keyspace}`` pattern refuses); any other goes to the router.
+_PLAIN_KEYSPACE = re.compile(r"[A-Za-z0-9_.~-]+")
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def request_handler(app: web.Application, routed: Handler) -> Handler:
+    """The API's request handler: the key routes served here directly, the rest
+    through ``routed`` (the application's router and middleware)."""
+    node = app[NODE_KEY]
+    cache = app[IDEMPOTENCY_KEY]
+    clock = node.clock
+    limits = node.config.limits
+    metrics = node.metrics
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        route = _KEY_ROUTES.get(request.method)
+        if route is None:
+            return await routed(request)
+        raw_path = request.rel_url.raw_path
+        if not raw_path.startswith(KV_PREFIX):
+            return await routed(request)
+        keyspace, _, raw_key = raw_path[len(KV_PREFIX):].partition("/")
+        # The router's key pattern (``.+``) matches no newline, and an Expect
+        # header wants the router's 100-continue: both stay with the router.
+        if (not raw_key or "%0a" in raw_key or "%0A" in raw_key
+                or not _PLAIN_KEYSPACE.fullmatch(keyspace) or hdrs.EXPECT in request.headers):
+            return await routed(request)
+        name, operation, has_body = route
+        started = clock.monotonic_s()  # the request's one deadline counts from here
+        try:
+            h.admit(node, name)
+            v.check_headers(request.raw_headers)
+            h.check_keyspace(node, keyspace)
+            key = v.key_from_path(raw_path, limits)
+            body = await request.read() if has_body and request.body_exists else b""
+            call = h.ApiCall(node, started, keyspace, key, request.query, body,
+                             request.headers.get(idempotency.HEADER), cache=cache)
+            if call.idempotency_key is not None:  # what a repeat must match
+                call.fingerprint_method = request.method
+                call.fingerprint_target = request.rel_url.raw_path_qs
+            response: web.StreamResponse = _response(await operation(call))
+        except BaseException as exc:  # noqa: BLE001 - mapped (or raised again) by _failed
+            response = _failed(exc, request, node)
+        metrics.observe_request(name, h.metric_level(request.query.get("consistency")),
+                                response.status, clock.monotonic_s() - started)
+        return response
+
+    return handle
 
 
 # -- the operations (``handlers.py``), from HTTP -------------------------------
@@ -116,12 +188,14 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
 def _call(request: web.Request, *, keyspace: str = "", key: bytes = b"",
           body: bytes = b"") -> h.ApiCall:
     app = request.app
-    return h.ApiCall(
-        app[NODE_KEY], request[STARTED_S], keyspace=keyspace, key=key, query=request.query,
-        body=body, idempotency_key=request.headers.get(idempotency.HEADER),
-        fingerprint_method=request.method, fingerprint_target=request.rel_url.raw_path_qs,
-        cache=app[IDEMPOTENCY_KEY],
-    )
+    call = h.ApiCall(app[NODE_KEY], request[STARTED_S], keyspace=keyspace, key=key,
+                     query=request.query, body=body,
+                     idempotency_key=request.headers.get(idempotency.HEADER),
+                     cache=app[IDEMPOTENCY_KEY])
+    if call.idempotency_key is not None:  # what a repeat must match
+        call.fingerprint_method = request.method
+        call.fingerprint_target = request.rel_url.raw_path_qs
+    return call
 
 
 def _response(result: h.Answer) -> web.Response:

@@ -37,7 +37,7 @@ from ringkv.clock import Clock
 from ringkv.config import LimitsConfig
 from ringkv.door import CLIENT_CLOSED, TOO_LARGE, Connection, Door, DoorLimits, Expiry
 from ringkv.errors import BadRequest, HeaderTooLarge, RequestLineTooLong, RingKVError
-from ringkv.server.api import NODE_KEY, error_response
+from ringkv.server.api import NODE_KEY, error_response, request_handler
 from ringkv.server.guard import DeadlineTimer, Guest
 from ringkv.server.validation import KV_PREFIX, MAX_HEADER_BYTES
 
@@ -263,8 +263,11 @@ class ApiRequestHandler(web.RequestHandler):
 
 
 class _ApiServer(web.Server):
-    def __init__(self, plain: web.Server, max_key_bytes: int, door: Door, clock: Clock) -> None:
-        super().__init__(plain.request_handler, request_factory=plain.request_factory,
+    def __init__(self, plain: web.Server, app: web.Application, max_key_bytes: int, door: Door,
+                 clock: Clock) -> None:
+        # The key routes are served without the router (``api.request_handler``).
+        super().__init__(request_handler(app, plain.request_handler),
+                         request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop,
                          **plain._kwargs)
         self.max_key_bytes = max_key_bytes
@@ -296,4 +299,4 @@ class ApiRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # starts and freezes the application
         clock = self.app[NODE_KEY].clock
-        return _ApiServer(plain, self._max_key_bytes, self.door, clock)
+        return _ApiServer(plain, self.app, self._max_key_bytes, self.door, clock)

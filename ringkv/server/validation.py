@@ -122,9 +122,18 @@ def ttl_s(value: Any, *, field: str) -> int | None:
     return value or None
 
 
+# The levels by name as clients write them: a dict lookup on every request instead of
+# an enum call (which is slow); anything not here is parsed, and refused, in full.
+_LEVELS = {name: level for level in ConsistencyLevel
+           for name in (level.value, level.value.lower())}
+
+
 def consistency(value: Any, *, write: bool, field: str = "consistency") -> ConsistencyLevel | None:
     if value is None or value == "":
         return None
+    level = _LEVELS.get(value) if isinstance(value, str) else None
+    if level is not None and (write or level is not ConsistencyLevel.ANY):
+        return level
     if not isinstance(value, str):
         raise BadRequest("consistency must be a string", field=field)
     return ConsistencyLevel.parse(value, field=field, write=write)

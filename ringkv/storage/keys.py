@@ -6,6 +6,9 @@ paged scans all read ranges this way.
 
     b"d" | u8 len(keyspace) | keyspace | u64 (token + 2**63) | key
 
+Beside them, one record ``b"w"``: the newest cell timestamp ever written
+(``LocalStore``), which lets a newer write skip reading the stored cell.
+
 Adding 2**63 maps signed Murmur3 tokens onto unsigned big-endian integers,
 whose byte order is their numeric order.
 """
@@ -17,6 +20,9 @@ import struct
 from ringkv.errors import CorruptRecord
 
 DATA_PREFIX = b"d"
+DATA_END = b"e"  # just past every data key
+# The newest cell timestamp this store has written (storage/store.py): u64 wall_us, u32 logical.
+NEWEST_KEY = b"w"
 _TOKEN = struct.Struct(">Q")
 _TOKEN_OFFSET = 2**63
 MAX_TOKEN = 2**63 - 1

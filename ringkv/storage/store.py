@@ -2,24 +2,29 @@
 
 This is the asyncio shell around an ``Engine``. Writes that arrive during one
 event-loop turn are reconciled against what is stored and written as a single
-engine batch (group commit). In ``batch`` sync mode that batch is fsynced
-before any write in it is acknowledged; in ``periodic`` mode writes are
-acknowledged once they are in the engine's log, and a background task fsyncs
-every interval. Only one batch is in flight at a time, so batches reach the
-disk in the order they were formed, and later writes queue up behind it —
-the busier the node, the bigger (and cheaper per write) the batches.
+engine batch (group commit). A write newer than anything ever stored in its
+slice of the token space wins without reading the stored cell (see
+``_merge``); only a write that may be older is reconciled against it. In
+``batch`` sync mode that batch is fsynced before any write in it is
+acknowledged; in ``periodic`` mode writes are acknowledged once they are in
+the engine's log, and a background task fsyncs every interval. Only one
+batch is in flight at a time, so batches reach the disk in the order they
+were formed, and later writes queue up behind it — the busier the node, the
+bigger (and cheaper per write) the batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ringkv.clock import Clock
 from ringkv.errors import CorruptRecord, Overloaded, ShuttingDown, StorageError
+from ringkv.hlc import MAX_LOGICAL, MAX_WALL_US, Timestamp
 from ringkv.storage import keys
 from ringkv.storage.engine import Engine
 from ringkv.versioning import Cell, decode_cell, encode_cell, reconcile
@@ -29,6 +34,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SYNC_MODES = ("periodic", "batch")
+
+# The newest cell timestamp per slice of the token space (the top bits of the
+# token): a write newer than its slice's can have nothing newer stored, so it
+# needs no read. 4,096 slices keep concurrent writes to different keys apart.
+NEWEST_SLICE_BITS = 12
+_SLICE_SHIFT = 64 - NEWEST_SLICE_BITS
+_SLICE_MASK = (1 << NEWEST_SLICE_BITS) - 1
+_NOTHING = Timestamp(0, 0)  # every real write is newer (HLC wall time is never 0)
+_UNKNOWN = Timestamp(MAX_WALL_US, MAX_LOGICAL)  # no write is newer: read before every write
+_NEWEST = struct.Struct(">QI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +58,8 @@ class StoredCell:
 class StoreStats:
     writes_applied: int = 0
     writes_superseded: int = 0  # arrived older than what was stored, so dropped (LWW)
+    # Applied without reading the stored cell: newer than anything stored in their slice.
+    writes_unread: int = 0
     batches: int = 0
     syncs: int = 0
     corrupt_records: int = 0
@@ -90,10 +107,28 @@ class LocalStore:
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
         self.stats = StoreStats()
+        # The newest timestamp merged into each slice, and over all of them; the
+        # latter is written with every batch that raises it (the same atomic
+        # engine write as its cells), so after a restart it bounds every stored
+        # cell, and each slice starts from it. A data directory written before
+        # the record existed gets it from a scan in ``start`` (until then every
+        # write reads first, as before).
+        record = engine.get(keys.NEWEST_KEY)
+        if record is not None:
+            newest = Timestamp(*_NEWEST.unpack(record))
+        elif next(iter(engine.scan(keys.DATA_PREFIX, keys.DATA_END, limit=1)), None) is None:
+            newest = _NOTHING
+        else:
+            newest = _UNKNOWN
+        self._newest_all = self._newest_stored = newest
+        self._newest: list[Timestamp] = [newest] * (1 << NEWEST_SLICE_BITS)
+        self._merged_unknown = _NOTHING  # the newest write merged while that was unknown
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        if self._newest_all is _UNKNOWN:
+            await self._learn_newest()
         if self._sync_mode == "periodic":
             self._background.append(asyncio.create_task(self._periodic_sync_loop()))
         self._background.append(asyncio.create_task(self._sweep_loop()))
@@ -109,6 +144,34 @@ class LocalStore:
         self._closed = True
         await self._run(self._engine.sync)
         self._engine.close()
+
+    async def _learn_newest(self) -> None:
+        """The newest stored timestamp, from a scan of every data record (once, for a
+        data directory from before the record was kept), made durable at once."""
+        newest = _NOTHING
+        start = keys.DATA_PREFIX
+        while True:
+            items = await self._run(
+                lambda s=start: list(self._engine.scan(s, keys.DATA_END, limit=self._sweep_chunk))
+            )
+            if not items:
+                break
+            for _raw, record in items:
+                try:
+                    newest = max(newest, decode_cell(record).ts)
+                except CorruptRecord:
+                    continue  # replaced by any write to it, read or not
+            start = items[-1][0] + b"\x00"
+        # Writes merged meanwhile (each read first) may not have reached the scan.
+        newest = max(newest, self._merged_unknown)
+        await self._run(self._engine.write, [(keys.NEWEST_KEY, _NEWEST.pack(*newest))], [],
+                        sync=True)
+        self._newest_stored = newest
+        # And some more may have come while that was written: the next batch records them.
+        newest = max(newest, self._merged_unknown)
+        self._newest_all = newest
+        self._newest = [newest] * (1 << NEWEST_SLICE_BITS)
+        log.info("learned the newest stored cell timestamp from a scan: %s", newest)
 
     # -- reads -------------------------------------------------------------
 
@@ -199,6 +262,22 @@ class LocalStore:
                 "storage write queue is full", limit=self._max_pending_writes
             )
         raw = keys.data_key(keyspace, token, key)
+        ts = cell.ts
+        newest = self._newest
+        slice_ = (token >> _SLICE_SHIFT) & _SLICE_MASK
+        if ts > newest[slice_]:
+            # Newer than every cell ever stored in this slice (pending ones too): it
+            # wins against whatever is stored, so that is not read (Cassandra reads
+            # nothing before a write; this reads only when the write may be older).
+            newest[slice_] = ts
+            if ts > self._newest_all:
+                self._newest_all = ts
+            self._pending[raw] = cell
+            self.stats.writes_applied += 1
+            self.stats.writes_unread += 1
+            return cell, self._enqueue_commit()
+        if newest[slice_] is _UNKNOWN and ts > self._merged_unknown:
+            self._merged_unknown = ts  # for the bound learned when the scan ends
         try:
             current = self._current(raw)
         except CorruptRecord:
@@ -271,6 +350,11 @@ class LocalStore:
                 if item is not None
             ]
             deletes = [raw for raw, item in batch.items() if item is None]
+            newest = self._newest_all
+            recorded = newest > self._newest_stored and newest is not _UNKNOWN
+            if recorded:
+                # With the cells it bounds, in the same atomic write.
+                puts.append((keys.NEWEST_KEY, _NEWEST.pack(*newest)))
             sync = self._sync_mode == "batch"
             try:
                 if sync and (puts or deletes):
@@ -282,6 +366,8 @@ class LocalStore:
                     self._engine.write(puts, deletes, sync=False)
                 if puts or deletes:
                     self.stats.batches += 1
+                if recorded:
+                    self._newest_stored = max(self._newest_stored, newest)
             except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
                 error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 for waiter in waiters:
