@@ -121,6 +121,11 @@ def test_begin_put_get_delete_commit_across_ranges() -> None:
             assert (status, got["value"], got["version"]) == (200, want, done["commit_ts"])
         status, got = await call("GET", f"/v1/kv/t/{c}")
         assert status == 404, got
+        # Its outcome by id, from a range it wrote (as after a commit of unknown outcome).
+        for key in (a, c):
+            status, outcome = await call("GET", f"/v1/txn/{txn}?keyspace=t&key={key}")
+            assert (status, outcome["status"], outcome["commit_ts"]) == (
+                200, "committed", done["commit_ts"]), outcome
         # Once committed, every call names the transaction and how it ended.
         status, again = await call("PUT", f"{base}/{a}", json={"value": 2})
         assert status == 409 and again["error"]["reason"] == "committed", again
