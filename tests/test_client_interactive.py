@@ -28,7 +28,8 @@ from ringkv.client.plan import Failure, Reply, Send
 from ringkv.client.transaction import RERUN_REASONS, TxnCore, rerun_pause_s
 from ringkv.client.types import TxnCommit
 from ringkv.config import config_from_dict
-from ringkv.errors import Aborted, NoNodeAvailable, NotFound, Timeout
+from ringkv.server.native import _ROUTES as native_routes
+from ringkv.errors import Aborted, NoLeader, NoNodeAvailable, NotFound, Timeout
 from ringkv.txn.sessions import RETRYABLE_REASONS
 from tests.test_client import InProcessNode
 from tests.test_client_txn import URLS, finish, make_ops, start
@@ -105,6 +106,29 @@ def test_a_commit_whose_node_is_gone_is_never_sent_elsewhere() -> None:
     assert lost.value.tried == [core.handle.url]
 
 
+def test_an_error_the_node_answered_is_raised_not_sent_again() -> None:
+    """The node's session acted on the call (a 503 there ended the transaction): sending
+    it again would only hide why."""
+    core, _ = begun_core()
+    plan = core.write("a", 1)
+    next(plan)
+    no_leader = json.dumps({"error": {"code": "no_leader", "message": "m", "id": "x",
+                                      "ended": "failed"}}).encode()
+    with pytest.raises(NoLeader):
+        plan.send(Reply(503, no_leader, {}))
+    assert core.ended == "failed"
+
+
+def test_a_repeated_commit_the_node_no_longer_remembers_is_still_a_commit() -> None:
+    core, _ = begun_core()
+    plan = core.commit()
+    next(plan)
+    committed = json.dumps({"error": {"code": "aborted", "message": "m", "id": "x",
+                                      "reason": "committed", "ended": "committed"}}).encode()
+    done = finish(plan, Reply(409, committed, {}))
+    assert done.committed and done.commit_ts is None and core.ended == "committed"
+
+
 def test_which_aborts_are_rerun() -> None:
     ops, _ = make_ops()
     assert RERUN_REASONS == RETRYABLE_REASONS  # the node's list
@@ -167,7 +191,14 @@ def client(node: TxnNode) -> Client:
                   protocol="native" if node.native_port else "http")
 
 
-def test_commit_on_exit_abort_on_exception_and_own_writes(node: TxnNode) -> None:
+def test_commit_on_exit_abort_on_exception_and_own_writes(
+        node: TxnNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    native_calls: list[str] = []
+    for verb in ("txn_begin", "txn_get", "txn_put", "txn_delete", "txn_commit", "txn_abort"):
+        def counted(call: Any, verb: str = verb, run: Any = native_routes[verb]) -> Any:
+            native_calls.append(verb)
+            return run(call)
+        monkeypatch.setitem(native_routes, verb, counted)
     with client(node) as kv:
         kv.put("a", 100)
         with kv.transaction() as tx:
@@ -179,8 +210,9 @@ def test_commit_on_exit_abort_on_exception_and_own_writes(node: TxnNode) -> None
             assert tx.get("a") == 60 and tx.get("gone") is None
             assert kv.get_versioned("b", snapshot_ts=10**6) is None  # not committed yet
         assert tx.outcome is not None and tx.outcome.committed
-        if node.native is not None:  # the transaction's calls went over the native protocol
-            assert node.native.connections
+        # Over the native protocol when the client speaks it, else over HTTP.
+        assert native_calls == (["txn_begin", "txn_get", "txn_put", "txn_put", "txn_delete",
+                                 "txn_get", "txn_get", "txn_commit"] if node.native else [])
         a, b = kv.get_versioned("a"), kv.get_versioned("b")
         assert a is not None and b is not None
         assert (a.value, b.value) == (60, 40)
@@ -194,6 +226,10 @@ def test_commit_on_exit_abort_on_exception_and_own_writes(node: TxnNode) -> None
         # The abort released its lock: a single-key write goes through at once.
         kv.put("a", 61)
         assert kv.get("a") == 61
+        with kv.transaction("bank") as odd:
+            odd.put("a/b.c", "slash")
+            assert odd.get("a/b.c") == "slash"
+        assert kv.get("a/b.c") == "slash"
         # It is over: the client refuses its calls, naming it and why it ended.
         with pytest.raises(Aborted) as over:
             failed.get("a")

@@ -179,6 +179,22 @@ def test_an_older_transaction_wounds_a_younger_one_which_names_why() -> None:
     serve(scenario)
 
 
+def test_a_repeated_call_under_its_idempotency_key_is_answered_once() -> None:
+    """What a client does after a lost answer: the same call, the same key, the same node."""
+    async def scenario(call: Call, node: Node) -> None:
+        txn = await begin(call)
+        for path in (f"/v1/txn/{txn}/kv/t/a", f"/v1/txn/{txn}/commit"):
+            method = "PUT" if "/kv/" in path else "POST"
+            body = {"value": 1} if method == "PUT" else None
+            answers = [await call(method, path, json=body, headers={"Idempotency-Key": path})
+                       for _ in range(2)]
+            assert answers[0] == answers[1] and answers[0][0] == 200, answers
+        status, again = await call("POST", f"/v1/txn/{txn}/commit")
+        assert status == 409 and again["error"]["reason"] == "committed", again
+
+    serve(scenario)
+
+
 def test_read_only_transaction_reads_its_snapshot() -> None:
     async def scenario(call: Call, node: Node) -> None:
         a, b = keys_in_ranges(node, 2)

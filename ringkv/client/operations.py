@@ -763,7 +763,8 @@ class Operations:
                     excluded.add(url)  # it will say the same again; ask another coordinator
                 elif isinstance(error, (Overloaded, ShuttingDown)):
                     pass  # did not run: safe to retry anywhere
-                elif outcome.status < 500 or not call.repeatable:
+                elif outcome.status < 500 or not call.repeatable or call.pin is not None:
+                    # (A pinned call's node answered: its session has acted on it.)
                     raise error
                 elif uncertain is not None:
                     uncertain.append(f"{url}: {error.code}")

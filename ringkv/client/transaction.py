@@ -90,6 +90,13 @@ class TxnCore:
         handle = yield from self._open()
         try:
             self.outcome = yield from self._ops.txn_commit(handle)
+        except Aborted as exc:
+            if exc.details.get("reason") != "committed":
+                self.ended = str(exc.details.get("reason") or exc.code)
+                raise
+            # A commit sent again after its answer was lost, and no longer remembered
+            # as answered: only this commit can have committed it.
+            self.outcome = TxnCommit(handle.id, True, None, handle.read_ts)
         except RingKVError as exc:
             # A commit that failed has ended it, whichever way (an unknown outcome too).
             self.ended = str(exc.details.get("ended") or exc.details.get("reason") or exc.code)
