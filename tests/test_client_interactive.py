@@ -14,7 +14,6 @@ attempt's priority).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -28,11 +27,11 @@ from ringkv.client.plan import Failure, Reply, Send
 from ringkv.client.transaction import RERUN_REASONS, TxnCore, rerun_pause_s
 from ringkv.client.types import TxnCommit
 from ringkv.config import config_from_dict
-from ringkv.server.native import _ROUTES as native_routes
 from ringkv.errors import Aborted, NoLeader, NoNodeAvailable, NotFound, Timeout
+from ringkv.server.native import _ROUTES as native_routes
 from ringkv.txn.sessions import RETRYABLE_REASONS
 from tests.test_client import InProcessNode
-from tests.test_client_txn import URLS, finish, make_ops, start
+from tests.test_client_txn import finish, make_ops, start
 
 # -- the plans, by hand ---------------------------------------------------------------
 
@@ -42,7 +41,7 @@ BEGUN = {"ok": True, "txn_id": "n2:7:0000beef", "keyspace": "txn", "read_only": 
 
 
 def begun_core() -> tuple[TxnCore, Any]:
-    ops, clock = make_ops()
+    ops, _ = make_ops()
     core = TxnCore(ops, "txn")
     plan = core.begin()
     send = start(plan)
@@ -218,10 +217,9 @@ def test_commit_on_exit_abort_on_exception_and_own_writes(
         assert (a.value, b.value) == (60, 40)
         assert a.version == b.version == tx.outcome.commit_ts
 
-        with pytest.raises(ZeroDivisionError):
-            with kv.transaction("bank") as failed:
-                failed.put("a", 0)
-                1 / 0
+        with pytest.raises(ZeroDivisionError), kv.transaction("bank") as failed:
+            failed.put("a", 0)
+            raise ZeroDivisionError("the block fails")
         assert kv.get("a") == 60
         # The abort released its lock: a single-key write goes through at once.
         kv.put("a", 61)

@@ -578,7 +578,7 @@ async def txn_delete(call: ApiCall) -> Answer:
     """Lock the key and buffer a delete; it takes effect at commit."""
     body = _json_object(call) if call.body.strip() else {}
     if body:
-        name = sorted(body)[0]
+        name = min(body)
         raise BadRequest(f"a delete in a transaction takes no body ({name!r})", field=name)
     return await _session_write(call, None)
 
@@ -586,7 +586,7 @@ async def txn_delete(call: ApiCall) -> Answer:
 def _no_body(call: ApiCall) -> None:
     body = _json_object(call) if call.body.strip() else {}
     if body:
-        name = sorted(body)[0]
+        name = min(body)
         raise BadRequest(f"unknown field {name!r}; this call takes no body", field=name)
 
 
