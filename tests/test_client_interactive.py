@@ -105,6 +105,16 @@ def test_a_commit_whose_node_is_gone_is_never_sent_elsewhere() -> None:
     assert lost.value.tried == [core.handle.url]
 
 
+def test_without_a_keyspace_the_node_chooses_unless_the_clients_is_transactional() -> None:
+    ops, _ = make_ops()  # the client's keyspace "txn" is transactional in the ring
+    send = start(ops.txn_begin())
+    assert json.loads(send.body or b"") == {"keyspace": "txn"}
+    ops, _ = make_ops()
+    ops.keyspace = "default"  # eventual: the node picks its one transactional keyspace
+    send = start(ops.txn_begin(read_only=True))
+    assert json.loads(send.body or b"") == {"read_only": True}
+
+
 def test_an_error_the_node_answered_is_raised_not_sent_again() -> None:
     """The node's session acted on the call (a 503 there ended the transaction): sending
     it again would only hide why."""
@@ -232,6 +242,14 @@ def test_commit_on_exit_abort_on_exception_and_own_writes(
         with pytest.raises(Aborted) as over:
             failed.get("a")
         assert (over.value.details["id"], over.value.details["reason"]) == (failed.id, "client")
+
+
+def test_a_client_on_an_eventual_keyspace_begins_on_the_transactional_one(
+        node: TxnNode) -> None:
+    with Client([node.url], timeout_s=5.0) as kv, kv.transaction() as tx:
+        tx.put("k", 1)
+    assert tx.handle is not None and tx.handle.keyspace == "bank"
+    assert tx.outcome is not None and tx.outcome.committed
 
 
 def test_read_only_transaction_sees_one_snapshot(node: TxnNode) -> None:

@@ -261,7 +261,9 @@ class Client(ClientBase):
         (on ``AsyncClient``: ``async with``, each call awaited) commits when the block
         ends cleanly and aborts when it raises. Reads see the
         transaction's own writes; writes take effect at commit, across any number of
-        ranges. ``read_only``: reads at one snapshot, no locks. ``priority``: an
+        ranges. ``keyspace``: the client's keyspace if it is transactional, else the
+        cluster's only transactional one. ``read_only``: reads at one snapshot, no
+        locks. ``priority``: an
         earlier attempt's (``tx.priority``), so a rerun keeps its age (wound-wait).
         Every call goes to the node that began it. A conflict ends it with
         ``Aborted`` (``reason``: ``wounded``, ``leader_changed``, ``aborted`` ...);

@@ -594,8 +594,13 @@ class Operations:
         priority: int | None = None,
     ) -> Plan[TxnHandle]:
         """Plan: ``POST /v1/txn/begin`` at any node; the handle names that node, where
-        every later call of the transaction goes."""
-        body: dict[str, Any] = {"keyspace": keyspace or self.keyspace}
+        every later call of the transaction goes. ``keyspace`` None: the client's
+        keyspace when the ring shows it transactional, else the node's choice (the
+        cluster's one transactional keyspace; a 400 naming ``keyspace`` if it has several)."""
+        yield from self._refresh()
+        if keyspace is None and self.router.transactional(self.keyspace):
+            keyspace = self.keyspace
+        body: dict[str, Any] = {} if keyspace is None else {"keyspace": keyspace}
         if read_only:
             body["read_only"] = True
         if priority is not None:

@@ -38,7 +38,7 @@ class TxnCore:
     def __init__(self, ops: Operations, keyspace: str | None, *, read_only: bool = False,
                  priority: int | None = None) -> None:
         self._ops = ops
-        self.keyspace = keyspace or ops.keyspace
+        self.keyspace = keyspace  # None: see ``Operations.txn_begin``
         self.read_only = read_only
         self.priority = priority  # to begin with: an earlier attempt's
         self.handle: TxnHandle | None = None
