@@ -37,9 +37,10 @@ RANGES = 4
 
 
 def serve(scenario: Callable[[Call, Node], Awaitable[None]], *,
-          keyspaces: dict[str, Any] | None = None) -> None:
+          keyspaces: dict[str, Any] | None = None, txn: dict[str, Any] | None = None) -> None:
     config = config_from_dict({
         "storage": {"engine": "memory"},
+        "txn": txn or {},
         "limits": {"max_value_bytes": 1024},
         "keyspaces": keyspaces or {
             "default": {"replication_factor": 1, "default_consistency": "ONE"},
@@ -193,6 +194,27 @@ def test_a_repeated_call_under_its_idempotency_key_is_answered_once() -> None:
         assert status == 409 and again["error"]["reason"] == "committed", again
 
     serve(scenario)
+
+
+def test_an_idle_transaction_ends_and_says_so() -> None:
+    async def scenario(call: Call, node: Node) -> None:
+        (a,) = keys_in_ranges(node, 1)
+        txn = await begin(call)
+        status, _ = await call("PUT", f"/v1/txn/{txn}/kv/t/{a}", json={"value": 1})
+        assert status == 200 and len(node.txn.sessions) == 1
+        deadline_s = node.clock.monotonic_s() + 10.0
+        while len(node.txn.sessions):
+            assert node.clock.monotonic_s() < deadline_s, "the idle transaction never ended"
+            await node.clock.sleep(0.05)
+        status, error = await call("POST", f"/v1/txn/{txn}/commit")
+        assert status == 409, error
+        assert (error["error"]["reason"], error["error"]["ended"]) == ("idle", "idle")
+        assert "idle" in error["error"]["message"] and txn in error["error"]["message"]
+        # Its lock went with it.
+        status, put = await call("PUT", f"/v1/kv/t/{a}", json={"value": 2})
+        assert status == 200, put
+
+    serve(scenario, txn={"idle_timeout_s": 0.5})
 
 
 def test_read_only_transaction_reads_its_snapshot() -> None:
