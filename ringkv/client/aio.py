@@ -249,16 +249,16 @@ class AsyncClient(ClientBase):
         """An interactive transaction on a transactional keyspace, begun on first use.
 
         ``with kv.transaction("bank") as tx: tx.get(k); tx.put(k, v); tx.delete(k)``
-        (on ``AsyncClient``: ``async with``, each call awaited) commits when the block
-        ends cleanly and aborts when it raises. Reads see the
-        transaction's own writes; writes take effect at commit, across any number of
-        ranges. ``keyspace``: the client's keyspace if it is transactional, else the
+        (on ``AsyncClient``: ``async with``, each call awaited) commits when the
+        block ends cleanly and aborts when it raises. Reads see the transaction's
+        own writes; writes take effect at commit, across any number of ranges.
+        ``keyspace``: the client's keyspace if it is transactional, else the
         cluster's only transactional one. ``read_only``: reads at one snapshot, no
-        locks. ``priority``: an
-        earlier attempt's (``tx.priority``), so a rerun keeps its age (wound-wait).
-        Every call goes to the node that began it. A conflict ends it with
-        ``Aborted`` (``reason``: ``wounded``, ``leader_changed``, ``aborted`` ...);
-        ``run_transaction`` runs a function again on such an abort.
+        locks. ``priority``: an earlier attempt's (``tx.priority``), so that a rerun
+        keeps its age (wound-wait). Every call goes to the node that began it. A
+        conflict ends it with ``Aborted`` (``reason``: ``wounded``,
+        ``leader_changed``, ``aborted`` ...); ``run_transaction`` runs a function
+        again on such an abort.
         """
         return AsyncTransaction(self, TxnCore(self._ops, keyspace, read_only=read_only,
                                               priority=priority))
