@@ -33,6 +33,10 @@ STREAMS = {"scan", "scan_pages"}
 # Only the client's own state: plain functions on both clients (``close`` does I/O, so awaited).
 LOCAL = {"__init__", "nodes", "replicas"}
 PROPERTIES = {"keyspace", "consistency"}
+# Interactive transactions: ``transaction`` is local on both (the asyncio one's object is
+# used with ``async with``), ``run_transaction`` awaited; their annotations name each
+# client's own transaction class.
+TRANSACTIONS = {"transaction", "run_transaction"}
 
 
 def public_names(cls: type) -> set[str]:
@@ -42,7 +46,7 @@ def public_names(cls: type) -> set[str]:
 def test_both_clients_have_the_same_public_methods() -> None:
     assert public_names(Client) == public_names(AsyncClient)
     # Every public name is one of the kinds below, so a new method must say which it is.
-    assert public_names(Client) == CALLS | STREAMS | LOCAL | PROPERTIES | {"close"}
+    assert public_names(Client) == CALLS | STREAMS | LOCAL | PROPERTIES | TRANSACTIONS | {"close"}
 
 
 @pytest.mark.parametrize("name", sorted(public_names(Client)))
@@ -56,6 +60,11 @@ def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> N
     assert inspect.getdoc(blocking) == inspect.getdoc(asynchronous)
     sync_sig = inspect.signature(blocking)
     async_sig = inspect.signature(asynchronous)
+    if name in TRANSACTIONS:
+        assert [(p.name, p.kind, p.default) for p in sync_sig.parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in async_sig.parameters.values()]
+        assert inspect.iscoroutinefunction(asynchronous) == (name == "run_transaction")
+        return
     assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values())
     assert not any(p.kind is p.VAR_KEYWORD for p in sync_sig.parameters.values()), \
         f"Client.{name} hides its parameters behind **kwargs"
@@ -70,6 +79,27 @@ def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> N
     else:
         assert inspect.iscoroutinefunction(asynchronous), f"AsyncClient.{name} is not async"
         assert sync_sig.return_annotation == async_sig.return_annotation
+
+
+def test_both_transaction_classes_have_the_same_calls() -> None:
+    """``Transaction`` and ``AsyncTransaction``: the same names and parameters and
+    docstrings; the asyncio one's calls are awaited."""
+    from ringkv.client.aio import AsyncTransaction
+    from ringkv.client.blocking import Transaction
+
+    names = {n for n in dir(Transaction) if not n.startswith("_")}
+    assert names == {n for n in dir(AsyncTransaction) if not n.startswith("_")}
+    assert {"get", "put", "delete", "commit", "abort", "begin"} <= names
+    for name in names:
+        blocking = inspect.getattr_static(Transaction, name)
+        asynchronous = inspect.getattr_static(AsyncTransaction, name)
+        if isinstance(blocking, property):
+            assert isinstance(asynchronous, property)
+            continue
+        assert inspect.getdoc(blocking) == inspect.getdoc(asynchronous)
+        assert inspect.signature(blocking).parameters == inspect.signature(asynchronous).parameters
+        assert inspect.iscoroutinefunction(asynchronous) and not inspect.iscoroutinefunction(blocking)
+    assert hasattr(Transaction, "__enter__") and hasattr(AsyncTransaction, "__aenter__")
 
 
 @pytest.mark.parametrize("name", sorted(CALLS | STREAMS))

@@ -18,9 +18,10 @@ import threading
 import pytest
 
 from ringkv.client import AsyncClient, Client
+from ringkv.client.blocking import Transaction
 from ringkv.errors import ConditionFailed
 from ringkv.tools.local_cluster import LocalCluster
-from tests.procs import wait_until
+from tests.procs import http, wait_until
 from tests.test_txn_cluster import cluster  # noqa: F401  (the three-process fixture)
 
 pytestmark = pytest.mark.cluster
@@ -100,3 +101,42 @@ def test_client_cas_txn_status_and_snapshot(cluster: LocalCluster) -> None:  # n
             assert (await akv.txn_status(result.id)).status == "committed"
 
     asyncio.run(async_calls())
+
+
+def test_interactive_transactions_across_nodes(cluster: LocalCluster) -> None:  # noqa: F811
+    """A transaction's calls all go to the node that began it (the others say where it
+    lives), and concurrent ``run_transaction`` increments, rerun after the conflicts
+    wound-wait settles, each apply exactly once."""
+    urls = [p.url for p in cluster.procs]
+    with Client(urls, keyspace="txn", timeout_s=5.0) as kv:
+        wait_until(lambda: ready(kv), timeout_s=30, interval_s=0.2,
+                   what="the first transactional write (election and clock sync)")
+        kv.txn(writes=[{"op": "put", "key": "x", "value": 10},
+                       {"op": "put", "key": "y", "value": 10}])
+        with kv.transaction() as tx:
+            tx.put("x", tx.get("x") - 5)
+            tx.put("y", tx.get("y") + 5)
+            home = tx.handle
+        assert home is not None and tx.outcome is not None and tx.outcome.committed
+        assert (kv.get("x"), kv.get("y")) == (5, 15)
+        elsewhere = next(p for p in cluster.procs if p.node_id != home.node_id)
+        status, answer = http("GET", f"{elsewhere.url}/v1/txn/{home.id}/kv/txn/x")
+        assert status == 404, answer
+        assert (answer["error"]["reason"], answer["error"]["node_id"]) == (
+            "other_node", home.node_id)
+
+        attempts: list[str] = []
+
+        def add_one(tx: Transaction) -> None:
+            attempts.append(tx.id or "")
+            tx.put("n", (tx.get("n") or 0) + 1)
+
+        threads = [threading.Thread(target=lambda: [
+            kv.run_transaction(add_one, keyspace="txn", max_retries=50) for _ in range(10)])
+            for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert kv.get("n") == 40  # no increment lost, none applied twice
+        assert len(attempts) >= 40

@@ -159,6 +159,15 @@ def test_an_oversized_frame_is_too_large_naming_the_limit() -> None:
     ("POST", "/v1/txn", "txn", {}),
     ("GET", "/v1/txn/t-1?keyspace=txn", "txn_status", {"txn_id": "t-1",
                                                        "args": {"keyspace": "txn"}}),
+    ("POST", "/v1/txn/begin", "txn_begin", {}),
+    ("GET", "/v1/txn/n1%3A4%3A0000abcd/kv/bank/a%2Fb", "txn_get",
+     {"txn_id": "n1:4:0000abcd", "keyspace": "bank", "key": "a/b"}),
+    ("PUT", "/v1/txn/n1:4:0000abcd/kv/bank/k", "txn_put",
+     {"txn_id": "n1:4:0000abcd", "keyspace": "bank", "key": "k"}),
+    ("DELETE", "/v1/txn/n1:4:0000abcd/kv/bank/k", "txn_delete",
+     {"txn_id": "n1:4:0000abcd", "keyspace": "bank", "key": "k"}),
+    ("POST", "/v1/txn/n1:4:0000abcd/commit", "txn_commit", {"txn_id": "n1:4:0000abcd"}),
+    ("POST", "/v1/txn/n1:4:0000abcd/abort", "txn_abort", {"txn_id": "n1:4:0000abcd"}),
     ("GET", "/v1/ring", "ring", {}),
     ("GET", "/v1/status", "status", {}),
 ])
@@ -177,6 +186,15 @@ def test_every_operation_of_the_plans_has_its_native_verb(
 def test_admin_requests_stay_on_http() -> None:
     send = Send("POST", "http://h:1/v1/admin/repair", b"{}", {}, 1.0)
     assert client_native.to_native(send) is None
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/v1/txn/t-1"), ("GET", "/v1/txn/t-1/commit"), ("POST", "/v1/txn/t-1/kv/bank"),
+    ("PATCH", "/v1/txn/t-1/kv/bank/k"), ("POST", "/v1/txn/t-1/other"),
+])
+def test_a_path_that_is_no_transaction_call_stays_on_http(method: str, path: str) -> None:
+    """HTTP answers it (405 or 404) as it would any other."""
+    assert client_native.to_native(Send(method, "http://h:1" + path, None, {}, 1.0)) is None
 
 
 def test_the_idempotency_key_and_body_travel() -> None:

@@ -40,6 +40,11 @@ What both clients do:
   ``ConditionFailed`` (with ``current_value`` and ``current_version``) and is
   not retried. The range's leader, named by each answer's receipt, is tried
   first next time.
+  ``transaction`` opens an interactive transaction (``with``/``async with``:
+  commit on a clean exit, abort on an exception), whose calls all go to the
+  node that began it; ``run_transaction`` reruns a function after an abort a
+  rerun may not meet again, keeping its first priority, and commits at most
+  once.
 - **The native protocol by default** (``docs/native-protocol.md``): after
   the first ring fetch, requests go over each node's native port (learned
   from the ring), pipelined in ``AsyncClient``; ``protocol="http"`` keeps
@@ -54,17 +59,18 @@ decoding) is written once, as plans: generators that yield the I/O they need
 that I/O, and each spells out every public method as a call into the plans:
 
     types.py       what the calls return: Record, WriteResult, BatchResult, Page, NodeView,
-                   Versioned, TxnResult, TxnStatus
+                   Versioned, TxnResult, TxnStatus, TxnHandle, TxnCommit
     plan.py        the effects a plan yields (Send, Sleep, Emit), their outcomes, a Stepper
     routing.py     the ring as last fetched, node order (token-aware), down-marking, deadlines
     operations.py  the plan of every call: encode, route, retry, decode (sans-I/O)
+    transaction.py an interactive transaction's state and calls (TxnCore), when to rerun one
     native.py      a plan's HTTP request as a native-protocol operation, and its answer back
     base.py        what both clients share: the constructor, nodes(), replicas()
     blocking.py    Client: pooled http.client and native connections and a deadline
                    watchdog (shell), so it also works under gevent, e.g. in locust
     aio.py         AsyncClient: aiohttp and pipelined native connections (shell)
 
-``types``, ``plan``, ``routing``, ``operations`` and ``native`` are pure: no sockets,
+``types``, ``plan``, ``routing``, ``operations``, ``transaction`` and ``native`` are pure: no sockets,
 threads, event loop or ``time``; ``base``, ``blocking`` and ``aio`` are the
 shells around them.
 """
@@ -76,6 +82,8 @@ from ringkv.client.types import (
     NodeView,
     Page,
     Record,
+    TxnCommit,
+    TxnHandle,
     TxnResult,
     TxnStatus,
     Versioned,
@@ -125,6 +133,8 @@ __all__ = [
     "NodeView",
     "Page",
     "Record",
+    "TxnCommit",
+    "TxnHandle",
     "TxnResult",
     "TxnStatus",
     "Versioned",

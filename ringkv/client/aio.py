@@ -8,7 +8,7 @@ the running event loop. aiohttp is imported on first use, so blocking users
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ringkv.client import native
@@ -16,16 +16,19 @@ from ringkv.client.base import KEEPALIVE_S, NATIVE_CONNECTIONS_PER_NODE, ClientB
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import UNSET
+from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.types import (
     BatchResult,
     Page,
     Record,
+    TxnCommit,
+    TxnHandle,
     TxnResult,
     TxnStatus,
     Versioned,
     WriteResult,
 )
-from ringkv.errors import ProtocolError
+from ringkv.errors import ProtocolError, RingKVError
 from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import KIND_REQUEST, Frame, FrameDecoder, encode_frame, frame_packer
 from ringkv.quorum import ConsistencyLevel
@@ -239,6 +242,55 @@ class AsyncClient(ClientBase):
             page_token=page_token,
         ))
 
+    def transaction(
+        self, keyspace: str | None = None, *, read_only: bool = False,
+        priority: int | None = None,
+    ) -> AsyncTransaction:
+        """An interactive transaction on a transactional keyspace, begun on first use.
+
+        ``with kv.transaction("bank") as tx: tx.get(k); tx.put(k, v); tx.delete(k)``
+        (on ``AsyncClient``: ``async with``, each call awaited) commits when the
+        block ends cleanly and aborts when it raises. Reads see the transaction's
+        own writes; writes take effect at commit, across any number of ranges.
+        ``keyspace``: the client's keyspace if it is transactional, else the
+        cluster's only transactional one. ``read_only``: reads at one snapshot, no
+        locks. ``priority``: an earlier attempt's (``tx.priority``), so that a rerun
+        keeps its age (wound-wait). Every call goes to the node that began it. A
+        conflict ends it with ``Aborted`` (``reason``: ``wounded``,
+        ``leader_changed``, ``aborted`` ...); ``run_transaction`` runs a function
+        again on such an abort.
+        """
+        return AsyncTransaction(self, TxnCore(self._ops, keyspace, read_only=read_only,
+                                              priority=priority))
+
+    async def run_transaction(
+        self, fn: Callable[[AsyncTransaction], Awaitable[T]], *, keyspace: str | None = None,
+        read_only: bool = False, max_retries: int | None = None,
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction and commit; returns what ``fn`` returned.
+
+        After an abort a rerun may not meet again (``wounded``, ``leader_changed``,
+        ``aborted``) the whole of ``fn`` runs again in a new transaction with the
+        first one's priority, at most ``max_retries`` times (default: the client's
+        ``txn_retries``), with backoff. It commits at most once: a commit whose
+        outcome is unknown (``Timeout``, ``NoNodeAvailable``) is raised, not rerun.
+        """
+        priority = None
+        attempt = 0
+        while True:
+            tx = self.transaction(keyspace, read_only=read_only, priority=priority)
+            try:
+                async with tx:
+                    result = await fn(tx)
+                return result
+            except RingKVError as exc:
+                pause_s = rerun_pause_s(self._ops, exc, attempt, max_retries)
+                if pause_s is None:
+                    raise
+            priority = tx.priority
+            attempt += 1
+            await asyncio.sleep(pause_s)
+
     async def refresh_ring(self) -> None:
         """Fetch the ring now (it is also fetched every ``refresh_interval_s``, and on failures)."""
         await self._call(self._ops.refresh_ring())
@@ -313,6 +365,72 @@ class AsyncClient(ClientBase):
             return Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
         except aiohttp.ClientError as exc:
             return Failure("io", f"connection lost: {exc!r}")
+
+
+class AsyncTransaction:
+    """An interactive transaction of an ``AsyncClient`` (``AsyncClient.transaction``): use
+    it in an ``async with`` block, or await ``begin`` and end it with ``commit`` or
+    ``abort``. The same calls as the blocking client's ``Transaction``, awaited."""
+
+    def __init__(self, client: AsyncClient, core: TxnCore) -> None:
+        self._client = client
+        self._core = core
+
+    @property
+    def id(self) -> str | None:
+        """The transaction's id (None until it has begun)."""
+        return None if self._core.handle is None else self._core.handle.id
+
+    @property
+    def priority(self) -> int | None:
+        """Its wound-wait priority (µs): pass it to a rerun's ``transaction``."""
+        return self._core.priority
+
+    @property
+    def handle(self) -> TxnHandle | None:
+        """The id, node, priority and snapshot of the begun transaction."""
+        return self._core.handle
+
+    @property
+    def outcome(self) -> TxnCommit | None:
+        """The commit's answer, once committed."""
+        return self._core.outcome
+
+    async def begin(self) -> TxnHandle:
+        """Begin it now (the first call does otherwise)."""
+        return await self._client._call(self._core.begin())
+
+    async def get(self, key: str) -> Any:
+        """``key``'s value as the transaction sees it (its own writes first), or None."""
+        got = await self._client._call(self._core.get(key))
+        return None if got is None else got.value
+
+    async def get_versioned(self, key: str) -> Versioned | None:
+        """``key`` with its version (None for the transaction's own write), or None."""
+        return await self._client._call(self._core.get(key))
+
+    async def put(self, key: str, value: Any) -> None:
+        """Lock ``key`` and write ``value`` (any JSON value) at commit."""
+        await self._client._call(self._core.write(key, value))
+
+    async def delete(self, key: str) -> None:
+        """Lock ``key`` and delete it at commit."""
+        await self._client._call(self._core.write(key))
+
+    async def commit(self) -> TxnCommit:
+        """Commit (two-phase commit over the ranges it touched); ``Aborted`` if it cannot."""
+        return await self._client._call(self._core.commit())
+
+    async def abort(self) -> None:
+        """Abort: nothing of it is applied, and its locks go."""
+        await self._client._call(self._core.abort())
+
+    async def __aenter__(self) -> AsyncTransaction:
+        await self.begin()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        await self._client._call(self._core.leave(failed=exc_type is not None))
 
 
 class _NativeConnection(asyncio.Protocol):

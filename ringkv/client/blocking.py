@@ -21,17 +21,20 @@ from ringkv.client.base import KEEPALIVE_S, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import UNSET
+from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.types import (
     BatchResult,
     Page,
     Record,
+    TxnCommit,
+    TxnHandle,
     TxnResult,
     TxnStatus,
     Versioned,
     WriteResult,
 )
 from ringkv.clock import SystemClock
-from ringkv.errors import ProtocolError
+from ringkv.errors import ProtocolError, RingKVError
 from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import (
     KIND_REQUEST, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
@@ -47,7 +50,8 @@ class Client(ClientBase):
     ``Client(["http://127.0.0.1:7400", ...], consistency="QUORUM",
     timeout_s=5.0, max_retries=3)``. Methods: ``get``, ``get_with_meta``,
     ``put``, ``delete``, ``batch``, ``scan``, ``scan_pages``,
-    ``get_versioned``, ``txn``, ``txn_status`` (the transactional tier),
+    ``get_versioned``, ``txn``, ``txn_status``, ``transaction``,
+    ``run_transaction`` (the transactional tier),
     ``refresh_ring``, ``nodes``, ``replicas``; ``close`` (or use ``with``).
     """
 
@@ -247,6 +251,55 @@ class Client(ClientBase):
             page_token=page_token,
         ))
 
+    def transaction(
+        self, keyspace: str | None = None, *, read_only: bool = False,
+        priority: int | None = None,
+    ) -> Transaction:
+        """An interactive transaction on a transactional keyspace, begun on first use.
+
+        ``with kv.transaction("bank") as tx: tx.get(k); tx.put(k, v); tx.delete(k)``
+        (on ``AsyncClient``: ``async with``, each call awaited) commits when the
+        block ends cleanly and aborts when it raises. Reads see the transaction's
+        own writes; writes take effect at commit, across any number of ranges.
+        ``keyspace``: the client's keyspace if it is transactional, else the
+        cluster's only transactional one. ``read_only``: reads at one snapshot, no
+        locks. ``priority``: an earlier attempt's (``tx.priority``), so that a rerun
+        keeps its age (wound-wait). Every call goes to the node that began it. A
+        conflict ends it with ``Aborted`` (``reason``: ``wounded``,
+        ``leader_changed``, ``aborted`` ...); ``run_transaction`` runs a function
+        again on such an abort.
+        """
+        return Transaction(self, TxnCore(self._ops, keyspace, read_only=read_only,
+                                         priority=priority))
+
+    def run_transaction(
+        self, fn: Callable[[Transaction], T], *, keyspace: str | None = None,
+        read_only: bool = False, max_retries: int | None = None,
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction and commit; returns what ``fn`` returned.
+
+        After an abort a rerun may not meet again (``wounded``, ``leader_changed``,
+        ``aborted``) the whole of ``fn`` runs again in a new transaction with the
+        first one's priority, at most ``max_retries`` times (default: the client's
+        ``txn_retries``), with backoff. It commits at most once: a commit whose
+        outcome is unknown (``Timeout``, ``NoNodeAvailable``) is raised, not rerun.
+        """
+        priority = None
+        attempt = 0
+        while True:
+            tx = self.transaction(keyspace, read_only=read_only, priority=priority)
+            try:
+                with tx:
+                    result = fn(tx)
+                return result
+            except RingKVError as exc:
+                pause_s = rerun_pause_s(self._ops, exc, attempt, max_retries)
+                if pause_s is None:
+                    raise
+            priority = tx.priority
+            attempt += 1
+            self._clock.sleep_s(pause_s)
+
     def refresh_ring(self) -> None:
         """Fetch the ring now (it is also fetched every ``refresh_interval_s``, and on failures)."""
         self._call(self._ops.refresh_ring())
@@ -293,6 +346,71 @@ class Client(ClientBase):
         for _ in self._stream(plan, result):
             raise AssertionError("a call emitted items")  # pragma: no cover
         return result[0]
+
+
+class Transaction:
+    """An interactive transaction of a ``Client`` (``Client.transaction``): use it in a
+    ``with`` block, or call ``begin`` and end it with ``commit`` or ``abort``."""
+
+    def __init__(self, client: Client, core: TxnCore) -> None:
+        self._client = client
+        self._core = core
+
+    @property
+    def id(self) -> str | None:
+        """The transaction's id (None until it has begun)."""
+        return None if self._core.handle is None else self._core.handle.id
+
+    @property
+    def priority(self) -> int | None:
+        """Its wound-wait priority (µs): pass it to a rerun's ``transaction``."""
+        return self._core.priority
+
+    @property
+    def handle(self) -> TxnHandle | None:
+        """The id, node, priority and snapshot of the begun transaction."""
+        return self._core.handle
+
+    @property
+    def outcome(self) -> TxnCommit | None:
+        """The commit's answer, once committed."""
+        return self._core.outcome
+
+    def begin(self) -> TxnHandle:
+        """Begin it now (the first call does otherwise)."""
+        return self._client._call(self._core.begin())
+
+    def get(self, key: str) -> Any:
+        """``key``'s value as the transaction sees it (its own writes first), or None."""
+        got = self._client._call(self._core.get(key))
+        return None if got is None else got.value
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        """``key`` with its version (None for the transaction's own write), or None."""
+        return self._client._call(self._core.get(key))
+
+    def put(self, key: str, value: Any) -> None:
+        """Lock ``key`` and write ``value`` (any JSON value) at commit."""
+        self._client._call(self._core.write(key, value))
+
+    def delete(self, key: str) -> None:
+        """Lock ``key`` and delete it at commit."""
+        self._client._call(self._core.write(key))
+
+    def commit(self) -> TxnCommit:
+        """Commit (two-phase commit over the ranges it touched); ``Aborted`` if it cannot."""
+        return self._client._call(self._core.commit())
+
+    def abort(self) -> None:
+        """Abort: nothing of it is applied, and its locks go."""
+        self._client._call(self._core.abort())
+
+    def __enter__(self) -> Transaction:
+        self.begin()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self._client._call(self._core.leave(failed=exc_type is not None))
 
 
 class _Watchdog:

@@ -60,9 +60,10 @@ def to_native(send: Send) -> NativeRequest | None:
                 payload["key"] = unquote(raw_key, errors="strict")
             elif send.method == "GET":
                 verb = "scan"
-        elif path.startswith("/v1/txn/") and send.method == "GET":
-            verb = "txn_status"
-            payload["txn_id"] = unquote(path[len("/v1/txn/"):])
+        elif path == "/v1/txn/begin" and send.method == "POST":
+            verb = "txn_begin"
+        elif path.startswith("/v1/txn/"):
+            verb = _txn_call(send.method, path[len("/v1/txn/"):], payload)
         if verb is None:
             return None
     if parts.query:
@@ -73,6 +74,25 @@ def to_native(send: Send) -> NativeRequest | None:
     if idempotency_key is not None:
         payload["idempotency_key"] = idempotency_key
     return NativeRequest(base, verb, payload)
+
+
+def _txn_call(method: str, rest: str, payload: dict[str, Any]) -> str | None:
+    """The verb of ``/v1/txn/{txn_id}[/...]`` (filling in ``payload``), or None."""
+    txn_id, slash, tail = rest.partition("/")
+    payload["txn_id"] = unquote(txn_id)
+    if not slash:
+        return "txn_status" if method == "GET" else None
+    if tail in ("commit", "abort"):
+        return f"txn_{tail}" if method == "POST" else None
+    if tail.startswith("kv/"):
+        keyspace, slash, raw_key = tail[len("kv/"):].partition("/")
+        verb = _KEY_VERBS.get(method)
+        if not slash or verb is None:
+            return None
+        payload["keyspace"] = unquote(keyspace)
+        payload["key"] = unquote(raw_key, errors="strict")
+        return f"txn_{verb}"
+    return None
 
 
 def hello_frame(client: str = "ringkv-python") -> bytes:

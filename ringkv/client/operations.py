@@ -35,6 +35,8 @@ from ringkv.client.types import (
     BatchResult,
     Page,
     Record,
+    TxnCommit,
+    TxnHandle,
     TxnResult,
     TxnStatus,
     Versioned,
@@ -101,6 +103,9 @@ class Call:
     # call carrying one is safe to send again, through any node.
     txn_id: str | None = None
     prefer: str | None = None  # a node id to try first (the range's last known leader)
+    # A node URL the call must go to and nowhere else: an interactive
+    # transaction's calls go to the node that began it.
+    pin: str | None = None
 
     @property
     def repeatable(self) -> bool:
@@ -577,6 +582,90 @@ class Operations:
         return TxnStatus(str(body["id"]), str(body["status"]),
                          None if commit_ts is None else int(commit_ts), body.get("range"))
 
+    # ---- interactive transactions (``transaction.py`` steps them) ----------------
+
+    def backoff(self, retry: int) -> float:
+        """The pause before retry ``retry`` (from 0): exponential, capped, jittered."""
+        return backoff_s(retry, base_s=self.backoff_base_s, max_s=self.backoff_max_s,
+                         rng=self._rng)
+
+    def txn_begin(
+        self, keyspace: str | None = None, *, read_only: bool = False,
+        priority: int | None = None,
+    ) -> Plan[TxnHandle]:
+        """Plan: ``POST /v1/txn/begin`` at any node; the handle names that node, where
+        every later call of the transaction goes. ``keyspace`` None: the client's
+        keyspace when the ring shows it transactional, else the node's choice (the
+        cluster's one transactional keyspace; a 400 naming ``keyspace`` if it has several)."""
+        yield from self._refresh()
+        if keyspace is None and self.router.transactional(self.keyspace):
+            keyspace = self.keyspace
+        body: dict[str, Any] = {} if keyspace is None else {"keyspace": keyspace}
+        if read_only:
+            body["read_only"] = True
+        if priority is not None:
+            if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+                raise BadRequest("priority must be the priority an earlier attempt's begin "
+                                 "answered", field="priority")
+            body["priority"] = priority
+        # Keyed, so that a begin whose answer was lost is not begun twice there.
+        call = Call("POST", "/v1/txn/begin", json.dumps(body).encode(), (), read=False,
+                    idempotency_key=self._new_idempotency_key())
+        answered: list[str] = []
+        reply = yield from self._execute(call, answered=answered)
+        began = _json(reply)
+        read_ts = began.get("read_ts")
+        return TxnHandle(
+            id=str(began["txn_id"]), keyspace=str(began["keyspace"]),
+            read_only=bool(began["read_only"]), priority=int(began["priority"]),
+            node_id=str(began.get("node_id", "")), url=answered[0],
+            read_ts=None if read_ts is None else int(read_ts))
+
+    def _in_txn(self, handle: TxnHandle, method: str, path: str,
+                body: dict[str, Any] | None) -> Call:
+        """A call of the transaction: to its node only, keyed so that a retry after a
+        lost answer gets the first answer instead of running again."""
+        return Call(method, f"/v1/txn/{quote(handle.id, safe='')}{path}",
+                    None if body is None else json.dumps(body).encode(), (),
+                    read=method == "GET", idempotency_key=self._new_idempotency_key(),
+                    pin=handle.url)
+
+    def txn_read(self, handle: TxnHandle, key: str) -> Plan[Versioned | None]:
+        """Plan: ``key`` as the transaction sees it (its own write first), or None if absent;
+        ``version`` is None for the transaction's own write."""
+        raw = key_bytes(key)
+        call = self._in_txn(handle, "GET", _txn_key_path(handle.keyspace, raw), None)
+        reply = yield from self._execute(call)
+        body = _json(reply)
+        if reply.status == 404:
+            error = RingKVError.from_json(body, http_status=404)
+            if error.details.get("found") is False:
+                return None
+            raise error
+        version = body.get("version")
+        return Versioned(body["key"], body["value"], None if version is None else int(version))
+
+    def txn_write(self, handle: TxnHandle, key: str, value: Any = UNSET) -> Plan[None]:
+        """Plan: lock ``key`` and buffer a put of ``value`` (UNSET: a delete) until commit."""
+        raw = key_bytes(key)
+        body = None if value is UNSET else {"value": _encode_value(value, "value")}
+        call = self._in_txn(handle, "DELETE" if value is UNSET else "PUT",
+                            _txn_key_path(handle.keyspace, raw), body)
+        yield from self._execute(call)
+
+    def txn_commit(self, handle: TxnHandle) -> Plan[TxnCommit]:
+        """Plan: commit; ``Timeout`` (or ``NoNodeAvailable``) means the outcome is unknown."""
+        reply = yield from self._execute(self._in_txn(handle, "POST", "/commit", None))
+        done = _json(reply)
+        commit_ts, read_ts = done.get("commit_ts"), done.get("read_ts")
+        return TxnCommit(str(done["id"]), bool(done["committed"]),
+                         None if commit_ts is None else int(commit_ts),
+                         None if read_ts is None else int(read_ts), done.get("receipt"))
+
+    def txn_abort(self, handle: TxnHandle) -> Plan[None]:
+        """Plan: abort (the node releases the transaction's locks)."""
+        yield from self._execute(self._in_txn(handle, "POST", "/abort", None))
+
     # ---- the ring -----------------------------------------------------------
 
     def _refresh(self, *, force: bool = False, deadline_s: float | None = None) -> Plan[None]:
@@ -614,7 +703,8 @@ class Operations:
 
     # ---- sending, with retries ---------------------------------------------------
 
-    def _execute(self, call: Call, uncertain: list[str] | None = None) -> Plan[Reply]:
+    def _execute(self, call: Call, uncertain: list[str] | None = None,
+                 answered: list[str] | None = None) -> Plan[Reply]:
         """Send ``call`` until a node answers for good; returns a 2xx (or a get's 404) reply.
 
         Connection failures (nothing was sent) move on to the next node and
@@ -626,6 +716,8 @@ class Operations:
         deadline: ``(max_retries + 1) * timeout_s`` plus the longest backoffs.
         ``uncertain`` gets a line for each attempt that may have run without
         its outcome coming back (a lost answer, a 5xx after it was sent).
+        ``answered`` gets the URL of the node whose reply is returned. A call
+        with a ``pin`` tries that node only.
         """
         router = self.router
         deadline_s = call_deadline_s(self._clock.monotonic_s(), timeout_s=self.timeout_s,
@@ -635,7 +727,8 @@ class Operations:
         # A transaction goes to its range's last known leader first; its id (not
         # an idempotency key) makes it safe to send again, through any node.
         affinity = None if call.txn_id is not None else call.idempotency_key
-        candidates = router.candidates(call.routing, now, affinity=affinity, prefer=call.prefer)
+        candidates = ([call.pin] if call.pin is not None else
+                      router.candidates(call.routing, now, affinity=affinity, prefer=call.prefer))
         headers = dict(JSON_HEADERS)
         if call.idempotency_key is not None:
             headers[IDEMPOTENCY_HEADER] = call.idempotency_key
@@ -665,6 +758,8 @@ class Operations:
             if isinstance(outcome, Reply):
                 router.mark_up(url)
                 if outcome.status < 300 or (outcome.status == 404 and call.method == "GET"):
+                    if answered is not None:
+                        answered.append(url)
                     return outcome
                 error = RingKVError.from_json(_safe_json(outcome.body), http_status=outcome.status)
                 last_error = error
@@ -673,7 +768,8 @@ class Operations:
                     excluded.add(url)  # it will say the same again; ask another coordinator
                 elif isinstance(error, (Overloaded, ShuttingDown)):
                     pass  # did not run: safe to retry anywhere
-                elif outcome.status < 500 or not call.repeatable:
+                elif outcome.status < 500 or not call.repeatable or call.pin is not None:
+                    # (A pinned call's node answered: its session has acted on it.)
                     raise error
                 elif uncertain is not None:
                     uncertain.append(f"{url}: {error.code}")
@@ -727,6 +823,10 @@ def _key_path(keyspace: str, raw: bytes) -> str:
     # Every reserved character is escaped, and dots too, so that no key
     # (not even "." or "..") is ever read as a path segment to normalise.
     return f"/v1/kv/{quote(keyspace, safe='')}/{quote(raw, safe='').replace('.', '%2E')}"
+
+
+def _txn_key_path(keyspace: str, raw: bytes) -> str:
+    return f"/kv/{quote(keyspace, safe='')}/{quote(raw, safe='').replace('.', '%2E')}"
 
 
 def _txn_write_result(answer: Any, txn_id: str | None, replayed: bool) -> WriteResult:

@@ -90,7 +90,7 @@ class Versioned:
 
     key: str
     value: Any
-    version: int
+    version: int | None  # None: an interactive transaction's own write, not committed yet
     receipt: dict[str, Any] | None = None
 
 
@@ -126,3 +126,32 @@ class TxnStatus:
     commit_ts: int | None = None
     range: str | None = None
     definitive: bool = True
+
+
+@dataclass(frozen=True)
+class TxnHandle:
+    """An interactive transaction as begun: its ``id``, the node that began it
+    (``node_id``, ``url``: every call of the transaction goes there), and
+    ``priority`` (µs; a rerun passes it to ``begin`` to keep its age under
+    wound-wait). ``read_ts``: the snapshot of a read-only transaction."""
+
+    id: str
+    keyspace: str
+    read_only: bool
+    priority: int
+    node_id: str
+    url: str
+    read_ts: int | None = None
+
+
+@dataclass(frozen=True)
+class TxnCommit:
+    """An interactive transaction that committed: ``commit_ts`` (µs; None when it wrote
+    nothing), or ``read_ts`` for a read-only one; ``receipt`` names its coordinator
+    range and the ranges it touched."""
+
+    id: str
+    committed: bool
+    commit_ts: int | None
+    read_ts: int | None = None
+    receipt: dict[str, Any] | None = None

@@ -47,13 +47,22 @@ OPERATIONS: Mapping[str, str] = {
     "batch": "batch",
     "txn": "txn",
     "txn_status": "txn_status",
+    "txn_begin": "txn_begin",
+    "txn_get": "txn_get",
+    "txn_put": "txn_put",
+    "txn_delete": "txn_delete",
+    "txn_commit": "txn_commit",
+    "txn_abort": "txn_abort",
     "status": "status",
     "ring": "ring",
     "health": "health",
 }
 # What each operation needs in its payload besides args.
-_NEEDS_KEY = frozenset({"get", "put", "delete"})
-_NEEDS_KEYSPACE = frozenset({"get", "put", "delete", "scan"})
+_NEEDS_KEY = frozenset({"get", "put", "delete", "txn_get", "txn_put", "txn_delete"})
+_NEEDS_KEYSPACE = frozenset({"get", "put", "delete", "scan", "txn_get", "txn_put", "txn_delete"})
+# The calls of one transaction (``txn_status`` too: it names one by id).
+_NEEDS_TXN_ID = frozenset({"txn_status", "txn_get", "txn_put", "txn_delete", "txn_commit",
+                           "txn_abort"})
 _PAYLOAD_FIELDS = frozenset({"keyspace", "key", "txn_id", "args", "body", "idempotency_key"})
 MAX_ARGS = 16
 MAX_ARG_CHARS = 4096
@@ -132,7 +141,7 @@ def request(frame: Frame) -> Request:
             raise ProtocolError(f"unknown field {str(name)[:64]!r}", field=str(name)[:64])
     keyspace = _text(payload, "keyspace", required=verb in _NEEDS_KEYSPACE)
     key = _text(payload, "key", required=verb in _NEEDS_KEY)
-    txn_id = _text(payload, "txn_id", required=verb == "txn_status")
+    txn_id = _text(payload, "txn_id", required=verb in _NEEDS_TXN_ID)
     body = payload.get("body", b"")
     if not isinstance(body, bytes):
         raise ProtocolError("body must be bytes (a JSON document)", field="body")

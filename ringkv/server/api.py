@@ -252,6 +252,42 @@ async def get_txn(request: web.Request) -> web.Response:
     return _response(await h.get_txn(call))
 
 
+def _txn_call(request: web.Request, body: bytes = b"", *, key: bool = False) -> h.ApiCall:
+    """A call of an interactive transaction: ``/v1/txn/{txn_id}/...``."""
+    call = _call(request, body=body)
+    call.txn_id = request.match_info["txn_id"]
+    if key:
+        call.keyspace = request.match_info["keyspace"]
+        # /v1/txn/{txn_id}/kv/{keyspace}/{key}: the key follows five segments.
+        call.key = v.key_after(request.rel_url.raw_path, 5,
+                               request.app[NODE_KEY].config.limits)
+    return call
+
+
+async def txn_begin(request: web.Request) -> web.Response:
+    return _response(await h.txn_begin(_call(request, body=await request.read())))
+
+
+async def txn_get(request: web.Request) -> web.Response:
+    return _response(await h.txn_get(_txn_call(request, key=True)))
+
+
+async def txn_put(request: web.Request) -> web.Response:
+    return _response(await h.txn_put(_txn_call(request, await request.read(), key=True)))
+
+
+async def txn_delete(request: web.Request) -> web.Response:
+    return _response(await h.txn_delete(_txn_call(request, await request.read(), key=True)))
+
+
+async def txn_commit(request: web.Request) -> web.Response:
+    return _response(await h.txn_commit(_txn_call(request, await request.read())))
+
+
+async def txn_abort(request: web.Request) -> web.Response:
+    return _response(await h.txn_abort(_txn_call(request, await request.read())))
+
+
 # -- cluster information -----------------------------------------------------
 
 
@@ -361,6 +397,14 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_post("/v1/batch", batch, name="batch")
     app.router.add_post("/v1/txn", post_txn, name="txn")
     app.router.add_get("/v1/txn/{txn_id}", get_txn, name="txn_status", allow_head=False)
+    # Interactive transactions: begun here, their calls come back to this node.
+    app.router.add_post("/v1/txn/begin", txn_begin, name="txn_begin")
+    txn_key_path = "/v1/txn/{txn_id}/kv/{keyspace}/{key:.+}"
+    app.router.add_get(txn_key_path, txn_get, name="txn_get", allow_head=False)
+    app.router.add_put(txn_key_path, txn_put, name="txn_put")
+    app.router.add_delete(txn_key_path, txn_delete, name="txn_delete")
+    app.router.add_post("/v1/txn/{txn_id}/commit", txn_commit, name="txn_commit")
+    app.router.add_post("/v1/txn/{txn_id}/abort", txn_abort, name="txn_abort")
     app.router.add_get("/v1/status", status, name="status", allow_head=False)
     app.router.add_get("/v1/ring", ring, name="ring", allow_head=False)
     app.router.add_get("/v1/health", health, name="health", allow_head=False)

@@ -25,7 +25,7 @@ from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
 from ringkv.server import txn_validation as tv
 from ringkv.server import validation as v
-from ringkv.server.status import cluster_status, ring_view
+from ringkv.server.status import client_address, cluster_status, ring_view
 from ringkv.txn.requests import Condition, TxnRequest, Write
 from ringkv.txn.service import Op
 from ringkv.versioning import Cell
@@ -487,6 +487,164 @@ async def get_txn(call: ApiCall) -> Answer:
     result = await node.txn.execute(op, started_s=call.started_s,
                                     timeout_s=node.config.timing.read_timeout_ms / 1000)
     return answer(result)
+
+
+# -- interactive transactions (txn/sessions.py) ------------------------------
+#
+# A transaction lives on the node that began it (its id names that node): a
+# call for one that lives elsewhere is answered 404 ``other_node`` naming the
+# node and its address, not forwarded (a client sends a transaction's calls to
+# the node that began it). Every error of these calls names the transaction
+# (``id``) and whether it has ended (``ended``: why, or null while it is open).
+
+
+def _session(call: ApiCall) -> str:
+    """The transaction id of the call, if it can live on this node."""
+    node = call.node
+    txn_id = tv.check_txn_id(call.txn_id)
+    owner = tv.session_node(txn_id)
+    if owner is None:
+        raise NotFound(f"{txn_id!r} is not the id of an interactive transaction (POST "
+                       "/v1/txn/begin gives one)", id=txn_id, reason="unknown_txn", ended=None)
+    if owner != node.node_id:
+        raise NotFound(f"transaction {txn_id} lives on node {owner}, not on {node.node_id}: "
+                       "send its calls to the node that began it", id=txn_id,
+                       reason="other_node", node_id=owner,
+                       address=client_address(node, owner), ended=None)
+    return txn_id
+
+
+def _txn_keyspace(call: ApiCall) -> str:
+    node = call.node
+    keyspace = check_keyspace(node, call.keyspace)
+    if not _transactional(node, keyspace):
+        raise BadRequest(f"keyspace {keyspace!r} is eventual: transactions need a "
+                         "transactional keyspace", field="keyspace")
+    return keyspace
+
+
+def _ended(node: Node, txn_id: str) -> str | None:
+    """Why the transaction ended, or None while it is open (or unknown here)."""
+    return node.txn.sessions.ended(txn_id)
+
+
+async def _in_txn(call: ApiCall, txn_id: str, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Run a call of the transaction; its error names the transaction and its state."""
+    try:
+        return await work
+    except RingKVError as exc:
+        exc.details.setdefault("id", txn_id)
+        exc.details["ended"] = _ended(call.node, txn_id)
+        raise
+
+
+@_deduplicated
+async def txn_begin(call: ApiCall) -> Answer:
+    """Open an interactive transaction on this node; its calls come back here."""
+    node = call.node
+    begin = tv.parse_begin(v.parse_json_body(call.body) if call.body.strip() else {})
+    keyspace = begin.keyspace
+    if keyspace is None:
+        transactional = sorted(node.txn.keyspaces)
+        if len(transactional) != 1:
+            raise BadRequest("keyspace is required: this cluster has "
+                             f"{len(transactional)} transactional keyspaces "
+                             f"({', '.join(transactional) or 'none'})", field="keyspace")
+        keyspace = transactional[0]
+    call.keyspace = keyspace
+    _txn_keyspace(call)
+    began = node.txn.sessions.begin(keyspace, read_only=begin.read_only,
+                                    priority_us=begin.priority_us)
+    return answer({"ok": True, **began, "node_id": node.node_id})
+
+
+@_deduplicated
+async def txn_get(call: ApiCall) -> Answer:
+    """A key as the transaction sees it: its own write, else the value under a shared lock
+    (a read-only one: at its snapshot)."""
+    node = call.node
+    txn_id = _session(call)
+    keyspace = _txn_keyspace(call)
+    key = call.key
+    deadline_s = call.started_s + node.config.timing.read_timeout_ms / 1000
+    try:
+        read = await _in_txn(call, txn_id,
+                             node.txn.sessions.get(txn_id, keyspace, key, deadline_s))
+    except NotFound as exc:
+        if exc.details.get("reason") is None:  # the key holds nothing: the txn goes on
+            exc.details.update(key=key.decode(), found=False)
+        raise
+    head: dict[str, Any] = {"id": txn_id, "key": key.decode(), "version": read["version"]}
+    if read.get("own_write"):
+        head["own_write"] = True
+    encoded = _ENCODER.encode(head).encode()
+    return Answer(200, encoded[:-1] + b',"value":' + bytes(read["value"]) + b"}")
+
+
+async def _session_write(call: ApiCall, value: bytes | None) -> Answer:
+    node = call.node
+    txn_id = _session(call)
+    keyspace = _txn_keyspace(call)
+    deadline_s = call.started_s + _txn_timeout_s(node)
+    result = await _in_txn(call, txn_id, node.txn.sessions.write(
+        txn_id, keyspace, call.key, value, deadline_s))
+    return answer(result)
+
+
+@_deduplicated
+async def txn_put(call: ApiCall) -> Answer:
+    """Lock the key and buffer a put; it takes effect at commit."""
+    body = _json_object(call)
+    unknown = sorted(set(body) - {"value"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a put in a transaction takes value",
+                         field=unknown[0])
+    if "value" not in body:
+        raise BadRequest('body must have a "value" field', field="value")
+    return await _session_write(call, v.value_bytes(body["value"], call.node.config.limits,
+                                                    field="value"))
+
+
+@_deduplicated
+async def txn_delete(call: ApiCall) -> Answer:
+    """Lock the key and buffer a delete; it takes effect at commit."""
+    body = _json_object(call) if call.body.strip() else {}
+    if body:
+        name = min(body)
+        raise BadRequest(f"a delete in a transaction takes no body ({name!r})", field=name)
+    return await _session_write(call, None)
+
+
+def _no_body(call: ApiCall) -> None:
+    body = _json_object(call) if call.body.strip() else {}
+    if body:
+        name = min(body)
+        raise BadRequest(f"unknown field {name!r}; this call takes no body", field=name)
+
+
+@_deduplicated
+async def txn_commit(call: ApiCall) -> Answer:
+    """Commit: two-phase commit over every range the transaction touched (a read-only
+    one just ends). A 504 ``timeout`` means the outcome is not known yet."""
+    node = call.node
+    txn_id = _session(call)
+    _no_body(call)
+    deadline_s = call.started_s + _txn_timeout_s(node)
+    result = await _in_txn(call, txn_id, node.txn.sessions.commit(txn_id, deadline_s))
+    return answer(result)
+
+
+@_deduplicated
+async def txn_abort(call: ApiCall) -> Answer:
+    """Abort: the transaction's locks are released and nothing of it is applied."""
+    node = call.node
+    txn_id = _session(call)
+    _no_body(call)
+
+    async def abort() -> dict[str, Any]:
+        return node.txn.sessions.abort(txn_id)
+
+    return answer(await _in_txn(call, txn_id, abort()))
 
 
 # -- cluster information -----------------------------------------------------

@@ -10,12 +10,18 @@
 Written values are kept as their canonical JSON bytes (``encode_json_value``),
 as the eventual tier stores them; ``equals`` compares JSON values, whatever
 the spacing or key order of either side. A transaction id is 1-64 characters of ``[A-Za-z0-9._:-]``.
+
+Interactive transactions (``POST /v1/txn/begin``): the begin body
+``{"keyspace"?, "read_only"?, "priority"?}`` (``parse_begin``), and the node a
+transaction lives on, read from its id (``session_node``: the node that began
+it named it ``<node id>:<counter>:<8 hex digits>``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ringkv.config import LimitsConfig
@@ -26,6 +32,54 @@ from ringkv.txn.requests import CONDITION_KINDS, Condition, TxnRequest, Write, c
 TXN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _TXN_FIELDS = frozenset({"keyspace", "id", "reads", "conditions", "writes"})
 _WRITE_FIELDS = frozenset({"op", "key", "value"})
+_BEGIN_FIELDS = frozenset({"keyspace", "read_only", "priority"})
+# The ids the node that begins an interactive transaction gives it (txn/service.py).
+_SESSION_ID = re.compile(r"^(.+):[0-9]+:[0-9a-f]{8}$")
+MAX_PRIORITY_US = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Begin:
+    """What ``POST /v1/txn/begin`` asked for (``keyspace`` None: the caller's default)."""
+
+    keyspace: str | None
+    read_only: bool
+    priority_us: int | None
+
+
+def parse_begin(body: Any) -> Begin:
+    """The body of ``POST /v1/txn/begin`` (an empty body is ``{}``)."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("the body of a begin is a JSON object", field="body")
+    unknown = sorted(set(body) - _BEGIN_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a begin takes "
+                         f"{', '.join(sorted(_BEGIN_FIELDS))}", field=unknown[0])
+    keyspace = body.get("keyspace")
+    if keyspace is not None and (not isinstance(keyspace, str) or not keyspace):
+        raise BadRequest("keyspace must be a non-empty string", field="keyspace")
+    read_only = body.get("read_only", False)
+    if not isinstance(read_only, bool):
+        raise BadRequest("read_only must be true or false", field="read_only")
+    priority = body.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                 or not 0 <= priority <= MAX_PRIORITY_US):
+        raise BadRequest("priority must be the priority (µs) an earlier attempt's begin "
+                         "answered", field="priority")
+    return Begin(keyspace, read_only, priority)
+
+
+def check_txn_id(txn_id: str) -> str:
+    if not TXN_ID.match(txn_id):
+        raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -",
+                         field="id")
+    return txn_id
+
+
+def session_node(txn_id: str) -> str | None:
+    """The node that began the interactive transaction ``txn_id`` (None: not such an id)."""
+    match = _SESSION_ID.match(txn_id)
+    return None if match is None else match.group(1)
 
 
 def parse_condition(obj: Any, key: bytes, limits: LimitsConfig, *, field: str) -> Condition:

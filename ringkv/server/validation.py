@@ -64,6 +64,15 @@ def key_from_path(raw_path: str, limits: LimitsConfig) -> bytes:
     return check_key(unquote_to_bytes(raw_key), limits, field="key")
 
 
+def key_after(raw_path: str, segments: int, limits: LimitsConfig) -> bytes:
+    """The key that ends a path after its first ``segments`` segments (5 in
+    ``/v1/txn/{id}/kv/{keyspace}/{key}``), percent-decoded as strict UTF-8 as
+    ``key_from_path`` does."""
+    parts = raw_path.split("/", segments + 1)
+    raw_key = parts[segments + 1] if len(parts) > segments + 1 else ""
+    return check_key(unquote_to_bytes(raw_key), limits, field="key")
+
+
 def check_key(raw: bytes, limits: LimitsConfig, *, field: str) -> bytes:
     if not raw:
         raise BadRequest("key must not be empty", field=field)

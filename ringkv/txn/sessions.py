@@ -99,6 +99,11 @@ class TxnSessions:
     def __len__(self) -> int:
         return len(self._open)
 
+    def ended(self, txn_id: str) -> str | None:
+        """Why ``txn_id`` ended (``committed``, ``wounded``, ``idle``...), or None
+        while it is open or if this node never had it (or forgot it)."""
+        return None if txn_id in self._open else self._ended.get(txn_id)
+
     # -- the calls -------------------------------------------------------------------------
 
     def begin(self, keyspace: str, *, read_only: bool = False,
@@ -159,8 +164,8 @@ class TxnSessions:
                 raise NotFound(f"key {key.decode(errors='replace')!r} not found in transaction "
                                f"{txn_id}", id=txn_id)
             return {"key": key, "value": value, "version": version}
-        except NotFound:
-            raise
+        except (NotFound, TooLarge):
+            raise  # the transaction goes on: an absent key, or one key too many asked for
         except RingKVError as exc:
             self._fail(session, exc)
             raise
