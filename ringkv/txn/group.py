@@ -288,6 +288,7 @@ class GroupRunner:
         self._drain_task: asyncio.Task[None] | None = None
         self._timer: Timer | None = None
         self._waiting: dict[int, _Waiter] = {}
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []  # (slot, woken)
         self.stopped = True
         self.failed: BaseException | None = None
         self.stats = GroupStats()
@@ -340,6 +341,7 @@ class GroupRunner:
         self._queue.clear()
         for slot in list(self._waiting):
             self._resolve(slot, UNKNOWN, "stopped")
+        self._wake_applied()
 
     # -- what the runner is fed ------------------------------------------------------------
 
@@ -694,6 +696,7 @@ class GroupRunner:
             if waiter is not None:
                 self._resolve(slot, *decide(waiter.txn_id, waiter.ts_us, item, value))
         self._log.set_applied(self.applied_through)
+        self._wake_applied()
 
     def _apply_record(self, slot: int, data: bytes, ts_us: int, superseded: bool) -> Record | None:
         """A two-phase commit record, on every replica alike: kept for recovery and
@@ -743,6 +746,28 @@ class GroupRunner:
             return None
         return value
 
+    def applied(self, slot: int) -> asyncio.Future[None]:
+        """A future done once this replica has applied through ``slot`` (or stops)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.applied_through >= slot or self.stopped:
+            future.set_result(None)
+        else:
+            self._applied_waiters.append((slot, future))
+        return future
+
+    def _wake_applied(self) -> None:
+        if not self._applied_waiters:
+            return
+        keep = []
+        for slot, future in self._applied_waiters:
+            if future.done():
+                continue
+            if slot <= self.applied_through or self.stopped:
+                future.set_result(None)
+            else:
+                keep.append((slot, future))
+        self._applied_waiters = keep
+
     def _maybe_compact(self) -> None:
         replica = self.replica
         if replica is None:
@@ -786,6 +811,7 @@ class GroupRunner:
             self.applied_through = snapshot.last_slot
             self._store_ts_us = max(self._store_ts_us, snapshot.max_ts_us)
             self.records.load(self._clock.monotonic_s())  # the snapshot's 2PC records
+            self._wake_applied()
             self._installing_through = 0
             self.stats.snapshots_installed += 1
             for slot in [s for s in self._waiting if s <= snapshot.last_slot]:

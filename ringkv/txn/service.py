@@ -1055,11 +1055,18 @@ class TxnService:
         """Wait until every slot this leader has proposed is applied here."""
         replica = runner.replica
         target = 0 if replica is None else replica.next_slot - 1
-        while runner.applied_through < target:
-            if self._clock.monotonic_s() + WAIT_STEP_S >= deadline_s:
-                raise Timeout("the leader did not apply its log within the deadline",
-                              consistency="SERIAL", received=0, required=1, write=True)
-            await self._clock.sleep(WAIT_STEP_S)
+        if runner.applied_through >= target:
+            return
+        applied = runner.applied(target)
+        timer = self._clock.call_later(max(0.0, deadline_s - self._clock.monotonic_s()),
+                                       _settle_none, applied)
+        try:
+            await applied
+        finally:
+            timer.cancel()
+        if runner.applied_through < target:
+            raise Timeout("the leader did not apply its log within the deadline",
+                          consistency="SERIAL", received=0, required=1, write=True)
 
     async def _status(self, group: _Group, txn_id: str, deadline_s: float) -> dict[str, Any]:
         runner = group.runner
@@ -1249,6 +1256,11 @@ def _split_or_merge(rng: Range, old: Range) -> RangeMoving:
 def _settle(future: asyncio.Future[str], value: str) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _settle_none(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _one_shot_woken(locks: GroupLocks, txn_id: str, future: asyncio.Future[str], state: str) -> None:

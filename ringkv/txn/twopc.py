@@ -242,6 +242,19 @@ class _Finished:
     forget_at_s: float
 
 
+def _forget(finished: dict[str, _Finished], now_s: float) -> None:
+    """Drop outcomes past their time. They are added in the order they finish, each
+    kept the same ``finished_ttl_s``, so the oldest come first: stop at the first
+    still kept (one replaced in place is at worst kept a little longer)."""
+    gone = []
+    for txn_id, done in finished.items():
+        if done.forget_at_s > now_s:
+            break
+        gone.append(txn_id)
+    for txn_id in gone:
+        del finished[txn_id]
+
+
 # --- the coordinator ---------------------------------------------------------------------
 
 
@@ -389,7 +402,7 @@ class TwoPCCoordinator:
                     txn.resend_at_s = now_s + self.timeouts.resend_s
                     out += [Send(g, Decision(txn.txn_id, self.group_id, txn.commit, txn.commit_ts_us))
                             for g in txn.groups if g not in txn.acked and g != self.group_id]
-        self._finished = {t: f for t, f in self._finished.items() if f.forget_at_s > now_s}
+        _forget(self._finished, now_s)
         return out
 
     def recover(self, records: Iterable[Record], now_s: float, tt: TTInterval) -> list[Effect]:
@@ -660,7 +673,7 @@ class TwoPCParticipant:
                 txn.relog = False
                 out.append(Log(OutcomeRecord(txn.txn_id, txn.commit, txn.commit_ts_us,
                                              txn.writes if txn.commit else ())))
-        self._finished = {t: f for t, f in self._finished.items() if f.forget_at_s > now_s}
+        _forget(self._finished, now_s)
         return out
 
     def recover(self, records: Iterable[Record], now_s: float) -> list[Effect]:
