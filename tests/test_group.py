@@ -697,3 +697,43 @@ def test_cpu_per_commit_figure() -> None:
     print("\nthree runners in one process, memory engines: CPU per commit "
           f"{figures['serial']:.0f} µs one at a time, {figures['pipelined']:.0f} µs with 32 in flight")
     assert figures["serial"] > 0 and figures["pipelined"] > 0
+
+
+def test_a_snapshot_carries_prepared_transactions_so_safe_time_stays_held_spanner_4_1_3() -> None:
+    """A replica that catches up from a snapshot (the log compacted past it) must
+    still know of a transaction prepared before the snapshot and not decided:
+    its safe time stays below the prepare timestamp until the outcome applies,
+    or a snapshot read there could miss a commit at s >= that timestamp. The
+    2PC records travel in the snapshot with the MVCC records."""
+    from ringkv.txn.twopc_messages import OutcomeRecord, PreparedRecord
+
+    async def main(loop: VirtualTimeLoop) -> None:
+        bus = sim_bus(loop, max_log_slots=8, keep_log_slots=2)
+        for node_id in GROUP.replicas:
+            bus.start(node_id)
+        leader = await wait_for(lambda: leader_of(bus), 10.0, "a leader")
+        lagger = next(n for n in GROUP.replicas if n != leader.node_id)
+        bus.kill(lagger)
+        prepare_ts = leader.assign_now()
+        assert prepare_ts is not None
+        prepared = PreparedRecord("x1", "other/1", (1, "x1"), prepare_ts, ((b"p", b"1"),))
+        outcome = await leader.propose_record(prepared, ts_us=prepare_ts)
+        assert outcome.status == COMMITTED, outcome
+        for i in range(30):  # past the compaction point: the lagger needs a snapshot
+            await commit(bus, f"m{i}", [(f"k{i % 5}".encode(), b"v")])
+        assert leader.stats.compactions >= 2
+        assert leader.applied_ts_us == prepare_ts - 1, "the leader holds safe time too"
+        restarted = bus.start(lagger)
+        await wait_for(lambda: restarted.stats.snapshots_installed == 1, 20.0, "a snapshot")
+        await wait_for(lambda: restarted.applied_through >= leader.applied_through, 20.0, "caught up")
+        assert restarted.records.prepared() == {"x1": prepare_ts}
+        assert restarted.applied_ts_us == prepare_ts - 1
+        # The outcome applies the writes at s and lets safe time go on.
+        s = leader.assign_now()
+        assert s is not None
+        done = await leader.propose_record(OutcomeRecord("x1", True, s, ((b"p", b"1"),)))
+        assert done.status == COMMITTED
+        await wait_for(lambda: restarted.applied_ts_us > s, 10.0, "safe time moves on")
+        assert read(bus.nodes[lagger], b"p", s) == b"1" and read(bus.nodes[lagger], b"p", s - 1) is None
+
+    run(main)
