@@ -967,6 +967,11 @@ class TxnService:
             return await self._status(group, op.txn_id, deadline_s)
         if op.kind in ("tx_lock", "tx_commit", "tx_abort"):
             return await self._serve_cross(group, op, deadline_s)
+        if group.roles is not None:
+            # A new leader takes no lock before its 2PC roles have recovered: until
+            # then the lock table lacks the locks of transactions prepared here,
+            # and a read could miss one that committed in its other ranges.
+            await group.roles.until_active(deadline_s)
         if op.kind == "get":
             request = TxnRequest(op.keyspace, None, (op.key,), (), ())
             answer = await self._run(group, rng, request, deadline_s)

@@ -298,7 +298,7 @@ class TwoPCRoles:
                             deadline_s: float) -> list[tuple[bytes, Current]]:
         """Take ``txn_id``'s locks on these keys (shared to read, exclusive to write)
         and read every one of them as committed, under the locks."""
-        await self._until_active(deadline_s)
+        await self.until_active(deadline_s)
         now_s = self._clock.monotonic_s()
         participant = self.participant
         if not first and participant.state(txn_id) is None:
@@ -359,7 +359,7 @@ class TwoPCRoles:
     async def commit(self, request: CommitRequest, deadline_s: float) -> tuple[bool, int] | None:
         """Coordinate ``request`` (this group is its coordinator): (committed, s) once
         decided and, for a commit, past commit wait; None if not known in time."""
-        await self._until_active(deadline_s)
+        await self.until_active(deadline_s)
         ballot = self.ballot
         future = self._answers.get(request.txn_id)
         if future is None or future.done():
@@ -390,7 +390,9 @@ class TwoPCRoles:
         finally:
             timer.cancel()
 
-    async def _until_active(self, deadline_s: float) -> None:
+    async def until_active(self, deadline_s: float) -> None:
+        """Until the roles run here (recovered: every prepared transaction's locks
+        are back); NoLeader if this node does not lead, or not in time."""
         while self.ballot is None:
             if not self.runner.is_leader():
                 raise NoLeader(f"{self.runner.node_id} does not lead range {self.group_id}",
