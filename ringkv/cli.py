@@ -306,13 +306,21 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         commit_sync=args.commit_sync, hints=not args.no_hints,
         write_fraction=args.write_fraction, max_skew_s=args.max_skew, boot=args.boot,
         workload=args.workload, deletes=args.deletes, gc_grace_s=args.gc_grace,
+        ranges=args.ranges,
     )
+
+
+def _seed_path(path: str, seed: int) -> str:
+    """One file per seed of a series: ``h.json`` -> ``h.seed7.json``."""
+    base, dot, ext = path.rpartition(".")
+    return f"{base}.seed{seed}.{ext}" if dot and "/" not in ext else f"{path}.seed{seed}"
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
     # Imported here: the simulator is not needed to run a node.
     from dataclasses import replace
 
+    from ringkv.sim.jepsen_history import write_jepsen_history
     from ringkv.sim.run import format_line, format_report, format_totals, simulate
 
     try:
@@ -323,11 +331,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.seeds == 1:
         result = simulate(settings, node_logs=args.node_logs)
         print(format_report(result, show_history=args.history))
+        if args.history_out:
+            write_jepsen_history(args.history_out, result.jepsen_events())
         return 0 if result.ok else 1
     results = []
     for seed in range(args.seed, args.seed + args.seeds):  # one line each, then totals
         results.append(simulate(replace(settings, seed=seed), node_logs=args.node_logs))
         print(format_line(results[-1]), flush=True)
+        if args.history_out:
+            write_jepsen_history(_seed_path(args.history_out, seed), results[-1].jepsen_events())
     print(format_totals(results))
     return 0 if all(r.ok for r in results) else 1
 
@@ -463,12 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--nemesis", default="none",
                      help="comma-separated: partition,crash,power,pause,clog,skew,"
                           "isolate-repeat,leader, and the topology changes join,"
-                          "decommission,removenode,wipe (or none)")
+                          "decommission,removenode,wipe; with --workload bank or list-append "
+                          "also kill-coordinator (the coordinator group's leader, between "
+                          "prepare and commit) and cut-prepared (a participant's leader "
+                          "holding a prepared transaction) (or none)")
     sim.add_argument("--fault", default=None,
                      help="plant a broken coordinator: ack-without-write, ack-before-write, "
                           "backdated-write, phantom-read, no-read-repair; or broken replicas: "
                           "purge-tombstones-at-once; with --workload register a broken "
-                          "transactional node: skip-commit-wait, no-fencing")
+                          "transactional node: skip-commit-wait, no-fencing, "
+                          "snapshot-ignores-safe-time; with bank or list-append also a broken "
+                          "two-phase commit participant: early-lock-release, skip-prepare-log")
     sim.add_argument("--duration", type=float, default=60.0,
                      help="virtual seconds the workload is spread over (default 60)")
     sim.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic")
@@ -478,10 +495,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--boot", choices=("join", "together", "provisioned"), default="join",
                      help="join: nodes join one by one (real token allocation); together: "
                           "all start at once and join; provisioned: tokens preset, faster")
-    sim.add_argument("--workload", choices=("eventual", "register"), default="eventual",
+    sim.add_argument("--workload", choices=("eventual", "register", "bank", "list-append"),
+                     default="eventual",
                      help="eventual: writes and reads on an eventual keyspace; register: "
                           "compare-and-set registers on a transactional keyspace (RF 3), "
-                          "checked for linearizability and commit wait")
+                          "checked for linearizability and commit wait; bank: transfers "
+                          "between accounts in different ranges and read-only snapshots "
+                          "(sums and signs checked); list-append: Elle-style transactions "
+                          "across ranges, checked for strict serializability "
+                          "(--keys: accounts or lists)")
+    sim.add_argument("--ranges", type=int, default=4,
+                     help="bank and list-append: ranges of the transactional keyspace, each "
+                          "its own Paxos group (default 4)")
+    sim.add_argument("--history-out", default=None, metavar="FILE",
+                     help="write the client history as Jepsen invoke/ok/fail/info events "
+                          "(JSON); with --seeds, one file per seed (FILE.seedN.json)")
     sim.add_argument("--deletes", type=float, default=0.0,
                      help="share of the eventual workload's writes that are deletes "
                           "(default 0); reads after a delete are checked for resurrection")

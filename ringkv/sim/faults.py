@@ -4,8 +4,9 @@ They exist only here; the simulator plants one through ``Node``'s
 ``coordinator_class`` hook (``ringkv sim --fault NAME``), or, for the
 broken replicas of ``NODE_FAULTS``, into each ``Node`` before it starts.
 Each models a real class of bug. The transactional tier's (``TXN_FAULTS``, for ``--workload
-register``) are planted into a node's ``TxnService`` before it starts, through
-its public fault switches (``TxnService.faults``) or its ``truetime``.
+register``, and with ``TWO_PC_FAULTS`` for ``bank`` and ``list-append``) are
+planted into a node's ``TxnService`` before it starts, through its public
+fault switches (``TxnService.faults``) or its ``truetime``.
 """
 
 from __future__ import annotations
@@ -166,4 +167,26 @@ TXN_FAULTS: dict[str, Callable[[Node], None]] = {
     "skip-commit-wait": skip_commit_wait,
     "no-fencing": no_fencing,
     "snapshot-ignores-safe-time": snapshot_ignores_safe_time,
+}
+
+
+def early_lock_release(node: Node) -> None:
+    """A participant of two-phase commit lets its locks go as soon as it votes
+    yes, before the decision (breaks two-phase locking): another transaction
+    then reads and overwrites keys whose new values are about to commit."""
+    node.txn.faults.early_lock_release = True
+
+
+def skip_prepare_log(node: Node) -> None:
+    """A participant votes yes without logging its prepare through its Paxos
+    group: a new leader knows nothing of the prepared transaction (its locks
+    are gone) and no replica's safe time is held back below it (Spanner §4.1.3)."""
+    node.txn.faults.skip_prepare_log = True
+
+
+# Broken participants of two-phase commit, for the bank and list-append workloads
+# (which also take every TXN_FAULTS switch).
+TWO_PC_FAULTS: dict[str, Callable[[Node], None]] = {
+    "early-lock-release": early_lock_release,
+    "skip-prepare-log": skip_prepare_log,
 }

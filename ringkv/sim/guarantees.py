@@ -3,11 +3,14 @@
 Every figure in the README's Guarantees table and power-loss paragraph comes
 from a ``ringkv sim`` command shown beside it: the eventual tier's rows, and
 the transactional tier's (the register workload under each nemesis, and the
-negative controls, whose every run must be caught). This module runs those commands
-in-process, through the same argument parser as the command line, and rewrites
-the two blocks of the README between ``<!-- guarantees:begin NAME -->`` and
-``<!-- guarantees:end NAME -->``. The prose outside the blocks is written by
-hand; the wording inside them lives here.
+negative controls, whose every run must be caught), and the table of
+transactions across ranges (bank and list-append, read-only transactions,
+and their controls, each caught in at least one run and the row says how
+many). This module runs those commands in-process, through the same argument
+parser as the command line, and rewrites the README's blocks between
+``<!-- guarantees:begin NAME -->`` and ``<!-- guarantees:end NAME -->``
+(``--block NAME``: only those, running only their commands). The prose
+outside the blocks is written by hand; the wording inside them lives here.
 
 Each block also carries a hidden pin per command: the history hash and the
 counts of its first seed. One seed takes about a second, so the test suite
@@ -25,7 +28,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ringkv.sim.run import SimResult, SimSettings, run_counts, series_counts, simulate
+from ringkv.sim.run import (
+    TXN_WORKLOADS,
+    SimResult,
+    SimSettings,
+    run_counts,
+    series_counts,
+    simulate,
+)
 
 FAULT_MIX = "--nemesis partition,crash,pause,clog"
 # Every command behind a figure, by the name the rendering below uses.
@@ -78,11 +88,40 @@ TABLE_FOOTNOTES = ("qq_faults", "qq", "all_one_faults", "one_q_faults", "one_one
                    "one_one_faults", "topology", "skew", *TXN_ROWS,
                    *TXN_CONTROLS)  # footnotes 1, 2, ... in order
 POWER_COMMANDS = ("power", "power_mixed", "power_mixed_batch")
+# Transactions across ranges (issue #13): three nodes, the keyspace in four ranges,
+# two-phase commit over their Paxos groups, under every register nemesis and the
+# two aimed at two-phase commit; then the negative controls (broken participants).
+ACROSS = ("ringkv sim --seed 1 --seeds 10 --nodes 3 --ops 300 --clients 6 --keys 8 "
+          "--duration 30 --boot provisioned --max-skew 0.2 --nemesis partition,crash,pause,"
+          "skew,kill-coordinator,cut-prepared")
+CONTROL_BASE = "ringkv sim --seed 1 --seeds 10 --nodes 3 --keys 4 --boot provisioned"
+ACROSS_ROWS = ("across_bank", "across_list_append")
+ACROSS_CONTROLS: dict[str, str] = {  # name -> what it plants, and where it is caught
+    "across_ctl_elr_bank": "`early-lock-release` (a participant releases its locks when it "
+                           "votes yes), seen by the bank checker",
+    "across_ctl_elr_list": "`early-lock-release`, seen by the list-append checker",
+    "across_ctl_spl_bank": "`skip-prepare-log` (a participant votes yes without logging its "
+                           "prepare), seen by the bank checker",
+}
+ACROSS_COMMANDS: dict[str, str] = {
+    "across_bank": f"{ACROSS} --workload bank",
+    "across_list_append": f"{ACROSS} --workload list-append",
+    "across_ctl_elr_bank": f"{CONTROL_BASE} --clients 6 --ops 150 --duration 12 "
+                           "--workload bank --fault early-lock-release",
+    "across_ctl_elr_list": f"{CONTROL_BASE} --clients 8 --ops 200 --duration 10 "
+                           "--workload list-append --fault early-lock-release",
+    "across_ctl_spl_bank": f"{CONTROL_BASE} --clients 6 --ops 150 --duration 12 "
+                           "--workload bank --nemesis kill-coordinator,cut-prepared "
+                           "--fault skip-prepare-log",
+}
+COMMANDS.update(ACROSS_COMMANDS)
+ACROSS_FOOTNOTES = (*ACROSS_ROWS, *ACROSS_CONTROLS)  # numbered on from TABLE_FOOTNOTES
 STALE_HINT = "README guarantees are stale: run `make guarantees`"
 # The counts a pin holds, in the order it prints them.
 PIN_COUNTS = ("ops", "acked", "lost", "reads", "stale", "discarded", "faults")
 REGISTER_PIN_COUNTS = ("ops", "acked", "unknown", "commits", "snapshots", "nonlinear", "early",
                        "snapshot_wrong", "too_stale", "unsafe", "faults")
+ACROSS_PIN_COUNTS = ("ops", "committed", "aborted", "unknown", "reads", "anomalies", "faults")
 _PIN = re.compile(r"<!-- pin (?P<command>ringkv sim [^|]+?) \| seed (?P<seed>\d+) \| "
                   r"hash (?P<hash>[0-9a-f]+) \| (?P<counts>[a-z0-9_ ]+) -->")
 
@@ -110,7 +149,9 @@ class Pin:
     @classmethod
     def of(cls, command: str, result: SimResult) -> Pin:
         counts = run_counts(result)
-        names = REGISTER_PIN_COUNTS if result.settings.workload == "register" else PIN_COUNTS
+        names = (REGISTER_PIN_COUNTS if result.settings.workload == "register"
+                 else ACROSS_PIN_COUNTS if result.settings.workload in TXN_WORKLOADS
+                 else PIN_COUNTS)
         return cls(command, result.settings.seed, result.history_hash,
                    tuple((name, counts[name]) for name in names))
 
@@ -170,8 +211,54 @@ _SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 def _note(name: str) -> str:
-    """A row's footnote mark: its command's place in ``TABLE_FOOTNOTES``."""
+    """A row's footnote mark: its command's place in ``TABLE_FOOTNOTES``, then
+    ``ACROSS_FOOTNOTES``."""
+    if name in ACROSS_FOOTNOTES:
+        return str(len(TABLE_FOOTNOTES) + ACROSS_FOOTNOTES.index(name) + 1).translate(_SUPERSCRIPT)
     return str(TABLE_FOOTNOTES.index(name) + 1).translate(_SUPERSCRIPT)
+
+
+def render_across(t: Mapping[str, Counter[str]]) -> str:
+    """Transactions across ranges and read-only transactions (issue #13), with their
+    footnotes (``t``: each command's totals)."""
+    b, la = t["across_bank"], t["across_list_append"]
+    faults = ("partitions, kill -9, SIGSTOP, clocks skewed within the bound, the coordinator "
+              "group's leader killed between prepare and commit, a participant's leader cut "
+              "off while prepared")
+    rows = [
+        "| transactions | promise | measured |",
+        "|---|---|---|",
+        f"| across ranges (two-phase commit over 4 ranges' Paxos groups): bank transfers, "
+        f"{faults} | a transfer commits in every range it writes or in none; every read-only "
+        "snapshot of all the accounts sums to the starting total; no balance is negative | "
+        f"**{_n(b['anomalies'])} wrong snapshots** (sum or sign) in {_n(b['runs'])} runs; "
+        f"{_n(b['committed'])} transfers committed, {_n(b['aborted'])} certainly not, "
+        f"{_n(b['unknown'])} of unknown outcome; {_n(b['unhealthy'])} runs left a transaction "
+        f"prepared after healing; {_n(b['faults'])} faults {_note('across_bank')} |",
+        "| across ranges: list-append (Elle), the same faults | strict serializability: no "
+        "G0, G1a, G1b, G1c, G-single or G2, real-time edges included | "
+        f"**{_n(la['anomalies'])} anomalies** in {_n(la['runs'])} runs; "
+        f"{_n(la['ops'])} transactions ({_n(la['committed'])} append transactions committed, "
+        f"{_n(la['aborted'])} certainly not, {_n(la['unknown'])} of unknown outcome); "
+        f"{_n(la['unhealthy'])} runs left a transaction prepared after healing; "
+        f"{_n(la['faults'])} faults {_note('across_list_append')} |",
+        "| read-only transactions (no writes): lock-free, at `TT.now().latest`, from replicas "
+        "whose safe time passed it; the same runs | one consistent cut across ranges, "
+        "strictly serializable with every other transaction | "
+        f"**{_n(b['anomalies'])} of {_n(b['reads'])} bank snapshots wrong** "
+        f"{_note('across_bank')}; {_n(la['reads'])} list-append read-only transactions "
+        f"judged with the rest, **{_n(la['anomalies'])} anomalies** "
+        f"{_note('across_list_append')} |",
+    ]
+    caught = [f"{what}: caught in {_n(t[name]['failed'])} of {_n(t[name]['runs'])} runs "
+              f"({_n(t[name]['anomalies'])} wrong snapshots or anomalies) {_note(name)}"
+              for name, what in ACROSS_CONTROLS.items()]
+    rows.append("| across ranges, negative controls (planted bugs) | each is caught | "
+                + "; ".join(caught) + " |")
+    start = len(TABLE_FOOTNOTES) + 1
+    notes = [f"{i}. `{ACROSS_COMMANDS[name]}`"
+             for i, name in enumerate(ACROSS_FOOTNOTES, start=start)]
+    return "\n".join([*rows, "", *notes])
 
 
 def render_txn_rows(t: Mapping[str, Counter[str]]) -> list[str]:
@@ -278,6 +365,7 @@ def render_power(t: Mapping[str, Counter[str]]) -> str:
 BLOCKS: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Counter[str]]], str]]] = {
     "table": (TABLE_FOOTNOTES, render_table),
     "power": (POWER_COMMANDS, render_power),
+    "across": (ACROSS_FOOTNOTES, render_across),
 }
 
 
@@ -302,16 +390,24 @@ def run_series(command: str, progress: Callable[[str], None]) -> list[SimResult]
     return results
 
 
-def generate(readme: str, progress: Callable[[str], None] = print) -> str:
-    """Run every command and return ``readme`` with both blocks rewritten.
+def generate(readme: str, progress: Callable[[str], None] = print,
+             blocks: tuple[str, ...] = tuple(BLOCKS)) -> str:
+    """Run the commands of ``blocks`` (every block by default) and return ``readme``
+    with those blocks rewritten.
 
     Raises ``RuntimeError`` (naming the replay commands) if any run breaks a
     promise: such a figure would be a bug to fix, not a figure to publish.
     """
+    unknown = [b for b in blocks if b not in BLOCKS]
+    if unknown:
+        raise ValueError(f"no figure block {', '.join(unknown)}; choose from {', '.join(BLOCKS)}")
+    wanted = {name for block in blocks for name in BLOCKS[block][0]}
     totals: dict[str, Counter[str]] = {}
     pins: dict[str, Pin] = {}
     failed: list[str] = []
     for name, command in COMMANDS.items():
+        if name not in wanted:
+            continue
         progress(f"$ {command}")
         results = run_series(command, progress)
         totals[name] = series_counts(results)
@@ -319,12 +415,17 @@ def generate(readme: str, progress: Callable[[str], None] = print) -> str:
         pins[name] = Pin.of(command, results[0])
         if name in TXN_CONTROLS:  # a planted bug: every run must be caught
             failed.extend(f"{r.settings.command()} (not caught)" for r in results if r.ok)
+        elif name in ACROSS_CONTROLS:
+            # A race the bug opens: caught in most runs, never in none (the row says how many).
+            if all(r.ok for r in results):
+                failed.append(f"{command} (caught in no run)")
         else:
             failed.extend(r.settings.command() for r in results if not r.ok)
     if failed:
         raise RuntimeError("runs broke a promise, or a control was not caught; replay with:\n"
                            + "\n".join(failed))
-    for block, (names, render) in BLOCKS.items():
+    for block in blocks:
+        names, render = BLOCKS[block]
         body = render(totals) + "\n" + "\n".join(pins[name].render() for name in names)
         readme = replace_block(readme, block, body)
     return readme
@@ -332,9 +433,13 @@ def generate(readme: str, progress: Callable[[str], None] = print) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else "README.md")
+    # --block NAME (repeatable): rewrite only those blocks, running only their commands.
+    blocks = tuple(args[i + 1] for i, a in enumerate(args[:-1]) if a == "--block")
+    paths = [a for i, a in enumerate(args)
+             if a != "--block" and (i == 0 or args[i - 1] != "--block")]
+    path = Path(paths[0] if paths else "README.md")
     try:
-        text = generate(path.read_text(encoding="utf-8"))
+        text = generate(path.read_text(encoding="utf-8"), blocks=blocks or tuple(BLOCKS))
     except (RuntimeError, ValueError) as exc:
         print(f"guarantees: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,16 @@
                (TrueTime's fault model: a majority of truechimers)
     leader     kill, or cut off, the current leader of a transactional range,
                then restart or heal it
+    kill-coordinator
+               two-phase commit (bank, list-append): wait until a coordinator
+               group's leader has sent prepares and not decided, or decided to
+               commit while a participant's leader still holds the transaction
+               prepared; then kill -9 that leader (between prepare and
+               commit), and restart it
+    cut-prepared
+               two-phase commit: wait until a participant group's leader holds
+               a transaction it voted on and has not finished, then cut that
+               node off from all others for a while
     isolate-repeat
                cut the same node off from all others, again and again
                (10-20 s each, 10-25 s healed in between): a long partition
@@ -51,15 +61,22 @@ import asyncio
 import dataclasses
 import random
 from collections.abc import Callable
+from typing import Any
 
 from ringkv.address import format_address
 from ringkv.errors import TopologyRefused
 from ringkv.node import Node
 from ringkv.sim.cluster import UP, Machine, SimCluster
+from ringkv.txn.twopc import PState
+from ringkv.txn.twopc_messages import BeginRecord, DecisionRecord
+from ringkv.txn.twopc_records import COORDINATOR
 
 TOPOLOGY = ("join", "decommission", "removenode", "wipe")
+TWO_PC = ("kill-coordinator", "cut-prepared")  # aimed at two-phase commit's windows
 NEMESES = ("partition", "crash", "power", "pause", "clog", "skew", "isolate-repeat", "leader",
-           *TOPOLOGY)
+           *TWO_PC, *TOPOLOGY)
+WATCH_STEP_S = 0.005  # how often a two-phase-commit nemesis looks for its moment
+WATCH_S = 5.0  # how long it looks before giving up this round
 TOPOLOGY_TIMEOUT_S = 240.0  # virtual seconds one topology change may take, retries included
 RETRY_S = 3.0  # between attempts the node refused
 SETTLE_WAIT_S = 60.0  # how long a change waits for one agreed ring before it is skipped
@@ -141,13 +158,16 @@ class Nemesis:
             "partition": self._partition, "crash": self._crash, "power": self._crash,
             "pause": self._pause, "clog": self._clog, "skew": self._skew,
             "isolate-repeat": self._isolate_repeat, "leader": self._leader,
+            "kill-coordinator": self._kill_coordinator, "cut-prepared": self._cut_prepared,
             "join": self._join, "decommission": self._decommission,
             "removenode": self._removenode, "wipe": self._wipe,
         }[self.kind]
         if self.kind == "skew":
             self._initial_skew()
+        # The two-phase-commit nemeses then wait for their window (WATCH_S at most).
+        between = (0.2, 2.0) if self.kind in TWO_PC else (1.0, 6.0)
         for _ in range(100_000):  # bounded: each round takes at least a virtual second
-            if await _pause_unless(stop, self.rng.uniform(1.0, 6.0)):
+            if await _pause_unless(stop, self.rng.uniform(*between)):
                 return
             await step(stop)  # type: ignore[misc]
 
@@ -238,6 +258,82 @@ class Nemesis:
         await _pause_unless(stop, self.rng.uniform(1.0, 8.0))
         self.cluster.network.heal(cut)
         self.log.note(f"heal: isolate leader {victim.node_id}")
+
+    # -- two-phase commit -------------------------------------------------------
+
+    def _prepared_at(self) -> list[tuple[Machine, str]]:
+        """(leader, group) for every participant group whose leader holds a transaction
+        it voted on (or is voting on) and has not finished: what its 2PC role holds,
+        so a participant that skipped its prepare log shows too."""
+        found = []
+        for machine in self.cluster.up():
+            if machine.node is None:
+                continue
+            for gid, group in sorted(machine.node.txn.groups.items()):
+                roles = group.roles
+                if (group.runner.is_leader() and roles is not None
+                        and roles.participant.safe_time_bound() is not None):
+                    found.append((machine, gid))
+        return found
+
+    def _coordinating(self) -> list[tuple[Machine, str]]:
+        """(leader, group) for every coordinator group with a transaction in 2PC's
+        window: begun (prepares sent) and not decided, or decided to commit while
+        some participant's leader still holds it prepared (not yet told)."""
+        undecided, untold = [], []
+        participants = [group.roles.participant for machine in self.cluster.up()
+                        if machine.node is not None for group in machine.node.txn.groups.values()
+                        if group.runner.is_leader() and group.roles is not None]
+        for machine in self.cluster.up():
+            if machine.node is None:
+                continue
+            for gid, group in sorted(machine.node.txn.groups.items()):
+                if not group.runner.is_leader():
+                    continue
+                for record in group.runner.records.records(COORDINATOR):
+                    if isinstance(record, BeginRecord):
+                        undecided.append((machine, gid))
+                    elif (isinstance(record, DecisionRecord) and record.commit
+                          and any(p.state(record.txn_id) is PState.PREPARED
+                                  for p in participants)):
+                        untold.append((machine, gid))
+        return sorted(set(undecided + untold), key=lambda v: (v[0].node_id, v[1]))
+
+    async def _watch(self, stop: asyncio.Event, look: Callable[[], list[Any]]) -> list[Any]:
+        """Poll ``look`` every few virtual milliseconds, for a while; what it found."""
+        deadline = self.cluster.loop.time() + WATCH_S
+        while not stop.is_set() and self.cluster.loop.time() < deadline:
+            found = look()
+            if found:
+                return found
+            await asyncio.sleep(WATCH_STEP_S)
+        return []
+
+    async def _kill_coordinator(self, stop: asyncio.Event) -> None:
+        found = await self._watch(stop, self._coordinating)
+        if not found:
+            return
+        victim, group_id = self.rng.choice(found)
+        victim.crash()
+        self.log.fault(f"kill -9 {victim.node_id}, leader of coordinator group {group_id} "
+                       "between prepare and commit")
+        await _pause_unless(stop, self.rng.uniform(0.5, 5.0))
+        await victim.start()
+        self.log.note(f"restart {victim.node_id} (incarnation {victim.incarnation})")
+
+    async def _cut_prepared(self, stop: asyncio.Event) -> None:
+        found = await self._watch(stop, self._prepared_at)
+        if not found:
+            return
+        victim, group_id = self.rng.choice(found)
+        others = [m.node_id for m in self.cluster.members() if m.node_id != victim.node_id]
+        cut = ({(victim.node_id, b) for b in others} | {(b, victim.node_id) for b in others})
+        self.cluster.network.cut(cut)
+        self.log.fault(f"partition: isolate {victim.node_id}, leader of participant group "
+                       f"{group_id} holding a prepared transaction")
+        await _pause_unless(stop, self.rng.uniform(1.0, 6.0))
+        self.cluster.network.heal(cut)
+        self.log.note(f"heal: isolate {victim.node_id}")
 
     def _initial_skew(self) -> None:
         if self.falsetickers is not None:

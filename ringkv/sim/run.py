@@ -12,22 +12,27 @@ import gc
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ringkv.clock import SystemClock
 from ringkv.config import Config, config_from_dict
 from ringkv.coordinator import Coordinator
 from ringkv.quorum import ConsistencyLevel, block_for
-from ringkv.sim import checkers
+from ringkv.sim import bank, checkers, list_append
+from ringkv.sim.bank_workload import BankSpec, BankWorkload
 from ringkv.sim.checkers import Verdict
 from ringkv.sim.cluster import SimCluster
-from ringkv.sim.faults import FAULTS, NODE_FAULTS, TXN_FAULTS
-from ringkv.sim.history import Op, history_hash
+from ringkv.sim.faults import FAULTS, NODE_FAULTS, TWO_PC_FAULTS, TXN_FAULTS
+from ringkv.sim.history import FAIL, INFO, OK, Op, history_hash
+from ringkv.sim.jepsen_history import Event, from_bank, from_list_append, from_register_history
+from ringkv.sim.list_append_workload import ListAppendSpec, ListAppendWorkload
 from ringkv.sim.linearizability import linearizable
 from ringkv.sim.snapshot_reads import check_snapshot_reads, check_staleness
 from ringkv.sim.loop import VirtualTimeLoop
-from ringkv.sim.nemesis import NEMESES, TOPOLOGY, FaultLog, Nemesis
+from ringkv.sim.nemesis import NEMESES, TOPOLOGY, TWO_PC, FaultLog, Nemesis
 from ringkv.sim.network import NetworkConditions, SimNetwork
+from ringkv.sim.txn_client import TxnClient, warm_up
 from ringkv.node import Node
 from ringkv.txn.service import Op as TxnOp
 from ringkv.sim.workload import (
@@ -46,8 +51,12 @@ SETTLE_S = 2.0  # after the final reads (whose read repair blocks), before repli
 KEYSPACE = "default"
 BOOT_MODES = ("join", "together", "provisioned")
 # "eventual": writes and reads on an eventual keyspace; "register": single-key
-# compare-and-set registers on a transactional one (RF 3), judged for linearizability.
-WORKLOADS = ("eventual", "register")
+# compare-and-set registers on a transactional one (RF 3), judged for linearizability;
+# "bank" and "list-append": transactions across the ranges of a transactional
+# keyspace (two-phase commit over their Paxos groups), judged by sim/bank.py and
+# by sim/list_append.py (strict serializability).
+TXN_WORKLOADS = ("bank", "list-append")
+WORKLOADS = ("eventual", "register", *TXN_WORKLOADS)
 TXN_KEYSPACE = "txn"
 # The register workload's TrueTime floor: within Spanner's 1-7 ms, and above a
 # commit's replication time here, so commit wait is what keeps ``s`` in the past.
@@ -83,6 +92,9 @@ class SimSettings:
     # timing.gc_grace_s (None: the config's default, 10 days); the repair
     # scheduler then runs every half of it, and tombstones are swept every quarter.
     gc_grace_s: int | None = None
+    # The bank and list-append workloads: the transactional keyspace's ranges
+    # (each its own Paxos group; every transaction spans at least two).
+    ranges: int = 4
 
     def __post_init__(self) -> None:
         for kind in self.nemesis:
@@ -91,14 +103,23 @@ class SimSettings:
         if self.workload not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, "
                              f"not {self.workload!r}")
-        if self.workload == "register" and (self.topology or self.deletes):
+        if self.workload != "eventual" and (self.topology or self.deletes):
             raise ValueError("the topology nemeses and deletes are for the eventual workload")
+        two_pc = [kind for kind in self.nemesis if kind in TWO_PC]
+        if two_pc and self.workload not in TXN_WORKLOADS:
+            raise ValueError(f"the nemeses {', '.join(two_pc)} are for the workloads "
+                             f"{', '.join(TXN_WORKLOADS)}")
+        if self.workload in TXN_WORKLOADS and not 2 <= self.ranges <= 64:
+            raise ValueError(f"ranges must be 2 to 64 (transactions span ranges), "
+                             f"not {self.ranges}")
         if not 0.0 <= self.deletes <= 1.0:
             raise ValueError(f"deletes must be a fraction of the writes (0 to 1), "
                              f"not {self.deletes}")
         if self.gc_grace_s is not None and self.gc_grace_s < 2:
             raise ValueError(f"gc_grace must be at least 2 s, not {self.gc_grace_s}")
-        faults = TXN_FAULTS if self.workload == "register" else {**FAULTS, **NODE_FAULTS}
+        faults = (list(TXN_FAULTS) if self.workload == "register"
+                  else [*TXN_FAULTS, *TWO_PC_FAULTS] if self.workload in TXN_WORKLOADS
+                  else [*FAULTS, *NODE_FAULTS])
         if self.fault is not None and self.fault not in faults:
             raise ValueError(f"unknown fault {self.fault!r} for the {self.workload} workload; "
                              f"choose from {', '.join(faults)}")
@@ -117,7 +138,8 @@ class SimSettings:
                            ("duration_s", "--duration"), ("commit_sync", "--commit-sync"),
                            ("write_fraction", "--write-fraction"), ("max_skew_s", "--max-skew"),
                            ("boot", "--boot"), ("workload", "--workload"),
-                           ("deletes", "--deletes"), ("gc_grace_s", "--gc-grace")):
+                           ("deletes", "--deletes"), ("gc_grace_s", "--gc-grace"),
+                           ("ranges", "--ranges")):
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 parts.append(f"{flag} {value}")
@@ -148,6 +170,9 @@ class SimResult:
     network_stats: dict[str, int]
     virtual_s: float
     wall_s: float = 0.0
+    # The client history in Jepsen's form (bank and list-append; the others' is
+    # derived from ``history``).
+    events: list[Event] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -159,6 +184,10 @@ class SimResult:
     @property
     def client_ops(self) -> int:
         return sum(1 for op in self.history if not op.final)
+
+    def jepsen_events(self) -> list[Event]:
+        """The client history as Jepsen's invoke/ok/fail/info events (``--history-out``)."""
+        return self.events if self.events is not None else from_register_history(self.history)
 
 
 @dataclass(frozen=True)
@@ -214,10 +243,12 @@ def node_configs(settings: SimSettings) -> list[Config]:
             # gc_grace: the default interval) has spread them (tombstone_gc: repair).
             timing["gc_grace_s"] = settings.gc_grace_s
             timing["tombstone_sweep_interval_s"] = max(1, settings.gc_grace_s // 4)
-        if settings.workload == "register":
+        if settings.workload == "register" or settings.workload in TXN_WORKLOADS:
+            txn: dict[str, object] = {"replication_factor": 3, "tier": "transactional"}
+            if settings.workload in TXN_WORKLOADS:
+                txn["ranges"] = settings.ranges
             raw["keyspaces"] = {KEYSPACE: {"replication_factor": settings.rf},
-                                TXN_KEYSPACE: {"replication_factor": 3,
-                                               "tier": "transactional"}}
+                                TXN_KEYSPACE: txn}
             raw["truetime"] = {"min_uncertainty_ms": REGISTER_MIN_UNCERTAINTY_MS}
         configs.append(config_from_dict(raw))
     return configs
@@ -240,7 +271,8 @@ def simulate(settings: SimSettings, *, node_logs: bool = False) -> SimResult:
     # cycle collector would run at points that depend on the process's past.
     gc_enabled = gc.isenabled()
     gc.disable()
-    run = _run_register if settings.workload == "register" else _run
+    run = (_run_register if settings.workload == "register"
+           else _run_txn if settings.workload in TXN_WORKLOADS else _run)
     try:
         result = loop.run_until_complete(run(settings, loop))
     finally:
@@ -388,6 +420,105 @@ async def _warm_up(cluster: SimCluster, spec: RegisterSpec, loop: VirtualTimeLoo
     return loop.time() < deadline_s
 
 
+# The bank and list-append workloads: what a run waits for, in virtual seconds.
+OPEN_TIMEOUT_S = 30.0  # the accounts' opening transaction (before any fault)
+SETTLE_2PC_S = 30.0  # after healing, for every prepared transaction to be decided
+EXCERPT_TXN_LINES = 40  # lines of a list-append or bank report shown
+
+
+async def _run_txn(settings: SimSettings, loop: VirtualTimeLoop) -> SimResult:
+    seed = settings.seed
+    conditions = network_conditions(random.Random(f"{seed}/network"))
+    network = SimNetwork(loop, random.Random(f"{seed}/packets"), conditions)
+    plants = {**TXN_FAULTS, **TWO_PC_FAULTS}
+    plant = plants[settings.fault] if settings.fault else None
+    cluster = SimCluster(loop, network, node_configs(settings), seed, Coordinator, plant)
+    log = FaultLog(loop)
+    provision = random.Random(f"{seed}/tokens") if settings.boot == "provisioned" else None
+    await cluster.boot(BOOT_TIMEOUT_S, provision=provision, together=settings.boot == "together")
+    workload: BankWorkload | ListAppendWorkload
+    if settings.workload == "bank":
+        workload = BankWorkload(BankSpec(
+            ops=settings.ops, clients=settings.clients, accounts=settings.keys,
+            ranges=settings.ranges, duration_s=settings.duration_s, keyspace=TXN_KEYSPACE),
+            cluster, seed)
+        keys = workload.accounts
+    else:
+        workload = ListAppendWorkload(ListAppendSpec(
+            ops=settings.ops, clients=settings.clients, keys=settings.keys,
+            ranges=settings.ranges, duration_s=settings.duration_s, keyspace=TXN_KEYSPACE),
+            cluster, seed)
+        keys = workload.keys
+    warm = await warm_up(TxnClient(cluster, TXN_KEYSPACE, 1.0), keys, WARMUP_TIMEOUT_S)
+    opened = (await workload.open(OPEN_TIMEOUT_S) if isinstance(workload, BankWorkload)
+              else True)
+    log.note(f"cluster of {settings.nodes} is up; "
+             f"{'groups elected' if warm else 'groups not all ready'}; "
+             f"{settings.ranges} ranges; workload starts")
+    stop = asyncio.Event()
+    falsetickers = (settings.nodes - 1) // 2  # TrueTime tolerates a minority
+    nemeses = [
+        asyncio.ensure_future(Nemesis(kind, cluster, random.Random(f"{seed}/nemesis/{kind}"), log,
+                                      max_skew_s=settings.max_skew_s,
+                                      falsetickers=falsetickers).run(stop))
+        for kind in settings.nemesis
+    ]
+    await workload.run()
+    stop.set()
+    await asyncio.gather(*nemeses)
+    await cluster.heal()
+    log.note("workload done; every fault healed")
+    healed = await cluster.wait_settled(HEAL_TIMEOUT_S)
+    final = await workload.final_read()
+    undecided = await _undecided_after(cluster, loop, SETTLE_2PC_S)
+    cluster.stop_all()
+    problems = [] if final else ["after healing, the final read never answered"]
+    if not opened:
+        problems.append("the accounts were never opened")
+    if undecided:
+        problems.append(f"{len(undecided)} transaction(s) still prepared and undecided "
+                        f"{SETTLE_2PC_S:.0f} s after healing: {', '.join(undecided[:5])}")
+    history = workload.history()
+    events: list[Event]
+    if isinstance(workload, BankWorkload):
+        found = bank.check(workload.initial, workload.transfers, workload.snapshots)
+        lines = [line for anomaly in found for line in anomaly.render().splitlines()]
+        checked = sum(1 for s in workload.snapshots if s.status == OK)
+        judged = Verdict("bank", True, f"{checked} read-only snapshots sum to the total and "
+                         "hold no negative balance") if not found else Verdict(
+            "bank", False, f"{len(found)} of {checked} read-only snapshots wrong "
+            f"({', '.join(sorted({a.kind for a in found}))})", len(found),
+            tuple(lines[:EXCERPT_TXN_LINES]))
+        events = from_bank(workload.transfers, workload.snapshots)
+    else:
+        report = list_append.analyse(workload.txns, realtime=True)
+        lines = report.render().splitlines()[1:]
+        judged = Verdict("list-append", report.ok, report.summary(), len(report.anomalies),
+                         tuple(lines[:EXCERPT_TXN_LINES]))
+        events = from_list_append(workload.txns)
+    verdicts = [judged, _health(healed, loop.errors, workload.unexpected + problems)]
+    return SimResult(
+        settings=settings, history=history, faults=log.lines, fault_count=log.count,
+        verdicts=verdicts, history_hash=history_hash(history, log.lines),
+        network=conditions.describe(), network_stats=dict(network.stats),
+        virtual_s=loop.time(), events=events,
+    )
+
+
+async def _undecided_after(cluster: SimCluster, loop: VirtualTimeLoop,
+                           timeout_s: float) -> list[str]:
+    """Wait (bounded) until no replica holds a prepared transaction still undecided
+    (nothing blocks forever: issue #13 §1); the ones left then."""
+    deadline_s = loop.time() + timeout_s
+    while True:
+        left = sorted({f"{txn_id} in {gid} at {m.node_id}" for m in cluster.up()
+                       if m.node is not None for gid, g in m.node.txn.groups.items()
+                       for txn_id in g.runner.records.prepared()})
+        if not left or loop.time() >= deadline_s:
+            return left
+        await asyncio.sleep(0.5)
+
+
 def _health(healed: bool, loop_errors: list[str], unexpected: list[str]) -> Verdict:
     """The cluster healed, and no node raised anything but ringkv errors."""
     problems = ([] if healed else ["after healing, some node never saw every other UP"])
@@ -405,12 +536,17 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
     client_ops = [op for op in history if not op.final]
     counts = Counter((op.kind, op.status) for op in client_ops)
     register = settings.workload == "register"
+    across = settings.workload in TXN_WORKLOADS
     kinds = (("write", "cas", "read", "snapshot") if register
+             else ("transfer", "read") if settings.workload == "bank"
+             else ("append", "read") if across
              else ("write", "delete", "read") if settings.deletes else ("write", "read"))
     lines = [
         f"$ {settings.command()}",
         f"network: {result.network}",
         (f"transactional keyspace {TXN_KEYSPACE!r} (rf 3, SERIAL)" if register else
+         f"transactional keyspace {TXN_KEYSPACE!r} (rf 3) in {settings.ranges} ranges; "
+         "reads are lock-free read-only transactions" if across else
          f"consistency: writes {settings.write_cl}, reads {settings.read_cl}, "
          f"rf {settings.rf}") + f"; fault switch: {settings.fault or 'none'}",
         "ops: " + "; ".join(
@@ -419,7 +555,7 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
             f"{counts[(kind, 'info')]} indeterminate)"
             for kind in kinds
         ) + f"; {sum(1 for op in history if op.final)} final reads at "
-        + ("SERIAL" if register else "ALL"),
+        + ("SERIAL" if register or across else "ALL"),
         "streams: " + ", ".join(f"{k} {v}" for k, v in result.network_stats.items()),
         f"faults injected: {result.fault_count}",
         *(f"  {line}" for line in result.faults),
@@ -440,6 +576,13 @@ def format_report(result: SimResult, *, show_history: bool = False) -> str:
 def format_line(result: SimResult) -> str:
     """One line per run, for a series of seeds."""
     counts = run_counts(result)
+    if result.settings.workload in TXN_WORKLOADS:
+        what = "transfers" if result.settings.workload == "bank" else "appends"
+        return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
+                f"{counts['ops']:>4} txns, {counts['committed']:>3} {what} committed, "
+                f"{counts['aborted']:>3} not, {counts['unknown']:>3} unknown, "
+                f"{counts['reads']:>4} read-only, {result.fault_count:>3} faults; "
+                f"anomalies {counts['anomalies']}; hash {result.history_hash}")
     if result.settings.workload == "register":
         return (f"seed {result.settings.seed:>5}: {'ok    ' if result.ok else 'FAILED'} "
                 f"{counts['ops']:>5} ops, {counts['acked']:>4} acked writes/cas, "
@@ -462,6 +605,22 @@ def format_totals(results: list[SimResult]) -> str:
     """What a series of runs measured, summed (the figures README's Guarantees quote)."""
     total = series_counts(results)
     failed = [r for r in results if not r.ok]
+    if results and results[0].settings.workload in TXN_WORKLOADS:
+        bank_run = results[0].settings.workload == "bank"
+        what = "transfers" if bank_run else "append transactions"
+        lines = [
+            f"{len(results)} runs, {len(failed)} failed: {total['ops']} client transactions "
+            f"({total['committed']} {what} committed, {total['aborted']} certainly not, "
+            f"{total['unknown']} unknown; {total['reads']} read-only transactions answered), "
+            f"{total['faults']} faults injected",
+            (f"  read-only snapshots that break the total or show a negative balance: "
+             f"{total['anomalies']}" if bank_run else
+             f"  anomalies (G0, G1a/b/c, G-single, G2, with real time): {total['anomalies']}"),
+            f"  runs whose cluster was unhealthy after healing (incl. 2PC left undecided): "
+            f"{total['unhealthy']}",
+        ]
+        lines.extend(f"FAILED; replay with: {r.settings.command()}" for r in failed)
+        return "\n".join(lines)
     if results and results[0].settings.workload == "register":
         lines = [
             f"{len(results)} runs, {len(failed)} failed: {total['ops']} client ops "
@@ -506,6 +665,20 @@ def run_counts(result: SimResult) -> dict[str, int]:
     """The figures one run measured: client ops, acknowledged writes, successful
     reads, faults, and how many items each checker flagged."""
     client = [op for op in result.history if not op.final]
+    if result.settings.workload in TXN_WORKLOADS:
+        writes = [op for op in client if op.kind in ("transfer", "append")]
+        return {
+            "ops": len(client),
+            "committed": sum(1 for op in writes if op.status == OK),
+            "aborted": sum(1 for op in writes if op.status == FAIL),
+            "unknown": sum(1 for op in writes if op.status == INFO),
+            "reads": sum(1 for op in client if op.kind == "read" and op.status == OK),
+            "anomalies": result.verdicts[0].count if result.verdicts else 0,
+            "unhealthy": sum(1 for v in result.verdicts
+                             if v.name == "cluster health" and not v.ok),
+            "failed": int(not result.ok),
+            "faults": result.fault_count,
+        }
     if result.settings.workload == "register":
         early = result.verdict("commit wait")
         return {

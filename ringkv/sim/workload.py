@@ -147,7 +147,7 @@ class Workload:
         else:
             coro = node.get(self.spec.keyspace, raw_key, consistency)
         task = machine.run(coro)
-        await _wait(self.loop, task, self.spec.client_timeout_s)
+        await wait_for_answer(self.loop, task, self.spec.client_timeout_s)
         if not task.done():
             return self._record(invoked, INFO, None, value, "client timeout")
         exc = task.exception()
@@ -528,7 +528,7 @@ class RegisterWorkload:
         timeout_s = self.spec.client_timeout_s
         task = machine.run(node.txn.execute(request, started_s=node.clock.monotonic_s(),
                                             timeout_s=timeout_s))
-        await _wait(self.loop, task, timeout_s + 0.5)
+        await wait_for_answer(self.loop, task, timeout_s + 0.5)
         return task
 
     def _record(self, invoked: Op, status: str, end: float | None, register: RegisterOp | None,
@@ -553,7 +553,7 @@ class RegisterWorkload:
         return [registers[i] for i in sorted(registers)]
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
+async def wait_for_answer(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                 timeout_s: float) -> None:
     """Wait for ``task`` at most ``timeout_s``, leaving it running if it is late
     (like a client that gives up on a server that may still act)."""
