@@ -119,9 +119,10 @@ class CrossRangeTxn:
                 for key, value, version in answer["reads"]:
                     current[bytes(key)] = Current(value, version)
             verdict = evaluate(request, current)
-        except BaseException:
+        except (Exception, asyncio.CancelledError):
             # Every range, not only those that answered: one whose answer was lost
-            # on the way may hold locks all the same.
+            # on the way may hold locks all the same. (Not on GeneratorExit: a
+            # coroutine closed with no loop left cannot start anything.)
             self._abort(request.keyspace, txn_id, ranges, order)
             raise
         reads = [{"key": key, "value": cur.value, "version": cur.version_us}
