@@ -61,6 +61,7 @@ def test_transfers_across_ranges_keep_the_total_under_leader_faults(bank_run: Ba
     assert len(report.fault_groups) == len(report.faults) >= 3, summary
     counts = report.counts()
     assert counts["transfer ok"] > 100 and counts["audit ok"] > 50, summary  # real work
+    assert counts["transfer ok across ranges"] > 50, summary  # two-phase commits
     assert report.ok, summary
     # The Jepsen history: an invocation and a completion for every operation.
     events = json.loads((report.run_dir / HISTORY_FILE).read_text())

@@ -61,8 +61,9 @@ def test_appends_across_ranges_are_strictly_serializable_under_leader_faults(
     assert len(report.fault_groups) == len(report.faults) >= 3, summary
     counts = report.counts()
     assert counts["append ok"] > 100 and counts["read ok"] > 100, summary  # real work
-    # Transactions that crossed ranges committed: two appended keys in two ranges.
-    assert report.analysis.edges.get("ww", 0) > 0 and report.analysis.edges.get("rw", 0) > 0
+    assert counts["append ok across ranges"] > 50, summary  # two-phase commits
+    assert counts["read ok across ranges"] > 50, summary  # snapshots over several groups
+    assert all(report.analysis.edges.get(kind, 0) > 0 for kind in ("ww", "wr", "rw", "rt"))
     assert report.ok, summary
     events = json.loads((report.run_dir / HISTORY_FILE).read_text())
     assert len(events) == 2 * len(report.txns) and {e["f"] for e in events} == {"txn"}

@@ -49,6 +49,8 @@ from ringkv.chaos.txn_run import (
     Fault,
     TxnNemesisRun,
     keys_across_ranges,
+    ranges_of,
+    write_jsonl,
 )
 from ringkv.client import AsyncClient
 from ringkv.errors import Aborted, BadRequest, ConditionFailed, RingKVError
@@ -61,11 +63,13 @@ INITIAL = 100  # each account's opening balance
 MAX_AMOUNT = 5
 AUDIT_SHARE = 0.3  # of the clients' operations; the rest are transfers
 HISTORY_FILE = "history.json"
+DETAILS_FILE = "operations.jsonl"  # ids, versions, commit timestamps, receipts
 
 
 @dataclass
 class BankReport:
     seed: int
+    ranges: int
     initial: dict[str, int]
     transfers: list[Transfer]
     snapshots: list[Snapshot]
@@ -82,6 +86,9 @@ class BankReport:
     def counts(self) -> Counter[str]:
         """Transfers by outcome, and ok audits (full snapshots; the final read is one)."""
         counts: Counter[str] = Counter(f"transfer {t.status}" for t in self.transfers)
+        counts["transfer ok across ranges"] = sum(
+            1 for t in self.transfers
+            if t.status == OK and len(ranges_of([t.src, t.dst], self.ranges)) > 1)
         counts["audit ok"] = len(full_snapshots(self.initial, self.snapshots))
         return counts
 
@@ -91,7 +98,8 @@ class BankReport:
         return "\n".join([
             f"ringkv txn bank: seed {self.seed}, {len(self.initial)} accounts, "
             f"history in {self.run_dir / HISTORY_FILE}",
-            f"transfers: {counts['transfer ok']} ok, {counts['transfer fail']} failed, "
+            f"transfers: {counts['transfer ok']} ok ({counts['transfer ok across ranges']} "
+            f"across ranges), {counts['transfer fail']} failed, "
             f"{counts['transfer info']} unknown; audits: {counts['audit ok']} ok",
             "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS)
             + " (leaders of " + ", ".join(sorted(set(self.fault_groups))) + ")",
@@ -137,6 +145,7 @@ class TxnBankRun(TxnNemesisRun):
         self.unguarded = unguarded  # the negative control: transfers without conditions
         self.transfers: list[Transfer] = []
         self.snapshots: list[Snapshot] = []
+        self.details: list[dict[str, Any]] = []
         self._ids = 0
 
     def _next(self) -> int:
@@ -147,7 +156,8 @@ class TxnBankRun(TxnNemesisRun):
         await self._run_cluster()
         write_jepsen_history(self.run_dir / HISTORY_FILE,
                              from_bank(self.transfers, self.snapshots))
-        return BankReport(self.seed, self.initial, self.transfers, self.snapshots, self.done,
+        write_jsonl(self.run_dir / DETAILS_FILE, self.details)
+        return BankReport(self.seed, self.ranges, self.initial, self.transfers, self.snapshots, self.done,
                           self.fault_groups, judge(self.initial, self.transfers,
                                                    self.snapshots), self.run_dir)
 
@@ -206,6 +216,9 @@ class TxnBankRun(TxnNemesisRun):
         total = sum(self.initial.values()) if len(accounts) == len(self.accounts) else None
         self.snapshots.append(Snapshot(index, process, {a: v.value for a, v in seen.items()},
                                        OK, start, self.now(), total=total))
+        self.details.append({"index": index, "read": {a: [v.value, v.version]
+                                                      for a, v in seen.items()},
+                             "receipt": got.receipt})
         return {a: (v.value, v.version) for a, v in seen.items()}
 
     async def _audit(self, kv: AsyncClient, process: str) -> bool:
@@ -226,16 +239,22 @@ class TxnBankRun(TxnNemesisRun):
         writes = [{"op": "put", "key": src, "value": src_balance - amount},
                   {"op": "put", "key": dst, "value": dst_balance + amount}]
         index, start = self._next(), self.now()
+        detail: dict[str, Any] = {"index": index, "txn_id": txn_id, "conditions": conditions,
+                                  "writes": writes}
         try:
-            await kv.txn(KEYSPACE, conditions=conditions, writes=writes, txn_id=txn_id)
-        except (ConditionFailed, Aborted):
-            status = FAIL  # certainly not applied
+            got = await kv.txn(KEYSPACE, conditions=conditions, writes=writes, txn_id=txn_id)
+        except (ConditionFailed, Aborted) as exc:
+            status, detail["error"] = FAIL, repr(exc)  # certainly not applied
         except BadRequest:
             raise  # a bug in this run, not a fault
-        except RingKVError:
-            status = INFO  # timeout, no leader, no node: it may have committed
+        except RingKVError as exc:
+            # Timeout, no leader, no node: it may have committed.
+            status, detail["error"] = INFO, repr(exc)
         else:
             status = OK
+            detail.update(commit_ts=got.commit_ts, receipt=got.receipt,
+                          conflict_retries=got.conflict_retries)
+        self.details.append(detail)
         self.transfers.append(Transfer(index, process, src, dst, amount, status, start,
                                        None if status == INFO else self.now()))
         return status != INFO

@@ -55,6 +55,8 @@ from ringkv.chaos.txn_run import (
     Fault,
     TxnNemesisRun,
     keys_across_ranges,
+    ranges_of,
+    write_jsonl,
 )
 from ringkv.client import AsyncClient
 from ringkv.errors import Aborted, BadRequest, ConditionFailed, RingKVError
@@ -66,12 +68,14 @@ from ringkv.sim.list_append import APPEND, FAIL, INFO, OK, READ, MicroOp, Txn
 MAX_APPENDS = 2  # keys appended to per transaction
 MAX_READS = 2  # other keys read per transaction
 HISTORY_FILE = "history.json"
+DETAILS_FILE = "operations.jsonl"  # ids, versions, commit timestamps, receipts
 SHOWN_ANOMALIES = 8
 
 
 @dataclass
 class ListAppendReport:
     seed: int
+    ranges: int
     keys: list[str]
     txns: list[Txn]
     faults: list[tuple[Fault, str, float]]
@@ -91,6 +95,9 @@ class ListAppendReport:
         for txn in self.txns:
             appends = any(f == APPEND for f, _, _ in txn.ops)
             counts[f"{'append' if appends else 'read'} {txn.status}"] += 1
+            if txn.status == OK and len(ranges_of({str(k) for _, k, _ in txn.ops},
+                                                  self.ranges)) > 1:
+                counts[f"{'append' if appends else 'read'} ok across ranges"] += 1
         return counts
 
     def summary(self) -> str:
@@ -99,8 +106,9 @@ class ListAppendReport:
         return "\n".join([
             f"ringkv txn list-append: seed {self.seed}, {len(self.keys)} keys, "
             f"history in {self.run_dir / HISTORY_FILE}",
-            f"appending transactions: {counts['append ok']} ok, {counts['append fail']} failed, "
-            f"{counts['append info']} unknown; read-only: {counts['read ok']} ok",
+            f"appending transactions: {counts['append ok']} ok ({counts['append ok across ranges']}"
+            f" across ranges), {counts['append fail']} failed, {counts['append info']} unknown; "
+            f"read-only: {counts['read ok']} ok ({counts['read ok across ranges']} across ranges)",
             "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS)
             + " (leaders of " + ", ".join(sorted(set(self.fault_groups))) + ")",
             *self.notes,
@@ -134,13 +142,15 @@ class TxnListAppendRun(TxnNemesisRun):
         self.keys = keys_across_ranges("list", ranges, per_range)
         self.unguarded = unguarded  # the negative control: appends without conditions
         self.txns: list[Txn] = []
+        self.details: list[dict[str, Any]] = []
         self._ids = itertools.count(1)  # transaction ids, and the unique values appended
 
     async def run(self) -> ListAppendReport:
         await self._run_cluster()
         write_jepsen_history(self.run_dir / HISTORY_FILE, from_list_append(self.txns))
+        write_jsonl(self.run_dir / DETAILS_FILE, self.details)
         analysis, verdicts = judge(self.txns, self.keys)
-        return ListAppendReport(self.seed, self.keys, self.txns, self.done, self.fault_groups,
+        return ListAppendReport(self.seed, self.ranges, self.keys, self.txns, self.done, self.fault_groups,
                                 analysis, verdicts, self.run_dir)
 
     async def _setup(self) -> None:
@@ -175,6 +185,8 @@ class TxnListAppendRun(TxnNemesisRun):
                                  start, None))
             return None
         lists = {k: _list(got.reads.get(k)) for k in keys}
+        self.details.append({"txn": txn_id, "versions": {k: lists[k][1] for k in keys},
+                             "receipt": got.receipt})
         self.txns.append(Txn(txn_id, process, tuple((READ, k, lists[k][0]) for k in keys), OK,
                              start, self.now()))
         return lists
@@ -196,17 +208,23 @@ class TxnListAppendRun(TxnNemesisRun):
                                   else {"key": key, "absent": True})
             writes.append({"op": "put", "key": key, "value": [*values, txn_id]})
         start = self.now()
+        detail: dict[str, Any] = {"txn": txn_id, "txn_id": f"la-{self.seed}-{txn_id}",
+                                  "conditions": conditions}
         try:
             got = await kv.txn(KEYSPACE, reads=[*appended, *read], conditions=conditions,
-                               writes=writes, txn_id=f"la-{self.seed}-{txn_id}")
-        except (ConditionFailed, Aborted):
-            status, seen = FAIL, None
+                               writes=writes, txn_id=detail["txn_id"])
+        except (ConditionFailed, Aborted) as exc:
+            status, seen, detail["error"] = FAIL, None, repr(exc)
         except BadRequest:
             raise  # a bug in this run, not a fault
-        except RingKVError:
-            status, seen = INFO, None  # timeout, no leader, no node: it may have committed
+        except RingKVError as exc:
+            # Timeout, no leader, no node: it may have committed.
+            status, seen, detail["error"] = INFO, None, repr(exc)
         else:
             status, seen = OK, got.reads
+            detail.update(commit_ts=got.commit_ts, receipt=got.receipt,
+                          versions={k: v.version for k, v in got.reads.items() if v is not None})
+        self.details.append(detail)
         ops: list[MicroOp] = []
         for key in appended:
             # Committed but answered from its record (a retry of a lost answer): no reads.

@@ -102,6 +102,19 @@ def keys_across_ranges(prefix: str, ranges: int, per_range: int) -> list[str]:
     return [name for i in range(ranges) for name in by_slice[i]]
 
 
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object a line: what a run saw of each operation beyond its history
+    (transaction ids, versions read, commit timestamps, receipts), for diagnosis."""
+    with open(path, "w") as out:
+        for row in rows:
+            out.write(json.dumps(row, default=repr) + "\n")
+
+
+def ranges_of(keys: list[str] | set[str], ranges: int) -> set[int]:
+    """Which of ``ranges`` equal slices ``keys`` fall in."""
+    return {slice_of(token_for(key.encode()), ranges) for key in keys}
+
+
 @dataclass
 class TxnReport:
     seed: int
@@ -188,6 +201,7 @@ class TxnNemesisRun:
         self.fault_groups: list[str] = []  # the group whose leader each fault hit
         self.cluster: LocalCluster | None = None
         self._nemesis_rng = random.Random(f"{seed}/nemesis")
+        self._led: dict[str, list[str]] = {}  # node -> the groups it led, when last asked
         self._t0 = _CLOCK.monotonic_s()
 
     def now(self) -> float:
@@ -273,6 +287,7 @@ class TxnNemesisRun:
                 continue
             groups = view.get("transactional", {}).get("groups", {}) if status == 200 else {}
             leaders.extend((proc, gid) for gid, g in sorted(groups.items()) if g.get("leads"))
+        self._led = {proc.node_id: [gid for p, gid in leaders if p is proc] for proc, _ in leaders}
         return leaders
 
     async def _nemesis(self, faults: list[Fault], zero: float) -> None:
@@ -284,7 +299,8 @@ class TxnNemesisRun:
                 continue
             target, group = found
             self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {target.node_id} "
-                     f"(leader of {group}) for {fault.hold_s}s")
+                     f"(leader of {group}; leads {', '.join(self._led.get(target.node_id, []))})"
+                     f" for {fault.hold_s}s")
             if fault.kind == "kill-leader":
                 await asyncio.to_thread(target.kill)
             else:
