@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from ringkv.chaos.txn_bank import HISTORY_FILE, BankReport, TxnBankRun, full_snapshots, judge
+from ringkv.chaos.txn_bank import (
+    HISTORY_FILE,
+    BankReport,
+    TxnBankRun,
+    full_snapshots,
+    judge,
+    judge_conditions,
+)
 from ringkv.chaos.txn_run import FAULT_KINDS, keys_across_ranges, schedule
 from ringkv.ring import token_for
 from ringkv.sim.bank import OK
@@ -36,6 +43,23 @@ def test_accounts_fill_every_range() -> None:
     slices = [slice_of(token_for(a.encode()), RANGES) for a in accounts]
     assert sorted(slices) == sorted(list(range(RANGES)) * 2)
     assert {f.kind for f in schedule(SEED, DURATION_S)} == set(FAULT_KINDS)
+
+
+def _transfer(txn_id: str, status: str, *versions: tuple[str, int]) -> dict[str, object]:
+    return {"txn_id": txn_id, "status": status,
+            "conditions": [{"key": key, "version": v} for key, v in versions]}
+
+
+def test_two_committed_transfers_over_one_version_are_a_lost_update() -> None:
+    ok = judge_conditions([_transfer("t1", "ok", ("a", 10), ("b", 11)),
+                           _transfer("t2", "ok", ("a", 12), ("b", 11 + 1)),
+                           _transfer("t3", "fail", ("a", 10), ("c", 5)),
+                           _transfer("t4", "info", ("a", 10), ("c", 5))])
+    assert ok.ok, ok.render()
+    lost = judge_conditions([_transfer("t1", "ok", ("a", 10), ("b", 11)),
+                             _transfer("t2", "ok", ("a", 10), ("c", 5))])
+    assert not lost.ok and lost.count == 1 and "a version 10: t1" in lost.excerpt[0], \
+        lost.render()
 
 
 @pytest.fixture(scope="module")

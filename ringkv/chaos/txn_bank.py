@@ -132,6 +132,28 @@ def judge(initial: dict[str, int], transfers: list[Transfer],
     return verdicts
 
 
+def judge_conditions(details: list[dict[str, Any]]) -> Verdict:
+    """No two committed transfers wrote an account over the same version of it: each
+    was guarded by a ``version`` condition, so a second one is a lost update, whether
+    or not an audit happened to see the money it made or destroyed."""
+    by_version: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in details:
+        if row.get("status") == OK:
+            for cond in row.get("conditions", ()):
+                by_version.setdefault((cond["key"], cond["version"]), []).append(row)
+    twice = {kv: rows for kv, rows in by_version.items() if len(rows) > 1}
+    if not twice:
+        return Verdict("version conditions", True,
+                       f"{len(by_version)} versions each overwritten by one committed transfer")
+    lines = [f"{key} version {version}: " + "; ".join(
+        f"{r['txn_id']} commit_ts {r.get('commit_ts')} ranges "
+        f"{(r.get('receipt') or {}).get('ranges')}" for r in rows)
+        for (key, version), rows in sorted(twice.items())]
+    return Verdict("version conditions", False,
+                   f"{len(twice)} versions overwritten by two committed transfers (lost updates)",
+                   len(twice), tuple(lines[:8]))
+
+
 class TxnBankRun(TxnNemesisRun):
     """Transfers and audits across ranges under leader faults (see the module)."""
 
@@ -157,9 +179,10 @@ class TxnBankRun(TxnNemesisRun):
         write_jepsen_history(self.run_dir / HISTORY_FILE,
                              from_bank(self.transfers, self.snapshots))
         write_jsonl(self.run_dir / DETAILS_FILE, self.details)
-        return BankReport(self.seed, self.ranges, self.initial, self.transfers, self.snapshots, self.done,
-                          self.fault_groups, judge(self.initial, self.transfers,
-                                                   self.snapshots), self.run_dir)
+        verdicts = [*judge(self.initial, self.transfers, self.snapshots),
+                    judge_conditions(self.details)]
+        return BankReport(self.seed, self.ranges, self.initial, self.transfers, self.snapshots,
+                          self.done, self.fault_groups, verdicts, self.run_dir)
 
     async def _setup(self) -> None:
         """Every account opened with INITIAL by one transaction across every range,
@@ -254,6 +277,7 @@ class TxnBankRun(TxnNemesisRun):
             status = OK
             detail.update(commit_ts=got.commit_ts, receipt=got.receipt,
                           conflict_retries=got.conflict_retries)
+        detail["status"] = status
         self.details.append(detail)
         self.transfers.append(Transfer(index, process, src, dst, amount, status, start,
                                        None if status == INFO else self.now()))
