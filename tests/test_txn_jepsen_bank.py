@@ -25,9 +25,13 @@ from ringkv.chaos.txn_bank import (
     TxnBankRun,
     full_snapshots,
     judge,
-    judge_conditions,
 )
-from ringkv.chaos.txn_run import FAULT_KINDS, keys_across_ranges, schedule
+from ringkv.chaos.txn_run import (
+    FAULT_KINDS,
+    judge_version_conditions,
+    keys_across_ranges,
+    schedule,
+)
 from ringkv.ring import token_for
 from ringkv.sim.bank import OK
 from ringkv.txn.ranges import slice_of
@@ -51,13 +55,13 @@ def _transfer(txn_id: str, status: str, *versions: tuple[str, int]) -> dict[str,
 
 
 def test_two_committed_transfers_over_one_version_are_a_lost_update() -> None:
-    ok = judge_conditions([_transfer("t1", "ok", ("a", 10), ("b", 11)),
+    ok = judge_version_conditions([_transfer("t1", "ok", ("a", 10), ("b", 11)),
                            _transfer("t2", "ok", ("a", 12), ("b", 11 + 1)),
                            _transfer("t3", "fail", ("a", 10), ("c", 5)),
-                           _transfer("t4", "info", ("a", 10), ("c", 5))])
+                           _transfer("t4", "info", ("a", 10), ("c", 5))], "transfer")
     assert ok.ok, ok.render()
-    lost = judge_conditions([_transfer("t1", "ok", ("a", 10), ("b", 11)),
-                             _transfer("t2", "ok", ("a", 10), ("c", 5))])
+    lost = judge_version_conditions([_transfer("t1", "ok", ("a", 10), ("b", 11)),
+                                     _transfer("t2", "ok", ("a", 10), ("c", 5))], "transfer")
     assert not lost.ok and lost.count == 1 and "a version 10: t1" in lost.excerpt[0], \
         lost.render()
 

@@ -48,6 +48,7 @@ from ringkv.chaos.txn_run import (
     READY_TIMEOUT_S,
     Fault,
     TxnNemesisRun,
+    judge_version_conditions,
     keys_across_ranges,
     ranges_of,
     write_jsonl,
@@ -132,28 +133,6 @@ def judge(initial: dict[str, int], transfers: list[Transfer],
     return verdicts
 
 
-def judge_conditions(details: list[dict[str, Any]]) -> Verdict:
-    """No two committed transfers wrote an account over the same version of it: each
-    was guarded by a ``version`` condition, so a second one is a lost update, whether
-    or not an audit happened to see the money it made or destroyed."""
-    by_version: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for row in details:
-        if row.get("status") == OK:
-            for cond in row.get("conditions", ()):
-                by_version.setdefault((cond["key"], cond["version"]), []).append(row)
-    twice = {kv: rows for kv, rows in by_version.items() if len(rows) > 1}
-    if not twice:
-        return Verdict("version conditions", True,
-                       f"{len(by_version)} versions each overwritten by one committed transfer")
-    lines = [f"{key} version {version}: " + "; ".join(
-        f"{r['txn_id']} commit_ts {r.get('commit_ts')} ranges "
-        f"{(r.get('receipt') or {}).get('ranges')}" for r in rows)
-        for (key, version), rows in sorted(twice.items())]
-    return Verdict("version conditions", False,
-                   f"{len(twice)} versions overwritten by two committed transfers (lost updates)",
-                   len(twice), tuple(lines[:8]))
-
-
 class TxnBankRun(TxnNemesisRun):
     """Transfers and audits across ranges under leader faults (see the module)."""
 
@@ -180,7 +159,7 @@ class TxnBankRun(TxnNemesisRun):
                              from_bank(self.transfers, self.snapshots))
         write_jsonl(self.run_dir / DETAILS_FILE, self.details)
         verdicts = [*judge(self.initial, self.transfers, self.snapshots),
-                    judge_conditions(self.details)]
+                    judge_version_conditions(self.details, "transfer")]
         return BankReport(self.seed, self.ranges, self.initial, self.transfers, self.snapshots,
                           self.done, self.fault_groups, verdicts, self.run_dir)
 

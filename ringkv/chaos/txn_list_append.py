@@ -54,6 +54,7 @@ from ringkv.chaos.txn_run import (
     KEYSPACE,
     Fault,
     TxnNemesisRun,
+    judge_version_conditions,
     keys_across_ranges,
     ranges_of,
     write_jsonl,
@@ -118,17 +119,36 @@ class ListAppendReport:
 
 
 def judge(txns: list[Txn], keys: list[str]) -> tuple[list_append.Report, list[Verdict]]:
-    """The list-append checker (with real time), and whether the final read happened."""
+    """The list-append checker (with real time), and the acknowledged appends against
+    the final read."""
     analysis = list_append.analyse(txns, realtime=True)
     lines = tuple(line for a in analysis.anomalies[:SHOWN_ANOMALIES]
                   for line in a.render().split("\n"))
     verdicts = [Verdict("list-append", analysis.ok, analysis.summary(),
                         len(analysis.anomalies), lines)]
-    final = [t for t in txns if t.process == "final" and t.status == OK]
-    verdicts.append(Verdict("final read", bool(final),
-                            f"all {len(keys)} lists read after the heal" if final
-                            else "the lists could not be read after the heal"))
-    return analysis, verdicts
+    return analysis, [*verdicts, judge_acknowledged(txns, keys)]
+
+
+def judge_acknowledged(txns: list[Txn], keys: list[str]) -> Verdict:
+    """Lists only grow, so the final read (after the heal) holds every value a
+    committed transaction appended: one missing is a lost append, which no cycle
+    shows when nobody read it before it was overwritten."""
+    final = next((t for t in txns if t.process == "final" and t.status == OK), None)
+    if final is None:
+        return Verdict("acknowledged appends", False,
+                       "the lists could not be read after the heal")
+    held = {k: set(v) for f, k, v in final.ops if f == READ and isinstance(v, list)}
+    lost = [(txn, key, value) for txn in txns if txn.status == OK
+            for f, key, value in txn.ops if f == APPEND and value not in held.get(key, set())]
+    acked = sum(1 for txn in txns if txn.status == OK for f, _, _ in txn.ops if f == APPEND)
+    if not lost:
+        return Verdict("acknowledged appends", True,
+                       f"all {acked} acknowledged appends are in the final read of "
+                       f"the {len(keys)} lists")
+    return Verdict("acknowledged appends", False,
+                   f"{len(lost)} of {acked} acknowledged appends missing from the final read",
+                   len(lost), tuple(f"{key} {value!r}: {txn.describe()}"
+                                    for txn, key, value in lost[:8]))
 
 
 class TxnListAppendRun(TxnNemesisRun):
@@ -150,6 +170,7 @@ class TxnListAppendRun(TxnNemesisRun):
         write_jepsen_history(self.run_dir / HISTORY_FILE, from_list_append(self.txns))
         write_jsonl(self.run_dir / DETAILS_FILE, self.details)
         analysis, verdicts = judge(self.txns, self.keys)
+        verdicts.append(judge_version_conditions(self.details, "append transaction"))
         return ListAppendReport(self.seed, self.ranges, self.keys, self.txns, self.done, self.fault_groups,
                                 analysis, verdicts, self.run_dir)
 
@@ -224,6 +245,7 @@ class TxnListAppendRun(TxnNemesisRun):
             status, seen = OK, got.reads
             detail.update(commit_ts=got.commit_ts, receipt=got.receipt,
                           versions={k: v.version for k, v in got.reads.items() if v is not None})
+        detail["status"] = status
         self.details.append(detail)
         ops: list[MicroOp] = []
         for key in appended:

@@ -110,6 +110,36 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             out.write(json.dumps(row, default=repr) + "\n")
 
 
+def judge_version_conditions(details: list[dict[str, Any]], what: str) -> Verdict:
+    """No two committed transactions wrote a key over the same version of it (or both
+    over its absence). Each was guarded by that condition, so a second one is a lost
+    update, whether or not a later read happened to show it. ``details``: rows with
+    ``status``, ``conditions`` (as sent), ``txn_id``, ``commit_ts`` and ``receipt``."""
+    by_version: dict[tuple[str, object], list[dict[str, Any]]] = {}
+    for row in details:
+        if row.get("status") == "ok":
+            for cond in row.get("conditions", ()):
+                seen = cond["version"] if "version" in cond else "absent"
+                by_version.setdefault((cond["key"], seen), []).append(row)
+    twice = {kv: rows for kv, rows in by_version.items() if len(rows) > 1}
+    if not twice:
+        return Verdict("version conditions", True,
+                       f"{len(by_version)} versions each overwritten by one committed {what}")
+    lines = []
+    for (key, version), rows in sorted(twice.items(), key=str):
+        shown = []
+        for row in rows:
+            receipt = row.get("receipt") or {}
+            where = receipt.get("ranges") or receipt.get("range")
+            leader = f" leader {receipt['leader']}" if "leader" in receipt else ""
+            shown.append(f"{row.get('txn_id')} commit_ts {row.get('commit_ts')} "
+                         f"ranges {where}{leader}")
+        lines.append(f"{key} version {version}: " + "; ".join(shown))
+    return Verdict("version conditions", False,
+                   f"{len(twice)} versions overwritten by two committed {what}s (lost updates)",
+                   len(twice), tuple(lines[:8]))
+
+
 def ranges_of(keys: list[str] | set[str], ranges: int) -> set[int]:
     """Which of ``ranges`` equal slices ``keys`` fall in."""
     return {slice_of(token_for(key.encode()), ranges) for key in keys}
