@@ -211,8 +211,9 @@ class TxnBankRun(TxnNemesisRun):
             # A read changes nothing: whatever became of it, it tells nothing either.
             self.snapshots.append(Snapshot(index, process, {}, INFO, start, None))
             return None
+        # A one-shot transaction's reads are committed values: each has a version.
         seen = {a: v for a, v in ((a, got.reads.get(a)) for a in accounts)
-                if v is not None and isinstance(v.value, int)}
+                if v is not None and v.version is not None and isinstance(v.value, int)}
         # A read of every account must hold the whole total: one that finds an
         # account absent (or not a balance) is judged on the sum of the others.
         total = sum(self.initial.values()) if len(accounts) == len(self.accounts) else None
@@ -221,7 +222,7 @@ class TxnBankRun(TxnNemesisRun):
         self.details.append({"index": index, "read": {a: [v.value, v.version]
                                                       for a, v in seen.items()},
                              "receipt": got.receipt})
-        return {a: (v.value, v.version) for a, v in seen.items()}
+        return {a: (v.value, v.version) for a, v in seen.items() if v.version is not None}
 
     async def _audit(self, kv: AsyncClient, process: str) -> bool:
         return await self._read(kv, process, self.accounts) is not None
