@@ -43,10 +43,12 @@ from typing import Any
 from ringkv.client import AsyncClient
 from ringkv.clock import SystemClock
 from ringkv.errors import BadRequest, ConditionFailed, RingKVError
+from ringkv.ring import token_for
 from ringkv.sim.checkers import Verdict
 from ringkv.sim.linearizability import RegisterOp, linearizable
 from ringkv.tools.launcher import NodeProcess, free_port_block, http
 from ringkv.tools.local_cluster import LocalCluster
+from ringkv.txn.ranges import slice_of
 
 _CLOCK = SystemClock()
 KEYSPACE = "txn"
@@ -84,6 +86,63 @@ def schedule(seed: int, duration_s: float) -> list[Fault]:
             return faults
         faults.append(Fault(round(at, 2), kinds[len(faults) % len(kinds)], hold))
         at += SLOT_S
+
+
+def keys_across_ranges(prefix: str, ranges: int, per_range: int) -> list[str]:
+    """``per_range`` key names in each of ``ranges`` equal slices of the ring (the
+    keyspace's ranges: ``txn/ranges.py``), so transactions over them cross ranges."""
+    by_slice: dict[int, list[str]] = {i: [] for i in range(ranges)}
+    for n in range(100_000):  # bounded: equal slices fill within a few dozen names
+        name = f"{prefix}{n}"
+        found = by_slice[slice_of(token_for(name.encode()), ranges)]
+        if len(found) < per_range:
+            found.append(name)
+        if all(len(names) == per_range for names in by_slice.values()):
+            break
+    return [name for i in range(ranges) for name in by_slice[i]]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object a line: what a run saw of each operation beyond its history
+    (transaction ids, versions read, commit timestamps, receipts), for diagnosis."""
+    with open(path, "w") as out:
+        for row in rows:
+            out.write(json.dumps(row, default=repr) + "\n")
+
+
+def judge_version_conditions(details: list[dict[str, Any]], what: str) -> Verdict:
+    """No two committed transactions wrote a key over the same version of it (or both
+    over its absence). Each was guarded by that condition, so a second one is a lost
+    update, whether or not a later read happened to show it. ``details``: rows with
+    ``status``, ``conditions`` (as sent), ``txn_id``, ``commit_ts`` and ``receipt``."""
+    by_version: dict[tuple[str, object], list[dict[str, Any]]] = {}
+    for row in details:
+        if row.get("status") == "ok":
+            for cond in row.get("conditions", ()):
+                seen = cond["version"] if "version" in cond else "absent"
+                by_version.setdefault((cond["key"], seen), []).append(row)
+    twice = {kv: rows for kv, rows in by_version.items() if len(rows) > 1}
+    if not twice:
+        return Verdict("version conditions", True,
+                       f"{len(by_version)} versions each overwritten by one committed {what}")
+    lines = []
+    for (key, version), rows in sorted(twice.items(), key=str):
+        shown = []
+        for row in rows:
+            receipt = row.get("receipt") or {}
+            where = receipt.get("ranges") or receipt.get("range")
+            leader = f" leader {receipt['leader']}" if "leader" in receipt else ""
+            shown.append(f"{row.get('txn_id')} commit_ts {row.get('commit_ts')} "
+                         f"ranges {where}{leader}")
+        lines.append(f"{key} version {version}: " + "; ".join(shown))
+    return Verdict("version conditions", False,
+                   f"{len(twice)} versions overwritten by two committed {what}s (lost updates)",
+                   len(twice), tuple(lines[:8]))
+
+
+def ranges_of(keys: list[str] | set[str], ranges: int) -> set[int]:
+    """Which of ``ranges`` equal slices ``keys`` fall in."""
+    return {slice_of(token_for(key.encode()), ranges) for key in keys}
 
 
 @dataclass
@@ -150,23 +209,29 @@ def judge_counters(acked: dict[str, int], unknown: dict[str, int],
                    tuple(bad))
 
 
-class TxnChaosRun:
-    """Three nodes, CAS-increment clients, a leader-killing nemesis (see the module)."""
+class TxnNemesisRun:
+    """What every transactional run here shares: three node processes holding
+    ``KEYSPACE`` (RF 3, cut into ``ranges`` slices, one Paxos group each),
+    clients, and a nemesis that SIGKILLs or SIGSTOPs the leader of one of the
+    groups on the seed's schedule, then heals everything.
 
-    def __init__(self, run_dir: Path, *, seed: int, duration_s: float, clients: int = 6,
-                 counters: int = 3, blind: bool = False, say: Any = print) -> None:
+    A workload supplies ``_setup`` (before the load), ``_worker`` (one client's
+    loop until ``stop``) and ``_final`` (after the heal); ``_run_cluster`` runs
+    them in that order and always takes the processes down."""
+
+    def __init__(self, run_dir: Path, *, seed: int, duration_s: float, clients: int,
+                 ranges: int = 1, say: Any = print) -> None:
         self.run_dir = run_dir
         self.seed = seed
         self.duration_s = duration_s
         self.clients = clients
-        self.keys = [f"counter{i}" for i in range(counters)]
-        self.blind = blind  # the negative control: increments without their condition
+        self.ranges = ranges
         self.say = say
-        self.history: list[RegisterOp] = []
-        self.acked = dict.fromkeys(self.keys, 0)
-        self.unknown = dict.fromkeys(self.keys, 0)
         self.done: list[tuple[Fault, str, float]] = []
+        self.fault_groups: list[str] = []  # the group whose leader each fault hit
         self.cluster: LocalCluster | None = None
+        self._nemesis_rng = random.Random(f"{seed}/nemesis")
+        self._led: dict[str, list[str]] = {}  # node -> the groups it led, when last asked
         self._t0 = _CLOCK.monotonic_s()
 
     def now(self) -> float:
@@ -176,34 +241,132 @@ class TxnChaosRun:
     def procs(self) -> list[NodeProcess]:
         return self.cluster.procs if self.cluster is not None else []
 
-    async def run(self) -> TxnReport:
+    async def _run_cluster(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        final: dict[str, Any] = {}
+        keyspace: dict[str, Any] = {"replication_factor": 3, "tier": "transactional"}
+        if self.ranges > 1:
+            keyspace["ranges"] = self.ranges
         try:
             self.cluster = LocalCluster(
                 self.run_dir, nodes=3, rf=3, base_client_port=free_port_block(3),
                 base_internode_port=free_port_block(3), config_overrides={
-                    f"keyspaces.{KEYSPACE}": {"replication_factor": 3, "tier": "transactional"},
-                    "txn.lease_s": LEASE_S})
+                    f"keyspaces.{KEYSPACE}": keyspace, "txn.lease_s": LEASE_S})
             await asyncio.to_thread(self.cluster.up, 60.0)
             self.say("cluster up: " + ", ".join(f"{p.node_id} {p.url}" for p in self.procs))
             await self._setup()
             await self._load_and_faults(schedule(self.seed, self.duration_s))
-            final = await self._final()
+            await self._final()
         finally:
             if self.cluster is not None:
                 await asyncio.to_thread(self.cluster.down)  # SIGCONTs a paused node first
-        with open(self.run_dir / "history.jsonl", "w") as out:
-            for op in self.history:
-                out.write(json.dumps(asdict(op)) + "\n")
-        verdicts = [judge_counters(self.acked, self.unknown, final), linearizable(self.history)]
-        return TxnReport(self.seed, self.history, self.done, self.acked, self.unknown, final,
-                         verdicts, self.run_dir)
+
+    async def _setup(self) -> None:
+        raise NotImplementedError
+
+    async def _worker(self, n: int, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    async def _final(self) -> None:
+        raise NotImplementedError
 
     def _client(self, process: str) -> AsyncClient:
         return AsyncClient([p.url for p in self.procs], keyspace=KEYSPACE,
                            timeout_s=REQUEST_TIMEOUT_S, max_retries=MAX_RETRIES,
                            leader_hints=False, rng=random.Random(f"{self.seed}/{process}"))
+
+    async def _load_and_faults(self, faults: list[Fault]) -> None:
+        zero = self.now()  # the schedule's zero
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(self._worker(n, stop)) for n in range(self.clients)]
+        nemesis = asyncio.create_task(self._nemesis(faults, zero))
+        try:
+            await asyncio.sleep(self.duration_s)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=60.0)
+            await asyncio.wait_for(nemesis, timeout=60.0)
+        finally:
+            for task in (*workers, nemesis):
+                task.cancel()
+        self.say(f"{self.now():6.1f}s load stopped; healing")
+        for proc in self.procs:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.signal(signal.SIGCONT)
+            else:
+                await asyncio.to_thread(proc.start)
+
+    async def _leader(self) -> tuple[NodeProcess, str] | None:
+        """A group's leader and the group, asked for a few seconds (an election may be
+        running); with several ranges, one of the groups led, chosen by the seed."""
+        for _ in range(LEADER_POLLS):
+            leaders = await self._leaders_now()
+            if leaders:
+                return self._nemesis_rng.choice(leaders)
+            await asyncio.sleep(0.3)
+        return None
+
+    async def _leaders_now(self) -> list[tuple[NodeProcess, str]]:
+        """Each group that some node says it leads, with that node (GET /v1/status)."""
+        leaders: list[tuple[NodeProcess, str]] = []
+        for proc in self.procs:
+            if proc.proc is None or proc.proc.poll() is not None:
+                continue
+            try:
+                status, view = await asyncio.to_thread(http, "GET", f"{proc.url}/v1/status",
+                                                       timeout_s=STATUS_TIMEOUT_S)
+            except OSError:
+                continue
+            groups = view.get("transactional", {}).get("groups", {}) if status == 200 else {}
+            leaders.extend((proc, gid) for gid, g in sorted(groups.items()) if g.get("leads"))
+        self._led = {proc.node_id: [gid for p, gid in leaders if p is proc] for proc, _ in leaders}
+        return leaders
+
+    async def _nemesis(self, faults: list[Fault], zero: float) -> None:
+        for fault in faults:
+            await asyncio.sleep(max(0.0, zero + fault.at_s - self.now()))
+            found = await self._leader()
+            if found is None:
+                self.say(f"{self.now():6.1f}s nemesis: no leader to {fault.kind}")
+                continue
+            target, group = found
+            self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {target.node_id} "
+                     f"(leader of {group}; leads {', '.join(self._led.get(target.node_id, []))})"
+                     f" for {fault.hold_s}s")
+            if fault.kind == "kill-leader":
+                await asyncio.to_thread(target.kill)
+            else:
+                target.signal(signal.SIGSTOP)
+            self.done.append((fault, target.node_id, self.now()))
+            self.fault_groups.append(group)
+            await asyncio.sleep(max(0.0, zero + fault.at_s + fault.hold_s - self.now()))
+            if fault.kind == "kill-leader":
+                await asyncio.to_thread(target.start)  # same data dir
+            else:
+                target.signal(signal.SIGCONT)
+            self.say(f"{self.now():6.1f}s nemesis: healed {fault.kind} {target.node_id}")
+
+
+class TxnChaosRun(TxnNemesisRun):
+    """Three nodes, CAS-increment clients, a leader-killing nemesis (see the module)."""
+
+    def __init__(self, run_dir: Path, *, seed: int, duration_s: float, clients: int = 6,
+                 counters: int = 3, blind: bool = False, say: Any = print) -> None:
+        super().__init__(run_dir, seed=seed, duration_s=duration_s, clients=clients, say=say)
+        self.keys = [f"counter{i}" for i in range(counters)]
+        self.blind = blind  # the negative control: increments without their condition
+        self.history: list[RegisterOp] = []
+        self.acked = dict.fromkeys(self.keys, 0)
+        self.unknown = dict.fromkeys(self.keys, 0)
+        self.final: dict[str, Any] = {}
+
+    async def run(self) -> TxnReport:
+        await self._run_cluster()
+        with open(self.run_dir / "history.jsonl", "w") as out:
+            for op in self.history:
+                out.write(json.dumps(asdict(op)) + "\n")
+        verdicts = [judge_counters(self.acked, self.unknown, self.final),
+                    linearizable(self.history)]
+        return TxnReport(self.seed, self.history, self.done, self.acked, self.unknown,
+                         self.final, verdicts, self.run_dir)
 
     async def _setup(self) -> None:
         """Every counter starts at 0 (a CAS from absent), once the group has a leader."""
@@ -229,26 +392,6 @@ class TxnChaosRun:
                     self.history.append(RegisterOp("setup", "cas", key, 0, start, self.now(),
                                                    expected=None, ok=True))
                     break
-
-    async def _load_and_faults(self, faults: list[Fault]) -> None:
-        zero = self.now()  # the schedule's zero
-        stop = asyncio.Event()
-        workers = [asyncio.create_task(self._worker(n, stop)) for n in range(self.clients)]
-        nemesis = asyncio.create_task(self._nemesis(faults, zero))
-        try:
-            await asyncio.sleep(self.duration_s)
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*workers), timeout=60.0)
-            await asyncio.wait_for(nemesis, timeout=60.0)
-        finally:
-            for task in (*workers, nemesis):
-                task.cancel()
-        self.say(f"{self.now():6.1f}s load stopped; healing")
-        for proc in self.procs:
-            if proc.proc is not None and proc.proc.poll() is None:
-                proc.signal(signal.SIGCONT)
-            else:
-                await asyncio.to_thread(proc.start)
 
     async def _worker(self, n: int, stop: asyncio.Event) -> None:
         process = f"c{n}"
@@ -292,51 +435,7 @@ class TxnChaosRun:
                                        expected=value, ok=True))
         return True
 
-    async def _leader(self) -> NodeProcess | None:
-        """The range's leader, asked for a few seconds (an election may be running)."""
-        for _ in range(LEADER_POLLS):
-            leader = await self._leader_now()
-            if leader is not None:
-                return leader
-            await asyncio.sleep(0.3)
-        return None
-
-    async def _leader_now(self) -> NodeProcess | None:
-        for proc in self.procs:
-            if proc.proc is None or proc.proc.poll() is not None:
-                continue
-            try:
-                status, view = await asyncio.to_thread(http, "GET", f"{proc.url}/v1/status",
-                                                       timeout_s=STATUS_TIMEOUT_S)
-            except OSError:
-                continue
-            groups = view.get("transactional", {}).get("groups", {}) if status == 200 else {}
-            if any(g.get("leads") for g in groups.values()):
-                return proc
-        return None
-
-    async def _nemesis(self, faults: list[Fault], zero: float) -> None:
-        for fault in faults:
-            await asyncio.sleep(max(0.0, zero + fault.at_s - self.now()))
-            target = await self._leader()
-            if target is None:
-                self.say(f"{self.now():6.1f}s nemesis: no leader to {fault.kind}")
-                continue
-            self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {target.node_id} "
-                     f"for {fault.hold_s}s")
-            if fault.kind == "kill-leader":
-                await asyncio.to_thread(target.kill)
-            else:
-                target.signal(signal.SIGSTOP)
-            self.done.append((fault, target.node_id, self.now()))
-            await asyncio.sleep(max(0.0, zero + fault.at_s + fault.hold_s - self.now()))
-            if fault.kind == "kill-leader":
-                await asyncio.to_thread(target.start)  # same data dir
-            else:
-                target.signal(signal.SIGCONT)
-            self.say(f"{self.now():6.1f}s nemesis: healed {fault.kind} {target.node_id}")
-
-    async def _final(self) -> dict[str, Any]:
+    async def _final(self) -> None:
         """Each counter once more, strongly, retried (bounded) while the group settles."""
         final: dict[str, Any] = {}
         async with self._client("final") as kv:
@@ -352,7 +451,7 @@ class TxnChaosRun:
                     self.history.append(RegisterOp("final", "read", key, final[key], start,
                                                    self.now()))
                     break
-        return final
+        self.final = final
 
 
 def main(argv: list[str] | None = None) -> int:
