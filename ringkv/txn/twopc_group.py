@@ -90,6 +90,7 @@ __all__ = ["GroupLocks", "TwoPCRoles", "READY", "WOUNDED", "LOST"]
 
 READY, WOUNDED, LOST, TIMEOUT = "ready", "wounded", "lost", "timeout"
 WAIT_STEP_S = 0.005  # polling step while the roles recover, within the deadline
+COMMIT_WAIT_ROUNDS = 100  # commit-wait timers per decision before the periodic tick takes over
 # TT.now() while the clock is uncertain, for what decides nothing (a record logged, a
 # no vote): nothing is after(s) in it. Never for a yes vote: s would be taken from it.
 _NEVER = TTInterval(0, 2**62)
@@ -443,13 +444,28 @@ class TwoPCRoles:
             elif isinstance(effect, Apply):
                 pass  # applied by every replica with the entry (GroupRunner)
             elif isinstance(effect, CommitWait):
-                wait_us = self._truetime.wait_until_after(
-                    effect.commit_ts_us, self._clock.wall_us(), self._clock.monotonic_s())
-                self._clock.call_later(max(0.0, wait_us / 1_000_000), self.tick)
+                self._after(effect.commit_ts_us, self.ballot, 0)
             elif isinstance(effect, Answer):
                 future = self._answers.get(effect.txn_id)
                 if future is not None and not future.done():
                     future.set_result((effect.committed, effect.commit_ts_us))
+
+    def _after(self, commit_ts_us: int, ballot: Any, rounds: int) -> None:
+        """Commit wait (Spanner §4.1.2): tick once ``TT.after(s)`` holds, asking TrueTime
+        again after each wait (new samples move the interval). Bounded; the roles'
+        periodic tick covers what is left, and an uncertain clock."""
+        if ballot != self.ballot:
+            return
+        try:
+            wait_us = self._truetime.wait_until_after(commit_ts_us, self._clock.wall_us(),
+                                                      self._clock.monotonic_s())
+        except ClockUncertain:
+            return
+        if wait_us > 0 and rounds < COMMIT_WAIT_ROUNDS:
+            self._clock.call_later(wait_us / 1_000_000, self._after, commit_ts_us, ballot,
+                                   rounds + 1)
+            return
+        self.tick()
 
     def _log(self, record: Record) -> None:
         if isinstance(record, PreparedRecord) and getattr(self._faults, "skip_prepare_log", False):
