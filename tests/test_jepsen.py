@@ -1,5 +1,5 @@
 """A Jepsen-style run against real processes (ringkv/chaos/run.py): 3 nodes on
-127.0.0.1-3 behind fault proxies, 8 QUORUM clients, 45 s of faults (cut links,
+127.0.0.1-3 behind fault proxies, 8 QUORUM clients, 30 s of faults (cut links,
 one-way cuts, an isolated node, delays, connection resets, SIGKILL + restart,
 SIGSTOP + SIGCONT), then heal, a quiet period and final reads.
 
@@ -37,7 +37,7 @@ def test_the_schedule_runs_every_fault_kind_one_at_a_time_within_the_run() -> No
 @pytest.mark.cluster
 @pytest.mark.timeout(400)
 def test_no_lost_or_stale_quorum_operations_under_faults(tmp_path: Path) -> None:
-    chaos = ChaosRun(tmp_path, seed=SEED, duration_s=45.0, clients=8, quiet_s=5.0)
+    chaos = ChaosRun(tmp_path, seed=SEED, duration_s=30.0, clients=8, quiet_s=5.0)
     try:
         report = asyncio.run(chaos.run())
     finally:

@@ -6,6 +6,9 @@ Bank transfers read two accounts in different ranges under locks and write
 both through two-phase commit; a read-only transaction over every account
 must always see the starting total (no half of a transfer), and so must
 snapshot reads (Spanner §4.1.3: a prepared transaction holds safe time back).
+``make test`` runs the kill; ``make soak`` the plain run and the two planted
+bugs (tests/test_sim_txn.py's 200-seed sweeps and controls cover them in
+``make test``).
 The coordinator group's leader is killed in the middle of the run: its
 group's next leader finishes what the log holds (Gray and Lamport's point).
 """
@@ -17,6 +20,8 @@ import dataclasses
 import json
 import random
 from typing import Any
+
+import pytest
 
 from ringkv.coordinator import Coordinator
 from ringkv.errors import NotFound, RingKVError
@@ -232,6 +237,7 @@ def _check(figures: dict[str, Any]) -> None:
     assert figures["prepared_left"] == 0, figures
 
 
+@pytest.mark.soak
 def test_bank_transfers_across_ranges_keep_the_total() -> None:
     """Spanner §4.2.1: every transfer commits in both ranges or in neither."""
     _check(run_bank(5, kill_coordinator=False))
@@ -252,6 +258,7 @@ def _caught(figures: dict[str, Any]) -> bool:
     return False
 
 
+@pytest.mark.soak
 def test_planted_early_lock_release_is_caught() -> None:
     """Two-phase locking: a participant that lets its locks go when it votes yes,
     before the decision, lets transfers overwrite each other: money appears or
@@ -259,6 +266,7 @@ def test_planted_early_lock_release_is_caught() -> None:
     assert _caught(run_bank(5, kill_coordinator=False, fault="early_lock_release"))
 
 
+@pytest.mark.soak
 def test_planted_skip_prepare_log_is_caught() -> None:
     """Spanner §4.1.3: a prepare that is not logged holds no replica's safe time
     back, so a snapshot read at a timestamp misses a transaction that commits

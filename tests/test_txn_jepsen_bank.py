@@ -37,7 +37,7 @@ from ringkv.sim.bank import OK
 from ringkv.txn.ranges import slice_of
 
 SEED = 1
-DURATION_S = 24.0  # three faults, both kinds: about 35 s in all
+DURATION_S = 16.0  # two faults, both kinds (SIGSTOP at 3 s, SIGKILL at 10 s): about 27 s in all
 RANGES = 4
 
 
@@ -86,7 +86,7 @@ def test_transfers_across_ranges_keep_the_total_under_leader_faults(bank_run: Ba
     print(summary)
     # The faults happened, each to a group's leader.
     assert {fault.kind for fault, _, _ in report.faults} == set(FAULT_KINDS), summary
-    assert len(report.fault_groups) == len(report.faults) >= 3, summary
+    assert len(report.fault_groups) == len(report.faults) >= 2, summary
     counts = report.counts()
     assert counts["transfer ok"] > 100 and counts["audit ok"] > 50, summary  # real work
     assert counts["transfer ok across ranges"] > 50, summary  # two-phase commits

@@ -30,7 +30,7 @@ from ringkv.chaos.txn_run import FAULT_KINDS, schedule
 from ringkv.sim.list_append import APPEND, FAIL, OK, READ, Txn
 
 SEED = 2
-DURATION_S = 24.0  # three faults, both kinds: about 35 s in all
+DURATION_S = 16.0  # two faults, both kinds (SIGSTOP at 3 s, SIGKILL at 10 s): about 27 s in all
 RANGES = 4
 
 
@@ -58,7 +58,7 @@ def test_appends_across_ranges_are_strictly_serializable_under_leader_faults(
     summary = report.summary()
     print(summary)
     assert {fault.kind for fault, _, _ in report.faults} == set(FAULT_KINDS), summary
-    assert len(report.fault_groups) == len(report.faults) >= 3, summary
+    assert len(report.fault_groups) == len(report.faults) >= 2, summary
     counts = report.counts()
     assert counts["append ok"] > 100 and counts["read ok"] > 100, summary  # real work
     assert counts["append ok across ranges"] > 50, summary  # two-phase commits
