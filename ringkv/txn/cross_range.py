@@ -37,15 +37,14 @@ that record when the id committed already (a retry never commits twice).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ringkv.clock import Clock
-from ringkv.errors import Aborted, ConditionFailed, NotFound, RingKVError
-from ringkv.txn.leader import COMMIT, CONDITION_FAILED, Current, evaluate
+from ringkv.errors import Aborted, NotFound, RingKVError
+from ringkv.txn.leader import COMMIT, CONDITION_FAILED, Current, condition_failed, evaluate
 from ringkv.txn.ranges import Range
 from ringkv.txn.requests import TxnRequest
 from ringkv.txn.twopc_messages import CommitRequest, Participant
@@ -129,16 +128,8 @@ class CrossRangeTxn:
                  for key, cur in verdict.reads]
         if verdict.kind == CONDITION_FAILED:
             self._abort(request.keyspace, txn_id, ranges, order)
-            assert verdict.failed is not None and verdict.current is not None
             self.stats["condition_failed"] += 1
-            raise ConditionFailed(
-                f"condition {verdict.failed.kind} on key "
-                f"{verdict.failed.key.decode(errors='replace')!r} does not hold",
-                key=verdict.failed.key.decode(errors="replace"),
-                field=f"conditions[{verdict.failed_index}]",
-                current_value=None if verdict.current.value is None
-                else json.loads(verdict.current.value),
-                current_version=verdict.current.version_us, id=txn_id)
+            raise condition_failed(verdict, txn_id)
         receipt: dict[str, Any] = {"txn_id": txn_id, "ranges": [r.group_id for r in order]}
         if verdict.kind != COMMIT:
             self._abort(request.keyspace, txn_id, ranges, order)  # read only: release the locks
@@ -188,16 +179,8 @@ class CrossRangeTxn:
         current = {key: Current(a.get("value"), a.get("version")) for key, a in zip(keys, answers)}
         verdict = evaluate(request, current)
         if verdict.kind == CONDITION_FAILED:
-            assert verdict.failed is not None and verdict.current is not None
             self.stats["condition_failed"] += 1
-            raise ConditionFailed(
-                f"condition {verdict.failed.kind} on key "
-                f"{verdict.failed.key.decode(errors='replace')!r} does not hold",
-                key=verdict.failed.key.decode(errors="replace"),
-                field=f"conditions[{verdict.failed_index}]",
-                current_value=None if verdict.current.value is None
-                else json.loads(verdict.current.value),
-                current_version=verdict.current.version_us, id=txn_id)
+            raise condition_failed(verdict, txn_id)
         reads = [{"key": key, "value": cur.value, "version": cur.version_us}
                  for key, cur in verdict.reads]
         self.stats["read_only_txns"] += 1

@@ -39,16 +39,18 @@ would silently split the range's history.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ringkv.errors import ConditionFailed
 from ringkv.txn.locks import LockTable, Mode, Priority, TxnId
 from ringkv.txn.requests import Condition, TxnRequest
 
 __all__ = [
     "MAX_CONFLICT_RETRIES", "Step", "TxnManager", "Verdict", "COMMIT", "READ_ONLY",
-    "CONDITION_FAILED", "evaluate", "lock_plan", "Route", "route",
+    "CONDITION_FAILED", "evaluate", "condition_failed", "lock_plan", "Route", "route",
 ]
 
 MAX_CONFLICT_RETRIES = 8  # txn.max_conflict_retries
@@ -213,6 +215,20 @@ def evaluate(request: TxnRequest, current: Mapping[bytes, Current]) -> Verdict:
     if not request.writes:
         return Verdict(READ_ONLY, reads=reads)
     return Verdict(COMMIT, writes=tuple((w.key, w.value) for w in request.writes), reads=reads)
+
+
+def condition_failed(verdict: Verdict, txn_id: str) -> ConditionFailed:
+    """The 409 ``condition_failed`` for a ``CONDITION_FAILED`` verdict: the key, the
+    condition that failed, and what the key holds."""
+    failed, current = verdict.failed, verdict.current
+    if failed is None or current is None:
+        raise ValueError("the verdict is not a failed condition")
+    key = failed.key.decode(errors="replace")
+    return ConditionFailed(
+        f"condition {failed.kind} on key {key!r} does not hold", key=key,
+        field=f"conditions[{verdict.failed_index}]",
+        current_value=None if current.value is None else json.loads(current.value),
+        current_version=current.version_us, id=txn_id)
 
 
 # --- where a request goes ---------------------------------------------------------------------

@@ -73,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import random
 import struct
@@ -88,7 +87,6 @@ from ringkv.config import TRANSACTIONAL, Config
 from ringkv.errors import (
     Aborted,
     ClockUncertain,
-    ConditionFailed,
     CrossRange,
     NoLeader,
     NotFound,
@@ -114,6 +112,7 @@ from ringkv.txn.group import (
     HEARTBEAT_INTERVAL_S,
 )
 from ringkv.txn.leader import (
+    condition_failed,
     CONDITION_FAILED,
     COMMIT,
     Current,
@@ -1168,16 +1167,8 @@ class TxnService:
         reads = [{"key": key, "value": cur.value, "version": cur.version_us}
                  for key, cur in verdict.reads]
         if verdict.kind == CONDITION_FAILED:
-            assert verdict.failed is not None and verdict.current is not None
             self.stats["condition_failed"] += 1
-            raise ConditionFailed(
-                f"condition {verdict.failed.kind} on key "
-                f"{verdict.failed.key.decode(errors='replace')!r} does not hold",
-                key=verdict.failed.key.decode(errors="replace"),
-                field=f"conditions[{verdict.failed_index}]",
-                current_value=None if verdict.current.value is None
-                else json.loads(verdict.current.value),
-                current_version=verdict.current.version_us, id=txn_id)
+            raise condition_failed(verdict, txn_id)
         if verdict.kind != COMMIT:
             # A read under shared locks: what is applied here, with a live lease, is the
             # latest committed state (writers hold exclusive locks through commit wait).
