@@ -51,7 +51,7 @@ from ringkv.txn.twopc_messages import CommitRequest, Participant
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CrossRangeTxn", "RETRYABLE"]
+__all__ = ["CrossRangeTxn", "RETRYABLE", "release_locks"]
 
 RETRYABLE = frozenset({"wounded", "leader_changed", "aborted_by_coordinator"})
 
@@ -201,11 +201,15 @@ class CrossRangeTxn:
         """Release the transaction's locks at each range, without waiting: a lost
         abort is made good by the participant's idle timeout."""
         for rng in which:
-            self._spawn(self._abort_one(keyspace, txn_id, ranges[rng][0]))
+            self._spawn(release_locks(self._execute, self._clock, keyspace, txn_id,
+                                      ranges[rng][0]))
 
-    async def _abort_one(self, keyspace: str, txn_id: str, key: bytes) -> None:
-        try:
-            await self._execute("tx_abort", keyspace, key, {"txn_id": txn_id},
-                                self._clock.monotonic_s() + 2.0)
-        except (RingKVError, OSError) as exc:
-            log.debug("abort of %s at the range of %r not delivered: %s", txn_id, key[:32], exc)
+
+async def release_locks(execute: Execute, clock: Clock, keyspace: str, txn_id: str,
+                        key: bytes) -> None:
+    """Ask the leader of ``key``'s range to drop ``txn_id``'s locks there (best effort:
+    a lost abort is made good by that participant's idle timeout)."""
+    try:
+        await execute("tx_abort", keyspace, key, {"txn_id": txn_id}, clock.monotonic_s() + 2.0)
+    except (RingKVError, OSError) as exc:
+        log.debug("abort of %s at the range of %r not delivered: %s", txn_id, key[:32], exc)

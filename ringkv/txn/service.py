@@ -700,11 +700,10 @@ class TxnService:
         group = self.groups.get(group_id)
         if group is not None and group.roles is not None and group.roles.active:
             group.roles.step(msg)
-        elif group is None:
+            return
+        if group is None:
             self._group_for_id(group_id)  # a replica that has not started it yet
-            self._send_2pc(group_id, msg, hops + 1)
-        else:
-            self._send_2pc(group_id, msg, hops + 1)
+        self._send_2pc(group_id, msg, hops + 1)  # on to the group's leader
 
     def _range_by_id(self, group_id: str) -> Range | None:
         keyspace = group_id.rsplit("/", 1)[0]

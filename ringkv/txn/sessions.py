@@ -43,6 +43,7 @@ from typing import Any
 
 from ringkv.clock import Clock
 from ringkv.errors import Aborted, NotFound, RingKVError, Timeout, TooLarge
+from ringkv.txn.cross_range import Execute, release_locks
 from ringkv.txn.ranges import Range, RangeMap
 from ringkv.txn.twopc_messages import CommitRequest, Participant
 
@@ -57,8 +58,6 @@ MAX_SESSIONS = 10_000  # open sessions per node
 FINISHED_KEPT = 10_000  # ended sessions remembered, to name why they ended
 # Why a transaction ended that a rerun from the start may not meet again.
 RETRYABLE_REASONS = frozenset({"wounded", "leader_changed", "aborted"})
-
-Execute = Callable[..., Awaitable[dict[str, Any]]]
 
 
 @dataclass
@@ -329,15 +328,9 @@ class TxnSessions:
             del self._ended[next(iter(self._ended))]
         self.stats["committed" if why == "committed" else "aborted"] += 1
         if release and not session.read_only:
-            for rng, key in session.locked.values():
-                self._spawn(self._abort_at(session, rng, key))
-
-    async def _abort_at(self, session: Session, rng: Range, key: bytes) -> None:
-        try:
-            await self._execute("tx_abort", session.keyspace, key, {"txn_id": session.txn_id},
-                                self._clock.monotonic_s() + 2.0)
-        except (RingKVError, OSError) as exc:
-            log.debug("abort of %s at %s not delivered: %s", session.txn_id, rng.group_id, exc)
+            for _, key in session.locked.values():
+                self._spawn(release_locks(self._execute, self._clock, session.keyspace,
+                                          session.txn_id, key))
 
 
 _WHY = {
