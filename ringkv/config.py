@@ -267,6 +267,9 @@ class TxnConfig:
     idle_timeout_s: float = 30.0
     # An interactive transaction (POST /v1/txn/begin) lives at most this long.
     max_duration_s: float = 60.0
+    # A transaction that names its id is answered from its commit record for this
+    # long (a retry after that runs it again), as an idempotency key is.
+    outcome_retention_s: int = 86_400
 
 
 @dataclass(frozen=True)
@@ -798,6 +801,7 @@ def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
     sec.take("max_conflict_retries", _check_int, 0, 100)
     sec.take("idle_timeout_s", _check_number, 0.1, 3600.0)
     sec.take("max_duration_s", _check_number, 0.1, 86_400.0)
+    sec.take("outcome_retention_s", _check_int, 60, 30 * _DAY_S)
     txn = TxnConfig(**sec.done())
     if txn.lease_s < 0.2:
         # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.

@@ -124,6 +124,7 @@ from ringkv.txn.leader import (
     route,
 )
 from ringkv.txn.mvcc import MvccStore
+from ringkv.txn.mvcc_gc import gc_horizon_us
 from ringkv.txn.paxos_messages import (
     CommitValue,
     Outbox,
@@ -160,6 +161,10 @@ FINISHED_TTL_S = 60.0  # 2PC outcomes remembered this long for late duplicates
 MEMBERS_PREFIX = b"r"
 GROUP_ASK_TIMEOUT_S = 0.5  # per peer asked whether it holds a group (``_obtain``)
 OUTCOME_PREFIX = b"x"  # x | u8 len(group_id) | group_id | txn_id -> u64 commit ts
+# The commit timestamp below which outcome records have expired here (absent: none have).
+OUTCOMES_EXPIRED_KEY = OUTCOME_PREFIX + b"\x00"  # no group id is empty: no record's key
+GC_INTERVAL_MAX_S = 60.0  # a GC pass at least this often (more often when txn.mvcc_gc_s is short)
+OUTCOME_BATCH = 1000  # outcome records one expiry step examines, between turns of the loop
 SAFE_TIME_TXN = "~safe"  # the empty commits that advance safe time ('~' is no client id's)
 PING_TIMEOUT_S = 1.0
 WAIT_STEP_S = 0.005  # polling step while waiting for a leader or for applies, within the deadline
@@ -327,6 +332,8 @@ class TxnService:
         self._ping_timer: Timer | None = None
         self._safe_timer: Timer | None = None
         self._twopc_timer: Timer | None = None
+        self._gc_timer: Timer | None = None
+        self._collecting = False
         self.twopc_timeouts = Timeouts(idle_timeout_s=config.txn.idle_timeout_s,
                                        finished_ttl_s=FINISHED_TTL_S)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -335,7 +342,7 @@ class TxnService:
                       "strong_reads": 0, "snapshot_reads": 0, "pings": 0, "ping_failures": 0,
                       "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0,
                       "cross_range_commits": 0, "cross_range_aborts": 0, "twopc_rejected": 0,
-                      "read_only_txns": 0}
+                      "read_only_txns": 0, "gc_versions_deleted": 0, "outcomes_expired": 0}
         self._cross = CrossRangeTxn(self._execute_at, clock=clock,
                                     max_retries=config.txn.max_conflict_retries,
                                     spawn=self._spawn, stats=self.stats,
@@ -372,10 +379,11 @@ class TxnService:
         interval_s = self.config.txn.safe_time_interval_ms / 1000
         self._safe_timer = self._clock.call_later(interval_s, self._safe_time_tick)
         self._twopc_timer = self._clock.call_later(TWOPC_TICK_S, self._twopc_tick)
+        self._gc_timer = self._clock.call_later(self._gc_interval_s(), self._gc_tick)
 
     def stop(self) -> None:
         self.stopped = True
-        for timer in (self._ping_timer, self._safe_timer, self._twopc_timer):
+        for timer in (self._ping_timer, self._safe_timer, self._twopc_timer, self._gc_timer):
             if timer is not None:
                 timer.cancel()
         for group in self.groups.values():
@@ -669,6 +677,77 @@ class TxnService:
                 group.roles.tick()
             group.runner.records.expire(now_s)
         self.sessions.expire()
+
+    # -- garbage collection ----------------------------------------------------------------
+
+    def _gc_interval_s(self) -> float:
+        return min(GC_INTERVAL_MAX_S, max(1.0, self.config.txn.mvcc_gc_s / 4))
+
+    def _gc_tick(self) -> None:
+        if self.stopped:
+            return
+        self._gc_timer = self._clock.call_later(self._gc_interval_s(), self._gc_tick)
+        if not self._collecting:  # a pass still going (a large keyspace) is not doubled
+            self._collecting = True
+            self._spawn(self._collect())
+
+    async def _collect(self) -> None:
+        """One pass of MVCC garbage collection over every transactional keyspace,
+        then of the expired outcome records, in bounded steps between loop turns.
+
+        Versions stay readable for ``txn.mvcc_gc_s`` of true time (CockroachDB's
+        ``gc.ttlseconds``), and longer for a snapshot still in use here: an open
+        read-only transaction's, or a prepared transaction's (it may still commit
+        at its prepare timestamp, §4.2.1). A read below what was collected is
+        refused by name (``MvccStore.read``), never answered from a thinned history.
+        """
+        try:
+            try:
+                earliest_us = self._fenced_now().earliest_us  # true time is at least this
+            except RingKVError:
+                return  # no trusted clock: nothing is collected until there is one
+            held = self.sessions.snapshot_timestamps_us()
+            for group in self.groups.values():
+                bound = group.runner.records.safe_time_bound()
+                if bound is not None:
+                    held.append(bound)
+            horizon_us = gc_horizon_us(earliest_us, held, mvcc_gc_s=self.config.txn.mvcc_gc_s)
+            for keyspace in self.keyspaces:
+                while not self.stopped:
+                    result = self.mvcc.gc(keyspace, horizon_us)
+                    self.stats["gc_versions_deleted"] += result.deleted
+                    if not result.more:
+                        break
+                    await self._clock.sleep(0)
+            await self._expire_outcomes(
+                earliest_us - self.config.txn.outcome_retention_s * 1_000_000)
+        finally:
+            self._collecting = False
+
+    async def _expire_outcomes(self, before_us: int) -> None:
+        """Drop the outcome records of transactions committed before ``before_us``:
+        like idempotency keys, they answer a retry only for so long."""
+        start, end = OUTCOMES_EXPIRED_KEY + b"\x00", OUTCOME_PREFIX + b"\xff"
+        while not self.stopped:
+            batch = list(self._engine.scan(start, end, limit=OUTCOME_BATCH))
+            expired = []
+            for key, raw in batch:
+                try:
+                    committed_us = _TS.unpack(raw)[0]
+                except struct.error:
+                    committed_us = 0  # unreadable: nothing can be answered from it
+                if committed_us < before_us:
+                    expired.append(key)
+            if expired:
+                # Said in the same batch: no status answer claims "never committed" for
+                # a transaction whose record is gone (``_status``).
+                marker = [(OUTCOMES_EXPIRED_KEY, _TS.pack(before_us))]
+                self._engine.write(marker, expired, sync=False)  # lost: kept a while longer
+                self.stats["outcomes_expired"] += len(expired)
+            if len(batch) < OUTCOME_BATCH:
+                return
+            start = batch[-1][0] + b"\x00"
+            await self._clock.sleep(0)
 
     def _send_2pc(self, group_id: str, msg: TwoPCMessage, hops: int = 0) -> None:
         """To the leader of ``group_id``: here at once (next loop turn), or the leader
@@ -1082,11 +1161,18 @@ class TxnService:
         ts = self._committed_ts(runner.group_id, txn_id)
         if ts is not None:
             return {"id": txn_id, "status": "committed", "commit_ts": ts, "range": runner.group_id}
-        definitive = runner.stats.snapshots_installed == 0
+        raw = self._engine.get(OUTCOMES_EXPIRED_KEY)
+        expired_before_us = 0 if raw is None else int(_TS.unpack(raw)[0])
+        definitive = runner.stats.snapshots_installed == 0 and expired_before_us == 0
+        if runner.stats.snapshots_installed:
+            why = " (this leader installed a snapshot and may not know older transactions)"
+        elif expired_before_us:
+            why = (f" since {expired_before_us} (the records of older commits have expired: "
+                   "txn.outcome_retention_s)")
+        else:
+            why = ""
         raise NotFound(f"transaction {txn_id!r} has not committed in range {runner.group_id}"
-                       + ("" if definitive else " (this leader installed a snapshot and may "
-                          "not know older transactions)"),
-                       id=txn_id, status="not_committed", definitive=definitive)
+                       + why, id=txn_id, status="not_committed", definitive=definitive)
 
     async def _run(self, group: _Group, rng: Range, request: TxnRequest,
                    deadline_s: float) -> dict[str, Any]:

@@ -98,6 +98,10 @@ class TxnSessions:
     def __len__(self) -> int:
         return len(self._open)
 
+    def snapshot_timestamps_us(self) -> list[int]:
+        """The snapshots open read-only transactions read at: MVCC GC keeps them readable."""
+        return [s.read_ts_us for s in self._open.values() if s.read_ts_us is not None]
+
     def ended(self, txn_id: str) -> str | None:
         """Why ``txn_id`` ended (``committed``, ``wounded``, ``idle``...), or None
         while it is open or if this node never had it (or forgot it)."""
