@@ -20,8 +20,10 @@ machine hits both alike; the idle system stays up meanwhile.
 Per phase: ops/s, p50/p99, errors, the server processes' CPU per op (from
 /proc, bench/proc_cpu.py) and the generator's. Then each ringkv figure over
 etcd's (ops/s averaged over the rounds), with its target and whether it is
-met. etcd comes from the ``etcd`` binary on PATH or ``--etcd-bin`` (Debian:
-``apt-get install -y etcd-server``); without one, only the ringkv phases run.
+met, and the ratio of ops per server CPU-second (steadier than ops/s when
+neighbours load the machine). etcd comes from the ``etcd`` binary on PATH or
+``--etcd-bin`` (Debian: ``apt-get install -y etcd-server``); without one,
+only the ringkv phases run.
 etcd fsyncs its log before it answers a put; ringkv's default ``periodic``
 commit sync does not (``--commit-sync batch`` makes it).
 """
@@ -163,9 +165,14 @@ def target_ratios(results: Sequence[LoadResult]) -> tuple[list[dict[str, Any]], 
                 "ours_server_cpu_us_per_op": _cpu(ours), "base_server_cpu_us_per_op": _cpu(base)}
             records.append(record)
             cpu = ""
-            if record["ours_server_cpu_us_per_op"] and record["base_server_cpu_us_per_op"]:
-                cpu = (f"; server CPU/op {record['ours_server_cpu_us_per_op']:.0f} vs "
-                       f"{record['base_server_cpu_us_per_op']:.0f} us")
+            ours_cpu = record["ours_server_cpu_us_per_op"]
+            base_cpu = record["base_server_cpu_us_per_op"]
+            if ours_cpu and base_cpu:
+                # Ops per server CPU-second, ringkv's over etcd's: what the ops/s ratio tends to
+                # when both are CPU-bound, and far steadier than it on a shared machine.
+                record["cpu_ratio"] = round(base_cpu / ours_cpu, 3)
+                cpu = (f"; server CPU/op {ours_cpu:.0f} vs {base_cpu:.0f} us, "
+                       f"ops per CPU-second {base_cpu / ours_cpu:.2f}x")
             lines.append(
                 f"{name:<59}{ratio:>6.2f}x  target {target:.1f}x "
                 f"{'met' if met else 'NOT met':<8}(rounds "

@@ -88,6 +88,9 @@ def test_ratios_average_the_rounds_and_say_whether_each_target_is_met() -> None:
     assert http_put["target"] == PUT_TARGET and http_put["met"] is True
     assert http_put["ours_server_cpu_us_per_op"] == 300
     assert http_put["base_server_cpu_us_per_op"] == 400
+    assert http_put["cpu_ratio"] == round(400 / 300, 3)  # ops per server CPU-second
+    unmeasured = by_name[f"{RINGKV_HTTP} get / etcd linearizable range"]
+    assert "cpu_ratio" not in unmeasured
     http_get = by_name[f"{RINGKV_HTTP} get / etcd linearizable range"]
     assert (http_get["ratio"], http_get["target"], http_get["met"]) == (1.8, GET_TARGET, False)
     native_get = by_name[f"{RINGKV_NATIVE} get / etcd linearizable range"]
@@ -95,7 +98,8 @@ def test_ratios_average_the_rounds_and_say_whether_each_target_is_met() -> None:
     line = next(line for line in lines if line.startswith(f"{RINGKV_HTTP} get"))
     assert "1.80x" in line and "target 2.0x" in line and "NOT met" in line
     line = next(line for line in lines if line.startswith(f"{RINGKV_HTTP} put"))
-    assert " met " in line and "NOT" not in line and "300 vs 400 us" in line
+    assert " met " in line and "NOT" not in line
+    assert "300 vs 400 us, ops per CPU-second 1.33x" in line
 
 
 def test_no_ratios_without_etcd_phases() -> None:
