@@ -24,6 +24,7 @@ from bench.etcd import (
     ETCD, GET_TARGET, PUT_TARGET, RINGKV_HTTP, RINGKV_NATIVE, etcd_put_request,
     etcd_range_request, etcd_range_value, find_etcd, target_ratios)
 from bench.loadgen import LoadResult
+from ringkv.tools.launcher import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_ETCD = "no etcd binary on PATH: apt-get install -y etcd-server to run the etcd comparison"
@@ -170,9 +171,35 @@ def test_the_bench_measures_both_systems_for_real(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+def _live_children(pid: int) -> dict[int, str]:
+    """pid -> command line of the processes whose parent is ``pid`` (zombies left out)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            children[int(entry.name)] = cmdline
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 @pytest.mark.skipif(find_etcd(None) is None, reason=NO_ETCD)
 def test_an_interrupted_run_leaves_no_process_or_data_behind(tmp_path: Path) -> None:
     proc = _bench(tmp_path, "--duration", "30", "--keys", "50", "--concurrency", "4")
+    children: dict[int, str] = {}
     try:
         assert proc.stdout is not None
         seen = ""
@@ -181,11 +208,31 @@ def test_an_interrupted_run_leaves_no_process_or_data_behind(tmp_path: Path) -> 
             line = proc.stdout.readline() if ready else ""
             assert line, f"the bench did not start its phases:\n{seen}"
             seen += line
+
+        def all_started() -> dict[int, str]:
+            # 3 etcd members, 3 ringkv nodes and the first phase's generator process.
+            children = _live_children(proc.pid)
+            lines = list(children.values())
+            if (sum("--initial-cluster" in c for c in lines) == 3
+                    and sum("ringkv.cli node" in c for c in lines) == 3
+                    and any("multiprocessing" in c for c in lines)):
+                return children
+            return {}
+
+        children = wait_until(all_started, timeout_s=30, interval_s=0.1,
+                              what="the bench's servers and generator")
         proc.send_signal(signal.SIGINT)  # as Ctrl-C, but to the bench process alone
-        out, _ = proc.communicate(timeout=60)
+        # Well before the 30 s phase would end: the generator is killed, not waited for.
+        out, _ = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+            for pid in children:  # the bench failed to: its servers must not outlive the test
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
+    # A moment for the kernel to finish tearing down whatever was killed last.
+    wait_until(lambda: not any(_alive(pid) for pid in children), timeout_s=10, interval_s=0.1,
+               what=f"every child of the bench to exit: {children}")
     assert _leftovers(tmp_path) == [], seen + out
