@@ -319,12 +319,13 @@ async def _etcd_reads_back(urls: list[str], key: str, value: bytes) -> list[str]
             status, body = await conn.exchange(etcd_range_request(target.host_header, key))
         finally:
             conn.close()
+        problem = ""
         try:
             got = etcd_range_value(body) if status == 200 else None
         except ValueError as exc:
-            got, status = None, f"{status} {exc}"  # type: ignore[assignment]
+            got, problem = None, f" ({exc})"
         if got != value:
-            wrong.append(f"{url}: status {status}, value {got!r}")
+            wrong.append(f"{url}: status {status}{problem}, value {got!r}")
     return wrong
 
 
