@@ -13,6 +13,8 @@
     repair        anti-entropy repair on 3 node processes: time and cells streamed for N missed keys
     scale         10 to 1,000 nodes: gossip rounds after a join, data moved by a join or leave,
                   coordinator messages per QUORUM op (pure cores; --json)
+    etcd          a 3-node RF=3 cluster at QUORUM against a 3-member etcd: puts and linearizable
+                  reads, phases alternating, ratios against issue #14's targets (1.5x, 2x)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main(argv: list[str]) -> int:
         "repair": "bench.repair",
         "scale": "bench.scale",
         "bootstrap": "bench.bootstrap",
+        "etcd": "bench.etcd",
     }
     if not argv or argv[0] not in commands:
         print(__doc__)

@@ -331,6 +331,19 @@ async def _run(
                                             "args": native_args, "body": native_body})
         return status == 200
 
+    # etcd's v3 JSON gateway (bench/etcd.py): the same lean connections, the same value bytes.
+    etcd_value = value.encode() if isinstance(value, str) else json.dumps(value).encode()
+
+    async def etcd_op(conns: dict[int, _Connection], read: bool, key: str) -> bool:
+        from bench.etcd import etcd_put_request, etcd_range_request
+
+        index = rng.randrange(len(targets))
+        target = targets[index]
+        conn = conns.get(index) or conns.setdefault(index, _Connection(target))
+        request = (etcd_range_request(target.host_header, key) if read
+                   else etcd_put_request(target.host_header, key, etcd_value))
+        return await conn.request(request) == 200
+
     async def client_op(kv: object, read: bool, key: str) -> bool:
         from ringkv.errors import RingKVError
 
@@ -381,9 +394,10 @@ async def _run(
                         link.transport.close()
         else:
             pools: list[dict[int, _Connection]] = [{} for _ in range(concurrency)]
+            do = etcd_op if protocol == "etcd" else http_op
             try:
                 started = _CLOCK.monotonic_s()
-                await asyncio.gather(*(worker(pool, http_op) for pool in pools))
+                await asyncio.gather(*(worker(pool, do) for pool in pools))
             finally:
                 for pool in pools:
                     for conn in pool.values():
@@ -433,7 +447,9 @@ def run_load(
     ``path_template``. ``on_progress(ops, errors, elapsed_s)`` is called as
     the child reports. ``protocol``: ``native`` sends the requests over the
     native protocol (a lean pipelined generator, one connection per node; or
-    the client's native default with ``use_client``), ``http`` over HTTP.
+    the client's native default with ``use_client``), ``http`` over HTTP,
+    ``etcd`` as etcd v3 gateway puts and linearizable ranges (``path_template``
+    unused; bench/etcd.py).
     """
     _read_fraction(op, read_fraction)  # fail here, not in the child
     parent, child = multiprocessing.Pipe(duplex=False)
@@ -460,6 +476,9 @@ def run_load(
                 on_progress(*message[1:])
         _, latencies, errors, elapsed, cpu_s = message
         meter.add_reported_gen(cpu_s)
+    except BaseException:  # an error or Ctrl-C here: the child must not run out its phase
+        process.kill()
+        raise
     finally:
         process.join(timeout=30)
         if process.is_alive():
