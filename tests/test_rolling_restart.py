@@ -107,11 +107,15 @@ def _cluster(tmp_path: Path) -> Iterator[LocalCluster]:
             cluster.down()
 
 
-def _restart(cluster: LocalCluster, proc: NodeProcess) -> int | None:
+def _restart(cluster: LocalCluster, proc: NodeProcess, load: Load) -> tuple[int | None, int]:
+    """Stop ``proc`` gracefully, start it again, wait until every node sees it UP.
+    Returns its exit code and the requests the load made while it was away."""
+    before = load.ops
     code = proc.stop()  # SIGTERM: drain, then close
     proc.start()  # same id, ports and data dir; returns once it serves clients
+    away = load.ops - before
     cluster.wait_all_up(timeout_s=UP_DEADLINE_S)
-    return code
+    return code, away
 
 
 # The client's default protocol in make test; HTTP (the same retries over
@@ -124,17 +128,21 @@ def test_a_rolling_restart_under_load_fails_no_quorum_request(
     with _cluster(tmp_path) as cluster:
         with Client(cluster.endpoints(), consistency="QUORUM", timeout_s=5.0,
                     protocol=protocol) as client:
+            aways: list[int] = []
             with Load(client) as load:
                 wait_until(lambda: load.ops >= MIN_OPS_PER_RESTART, timeout_s=30,
                            what="the load to start")
                 for proc in cluster.procs:
+                    code, away = _restart(cluster, proc, load)
+                    assert code == 0, proc.log_tail()
+                    # The node went and came back under load, not between requests.
+                    assert away >= MIN_OPS_PER_RESTART, (proc.node_id, away)
+                    aways.append(away)
                     before = load.ops
-                    assert _restart(cluster, proc) == 0, proc.log_tail()
-                    # The node must have been away under load, not between requests.
                     wait_until(lambda: load.ops >= before + MIN_OPS_PER_RESTART, timeout_s=30,
                                what="load after the restart")
-            print(f"{load.ops} QUORUM requests through {NODES} restarts; "
-                  f"{len(load.failures)} failed")
+            print(f"{load.ops} QUORUM requests through {NODES} restarts ({aways} while each "
+                  f"node was stopping, stopped or starting); {len(load.failures)} failed")
             assert load.failures == [], load.failures[:10]
             assert len(load.acknowledged) >= NODES * MIN_OPS_PER_RESTART // 2
             # Every acknowledged write reads back at QUORUM after the last restart.
