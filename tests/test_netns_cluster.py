@@ -129,3 +129,49 @@ def test_cluster_up_netns_runs_each_node_on_its_own_host_and_removes_them(
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         sweep_stale()  # the command's PID is gone now: removes whatever it left
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_sigterm_while_the_nodes_start_still_removes_every_host(tmp_path: Path) -> None:
+    reason = why_no_hosts()
+    if reason is not None:
+        pytest.skip(reason)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "ringkv.cli", "cluster", "up", "--netns", "--nodes", "3",
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = _lines(command)
+    seen: list[str] = []
+    nodes: set[int] = set()
+
+    def starting() -> bool:
+        while not lines.empty():
+            seen.append(lines.get())
+        if command.poll() is not None:
+            raise AssertionError("cluster up exited:\n" + "".join(seen))
+        return any(line.startswith("starting 3 nodes") for line in seen)
+
+    try:
+        wait_until(starting, timeout_s=START_DEADLINE_S, interval_s=0.05,
+                   what="the nodes to be starting")
+        assert _leftovers(command.pid), "no hosts built"
+        nodes = children_of(command.pid)  # those launched so far
+        command.send_signal(signal.SIGTERM)
+        command.wait(timeout=60)
+        while not lines.empty():
+            seen.append(lines.get())
+        output = "".join(seen)
+        assert "cluster is up" not in output, output  # it stopped mid-start
+        assert "removing the namespace hosts" in output, output
+        assert [pid for pid in nodes if alive(pid)] == []
+        assert _leftovers(command.pid) == []
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait(timeout=30)
+        for pid in nodes:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        sweep_stale()
