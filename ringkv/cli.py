@@ -213,8 +213,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     from ringkv.tools.launcher import STOP_REQUESTED, Interrupted
     from ringkv.tools.local_cluster import LocalCluster, run_demo
 
+    data_dir = args.data_dir or ("./data/hosts" if args.netns else "./data")
     cluster = LocalCluster(
-        Path(args.data_dir).resolve(),
+        Path(data_dir).resolve(),
         nodes=args.nodes,
         rf=args.rf,
         base_client_port=args.base_port,
@@ -247,7 +248,11 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         STOP_REQUESTED.set()
         stop.set()
 
+    # Ctrl-C too: a KeyboardInterrupt raised inside subprocess.Popen would orphan
+    # a node, and a SIGINT ignored since start-up (a shell's background job)
+    # would leave no way to stop it but SIGTERM.
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
     with ExitStack() as cleanup:
         if args.netns:
             sweep_stale()  # namespaces a killed earlier run left behind
@@ -257,7 +262,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             except NetnsError as exc:
                 print(f"ringkv: error: {exc}", file=sys.stderr)
                 return 2
-            # Registered first, so it runs last: the nodes stop before their hosts go.
+            # Runs as the block ends, once the finally below has stopped the nodes.
             cleanup.callback(_remove_hosts, hosts)
             cluster.build_on_hosts(hosts, racks=args.racks)
             where = f"on {args.nodes} namespace hosts {hosts.hosts[0]}..{hosts.hosts[-1]}"
@@ -468,7 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="start N nodes on loopback (or namespace hosts); Ctrl-C stops them")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--rf", type=int, default=3, help="replication factor of the keyspaces default and txn")
-    up.add_argument("--data-dir", default="./data", help="data directory (one folder per node)")
+    up.add_argument("--data-dir", default=None,
+                    help="data directory, one folder per node (default ./data, with --netns "
+                         "./data/hosts: nodes remember their peers' addresses, so the two "
+                         "kinds of cluster keep apart)")
     up.add_argument("--base-port", type=int, default=7400,
                     help="node i serves HTTP on base+i, internode on base+100+i and the native "
                          "protocol on base+200+i")
