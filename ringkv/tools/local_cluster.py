@@ -141,10 +141,11 @@ class LocalCluster:
                 for proc in self.procs:
                     proc.launch()
                 self.wait_all_up(None, timeout_s)
-            for proc in [] if together else self.procs:
-                proc.start()
-                # Wait for each node to join before starting the next one.
-                self.wait_all_up(self.procs[: self.procs.index(proc) + 1], timeout_s)
+            else:
+                for proc in self.procs:
+                    proc.start()
+                    # Wait for each node to join before starting the next one.
+                    self.wait_all_up(self.procs[: self.procs.index(proc) + 1], timeout_s)
         except BaseException:
             self.down()
             raise
