@@ -207,21 +207,37 @@ def _follow_streaming(args: argparse.Namespace, *, done_when_unreachable: str | 
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
     from pathlib import Path
 
     from ringkv.tools.launcher import STOP_REQUESTED, Interrupted
     from ringkv.tools.local_cluster import LocalCluster, run_demo
 
+    data_dir = args.data_dir or ("./data/hosts" if args.netns else "./data")
     cluster = LocalCluster(
-        Path(args.data_dir).resolve(),
+        Path(data_dir).resolve(),
         nodes=args.nodes,
         rf=args.rf,
         base_client_port=args.base_port,
         base_internode_port=args.base_port + 100,
         base_native_port=args.base_port + 200,
     )
-    cluster.build()
-    print(f"starting {args.nodes} nodes (rf={args.rf}) under {cluster.data_dir} ...", flush=True)
+    if args.racks and not args.netns:
+        print("ringkv: error: --racks needs --netns (racks label namespace hosts)",
+              file=sys.stderr)
+        return 2
+    if not 0 <= args.racks <= args.nodes:
+        print(f"ringkv: error: --racks must be 0..{args.nodes} (the nodes), not {args.racks}",
+              file=sys.stderr)
+        return 2
+    if args.netns:
+        from ringkv.tools.netns import NetnsError, NetnsHosts, missing_tools, sweep_stale
+
+        missing = missing_tools()
+        if missing:
+            print(f"ringkv: error: cluster up --netns needs {', '.join(missing)} "
+                  "(it builds network namespaces and iptables rules)", file=sys.stderr)
+            return 2
     stop = threading.Event()
 
     def on_sigterm(*_: object) -> None:
@@ -232,23 +248,51 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         STOP_REQUESTED.set()
         stop.set()
 
+    # Ctrl-C too: a KeyboardInterrupt raised inside subprocess.Popen would orphan
+    # a node, and a SIGINT ignored since start-up (a shell's background job)
+    # would leave no way to stop it but SIGTERM.
     signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        cluster.up()
-        print("cluster is up; every node sees every other node UP:")
-        for proc in cluster.procs:
-            print(f"  {proc.node_id}: {proc.url}   (logs: {proc.log_path})")
-        if args.demo:
-            run_demo(cluster, say=lambda line: print(line, flush=True))
-        print("\npress Ctrl-C to stop the cluster", flush=True)
-        while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
+    signal.signal(signal.SIGINT, on_sigterm)
+    with ExitStack() as cleanup:
+        if args.netns:
+            sweep_stale()  # namespaces a killed earlier run left behind
+            hosts = NetnsHosts(args.nodes)
+            try:
+                hosts.up()
+            except NetnsError as exc:
+                print(f"ringkv: error: {exc}", file=sys.stderr)
+                return 2
+            # Runs as the block ends, once the finally below has stopped the nodes.
+            cleanup.callback(_remove_hosts, hosts)
+            cluster.build_on_hosts(hosts, racks=args.racks)
+            where = f"on {args.nodes} namespace hosts {hosts.hosts[0]}..{hosts.hosts[-1]}"
+        else:
+            cluster.build()
+            where = "on 127.0.0.1"
+        racks = f", {args.racks} racks" if args.racks else ""
+        print(f"starting {args.nodes} nodes (rf={args.rf}{racks}) {where} under "
+              f"{cluster.data_dir} ...", flush=True)
+        try:
+            cluster.up(together=args.netns)
+            print("cluster is up; every node sees every other node UP:")
+            for proc in cluster.procs:
+                print(f"  {proc.node_id}: {proc.url}   (logs: {proc.log_path})")
+            if args.demo:
+                run_demo(cluster, say=lambda line: print(line, flush=True))
+            print("\npress Ctrl-C to stop the cluster", flush=True)
+            while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
+                pass
+        except (KeyboardInterrupt, Interrupted):
             pass
-    except (KeyboardInterrupt, Interrupted):
-        pass
-    finally:
-        print("\nstopping the cluster ...", flush=True)
-        cluster.down()
+        finally:
+            print("\nstopping the cluster ...", flush=True)
+            cluster.down()
     return 0
+
+
+def _remove_hosts(hosts: Any) -> None:
+    print(f"removing the namespace hosts {', '.join(hosts.namespaces)} ...", flush=True)
+    hosts.down()
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -425,13 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="run a local cluster of node processes")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True,
                                               metavar="ACTION")
-    up = cluster_commands.add_parser("up", help="start N nodes on loopback; Ctrl-C stops them")
+    up = cluster_commands.add_parser(
+        "up", help="start N nodes on loopback (or namespace hosts); Ctrl-C stops them")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--rf", type=int, default=3, help="replication factor of the keyspaces default and txn")
-    up.add_argument("--data-dir", default="./data", help="data directory (one folder per node)")
+    up.add_argument("--data-dir", default=None,
+                    help="data directory, one folder per node (default ./data, with --netns "
+                         "./data/hosts: nodes remember their peers' addresses, so the two "
+                         "kinds of cluster keep apart)")
     up.add_argument("--base-port", type=int, default=7400,
                     help="node i serves HTTP on base+i, internode on base+100+i and the native "
                          "protocol on base+200+i")
+    up.add_argument("--netns", action="store_true",
+                    help="each node on its own network-namespace host, binding that host's "
+                         "address (root, iproute2 and iptables); Ctrl-C also removes the hosts")
+    up.add_argument("--racks", type=int, default=0,
+                    help="with --netns: spread the nodes over R racks (cluster.rack), node i "
+                         "in rack (i mod R) + 1")
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)

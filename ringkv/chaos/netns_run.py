@@ -38,18 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ringkv.address import format_address
 from ringkv.chaos.run import ChaosRun, Fault, judge
 from ringkv.clock import SystemClock
 from ringkv.sim import checkers
 from ringkv.tools.launcher import NodeProcess, http
-from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster, node_view
+from ringkv.tools.local_cluster import LocalCluster, node_view
 from ringkv.tools.netns import NetnsHosts
 
 _CLOCK = SystemClock()
 NODES = 5
-CLIENT_PORT = 7400
-INTERNODE_PORT = 7500
 NETNS_FAULT_KINDS = ("isolate", "split", "bridge", "one-way", "pause")
 HOLD_S = {"isolate": 12.0, "split": 8.0, "bridge": 8.0, "one-way": 8.0, "pause": 8.0}
 # The last isolation outlasts TCP's retransmission backoff: a connection left
@@ -168,24 +165,11 @@ class NetnsChaosRun(ChaosRun):
     async def _start_cluster(self) -> None:
         """Every node at once, each in its own namespace; the first host is the seed.
         They form a new cluster holding no data, so none streams (as ``cluster up``)."""
-        cluster = LocalCluster(self.run_dir, nodes=len(self.hosts), rf=3)
-        config = cluster.config_file()
-        seed = format_address(self.hosts[0], INTERNODE_PORT)
-        cluster.procs = [
-            NodeProcess(f"node{i + 1}", self.run_dir, host=host, client_port=CLIENT_PORT,
-                        internode_port=INTERNODE_PORT, config_path=config,
-                        extra_args=["--seeds", seed, NO_STREAMING], wrapper=self.net.wrapper(i))
-            for i, host in enumerate(self.hosts)
-        ]
+        cluster = LocalCluster(self.run_dir, rf=3)
+        cluster.build_on_hosts(self.net)
         self.cluster = cluster
         self.by_host = dict(zip(self.hosts, cluster.procs))
-        try:
-            for proc in cluster.procs:
-                proc.launch()
-            await asyncio.to_thread(cluster.wait_all_up, None, 90.0)
-        except BaseException:
-            await asyncio.to_thread(cluster.down)
-            raise
+        await asyncio.to_thread(cluster.up, 90.0, together=True)  # stops them all if it fails
         self.say(f"cluster up: {', '.join(p.node_id + ' ' + p.url for p in cluster.procs)}")
         view = await asyncio.to_thread(node_view, cluster.procs[0])
         self.ownership = {node_id: row["owns"] for node_id, row in (view or {}).items()}

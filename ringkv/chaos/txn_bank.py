@@ -1,7 +1,7 @@
 """Jepsen's bank workload on real processes: transfers across ranges under leader faults.
 
     python -m ringkv.chaos.txn_bank [--seed 1] [--duration 30] [--clients 6] [--ranges 4]
-                                    [--per-range 2] [--fault unguarded-transfers]
+                                    [--per-range 2] [--fault unguarded-transfers] [--netns]
 
 Three node processes hold the transactional keyspace ``txn`` cut into
 ``--ranges`` ranges (one Paxos group each), with ``--per-range`` accounts in
@@ -25,6 +25,14 @@ negative. A transfer's outcome is ok, failed (a failed condition or an
 abort: certainly not applied) or unknown (``info``). The history is written
 in Jepsen's form to ``history.json`` in the run's directory.
 
+Across hosts (``--netns``, ``NetnsTxnBankRun``): the three nodes run on
+network-namespace hosts (``ringkv.tools.netns``), each binding its own
+address, and the nemesis cuts a group's leader off with iptables drops instead
+of killing it: ``isolate-leader`` (nothing reaches it, nothing leaves it) and
+``mute-leader`` (its packets to the others are lost, theirs still reach it: it
+hears its followers but cannot lead them). Clients in the root namespace still
+reach every node, as Jepsen's do. The workload and the checkers are the same.
+
 Negative control: ``--fault unguarded-transfers`` drops the two conditions, so
 concurrent transfers from one account overwrite each other (lost updates);
 the audits must then see money made or destroyed.
@@ -45,7 +53,9 @@ from ringkv.chaos.txn_run import (
     FAULT_KINDS,
     FINAL_ATTEMPTS,
     KEYSPACE,
+    LEASE_S,
     READY_TIMEOUT_S,
+    WARMUP_S,
     Fault,
     TxnNemesisRun,
     judge_version_conditions,
@@ -59,6 +69,8 @@ from ringkv.sim import bank
 from ringkv.sim.bank import FAIL, INFO, OK, Snapshot, Transfer
 from ringkv.sim.checkers import Verdict
 from ringkv.sim.jepsen_history import from_bank, write_jepsen_history
+from ringkv.tools.local_cluster import LocalCluster
+from ringkv.tools.netns import NetnsError, NetnsHosts
 
 INITIAL = 100  # each account's opening balance
 MAX_AMOUNT = 5
@@ -79,6 +91,7 @@ class BankReport:
     verdicts: list[Verdict]
     run_dir: Path
     notes: list[str] = field(default_factory=list)
+    fault_kinds: tuple[str, ...] = FAULT_KINDS
 
     @property
     def ok(self) -> bool:
@@ -102,7 +115,7 @@ class BankReport:
             f"transfers: {counts['transfer ok']} ok ({counts['transfer ok across ranges']} "
             f"across ranges), {counts['transfer fail']} failed, "
             f"{counts['transfer info']} unknown; audits: {counts['audit ok']} ok",
-            "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in FAULT_KINDS)
+            "faults: " + ", ".join(f"{kind} {kinds[kind]}" for kind in self.fault_kinds)
             + " (leaders of " + ", ".join(sorted(set(self.fault_groups))) + ")",
             *self.notes,
             *(v.render() for v in self.verdicts),
@@ -161,7 +174,10 @@ class TxnBankRun(TxnNemesisRun):
         verdicts = [*judge(self.initial, self.transfers, self.snapshots),
                     judge_version_conditions(self.details, "transfer")]
         return BankReport(self.seed, self.ranges, self.initial, self.transfers, self.snapshots,
-                          self.done, self.fault_groups, verdicts, self.run_dir)
+                          self.done, self.fault_groups, verdicts, self.run_dir,
+                          fault_kinds=self.fault_kinds)
+
+    fault_kinds = FAULT_KINDS
 
     async def _setup(self) -> None:
         """Every account opened with INITIAL by one transaction across every range,
@@ -273,6 +289,90 @@ class TxnBankRun(TxnNemesisRun):
                 await asyncio.sleep(0.5)
 
 
+NETNS_FAULT_KINDS = ("isolate-leader", "mute-leader")
+# A cut leader's lease must run out and a new one be elected before its groups
+# serve again: holds outlast the lease with room for an election.
+NETNS_HOLD_S = (LEASE_S + 2.0, LEASE_S + 4.0)
+NETNS_SLOT_S = 11.0
+
+
+def netns_schedule(seed: int, duration_s: float) -> list[Fault]:
+    """One partition per slot, the kinds alternating from a seeded start, each healed
+    over a second before ``duration_s``."""
+    rng = random.Random(seed)
+    kinds = list(NETNS_FAULT_KINDS)
+    rng.shuffle(kinds)
+    faults: list[Fault] = []
+    at = WARMUP_S
+    while True:
+        hold = round(rng.uniform(*NETNS_HOLD_S), 2)
+        if at + hold > duration_s - 1.0:
+            return faults
+        faults.append(Fault(round(at, 2), kinds[len(faults) % len(kinds)], hold))
+        at += NETNS_SLOT_S
+
+
+class NetnsTxnBankRun(TxnBankRun):
+    """The bank on three namespace hosts; the nemesis partitions a group's leader
+    with iptables instead of killing it (see the module)."""
+
+    fault_kinds = NETNS_FAULT_KINDS
+
+    def __init__(self, run_dir: Path, hosts: NetnsHosts, **options: Any) -> None:
+        if len(hosts.hosts) != 3:
+            raise ValueError(f"the bank runs on 3 hosts, not {len(hosts.hosts)}")
+        super().__init__(run_dir, **options)
+        self.net = hosts
+
+    async def _run_cluster(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        keyspace: dict[str, Any] = {"replication_factor": 3, "tier": "transactional"}
+        if self.ranges > 1:
+            keyspace["ranges"] = self.ranges
+        self.cluster = LocalCluster(self.run_dir, rf=3, config_overrides={
+            f"keyspaces.{KEYSPACE}": keyspace, "txn.lease_s": LEASE_S})
+        self.cluster.build_on_hosts(self.net)
+        try:
+            await asyncio.to_thread(self.cluster.up, 90.0, together=True)
+            self.say("cluster up: " + ", ".join(f"{p.node_id} {p.url}" for p in self.procs))
+            await self._setup()
+            await self._load_and_faults(netns_schedule(self.seed, self.duration_s))
+            await self._final()
+        finally:
+            await asyncio.to_thread(self.net.heal)
+            await asyncio.to_thread(self.cluster.down)
+
+    async def _load_and_faults(self, faults: list[Fault]) -> None:
+        try:
+            await super()._load_and_faults(faults)
+        finally:
+            await asyncio.to_thread(self.net.heal)  # should the nemesis not have healed
+
+    async def _nemesis(self, faults: list[Fault], zero: float) -> None:
+        net = self.net
+        for fault in faults:
+            await asyncio.sleep(max(0.0, zero + fault.at_s - self.now()))
+            found = await self._leader()
+            if found is None:
+                self.say(f"{self.now():6.1f}s nemesis: no leader to {fault.kind}")
+                continue
+            target, group = found
+            others = [p.host for p in self.procs if p is not target]
+            self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {target.node_id} "
+                     f"(leader of {group}; leads {', '.join(self._led.get(target.node_id, []))})"
+                     f" for {fault.hold_s}s")
+            if fault.kind == "isolate-leader":
+                await asyncio.to_thread(net.isolate, target.host)
+            else:  # mute-leader: one way, from the leader to everyone else
+                for other in others:
+                    await asyncio.to_thread(net.drop, target.host, other)
+            self.done.append((fault, target.node_id, self.now()))
+            self.fault_groups.append(group)
+            await asyncio.sleep(max(0.0, zero + fault.at_s + fault.hold_s - self.now()))
+            await asyncio.to_thread(net.heal)
+            self.say(f"{self.now():6.1f}s nemesis: healed {fault.kind} {target.node_id}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -286,12 +386,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", choices=["unguarded-transfers"], default=None,
                         help="negative control: transfers without their version conditions")
     parser.add_argument("--dir", type=Path, default=None, help="keep the run's data here")
+    parser.add_argument("--netns", action="store_true",
+                        help="3 nodes on network-namespace hosts, leaders cut off by iptables "
+                             "(root, iproute2 and iptables)")
     args = parser.parse_args(argv)
     run_dir = args.dir or Path(tempfile.mkdtemp(prefix="ringkv-txn-bank-"))
-    report = asyncio.run(TxnBankRun(run_dir, seed=args.seed, duration_s=args.duration,
-                                    clients=args.clients, ranges=args.ranges,
-                                    per_range=args.per_range,
-                                    unguarded=args.fault == "unguarded-transfers").run())
+    options: dict[str, Any] = dict(seed=args.seed, duration_s=args.duration, clients=args.clients,
+                                   ranges=args.ranges, per_range=args.per_range,
+                                   unguarded=args.fault == "unguarded-transfers")
+    if args.netns:
+        try:
+            with NetnsHosts(3) as hosts:
+                report = asyncio.run(NetnsTxnBankRun(run_dir, hosts, **options).run())
+        except NetnsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        report = asyncio.run(TxnBankRun(run_dir, **options).run())
     print(report.summary())
     return 0 if report.ok else 1
 

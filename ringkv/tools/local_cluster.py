@@ -1,9 +1,16 @@
-"""A local cluster of node processes on loopback: `ringkv cluster up` and the demo.
+"""A local cluster of node processes: `ringkv cluster up` and the demo.
+
+Nodes run on loopback (``build``), or one per network-namespace host, each
+binding its host's own address (``build_on_hosts``: `ringkv cluster up
+--netns`, the Jepsen-style run across hosts, the rack and rolling-restart
+tests). With ``racks``, node i sits in rack ``rack{i % racks + 1}`` (its own
+config file says so), so rack-aware placement spreads each key's replicas.
 
 Nodes start one at a time, each joining through the first node (the seed), so
 every node allocates its tokens knowing the ring so far and ownership stays
-balanced (nodes launched together take turns to the same end, but each waits
-for those before it). The cluster is up when every node sees every other node UP.
+balanced; or all at once (``up(together=True)``), which is faster and, since
+joiners take turns, still balanced. The cluster is up when every node sees
+every other node UP.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -20,8 +27,20 @@ from ringkv.address import format_address
 from ringkv.clock import SystemClock
 from ringkv.tools.launcher import NodeProcess, free_port_block, http, wait_until
 
+if TYPE_CHECKING:
+    from ringkv.tools.netns import NetnsHosts
+
 _CLOCK = SystemClock()
 NO_STREAMING = "--no-auto-bootstrap"
+# Every namespace host has its own address, so all nodes can use the same ports.
+HOST_CLIENT_PORT = 7400
+HOST_INTERNODE_PORT = 7500
+HOST_NATIVE_PORT = 7600
+
+
+def rack_of(index: int, racks: int) -> str:
+    """The rack of the ``index``-th node (from 0) when ``racks`` racks share the nodes."""
+    return f"rack{index % racks + 1}"
 
 
 @dataclass
@@ -38,8 +57,9 @@ class LocalCluster:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     procs: list[NodeProcess] = field(default_factory=list)
 
-    def config_file(self) -> Path:
-        """A config shared by every node; per-node fields come from flags."""
+    def config_file(self, rack: str | None = None) -> Path:
+        """A config shared by every node; per-node fields come from flags. With
+        ``rack``, the config of the nodes in that rack (there is no rack flag)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
             "keyspaces": {
@@ -52,7 +72,9 @@ class LocalCluster:
         for dotted, value in self.config_overrides.items():
             section, _, name = dotted.partition(".")
             config.setdefault(section, {})[name] = value
-        path = self.data_dir / "cluster.yaml"
+        if rack is not None:
+            config.setdefault("cluster", {})["rack"] = rack
+        path = self.data_dir / ("cluster.yaml" if rack is None else f"cluster-{rack}.yaml")
         path.write_text(yaml.safe_dump(config))
         return path
 
@@ -76,8 +98,34 @@ class LocalCluster:
         ]
         return self.procs
 
-    def up(self, timeout_s: float = 60.0) -> None:
-        """Form the cluster: start every node, one at a time.
+    def build_on_hosts(self, hosts: NetnsHosts, *, racks: int = 0) -> list[NodeProcess]:
+        """One node per namespace host, binding that host's address (the same
+        ports on every host); the first host is the seed. ``racks`` > 0 puts
+        node i in rack ``rack_of(i, racks)``."""
+        if racks < 0 or racks > len(hosts.hosts):
+            raise ValueError(f"racks must be 0..{len(hosts.hosts)}, not {racks}")
+        self.nodes = len(hosts.hosts)
+        seed = format_address(hosts.hosts[0], HOST_INTERNODE_PORT)
+        configs = ([self.config_file(rack_of(i, racks)) for i in range(racks)] if racks
+                   else [self.config_file()])
+        self.procs = [
+            NodeProcess(
+                f"node{i + 1}",
+                self.data_dir,
+                host=host,
+                client_port=HOST_CLIENT_PORT,
+                internode_port=HOST_INTERNODE_PORT,
+                native_port=HOST_NATIVE_PORT,
+                extra_args=["--seeds", seed, *self.extra_args],
+                config_path=configs[i % len(configs)],
+                wrapper=hosts.wrapper(i),
+            )
+            for i, host in enumerate(hosts.hosts)
+        ]
+        return self.procs
+
+    def up(self, timeout_s: float = 60.0, *, together: bool = False) -> None:
+        """Form the cluster: start every node, one at a time (or ``together``).
 
         Nodes on fresh data directories form a new cluster that holds no
         data, so they join without streaming (``--no-auto-bootstrap``, as
@@ -89,10 +137,15 @@ class LocalCluster:
         for proc in forming:
             proc.extra_args.append(NO_STREAMING)
         try:
-            for proc in self.procs:
-                proc.start()
-                # Wait for each node to join before starting the next one.
-                self.wait_all_up(self.procs[: self.procs.index(proc) + 1], timeout_s)
+            if together:
+                for proc in self.procs:
+                    proc.launch()
+                self.wait_all_up(None, timeout_s)
+            else:
+                for proc in self.procs:
+                    proc.start()
+                    # Wait for each node to join before starting the next one.
+                    self.wait_all_up(self.procs[: self.procs.index(proc) + 1], timeout_s)
         except BaseException:
             self.down()
             raise
@@ -106,6 +159,8 @@ class LocalCluster:
 
         def everyone_sees_everyone() -> bool:
             for proc in procs:
+                if proc.proc is not None and proc.proc.poll() is not None:
+                    raise RuntimeError(f"{proc.node_id} exited early:\n{proc.log_tail()}")
                 view = node_view(proc)
                 if view is None:
                     return False
