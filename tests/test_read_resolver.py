@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ringkv.coordinator.read_resolver import Ask, ReadRound, Resolution, resolve
-from ringkv.coordinator.snitch import MIN_SAMPLES, Snitch
+from ringkv.coordinator.snitch import COLD_RETRY_S, MIN_SAMPLES, Snitch
 from ringkv.hlc import Timestamp
 from ringkv.quorum import Vote
 from ringkv.versioning import Cell, cell_digest, tombstone
@@ -129,9 +129,10 @@ def test_a_silent_replica_is_charged_for_the_wait_it_caused() -> None:
 
 def test_speculative_retry_waits_for_enough_samples_and_has_a_floor() -> None:
     snitch = Snitch("a", retry_percentile=99.0, retry_min_s=0.02)
+    assert snitch.speculate_after_s() == COLD_RETRY_S  # cold: a fixed wait, still a retry
     for i in range(MIN_SAMPLES - 1):
         snitch.answered("b", 0.0, 0.001)
-    assert snitch.speculate_after_s() is None
+    assert snitch.speculate_after_s() == COLD_RETRY_S
     snitch.answered("b", 0.0, 0.001)
     assert snitch.speculate_after_s() == 0.02  # the floor: 1 ms is below it
     snitch = Snitch("a", retry_percentile=50.0, retry_min_s=0.0)

@@ -21,6 +21,10 @@ from collections.abc import Iterable
 
 LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest sample in a replica's latency estimate
 MIN_SAMPLES = 20  # fewer recent samples than this: no percentile to trust
+# Until then (a coordinator just started, or one that serves few reads), back a
+# read up after this long: a replica cut off but not yet seen DOWN must not fail
+# every read it was asked for until the failure detector catches up.
+COLD_RETRY_S = 0.1
 
 
 class LatencyWindow:
@@ -93,11 +97,12 @@ class Snitch:
 
         return sorted(nodes, key=rank)
 
-    def speculate_after_s(self) -> float | None:
-        """How long a read waits before asking a spare; None while too few samples exist."""
+    def speculate_after_s(self) -> float:
+        """How long a read waits before asking a spare: a high percentile of recent
+        latencies, or ``COLD_RETRY_S`` while too few are known to trust one."""
         observed = self.latencies.percentile(self.retry_percentile)
         if observed is None:
-            return None
+            return max(COLD_RETRY_S, self.retry_min_s)
         return max(observed, self.retry_min_s)
 
     def _note(self, node: str, seconds: float) -> None:

@@ -85,6 +85,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
             await stop.wait()
         log.info("shutting down node %s", node.node_id)
     finally:
+        # From now on, a request that still arrives on an open connection is told
+        # shutting_down (the client goes to another replica) rather than started
+        # and then cut off when the drain ends.
+        node.draining = True
         native.stop_accepting()
         await runner.cleanup()  # stops accepting, then drains in-flight requests
         await native.close(config.timing.shutdown_drain_timeout_s)
