@@ -251,6 +251,51 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    import datetime
+    from pathlib import Path
+
+    from ringkv.tools.certs import init_ca
+
+    try:
+        path = init_ca(Path(args.dir), datetime.datetime.now(datetime.timezone.utc),
+                       force=args.force)
+    except FileExistsError as exc:
+        print(f"ringkv: error: {exc}; pass --force to replace it (and reissue every "
+              "certificate)", file=sys.stderr)
+        return 1
+    print(f"created the CA {path} (key {path.with_suffix('.key')}, mode 0600)")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    import datetime
+    import re
+    from pathlib import Path
+
+    from ringkv.tools.certs import issue
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name) or args.name in (".", ".."):
+        print(f"ringkv: error: NAME: expected 1-64 characters from A-Z a-z 0-9 _ . -, got "
+              f"{args.name!r}", file=sys.stderr)
+        return 2
+    if args.client and args.host:
+        print("ringkv: error: --host names a server; a --client certificate has none",
+              file=sys.stderr)
+        return 2
+    try:
+        cert, key, serial = issue(Path(args.dir), args.name,
+                                  datetime.datetime.now(datetime.timezone.utc),
+                                  hosts=tuple(args.host or ()), client_only=args.client)
+    except FileNotFoundError as exc:
+        print(f"ringkv: error: no CA in {args.dir} ({exc.filename}); run `ringkv certs init "
+              f"--dir {args.dir}` first", file=sys.stderr)
+        return 1
+    kind = "client" if args.client else "node"
+    print(f"issued the {kind} certificate {cert} (key {key}, mode 0600), serial {serial:x}")
+    return 0
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     import random
     import tempfile
@@ -435,6 +480,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
+
+    certs = commands.add_parser(
+        "certs", help="a development CA: create it, and issue node and client certificates")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    certs_init = certs_commands.add_parser("init", help="create a CA (ca.crt, ca.key) in --dir")
+    certs_init.add_argument("--dir", required=True, help="directory for the CA and certificates")
+    certs_init.add_argument("--force", action="store_true", help="replace an existing CA")
+    certs_init.set_defaults(func=cmd_certs_init)
+    certs_issue = certs_commands.add_parser(
+        "issue", help="sign NAME.crt / NAME.key with the CA in --dir (again: rotate them)")
+    certs_issue.add_argument("name", metavar="NAME", help="a node id, or a client's name")
+    certs_issue.add_argument("--dir", required=True, help="the directory holding the CA")
+    certs_issue.add_argument("--host", action="append",
+                             help="a host name or IP the node is reached at (repeatable; "
+                                  "clients check it)")
+    certs_issue.add_argument("--client", action="store_true",
+                             help="a client certificate (clientAuth only) instead of a node's")
+    certs_issue.set_defaults(func=cmd_certs_issue)
 
     chaos = commands.add_parser(
         "chaos", help="Jepsen-style run: 3 nodes on 127.0.0.1-3, faults, load, history checks")
