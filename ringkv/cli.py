@@ -50,12 +50,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_context(args: argparse.Namespace) -> Any:
+    """The SSL context the --ca-file/--cert-file/--key-file flags ask for, or None."""
+    from ringkv.client.base import tls_context
+
+    return tls_context(args.ca_file, args.cert_file, args.key_file)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from ringkv.tools.launcher import http
     from ringkv.tools.local_cluster import format_status
 
     try:
-        status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout)
+        status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout,
+                            context=_tls_context(args))
     except OSError as exc:
         print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -219,8 +227,12 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         base_client_port=args.base_port,
         base_internode_port=args.base_port + 100,
         base_native_port=args.base_port + 200,
+        tls=args.tls,
     )
     cluster.build()
+    if args.tls:
+        print(f"TLS on both links; CA and certificates in {cluster.certs_dir} (clients: "
+              f"--ca-file {cluster.certs_dir / 'ca.crt'})", flush=True)
     print(f"starting {args.nodes} nodes (rf={args.rf}) under {cluster.data_dir} ...", flush=True)
     stop = threading.Event()
 
@@ -438,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the cluster as one node sees it")
     status.add_argument("--url", default="http://127.0.0.1:7400", help="any node's HTTP address")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
+    status.add_argument("--ca-file", help="CA bundle (PEM) for an https:// node")
+    status.add_argument("--cert-file", help="client certificate, for a node that requires one")
+    status.add_argument("--key-file", help="the client certificate's key")
     status.set_defaults(func=cmd_status)
 
     repair = commands.add_parser(
@@ -477,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--base-port", type=int, default=7400,
                     help="node i serves HTTP on base+i, internode on base+100+i and the native "
                          "protocol on base+200+i")
+    up.add_argument("--tls", action="store_true",
+                    help="TLS on both links: a development CA and a certificate per node "
+                         "under DATA_DIR/certs; clients use https:// and its ca.crt")
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)

@@ -194,6 +194,8 @@ def _show_peer(peer: object) -> str:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"its certificate does not verify ({exc.verify_message})"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or "taking longer than" in str(exc):
         return "no TLS handshake in time"
+    if isinstance(exc, ConnectionResetError):
+        return "it broke off the handshake (does it trust our certificate?)"
     return str(exc) or type(exc).__name__
