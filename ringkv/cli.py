@@ -305,6 +305,10 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
         return 1
     kind = "client" if args.client else "node"
     print(f"issued the {kind} certificate {cert} (key {key}, mode 0600), serial {serial:x}")
+    if not args.client and not args.host:
+        print("note: no --host: clients check that a node's certificate names the host they "
+              "reach it at, and will refuse this one (internode links do not check)",
+              file=sys.stderr)
     return 0
 
 
