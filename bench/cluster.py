@@ -2,7 +2,7 @@
 over the native protocol and over HTTP, side by side in one run.
 
     python -m bench cluster [--duration 10] [--concurrency 50] [--protocol native,http]
-                            [--levels ONE,QUORUM,ALL] [--client]
+                            [--levels ONE,QUORUM,ALL] [--client] [--tls]
 
 The load generator (its own process) spreads requests over all three nodes as
 coordinators and reports ops/s, p50/p95/p99 and its own CPU per op and share
@@ -16,6 +16,11 @@ connection per node); ``--client`` sends both through the Python
 ``AsyncClient`` instead (``protocol="native"`` or ``"http"``). Phases of the
 two protocols alternate, so drift on a shared machine hits both alike, and
 each native figure is compared with HTTP's from the same run.
+
+``--tls`` runs the same phases against a cluster with TLS on both links (as
+``ringkv cluster up --tls``: HTTPS and TLS-native for the generator, mutual TLS
+between the nodes). Its cost is the difference from a plain run: run both,
+alternated, and compare node CPU us/op.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default=",".join(LEVELS), help="consistency levels")
     parser.add_argument("--client", action="store_true",
                         help="through the Python AsyncClient instead of the lean generators")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS on both links (client and internode), like cluster up --tls")
     args = parser.parse_args(argv)
     protocols = _choices(args.protocol, PROTOCOLS, "protocol")
     levels = _choices(args.levels.upper(), LEVELS, "levels")
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ringkv-bench-cluster-") as tmp:
         cluster = LocalCluster(Path(tmp), nodes=args.nodes, rf=3,
                                base_client_port=free_port_block(args.nodes),
-                               base_internode_port=free_port_block(args.nodes))
+                               base_internode_port=free_port_block(args.nodes), tls=args.tls)
+        ca_file = str(cluster.certs_dir / "ca.crt") if args.tls else None
         try:
             cluster.up()
             urls = cluster.endpoints()
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"/v1/kv/default/{{key}}?consistency={level}",
                             op=op, concurrency=args.concurrency, duration_s=args.duration,
                             protocol=protocol, use_client=args.client, consistency=level,
-                            node_pids=pids)
+                            node_pids=pids, ca_file=ca_file)
                         results.append(result)
                         print(format_row(result), flush=True)
         finally:
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "cluster.json"
-    out.write_text(json.dumps({"via": via, "duration_s": args.duration,
+    out.write_text(json.dumps({"via": via, "duration_s": args.duration, "tls": args.tls,
                                "results": [r.to_json() for r in results],
                                "ratios": ratios, "noisy": noisy}, indent=2))
     print(f"\nresults written to {out}")

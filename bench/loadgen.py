@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import random
+import ssl
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -136,9 +137,10 @@ class _Target:
     @staticmethod
     def parse(url: str) -> _Target:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"load target must be an http:// URL, got {url!r}")
-        return _Target(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"load target must be an http:// or https:// URL, got {url!r}")
+        return _Target(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                       parts.path.rstrip("/"))
 
 
 class _Connection:
@@ -150,8 +152,9 @@ class _Connection:
     bytes and reads only the status line and Content-Length.
     """
 
-    def __init__(self, target: _Target) -> None:
+    def __init__(self, target: _Target, context: ssl.SSLContext | None = None) -> None:
         self._target = target
+        self._context = context  # https targets
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -164,7 +167,7 @@ class _Connection:
         try:
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(
-                    self._target.host, self._target.port)
+                    self._target.host, self._target.port, ssl=self._context)
             assert self._reader is not None
             self._writer.write(data)
             head = await self._reader.readuntil(b"\r\n\r\n")
@@ -252,15 +255,17 @@ class _NativeLink(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-async def _native_links(base_urls: list[str]) -> list[_NativeLink]:
+async def _native_links(base_urls: list[str],
+                        context: ssl.SSLContext | None = None) -> list[_NativeLink]:
     """A handshaken native connection to each node of ``base_urls`` (their native
-    addresses from the ring the first one serves)."""
+    addresses from the ring the first one serves); TLS with ``context``."""
     import urllib.request
 
     from ringkv.address import parse_address
     from ringkv.net.codec import KIND_REQUEST, encode_frame
 
-    with urllib.request.urlopen(base_urls[0].rstrip("/") + "/v1/ring", timeout=10) as answer:
+    with urllib.request.urlopen(base_urls[0].rstrip("/") + "/v1/ring", timeout=10,
+                                context=context) as answer:
         ring = json.loads(answer.read())
     wanted = {urllib.parse.urlsplit(url).netloc for url in base_urls}
     addresses = [parse_address(n["native_address"]) for n in ring["nodes"]
@@ -270,7 +275,8 @@ async def _native_links(base_urls: list[str]) -> list[_NativeLink]:
     loop = asyncio.get_running_loop()
     links = []
     for host, port in addresses:
-        _, link = await loop.create_connection(_NativeLink, host, port)
+        _, link = await loop.create_connection(_NativeLink, host, port, ssl=context,
+                                               server_hostname=host if context else None)
         assert link.transport is not None
         link.transport.write(encode_frame(KIND_REQUEST, 0, "hello", {"versions": [1]}))
         await asyncio.wait_for(link.hello, 10)
@@ -290,6 +296,7 @@ async def _run(
     key_count: int, value: object, seed: int, read_fraction: float | None = None,
     key_dist: str = "uniform", use_client: bool = False, consistency: str | None = None,
     progress: Callable[[int, int, float], None] | None = None, protocol: str = "http",
+    ca_file: str | None = None,
 ) -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
@@ -302,13 +309,15 @@ async def _run(
     base_urls = [base_url] if isinstance(base_url, str) else list(base_url)
 
     targets = [_Target.parse(url) for url in base_urls]
+    # https:// targets (a TLS cluster): trust its CA; the native links use TLS too.
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     put_suffix = (f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                   .encode() + body)
 
     async def http_op(conns: dict[int, _Connection], read: bool, key: str) -> bool:
         index = rng.randrange(len(targets))
         target = targets[index]
-        conn = conns.get(index) or conns.setdefault(index, _Connection(target))
+        conn = conns.get(index) or conns.setdefault(index, _Connection(target, context))
         path = target.prefix + path_template.format(key=key)
         if read:
             status = await conn.request(f"GET {path} HTTP/1.1\r\nHost: {target.host_header}\r\n\r\n"
@@ -379,12 +388,13 @@ async def _run(
             from ringkv.client import AsyncClient
 
             async with AsyncClient(base_urls, consistency=consistency,
-                                   pool_size=concurrency, protocol=protocol) as kv:
+                                   pool_size=concurrency, protocol=protocol,
+                                   ca_file=ca_file) as kv:
                 await kv.refresh_ring()
                 started = _CLOCK.monotonic_s()
                 await asyncio.gather(*(worker(kv, client_op) for _ in range(concurrency)))
         elif protocol == "native":
-            links = await _native_links(base_urls)
+            links = await _native_links(base_urls, context)
             try:
                 started = _CLOCK.monotonic_s()
                 await asyncio.gather(*(worker(links, native_op) for _ in range(concurrency)))
@@ -433,7 +443,7 @@ def run_load(
     read_fraction: float | None = None, key_dist: str = "uniform", use_client: bool = False,
     consistency: str | None = None,
     on_progress: Callable[[int, int, float], None] | None = None, protocol: str = "http",
-    node_pids: Sequence[int] = (),
+    node_pids: Sequence[int] = (), ca_file: str | None = None,
 ) -> LoadResult:
     """Run one load phase in a separate process and summarise it.
 
@@ -449,14 +459,15 @@ def run_load(
     native protocol (a lean pipelined generator, one connection per node; or
     the client's native default with ``use_client``), ``http`` over HTTP,
     ``etcd`` as etcd v3 gateway puts and linearizable ranges (``path_template``
-    unused; bench/etcd.py).
+    unused; bench/etcd.py). ``ca_file``: the CA of an https:// cluster (TLS on
+    HTTP and native alike).
     """
     _read_fraction(op, read_fraction)  # fail here, not in the child
     parent, child = multiprocessing.Pipe(duplex=False)
     kwargs = dict(base_url=base_url, path_template=path_template, op=op, concurrency=concurrency,
                   duration_s=duration_s, key_count=key_count, value=value, seed=seed,
                   read_fraction=read_fraction, key_dist=key_dist, use_client=use_client,
-                  consistency=consistency, protocol=protocol)
+                  consistency=consistency, protocol=protocol, ca_file=ca_file)
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(child, kwargs))
     meter = proc_cpu.PhaseMeter(node_pids)
     process.start()

@@ -50,12 +50,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_context(args: argparse.Namespace) -> Any:
+    """The SSL context the --ca-file/--cert-file/--key-file flags ask for, or None."""
+    from ringkv.client.base import tls_context
+
+    return tls_context(args.ca_file, args.cert_file, args.key_file)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from ringkv.tools.launcher import http
     from ringkv.tools.local_cluster import format_status
 
     try:
-        status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout)
+        status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout,
+                            context=_tls_context(args))
     except OSError as exc:
         print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -221,6 +229,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         base_client_port=args.base_port,
         base_internode_port=args.base_port + 100,
         base_native_port=args.base_port + 200,
+        tls=args.tls,
     )
     if args.racks and not args.netns:
         print("ringkv: error: --racks needs --netns (racks label namespace hosts)",
@@ -269,6 +278,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         else:
             cluster.build()
             where = "on 127.0.0.1"
+        if args.tls:
+            print(f"TLS on both links; CA and certificates in {cluster.certs_dir} (clients: "
+                  f"--ca-file {cluster.certs_dir / 'ca.crt'})", flush=True)
         racks = f", {args.racks} racks" if args.racks else ""
         print(f"starting {args.nodes} nodes (rf={args.rf}{racks}) {where} under "
               f"{cluster.data_dir} ...", flush=True)
@@ -293,6 +305,55 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 def _remove_hosts(hosts: Any) -> None:
     print(f"removing the namespace hosts {', '.join(hosts.namespaces)} ...", flush=True)
     hosts.down()
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    import datetime
+    from pathlib import Path
+
+    from ringkv.tools.certs import init_ca
+
+    try:
+        path = init_ca(Path(args.dir), datetime.datetime.now(datetime.timezone.utc),
+                       force=args.force)
+    except FileExistsError as exc:
+        print(f"ringkv: error: {exc}; pass --force to replace it (and reissue every "
+              "certificate)", file=sys.stderr)
+        return 1
+    print(f"created the CA {path} (key {path.with_suffix('.key')}, mode 0600)")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    import datetime
+    import re
+    from pathlib import Path
+
+    from ringkv.tools.certs import issue
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name) or args.name in (".", ".."):
+        print(f"ringkv: error: NAME: expected 1-64 characters from A-Z a-z 0-9 _ . -, got "
+              f"{args.name!r}", file=sys.stderr)
+        return 2
+    if args.client and args.host:
+        print("ringkv: error: --host names a server; a --client certificate has none",
+              file=sys.stderr)
+        return 2
+    try:
+        cert, key, serial = issue(Path(args.dir), args.name,
+                                  datetime.datetime.now(datetime.timezone.utc),
+                                  hosts=tuple(args.host or ()), client_only=args.client)
+    except FileNotFoundError as exc:
+        print(f"ringkv: error: no CA in {args.dir} ({exc.filename}); run `ringkv certs init "
+              f"--dir {args.dir}` first", file=sys.stderr)
+        return 1
+    kind = "client" if args.client else "node"
+    print(f"issued the {kind} certificate {cert} (key {key}, mode 0600), serial {serial:x}")
+    if not args.client and not args.host:
+        print("note: no --host: clients check that a node's certificate names the host they "
+              "reach it at, and will refuse this one (internode links do not check)",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -437,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the cluster as one node sees it")
     status.add_argument("--url", default="http://127.0.0.1:7400", help="any node's HTTP address")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
+    status.add_argument("--ca-file", help="CA bundle (PEM) for an https:// node")
+    status.add_argument("--cert-file", help="client certificate, for a node that requires one")
+    status.add_argument("--key-file", help="the client certificate's key")
     status.set_defaults(func=cmd_status)
 
     repair = commands.add_parser(
@@ -486,9 +550,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--racks", type=int, default=0,
                     help="with --netns: spread the nodes over R racks (cluster.rack), node i "
                          "in rack (i mod R) + 1")
+    up.add_argument("--tls", action="store_true",
+                    help="TLS on both links: a development CA and a certificate per node "
+                         "under DATA_DIR/certs; clients use https:// and its ca.crt")
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
+
+    certs = commands.add_parser(
+        "certs", help="a development CA: create it, and issue node and client certificates")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    certs_init = certs_commands.add_parser("init", help="create a CA (ca.crt, ca.key) in --dir")
+    certs_init.add_argument("--dir", required=True, help="directory for the CA and certificates")
+    certs_init.add_argument("--force", action="store_true", help="replace an existing CA")
+    certs_init.set_defaults(func=cmd_certs_init)
+    certs_issue = certs_commands.add_parser(
+        "issue", help="sign NAME.crt / NAME.key with the CA in --dir (again: rotate them)")
+    certs_issue.add_argument("name", metavar="NAME", help="a node id, or a client's name")
+    certs_issue.add_argument("--dir", required=True, help="the directory holding the CA")
+    certs_issue.add_argument("--host", action="append",
+                             help="a host name or IP the node is reached at (repeatable; "
+                                  "clients check it)")
+    certs_issue.add_argument("--client", action="store_true",
+                             help="a client certificate (clientAuth only) instead of a node's")
+    certs_issue.set_defaults(func=cmd_certs_issue)
 
     chaos = commands.add_parser(
         "chaos", help="Jepsen-style run: 3 nodes on 127.0.0.1-3, faults, load, history checks")

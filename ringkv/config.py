@@ -48,6 +48,8 @@ __all__ = [
     "TrueTimeConfig",
     "TxnConfig",
     "RepairConfig",
+    "TlsFilesConfig",
+    "TlsConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -305,6 +307,32 @@ class StreamingConfig:
     auto_bootstrap: bool = True
 
 
+@dataclass(frozen=True)
+class TlsFilesConfig:
+    # PEM files for one link. cert_file may hold the chain (leaf first);
+    # key_file is its unencrypted private key; ca_file the certificates the
+    # other end's must chain to. All None = plain TCP on that link.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    # client: HTTPS on client_port and TLS on native_port (cert_file and
+    # key_file; with ca_file, clients must also present a certificate that
+    # chains to it). internode: mutual TLS between nodes, all three files
+    # required: each end proves itself with cert_file and accepts only a
+    # peer whose certificate chains to ca_file (the cluster CA).
+    # SIGHUP rereads every file here without a restart.
+    client: TlsFilesConfig = field(default_factory=TlsFilesConfig)
+    internode: TlsFilesConfig = field(default_factory=TlsFilesConfig)
+
+
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
     # Both tiers out of the box: `default` (Dynamo-style) and `txn` (Paxos
     # groups per range, strictly serializable), as conf/ringkv.yaml lists them.
@@ -327,6 +355,7 @@ class Config:
     txn: TxnConfig = field(default_factory=TxnConfig)
     repair: RepairConfig = field(default_factory=RepairConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     # Where the config came from (file path), None for defaults or a dict.
     # Not part of equality: two configs with the same values are equal.
     source: str | None = field(default=None, compare=False)
@@ -360,6 +389,11 @@ class Config:
             "txn": dataclasses.asdict(self.txn),
             "repair": dataclasses.asdict(self.repair),
             "streaming": dataclasses.asdict(self.streaming),
+            "tls": {
+                link: {name: None if path is None else str(path)
+                       for name, path in dataclasses.asdict(getattr(self.tls, link)).items()}
+                for link in _TLS_LINKS
+            },
         }
 
     def repair_interval_s(self) -> int:
@@ -486,6 +520,14 @@ def _check_override_key(key: object) -> None:
     section = parts[0]
     if section not in _SECTIONS:
         _override_error(key, _known_key_hint(section, _SECTIONS), f"unknown section {section!r}")
+    if section == "tls" and len(parts) == 3:
+        if parts[1] not in _TLS_LINKS:
+            _override_error(key, _known_key_hint(parts[1], _TLS_LINKS), f"unknown key {parts[1]!r}")
+        if parts[2] not in _TLS_FILE_KEYS:
+            _override_error(
+                key, _known_key_hint(parts[2], _TLS_FILE_KEYS), f"unknown key {parts[2]!r}"
+            )
+        return
     if section == "keyspaces":
         if len(parts) > 3:
             _override_error(key, "keyspaces.<name>.<field>", repr(key))
@@ -615,8 +657,9 @@ def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config
     txn = _read_txn(ctx, data.get("txn"))
     repair = _read_repair(ctx, data.get("repair"), timing)
     streaming = _read_streaming(ctx, data.get("streaming"))
+    tls = _read_tls(ctx, data.get("tls"))
     return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, repair, streaming,
-                  source)
+                  tls, source)
 
 
 def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
@@ -832,6 +875,85 @@ def _read_streaming(ctx: _Context, raw: object) -> StreamingConfig:
     return StreamingConfig(**sec.done())
 
 
+# Which files each link needs together: a client link may leave ca_file out
+# (no client certificates); mutual TLS between nodes needs all three.
+_TLS_REQUIRED = {
+    "client": ("cert_file", "key_file"),
+    "internode": ("cert_file", "key_file", "ca_file"),
+}
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = b"PRIVATE KEY-----"
+
+
+def _read_tls(ctx: _Context, raw: object) -> TlsConfig:
+    sec = _Section(ctx, "tls", raw, _SECTIONS["tls"])
+    for link in _TLS_LINKS:
+        sec.take(link, _check_tls_files, _TLS_REQUIRED[link])
+    return TlsConfig(**sec.done())
+
+
+def _check_tls_files(
+    ctx: _Context, name: str, value: object, required: tuple[str, ...]
+) -> TlsFilesConfig:
+    """One link's files: present together, readable, PEM, and the key matching the cert."""
+    sec = _Section(ctx, name, value, _TLS_FILE_KEYS)
+    sec.take("cert_file", _check_pem_file, _PEM_CERT, "a certificate")
+    sec.take("key_file", _check_pem_file, _PEM_KEY, "a private key")
+    sec.take("ca_file", _check_pem_file, _PEM_CERT, "CA certificates")
+    files = TlsFilesConfig(**sec.done())
+    given = [key for key in _TLS_FILE_KEYS if getattr(files, key) is not None]
+    missing = [key for key in required if getattr(files, key) is None]
+    if given and missing:
+        ctx.fail(f"{name}.{missing[0]}",
+                 f"a file path: {name} needs {', '.join(required)} together",
+                 "null", related=tuple(f"{name}.{key}" for key in given))
+    if files.cert_file is not None and files.key_file is not None:
+        _check_key_matches(ctx, name, files.cert_file, files.key_file)
+    return files
+
+
+def _check_pem_file(ctx: _Context, name: str, value: object, marker: bytes, what: str) -> Path | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    wanted = f"a readable PEM file holding {what}"
+    if not isinstance(value, str) or not value:
+        ctx.fail(name, wanted, _show_typed(value))
+    path = Path(value)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        ctx.fail(name, wanted, f"{_show(value)} ({exc.strerror or exc})")
+    if marker not in data:
+        ctx.fail(name, wanted, f"{_show(value)} (no {marker.decode().strip('-')} in it)")
+    return path
+
+
+def _check_key_matches(ctx: _Context, name: str, cert_file: Path, key_file: Path) -> None:
+    """The key must be the certificate's: the TLS handshake would fail on every connection."""
+    # Imported here: only configs that use TLS pay for loading it.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except ValueError as exc:
+        ctx.fail(f"{name}.cert_file", "a readable PEM file holding a certificate",
+                 f"{_show(str(cert_file))} ({exc})")
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: the key is encrypted
+        ctx.fail(f"{name}.key_file", "an unencrypted PEM private key",
+                 f"{_show(str(key_file))} ({exc})")
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, public)
+            != cert.public_key().public_bytes(serialization.Encoding.DER, public)):
+        ctx.fail(f"{name}.key_file", f"the private key of {name}.cert_file ({str(cert_file)!r})",
+                 f"{_show(str(key_file))}, a key that does not match it",
+                 related=(f"{name}.cert_file",))
+
+
 # Field checks: each returns the typed value or raises through ctx.fail.
 
 
@@ -1014,5 +1136,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "txn": _field_names(TxnConfig),
     "repair": _field_names(RepairConfig),
     "streaming": _field_names(StreamingConfig),
+    "tls": _field_names(TlsConfig),
 }
+_TLS_LINKS = _field_names(TlsConfig)
+_TLS_FILE_KEYS = _field_names(TlsFilesConfig)
 _KEYSPACE_KEYS = _field_names(KeyspaceConfig, skip=("name",))

@@ -11,7 +11,7 @@ import logging
 import random
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ringkv.address import format_address
 from ringkv.clock import Clock, SystemClock
@@ -61,6 +61,9 @@ from ringkv.topology.plan import StreamProgress, StreamRange, bootstrap_plan, le
 from ringkv.topology.streamer import Streamer, StreamFailed
 from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
+
+if TYPE_CHECKING:
+    from ringkv.net.tls import NodeTls
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,9 @@ class Node:
         # net.native.GOSSIP_KEY: set by the process before ``open`` when it
         # serves one (the simulator's nodes have none, and gossip as before).
         self.native_address: str | None = None
+        # The process's SSL contexts (ringkv.net.tls), set before ``open`` like
+        # native_address: the internode transport uses them when tls.internode is set.
+        self.tls: NodeTls | None = None
         self.standalone = standalone
         # None once the node is NORMAL on the ring; until then why it is not
         # (JOINING or WAITING_FOR_SEEDS) and since when, on the monotonic clock.
@@ -714,6 +720,14 @@ class Node:
             from ringkv.net.transport import Transport  # real sockets
 
             factory = Transport
+            if self.tls is not None and self.tls.internode_server is not None:
+                from ringkv.net.sockets import SocketNetwork
+
+                # Mutual TLS on every internode connection (tls.internode).
+                network = SocketNetwork(cluster.listen_host,
+                                        server_ssl=self.tls.internode_server,
+                                        client_ssl=self.tls.internode_client)
+                factory = partial(Transport, network=network)
         self.transport = factory(
             self.node_id, cluster.name, cluster.listen_host, cluster.internode_port, handler
         )

@@ -20,6 +20,8 @@ from ringkv.config import (
     TimingConfig,
     TrueTimeConfig,
     TxnConfig,
+    TlsConfig,
+    TlsFilesConfig,
     RepairConfig,
     config_from_dict,
     default_config,
@@ -80,9 +82,12 @@ def test_reference_yaml_lists_and_documents_every_field():
         "txn": TxnConfig,
         "repair": RepairConfig,
         "streaming": StreamingConfig,
+        "tls": TlsConfig,
     }
     assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn",
-                          "repair", "streaming"]
+                          "repair", "streaming", "tls"]
+    for link in ("client", "internode"):
+        assert list(data["tls"][link]) == [f.name for f in dataclasses.fields(TlsFilesConfig)]
     for section, cls in sections.items():
         assert list(data[section]) == [f.name for f in dataclasses.fields(cls)], section
     assert list(data["keyspaces"]["default"]) == [

@@ -38,7 +38,7 @@ SHELL = frozenset({
     "repair/hints.py", "repair/handoff.py", "repair/history.py", "repair/service.py",
     "gossip/service.py",
     "topology/streamer.py",  # pages scans from peers into the store, paced on the clock
-    "net/rpc.py", "net/sockets.py", "net/transport.py",
+    "net/rpc.py", "net/sockets.py", "net/transport.py", "net/tls.py",
     "storage/store.py", "storage/leveldb.py",
     "txn/mvcc.py",  # runs engine calls off the loop (LevelDB fsyncs)
     "txn/paxos_log.py",  # fsyncs a group's Paxos records through the engine

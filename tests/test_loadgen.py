@@ -84,6 +84,7 @@ def test_connection_close_and_a_dead_server() -> None:
 
 def test_targets_must_be_http_urls() -> None:
     assert _Target.parse("http://127.0.0.1:7400/base/") == _Target("127.0.0.1", 7400, "/base")
-    for bad in ("https://127.0.0.1:7400", "127.0.0.1:7400"):
+    assert _Target.parse("https://127.0.0.1:7400") == _Target("127.0.0.1", 7400, "")  # --tls
+    for bad in ("ftp://127.0.0.1:7400", "127.0.0.1:7400"):
         with pytest.raises(ValueError, match="http://"):
             _Target.parse(bad)

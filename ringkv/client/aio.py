@@ -8,6 +8,7 @@ the running event loop. aiohttp is imported on first use, so blocking users
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -318,7 +319,7 @@ class AsyncClient(ClientBase):
         if isinstance(effect, Send):
             route = self._native_route(effect)
             if route is not None:
-                outcome = await self._native.send(route[0], route[1], effect.timeout_s)
+                outcome = await self._native.send(route[0], route[1], effect.timeout_s, route[2])
                 if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
                     return outcome
                 self._native_unreachable(route[0])  # never sent: try the HTTP port
@@ -348,7 +349,9 @@ class AsyncClient(ClientBase):
 
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self._pool_size, keepalive_timeout=KEEPALIVE_S
+                limit=0, limit_per_host=self._pool_size, keepalive_timeout=KEEPALIVE_S,
+                # https:// nodes: our CA bundle and certificate (True: the defaults)
+                ssl=self.ssl_context if self.ssl_context is not None else True,
             )
             self._session = aiohttp.ClientSession(connector=connector)
         timeout = aiohttp.ClientTimeout(total=effect.timeout_s, sock_connect=effect.timeout_s)
@@ -505,7 +508,8 @@ class _NativePool:
         self._connecting: dict[tuple[str, int], asyncio.Future[_NativeConnection]] = {}
         self._turn = 0
 
-    async def _connection(self, address: tuple[str, int], timeout_s: float) -> _NativeConnection:
+    async def _connection(self, address: tuple[str, int], timeout_s: float,
+                          context: ssl.SSLContext | None) -> _NativeConnection:
         conns = self._conns.setdefault(address, [])
         conns[:] = [c for c in conns if c.lost is None]
         connecting = self._connecting.get(address)
@@ -514,7 +518,7 @@ class _NativePool:
             return conns[self._turn % len(conns)]
         if connecting is not None:  # the first connection is on its way: share it
             return await asyncio.shield(connecting)
-        connecting = asyncio.ensure_future(self._connect(address, timeout_s))
+        connecting = asyncio.ensure_future(self._connect(address, timeout_s, context))
         self._connecting[address] = connecting
         try:
             conn = await asyncio.shield(connecting)
@@ -523,10 +527,15 @@ class _NativePool:
         self._conns.setdefault(address, []).append(conn)
         return conn
 
-    async def _connect(self, address: tuple[str, int], timeout_s: float) -> _NativeConnection:
+    async def _connect(self, address: tuple[str, int], timeout_s: float,
+                       context: ssl.SSLContext | None) -> _NativeConnection:
         loop = asyncio.get_running_loop()
+        # With a context, TLS first (a node serving HTTPS serves it here too), then
+        # the native handshake inside it.
         _, conn = await asyncio.wait_for(
-            loop.create_connection(_NativeConnection, address[0], address[1]), timeout_s)
+            loop.create_connection(_NativeConnection, address[0], address[1], ssl=context,
+                                   server_hostname=address[0] if context else None),
+            timeout_s)
         try:
             assert conn.transport is not None
             conn.transport.write(native.hello_frame())
@@ -537,9 +546,9 @@ class _NativePool:
         return conn
 
     async def send(self, address: tuple[str, int], request: NativeRequest,
-                   timeout_s: float) -> Reply | Failure:
+                   timeout_s: float, context: ssl.SSLContext | None = None) -> Reply | Failure:
         try:
-            conn = await self._connection(address, timeout_s)
+            conn = await self._connection(address, timeout_s, context)
         except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as exc:
             return Failure("connect", f"cannot connect (native): {exc!r}")
         if conn.lost is not None:

@@ -7,6 +7,7 @@ a thread lock and random UUIDs for idempotency keys.
 from __future__ import annotations
 
 import random
+import ssl
 import threading
 import uuid
 from collections.abc import Sequence
@@ -32,6 +33,19 @@ def new_idempotency_key() -> str:
     return str(uuid.uuid4())
 
 
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None, *,
+                force: bool = False) -> ssl.SSLContext | None:
+    """A client SSL context verifying node certificates against ``ca_file`` (None: the
+    system's CAs) and showing ``cert_file``; None when nothing asks for TLS."""
+    if not force and ca_file is None and cert_file is None:
+        return None
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 class ClientBase:
     """Configuration, the operations core, and the ring as last fetched."""
 
@@ -52,6 +66,9 @@ class ClientBase:
         leader_hints: bool = True,
         rng: random.Random | None = None,
         protocol: str = "native",
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         """Connect lazily to a cluster through ``seeds`` (one or more node URLs).
 
@@ -72,6 +89,12 @@ class ClientBase:
         native binary protocol to nodes whose native address the ring names
         (the first ring fetch, and nodes without one, use HTTP); ``"http"``
         sends everything over HTTP.
+        ``ca_file``: the CA bundle (PEM) node certificates must chain to, for
+        ``https://`` seeds (the nodes' ``tls.client``); the native protocol then
+        runs over TLS too. None: the system's trusted CAs. ``cert_file`` and
+        ``key_file``: this client's certificate and key, for nodes that require
+        one (``tls.client.ca_file``). A node's certificate must name the host
+        the client reaches it at (``ringkv certs issue --host``).
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -94,6 +117,9 @@ class ClientBase:
             txn_retries=txn_retries,
             leader_hints=leader_hints,
         )
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        self.ssl_context = tls_context(ca_file, cert_file, key_file)
         self._pool_size = pool_size
         self._native_down: dict[tuple[str, int], float] = {}
         self._setup()
@@ -101,8 +127,20 @@ class ClientBase:
     def _setup(self) -> None:
         """Per-client I/O state (a connection pool); set up by each subclass."""
 
-    def _native_route(self, effect: Send) -> tuple[tuple[str, int], NativeRequest] | None:
-        """Where and what to send over the native protocol, or None: over HTTP."""
+    def _tls_for(self, url: str) -> ssl.SSLContext | None:
+        """The SSL context for a node URL: None for http://, ours (or the system
+        default, made on first need) for https://."""
+        if not url.startswith("https:"):
+            return None
+        if self.ssl_context is None:
+            self.ssl_context = tls_context(None, None, None, force=True)
+        return self.ssl_context
+
+    def _native_route(
+        self, effect: Send
+    ) -> tuple[tuple[str, int], NativeRequest, ssl.SSLContext | None] | None:
+        """Where and what to send over the native protocol (TLS with the context given:
+        a node serving HTTPS serves TLS on its native port too), or None: over HTTP."""
         if self.protocol != "native":
             return None
         native = self._ops.router.topology.native
@@ -114,7 +152,7 @@ class ClientBase:
         if self._native_down and self._native_down.get(address, 0.0) > self._clock.monotonic_s():
             return None
         request = to_native(effect)
-        return None if request is None else (address, request)
+        return None if request is None else (address, request, self._tls_for(effect.url))
 
     def _native_unreachable(self, address: tuple[str, int]) -> None:
         """The node's native port refused us (the request never went out): use HTTP to

@@ -11,6 +11,7 @@ import http.client
 import itertools
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -318,14 +319,14 @@ class Client(ClientBase):
     # ---- performing the plans' effects ------------------------------------------
 
     def _setup(self) -> None:
-        self._pool = _ConnectionPool(self._pool_size, self._clock)
+        self._pool = _ConnectionPool(self._pool_size, self._clock, self._tls_for)
         self._native = _NativePool(self._pool_size, self._clock, self._pool.watchdog)
 
     def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):
             route = self._native_route(effect)
             if route is not None:
-                outcome = self._native.send(route[0], route[1], effect.timeout_s)
+                outcome = self._native.send(route[0], route[1], effect.timeout_s, route[2])
                 if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
                     return outcome
                 self._native_unreachable(route[0])  # never sent: try the HTTP port
@@ -516,10 +517,12 @@ class _IdleConnections(Generic[K, C]):
 class _ConnectionPool:
     """Keep-alive ``http.client`` connections per node; safe to share between threads."""
 
-    def __init__(self, max_idle_per_node: int, clock: SystemClock) -> None:
+    def __init__(self, max_idle_per_node: int, clock: SystemClock,
+                 tls_for: Callable[[str], ssl.SSLContext | None]) -> None:
         self._idle: _IdleConnections[tuple[str, str, int], http.client.HTTPConnection] = (
             _IdleConnections(max_idle_per_node, clock, _dropped))
         self._clock = clock
+        self._tls_for = tls_for
         self._watchdog = _Watchdog(clock)
 
     @property
@@ -534,8 +537,11 @@ class _ConnectionPool:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         conn = self._idle.take(origin)
         if conn is None:
-            factory = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = factory(host, port, timeout=effect.timeout_s)
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(host, port, timeout=effect.timeout_s,
+                                                   context=self._tls_for(effect.url))
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=effect.timeout_s)
             try:
                 conn.connect()
             except OSError as exc:
@@ -603,12 +609,12 @@ class _NativePool:
         self._watchdog = watchdog
 
     def send(self, address: tuple[str, int], request: NativeRequest,
-             timeout_s: float) -> Reply | Failure:
+             timeout_s: float, context: ssl.SSLContext | None = None) -> Reply | Failure:
         conn = self._idle.take(address)
         deadline_s = self._clock.monotonic_s() + timeout_s
         if conn is None:
             try:
-                conn = self._connect(address, timeout_s, deadline_s)
+                conn = self._connect(address, timeout_s, deadline_s, context)
             except (OSError, ProtocolError) as exc:
                 return Failure("connect", f"cannot connect (native): {exc}")
         conn.sock.settimeout(timeout_s)
@@ -638,12 +644,14 @@ class _NativePool:
         return answer
 
     def _connect(self, address: tuple[str, int], timeout_s: float,
-                 deadline_s: float) -> _NativeConnection:
+                 deadline_s: float, context: ssl.SSLContext | None) -> _NativeConnection:
         sock = socket.create_connection(address, timeout=timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             watch = self._watchdog.arm(deadline_s, sock)
             try:
+                if context is not None:  # TLS first, then the native handshake inside it
+                    sock = context.wrap_socket(sock, server_hostname=address[0])
                 sock.sendall(native.hello_frame())
                 conn = _NativeConnection(sock, 0)
                 conn.version = native.check_hello(conn.read_frame())
@@ -664,6 +672,20 @@ def _readable(sock: socket.socket) -> bool:
         readable, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):
         return True
+    if readable and isinstance(sock, ssl.SSLSocket):
+        # TLS 1.3 sends session tickets after the handshake: readable, yet only
+        # TLS records, no data. Read to find out; an idle connection has no data.
+        timeout = sock.gettimeout()
+        try:
+            sock.setblocking(False)
+            sock.recv(1)  # data, or b"" (closed): either way not a usable idle connection
+            return True
+        except ssl.SSLWantReadError:
+            return False
+        except OSError:
+            return True
+        finally:
+            sock.settimeout(timeout)
     return bool(readable)
 
 

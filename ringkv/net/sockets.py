@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -64,16 +65,40 @@ class _Server:
 
 
 class SocketNetwork:
-    """Real TCP. Outbound connections leave from ``source_host`` when it is an address."""
+    """Real TCP. Outbound connections leave from ``source_host`` when it is an address.
 
-    def __init__(self, source_host: str) -> None:
+    With ``server_ssl`` and ``client_ssl`` (``ringkv.net.tls``: mutual TLS,
+    ``tls.internode``) every connection is TLS: accepted ones must show a
+    certificate the server context trusts (a refused handshake is logged with
+    the peer's address), dialled ones must show one the client context trusts.
+    Either way the handshake ends within ``handshake_timeout_s``.
+    """
+
+    def __init__(self, source_host: str, *, server_ssl: ssl.SSLContext | None = None,
+                 client_ssl: ssl.SSLContext | None = None,
+                 handshake_timeout_s: float = 2.0) -> None:
         self._source = source_address(source_host)
+        self._server_ssl = server_ssl
+        self._client_ssl = client_ssl
+        self._handshake_timeout_s = handshake_timeout_s
 
     async def listen(self, factory: ProtocolFactory, host: str, port: int) -> Listener:
-        server = await asyncio.get_running_loop().create_server(factory, host, port)
+        if self._server_ssl is not None:
+            from ringkv.net.tls import listen_tls
+
+            server = await listen_tls(factory, host, port, self._server_ssl,
+                                      handshake_timeout_s=self._handshake_timeout_s,
+                                      what="internode")
+        else:
+            server = await asyncio.get_running_loop().create_server(factory, host, port)
         return _Server(server, host, port)
 
     async def connect(self, factory: ProtocolFactory, host: str, port: int) -> asyncio.Protocol:
+        if self._client_ssl is not None:
+            _, protocol = await asyncio.get_running_loop().create_connection(
+                factory, host, port, local_addr=self._source, ssl=self._client_ssl,
+                server_hostname=host, ssl_handshake_timeout=self._handshake_timeout_s)
+            return protocol
         _, protocol = await asyncio.get_running_loop().create_connection(
             factory, host, port, local_addr=self._source
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -27,6 +28,7 @@ from ringkv.clock import Clock
 from ringkv.door import CLIENT_CLOSED, TOO_LARGE, Connection, Door, Expiry
 from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net import native as core
+from ringkv.net.tls import CLIENT_HANDSHAKE_TIMEOUT_S, listen_tls
 from ringkv.net.codec import (
     KIND_ERROR, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
 )
@@ -47,8 +49,10 @@ FRAME_OVERHEAD_BYTES = 64 * 1024  # the envelope and the fields around a body of
 class NativeServer:
     """What every native connection of a node shares."""
 
-    def __init__(self, node: Node, door: Door, cache: IdempotencyCache, clock: Clock) -> None:
+    def __init__(self, node: Node, door: Door, cache: IdempotencyCache, clock: Clock, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.node = node
+        self.ssl_context = ssl_context  # tls.client: TLS before the native handshake
         self.door = door
         self.cache = cache
         self.clock = clock
@@ -58,6 +62,12 @@ class NativeServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
+        if self.ssl_context is not None:
+            self._server = await listen_tls(
+                lambda: NativeConnection(self), host, port, self.ssl_context,
+                handshake_timeout_s=CLIENT_HANDSHAKE_TIMEOUT_S, what="native protocol",
+                reuse_address=True)
+            return
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: NativeConnection(self), host, port, reuse_address=True)

@@ -1,5 +1,8 @@
 """Runs one node process: ordered start-up, and a clean shutdown on SIGTERM/SIGINT.
 
+SIGHUP rereads the TLS certificates, keys and CAs (``tls.*``) into the
+contexts every listener and dialler holds, so they rotate without a restart.
+
 Start-up raises the open-files limit first, and sizes the client door to fit
 in it, so that clients can never take the descriptors LevelDB needs.
 Shutdown order matters for durability: stop accepting connections, let the
@@ -13,11 +16,13 @@ import asyncio
 import gc
 import logging
 import signal
+import ssl
 
 from aiohttp import web
 
 from ringkv.config import Config
 from ringkv.door import Door, DoorLimits, file_plan
+from ringkv.net.tls import CLIENT_HANDSHAKE_TIMEOUT_S, NodeTls, listen_tls
 from ringkv.node import Node
 from ringkv.server.api import build_app
 from ringkv.server.guard import DoorCollector, raise_open_files_limit
@@ -46,7 +51,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     door = open_door(config)
+    tls = NodeTls(config.tls)
+    loop.add_signal_handler(signal.SIGHUP, tls.reload)
     node = Node(config)
+    node.tls = tls
     node.on_left = stop.set  # decommissioned: LEFT the ring, so the process ends
     node.native_address = config.cluster.native_address  # gossiped: clients find it
     await node.open()
@@ -56,7 +64,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     gc.freeze()
     node.metrics.registry.register(DoorCollector(door))
     cache = IdempotencyCache(node.clock)  # one for both front ends
-    native = NativeServer(node, door, cache, node.clock)
+    native = NativeServer(node, door, cache, node.clock, ssl_context=tls.client)
     runner = ApiRunner(
         build_app(node, cache),
         config.limits,
@@ -66,9 +74,14 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         shutdown_timeout=config.timing.shutdown_drain_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, config.cluster.listen_host, config.cluster.client_port, reuse_address=True
-    )
+    site: web.BaseSite
+    if tls.client is not None:
+        site = TlsSite(runner, config.cluster.listen_host, config.cluster.client_port, tls.client)
+    else:
+        site = web.TCPSite(
+            runner, config.cluster.listen_host, config.cluster.client_port, reuse_address=True
+        )
+    scheme = "https" if tls.client is not None else "http"
     try:
         # Serve before joining: while a new node waits for its seeds,
         # /v1/status says why and client requests get 503 not_joined.
@@ -79,7 +92,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
             # A line tools and tests wait for: the node is ready for clients.
             print(
                 f"ringkv node {node.node_id} listening on "
-                f"http://{config.cluster.client_address}",
+                f"{scheme}://{config.cluster.client_address}",
                 flush=True,
             )
             await stop.wait()
@@ -93,6 +106,32 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         await runner.cleanup()  # stops accepting, then drains in-flight requests
         await native.close(config.timing.shutdown_drain_timeout_s)
         await node.stop()  # then flushes and closes storage
+
+
+class TlsSite(web.BaseSite):
+    """The HTTPS API: aiohttp's TCP site, but accepting through ``listen_tls`` so that a
+    refused handshake (plain HTTP, a client certificate from another CA) is logged with
+    the client's address, and a handshake that never ends is cut off."""
+
+    __slots__ = ("_host", "_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(runner, ssl_context=context)
+        self._host, self._port = host, port
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None and self._ssl_context is not None
+        self._server = await listen_tls(
+            server, self._host, self._port, self._ssl_context,
+            handshake_timeout_s=CLIENT_HANDSHAKE_TIMEOUT_S, what="client API",
+            reuse_address=True)
 
 
 def open_door(config: Config) -> Door:

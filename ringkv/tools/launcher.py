@@ -10,10 +10,12 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from http import client as http_client
@@ -123,10 +125,21 @@ class NodeProcess:
     url_host: str | None = None  # where clients reach it when ``host`` is a wildcard
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # The directory of `ringkv certs` (ca.crt, client.crt/.key) when the node serves
+    # TLS to clients (its config's tls.client): its URL is https://, and ``http``
+    # trusts that CA for it.
+    tls_dir: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{format_address(self.url_host or self.host, self.client_port)}"
+        scheme = "https" if self.tls_dir is not None else "http"
+        return f"{scheme}://{format_address(self.url_host or self.host, self.client_port)}"
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """What a client of this node uses: its CA, and the client certificate if any."""
+        if self.tls_dir is None:
+            return None
+        return tls_client_context(self.tls_dir)
 
     def start(self, *, wait_joined: bool = True) -> NodeProcess:
         """Start the process; return once it serves clients (NORMAL on the ring), or
@@ -158,6 +171,9 @@ class NodeProcess:
             args += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        context = self.client_context()
+        if context is not None:
+            trust(self.url, context)
         return self
 
     def _answers_status(self) -> bool:
@@ -206,6 +222,26 @@ class NodeProcess:
         return self.proc.returncode
 
 
+# TLS nodes this process started (or was told of), by "scheme://host:port": the
+# context to reach each, so that every helper here and in local_cluster reaches a
+# TLS cluster with the same calls as a plain one.
+_TRUSTED: dict[str, ssl.SSLContext] = {}
+
+
+def trust(url: str, context: ssl.SSLContext) -> None:
+    """Reach the node at ``url`` (its base URL) with ``context`` from now on."""
+    parts = urllib.parse.urlsplit(url)
+    _TRUSTED[f"{parts.scheme}://{parts.netloc}"] = context
+
+
+def tls_client_context(tls_dir: Path) -> ssl.SSLContext:
+    """Trust the CA of ``tls_dir`` (`ringkv certs`), showing its client.crt when there is one."""
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
+    if (tls_dir / "client.crt").exists():
+        context.load_cert_chain(tls_dir / "client.crt", tls_dir / "client.key")
+    return context
+
+
 def http(
     method: str,
     url: str,
@@ -214,14 +250,21 @@ def http(
     raw: bytes | None = None,
     timeout_s: float = 10.0,
     headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
-    """A tiny HTTP client (stdlib only): returns (status, parsed JSON or text)."""
+    """A tiny HTTP client (stdlib only): returns (status, parsed JSON or text).
+
+    An https:// URL uses ``context``, else the one ``trust`` gave its node, else
+    the system's defaults."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None and "Content-Type" not in (headers or {}):
         request.add_header("Content-Type", "application/json")
+    if context is None and url.startswith("https:"):
+        parts = urllib.parse.urlsplit(url)
+        context = _TRUSTED.get(f"{parts.scheme}://{parts.netloc}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             return response.status, _parse(response.read())
     except urllib.error.HTTPError as error:
         return error.code, _parse(error.read())

@@ -15,6 +15,7 @@ every other node UP.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass, field
 from http.client import HTTPException
@@ -56,6 +57,37 @@ class LocalCluster:
     extra_args: list[str] = field(default_factory=list)
     config_overrides: dict[str, Any] = field(default_factory=dict)
     procs: list[NodeProcess] = field(default_factory=list)
+    # TLS on both links: a CA and a certificate per node (and one for a client)
+    # under data_dir/certs, each node's files in its own config (see ``tls_config``).
+    tls: bool = False
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.data_dir / "certs"
+
+    def tls_config(self, node_id: str, *, host: str | None = None,
+                   base: Path | None = None) -> Path:
+        """``node_id``'s config: the shared one (or ``base``) plus its certificate on
+        both links, for ``host`` (default: ``host_prefix``), issued now unless an
+        earlier run left one (a restart keeps its certificates)."""
+        from ringkv.tools.certs import CA_CERT, init_ca, issue
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certs = self.certs_dir
+        if not (certs / CA_CERT).exists():
+            init_ca(certs, now)
+        if not (certs / "client.crt").exists():
+            issue(certs, "client", now, client_only=True)
+        if not (certs / f"{node_id}.crt").exists():
+            issue(certs, node_id, now, hosts=(host or self.host_prefix, "localhost"))
+        files = {"cert_file": str(certs / f"{node_id}.crt"),
+                 "key_file": str(certs / f"{node_id}.key")}
+        config = yaml.safe_load((base or self.config_file()).read_text())
+        config["tls"] = {"client": dict(files),
+                         "internode": {**files, "ca_file": str(certs / CA_CERT)}}
+        path = self.data_dir / f"{node_id}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def config_file(self, rack: str | None = None) -> Path:
         """A config shared by every node; per-node fields come from flags. With
@@ -92,7 +124,8 @@ class LocalCluster:
                 internode_port=self.base_internode_port + i,
                 native_port=native + i,
                 extra_args=["--seeds", seed, *self.extra_args],
-                config_path=config,
+                config_path=self.tls_config(f"node{i + 1}") if self.tls else config,
+                tls_dir=self.certs_dir if self.tls else None,
             )
             for i in range(self.nodes)
         ]
@@ -117,7 +150,9 @@ class LocalCluster:
                 internode_port=HOST_INTERNODE_PORT,
                 native_port=HOST_NATIVE_PORT,
                 extra_args=["--seeds", seed, *self.extra_args],
-                config_path=configs[i % len(configs)],
+                config_path=(self.tls_config(f"node{i + 1}", host=host, base=configs[i % len(configs)])
+                             if self.tls else configs[i % len(configs)]),
+                tls_dir=self.certs_dir if self.tls else None,
                 wrapper=hosts.wrapper(i),
             )
             for i, host in enumerate(hosts.hosts)
