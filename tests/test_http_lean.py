@@ -19,9 +19,12 @@ from aiohttp import web
 
 from ringkv.clock import ManualClock
 from ringkv.config import Config, config_from_dict
+from ringkv.coordinator.results import Receipt
 from ringkv.node import Node
+from ringkv.server import handlers
 from ringkv.server import http_protocol
 from ringkv.server.api import build_app
+from ringkv.server.handlers import receipt_json
 from ringkv.server.http_protocol import ApiRunner
 
 TIMEOUT_S = 10.0
@@ -358,3 +361,26 @@ def test_the_answers_are_the_same_as_aiohttp_gives(monkeypatch: pytest.MonkeyPat
                             413, 431, 200]
 
     run(scenario)
+
+
+def test_receipts_written_once_are_each_their_own_and_the_cache_stays_bounded() -> None:
+    encoder = json.JSONEncoder(separators=(",", ":"))
+    # Receipts alike but for one field each, and names that only differ by where
+    # a list ends: no two may share a cached text.
+    receipts = [
+        Receipt("ONE", ["a", "b"], asked=["a"], answered=["a"]),
+        Receipt("ONE", ["a", "b"], asked=["a"], answered=[]),
+        Receipt("ONE", ["a"], asked=["b", "a"], answered=["a"]),
+        Receipt("ONE", ["a", "b"], asked=["a"], answered=["a"], hints_stored=1),
+        Receipt("ONE", ["a", "b"], asked=["a"], answered=["a"], read_repair=True),
+        Receipt("ONE", ["a", "b"], asked=["a"], answered=["a"], repaired=["b"]),
+        Receipt("ONE", ["a", "b"], asked=["a"], answered=["a"], speculative=["b"]),
+        Receipt("QUORUM", ["a", "b"], asked=["a"], answered=["a"]),
+    ]
+    for _ in range(2):  # written, then from the cache
+        for receipt in receipts:
+            assert receipt_json(receipt) == encoder.encode(receipt.to_json())
+    for index in range(handlers._RECEIPTS_MAX + 10):
+        receipt = Receipt("ONE", [f"n{index}"], asked=[f"n{index}"], answered=[])
+        assert receipt_json(receipt) == encoder.encode(receipt.to_json())
+        assert len(handlers._RECEIPTS) <= handlers._RECEIPTS_MAX
