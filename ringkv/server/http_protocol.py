@@ -296,6 +296,14 @@ class ApiRequestHandler(web.RequestHandler):
         # (Its deadline is on its loop's clock.)
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's body reader calls this as every body ends and at every read of
+        # one; with reading not paused for flow control there is nothing to resume,
+        # nor any input the parser holds back for it (what it holds at its queue
+        # limit waits for ``_resume_reading_if_drained``), so skip the re-parse.
+        if self._reading_paused:
+            web.RequestHandler.resume_reading(self, resume_parser)
+
     def _resume_reading_if_drained(self) -> None:
         # aiohttp's, counting the held requests too: reading resumes only once the
         # parser has room for what it kept (else it would wait for bytes that never come).
