@@ -384,3 +384,77 @@ def test_receipts_written_once_are_each_their_own_and_the_cache_stays_bounded() 
         receipt = Receipt("ONE", [f"n{index}"], asked=[f"n{index}"], answered=[])
         assert receipt_json(receipt) == encoder.encode(receipt.to_json())
         assert len(handlers._RECEIPTS) <= handlers._RECEIPTS_MAX
+
+
+def test_a_request_held_behind_a_lean_one_with_its_body_arriving_late_is_answered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with serving(monkeypatch) as served:
+            node = served.node
+            gate = asyncio.Event()
+            arrived = asyncio.Event()
+            real_get = node.get
+
+            async def slow_get(*args: Any, **kwargs: Any) -> Any:
+                arrived.set()
+                await gate.wait()
+                return await real_get(*args, **kwargs)
+
+            monkeypatch.setattr(node, "get", slow_get)
+            reader, writer = await warmed(served)
+            whole = put("/v1/kv/default/late", "v")
+            head, body = whole[:-5], whole[-5:]
+            writer.write(get("/v1/kv/default/nope") + head)  # a lean get, then a put's head
+            await writer.drain()
+            await asyncio.wait_for(arrived.wait(), TIMEOUT_S)
+            writer.write(body)  # the held put's body completes while the get still runs
+            await writer.drain()
+            gate.set()
+            assert (await read_response(reader)).status == 404
+            assert (await read_response(reader)).status == 200
+            monkeypatch.setattr(node, "get", real_get)
+            writer.write(get("/v1/kv/default/late"))
+            assert (await read_response(reader)).json()["value"] == "v"
+            writer.close()
+
+    run(scenario)
+
+
+def test_stopping_the_server_lets_a_lean_request_in_flight_answer_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with serving(monkeypatch) as served:
+            node = served.node
+            gate = asyncio.Event()
+            arrived = asyncio.Event()
+            real_get = node.get
+
+            async def slow_get(*args: Any, **kwargs: Any) -> Any:
+                arrived.set()
+                await gate.wait()
+                return await real_get(*args, **kwargs)
+
+            monkeypatch.setattr(node, "get", slow_get)
+            reader, writer = await warmed(served)
+            writer.write(get("/v1/kv/default/k"))
+            await asyncio.wait_for(arrived.wait(), TIMEOUT_S)
+            assert served.lean_served == 1
+            stopping = asyncio.ensure_future(served.runner.cleanup())
+
+            async def refused() -> None:  # the listener has stopped: the shutdown is under way
+                while True:
+                    try:
+                        _, probe = await served.connect()
+                    except OSError:
+                        return
+                    probe.close()
+
+            await asyncio.wait_for(refused(), TIMEOUT_S)
+            assert not stopping.done()  # waiting for the request in flight
+            gate.set()
+            answer = await read_response(reader)
+            assert answer.status == 404 and answer.json()["error"]["code"] == "not_found"
+            await asyncio.wait_for(stopping, TIMEOUT_S)
+            writer.close()
+
+    run(scenario)
