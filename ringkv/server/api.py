@@ -126,7 +126,8 @@ def _failed(exc: BaseException, request: web.BaseRequest, node: Node) -> web.Str
 # nearly all of a node's client traffic, so they skip aiohttp's router and its
 # middleware chain: ``request_handler`` tells them from the raw target alone and
 # runs them here, with the same checks, errors and metrics as the middleware.
-_KEY_ROUTES: dict[str, tuple[str, h.Operation, bool]] = {
+KeyRoute = tuple[str, h.Operation, bool]  # route name, operation, whether a body is read
+_KEY_ROUTES: dict[str, KeyRoute] = {
     "PUT": ("put", h.put_key, True),
     "GET": ("get", h.get_key, False),
     "DELETE": ("delete", h.delete_key, True),
@@ -135,6 +136,21 @@ _KEY_ROUTES: dict[str, tuple[str, h.Operation, bool]] = {
 # decode, nothing its ``{keyspace}`` pattern refuses); any other goes to the router.
 _PLAIN_KEYSPACE = re.compile(r"[A-Za-z0-9_.~-]+")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def key_route(method: str, raw_path: str, expect: bool) -> tuple[KeyRoute, str] | None:
+    """The key route a request is for and its keyspace, from the method and raw path
+    alone (``expect``: it has an Expect header); None: the router's to serve."""
+    route = _KEY_ROUTES.get(method)
+    if route is None or not raw_path.startswith(KV_PREFIX):
+        return None
+    keyspace, _, raw_key = raw_path[len(KV_PREFIX):].partition("/")
+    # The router's key pattern (``.+``) matches no newline, and an Expect
+    # header wants the router's 100-continue: both stay with the router.
+    if (not raw_key or "%0a" in raw_key or "%0A" in raw_key
+            or not _PLAIN_KEYSPACE.fullmatch(keyspace) or expect):
+        return None
+    return route, keyspace
 
 
 def request_handler(app: web.Application, routed: Handler) -> Handler:
@@ -147,19 +163,11 @@ def request_handler(app: web.Application, routed: Handler) -> Handler:
     metrics = node.metrics
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        route = _KEY_ROUTES.get(request.method)
-        if route is None:
-            return await routed(request)
         raw_path = request.rel_url.raw_path
-        if not raw_path.startswith(KV_PREFIX):
+        found = key_route(request.method, raw_path, hdrs.EXPECT in request.headers)
+        if found is None:
             return await routed(request)
-        keyspace, _, raw_key = raw_path[len(KV_PREFIX):].partition("/")
-        # The router's key pattern (``.+``) matches no newline, and an Expect
-        # header wants the router's 100-continue: both stay with the router.
-        if (not raw_key or "%0a" in raw_key or "%0A" in raw_key
-                or not _PLAIN_KEYSPACE.fullmatch(keyspace) or hdrs.EXPECT in request.headers):
-            return await routed(request)
-        name, operation, has_body = route
+        (name, operation, has_body), keyspace = found
         started = clock.monotonic_s()  # the request's one deadline counts from here
         try:
             h.admit(node, name)

@@ -112,16 +112,32 @@ def _names_json(names: list[str]) -> str:
     return "[" + ",".join(map(_STR, names)) + "]"
 
 
+# Receipts repeat (the same replicas asked and answering, request after request):
+# each is written out once. Bounded: emptied when full (node ids are few).
+_RECEIPTS: dict[tuple[object, ...], str] = {}
+_RECEIPTS_MAX = 4096
+
+
 def receipt_json(receipt: Receipt) -> str:
     """``receipt.to_json()`` as compact JSON."""
-    return (
-        f'{{"consistency":{_STR(receipt.consistency)},"replicas":{_names_json(receipt.replicas)},'
-        f'"asked":{_names_json(receipt.asked)},"answered":{_names_json(receipt.answered)},'
-        f'"hints_stored":{int(receipt.hints_stored)},'
-        f'"read_repair":{"true" if receipt.read_repair else "false"},'
-        f'"repaired":{_names_json(receipt.repaired)},'
-        f'"speculative":{_names_json(receipt.speculative)}}}'
-    )
+    key = (receipt.consistency, tuple(receipt.replicas), tuple(receipt.asked),
+           tuple(receipt.answered), receipt.hints_stored, receipt.read_repair,
+           tuple(receipt.repaired), tuple(receipt.speculative))
+    text = _RECEIPTS.get(key)
+    if text is None:
+        text = (
+            f'{{"consistency":{_STR(receipt.consistency)},'
+            f'"replicas":{_names_json(receipt.replicas)},'
+            f'"asked":{_names_json(receipt.asked)},"answered":{_names_json(receipt.answered)},'
+            f'"hints_stored":{int(receipt.hints_stored)},'
+            f'"read_repair":{"true" if receipt.read_repair else "false"},'
+            f'"repaired":{_names_json(receipt.repaired)},'
+            f'"speculative":{_names_json(receipt.speculative)}}}'
+        )
+        if len(_RECEIPTS) >= _RECEIPTS_MAX:
+            _RECEIPTS.clear()
+        _RECEIPTS[key] = text
+    return text
 
 
 def write_answer(result: WriteResult) -> Answer:
