@@ -53,6 +53,7 @@ class Need:
 class Principal:
     name: str
     grants: frozenset[str]
+    generation: int = 0  # the user's password generation when it logged in
 
 
 def grant_text(permission: str, keyspace: str | None) -> str:

@@ -165,7 +165,7 @@ class AuthService:
         now = self.clock.monotonic_s()
         seen = self._verified.get(digest)
         if record is not None and seen is not None and now - seen < self.config.cache_ttl_s:
-            return Principal(user, record.grants)
+            return Principal(user, record.grants, record.generation)
         ok = await asyncio.to_thread(passwords.verify_password, password, stored)
         if record is None or not ok:
             raise self._refuse(peer, "bad_credentials", "wrong user name or password")
@@ -173,7 +173,7 @@ class AuthService:
         self._verified.move_to_end(digest)
         while len(self._verified) > MAX_VERIFIED:
             self._verified.popitem(last=False)
-        return Principal(user, record.grants)
+        return Principal(user, record.grants, record.generation)
 
     async def check_token(self, token: str, peer: str) -> Principal:
         self._admit(peer)
@@ -187,7 +187,7 @@ class AuthService:
         if record is None or record.generation != claims.generation:
             raise self._refuse(peer, "bad_token", "the token's user was removed or changed "
                                "password since it was issued")
-        return Principal(claims.user, record.grants)
+        return Principal(claims.user, record.grants, record.generation)
 
     async def issue_token(self, header: str | None, peer: str) -> dict[str, Any]:
         """A bearer token for Basic credentials (a token does not buy another)."""
@@ -214,6 +214,23 @@ class AuthService:
         principal = await self.authenticate(header, peer)
         self.authorize(principal, route, keyspace, query, body)
         return principal
+
+    async def authorize_session(self, principal: Principal | None, route: str, keyspace: str,
+                                query: Mapping[str, str], body: bytes) -> None:
+        """Authorize one request of a connection that logged in once (the native hello),
+        with the user's grants as they are now: a revoke reaches open connections too,
+        and a password change or removal ends what they may do."""
+        if route in PUBLIC_ROUTES:
+            return
+        if principal is None:
+            raise Unauthenticated("this connection has not logged in", reason="missing")
+        record = (await self._doc()).users.get(principal.name)
+        if record is None or record.generation != principal.generation:
+            self.metrics.auth_failures.labels("credentials_changed").inc()
+            raise Unauthenticated(f"user {principal.name!r} was removed or changed password "
+                                  "since this connection logged in", reason="credentials_changed")
+        self.authorize(Principal(principal.name, record.grants, record.generation), route,
+                       keyspace, query, body)
 
     def authorize(self, principal: Principal, route: str, keyspace: str,
                   query: Mapping[str, str], body: bytes) -> None:
