@@ -13,6 +13,7 @@ permission it lacks.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
@@ -24,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from ringkv.client import Client
+from ringkv.client import AsyncClient, Client
 from ringkv.client.native import hello_frame
-from ringkv.errors import Forbidden
+from ringkv.errors import Forbidden, Unauthenticated
 from ringkv.net.codec import KIND_ERROR, KIND_RESPONSE, Frame, FrameDecoder
 from ringkv.tools.launcher import NodeProcess, free_port_block
 from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster
@@ -124,6 +125,14 @@ def test_users_log_in_at_every_node(procs: list[NodeProcess]) -> None:
             with pytest.raises(Forbidden) as refusal:
                 client.put("k", protocol)
             assert (refusal.value.permission, refusal.value.keyspace) == ("write", "default")
+    async def with_token() -> Any:
+        async with AsyncClient([c.url], token=token["token"]) as client:
+            return await client.get("k")
+
+    assert asyncio.run(asyncio.wait_for(with_token(), timeout=30)) is None
+    with pytest.raises(Unauthenticated):
+        with Client([a.url], user="alice", password="not-hers", max_retries=0) as client:
+            client.get("k")
     # A grant through c reaches b (within auth.cache_ttl_s).
     done = ringkv_user(c, admin_password, "grant", "alice", "write", "--keyspace", "default")
     assert done.returncode == 0, done.stderr

@@ -46,9 +46,14 @@ async def check_request(node: Node, request: web.Request, route: str) -> None:
     if node.auth is None:
         return
     keyspace = request.match_info.get("keyspace", "")
-    body = await request.read() if route in _BODY_ROUTES and request.body_exists else b""
-    principal = await check_http(node, route, keyspace, request.query, body, request.headers,
-                                 request.remote)
+    if route not in _BODY_ROUTES:
+        principal = await check_http(node, route, keyspace, request.query, b"", request.headers,
+                                     request.remote)
+    else:  # who it is first: a stranger's body is not read
+        principal = await node.auth.authenticate(request.headers.get(hdrs.AUTHORIZATION),
+                                                 request.remote or "unknown")
+        body = await request.read() if request.body_exists else b""
+        node.auth.authorize(principal, route, keyspace, request.query, body)
     if principal is not None:
         request[PRINCIPAL] = principal
 

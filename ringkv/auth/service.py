@@ -4,9 +4,10 @@ typed error; the first superuser; tokens.
 Every front end (HTTP's two paths, the native hello) comes here. Basic
 credentials are checked against the stored scrypt hash in a worker thread
 (scrypt holds no GIL, and ~50 ms must not stall the loop); a check that
-passed is remembered (by a keyed digest of user, password and hash, never
-the password) for ``auth.cache_ttl_s``, so a client that sends Basic on
-every request pays scrypt once per window, not per request. Failed logins
+passed is remembered (by a keyed digest of user, password and the stored
+hash, never the password) for ``VERIFIED_TTL_S``, so a client that sends
+Basic on every request pays scrypt once in that window, not per request.
+Keyed on the stored hash, it is void the moment a new password is read. Failed logins
 count against the source address (``ratelimit.py``) and in the metrics.
 """
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SUPERUSER = "admin"
 MAX_VERIFIED = 4096  # remembered credential checks
+VERIFIED_TTL_S = 300.0
 BOOTSTRAP_RETRY_S = 0.5
 MAX_HEADER_CHARS = 4096
 # Checked against when the user does not exist, so that a missing user costs
@@ -164,7 +166,7 @@ class AuthService:
             (user.encode(), password.encode(), stored.encode())), hashlib.sha256).digest()
         now = self.clock.monotonic_s()
         seen = self._verified.get(digest)
-        if record is not None and seen is not None and now - seen < self.config.cache_ttl_s:
+        if record is not None and seen is not None and now - seen < VERIFIED_TTL_S:
             return Principal(user, record.grants, record.generation)
         ok = await asyncio.to_thread(passwords.verify_password, password, stored)
         if record is None or not ok:
