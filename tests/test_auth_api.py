@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from ringkv.auth.permissions import Principal
 from ringkv.clock import SystemClock
+from ringkv.errors import Unauthenticated
 from ringkv.config import config_from_dict
 from ringkv.node import Node
 from ringkv.server.api import build_app
@@ -154,6 +156,24 @@ def test_superuser_users_grants_and_refusals(capsys: pytest.CaptureFixture[str])
         status, body, _ = await call("PUT", "/v1/auth/users/admin/password", headers=reader,
                                      json={"password": "taken-over"})
         assert (status, body["error"]["permission"]) == (403, "admin"), body
+        # A connection that logged in before the change (the native hello) is done.
+        with pytest.raises(Unauthenticated) as ended:
+            await node.auth.authorize_session(Principal("reader", frozenset(), 1), "get",
+                                              "default", {}, b"")
+        assert ended.value.reason == "credentials_changed"
+        # Bad input names the field.
+        for body, field in (({"name": "x", "password": "short"}, "password"),
+                            ({"name": "bad name", "password": "long-enough"}, "name"),
+                            ({"name": "reader", "password": "long-enough"}, "name"),
+                            ({"name": "y", "password": "long-enough",
+                              "grants": [{"permission": "own"}]}, "permission")):
+            status, answer, _ = await call("POST", "/v1/auth/users", headers=admin, json=body)
+            assert (status, answer["error"]["field"]) == (400, field), answer
+        status, answer, _ = await call("POST", "/v1/auth/users/reader/grants", headers=admin,
+                                       json={"permission": "read"})
+        assert (status, answer["error"]["field"]) == (400, "keyspace"), answer
+        status, answer, _ = await call("DELETE", "/v1/auth/users/nobody", headers=admin)
+        assert status == 404, answer
         # The failures are counted.
         _, metrics, _ = await call("GET", "/metrics", headers=admin)
         assert re.search(r'ringkv_auth_failures_total\{reason="missing"\} [1-9]', metrics)
@@ -204,3 +224,25 @@ def test_failed_logins_are_rate_limited(capsys: pytest.CaptureFixture[str]) -> N
             await asyncio.sleep(0.05)
 
     serve(scenario, capsys, login_burst=3, login_refill_per_s=2.0)
+
+
+def test_the_auth_routes_say_when_auth_is_off() -> None:
+    config = config_from_dict({"storage": {"engine": "memory"}, "keyspaces": {
+        "default": {"replication_factor": 1, "default_consistency": "ONE"}}})
+
+    async def main() -> None:
+        node = Node(config, clock=SystemClock(), standalone=True)
+        await node.start()
+        client = TestClient(TestServer(build_app(node)))
+        await client.start_server()
+        try:
+            response = await client.post("/v1/auth/token", headers=basic("admin", "whatever"))
+            body = await response.json()
+            assert (response.status, body["error"]["reason"]) == (404, "auth_disabled")
+            response = await client.put("/v1/kv/default/a", json={"value": 1})
+            assert response.status == 200  # open: no credentials needed
+        finally:
+            await client.close()
+            await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
