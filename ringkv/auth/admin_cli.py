@@ -11,14 +11,13 @@ prompt (typed twice). No password is ever a command-line argument, where
 from __future__ import annotations
 
 import argparse
+import base64
 import getpass
 import json
 import os
 import sys
 import urllib.parse
 from typing import Any
-
-from ringkv.auth.service import basic_header
 
 PASSWORD_ENV = "RINGKV_PASSWORD"
 NEW_PASSWORD_ENV = "RINGKV_NEW_PASSWORD"
@@ -60,6 +59,10 @@ def add_parser(commands: Any, tls_flags: Any) -> None:
     remove = action("remove", "remove a user")
     remove.add_argument("name", metavar="NAME")
     action("list", "list the users and their grants")
+
+
+def basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _authorization(args: argparse.Namespace) -> str:

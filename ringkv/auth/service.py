@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -47,9 +48,13 @@ MAX_VERIFIED = 4096  # remembered credential checks
 VERIFIED_TTL_S = 300.0
 BOOTSTRAP_RETRY_S = 0.5
 MAX_HEADER_CHARS = 4096
-# Checked against when the user does not exist, so that a missing user costs
-# what a wrong password does (no user enumeration by timing).
-_DUMMY_HASH = passwords.hash_password("not a password", b"\0" * passwords.SALT_BYTES)
+
+
+@functools.cache
+def _dummy_hash(params: passwords.ScryptParams) -> str:
+    """Checked against when the user does not exist, so that a missing user costs
+    what a wrong password does (no user enumeration by timing)."""
+    return passwords.hash_password("not a password", b"\0" * passwords.SALT_BYTES, params)
 
 
 class AuthService:
@@ -161,7 +166,7 @@ class AuthService:
         self._admit(peer)
         doc = await self._doc()
         record = doc.users.get(user)
-        stored = _DUMMY_HASH if record is None else record.password_hash
+        stored = _dummy_hash(self.params) if record is None else record.password_hash
         digest = hmac.new(self._cache_key, b"\0".join(
             (user.encode(), password.encode(), stored.encode())), hashlib.sha256).digest()
         now = self.clock.monotonic_s()
@@ -257,5 +262,3 @@ def _basic(value: str) -> tuple[str, str]:
     return user, password
 
 
-def basic_header(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
