@@ -174,6 +174,14 @@ def test_superuser_users_grants_and_refusals(capsys: pytest.CaptureFixture[str])
         assert (status, answer["error"]["field"]) == (400, "keyspace"), answer
         status, answer, _ = await call("DELETE", "/v1/auth/users/nobody", headers=admin)
         assert status == 404, answer
+        # A user added elsewhere logs in here at once: a miss is read again at the leader.
+        before = node.auth.store._cached  # noqa: SLF001 - this node's view before the add
+        assert (await call("POST", "/v1/auth/users", headers=admin, json={
+            "name": "late", "password": "late-pw-1"}))[0] == 201
+        node.auth.store._cached = before  # noqa: SLF001 - as if added at another node
+        node.auth.store._cached_at_s = clock.monotonic_s()  # noqa: SLF001
+        status, body, _ = await call("GET", "/v1/ring", headers=basic("late", "late-pw-1"))
+        assert status == 200, body
         # The failures are counted.
         _, metrics, _ = await call("GET", "/metrics", headers=admin)
         assert re.search(r'ringkv_auth_failures_total\{reason="missing"\} [1-9]', metrics)

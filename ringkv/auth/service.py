@@ -30,7 +30,7 @@ from ringkv.auth import passwords, tokens
 from ringkv.auth.permissions import ADMIN, PUBLIC_ROUTES, Principal, authorize, needs
 from ringkv.auth.ratelimit import FailedLogins
 from ringkv.auth.store import AuthStore
-from ringkv.auth.users import AuthDoc
+from ringkv.auth.users import AuthDoc, UserRecord
 from ringkv.clock import Clock
 from ringkv.config import Config
 from ringkv.errors import (
@@ -164,8 +164,23 @@ class AuthService:
 
     async def check_password(self, user: str, password: str, peer: str) -> Principal:
         self._admit(peer)
-        doc = await self._doc()
-        record = doc.users.get(user)
+        from_cache = self.store.cached
+        record = (await self._doc()).users.get(user)
+        principal = await self._verify(user, password, record)
+        if principal is None and from_cache:
+            # What the cache holds may predate this user or its password (added at
+            # another node): one read at the leader before refusing. The failed-login
+            # limit bounds how often a stranger can make a node do this.
+            fresh = (await self.store.read())[0]
+            again = None if fresh is None else fresh.users.get(user)
+            if again != record:
+                principal = await self._verify(user, password, again)
+        if principal is None:
+            raise self._refuse(peer, "bad_credentials", "wrong user name or password")
+        return principal
+
+    async def _verify(self, user: str, password: str, record: UserRecord | None
+                      ) -> Principal | None:
         stored = _dummy_hash(self.params) if record is None else record.password_hash
         digest = hmac.new(self._cache_key, b"\0".join(
             (user.encode(), password.encode(), stored.encode())), hashlib.sha256).digest()
@@ -175,7 +190,7 @@ class AuthService:
             return Principal(user, record.grants, record.generation)
         ok = await asyncio.to_thread(passwords.verify_password, password, stored)
         if record is None or not ok:
-            raise self._refuse(peer, "bad_credentials", "wrong user name or password")
+            return None
         self._verified[digest] = now
         self._verified.move_to_end(digest)
         while len(self._verified) > MAX_VERIFIED:
@@ -184,6 +199,7 @@ class AuthService:
 
     async def check_token(self, token: str, peer: str) -> Principal:
         self._admit(peer)
+        from_cache = self.store.cached
         doc = await self._doc()
         try:
             claims = tokens.verify(doc.secret, token, self.clock.wall_us())
@@ -191,6 +207,9 @@ class AuthService:
             raise self._refuse(peer, "expired_token" if exc.expired else "bad_token",
                                str(exc)) from None
         record = doc.users.get(claims.user)
+        if (record is None or record.generation != claims.generation) and from_cache:
+            fresh = (await self.store.read())[0]  # the token may be newer than the cache
+            record = None if fresh is None else fresh.users.get(claims.user)
         if record is None or record.generation != claims.generation:
             raise self._refuse(peer, "bad_token", "the token's user was removed or changed "
                                "password since it was issued")

@@ -40,6 +40,12 @@ class AuthStore:
         self._cached_at_s = 0.0
         self._reading: asyncio.Future[tuple[AuthDoc | None, int | None]] | None = None
 
+    @property
+    def cached(self) -> bool:
+        """Whether ``current`` would answer from the cache now (so maybe a little stale)."""
+        return (self._cached is not None
+                and self._clock.monotonic_s() - self._cached_at_s < self.cache_ttl_s)
+
     async def current(self) -> AuthDoc | None:
         """The document, from the cache while it is younger than ``cache_ttl_s``."""
         now = self._clock.monotonic_s()
