@@ -123,6 +123,8 @@ def test_superuser_users_grants_and_refusals(capsys: pytest.CaptureFixture[str])
         assert (status, body["error"]["permission"], body["error"]["keyspace"]) == \
             (403, "admin", None)
         assert (await call("GET", "/v1/ring", headers=reader))[0] == 200
+        status, body, _ = await call("GET", "/v1/auth/whoami", headers=reader)
+        assert (status, body) == (200, {"user": "reader", "grants": ["read:default"]})
         status, body, _ = await call("GET", "/v1/kv/system_auth/users", headers=admin)
         assert status == 403, body
         # Granting write opens the door; revoking shuts it again.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 
 from ringkv.auth import passwords
-from ringkv.auth.permissions import Principal, may_manage, parse_grant
+from ringkv.auth.permissions import Principal, parse_grant
 from ringkv.auth.service import AuthService
 from ringkv.auth.users import AuthDoc, check_name
 from ringkv.errors import BadRequest, NotFound
@@ -109,13 +109,13 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     async def users(request: web.Request) -> web.Response:
         auth = service()
-        may_manage(request[PRINCIPAL], "", "admin")
+        auth.may_manage(request[PRINCIPAL], "", "admin")
         doc = await auth.store.current()
         return _json({"users": [] if doc is None else doc.listing()})
 
     async def add_user(request: web.Request) -> web.Response:
         auth = service()
-        may_manage(request[PRINCIPAL], "", "admin")
+        auth.may_manage(request[PRINCIPAL], "", "admin")
         body = await _object(request)
         name = check_name(body.get("name"))
         grants = body.get("grants", [])
@@ -130,7 +130,7 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     async def delete_user(request: web.Request) -> web.Response:
         auth = service()
-        may_manage(request[PRINCIPAL], "", "admin")
+        auth.may_manage(request[PRINCIPAL], "", "admin")
         name = check_name(request.match_info["name"])
         if name == request[PRINCIPAL].name:
             raise BadRequest("a user cannot remove itself", field="name")
@@ -140,7 +140,7 @@ def add_routes(app: web.Application, node: Node) -> None:
     async def passwd(request: web.Request) -> web.Response:
         auth = service()
         name = check_name(request.match_info["name"])
-        may_manage(request[PRINCIPAL], name, None)
+        auth.may_manage(request[PRINCIPAL], name, None)
         hashed = await auth.hash(_password(await _object(request)))
         await auth.store.change(lambda d: d.with_password(name, hashed))
         return _json({"ok": True, "user": name})
@@ -151,7 +151,7 @@ def add_routes(app: web.Application, node: Node) -> None:
             name = check_name(request.match_info["name"])
             body = await _object(request)
             grant = parse_grant(body.get("permission"), body.get("keyspace"))
-            may_manage(request[PRINCIPAL], name, grant)
+            auth.may_manage(request[PRINCIPAL], name, grant)
 
             def edit(doc: AuthDoc) -> AuthDoc:
                 return (doc.with_grants(name, add=[grant]) if adding

@@ -27,7 +27,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ringkv.auth import passwords, tokens
-from ringkv.auth.permissions import ADMIN, PUBLIC_ROUTES, Principal, authorize, needs
+from ringkv.auth.permissions import (
+    ADMIN, PUBLIC_ROUTES, Principal, authorize, may_manage, needs,
+)
 from ringkv.auth.ratelimit import FailedLogins
 from ringkv.auth.store import AuthStore
 from ringkv.auth.users import AuthDoc, UserRecord
@@ -257,6 +259,14 @@ class AuthService:
                                   "since this connection logged in", reason="credentials_changed")
         self.authorize(Principal(principal.name, record.grants, record.generation), route,
                        keyspace, query, body)
+
+    def may_manage(self, principal: Principal, target: str, grant: str | None) -> None:
+        """``permissions.may_manage``, its refusals counted."""
+        try:
+            may_manage(principal, target, grant)
+        except Forbidden:
+            self.metrics.auth_forbidden.inc()
+            raise
 
     def authorize(self, principal: Principal, route: str, keyspace: str,
                   query: Mapping[str, str], body: bytes) -> None:
