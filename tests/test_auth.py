@@ -158,3 +158,26 @@ def test_auth_config_is_validated_and_adds_the_user_store() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"keyspaces": {AUTH_KEYSPACE: {"replication_factor": 1}}})
     assert info.value.field == f"keyspaces.{AUTH_KEYSPACE}"
+
+
+def test_the_native_hello_carries_credentials() -> None:
+    from ringkv.errors import ProtocolError
+    from ringkv.net import native as core
+    from ringkv.net.codec import KIND_REQUEST, Frame
+
+    def hello(**fields: object) -> core.Hello:
+        return core.hello(Frame(1, KIND_REQUEST, 0, "hello", {"versions": [1], **fields}))
+
+    assert hello().user is None and hello().token is None
+    chosen = hello(user="app", password="pw-123456")
+    assert (chosen.user, chosen.password, chosen.token) == ("app", "pw-123456", None)
+    assert hello(token="rk1.x.y").token == "rk1.x.y"
+    answer = core.hello_answer(chosen, node_id="n1", max_frame_bytes=1, max_in_flight=1,
+                               user="app")
+    assert answer["user"] == "app"
+    for fields, field in (({"user": "app"}, "password"), ({"password": "x"}, "password"),
+                          ({"user": "a", "password": "b", "token": "t"}, "token"),
+                          ({"token": 5}, "token"), ({"user": "u" * 5000, "password": "p"}, "user")):
+        with pytest.raises(ProtocolError) as refused:
+            hello(**fields)
+        assert refused.value.details["field"] == field, fields
