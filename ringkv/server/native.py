@@ -227,6 +227,10 @@ class NativeConnection(asyncio.Protocol):
         except RingKVError as exc:
             self._fail(exc)
             return
+        except Exception:  # noqa: BLE001 - the boundary: log it, close, never hang the hello
+            log.exception("unhandled error checking a native hello's credentials")
+            self._fail(RingKVError("internal server error"))
+            return
         self._authenticating = False
         self._welcome(chosen)
         self._run_backlog()
