@@ -557,6 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
 
+    from ringkv.auth import admin_cli
+
+    def tls_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ca-file", help="CA bundle (PEM) for an https:// node")
+        parser.add_argument("--cert-file", help="client certificate, for a node that requires one")
+        parser.add_argument("--key-file", help="the client certificate's key")
+
+    admin_cli.add_parser(commands, tls_flags)
+
     certs = commands.add_parser(
         "certs", help="a development CA: create it, and issue node and client certificates")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")

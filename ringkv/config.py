@@ -333,6 +333,29 @@ class TlsConfig:
     internode: TlsFilesConfig = field(default_factory=TlsFilesConfig)
 
 
+# The user store's keyspace (ringkv/auth/store.py), added when auth is enabled.
+AUTH_KEYSPACE = "system_auth"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # enabled: every API route but /v1/health and POST /v1/auth/token needs
+    # credentials (HTTP Basic or a bearer token; the native protocol's hello).
+    # Off by default so that the local quick start stays open. The users live
+    # in the transactional keyspace system_auth, replicated to
+    # replication_factor nodes (min(that, nodes)): a Paxos group, so a user
+    # added at one node logs in at every other. Nodes cache what they read
+    # for cache_ttl_s (a revoke or password change applies within it); tokens
+    # live token_ttl_s; each source address may fail login_burst logins,
+    # then one more per 1 / login_refill_per_s seconds.
+    enabled: bool = False
+    replication_factor: int = 3
+    token_ttl_s: int = 3600
+    cache_ttl_s: float = 2.0
+    login_burst: int = 10
+    login_refill_per_s: float = 0.2
+
+
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
     # Both tiers out of the box: `default` (Dynamo-style) and `txn` (Paxos
     # groups per range, strictly serializable), as conf/ringkv.yaml lists them.
@@ -356,6 +379,7 @@ class Config:
     repair: RepairConfig = field(default_factory=RepairConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     # Where the config came from (file path), None for defaults or a dict.
     # Not part of equality: two configs with the same values are equal.
     source: str | None = field(default=None, compare=False)
@@ -378,6 +402,7 @@ class Config:
                 **({"ranges": ks.ranges} if ks.tier == TRANSACTIONAL else {}),
             }
             for name, ks in self.keyspaces.items()
+            if name != AUTH_KEYSPACE  # auth.enabled adds it back
         }
         return {
             "cluster": cluster,
@@ -394,6 +419,7 @@ class Config:
                        for name, path in dataclasses.asdict(getattr(self.tls, link)).items()}
                 for link in _TLS_LINKS
             },
+            "auth": dataclasses.asdict(self.auth),
         }
 
     def repair_interval_s(self) -> int:
@@ -658,8 +684,24 @@ def _build(ctx: _Context, data: Mapping[str, Any], source: str | None) -> Config
     repair = _read_repair(ctx, data.get("repair"), timing)
     streaming = _read_streaming(ctx, data.get("streaming"))
     tls = _read_tls(ctx, data.get("tls"))
+    auth = _read_auth(ctx, data.get("auth"))
+    if auth.enabled:
+        keyspaces = {**keyspaces, AUTH_KEYSPACE: KeyspaceConfig(
+            AUTH_KEYSPACE, replication_factor=auth.replication_factor, tier=TRANSACTIONAL,
+            default_consistency=ConsistencyLevel.SERIAL)}
     return Config(cluster, keyspaces, timing, storage, limits, truetime, txn, repair, streaming,
-                  tls, source)
+                  tls, auth, source)
+
+
+def _read_auth(ctx: _Context, raw: object) -> AuthConfig:
+    sec = _Section(ctx, "auth", raw, _SECTIONS["auth"])
+    sec.take("enabled", _check_bool)
+    sec.take("replication_factor", _check_int, 1, 15)
+    sec.take("token_ttl_s", _check_int, 10, 30 * _DAY_S)
+    sec.take("cache_ttl_s", _check_number_from, 0.0, 60.0)
+    sec.take("login_burst", _check_int, 1, 10_000)
+    sec.take("login_refill_per_s", _check_number_from, 0.0001, 1000.0)
+    return AuthConfig(**sec.done())
 
 
 def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
@@ -721,6 +763,9 @@ def _read_keyspaces(ctx: _Context, raw: object) -> dict[str, KeyspaceConfig]:
     keyspaces: dict[str, KeyspaceConfig] = {}
     for name, settings in raw.items():
         name = _check_name(ctx, f"keyspaces.{name}", name, 48)
+        if name == AUTH_KEYSPACE:
+            ctx.fail(f"keyspaces.{name}", "another keyspace name: system_auth is the user "
+                     "store's (auth.enabled adds it)", _show(name))
         sec = _Section(ctx, f"keyspaces.{name}", settings, _KEYSPACE_KEYS)
         sec.take("replication_factor", _check_int, 1, 15)
         sec.take("tier", _check_choice, TIERS)
@@ -1137,6 +1182,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "repair": _field_names(RepairConfig),
     "streaming": _field_names(StreamingConfig),
     "tls": _field_names(TlsConfig),
+    "auth": _field_names(AuthConfig),
 }
 _TLS_LINKS = _field_names(TlsConfig)
 _TLS_FILE_KEYS = _field_names(TlsFilesConfig)

@@ -8,6 +8,7 @@ know about plyvel, msgpack or aiohttp exceptions.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -21,6 +22,10 @@ class RingKVError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP answer carrying this error adds (a 401's challenge, a 429's wait)."""
+        return {}
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -411,6 +416,50 @@ class TopologyRefused(RingKVError):
         self.reason = reason
 
 
+class Unauthenticated(RingKVError):
+    """No credentials, or credentials that do not check out (``reason``: missing,
+    bad_credentials, bad_token, expired_token, malformed). Send HTTP Basic
+    credentials or a bearer token from ``POST /v1/auth/token``."""
+
+    code = "unauthenticated"
+    http_status = 401
+
+    def __init__(self, message: str, *, reason: str, **details: Any) -> None:
+        super().__init__(message, reason=reason, **details)
+        self.reason = reason
+
+    def http_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="ringkv", charset="UTF-8"'}
+
+
+class Forbidden(RingKVError):
+    """The user is known but lacks ``permission`` on ``keyspace`` (None: cluster-wide)."""
+
+    code = "forbidden"
+    http_status = 403
+
+    def __init__(self, message: str, *, permission: str, keyspace: str | None,
+                 **details: Any) -> None:
+        super().__init__(message, permission=permission, keyspace=keyspace, **details)
+        self.permission = permission
+        self.keyspace = keyspace
+
+
+class TooManyAttempts(RingKVError):
+    """Too many failed logins from this address: no login is checked for
+    ``retry_after_s`` (HTTP 429 with Retry-After, RFC 6585 §4)."""
+
+    code = "too_many_attempts"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
 _RESERVED_ATTRIBUTES = frozenset({"code", "message", "details", "args", "http_status"})
 
 # Stable code -> class, used by the client to rebuild typed errors from JSON.
@@ -443,5 +492,8 @@ BY_CODE: dict[str, type[RingKVError]] = {
         RepairRunning,
         ReplicaDown,
         TopologyRefused,
+        Unauthenticated,
+        Forbidden,
+        TooManyAttempts,
     )
 }

@@ -117,6 +117,14 @@ class NodeMetrics:
             "Hints not stored because their replica was down longer than max_hint_window_s",
             registry=self.registry,
         )
+        self.auth_failures = Counter(
+            "ringkv_auth_failures", "Requests refused authentication (401, or 429 when an "
+            "address failed too often), by reason", ["reason"], registry=self.registry,
+        )
+        self.auth_forbidden = Counter(
+            "ringkv_auth_forbidden", "Authenticated requests refused a permission (403)",
+            registry=self.registry,
+        )
         self.speculative_retries = Counter(
             "ringkv_speculative_retries", "Reads that asked an extra replica because one was slow",
             registry=self.registry,

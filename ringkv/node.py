@@ -14,6 +14,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ringkv.address import format_address
+from ringkv.auth.service import AuthService
 from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import TRANSACTIONAL, Config
@@ -241,6 +242,10 @@ class Node:
         )
         if transactional:
             self._txn_metrics()
+        # Users and grants (auth.enabled): kept in the transactional keyspace system_auth.
+        self.auth: AuthService | None = (
+            AuthService(self.node_id, config, clock=self.clock, txn=self.txn,
+                        metrics=self.metrics) if config.auth.enabled else None)
         self.repair = RepairService(
             self.node_id, self.store, self.local_replica, self.repair_history, self.clock,
             # Seeded from the node id, not drawn from the node's rng: the
@@ -286,6 +291,8 @@ class Node:
             self.join_state = None
             self.txn.start()
             self.repair.start()
+            if self.auth is not None:
+                self.auth.start()
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
@@ -327,6 +334,8 @@ class Node:
         self._maintenance = asyncio.create_task(self._maintenance_loop())
         self.txn.start()
         self.repair.start()
+        if self.auth is not None:
+            self.auth.start()
         log.info("node %s is NORMAL with %d tokens", self.node_id, len(self.tokens))
 
     def join_status(self) -> dict[str, Any] | None:
@@ -886,6 +895,8 @@ class Node:
             await asyncio.gather(self._maintenance, return_exceptions=True)
         await self.handoff.stop()
         await self.repair.stop()
+        if self.auth is not None:
+            await self.auth.stop()
         self.txn.stop()
         if self.gossip is not None:
             await self.gossip.stop()

@@ -21,6 +21,7 @@ from ringkv.config import (
     TrueTimeConfig,
     TxnConfig,
     TlsConfig,
+    AuthConfig,
     TlsFilesConfig,
     RepairConfig,
     config_from_dict,
@@ -83,9 +84,10 @@ def test_reference_yaml_lists_and_documents_every_field():
         "repair": RepairConfig,
         "streaming": StreamingConfig,
         "tls": TlsConfig,
+        "auth": AuthConfig,
     }
     assert list(data) == ["cluster", "keyspaces", "timing", "storage", "limits", "truetime", "txn",
-                          "repair", "streaming", "tls"]
+                          "repair", "streaming", "tls", "auth"]
     for link in ("client", "internode"):
         assert list(data["tls"][link]) == [f.name for f in dataclasses.fields(TlsFilesConfig)]
     for section, cls in sections.items():

@@ -49,6 +49,8 @@ SHELL = frozenset({
     "txn/cross_range.py",  # a transaction across ranges: its operations at each leader
     "txn/sessions.py",  # interactive transactions: open sessions, their operations and expiry
     "server/*",
+    "auth/store.py", "auth/service.py", "auth/http.py",  # the user store, checks, routes
+    "auth/admin_cli.py",  # `ringkv user`
     "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",
     # The simulator is a shell around virtual time; its histories and checkers are pure.

@@ -10,7 +10,9 @@ that serves QUORUM and spreads its replicas over three racks.
 
 from __future__ import annotations
 
+import base64
 import configparser
+import re
 import shlex
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from ringkv.config import load_config
 from ringkv.tools.launcher import NodeProcess, http
 from ringkv.tools.local_cluster import LocalCluster
 from tests.hosts import netns_hosts
-from tests.procs import REPO
+from tests.procs import REPO, wait_until
 
 UNIT = REPO / "conf" / "ringkv.service"
 EXAMPLE = REPO / "conf" / "ringkv-multihost.yaml"
@@ -59,9 +61,9 @@ def test_the_example_config_loads_and_is_a_multi_host_one() -> None:
     for line in text.splitlines():
         if any(line.strip().startswith(f"{name}:") for name in PER_HOST):
             assert "per host" in line, line  # the lines to change are marked
-    # TLS and users are placeholders only: commented out, so the file loads today.
-    assert "# tls:" in text and "# auth:" in text
-    assert "tls" not in yaml.safe_load(text) and "auth" not in yaml.safe_load(text)
+    # TLS is a placeholder (commented out: it needs certificates); users are on.
+    assert "# tls:" in text and "tls" not in yaml.safe_load(text)
+    assert config.auth.enabled and config.keyspaces["system_auth"].replication_factor == 3
 
 
 def test_the_unit_starts_a_real_ringkv_node_and_covers_its_drain() -> None:
@@ -80,6 +82,19 @@ def test_the_unit_starts_a_real_ringkv_node_and_covers_its_drain() -> None:
     drain_s = load_config(EXAMPLE).timing.shutdown_drain_timeout_s
     assert int(service["TimeoutStopSec"]) >= 2 * drain_s + 10
     assert _unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+def _printed_password(procs: list[NodeProcess]) -> str | None:
+    found = [m for proc in procs if proc.log_path is not None and proc.log_path.exists()
+             for m in re.findall(r"superuser 'admin' with password (\S+)",
+                                 proc.log_path.read_text(errors="replace"))]
+    return found[0] if found else None
+
+
+def _sees_all_up(proc: NodeProcess, headers: dict[str, str], count: int) -> bool:
+    status, body = http("GET", f"{proc.url}/v1/status", headers=headers, timeout_s=2)
+    rows = body.get("nodes", []) if status == 200 and isinstance(body, dict) else []
+    return sum(r["liveness"] == "UP" and r["status"] == "NORMAL" for r in rows) == count
 
 
 def _per_host(example: dict[str, Any], i: int, hosts: list[str], data: Path) -> dict[str, Any]:
@@ -118,13 +133,20 @@ def test_three_hosts_running_the_unit_command_on_the_example_config_form_a_clust
                     proc.proc = subprocess.Popen([*hosts.wrapper(i), *command], stdout=log,
                                                  stderr=subprocess.STDOUT)
                 procs.append(proc)
-            cluster.wait_all_up(timeout_s=90)
-            status, ring = http("GET", f"{procs[0].url}/v1/ring")
+            # Auth is on: the one node that creates the superuser prints its password.
+            password = wait_until(lambda: _printed_password(procs), timeout_s=90,
+                                  interval_s=0.2, what="the superuser's password")
+            admin = {"Authorization": "Basic " + base64.b64encode(
+                f"admin:{password}".encode()).decode()}
+            wait_until(lambda: all(_sees_all_up(proc, admin, len(procs)) for proc in procs),
+                       timeout_s=60, interval_s=0.2, what="every node to see the others UP")
+            status, ring = http("GET", f"{procs[0].url}/v1/ring", headers=admin)
             assert status == 200
             assert {n["client_address"] for n in ring["nodes"]} == {
                 f"{h}:7400" for h in hosts.hosts}  # the broadcasts, not 0.0.0.0
             assert sorted(n["rack"] for n in ring["nodes"]) == ["rack1", "rack2", "rack3"]
-            with Client([procs[0].url], consistency="QUORUM") as client:
+            with Client([procs[0].url], consistency="QUORUM", user="admin",
+                        password=password) as client:
                 client.put("deployed", {"hosts": 3})  # over the native port it gossips
                 assert client.get("deployed") == {"hosts": 3}
             for proc in procs:

@@ -313,7 +313,8 @@ class AsyncClient(ClientBase):
 
     def _setup(self) -> None:
         self._session = None
-        self._native = _NativePool(min(self._pool_size, NATIVE_CONNECTIONS_PER_NODE))
+        self._native = _NativePool(min(self._pool_size, NATIVE_CONNECTIONS_PER_NODE),
+                                   self.credentials)
 
     async def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):
@@ -502,7 +503,8 @@ class _NativeConnection(asyncio.Protocol):
 class _NativePool:
     """A few pipelined native connections per node, opened on first use."""
 
-    def __init__(self, per_node: int) -> None:
+    def __init__(self, per_node: int, credentials: dict[str, str] | None = None) -> None:
+        self._credentials = credentials or {}
         self._per_node = max(1, per_node)
         self._conns: dict[tuple[str, int], list[_NativeConnection]] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[_NativeConnection]] = {}
@@ -538,7 +540,7 @@ class _NativePool:
             timeout_s)
         try:
             assert conn.transport is not None
-            conn.transport.write(native.hello_frame())
+            conn.transport.write(native.hello_frame(credentials=self._credentials))
             conn.version = native.check_hello(await asyncio.wait_for(conn.hello, timeout_s))
         except BaseException:
             conn.close()

@@ -6,6 +6,7 @@ a thread lock and random UUIDs for idempotency keys.
 
 from __future__ import annotations
 
+import base64
 import random
 import ssl
 import threading
@@ -69,6 +70,9 @@ class ClientBase:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
     ) -> None:
         """Connect lazily to a cluster through ``seeds`` (one or more node URLs).
 
@@ -95,6 +99,9 @@ class ClientBase:
         ``key_file``: this client's certificate and key, for nodes that require
         one (``tls.client.ca_file``). A node's certificate must name the host
         the client reaches it at (``ringkv certs issue --host``).
+        ``user`` and ``password``, or ``token`` (from ``POST /v1/auth/token``):
+        the credentials of a cluster with ``auth.enabled``, sent as HTTP Basic or
+        Bearer on every HTTP request and in each native connection's hello.
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -120,6 +127,19 @@ class ClientBase:
         if (cert_file is None) != (key_file is None):
             raise ValueError("cert_file and key_file go together")
         self.ssl_context = tls_context(ca_file, cert_file, key_file)
+        if (user is None) != (password is None):
+            raise ValueError("user and password go together")
+        if token is not None and user is not None:
+            raise ValueError("give user and password, or a token, not both")
+        self.credentials: dict[str, str] = (
+            {"token": token} if token is not None
+            else {"user": user, "password": password} if user is not None and password is not None
+            else {})
+        if token is not None:
+            self._ops.headers["Authorization"] = f"Bearer {token}"
+        elif user is not None and password is not None:
+            self._ops.headers["Authorization"] = "Basic " + base64.b64encode(
+                f"{user}:{password}".encode()).decode()
         self._pool_size = pool_size
         self._native_down: dict[tuple[str, int], float] = {}
         self._setup()

@@ -320,7 +320,8 @@ class Client(ClientBase):
 
     def _setup(self) -> None:
         self._pool = _ConnectionPool(self._pool_size, self._clock, self._tls_for)
-        self._native = _NativePool(self._pool_size, self._clock, self._pool.watchdog)
+        self._native = _NativePool(self._pool_size, self._clock, self._pool.watchdog,
+                                   self.credentials)
 
     def _perform(self, effect: Effect) -> Outcome:
         if isinstance(effect, Send):
@@ -602,7 +603,9 @@ class _NativePool:
     """Native-protocol connections per node, each used by one request at a time;
     safe to share between threads. (The asyncio client pipelines instead.)"""
 
-    def __init__(self, max_idle_per_node: int, clock: SystemClock, watchdog: _Watchdog) -> None:
+    def __init__(self, max_idle_per_node: int, clock: SystemClock, watchdog: _Watchdog,
+                 credentials: dict[str, str] | None = None) -> None:
+        self._credentials = credentials or {}
         self._idle: _IdleConnections[tuple[str, int], _NativeConnection] = _IdleConnections(
             max_idle_per_node, clock, lambda conn: _readable(conn.sock))
         self._clock = clock
@@ -652,7 +655,7 @@ class _NativePool:
             try:
                 if context is not None:  # TLS first, then the native handshake inside it
                     sock = context.wrap_socket(sock, server_hostname=address[0])
-                sock.sendall(native.hello_frame())
+                sock.sendall(native.hello_frame(credentials=self._credentials))
                 conn = _NativeConnection(sock, 0)
                 conn.version = native.check_hello(conn.read_frame())
             finally:

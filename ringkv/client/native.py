@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ringkv.client.plan import Reply, Send
-from ringkv.errors import ProtocolError
+from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net.codec import KIND_REQUEST, KIND_RESPONSE, Frame, encode_frame
 from ringkv.net.native import HELLO, HELLO_ID, NATIVE_VERSION, VERSIONS
 
@@ -95,15 +95,25 @@ def _txn_call(method: str, rest: str, payload: dict[str, Any]) -> str | None:
     return None
 
 
-def hello_frame(client: str = "ringkv-python") -> bytes:
+def hello_frame(client: str = "ringkv-python", credentials: Mapping[str, str] | None = None
+                ) -> bytes:
+    """The handshake; ``credentials``: ``user`` and ``password``, or ``token`` (auth.enabled)."""
     return encode_frame(KIND_REQUEST, HELLO_ID, HELLO,
-                        {"versions": list(VERSIONS), "client": client},
+                        {"versions": list(VERSIONS), "client": client, **(credentials or {})},
                         version=NATIVE_VERSION)
 
 
+# Refusals of the hello that are the caller's to see as they are, not a broken connection.
+_LOGIN_REFUSALS = frozenset({"unauthenticated", "too_many_attempts"})
+
+
 def check_hello(frame: Frame) -> int:
-    """The version the node chose, or ``ProtocolError`` (a refusal, or a bad answer)."""
+    """The version the node chose; the typed error when it refused the credentials;
+    else ``ProtocolError`` (a refusal, or a bad answer)."""
     if frame.kind != KIND_RESPONSE or frame.verb != HELLO:
+        payload = frame.payload if isinstance(frame.payload, dict) else {}
+        if payload.get("code") in _LOGIN_REFUSALS:
+            raise RingKVError.from_json({"error": payload})
         raise _refusal(frame, "the node did not accept the handshake")
     payload = frame.payload
     version = payload.get("version") if isinstance(payload, dict) else None

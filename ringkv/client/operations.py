@@ -165,6 +165,8 @@ class Operations:
         self._rng = rng
         self._refreshing = refresh_lock
         self._new_idempotency_key = new_idempotency_key
+        # Every HTTP request's headers (``Authorization`` when the client has credentials).
+        self.headers = dict(JSON_HEADERS)
 
     # ---- the plans of the public calls ------------------------------------------
 
@@ -684,7 +686,7 @@ class Operations:
                 timeout_s = attempt_timeout_s(self.timeout_s, deadline_s, self._clock.monotonic_s())
                 if timeout_s is None:
                     return
-                outcome = yield Send("GET", url + "/v1/ring", None, JSON_HEADERS, timeout_s)
+                outcome = yield Send("GET", url + "/v1/ring", None, self.headers, timeout_s)
                 if isinstance(outcome, Failure):
                     if outcome.kind == "connect":
                         router.mark_down(url, self._clock.monotonic_s())
@@ -729,7 +731,7 @@ class Operations:
         affinity = None if call.txn_id is not None else call.idempotency_key
         candidates = ([call.pin] if call.pin is not None else
                       router.candidates(call.routing, now, affinity=affinity, prefer=call.prefer))
-        headers = dict(JSON_HEADERS)
+        headers = dict(self.headers)
         if call.idempotency_key is not None:
             headers[IDEMPOTENCY_HEADER] = call.idempotency_key
         excluded: set[str] = set()

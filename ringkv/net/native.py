@@ -7,8 +7,10 @@ specification; this module decides, and the shell (``server/native.py``)
 only moves bytes.
 
 - Handshake: the client's first frame is a ``hello`` request (id 0) naming
-  the versions it speaks; the node answers with the one it chose, or a
-  ``KIND_ERROR`` ``protocol_error`` naming the field ``versions`` and closes.
+  the versions it speaks, and with ``auth.enabled`` its credentials (``user``
+  and ``password``, or ``token``), checked once for the connection; the node
+  answers with the version it chose, or a ``KIND_ERROR`` (``protocol_error``
+  naming the field, or ``unauthenticated`` / ``too_many_attempts``) and closes.
 - Requests: a ``KIND_REQUEST`` whose verb is an operation of the HTTP API
   (``OPERATIONS``) and whose payload is a map: ``keyspace``, ``key``,
   ``txn_id``, ``args`` (the HTTP query parameters), ``body`` (the HTTP
@@ -65,15 +67,20 @@ _NEEDS_TXN_ID = frozenset({"txn_status", "txn_get", "txn_put", "txn_delete", "tx
                            "txn_abort"})
 _PAYLOAD_FIELDS = frozenset({"keyspace", "key", "txn_id", "args", "body", "idempotency_key"})
 MAX_ARGS = 16
+MAX_CREDENTIAL_CHARS = 4096
 MAX_ARG_CHARS = 4096
 
 
 @dataclass(frozen=True)
 class Hello:
-    """The handshake, decided: the version both speak, and the node's limits."""
+    """The handshake, decided: the version both speak, and the client's credentials
+    (``user`` and ``password``, or ``token``; none when it sent none)."""
 
     version: int
     client: str
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,13 +118,28 @@ def hello(frame: Frame) -> Hello:
     client = payload.get("client", "")
     if not isinstance(client, str):
         raise ProtocolError("client must be a string", field="client")
-    return Hello(max(common), client[:128])
+    credentials: dict[str, str | None] = {}
+    for name in ("user", "password", "token"):
+        value = payload.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_CREDENTIAL_CHARS):
+            raise ProtocolError(f"{name} must be a string of at most {MAX_CREDENTIAL_CHARS} "
+                                "characters", field=name)
+        credentials[name] = value
+    if (credentials["user"] is None) != (credentials["password"] is None):
+        raise ProtocolError("user and password come together", field="password")
+    if credentials["token"] is not None and credentials["user"] is not None:
+        raise ProtocolError("send user and password, or a token, not both", field="token")
+    return Hello(max(common), client[:128], credentials["user"], credentials["password"],
+                 credentials["token"])
 
 
 def hello_answer(chosen: Hello, *, node_id: str, max_frame_bytes: int,
-                 max_in_flight: int) -> dict[str, Any]:
-    return {"version": chosen.version, "node_id": node_id,
-            "max_frame_bytes": max_frame_bytes, "max_in_flight": max_in_flight}
+                 max_in_flight: int, user: str | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"version": chosen.version, "node_id": node_id,
+                              "max_frame_bytes": max_frame_bytes, "max_in_flight": max_in_flight}
+    if user is not None:
+        answer["user"] = user  # the principal the connection runs as
+    return answer
 
 
 def request(frame: Frame) -> Request:

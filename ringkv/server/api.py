@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
+from ringkv.auth import http as auth_http
 from ringkv.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -52,7 +53,9 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(error: RingKVError) -> web.Response:
-    return json_response(error.to_json(), status=error.http_status)
+    response = json_response(error.to_json(), status=error.http_status)
+    response.headers.update(error.http_headers())  # a 401's challenge, a 429's Retry-After
+    return response
 
 
 def _map_http_exception(exc: web.HTTPException, request: web.BaseRequest,
@@ -88,6 +91,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         h.admit(node, route)
         v.check_headers(request.raw_headers)
+        await auth_http.check_request(node, request, route)
         response = await handler(request)
     except BaseException as exc:  # noqa: BLE001 - mapped (or raised again) by _failed
         response = _failed(exc, request, node)
@@ -172,6 +176,7 @@ def request_handler(app: web.Application, routed: Handler) -> Handler:
         try:
             h.admit(node, name)
             v.check_headers(request.raw_headers)
+            await auth_http.check_http(node, name, keyspace, request.query, b"", request.headers, request.remote)
             h.check_keyspace(node, keyspace)
             key = v.key_from_path(raw_path, limits)
             body = await request.read() if has_body and request.body_exists else b""
@@ -421,4 +426,5 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
+    auth_http.add_routes(app, node)
     return app

@@ -22,8 +22,10 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
+from ringkv.auth.permissions import Principal
 from ringkv.clock import Clock
 from ringkv.door import CLIENT_CLOSED, TOO_LARGE, Connection, Door, Expiry
 from ringkv.errors import ProtocolError, RingKVError
@@ -38,6 +40,7 @@ from ringkv.server.guard import DeadlineTimer, Guest
 from ringkv.server.idempotency import IdempotencyCache
 
 if TYPE_CHECKING:
+    from ringkv.auth.service import AuthService
     from ringkv.node import Node
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ class NativeServer:
     def __init__(self, node: Node, door: Door, cache: IdempotencyCache, clock: Clock, *,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.node = node
+        # auth.enabled: the node's checks (a stand-in node without the attribute has none).
+        self.auth: AuthService | None = getattr(node, "auth", None)
         self.ssl_context = ssl_context  # tls.client: TLS before the native handshake
         self.door = door
         self.cache = cache
@@ -105,6 +110,9 @@ class NativeConnection(asyncio.Protocol):
         self._backlog: deque[Frame] = deque()  # requests arrived, not started yet
         self._visit: Connection | None = None
         self._deadline: DeadlineTimer | None = None
+        # auth.enabled: who the hello proved this connection is; requests wait for it.
+        self.principal: Principal | None = None
+        self._authenticating = False
 
     # -- the connection ------------------------------------------------------
 
@@ -162,7 +170,8 @@ class NativeConnection(asyncio.Protocol):
         """Start the requests that arrived, at most MAX_IN_FLIGHT at once; while some
         wait their turn, read no more from the client (back-pressure)."""
         backlog = self._backlog
-        while backlog and len(self.tasks) < MAX_IN_FLIGHT and not self._closing:
+        while (backlog and len(self.tasks) < MAX_IN_FLIGHT and not self._closing
+               and not self._authenticating):
             frame = backlog.popleft()
             try:
                 request = core.request(frame)
@@ -187,11 +196,44 @@ class NativeConnection(asyncio.Protocol):
             self._fail(exc)
             return
         self.version = chosen.version
+        if self.server.auth is not None:
+            # Requests that come meanwhile wait in the backlog until the login is decided.
+            self._authenticating = True
+            self._start_task(self._login(chosen))
+            return
+        self._welcome(chosen)
+
+    def _welcome(self, chosen: core.Hello) -> None:
         server = self.server
         self._write(encode_frame(KIND_RESPONSE, core.HELLO_ID, core.HELLO, core.hello_answer(
             chosen, node_id=server.node.node_id, max_frame_bytes=server.max_frame_bytes,
-            max_in_flight=MAX_IN_FLIGHT), version=self.version, packer=self.packer))
+            max_in_flight=MAX_IN_FLIGHT, user=None if self.principal is None
+            else self.principal.name), version=chosen.version, packer=self.packer))
         self._answered()
+
+    async def _login(self, chosen: core.Hello) -> None:
+        """Check the hello's credentials once for the connection (auth.enabled)."""
+        auth = self.server.auth
+        assert auth is not None
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        try:
+            if chosen.token is not None:
+                self.principal = await auth.check_token(chosen.token, address)
+            elif chosen.user is not None and chosen.password is not None:
+                self.principal = await auth.check_password(chosen.user, chosen.password, address)
+            else:
+                self.principal = await auth.authenticate(None, address)
+        except RingKVError as exc:
+            self._fail(exc)
+            return
+        except Exception:  # noqa: BLE001 - the boundary: log it, close, never hang the hello
+            log.exception("unhandled error checking a native hello's credentials")
+            self._fail(RingKVError("internal server error"))
+            return
+        self._authenticating = False
+        self._welcome(chosen)
+        self._run_backlog()
 
     def _answered(self) -> None:
         visit = self._visit
@@ -202,7 +244,10 @@ class NativeConnection(asyncio.Protocol):
     # -- running requests ----------------------------------------------------
 
     def _start(self, request: core.Request) -> None:
-        task = asyncio.ensure_future(self._run(request))
+        self._start_task(self._run(request))
+
+    def _start_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -220,6 +265,9 @@ class NativeConnection(asyncio.Protocol):
         args = request.args
         try:
             h.admit(node, route)
+            if server.auth is not None:  # the hello proved who; this asks what it may do
+                await server.auth.authorize_session(self.principal, route, request.keyspace, args,
+                                                  request.body)
             too_large = server.door.body_too_large(len(request.body))
             if too_large is not None:
                 raise too_large
