@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ringkv.auth.admin_cli import operator_headers
 from ringkv.config import load_config
 from ringkv.errors import RingKVError
 
@@ -63,7 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         status, body = http("GET", args.url.rstrip("/") + "/v1/status", timeout_s=args.timeout,
-                            context=_tls_context(args))
+                            context=_tls_context(args), headers=operator_headers())
     except OSError as exc:
         print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -87,7 +88,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         body["range"] = args.range
     request = urllib.request.Request(
         args.url.rstrip("/") + "/v1/admin/repair", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json"})
+        headers={"Content-Type": "application/json", **operator_headers()})
     report: dict[str, Any] | None = None
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
@@ -162,7 +163,8 @@ def _start_topology_change(args: argparse.Namespace, path: str, body: Any,
     from ringkv.tools.launcher import http
 
     try:
-        status, answer = http("POST", args.url.rstrip("/") + path, body, timeout_s=args.timeout)
+        status, answer = http("POST", args.url.rstrip("/") + path, body, timeout_s=args.timeout,
+                              headers=operator_headers())
     except OSError as exc:
         print(f"ringkv: error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return None
@@ -188,7 +190,8 @@ def _follow_streaming(args: argparse.Namespace, *, done_when_unreachable: str | 
     shown = None
     while clock.monotonic_s() < deadline_s:
         try:
-            status, body = http("GET", url + "/v1/status", timeout_s=args.timeout)
+            status, body = http("GET", url + "/v1/status", timeout_s=args.timeout,
+                                headers=operator_headers())
         except OSError as exc:
             if done_when_unreachable is not None:
                 print(done_when_unreachable)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientSession, web
 
 from ringkv.auth.permissions import Principal
 from ringkv.clock import SystemClock
@@ -29,6 +30,7 @@ from ringkv.errors import Unauthenticated
 from ringkv.config import config_from_dict
 from ringkv.node import Node
 from ringkv.server.api import build_app
+from ringkv.server.http_protocol import ApiRunner
 
 Call = Callable[..., Awaitable[tuple[int, Any, Any]]]
 PRINTED = re.compile(r"superuser 'admin' with password (\S+)")
@@ -48,6 +50,24 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
+@asynccontextmanager
+async def listening(node: Node) -> AsyncIterator[ClientSession]:
+    """The node's own HTTP listener (the lean key path included) and a client of it."""
+    runner = ApiRunner(build_app(node), node.config.limits, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    port = server.sockets[0].getsockname()[1]
+    session = ClientSession(base_url=f"http://127.0.0.1:{port}")
+    try:
+        yield session
+    finally:
+        await session.close()
+        await runner.cleanup()
+
+
 def serve(scenario: Callable[[Call, Node, str, ShiftedClock], Awaitable[None]],
           capsys: pytest.CaptureFixture[str], **auth: Any) -> None:
     config = config_from_dict({
@@ -62,27 +82,27 @@ def serve(scenario: Callable[[Call, Node, str, ShiftedClock], Awaitable[None]],
     async def main() -> None:
         node = Node(config, clock=clock, standalone=True)
         await node.start()
-        client = TestClient(TestServer(build_app(node)))
-        await client.start_server()
+        try:
+            async with listening(node) as client:
+                await run(client, node)
+        finally:
+            await node.stop()
 
+    async def run(client: ClientSession, node: Node) -> None:
         async def call(method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
             response = await client.request(method, path, **kwargs)
             body = await response.json() if response.content_type == "application/json" \
                 else await response.text()
             return response.status, body, response.headers
 
-        try:
-            assert node.auth is not None
-            deadline = clock.monotonic_s() + 20
-            while not node.auth.superuser_created:
-                assert clock.monotonic_s() < deadline, "the superuser was not created"
-                await asyncio.sleep(0.02)
-            printed = PRINTED.findall(capsys.readouterr().out)
-            assert len(printed) == 1, printed
-            await scenario(call, node, printed[0], clock)
-        finally:
-            await client.close()
-            await node.stop()
+        assert node.auth is not None
+        deadline = clock.monotonic_s() + 20
+        while not node.auth.superuser_created:
+            assert clock.monotonic_s() < deadline, "the superuser was not created"
+            await asyncio.sleep(0.02)
+        printed = PRINTED.findall(capsys.readouterr().out)
+        assert len(printed) == 1, printed
+        await scenario(call, node, printed[0], clock)
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
 
@@ -243,16 +263,27 @@ def test_the_auth_routes_say_when_auth_is_off() -> None:
     async def main() -> None:
         node = Node(config, clock=SystemClock(), standalone=True)
         await node.start()
-        client = TestClient(TestServer(build_app(node)))
-        await client.start_server()
         try:
-            response = await client.post("/v1/auth/token", headers=basic("admin", "whatever"))
-            body = await response.json()
-            assert (response.status, body["error"]["reason"]) == (404, "auth_disabled")
-            response = await client.put("/v1/kv/default/a", json={"value": 1})
-            assert response.status == 200  # open: no credentials needed
+            async with listening(node) as client:
+                response = await client.post("/v1/auth/token",
+                                             headers=basic("admin", "whatever"))
+                body = await response.json()
+                assert (response.status, body["error"]["reason"]) == (404, "auth_disabled")
+                response = await client.put("/v1/kv/default/a", json={"value": 1})
+                assert response.status == 200  # open: no credentials needed
         finally:
-            await client.close()
             await node.stop()
 
     asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_a_transaction_begun_without_a_keyspace_takes_the_users_one_not_system_auth(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    async def scenario(call: Call, node: Node, password: str, clock: ShiftedClock) -> None:
+        status, began, _ = await call("POST", "/v1/txn/begin", headers=basic("admin", password))
+        assert (status, began.get("keyspace")) == (200, "t"), began
+        status, _, _ = await call("POST", f"/v1/txn/{began['txn_id']}/abort",
+                                  headers=basic("admin", password))
+        assert status == 200
+
+    serve(scenario, capsys)

@@ -151,3 +151,14 @@ def test_users_log_in_at_every_node(procs: list[NodeProcess]) -> None:
     assert (http("GET", f"{a.url}/v1/status", headers=admin))[0] == 200
     # One node created the superuser, and printed its password once.
     assert len(printed(procs)) == 1, printed(procs)
+    # The operator commands log in from the environment; without it they are told why.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RINGKV_PASSWORD", None)
+    env.pop("RINGKV_TOKEN", None)
+    refused_status = subprocess.run([sys.executable, "-m", "ringkv.cli", "status", "--url", a.url],
+                                    env=env, capture_output=True, text=True, timeout=30)
+    assert refused_status.returncode == 1 and "401" in refused_status.stderr, refused_status
+    shown = subprocess.run([sys.executable, "-m", "ringkv.cli", "status", "--url", a.url],
+                           env={**env, "RINGKV_PASSWORD": admin_password},
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "node1" in shown.stdout, shown

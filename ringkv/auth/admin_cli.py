@@ -20,6 +20,7 @@ import urllib.parse
 from typing import Any
 
 PASSWORD_ENV = "RINGKV_PASSWORD"
+USER_ENV = "RINGKV_USER"  # who the operator commands (status, repair...) log in as
 NEW_PASSWORD_ENV = "RINGKV_NEW_PASSWORD"
 TOKEN_ENV = "RINGKV_TOKEN"
 
@@ -63,6 +64,20 @@ def add_parser(commands: Any, tls_flags: Any) -> None:
 
 def basic_header(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def operator_headers() -> dict[str, str]:
+    """The Authorization header the operator commands (``status``, ``repair``,
+    ``decommission``, ``removenode``) send: a token from ``$RINGKV_TOKEN``, or
+    ``$RINGKV_USER`` (default admin) with ``$RINGKV_PASSWORD``; none when neither
+    is set (a cluster without auth)."""
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    password = os.environ.get(PASSWORD_ENV)
+    if password is None:
+        return {}
+    return {"Authorization": basic_header(os.environ.get(USER_ENV, "admin"), password)}
 
 
 def _authorization(args: argparse.Namespace) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ringkv.config import AUTH_KEYSPACE
 from ringkv.errors import BadRequest, NotFound, RingKVError, ShuttingDown, TooLarge
 from ringkv.coordinator.results import Receipt, WriteResult
 from ringkv.quorum import ConsistencyLevel
@@ -561,7 +562,8 @@ async def txn_begin(call: ApiCall) -> Answer:
     begin = tv.parse_begin(v.parse_json_body(call.body) if call.body.strip() else {})
     keyspace = begin.keyspace
     if keyspace is None:
-        transactional = sorted(node.txn.keyspaces)
+        # The system's own keyspace (auth.enabled) is never the one a client means.
+        transactional = sorted(ks for ks in node.txn.keyspaces if ks != AUTH_KEYSPACE)
         if len(transactional) != 1:
             raise BadRequest("keyspace is required: this cluster has "
                              f"{len(transactional)} transactional keyspaces "

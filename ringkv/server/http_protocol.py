@@ -256,15 +256,15 @@ class ApiRequestHandler(web.RequestHandler):
     async def _lean_request(self, message: RawRequestMessage, payload: StreamReader,
                             target: LeanTarget, started_s: float) -> None:
         try:
-            answer = await serve(self._node, self._idempotency, message, payload, target,
-                                 started_s, self._gone)
+            answer, headers = await serve(self._node, self._idempotency, message, payload,
+                                          target, started_s, self._gone, self._peer_host())
         finally:
             self._lean_task = None
         transport = self.transport
         if transport is None:
             return  # gone: connection_lost has done the door's accounting
         keep_alive = not message.should_close
-        transport.write(response_bytes(message, answer, keep_alive))
+        transport.write(response_bytes(message, answer, keep_alive, headers))
         self._lean_answered()
         if not keep_alive:
             self.force_close()  # what was written still goes out first
@@ -285,6 +285,11 @@ class ApiRequestHandler(web.RequestHandler):
 
     def _gone(self) -> bool:
         return self.transport is None
+
+    def _peer_host(self) -> str | None:
+        """The client's address, as aiohttp's ``request.remote`` gives it."""
+        peer = self.peername
+        return peer[0] if isinstance(peer, tuple) else peer
 
     def _lean_answered(self) -> None:
         """As ``log_access`` for aiohttp's answers: the door's "answered"."""

@@ -23,6 +23,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import MultiDict, MultiDictProxy
 
+from ringkv.auth import http as auth_http
 from ringkv.errors import RingKVError, TooLarge
 from ringkv.server import handlers as h
 from ringkv.server import idempotency
@@ -64,14 +65,21 @@ def lean_target(message: RawRequestMessage, payload: StreamReader) -> LeanTarget
 
 async def serve(node: Node, cache: idempotency.IdempotencyCache, message: RawRequestMessage,
                 payload: StreamReader, target: LeanTarget, started_s: float,
-                gone: Callable[[], bool]) -> h.Answer:
+                gone: Callable[[], bool], peer: str | None
+                ) -> tuple[h.Answer, dict[str, str]]:
     """Run ``target``'s operation; its answer, errors included (as ``api._failed``
     maps them: ringkv's errors as their JSON, anything else a logged 500; ``gone``:
-    whether the connection has closed)."""
+    whether the connection has closed), and the headers an error adds (a 401's
+    challenge, a 429's Retry-After). ``peer``: the client's address, for the
+    failed-login limit."""
     query = message.url.query if "?" in message.path else _NO_QUERY
+    headers: dict[str, str] = {}
     try:
         h.admit(node, target.name)
         v.check_headers(message.raw_headers)
+        # Before anything else is read or done: the same check as every other route.
+        await auth_http.check_http(node, target.name, target.keyspace, query, b"",
+                                   message.headers, peer)
         h.check_keyspace(node, target.keyspace)
         key = v.key_from_path(target.raw_path, node.config.limits)
         body = b""
@@ -89,6 +97,7 @@ async def serve(node: Node, cache: idempotency.IdempotencyCache, message: RawReq
         answer = await target.operation(call)
     except RingKVError as exc:
         answer = h.error_answer(exc)
+        headers = exc.http_headers()
     except Exception as exc:  # noqa: BLE001 - the API's boundary: a logged 500
         if isinstance(exc, ConnectionError) and gone():
             # The client left or the door closed it: nobody is left to answer.
@@ -100,7 +109,7 @@ async def serve(node: Node, cache: idempotency.IdempotencyCache, message: RawReq
             answer = h.INTERNAL_ERROR
     node.metrics.observe_request(target.name, h.metric_level(query.get("consistency")),
                                  answer.status, node.clock.monotonic_s() - started_s)
-    return answer
+    return answer, headers
 
 
 def _reason(status: int) -> str:
@@ -120,10 +129,11 @@ _HEADS_11: dict[int, bytes] = {
 _REPLAYED = f"{idempotency.REPLAY_HEADER}: true\r\n".encode("latin-1")
 
 
-def response_bytes(message: RawRequestMessage, answer: h.Answer, keep_alive: bool) -> bytes:
+def response_bytes(message: RawRequestMessage, answer: h.Answer, keep_alive: bool,
+                   headers: dict[str, str] | None = None) -> bytes:
     """``answer`` as a whole HTTP response to ``message``, with the headers aiohttp
     would send (Content-Type, Content-Length, Date, Server, Connection as the
-    request's version and wish ask, the idempotency replay header)."""
+    request's version and wish ask, the idempotency replay header) and ``headers``."""
     version = message.version
     head = _HEADS_11.get(answer.status) if version == HttpVersion11 else None
     if head is None:
@@ -136,6 +146,8 @@ def response_bytes(message: RawRequestMessage, answer: h.Answer, keep_alive: boo
         connection = b"Connection: close\r\n" if version == HttpVersion11 else b""
     if answer.replayed:
         connection += _REPLAYED
+    if headers:
+        connection += "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
     return b"%s%d\r\nDate: %s\r\n%s\r\n%s" % (head, len(answer.body),
                                               rfc822_formatted_time().encode("latin-1"),
                                               connection, answer.body)
