@@ -176,7 +176,9 @@ def request_handler(app: web.Application, routed: Handler) -> Handler:
         try:
             h.admit(node, name)
             v.check_headers(request.raw_headers)
-            await auth_http.check_http(node, name, keyspace, request.query, b"", request.headers, request.remote)
+            if node.auth is not None:
+                await auth_http.check_http(node, name, keyspace, request.query, b"",
+                                           request.headers, request.remote)
             h.check_keyspace(node, keyspace)
             key = v.key_from_path(raw_path, limits)
             body = await request.read() if has_body and request.body_exists else b""
