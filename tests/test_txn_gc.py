@@ -12,45 +12,13 @@ committed" is no longer said to be definitive.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-from aiohttp.test_utils import TestClient, TestServer
+from collections.abc import Callable
 
 from ringkv.clock import SystemClock
-from ringkv.config import config_from_dict
 from ringkv.node import Node
-from ringkv.server.api import build_app
+from tests.test_txn_service import Call, serve
 
-Call = Callable[..., Awaitable[tuple[int, Any]]]
 DEADLINE_S = 20.0
-
-
-def serve(scenario: Callable[[Call, Node], Awaitable[None]], **txn: Any) -> None:
-    config = config_from_dict({
-        "storage": {"engine": "memory"},
-        "keyspaces": {"t": {"replication_factor": 1, "tier": "transactional"}},
-        "txn": txn,
-    })
-
-    async def main() -> None:
-        node = Node(config, clock=SystemClock(), standalone=True)
-        await node.start()
-        client = TestClient(TestServer(build_app(node)))
-        await client.start_server()
-
-        async def call(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-            response = await client.request(method, path, **kwargs)
-            return response.status, await response.json()
-
-        try:
-            await scenario(call, node)
-        finally:
-            await client.close()
-            await node.stop()
-
-    asyncio.run(asyncio.wait_for(main(), timeout=60))
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

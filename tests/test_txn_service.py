@@ -28,11 +28,13 @@ from ringkv.server.api import build_app
 Call = Callable[..., Awaitable[tuple[int, Any]]]
 
 
-def serve(scenario: Callable[[Call, Node], Awaitable[None]]) -> None:
+def serve(scenario: Callable[[Call, Node], Awaitable[None]], **txn: Any) -> None:
+    """``scenario`` against one standalone node; ``txn``: its ``txn.*`` settings."""
     config = config_from_dict({
         "storage": {"engine": "memory"},
         "keyspaces": {"default": {"replication_factor": 1, "default_consistency": "ONE"},
                       "t": {"replication_factor": 1, "tier": "transactional"}},
+        "txn": txn,
     })
 
     async def main() -> None:

@@ -55,11 +55,11 @@ from ringkv.chaos.txn_run import (
     KEYSPACE,
     LEASE_S,
     READY_TIMEOUT_S,
-    WARMUP_S,
     Fault,
     TxnNemesisRun,
     judge_version_conditions,
     keys_across_ranges,
+    schedule,
     ranges_of,
     write_jsonl,
 )
@@ -299,17 +299,8 @@ NETNS_SLOT_S = 11.0
 def netns_schedule(seed: int, duration_s: float) -> list[Fault]:
     """One partition per slot, the kinds alternating from a seeded start, each healed
     over a second before ``duration_s``."""
-    rng = random.Random(seed)
-    kinds = list(NETNS_FAULT_KINDS)
-    rng.shuffle(kinds)
-    faults: list[Fault] = []
-    at = WARMUP_S
-    while True:
-        hold = round(rng.uniform(*NETNS_HOLD_S), 2)
-        if at + hold > duration_s - 1.0:
-            return faults
-        faults.append(Fault(round(at, 2), kinds[len(faults) % len(kinds)], hold))
-        at += NETNS_SLOT_S
+    return schedule(seed, duration_s, kinds=NETNS_FAULT_KINDS, hold_s=NETNS_HOLD_S,
+                    slot_s=NETNS_SLOT_S)
 
 
 class NetnsTxnBankRun(TxnBankRun):

@@ -36,6 +36,7 @@ import random
 import signal
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,20 +73,21 @@ class Fault:
     hold_s: float
 
 
-def schedule(seed: int, duration_s: float) -> list[Fault]:
+def schedule(seed: int, duration_s: float, *, kinds: Sequence[str] = FAULT_KINDS,
+             hold_s: tuple[float, float] = HOLD_S, slot_s: float = SLOT_S) -> list[Fault]:
     """One fault per slot, the kinds alternating from a seeded start, each over a second
     before ``duration_s``."""
     rng = random.Random(seed)
-    kinds = list(FAULT_KINDS)
-    rng.shuffle(kinds)
+    order = list(kinds)
+    rng.shuffle(order)
     faults: list[Fault] = []
     at = WARMUP_S
     while True:
-        hold = round(rng.uniform(*HOLD_S), 2)
+        hold = round(rng.uniform(*hold_s), 2)
         if at + hold > duration_s - 1.0:
             return faults
-        faults.append(Fault(round(at, 2), kinds[len(faults) % len(kinds)], hold))
-        at += SLOT_S
+        faults.append(Fault(round(at, 2), order[len(faults) % len(order)], hold))
+        at += slot_s
 
 
 def keys_across_ranges(prefix: str, ranges: int, per_range: int) -> list[str]:
