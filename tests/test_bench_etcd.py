@@ -198,7 +198,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(find_etcd(None) is None, reason=NO_ETCD)
 def test_an_interrupted_run_leaves_no_process_or_data_behind(tmp_path: Path) -> None:
-    proc = _bench(tmp_path, "--duration", "30", "--keys", "50", "--concurrency", "4")
+    # A phase far longer than the wait below: only an interrupt that kills the
+    # generator (rather than waiting for it) ends the run in time, with room for
+    # the clusters' own shutdown on a busy machine.
+    proc = _bench(tmp_path, "--duration", "180", "--keys", "50", "--concurrency", "4")
     children: dict[int, str] = {}
     try:
         assert proc.stdout is not None
@@ -222,8 +225,8 @@ def test_an_interrupted_run_leaves_no_process_or_data_behind(tmp_path: Path) -> 
         children = wait_until(all_started, timeout_s=30, interval_s=0.1,
                               what="the bench's servers and generator")
         proc.send_signal(signal.SIGINT)  # as Ctrl-C, but to the bench process alone
-        # Well before the 30 s phase would end: the generator is killed, not waited for.
-        out, _ = proc.communicate(timeout=20)
+        # Well before the 180 s phase would end: the generator is killed, not waited for.
+        out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
