@@ -276,15 +276,18 @@ def etcd_version(binary: str) -> str:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process we started."""
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process we started.
+    SIGINT is taken too, explicitly: a run started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Ctrl-C must still stop it."""
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def _preload(urls: list[str], key_count: int,
