@@ -386,21 +386,28 @@ def test_receipts_written_once_are_each_their_own_and_the_cache_stays_bounded() 
         assert len(handlers._RECEIPTS) <= handlers._RECEIPTS_MAX
 
 
+def held_gets(node: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the node's reads wait: ``arrived`` is set as one starts, and it goes on
+    once ``gate`` is set."""
+    gate, arrived = asyncio.Event(), asyncio.Event()
+    real_get = node.get
+
+    async def slow_get(*args: Any, **kwargs: Any) -> Any:
+        arrived.set()
+        await gate.wait()
+        return await real_get(*args, **kwargs)
+
+    monkeypatch.setattr(node, "get", slow_get)
+    return gate, arrived
+
+
 def test_a_request_held_behind_a_lean_one_with_its_body_arriving_late_is_answered(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
         async with serving(monkeypatch) as served:
             node = served.node
-            gate = asyncio.Event()
-            arrived = asyncio.Event()
             real_get = node.get
-
-            async def slow_get(*args: Any, **kwargs: Any) -> Any:
-                arrived.set()
-                await gate.wait()
-                return await real_get(*args, **kwargs)
-
-            monkeypatch.setattr(node, "get", slow_get)
+            gate, arrived = held_gets(node, monkeypatch)
             reader, writer = await warmed(served)
             whole = put("/v1/kv/default/late", "v")
             head, body = whole[:-5], whole[-5:]
@@ -425,16 +432,7 @@ def test_stopping_the_server_lets_a_lean_request_in_flight_answer_first(
     async def scenario() -> None:
         async with serving(monkeypatch) as served:
             node = served.node
-            gate = asyncio.Event()
-            arrived = asyncio.Event()
-            real_get = node.get
-
-            async def slow_get(*args: Any, **kwargs: Any) -> Any:
-                arrived.set()
-                await gate.wait()
-                return await real_get(*args, **kwargs)
-
-            monkeypatch.setattr(node, "get", slow_get)
+            gate, arrived = held_gets(node, monkeypatch)
             reader, writer = await warmed(served)
             writer.write(get("/v1/kv/default/k"))
             await asyncio.wait_for(arrived.wait(), TIMEOUT_S)
