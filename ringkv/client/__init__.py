@@ -45,6 +45,12 @@ What both clients do:
   node that began it; ``run_transaction`` reruns a function after an abort a
   rerun may not meet again, keeping its first priority, and commits at most
   once.
+- **Watches.** ``for event in kv.watch("txn", "user:", prefix=True)`` (``async
+  for`` on ``AsyncClient``) streams every commit to a key or prefix of a
+  transactional keyspace as ``WatchEvent``s (type, key, value, version) in
+  commit-timestamp order over HTTP, and resumes a cut stream, on another
+  node if need be, after the last version received whole: nothing lost,
+  nothing repeated (``client/watch.py``).
 - **The native protocol by default** (``docs/native-protocol.md``): after
   the first ring fetch, requests go over each node's native port (learned
   from the ring), pipelined in ``AsyncClient``; ``protocol="http"`` keeps
@@ -89,6 +95,8 @@ from ringkv.client.types import (
     Versioned,
     WriteResult,
 )
+
+from ringkv.client.watch import WatchEvent
 
 # The errors calls raise, importable from here as they were from the old module.
 from ringkv.errors import (  # noqa: F401
@@ -138,5 +146,6 @@ __all__ = [
     "TxnResult",
     "TxnStatus",
     "Versioned",
+    "WatchEvent",
     "WriteResult",
 ]

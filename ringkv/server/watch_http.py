@@ -90,10 +90,12 @@ def add_routes(app: web.Application, node: Node) -> None:
             raise Overloaded(f"this node serves {limit} watches already (txn.max_watches); "
                              "try another node or later", reason="max_watches", limit=limit)
         opened.count += 1
+        node.txn.stats["watches_open"] = opened.count  # /v1/status shows them
         try:
             return await _Stream(request, node, spec).run()
         finally:
             opened.count -= 1
+            node.txn.stats["watches_open"] = opened.count
 
     app.router.add_get("/v1/watch/{keyspace}/{key:.+}", watch, name="watch", allow_head=False)
     app.router.add_get("/v1/watch/{keyspace}", watch, name="watch_keyspace", allow_head=False)
@@ -253,6 +255,7 @@ class _Stream:
                 return
             if 2 * buffer.events > buffer.max_events and not await self._room():
                 self.cut = True
+                self.txn.stats["watchers_too_slow"] += 1
                 self._end(WATCHER_TOO_SLOW, f"the watcher left more than "
                           f"{buffer.max_events // 2} events unread for {SLOW_S:g} s "
                           "(txn.watch_buffer_events); resume from last_version")
@@ -277,6 +280,7 @@ class _Stream:
                 failing_since_s = None
                 if not self._offer(merged) and buffer.events == 0:
                     self.cut = True
+                    self.txn.stats["watchers_too_slow"] += 1
                     self._end(WATCHER_TOO_SLOW, "a transaction writes more keys than a watcher "
                               "may buffer (txn.watch_buffer_events)")
                     return

@@ -358,7 +358,7 @@ class TxnService:
                       "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0,
                       "cross_range_commits": 0, "cross_range_aborts": 0, "twopc_rejected": 0,
                       "read_only_txns": 0, "gc_versions_deleted": 0, "outcomes_expired": 0,
-                      "watch_polls": 0}
+                      "watch_polls": 0, "watches_open": 0, "watchers_too_slow": 0}
         self._cross = CrossRangeTxn(self._execute_at, clock=clock,
                                     max_retries=config.txn.max_conflict_retries,
                                     spawn=self._spawn, stats=self.stats,
