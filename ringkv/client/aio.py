@@ -331,7 +331,17 @@ class AsyncClient(ClientBase):
         from_version: int | None = None,
         max_reconnects: int = MAX_RECONNECTS,
     ) -> AsyncIterator[WatchEvent]:
-        """``Client.watch``, as an async iterator: ``async for event in kv.watch(...)``."""
+        """Every commit to ``key`` (or, with ``prefix``, to every key starting with it;
+        ``""``: the whole keyspace) of the transactional ``keyspace``, as ``WatchEvent``s
+        in commit-timestamp order, for as long as the caller iterates.
+
+        ``from_version``: deliver the commits strictly after this version (a commit
+        timestamp, as reads and events report it); None: from now on. A cut
+        connection is resumed, from another node if need be, after the last version
+        received whole: no event is lost or repeated. ``max_reconnects`` in a row
+        without progress raise ``NoNodeAvailable``; a ``from_version`` whose history
+        garbage collection has thinned raises ``Compacted`` (``oldest_version``).
+        """
         core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
                          rng=random.Random(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
