@@ -252,6 +252,15 @@ def test_a_compacted_from_version_is_refused_naming_the_oldest(cluster: LocalClu
     watch = RawWatch(b, f"/v1/watch/w3/k?from_version={error['oldest_version'] + 1_000_000}")
     assert watch.status == 200  # from a version still kept: served
     watch.close()
+    sse = RawWatch(b, "/v1/watch/w3/k?format=sse")
+    assert sse.status == 200 and sse.response.getheader("Content-Type") == "text/event-stream"
+    status, put = http("PUT", f"{a.url}/v1/kv/w3/k", {"value": "sse"})
+    lines: list[bytes] = []
+    while b"event: put\n" not in lines and len(lines) < 60:  # progress events, then the put
+        lines.append(sse.response.readline())
+    lines += [sse.response.readline() for _ in range(2)]  # its data and blank line
+    sse.close()
+    assert b"event: put\n" in lines and f"id: {put['version']}\n".encode() in lines, lines
     status, bad = http("GET", f"{b.url}/v1/watch/w3/k?from_version=x")
     assert (status, bad["error"]["field"]) == (400, "from_version")
     status, bad = http("GET", f"{b.url}/v1/watch/default/k")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from ringkv.auth.permissions import READ, Need, needs
 from ringkv.errors import BY_CODE, Compacted
 from ringkv.ring import token_for
 from ringkv.storage.memory import MemoryEngine
@@ -305,3 +306,8 @@ def test_a_key_whose_token_is_outside_the_range_is_not_its_change() -> None:
     token = token_for(b"a")
     assert store.changes_now("ks", token - 1, token, 0, 20, limit=5).items
     assert not store.changes_now("ks", token, token + 1, 0, 20, limit=5).items
+
+
+def test_a_watch_needs_read_permission_on_its_keyspace() -> None:
+    assert needs("watch", "w1", {}, b"") == [Need(READ, "w1")]
+    assert needs("watch_keyspace", "w1", {"prefix": "true"}, b"") == [Need(READ, "w1")]
