@@ -7,14 +7,15 @@ prefix spans three Paxos groups with their own leaders). Checked:
   in version order, each with the version the write returned; a watcher
   whose connection is cut resumes after the last version it saw whole and
   gets no gap and no repeat; the Python clients (blocking and asyncio) get
-  the same events;
+  the same events; a transaction across ranges (two-phase commit) arrives
+  whole, every write at its one version, and a key watch gets only its key;
 - SIGKILL of a range's leader, the node the watcher is connected to, mid-stream:
   the client resumes on a survivor once the range has a new leader, and
   nothing is lost or repeated;
 - a ``from_version`` garbage collection has thinned is refused with 410
   ``compacted`` naming the oldest version (``txn.mvcc_gc_s`` is 3 s here:
   only w3 overwrites or deletes after a cut's resume could be that old),
-  and a watch from that version is served;
+  and a watch from that version is served; server-sent events carry ``id:``;
 - a watcher that stops reading is cut off with a last ``watcher_too_slow``
   event naming ``last_version``, from which a new watch resumes with no gap;
   more than ``txn.max_watches`` streams on a node get 503 ``overloaded``.
@@ -228,6 +229,38 @@ def test_python_clients_watch_a_prefix(cluster: LocalCluster) -> None:
 
     seen = asyncio.run(async_watch())
     assert [(e.type, e.key, e.value) for e in seen] == [("put", "q3", 3)]
+
+
+def test_a_transaction_across_ranges_arrives_whole_at_one_version(cluster: LocalCluster) -> None:
+    a, b, c = cluster.procs
+    status, first = http("PUT", f"{a.url}/v1/kv/w1/x-before", {"value": 0})
+    assert status == 200
+    keys = [f"x{i}" for i in range(8)]
+    prefix_watch = RawWatch(b, f"/v1/watch/w1/x?prefix=true&from_version={first['version']}")
+    key_watch = RawWatch(c, f"/v1/watch/w1/x1?from_version={first['version']}")
+    status, txn = http("POST", f"{a.url}/v1/txn", {
+        "keyspace": "w1", "writes": [{"op": "put", "key": k, "value": k} for k in keys]})
+    assert status == 200 and txn["committed"], txn
+    assert len(txn["receipt"]["ranges"]) > 1  # two-phase commit over several groups
+    status, _ = http("PUT", f"{a.url}/v1/kv/w1/x1x", {"value": "not x1"})
+    assert status == 200
+    seen: list[dict[str, Any]] = []
+    events_of(prefix_watch, len(keys) + 1, seen)
+    assert [(e["key"], e["version"]) for e in seen[:len(keys)]] == \
+        [(k, txn["commit_ts"]) for k in sorted(keys)]
+    assert seen[-1]["key"] == "x1x"
+    one: list[dict[str, Any]] = []
+    events_of(key_watch, 1, one)
+    assert [(e["key"], e["value"]) for e in one] == [("x1", "x1")]
+    for _ in range(50):  # bounded: an idle stream says how far it got every second
+        event = key_watch.next()
+        assert event is not None and event["type"] == "progress", event  # never x1x
+        if event["version"] >= seen[-1]["version"]:
+            break
+    else:
+        raise AssertionError("the key watch never passed x1x's commit")
+    prefix_watch.close()
+    key_watch.close()
 
 
 def test_a_compacted_from_version_is_refused_naming_the_oldest(cluster: LocalCluster) -> None:
