@@ -230,3 +230,61 @@ def test_an_empty_key_is_a_400_naming_key_not_a_404(method: str, path: str) -> N
         assert status == 404 and body["error"]["code"] == "not_found"
 
     serve(scenario)
+
+
+# -- ringkv sim refuses nonsense settings -------------------------------------------------
+
+SIM_NONSENSE = [
+    (["--ops", "-5"], "--ops"),
+    (["--ops", "0"], "--ops"),
+    (["--clients", "0"], "--clients"),
+    (["--write-fraction", "2"], "--write-fraction"),
+    (["--write-fraction", "-0.1"], "--write-fraction"),
+    (["--duration", "-1"], "--duration"),
+    (["--duration", "0"], "--duration"),
+    (["--duration", "inf"], "--duration"),
+    (["--nodes", "0"], "--nodes"),
+    (["--rf", "0"], "--rf"),
+    (["--keys", "-3"], "--keys"),
+    (["--seeds", "0"], "--seeds"),
+    (["--max-skew", "-0.5"], "--max-skew"),
+    (["--max-skew", "nan"], "--max-skew"),
+    (["--ranges", "0"], "--ranges"),
+    (["--deletes", "1.5"], "--deletes"),
+    (["--gc-grace", "-1"], "--gc-grace"),
+    (["--ops", "many"], "--ops"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", SIM_NONSENSE)
+def test_sim_refuses_a_nonsense_setting_naming_the_flag(argv: list[str], flag: str,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    from ringkv.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["sim", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err, err
+
+
+def test_sim_refuses_more_replicas_than_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    from ringkv.cli import main
+
+    assert main(["sim", "--nodes", "3", "--rf", "7"]) == 2
+    assert "--rf 7 is more than --nodes 3" in capsys.readouterr().err
+
+
+def test_sim_takes_sensible_settings_as_before() -> None:
+    from ringkv.cli import build_parser, sim_settings
+
+    args = build_parser().parse_args(["sim", "--ops", "10", "--clients", "1", "--duration",
+                                      "0.5", "--write-fraction", "0", "--deletes", "1",
+                                      "--max-skew", "0", "--gc-grace", "10"])
+    settings = sim_settings(args)
+    assert (settings.ops, settings.clients, settings.duration_s, settings.write_fraction,
+            settings.deletes, settings.max_skew_s, settings.gc_grace_s) == (
+        10, 1, 0.5, 0.0, 1.0, 0.0, 10)
+    defaults = sim_settings(build_parser().parse_args(["sim"]))
+    assert (defaults.ops, defaults.clients, defaults.write_fraction) == (2000, 10, 0.5)
