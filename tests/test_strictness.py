@@ -159,6 +159,7 @@ BAD_BODIES = [
     ("POST", "/v1/batch", {"ops": [{"op": "delete", "key": "a", "ttl": 5}]}, "ops[0].ttl"),
     ("POST", "/v1/batch", {"ops": [{"op": "put", "key": "a", "value": 1, "keyspce": "x"}]},
      "ops[0].keyspce"),
+    ("POST", "/v1/removenode", {"node_id": "gone", "force": True}, "force"),
 ]
 
 

@@ -385,6 +385,7 @@ async def removenode(request: web.Request) -> web.Response:
     """Remove a dead node (body ``{"node_id": ...}``), coordinated by this node;
     progress is in /v1/status ``streaming``."""
     body = await _json_object(request)
+    v.check_fields(body, ("node_id",), what="a removenode")
     dead = body.get("node_id")
     if not isinstance(dead, str) or not dead:
         raise BadRequest('the body must be {"node_id": "<the dead node\'s id>"}',
