@@ -22,7 +22,13 @@ import pytest
 from bench import proc_cpu
 from bench.cluster import stronger_above_weaker
 from bench.loadgen import (
-    GEN_LAG_NOTE, LAG_FLOOR_MS, LoadResult, format_row, format_table, lag_limited, loop_lag_ms,
+    GEN_LAG_NOTE,
+    LAG_FLOOR_MS,
+    LoadResult,
+    format_row,
+    format_table,
+    lag_limited,
+    loop_lag_ms,
     run_load,
 )
 from bench.proc_cpu import GEN_LIMITED_MARK, GEN_LIMITED_NOTE, PhaseCpu, PhaseMeter

@@ -110,9 +110,9 @@ def test_nodes_and_replicas_are_right_before_the_first_request(node: InProcessNo
 
 
 def test_nodes_with_no_node_answering_says_so() -> None:
-    with Client(f"http://127.0.0.1:{free_port()}", timeout_s=1.0) as kv:
-        with pytest.raises(NoNodeAvailable):
-            kv.nodes()
+    with Client(f"http://127.0.0.1:{free_port()}", timeout_s=1.0) as kv, \
+            pytest.raises(NoNodeAvailable):
+        kv.nodes()
 
 
 def test_bytes_keys_timedelta_ttls_exists_and_ttl_s(node: InProcessNode) -> None:

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from ringkv.client.errors import InvalidArgument
 from ringkv.client.operations import Operations
 from ringkv.client.plan import Failure, Plan, Reply, Send, Sleep
 from ringkv.client.types import TxnResult, TxnStatus, Versioned, WriteResult
 from ringkv.clock import ManualClock
-from ringkv.client.errors import InvalidArgument
 from ringkv.errors import Aborted, ConditionFailed, RingKVError
 from ringkv.hlc import Timestamp
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 from ringkv.client.plan import Emit, Failure, Outcome, Plan, Reply, Send, Sleep
 from ringkv.client.routing import (
     Router,
@@ -45,12 +46,11 @@ from ringkv.client.types import (
     Versioned,
     WriteResult,
 )
-from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 from ringkv.errors import (
     Aborted,
     ConditionFailed,
-    NotFound,
     NoNodeAvailable,
+    NotFound,
     Overloaded,
     RingKVError,
     ShuttingDown,

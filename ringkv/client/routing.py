@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ringkv.address import format_address, parse_address
-from ringkv.client.types import NodeView
 from ringkv.client.errors import InvalidArgument, InvalidArgumentType
+from ringkv.client.types import NodeView
 from ringkv.ring import NodeInfo, TokenRing
 
 # After a connection error a node is tried last for this long (then as usual).

@@ -8,7 +8,6 @@ from typing import Any, TypeAlias
 from ringkv.errors import RingKVError
 from ringkv.hlc import Timestamp
 
-
 # A key as the calls take it: text, or bytes that are UTF-8 (keys are text on the wire;
 # results name keys as ``str``).
 Key: TypeAlias = str | bytes
