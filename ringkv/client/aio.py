@@ -32,7 +32,7 @@ from ringkv.client.types import (
     Versioned,
     WriteResult,
 )
-from ringkv.errors import ProtocolError, RingKVError
+from ringkv.errors import NoNodeAvailable, ProtocolError, RingKVError
 from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import KIND_REQUEST, Frame, FrameDecoder, encode_frame, frame_packer
 from ringkv.quorum import ConsistencyLevel
@@ -375,7 +375,10 @@ class AsyncClient(ClientBase):
     async def __aenter__(self) -> AsyncClient:
         # The ring now, so that nodes() and replicas() are right from the start (a
         # cluster that does not answer yet is no error here: each call retries it).
-        await self._call(self._ops.refresh_ring())
+        try:
+            await self.ensure_ring()
+        except NoNodeAvailable:
+            pass
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
