@@ -392,3 +392,91 @@ def test_a_node_restored_from_a_snapshot_taken_under_load(tmp_path: Path) -> Non
     finally:
         node.stop()
         restored.stop()
+
+
+def txn_put(proc: NodeProcess, key: str, value: Any) -> bool:
+    try:
+        return http("PUT", f"{proc.url}/v1/kv/txn/{key}", {"value": value}, timeout_s=5)[0] == 200
+    except OSError:
+        return False
+
+
+def groups_of(proc: NodeProcess) -> dict[str, Any]:
+    status, view = http("GET", f"{proc.url}/v1/status")
+    return view.get("transactional", {}).get("groups", {}) if status == 200 else {}
+
+
+@pytest.mark.soak
+@pytest.mark.cluster
+def test_a_paxos_voter_comes_back_from_a_snapshot_under_a_new_id(tmp_path: Path) -> None:
+    """The safe way back for a node of a cluster with a transactional keyspace: its
+    snapshot (taken on every node under one name) restores only under a new node id
+    that replaces it; the Paxos groups add that id as a learner, catch it up and drop
+    the old one, and every acknowledged transactional write reads back through it."""
+    import shutil
+
+    from ringkv.address import format_address
+    from ringkv.tools.launcher import free_port
+    from tests.test_bootstrap_process import make_cluster, put, start_first
+    from tests.test_removenode_process import kill_for_good, wait_ring
+
+    cluster = make_cluster(tmp_path, 4, **{"keyspaces.txn": {
+        "replication_factor": 3, "tier": "transactional", "ranges": 4}})
+    extra: list[NodeProcess] = []
+    try:
+        start_first(cluster, 4)
+        first = cluster.procs[0]
+        wait_until(lambda: txn_put(first, "t0", 0), timeout_s=30, interval_s=0.2,
+                   what="the first transactional write (election and clock sync)")
+        txn_acked = {f"t{i}": i for i in range(40) if txn_put(cluster.procs[i % 4], f"t{i}", i)}
+        eventual = {f"e{i}": i for i in range(100) if put(cluster.procs[i % 4], f"e{i}", i)}
+        assert len(txn_acked) >= 35 and len(eventual) == 100
+        # The victim: a member of Paxos groups (an acceptor with promises to forget).
+        victim = next(p for p in cluster.procs[1:] if groups_of(p))
+
+        taken = ringkv("snapshot", "create", "before-loss", env={"RINGKV_URL": first.url})
+        assert taken.returncode == 0, taken.stderr
+        assert sorted(line.split(":")[0] for line in taken.stdout.splitlines()) == sorted(
+            p.node_id for p in cluster.procs)
+        backup = tmp_path / "backup"
+        shutil.copytree(tmp_path / victim.node_id / SNAPSHOTS_DIR / "before-loss", backup)
+        manifest_doc = json.loads((backup / MANIFEST_FILE).read_text())
+        assert manifest_doc["txn_groups"] >= 1 and manifest_doc["keys"] > 0
+
+        others = [p for p in cluster.procs if p is not victim]
+        kill_for_good(victim, others)
+        shutil.rmtree(tmp_path / victim.node_id)  # the lost disk
+
+        # Under its own identity it would vote without its promises: refused.
+        same = ringkv("node", "--config", str(cluster.config_file()), "--id", victim.node_id,
+                      "--data-dir", str(tmp_path / "same"), "--restore", str(backup))
+        assert same.returncode == 2 and "Paxos voter" in same.stderr, same.stderr
+
+        seed = format_address("127.0.0.1", first.internode_port)
+        replacement = NodeProcess("node5", tmp_path, client_port=free_port(),
+                                  internode_port=free_port(), config_path=cluster.config_file(),
+                                  extra_args=["--seeds", seed, "--replace", victim.node_id,
+                                              "--restore", str(backup)])
+        extra.append(replacement)
+        replacement.start()
+        live = [*others, replacement]
+        wait_ring(live, {p.node_id for p in live})
+
+        def moved() -> bool:
+            views = [groups_of(proc) for proc in live]
+            return all(victim.node_id not in g["members"] and g["members"] == sorted(g["replicas"])
+                       for view in views for g in view.values()) and bool(views[-1])
+
+        wait_until(moved, timeout_s=90, interval_s=0.5,
+                   what="every Paxos group to drop the dead node and settle on the ring's")
+        for key, value in txn_acked.items():
+            status, body = http("GET", f"{replacement.url}/v1/kv/txn/{key}", timeout_s=10)
+            assert status == 200 and body["value"] == value, (key, status, body)
+        for key, value in eventual.items():
+            status, body = http("GET", f"{replacement.url}/v1/kv/default/{key}?consistency=ALL")
+            assert status == 200 and body["value"] == value, (key, status, body)
+        assert txn_put(replacement, "after", 1)
+    finally:
+        for proc in extra:
+            proc.stop()
+        cluster.down()
