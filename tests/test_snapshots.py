@@ -269,6 +269,53 @@ def test_create_list_delete_and_one_at_a_time(tmp_path: Path,
     serve(tmp_path, scenario)
 
 
+def test_restore_fills_an_empty_data_dir_and_overwrites_only_when_told(tmp_path: Path) -> None:
+    async def take(client: TestClient, node: Node) -> None:
+        for i in range(5):
+            assert (await call(client, "PUT", f"/v1/kv/default/k{i}", json={"value": i}))[0] == 200
+        assert (await call(client, "POST", "/v1/snapshots", json={"name": "s"}))[0] == 201
+
+    serve(tmp_path / "a", take)
+    snap_dir = tmp_path / "a" / "solo" / SNAPSHOTS_DIR / "s"
+    taken = Manifest.from_json(json.loads((snap_dir / MANIFEST_FILE).read_text()), "m")
+    now_us = taken.created_us + 1_000_000
+    config = node_config(tmp_path / "b")
+    target = config.node_data_dir
+
+    snapshot.restore(config, snap_dir, now_us=now_us, overwrite=False)
+    identity = json.loads((target / "node.json").read_text())
+    assert identity["node_id"] == "solo" and tuple(identity["tokens"]) == taken.tokens
+    copy = LevelDBEngine(target / LEVELDB_DIR)
+    try:
+        assert sum(1 for _ in copy.scan(keys.DATA_PREFIX, keys.DATA_END)) == 5
+    finally:
+        copy.close()
+
+    # The node's dir is in use now: refused, naming it, unless told to overwrite.
+    with pytest.raises(ConfigError) as caught:
+        snapshot.restore(config, snap_dir, now_us=now_us, overwrite=False)
+    assert caught.value.field == "cluster.data_dir" and str(target) in caught.value.message
+    (target / "generation").write_text("1234")
+    (target / "stray").write_text("x")
+    (target / SNAPSHOTS_DIR / "kept").mkdir(parents=True)
+    snapshot.restore(config, snap_dir, now_us=now_us, overwrite=True)
+    assert not (target / "stray").exists() and (target / "generation").read_text() == "1234"
+    assert (target / SNAPSHOTS_DIR / "kept").is_dir() and (target / "node.json").exists()
+
+    # Not a snapshot at all.
+    with pytest.raises(ConfigError) as caught:
+        snapshot.restore(node_config(tmp_path / "c"), tmp_path, now_us=now_us, overwrite=False)
+    assert caught.value.field == "restore"
+    # Under a new id replacing it: the data, but no identity (it takes the dead node's tokens).
+    replacing = config_from_dict({
+        "cluster": {"node_id": "other", "data_dir": str(tmp_path / "d"),
+                    "replace_node_id": "solo"},
+        "keyspaces": {"default": {"replication_factor": 1}}})
+    snapshot.restore(replacing, snap_dir, now_us=now_us, overwrite=False)
+    assert (replacing.node_data_dir / LEVELDB_DIR).is_dir()
+    assert not (replacing.node_data_dir / "node.json").exists()
+
+
 # -- a real node under load, snapshotted, stopped and restored --------------------------------
 
 CONFIG_YAML = """

@@ -308,6 +308,7 @@ def restore(config: Config, snapshot_dir: Path, *, now_us: int, overwrite: bool)
             peers = {}
         if isinstance(peers, dict) and peers:
             identity.save_peers(peers)
-    log.info("restored node %s from snapshot %s (%d keys, taken %s)", config.cluster.node_id,
-             manifest.name, manifest.keys, manifest.created)
+    log.warning("restored node %s from snapshot %s (%d keys, taken %s); writes since then "
+                "reach it through hints, read repair and repair: run `ringkv repair` on it once "
+                "it is up", config.cluster.node_id, manifest.name, manifest.keys, manifest.created)
     return manifest
