@@ -40,6 +40,8 @@ SHELL = frozenset({
     "topology/streamer.py",  # pages scans from peers into the store, paced on the clock
     "net/rpc.py", "net/sockets.py", "net/transport.py", "net/tls.py",
     "storage/store.py", "storage/leveldb.py",
+    "storage/snapshot.py",  # copies a node's data in a worker thread; restore before start
+    "snapshot_cli.py",  # `ringkv snapshot`
     "txn/mvcc.py",  # runs engine calls off the loop (LevelDB fsyncs)
     "txn/paxos_log.py",  # fsyncs a group's Paxos records through the engine
     "txn/group.py",  # runs one group: timers, a drain task, fsyncs off the loop
