@@ -568,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--key-file", help="the client certificate's key")
 
     admin_cli.add_parser(commands, tls_flags)
+    from ringkv import data_cli
+
+    data_cli.add_parser(commands, tls_flags)  # get, put, del, scan, txn
 
     certs = commands.add_parser(
         "certs", help="a development CA: create it, and issue node and client certificates")
