@@ -128,7 +128,8 @@ def add_parser(commands: Any, tls_flags: Any) -> None:
                      help='the transaction document, "-" for stdin: {"reads": [KEY...], '
                           '"conditions": [{"key": K, "version": N | "absent": true | '
                           '"equals": JSON}...], "writes": [{"op": "put", "key": K, "value": '
-                          'JSON} | {"op": "delete", "key": K}...], "id": ID, "keyspace": KS}')
+                          'JSON} | {"op": "delete", "key": K}...], "id": ID, "keyspace": KS}; the flags '
+                          'below add to it')
     txn.add_argument("--read", action="append", default=[], metavar="KEY",
                      help="read KEY at the transaction's timestamp (repeatable)")
     txn.add_argument("--put", action="append", default=[], nargs=2, metavar=("KEY", "VALUE"),

@@ -78,7 +78,8 @@ def exit_code(error: RingKVError) -> int:
 
 def error_line(error: RingKVError) -> str:
     """The one line a failed command prints on stderr: its code and message."""
-    return f"ringkv: error: {error.code}: {error.message}"
+    message = " ".join(error.message.split())  # one line, whatever the message holds
+    return f"ringkv: error: {error.code}: {message}"
 
 
 def parse_value(text: str, *, as_string: bool = False) -> Any:
@@ -185,7 +186,7 @@ def scan_document(records: Sequence[Record], next_page_token: str | None,
                   scanned: int) -> dict[str, Any]:
     """A scan's keys as one ``GET /v1/kv/{ks}`` page answers them, however many pages
     it took; ``next_page_token`` resumes it (``--page-token``), ``scanned`` counts the
-    keys read (more than the items with ``--prefix``)."""
+    keys it went through up to where it stopped (more than the items with ``--prefix``)."""
     return {
         "items": [{"key": r.key, "value": r.value, "timestamp": r.timestamp.to_json()}
                   for r in records],

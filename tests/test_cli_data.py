@@ -13,6 +13,7 @@ not applied (a failed condition), unauthorized, and usage errors.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -391,7 +392,7 @@ def test_a_failed_condition_is_not_applied(ringkv: Any) -> None:
     assert ringkv("get", "cas:d", "--keyspace", "txn").code == EXIT_NOT_FOUND
 
 
-def test_bad_input_is_a_usage_error(ringkv: Any) -> None:
+def test_bad_input_is_a_usage_error(ringkv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     cases = [
         ("get",),  # no KEY: argparse
         ("get", "k", "--consistency", "MOST"),
@@ -408,6 +409,13 @@ def test_bad_input_is_a_usage_error(ringkv: Any) -> None:
         run = ringkv(*args)
         assert run.code == EXIT_USAGE, (args, run)
         assert run.err.strip(), args
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    waiting = ringkv("txn", "--keyspace", "txn")  # nothing to read: says so, never hangs
+    assert waiting.code == EXIT_USAGE and "--file" in waiting.err
     broken = ringkv("txn", "--keyspace", "txn", "-o", "json", stdin='{"reads": ')
     assert broken.code == EXIT_USAGE
     assert broken.json()["error"]["field"] == "stdin"
@@ -415,7 +423,7 @@ def test_bad_input_is_a_usage_error(ringkv: Any) -> None:
 
 def test_credentials_and_permissions(ringkv: Any, cluster: Cluster,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    admin = {"Authorization": "Basic " + __import__("base64").b64encode(
+    admin = {"Authorization": "Basic " + base64.b64encode(
         f"admin:{cluster.admin_password}".encode()).decode()}
     status, body = http("POST", f"{cluster.url}/v1/auth/users", {
         "name": "reader", "password": "reader-pw",
