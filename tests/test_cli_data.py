@@ -7,8 +7,9 @@ The commands run through ``ringkv.cli.main`` in this process (their stdout,
 stderr and exit code captured), and once as a real ``python -m ringkv.cli``
 process reading a transaction from its stdin. Every exit code of the table in
 ``data_view.EXIT_CODES`` is reached: not found, unavailable (a level the
-cluster cannot meet; an unreachable URL), timeout (ALL with a killed replica),
-not applied (a failed condition), unauthorized, and usage errors.
+cluster cannot meet; an unreachable URL), not applied (a failed condition),
+unauthorized, usage errors, and timeout (ALL with a killed replica, on a
+second small cluster without auth, whose user store the kill would stop).
 """
 
 from __future__ import annotations
@@ -165,11 +166,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                          base_client_port=free_port_block(2),
                          base_internode_port=free_port_block(2),
                          config_overrides={
-                             "auth.enabled": True, "auth.replication_factor": 2,
-                             # A killed node stays UP to the others: an ALL read then
-                             # times out (exit 5) rather than being refused (exit 4).
-                             "timing.phi_threshold": 1e9,
-                         })
+                             "auth.enabled": True, "auth.replication_factor": 2})
     try:
         for proc in local.build():
             proc.extra_args.append(NO_STREAMING)  # a new cluster: nothing to stream
@@ -478,16 +475,34 @@ def test_the_command_as_a_process_reads_a_transaction_on_stdin(cluster: Cluster)
     assert failed.stdout == "" and failed.stderr.count("\n") == 1
 
 
-def test_all_with_a_killed_replica_times_out(ringkv: Any, cluster: Cluster) -> None:
-    assert ringkv("put", "kill:k", "1").code == 0
-    victim = cluster.procs[1]
-    victim.kill()
+def test_all_with_a_killed_replica_times_out(tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster of its own, without auth: a killed node would also take the user
+    store's Paxos group (RF 2) down with it in the shared one."""
+    local = LocalCluster(tmp_path, nodes=2, rf=2, base_client_port=free_port_block(2),
+                         base_internode_port=free_port_block(2),
+                         extra_args=["--engine", "memory"],
+                         # The killed node stays UP to the survivor, which asks it and
+                         # waits: a 504 timeout (exit 5) rather than a 503 (exit 4).
+                         config_overrides={"timing.phi_threshold": 1e9})
+    for name in ("RINGKV_TOKEN", "RINGKV_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RINGKV_URL", f"http://127.0.0.1:{local.base_client_port}")
+
+    def ringkv(*args: str) -> Run:
+        capsys.readouterr()
+        code = cli.main(list(args))
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
     try:
-        # The survivor still counts the victim UP (phi_threshold), so it asks it and
-        # waits: 504 timeout. QUORUM of two needs both too.
+        local.up(timeout_s=60)
+        assert ringkv("put", "kill:k", "1", "--consistency", "ALL").code == 0
+        local.procs[1].kill()
         timed_out = ringkv("get", "kill:k", "--consistency", "ALL", "-o", "json")
         assert timed_out.code == EXIT_TIMEOUT, timed_out
-        assert timed_out.json()["error"]["code"] in ("timeout", "no_node_available")
+        assert timed_out.json()["error"]["code"] == "timeout"
+        assert timed_out.err.startswith("ringkv: error: timeout: ")
         assert ringkv("get", "kill:k", "--consistency", "ONE").code == 0
     finally:
-        victim.start()
+        local.down()
