@@ -166,7 +166,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                          base_client_port=free_port_block(2),
                          base_internode_port=free_port_block(2),
                          config_overrides={
-                             "auth.enabled": True, "auth.replication_factor": 2})
+                             "auth.enabled": True, "auth.replication_factor": 2,
+                             "auth.cache_ttl_s": 0.5})
     try:
         for proc in local.build():
             proc.extra_args.append(NO_STREAMING)  # a new cluster: nothing to stream
@@ -426,6 +427,13 @@ def test_credentials_and_permissions(ringkv: Any, cluster: Cluster,
         "name": "reader", "password": "reader-pw",
         "grants": [{"permission": "read", "keyspace": "default"}]}, headers=admin)
     assert status in (200, 201), body
+    reader = {"Authorization": "Basic " + base64.b64encode(b"reader:reader-pw").decode()}
+
+    def known_everywhere() -> bool:  # each node's user cache lives auth.cache_ttl_s
+        return all(http("GET", f"{proc.url}/v1/auth/whoami", headers=reader)[0] == 200
+                   for proc in cluster.procs)
+
+    wait_until(known_everywhere, timeout_s=10, interval_s=0.1, what="every node to know reader")
     assert ringkv("put", "auth:k", "1").code == 0
     monkeypatch.setenv("RINGKV_USER", "reader")
     monkeypatch.setenv("RINGKV_PASSWORD", "reader-pw")
