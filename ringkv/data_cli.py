@@ -269,7 +269,7 @@ def _scan(client: Client, args: argparse.Namespace) -> Outcome:
         if token is None or len(shown) >= args.limit or scanned >= args.max_scanned:
             break
     if token is not None and args.output == "table":
-        print(f"ringkv: {len(shown)} keys shown ({scanned} read); more remain: resume with "
+        print(f"ringkv: {len(shown)} keys shown ({scanned} read); more may remain: resume with "
               f"--page-token {token}", file=sys.stderr)
     return scan_document(shown, token, scanned), scan_table(shown)
 

@@ -339,7 +339,7 @@ def test_scan_pages_with_a_bound_and_resumes_exactly(ringkv: Any) -> None:
     assert bounded["next_page_token"] is not None
     table = ringkv("scan", "--prefix", "scan:", "--limit", "2")
     assert [row[0] for row in rows(table.out)] == ["KEY", *with_prefix[:2]]
-    assert "more remain: resume with --page-token " in table.err
+    assert "more may remain: resume with --page-token " in table.err
     assert ringkv("scan", "--limit", "0").code == EXIT_USAGE
     assert ringkv("scan", "--keyspace", "txn").code == EXIT_USAGE  # not served on that tier
 
