@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
 
-    from ringkv import snapshot_cli
+    from ringkv import data_cli, snapshot_cli
     from ringkv.auth import admin_cli
 
     def tls_flags(parser: argparse.ArgumentParser) -> None:
@@ -584,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin_cli.add_parser(commands, tls_flags)
     snapshot_cli.add_parser(commands, tls_flags)
+    data_cli.add_parser(commands, tls_flags)  # get, put, del, scan, txn
 
     certs = commands.add_parser(
         "certs", help="a development CA: create it, and issue node and client certificates")

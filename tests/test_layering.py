@@ -53,6 +53,7 @@ SHELL = frozenset({
     "server/*",
     "auth/store.py", "auth/service.py", "auth/http.py",  # the user store, checks, routes
     "auth/admin_cli.py",  # `ringkv user`
+    "data_cli.py",  # `ringkv get|put|del|scan|txn`: the client, stdin, the environment
     "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",
     # The simulator is a shell around virtual time; its histories and checkers are pure.
