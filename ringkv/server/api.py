@@ -28,6 +28,7 @@ from ringkv.errors import (
 from ringkv.metrics import CONTENT_TYPE
 from ringkv.server import handlers as h
 from ringkv.server import idempotency
+from ringkv.server import openapi
 from ringkv.server import validation as v
 from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 IDEMPOTENCY_KEY: web.AppKey[idempotency.IdempotencyCache] = web.AppKey("idempotency")
+# The API's OpenAPI document (openapi.py), encoded once: it depends on the config only.
+OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi")
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -391,6 +394,10 @@ async def removenode(request: web.Request) -> web.Response:
                          status=202)
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
+
+
 async def health(request: web.Request) -> web.Response:
     return _response(await h.health(_call(request)))
 
@@ -428,5 +435,7 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
+    app[OPENAPI_KEY] = _ENCODER.encode(openapi.build_spec(node.config.limits)).encode()
+    app.router.add_get(openapi.PATH, openapi_document, name="openapi", allow_head=False)
     auth_http.add_routes(app, node)
     return app

@@ -34,11 +34,11 @@ from ringkv.versioning import Cell
 if TYPE_CHECKING:
     from ringkv.node import Node
 
-BATCH_OPS = ("put", "get", "delete")
+BATCH_OPS = v.BATCH_OPS
 # What a node that is not on the ring yet still answers: how it sees the
-# cluster and why it has not joined. Everything else (data, and health, so
+# cluster and why it has not joined, and the API's description. Everything else (data, and health, so
 # that load balancers and tools wait) gets 503 not_joined.
-SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics"})
+SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics", "openapi"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
