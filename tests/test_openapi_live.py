@@ -211,3 +211,19 @@ def test_the_fuzzing_catches_a_wrong_content_type(live_node: NodeProcess,
 
     assert failures(planted(live_node, metrics_as_json), "metrics", open_txn, 5) == [
         "Undocumented Content-Type"]
+
+
+# -- what the fuzzing found, kept as plain regressions ---------------------------------
+
+
+def test_a_batch_refuses_a_bad_level_even_when_every_op_names_its_own(
+        live_node: NodeProcess) -> None:
+    """It was ignored (200): the request's level was read only for ops without one."""
+    ops = [{"op": "put", "key": "k", "value": 1, "consistency": "ONE"}]
+    status, body = http("POST", f"{live_node.url}/v1/batch?consistency=%C2%9D", {"ops": ops})
+    assert status == 400, body
+    assert body["error"]["field"] == "consistency"
+    status, body = http("POST", f"{live_node.url}/v1/batch?consistency=ANY",
+                        {"ops": [{"op": "get", "key": "k"}]})
+    assert (status, body["error"]["field"]) == (400, "ops[0].consistency")
+    assert http("POST", f"{live_node.url}/v1/batch?consistency=ANY", {"ops": ops})[0] == 200

@@ -278,6 +278,9 @@ async def batch(call: ApiCall) -> Answer:
             size=len(ops),
         )
     default_level = call.query.get("consistency")
+    # The request's level is checked even when every op names its own: a bad
+    # ?consistency= is refused, not ignored (ANY is refused per get).
+    v.consistency(default_level, write=True)
     # Validate everything before running anything, so a bad op fails the
     # whole request instead of leaving half of it applied.
     planned = [_plan_batch_op(node, i, op, default_level) for i, op in enumerate(ops)]

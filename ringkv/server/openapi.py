@@ -136,7 +136,8 @@ def _error_response(codes: Sequence[tuple[str, str]]) -> dict[str, Any]:
 def _levels(write: bool) -> list[str]:
     names = [level.value for level in ConsistencyLevel
              if write or level is not ConsistencyLevel.ANY]
-    return names + [name.lower() for name in names]  # validation.consistency: either case
+    # validation.consistency: either case, and an empty value is the default level.
+    return names + [name.lower() for name in names] + [""]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -300,7 +301,8 @@ def _param(name: str, where: str, schema: dict[str, Any], description: str,
 
 def _consistency(write: bool) -> dict[str, Any]:
     return _param("consistency", "query", {"type": "string", "enum": _levels(write)},
-                  "the consistency level (any case; the keyspace's default when left out; a "
+                  "the consistency level (any case; the keyspace's default when left out or "
+                  "empty; a "
                   "transactional keyspace takes SERIAL only)"
                   + ("" if write else "; ANY is for writes only"))
 
@@ -525,8 +527,11 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
             "post": _operation(
                 "repair", "Run an anti-entropy repair on this node",
                 body=_json_body(_object({
-                    "keyspace": {"type": "string"},
-                    "range": {"type": "string", "description": "START:END tokens"},
+                    "keyspace": {"type": ["string", "null"],
+                                 "description": "one keyspace (null or left out: all)"},
+                    "range": {"type": ["string", "null"],
+                              "description": "START:END tokens (null or left out: every "
+                                             "range this node replicates)"},
                 }), required=False),
                 ok=_ok({"type": "string"}, "one JSON line per event: start, one range per "
                        "range repaired, done with the report", media_type=NDJSON),
