@@ -23,6 +23,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
+from ringkv.auth.permissions import parse_grant
 from ringkv.clock import ManualClock
 from ringkv.config import LimitsConfig, config_from_dict
 from ringkv.errors import BadRequest, RingKVError, TooLarge
@@ -291,6 +292,19 @@ CONDITIONS: list[tuple[Any, bool]] = [
 ]
 
 
+GRANTS: list[tuple[Any, bool]] = [
+    ({"permission": "read", "keyspace": "orders"}, True),
+    ({"permission": "admin"}, True),
+    ({"permission": "admin", "keyspace": None, "note": "extra fields are ignored"}, True),
+    ({"permission": "write"}, False),
+    ({"permission": "write", "keyspace": None}, False),
+    ({"permission": "read", "keyspace": "system_auth"}, False),
+    ({"permission": "read", "keyspace": "not a name"}, False),
+    ({"permission": "own", "keyspace": "orders"}, False),
+    ({"keyspace": "orders"}, False),
+]
+
+
 def body_mismatches(schema_name: str, parse: Any, cases: list[tuple[Any, bool]]) -> list[str]:
     """Bodies where the schema and the validator disagree, or the table is wrong."""
     problems = []
@@ -311,6 +325,13 @@ def test_the_transaction_body_schema_agrees_with_the_validator() -> None:
 
 def test_the_begin_body_schema_agrees_with_the_validator() -> None:
     assert body_mismatches("BeginBody", tv.parse_begin, BEGIN_BODIES) == []
+
+
+def test_the_grant_schema_agrees_with_the_validator() -> None:
+    def parse(body: Any) -> str:
+        return parse_grant(body.get("permission"), body.get("keyspace"))
+
+    assert body_mismatches("Grant", parse, GRANTS) == []
 
 
 def test_the_condition_schema_agrees_with_the_validator() -> None:

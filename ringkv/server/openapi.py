@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ringkv.auth.passwords import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS
-from ringkv.auth.permissions import KEYSPACE_NAME, PERMISSIONS
+from ringkv.auth.permissions import ADMIN, KEYSPACE_NAME, PERMISSIONS, SYSTEM_KEYSPACE
 from ringkv.auth.users import USER_NAME
 from ringkv.config import LimitsConfig
 from ringkv.errors import (
@@ -281,8 +281,19 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
         }),
         "TxnPutBody": _object({"value": _ref("Value")}, ["value"]),
         "EmptyBody": _object({}),
-        "Grant": _object({"permission": {"enum": list(PERMISSIONS)},
-                          "keyspace": {"type": ["string", "null"]}}, ["permission"]),
+        "Grant": _object({
+            "permission": {"enum": list(PERMISSIONS)},
+            "keyspace": {"anyOf": [{"allOf": [_ref("KeyspaceName"),
+                                              {"not": {"const": SYSTEM_KEYSPACE}}]},
+                                   {"type": "null"}],
+                         "description": "null or left out: cluster-wide (admin only); "
+                                        f"{SYSTEM_KEYSPACE} takes no grants"},
+        }, ["permission"], closed=False) | {
+            # Only admin is also cluster-wide: read and write name their keyspace.
+            "if": {"properties": {"permission": {"const": ADMIN}}},
+            "else": {"required": ["keyspace"],
+                     "properties": {"keyspace": {"type": "string"}}},
+        },
         "UserName": {"type": "string", "pattern": f"^{USER_NAME.pattern}$"},
         "Password": {"type": "string", "minLength": MIN_PASSWORD_CHARS,
                      "maxLength": MAX_PASSWORD_CHARS},
