@@ -29,10 +29,12 @@ from ringkv.config import LimitsConfig, config_from_dict
 from ringkv.errors import BadRequest, RingKVError, TooLarge
 from ringkv.node import Node
 from ringkv.quorum import ConsistencyLevel
+from ringkv.server import idempotency, openapi
 from ringkv.server import txn_validation as tv
 from ringkv.server import validation as v
 from ringkv.server.api import NODE_KEY, build_app
 from ringkv.server.openapi import PATH, build_spec
+from tests.test_layering import FORBIDDEN_IN_PURE, imports_of, is_shell, reachable
 
 LIMITS = LimitsConfig()
 SPEC = build_spec(LIMITS)
@@ -67,6 +69,23 @@ def test_the_document_follows_the_limits() -> None:
     limit = next(p for p in spec["paths"]["/v1/kv/{keyspace}"]["get"]["parameters"]
                  if p["name"] == "limit")
     assert limit["schema"]["maximum"] == 9
+
+
+def test_the_idempotency_names_are_the_caches() -> None:
+    assert (openapi.IDEMPOTENCY_HEADER, openapi.REPLAY_HEADER,
+            openapi.MAX_IDEMPOTENCY_KEY_CHARS) == (idempotency.HEADER, idempotency.REPLAY_HEADER,
+                                                   idempotency.MAX_KEY_CHARS)
+
+
+def test_the_document_imports_no_io_module() -> None:
+    """The module is pure (ARCHITECTURE.md): nothing it imports, at any depth, is a
+    shell module or an I/O library. (server/* is the shell's by default there.)"""
+    module = "server/openapi.py"
+    shells = {route for target, route in reachable(module).items() if is_shell(target)}
+    assert not shells
+    reached = [module, *reachable(module)]
+    assert not {name: imports_of(name)[0] & FORBIDDEN_IN_PURE for name in reached
+                if imports_of(name)[0] & FORBIDDEN_IN_PURE}
 
 
 # -- every route is described -------------------------------------------------------------

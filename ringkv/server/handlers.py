@@ -437,8 +437,8 @@ def _query_int(call: ApiCall, name: str, high: int) -> int | None:
 async def _txn_get(call: ApiCall, keyspace: str, key: bytes) -> Answer:
     node = call.node
     _serial(call)
-    snapshot_ts = _query_int(call, "snapshot_ts", 2**63 - 1)
-    staleness_ms = _query_int(call, "max_staleness_ms", 86_400_000)
+    snapshot_ts = _query_int(call, "snapshot_ts", v.MAX_TIMESTAMP_US)
+    staleness_ms = _query_int(call, "max_staleness_ms", v.MAX_STALENESS_MS)
     if snapshot_ts is not None and staleness_ms is not None:
         raise BadRequest("give snapshot_ts or max_staleness_ms, not both", field="snapshot_ts")
     if snapshot_ts is not None or staleness_ms is not None:

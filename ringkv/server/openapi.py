@@ -1,6 +1,6 @@
 """The HTTP API's contract: an OpenAPI 3.1 document, built in code (``GET /v1/openapi.json``).
 
-Pure: a function of the node's limits. What can be derived is derived, so
+Pure (it imports no I/O module, directly or not): a function of the node's limits. What can be derived is derived, so
 the document cannot drift from the code that decides: the consistency
 levels come from ``quorum.ConsistencyLevel``, every error response's codes
 and statuses from ``errors.py``'s typed errors (grouped by their HTTP
@@ -28,6 +28,7 @@ from ringkv.errors import (
     CrossRange,
     Forbidden,
     HeaderTooLarge,
+    MethodNotAllowed,
     NoLeader,
     NotFound,
     NotJoined,
@@ -52,11 +53,20 @@ from ringkv.errors import (
     Unavailable,
 )
 from ringkv.quorum import ConsistencyLevel
-from ringkv.server.idempotency import HEADER as IDEMPOTENCY_HEADER
-from ringkv.server.idempotency import MAX_KEY_CHARS, REPLAY_HEADER
 from ringkv.server.txn_validation import MAX_PRIORITY_US, TXN_ID
-from ringkv.server.validation import BATCH_OPS, MAX_TTL_S
+from ringkv.server.validation import (
+    BATCH_OPS,
+    MAX_STALENESS_MS,
+    MAX_TIMESTAMP_US,
+    MAX_TTL_S,
+)
 from ringkv.txn.requests import CONDITION_KINDS
+
+# idempotency.py's header names and key bound, written out here because that module
+# holds the (asyncio) cache and this one stays pure; tests/test_openapi.py checks both agree.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAY_HEADER = "Idempotent-Replayed"
+MAX_IDEMPOTENCY_KEY_CHARS = 128
 
 OPENAPI_VERSION = "3.1.0"
 PATH = "/v1/openapi.json"
@@ -64,8 +74,6 @@ PATH = "/v1/openapi.json"
 METRICS_MEDIA_TYPE = "text/plain"
 NDJSON = "application/x-ndjson"
 JSON = "application/json"
-MAX_STALENESS_MS = 86_400_000  # a day: handlers._txn_get's bound
-MAX_TIMESTAMP_US = 2**63 - 1
 
 
 # -- errors: each status with the codes an operation may answer there ----------------
@@ -90,8 +98,9 @@ TXN_ERRORS = (NotFound, ConditionFailed, Aborted, CrossRange, SnapshotTooOld, Cl
               RangeMoving, NoLeader, Unavailable, Timeout, PeerUnreachable, PeerTimeout,
               RemoteError, StorageError, CorruptRecord)
 TOPOLOGY_ERRORS = (TopologyRefused,)
+# Every code a client of the HTTP API can meet (a method a path does not take: 405).
 ALL_ERRORS = (*COMMON_ERRORS, *JOINED, *BODY_ERRORS, *EVENTUAL_ERRORS, *TXN_ERRORS,
-              *TOPOLOGY_ERRORS, RepairRunning, ReplicaDown)
+              *TOPOLOGY_ERRORS, RepairRunning, ReplicaDown, MethodNotAllowed)
 
 
 def _doc_line(cls: type[RingKVError]) -> str:
@@ -324,7 +333,7 @@ KEY_PATH = _param("key", "path", {"type": "string", "minLength": 1},
 TXN_ID_PATH = _param("txn_id", "path", _ref("TxnId"), "the transaction's id")
 USER_PATH = _param("name", "path", _ref("UserName"), "the user")
 IDEMPOTENCY = _param(IDEMPOTENCY_HEADER, "header",
-                     {"type": "string", "pattern": f"^[ -~]{{1,{MAX_KEY_CHARS}}}$"},
+                     {"type": "string", "pattern": f"^[ -~]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}$"},
                      "a retry with the same key gets the first success's answer once more "
                      f"(with {REPLAY_HEADER}: true); reused for another request: 400")
 
