@@ -34,6 +34,7 @@ from ringkv.server import txn_validation as tv
 from ringkv.server import validation as v
 from ringkv.server.api import NODE_KEY, build_app
 from ringkv.server.openapi import PATH, build_spec
+from ringkv.storage.snapshot_manifest import check_name as check_snapshot_name
 from tests.test_layering import FORBIDDEN_IN_PURE, imports_of, is_shell, reachable
 
 LIMITS = LimitsConfig()
@@ -351,6 +352,17 @@ def test_the_grant_schema_agrees_with_the_validator() -> None:
         return parse_grant(body.get("permission"), body.get("keyspace"))
 
     assert body_mismatches("Grant", parse, GRANTS) == []
+
+
+SNAPSHOT_NAMES: list[tuple[Any, bool]] = [
+    ("nightly-2026.12.01", True), ("0", True), ("x" * 64, True),
+    ("", False), ("x" * 65, False), ("-leading-dash", False), (".hidden", False),
+    ("a/b", False), ("with space", False), (7, False),
+]
+
+
+def test_the_snapshot_name_schema_agrees_with_the_validator() -> None:
+    assert body_mismatches("SnapshotName", check_snapshot_name, SNAPSHOT_NAMES) == []
 
 
 def test_the_condition_schema_agrees_with_the_validator() -> None:

@@ -43,6 +43,7 @@ from ringkv.errors import (
     RequestTimeout,
     RingKVError,
     ShuttingDown,
+    SnapshotRefused,
     SnapshotTooOld,
     StorageError,
     Timeout,
@@ -60,6 +61,8 @@ from ringkv.server.validation import (
     MAX_TIMESTAMP_US,
     MAX_TTL_S,
 )
+from ringkv.storage.snapshot_manifest import _NAME as SNAPSHOT_NAME
+from ringkv.storage.snapshot_manifest import MAX_NAME_LENGTH as MAX_SNAPSHOT_NAME_CHARS
 from ringkv.txn.requests import CONDITION_KINDS
 
 # idempotency.py's header names and key bound, written out here because that module
@@ -98,9 +101,10 @@ TXN_ERRORS = (NotFound, ConditionFailed, Aborted, CrossRange, SnapshotTooOld, Cl
               RangeMoving, NoLeader, Unavailable, Timeout, PeerUnreachable, PeerTimeout,
               RemoteError, StorageError, CorruptRecord)
 TOPOLOGY_ERRORS = (TopologyRefused,)
+SNAPSHOT_ERRORS = (SnapshotRefused, StorageError)
 # Every code a client of the HTTP API can meet (a method a path does not take: 405).
 ALL_ERRORS = (*COMMON_ERRORS, *JOINED, *BODY_ERRORS, *EVENTUAL_ERRORS, *TXN_ERRORS,
-              *TOPOLOGY_ERRORS, RepairRunning, ReplicaDown, MethodNotAllowed)
+              *TOPOLOGY_ERRORS, *SNAPSHOT_ERRORS, RepairRunning, ReplicaDown, MethodNotAllowed)
 
 
 def _doc_line(cls: type[RingKVError]) -> str:
@@ -304,6 +308,9 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
                      "properties": {"keyspace": {"type": "string"}}},
         },
         "UserName": {"type": "string", "pattern": f"^{USER_NAME.pattern}$"},
+        "SnapshotName": {"type": "string", "minLength": 1,
+                         "maxLength": MAX_SNAPSHOT_NAME_CHARS,
+                         "pattern": f"^{SNAPSHOT_NAME.pattern}$"},
         "Password": {"type": "string", "minLength": MIN_PASSWORD_CHARS,
                      "maxLength": MAX_PASSWORD_CHARS},
         "AnyObject": {"type": "object"},
@@ -561,6 +568,30 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
                 "repair_status", "The repair scheduler, the run in progress, the last run",
                 ok=_ok(_ref("AnyObject"), "the repair status"), tags=admin),
         },
+        "/v1/snapshots": {
+            "post": _operation(
+                "snapshot_create", "Take a snapshot of this node's eventual tier",
+                body=_json_body(_object({"name": {
+                    "anyOf": [_ref("SnapshotName"), {"type": "null"}],
+                    "description": "null or left out: snapshot-<UTC time>"}}), required=False),
+                ok=_ok(_object({"name": {"type": "string"}, "node_id": {"type": "string"}},
+                               ["name", "node_id"], closed=False),
+                       "its manifest, once it is on disk", status=201),
+                errors=SNAPSHOT_ERRORS, tags=admin),
+            "get": _operation(
+                "snapshot_list", "The snapshots on this node, oldest first",
+                ok=_ok(_object({"node_id": {"type": "string"},
+                                "running": {"type": ["string", "null"]},
+                                "snapshots": {"type": "array", "items": _ref("AnyObject")}},
+                               ["node_id", "running", "snapshots"]), "the snapshots"),
+                tags=admin),
+        },
+        "/v1/snapshots/{name}": {"delete": _operation(
+            "snapshot_delete", "Delete a snapshot of this node",
+            params=[_param("name", "path", _ref("SnapshotName"), "the snapshot")],
+            ok=_ok(_object({"node_id": {"type": "string"}, "deleted": {"type": "string"}},
+                           ["node_id", "deleted"]), "deleted"),
+            errors=SNAPSHOT_ERRORS, tags=admin)},
         "/v1/auth/token": {"post": _operation(
             "auth_token", "A bearer token for the HTTP Basic credentials sent",
             ok=_ok(_object({"token": {"type": "string"}, "token_type": {"const": "Bearer"}},
