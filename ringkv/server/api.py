@@ -29,6 +29,7 @@ from ringkv.metrics import CONTENT_TYPE
 from ringkv.server import handlers as h
 from ringkv.server import idempotency
 from ringkv.server import validation as v
+from ringkv.server.dashboard import routes as dashboard
 from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
 
@@ -429,4 +430,5 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
     auth_http.add_routes(app, node)
+    dashboard.add_routes(app, node)  # /ui and /v1/dashboard/*
     return app
