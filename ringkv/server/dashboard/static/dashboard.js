@@ -5,7 +5,8 @@
 "use strict";
 
 const POLL_MS = 2000;
-const WINDOW_MS = 5 * 60 * 1000; // the charts' time span: the history nodes keep
+const WINDOW_MS = 5 * 60 * 1000; // the longest time span charted: the history nodes keep
+const MIN_SPAN_MS = 60 * 1000; // a young history is drawn across a minute, not squeezed right
 const NODE_COLORS = ["#1a73e8", "#e8710a", "#188038", "#a142f4", "#d01884", "#12b5cb",
                      "#f9ab00", "#5f6368"];
 const LEVEL_COLORS = {all: "#202124", ONE: "#1a73e8", TWO: "#12b5cb", THREE: "#a142f4",
@@ -132,31 +133,41 @@ function drawNodes(status, summaries) {
       el("td", {class: "num"}, `${(row.owns * 100).toFixed(1)}%`),
       el("td", {class: "num"}, hints),
       el("td", {}, repair),
-      el("td", {class: reachable ? "up" : "down"},
-         reachable ? "reachable" : (mine ? mine.error : "not asked"))));
+      el("td", {class: reachable ? "up" : "down", title: mine && mine.error ? mine.error : ""},
+         reachable ? "reachable" : (mine ? "unreachable" : "not asked"))));
   }
 }
 
 // -- charts: one line per series, drawn as an SVG polyline --
 
-function lineChart(title, unit, series, nowMs) {
-  const width = 330, height = 130, left = 40, right = 6, top = 16, bottom = 18;
+// A line per series. ``log``: a logarithmic y axis (latency: one slow election
+// must not flatten every millisecond after it), from LOG_FLOOR up.
+const LOG_FLOOR = 0.1;
+
+function lineChart(title, unit, series, nowMs, spanMs, log) {
+  const width = 290, height = 130, left = 40, right = 6, top = 16, bottom = 18;
   const chart = svg("svg", {class: "chart", width, height, viewBox: `0 0 ${width} ${height}`});
   let max = 0, points = 0;
   for (const s of series) for (const [, v] of s.points) max = Math.max(max, v);
-  const top_value = max > 0 ? max * 1.1 : 1;
-  const x = (t) => left + ((t - (nowMs - WINDOW_MS)) / WINDOW_MS) * (width - left - right);
-  const y = (v) => top + (1 - v / top_value) * (height - top - bottom);
-  chart.append(svg("text", {x: left, y: 11}, `${title} (${unit})`));
-  chart.append(svg("line", {class: "axis", x1: left, y1: y(0), x2: width - right, y2: y(0)}));
-  chart.append(svg("line", {class: "axis", x1: left, y1: top, x2: left, y2: y(0)}));
-  chart.append(svg("text", {x: left - 3, y: top + 4, "text-anchor": "end"},
-                   top_value >= 100 ? top_value.toFixed(0) : top_value.toPrecision(2)));
-  chart.append(svg("text", {x: left - 3, y: y(0), "text-anchor": "end"}, "0"));
-  chart.append(svg("text", {x: left, y: height - 4}, "−5 min"));
+  const topValue = log ? Math.max(max, LOG_FLOOR * 10) : (max > 0 ? max * 1.1 : 1);
+  const bottomValue = log ? LOG_FLOOR : 0;
+  const scale = (v) => (log ? Math.log10(Math.max(v, LOG_FLOOR) / LOG_FLOOR) /
+                              Math.log10(topValue / LOG_FLOOR) : v / topValue);
+  const x = (t) => left + ((t - (nowMs - spanMs)) / spanMs) * (width - left - right);
+  const y = (v) => top + (1 - scale(v)) * (height - top - bottom);
+  const label = (v) => (v >= 100 ? v.toFixed(0) : String(Number(v.toPrecision(2))));
+  chart.append(svg("text", {x: left, y: 11}, `${title} (${unit}${log ? ", log scale" : ""})`));
+  chart.append(svg("line", {class: "axis", x1: left, y1: y(bottomValue), x2: width - right,
+                            y2: y(bottomValue)}));
+  chart.append(svg("line", {class: "axis", x1: left, y1: top, x2: left, y2: y(bottomValue)}));
+  chart.append(svg("text", {x: left - 3, y: top + 4, "text-anchor": "end"}, label(topValue)));
+  chart.append(svg("text", {x: left - 3, y: y(bottomValue), "text-anchor": "end"},
+                   label(bottomValue)));
+  chart.append(svg("text", {x: left, y: height - 4},
+                   spanMs >= 120000 ? `−${Math.round(spanMs / 60000)} min` : `−${Math.round(spanMs / 1000)} s`));
   chart.append(svg("text", {x: width - right, y: height - 4, "text-anchor": "end"}, "now"));
   for (const s of series) {
-    const visible = s.points.filter(([t]) => t >= nowMs - WINDOW_MS);
+    const visible = s.points.filter(([t]) => t >= nowMs - spanMs);
     if (!visible.length) continue;
     points += visible.length;
     const line = svg("polyline", {
@@ -181,7 +192,7 @@ function drawCharts(summaries, colors) {
       el("h3", {}, el("span", {class: "swatch", style: `background:${colors[id] || "#999"}`}), id));
     box.append(card);
     if (mine.error) {
-      card.append(el("div", {class: "down"}, mine.error));
+      card.append(el("div", {class: "down"}, "unreachable"), el("div", {class: "muted error-text"}, mine.error));
       continue;
     }
     const samples = mine.history.samples;
@@ -201,8 +212,10 @@ function drawCharts(summaries, colors) {
       latency.push({name: `${level} p99`, color, dash: "4 3", points: at("p99_ms")});
     }
     const nowMs = samples.length ? samples[samples.length - 1].t_ms : mine.wall_ms;
-    card.append(lineChart("ops/s", "per s", ops, nowMs));
-    card.append(lineChart("latency p50 — / p99 - -", "ms", latency, nowMs));
+    const firstMs = samples.length ? samples[0].t_ms : nowMs;
+    const spanMs = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, nowMs - firstMs));
+    card.append(lineChart("ops/s", "per s", ops, nowMs, spanMs, false));
+    card.append(lineChart("latency p50 — / p99 - -", "ms", latency, nowMs, spanMs, true));
     const legend = el("div", {class: "muted"});
     for (const level of order) {
       legend.append(el("span", {class: "swatch", style: `background:${LEVEL_COLORS[level] || "#999"}`}),
