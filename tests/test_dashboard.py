@@ -6,6 +6,7 @@ The browser test, a live cluster in headless Chromium, is tests/test_dashboard_b
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,9 @@ from ringkv.node import Node
 from ringkv.server.api import build_app
 from ringkv.server.dashboard.history import ALL_LEVELS, History, Reading, quantile_s
 from ringkv.server.dashboard.sampler import Sampler, read_metrics
+from ringkv.tools.launcher import free_port_block
+from ringkv.tools.local_cluster import LocalCluster
+from tests.procs import http
 from tests.test_api import ApiTestServer, api_config, call
 from tests.test_auth_api import Call, ShiftedClock, basic
 from tests.test_auth_api import serve as serve_with_auth
@@ -230,3 +234,36 @@ def test_with_auth_the_page_and_its_json_need_cluster_admin(
         assert status == 200 and "ringkv dashboard" in page
 
     serve_with_auth(scenario, capsys)
+
+
+# -- the cluster view across real processes, over HTTPS ------------------------------
+
+
+@pytest.mark.cluster
+def test_the_cluster_view_gathers_every_node_over_https(tmp_path: Path) -> None:
+    """``/v1/dashboard/cluster`` asks each peer's HTTPS client API, checking its
+    certificate against the cluster CA; a killed peer becomes an error at once."""
+    cluster = LocalCluster(tmp_path, nodes=3, rf=3, tls=True,
+                           base_client_port=free_port_block(3),
+                           base_internode_port=free_port_block(3),
+                           config_overrides={"timing.gossip_interval_ms": 500})
+    try:
+        cluster.up(timeout_s=30, together=True)
+        first, victim = cluster.procs[0], cluster.procs[2]
+        context = first.client_context()
+        for proc in cluster.procs:
+            assert http("PUT", f"{proc.url}/v1/kv/default/k-{proc.node_id}",
+                        {"value": 1}, context=context)[0] == 200
+        status, view = http("GET", f"{first.url}/v1/dashboard/cluster", context=context)
+        assert status == 200, view
+        nodes = view["nodes"]
+        assert set(nodes) == {proc.node_id for proc in cluster.procs}
+        assert all("error" not in n and n["history"]["capacity"] == 300
+                   for n in nodes.values()), nodes
+        assert {n["node_id"] for n in nodes.values()} == set(nodes)
+        victim.kill()
+        status, view = http("GET", f"{first.url}/v1/dashboard/cluster", context=context)
+        assert status == 200 and "unreachable" in view["nodes"][victim.node_id]["error"]
+        assert "error" not in view["nodes"][first.node_id]
+    finally:
+        cluster.down()

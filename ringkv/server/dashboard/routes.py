@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import hdrs, web
 
-from ringkv.net.tls import internode_client_context
+from ringkv.config import TlsConfig
 from ringkv.server.dashboard.sampler import Sampler
 from ringkv.server.status import client_address
 
@@ -115,26 +116,41 @@ def _txn_summary(node: Node) -> dict[str, Any]:
     }
 
 
+def peer_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """How this node reaches its peers' HTTPS client APIs: their certificates checked
+    against ``tls.client.ca_file``, else the cluster CA (``tls.internode.ca_file``), else
+    the system's trusted CAs; this node's client-API certificate shown, which a peer with
+    a client ``ca_file`` requires. With the cluster's own CA, host names are not checked:
+    peers are dialled at gossiped addresses (as ``net/tls.py`` explains); with the
+    system's CAs they are, or any public certificate would pass."""
+    ca_file = tls.client.ca_file or tls.internode.ca_file
+    context = ssl.create_default_context(cafile=ca_file)  # None: the system's CAs
+    context.check_hostname = ca_file is None
+    assert tls.client.cert_file is not None and tls.client.key_file is not None
+    context.load_cert_chain(tls.client.cert_file, tls.client.key_file)
+    return context
+
+
 async def _peer_summary(node: Node, session: aiohttp.ClientSession, node_id: str,
-                        authorization: str | None) -> dict[str, Any]:
+                        authorization: str | None,
+                        ssl_context: ssl.SSLContext | None) -> dict[str, Any]:
     address = client_address(node, node_id)
     if not address:
         return {"node_id": node_id, "error": "its client address is not known yet"}
-    tls = node.config.tls.client
-    ssl_context: Any = None
-    if tls.enabled:
-        if tls.ca_file is None:
-            return {"node_id": node_id, "error": "tls.client has no ca_file to verify peers with"}
-        ssl_context = internode_client_context(tls)
-    scheme = "https" if tls.enabled else "http"
+    scheme = "https" if ssl_context is not None else "http"
     headers = {hdrs.AUTHORIZATION: authorization} if authorization else {}
     try:
         async with asyncio.timeout(PEER_DEADLINE_S):
             async with session.get(f"{scheme}://{address}/v1/dashboard/node", headers=headers,
-                                   ssl=ssl_context) as response:
-                if (response.content_length or 0) > MAX_PEER_BODY_BYTES:
-                    return {"node_id": node_id, "error": "its answer is too large"}
-                body = await response.read()
+                                   ssl=ssl_context or True) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > MAX_PEER_BODY_BYTES:  # bounded in bytes as well as in time
+                        return {"node_id": node_id, "error": "its answer is too large"}
+                    chunks.append(chunk)
+                body = b"".join(chunks)
                 if response.status != 200:
                     return {"node_id": node_id,
                             "error": f"it answered {response.status}: {body[:200]!r}"}
@@ -185,9 +201,12 @@ def add_routes(app: web.Application, node: Node) -> None:
         session = request.app[SESSION_KEY]
         authorization = request.headers.get(hdrs.AUTHORIZATION)
         peers = [n for n in node.ring.node_ids if n != node.node_id]
+        tls = node.config.tls
+        # Built per view (cheap), so certificates rotated on disk are picked up.
+        ssl_context = peer_ssl_context(tls) if peers and tls.client.enabled else None
         answers = await asyncio.gather(
             node_summary(node, sampler),
-            *(_peer_summary(node, session, peer, authorization) for peer in peers))
+            *(_peer_summary(node, session, peer, authorization, ssl_context) for peer in peers))
         return _json({"node_id": node.node_id,
                       # Keyed by the ring's ids: what a peer says of itself is not trusted.
                       "nodes": dict(zip([node.node_id, *peers], answers))})
