@@ -102,29 +102,39 @@ def put_load(cluster: LocalCluster) -> None:
                what="a transaction to commit (the groups elect leaders first)")
 
 
-def rows(driver: Any) -> dict[str, dict[str, str]]:
-    from selenium.webdriver.common.by import By
+# The page redraws every poll, so what it shows is read in one script run: an element
+# found in one call could be gone (stale) by the next.
+READ_PAGE = """
+const attr = (sel, name) => [...document.querySelectorAll(sel)].map((e) => e.getAttribute(name));
+return {
+  rows: [...document.querySelectorAll("#nodes tbody tr")].map((r) => [r.dataset.node,
+         {liveness: r.dataset.liveness, reachable: r.dataset.reachable}]),
+  charts: [...document.querySelectorAll("#charts .node-charts")].map((card) => {
+    const chart = card.querySelector("svg.chart");  // the first: ops/s
+    return [card.dataset.node, chart ? [Number(chart.getAttribute("data-points")),
+                                        Number(chart.getAttribute("data-max"))] : null];
+  }),
+  ring_nodes: attr("#ring path", "data-node"),
+  groups: attr("#groups tbody tr", "data-group"),
+  errors: document.getElementById("errors").textContent,
+};
+"""
 
-    found = {}
-    for row in driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr"):
-        found[row.get_attribute("data-node")] = {
-            "liveness": row.get_attribute("data-liveness"),
-            "reachable": row.get_attribute("data-reachable")}
-    return found
+
+def read_page(driver: Any) -> dict[str, Any]:
+    page: dict[str, Any] = driver.execute_script(READ_PAGE)
+    page["rows"] = dict(page["rows"])
+    page["charts"] = {node: tuple(chart) for node, chart in page["charts"] if chart}
+    return page
+
+
+def rows(driver: Any) -> dict[str, dict[str, str]]:
+    return read_page(driver)["rows"]
 
 
 def chart_points(driver: Any) -> dict[str, tuple[int, float]]:
     """Node id -> (points drawn, largest value) of its ops/s chart."""
-    from selenium.webdriver.common.by import By
-
-    found = {}
-    for card in driver.find_elements(By.CSS_SELECTOR, "#charts .node-charts"):
-        charts = card.find_elements(By.CSS_SELECTOR, "svg.chart")
-        if charts:
-            found[card.get_attribute("data-node")] = (
-                int(charts[0].get_attribute("data-points")),
-                float(charts[0].get_attribute("data-max")))
-    return found
+    return read_page(driver)["charts"]
 
 
 def test_the_dashboard_shows_every_node_their_load_and_a_killed_node_down(
@@ -148,13 +158,10 @@ def test_the_dashboard_shows_every_node_their_load_and_a_killed_node_down(
     wait_until(all_shown_with_load, timeout_s=15, interval_s=0.2,
                what=f"the page to show every node with load: {rows(browser)} "
                     f"{chart_points(browser)}")
-    from selenium.webdriver.common.by import By
-
-    ring_arcs = browser.find_elements(By.CSS_SELECTOR, "#ring path")
-    assert {arc.get_attribute("data-node") for arc in ring_arcs} == ids
-    groups = browser.find_elements(By.CSS_SELECTOR, "#groups tbody tr")
-    assert groups, "the transactional tier's groups are shown"
-    assert browser.find_element(By.ID, "errors").text == ""
+    page = read_page(browser)
+    assert set(page["ring_nodes"]) == ids  # every node's arcs on the ring
+    assert page["groups"], "the transactional tier's groups are shown"
+    assert page["errors"] == ""
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
 
     victim.kill()
