@@ -169,6 +169,7 @@ def serve(scenario: Any) -> None:
 def test_the_page_and_its_files_are_served_from_the_package() -> None:
     async def scenario(client: TestClient, node: Node, clock: ManualClock) -> None:
         for path, kind, marker in (("/ui", "text/html", "<svg id=\"ring\""),
+                                   ("/ui/", "text/html", "<svg id=\"ring\""),
                                    ("/ui/dashboard.js", "application/javascript",
                                     "/v1/dashboard/cluster"),
                                    ("/ui/dashboard.css", "text/css", ".chart")):
@@ -214,7 +215,8 @@ def test_with_auth_the_page_and_its_json_need_cluster_admin(
         capsys: pytest.CaptureFixture[str]) -> None:
     async def scenario(call: Call, node: Node, password: str, clock: ShiftedClock) -> None:
         admin = basic("admin", password)
-        for path in ("/ui", "/ui/dashboard.js", "/v1/dashboard/node", "/v1/dashboard/cluster"):
+        for path in ("/ui", "/ui/", "/ui/dashboard.js", "/v1/dashboard/node",
+                     "/v1/dashboard/cluster"):
             status, body, headers = await call("GET", path)
             assert status == 401, (path, body)  # the browser asks for a login
             assert headers["WWW-Authenticate"].startswith("Basic")

@@ -188,7 +188,7 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.on_cleanup.append(stopped)
 
     async def page(request: web.Request) -> web.Response:
-        name = request.match_info.get("name", "index.html")
+        name = request.match_info.get("name") or "index.html"
         if name not in static:
             raise web.HTTPNotFound()
         return web.Response(body=static[name], content_type=STATIC_FILES[name],
@@ -212,6 +212,7 @@ def add_routes(app: web.Application, node: Node) -> None:
                       "nodes": dict(zip([node.node_id, *peers], answers))})
 
     app.router.add_get("/ui", page, name="ui", allow_head=False)
+    app.router.add_get("/ui/", page, name="ui_slash", allow_head=False)
     app.router.add_get("/ui/{name}", page, name="ui_file", allow_head=False)
     app.router.add_get("/v1/dashboard/node", node_view, name="dashboard_node",
                        allow_head=False)
