@@ -45,6 +45,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     from ringkv.server.runner import install_event_loop_policy, serve
 
     config = load_config(args.config, _node_overrides(args))
+    if args.restore:
+        from pathlib import Path
+
+        from ringkv.clock import SystemClock
+        from ringkv.storage.snapshot import restore
+
+        restore(config, Path(args.restore), now_us=SystemClock().wall_us(),
+                overwrite=args.restore_overwrite)
     loop_name = install_event_loop_policy()
     logging.getLogger(__name__).info("event loop: %s", loop_name)
     asyncio.run(serve(config))
@@ -496,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-auto-bootstrap", action="store_true",
                       help="go NORMAL at once without streaming (streaming.auto_bootstrap: false); "
                            "only for forming a new cluster that holds no data yet")
+    node.add_argument("--restore", metavar="SNAPSHOT_DIR",
+                      help="first make the node's data a copy of this snapshot "
+                           "(DATA_DIR/NODE_ID/snapshots/NAME of `ringkv snapshot create`); "
+                           "the data dir must hold nothing else")
+    node.add_argument("--restore-overwrite", action="store_true",
+                      help="with --restore: replace what the data dir holds (its snapshots stay)")
     node.set_defaults(func=cmd_node)
 
     status = commands.add_parser("status", help="print the cluster as one node sees it")
@@ -560,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
     up.set_defaults(func=cmd_cluster_up)
 
+    from ringkv import data_cli, snapshot_cli
     from ringkv.auth import admin_cli
 
     def tls_flags(parser: argparse.ArgumentParser) -> None:
@@ -568,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--key-file", help="the client certificate's key")
 
     admin_cli.add_parser(commands, tls_flags)
+    snapshot_cli.add_parser(commands, tls_flags)
+    data_cli.add_parser(commands, tls_flags)  # get, put, del, scan, txn
 
     certs = commands.add_parser(
         "certs", help="a development CA: create it, and issue node and client certificates")

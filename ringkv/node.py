@@ -51,6 +51,7 @@ from ringkv.replica.router import ReplicaRouter
 from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_tokens, token_for
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
+from ringkv.storage.snapshot import NodeEssentials, Snapshots
 from ringkv.storage.store import LocalStore
 from ringkv.topology.pending import (
     future_ring,
@@ -246,6 +247,10 @@ class Node:
         self.auth: AuthService | None = (
             AuthService(self.node_id, config, clock=self.clock, txn=self.txn,
                         metrics=self.metrics) if config.auth.enabled else None)
+        # Point-in-time copies of this node's eventual tier (``ringkv snapshot``).
+        self.snapshots = Snapshots(node_data_dir=config.node_data_dir, engine=self.engine,
+                                   clock=self.clock, flush=self.store.flush,
+                                   essentials=self._snapshot_essentials)
         self.repair = RepairService(
             self.node_id, self.store, self.local_replica, self.repair_history, self.clock,
             # Seeded from the node id, not drawn from the node's rng: the
@@ -895,6 +900,7 @@ class Node:
             await asyncio.gather(self._maintenance, return_exceptions=True)
         await self.handoff.stop()
         await self.repair.stop()
+        await self.snapshots.stop()
         if self.auth is not None:
             await self.auth.stop()
         self.txn.stop()
@@ -904,6 +910,16 @@ class Node:
             await self.transport.stop()
         await self.store.close()
         log.info("node %s stopped", self.node_id)
+
+    def _snapshot_essentials(self) -> NodeEssentials:
+        """Who this node is, for a snapshot's manifest."""
+        cluster = self.config.cluster
+        return NodeEssentials(
+            node_id=self.node_id, cluster=cluster.name, tokens=self.tokens,
+            dc=cluster.dc, rack=cluster.rack,
+            keyspaces={name: {"tier": ks.tier, "replication_factor": ks.replication_factor}
+                       for name, ks in self.config.keyspaces.items()},
+            peers=self.identity.load_peers())
 
     def _load_or_allocate_tokens(self, ring: TokenRing | None) -> tuple[int, ...]:
         persisted = self.identity.load_tokens()

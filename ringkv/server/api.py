@@ -32,6 +32,8 @@ from ringkv.server import validation as v
 from ringkv.server.dashboard import routes as dashboard
 from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
+from ringkv.storage.snapshot_manifest import check_name as check_snapshot_name
+from ringkv.storage.snapshot_manifest import default_name as default_snapshot_name
 
 if TYPE_CHECKING:
     from ringkv.node import Node
@@ -392,6 +394,38 @@ async def removenode(request: web.Request) -> web.Response:
                          status=202)
 
 
+# -- snapshots -----------------------------------------------------------------
+
+
+async def snapshot_create(request: web.Request) -> web.Response:
+    """Take a snapshot of this node (body ``{"name": ...}``, the name optional);
+    answers 201 with its manifest once it is on disk."""
+    node = request.app[NODE_KEY]
+    body = await _json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"name"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a snapshot takes a name",
+                         field=unknown[0])
+    name = body.get("name")
+    if name is None:
+        name = default_snapshot_name(node.clock.wall_us())
+    manifest = await node.snapshots.create(check_snapshot_name(name))
+    return json_response(manifest.to_json(), status=201)
+
+
+async def snapshot_list(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    return json_response({"node_id": node.node_id, "running": node.snapshots.running,
+                          "snapshots": node.snapshots.list()})
+
+
+async def snapshot_delete(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    name = check_snapshot_name(request.match_info["name"])
+    await node.snapshots.delete(name)
+    return json_response({"node_id": node.node_id, "deleted": name})
+
+
 async def health(request: web.Request) -> web.Response:
     return _response(await h.health(_call(request)))
 
@@ -429,6 +463,9 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
+    app.router.add_post("/v1/snapshots", snapshot_create, name="snapshot_create")
+    app.router.add_get("/v1/snapshots", snapshot_list, name="snapshot_list", allow_head=False)
+    app.router.add_delete("/v1/snapshots/{name}", snapshot_delete, name="snapshot_delete")
     auth_http.add_routes(app, node)
     dashboard.add_routes(app, node)  # /ui and /v1/dashboard/*
     return app
