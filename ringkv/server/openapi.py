@@ -379,6 +379,14 @@ def _operation(route: str, summary: str, *, params: Sequence[dict[str, Any]] = (
 def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """path -> method -> operation; operationId is the aiohttp route's name."""
     kv, txn, cluster, admin, auth = ["kv"], ["txn"], ["cluster"], ["admin"], ["auth"]
+    dashboard = ["dashboard"]
+    page = _ok({"type": "string"}, "the page (HTML)", media_type="text/html")
+    dashboard_node = _object({"node_id": {"type": "string"}, "wall_ms": {"type": "integer"},
+                              "history": _ref("AnyObject"), "hints": _ref("AnyObject"),
+                              "repair": _ref("AnyObject"),
+                              "transactional": {"type": ["object", "null"]}},
+                             ["node_id", "wall_ms", "history", "hints", "repair",
+                              "transactional"], closed=False)
     key_params = [KEYSPACE_PATH, KEY_PATH]
     write_ok = _ok({"anyOf": [_ref("WriteResult"), _ref("TxnWriteResult")]},
                    "written: its timestamp and receipt (a transactional keyspace: its commit)")
@@ -592,6 +600,30 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
             ok=_ok(_object({"node_id": {"type": "string"}, "deleted": {"type": "string"}},
                            ["node_id", "deleted"]), "deleted"),
             errors=SNAPSHOT_ERRORS, tags=admin)},
+        # The web dashboard (ringkv/server/dashboard): its page and the JSON it polls.
+        "/ui": {"get": _operation("ui", "The web dashboard's page", ok=page, tags=dashboard)},
+        "/ui/": {"get": _operation("ui_slash", "The web dashboard's page", ok=page,
+                                   tags=dashboard)},
+        "/ui/{name}": {"get": _operation(
+            "ui_file", "One file of the web dashboard",
+            params=[_param("name", "path",
+                           {"type": "string", "enum": ["index.html", "dashboard.js",
+                                                       "dashboard.css"]},
+                           "the file")],
+            ok={"200": {"description": "the file",
+                        "content": {media: {"schema": {"type": "string"}}
+                                    for media in ("text/html", "application/javascript", "text/css")}}},
+            tags=dashboard)},
+        "/v1/dashboard/node": {"get": _operation(
+            "dashboard_node", "This node's request history (5 minutes, a sample a second), "
+            "hints, last repair and transactional groups",
+            ok=_ok(dashboard_node, "this node's view"), tags=dashboard)},
+        "/v1/dashboard/cluster": {"get": _operation(
+            "dashboard_cluster", "Every node's /v1/dashboard/node, gathered by this node "
+            "(1.5 s per peer; an unreachable peer is named with its error)",
+            ok=_ok(_object({"node_id": {"type": "string"},
+                            "nodes": {"type": "object", "additionalProperties": _ref("AnyObject")}},
+                           ["node_id", "nodes"]), "every node's view"), tags=dashboard)},
         "/v1/auth/token": {"post": _operation(
             "auth_token", "A bearer token for the HTTP Basic credentials sent",
             ok=_ok(_object({"token": {"type": "string"}, "token_type": {"const": "Bearer"}},
