@@ -660,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--broadcast-client",
-        help="client API host:port told to peers and clients (overrides cluster.broadcast_client)",
+        help="client API host:port (or a host alone: the client port's) told to peers and "
+             "clients (overrides cluster.broadcast_client)",
     )
     node.add_argument("--data-dir", help="data directory (overrides cluster.data_dir)")
     node.add_argument("--seeds", help="comma-separated internode host:port seeds")
