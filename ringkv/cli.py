@@ -371,7 +371,12 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
     """Stop the detached cluster recorded in DATA_DIR/cluster.json and remove that file."""
     from pathlib import Path
 
-    from ringkv.tools.cluster_state import load_state, remove_state, state_path, stop_nodes
+    from ringkv.tools.cluster_state import (
+        load_state,
+        remove_state,
+        state_path,
+        stop_nodes,
+    )
 
     data_dir = Path(args.data_dir).resolve()
     try:

@@ -380,7 +380,7 @@ def run_eventual_demo(cluster: LocalCluster, say=print, run_id: str | None = Non
 
 def _hint_counts(proc: NodeProcess) -> tuple[int, int]:
     """(stored, replayed): the hint counters of ``proc`` (since it started)."""
-    status, body = http("GET", f"{proc.url}/v1/status")
+    _, body = http("GET", f"{proc.url}/v1/status")
     return int(body["hints"]["stored"]), int(body["hints"]["replayed"])
 
 
