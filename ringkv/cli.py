@@ -294,8 +294,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             # Say so: the nodes come back with their data and tokens, and the
             # demo (which uses keys of its own run) does not start from empty.
             print(f"reusing the data of an earlier run under {cluster.data_dir} "
-                  f"({', '.join(reused)} keep their data and tokens); delete that "
-                  "directory for a fresh cluster", flush=True)
+                  f"({', '.join(reused)}): nodes come back with their data and tokens; "
+                  "delete that directory for a fresh cluster", flush=True)
         if args.tls:
             print(f"TLS on both links; CA and certificates in {cluster.certs_dir} (clients: "
                   f"--ca-file {cluster.certs_dir / 'ca.crt'})", flush=True)
@@ -321,8 +321,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             pass
         finally:
             if not left_running:
-                print("\nstopping the cluster ...", flush=True)
-                cluster.down()
+                try:
+                    print("\nstopping the cluster ...", flush=True)
+                finally:  # even when the output is gone (a closed pipe): no orphans
+                    cluster.down()
     return 0
 
 

@@ -111,6 +111,26 @@ def test_up_detach_then_add_then_down_twice(tmp_path: Path) -> None:
         kill_all(seen)
 
 
+def test_up_on_the_data_of_an_earlier_run_says_it_reuses_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    base = free_port_block(201)
+    seen: dict[str, int] = {}
+    try:
+        outputs = []
+        for _ in range(2):
+            up = ringkv("cluster", "up", "--nodes", "1", "--rf", "1", "--data-dir", str(data),
+                        "--base-port", str(base), "--detach")
+            seen.update(recorded_pids(data))
+            assert up.returncode == 0, up.stdout + up.stderr
+            outputs.append(up.stdout)
+            assert ringkv("cluster", "down", "--data-dir", str(data)).returncode == 0
+        fresh, again = outputs
+        assert "reusing" not in fresh
+        assert f"reusing the data of an earlier run under {data} (node1)" in again
+    finally:
+        kill_all(seen)
+
+
 def test_a_stale_state_file_is_reported_and_no_stranger_is_signalled(tmp_path: Path) -> None:
     """The pids of a state file whose nodes are gone (a reboot, a kill -9) may belong
     to other processes by now: such a file is reported as stale, and nothing
