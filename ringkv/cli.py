@@ -303,6 +303,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         print(f"starting {args.nodes} nodes (rf={args.rf}{racks}) {where} under "
               f"{cluster.data_dir} ...", flush=True)
         left_running = False
+        if args.detach:
+            for proc in cluster.procs:
+                proc.on_launch = functools.partial(_record_detached, cluster, args)
         try:
             cluster.up(together=args.netns)
             print("cluster is up; every node sees every other node UP:")
@@ -311,8 +314,11 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
             if args.demo:
                 run_demo(cluster, say=lambda line: print(line, flush=True))
             if args.detach:
-                _save_detached(cluster, args)
+                path = _record_detached(cluster, args)
                 left_running = True
+                print(f"\ndetached: the nodes keep running (state in {path}); stop them with "
+                      f"`ringkv cluster down --data-dir {cluster.data_dir}`, add one with "
+                      f"`ringkv cluster add --data-dir {cluster.data_dir}`", flush=True)
                 return 0
             print("\npress Ctrl-C to stop the cluster", flush=True)
             while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
@@ -325,6 +331,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                     print("\nstopping the cluster ...", flush=True)
                 finally:  # even when the output is gone (a closed pipe): no orphans
                     cluster.down()
+                    if args.detach:
+                        from ringkv.tools.cluster_state import remove_state
+
+                        remove_state(cluster.data_dir)
     return 0
 
 
@@ -354,19 +364,18 @@ def _refuse_a_running_cluster(data_dir: Any) -> int | None:
     return None
 
 
-def _save_detached(cluster: Any, args: argparse.Namespace) -> None:
+def _record_detached(cluster: Any, args: argparse.Namespace, *_: object) -> Any:
+    """Write the state file of a detached cluster: every node started so far. Called
+    as each node is launched too, so that whatever stops `cluster up` half-way
+    (even SIGKILL), `cluster down` finds every node it left."""
     from ringkv.tools.cluster_state import ClusterState, save_state
     from ringkv.tools.local_cluster import node_record
 
-    state = ClusterState(
+    return save_state(ClusterState(
         data_dir=str(cluster.data_dir),
         flags={"nodes": args.nodes, "rf": args.rf, "base_port": args.base_port,
                "tls": args.tls, "demo": args.demo},
-        nodes=[node_record(proc) for proc in cluster.procs])
-    path = save_state(state)
-    print(f"\ndetached: the nodes keep running (state in {path}); stop them with "
-          f"`ringkv cluster down --data-dir {cluster.data_dir}`, add one with "
-          f"`ringkv cluster add --data-dir {cluster.data_dir}`", flush=True)
+        nodes=[node_record(proc) for proc in cluster.procs if proc.proc is not None]))
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:

@@ -111,6 +111,35 @@ def test_up_detach_then_add_then_down_twice(tmp_path: Path) -> None:
         kill_all(seen)
 
 
+def test_down_stops_the_nodes_of_an_up_detach_killed_half_way(tmp_path: Path) -> None:
+    """Each node is recorded as it is launched, before any wait: a `cluster up
+    --detach` SIGKILLed while starting leaves no node that `cluster down` misses."""
+    data = tmp_path / "data"
+    base = free_port_block(202)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "ringkv.cli", "cluster", "up", "--nodes", "2", "--rf", "2",
+         "--data-dir", str(data), "--base-port", str(base), "--detach"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[str, int] = {}
+    try:
+        seen.update(wait_until(lambda: recorded_pids(data), timeout_s=30,
+                               what="the first node in the state file"))
+        # Recorded while node1 starts, before node2 is launched: up is half-way.
+        assert list(seen) == ["node1"] and cli.poll() is None
+        cli.kill()
+        cli.wait(timeout=10)
+        seen.update(recorded_pids(data))
+        assert [n for n, pid in seen.items() if is_node_process(pid, n)], "nothing to stop"
+        down = ringkv("cluster", "down", "--data-dir", str(data))
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert [n for n, pid in seen.items() if is_node_process(pid, n)] == []
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=10)
+        kill_all({**seen, **recorded_pids(data)})
+
+
 def test_up_on_the_data_of_an_earlier_run_says_it_reuses_it(tmp_path: Path) -> None:
     data = tmp_path / "data"
     base = free_port_block(201)

@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import client as http_client
 from pathlib import Path
@@ -143,6 +144,10 @@ class NodeProcess:
     # session, so neither the terminal's Ctrl-C nor the end of the starting
     # shell reaches it, and no inherited stdin.
     detached: bool = False
+    # Called once the process exists (its pid known), before any wait: a detached
+    # cluster records it at once, so no node is left that nothing knows of.
+    on_launch: Callable[[NodeProcess], None] | None = field(default=None, repr=False,
+                                                            compare=False)
 
     @property
     def pid(self) -> int | None:
@@ -191,6 +196,8 @@ class NodeProcess:
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.detached,
             stdin=subprocess.DEVNULL if self.detached else None)
         log.close()
+        if self.on_launch is not None:
+            self.on_launch(self)
         context = self.client_context()
         if context is not None:
             trust(self.url, context)
