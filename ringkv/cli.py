@@ -382,6 +382,14 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
     """Stop the detached cluster recorded in DATA_DIR/cluster.json and remove that file."""
     from pathlib import Path
 
+    from ringkv.tools.cluster_state import locked
+
+    data_dir = Path(args.data_dir).resolve()
+    with locked(data_dir):  # an add running meanwhile records its node first, or sees none
+        return _stop_detached(data_dir, args.wait_s)
+
+
+def _stop_detached(data_dir: Any, wait_s: float) -> int:
     from ringkv.tools.cluster_state import (
         load_state,
         remove_state,
@@ -389,7 +397,6 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
         stop_nodes,
     )
 
-    data_dir = Path(args.data_dir).resolve()
     try:
         state = load_state(data_dir)
     except ValueError as exc:
@@ -408,12 +415,12 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
         remove_state(data_dir)
         return 0
     print(f"stopping {', '.join(node.node_id for node in live)} ...", flush=True)
-    killed = stop_nodes(live, deadline_s=args.wait_s)
+    killed = stop_nodes(live, deadline_s=wait_s)
     remove_state(data_dir)
     if gone:
         print(f"({', '.join(gone)} had already stopped)")
     if killed:
-        print(f"{', '.join(killed)} did not stop within {args.wait_s:g}s of SIGTERM: killed")
+        print(f"{', '.join(killed)} did not stop within {wait_s:g}s of SIGTERM: killed")
     print(f"stopped the cluster in {data_dir}")
     return 0
 
@@ -423,12 +430,52 @@ def cmd_cluster_add(args: argparse.Namespace) -> int:
     every node sees it UP and NORMAL; record it in the state file."""
     from pathlib import Path
 
+    from ringkv.tools.cluster_state import load_state, locked, save_state
+    from ringkv.tools.launcher import STOP_REQUESTED, Interrupted, trust
+
+    def on_signal(*_: object) -> None:
+        STOP_REQUESTED.set()  # the wait below gives up at its next poll
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    data_dir = Path(args.data_dir).resolve()
+    with locked(data_dir):  # choosing the node's id and recording it: one add at a time
+        started = _launch_one_more(data_dir)
+    if isinstance(started, int):
+        return started
+    cluster, new = started
+    for proc in cluster.procs:
+        context = proc.client_context()
+        if context is not None:
+            trust(proc.url, context)
+    try:
+        cluster.wait_all_up(timeout_s=args.wait_s)
+    except (TimeoutError, RuntimeError, Interrupted) as exc:
+        print(f"ringkv: error: {new.node_id} did not join: {exc}; stopping it (its log: "
+              f"{new.log_path})", file=sys.stderr)
+        new.stop()
+        with locked(data_dir):
+            state = load_state(data_dir)
+            if state is not None:
+                state.nodes = [node for node in state.nodes if node.node_id != new.node_id]
+                save_state(state)
+        return 1
+    print(f"{new.node_id} joined: every node sees it UP and NORMAL\n  {new.node_id}: "
+          f"{new.url}   (logs: {new.log_path})")
+    return 0
+
+
+def _launch_one_more(data_dir: Any) -> Any:
+    """Launch the next node of the detached cluster in ``data_dir`` and record it
+    at once (so that `cluster down` stops it whatever happens to us); return the
+    cluster (its live nodes and the new one) and the new node, or an exit code."""
+    from pathlib import Path
+
     from ringkv.address import format_address
     from ringkv.tools.cluster_state import load_state, save_state
-    from ringkv.tools.launcher import STOP_REQUESTED, Interrupted, NodeProcess, trust
+    from ringkv.tools.launcher import NodeProcess
     from ringkv.tools.local_cluster import LocalCluster, node_of_record, node_record
 
-    data_dir = Path(args.data_dir).resolve()
     try:
         state = load_state(data_dir)
     except ValueError as exc:
@@ -460,36 +507,13 @@ def cmd_cluster_add(args: argparse.Namespace) -> int:
                       internode_port=ports[1], native_port=ports[2],
                       extra_args=["--seeds", seeds], config_path=config_path,
                       tls_dir=tls_dir, detached=True)
-    cluster.procs = [node_of_record(node, data_dir, tls_dir) for node in live]
-    for proc in cluster.procs:
-        context = proc.client_context()
-        if context is not None:
-            trust(proc.url, context)
-
-    def on_signal(*_: object) -> None:
-        STOP_REQUESTED.set()  # the wait below gives up at its next poll
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     print(f"starting {node_id} ({new.url}), joining through {seeds}; it streams its "
           f"ranges before it serves ...", flush=True)
     new.launch()
-    # Recorded at once, so that `cluster down` stops it whatever happens to us.
     state.nodes.append(node_record(new))
     save_state(state)
-    cluster.procs.append(new)
-    try:
-        cluster.wait_all_up(timeout_s=args.wait_s)
-    except (TimeoutError, RuntimeError, Interrupted) as exc:
-        print(f"ringkv: error: {node_id} did not join: {exc}; stopping it (its log: "
-              f"{new.log_path})", file=sys.stderr)
-        new.stop()
-        state.nodes = [node for node in state.nodes if node.node_id != node_id]
-        save_state(state)
-        return 1
-    print(f"{node_id} joined: every node sees it UP and NORMAL\n  {node_id}: {new.url}   "
-          f"(logs: {new.log_path})")
-    return 0
+    cluster.procs = [*(node_of_record(node, data_dir, tls_dir) for node in live), new]
+    return cluster, new
 
 
 def _ports_for(base_port: int, index: int, host: str) -> tuple[int, int, int]:

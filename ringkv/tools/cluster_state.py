@@ -12,9 +12,12 @@ signalled.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 from ringkv.clock import SystemClock
 
 STATE_FILE = "cluster.json"
+LOCK_FILE = "cluster.lock"
 FORMAT_VERSION = 1
 _CLOCK = SystemClock()
 
@@ -64,6 +68,18 @@ class ClusterState:
 
 def state_path(data_dir: Path) -> Path:
     return data_dir / STATE_FILE
+
+
+@contextmanager
+def locked(data_dir: Path) -> Iterator[None]:
+    """Hold the data dir's state lock: two `cluster add` or `down` commands at once
+    each read, change and write the state file in turn, and lose no node."""
+    if not data_dir.is_dir():
+        yield  # no data dir, no state file: nothing to guard (and nothing created)
+        return
+    with open(data_dir / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def load_state(data_dir: Path) -> ClusterState | None:
