@@ -111,6 +111,49 @@ def test_up_detach_then_add_then_down_twice(tmp_path: Path) -> None:
         kill_all(seen)
 
 
+def test_an_add_that_does_not_join_in_time_is_stopped_and_forgotten(tmp_path: Path) -> None:
+    """A joiner streams after a ring delay of several seconds: with a 1 s deadline
+    `cluster add` gives up, stops the node it started and drops it from the state."""
+    data = tmp_path / "data"
+    base = free_port_block(202)
+    seen: dict[str, int] = {}
+    try:
+        up = ringkv("cluster", "up", "--nodes", "1", "--rf", "1", "--data-dir", str(data),
+                    "--base-port", str(base), "--detach")
+        seen.update(recorded_pids(data))
+        assert up.returncode == 0, up.stdout + up.stderr
+        add = ringkv("cluster", "add", "--data-dir", str(data), "--wait-s", "1")
+        assert add.returncode == 1
+        assert "node2 did not join" in add.stderr and "node2.log" in add.stderr
+        assert recorded_pids(data) == seen  # node1 only
+        assert _nodes_running_from(data) == ["node1"]
+    finally:
+        kill_all({**seen, **recorded_pids(data)})
+        for node_id, pid in _node_pids_from(data).items():  # one the state forgot
+            if is_node_process(pid, node_id):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _nodes_running_from(data_dir: Path) -> list[str]:
+    """The ids of the node processes /proc shows running on ``data_dir``."""
+    return sorted(_node_pids_from(data_dir))
+
+
+def _node_pids_from(data_dir: Path) -> dict[str, int]:
+    """node id -> pid of each node process /proc shows running on ``data_dir``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # not a process, or gone meanwhile
+        if "--data-dir" in argv and argv[argv.index("--data-dir") + 1:][:1] == [str(data_dir)]:
+            node_id = argv[argv.index("--id") + 1]
+            if is_node_process(int(entry.name), node_id):
+                found[node_id] = int(entry.name)
+    return found
+
+
 def test_down_stops_the_nodes_of_an_up_detach_killed_half_way(tmp_path: Path) -> None:
     """Each node is recorded as it is launched, before any wait: a `cluster up
     --detach` SIGKILLed while starting leaves no node that `cluster down` misses."""
