@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,7 @@ from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import TRANSACTIONAL, Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
-from ringkv.errors import NotJoined, TopologyRefused
+from ringkv.errors import ConfigError, NotJoined, TopologyRefused
 from ringkv.gossip import state as gs
 from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
 from ringkv.gossip.gossiper import Event, Gossiper
@@ -277,11 +279,14 @@ class Node:
         await self.open()
         await self.join()
 
-    async def open(self) -> None:
+    async def open(self, *, announce: bool = True) -> None:
         """Open storage and start gossip and the transport; the node is not on the ring yet.
 
         A server can answer ``/v1/status`` from here on, while ``join`` runs.
         A decommissioned node's data dir is refused: the ring moved on without it.
+        With ``announce=False`` gossip does not start yet (``announce`` starts
+        it): a process binds all its listeners first, so that one that cannot
+        bind a port never shows up in the other nodes' status.
         """
         left = self.identity.load_left()
         if left:
@@ -301,6 +306,16 @@ class Node:
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
+        if announce:
+            await self.announce()
+
+    async def announce(self) -> None:
+        """Start gossiping: from now on the other nodes learn of this one."""
+        if self.gossip is None:
+            return  # standalone: nobody to tell
+        if self.identity.load_tokens() is not None and self.identity.load_bootstrapped():
+            await self._check_not_removed()  # before our new generation spreads
+        self.gossip.start()
 
     async def join(self) -> None:
         """Take a place on the ring (learning it from the seeds first if new) and go NORMAL.
@@ -748,7 +763,11 @@ class Node:
         # Called by a transport that dialled an address and found this node
         # there (the hello carried our own node id).
         self.transport.on_self_dial = self.found_self_at
-        await self.transport.start()
+        try:
+            await self.transport.start()
+        except OSError as exc:
+            raise listen_failed(self.node_id, "cluster.internode_port", "internode protocol",
+                                cluster.listen_host, cluster.internode_port, exc) from None
         for node_id, peer in self._saved_peers.items():
             if peer.get("internode_addr"):
                 host, port = gs.parse_address(peer["internode_addr"])
@@ -763,9 +782,6 @@ class Node:
             interval_s=interval_s,
             on_events=self._on_gossip_events,
         )
-        if self.identity.load_tokens() is not None and self.identity.load_bootstrapped():
-            await self._check_not_removed()  # before our new generation spreads
-        self.gossip.start()
 
     def _left_the_ring(self, why: str) -> TopologyRefused:
         how = ("was decommissioned: it LEFT the ring" if why == "decommissioned" else
@@ -1162,3 +1178,16 @@ def _progress_field(node: Node, field: str) -> float:
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def listen_failed(node_id: str, field: str, what: str, host: str, port: int,
+                  exc: OSError) -> ConfigError:
+    """A listener that could not bind, as one line naming the port, its config field
+    and the cause (port already in use, address not available...), not a traceback."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        cause = exc.strerror or str(exc)
+    else:
+        cause = os.strerror(exc.errno)
+    return ConfigError(
+        f"node {node_id} cannot listen on {format_address(host, port)} for the {what} "
+        f"({field}): {cause}", field=field)

@@ -28,7 +28,9 @@ from ringkv.errors import (
 from ringkv.metrics import CONTENT_TYPE
 from ringkv.server import handlers as h
 from ringkv.server import idempotency
+from ringkv.server import openapi
 from ringkv.server import validation as v
+from ringkv.server.dashboard import routes as dashboard
 from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
 from ringkv.storage.snapshot_manifest import check_name as check_snapshot_name
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 IDEMPOTENCY_KEY: web.AppKey[idempotency.IdempotencyCache] = web.AppKey("idempotency")
+# The API's OpenAPI document (openapi.py), encoded once: it depends on the config only.
+OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi")
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -397,6 +401,10 @@ async def removenode(request: web.Request) -> web.Response:
                          status=202)
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
+
+
 # -- snapshots -----------------------------------------------------------------
 
 
@@ -470,5 +478,8 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_post("/v1/snapshots", snapshot_create, name="snapshot_create")
     app.router.add_get("/v1/snapshots", snapshot_list, name="snapshot_list", allow_head=False)
     app.router.add_delete("/v1/snapshots/{name}", snapshot_delete, name="snapshot_delete")
+    app[OPENAPI_KEY] = _ENCODER.encode(openapi.build_spec(node.config.limits)).encode()
+    app.router.add_get(openapi.PATH, openapi_document, name="openapi", allow_head=False)
     auth_http.add_routes(app, node)
+    dashboard.add_routes(app, node)  # /ui and /v1/dashboard/*
     return app

@@ -34,7 +34,7 @@ from ringkv.versioning import Cell
 if TYPE_CHECKING:
     from ringkv.node import Node
 
-BATCH_OPS = ("put", "get", "delete")
+BATCH_OPS = v.BATCH_OPS
 # The fields each kind of batch operation takes; any other is refused, named.
 _BATCH_OP_FIELDS = {
     "put": ("op", "keyspace", "key", "value", "ttl", "consistency"),
@@ -42,9 +42,9 @@ _BATCH_OP_FIELDS = {
     "delete": ("op", "keyspace", "key", "consistency"),
 }
 # What a node that is not on the ring yet still answers: how it sees the
-# cluster and why it has not joined. Everything else (data, and health, so
+# cluster and why it has not joined, and the API's description. Everything else (data, and health, so
 # that load balancers and tools wait) gets 503 not_joined.
-SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics"})
+SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics", "openapi"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
@@ -295,6 +295,9 @@ async def batch(call: ApiCall) -> Answer:
             size=len(ops),
         )
     default_level = call.query.get("consistency")
+    # The request's level is checked even when every op names its own: a bad
+    # ?consistency= is refused, not ignored (ANY is refused per get).
+    v.consistency(default_level, write=True)
     # Validate everything before running anything, so a bad op fails the
     # whole request instead of leaving half of it applied.
     planned = [_plan_batch_op(node, i, op, default_level) for i, op in enumerate(ops)]
@@ -468,8 +471,8 @@ def _query_int(call: ApiCall, name: str, high: int) -> int | None:
 async def _txn_get(call: ApiCall, keyspace: str, key: bytes) -> Answer:
     node = call.node
     _serial(call)
-    snapshot_ts = _query_int(call, "snapshot_ts", 2**63 - 1)
-    staleness_ms = _query_int(call, "max_staleness_ms", 86_400_000)
+    snapshot_ts = _query_int(call, "snapshot_ts", v.MAX_TIMESTAMP_US)
+    staleness_ms = _query_int(call, "max_staleness_ms", v.MAX_STALENESS_MS)
     if snapshot_ts is not None and staleness_ms is not None:
         raise BadRequest("give snapshot_ts or max_staleness_ms, not both", field="snapshot_ts")
     if snapshot_ts is not None or staleness_ms is not None:

@@ -19,6 +19,12 @@ from ringkv.versioning import encode_json_value
 # Cassandra's limit: 20 years. A larger TTL is almost certainly a unit mistake.
 MAX_TTL_S = 20 * 365 * 24 * 3600
 KV_PREFIX = "/v1/kv/"
+# The operations of a batch (POST /v1/batch).
+BATCH_OPS = ("put", "get", "delete")
+# A snapshot read's bounds: a timestamp (µs) fits a signed 64-bit integer, and a
+# bounded-staleness read is at most a day stale.
+MAX_TIMESTAMP_US = 2**63 - 1
+MAX_STALENESS_MS = 86_400_000
 # One request header, name and value: aiohttp's and nginx's default line limit.
 MAX_HEADER_BYTES = 8190
 
