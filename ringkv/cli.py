@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ringkv.arguments import fraction, non_negative_float, positive_float, positive_int
 from ringkv.auth.admin_cli import operator_headers
 from ringkv.config import load_config
 from ringkv.errors import RingKVError
@@ -637,6 +638,9 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     from ringkv.sim.run import SimSettings
 
     nemesis = tuple(n for n in args.nemesis.split(",") if n and n != "none")
+    if args.workload == "eventual" and args.rf > args.nodes:
+        raise ValueError(f"--rf {args.rf} is more than --nodes {args.nodes}: every key "
+                         "would have fewer replicas than asked for")
     return SimSettings(
         seed=args.seed, nodes=args.nodes, rf=args.rf, ops=args.ops, clients=args.clients,
         keys=args.keys, read_cl=args.read.upper(), write_cl=args.write.upper(),
@@ -871,13 +875,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real nodes on virtual time with a simulated network and faults; "
                     "the same options replay the same run (same history hash).")
     sim.add_argument("--seed", type=int, default=1, help="everything derives from it")
-    sim.add_argument("--seeds", type=int, default=1,
+    sim.add_argument("--seeds", type=positive_int, default=1,
                      help="run this many seeds from --seed on, one line each, then totals")
-    sim.add_argument("--nodes", type=int, default=5, help="cluster size (default 5)")
-    sim.add_argument("--rf", type=int, default=3, help="replication factor (default 3)")
-    sim.add_argument("--ops", type=int, default=2000, help="client operations (default 2000)")
-    sim.add_argument("--clients", type=int, default=10, help="concurrent clients (default 10)")
-    sim.add_argument("--keys", type=int, default=20, help="distinct keys (default 20)")
+    sim.add_argument("--nodes", type=positive_int, default=5, help="cluster size (default 5)")
+    sim.add_argument("--rf", type=positive_int, default=3, help="replication factor (default 3)")
+    sim.add_argument("--ops", type=positive_int, default=2000, help="client operations (default 2000)")
+    sim.add_argument("--clients", type=positive_int, default=10, help="concurrent clients (default 10)")
+    sim.add_argument("--keys", type=positive_int, default=20, help="distinct keys (default 20)")
     sim.add_argument("--read", default="QUORUM", help="read consistency level")
     sim.add_argument("--write", default="QUORUM", help="write consistency level")
     sim.add_argument("--nemesis", default="none",
@@ -894,11 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "transactional node: skip-commit-wait, no-fencing, "
                           "snapshot-ignores-safe-time; with bank or list-append also a broken "
                           "two-phase commit participant: early-lock-release, skip-prepare-log")
-    sim.add_argument("--duration", type=float, default=60.0,
+    sim.add_argument("--duration", type=positive_float, default=60.0,
                      help="virtual seconds the workload is spread over (default 60)")
     sim.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic")
-    sim.add_argument("--write-fraction", type=float, default=0.5)
-    sim.add_argument("--max-skew", type=float, default=0.25,
+    sim.add_argument("--write-fraction", type=fraction, default=0.5,
+                     help="share of the operations that are writes, 0 to 1 (default 0.5)")
+    sim.add_argument("--max-skew", type=non_negative_float, default=0.25,
                      help="skew nemesis: largest clock offset, seconds (default 0.25)")
     sim.add_argument("--boot", choices=("join", "together", "provisioned"), default="join",
                      help="join: nodes join one by one (real token allocation); together: "
@@ -912,16 +917,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(sums and signs checked); list-append: Elle-style transactions "
                           "across ranges, checked for strict serializability "
                           "(--keys: accounts or lists)")
-    sim.add_argument("--ranges", type=int, default=4,
+    sim.add_argument("--ranges", type=positive_int, default=4,
                      help="bank and list-append: ranges of the transactional keyspace, each "
                           "its own Paxos group (default 4)")
     sim.add_argument("--history-out", default=None, metavar="FILE",
                      help="write the client history as Jepsen invoke/ok/fail/info events "
                           "(JSON); with --seeds, one file per seed (FILE.seedN.json)")
-    sim.add_argument("--deletes", type=float, default=0.0,
+    sim.add_argument("--deletes", type=fraction, default=0.0,
                      help="share of the eventual workload's writes that are deletes "
                           "(default 0); reads after a delete are checked for resurrection")
-    sim.add_argument("--gc-grace", type=int, default=None,
+    sim.add_argument("--gc-grace", type=positive_int, default=None,
                      help="timing.gc_grace_s of every node (default: the config's); repair "
                           "then runs every half of it and tombstones may be purged in the run")
     sim.add_argument("--no-hints", action="store_true", help="turn hinted handoff off")

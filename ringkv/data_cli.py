@@ -37,6 +37,7 @@ from ringkv.data_view import (
     write_document,
     write_table,
 )
+from ringkv.client.errors import InvalidArgument
 from ringkv.errors import BadRequest, NotFound, RingKVError
 from ringkv.quorum import ConsistencyLevel
 
@@ -193,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:  # a bad URL, or TLS files that do not load
             raise BadRequest(f"cannot set up the client: {exc}", field="url") from None
         with client:
-            document, text = COMMANDS[args.data_command](client, args)
+            try:
+                document, text = COMMANDS[args.data_command](client, args)
+            except InvalidArgument as exc:  # the client refused an argument itself: a usage error
+                raise BadRequest(exc.message, field=exc.field) from None
     except RingKVError as exc:
         print(error_line(exc), file=sys.stderr)
         if args.output == "json":

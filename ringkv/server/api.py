@@ -97,6 +97,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         h.admit(node, route)
         v.check_headers(request.raw_headers)
+        v.check_query(request.query)
         await auth_http.check_request(node, request, route)
         response = await handler(request)
     except BaseException as exc:  # noqa: BLE001 - mapped (or raised again) by _failed
@@ -154,10 +155,11 @@ def key_route(method: str, raw_path: str, expect: bool) -> tuple[KeyRoute, str] 
     route = _KEY_ROUTES.get(method)
     if route is None or not raw_path.startswith(KV_PREFIX):
         return None
-    keyspace, _, raw_key = raw_path[len(KV_PREFIX):].partition("/")
-    # The router's key pattern (``.+``) matches no newline, and an Expect
-    # header wants the router's 100-continue: both stay with the router.
-    if (not raw_key or "%0a" in raw_key or "%0A" in raw_key
+    keyspace, slash, raw_key = raw_path[len(KV_PREFIX):].partition("/")
+    # The router's key pattern (``.*``) matches no newline, and an Expect
+    # header wants the router's 100-continue: both stay with the router. An empty
+    # key is served here too: its 400 names ``key`` (``validation.key_from_path``).
+    if (not slash or "%0a" in raw_key or "%0A" in raw_key
             or not _PLAIN_KEYSPACE.fullmatch(keyspace) or expect):
         return None
     return route, keyspace
@@ -182,6 +184,7 @@ def request_handler(app: web.Application, routed: Handler) -> Handler:
         try:
             h.admit(node, name)
             v.check_headers(request.raw_headers)
+            v.check_query(request.query)
             if node.auth is not None:
                 await auth_http.check_http(node, name, keyspace, request.query, b"",
                                            request.headers, request.remote)
@@ -388,6 +391,7 @@ async def removenode(request: web.Request) -> web.Response:
     """Remove a dead node (body ``{"node_id": ...}``), coordinated by this node;
     progress is in /v1/status ``streaming``."""
     body = await _json_object(request)
+    v.check_fields(body, ("node_id",), what="a removenode")
     dead = body.get("node_id")
     if not isinstance(dead, str) or not dead:
         raise BadRequest('the body must be {"node_id": "<the dead node\'s id>"}',
@@ -446,7 +450,8 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     )
     app[NODE_KEY] = node
     app[IDEMPOTENCY_KEY] = cache or idempotency.IdempotencyCache(node.clock)
-    key_path = "/v1/kv/{keyspace}/{key:.+}"
+    # ``.*``: an empty key reaches the handler, whose 400 names ``key`` (not a 404).
+    key_path = "/v1/kv/{keyspace}/{key:.*}"
     app.router.add_put(key_path, put_key, name="put")
     app.router.add_get(key_path, get_key, name="get", allow_head=False)
     app.router.add_delete(key_path, delete_key, name="delete")
@@ -456,7 +461,7 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_get("/v1/txn/{txn_id}", get_txn, name="txn_status", allow_head=False)
     # Interactive transactions: begun here, their calls come back to this node.
     app.router.add_post("/v1/txn/begin", txn_begin, name="txn_begin")
-    txn_key_path = "/v1/txn/{txn_id}/kv/{keyspace}/{key:.+}"
+    txn_key_path = "/v1/txn/{txn_id}/kv/{keyspace}/{key:.*}"
     app.router.add_get(txn_key_path, txn_get, name="txn_get", allow_head=False)
     app.router.add_put(txn_key_path, txn_put, name="txn_put")
     app.router.add_delete(txn_key_path, txn_delete, name="txn_delete")

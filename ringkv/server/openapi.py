@@ -242,8 +242,11 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
         }, ["ok", "id", "commit_ts"]),
         "Cell": _object({
             "key": {"type": "string"}, "timestamp": _ref("Timestamp"),
-            "expires_at_us": {"type": "integer"}, "receipt": _ref("Receipt"),
-            "value": _ref("Value"),
+            "expires_at_us": {"type": "integer"},
+            "ttl_remaining_ms": {"type": "integer", "minimum": 1,
+                                 "description": "with a TTL: what the key has left as the "
+                                                "answering node counts it, rounded up"},
+            "receipt": _ref("Receipt"), "value": _ref("Value"),
         }, ["key", "timestamp", "value"]),
         "VersionedValue": _object({
             "key": {"type": "string"}, "version": {"type": ["integer", "null"]},
@@ -252,11 +255,11 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
         "PutBody": _object({
             "value": _ref("Value"), "ttl": ttl,
             "if": condition(with_key=False), "id": _ref("TxnId"),
-        }, ["value"], closed=False) | {
+        }, ["value"]) | {
             "description": "ttl: an eventual keyspace only; if and id: a transactional one "
-                           "(where any other field is refused)"},
-        "DeleteBody": _object({"if": condition(with_key=False), "id": _ref("TxnId")},
-                              closed=False),
+                           "(any other field is refused, named)"},
+        "DeleteBody": _object({"if": condition(with_key=False), "id": _ref("TxnId")}) | {
+            "description": "if and id: a transactional keyspace only"},
         "BatchBody": _object({"ops": {
             "type": "array", "minItems": 1, "maxItems": limits.max_batch_ops,
             "items": {"oneOf": [batch_op(kind) for kind in BATCH_OPS]},
