@@ -77,6 +77,8 @@ def looks_like_repo_path(text: str) -> bool:
     if " " in text or "://" in text or "/" not in text or text.startswith(("-", "$", "~")):
         return False
     first = text.split("/", 1)[0]
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", first):
+        return False  # DATA_DIR/cluster.json: a place the operator chooses, not a repo path
     return first in TOP or bool(FILE_SUFFIX.search(text))
 
 
