@@ -5,6 +5,19 @@ keep-alive connection. Latencies are recorded per request; the generator also
 reports its own CPU use, so a saturated client shows up in the results rather
 than silently capping the server's numbers.
 
+A phase is *generator-limited* (``limited_by``; marked ``*`` in the tables
+and hatched in the plots) when the generator, not the nodes, may have set its
+pace: a generator process used more than ``proc_cpu.GEN_LIMITED_SHARE`` of a
+core ("cpu"), or its event loop ran late ("lag"). The lag is measured by a
+ticker in the generator's loop: how much later than asked each short sleep
+wakes, its median over the phase less its median with the loop idle just
+before. A closed loop always holds ``concurrency`` requests in flight; when
+answers wait in the generator for more than ``LAG_SHARE`` of the median
+latency (and at least ``LAG_FLOOR_MS``), it is the client that holds them at
+that cap, and the phase's ops/s and latencies measure it as much as the nodes.
+A busy machine (other processes on the generator's core) shows as lag too,
+rightly: the generator could not keep up, whatever the reason.
+
 Operations: ``put``, ``get``, or ``mix`` (a read with probability
 ``read_fraction``, else an update), on keys chosen uniformly or from a
 Zipfian distribution (YCSB's: a few hot keys get most requests). Requests
@@ -31,6 +44,18 @@ from ringkv.clock import SystemClock
 
 PROGRESS_INTERVAL_S = 0.5
 _CLOCK = SystemClock()
+# The event-loop ticker: how often it sleeps, how many idle ticks calibrate it, and at
+# most how many samples a phase keeps (a bound: 15 minutes of ticks).
+LAG_TICK_S = 0.005
+LAG_IDLE_TICKS = 20
+MAX_LAG_SAMPLES = 180_000
+# Lag above this share of the median latency, and above the floor, limits a phase.
+LAG_SHARE = 0.25
+LAG_FLOOR_MS = 1.0
+GEN_LAG_NOTE = (f"{proc_cpu.GEN_LIMITED_MARK} on gen lag: generator-limited: its event loop ran "
+                f"late by more than {LAG_SHARE:.0%} of the median latency (and "
+                f"{LAG_FLOOR_MS:g} ms), so answers waited in the generator and the client, "
+                "not the nodes, held the requests in flight at the concurrency cap")
 
 
 @dataclass
@@ -55,17 +80,53 @@ class LoadResult:
     server_cpu_us_per_op: float | None = None
     # The generator's own CPU per completed op, and whether it used more than 80% of a core.
     gen_cpu_us_per_op: float | None = None
-    gen_limited: bool = False
+    gen_limited: bool = False  # by either rule (``limited_by``)
+    # The generator's event-loop lag over the phase, ms (median, less the idle median);
+    # None when not measured (a phase not run by ``run_load``).
+    gen_lag_ms: float | None = None
+    gen_cpu_limited: bool = False
+    gen_lag_limited: bool = False
 
     def apply(self, phase: proc_cpu.PhaseCpu) -> None:
         """Take the CPU figures of a phase measured by ``proc_cpu.PhaseMeter``."""
         self.server_cpu_us_per_op = phase.node_us_per_op
         self.gen_cpu_us_per_op = phase.gen_us_per_op
         self.client_cpu_pct = phase.gen_core_pct
-        self.gen_limited = phase.gen_limited
+        self.gen_cpu_limited = phase.gen_limited
+        self._judge()
+
+    def apply_lag(self, lag_ms: float | None) -> None:
+        """Take the generator's event-loop lag over the phase (see ``lag_limited``)."""
+        self.gen_lag_ms = None if lag_ms is None else round(lag_ms, 3)
+        self.gen_lag_limited = lag_limited(self.gen_lag_ms, self.p50_ms)
+        self._judge()
+
+    def _judge(self) -> None:
+        self.gen_limited = self.gen_cpu_limited or self.gen_lag_limited
+
+    @property
+    def limited_by(self) -> str:
+        """Why the phase is generator-limited: "cpu", "lag", "cpu+lag", or "" if it is not."""
+        return "+".join(name for name, hit in (("cpu", self.gen_cpu_limited),
+                                               ("lag", self.gen_lag_limited)) if hit)
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "limited_by": self.limited_by}
+
+
+def lag_limited(lag_ms: float | None, p50_ms: float) -> bool:
+    """The lag rule: the generator's loop ran late by more than ``LAG_SHARE`` of the
+    median latency and more than ``LAG_FLOOR_MS`` (below that, timer granularity)."""
+    return lag_ms is not None and lag_ms > max(LAG_FLOOR_MS, LAG_SHARE * p50_ms)
+
+
+def loop_lag_ms(idle_s: Sequence[float], busy_s: Sequence[float]) -> float | None:
+    """The loop's lag over a phase, ms: the median late wake-up under load less the
+    median idle one (the timer's own granularity); None without samples."""
+    if not busy_s:
+        return None
+    idle = percentile(sorted(idle_s), 50) if idle_s else 0.0
+    return max(0.0, percentile(sorted(busy_s), 50) - idle) * 1000
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -297,9 +358,12 @@ async def _run(
     key_dist: str = "uniform", use_client: bool = False, consistency: str | None = None,
     progress: Callable[[int, int, float], None] | None = None, protocol: str = "http",
     ca_file: str | None = None,
-) -> tuple[list[float], int, float]:
+) -> tuple[list[float], int, float, float | None]:
     latencies: list[float] = []
     errors = 0
+    idle_lags: list[float] = []
+    lags: list[float] = []
+    loaded = False  # the ticker's samples count once the workers run
     reads = _read_fraction(op, read_fraction)
     body = json.dumps({"value": value}).encode()
     deadline = _CLOCK.monotonic_s() + duration_s
@@ -381,8 +445,28 @@ async def _run(
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             progress(len(latencies), errors, _CLOCK.monotonic_s() - started)
 
+    async def tick() -> None:
+        """How late each short sleep wakes: the loop's lag (see the module docstring)."""
+        while len(lags) < MAX_LAG_SAMPLES:
+            asked = _CLOCK.monotonic_s()
+            await asyncio.sleep(LAG_TICK_S)
+            late = max(0.0, _CLOCK.monotonic_s() - asked - LAG_TICK_S)
+            if loaded:  # (while connections open and the ring is read: neither idle nor load)
+                lags.append(late)
+
+    for _ in range(LAG_IDLE_TICKS):  # the idle loop first: the timer's own lateness
+        asked = _CLOCK.monotonic_s()
+        await asyncio.sleep(LAG_TICK_S)
+        idle_lags.append(max(0.0, _CLOCK.monotonic_s() - asked - LAG_TICK_S))
     started = _CLOCK.monotonic_s()
     reporter = asyncio.ensure_future(report())
+    ticker = asyncio.ensure_future(tick())
+
+    def go() -> float:
+        nonlocal loaded
+        loaded = True
+        return _CLOCK.monotonic_s()
+
     try:
         if use_client:
             from ringkv.client import AsyncClient
@@ -391,12 +475,12 @@ async def _run(
                                    pool_size=concurrency, protocol=protocol,
                                    ca_file=ca_file) as kv:
                 await kv.refresh_ring()
-                started = _CLOCK.monotonic_s()
+                started = go()
                 await asyncio.gather(*(worker(kv, client_op) for _ in range(concurrency)))
         elif protocol == "native":
             links = await _native_links(base_urls, context)
             try:
-                started = _CLOCK.monotonic_s()
+                started = go()
                 await asyncio.gather(*(worker(links, native_op) for _ in range(concurrency)))
             finally:
                 for link in links:
@@ -406,7 +490,7 @@ async def _run(
             pools: list[dict[int, _Connection]] = [{} for _ in range(concurrency)]
             do = etcd_op if protocol == "etcd" else http_op
             try:
-                started = _CLOCK.monotonic_s()
+                started = go()
                 await asyncio.gather(*(worker(pool, do) for pool in pools))
             finally:
                 for pool in pools:
@@ -415,7 +499,8 @@ async def _run(
         elapsed = _CLOCK.monotonic_s() - started
     finally:
         reporter.cancel()
-    return latencies, errors, elapsed
+        ticker.cancel()
+    return latencies, errors, elapsed, loop_lag_ms(idle_lags, lags)
 
 
 def _child(conn, kwargs: dict[str, object]) -> None:
@@ -431,9 +516,10 @@ def _child(conn, kwargs: dict[str, object]) -> None:
 
     conn.send(("go",))  # the parent starts reading the nodes' CPU
     cpu_before_s = proc_cpu.own_cpu_s()
-    latencies, errors, elapsed = asyncio.run(_run(**kwargs, progress=progress))  # type: ignore[arg-type]
+    latencies, errors, elapsed, lag_ms = asyncio.run(
+        _run(**kwargs, progress=progress))  # type: ignore[arg-type]
     cpu_s = proc_cpu.own_cpu_s() - cpu_before_s
-    conn.send(("done", latencies, errors, elapsed, cpu_s))
+    conn.send(("done", latencies, errors, elapsed, cpu_s, lag_ms))
     conn.close()
 
 
@@ -485,7 +571,7 @@ def run_load(
                 break
             elif on_progress is not None:
                 on_progress(*message[1:])
-        _, latencies, errors, elapsed, cpu_s = message
+        _, latencies, errors, elapsed, cpu_s, lag_ms = message
         meter.add_reported_gen(cpu_s)
     except BaseException:  # an error or Ctrl-C here: the child must not run out its phase
         process.kill()
@@ -507,6 +593,7 @@ def run_load(
         consistency=consistency,
     )
     result.apply(meter.result(len(ordered), elapsed_s=elapsed))  # node figures None without pids
+    result.apply_lag(lag_ms)
     return result
 
 
@@ -536,7 +623,7 @@ DEFAULT_LEADING: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = (
 def _header(leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...]) -> str:
     return ("".join(f"{name:{spec}}" for name, spec, _ in leading)
             + f"{'ops/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"
-            + f"{'node us/op':>12}{'gen us/op':>11}{'gen core':>10}")
+            + f"{'node us/op':>12}{'gen us/op':>11}{'gen core':>10}{'gen lag':>9}")
 
 
 def _us(value: float | None, width: int) -> str:
@@ -548,11 +635,14 @@ def format_row(
     leading: tuple[tuple[str, str, Callable[[LoadResult], object]], ...] = DEFAULT_LEADING,
 ) -> str:
     """One result as a row of ``format_table``; a generator-limited phase ends in the mark."""
-    gen_core = f"{r.client_cpu_pct:.0f}%{proc_cpu.gen_mark(r.gen_limited)}"
+    gen_core = f"{r.client_cpu_pct:.0f}%{proc_cpu.gen_mark(r.gen_cpu_limited)}"
+    gen_lag = ("-" if r.gen_lag_ms is None
+               else f"{r.gen_lag_ms:.1f}ms{proc_cpu.gen_mark(r.gen_lag_limited)}")
     return ("".join(f"{str(value(r)):{spec}}" for _, spec, value in leading)
             + f"{r.ops_per_s:>10.0f}{r.p50_ms:>9.2f}"
             f"{r.p95_ms:>9.2f}{r.p99_ms:>9.2f}{r.max_ms:>9.1f}{r.errors:>8}"
-            f"{_us(r.server_cpu_us_per_op, 12)}{_us(r.gen_cpu_us_per_op, 11)}{gen_core:>10}")
+            f"{_us(r.server_cpu_us_per_op, 12)}{_us(r.gen_cpu_us_per_op, 11)}{gen_core:>10}"
+            f"{gen_lag:>9}")
 
 
 def format_table(
@@ -561,11 +651,15 @@ def format_table(
 ) -> str:
     """One row per result: the ``leading`` columns, then ops/s, latencies, errors, the node
     processes' CPU us/op (summed over them; "-" when not measured), the generator's own CPU
-    us/op and its share of a core; a note under the table explains any generator-limited mark."""
+    us/op and its share of a core, and its event loop's lag; a generator-limited phase has
+    the mark on the figure that tripped the rule (``LoadResult.limited_by``), explained
+    in a note under the table."""
     header = _header(leading)
     lines = [header, "-" * len(header)] + [format_row(r, leading) for r in results]
-    if any(r.gen_limited for r in results):
+    if any(r.gen_cpu_limited for r in results):
         lines.append(proc_cpu.GEN_LIMITED_NOTE)
+    if any(r.gen_lag_limited for r in results):
+        lines.append(GEN_LAG_NOTE)
     return "\n".join(lines)
 
 

@@ -15,8 +15,15 @@ is a separate process (bench/loadgen.py) driving the token-aware AsyncClient
 (or plain HTTP with --raw-http); it reports its own CPU use. Prints a live
 progress line and a table of ops/s, p50/p95/p99/max latency, errors, the
 nodes' CPU µs per op (the figure to judge changes by; local cluster only) and
-the generator's own CPU per op and share of a core, per (workload, level);
-writes bench/results/ycsb.json and ycsb.png (generator-limited phases hatched).
+the generator's own CPU per op, share of a core and event-loop lag, per
+(workload, level); writes bench/results/ycsb.json and ycsb.png.
+
+A phase the load generator limited is marked: ``*`` on the figure that
+tripped the rule (``gen core``: a generator process above 80% of a core;
+``gen lag``: its event loop late by more than a quarter of the median
+latency, so the client held the requests in flight at the concurrency cap),
+a note under the table, ``limited_by`` in the JSON, and hatched bars with a
+legend entry in the plot (the rule: ``bench/loadgen.py``).
 """
 
 from __future__ import annotations
@@ -107,6 +114,12 @@ def plot(results: list[LoadResult], path: Path, title: str) -> None:
     cpu.set_title("node CPU per op: judge changes by this")
     left.set_title("throughput (hatched *: generator-limited)"
                    if any(r.gen_limited for r in results) else "throughput")
+    if any(r.gen_limited for r in results):
+        reasons = sorted({r.limited_by for r in results if r.gen_limited})
+        left.legend(handles=[Patch(facecolor="white", edgecolor="black", hatch="//",
+                                   label=f"{proc_cpu.GEN_LIMITED_MARK} generator-limited "
+                                         f"({', '.join(reasons)}; see the table's note)")],
+                    fontsize="small", loc="lower right")
     right.set_title("latency: p50 (narrow) and p99 (wide)")
     # Plain swatches: a level's first bar may be hatched (generator-limited).
     cpu.legend(handles=[Patch(facecolor=f"C{i}", label=str(level)) for i, level in enumerate(levels)],
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"  p99 {result.p99_ms:.2f} ms  {result.errors} errors  node "
                         f"{'-' if node_us is None else f'{node_us:.0f}'} us/op  generator "
                         f"{result.client_cpu_pct:.0f}% of a core"
-                        f"{' (generator-limited)' if result.gen_limited else ''}" + " " * 20)
+                        f"{f' (generator-limited: {result.limited_by})' if result.gen_limited else ''}"
+                        + " " * 20)
         finally:
             if cluster is not None:
                 cluster.down()

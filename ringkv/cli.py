@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ringkv.arguments import fraction, non_negative_float, positive_float, positive_int
 from ringkv.auth.admin_cli import operator_headers
 from ringkv.config import load_config
 from ringkv.errors import RingKVError
@@ -45,6 +46,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     from ringkv.server.runner import install_event_loop_policy, serve
 
     config = load_config(args.config, _node_overrides(args))
+    if args.restore:
+        from pathlib import Path
+
+        from ringkv.clock import SystemClock
+        from ringkv.storage.snapshot import restore
+
+        restore(config, Path(args.restore), now_us=SystemClock().wall_us(),
+                overwrite=args.restore_overwrite)
     loop_name = install_event_loop_policy()
     logging.getLogger(__name__).info("event loop: %s", loop_name)
     asyncio.run(serve(config))
@@ -233,7 +242,15 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         base_internode_port=args.base_port + 100,
         base_native_port=args.base_port + 200,
         tls=args.tls,
+        detached=args.detach,
     )
+    if args.detach and args.netns:
+        print("ringkv: error: --detach cannot be used with --netns (the namespace hosts "
+              "live only as long as the process that built them)", file=sys.stderr)
+        return 2
+    refused = _refuse_a_running_cluster(cluster.data_dir)
+    if refused is not None:
+        return refused
     if args.racks and not args.netns:
         print("ringkv: error: --racks needs --netns (racks label namespace hosts)",
               file=sys.stderr)
@@ -281,12 +298,23 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         else:
             cluster.build()
             where = "on 127.0.0.1"
+        reused = cluster.reuses_data()
+        if reused:
+            # Say so: the nodes come back with their data and tokens, and the
+            # demo (which uses keys of its own run) does not start from empty.
+            print(f"reusing the data of an earlier run under {cluster.data_dir} "
+                  f"({', '.join(reused)}): nodes come back with their data and tokens; "
+                  "delete that directory for a fresh cluster", flush=True)
         if args.tls:
             print(f"TLS on both links; CA and certificates in {cluster.certs_dir} (clients: "
                   f"--ca-file {cluster.certs_dir / 'ca.crt'})", flush=True)
         racks = f", {args.racks} racks" if args.racks else ""
         print(f"starting {args.nodes} nodes (rf={args.rf}{racks}) {where} under "
               f"{cluster.data_dir} ...", flush=True)
+        left_running = False
+        if args.detach:
+            for proc in cluster.procs:
+                proc.on_launch = functools.partial(_record_detached, cluster, args)
         try:
             cluster.up(together=args.netns)
             print("cluster is up; every node sees every other node UP:")
@@ -294,15 +322,218 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                 print(f"  {proc.node_id}: {proc.url}   (logs: {proc.log_path})")
             if args.demo:
                 run_demo(cluster, say=lambda line: print(line, flush=True))
+            if args.detach:
+                path = _record_detached(cluster, args)
+                left_running = True
+                print(f"\ndetached: the nodes keep running (state in {path}); stop them with "
+                      f"`ringkv cluster down --data-dir {cluster.data_dir}`, add one with "
+                      f"`ringkv cluster add --data-dir {cluster.data_dir}`", flush=True)
+                return 0
             print("\npress Ctrl-C to stop the cluster", flush=True)
             while not stop.wait(timeout=3600):  # sleeps until Ctrl-C or SIGTERM
                 pass
         except (KeyboardInterrupt, Interrupted):
             pass
         finally:
-            print("\nstopping the cluster ...", flush=True)
-            cluster.down()
+            if not left_running:
+                try:
+                    print("\nstopping the cluster ...", flush=True)
+                finally:  # even when the output is gone (a closed pipe): no orphans
+                    cluster.down()
+                    if args.detach:
+                        from ringkv.tools.cluster_state import remove_state
+
+                        remove_state(cluster.data_dir)
     return 0
+
+
+def _refuse_a_running_cluster(data_dir: Any) -> int | None:
+    """An exit code if a detached cluster still runs from ``data_dir`` (its nodes
+    hold the ports and the data); None to go on. A stale state file (none of
+    its nodes runs any more) is reported and removed."""
+    from ringkv.tools.cluster_state import load_state, remove_state, state_path
+
+    try:
+        state = load_state(data_dir)
+    except ValueError as exc:
+        print(f"ringkv: error: {exc}", file=sys.stderr)
+        return 1
+    if state is None:
+        return None
+    live = state.live()
+    if live:
+        running = ", ".join(f"{node.node_id} (pid {node.pid})" for node in live)
+        print(f"ringkv: error: a detached cluster already runs from {data_dir}: {running}; "
+              f"stop it first with `ringkv cluster down --data-dir {data_dir}`", file=sys.stderr)
+        return 1
+    print(f"stale state file {state_path(data_dir)}: none of its nodes "
+          f"({', '.join(node.node_id for node in state.nodes)}) runs any more; removing it",
+          flush=True)
+    remove_state(data_dir)
+    return None
+
+
+def _record_detached(cluster: Any, args: argparse.Namespace, *_: object) -> Any:
+    """Write the state file of a detached cluster: every node started so far. Called
+    as each node is launched too, so that whatever stops `cluster up` half-way
+    (even SIGKILL), `cluster down` finds every node it left."""
+    from ringkv.tools.cluster_state import ClusterState, save_state
+    from ringkv.tools.local_cluster import node_record
+
+    return save_state(ClusterState(
+        data_dir=str(cluster.data_dir),
+        flags={"nodes": args.nodes, "rf": args.rf, "base_port": args.base_port,
+               "tls": args.tls, "demo": args.demo},
+        nodes=[node_record(proc) for proc in cluster.procs if proc.proc is not None]))
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    """Stop the detached cluster recorded in DATA_DIR/cluster.json and remove that file."""
+    from pathlib import Path
+
+    from ringkv.tools.cluster_state import locked
+
+    data_dir = Path(args.data_dir).resolve()
+    with locked(data_dir):  # an add running meanwhile records its node first, or sees none
+        return _stop_detached(data_dir, args.wait_s)
+
+
+def _stop_detached(data_dir: Any, wait_s: float) -> int:
+    from ringkv.tools.cluster_state import (
+        load_state,
+        remove_state,
+        state_path,
+        stop_nodes,
+    )
+
+    try:
+        state = load_state(data_dir)
+    except ValueError as exc:
+        print(f"ringkv: error: {exc}", file=sys.stderr)
+        return 1
+    if state is None:
+        # Stopping what is stopped is no failure: a script may run down twice.
+        print(f"no detached cluster in {data_dir} (no {state_path(data_dir).name}): "
+              "nothing to stop")
+        return 0
+    live = state.live()
+    gone = [node.node_id for node in state.nodes if node not in live]
+    if not live:
+        print(f"stale state file {state_path(data_dir)}: none of its nodes "
+              f"({', '.join(gone)}) runs any more; removed it")
+        remove_state(data_dir)
+        return 0
+    print(f"stopping {', '.join(node.node_id for node in live)} ...", flush=True)
+    killed = stop_nodes(live, deadline_s=wait_s)
+    remove_state(data_dir)
+    if gone:
+        print(f"({', '.join(gone)} had already stopped)")
+    if killed:
+        print(f"{', '.join(killed)} did not stop within {wait_s:g}s of SIGTERM: killed")
+    print(f"stopped the cluster in {data_dir}")
+    return 0
+
+
+def cmd_cluster_add(args: argparse.Namespace) -> int:
+    """Start one more node that joins the detached cluster in DATA_DIR; wait until
+    every node sees it UP and NORMAL; record it in the state file."""
+    from pathlib import Path
+
+    from ringkv.tools.cluster_state import load_state, locked, save_state
+    from ringkv.tools.launcher import STOP_REQUESTED, Interrupted, trust
+
+    def on_signal(*_: object) -> None:
+        STOP_REQUESTED.set()  # the wait below gives up at its next poll
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    data_dir = Path(args.data_dir).resolve()
+    with locked(data_dir):  # choosing the node's id and recording it: one add at a time
+        started = _launch_one_more(data_dir)
+    if isinstance(started, int):
+        return started
+    cluster, new = started
+    for proc in cluster.procs:
+        context = proc.client_context()
+        if context is not None:
+            trust(proc.url, context)
+    try:
+        cluster.wait_all_up(timeout_s=args.wait_s)
+    except (TimeoutError, RuntimeError, Interrupted) as exc:
+        print(f"ringkv: error: {new.node_id} did not join: {exc}; stopping it (its log: "
+              f"{new.log_path})", file=sys.stderr)
+        new.stop()
+        with locked(data_dir):
+            state = load_state(data_dir)
+            if state is not None:
+                state.nodes = [node for node in state.nodes if node.node_id != new.node_id]
+                save_state(state)
+        return 1
+    print(f"{new.node_id} joined: every node sees it UP and NORMAL\n  {new.node_id}: "
+          f"{new.url}   (logs: {new.log_path})")
+    return 0
+
+
+def _launch_one_more(data_dir: Any) -> Any:
+    """Launch the next node of the detached cluster in ``data_dir`` and record it
+    at once (so that `cluster down` stops it whatever happens to us); return the
+    cluster (its live nodes and the new one) and the new node, or an exit code."""
+    from pathlib import Path
+
+    from ringkv.address import format_address
+    from ringkv.tools.cluster_state import load_state, save_state
+    from ringkv.tools.launcher import NodeProcess
+    from ringkv.tools.local_cluster import LocalCluster, node_of_record, node_record
+
+    try:
+        state = load_state(data_dir)
+    except ValueError as exc:
+        print(f"ringkv: error: {exc}", file=sys.stderr)
+        return 1
+    if state is None:
+        print(f"ringkv: error: no detached cluster in {data_dir}; start one with "
+              f"`ringkv cluster up --detach --data-dir {data_dir}`", file=sys.stderr)
+        return 1
+    live = state.live()
+    if not live:
+        print(f"ringkv: error: stale state file in {data_dir}: none of its nodes runs any "
+              f"more; clear it with `ringkv cluster down --data-dir {data_dir}`",
+              file=sys.stderr)
+        return 1
+    tls = bool(state.flags.get("tls"))
+    cluster = LocalCluster(data_dir, rf=int(state.flags.get("rf", 3)), tls=tls, detached=True)
+    tls_dir = cluster.certs_dir if tls else None
+    taken = {node.node_id for node in state.nodes}
+    number = len(state.nodes) + 1
+    while f"node{number}" in taken or (data_dir / f"node{number}").exists():
+        number += 1  # a fresh data directory: the new node streams its ranges
+    node_id = f"node{number}"
+    ports = _ports_for(int(state.flags.get("base_port", 7400)), number - 1, live[0].host)
+    config_path = (cluster.tls_config(node_id, host=live[0].host) if tls
+                   else Path(live[0].config_path))
+    seeds = ",".join(format_address(node.host, node.internode_port) for node in live)
+    new = NodeProcess(node_id, data_dir, host=live[0].host, client_port=ports[0],
+                      internode_port=ports[1], native_port=ports[2],
+                      extra_args=["--seeds", seeds], config_path=config_path,
+                      tls_dir=tls_dir, detached=True)
+    print(f"starting {node_id} ({new.url}), joining through {seeds}; it streams its "
+          f"ranges before it serves ...", flush=True)
+    new.launch()
+    state.nodes.append(node_record(new))
+    save_state(state)
+    cluster.procs = [*(node_of_record(node, data_dir, tls_dir) for node in live), new]
+    return cluster, new
+
+
+def _ports_for(base_port: int, index: int, host: str) -> tuple[int, int, int]:
+    """The client, internode and native ports of the ``index``-th node (from 0) as
+    `cluster up --base-port` numbers them, or free ones if any of those is taken."""
+    from ringkv.tools.launcher import free_port, port_is_free
+
+    wanted = (base_port + index, base_port + 100 + index, base_port + 200 + index)
+    if all(port <= 65535 and port_is_free(host, port) for port in wanted):
+        return wanted
+    return free_port(host), free_port(host), free_port(host)
 
 
 def _remove_hosts(hosts: Any) -> None:
@@ -407,6 +638,9 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     from ringkv.sim.run import SimSettings
 
     nemesis = tuple(n for n in args.nemesis.split(",") if n and n != "none")
+    if args.workload == "eventual" and args.rf > args.nodes:
+        raise ValueError(f"--rf {args.rf} is more than --nodes {args.nodes}: every key "
+                         "would have fewer replicas than asked for")
     return SimSettings(
         seed=args.seed, nodes=args.nodes, rf=args.rf, ops=args.ops, clients=args.clients,
         keys=args.keys, read_cl=args.read.upper(), write_cl=args.write.upper(),
@@ -478,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--broadcast-client",
-        help="client API host:port told to peers and clients (overrides cluster.broadcast_client)",
+        help="client API host:port (or a host alone: the client port's) told to peers and "
+             "clients (overrides cluster.broadcast_client)",
     )
     node.add_argument("--data-dir", help="data directory (overrides cluster.data_dir)")
     node.add_argument("--seeds", help="comma-separated internode host:port seeds")
@@ -496,6 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-auto-bootstrap", action="store_true",
                       help="go NORMAL at once without streaming (streaming.auto_bootstrap: false); "
                            "only for forming a new cluster that holds no data yet")
+    node.add_argument("--restore", metavar="SNAPSHOT_DIR",
+                      help="first make the node's data a copy of this snapshot "
+                           "(DATA_DIR/NODE_ID/snapshots/NAME of `ringkv snapshot create`); "
+                           "the data dir must hold nothing else")
+    node.add_argument("--restore-overwrite", action="store_true",
+                      help="with --restore: replace what the data dir holds (its snapshots stay)")
     node.set_defaults(func=cmd_node)
 
     status = commands.add_parser("status", help="print the cluster as one node sees it")
@@ -558,8 +799,26 @@ def build_parser() -> argparse.ArgumentParser:
                          "under DATA_DIR/certs; clients use https:// and its ca.crt")
     up.add_argument("--demo", action="store_true",
                     help="run the demo: write, kill a node, read, restart, replay hints; then compare-and-set on txn across a leader kill")
+    up.add_argument("--detach", action="store_true",
+                    help="leave the nodes running and exit once every node is UP; their "
+                         "pids, ports and paths go to DATA_DIR/cluster.json for `cluster "
+                         "down` and `cluster add`")
     up.set_defaults(func=cmd_cluster_up)
+    down = cluster_commands.add_parser(
+        "down", help="stop the detached cluster of DATA_DIR (SIGTERM, then SIGKILL)")
+    down.add_argument("--data-dir", default="./data", help="the data directory of the cluster")
+    down.add_argument("--wait-s", type=float, default=15.0,
+                      help="seconds to wait for the nodes after SIGTERM before SIGKILL")
+    down.set_defaults(func=cmd_cluster_down)
+    add = cluster_commands.add_parser(
+        "add", help="start one more node that joins the detached cluster of DATA_DIR")
+    add.add_argument("--data-dir", default="./data", help="the data directory of the cluster")
+    add.add_argument("--wait-s", type=float, default=120.0,
+                     help="seconds to wait for the node to stream its ranges and be UP "
+                          "and NORMAL on every node")
+    add.set_defaults(func=cmd_cluster_add)
 
+    from ringkv import data_cli, snapshot_cli
     from ringkv.auth import admin_cli
 
     def tls_flags(parser: argparse.ArgumentParser) -> None:
@@ -568,6 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--key-file", help="the client certificate's key")
 
     admin_cli.add_parser(commands, tls_flags)
+    snapshot_cli.add_parser(commands, tls_flags)
+    data_cli.add_parser(commands, tls_flags)  # get, put, del, scan, txn
 
     certs = commands.add_parser(
         "certs", help="a development CA: create it, and issue node and client certificates")
@@ -614,13 +875,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real nodes on virtual time with a simulated network and faults; "
                     "the same options replay the same run (same history hash).")
     sim.add_argument("--seed", type=int, default=1, help="everything derives from it")
-    sim.add_argument("--seeds", type=int, default=1,
+    sim.add_argument("--seeds", type=positive_int, default=1,
                      help="run this many seeds from --seed on, one line each, then totals")
-    sim.add_argument("--nodes", type=int, default=5, help="cluster size (default 5)")
-    sim.add_argument("--rf", type=int, default=3, help="replication factor (default 3)")
-    sim.add_argument("--ops", type=int, default=2000, help="client operations (default 2000)")
-    sim.add_argument("--clients", type=int, default=10, help="concurrent clients (default 10)")
-    sim.add_argument("--keys", type=int, default=20, help="distinct keys (default 20)")
+    sim.add_argument("--nodes", type=positive_int, default=5, help="cluster size (default 5)")
+    sim.add_argument("--rf", type=positive_int, default=3, help="replication factor (default 3)")
+    sim.add_argument("--ops", type=positive_int, default=2000, help="client operations (default 2000)")
+    sim.add_argument("--clients", type=positive_int, default=10, help="concurrent clients (default 10)")
+    sim.add_argument("--keys", type=positive_int, default=20, help="distinct keys (default 20)")
     sim.add_argument("--read", default="QUORUM", help="read consistency level")
     sim.add_argument("--write", default="QUORUM", help="write consistency level")
     sim.add_argument("--nemesis", default="none",
@@ -637,11 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "transactional node: skip-commit-wait, no-fencing, "
                           "snapshot-ignores-safe-time; with bank or list-append also a broken "
                           "two-phase commit participant: early-lock-release, skip-prepare-log")
-    sim.add_argument("--duration", type=float, default=60.0,
+    sim.add_argument("--duration", type=positive_float, default=60.0,
                      help="virtual seconds the workload is spread over (default 60)")
     sim.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic")
-    sim.add_argument("--write-fraction", type=float, default=0.5)
-    sim.add_argument("--max-skew", type=float, default=0.25,
+    sim.add_argument("--write-fraction", type=fraction, default=0.5,
+                     help="share of the operations that are writes, 0 to 1 (default 0.5)")
+    sim.add_argument("--max-skew", type=non_negative_float, default=0.25,
                      help="skew nemesis: largest clock offset, seconds (default 0.25)")
     sim.add_argument("--boot", choices=("join", "together", "provisioned"), default="join",
                      help="join: nodes join one by one (real token allocation); together: "
@@ -655,16 +917,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(sums and signs checked); list-append: Elle-style transactions "
                           "across ranges, checked for strict serializability "
                           "(--keys: accounts or lists)")
-    sim.add_argument("--ranges", type=int, default=4,
+    sim.add_argument("--ranges", type=positive_int, default=4,
                      help="bank and list-append: ranges of the transactional keyspace, each "
                           "its own Paxos group (default 4)")
     sim.add_argument("--history-out", default=None, metavar="FILE",
                      help="write the client history as Jepsen invoke/ok/fail/info events "
                           "(JSON); with --seeds, one file per seed (FILE.seedN.json)")
-    sim.add_argument("--deletes", type=float, default=0.0,
+    sim.add_argument("--deletes", type=fraction, default=0.0,
                      help="share of the eventual workload's writes that are deletes "
                           "(default 0); reads after a delete are checked for resurrection")
-    sim.add_argument("--gc-grace", type=int, default=None,
+    sim.add_argument("--gc-grace", type=positive_int, default=None,
                      help="timing.gc_grace_s of every node (default: the config's); repair "
                           "then runs every half of it and tombstones may be purged in the run")
     sim.add_argument("--no-hints", action="store_true", help="turn hinted handoff off")

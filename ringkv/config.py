@@ -720,7 +720,7 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("internode_port", _check_int, 1, 65535)
     sec.take("native_port", _check_int, 0, 65535)
     sec.take("broadcast_internode", _check_advertised_address)
-    sec.take("broadcast_client", _check_advertised_address)
+    sec.take("broadcast_client", _check_advertised_client)
     sec.take("seeds", _check_seeds)
     sec.take("bootstrap_new_cluster", _check_bool)
     sec.take("replace_node_id", _check_optional_name, 64)
@@ -729,6 +729,10 @@ def _read_cluster(ctx: _Context, raw: object) -> ClusterConfig:
     sec.take("dc", _check_name, 64)
     sec.take("rack", _check_name, 64)
     cluster = ClusterConfig(**sec.done())
+    if cluster.broadcast_client is not None and _bare_host(cluster.broadcast_client):
+        # Just a host: clients reach the API there on the port it listens on.
+        cluster = dataclasses.replace(cluster, broadcast_client=format_address(
+            cluster.broadcast_client.strip("[]"), cluster.client_port))
     if cluster.client_port == cluster.internode_port:
         ctx.fail(
             "cluster.internode_port",
@@ -1097,6 +1101,29 @@ def _check_advertised_address(ctx: _Context, name: str, value: object) -> str | 
         ctx.fail(name, 'a "host:port" others can dial (not a wildcard such as 0.0.0.0 or ::)',
                  _show(value))
     return address
+
+
+def _bare_host(address: str) -> bool:
+    """A host without a port: a name, an IPv4 address or a bracketed IPv6 one."""
+    return ":" not in address or (address.startswith("[") and address.endswith("]"))
+
+
+def _check_advertised_client(ctx: _Context, name: str, value: object) -> str | None:
+    """The client API's address told to others: "host:port", or just a host (its port
+    is then cluster.client_port); never a wildcard; or null."""
+    if not isinstance(value, str) or not _bare_host(value):
+        return _check_advertised_address(ctx, name, value)
+    try:
+        host = check_host(value[1:-1] if value.startswith("[") else value)
+    except ValueError as exc:
+        ctx.fail(name, 'a "host:port" or a host others can dial', f"{_show(value)} ({exc})")
+    if value.startswith("[") and ":" not in host:
+        ctx.fail(name, 'a "host:port" or a host others can dial (brackets are for IPv6 '
+                 "addresses)", _show(value))
+    if is_wildcard(host):
+        ctx.fail(name, 'a "host:port" or a host others can dial (not a wildcard such as '
+                 "0.0.0.0 or ::)", _show(value))
+    return value
 
 
 def _check_bool(ctx: _Context, name: str, value: object) -> bool:

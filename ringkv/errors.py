@@ -410,6 +410,19 @@ class RepairRunning(RingKVError):
     http_status = 409
 
 
+class SnapshotRefused(RingKVError):
+    """A node snapshot was refused (``reason``): one is already being taken on this
+    node (``running``: one at a time per node), or one of that name exists
+    (``exists``), or the one to delete is still being taken (``running``)."""
+
+    code = "snapshot_refused"
+    http_status = 409
+
+    def __init__(self, message: str, *, reason: str, **details: Any) -> None:
+        super().__init__(message, reason=reason, **details)
+        self.reason = reason
+
+
 class ReplicaDown(RingKVError):
     """A repair needs every replica of its ranges, and ``down`` are not alive."""
 
@@ -508,6 +521,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         RangeMoving,
         NoLeader,
         RepairRunning,
+        SnapshotRefused,
         ReplicaDown,
         TopologyRefused,
         Unauthenticated,

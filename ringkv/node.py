@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,7 @@ from ringkv.clock import Clock, SystemClock
 from ringkv.hlc import HybridLogicalClock
 from ringkv.config import TRANSACTIONAL, Config
 from ringkv.coordinator import Coordinator, ReadResult, Receipt, WriteResult
-from ringkv.errors import NotJoined, TopologyRefused
+from ringkv.errors import ConfigError, NotJoined, TopologyRefused
 from ringkv.gossip import state as gs
 from ringkv.gossip.failure_detector import PhiAccrualFailureDetector
 from ringkv.gossip.gossiper import Event, Gossiper
@@ -51,6 +53,7 @@ from ringkv.replica.router import ReplicaRouter
 from ringkv.ring import MAX_TOKEN, MIN_TOKEN, NodeInfo, TokenRing, allocate_tokens, token_for
 from ringkv.storage.engine import Engine
 from ringkv.storage.memory import MemoryEngine
+from ringkv.storage.snapshot import NodeEssentials, Snapshots
 from ringkv.storage.store import LocalStore
 from ringkv.topology.pending import (
     future_ring,
@@ -246,6 +249,10 @@ class Node:
         self.auth: AuthService | None = (
             AuthService(self.node_id, config, clock=self.clock, txn=self.txn,
                         metrics=self.metrics) if config.auth.enabled else None)
+        # Point-in-time copies of this node's eventual tier (``ringkv snapshot``).
+        self.snapshots = Snapshots(node_data_dir=config.node_data_dir, engine=self.engine,
+                                   clock=self.clock, flush=self.store.flush,
+                                   essentials=self._snapshot_essentials)
         self.repair = RepairService(
             self.node_id, self.store, self.local_replica, self.repair_history, self.clock,
             # Seeded from the node id, not drawn from the node's rng: the
@@ -272,11 +279,14 @@ class Node:
         await self.open()
         await self.join()
 
-    async def open(self) -> None:
+    async def open(self, *, announce: bool = True) -> None:
         """Open storage and start gossip and the transport; the node is not on the ring yet.
 
         A server can answer ``/v1/status`` from here on, while ``join`` runs.
         A decommissioned node's data dir is refused: the ring moved on without it.
+        With ``announce=False`` gossip does not start yet (``announce`` starts
+        it): a process binds all its listeners first, so that one that cannot
+        bind a port never shows up in the other nodes' status.
         """
         left = self.identity.load_left()
         if left:
@@ -296,6 +306,16 @@ class Node:
             log.info("node %s started standalone with %d tokens", self.node_id, len(self.tokens))
             return
         await self._start_cluster_services()
+        if announce:
+            await self.announce()
+
+    async def announce(self) -> None:
+        """Start gossiping: from now on the other nodes learn of this one."""
+        if self.gossip is None:
+            return  # standalone: nobody to tell
+        if self.identity.load_tokens() is not None and self.identity.load_bootstrapped():
+            await self._check_not_removed()  # before our new generation spreads
+        self.gossip.start()
 
     async def join(self) -> None:
         """Take a place on the ring (learning it from the seeds first if new) and go NORMAL.
@@ -743,7 +763,11 @@ class Node:
         # Called by a transport that dialled an address and found this node
         # there (the hello carried our own node id).
         self.transport.on_self_dial = self.found_self_at
-        await self.transport.start()
+        try:
+            await self.transport.start()
+        except OSError as exc:
+            raise listen_failed(self.node_id, "cluster.internode_port", "internode protocol",
+                                cluster.listen_host, cluster.internode_port, exc) from None
         for node_id, peer in self._saved_peers.items():
             if peer.get("internode_addr"):
                 host, port = gs.parse_address(peer["internode_addr"])
@@ -758,9 +782,6 @@ class Node:
             interval_s=interval_s,
             on_events=self._on_gossip_events,
         )
-        if self.identity.load_tokens() is not None and self.identity.load_bootstrapped():
-            await self._check_not_removed()  # before our new generation spreads
-        self.gossip.start()
 
     def _left_the_ring(self, why: str) -> TopologyRefused:
         how = ("was decommissioned: it LEFT the ring" if why == "decommissioned" else
@@ -895,6 +916,7 @@ class Node:
             await asyncio.gather(self._maintenance, return_exceptions=True)
         await self.handoff.stop()
         await self.repair.stop()
+        await self.snapshots.stop()
         if self.auth is not None:
             await self.auth.stop()
         self.txn.stop()
@@ -904,6 +926,16 @@ class Node:
             await self.transport.stop()
         await self.store.close()
         log.info("node %s stopped", self.node_id)
+
+    def _snapshot_essentials(self) -> NodeEssentials:
+        """Who this node is, for a snapshot's manifest."""
+        cluster = self.config.cluster
+        return NodeEssentials(
+            node_id=self.node_id, cluster=cluster.name, tokens=self.tokens,
+            dc=cluster.dc, rack=cluster.rack,
+            keyspaces={name: {"tier": ks.tier, "replication_factor": ks.replication_factor}
+                       for name, ks in self.config.keyspaces.items()},
+            peers=self.identity.load_peers())
 
     def _load_or_allocate_tokens(self, ring: TokenRing | None) -> tuple[int, ...]:
         persisted = self.identity.load_tokens()
@@ -1146,3 +1178,16 @@ def _progress_field(node: Node, field: str) -> float:
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def listen_failed(node_id: str, field: str, what: str, host: str, port: int,
+                  exc: OSError) -> ConfigError:
+    """A listener that could not bind, as one line naming the port, its config field
+    and the cause (port already in use, address not available...), not a traceback."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        cause = exc.strerror or str(exc)
+    else:
+        cause = os.strerror(exc.errno)
+    return ConfigError(
+        f"node {node_id} cannot listen on {format_address(host, port)} for the {what} "
+        f"({field}): {cause}", field=field)

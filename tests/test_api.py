@@ -198,7 +198,7 @@ def test_unknown_routes_keyspaces_and_methods_are_json_errors() -> None:
         ("GET", "/v1/kv/nope/k", {}, False),  # an unknown keyspace's 404 is the same either way
         ("GET", "/v1/kv/de%20fault/k", {}, True),  # escapes in the keyspace: the router decodes
         ("GET", "/v1/kv/default/a%0Ab", {}, True),  # a newline the router's pattern refuses
-        ("GET", "/v1/kv/default/", {}, True),  # no key
+        ("GET", "/v1/kv/default/", {}, False),  # no key: served here too, a 400 naming key
         ("PUT", "/v1/kv/default/k", {"Expect": "100-continue"}, True),
         ("POST", "/v1/kv/default/k", {}, True),
         ("HEAD", "/v1/kv/default/k", {}, True),
@@ -280,10 +280,13 @@ def test_answers_written_by_hand_match_the_json_encoder() -> None:
         for expires in (None, 1_800_000_000_000_000):
             for with_receipt in (receipt, None):
                 key = "k\u00e9y/\"q\""
-                got = _cell_json(key.encode(), cell._replace(expires_at_us=expires), with_receipt)
+                now_us = 1_799_999_998_500_001  # 1.499999 s before it expires: 1500 ms
+                got = _cell_json(key.encode(), cell._replace(expires_at_us=expires), with_receipt,
+                                 now_us)
                 head: dict[str, Any] = {"key": key, "timestamp": [1_700_000_000_000_000, 3]}
                 if expires is not None:
                     head["expires_at_us"] = expires
+                    head["ttl_remaining_ms"] = 1500
                 if with_receipt is not None:
                     head["receipt"] = with_receipt.to_json()
                 assert got == encoder.encode(head).encode()[:-1] + b',"value":{"v":1}}'

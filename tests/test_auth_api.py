@@ -143,6 +143,9 @@ def test_superuser_users_grants_and_refusals(capsys: pytest.CaptureFixture[str])
         assert (status, body["error"]["permission"], body["error"]["keyspace"]) == \
             (403, "admin", None)
         assert (await call("GET", "/v1/ring", headers=reader))[0] == 200
+        # The API's description is for any user; without a login it is still a 401.
+        assert (await call("GET", "/v1/openapi.json", headers=reader))[0] == 200
+        assert (await call("GET", "/v1/openapi.json"))[0] == 401
         status, body, _ = await call("GET", "/v1/auth/whoami", headers=reader)
         assert (status, body) == (200, {"user": "reader", "grants": ["read:default"]})
         status, body, _ = await call("GET", "/v1/kv/system_auth/users", headers=admin)

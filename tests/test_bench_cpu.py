@@ -15,12 +15,22 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import proc_cpu
 from bench.cluster import stronger_above_weaker
-from bench.loadgen import LoadResult, format_row, format_table, run_load
+from bench.loadgen import (
+    GEN_LAG_NOTE,
+    LAG_FLOOR_MS,
+    LoadResult,
+    format_row,
+    format_table,
+    lag_limited,
+    loop_lag_ms,
+    run_load,
+)
 from bench.proc_cpu import GEN_LIMITED_MARK, GEN_LIMITED_NOTE, PhaseCpu, PhaseMeter
 from ringkv.clock import ManualClock
 
@@ -133,11 +143,11 @@ def test_the_table_shows_node_and_generator_cpu_and_marks_a_limited_phase() -> N
     light, heavy = _result("light", gen_s=0.05), _result("heavy", gen_s=0.9)
     table = format_table([light, heavy])
     header = table.splitlines()[0]
-    for column in ("ops/s", "p50 ms", "p99 ms", "node us/op", "gen us/op", "gen core"):
+    for column in ("ops/s", "p50 ms", "p99 ms", "node us/op", "gen us/op", "gen core", "gen lag"):
         assert column in header
     rows = table.splitlines()[2:4]
-    assert rows[0].split()[-3:] == ["250", "50", "5%"]
-    assert rows[1].split()[-3:] == ["250", "900", f"90%{GEN_LIMITED_MARK}"]
+    assert rows[0].split()[-4:] == ["250", "50", "5%", "-"]  # no lag measured
+    assert rows[1].split()[-4:] == ["250", "900", f"90%{GEN_LIMITED_MARK}", "-"]
     assert table.splitlines()[-1] == GEN_LIMITED_NOTE
     assert rows[0] == format_row(light) and len(rows[0]) == len(header)
     assert GEN_LIMITED_NOTE not in format_table([light])
@@ -194,9 +204,14 @@ def test_a_load_phase_reports_the_servers_cpu_per_op_and_its_generators(tmp_path
     assert result.ops > 0 and result.errors == 0
     assert result.server_cpu_us_per_op is not None and result.server_cpu_us_per_op > 0
     assert result.gen_cpu_us_per_op is not None and result.gen_cpu_us_per_op > 0
-    assert result.gen_limited == (result.client_cpu_pct > 100 * proc_cpu.GEN_LIMITED_SHARE)
+    assert result.gen_cpu_limited == (
+        result.client_cpu_pct > 100 * proc_cpu.GEN_LIMITED_SHARE)
+    assert result.gen_lag_ms is not None and result.gen_lag_ms >= 0  # the ticker ran
+    assert result.gen_lag_limited == lag_limited(result.gen_lag_ms, result.p50_ms)
+    assert result.gen_limited == (result.gen_cpu_limited or result.gen_lag_limited)
+    assert result.to_json()["limited_by"] == result.limited_by
     row = format_row(result)
-    assert row.split()[-3] == f"{result.server_cpu_us_per_op:.0f}"
+    assert row.split()[-4] == f"{result.server_cpu_us_per_op:.0f}"
 
 
 def test_ycsb_table_and_plot_carry_cpu_and_the_generator_limited_mark(tmp_path: Path) -> None:
@@ -206,9 +221,71 @@ def test_ycsb_table_and_plot_carry_cpu_and_the_generator_limited_mark(tmp_path: 
     light.consistency, heavy.consistency = "ONE", "QUORUM"
     table = ycsb.format_table([light, heavy])
     assert "node us/op" in table.splitlines()[0]
-    assert table.splitlines()[3].endswith(f"90%{GEN_LIMITED_MARK}")
+    assert table.splitlines()[3].endswith(f"90%{GEN_LIMITED_MARK}        -")
     assert table.splitlines()[-1] == GEN_LIMITED_NOTE
     pytest.importorskip("matplotlib")
     png = tmp_path / "ycsb.png"
     ycsb.plot([light, heavy], png, "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the event-loop lag rule (bench/loadgen.py): the client holding the requests in flight
+
+
+def test_the_lag_rule_marks_a_loop_late_by_a_quarter_of_the_median_latency() -> None:
+    assert not lag_limited(None, 1.0)  # not measured: never limited by it
+    assert not lag_limited(0.9, 1.0)  # under the floor: timer granularity
+    assert not lag_limited(LAG_FLOOR_MS, 1.0)
+    assert lag_limited(1.1, 1.0)  # above the floor and above a quarter of 1 ms
+    assert not lag_limited(2.4, 10.0)  # a quarter of 10 ms is 2.5
+    assert lag_limited(2.6, 10.0)
+
+
+def test_the_lag_is_the_loaded_median_less_the_idle_one() -> None:
+    idle = [0.0002, 0.0003, 0.0004]  # the timer's own lateness: 0.3 ms
+    assert loop_lag_ms(idle, []) is None
+    assert loop_lag_ms(idle, [0.0001, 0.0002]) == 0.0  # never negative
+    assert loop_lag_ms(idle, [0.001, 0.005, 0.005, 0.006, 0.1]) == pytest.approx(4.7)
+    assert loop_lag_ms([], [0.002]) == pytest.approx(2.0)
+
+
+def test_a_lagging_phase_is_marked_on_its_lag_with_its_own_note() -> None:
+    calm, lagging = _result("calm", gen_s=0.05), _result("lagging", gen_s=0.05)
+    calm.apply_lag(0.2)
+    lagging.apply_lag(3.0)  # p50 is 1 ms: answers waited 3 ms in the generator
+    assert (calm.gen_limited, calm.limited_by) == (False, "")
+    assert (lagging.gen_limited, lagging.limited_by) == (True, "lag")
+    table = format_table([calm, lagging])
+    rows = table.splitlines()[2:4]
+    assert rows[0].split()[-2:] == ["5%", "0.2ms"]
+    assert rows[1].split()[-2:] == ["5%", f"3.0ms{GEN_LIMITED_MARK}"]
+    assert table.splitlines()[-1] == GEN_LAG_NOTE and GEN_LIMITED_NOTE not in table
+    both = _result("both", gen_s=0.9)
+    both.apply_lag(3.0)
+    assert both.limited_by == "cpu+lag"
+    assert format_table([both]).splitlines()[-2:] == [GEN_LIMITED_NOTE, GEN_LAG_NOTE]
+
+
+def test_the_ycsb_plot_has_a_legend_entry_for_limited_phases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from bench import ycsb
+
+    lagging = _result("A update heavy", gen_s=0.05)
+    lagging.consistency = "ONE"
+    lagging.apply_lag(3.0)
+    drawn: list[str] = []
+    original = matplotlib.axes.Axes.legend
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        drawn.extend(str(handle.get_label()) for handle in kwargs.get("handles", ()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", spy)
+    png = tmp_path / "ycsb.png"
+    ycsb.plot([lagging], png, "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(label.startswith(f"{GEN_LIMITED_MARK} generator-limited (lag")
+               for label in drawn), drawn

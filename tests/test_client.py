@@ -27,11 +27,13 @@ from ringkv.client import AsyncClient, Client
 from ringkv.client.routing import Router, Topology, parse_ring
 from ringkv.clock import ManualClock
 from ringkv.config import config_from_dict
+from ringkv.client.errors import InvalidArgument
 from ringkv.errors import (
     BadRequest,
     NoNodeAvailable,
     NotFound,
     Overloaded,
+    RingKVError,
     TooLarge,
     Unavailable,
 )
@@ -162,9 +164,9 @@ def test_every_operation_at_a_level(node: InProcessNode, level: str) -> None:
     # ANY is for writes only: the client says so before sending anything
     with Client(node.url) as kv:
         kv.put("any", 1, consistency="ANY")
-        with pytest.raises(BadRequest) as error:
+        with pytest.raises(InvalidArgument) as refused:
             kv.get("any", consistency="ANY")
-        assert error.value.field == "consistency"
+        assert refused.value.field == "consistency"
 
 
 def test_client_default_level_and_per_call_override(node: InProcessNode) -> None:
@@ -229,8 +231,8 @@ def test_scan_iterates_pages_in_token_order(node: InProcessNode) -> None:
 
 def test_errors_are_typed(node: InProcessNode) -> None:
     with Client(node.url, max_retries=1) as kv:
-        with pytest.raises(BadRequest) as bad:
-            kv.put("k", 1, ttl=-1)
+        with pytest.raises(BadRequest) as bad:  # the node's verdict: over its 20 years
+            kv.put("k", 1, ttl=10**10)
         assert bad.value.field == "ttl" and bad.value.http_status == 400
         with pytest.raises(TooLarge) as large:
             kv.put("k", "x" * 5000)
@@ -244,12 +246,16 @@ def test_errors_are_typed(node: InProcessNode) -> None:
             kv.put("k", 1, consistency="THREE")
         assert (unavailable.value.required, unavailable.value.alive) == (3, 1)
         assert unavailable.value.consistency == "THREE"
-        with pytest.raises(BadRequest):
+        # The client's own refusals, before anything is sent: not a node's errors.
+        with pytest.raises(InvalidArgument) as refused:
             kv.put("k", float("nan"))
-        with pytest.raises(BadRequest):
+        assert refused.value.field == "value" and not isinstance(refused.value, RingKVError)
+        with pytest.raises(InvalidArgument):
             kv.get("")
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidArgument):
             kv.get("k", consistency="MOST")
+        with pytest.raises(InvalidArgument):
+            kv.put("k", 1, ttl=-1)
 
 
 def test_no_node_available_names_every_node() -> None:

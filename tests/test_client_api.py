@@ -27,7 +27,7 @@ from ringkv.ring import TokenRing
 
 # Calls that run the plan of the same name in ``Operations``: awaited on the asyncio client.
 CALLS = {"get", "get_with_meta", "put", "delete", "batch", "refresh_ring", "get_versioned", "txn",
-         "txn_status"}
+         "txn_status", "exists", "ttl_s", "get_many", "ensure_ring"}
 # Plans that stream: an ``Iterator``, or an ``AsyncIterator`` on the asyncio client.
 STREAMS = {"scan", "scan_pages"}
 # Streams with no plan in ``Operations``: a watch runs over its own connection (client/watch.py).

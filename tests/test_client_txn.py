@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
+from ringkv.client.errors import InvalidArgument
 from ringkv.client.operations import Operations
 from ringkv.client.plan import Failure, Plan, Reply, Send, Sleep
 from ringkv.client.types import TxnResult, TxnStatus, Versioned, WriteResult
 from ringkv.clock import ManualClock
-from ringkv.errors import Aborted, BadRequest, ConditionFailed
+from ringkv.errors import Aborted, ConditionFailed, RingKVError
 from ringkv.hlc import Timestamp
 
 URLS = {"n0": "http://127.0.0.1:7400", "n1": "http://127.0.0.1:7401", "n2": "http://127.0.0.1:7402"}
@@ -187,9 +188,11 @@ def test_txn_decodes_reads_and_status() -> None:
 ])
 def test_bad_input_is_refused_before_sending(call: Any, field: str) -> None:
     ops, _ = make_ops()
-    with pytest.raises(BadRequest) as bad:
+    # The client's own refusal, kept apart from a node's answer (ringkv.client.errors).
+    with pytest.raises(InvalidArgument) as bad:
         next(call(ops))
     assert bad.value.field == field
+    assert not isinstance(bad.value, RingKVError)
 
 
 def test_a_failed_condition_after_a_lost_answer_is_settled_by_the_id() -> None:

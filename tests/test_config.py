@@ -587,6 +587,51 @@ def test_an_advertised_address_may_not_be_a_wildcard(name, address):
     assert "not a wildcard" in err.value.message
 
 
+def test_a_wildcard_listen_host_in_a_file_names_the_missing_broadcast_client(tmp_path):
+    """With the internode side given, the file, field and reason of the one missing."""
+    path = write_yaml(tmp_path, {"cluster": {"listen_host": "::",
+                                             "broadcast_internode": "[fd00::1]:7500"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.field == "cluster.broadcast_client"
+    assert err.value.message.startswith(f"{path}: cluster.broadcast_client: expected")
+    assert "'::' is a wildcard" in err.value.message
+
+
+def test_a_misspelt_broadcast_client_is_pointed_at_the_right_name(tmp_path):
+    path = write_yaml(tmp_path, {"cluster": {"listen_host": "0.0.0.0",
+                                             "broadcast_internode": "10.0.0.1:7500",
+                                             "broadcast_clinet": "10.0.0.1:7400"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.field == "cluster.broadcast_clinet"
+    assert "did you mean 'broadcast_client'?" in err.value.message
+    assert err.value.message.startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("given, advertised", [
+    ("db-1.example", "db-1.example:7410"),  # a host alone: the port is client_port
+    ("10.0.0.1", "10.0.0.1:7410"),
+    ("[fd00::1]", "[fd00::1]:7410"),
+    ("lb.example:80", "lb.example:80"),  # a port of its own: a proxy's, a NAT's
+])
+def test_broadcast_client_may_be_a_host_alone(given, advertised):
+    config = load_config(None, {"cluster.listen_host": "0.0.0.0",
+                                "cluster.broadcast_internode": "10.0.0.1:7500",
+                                "cluster.client_port": 7410,
+                                "cluster.broadcast_client": given})
+    assert config.cluster.client_address == advertised
+    assert config.cluster.native_address == advertised.rpartition(":")[0] + ":7600"
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "[::]", "[db-1.example]", "bad host", "x:0"])
+def test_broadcast_client_must_be_dialable(bad):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"cluster.broadcast_client": bad})
+    assert err.value.field == "cluster.broadcast_client"
+
+
 def test_broadcast_client_is_the_client_address_told_to_others():
     config = load_config(None, {"cluster.broadcast_client": "127.0.0.9:9400"})
     assert config.cluster.client_address == "127.0.0.9:9400"

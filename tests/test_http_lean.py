@@ -117,6 +117,13 @@ def put(path: str, value: Any, *, extra: str = "", version: str = "1.1") -> byte
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
+def put_body(path: str, body: dict[str, Any]) -> bytes:
+    """A PUT whose whole JSON body is ``body``."""
+    raw = json.dumps(body).encode()
+    return (f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw
+
+
 def get(path: str, *, extra: str = "", version: str = "1.1") -> bytes:
     return f"GET {path} HTTP/{version}\r\nHost: x\r\n{extra}\r\n".encode()
 
@@ -332,6 +339,19 @@ SAME_AS_AIOHTTP = [
     b"1001\r\n" + b" " * 4097 + b"\r\n0\r\n\r\n",  # a chunked body over max_request_bytes
     put("/v1/kv/default/ttl", 1, extra="X-Long: " + "y" * 9000 + "\r\n"),  # header too large
     get("/v1/kv/default/c"),
+    # Strictness (issue #16 §6): the same 400s, naming the same field, on both paths.
+    get("/v1/kv/default/c?consistency=ONE&consistency=FOO"),  # a repeated parameter
+    get("/v1/kv/default/c?consistency=ONE&consistency=ONE"),  # repeated, even if equal
+    put("/v1/kv/default/", 1),  # an empty key
+    get("/v1/kv/default/"),
+    delete("/v1/kv/default/"),
+    put_body("/v1/kv/default/t", {"value": 1, "ttl": "10"}),  # ttl: a string
+    put_body("/v1/kv/default/t", {"value": 1, "ttl": 1.5}),  # ttl: a float
+    put_body("/v1/kv/default/t", {"value": 1, "ttl": True}),  # ttl: a boolean
+    put("/v1/kv/default/t?ttl=1_0", 1),  # ttl in the query: not digits
+    put_body("/v1/kv/default/t", {"value": 1, "colour": "red"}),  # an unknown field
+    put_body("/v1/kv/default/t", {"value": 1, "ttl": 5}),
+    get("/v1/kv/default/t"),  # with expires_at_us and ttl_remaining_ms
 ]
 
 
@@ -358,7 +378,11 @@ def test_the_answers_are_the_same_as_aiohttp_gives(monkeypatch: pytest.MonkeyPat
             assert got == want, request[:60]
         statuses = [status for status, _, _ in answers]
         assert statuses == [200, 200, 200, 404, 200, 404, 400, 413, 400, 404, 400, 400, 200,
-                            413, 431, 200]
+                            413, 431, 200] + [400] * 10 + [200, 200]
+        fields = [json.loads(body)["error"]["field"] for _, _, body in answers[16:26]]
+        assert fields == ["consistency", "consistency", "key", "key", "key",
+                          "ttl", "ttl", "ttl", "ttl", "colour"]
+        assert json.loads(answers[-1][2])["ttl_remaining_ms"] == 5000  # the clock stood still
 
     run(scenario)
 

@@ -40,6 +40,8 @@ SHELL = frozenset({
     "topology/streamer.py",  # pages scans from peers into the store, paced on the clock
     "net/rpc.py", "net/sockets.py", "net/transport.py", "net/tls.py",
     "storage/store.py", "storage/leveldb.py",
+    "storage/snapshot.py",  # copies a node's data in a worker thread; restore before start
+    "snapshot_cli.py",  # `ringkv snapshot`
     "txn/mvcc.py",  # runs engine calls off the loop (LevelDB fsyncs)
     "txn/paxos_log.py",  # fsyncs a group's Paxos records through the engine
     "txn/group.py",  # runs one group: timers, a drain task, fsyncs off the loop
@@ -51,6 +53,7 @@ SHELL = frozenset({
     "server/*",
     "auth/store.py", "auth/service.py", "auth/http.py",  # the user store, checks, routes
     "auth/admin_cli.py",  # `ringkv user`
+    "data_cli.py",  # `ringkv get|put|del|scan|txn`: the client, stdin, the environment
     "client/base.py", "client/blocking.py", "client/aio.py",
     "tools/*", "chaos/*",
     # The simulator is a shell around virtual time; its histories and checkers are pure.
@@ -60,6 +63,8 @@ PURE_IN_SHELL_PACKAGES = frozenset({
     "sim/__init__.py", "sim/history.py", "sim/checkers.py", "sim/linearizability.py",
     "sim/snapshot_reads.py", "sim/list_append.py", "sim/bank.py", "sim/jepsen_history.py",
     "server/__init__.py", "server/validation.py", "server/txn_validation.py",
+    # The dashboard's history decides rates and percentiles; its sampler and routes are shell.
+    "server/dashboard/__init__.py", "server/dashboard/history.py",
 })
 
 

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from ringkv.client.errors import InvalidArgument
 from ringkv.client.watch import StreamEnded, WatchCore, WatchEvent
 from ringkv.errors import BadRequest, Compacted, NoNodeAvailable, ProtocolError
 
@@ -46,8 +47,12 @@ def test_the_path_names_the_watch_and_where_to_resume() -> None:
     assert watch.path() == "/v1/watch/txn/p?prefix=true&from_version=100"
     whole = WatchCore("txn", "", prefix=True, from_version=0, rng=random.Random(1))
     assert whole.path() == "/v1/watch/txn?prefix=true&from_version=0"
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument) as refused:
         WatchCore("txn", "", prefix=False, from_version=None, rng=random.Random(1))
+    assert refused.value.field == "key"
+    with pytest.raises(InvalidArgument) as refused:
+        WatchCore("txn", "k", prefix=False, from_version=-1, rng=random.Random(1))
+    assert refused.value.field == "from_version"
 
 
 def test_events_come_out_and_the_resume_point_follows_whole_versions() -> None:

@@ -5,7 +5,7 @@ cluster-wide ``admin``, written ``read:default``, ``admin:default``,
 ``admin``. ``admin`` on a keyspace implies ``read`` and ``write`` on it, and
 lets its holder grant and revoke them there (Cassandra's AUTHORIZE);
 cluster ``admin`` implies everything, and alone reaches the status,
-metrics, repair and topology endpoints and manages users. ``ring`` needs a
+metrics, repair, snapshot and topology endpoints and manages users. ``ring`` needs a
 login only: every client fetches it to route keys (as any Cassandra user
 reads ``system.peers``). ``system_auth`` is reachable through
 ``/v1/auth`` only, so no grant opens its raw records.
@@ -31,11 +31,15 @@ PUBLIC_ROUTES = frozenset({"health", "auth_token"})
 # Routes any logged-in user may call (their keyspace was checked when it was named).
 # The user-management routes check the principal themselves (one may change one's own
 # password; a keyspace admin grants on that keyspace).
-LOGIN_ONLY_ROUTES = frozenset({"ring", "txn_commit", "txn_abort", "auth_whoami", "auth_users",
+LOGIN_ONLY_ROUTES = frozenset({"ring", "openapi", "txn_commit", "txn_abort", "auth_whoami", "auth_users",
                                "auth_user_add", "auth_user_delete", "auth_passwd",
                                "auth_grant", "auth_revoke"})
 CLUSTER_ADMIN_ROUTES = frozenset({"status", "metrics", "repair", "repair_status",
-                                  "decommission", "removenode"})
+                                  "decommission", "removenode",
+                                  "snapshot_create", "snapshot_list", "snapshot_delete",
+                                  # the web dashboard shows the whole cluster, as status does
+                                  "ui", "ui_slash", "ui_file", "dashboard_node",
+                                  "dashboard_cluster"})
 # Routes whose keyspace is in the path (or query), and what they need on it.
 _KEYSPACE_ROUTES: Mapping[str, str] = {
     "get": READ, "scan": READ, "txn_get": READ, "txn_status": READ,

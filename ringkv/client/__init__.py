@@ -16,10 +16,20 @@ What both clients do:
   copy; any other live node is the fallback. The ring is fetched again every
   ``refresh_interval_s`` seconds, and soon after a connection error or an
   ``Unavailable`` answer.
-- **Typed errors.** An error answer is raised as the ``ringkv.errors`` class
-  of its code (``Unavailable`` with ``required`` and ``alive``, ``Timeout``
-  with ``received``, ``BadRequest`` with ``field`` ...). When no node answers
-  at all, ``NoNodeAvailable`` says which nodes were tried and why each failed.
+- **Typed errors, in three kinds** (``errors.py``). An argument the client
+  refuses itself, before sending anything, raises ``InvalidArgument`` (a
+  ``ValueError``; ``InvalidArgumentType``, for a wrong type, is also a
+  ``TypeError``) with ``field`` naming it. An error a node answered is raised
+  as the ``ringkv.errors`` class of its code, a ``RingKVError`` carrying the
+  server's ``code``, ``http_status`` and details (``Unavailable`` with
+  ``required`` and ``alive``, ``Timeout`` with ``received``, ``BadRequest``
+  with ``field`` ...). When no node answers at all, ``NoNodeAvailable`` (also a
+  ``RingKVError``) says which nodes were tried and why each failed.
+- **Keys and TTLs as Python has them.** A key is a ``str`` or UTF-8 ``bytes``;
+  a TTL an ``int`` of seconds or a ``datetime.timedelta`` of whole seconds.
+  ``exists``, ``ttl_s`` (the seconds a key has left, as the node counts them)
+  and ``get_many`` (batched reads, split to the node's batch limit) round out
+  ``get``; ``nodes()`` and ``replicas()`` fetch the ring if it never was.
 - **Retries only where safe**, at most ``max_retries`` times, with bounded
   exponential backoff and jitter: reads; writes that carry an idempotency key
   (every write does, unless ``idempotent_writes=False``); and any request that
@@ -66,6 +76,7 @@ that I/O, and each spells out every public method as a call into the plans:
 
     types.py       what the calls return: Record, WriteResult, BatchResult, Page, NodeView,
                    Versioned, TxnResult, TxnStatus, TxnHandle, TxnCommit
+    errors.py      the client's own refusals: InvalidArgument, InvalidArgumentType
     plan.py        the effects a plan yields (Send, Sleep, Emit), their outcomes, a Stepper
     routing.py     the ring as last fetched, node order (token-aware), down-marking, deadlines
     operations.py  the plan of every call: encode, route, retry, decode (sans-I/O)
@@ -76,7 +87,7 @@ that I/O, and each spells out every public method as a call into the plans:
                    watchdog (shell), so it also works under gevent, e.g. in locust
     aio.py         AsyncClient: aiohttp and pipelined native connections (shell)
 
-``types``, ``plan``, ``routing``, ``operations``, ``transaction`` and ``native`` are pure: no sockets,
+``types``, ``errors``, ``plan``, ``routing``, ``operations``, ``transaction`` and ``native`` are pure: no sockets,
 threads, event loop or ``time``; ``base``, ``blocking`` and ``aio`` are the
 shells around them.
 """
@@ -97,6 +108,7 @@ from ringkv.client.types import (
 )
 
 from ringkv.client.watch import WatchEvent
+from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 
 # The errors calls raise, importable from here as they were from the old module.
 from ringkv.errors import (  # noqa: F401
@@ -104,9 +116,12 @@ from ringkv.errors import (  # noqa: F401
     BadRequest,
     ConditionFailed,
     NoNodeAvailable,
+    NotFound,
     Overloaded,
     RingKVError,
     ShuttingDown,
+    Timeout,
+    TooLarge,
     Unavailable,
 )
 
@@ -138,6 +153,8 @@ __all__ = [
     "AsyncClient",
     "BatchResult",
     "Client",
+    "InvalidArgument",
+    "InvalidArgumentType",
     "NodeView",
     "Page",
     "Record",

@@ -8,17 +8,18 @@ the running event loop. aiohttp is imported on first use, so blocking users
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ringkv.client import native
 from ringkv.client.base import KEEPALIVE_S, NATIVE_CONNECTIONS_PER_NODE, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
-from ringkv.client.operations import UNSET
+from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.watch import (
     IDLE_TIMEOUT_S,
@@ -31,6 +32,8 @@ from ringkv.client.watch import (
 )
 from ringkv.client.types import (
     BatchResult,
+    Key,
+    NodeView,
     Page,
     Record,
     TxnCommit,
@@ -40,7 +43,7 @@ from ringkv.client.types import (
     Versioned,
     WriteResult,
 )
-from ringkv.errors import ProtocolError, RingKVError
+from ringkv.errors import NoNodeAvailable, ProtocolError, RingKVError
 from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import KIND_REQUEST, Frame, FrameDecoder, encode_frame, frame_packer
 from ringkv.quorum import ConsistencyLevel
@@ -53,7 +56,9 @@ class AsyncClient(ClientBase):
 
     Same constructor and methods as ``Client``, but each call is awaited and
     ``scan``/``scan_pages`` are async iterators. ``await client.close()``, or
-    ``async with AsyncClient(...) as kv:``.
+    ``async with AsyncClient(...) as kv:``, which fetches the ring on entry
+    (``nodes()`` and ``replicas()`` need one: before any, they raise
+    ``RuntimeError``; ``await kv.ensure_ring()`` fetches it outside ``async with``).
     """
 
     _session: Any  # an aiohttp.ClientSession, made by the first call that needs one
@@ -62,7 +67,7 @@ class AsyncClient(ClientBase):
 
     async def get(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -76,7 +81,7 @@ class AsyncClient(ClientBase):
 
     async def get_with_meta(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -86,12 +91,50 @@ class AsyncClient(ClientBase):
             key, keyspace=keyspace, consistency=consistency,
         ))
 
+    async def exists(
+        self,
+        key: Key,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> bool:
+        """Whether ``key`` holds a live value (a read at ``consistency``, value and all)."""
+        return await self._call(self._ops.exists(key, keyspace=keyspace, consistency=consistency))
+
+    async def ttl_s(
+        self,
+        key: Key,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> float | None:
+        """The seconds ``key`` has left before it expires, as the answering node counts
+        them (ms precision, rounded up); None if it has no TTL. Raises ``NotFound`` if
+        the key is absent (or expired)."""
+        return await self._call(self._ops.ttl_s(key, keyspace=keyspace, consistency=consistency))
+
+    async def get_many(
+        self,
+        keys: Iterable[Key],
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        batch_size: int = GET_MANY_BATCH,
+    ) -> dict[str, Any]:
+        """Read many keys: ``{key: value}`` for those that exist (absent ones are left
+        out), through ``POST /v1/batch`` in batches of at most ``batch_size`` keys (fewer
+        if the node's ``limits.max_batch_ops`` is lower). Any key's failure raises its
+        typed error (e.g. ``Unavailable``)."""
+        return await self._call(self._ops.get_many(
+            keys, keyspace=keyspace, consistency=consistency, batch_size=batch_size,
+        ))
+
     async def put(
         self,
-        key: str,
+        key: Key,
         value: Any,
         *,
-        ttl: int | None = None,
+        ttl: int | datetime.timedelta | None = None,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
@@ -100,7 +143,8 @@ class AsyncClient(ClientBase):
         if_equals: Any = UNSET,
         txn_id: str | None = None,
     ) -> WriteResult:
-        """Write ``value`` (any JSON value) under ``key``; ``ttl`` in whole seconds expires it.
+        """Write ``value`` (any JSON value) under ``key``; ``ttl`` (whole seconds: an
+        ``int`` or a ``datetime.timedelta``) expires it.
 
         ``consistency`` may also be ANY. The write carries an idempotency
         key (``idempotency_key``, or a fresh UUID when the client has
@@ -123,7 +167,7 @@ class AsyncClient(ClientBase):
 
     async def delete(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -145,7 +189,7 @@ class AsyncClient(ClientBase):
 
     async def get_versioned(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         snapshot_ts: int | None = None,
@@ -189,7 +233,7 @@ class AsyncClient(ClientBase):
         ))
 
     async def txn_status(
-        self, txn_id: str, *, keyspace: str | None = None, key: str | None = None,
+        self, txn_id: str, *, keyspace: str | None = None, key: Key | None = None,
     ) -> TxnStatus:
         """What the leader of a transaction's range knows of ``txn_id``: ``TxnStatus``
         with ``status`` ``committed`` (and ``commit_ts``), ``pending`` or ``not_committed``.
@@ -307,6 +351,31 @@ class AsyncClient(ClientBase):
         """Fetch the ring now (it is also fetched every ``refresh_interval_s``, and on failures)."""
         await self._call(self._ops.refresh_ring())
 
+    async def ensure_ring(self) -> None:
+        """Fetch the ring unless it has been; ``NoNodeAvailable`` if no node answers."""
+        await self._call(self._ops.ensure_ring())
+
+    def nodes(self) -> list[NodeView]:
+        """The nodes of the ring, with their URL and liveness.
+
+        ``Client`` fetches the ring first if it never has been (``NoNodeAvailable``
+        if no node answers); ``AsyncClient`` fetches it on ``async with`` entry, on
+        its first call or on ``await ensure_ring()``, and raises ``RuntimeError``
+        before any of those rather than answer an empty list."""
+        self._require_ring("nodes")
+        return self._ring_nodes()
+
+    def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
+        """The node ids that replicate ``key`` (empty for a keyspace the ring does not
+        show); the ring is fetched first, or needed, as for ``nodes``."""
+        self._require_ring("replicas")
+        return self._ring_replicas(key, keyspace)
+
+    def _require_ring(self, what: str) -> None:
+        if self._ops.router.topology.ring is None:
+            raise RuntimeError(f"{what}(): no ring fetched yet; use `async with AsyncClient(...)`"
+                               " or `await client.ensure_ring()` first")
+
     async def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects)."""
         session, self._session = self._session, None
@@ -315,6 +384,12 @@ class AsyncClient(ClientBase):
             await session.close()
 
     async def __aenter__(self) -> AsyncClient:
+        # The ring now, so that nodes() and replicas() are right from the start (a
+        # cluster that does not answer yet is no error here: each call retries it).
+        try:
+            await self.ensure_ring()
+        except NoNodeAvailable:
+            pass
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -346,9 +421,8 @@ class AsyncClient(ClientBase):
                          rng=random.Random(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
-        routing = [(keyspace, key.encode())] if key else []
         for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(routing, self._clock.monotonic_s())
+            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
             url = urls[attempt % len(urls)]
             reason = "the stream ended"
             try:
@@ -498,20 +572,20 @@ class AsyncTransaction:
         """Begin it now (the first call does otherwise)."""
         return await self._client._call(self._core.begin())
 
-    async def get(self, key: str) -> Any:
+    async def get(self, key: Key) -> Any:
         """``key``'s value as the transaction sees it (its own writes first), or None."""
         got = await self._client._call(self._core.get(key))
         return None if got is None else got.value
 
-    async def get_versioned(self, key: str) -> Versioned | None:
+    async def get_versioned(self, key: Key) -> Versioned | None:
         """``key`` with its version (None for the transaction's own write), or None."""
         return await self._client._call(self._core.get(key))
 
-    async def put(self, key: str, value: Any) -> None:
+    async def put(self, key: Key, value: Any) -> None:
         """Lock ``key`` and write ``value`` (any JSON value) at commit."""
         await self._client._call(self._core.write(key, value))
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: Key) -> None:
         """Lock ``key`` and delete it at commit."""
         await self._client._call(self._core.write(key))
 

@@ -17,7 +17,7 @@ from ringkv.client.native import NativeRequest, base_url, to_native
 from ringkv.client.operations import TXN_RETRIES, Operations
 from ringkv.client.plan import Send
 from ringkv.client.routing import DOWN_COOLDOWN_S
-from ringkv.client.types import NodeView
+from ringkv.client.types import Key, NodeView
 from ringkv.clock import SystemClock
 from ringkv.quorum import ConsistencyLevel
 
@@ -189,10 +189,8 @@ class ClientBase:
         """The consistency level of calls that name none (None: the keyspace's default)."""
         return self._ops.consistency
 
-    def nodes(self) -> list[NodeView]:
-        """The nodes of the ring as last fetched, with their URL and liveness."""
+    def _ring_nodes(self) -> list[NodeView]:
         return self._ops.router.nodes()
 
-    def replicas(self, key: str, *, keyspace: str | None = None) -> list[str]:
-        """The node ids that replicate ``key`` per the last fetched ring (empty if unknown)."""
+    def _ring_replicas(self, key: Key, keyspace: str | None) -> list[str]:
         return self._ops.router.replicas(key, keyspace or self.keyspace)

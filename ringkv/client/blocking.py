@@ -7,6 +7,7 @@ watchdog thread holds every attempt to its deadline.
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import itertools
 import random
@@ -14,7 +15,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -22,7 +23,7 @@ from ringkv.client import native
 from ringkv.client.base import KEEPALIVE_S, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
-from ringkv.client.operations import UNSET
+from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.watch import (
     IDLE_TIMEOUT_S,
@@ -35,6 +36,8 @@ from ringkv.client.watch import (
 )
 from ringkv.client.types import (
     BatchResult,
+    Key,
+    NodeView,
     Page,
     Record,
     TxnCommit,
@@ -60,17 +63,23 @@ class Client(ClientBase):
 
     ``Client(["http://127.0.0.1:7400", ...], consistency="QUORUM",
     timeout_s=5.0, max_retries=3)``. Methods: ``get``, ``get_with_meta``,
-    ``put``, ``delete``, ``batch``, ``scan``, ``scan_pages``,
-    ``get_versioned``, ``txn``, ``txn_status``, ``transaction``,
+    ``exists``, ``ttl_s``, ``get_many``, ``put``, ``delete``, ``batch``, ``scan``,
+    ``scan_pages``, ``get_versioned``, ``txn``, ``txn_status``, ``transaction``,
     ``run_transaction`` (the transactional tier),
     ``refresh_ring``, ``nodes``, ``replicas``; ``close`` (or use ``with``).
+
+    Keys are ``str``, or ``bytes`` that are UTF-8. What a call raises: its own
+    refusal of an argument, before anything is sent (``InvalidArgument``, a
+    ``ValueError``; ``InvalidArgumentType`` is also a ``TypeError``), or what a
+    node answered (a ``RingKVError`` subclass with its ``code`` and
+    ``http_status``), or ``NoNodeAvailable`` (see ``ringkv.client.errors``).
     """
 
     # ---- the calls (each runs the plan of the same name in ``operations.py``) ----
 
     def get(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -84,7 +93,7 @@ class Client(ClientBase):
 
     def get_with_meta(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -94,12 +103,50 @@ class Client(ClientBase):
             key, keyspace=keyspace, consistency=consistency,
         ))
 
+    def exists(
+        self,
+        key: Key,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> bool:
+        """Whether ``key`` holds a live value (a read at ``consistency``, value and all)."""
+        return self._call(self._ops.exists(key, keyspace=keyspace, consistency=consistency))
+
+    def ttl_s(
+        self,
+        key: Key,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> float | None:
+        """The seconds ``key`` has left before it expires, as the answering node counts
+        them (ms precision, rounded up); None if it has no TTL. Raises ``NotFound`` if
+        the key is absent (or expired)."""
+        return self._call(self._ops.ttl_s(key, keyspace=keyspace, consistency=consistency))
+
+    def get_many(
+        self,
+        keys: Iterable[Key],
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        batch_size: int = GET_MANY_BATCH,
+    ) -> dict[str, Any]:
+        """Read many keys: ``{key: value}`` for those that exist (absent ones are left
+        out), through ``POST /v1/batch`` in batches of at most ``batch_size`` keys (fewer
+        if the node's ``limits.max_batch_ops`` is lower). Any key's failure raises its
+        typed error (e.g. ``Unavailable``)."""
+        return self._call(self._ops.get_many(
+            keys, keyspace=keyspace, consistency=consistency, batch_size=batch_size,
+        ))
+
     def put(
         self,
-        key: str,
+        key: Key,
         value: Any,
         *,
-        ttl: int | None = None,
+        ttl: int | datetime.timedelta | None = None,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
@@ -108,7 +155,8 @@ class Client(ClientBase):
         if_equals: Any = UNSET,
         txn_id: str | None = None,
     ) -> WriteResult:
-        """Write ``value`` (any JSON value) under ``key``; ``ttl`` in whole seconds expires it.
+        """Write ``value`` (any JSON value) under ``key``; ``ttl`` (whole seconds: an
+        ``int`` or a ``datetime.timedelta``) expires it.
 
         ``consistency`` may also be ANY. The write carries an idempotency
         key (``idempotency_key``, or a fresh UUID when the client has
@@ -131,7 +179,7 @@ class Client(ClientBase):
 
     def delete(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -153,7 +201,7 @@ class Client(ClientBase):
 
     def get_versioned(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         snapshot_ts: int | None = None,
@@ -197,7 +245,7 @@ class Client(ClientBase):
         ))
 
     def txn_status(
-        self, txn_id: str, *, keyspace: str | None = None, key: str | None = None,
+        self, txn_id: str, *, keyspace: str | None = None, key: Key | None = None,
     ) -> TxnStatus:
         """What the leader of a transaction's range knows of ``txn_id``: ``TxnStatus``
         with ``status`` ``committed`` (and ``commit_ts``), ``pending`` or ``not_committed``.
@@ -315,6 +363,26 @@ class Client(ClientBase):
         """Fetch the ring now (it is also fetched every ``refresh_interval_s``, and on failures)."""
         self._call(self._ops.refresh_ring())
 
+    def ensure_ring(self) -> None:
+        """Fetch the ring unless it has been; ``NoNodeAvailable`` if no node answers."""
+        self._call(self._ops.ensure_ring())
+
+    def nodes(self) -> list[NodeView]:
+        """The nodes of the ring, with their URL and liveness.
+
+        ``Client`` fetches the ring first if it never has been (``NoNodeAvailable``
+        if no node answers); ``AsyncClient`` fetches it on ``async with`` entry, on
+        its first call or on ``await ensure_ring()``, and raises ``RuntimeError``
+        before any of those rather than answer an empty list."""
+        self.ensure_ring()
+        return self._ring_nodes()
+
+    def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
+        """The node ids that replicate ``key`` (empty for a keyspace the ring does not
+        show); the ring is fetched first, or needed, as for ``nodes``."""
+        self.ensure_ring()
+        return self._ring_replicas(key, keyspace)
+
     def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects)."""
         self._pool.close()
@@ -352,9 +420,8 @@ class Client(ClientBase):
                          rng=random.Random(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
-        routing = [(keyspace, key.encode())] if key else []
         for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(routing, self._clock.monotonic_s())
+            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
             url = urls[attempt % len(urls)]
             try:
                 yield from self._watch_once(core, url)
@@ -461,20 +528,20 @@ class Transaction:
         """Begin it now (the first call does otherwise)."""
         return self._client._call(self._core.begin())
 
-    def get(self, key: str) -> Any:
+    def get(self, key: Key) -> Any:
         """``key``'s value as the transaction sees it (its own writes first), or None."""
         got = self._client._call(self._core.get(key))
         return None if got is None else got.value
 
-    def get_versioned(self, key: str) -> Versioned | None:
+    def get_versioned(self, key: Key) -> Versioned | None:
         """``key`` with its version (None for the transaction's own write), or None."""
         return self._client._call(self._core.get(key))
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: Key, value: Any) -> None:
         """Lock ``key`` and write ``value`` (any JSON value) at commit."""
         self._client._call(self._core.write(key, value))
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: Key) -> None:
         """Lock ``key`` and delete it at commit."""
         self._client._call(self._core.write(key))
 

@@ -14,13 +14,15 @@ refreshes one at a time.
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 from ringkv.client.plan import Emit, Failure, Outcome, Plan, Reply, Send, Sleep
 from ringkv.client.routing import (
     Router,
@@ -28,11 +30,13 @@ from ringkv.client.routing import (
     backoff_s,
     call_deadline_s,
     key_bytes,
+    key_text,
     normalise_url,
     parse_ring,
 )
 from ringkv.client.types import (
     BatchResult,
+    Key,
     Page,
     Record,
     TxnCommit,
@@ -44,12 +48,13 @@ from ringkv.client.types import (
 )
 from ringkv.errors import (
     Aborted,
-    BadRequest,
     ConditionFailed,
     NoNodeAvailable,
+    NotFound,
     Overloaded,
     RingKVError,
     ShuttingDown,
+    TooLarge,
     Unavailable,
 )
 from ringkv.hlc import Timestamp
@@ -65,6 +70,9 @@ MAX_REFRESH_TRIES = 4
 TXN_RETRIES = 8
 # How often a transaction id reported pending is asked about again.
 STATUS_POLLS = 5
+# Keys per POST /v1/batch of get_many (a node's limits.max_batch_ops may be lower:
+# its 413 names its limit, and the client then sends batches of that size).
+GET_MANY_BATCH = 100
 
 
 class _Unset:
@@ -172,7 +180,7 @@ class Operations:
 
     def get(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -183,7 +191,7 @@ class Operations:
 
     def get_with_meta(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -206,14 +214,85 @@ class Operations:
                        else Timestamp(int(body["version"]), 0)),
             expires_at_us=body.get("expires_at_us"),
             receipt=body.get("receipt"),
+            ttl_remaining_ms=body.get("ttl_remaining_ms"),
         )
+
+    def exists(
+        self,
+        key: Key,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> Plan[bool]:
+        """Plan: whether ``key`` holds a live value."""
+        record = yield from self.get_with_meta(key, keyspace=keyspace, consistency=consistency)
+        return record is not None
+
+    def ttl_s(
+        self,
+        key: Key,
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+    ) -> Plan[float | None]:
+        """Plan: the seconds ``key`` has left (the node's count), None if it has no TTL;
+        ``NotFound`` if it is absent."""
+        record = yield from self.get_with_meta(key, keyspace=keyspace, consistency=consistency)
+        if record is None:
+            where = keyspace or self.keyspace
+            raise NotFound(f"key {key_text(key)!r} not found in {where!r}",
+                           key=key_text(key), keyspace=where)
+        return None if record.ttl_remaining_ms is None else record.ttl_remaining_ms / 1000
+
+    def get_many(
+        self,
+        keys: Iterable[Key],
+        *,
+        keyspace: str | None = None,
+        consistency: str | ConsistencyLevel | None = None,
+        batch_size: int = GET_MANY_BATCH,
+    ) -> Plan[dict[str, Any]]:
+        """Plan: ``{key: value}`` for each of ``keys`` that exists (absent keys are left
+        out), read through ``POST /v1/batch`` in batches of at most ``batch_size`` keys
+        (fewer if a node's limit is lower). An operation that failed raises its error."""
+        if isinstance(keys, (str, bytes)):
+            raise InvalidArgumentType("keys must be an iterable of keys, not one key",
+                                      field="keys")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgument("batch_size must be a whole number >= 1", field="batch_size")
+        wanted = list(dict.fromkeys(key_text(key, f"keys[{i}]") for i, key in enumerate(keys)))
+        found: dict[str, Any] = {}
+        start = 0
+        while start < len(wanted):
+            chunk = wanted[start:start + batch_size]
+            ops = [{"op": "get", "key": key} for key in chunk]
+            if keyspace is not None:
+                for op in ops:
+                    op["keyspace"] = keyspace
+            try:
+                results = yield from self.batch(ops, consistency=consistency)
+            except TooLarge as exc:
+                limit = exc.details.get("limit")
+                if exc.details.get("field") != "ops" or not isinstance(limit, int) \
+                        or not 1 <= limit < len(chunk):
+                    raise
+                batch_size = limit  # the node's limits.max_batch_ops: smaller batches
+                continue
+            for result in results:
+                if not result.ok:
+                    assert result.error is not None
+                    raise result.error
+                if result.found:
+                    found[result.key] = result.value
+            start += len(chunk)
+        return {key: found[key] for key in wanted if key in found}
 
     def put(
         self,
-        key: str,
+        key: Key,
         value: Any,
         *,
-        ttl: int | None = None,
+        ttl: int | datetime.timedelta | None = None,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
         idempotency_key: str | None = None,
@@ -224,15 +303,16 @@ class Operations:
     ) -> Plan[WriteResult]:
         """Plan: write ``value`` under ``key``, with an idempotency key unless writes have none."""
         body: dict[str, Any] = {"value": _encode_value(value, "value")}
-        if ttl is not None:
-            body["ttl"] = ttl
+        seconds = ttl_seconds(ttl)
+        if seconds is not None:
+            body["ttl"] = seconds
         condition = _condition(if_version, if_absent, if_equals)
         return (yield from self._write("PUT", keyspace, key, consistency, body, idempotency_key,
                                        condition, txn_id))
 
     def delete(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         consistency: str | ConsistencyLevel | None = None,
@@ -256,16 +336,19 @@ class Operations:
     ) -> Plan[list[BatchResult]]:
         """Plan: one ``POST /v1/batch``, routed to the node that replicates most of its keys."""
         if not ops:
-            raise BadRequest("a batch needs at least one operation", field="ops")
+            raise InvalidArgument("a batch needs at least one operation", field="ops")
         wire: list[dict[str, Any]] = []
         routing: list[tuple[str, bytes]] = []
         has_writes = False
         for i, op in enumerate(ops):
             if not isinstance(op, Mapping):
-                raise BadRequest("each operation must be a mapping", field=f"ops[{i}]")
+                raise InvalidArgumentType("each operation must be a mapping", field=f"ops[{i}]")
             item = dict(op)
             item.setdefault("keyspace", self.keyspace)
-            routing.append((str(item["keyspace"]), key_bytes(item.get("key"), f"ops[{i}].key")))
+            item["key"] = key_text(item.get("key"), f"ops[{i}].key")
+            routing.append((str(item["keyspace"]), item["key"].encode("utf-8")))
+            if item.get("ttl") is not None:
+                item["ttl"] = ttl_seconds(item["ttl"], f"ops[{i}].ttl")
             if "value" in item:
                 _encode_value(item["value"], f"ops[{i}].value")
             if "consistency" in item and item["consistency"] is not None:
@@ -359,6 +442,22 @@ class Operations:
         """Plan: fetch the ring now (unless a refresh ran within the last second)."""
         yield from self._refresh(force=True)
 
+    def ensure_ring(self) -> Plan[None]:
+        """Plan: fetch the ring if it never has been, so that ``nodes()`` and
+        ``replicas()`` are right before the first request; ``NoNodeAvailable`` if no
+        node answers ``GET /v1/ring``."""
+        if self.router.topology.ring is not None:
+            return
+        deadline_s = call_deadline_s(self._clock.monotonic_s(), timeout_s=self.timeout_s,
+                                     max_retries=self.max_retries,
+                                     backoff_max_s=self.backoff_max_s)
+        yield from self._refresh(force=True, deadline_s=deadline_s)
+        if self.router.topology.ring is None:
+            seeds = self.router.seeds
+            raise NoNodeAvailable("no ringkv node answered GET /v1/ring (tried "
+                                  f"{', '.join(seeds)}), so the ring is not known yet",
+                                  tried=list(seeds), reasons=["no ring fetched"])
+
     # ---- building calls ---------------------------------------------------
 
     def _level(
@@ -369,7 +468,13 @@ class Operations:
             return None if default == "ANY" and not write else default  # ANY is for writes only
         if isinstance(level, ConsistencyLevel):
             level = level.value
-        return ConsistencyLevel.parse(level, write=write, field=field).value
+        if not isinstance(level, str):
+            raise InvalidArgumentType(f"{field} must be a str or a ConsistencyLevel, not "
+                                      f"{type(level).__name__}", field=field)
+        try:
+            return ConsistencyLevel.parse(level, write=write, field=field).value
+        except RingKVError as exc:  # the same words as a node's 400, raised as ours
+            raise InvalidArgument(exc.message, field=field) from None
 
     def _idempotency_key(self, given: str | None) -> str | None:
         if given is not None:
@@ -377,7 +482,7 @@ class Operations:
         return self._new_idempotency_key() if self.idempotent_writes else None
 
     def _key_call(
-        self, method: str, keyspace: str, key: str, consistency: Any, *,
+        self, method: str, keyspace: str, key: Key, consistency: Any, *,
         body: dict[str, Any] | None, idempotency_key: str | None = None,
         txn_id: str | None = None,
     ) -> Call:
@@ -401,12 +506,12 @@ class Operations:
         )
 
     def _write(
-        self, method: str, keyspace: str | None, key: str, consistency: Any,
+        self, method: str, keyspace: str | None, key: Key, consistency: Any,
         body: dict[str, Any] | None, idempotency_key: str | None,
         condition: dict[str, Any] | None = None, txn_id: str | None = None,
     ) -> Plan[WriteResult]:
         keyspace = keyspace or self.keyspace
-        key_bytes(key)
+        raw = key_bytes(key)
         transactional = (condition is not None or txn_id is not None
                          or self.router.transactional(keyspace))
         if not transactional:
@@ -416,14 +521,14 @@ class Operations:
             answer = _json(reply)
             replayed = reply.headers.get(REPLAYED_HEADER, "").lower() == "true"
             if "version" in answer:  # a transactional keyspace the ring had not shown yet
-                self._note_leader(keyspace, key.encode(), answer.get("receipt"))
+                self._note_leader(keyspace, raw, answer.get("receipt"))
                 return _txn_write_result(answer, None, replayed)
             return WriteResult(_timestamp(answer["timestamp"]), answer["receipt"], replayed)
         # A single-key transaction: under one id for all its attempts, so that
         # a retry after a lost answer or a conflict abort never applies twice.
         body = dict(body or {})
         if "ttl" in body:
-            raise BadRequest("a transactional keyspace takes no ttl", field="ttl")
+            raise InvalidArgument("a transactional keyspace takes no ttl", field="ttl")
         if condition is not None:
             body["if"] = condition
         txn_id = _txn_id(txn_id, self._new_idempotency_key)
@@ -432,7 +537,7 @@ class Operations:
                               idempotency_key=idempotency_key, txn_id=txn_id)
         reply, _ = yield from self._execute_txn(call)
         answer = _json(reply)
-        self._note_leader(keyspace, key.encode(), answer.get("receipt"))
+        self._note_leader(keyspace, raw, answer.get("receipt"))
         return _txn_write_result(answer, txn_id, answer.get("receipt") is None)
 
     def _leader(self, keyspace: str, key: bytes) -> str | None:
@@ -467,7 +572,7 @@ class Operations:
                 keyspace, key = call.routing[0]
                 for asked in range(STATUS_POLLS):
                     status = yield from self.txn_status(call.txn_id, keyspace=keyspace,
-                                                        key=key.decode())
+                                                        key=key)
                     if status.status != "pending":
                         break
                     yield Sleep(backoff_s(asked, base_s=self.backoff_base_s,
@@ -494,7 +599,7 @@ class Operations:
 
     def get_versioned(
         self,
-        key: str,
+        key: Key,
         *,
         keyspace: str | None = None,
         snapshot_ts: int | None = None,
@@ -556,14 +661,14 @@ class Operations:
         )
 
     def txn_status(
-        self, txn_id: str, *, keyspace: str | None = None, key: str | None = None,
+        self, txn_id: str, *, keyspace: str | None = None, key: Key | None = None,
     ) -> Plan[TxnStatus]:
         """Plan: ``GET /v1/txn/{id}``: what the range's leader knows of a transaction."""
         keyspace = keyspace or self.keyspace
         if not isinstance(txn_id, str) or not _TXN_ID_CHARS.issuperset(txn_id) \
                 or not 1 <= len(txn_id) <= 64:
-            raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -",
-                             field="id")
+            raise InvalidArgument("id must be 1-64 characters of letters, digits and . _ : -",
+                                  field="id")
         query = f"keyspace={quote(keyspace, safe='')}"
         routing: tuple[tuple[str, bytes], ...] = ()
         if key is not None:
@@ -607,8 +712,8 @@ class Operations:
             body["read_only"] = True
         if priority is not None:
             if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
-                raise BadRequest("priority must be the priority an earlier attempt's begin "
-                                 "answered", field="priority")
+                raise InvalidArgument("priority must be the priority an earlier attempt's begin "
+                                      "answered", field="priority")
             body["priority"] = priority
         # Keyed, so that a begin whose answer was lost is not begun twice there.
         call = Call("POST", "/v1/txn/begin", json.dumps(body).encode(), (), read=False,
@@ -632,7 +737,7 @@ class Operations:
                     read=method == "GET", idempotency_key=self._new_idempotency_key(),
                     pin=handle.url)
 
-    def txn_read(self, handle: TxnHandle, key: str) -> Plan[Versioned | None]:
+    def txn_read(self, handle: TxnHandle, key: Key) -> Plan[Versioned | None]:
         """Plan: ``key`` as the transaction sees it (its own write first), or None if absent;
         ``version`` is None for the transaction's own write."""
         raw = key_bytes(key)
@@ -647,7 +752,7 @@ class Operations:
         version = body.get("version")
         return Versioned(body["key"], body["value"], None if version is None else int(version))
 
-    def txn_write(self, handle: TxnHandle, key: str, value: Any = UNSET) -> Plan[None]:
+    def txn_write(self, handle: TxnHandle, key: Key, value: Any = UNSET) -> Plan[None]:
         """Plan: lock ``key`` and buffer a put of ``value`` (UNSET: a delete) until commit."""
         raw = key_bytes(key)
         body = None if value is UNSET else {"value": _encode_value(value, "value")}
@@ -845,8 +950,8 @@ def _txn_id(given: str | None, new: Callable[[], str]) -> str:
     txn_id = given if given is not None else new()
     if not isinstance(txn_id, str) or not 1 <= len(txn_id) <= 64 \
             or not _TXN_ID_CHARS.issuperset(txn_id):
-        raise BadRequest("txn_id must be 1-64 characters of letters, digits and . _ : -",
-                         field="txn_id")
+        raise InvalidArgument("txn_id must be 1-64 characters of letters, digits and . _ : -",
+                              field="txn_id")
     return txn_id
 
 
@@ -855,16 +960,16 @@ def _condition(if_version: int | None, if_absent: bool, if_equals: Any) -> dict[
     given: dict[str, Any] = {}
     if if_version is not None:
         if isinstance(if_version, bool) or not isinstance(if_version, int) or if_version < 0:
-            raise BadRequest("if_version must be a version (a commit timestamp, µs, >= 0)",
-                             field="if_version")
+            raise InvalidArgument("if_version must be a version (a commit timestamp, µs, >= 0)",
+                                  field="if_version")
         given["version"] = if_version
     if if_absent:
         given["absent"] = True
     if if_equals is not UNSET:
         given["equals"] = _encode_value(if_equals, "if_equals")
     if len(given) > 1:
-        raise BadRequest("give at most one of if_version, if_absent and if_equals",
-                         field="if_" + sorted(given)[1])
+        raise InvalidArgument("give at most one of if_version, if_absent and if_equals",
+                              field="if_" + sorted(given)[1])
     return given or None
 
 
@@ -874,41 +979,44 @@ def _txn_body(
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """The body of ``POST /v1/txn`` and its (keyspace, key) pairs, checked before sending."""
     if isinstance(reads, str):
-        raise BadRequest("reads must be a list of keys, not one string", field="reads")
-    routing = [(keyspace, key_bytes(key, f"reads[{i}]")) for i, key in enumerate(reads)]
+        raise InvalidArgumentType("reads must be a list of keys, not one string", field="reads")
+    read_keys = [key_text(key, f"reads[{i}]") for i, key in enumerate(reads)]
+    routing = [(keyspace, key.encode("utf-8")) for key in read_keys]
     wire_conditions = []
     for i, cond in enumerate(conditions):
         if not isinstance(cond, Mapping):
-            raise BadRequest("a condition is a mapping: key and one of version, absent, equals",
-                             field=f"conditions[{i}]")
-        routing.append((keyspace, key_bytes(cond.get("key"), f"conditions[{i}].key")))
+            raise InvalidArgumentType("a condition is a mapping: key and one of version, "
+                                      "absent, equals", field=f"conditions[{i}]")
+        cond = {**cond, "key": key_text(cond.get("key"), f"conditions[{i}].key")}
+        routing.append((keyspace, cond["key"].encode("utf-8")))
         kinds = [kind for kind in _CONDITION_KINDS if kind in cond]
         if len(kinds) != 1:
-            raise BadRequest("a condition names exactly one of version, absent, equals",
-                             field=f"conditions[{i}]")
+            raise InvalidArgument("a condition names exactly one of version, absent, equals",
+                                  field=f"conditions[{i}]")
         if "equals" in cond:
             _encode_value(cond["equals"], f"conditions[{i}].equals")
         wire_conditions.append(dict(cond))
     wire_writes = []
     for i, write in enumerate(writes):
         if not isinstance(write, Mapping):
-            raise BadRequest("a write is a mapping: op (put or delete), key, value",
-                             field=f"writes[{i}]")
+            raise InvalidArgumentType("a write is a mapping: op (put or delete), key, value",
+                                      field=f"writes[{i}]")
         item = dict(write)
         item.setdefault("op", "put")
         if item["op"] not in ("put", "delete"):
-            raise BadRequest("op must be put or delete", field=f"writes[{i}].op")
-        routing.append((keyspace, key_bytes(item.get("key"), f"writes[{i}].key")))
+            raise InvalidArgument("op must be put or delete", field=f"writes[{i}].op")
+        item["key"] = key_text(item.get("key"), f"writes[{i}].key")
+        routing.append((keyspace, item["key"].encode("utf-8")))
         if item["op"] == "put":
             if "value" not in item:
-                raise BadRequest("a put needs a value", field=f"writes[{i}].value")
+                raise InvalidArgument("a put needs a value", field=f"writes[{i}].value")
             _encode_value(item["value"], f"writes[{i}].value")
         wire_writes.append(item)
     if not routing:
-        raise BadRequest("a transaction needs reads, conditions or writes", field="body")
+        raise InvalidArgument("a transaction needs reads, conditions or writes", field="body")
     wire: dict[str, Any] = {"keyspace": keyspace}
-    if reads:
-        wire["reads"] = list(reads)
+    if read_keys:
+        wire["reads"] = read_keys
     if wire_conditions:
         wire["conditions"] = wire_conditions
     if wire_writes:
@@ -938,9 +1046,33 @@ def _encode_value(value: Any, field: str) -> Any:
     """Check that ``value`` is JSON (no NaN, no sets, ...) before it leaves the client."""
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"value is not JSON-serialisable: {exc}", field=field) from None
+    except TypeError as exc:
+        raise InvalidArgumentType(f"{field} is not JSON-serialisable: {exc}",
+                                  field=field) from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"{field} is not JSON-serialisable: {exc}", field=field) from None
     return value
+
+
+def ttl_seconds(ttl: object, field: str = "ttl") -> int | None:
+    """A TTL as the API takes it, whole seconds: from an ``int`` or a
+    ``datetime.timedelta`` of whole seconds. A float, a bool, a negative or
+    sub-second TTL is refused here, naming ``field``, rather than rounded."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, datetime.timedelta):
+        if ttl < datetime.timedelta(0):
+            raise InvalidArgument(f"{field} must not be negative, got {ttl!r}", field=field)
+        if ttl.microseconds:
+            raise InvalidArgument(f"{field} must be whole seconds (the API's unit), got {ttl}",
+                                       field=field)
+        return ttl.days * 86_400 + ttl.seconds
+    if isinstance(ttl, bool) or not isinstance(ttl, int):
+        raise InvalidArgumentType(f"{field} must be an int (seconds) or a datetime.timedelta, "
+                                  f"not {type(ttl).__name__}", field=field)
+    if ttl < 0:
+        raise InvalidArgument(f"{field} must not be negative, got {ttl}", field=field)
+    return ttl
 
 
 def _no_node(

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ringkv.address import format_address, parse_address
+from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 from ringkv.client.types import NodeView
-from ringkv.errors import BadRequest
 from ringkv.ring import NodeInfo, TokenRing
 
 # After a connection error a node is tried last for this long (then as usual).
@@ -108,14 +108,34 @@ def parse_ring(body: bytes, answered_by: str) -> Topology:
     return Topology(ring, urls, up, replication, serial, native)
 
 
-def key_bytes(key: object, field: str = "key") -> bytes:
-    """A key as the ring hashes it (UTF-8); anything else is a ``BadRequest`` naming ``field``."""
-    if not isinstance(key, str) or not key:
-        raise BadRequest("key must be a non-empty string", field=field)
+def key_text(key: object, field: str = "key") -> str:
+    """A key as it goes on the wire: a ``str``, or ``bytes`` that are UTF-8 (keys are
+    text to the API). Refused, naming ``field``: another type (``InvalidArgumentType``),
+    an empty key, bytes that are not UTF-8, a string that cannot be UTF-8 (a lone
+    surrogate) (``InvalidArgument``)."""
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        try:
+            key = bytes(key).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{field} is bytes that are not UTF-8 ({exc.reason} at byte "
+                                  f"{exc.start}); keys are text: decode it, or encode it "
+                                  "(e.g. hex or base64) first", field=field) from None
+    elif not isinstance(key, str):
+        raise InvalidArgumentType(f"{field} must be a str or UTF-8 bytes, not "
+                                  f"{type(key).__name__}", field=field)
+    if not key:
+        raise InvalidArgument(f"{field} must not be empty", field=field)
     try:
-        return key.encode("utf-8")
+        key.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadRequest("key is not valid UTF-8", field=field) from None
+        raise InvalidArgument(f"{field} is not valid UTF-8 (a lone surrogate?)",
+                              field=field) from None
+    return key
+
+
+def key_bytes(key: object, field: str = "key") -> bytes:
+    """A key as the ring hashes it (its UTF-8 bytes), checked as ``key_text`` does."""
+    return key_text(key, field).encode("utf-8")
 
 
 class Router:
@@ -169,7 +189,7 @@ class Router:
             for node_id in topology.ring.node_ids
         ]
 
-    def replicas(self, key: str, keyspace: str) -> list[str]:
+    def replicas(self, key: str | bytes, keyspace: str) -> list[str]:
         """The node ids that replicate ``key`` per the last fetched ring (empty if unknown)."""
         topology = self.topology
         if topology.ring is None or keyspace not in topology.replication:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ringkv.client.operations import UNSET, Operations
 from ringkv.client.plan import Plan
-from ringkv.client.types import TxnCommit, TxnHandle, Versioned
+from ringkv.client.types import Key, TxnCommit, TxnHandle, Versioned
 from ringkv.errors import Aborted, BadRequest, RingKVError
 
 # The abort reasons a rerun from the start may not meet again (the node's
@@ -69,7 +69,7 @@ class TxnCore:
         if isinstance(ended, str):
             self.ended = ended
 
-    def get(self, key: str) -> Plan[Versioned | None]:
+    def get(self, key: Key) -> Plan[Versioned | None]:
         handle = yield from self._open()
         try:
             return (yield from self._ops.txn_read(handle, key))
@@ -77,7 +77,7 @@ class TxnCore:
             self._noting(exc)
             raise
 
-    def write(self, key: str, value: Any = UNSET) -> Plan[None]:
+    def write(self, key: Key, value: Any = UNSET) -> Plan[None]:
         """Plan: a put of ``value``, or a delete (``UNSET``)."""
         handle = yield from self._open()
         try:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from ringkv.errors import RingKVError
 from ringkv.hlc import Timestamp
+
+# A key as the calls take it: text, or bytes that are UTF-8 (keys are text on the wire;
+# results name keys as ``str``).
+Key: TypeAlias = str | bytes
 
 
 @dataclass(frozen=True)
@@ -14,8 +18,10 @@ class Record:
     """A stored value: what ``get_with_meta`` and ``scan`` return.
 
     ``timestamp`` is the write's hybrid-logical-clock timestamp;
-    ``expires_at_us`` is set when the write had a TTL; ``receipt`` says how
-    the read was served (replicas asked and answered, read repair) and is
+    ``expires_at_us`` is set when the write had a TTL (on the clock of the node
+    that took the write), and ``ttl_remaining_ms`` then says how long the key
+    has left as the node that answered counts it (rounded up); ``receipt`` says
+    how the read was served (replicas asked and answered, read repair) and is
     None for scan items.
     """
 
@@ -24,6 +30,7 @@ class Record:
     timestamp: Timestamp
     expires_at_us: int | None = None
     receipt: dict[str, Any] | None = None
+    ttl_remaining_ms: int | None = None
 
 
 @dataclass(frozen=True)

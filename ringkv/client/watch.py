@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ringkv.client.routing import backoff_s, key_bytes
+from ringkv.client.errors import InvalidArgument, InvalidArgumentType
+from ringkv.client.routing import backoff_s, key_text
 from ringkv.errors import NoNodeAvailable, ProtocolError, RingKVError
 
 # Status codes a reconnect (to another node, after a pause) may get past.
@@ -60,12 +61,20 @@ class WatchCore:
     def __init__(self, keyspace: str, key: str, *, prefix: bool, from_version: int | None,
                  rng: random.Random, max_reconnects: int = MAX_RECONNECTS,
                  backoff_base_s: float = 0.05, backoff_max_s: float = 1.0) -> None:
+        if from_version is not None and (isinstance(from_version, bool)
+                                         or not isinstance(from_version, int)):
+            raise InvalidArgumentType("from_version must be an integer version or None",
+                                      field="from_version")
         if from_version is not None and from_version < 0:
-            raise ValueError(f"from_version must be 0 or more, got {from_version}")
-        if not key and not prefix:
-            raise ValueError("watch a key, or a prefix (prefix=True; '' is the whole keyspace)")
+            raise InvalidArgument(f"from_version must be 0 or more, got {from_version}",
+                                  field="from_version")
+        if not isinstance(keyspace, str) or not keyspace:
+            raise InvalidArgument("keyspace must be a keyspace name", field="keyspace")
         if key:
-            key_bytes(key)  # a key the API accepts
+            key = key_text(key)  # a key the API accepts
+        elif not prefix:
+            raise InvalidArgument("watch a key, or a prefix (prefix=True; '' is the whole "
+                                  "keyspace)", field="key")
         self.keyspace = keyspace
         self.key = key
         self.prefix = prefix
@@ -77,6 +86,10 @@ class WatchCore:
         self.max_reconnects = max_reconnects
         self._rng = rng
         self._backoff = (backoff_base_s, backoff_max_s)
+
+    def routing(self) -> list[tuple[str, bytes]]:
+        """The (keyspace, key) whose replicas a client tries first."""
+        return [(self.keyspace, self.key.encode())] if self.key else []
 
     def path(self) -> str:
         """The request's path and query for the next connection."""

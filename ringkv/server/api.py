@@ -28,10 +28,14 @@ from ringkv.errors import (
 from ringkv.metrics import CONTENT_TYPE
 from ringkv.server import handlers as h
 from ringkv.server import idempotency
+from ringkv.server import openapi
 from ringkv.server import validation as v
+from ringkv.server.dashboard import routes as dashboard
 from ringkv.server import watch_http
 from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
+from ringkv.storage.snapshot_manifest import check_name as check_snapshot_name
+from ringkv.storage.snapshot_manifest import default_name as default_snapshot_name
 
 if TYPE_CHECKING:
     from ringkv.node import Node
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 IDEMPOTENCY_KEY: web.AppKey[idempotency.IdempotencyCache] = web.AppKey("idempotency")
+# The API's OpenAPI document (openapi.py), encoded once: it depends on the config only.
+OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi")
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -92,6 +98,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         h.admit(node, route)
         v.check_headers(request.raw_headers)
+        v.check_query(request.query)
         await auth_http.check_request(node, request, route)
         response = await handler(request)
     except BaseException as exc:  # noqa: BLE001 - mapped (or raised again) by _failed
@@ -149,10 +156,11 @@ def key_route(method: str, raw_path: str, expect: bool) -> tuple[KeyRoute, str] 
     route = _KEY_ROUTES.get(method)
     if route is None or not raw_path.startswith(KV_PREFIX):
         return None
-    keyspace, _, raw_key = raw_path[len(KV_PREFIX):].partition("/")
-    # The router's key pattern (``.+``) matches no newline, and an Expect
-    # header wants the router's 100-continue: both stay with the router.
-    if (not raw_key or "%0a" in raw_key or "%0A" in raw_key
+    keyspace, slash, raw_key = raw_path[len(KV_PREFIX):].partition("/")
+    # The router's key pattern (``.*``) matches no newline, and an Expect
+    # header wants the router's 100-continue: both stay with the router. An empty
+    # key is served here too: its 400 names ``key`` (``validation.key_from_path``).
+    if (not slash or "%0a" in raw_key or "%0A" in raw_key
             or not _PLAIN_KEYSPACE.fullmatch(keyspace) or expect):
         return None
     return route, keyspace
@@ -177,6 +185,7 @@ def request_handler(app: web.Application, routed: Handler) -> Handler:
         try:
             h.admit(node, name)
             v.check_headers(request.raw_headers)
+            v.check_query(request.query)
             if node.auth is not None:
                 await auth_http.check_http(node, name, keyspace, request.query, b"",
                                            request.headers, request.remote)
@@ -383,6 +392,7 @@ async def removenode(request: web.Request) -> web.Response:
     """Remove a dead node (body ``{"node_id": ...}``), coordinated by this node;
     progress is in /v1/status ``streaming``."""
     body = await _json_object(request)
+    v.check_fields(body, ("node_id",), what="a removenode")
     dead = body.get("node_id")
     if not isinstance(dead, str) or not dead:
         raise BadRequest('the body must be {"node_id": "<the dead node\'s id>"}',
@@ -390,6 +400,42 @@ async def removenode(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     return json_response({"node_id": node.node_id, "streaming": node.removenode(dead)},
                          status=202)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
+
+
+# -- snapshots -----------------------------------------------------------------
+
+
+async def snapshot_create(request: web.Request) -> web.Response:
+    """Take a snapshot of this node (body ``{"name": ...}``, the name optional);
+    answers 201 with its manifest once it is on disk."""
+    node = request.app[NODE_KEY]
+    body = await _json_object(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"name"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; a snapshot takes a name",
+                         field=unknown[0])
+    name = body.get("name")
+    if name is None:
+        name = default_snapshot_name(node.clock.wall_us())
+    manifest = await node.snapshots.create(check_snapshot_name(name))
+    return json_response(manifest.to_json(), status=201)
+
+
+async def snapshot_list(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    return json_response({"node_id": node.node_id, "running": node.snapshots.running,
+                          "snapshots": node.snapshots.list()})
+
+
+async def snapshot_delete(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    name = check_snapshot_name(request.match_info["name"])
+    await node.snapshots.delete(name)
+    return json_response({"node_id": node.node_id, "deleted": name})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -405,7 +451,8 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     )
     app[NODE_KEY] = node
     app[IDEMPOTENCY_KEY] = cache or idempotency.IdempotencyCache(node.clock)
-    key_path = "/v1/kv/{keyspace}/{key:.+}"
+    # ``.*``: an empty key reaches the handler, whose 400 names ``key`` (not a 404).
+    key_path = "/v1/kv/{keyspace}/{key:.*}"
     app.router.add_put(key_path, put_key, name="put")
     app.router.add_get(key_path, get_key, name="get", allow_head=False)
     app.router.add_delete(key_path, delete_key, name="delete")
@@ -415,7 +462,7 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_get("/v1/txn/{txn_id}", get_txn, name="txn_status", allow_head=False)
     # Interactive transactions: begun here, their calls come back to this node.
     app.router.add_post("/v1/txn/begin", txn_begin, name="txn_begin")
-    txn_key_path = "/v1/txn/{txn_id}/kv/{keyspace}/{key:.+}"
+    txn_key_path = "/v1/txn/{txn_id}/kv/{keyspace}/{key:.*}"
     app.router.add_get(txn_key_path, txn_get, name="txn_get", allow_head=False)
     app.router.add_put(txn_key_path, txn_put, name="txn_put")
     app.router.add_delete(txn_key_path, txn_delete, name="txn_delete")
@@ -429,6 +476,12 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_post("/v1/admin/repair", post_repair, name="repair")
     app.router.add_get("/v1/admin/repair", get_repair, name="repair_status", allow_head=False)
+    app.router.add_post("/v1/snapshots", snapshot_create, name="snapshot_create")
+    app.router.add_get("/v1/snapshots", snapshot_list, name="snapshot_list", allow_head=False)
+    app.router.add_delete("/v1/snapshots/{name}", snapshot_delete, name="snapshot_delete")
+    app[OPENAPI_KEY] = _ENCODER.encode(openapi.build_spec(node.config.limits)).encode()
+    app.router.add_get(openapi.PATH, openapi_document, name="openapi", allow_head=False)
     auth_http.add_routes(app, node)
+    dashboard.add_routes(app, node)  # /ui and /v1/dashboard/*
     watch_http.add_routes(app, node)
     return app

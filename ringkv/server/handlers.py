@@ -34,11 +34,17 @@ from ringkv.versioning import Cell
 if TYPE_CHECKING:
     from ringkv.node import Node
 
-BATCH_OPS = ("put", "get", "delete")
+BATCH_OPS = v.BATCH_OPS
+# The fields each kind of batch operation takes; any other is refused, named.
+_BATCH_OP_FIELDS = {
+    "put": ("op", "keyspace", "key", "value", "ttl", "consistency"),
+    "get": ("op", "keyspace", "key", "consistency"),
+    "delete": ("op", "keyspace", "key", "consistency"),
+}
 # What a node that is not on the ring yet still answers: how it sees the
-# cluster and why it has not joined. Everything else (data, and health, so
+# cluster and why it has not joined, and the API's description. Everything else (data, and health, so
 # that load balancers and tools wait) gets 503 not_joined.
-SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics"})
+SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics", "openapi"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
@@ -148,12 +154,19 @@ def write_answer(result: WriteResult) -> Answer:
                        f'"receipt":{receipt_json(result.receipt)}}}'.encode())
 
 
-def _cell_json(key: bytes, cell: Cell, receipt: Receipt | None) -> bytes:
-    """Render a cell without decoding and re-encoding its (canonical JSON) value."""
+def _cell_json(key: bytes, cell: Cell, receipt: Receipt | None, now_us: int) -> bytes:
+    """Render a cell without decoding and re-encoding its (canonical JSON) value.
+
+    A cell with a TTL carries ``expires_at_us`` (on the clock of the node that took
+    the write) and ``ttl_remaining_ms``, counted on this node's clock at ``now_us``
+    and rounded up (a live cell never shows 0), so a client need not trust its own
+    clock to tell how long the key has left."""
     wall_us, logical = cell.ts
     head = f'{{"key":{_STR(key.decode())},"timestamp":[{int(wall_us)},{int(logical)}]'
     if cell.expires_at_us is not None:
-        head += f',"expires_at_us":{int(cell.expires_at_us)}'
+        expires_us = int(cell.expires_at_us)
+        remaining_ms = max(0, -((now_us - expires_us) // 1000))  # ceil((expires - now) / 1000)
+        head += f',"expires_at_us":{expires_us},"ttl_remaining_ms":{remaining_ms}'
     if receipt is not None:
         head += f',"receipt":{receipt_json(receipt)}'
     return head.encode() + b',"value":' + cell.value + b"}"
@@ -215,7 +228,8 @@ async def put_key(call: ApiCall) -> Answer:
     if _transactional(node, keyspace):
         return await _txn_write(call, keyspace, call.key, value, body)
     _no_condition(body, keyspace)
-    ttl = v.ttl_s(body.get("ttl", call.query.get("ttl")), field="ttl")
+    v.check_fields(body, _PUT_FIELDS, what="a put")
+    ttl = _put_ttl(body, call.query)
     level = v.consistency(call.query.get("consistency"), write=True)
     result = await node.put(keyspace, call.key, value, ttl, level, started_s=call.started_s)
     return write_answer(result)
@@ -239,10 +253,11 @@ async def get_key(call: ApiCall) -> Answer:
         level = v.consistency(call.query.get("consistency"), write=False)
         result = await node.get(keyspace, key, level, started_s=call.started_s)
         cell, receipt = result.cell, result.receipt
-    if cell is None or not cell.is_live(node.clock.wall_us()):
+    now_us = node.clock.wall_us()
+    if cell is None or not cell.is_live(now_us):
         raise NotFound(f"key {key.decode()!r} not found in {keyspace!r}",
                        receipt=None if receipt is None else receipt.to_json())
-    return Answer(200, _cell_json(key, cell, receipt))
+    return Answer(200, _cell_json(key, cell, receipt, now_us))
 
 
 @_deduplicated
@@ -253,6 +268,7 @@ async def delete_key(call: ApiCall) -> Answer:
     if _transactional(node, keyspace):
         return await _txn_write(call, keyspace, call.key, None, body)
     _no_condition(body, keyspace)
+    v.check_fields(body, (), what="a delete on an eventual keyspace")
     level = v.consistency(call.query.get("consistency"), write=True)
     result = await node.delete(keyspace, call.key, level, started_s=call.started_s)
     return write_answer(result)
@@ -267,6 +283,7 @@ async def batch(call: ApiCall) -> Answer:
     node = call.node
     limits = node.config.limits
     body = _json_object(call)
+    v.check_fields(body, ("ops",), what="a batch")
     ops = body.get("ops")
     if not isinstance(ops, list) or not ops:
         raise BadRequest('"ops" must be a non-empty list', field="ops")
@@ -278,6 +295,9 @@ async def batch(call: ApiCall) -> Answer:
             size=len(ops),
         )
     default_level = call.query.get("consistency")
+    # The request's level is checked even when every op names its own: a bad
+    # ?consistency= is refused, not ignored (ANY is refused per get).
+    v.consistency(default_level, write=True)
     # Validate everything before running anything, so a bad op fails the
     # whole request instead of leaving half of it applied.
     planned = [_plan_batch_op(node, i, op, default_level) for i, op in enumerate(ops)]
@@ -292,6 +312,7 @@ def _plan_batch_op(node: Node, index: int, op: Any, default_level: str | None) -
     kind = op.get("op")
     if kind not in BATCH_OPS:
         raise BadRequest(f"op must be one of {', '.join(BATCH_OPS)}", field=f"{where}.op")
+    v.check_fields(op, _BATCH_OP_FIELDS[kind], what=f"a batch {kind}", where=where)
     keyspace = op.get("keyspace", "default")
     if not isinstance(keyspace, str):
         raise BadRequest("keyspace must be a string", field=f"{where}.keyspace")
@@ -379,6 +400,22 @@ def _no_condition(body: dict[str, Any], keyspace: str) -> None:
     if "if" in body:
         raise BadRequest(f'a condition ("if") needs a transactional keyspace; {keyspace!r} is '
                          "eventual", field="if")
+    if "id" in body:
+        raise BadRequest(f'a transaction id ("id") needs a transactional keyspace; {keyspace!r} '
+                         "is eventual", field="id")
+
+
+_PUT_FIELDS = ("value", "ttl")
+
+
+def _put_ttl(body: dict[str, Any], query: Mapping[str, str]) -> int | None:
+    """A put's TTL: the body's ``ttl`` (a JSON integer) or the query's (digits), not both."""
+    if "ttl" in query:
+        if "ttl" in body:
+            raise BadRequest("ttl is given both in the body and in the query; give it once",
+                             field="ttl")
+        return v.ttl_from_query(query["ttl"])
+    return v.ttl_s(body.get("ttl"), field="ttl")
 
 
 def _serial(call: ApiCall) -> None:
@@ -434,8 +471,8 @@ def _query_int(call: ApiCall, name: str, high: int) -> int | None:
 async def _txn_get(call: ApiCall, keyspace: str, key: bytes) -> Answer:
     node = call.node
     _serial(call)
-    snapshot_ts = _query_int(call, "snapshot_ts", 2**63 - 1)
-    staleness_ms = _query_int(call, "max_staleness_ms", 86_400_000)
+    snapshot_ts = _query_int(call, "snapshot_ts", v.MAX_TIMESTAMP_US)
+    staleness_ms = _query_int(call, "max_staleness_ms", v.MAX_STALENESS_MS)
     if snapshot_ts is not None and staleness_ms is not None:
         raise BadRequest("give snapshot_ts or max_staleness_ms, not both", field="snapshot_ts")
     if snapshot_ts is not None or staleness_ms is not None:

@@ -77,6 +77,8 @@ async def serve(node: Node, cache: idempotency.IdempotencyCache, message: RawReq
     try:
         h.admit(node, target.name)
         v.check_headers(message.raw_headers)
+        if query is not _NO_QUERY:
+            v.check_query(query)
         # Before anything else is read or done: the same check as every other route.
         if node.auth is not None:  # (no coroutine per request when auth is off)
             await auth_http.check_http(node, target.name, target.keyspace, query, b"",

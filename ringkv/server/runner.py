@@ -17,13 +17,14 @@ import gc
 import logging
 import signal
 import ssl
+from collections.abc import Awaitable
 
 from aiohttp import web
 
 from ringkv.config import Config
 from ringkv.door import Door, DoorLimits, file_plan
 from ringkv.net.tls import CLIENT_HANDSHAKE_TIMEOUT_S, NodeTls, listen_tls
-from ringkv.node import Node
+from ringkv.node import Node, listen_failed
 from ringkv.server.api import build_app
 from ringkv.server.guard import DoorCollector, raise_open_files_limit
 from ringkv.server.http_protocol import ApiRunner
@@ -57,7 +58,13 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     node.tls = tls
     node.on_left = stop.set  # decommissioned: LEFT the ring, so the process ends
     node.native_address = config.cluster.native_address  # gossiped: clients find it
-    await node.open()
+    try:
+        # Gossip waits until every listener is bound (node.announce below): a node
+        # that stops because a port is taken must leave no row in others' status.
+        await node.open(announce=False)
+    except BaseException:
+        await node.stop()  # closes the storage it opened
+        raise
     # What start-up built lives as long as the process: out of the collector's way, its
     # full collections need not walk it again and again (about a third of GC time).
     gc.collect()
@@ -85,9 +92,14 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     try:
         # Serve before joining: while a new node waits for its seeds,
         # /v1/status says why and client requests get 503 not_joined.
-        await site.start()
+        host = config.cluster.listen_host
+        await _listen(node, site.start(), "cluster.client_port", "client API", host,
+                      config.cluster.client_port)
         if config.cluster.native_port:
-            await native.start(config.cluster.listen_host, config.cluster.native_port)
+            await _listen(node, native.start(host, config.cluster.native_port),
+                          "cluster.native_port", "native protocol", host,
+                          config.cluster.native_port)
+        await node.announce()
         if await _joined_or_stopped(node, stop):
             # A line tools and tests wait for: the node is ready for clients.
             print(
@@ -132,6 +144,16 @@ class TlsSite(web.BaseSite):
             server, self._host, self._port, self._ssl_context,
             handshake_timeout_s=CLIENT_HANDSHAKE_TIMEOUT_S, what="client API",
             reuse_address=True)
+
+
+async def _listen(node: Node, start: Awaitable[None], field: str, what: str, host: str,
+                  port: int) -> None:
+    """Bind one listener; a port that is taken (or an address this host does not
+    have) stops the node with one line naming the port and the cause."""
+    try:
+        await start
+    except OSError as exc:
+        raise listen_failed(node.node_id, field, what, host, port, exc) from None
 
 
 def open_door(config: Config) -> Door:

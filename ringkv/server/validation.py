@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -18,6 +19,12 @@ from ringkv.versioning import encode_json_value
 # Cassandra's limit: 20 years. A larger TTL is almost certainly a unit mistake.
 MAX_TTL_S = 20 * 365 * 24 * 3600
 KV_PREFIX = "/v1/kv/"
+# The operations of a batch (POST /v1/batch).
+BATCH_OPS = ("put", "get", "delete")
+# A snapshot read's bounds: a timestamp (µs) fits a signed 64-bit integer, and a
+# bounded-staleness read is at most a day stale.
+MAX_TIMESTAMP_US = 2**63 - 1
+MAX_STALENESS_MS = 86_400_000
 # One request header, name and value: aiohttp's and nginx's default line limit.
 MAX_HEADER_BYTES = 8190
 
@@ -115,20 +122,69 @@ def value_bytes(value: Any, limits: LimitsConfig, *, field: str) -> bytes:
     return encoded
 
 
+_TTL_WHAT = "ttl must be a whole number of seconds"
+# A query parameter's number: ASCII digits only (int() would also take "1_0", " 10", "+10", "١٠").
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def ttl_s(value: Any, *, field: str) -> int | None:
-    """A TTL in whole seconds, or None for no TTL."""
+    """A TTL from a JSON body in whole seconds, or None for no TTL (absent, null or 0).
+
+    Only a JSON integer: a string ("10"), a float (1.5, even 10.0) or a boolean is
+    refused rather than guessed at."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            raise BadRequest("ttl must be a whole number of seconds", field=field) from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest("ttl must be a whole number of seconds", field=field)
+        raise BadRequest(f"{_TTL_WHAT} (a JSON integer), got {type(value).__name__} "
+                         f"{_preview(value)}", field=field)
+    return _ttl_range(value, field)
+
+
+def ttl_from_query(text: str | None, *, field: str = "ttl") -> int | None:
+    """A TTL given as the query parameter ``ttl``: decimal ASCII digits only."""
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text):
+        raise BadRequest(f"{_TTL_WHAT} (decimal digits), got {_preview(text)}", field=field)
+    return _ttl_range(int(text), field)
+
+
+def _ttl_range(value: int, field: str) -> int | None:
     if not 0 <= value <= MAX_TTL_S:
         raise BadRequest(f"ttl must be between 0 and {MAX_TTL_S} seconds", field=field)
     return value or None
+
+
+def _preview(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_query(query: Mapping[str, str]) -> None:
+    """Each query parameter at most once: a repeated one is refused, naming it, rather
+    than one of its values silently winning."""
+    if len(query) < 2:
+        return
+    names = [name for name, _ in query.items()]  # a MultiDict's items: one per value
+    if len(set(names)) == len(names):
+        return
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise BadRequest(f"query parameter {name!r} is given {names.count(name)} times; "
+                             "give it once", field=name)
+        seen.add(name)
+
+
+def check_fields(obj: Mapping[str, Any], allowed: Iterable[str], *, what: str,
+                 where: str = "") -> None:
+    """Refuse a field of a JSON object that is not in ``allowed``, naming it (at ``where``)."""
+    allowed = tuple(allowed)
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        takes = ", ".join(allowed) if allowed else "no fields"
+        raise BadRequest(f"unknown field {unknown[0]!r}; {what} takes {takes}", field=name)
 
 
 # The levels by name as clients write them: a dict lookup on every request instead of
@@ -151,10 +207,10 @@ def consistency(value: Any, *, write: bool, field: str = "consistency") -> Consi
 def bounded_int(value: Any, *, field: str, low: int, high: int, default: int) -> int:
     if value is None:
         return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{field} must be an integer", field=field) from None
+    if isinstance(value, bool) or not (isinstance(value, int) or (
+            isinstance(value, str) and _DIGITS.fullmatch(value))):
+        raise BadRequest(f"{field} must be an integer (decimal digits)", field=field)
+    number = int(value)
     if not low <= number <= high:
         raise BadRequest(f"{field} must be between {low} and {high}", field=field)
     return number

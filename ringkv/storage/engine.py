@@ -12,6 +12,18 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 
+class EngineView(Protocol):
+    """A consistent, read-only view of an engine at one point in time (LevelDB's
+    snapshot): writes after it was taken are not in it. Close it when done."""
+
+    def scan(
+        self, start: bytes, stop: bytes | None, *, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Items with start <= key < stop as they were when the view was taken."""
+
+    def close(self) -> None: ...
+
+
 class Engine(Protocol):
     # True when calls may block on disk I/O, so the async shell should run
     # them off the event loop. The memory engine is never blocking, which also
@@ -37,3 +49,6 @@ class Engine(Protocol):
         """Approximate bytes on disk (or in memory)."""
 
     def close(self) -> None: ...
+
+    def point_in_time(self) -> EngineView:
+        """A view of every record as of now (node snapshots copy from one)."""

@@ -81,6 +81,35 @@ class LevelDBEngine:
                     total += entry.stat().st_size
         return total
 
+    def point_in_time(self) -> LevelDBView:
+        try:
+            return LevelDBView(self._db.snapshot())
+        except (plyvel.Error, RuntimeError) as exc:
+            raise StorageError(f"LevelDB snapshot failed: {exc}") from exc
+
     def close(self) -> None:
         if not self._db.closed:
             self._db.close()
+
+
+class LevelDBView:
+    """A LevelDB snapshot: reads see the database as it was when it was taken,
+    whatever is written meanwhile (LevelDB keeps the versions it needs)."""
+
+    def __init__(self, snapshot: plyvel.Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def scan(
+        self, start: bytes, stop: bytes | None, *, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            with self._snapshot.iterator(start=start, stop=stop) as it:
+                for count, item in enumerate(it):
+                    if limit is not None and count >= limit:
+                        return
+                    yield item
+        except (plyvel.Error, RuntimeError) as exc:
+            raise StorageError(f"LevelDB snapshot scan failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._snapshot.close()

@@ -70,5 +70,28 @@ class MemoryEngine:
     def size_bytes(self) -> int:
         return sum(len(k) + len(v) for k, v in self._data.items())
 
+    def point_in_time(self) -> MemoryView:
+        return MemoryView(sorted(self._data.items()))
+
     def close(self) -> None:
         pass
+
+
+class MemoryView:
+    """A copy of the memory engine's records at one point in time."""
+
+    def __init__(self, items: list[tuple[bytes, bytes]]) -> None:
+        self._items = items
+        self._keys = [key for key, _ in items]
+
+    def scan(
+        self, start: bytes, stop: bytes | None, *, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        index = bisect.bisect_left(self._keys, start)
+        end = len(self._keys) if stop is None else bisect.bisect_left(self._keys, stop)
+        if limit is not None:
+            end = min(end, index + limit)
+        yield from self._items[index:end]
+
+    def close(self) -> None:
+        self._items, self._keys = [], []

@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import client as http_client
 from pathlib import Path
@@ -81,6 +82,16 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"found no {count} consecutive free ports on {host} in {_MAX_ATTEMPTS} tries")
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind ``port`` on ``host`` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on ``host`` right now, outside the ephemeral range (see above)."""
     return free_port_block(1, host)
@@ -129,6 +140,18 @@ class NodeProcess:
     # TLS to clients (its config's tls.client): its URL is https://, and ``http``
     # trusts that CA for it.
     tls_dir: Path | None = None
+    # Outlive the process that starts it (`ringkv cluster up --detach`): its own
+    # session, so neither the terminal's Ctrl-C nor the end of the starting
+    # shell reaches it, and no inherited stdin.
+    detached: bool = False
+    # Called once the process exists (its pid known), before any wait: a detached
+    # cluster records it at once, so no node is left that nothing knows of.
+    on_launch: Callable[[NodeProcess], None] | None = field(default=None, repr=False,
+                                                            compare=False)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     @property
     def url(self) -> str:
@@ -169,8 +192,12 @@ class NodeProcess:
             args += ["--seeds", format_address(self.host, self.internode_port)]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.detached,
+            stdin=subprocess.DEVNULL if self.detached else None)
         log.close()
+        if self.on_launch is not None:
+            self.on_launch(self)
         context = self.client_context()
         if context is not None:
             trust(self.url, context)

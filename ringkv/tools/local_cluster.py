@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import secrets
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 
 from ringkv.address import format_address
 from ringkv.clock import SystemClock
+from ringkv.tools.cluster_state import NodeRecord
 from ringkv.tools.launcher import NodeProcess, free_port_block, http, wait_until
 
 if TYPE_CHECKING:
@@ -60,6 +62,8 @@ class LocalCluster:
     # TLS on both links: a CA and a certificate per node (and one for a client)
     # under data_dir/certs, each node's files in its own config (see ``tls_config``).
     tls: bool = False
+    # The nodes outlive this process (`ringkv cluster up --detach`, see NodeProcess).
+    detached: bool = False
 
     @property
     def certs_dir(self) -> Path:
@@ -126,6 +130,7 @@ class LocalCluster:
                 extra_args=["--seeds", seed, *self.extra_args],
                 config_path=self.tls_config(f"node{i + 1}") if self.tls else config,
                 tls_dir=self.certs_dir if self.tls else None,
+                detached=self.detached,
             )
             for i in range(self.nodes)
         ]
@@ -222,6 +227,28 @@ class LocalCluster:
     def endpoints(self) -> list[str]:
         return [proc.url for proc in self.procs]
 
+    def reuses_data(self) -> list[str]:
+        """The nodes whose data directory an earlier run left (they keep data and tokens)."""
+        return [proc.node_id for proc in self.procs if (self.data_dir / proc.node_id).exists()]
+
+
+def node_record(proc: NodeProcess) -> NodeRecord:
+    """What the state file of a detached cluster keeps of a started node."""
+    assert proc.pid is not None and proc.log_path is not None
+    return NodeRecord(
+        node_id=proc.node_id, pid=proc.pid, host=proc.host, client_port=proc.client_port,
+        internode_port=proc.internode_port, native_port=proc.native_port, url=proc.url,
+        data_dir=str(proc.data_dir / proc.node_id), log_path=str(proc.log_path),
+        config_path=str(proc.config_path or ""))
+
+
+def node_of_record(record: NodeRecord, data_dir: Path, tls_dir: Path | None) -> NodeProcess:
+    """A handle on a node another process started: its addresses, no process object."""
+    return NodeProcess(record.node_id, data_dir, host=record.host,
+                       client_port=record.client_port, internode_port=record.internode_port,
+                       native_port=record.native_port, tls_dir=tls_dir,
+                       config_path=Path(record.config_path) if record.config_path else None)
+
 
 def node_view(proc: NodeProcess) -> dict[str, dict[str, Any]] | None:
     """node id -> status row, as ``proc`` sees the cluster; None if it does not answer."""
@@ -279,69 +306,103 @@ def _human_bytes(value: Any) -> str:
     return f"{size:.1f} TiB"
 
 
-def run_demo(cluster: LocalCluster, say=print) -> None:
+def demo_run_id() -> str:
+    """A tag for one run of the demo. Its keys and counter carry it, so that a run on
+    a data directory an earlier run left checks only what it wrote itself: the
+    earlier keys are already on every replica, and the earlier counter is not 0."""
+    return secrets.token_hex(3)
+
+
+def run_demo(cluster: LocalCluster, say=print, run_id: str | None = None) -> str:
     """Both tiers: the eventual one (``run_eventual_demo``), then the
-    transactional one (``run_txn_demo``)."""
-    run_eventual_demo(cluster, say)
-    run_txn_demo(cluster, say)
+    transactional one (``run_txn_demo``). Returns the run's tag."""
+    run_id = run_id or demo_run_id()
+    say(f"(demo run {run_id}: its keys are demo-{run_id}-*, its counter "
+        f"{demo_counter(run_id)})")
+    run_eventual_demo(cluster, say, run_id)
+    run_txn_demo(cluster, say, run_id)
+    return run_id
 
 
-def run_eventual_demo(cluster: LocalCluster, say=print) -> None:
+def run_eventual_demo(cluster: LocalCluster, say=print, run_id: str | None = None) -> None:
     """Write at QUORUM, kill a node, read at QUORUM, restart it, watch its hints replay."""
+    run_id = run_id or demo_run_id()
     first, victim = cluster.procs[0], cluster.procs[-1]
+    keys = [f"demo-{run_id}-{i}" for i in range(10)]
+    hints_before = _hint_counts(first)
     say("\n== demo: write at QUORUM")
-    for i in range(5):
-        status, body = http("PUT", f"{first.url}/v1/kv/default/demo-{i}?consistency=QUORUM",
-                            {"value": {"n": i}})
-        say(f"PUT demo-{i} -> {status}, answered by {body['receipt']['answered']}")
+    for i, key in enumerate(keys[:5]):
+        status, body = http("PUT", f"{first.url}/v1/kv/default/{key}?consistency=QUORUM",
+                            {"value": {"n": i, "run": run_id}})
+        say(f"PUT {key} -> {status}, answered by {body['receipt']['answered']}")
     say(f"\n== demo: kill {victim.node_id} (SIGKILL)")
     victim.kill()
     wait_until(lambda: (node_view(first) or {}).get(victim.node_id, {}).get("liveness") == "DOWN",
                timeout_s=30, interval_s=0.2, what=f"{victim.node_id} to be marked DOWN")
     say(f"{first.node_id} now sees {victim.node_id} DOWN")
-    for i in range(5, 10):
-        status, body = http("PUT", f"{first.url}/v1/kv/default/demo-{i}?consistency=QUORUM",
-                            {"value": {"n": i}})
-        say(f"PUT demo-{i} -> {status}, hints stored: {body['receipt']['hints_stored']}")
+    for i, key in enumerate(keys[5:], start=5):
+        status, body = http("PUT", f"{first.url}/v1/kv/default/{key}?consistency=QUORUM",
+                            {"value": {"n": i, "run": run_id}})
+        say(f"PUT {key} -> {status}, hints stored: {body['receipt']['hints_stored']}")
     say("\n== demo: read at QUORUM with a node down")
-    status, body = http("GET", f"{first.url}/v1/kv/default/demo-7?consistency=QUORUM")
-    say(f"GET demo-7 -> {status} {json.dumps(body.get('value'))}, answered by "
+    status, body = http("GET", f"{first.url}/v1/kv/default/{keys[7]}?consistency=QUORUM")
+    say(f"GET {keys[7]} -> {status} {json.dumps(body.get('value'))}, answered by "
         f"{body['receipt']['answered']}")
-    status, body = http("GET", f"{first.url}/v1/kv/default/demo-7?consistency=ALL")
-    say(f"GET demo-7 at ALL -> {status} {body.get('error', {}).get('code')}: "
+    status, body = http("GET", f"{first.url}/v1/kv/default/{keys[7]}?consistency=ALL")
+    say(f"GET {keys[7]} at ALL -> {status} {body.get('error', {}).get('code')}: "
         f"required={body.get('error', {}).get('required')} alive={body.get('error', {}).get('alive')}")
     say(f"\n== demo: restart {victim.node_id}; hints are replayed to it")
     victim.start()
     cluster.wait_all_up()
 
     def victim_has_all() -> bool:
-        for i in range(10):
-            status, _ = http("GET", f"{victim.url}/v1/kv/default/demo-{i}?local=true")
-            if status != 200:
+        # This run's values: keys of an earlier run would be there from the start.
+        for i, key in enumerate(keys):
+            status, got = http("GET", f"{victim.url}/v1/kv/default/{key}?local=true")
+            if status != 200 or got.get("value") != {"n": i, "run": run_id}:
                 return False
         return True
 
     wait_until(victim_has_all, timeout_s=60, interval_s=0.2, what="hints to be replayed")
     say(f"{victim.node_id}'s own replica now holds all 10 keys (read with local=true)")
+
+    def replayed_all() -> tuple[int, int] | None:
+        stored, replayed = (now - before for now, before in
+                            zip(_hint_counts(first), hints_before))
+        return (stored, replayed) if stored and replayed >= stored else None
+
+    stored, replayed = wait_until(replayed_all, timeout_s=30, interval_s=0.2,
+                                  what="the hint counters to show the replay")
+    say(f"hints stored by {first.node_id} in this run: {stored}, replayed: {replayed}")
     status, body = http("GET", f"{first.url}/v1/status")
-    say(f"hints stored by {first.node_id}: {body['hints']['stored']}, "
-        f"replayed: {body['hints']['replayed']}")
     say("\n== `ringkv status`\n" + format_status(body))
+
+
+def _hint_counts(proc: NodeProcess) -> tuple[int, int]:
+    """(stored, replayed): the hint counters of ``proc`` (since it started)."""
+    _, body = http("GET", f"{proc.url}/v1/status")
+    return int(body["hints"]["stored"]), int(body["hints"]["replayed"])
 
 
 COUNTER = "demo-counter"
 
 
-def run_txn_demo(cluster: LocalCluster, say=print) -> None:
+def demo_counter(run_id: str) -> str:
+    """The counter key of one demo run: a fresh one starts at 0, whatever ran before."""
+    return f"{COUNTER}-{run_id}"
+
+
+def run_txn_demo(cluster: LocalCluster, say=print, run_id: str | None = None) -> None:
     """Compare-and-set on the transactional keyspace ``txn``, surviving the
     SIGKILL of its range's Paxos leader (Spanner §4.1: a new leader takes over
     once the old lease has run out; no increment is lost or applied twice)."""
+    counter = demo_counter(run_id or demo_run_id())
     procs = cluster.procs
     say("\n== demo: compare-and-set on the transactional keyspace `txn`")
-    value, version, receipt = _cas_increment(procs, procs[0], timeout_s=30)
-    say(f"CAS {COUNTER} -> {value} (version {version}), committed by leader "
+    value, version, receipt = _cas_increment(procs, procs[0], timeout_s=30, key=counter)
+    say(f"CAS {counter} -> {value} (version {version}), committed by leader "
         f"{receipt['leader']} after {receipt['commit_wait_ms']} ms of commit wait")
-    status, stale = http("PUT", f"{procs[1].url}/v1/kv/txn/{COUNTER}",
+    status, stale = http("PUT", f"{procs[1].url}/v1/kv/txn/{counter}",
                          {"value": value + 100, "if": {"version": version - 1}})
     error = stale.get("error", {}) if isinstance(stale, dict) else {}
     say(f"CAS with a stale version -> {status} {error.get('code')}, "
@@ -354,29 +415,29 @@ def run_txn_demo(cluster: LocalCluster, say=print) -> None:
     leader.kill()
     killed_at = _CLOCK.monotonic_s()
     survivors = [p for p in procs if p is not leader]
-    value, version, receipt = _cas_increment(survivors, survivors[0], timeout_s=30)
+    value, version, receipt = _cas_increment(survivors, survivors[0], timeout_s=30, key=counter)
     took_s = _CLOCK.monotonic_s() - killed_at
-    say(f"CAS {COUNTER} -> {value} (version {version}) through {survivors[0].node_id}, "
+    say(f"CAS {counter} -> {value} (version {version}) through {survivors[0].node_id}, "
         f"{took_s:.1f} s after the kill: {receipt['leader']} leads now "
         f"(the old lease ran out, then an election)")
-    status, got = http("GET", f"{survivors[-1].url}/v1/kv/txn/{COUNTER}")
-    say(f"GET {COUNTER} through {survivors[-1].node_id} -> {status} {got.get('value')} "
+    status, got = http("GET", f"{survivors[-1].url}/v1/kv/txn/{counter}")
+    say(f"GET {counter} through {survivors[-1].node_id} -> {status} {got.get('value')} "
         f"(version {got.get('version')})")
     say(f"\n== demo: restart {leader.node_id}; it catches up from the group's log")
     leader.start()
     cluster.wait_all_up()
 
     def leader_caught_up() -> bool:
-        status, got = http("GET", f"{leader.url}/v1/kv/txn/{COUNTER}?max_staleness_ms=60000")
+        status, got = http("GET", f"{leader.url}/v1/kv/txn/{counter}?max_staleness_ms=60000")
         return status == 200 and got.get("value") == value
 
     wait_until(leader_caught_up, timeout_s=60, interval_s=0.2,
                what=f"{leader.node_id} to catch up")
-    say(f"{leader.node_id} serves {COUNTER} = {value} again (a snapshot read from its own replica)")
+    say(f"{leader.node_id} serves {counter} = {value} again (a snapshot read from its own replica)")
 
 
 def _cas_increment(procs: list[NodeProcess], first: NodeProcess, *,
-                   timeout_s: float) -> tuple[int, int, dict[str, Any]]:
+                   timeout_s: float, key: str = COUNTER) -> tuple[int, int, dict[str, Any]]:
     """Read the counter, then put value + 1 if its version is unchanged; while
     the range has no leader (503, 504), try again through the next node. A
     409 means our own earlier attempt, whose answer was lost, committed, or
@@ -389,14 +450,14 @@ def _cas_increment(procs: list[NodeProcess], first: NodeProcess, *,
         proc = order[attempt % len(order)]
         attempt += 1
         try:
-            status, got = http("GET", f"{proc.url}/v1/kv/txn/{COUNTER}", timeout_s=5)
+            status, got = http("GET", f"{proc.url}/v1/kv/txn/{key}", timeout_s=5)
             if status == 404:
                 current, condition = 0, {"absent": True}
             elif status == 200:
                 current, condition = int(got["value"]), {"version": got["version"]}
             else:
                 return None
-            status, put = http("PUT", f"{proc.url}/v1/kv/txn/{COUNTER}",
+            status, put = http("PUT", f"{proc.url}/v1/kv/txn/{key}",
                                {"value": current + 1, "if": condition}, timeout_s=5)
         except (OSError, HTTPException):
             return None  # the node is down or cut off: try the next one
@@ -405,4 +466,4 @@ def _cas_increment(procs: list[NodeProcess], first: NodeProcess, *,
         return current + 1, put["version"], put["receipt"]
 
     return wait_until(try_once, timeout_s=timeout_s, interval_s=0.1,
-                      what=f"a compare-and-set on {COUNTER}")
+                      what=f"a compare-and-set on {key}")
