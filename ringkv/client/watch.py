@@ -37,7 +37,7 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 # Codes of a stream's last event after which the watch goes on from another node.
 RESUMABLE_CODES = frozenset({"watcher_too_slow", "shutting_down", "no_leader", "timeout",
                              "unavailable", "peer_unreachable", "peer_timeout", "overloaded",
-                             "clock_uncertain", "range_moving", "remote_error"})
+                             "clock_uncertain", "range_moving", "remote_error", "internal"})
 MAX_RECONNECTS = 10
 MAX_WATCH_LINE_BYTES = 8 * 1024 * 1024  # one event: a key and a value at their limits, escaped
 IDLE_TIMEOUT_S = 10.0  # no line for this long (progress comes each second): reconnect

@@ -215,8 +215,8 @@ class _Stream:
         await response.write(frame(event_json(Progress(start_us)), sse=spec.sse,
                                    event_id=start_us))
         self._offer(first)
-        writer = asyncio.get_running_loop().create_task(self._writer(response))
-        poller = asyncio.get_running_loop().create_task(self._poller())
+        writer = asyncio.get_running_loop().create_task(self._guarded(self._writer(response)))
+        poller = asyncio.get_running_loop().create_task(self._guarded(self._poller()))
         try:
             await self.stop.wait()
             if not self.cut:  # what is buffered goes out first, within a bound
@@ -227,6 +227,18 @@ class _Stream:
             await asyncio.gather(writer, poller, return_exceptions=True)
         await self._finish(response, buffer)
         return response
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        """Run the poll loop or the writer; a failure of either ends the stream (never a
+        handler left waiting, holding a watch slot)."""
+        try:
+            await work
+        except Exception:  # noqa: BLE001 - logged, and the stream ends naming it
+            log.exception("watch of %r failed", self.spec.keyspace)
+            self._end("internal", "the watch failed on the node; resume from last_version")
+        finally:
+            self.stop.set()
+            self.wake.set()
 
     def _end(self, code: str, message: str, **details: Any) -> None:
         assert self.buffer is not None
