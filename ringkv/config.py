@@ -272,6 +272,13 @@ class TxnConfig:
     # A transaction that names its id is answered from its commit record for this
     # long (a retry after that runs it again), as an idempotency key is.
     outcome_retention_s: int = 86_400
+    # Watches (GET /v1/watch/...): at most max_watches streams open per node
+    # (503 overloaded beyond); each polls its ranges every watch_poll_ms and
+    # holds at most watch_buffer_events events its client has not read (a
+    # client that stays that far behind is cut off: watcher_too_slow).
+    max_watches: int = 256
+    watch_poll_ms: int = 50
+    watch_buffer_events: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -894,6 +901,9 @@ def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
     sec.take("idle_timeout_s", _check_number, 0.1, 3600.0)
     sec.take("max_duration_s", _check_number, 0.1, 86_400.0)
     sec.take("outcome_retention_s", _check_int, 60, 30 * _DAY_S)
+    sec.take("max_watches", _check_int, 0, 100_000)
+    sec.take("watch_poll_ms", _check_int, 10, 10_000)
+    sec.take("watch_buffer_events", _check_int, 2, 1_000_000)
     txn = TxnConfig(**sec.done())
     if txn.lease_s < 0.2:
         # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.

@@ -251,6 +251,23 @@ class SnapshotTooOld(RingKVError):
     http_status = 400
 
 
+class Compacted(RingKVError):
+    """A watch asked for changes after ``from_version``, but garbage collection has
+    thinned the history there: versions at or below ``oldest_version`` may be gone,
+    so some changes after ``from_version`` can no longer be delivered (etcd's
+    "compacted"). ``oldest_version`` is the lowest ``from_version`` still served;
+    a watcher that must not miss changes re-reads the keys and watches from there.
+    410 Gone."""
+
+    code = "compacted"
+    http_status = 410
+
+    def __init__(self, message: str, *, from_version: int, oldest_version: int) -> None:
+        super().__init__(message, from_version=from_version, oldest_version=oldest_version)
+        self.from_version = from_version
+        self.oldest_version = oldest_version
+
+
 class ProtocolError(RingKVError):
     """A peer or client sent bytes that do not follow the protocol."""
 
@@ -493,6 +510,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         StorageError,
         CorruptRecord,
         SnapshotTooOld,
+        Compacted,
         ProtocolError,
         PeerUnreachable,
         PeerTimeout,

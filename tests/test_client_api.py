@@ -30,6 +30,8 @@ CALLS = {"get", "get_with_meta", "put", "delete", "batch", "refresh_ring", "get_
          "txn_status", "exists", "ttl_s", "get_many", "ensure_ring"}
 # Plans that stream: an ``Iterator``, or an ``AsyncIterator`` on the asyncio client.
 STREAMS = {"scan", "scan_pages"}
+# Streams with no plan in ``Operations``: a watch runs over its own connection (client/watch.py).
+WATCHES = {"watch"}
 # Only the client's own state: plain functions on both clients (``close`` does I/O, so awaited).
 LOCAL = {"__init__", "nodes", "replicas"}
 PROPERTIES = {"keyspace", "consistency"}
@@ -46,7 +48,8 @@ def public_names(cls: type) -> set[str]:
 def test_both_clients_have_the_same_public_methods() -> None:
     assert public_names(Client) == public_names(AsyncClient)
     # Every public name is one of the kinds below, so a new method must say which it is.
-    assert public_names(Client) == CALLS | STREAMS | LOCAL | PROPERTIES | TRANSACTIONS | {"close"}
+    assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | PROPERTIES | TRANSACTIONS
+                                    | {"close"})
 
 
 @pytest.mark.parametrize("name", sorted(public_names(Client)))
@@ -69,7 +72,7 @@ def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> N
     assert not any(p.kind is p.VAR_KEYWORD for p in sync_sig.parameters.values()), \
         f"Client.{name} hides its parameters behind **kwargs"
     assert not inspect.iscoroutinefunction(blocking)
-    if name in STREAMS:
+    if name in STREAMS | WATCHES:
         assert not inspect.iscoroutinefunction(asynchronous)
         assert sync_sig.return_annotation.startswith("Iterator[")
         assert async_sig.return_annotation == "Async" + sync_sig.return_annotation

@@ -43,6 +43,7 @@ CLUSTER_ADMIN_ROUTES = frozenset({"status", "metrics", "repair", "repair_status"
 # Routes whose keyspace is in the path (or query), and what they need on it.
 _KEYSPACE_ROUTES: Mapping[str, str] = {
     "get": READ, "scan": READ, "txn_get": READ, "txn_status": READ,
+    "watch": READ, "watch_keyspace": READ,
     "put": WRITE, "delete": WRITE, "txn_put": WRITE, "txn_delete": WRITE,
 }
 

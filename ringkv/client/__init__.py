@@ -55,6 +55,12 @@ What both clients do:
   node that began it; ``run_transaction`` reruns a function after an abort a
   rerun may not meet again, keeping its first priority, and commits at most
   once.
+- **Watches.** ``for event in kv.watch("txn", "user:", prefix=True)`` (``async
+  for`` on ``AsyncClient``) streams every commit to a key or prefix of a
+  transactional keyspace as ``WatchEvent``s (type, key, value, version) in
+  commit-timestamp order over HTTP, and resumes a cut stream, on another
+  node if need be, after the last version received whole: nothing lost,
+  nothing repeated (``client/watch.py``).
 - **The native protocol by default** (``docs/native-protocol.md``): after
   the first ring fetch, requests go over each node's native port (learned
   from the ring), pipelined in ``AsyncClient``; ``protocol="http"`` keeps
@@ -101,6 +107,7 @@ from ringkv.client.types import (
     WriteResult,
 )
 
+from ringkv.client.watch import WatchEvent
 from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 
 # The errors calls raise, importable from here as they were from the old module.
@@ -156,5 +163,6 @@ __all__ = [
     "TxnResult",
     "TxnStatus",
     "Versioned",
+    "WatchEvent",
     "WriteResult",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
+import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -19,6 +21,15 @@ from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
+from ringkv.client.watch import (
+    IDLE_TIMEOUT_S,
+    MAX_WATCH_LINE_BYTES,
+    MAX_RECONNECTS,
+    WATCH_HEADERS,
+    StreamEnded,
+    WatchCore,
+    WatchEvent,
+)
 from ringkv.client.types import (
     BatchResult,
     Key,
@@ -384,6 +395,80 @@ class AsyncClient(ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    # ---- watches (a transactional keyspace's commits, streamed) ------------------
+
+    async def watch(
+        self,
+        keyspace: str,
+        key: str = "",
+        *,
+        prefix: bool = False,
+        from_version: int | None = None,
+        max_reconnects: int = MAX_RECONNECTS,
+    ) -> AsyncIterator[WatchEvent]:
+        """Every commit to ``key`` (or, with ``prefix``, to every key starting with it;
+        ``""``: the whole keyspace) of the transactional ``keyspace``, as ``WatchEvent``s
+        in commit-timestamp order, for as long as the caller iterates.
+
+        ``from_version``: deliver the commits strictly after this version (a commit
+        timestamp, as reads and events report it); None: from now on. A cut
+        connection is resumed, from another node if need be, after the last version
+        received whole: no event is lost or repeated. ``max_reconnects`` in a row
+        without progress raise ``NoNodeAvailable``; a ``from_version`` whose history
+        garbage collection has thinned raises ``Compacted`` (``oldest_version``).
+        """
+        core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
+                         rng=random.Random(), max_reconnects=max_reconnects,
+                         backoff_base_s=self._ops.backoff_base_s,
+                         backoff_max_s=self._ops.backoff_max_s)
+        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
+            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
+            url = urls[attempt % len(urls)]
+            reason = "the stream ended"
+            try:
+                async for event in self._watch_once(core, url):
+                    yield event
+            except StreamEnded as ended:
+                reason = f"the node ended the stream ({ended})"
+            except WatchConnectError as exc:
+                self._ops.router.mark_down(url, self._clock.monotonic_s())
+                reason = str(exc)
+            except (OSError, asyncio.TimeoutError, WatchIOError) as exc:
+                reason = f"connection lost: {exc!r}"
+            await asyncio.sleep(core.reconnect_pause_s(url, reason))
+
+    async def _watch_once(self, core: WatchCore, url: str) -> AsyncIterator[WatchEvent]:
+        """One connection of a watch (its own, outside the pool): its events until the
+        stream ends."""
+        import aiohttp
+        from yarl import URL
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=IDLE_TIMEOUT_S,
+                                        sock_read=IDLE_TIMEOUT_S)
+        connector = aiohttp.TCPConnector(
+            limit=1, ssl=self.ssl_context if self.ssl_context is not None else True)
+        try:
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                             read_bufsize=MAX_WATCH_LINE_BYTES // 2) as session:
+                async with session.get(URL(url + core.path(), encoded=True),
+                                       headers={**self._ops.headers, **WATCH_HEADERS}) as response:
+                    if response.status != 200:
+                        core.refused(response.status, await response.read())
+                        return
+                    while True:  # bounded: each line waits at most IDLE_TIMEOUT_S
+                        raw = await response.content.readline()
+                        if not raw:
+                            return
+                        event = core.line(raw)
+                        if event is not None:
+                            yield event
+        except aiohttp.ClientConnectorError as exc:
+            raise WatchConnectError(f"cannot connect: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise WatchIOError(repr(exc)) from None
+        except ValueError as exc:  # aiohttp: a line over its buffer
+            raise ProtocolError(f"watch event over {MAX_WATCH_LINE_BYTES} bytes: {exc}") from None
+
     # ---- performing the plans' effects ------------------------------------------
 
     def _setup(self) -> None:
@@ -444,6 +529,14 @@ class AsyncClient(ClientBase):
             return Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
         except aiohttp.ClientError as exc:
             return Failure("io", f"connection lost: {exc!r}")
+
+
+class WatchConnectError(Exception):
+    """A watch's connection was refused."""
+
+
+class WatchIOError(Exception):
+    """A watch's connection failed once open."""
 
 
 class AsyncTransaction:

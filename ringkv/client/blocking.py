@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import itertools
+import random
 import select
 import socket
 import ssl
@@ -24,6 +25,15 @@ from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
 from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
+from ringkv.client.watch import (
+    IDLE_TIMEOUT_S,
+    MAX_WATCH_LINE_BYTES,
+    MAX_RECONNECTS,
+    WATCH_HEADERS,
+    StreamEnded,
+    WatchCore,
+    WatchEvent,
+)
 from ringkv.client.types import (
     BatchResult,
     Key,
@@ -383,6 +393,74 @@ class Client(ClientBase):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # ---- watches (a transactional keyspace's commits, streamed) ------------------
+
+    def watch(
+        self,
+        keyspace: str,
+        key: str = "",
+        *,
+        prefix: bool = False,
+        from_version: int | None = None,
+        max_reconnects: int = MAX_RECONNECTS,
+    ) -> Iterator[WatchEvent]:
+        """Every commit to ``key`` (or, with ``prefix``, to every key starting with it;
+        ``""``: the whole keyspace) of the transactional ``keyspace``, as ``WatchEvent``s
+        in commit-timestamp order, for as long as the caller iterates.
+
+        ``from_version``: deliver the commits strictly after this version (a commit
+        timestamp, as reads and events report it); None: from now on. A cut
+        connection is resumed, from another node if need be, after the last version
+        received whole: no event is lost or repeated. ``max_reconnects`` in a row
+        without progress raise ``NoNodeAvailable``; a ``from_version`` whose history
+        garbage collection has thinned raises ``Compacted`` (``oldest_version``).
+        """
+        core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
+                         rng=random.Random(), max_reconnects=max_reconnects,
+                         backoff_base_s=self._ops.backoff_base_s,
+                         backoff_max_s=self._ops.backoff_max_s)
+        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
+            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
+            url = urls[attempt % len(urls)]
+            try:
+                yield from self._watch_once(core, url)
+                reason = "the stream ended"
+            except StreamEnded as ended:
+                reason = f"the node ended the stream ({ended})"
+            except ConnectionRefusedError as exc:
+                self._ops.router.mark_down(url, self._clock.monotonic_s())
+                reason = f"cannot connect: {exc}"
+            except (OSError, http.client.HTTPException) as exc:
+                reason = f"connection lost: {exc!r}"
+            self._clock.sleep_s(core.reconnect_pause_s(url, reason))
+
+    def _watch_once(self, core: WatchCore, url: str) -> Iterator[WatchEvent]:
+        """One connection of a watch: its events until the stream ends."""
+        parts = urlsplit(url)
+        host, scheme = parts.hostname or "", parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=IDLE_TIMEOUT_S,
+                                               context=self._tls_for(url))
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=IDLE_TIMEOUT_S)
+        try:
+            conn.request("GET", core.path(), headers={**self._ops.headers, **WATCH_HEADERS})
+            response = conn.getresponse()
+            if response.status != 200:
+                core.refused(response.status, response.read())
+                return
+            while True:  # bounded: each line waits at most IDLE_TIMEOUT_S (progress comes each second)
+                raw = response.readline(MAX_WATCH_LINE_BYTES)
+                if not raw:
+                    return
+                event = core.line(raw)
+                if event is not None:
+                    yield event
+        finally:
+            conn.close()
 
     # ---- performing the plans' effects ------------------------------------------
 

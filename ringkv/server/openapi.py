@@ -23,6 +23,7 @@ from ringkv.errors import (
     Aborted,
     BadRequest,
     ClockUncertain,
+    Compacted,
     ConditionFailed,
     CorruptRecord,
     CrossRange,
@@ -379,6 +380,38 @@ def _operation(route: str, summary: str, *, params: Sequence[dict[str, Any]] = (
     return operation
 
 
+def _watch_operations(tags: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``GET /v1/watch/...`` (``server/watch_http.py``): a stream of commits."""
+    event = _object({"type": {"enum": ["put", "delete", "progress", "error"]},
+                     "key": {"type": "string"}, "value": _ref("Value"),
+                     "version": {"type": "integer"}, "error": _ref("AnyObject")},
+                    ["type"], closed=False)
+    streams = {"200": {"description": (
+        "one event a line: progress (where the stream starts, then each second when "
+        "idle), put and delete in (version, key) order; an error event (watcher_too_slow, "
+        "shutting_down, compacted ...) with last_version ends a stream the node ends"),
+        "content": {NDJSON: {"schema": event},
+                    "text/event-stream": {"schema": {"type": "string"}}}}}
+    params = [_param("prefix", "query", {"type": "string", "enum": ["true", "false", "1", "0"]},
+                     "every key starting with the path's key"),
+              _param("from_version", "query",
+                     {"type": "integer", "minimum": 0, "maximum": MAX_TIMESTAMP_US},
+                     "the commits strictly after this version (µs); absent: from now"),
+              _param("format", "query", {"type": "string", "enum": ["ndjson", "sse"]},
+                     "ndjson (the default) or sse (as Accept: text/event-stream)"),
+              _param("Last-Event-ID", "header", {"type": "string"},
+                     "an EventSource reconnecting: from_version when that is absent")]
+    errors = [Compacted, *TXN_ERRORS]
+    return {
+        "/v1/watch/{keyspace}/{key}": {"get": _operation(
+            "watch", "Stream the commits to a key (or a prefix) of a transactional keyspace",
+            params=[KEYSPACE_PATH, KEY_PATH, *params], ok=streams, errors=errors, tags=tags)},
+        "/v1/watch/{keyspace}": {"get": _operation(
+            "watch_keyspace", "Stream every commit to a transactional keyspace",
+            params=[KEYSPACE_PATH, *params], ok=streams, errors=errors, tags=tags)},
+    }
+
+
 def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """path -> method -> operation; operationId is the aiohttp route's name."""
     kv, txn, cluster, admin, auth = ["kv"], ["txn"], ["cluster"], ["admin"], ["auth"]
@@ -471,6 +504,7 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
                             "commit_ts": {"type": ["integer", "null"]},
                             "range": {}}, ["id", "status"], closed=False), "its status"),
             errors=TXN_ERRORS, tags=txn)},
+        **_watch_operations(txn),
         "/v1/txn/begin": {"post": _operation(
             "txn_begin", "Begin an interactive transaction on this node",
             params=[IDEMPOTENCY], body=_json_body(_ref("BeginBody"), required=False),

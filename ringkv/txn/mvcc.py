@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-from ringkv.errors import CorruptRecord, SnapshotTooOld
+from ringkv.errors import Compacted, CorruptRecord, SnapshotTooOld
 from ringkv.ring import token_for
 from ringkv.storage.engine import Engine
 from ringkv.txn import mvcc_keys
@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# A page of changes (a watch's poll of one range) holds about this much at most: a
+# whole transaction always fits (its request is at most limits.max_request_bytes),
+# and the page stays well below an internode frame (ringkv.limits.MAX_FRAME_BYTES).
+CHANGES_MAX_BYTES = 8 * 1024 * 1024
 SCAN_MAX_EXAMINED = 10_000  # records and seeks one scan page may spend, whatever it finds
 # Versions a scan steps over within one key before it seeks past them instead
 # (CockroachDB's scanner does the same: next a few times, then seek).
@@ -74,6 +78,21 @@ class ScanPage(NamedTuple):
     resume_after: tuple[int, bytes] | None
 
 
+class ChangeItem(NamedTuple):
+    """One committed write, as a watch sees it: ``value`` None is a delete."""
+
+    key: bytes
+    value: bytes | None
+    commit_ts_us: int
+
+
+class ChangesPage(NamedTuple):
+    # The changes with commit timestamps in (since, complete_through_us], all of them,
+    # in (commit_ts_us, key) order.
+    items: list[ChangeItem]
+    complete_through_us: int
+
+
 class GcResult(NamedTuple):
     deleted: int
     examined: int
@@ -88,6 +107,18 @@ class MvccStats:
     gc_examined: int = 0
     gc_deleted: int = 0
     corrupt_records: int = 0
+
+
+def _page_cut(found: list[tuple[int, bytes, bytes | None]], limit: int, max_bytes: int) -> int:
+    """How many of ``found`` (sorted) one page holds: at most ``limit`` and
+    ``max_bytes``, but never fewer than the first version's writes (one
+    transaction: a page that cut it would never move past it)."""
+    size = 0
+    for i, (ts_us, key, value) in enumerate(found):
+        size += len(key) + (0 if value is None else len(value))
+        if (i >= limit or size > max_bytes) and ts_us != found[0][0]:
+            return i
+    return len(found)
 
 
 class MvccStore:
@@ -217,6 +248,102 @@ class MvccStore:
             raise CorruptRecord(f"a scan of {keyspace!r} met only damaged MVCC keys")
         _, token, key = mvcc_keys.parse_key_prefix(done)
         return ScanPage(items, (token, key))
+
+    # -- changes (watches) -------------------------------------------------
+
+    async def changes(self, keyspace: str, start_exclusive: int, end_inclusive: int,
+                      since_us: int, upto_us: int, *, prefix: bytes = b"",
+                      exact: bytes | None = None, limit: int,
+                      max_bytes: int = CHANGES_MAX_BYTES) -> ChangesPage:
+        """``changes_now``, off the event loop when the engine may block."""
+        return await self._run(
+            lambda: self.changes_now(keyspace, start_exclusive, end_inclusive, since_us, upto_us,
+                                     prefix=prefix, exact=exact, limit=limit,
+                                     max_bytes=max_bytes))
+
+    def changes_now(self, keyspace: str, start_exclusive: int, end_inclusive: int,
+                    since_us: int, upto_us: int, *, prefix: bytes = b"",
+                    exact: bytes | None = None, limit: int,
+                    max_bytes: int = CHANGES_MAX_BYTES) -> ChangesPage:
+        """Every version committed in (since_us, upto_us] of the keys starting with
+        ``prefix`` (or of the one key ``exact``) whose tokens are in
+        (start_exclusive, end_inclusive] (a ring range: it may wrap): puts and tombstones, ordered by
+        (commit_ts_us, key).
+
+        At most ``limit`` of them and ``max_bytes`` of keys and values (but
+        always the first transaction whole): when there are more, the page holds the ones
+        with the lowest timestamps and ``complete_through_us`` says up to where it
+        is complete (every change at or below it is in the page). Raises
+        ``Compacted`` when GC has collected above ``since_us``: a version above
+        it may be gone. The caller checks that the store has applied everything
+        up to ``upto_us`` (safe time). Each key costs one or two seeks, plus its
+        versions in the window: no index by timestamp is kept (it would have to
+        travel with Paxos snapshots), so a prefix watch's cost grows with the
+        keys of the range.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if since_us < 0:
+            raise ValueError(f"since_us {since_us} is below zero")
+        threshold_us = self._threshold(keyspace)
+        if since_us < threshold_us:
+            raise Compacted(
+                f"changes of {keyspace!r} after {since_us} are compacted: versions at or below "
+                f"{threshold_us} have been garbage-collected (txn.mvcc_gc_s)",
+                from_version=since_us, oldest_version=threshold_us)
+        upto_us = min(upto_us, mvcc_keys.MAX_TS_US)
+        if upto_us <= since_us:
+            return ChangesPage([], max(since_us, upto_us))
+        found: list[tuple[int, bytes, bytes | None]] = []
+        if exact is not None:
+            self._key_changes(mvcc_keys.key_prefix(keyspace, token_for(exact), exact), exact,
+                              since_us, upto_us, found)
+        else:
+            for lo, hi in mvcc_keys.token_range_bounds(keyspace, start_exclusive, end_inclusive):
+                position = lo
+                while position < hi:  # bounded: each round moves past a key (or a damaged record)
+                    head = next(iter(self._engine.scan(position, hi, limit=1)), None)
+                    if head is None:
+                        break
+                    raw = head[0]
+                    try:
+                        owner, _ = mvcc_keys.split_version_key(raw)
+                        _, _, key = mvcc_keys.parse_key_prefix(owner)
+                    except CorruptRecord:
+                        self._count_corrupt(raw)
+                        position = raw + b"\x00"
+                        continue
+                    if key.startswith(prefix):
+                        self._key_changes(owner, key, since_us, upto_us, found)
+                        if len(found) > 2 * limit + 2:  # memory stays bounded: keep the lowest
+                            found.sort(key=lambda change: (change[0], change[1]))
+                            first_us = found[0][0]
+                            del found[max(limit + 1, sum(c[0] == first_us for c in found)):]
+                    position = mvcc_keys.key_prefix_end(owner)
+        found.sort(key=lambda change: (change[0], change[1]))
+        complete_us = upto_us
+        cut = _page_cut(found, limit, max_bytes)
+        if cut < len(found):
+            # Everything below the first version left out is in the page; that
+            # version's other writes (one transaction) go together next time.
+            complete_us = found[cut][0] - 1
+            found = [change for change in found[:cut] if change[0] <= complete_us]
+        return ChangesPage([ChangeItem(key, value, ts) for ts, key, value in found],
+                           max(complete_us, since_us))
+
+    def _key_changes(self, owner: bytes, key: bytes, since_us: int, upto_us: int,
+                     found: list[tuple[int, bytes, bytes | None]]) -> None:
+        """The versions of one key in (since_us, upto_us], appended to ``found``:
+        they lie between two seeks (newest first)."""
+        for raw, record in self._engine.scan(mvcc_keys.seek_key(owner, upto_us),
+                                             mvcc_keys.seek_key(owner, since_us)):
+            try:
+                _, ts_us = mvcc_keys.split_version_key(raw)
+                value = mvcc_keys.decode_record(record)
+            except CorruptRecord:
+                self._count_corrupt(raw)
+                continue
+            found.append((ts_us, key, value))
 
     def _scan_item(self, raw: bytes, prefix: bytes, ts_us: int, record: bytes) -> MvccItem | None:
         try:

@@ -180,6 +180,19 @@ def range_bounds(keyspace: str, start_exclusive: int, end_inclusive: int) -> tup
     return lo, max(lo, hi)
 
 
+def token_range_bounds(keyspace: str, start_exclusive: int, end_inclusive: int
+                       ) -> list[tuple[bytes, bytes]]:
+    """Engine bounds [lo, hi) of a ring range (start_exclusive, end_inclusive], which
+    may wrap past the ring's end (start == end: the whole ring), in key order."""
+    if start_exclusive == end_inclusive:
+        return [keyspace_bounds(keyspace)]
+    if start_exclusive < end_inclusive:
+        return [range_bounds(keyspace, start_exclusive, end_inclusive)]
+    # (start, MAX] and [MIN, end]: the second sorts first.
+    return [range_bounds(keyspace, MIN_TOKEN - 1, end_inclusive),
+            range_bounds(keyspace, start_exclusive, MAX_TOKEN)]
+
+
 def check_ts(ts_us: int) -> None:
     if not 0 <= ts_us <= MAX_TS_US:
         raise ValueError(f"commit timestamp {ts_us} is outside [0, {MAX_TS_US}] microseconds")

@@ -170,6 +170,8 @@ PING_TIMEOUT_S = 1.0
 WAIT_STEP_S = 0.005  # polling step while waiting for a leader or for applies, within the deadline
 LEADER_WAIT_STEP_S = 0.05
 MAX_HOPS = 2
+CHANGES = "changes"  # a watch's poll: served like a snapshot read (``_changes``)
+SNAPSHOT_KINDS = frozenset({"snapshot_get", CHANGES})
 _TS = struct.Struct(">Q")
 
 
@@ -232,7 +234,7 @@ class TxnFaults:
 class Op:
     """One transactional operation, as it travels to the leader."""
 
-    kind: str  # get, snapshot_get, txn, status
+    kind: str  # get, snapshot_get, changes, txn, status
     keyspace: str
     request: TxnRequest | None = None
     key: bytes = b""
@@ -245,6 +247,13 @@ class Op:
     lock_writes: tuple[bytes, ...] = ()  # tx_lock: keys it will write (exclusive locks)
     first: bool = True  # tx_lock: its first operation in this range
     commit: CommitRequest | None = None  # tx_commit: for the coordinator group
+    # changes (a watch's poll, ``txn/watch.py``): the committed writes in
+    # (since_us, snapshot_ts_us] of ``key`` or, with ``prefix``, of every key that
+    # starts with it in the range ending at ``range_end``; at most ``limit``.
+    since_us: int = 0
+    prefix: bool = False
+    range_end: int | None = None
+    limit: int = 0
 
     def to_wire(self, hops: int, timeout_s: float) -> dict[str, Any]:
         wire: dict[str, Any] = {"k": self.kind, "ks": self.keyspace, "h": hops, "t": timeout_s,
@@ -255,6 +264,8 @@ class Op:
                         lw=list(self.lock_writes), f=self.first)
         if self.commit is not None:
             wire["cm"] = encode_2pc(self.commit)
+        if self.kind == CHANGES:
+            wire["ch"] = [self.since_us, self.prefix, self.range_end, self.limit]
         if self.request is not None:
             r = self.request
             wire["req"] = {
@@ -285,6 +296,10 @@ class Op:
                 if not isinstance(commit, CommitRequest):
                     raise ValueError("cm is not a commit request")
                 extra["commit"] = commit
+            if raw.get("ch") is not None:
+                since_us, prefix, range_end, limit = raw["ch"]
+                extra.update(since_us=int(since_us), prefix=bool(prefix), limit=int(limit),
+                             range_end=None if range_end is None else int(range_end))
             op = Op(str(raw["k"]), str(raw["ks"]), req, bytes(raw["key"]), raw["sts"],
                     raw["stale"], raw["id"], **extra)
             return op, int(raw["h"]), float(raw["t"])
@@ -342,7 +357,8 @@ class TxnService:
                       "strong_reads": 0, "snapshot_reads": 0, "pings": 0, "ping_failures": 0,
                       "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0,
                       "cross_range_commits": 0, "cross_range_aborts": 0, "twopc_rejected": 0,
-                      "read_only_txns": 0, "gc_versions_deleted": 0, "outcomes_expired": 0}
+                      "read_only_txns": 0, "gc_versions_deleted": 0, "outcomes_expired": 0,
+                      "watch_polls": 0, "watches_open": 0, "watchers_too_slow": 0}
         self._cross = CrossRangeTxn(self._execute_at, clock=clock,
                                     max_retries=config.txn.max_conflict_retries,
                                     spawn=self._spawn, stats=self.stats,
@@ -953,8 +969,11 @@ class TxnService:
                 txn_id = op.request.txn_id or self.new_txn_id()
                 return await self._cross.run(op.request, txn_id, grouped, deadline_s)
         keys = [op.key] if op.request is None else op.request.keys()
-        rng = self.range_of(op.keyspace, keys)
-        snapshot = op.kind == "snapshot_get"
+        if op.kind == CHANGES and op.prefix:
+            rng = self._range_ending(op.keyspace, op.range_end)
+        else:
+            rng = self.range_of(op.keyspace, keys)
+        snapshot = op.kind in SNAPSHOT_KINDS
         failed: set[str] = set()
         while True:
             refusal = self._refusal(rng)
@@ -1022,8 +1041,15 @@ class TxnService:
             raise ProtocolError("malformed answer to a transactional operation", field="answer")
         return answer
 
+    def _range_ending(self, keyspace: str, end: int | None) -> Range:
+        for rng in self.range_map(keyspace).ranges:
+            if rng.end == end:
+                return rng
+        raise ProtocolError(f"keyspace {keyspace!r} has no range ending at {end}",
+                            field="range_end")
+
     def _snapshot_ready(self, runner: GroupRunner, op: Op, now: TTInterval) -> bool:
-        if op.kind != "snapshot_get":
+        if op.kind not in SNAPSHOT_KINDS:
             return False
         return self.faults.ignore_safe_time or runner.applied_ts_us >= self._snapshot_ts(op, now)
 
@@ -1039,6 +1065,8 @@ class TxnService:
                      now: TTInterval) -> dict[str, Any]:
         if op.kind == "snapshot_get":
             return await self._snapshot_get(group, op, deadline_s, now)
+        if op.kind == CHANGES:
+            return await self._changes(group, rng, op, deadline_s, now)
         if op.kind == "status":
             assert op.txn_id is not None
             return await self._status(group, op.txn_id, deadline_s)
@@ -1089,6 +1117,44 @@ class TxnService:
     async def _snapshot_get(self, group: _Group, op: Op, deadline_s: float,
                             now: TTInterval) -> dict[str, Any]:
         runner = group.runner
+        at_us = await self._snapshot_at(group, op, deadline_s, now)
+        version = self.mvcc.read(op.keyspace, op.key, at_us)
+        self.stats["snapshot_reads"] += 1
+        receipt = {"replica": self.node_id, "read_ts": at_us, "safe_ts": runner.applied_ts_us,
+                   "range": runner.group_id}
+        if version is None:
+            raise NotFound(f"key {op.key.decode(errors='replace')!r} not found in "
+                           f"{op.keyspace!r} at {at_us}", receipt=receipt)
+        return {"key": op.key, "value": version.value, "version": version.commit_ts_us,
+                "receipt": receipt}
+
+    async def _changes(self, group: _Group, rng: Range, op: Op, deadline_s: float,
+                       now: TTInterval) -> dict[str, Any]:
+        """A watch's poll: the committed writes in (since, at] once this replica's
+        safe time has passed ``at``, so no write at or below it is still to come."""
+        if op.snapshot_ts_us is None or op.limit < 1:
+            raise ProtocolError("a changes operation names its timestamp and limit",
+                                field="sts")
+        at_us = await self._snapshot_at(group, op, deadline_s, now)
+        page = await self.mvcc.changes(
+            op.keyspace, rng.start, rng.end, op.since_us, at_us,
+            prefix=op.key if op.prefix else b"", exact=None if op.prefix else op.key,
+            limit=op.limit)
+        self.stats["watch_polls"] += 1
+        return {"items": [[item.key, item.value, item.commit_ts_us] for item in page.items],
+                "complete": page.complete_through_us, "replica": self.node_id,
+                "range": group.runner.group_id}
+
+    def snapshot_now_us(self) -> int:
+        """A timestamp no commit answered so far is above (``TT.now().latest``): a watch
+        reads up to it. Raises ClockUncertain while TrueTime fences this node."""
+        return self._fenced_now().latest_us
+
+    async def _snapshot_at(self, group: _Group, op: Op, deadline_s: float,
+                           now: TTInterval) -> int:
+        """The timestamp a snapshot read of ``op`` is served at, once this replica
+        may serve it there: everything committed at or below it is applied here."""
+        runner = group.runner
         if op.snapshot_ts_us is not None:
             at_us = op.snapshot_ts_us
         elif runner.is_leader():
@@ -1123,15 +1189,7 @@ class TxnService:
             await self._clock.sleep(WAIT_STEP_S)
         if self.faults.on_snapshot_read is not None:
             self.faults.on_snapshot_read(runner.group_id, at_us)
-        version = self.mvcc.read(op.keyspace, op.key, at_us)
-        self.stats["snapshot_reads"] += 1
-        receipt = {"replica": self.node_id, "read_ts": at_us, "safe_ts": runner.applied_ts_us,
-                   "range": runner.group_id}
-        if version is None:
-            raise NotFound(f"key {op.key.decode(errors='replace')!r} not found in "
-                           f"{op.keyspace!r} at {at_us}", receipt=receipt)
-        return {"key": op.key, "value": version.value, "version": version.commit_ts_us,
-                "receipt": receipt}
+        return at_us
 
     async def _caught_up(self, runner: GroupRunner, deadline_s: float) -> None:
         """Wait until every slot this leader has proposed is applied here."""
