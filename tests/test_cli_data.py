@@ -69,7 +69,7 @@ EXPECTED_EXIT = {
     "repair_running": EXIT_ERROR, "replica_down": EXIT_UNAVAILABLE,
     "topology_refused": EXIT_ERROR, "unauthenticated": EXIT_UNAUTHORIZED,
     "forbidden": EXIT_UNAUTHORIZED, "too_many_attempts": EXIT_UNAUTHORIZED,
-    "snapshot_refused": EXIT_ERROR,
+    "snapshot_refused": EXIT_ERROR, "compacted": EXIT_ERROR,
 }
 
 
