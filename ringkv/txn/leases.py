@@ -49,18 +49,39 @@ from ringkv.txn.requests import Condition, TxnRequest, Write, comparable_json
 from ringkv.txn.truetime import TTInterval
 
 __all__ = [
-    "RESERVED_PREFIX", "DIRECTORY_KEY", "LeaseId", "LeaseRecord", "Directory", "new_id",
-    "parse_id", "record_key", "is_reserved", "encode_record", "decode_record", "expires_at_us",
-    "is_expired", "remaining_ms", "renewed", "attached", "still_attached", "grant_txn",
-    "keepalive_txn", "attach_txn", "expiry_txn", "encode_directory", "decode_directory",
-    "prune_txn", "expired_error",
+    "DIRECTORY_KEY",
+    "RESERVED_PREFIX",
+    "Directory",
+    "LeaseId",
+    "LeaseRecord",
+    "attach_txn",
+    "attached",
+    "decode_directory",
+    "decode_record",
+    "encode_directory",
+    "encode_record",
+    "expired_error",
+    "expires_at_us",
+    "expiry_txn",
+    "grant_txn",
+    "is_expired",
+    "is_reserved",
+    "keepalive_txn",
+    "new_id",
+    "parse_id",
+    "prune_txn",
+    "record_key",
+    "remaining_ms",
+    "renewed",
+    "still_attached",
 ]
 
 RESERVED_PREFIX = b"\x00lease/"
 DIRECTORY_KEY = RESERVED_PREFIX + b"dir"
 _RECORD_PREFIX = RESERVED_PREFIX + b"r/"
 # "<keyspace>:<16 hex digits>": the keyspace (a keyspace name has no ':') and a random tag.
-_ID = re.compile(r"^([A-Za-z0-9_.~-]{1,48}):([0-9a-f]{16})$")
+LEASE_ID_PATTERN = r"^([A-Za-z0-9_.~-]{1,48}):([0-9a-f]{16})$"
+_ID = re.compile(LEASE_ID_PATTERN)
 MIN_TTL_S = 1
 
 
