@@ -276,6 +276,8 @@ class LeaseService:
                     await self.sweep(keyspace)
                 except RingKVError as exc:  # no leader yet, a peer down: next sweep
                     log.debug("lease sweep of %s: %s", keyspace, exc)
+                except Exception:  # a bug must not end the sweeps for good
+                    log.exception("lease sweep of %s failed", keyspace)
 
 
 def lease_of(body: Mapping[str, Any]) -> L.LeaseId | None:
