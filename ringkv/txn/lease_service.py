@@ -8,8 +8,10 @@ another, a grant against another grant's directory) is planned again from a
 fresh read, a bounded number of times.
 
 The sweeper runs on every node but works only where this node leads the range
-of the keyspace's lease directory, every ``txn.lease_sweep_ms``: it reads the
-directory and every lease record in one serializable read, and for each lease
+of the keyspace's lease directory, every ``txn.lease_sweep_ms``: when its own
+copy of the directory lists any lease (a local read: a keyspace without
+leases costs no transaction), it reads the directory and every lease record
+in serializable reads, and for each lease
 that ``TT.now()`` says has certainly expired, runs the expiry transaction
 (conditioned on the record's version, so a keepalive that committed first
 wins). Two sweepers at once (a leadership change) are safe: the second one's
@@ -215,6 +217,12 @@ class LeaseService:
         """Expire every lease of ``keyspace`` that has certainly expired, if this node
         leads the directory's range; prune the directory. How many it expired."""
         if not self._txn.leads(keyspace, L.DIRECTORY_KEY):
+            return 0
+        # A local look first (the leader has applied the directory's last write, or
+        # will within a sweep): a keyspace that never had a lease costs no transaction.
+        local = self._txn.mvcc.latest_version(keyspace, L.DIRECTORY_KEY)
+        if local is None or local.value is None or not L.decode_directory(
+                local.value, local.commit_ts_us).tags:
             return 0
         started_s = self._clock.monotonic_s()
         found = await self._read(keyspace, [L.DIRECTORY_KEY], started_s)
