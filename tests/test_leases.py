@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from ringkv.client import AsyncClient, Client
+from ringkv.client import AsyncClient, Client, LeaseExpired
 from ringkv.tools.launcher import free_port_block
 from ringkv.tools.local_cluster import LocalCluster
 from tests.procs import http, wait_until
@@ -203,6 +203,23 @@ def test_revoke_deletes_at_once_and_a_dead_lease_refuses_keepalive_and_puts(
     assert status == 404 and body["error"]["code"] == "lease_expired"
 
 
+def test_the_blocking_clients_lease_over_either_protocol(cluster: LocalCluster) -> None:
+    a, b, _ = cluster.procs
+    for protocol in ("native", "http"):
+        with Client([a.url, b.url], keyspace=KS, protocol=protocol) as kv:
+            with kv.lease(30) as lease:
+                kv.put(f"blk/{protocol}", 1, lease=lease)
+                assert lease.keepalive() > 29_000
+                assert lease.info()["keys"] == [f"blk/{protocol}"]
+                assert kv.get(f"blk/{protocol}") == 1
+            assert kv.get(f"blk/{protocol}") is None  # revoked on exit
+            with pytest.raises(LeaseExpired) as caught:
+                lease.keepalive()
+            assert caught.value.lease == lease.id
+            with pytest.raises(LeaseExpired):
+                kv.put(f"blk/{protocol}", 2, lease=lease.id)
+
+
 def test_the_async_clients_lease_is_renewed_by_a_task_and_revoked_on_exit(
         cluster: LocalCluster) -> None:
     a, b, _ = cluster.procs
@@ -237,3 +254,9 @@ def test_bad_lease_input_names_the_field(cluster: LocalCluster) -> None:
     status, answer = http("POST", f"{a.url}/v1/txn", {"keyspace": KS, "writes": [
         {"op": "delete", "key": "\x00lease/dir"}]})
     assert status == 400 and answer["error"]["field"] == "writes[0].key", answer
+    status, began = http("POST", f"{a.url}/v1/txn/begin", {"keyspace": KS})
+    assert status == 200, began
+    status, answer = http("PUT", f"{a.url}/v1/txn/{began['txn_id']}/kv/{KS}/%00lease%2Fr%2Fx",
+                          {"value": 1})
+    assert status == 400 and answer["error"]["field"] == "key", answer
+    assert http("POST", f"{a.url}/v1/txn/{began['txn_id']}/abort")[0] == 200

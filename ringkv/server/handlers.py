@@ -652,6 +652,7 @@ async def _session_write(call: ApiCall, value: bytes | None) -> Answer:
     node = call.node
     txn_id = _session(call)
     keyspace = _txn_keyspace(call)
+    tv.check_not_reserved(call.key, field="key")
     deadline_s = call.started_s + _txn_timeout_s(node)
     result = await _in_txn(call, txn_id, node.txn.sessions.write(
         txn_id, keyspace, call.key, value, deadline_s))
