@@ -27,8 +27,8 @@ from ringkv.server import idempotency
 from ringkv.server import txn_validation as tv
 from ringkv.server import validation as v
 from ringkv.server.status import client_address, cluster_status, ring_view
-from ringkv.txn.requests import Condition, TxnRequest, Write
 from ringkv.txn.lease_service import lease_of
+from ringkv.txn.requests import Condition, TxnRequest, Write
 from ringkv.txn.service import Op
 from ringkv.versioning import Cell
 

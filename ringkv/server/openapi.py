@@ -28,8 +28,8 @@ from ringkv.errors import (
     CorruptRecord,
     CrossRange,
     Forbidden,
-    LeaseExpired,
     HeaderTooLarge,
+    LeaseExpired,
     MethodNotAllowed,
     NoLeader,
     NotFound,
@@ -65,8 +65,8 @@ from ringkv.server.validation import (
 )
 from ringkv.storage.snapshot_manifest import _NAME as SNAPSHOT_NAME
 from ringkv.storage.snapshot_manifest import MAX_NAME_LENGTH as MAX_SNAPSHOT_NAME_CHARS
-from ringkv.txn.requests import CONDITION_KINDS
 from ringkv.txn.leases import LEASE_ID_PATTERN
+from ringkv.txn.requests import CONDITION_KINDS
 
 # idempotency.py's header names and key bound, written out here because that module
 # holds the (asyncio) cache and this one stays pure; tests/test_openapi.py checks both agree.
