@@ -44,6 +44,7 @@ pytestmark = pytest.mark.cluster
 KS = "ls"
 TTL_S = 2
 SWEEP_MS = 100
+MAX_KEYS = 8
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,7 +53,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     tmp: Path = tmp_path_factory.mktemp("leases")
     overrides: dict[str, Any] = {
         f"keyspaces.{KS}": {"replication_factor": 3, "tier": "transactional", "ranges": 3},
-        "txn.lease_s": 2.0, "txn.lease_sweep_ms": SWEEP_MS}
+        "txn.lease_s": 2.0, "txn.lease_sweep_ms": SWEEP_MS,
+        "txn.max_keys_per_lease": MAX_KEYS}
     cluster = LocalCluster(tmp, nodes=3, rf=3, base_client_port=free_port_block(3),
                            base_internode_port=free_port_block(3), config_overrides=overrides)
     try:
@@ -201,6 +203,26 @@ def test_revoke_deletes_at_once_and_a_dead_lease_refuses_keepalive_and_puts(
     assert time.monotonic() - started < 1 + 1.0
     status, body = http("POST", f"{b.url}/v1/lease/{short}/keepalive", {})
     assert status == 404 and body["error"]["code"] == "lease_expired"
+
+
+def test_a_full_lease_refuses_a_key_until_one_of_its_keys_is_detached(
+        cluster: LocalCluster) -> None:
+    a = cluster.procs[0]
+    lease = http("POST", f"{a.url}/v1/lease", {"ttl": 30, "keyspace": KS})[1]["id"]
+    for i in range(MAX_KEYS):
+        assert http("PUT", f"{a.url}/v1/kv/{KS}/full/k{i}", {"value": i, "lease": lease})[0] == 200
+    # Attaching a key already attached takes no new place.
+    assert http("PUT", f"{a.url}/v1/kv/{KS}/full/k0", {"value": 0, "lease": lease})[0] == 200
+    status, body = http("PUT", f"{a.url}/v1/kv/{KS}/full/more", {"value": 1, "lease": lease})
+    assert status == 413 and body["error"]["field"] == "lease", body
+    assert http("PUT", f"{a.url}/v1/kv/{KS}/full/k1", {"value": "detached"})[0] == 200
+    status, body = http("PUT", f"{a.url}/v1/kv/{KS}/full/more", {"value": 1, "lease": lease})
+    assert status == 200, body
+    keys = http("GET", f"{a.url}/v1/lease/{lease}")[1]["keys"]
+    assert "full/k1" not in keys and "full/more" in keys and len(keys) == MAX_KEYS
+    deleted = http("DELETE", f"{a.url}/v1/lease/{lease}")[1]["deleted"]
+    assert sorted(deleted) == sorted(keys)
+    assert http("GET", f"{a.url}/v1/kv/{KS}/full/k1")[1]["value"] == "detached"
 
 
 def test_the_blocking_clients_lease_over_either_protocol(cluster: LocalCluster) -> None:

@@ -175,3 +175,13 @@ def test_a_keepalive_and_an_expiry_planned_together_never_both_commit() -> None:
     assert L.expires_at_us(renewed, S + 50) == S + 50 + 2_000_000
     current = {k: (c.value, c.version_us) for k, c in after.items()}
     assert L.still_attached(renewed, S + 50, current) == {b"a": S}
+
+
+def test_a_full_lease_drops_its_detached_keys_to_take_another() -> None:
+    current = {k: (c.value, c.version_us) for k, c in STATE.items()}
+    slim = L.pruned(RECORD, RECORD_VERSION, current)
+    assert slim.keys == {b"a": S}  # b overwritten, c deleted: detached
+    assert L.expires_at_us(slim, S + 99) == L.expires_at_us(RECORD, RECORD_VERSION)
+    with pytest.raises(TooLarge):
+        L.attached(RECORD, RECORD_VERSION, b"e", max_keys=3)
+    assert L.attached(slim, RECORD_VERSION, b"e", max_keys=3).keys == {b"a": S, b"e": None}

@@ -148,6 +148,9 @@ class LeaseService:
             record, version = await self._record(lease, started_s)
             if L.is_expired(record, version, self._txn.tt_now()):
                 raise L.expired_error(lease)
+            if key not in record.keys and len(record.keys) >= self._config.txn.max_keys_per_lease:
+                current = await self._read(keyspace, sorted(record.keys), started_s)
+                record = L.pruned(record, version, current)  # detached keys free their places
             request = L.attach_txn(keyspace, lease, record, version, key, value, conditions,
                                    self._config.txn.max_keys_per_lease)
             try:

@@ -203,6 +203,15 @@ def still_attached(record: LeaseRecord, version_us: int,
     return out
 
 
+def pruned(record: LeaseRecord, version_us: int,
+           current: Mapping[bytes, tuple[bytes | None, int | None]]) -> LeaseRecord:
+    """The record without the keys detached since (a later write gave them a newer
+    version; none can get the attaching version back), its deadline unchanged: what
+    an attach to a full lease writes, so detached keys do not hold its places."""
+    return LeaseRecord(record.ttl_s, expires_at_us(record, version_us),
+                       dict(still_attached(record, version_us, current)))
+
+
 # -- the transactions --------------------------------------------------------------------------
 
 
