@@ -403,8 +403,14 @@ class AsyncClient(ClientBase):
     # ---- session leases (keys that go when their owner stops renewing) -----------
 
     async def lease(self, ttl_s: int, *, keyspace: str | None = None) -> AsyncLease:
-        """Grant a session lease of ``ttl_s`` seconds (``Client.lease``); as an async
-        context manager, a task renews it every third of its TTL, and it is revoked on exit."""
+        """Grant a session lease of ``ttl_s`` seconds on a transactional keyspace.
+
+        Put keys with ``put(..., lease=lease)``; they are deleted together (one
+        transaction) once the lease expires or is revoked. Used as a context
+        manager (``async with`` on the asyncio client), it is renewed every third
+        of its TTL in the background (a thread; on the asyncio client, a task)
+        and revoked on exit.
+        """
         answer = await self._call(self._ops.lease_grant(ttl_s, keyspace=keyspace))
         return AsyncLease(self, str(answer["id"]), int(answer["ttl"]))
 

@@ -406,8 +406,9 @@ class Client(ClientBase):
 
         Put keys with ``put(..., lease=lease)``; they are deleted together (one
         transaction) once the lease expires or is revoked. Used as a context
-        manager, a background thread renews it every third of its TTL and
-        ``revoke`` runs on exit.
+        manager (``async with`` on the asyncio client), it is renewed every third
+        of its TTL in the background (a thread; on the asyncio client, a task)
+        and revoked on exit.
         """
         answer = self._call(self._ops.lease_grant(ttl_s, keyspace=keyspace))
         return Lease(self, str(answer["id"]), int(answer["ttl"]))
