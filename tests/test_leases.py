@@ -167,6 +167,10 @@ def test_a_dead_owners_keys_vanish_together_and_an_overwritten_key_survives(
         status, body = http("POST", f"{a.url}/v1/lease/{lease_id}/keepalive", {})
         assert status == 404 and body["error"]["code"] == "lease_expired"
         assert body["error"]["lease"] == lease_id
+        # One node's sweeper expired it (GET /v1/status counts it).
+        expired = sum(http("GET", f"{p.url}/v1/status")[1]["transactional"]["stats"]
+                      ["leases_expired"] for p in cluster.procs)
+        assert expired >= 1
     finally:
         if child.poll() is None:
             child.kill()

@@ -51,7 +51,10 @@ class LeaseService:
         # nothing from the node's, so the simulator's other draws are unchanged.
         self._rng = random.Random(f"lease:{node_id}:{clock.wall_us()}")
         self._task: asyncio.Task[None] | None = None
-        self.stats = {"granted": 0, "renewed": 0, "revoked": 0, "expired": 0, "sweeps": 0}
+        # The tier's counters (GET /v1/status, "transactional"."stats"), as watches' are.
+        self.stats = txn.stats
+        for name in ("leases_granted", "leases_renewed", "leases_revoked", "leases_expired"):
+            self.stats.setdefault(name, 0)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class LeaseService:
             except ConditionFailed:
                 await self._backoff(attempt + 1)  # another grant changed the directory
                 continue
-            self.stats["granted"] += 1
+            self.stats["leases_granted"] += 1
             return {"ok": True, "id": str(lease), "ttl": ttl_s, "version": answer["commit_ts"]}
         raise Aborted(f"a lease grant in {keyspace!r} lost {MAX_ATTEMPTS} races for the lease "
                       "directory; try again", reason="conflict")
@@ -130,7 +133,7 @@ class LeaseService:
             except ConditionFailed:
                 await self._backoff(attempt)  # renewed, attached to, or expired meanwhile
                 continue
-            self.stats["renewed"] += 1
+            self.stats["leases_renewed"] += 1
             commit_ts = int(answer["commit_ts"])
             renewed = L.renewed(record, version)
             return {"ok": True, "id": str(lease), "ttl": record.ttl_s, "version": commit_ts,
@@ -211,7 +214,7 @@ class LeaseService:
     async def revoke(self, lease: L.LeaseId, started_s: float) -> dict[str, Any]:
         done = await self._expire(lease, started_s, only_expired=False)
         assert done is not None
-        self.stats["revoked"] += 1
+        self.stats["leases_revoked"] += 1
         return {"ok": True, "revoked": True, **done}
 
     # -- the sweeper -----------------------------------------------------------------------
@@ -254,7 +257,7 @@ class LeaseService:
                 continue
             if done is not None:
                 expired += 1
-                self.stats["expired"] += 1
+                self.stats["leases_expired"] += 1
                 gone.append(lease.tag)
                 log.info("lease %s expired: deleted %d keys at %s", lease, len(done["deleted"]),
                          done["version"])
@@ -281,7 +284,6 @@ class LeaseService:
         interval_s = self._config.txn.lease_sweep_ms / 1000
         while True:  # until stop(); each sweep is bounded by its transactions' deadlines
             await self._clock.sleep(interval_s)
-            self.stats["sweeps"] += 1
             for keyspace in keyspaces:
                 try:
                     await self.sweep(keyspace)
