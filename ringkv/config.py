@@ -279,6 +279,15 @@ class TxnConfig:
     max_watches: int = 256
     watch_poll_ms: int = 50
     watch_buffer_events: int = 10_000
+    # Session leases (POST /v1/lease, txn/leases.py): at most max_leases live in
+    # one transactional keyspace (503 overloaded beyond), each with at most
+    # max_keys_per_lease keys (its expiry deletes them in one transaction) and a
+    # TTL of at most max_lease_ttl_s; a lease's keys are deleted at most about
+    # lease_sweep_ms after it expires (plus one transaction across ranges).
+    max_leases: int = 1024
+    max_keys_per_lease: int = 64
+    max_lease_ttl_s: int = 86_400
+    lease_sweep_ms: int = 250
 
 
 @dataclass(frozen=True)
@@ -904,6 +913,10 @@ def _read_txn(ctx: _Context, raw: object) -> TxnConfig:
     sec.take("max_watches", _check_int, 0, 100_000)
     sec.take("watch_poll_ms", _check_int, 10, 10_000)
     sec.take("watch_buffer_events", _check_int, 2, 1_000_000)
+    sec.take("max_leases", _check_int, 0, 100_000)
+    sec.take("max_keys_per_lease", _check_int, 1, 1000)
+    sec.take("max_lease_ttl_s", _check_int, 1, 30 * _DAY_S)
+    sec.take("lease_sweep_ms", _check_int, 10, 60_000)
     txn = TxnConfig(**sec.done())
     if txn.lease_s < 0.2:
         # Heartbeats renew the lease four times per lease_s at the Paxos core's pace.

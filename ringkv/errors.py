@@ -268,6 +268,19 @@ class Compacted(RingKVError):
         self.oldest_version = oldest_version
 
 
+class LeaseExpired(RingKVError):
+    """A session lease (``POST /v1/lease``) that expired, was revoked, or never
+    existed: its keys are gone (or going) and it cannot be renewed or attached
+    to. 404 (etcd: "requested lease not found"); take a new lease."""
+
+    code = "lease_expired"
+    http_status = 404
+
+    def __init__(self, message: str, *, lease: str) -> None:
+        super().__init__(message, lease=lease)
+        self.lease = lease
+
+
 class ProtocolError(RingKVError):
     """A peer or client sent bytes that do not follow the protocol."""
 
@@ -511,6 +524,7 @@ BY_CODE: dict[str, type[RingKVError]] = {
         CorruptRecord,
         SnapshotTooOld,
         Compacted,
+        LeaseExpired,
         ProtocolError,
         PeerUnreachable,
         PeerTimeout,

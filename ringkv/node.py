@@ -63,6 +63,7 @@ from ringkv.topology.pending import (
 )
 from ringkv.topology.plan import StreamProgress, StreamRange, bootstrap_plan, leave_plan, remove_plan
 from ringkv.topology.streamer import Streamer, StreamFailed
+from ringkv.txn.lease_service import LeaseService
 from ringkv.txn.service import TxnService
 from ringkv.versioning import Cell, tombstone
 
@@ -245,6 +246,8 @@ class Node:
         )
         if transactional:
             self._txn_metrics()
+        # Session leases on the transactional keyspaces (POST /v1/lease) and their sweeper.
+        self.leases = LeaseService(self.node_id, config, clock=self.clock, txn=self.txn)
         # Users and grants (auth.enabled): kept in the transactional keyspace system_auth.
         self.auth: AuthService | None = (
             AuthService(self.node_id, config, clock=self.clock, txn=self.txn,
@@ -300,6 +303,7 @@ class Node:
             self._rebuild_ring()
             self.join_state = None
             self.txn.start()
+            self.leases.start()
             self.repair.start()
             if self.auth is not None:
                 self.auth.start()
@@ -353,6 +357,7 @@ class Node:
         self.join_state = None
         self._maintenance = asyncio.create_task(self._maintenance_loop())
         self.txn.start()
+        self.leases.start()
         self.repair.start()
         if self.auth is not None:
             self.auth.start()
@@ -919,6 +924,7 @@ class Node:
         await self.snapshots.stop()
         if self.auth is not None:
             await self.auth.stop()
+        await self.leases.stop()
         self.txn.stop()
         if self.gossip is not None:
             await self.gossip.stop()

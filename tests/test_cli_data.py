@@ -70,6 +70,7 @@ EXPECTED_EXIT = {
     "topology_refused": EXIT_ERROR, "unauthenticated": EXIT_UNAUTHORIZED,
     "forbidden": EXIT_UNAUTHORIZED, "too_many_attempts": EXIT_UNAUTHORIZED,
     "snapshot_refused": EXIT_ERROR, "compacted": EXIT_ERROR,
+    "lease_expired": EXIT_ERROR,
 }
 
 

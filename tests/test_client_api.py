@@ -39,6 +39,8 @@ PROPERTIES = {"keyspace", "consistency"}
 # used with ``async with``), ``run_transaction`` awaited; their annotations name each
 # client's own transaction class.
 TRANSACTIONS = {"transaction", "run_transaction"}
+# Session leases: awaited on the asyncio client; each client returns its own lease class.
+LEASES = {"lease"}
 
 
 def public_names(cls: type) -> set[str]:
@@ -49,7 +51,7 @@ def test_both_clients_have_the_same_public_methods() -> None:
     assert public_names(Client) == public_names(AsyncClient)
     # Every public name is one of the kinds below, so a new method must say which it is.
     assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | PROPERTIES | TRANSACTIONS
-                                    | {"close"})
+                                    | LEASES | {"close"})
 
 
 @pytest.mark.parametrize("name", sorted(public_names(Client)))
@@ -67,6 +69,11 @@ def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> N
         assert [(p.name, p.kind, p.default) for p in sync_sig.parameters.values()] == \
             [(p.name, p.kind, p.default) for p in async_sig.parameters.values()]
         assert inspect.iscoroutinefunction(asynchronous) == (name == "run_transaction")
+        return
+    if name in LEASES:
+        assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values())
+        assert inspect.iscoroutinefunction(asynchronous)
+        assert (sync_sig.return_annotation, async_sig.return_annotation) == ("Lease", "AsyncLease")
         return
     assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values())
     assert not any(p.kind is p.VAR_KEYWORD for p in sync_sig.parameters.values()), \
@@ -118,7 +125,7 @@ def test_help_shows_the_real_parameters() -> None:
     assert "ttl" in text and "idempotency_key" in text
     assert list(inspect.signature(Client.put).parameters) == [
         "self", "key", "value", "ttl", "keyspace", "consistency", "idempotency_key",
-        "if_version", "if_absent", "if_equals", "txn_id",
+        "if_version", "if_absent", "if_equals", "txn_id", "lease",
     ]
 
 

@@ -50,6 +50,7 @@ SHELL = frozenset({
     "txn/twopc_records.py",  # a group's 2PC records in the engine
     "txn/cross_range.py",  # a transaction across ranges: its operations at each leader
     "txn/sessions.py",  # interactive transactions: open sessions, their operations and expiry
+    "txn/lease_service.py",  # session leases: their transactions, and the sweeper's task
     "server/*",
     "auth/store.py", "auth/service.py", "auth/http.py",  # the user store, checks, routes
     "auth/admin_cli.py",  # `ringkv user`

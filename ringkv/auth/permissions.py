@@ -45,6 +45,9 @@ _KEYSPACE_ROUTES: Mapping[str, str] = {
     "get": READ, "scan": READ, "txn_get": READ, "txn_status": READ,
     "watch": READ, "watch_keyspace": READ,
     "put": WRITE, "delete": WRITE, "txn_put": WRITE, "txn_delete": WRITE,
+    # Session leases: their keyspace is in the body or the lease id, so the
+    # handler (server/lease_http.py) checks again once it knows it.
+    "lease_grant": WRITE, "lease_keepalive": WRITE, "lease_revoke": WRITE, "lease_get": READ,
 }
 
 

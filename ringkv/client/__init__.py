@@ -115,6 +115,7 @@ from ringkv.errors import (  # noqa: F401
     Aborted,
     BadRequest,
     ConditionFailed,
+    LeaseExpired,
     NoNodeAvailable,
     NotFound,
     Overloaded,

@@ -142,6 +142,7 @@ class AsyncClient(ClientBase):
         if_absent: bool = False,
         if_equals: Any = UNSET,
         txn_id: str | None = None,
+        lease: Any = None,
     ) -> WriteResult:
         """Write ``value`` (any JSON value) under ``key``; ``ttl`` (whole seconds: an
         ``int`` or a ``datetime.timedelta``) expires it.
@@ -158,11 +159,15 @@ class AsyncClient(ClientBase):
         ``current_value`` and ``current_version``, and is not retried; a
         conflict abort is retried under the same ``txn_id`` (given, or made
         up by the client) up to ``txn_retries`` times.
+
+        ``lease`` (what ``lease()`` returned, or a lease id): attach the key to that
+        session lease; it is deleted when the lease expires or is revoked, unless
+        a later write (or delete) detached it first.
         """
         return await self._call(self._ops.put(
             key, value, ttl=ttl, keyspace=keyspace, consistency=consistency,
             idempotency_key=idempotency_key, if_version=if_version, if_absent=if_absent,
-            if_equals=if_equals, txn_id=txn_id,
+            if_equals=if_equals, txn_id=txn_id, lease=lease,
         ))
 
     async def delete(
@@ -395,6 +400,20 @@ class AsyncClient(ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    # ---- session leases (keys that go when their owner stops renewing) -----------
+
+    async def lease(self, ttl_s: int, *, keyspace: str | None = None) -> AsyncLease:
+        """Grant a session lease of ``ttl_s`` seconds on a transactional keyspace.
+
+        Put keys with ``put(..., lease=lease)``; they are deleted together (one
+        transaction) once the lease expires or is revoked. Used as a context
+        manager (``async with`` on the asyncio client), it is renewed every third
+        of its TTL in the background (a thread; on the asyncio client, a task)
+        and revoked on exit.
+        """
+        answer = await self._call(self._ops.lease_grant(ttl_s, keyspace=keyspace))
+        return AsyncLease(self, str(answer["id"]), int(answer["ttl"]))
+
     # ---- watches (a transactional keyspace's commits, streamed) ------------------
 
     async def watch(
@@ -537,6 +556,54 @@ class WatchConnectError(Exception):
 
 class WatchIOError(Exception):
     """A watch's connection failed once open."""
+
+
+class AsyncLease:
+    """A session lease of an ``AsyncClient`` (``AsyncClient.lease``), as ``Lease`` is of a
+    ``Client``; the renewals run in a task."""
+
+    def __init__(self, client: AsyncClient, lease_id: str, ttl_s: int) -> None:
+        self.id = lease_id
+        self.ttl_s = ttl_s
+        self.lost: RingKVError | None = None
+        self._client = client
+        self._task: asyncio.Task[None] | None = None
+
+    async def keepalive(self) -> int:
+        answer = await self._client._call(self._client._ops.lease_keepalive(self.id))
+        return int(answer["remaining_ms"])
+
+    async def revoke(self) -> list[str]:
+        return list((await self._client._call(self._client._ops.lease_revoke(self.id)))["deleted"])
+
+    async def info(self) -> dict[str, Any]:
+        return await self._client._call(self._client._ops.lease_info(self.id))
+
+    async def __aenter__(self) -> AsyncLease:
+        self._task = asyncio.get_running_loop().create_task(self._renew())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.lost is None:
+            try:
+                await self.revoke()
+            except RingKVError as exc:
+                if exc.code != "lease_expired":
+                    raise
+
+    async def _renew(self) -> None:
+        interval_s = max(0.1, self.ttl_s / 3)
+        while True:  # bounded: cancelled when the block ends
+            await self._client._clock.sleep(interval_s)
+            try:
+                await self.keepalive()
+            except RingKVError as exc:
+                if exc.code == "lease_expired":
+                    self.lost = exc
+                    return
 
 
 class AsyncTransaction:

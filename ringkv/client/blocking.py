@@ -154,6 +154,7 @@ class Client(ClientBase):
         if_absent: bool = False,
         if_equals: Any = UNSET,
         txn_id: str | None = None,
+        lease: Any = None,
     ) -> WriteResult:
         """Write ``value`` (any JSON value) under ``key``; ``ttl`` (whole seconds: an
         ``int`` or a ``datetime.timedelta``) expires it.
@@ -170,11 +171,15 @@ class Client(ClientBase):
         ``current_value`` and ``current_version``, and is not retried; a
         conflict abort is retried under the same ``txn_id`` (given, or made
         up by the client) up to ``txn_retries`` times.
+
+        ``lease`` (what ``lease()`` returned, or a lease id): attach the key to that
+        session lease; it is deleted when the lease expires or is revoked, unless
+        a later write (or delete) detached it first.
         """
         return self._call(self._ops.put(
             key, value, ttl=ttl, keyspace=keyspace, consistency=consistency,
             idempotency_key=idempotency_key, if_version=if_version, if_absent=if_absent,
-            if_equals=if_equals, txn_id=txn_id,
+            if_equals=if_equals, txn_id=txn_id, lease=lease,
         ))
 
     def delete(
@@ -394,6 +399,20 @@ class Client(ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # ---- session leases (keys that go when their owner stops renewing) -----------
+
+    def lease(self, ttl_s: int, *, keyspace: str | None = None) -> Lease:
+        """Grant a session lease of ``ttl_s`` seconds on a transactional keyspace.
+
+        Put keys with ``put(..., lease=lease)``; they are deleted together (one
+        transaction) once the lease expires or is revoked. Used as a context
+        manager (``async with`` on the asyncio client), it is renewed every third
+        of its TTL in the background (a thread; on the asyncio client, a task)
+        and revoked on exit.
+        """
+        answer = self._call(self._ops.lease_grant(ttl_s, keyspace=keyspace))
+        return Lease(self, str(answer["id"]), int(answer["ttl"]))
+
     # ---- watches (a transactional keyspace's commits, streamed) ------------------
 
     def watch(
@@ -494,6 +513,60 @@ class Client(ClientBase):
         for _ in self._stream(plan, result):
             raise AssertionError("a call emitted items")  # pragma: no cover
         return result[0]
+
+
+class Lease:
+    """A session lease of a ``Client`` (``Client.lease``): ``id``, ``ttl_s``,
+    ``keepalive()``, ``revoke()``, ``info()``; as a context manager, renewed by a
+    background thread until the block ends, then revoked. ``lost`` is set when a
+    renewal found the lease expired (its keys are gone)."""
+
+    def __init__(self, client: Client, lease_id: str, ttl_s: int) -> None:
+        self.id = lease_id
+        self.ttl_s = ttl_s
+        self.lost: RingKVError | None = None
+        self._client = client
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def keepalive(self) -> int:
+        """Renew it; what it surely has left afterwards (ms). ``LeaseExpired`` when gone."""
+        return int(self._client._call(self._client._ops.lease_keepalive(self.id))["remaining_ms"])
+
+    def revoke(self) -> list[str]:
+        """Revoke it now; the keys that went with it."""
+        return list(self._client._call(self._client._ops.lease_revoke(self.id))["deleted"])
+
+    def info(self) -> dict[str, Any]:
+        return self._client._call(self._client._ops.lease_info(self.id))
+
+    def __enter__(self) -> Lease:
+        self._thread = threading.Thread(target=self._renew, name=f"ringkv-lease-{self.id}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._client._ops.timeout_s * 2 + 1)
+        if self.lost is None:
+            try:
+                self.revoke()
+            except RingKVError as exc:
+                if exc.code != "lease_expired":
+                    raise
+
+    def _renew(self) -> None:
+        interval_s = max(0.1, self.ttl_s / 3)
+        while not self._stop.wait(interval_s):  # bounded: ends with the block
+            try:
+                self.keepalive()
+            except RingKVError as exc:
+                if exc.code == "lease_expired":
+                    self.lost = exc
+                    return
+                # A node down, no leader yet: the next renewal tries again, within the TTL.
 
 
 class Transaction:

@@ -300,13 +300,17 @@ class Operations:
         if_absent: bool = False,
         if_equals: Any = UNSET,
         txn_id: str | None = None,
+        lease: Any = None,
     ) -> Plan[WriteResult]:
-        """Plan: write ``value`` under ``key``, with an idempotency key unless writes have none."""
+        """Plan: write ``value`` under ``key``, with an idempotency key unless writes have none;
+        ``lease`` (a lease id, or what ``lease()`` returned): attach the key to it."""
         body: dict[str, Any] = {"value": _encode_value(value, "value")}
         seconds = ttl_seconds(ttl)
         if seconds is not None:
             body["ttl"] = seconds
         condition = _condition(if_version, if_absent, if_equals)
+        if lease is not None:
+            return (yield from self._leased_put(keyspace, key, body, condition, lease_id(lease)))
         return (yield from self._write("PUT", keyspace, key, consistency, body, idempotency_key,
                                        condition, txn_id))
 
@@ -539,6 +543,52 @@ class Operations:
         answer = _json(reply)
         self._note_leader(keyspace, raw, answer.get("receipt"))
         return _txn_write_result(answer, txn_id, answer.get("receipt") is None)
+
+    def _leased_put(self, keyspace: str | None, key: Key, body: dict[str, Any],
+                    condition: dict[str, Any] | None, lease: str) -> Plan[WriteResult]:
+        """A put attached to a lease: no transaction id (the node runs it as one transaction
+        with the lease record); sent again after a lost answer, it writes the same again."""
+        keyspace = keyspace or self.keyspace
+        raw = key_bytes(key)
+        if "ttl" in body:
+            raise InvalidArgument("a put attached to a lease takes no ttl", field="ttl")
+        body = {**body, "lease": lease}
+        if condition is not None:
+            body["if"] = condition
+        call = Call("PUT", _key_path(keyspace, raw), json.dumps(body).encode(),
+                    ((keyspace, raw),), read=False)
+        answer = _json((yield from self._execute(call)))
+        return _txn_write_result(answer, None, False)
+
+    # ---- session leases (``POST /v1/lease``) ----------------------------------------
+
+    def lease_grant(self, ttl_s: int, *, keyspace: str | None = None) -> Plan[dict[str, Any]]:
+        """Plan: grant a lease of ``ttl_s`` seconds on a transactional keyspace."""
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1:
+            raise InvalidArgument("ttl_s must be a whole number of seconds, at least 1",
+                                  field="ttl_s")
+        body = {"ttl": ttl_s, "keyspace": keyspace or self.keyspace}
+        call = Call("POST", "/v1/lease", json.dumps(body).encode(), (), read=False)
+        return dict(_json((yield from self._execute(call))))
+
+    def lease_keepalive(self, lease: Any) -> Plan[dict[str, Any]]:
+        """Plan: renew a lease (``LeaseExpired`` once it has expired or was revoked)."""
+        # Safe to send again (a repeat renews again), so marked as a read.
+        call = Call("POST", f"{_lease_path(lease)}/keepalive", b"{}", (), read=True)
+        return dict(_json((yield from self._execute(call))))
+
+    def lease_revoke(self, lease: Any) -> Plan[dict[str, Any]]:
+        """Plan: revoke a lease: its keys are deleted at once."""
+        call = Call("DELETE", _lease_path(lease), None, (), read=False)
+        return dict(_json((yield from self._execute(call))))
+
+    def lease_info(self, lease: Any) -> Plan[dict[str, Any]]:
+        """Plan: a lease's TTL, what it surely has left, and its attached keys."""
+        reply = yield from self._execute(Call("GET", _lease_path(lease), None, (), read=True))
+        body = _json(reply)
+        if reply.status >= 300:
+            raise RingKVError.from_json(body, http_status=reply.status)
+        return dict(body)
 
     def _leader(self, keyspace: str, key: bytes) -> str | None:
         return self.router.leader(keyspace, key) if self.leader_hints else None
@@ -930,6 +980,19 @@ def _key_path(keyspace: str, raw: bytes) -> str:
     # Every reserved character is escaped, and dots too, so that no key
     # (not even "." or "..") is ever read as a path segment to normalise.
     return f"/v1/kv/{quote(keyspace, safe='')}/{quote(raw, safe='').replace('.', '%2E')}"
+
+
+def lease_id(lease: Any) -> str:
+    """A lease's id: the text itself, or the ``id`` of what ``lease()`` returned."""
+    text = getattr(lease, "id", lease)
+    if not isinstance(text, str) or ":" not in text:
+        raise InvalidArgument("lease must be a lease id (as POST /v1/lease answers) or a "
+                              "Lease", field="lease")
+    return text
+
+
+def _lease_path(lease: Any) -> str:
+    return f"/v1/lease/{quote(lease_id(lease), safe=':')}"
 
 
 def _txn_key_path(keyspace: str, raw: bytes) -> str:

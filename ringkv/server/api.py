@@ -31,7 +31,7 @@ from ringkv.server import idempotency
 from ringkv.server import openapi
 from ringkv.server import validation as v
 from ringkv.server.dashboard import routes as dashboard
-from ringkv.server import watch_http
+from ringkv.server import lease_http, watch_http
 from ringkv.server.validation import KV_PREFIX
 from ringkv.repair.session import parse_range
 from ringkv.storage.snapshot_manifest import check_name as check_snapshot_name
@@ -484,4 +484,5 @@ def build_app(node: Node, cache: idempotency.IdempotencyCache | None = None
     auth_http.add_routes(app, node)
     dashboard.add_routes(app, node)  # /ui and /v1/dashboard/*
     watch_http.add_routes(app, node)
+    lease_http.add_routes(app, node)  # /v1/lease
     return app

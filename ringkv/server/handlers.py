@@ -27,6 +27,7 @@ from ringkv.server import idempotency
 from ringkv.server import txn_validation as tv
 from ringkv.server import validation as v
 from ringkv.server.status import client_address, cluster_status, ring_view
+from ringkv.txn.lease_service import lease_of
 from ringkv.txn.requests import Condition, TxnRequest, Write
 from ringkv.txn.service import Op
 from ringkv.versioning import Cell
@@ -443,18 +444,29 @@ async def _txn_write(call: ApiCall, keyspace: str, key: bytes, value: bytes | No
                      body: dict[str, Any]) -> Answer:
     node = call.node
     _serial(call)
-    unknown = sorted(set(body) - {"value", "if", "id"})
+    unknown = sorted(set(body) - {"value", "if", "id", "lease"})
     if unknown or "ttl" in call.query:
         name = unknown[0] if unknown else "ttl"
         raise BadRequest(f"{name!r} is not accepted on a transactional keyspace", field=name)
     if value is None and "value" in body:
         raise BadRequest("a delete takes no value", field="value")
+    tv.check_not_reserved(key, field="key")
     conditions: tuple[Condition, ...] = ()
     if "if" in body:
         conditions = (tv.parse_condition(body["if"], key, node.config.limits, field="if"),)
     txn_id = body.get("id")
     if txn_id is not None and (not isinstance(txn_id, str) or not tv.TXN_ID.match(txn_id)):
         raise BadRequest("id must be 1-64 characters of letters, digits and . _ : -", field="id")
+    lease = lease_of(body)
+    if lease is not None:
+        if value is None:
+            raise BadRequest("a delete takes no lease (it detaches the key)", field="lease")
+        if txn_id is not None:
+            raise BadRequest("a put attached to a lease takes no id", field="id")
+        result = await node.leases.put(keyspace, key, value, lease, conditions, call.started_s)
+        return answer({"ok": True, "id": result["id"], "version": result["commit_ts"],
+                       "commit_ts": result["commit_ts"], "lease": str(lease),
+                       "receipt": result.get("receipt")})
     txn = TxnRequest(keyspace, txn_id, (), conditions, (Write(key, value),))
     result = await node.txn.execute(Op("txn", keyspace, txn), started_s=call.started_s,
                                     timeout_s=_txn_timeout_s(node))
@@ -640,6 +652,7 @@ async def _session_write(call: ApiCall, value: bytes | None) -> Answer:
     node = call.node
     txn_id = _session(call)
     keyspace = _txn_keyspace(call)
+    tv.check_not_reserved(call.key, field="key")
     deadline_s = call.started_s + _txn_timeout_s(node)
     result = await _in_txn(call, txn_id, node.txn.sessions.write(
         txn_id, keyspace, call.key, value, deadline_s))

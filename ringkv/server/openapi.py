@@ -29,6 +29,7 @@ from ringkv.errors import (
     CrossRange,
     Forbidden,
     HeaderTooLarge,
+    LeaseExpired,
     MethodNotAllowed,
     NoLeader,
     NotFound,
@@ -64,6 +65,7 @@ from ringkv.server.validation import (
 )
 from ringkv.storage.snapshot_manifest import _NAME as SNAPSHOT_NAME
 from ringkv.storage.snapshot_manifest import MAX_NAME_LENGTH as MAX_SNAPSHOT_NAME_CHARS
+from ringkv.txn.leases import LEASE_ID_PATTERN
 from ringkv.txn.requests import CONDITION_KINDS
 
 # idempotency.py's header names and key bound, written out here because that module
@@ -102,10 +104,11 @@ TXN_ERRORS = (NotFound, ConditionFailed, Aborted, CrossRange, SnapshotTooOld, Cl
               RangeMoving, NoLeader, Unavailable, Timeout, PeerUnreachable, PeerTimeout,
               RemoteError, StorageError, CorruptRecord)
 TOPOLOGY_ERRORS = (TopologyRefused,)
+LEASE_ERRORS = (LeaseExpired, Overloaded, *TXN_ERRORS)
 SNAPSHOT_ERRORS = (SnapshotRefused, StorageError)
 # Every code a client of the HTTP API can meet (a method a path does not take: 405).
 ALL_ERRORS = (*COMMON_ERRORS, *JOINED, *BODY_ERRORS, *EVENTUAL_ERRORS, *TXN_ERRORS,
-              *TOPOLOGY_ERRORS, *SNAPSHOT_ERRORS, RepairRunning, ReplicaDown, MethodNotAllowed)
+              *TOPOLOGY_ERRORS, *SNAPSHOT_ERRORS, LeaseExpired, RepairRunning, ReplicaDown, MethodNotAllowed)
 
 
 def _doc_line(cls: type[RingKVError]) -> str:
@@ -222,6 +225,8 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
         "Key": key,
         "KeyspaceName": {"type": "string", "pattern": f"^{KEYSPACE_NAME.pattern}$"},
         "TxnId": {"type": "string", "pattern": TXN_ID.pattern},
+        "LeaseId": {"type": "string", "pattern": LEASE_ID_PATTERN,
+                    "description": "<keyspace>:<16 hex digits>, as POST /v1/lease answers"},
         "Timestamp": timestamp,
         "Ttl": ttl,
         "Receipt": {
@@ -240,6 +245,7 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
         "TxnWriteResult": _object({
             "ok": {"const": True}, "id": _ref("TxnId"), "version": {"type": "integer"},
             "commit_ts": {"type": "integer"}, "receipt": _ref("TxnReceipt"),
+            "lease": _ref("LeaseId"),
         }, ["ok", "id", "commit_ts"]),
         "Cell": _object({
             "key": {"type": "string"}, "timestamp": _ref("Timestamp"),
@@ -255,10 +261,11 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
         }, ["key", "version", "value"]),
         "PutBody": _object({
             "value": _ref("Value"), "ttl": ttl,
-            "if": condition(with_key=False), "id": _ref("TxnId"),
+            "if": condition(with_key=False), "id": _ref("TxnId"), "lease": _ref("LeaseId"),
         }, ["value"]) | {
-            "description": "ttl: an eventual keyspace only; if and id: a transactional one "
-                           "(any other field is refused, named)"},
+            "description": "ttl: an eventual keyspace only; if, id and lease (attach the key "
+                           "to a session lease; not with id): a transactional one (any other "
+                           "field is refused, named)"},
         "DeleteBody": _object({"if": condition(with_key=False), "id": _ref("TxnId")}) | {
             "description": "if and id: a transactional keyspace only"},
         "BatchBody": _object({"ops": {
@@ -412,6 +419,47 @@ def _watch_operations(tags: Sequence[str]) -> dict[str, dict[str, dict[str, Any]
     }
 
 
+def _lease_operations(tags: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``/v1/lease`` (``server/lease_http.py``): session leases on a transactional keyspace."""
+    lease_path = _param("lease", "path", _ref("LeaseId"), "the lease's id")
+    granted = _object({"ok": {"const": True}, "id": _ref("LeaseId"), "ttl": {"type": "integer"},
+                       "version": {"type": "integer"}}, ["ok", "id", "ttl"])
+    renewed = _object({"ok": {"const": True}, "id": _ref("LeaseId"), "ttl": {"type": "integer"},
+                       "version": {"type": "integer"}, "remaining_ms": {"type": "integer"}},
+                      ["ok", "id", "ttl", "remaining_ms"])
+    revoked = _object({"ok": {"const": True}, "revoked": {"const": True}, "id": _ref("LeaseId"),
+                       "version": {"type": "integer"},
+                       "deleted": {"type": "array", "items": {"type": "string"}}},
+                      ["ok", "id", "deleted"])
+    shown = _object({"id": _ref("LeaseId"), "ttl": {"type": "integer"},
+                     "version": {"type": "integer"}, "expires_at": {"type": "integer"},
+                     "remaining_ms": {"type": "integer"}, "expired": {"type": "boolean"},
+                     "keys": {"type": "array", "items": {"type": "string"}}},
+                    ["id", "ttl", "remaining_ms", "keys"])
+    grant_body = _object({"ttl": {"type": "integer", "minimum": 1},
+                          "keyspace": _ref("KeyspaceName")}, ["ttl"]) | {
+        "description": "ttl: seconds (at most txn.max_lease_ttl_s); keyspace: a transactional "
+                       "one (may be left out when there is only one)"}
+    return {
+        "/v1/lease": {"post": _operation(
+            "lease_grant", "Grant a session lease: keys put with it go when it expires",
+            body=_json_body(grant_body), ok=_ok(granted, "its id and TTL"),
+            errors=LEASE_ERRORS, tags=tags)},
+        "/v1/lease/{lease}/keepalive": {"post": _operation(
+            "lease_keepalive", "Renew a lease: it expires TTL seconds after this commit",
+            params=[lease_path], ok=_ok(renewed, "renewed"), errors=LEASE_ERRORS, tags=tags)},
+        "/v1/lease/{lease}": {
+            "delete": _operation(
+                "lease_revoke", "Revoke a lease: its keys are deleted now, in one transaction",
+                params=[lease_path], ok=_ok(revoked, "revoked; the keys it deleted"),
+                errors=LEASE_ERRORS, tags=tags),
+            "get": _operation(
+                "lease_get", "A lease's remaining TTL and the keys still attached to it",
+                params=[lease_path], ok=_ok(shown, "the lease"), errors=LEASE_ERRORS,
+                tags=tags)},
+    }
+
+
 def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """path -> method -> operation; operationId is the aiohttp route's name."""
     kv, txn, cluster, admin, auth = ["kv"], ["txn"], ["cluster"], ["admin"], ["auth"]
@@ -442,7 +490,7 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
                 params=[*key_params, _consistency(write=True),
                         _param("ttl", "query", _ref("Ttl"), "as the body's ttl"), IDEMPOTENCY],
                 body=_json_body(_ref("PutBody")), ok=write_ok,
-                errors=[*EVENTUAL_ERRORS, *TXN_ERRORS], tags=kv),
+                errors=[*EVENTUAL_ERRORS, *TXN_ERRORS, LeaseExpired], tags=kv),
             "get": _operation(
                 "get", "Read a key",
                 params=[*key_params, _consistency(write=False),
@@ -505,6 +553,7 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
                             "range": {}}, ["id", "status"], closed=False), "its status"),
             errors=TXN_ERRORS, tags=txn)},
         **_watch_operations(txn),
+        **_lease_operations(txn),
         "/v1/txn/begin": {"post": _operation(
             "txn_begin", "Begin an interactive transaction on this node",
             params=[IDEMPOTENCY], body=_json_body(_ref("BeginBody"), required=False),

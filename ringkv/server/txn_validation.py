@@ -27,6 +27,7 @@ from typing import Any
 from ringkv.config import LimitsConfig
 from ringkv.errors import BadRequest, TooLarge
 from ringkv.server.validation import key_from_json, value_bytes
+from ringkv.txn.leases import is_reserved
 from ringkv.txn.requests import CONDITION_KINDS, Condition, TxnRequest, Write, comparable_json
 
 TXN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -154,6 +155,14 @@ def parse_txn(body: Any, limits: LimitsConfig) -> TxnRequest:
     return request
 
 
+def check_not_reserved(key: bytes, *, field: str) -> bytes:
+    """Keys under ``\\x00lease/`` hold the session leases' records: no client writes them."""
+    if is_reserved(key):
+        raise BadRequest("keys starting with \\x00lease/ are reserved for session leases",
+                         field=field)
+    return key
+
+
 def _list(body: Mapping[str, Any], name: str) -> list[Any]:
     items = body.get(name)
     if items is None:
@@ -170,7 +179,8 @@ def _write(obj: Any, limits: LimitsConfig, *, field: str) -> Write:
     if unknown:
         raise BadRequest(f"{field} has unknown field {unknown[0]!r}",
                          field=f"{field}.{unknown[0]}")
-    key = key_from_json(obj.get("key"), limits, field=f"{field}.key")
+    key = check_not_reserved(key_from_json(obj.get("key"), limits, field=f"{field}.key"),
+                             field=f"{field}.key")
     op = obj.get("op")
     if op == "put":
         if "value" not in obj:

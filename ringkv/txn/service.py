@@ -474,6 +474,15 @@ class TxnService:
             raise status.error()
         return status.interval
 
+    def tt_now(self) -> TTInterval:
+        """``TT.now()`` (ClockUncertain while TrueTime fences this node)."""
+        return self._fenced_now()
+
+    def leads(self, keyspace: str, key: bytes) -> bool:
+        """This node leads the range of ``key`` now (with a live Paxos lease)."""
+        group = self.groups.get(self.range_of(keyspace, [key]).group_id)
+        return group is not None and group.runner.is_leader()
+
     # -- groups ----------------------------------------------------------------------------
 
     def range_map(self, keyspace: str) -> RangeMap:
