@@ -65,6 +65,12 @@ def test_merge_is_complete_only_up_to_the_lowest_range_and_never_repeats() -> No
     assert merged.resolved_us == 6  # b at 9 comes again next poll, from (6, ...]
 
 
+def test_merge_leaves_out_the_lease_records_kept_beside_the_keys() -> None:
+    lease_record = Change(b"\x00lease/dir", b"{}", 5)
+    merged = merge(0, 10, [RangeAnswer([c("a", 5), lease_record], 10)])
+    assert [x.key for x in merged.changes] == [b"a"]
+
+
 def test_fit_cuts_between_versions_only() -> None:
     merged = Merged([c("a", 1), c("b", 2), c("c", 2), c("d", 3)], 10)
     assert fit(merged, 4) is merged

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ringkv.txn.leases import RESERVED_PREFIX
+
 PUT, DELETE, PROGRESS, ERROR = "put", "delete", "progress", "error"
 WATCHER_TOO_SLOW = "watcher_too_slow"
 PROGRESS_INTERVAL_S = 1.0  # an idle stream says how far it has got at most this often
@@ -96,6 +98,8 @@ def merge(since_us: int, upto_us: int, answers: Sequence[RangeAnswer]) -> Merged
     for answer in answers:
         for change in answer.changes:
             at = (change.version_us, change.key)
+            if change.key.startswith(RESERVED_PREFIX):
+                continue  # a lease's own record: the tier's bookkeeping, not a client's key
             if since_us < change.version_us <= resolved_us and at not in seen:
                 seen.add(at)
                 changes.append(change)
