@@ -255,13 +255,16 @@ def test_a_paused_holder_resumed_after_its_lease_expired_cannot_write(
     try:
         with kv.lock("held", keyspace=KS, ttl_s=TTL_S, timeout_s=15) as held:
             assert held.fencing_token > first["token"]
-            held.fenced_put("held-res", {"holder": "main"})
+            # The new holder has not written yet, so the resource's highest token is
+            # still below the sleeper's: only the lost lease can refuse its write.
             Path(str(out) + ".go").touch()
             children.procs["sleeper"].send_signal(signal.SIGCONT)  # it writes at once
             result = wait_until(lambda: next((d for d in children.lines("sleeper")
                                               if "wrote" in d or "refused" in d), None),
                                 timeout_s=15, interval_s=0.05, what="the sleeper's write")
-            assert "refused" in result, f"a paused holder wrote after losing the lock: {result}"
+            assert result.get("refused") == "LockLost", \
+                f"a paused holder wrote after losing the lock: {result}"
+            held.fenced_put("held-res", {"holder": "main"})
             assert kv.get("held-res", keyspace=KS) == {"holder": "main"}
     finally:
         children.procs["sleeper"].send_signal(signal.SIGCONT)
