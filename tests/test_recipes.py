@@ -361,3 +361,33 @@ def test_a_config_watch_sees_the_current_value_then_every_change_in_order(kv: Cl
         kv.put("cfg", {"n": n}, keyspace=KS)
     thread.join(timeout=20)
     assert seen == [{"n": n} for n in range(6)]
+
+
+@pytest.mark.soak
+def test_soak_contenders_killed_and_replaced_never_hold_at_once(children: Children) -> None:
+    """Four contenders for 40 s; every 4 s one of them is SIGKILLed (holding, waiting or
+    queuing, wherever it is) and a fresh one takes its place."""
+    run_s = 40.0
+    started = time.monotonic()
+    alive = [f"s{i}" for i in range(4)]
+    for name in alive:
+        children.start("contend", name, str(run_s))
+    spawned = len(alive)
+    kills = 0
+    while time.monotonic() - started < run_s - 6:
+        time.sleep(4.0)
+        victim = alive.pop(kills % len(alive))
+        children.kill(victim)
+        kills += 1
+        name = f"s{spawned}"
+        spawned += 1
+        children.start("contend", name, str(run_s - (time.monotonic() - started)))
+        alive.append(name)
+    for name in alive:
+        children.procs[name].wait(timeout=60)
+        assert children.procs[name].returncode == 0
+    accepted = [d for n in children.procs for d in children.lines(n) if "v" in d]
+    tokens = {d["token"] for d in accepted}
+    print(f"\n{kills} contenders killed; {len(tokens)} holders, {len(accepted)} fenced writes")
+    assert len(tokens) >= 40
+    check_fenced_history(accepted)
