@@ -13,11 +13,14 @@ that holds, leads or belongs (SIGKILL of a child python process):
 - election: the leader's kill makes the waiting candidate leader, seen by
   ``observe()``;
 - group: a member's kill drops it from ``members()`` and the members watch;
-- configuration: every change is seen, in order, after the current value.
+- configuration: every change is seen, in order, after the current value;
+- the asyncio client's recipes: a killed holder's lock passes to an ``AsyncLock``,
+  an election hands over on resign, a group watch sees a join and a leave.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -391,3 +394,79 @@ def test_soak_contenders_killed_and_replaced_never_hold_at_once(children: Childr
     print(f"\n{kills} contenders killed; {len(tokens)} holders, {len(accepted)} fenced writes")
     assert len(tokens) >= 40
     check_fenced_history(accepted)
+
+
+def test_the_async_recipes_a_killed_holder_and_a_group_election_and_config(
+        children: Children, cluster: LocalCluster) -> None:  # noqa: F811
+    from ringkv.client import AsyncClient
+
+    children.start("hold", "avictim")
+    first = children.ready("avictim")
+
+    async def run() -> None:
+        async with AsyncClient([p.url for p in cluster.procs], keyspace=KS, protocol="http",
+                               timeout_s=3) as kv:
+            waiter = kv.lock("held", keyspace=KS, ttl_s=TTL_S)
+            assert not await waiter.acquire(timeout_s=1.0)
+            task = asyncio.get_running_loop().create_task(waiter.acquire(timeout_s=15))
+            await asyncio.sleep(1.0)
+            killed = children.kill("avictim")
+            assert await asyncio.wait_for(task, 20)
+            handover_s = time.monotonic() - killed
+            assert handover_s < HANDOVER_BOUND_S, handover_s
+            assert waiter.fencing_token > first["token"]
+            await waiter.fenced_put("held-res", {"holder": "async"})
+            await waiter.release()
+            with pytest.raises(LockLost):
+                await waiter.check()
+            # Election: two candidates, the second takes over when the first resigns.
+            one, two = kv.election("ael", keyspace=KS), kv.election("ael", keyspace=KS)
+            await one.campaign("one", timeout_s=10)
+            seen: list[Any] = []
+
+            async def observe() -> None:
+                async for value in one.observe(timeout_s=15):
+                    seen.append(value)
+                    if value == "two":
+                        return
+            watcher = asyncio.get_running_loop().create_task(observe())
+            second = asyncio.get_running_loop().create_task(two.campaign("two", timeout_s=15))
+            await asyncio.sleep(0.5)
+            assert await two.leader() == "one" and not second.done()
+            await one.resign()
+            await asyncio.wait_for(second, 15)
+            await asyncio.wait_for(watcher, 15)
+            assert seen[0] == "one" and seen[-1] == "two" and two.is_leader
+            await two.resign()
+            # Group: a member joins and leaves; the watch sees each membership.
+            async with kv.group("agr", keyspace=KS, ttl_s=TTL_S) as group:
+                await group.join("a", 1)
+                memberships: list[set[str]] = []
+
+                async def watch() -> None:
+                    async for members in group.watch_members(timeout_s=15):
+                        memberships.append(set(members))
+                        if members == {"a": 1} and len(memberships) > 1:
+                            return
+                watching = asyncio.get_running_loop().create_task(watch())
+                await asyncio.sleep(0.3)
+                await group.join("b", 2)
+                assert await group.members() == {"a": 1, "b": 2}
+                await group.leave("b")
+                await asyncio.wait_for(watching, 15)
+                assert memberships == [{"a"}, {"a", "b"}, {"a"}], memberships
+            # Configuration.
+            await kv.put("acfg", 0, keyspace=KS)
+            values: list[Any] = []
+            configs = kv.watch_config("acfg", keyspace=KS, timeout_s=15)
+            values.append(await configs.__anext__())
+            for n in range(1, 4):
+                await kv.put("acfg", n, keyspace=KS)
+            async for value in configs:
+                values.append(value)
+                if value == 3:
+                    break
+            await configs.aclose()
+            assert values == [0, 1, 2, 3]
+
+    asyncio.run(run())

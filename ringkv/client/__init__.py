@@ -61,7 +61,7 @@ What both clients do:
   commit-timestamp order over HTTP, and resumes a cut stream, on another
   node if need be, after the last version received whole: nothing lost,
   nothing repeated (``client/watch.py``).
-- **Coordination recipes** (``Client`` only, for now): ``lock`` (a mutex
+- **Coordination recipes**: ``lock`` (a mutex
   with fencing tokens and ``fenced_put``), ``election``, ``group`` and
   ``watch_config``, ZooKeeper's four recipes built on session leases,
   compare-and-set and watches as etcd's concurrency package builds them
@@ -89,6 +89,7 @@ that I/O, and each spells out every public method as a call into the plans:
     watch.py       a watch's state across connections (WatchCore): resume point, repeats dropped
     recipes_core.py  the recipes' decisions: the contender queue, holder, fencing check
     recipes.py     Lock, Election, Group, watch_config on Client (shell)
+    recipes_aio.py AsyncLock, AsyncElection, AsyncGroup, watch_config on AsyncClient (shell)
     native.py      a plan's HTTP request as a native-protocol operation, and its answer back
     base.py        what both clients share: the constructor, nodes(), replicas()
     blocking.py    Client: pooled http.client and native connections and a deadline
