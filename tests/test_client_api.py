@@ -41,6 +41,8 @@ PROPERTIES = {"keyspace", "consistency"}
 TRANSACTIONS = {"transaction", "run_transaction"}
 # Session leases: awaited on the asyncio client; each client returns its own lease class.
 LEASES = {"lease"}
+# Coordination recipes (client/recipes.py): on the blocking client only, for now.
+RECIPES = {"lock", "election", "group", "watch_config"}
 
 
 def public_names(cls: type) -> set[str]:
@@ -48,13 +50,13 @@ def public_names(cls: type) -> set[str]:
 
 
 def test_both_clients_have_the_same_public_methods() -> None:
-    assert public_names(Client) == public_names(AsyncClient)
+    assert public_names(Client) == public_names(AsyncClient) | RECIPES
     # Every public name is one of the kinds below, so a new method must say which it is.
     assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | PROPERTIES | TRANSACTIONS
-                                    | LEASES | {"close"})
+                                    | LEASES | RECIPES | {"close"})
 
 
-@pytest.mark.parametrize("name", sorted(public_names(Client)))
+@pytest.mark.parametrize("name", sorted(public_names(Client) - RECIPES))
 def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> None:
     blocking = inspect.getattr_static(Client, name)
     asynchronous = inspect.getattr_static(AsyncClient, name)
@@ -110,6 +112,16 @@ def test_both_transaction_classes_have_the_same_calls() -> None:
         assert inspect.signature(blocking).parameters == inspect.signature(asynchronous).parameters
         assert inspect.iscoroutinefunction(asynchronous) and not inspect.iscoroutinefunction(blocking)
     assert hasattr(Transaction, "__enter__") and hasattr(AsyncTransaction, "__aenter__")
+
+
+def test_the_recipes_are_documented_and_bounded() -> None:
+    """Each recipe has a docstring and a bounded wait (``timeout_s``) or makes none."""
+    for name in RECIPES:
+        method = getattr(Client, name)
+        assert inspect.getdoc(method), f"Client.{name} has no docstring"
+        params = inspect.signature(method).parameters
+        assert "keyspace" in params
+        assert name == "election" or name == "group" or "timeout_s" in params
 
 
 @pytest.mark.parametrize("name", sorted(CALLS | STREAMS))

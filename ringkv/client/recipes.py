@@ -1,0 +1,484 @@
+"""ZooKeeper's coordination recipes on the blocking ``Client`` (shell): a mutex
+with fencing tokens, leader election, group membership and a configuration
+watch, built as etcd's concurrency package builds them, from session leases,
+compare-and-set and watches. What they decide lives in ``recipes_core.py``.
+
+    with kv.lock("jobs", keyspace="txn", ttl_s=10) as held:
+        held.fenced_put("jobs/state", "running")   # refused once the lock is lost
+        print(held.fencing_token)
+
+Every wait is bounded (``timeout_s``); a waiter watches the key of the
+contender just ahead of it and checks its deadline at each progress line the
+watch sends (one a second when idle).
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import random
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ringkv.client import recipes_core as core
+from ringkv.client.recipes_core import Entry, FencingRejected, LockLost, LockTimeout
+from ringkv.client.watch import MAX_RECONNECTS, WATCH_HEADERS, StreamEnded, WatchCore, WatchEvent
+from ringkv.errors import Compacted, ConditionFailed, RingKVError
+
+if TYPE_CHECKING:
+    from ringkv.client.blocking import Client, Lease
+
+__all__ = ["Election", "FencingRejected", "Group", "Lock", "LockLost", "LockTimeout",
+           "watch_config"]
+
+DEFAULT_TTL_S = 10
+DEFAULT_TIMEOUT_S = 30.0
+MAX_CAS_ATTEMPTS = 50  # queue appends racing other contenders
+LINE_TIMEOUT_S = 3.0  # progress comes each second: a silent stream is cut sooner than this
+RECHECK_S = 5.0  # a waiter reads the queue again this often even without an event
+
+
+# ---- a watch that also yields at each progress line (so a waiter can keep deadlines) ----
+
+def _ticks(kv: Client, keyspace: str, key: str, *, prefix: bool,
+           from_version: int | None) -> Generator[WatchEvent | None, None, None]:
+    """``kv.watch``'s events, and None at each progress line and reconnect."""
+    watch = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
+                      rng=random.Random(), max_reconnects=MAX_RECONNECTS,
+                      backoff_base_s=kv._ops.backoff_base_s, backoff_max_s=kv._ops.backoff_max_s)
+    for attempt in itertools.count():  # bounded by watch.reconnect_pause_s
+        urls = kv._ops.router.candidates(watch.routing(), kv._clock.monotonic_s())
+        url = urls[attempt % len(urls)]
+        try:
+            yield from _ticks_once(kv, watch, url)
+            reason = "the stream ended"
+        except StreamEnded as ended:
+            reason = f"the node ended the stream ({ended})"
+        except ConnectionRefusedError as exc:
+            kv._ops.router.mark_down(url, kv._clock.monotonic_s())
+            reason = f"cannot connect: {exc}"
+        except (OSError, http.client.HTTPException) as exc:
+            reason = f"connection lost: {exc!r}"
+        yield None
+        kv._clock.sleep_s(watch.reconnect_pause_s(url, reason))
+
+
+def _ticks_once(kv: Client, watch: WatchCore, url: str) -> Iterator[WatchEvent | None]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(host, port, timeout=LINE_TIMEOUT_S,
+                                           context=kv._tls_for(url))
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=LINE_TIMEOUT_S)
+    try:
+        conn.request("GET", watch.path(), headers={**kv._ops.headers, **WATCH_HEADERS})
+        response = conn.getresponse()
+        if response.status != 200:
+            watch.refused(response.status, response.read())
+            return
+        while True:  # bounded: each line waits at most LINE_TIMEOUT_S
+            raw = response.readline(8 * 1024 * 1024)
+            if not raw:
+                return
+            yield watch.line(raw)
+    finally:
+        conn.close()
+
+
+# ---- the queue of contenders under one name ---------------------------------------
+
+class _Queue:
+    """The queue key ``<name>`` and its contenders' ephemeral keys (recipes_core)."""
+
+    def __init__(self, kv: Client, name: str, keyspace: str) -> None:
+        if not isinstance(name, str) or not name or name.startswith("\x00"):
+            raise ValueError(f"a recipe name must be a non-empty key, got {name!r}")
+        self.kv = kv
+        self.name = name
+        self.keyspace = keyspace
+        self.key = core.queue_key(name)
+
+    def read(self) -> tuple[list[Entry], int | None, dict[str, Any], int]:
+        """The entries, the queue's version, each live entry's value and the read's
+        timestamp, all at one snapshot."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            head = self.kv.get_versioned(self.key, keyspace=self.keyspace)
+            entries = core.parse_queue(head.value if head else None)
+            result = self.kv.txn(self.keyspace, reads=[self.key, *[e.key for e in entries]])
+            now = result.reads.get(self.key)
+            if (now.version if now else None) != (head.version if head else None):
+                continue  # someone queued meanwhile: read again
+            current = {k: (v.version if v else None) for k, v in result.reads.items()}
+            alive = core.live(entries, current)
+            values = {e.key: result.reads[e.key].value for e in alive  # type: ignore[union-attr]
+                      }
+            read_ts = int((result.receipt or {}).get("read_ts") or 0)
+            return alive, (head.version if head else None), values, read_ts
+        raise RingKVError(f"the queue {self.key!r} kept changing while it was read")
+
+    def _change(self, mine: Entry, *, join: bool) -> int | None:
+        """Append ``mine`` (join) or remove its key; the commit version (None: nothing to do)."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            head = self.kv.get_versioned(self.key, keyspace=self.keyspace)
+            entries = core.parse_queue(head.value if head else None)
+            reads = self.kv.txn(self.keyspace, reads=[e.key for e in entries]).reads \
+                if entries else {}
+            current = {k: (v.version if v else None) for k, v in reads.items()}
+            if join:
+                after = core.appended(entries, current, mine)
+            else:
+                after = core.removed(entries, current, mine.key)
+                if after == entries:
+                    return None
+            guard: dict[str, Any] = {"key": self.key, "version": head.version} if head \
+                else {"key": self.key, "absent": True}
+            conditions = [guard]
+            if join:  # a contender whose lease already expired does not queue
+                conditions.append({"key": mine.key, "version": mine.version})
+            try:
+                result = self.kv.txn(self.keyspace, conditions=conditions, writes=[
+                    {"op": "put", "key": self.key, "value": core.queue_value(after)}])
+            except ConditionFailed as exc:
+                if exc.details.get("key") == mine.key:
+                    raise LockLost(f"contender key {mine.key!r} vanished before it queued") \
+                        from exc
+                continue  # another contender changed the queue first
+            return result.commit_ts
+        raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to change the queue {self.key!r}")
+
+    def join(self, mine: Entry) -> int:
+        token = self._change(mine, join=True)
+        assert token is not None
+        return token
+
+    def leave(self, key: str) -> None:
+        self._change(Entry(key, -1), join=False)
+
+    def wait_first(self, mine: Entry, deadline_s: float, lease: Lease) -> bool:
+        """Block until ``mine`` is the first live entry (True) or the deadline (False).
+        Raises ``LockLost`` when ``mine`` dies meanwhile."""
+        clock = self.kv._clock
+        while True:  # bounded by deadline_s
+            if lease.lost is not None:
+                raise LockLost(f"lease {lease.id} expired while waiting") from lease.lost
+            alive, _, _, read_ts = self.read()
+            ahead = core.ahead_of(alive, mine)
+            if ahead is None:
+                return True
+            if clock.monotonic_s() >= deadline_s:
+                return False
+            # Watch the one just ahead (from when it was seen live: no gap) until it goes.
+            recheck_s = clock.monotonic_s() + RECHECK_S
+            ticks = _ticks(self.kv, self.keyspace, ahead.key, prefix=False,
+                           from_version=max(ahead.version, read_ts) or None)
+            try:
+                for event in ticks:
+                    if event is not None and event.version > ahead.version:
+                        break  # deleted (or overwritten): decide again
+                    now = clock.monotonic_s()
+                    if now >= deadline_s or now >= recheck_s or lease.lost is not None:
+                        break
+            except Compacted:
+                pass  # held for longer than history is kept: the read above decides
+            finally:
+                ticks.close()
+
+
+# ---- the mutex -------------------------------------------------------------------
+
+class Lock:
+    """A mutex with fencing tokens (``Client.lock``).
+
+    ``with kv.lock("jobs") as held:`` acquires it (``LockTimeout`` after
+    ``timeout_s``) and releases it at the end; or ``acquire(timeout_s=)`` (True
+    when acquired) and ``release()``. While held: ``fencing_token`` (larger for
+    every later holder), ``fenced_put(key, value)`` (a write that lands only
+    while the lock is held and no newer holder has written), ``check()``
+    (``LockLost`` if the lease expired) and ``lost``.
+    """
+
+    def __init__(self, kv: Client, name: str, *, keyspace: str = "txn",
+                 ttl_s: int = DEFAULT_TTL_S, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 value: Any = None) -> None:
+        self._queue = _Queue(kv, name, keyspace)
+        self.kv = kv
+        self.name = name
+        self.keyspace = keyspace
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.value = value
+        self._lease: Lease | None = None
+        self._entry: Entry | None = None
+        self._token: int | None = None
+        self._held = False
+
+    @property
+    def key(self) -> str | None:
+        """This contender's ephemeral key, ``<name>/<lease id>``, once it contends."""
+        return self._entry.key if self._entry else None
+
+    @property
+    def fencing_token(self) -> int:
+        if not self._held or self._token is None:
+            raise LockLost(f"lock {self.name!r} is not held")
+        return self._token
+
+    @property
+    def lost(self) -> bool:
+        """True once the lock is known lost (a renewal found the lease expired)."""
+        return self._held and self._lease is not None and self._lease.lost is not None
+
+    def acquire(self, timeout_s: float | None = None) -> bool:
+        """Wait at most ``timeout_s`` (the lock's default when None) to hold it."""
+        if self._held:
+            raise RuntimeError(f"lock {self.name!r} is already held by this object")
+        clock = self.kv._clock
+        deadline_s = clock.monotonic_s() + (self.timeout_s if timeout_s is None else timeout_s)
+        lease = self.kv.lease(self.ttl_s, keyspace=self.keyspace).__enter__()
+        self._lease = lease
+        try:
+            key = core.contender_key(self.name, lease.id)
+            put = self.kv.put(key, self.value, keyspace=self.keyspace, lease=lease,
+                              if_absent=True)
+            assert put.version is not None
+            self._entry = Entry(key, put.version)
+            self._token = self._queue.join(self._entry)
+            if self._queue.wait_first(self._entry, deadline_s, lease):
+                self._held = True
+                return True
+        except BaseException:
+            self._drop()
+            raise
+        self._drop()
+        return False
+
+    def release(self) -> None:
+        """Let it go: revoke the lease (its key goes at once) and leave the queue."""
+        self._held = False
+        self._drop()
+
+    def check(self) -> None:
+        """Raise ``LockLost`` unless this contender's key is still live (a strong read)."""
+        if self._entry is None or not self._held:
+            raise LockLost(f"lock {self.name!r} is not held")
+        now = self.kv.get_versioned(self._entry.key, keyspace=self.keyspace)
+        if now is None or now.version != self._entry.version:
+            raise LockLost(f"lock {self.name!r} was lost: its key {self._entry.key!r} is gone")
+
+    def fenced_put(self, key: str, value: Any) -> int:
+        """Write ``value`` under ``key`` fenced by this holder's token, in one transaction
+        conditioned on the key's fence record (``<key>.fence``: no higher token
+        accepted yet) and on this contender's key being live. Returns the commit
+        version. ``FencingRejected`` when a newer holder has written; ``LockLost``
+        when the lease expired (a paused holder, resumed, cannot write)."""
+        token = self.fencing_token
+        assert self._entry is not None
+        fence = core.fence_key(key)
+        for _ in range(MAX_CAS_ATTEMPTS):
+            record = self.kv.get_versioned(fence, keyspace=self.keyspace)
+            highest = core.fence_token(record.value if record else None)
+            if not core.fencing_allows(token, highest):
+                assert highest is not None
+                raise FencingRejected(f"token {token} is below {highest}, already accepted "
+                                      f"at {key!r}", token=token, highest=highest)
+            guard: dict[str, Any] = {"key": fence, "version": record.version} if record \
+                else {"key": fence, "absent": True}
+            try:
+                result = self.kv.txn(self.keyspace, conditions=[
+                    guard, {"key": self._entry.key, "version": self._entry.version}], writes=[
+                    {"op": "put", "key": key, "value": value},
+                    {"op": "put", "key": fence, "value": core.fence_value(token, self._entry.key)}])
+            except ConditionFailed as exc:
+                if exc.details.get("key") == self._entry.key:
+                    raise LockLost(f"lock {self.name!r} was lost before the fenced write "
+                                   f"to {key!r}") from exc
+                continue  # another write to the fence record came first: look again
+            assert result.commit_ts is not None
+            return result.commit_ts
+        raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races for the fence of {key!r}")
+
+    def __enter__(self) -> Lock:
+        if not self.acquire():
+            raise LockTimeout(f"lock {self.name!r} not acquired within {self.timeout_s} s")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _drop(self) -> None:
+        lease, entry = self._lease, self._entry
+        self._lease = None
+        if lease is not None:
+            try:
+                lease.__exit__(None, None, None)  # stops renewing, revokes: the key goes
+            except RingKVError:
+                pass  # unreachable: the lease expires by itself within its TTL
+        if entry is not None:
+            try:
+                self._queue.leave(entry.key)  # tidy only: a dead entry is skipped anyway
+            except (RingKVError, LockLost):
+                pass
+
+
+# ---- leader election ---------------------------------------------------------------
+
+class Election:
+    """Leader election (``Client.election``): ``campaign(value)`` blocks until this
+    candidate leads (the first live one, as for the lock); ``leader()`` is the
+    current leader's value, ``observe()`` each new one; ``resign()`` steps down."""
+
+    def __init__(self, kv: Client, name: str, *, keyspace: str = "txn",
+                 ttl_s: int = DEFAULT_TTL_S) -> None:
+        self._queue = _Queue(kv, name, keyspace)
+        self.kv = kv
+        self.name = name
+        self.keyspace = keyspace
+        self.ttl_s = ttl_s
+        self._lock: Lock | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._lock is not None and self._lock._held and not self._lock.lost
+
+    @property
+    def lock(self) -> Lock | None:
+        """The candidacy while leading: its ``fencing_token``, ``fenced_put`` and ``lost``."""
+        return self._lock
+
+    def campaign(self, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Stand with ``value`` until elected; ``LockTimeout`` after ``timeout_s``."""
+        lock = Lock(self.kv, self.name, keyspace=self.keyspace, ttl_s=self.ttl_s,
+                    timeout_s=timeout_s, value=value)
+        if not lock.acquire(timeout_s):
+            raise LockTimeout(f"not elected in {self.name!r} within {timeout_s} s")
+        self._lock = lock
+
+    def resign(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def leader(self) -> Any:
+        """The current leader's value (None when nobody leads)."""
+        alive, _, values, _ = self._queue.read()
+        first = core.holder(alive)
+        return values[first.key] if first else None
+
+    def observe(self, timeout_s: float | None = None) -> Iterator[Any]:
+        """The leader's value now, then each time another leader takes over (None while
+        nobody leads); ends after ``timeout_s`` (None: as long as the caller iterates)."""
+        yield from _changes(self._queue, lambda alive, values: (
+            (alive[0].key, values[alive[0].key]) if alive else (None, None)), timeout_s,
+            project=lambda state: state[1])
+
+
+def _changes(queue: _Queue, state: Any, timeout_s: float | None,
+             project: Any = lambda s: s) -> Iterator[Any]:
+    """``state(live, values)`` now and at each change, watching the prefix ``<name>/``
+    (every contender key) from the snapshot read, so no change is missed."""
+    clock = queue.kv._clock
+    deadline_s = None if timeout_s is None else clock.monotonic_s() + timeout_s
+    last: Any = object()
+    while deadline_s is None or clock.monotonic_s() < deadline_s:
+        alive, _, values, read_ts = queue.read()
+        now = state(alive, values)
+        if now != last:
+            last = now
+            yield project(now)
+        ticks = _ticks(queue.kv, queue.keyspace, queue.name + "/", prefix=True,
+                       from_version=read_ts or None)
+        recheck_s = clock.monotonic_s() + RECHECK_S
+        try:
+            for event in ticks:
+                if event is not None and event.version > read_ts:
+                    break
+                t = clock.monotonic_s()
+                if (deadline_s is not None and t >= deadline_s) or t >= recheck_s:
+                    break
+        except Compacted:
+            pass
+        finally:
+            ticks.close()
+
+
+# ---- group membership --------------------------------------------------------------
+
+class Group:
+    """Group membership (``Client.group``): ``join(member, value)`` puts the ephemeral
+    key ``<name>/<member>`` on this object's lease (renewed in the background);
+    ``leave(member)``; ``members()`` a snapshot ``{member: value}``;
+    ``watch_members()`` each membership as it changes; ``close()`` leaves all."""
+
+    def __init__(self, kv: Client, name: str, *, keyspace: str = "txn",
+                 ttl_s: int = DEFAULT_TTL_S) -> None:
+        self._queue = _Queue(kv, name, keyspace)
+        self.kv = kv
+        self.name = name
+        self.keyspace = keyspace
+        self.ttl_s = ttl_s
+        self._lease: Lease | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lease is not None and self._lease.lost is not None
+
+    def join(self, member: str, value: Any = None) -> None:
+        if self._lease is None:
+            self._lease = self.kv.lease(self.ttl_s, keyspace=self.keyspace).__enter__()
+        key = core.contender_key(self.name, member)
+        put = self.kv.put(key, value, keyspace=self.keyspace, lease=self._lease)
+        assert put.version is not None
+        self._queue.join(Entry(key, put.version))
+
+    def leave(self, member: str) -> None:
+        key = core.contender_key(self.name, member)
+        self.kv.delete(key, keyspace=self.keyspace)
+        self._queue.leave(key)
+
+    def members(self) -> dict[str, Any]:
+        alive, _, values, _ = self._queue.read()
+        return {core.member_of(self.name, e.key): values[e.key] for e in alive}
+
+    def watch_members(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
+        """The members now, then each new membership; ends after ``timeout_s``."""
+        name = self.name
+        yield from _changes(self._queue, lambda alive, values: {
+            core.member_of(name, e.key): values[e.key] for e in alive}, timeout_s)
+
+    def close(self) -> None:
+        """Revoke the lease: every member this object joined leaves at once."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.__exit__(None, None, None)
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ---- configuration -----------------------------------------------------------------
+
+def watch_config(kv: Client, key: str, *, keyspace: str = "txn",
+                 timeout_s: float | None = None) -> Iterator[Any]:
+    """A configuration key's value now (None: absent), then each new value in commit
+    order, with no gap: read at version V, then watch from V."""
+    clock = kv._clock
+    deadline_s = None if timeout_s is None else clock.monotonic_s() + timeout_s
+    result = kv.txn(keyspace, reads=[key])
+    now = result.reads.get(key)
+    at = int((result.receipt or {}).get("read_ts") or 0) or (now.version if now else None)
+    yield now.value if now else None
+    ticks = _ticks(kv, keyspace, key, prefix=False, from_version=at)
+    try:
+        for event in ticks:
+            if event is not None:
+                yield event.value
+            if deadline_s is not None and clock.monotonic_s() >= deadline_s:
+                return
+    finally:
+        ticks.close()

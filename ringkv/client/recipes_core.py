@@ -1,0 +1,154 @@
+"""What the coordination recipes decide (sans-I/O): who holds a lock, whom a
+waiter watches, whether a fenced write may land, who is in a group.
+
+The recipes (``recipes.py``) are ZooKeeper's four, built as etcd's concurrency
+package builds them, on session leases and watches. A contender (a lock's, an
+election's candidate, a group's member) puts an *ephemeral* key attached to
+its lease, ``<name>/<lease id>`` (``<name>/<member>`` in a group): it vanishes
+when the owner stops renewing. The transactional tier has no scan of a key
+range yet, so the contenders are also listed, in arrival order, in one *queue*
+key, ``<name>``: each entry is ``[key, version]``, the contender key and the
+version it was created at. An entry is *live* while its key still has that
+version; once dead it stays dead (a lease id is never reused, and a key put
+again has a new version), so the live entries before a contender only ever
+shrink. Entries are appended by compare-and-set on the queue's version, which
+prunes the dead ones at the same time; the append's commit timestamp is the
+contender's place.
+
+- The **holder** (lock owner, leader) is the first live entry: holders follow
+  each other in queue order, one at a time.
+- A **waiter** watches only the live entry just ahead of it (no herd), until
+  that key is deleted, then decides again.
+- The **fencing token** is the holder's place: the commit version of the append
+  that queued it. Appends to one key commit at increasing versions, so every
+  later holder has a larger token.
+- A **fenced write** lands only if its token is at least the highest one the
+  resource has accepted (and, in ``Lock.fenced_put``, only while the holder's
+  key is still live: both conditions in one transaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MAX_QUEUE_ENTRIES = 1000  # contenders waiting on one name (a transaction reads them all)
+QUEUE_FORMAT = 1
+
+
+class LockLost(Exception):
+    """The lock (or leadership, or membership) is gone: its lease expired (the owner
+    paused or was cut off past the TTL) or was revoked, so its key was deleted."""
+
+
+class LockTimeout(TimeoutError):
+    """The lock (or leadership) was not acquired within ``timeout_s``."""
+
+
+class FencingRejected(Exception):
+    """A fenced write carried a token lower than one the resource already accepted:
+    a newer holder has written, so this one lost the lock."""
+
+    def __init__(self, message: str, *, token: int, highest: int) -> None:
+        super().__init__(message)
+        self.token = token
+        self.highest = highest
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One contender in a queue: its key and the version that key was created at."""
+
+    key: str
+    version: int
+
+
+def queue_key(name: str) -> str:
+    return name
+
+
+def contender_key(name: str, owner: str) -> str:
+    """The ephemeral key of a contender: ``<name>/<lease id>`` (``<name>/<member>``)."""
+    if not name or not owner or "/" in owner:
+        raise ValueError(f"a recipe needs a name and an owner without '/', got {name!r}, {owner!r}")
+    return f"{name}/{owner}"
+
+
+def fence_key(key: str) -> str:
+    """Where a fenced resource keeps the highest token it accepted."""
+    return f"{key}.fence"
+
+
+def parse_queue(value: Any) -> list[Entry]:
+    """The entries of a queue key's value (None: an empty queue)."""
+    if value is None:
+        return []
+    if not isinstance(value, dict) or not isinstance(value.get("entries"), list):
+        raise ValueError(f"not a recipe queue: {value!r}")
+    return [Entry(str(key), int(version)) for key, version in value["entries"]]
+
+
+def queue_value(entries: Sequence[Entry]) -> dict[str, Any]:
+    return {"format": QUEUE_FORMAT, "entries": [[e.key, e.version] for e in entries]}
+
+
+def live(entries: Sequence[Entry], current: Mapping[str, int | None]) -> list[Entry]:
+    """The entries whose key still holds the version it was created at, in queue order.
+    ``current``: each key's version at one snapshot (None or missing: absent)."""
+    return [e for e in entries if current.get(e.key) == e.version]
+
+
+def appended(entries: Sequence[Entry], current: Mapping[str, int | None], mine: Entry,
+             max_entries: int = MAX_QUEUE_ENTRIES) -> list[Entry]:
+    """The queue after ``mine`` joins its end: dead entries and an older entry of the
+    same key pruned. Raises ``OverflowError`` when it would exceed ``max_entries``."""
+    kept = [e for e in live(entries, current) if e.key != mine.key]
+    if len(kept) >= max_entries:
+        raise OverflowError(f"{len(kept)} contenders already wait (at most {max_entries})")
+    return [*kept, mine]
+
+
+def removed(entries: Sequence[Entry], current: Mapping[str, int | None],
+            key: str) -> list[Entry]:
+    """The queue without ``key``'s entry, and without the dead ones."""
+    return [e for e in live(entries, current) if e.key != key]
+
+
+def holder(live_entries: Sequence[Entry]) -> Entry | None:
+    """Who holds the lock (leads): the first live entry; None when nobody contends."""
+    return live_entries[0] if live_entries else None
+
+
+def ahead_of(live_entries: Sequence[Entry], mine: Entry) -> Entry | None:
+    """The live entry just ahead of ``mine``, which its owner waits on; None when
+    ``mine`` is first (it holds). Raises ``LockLost`` when ``mine`` is not live."""
+    for index, entry in enumerate(live_entries):
+        if entry == mine:
+            return live_entries[index - 1] if index else None
+    raise LockLost(f"contender key {mine.key!r} (version {mine.version}) is gone")
+
+
+def fencing_allows(token: int, highest: int | None) -> bool:
+    """Whether a resource that has accepted ``highest`` (None: nothing yet) takes a
+    write fenced with ``token``: the same holder writes again, a newer one takes over,
+    an older one is refused."""
+    return highest is None or token >= highest
+
+
+def fence_value(token: int, holder_key: str) -> dict[str, Any]:
+    return {"token": token, "holder": holder_key}
+
+
+def fence_token(value: Any) -> int | None:
+    """The highest token a fence record holds (None: no fenced write yet)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("token"), int):
+        raise ValueError(f"not a fence record: {value!r}")
+    return int(value["token"])
+
+
+def member_of(name: str, key: str) -> str:
+    """The member name of a group key ``<name>/<member>``."""
+    return key[len(name) + 1:] if key.startswith(name + "/") else key
