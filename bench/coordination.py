@@ -2,11 +2,11 @@
 
     python -m bench coordination [--watch-events 500] [--watch-rate 50] [--burst-events 200]
                                  [--lock-duration 10] [--contenders 1,4] [--etcd-bin PATH]
-                                 [--commit-sync periodic|batch]
+                                 [--ranges 4] [--commit-sync periodic|batch]
 
 The same two clusters as ``bench etcd`` (bench/etcd.py's ``side_by_side``): a
 3-member etcd and a 3-node RF=3 ringkv cluster on 127.0.0.1, the ringkv
-keyspace ``txn`` transactional over ``RANGES`` ranges. Phases alternate
+keyspace ``txn`` transactional over ``--ranges`` ranges (4, as ``bench txn``). Phases alternate
 between the systems, etcd first.
 
 **Watch latency.** A writer commits one key after another under a prefix, a
@@ -33,11 +33,10 @@ each) loop for ``--lock-duration`` s: acquire one lock, a fenced no-op,
 release. The no-op hands the fencing token to a shared fence that accepts
 only tokens above the last one it accepted and counts holders at once: both
 must stay clean (tokens strictly increasing, never two holders). Reported:
-acquisitions/s and the acquire latency (p50/p99/max). ringkv: ``Client.lock``
-when the client has it; else the same protocol written out here (a session
-lease per contender, a put-if-absent of the lock key with that lease whose
-commit version is the fencing token, a watch of the key for its delete
-while it is held, release as a delete conditioned on that version). etcd:
+acquisitions/s and the acquire latency (p50/p99/max). ringkv:
+``Client.lock`` (ringkv/client/recipes.py: per acquisition a session lease,
+a put-if-absent of the contender's key with it, a place in the lock's queue,
+a watch of the contender ahead; release revokes the lease). etcd:
 its lock service through the gateway, ``POST /v3/lock/lock`` with a lease
 from ``POST /v3/lease/grant`` (one per contender), then
 ``POST /v3/lock/unlock``; the fencing token is the revision in the lock
@@ -73,7 +72,8 @@ from bench.loadgen import percentile
 from bench.txn import wait_ready
 from bench.txn_load import RANGES
 from ringkv.client import Client
-from ringkv.errors import ConditionFailed, RingKVError
+from ringkv.client.recipes import LockLost
+from ringkv.errors import RingKVError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYSPACE = "txn"
@@ -83,7 +83,7 @@ LOCK_NAME = "bench-lock"
 LEASE_TTL_S = 60  # longer than any phase: no keepalive is needed mid-phase on either system
 HTTP_TIMEOUT_S = 30.0
 WATCH_DRAIN_S = 30.0  # after the last put, how long the watcher may take to see the rest
-WARM_KEYS = 4 * RANGES  # first writes under each prefix: every range has a leader before timing
+WARM_KEYS_PER_RANGE = 4  # first writes under each prefix: every range has a leader before timing
 
 
 # --- figures (pure) ---
@@ -406,7 +406,8 @@ def run_contenders(holders: Sequence[Holder], duration_s: float,
                     acquire_s.append(time.monotonic() - began_s)
                     fence.enter(token)  # the fenced no-op
                     fence.leave()
-            except (RingKVError, OSError, http.client.HTTPException, ValueError) as exc:
+            except (RingKVError, LockLost, OSError, http.client.HTTPException,
+                    ValueError) as exc:  # LockTimeout is an OSError (a TimeoutError)
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
 
     threads = [threading.Thread(target=contend, args=(h,), daemon=True) for h in holders]
@@ -419,77 +420,25 @@ def run_contenders(holders: Sequence[Holder], duration_s: float,
     return acquire_s, errors, time.monotonic() - start_s
 
 
-class RingkvLeaseLock:
-    """The lock protocol on leases, a conditional put and a watch, for a client without
-    ``Client.lock``: one session lease for the contender's life; acquiring is a
-    put-if-absent of the lock key with that lease (its commit version is the fencing
-    token); a contender that finds it held watches the key for its delete and tries again;
-    releasing deletes it, conditioned on the version it wrote."""
-
-    def __init__(self, kv: Client, name: str) -> None:
-        self.kv = kv
-        self.key = f"lock/{name}"
-        self.lease = kv.lease(LEASE_TTL_S, keyspace=KEYSPACE)
-
-    @contextmanager
-    def hold(self) -> Iterator[int]:
-        for _ in range(10_000):  # bounded: each round waits for a holder's release
-            try:
-                version = self.kv.put(self.key, "held", keyspace=KEYSPACE, if_absent=True,
-                                      lease=self.lease).version
-                if version is None:
-                    raise RuntimeError(f"{KEYSPACE} answered a put without a version")
-                token = version
-                break
-            except ConditionFailed as exc:
-                held_at = exc.details.get("current_version")
-                if isinstance(held_at, int):
-                    events = self.kv.watch(KEYSPACE, self.key, from_version=held_at)
-                    for event in events:
-                        if event.type == "delete":
-                            break
-                    del events  # the last reference: the generator closes its stream
-        else:
-            raise RuntimeError(f"{self.key}: not acquired in 10,000 rounds")
-        try:
-            yield token
-        finally:
-            self.kv.delete(self.key, keyspace=KEYSPACE, if_version=token)
-
-    def close(self) -> None:
-        self.lease.revoke()
-
-
 def ringkv_holders(urls: list[str], contenders: int, name: str
-                   ) -> tuple[list[Holder], Callable[[], None], str]:
-    """One client per contender; the holders, what closes them all, and the protocol used."""
+                   ) -> tuple[list[Holder], Callable[[], None]]:
+    """One client per contender, each taking ``Client.lock`` in turn; the holders and what
+    closes the clients."""
     clients = [Client(urls, keyspace=KEYSPACE, protocol="http", timeout_s=HTTP_TIMEOUT_S)
                for _ in range(contenders)]
-    if hasattr(Client, "lock"):
-        holders: list[Holder] = [_recipe_holder(kv, name) for kv in clients]
-        closers: list[Callable[[], None]] = []
-        how = "Client.lock"
-    else:
-        locks = [RingkvLeaseLock(kv, name) for kv in clients]
-        holders = [lock.hold for lock in locks]
-        closers = [lock.close for lock in locks]
-        how = "lease + put-if-absent + watch (inline)"
+
+    def holder(kv: Client) -> Holder:
+        @contextmanager
+        def hold() -> Iterator[int]:
+            with kv.lock(name, keyspace=KEYSPACE, timeout_s=HTTP_TIMEOUT_S) as held:
+                yield held.fencing_token
+        return hold
 
     def close() -> None:
-        for closer in closers:
-            closer()
         for kv in clients:
             kv.close()
 
-    return holders, close, how
-
-
-def _recipe_holder(kv: Client, name: str) -> Holder:
-    @contextmanager
-    def hold() -> Iterator[int]:
-        with getattr(kv, "lock")(name, keyspace=KEYSPACE) as held:
-            yield int(held.fencing_token)
-    return hold
+    return [holder(kv) for kv in clients], close
 
 
 class EtcdLock:
@@ -556,7 +505,8 @@ def run_phase(phase: Phase, system: str, urls: list[str], pids: list[int], index
                     for lock in etcd_locks:
                         lock.close()
             else:
-                holders, close, base["protocol"] = ringkv_holders(urls, phase.contenders, name)
+                holders, close = ringkv_holders(urls, phase.contenders, name)
+                base["protocol"] = "Client.lock"
             try:
                 fence = Fence()
                 acquire_s, errors, elapsed_s = run_contenders(holders, lock_duration_s, fence)
@@ -568,12 +518,12 @@ def run_phase(phase: Phase, system: str, urls: list[str], pids: list[int], index
             "server_cpu_us_per_op": cpu.node_us_per_op, "gen_cpu_us_per_op": cpu.gen_us_per_op}
 
 
-def warm_ringkv(urls: list[str], phases: Sequence[Phase]) -> None:
+def warm_ringkv(urls: list[str], phases: Sequence[Phase], ranges: int) -> None:
     """A first write under every prefix the phases use, so each range has a leader."""
     asyncio.run(wait_ready(urls))
     with Client(urls, keyspace=KEYSPACE, protocol="http", timeout_s=HTTP_TIMEOUT_S) as kv:
         for index, _ in enumerate(phases):
-            for n in range(WARM_KEYS):
+            for n in range(WARM_KEYS_PER_RANGE * ranges):
                 kv.put(f"watch{index}/warm{n}", 0)
             kv.put(f"lock/{LOCK_NAME}-{index}-warm", 0)
 
@@ -596,15 +546,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per lock phase")
     parser.add_argument("--contenders", type=_contenders, default=[1, 4],
                         help="comma-separated: one lock phase per count of contenders")
+    parser.add_argument("--ranges", type=int, default=RANGES,
+                        help="ranges of ringkv's keyspace txn (each its own Paxos group)")
     parser.add_argument("--etcd-bin", default=None, help="the etcd binary (default: etcd on PATH)")
     parser.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic",
                         help="ringkv's storage.commit_sync (etcd always fsyncs before answering)")
     parser.add_argument("--out", type=Path, default=RESULTS / "coordination.json")
     args = parser.parse_args(argv)
-    if args.watch_events < 1 or args.burst_events < 1 or args.watch_rate <= 0 \
+    if min(args.watch_events, args.burst_events, args.ranges) < 1 or args.watch_rate <= 0 \
             or args.lock_duration <= 0:
-        parser.error("--watch-events and --burst-events must be at least 1, --watch-rate and "
-                     "--lock-duration positive")
+        parser.error("--watch-events, --burst-events and --ranges must be at least 1, "
+                     "--watch-rate and --lock-duration positive")
     binary = find_etcd(args.etcd_bin)
     skipped = None
     if binary is None:
@@ -615,10 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     overrides = {"storage.commit_sync": args.commit_sync,
                  f"keyspaces.{KEYSPACE}": {"replication_factor": 3, "tier": "transactional",
-                                           "ranges": RANGES}}
+                                           "ranges": args.ranges}}
     with side_by_side(binary, "ringkv-bench-coordination-", overrides) as (etcd, ringkv):
         ringkv_urls = ringkv.endpoints()
-        warm_ringkv(ringkv_urls, phases)
+        warm_ringkv(ringkv_urls, phases, args.ranges)
         systems: list[tuple[str, list[str], list[int]]] = []
         if etcd is not None:
             systems.append((ETCD, etcd.urls(), etcd.pids()))
@@ -649,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({
         "watch_events": args.watch_events, "watch_rate_per_s": args.watch_rate,
         "burst_events": args.burst_events, "lock_duration_s": args.lock_duration,
-        "contenders": args.contenders, "commit_sync": args.commit_sync, "ranges": RANGES,
+        "contenders": args.contenders, "commit_sync": args.commit_sync, "ranges": args.ranges,
         "latency_from": "send (ack_*: acknowledgment)", "ringkv_lock": ringkv_lock,
         "etcd": {"binary": binary, "version": etcd_version(binary)} if binary else None,
         "etcd_skipped": skipped,
