@@ -41,8 +41,11 @@ PROPERTIES = {"keyspace", "consistency"}
 TRANSACTIONS = {"transaction", "run_transaction"}
 # Session leases: awaited on the asyncio client; each client returns its own lease class.
 LEASES = {"lease"}
-# Coordination recipes (client/recipes.py): on the blocking client only, for now.
-RECIPES = {"lock", "election", "group", "watch_config"}
+# Coordination recipes (client/recipes.py, recipes_aio.py): local calls that return each
+# client's own recipe object (its waits awaited on the asyncio client); ``watch_config``
+# streams like a watch.
+RECIPES = {"lock", "election", "group"}
+WATCHES = WATCHES | {"watch_config"}
 
 
 def public_names(cls: type) -> set[str]:
@@ -50,13 +53,13 @@ def public_names(cls: type) -> set[str]:
 
 
 def test_both_clients_have_the_same_public_methods() -> None:
-    assert public_names(Client) == public_names(AsyncClient) | RECIPES
+    assert public_names(Client) == public_names(AsyncClient)
     # Every public name is one of the kinds below, so a new method must say which it is.
     assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | PROPERTIES | TRANSACTIONS
                                     | LEASES | RECIPES | {"close"})
 
 
-@pytest.mark.parametrize("name", sorted(public_names(Client) - RECIPES))
+@pytest.mark.parametrize("name", sorted(public_names(Client)))
 def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> None:
     blocking = inspect.getattr_static(Client, name)
     asynchronous = inspect.getattr_static(AsyncClient, name)
@@ -71,6 +74,11 @@ def test_each_public_method_has_the_same_signature_and_docstring(name: str) -> N
         assert [(p.name, p.kind, p.default) for p in sync_sig.parameters.values()] == \
             [(p.name, p.kind, p.default) for p in async_sig.parameters.values()]
         assert inspect.iscoroutinefunction(asynchronous) == (name == "run_transaction")
+        return
+    if name in RECIPES:
+        assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values())
+        assert not inspect.iscoroutinefunction(asynchronous)
+        assert async_sig.return_annotation == "Async" + sync_sig.return_annotation
         return
     if name in LEASES:
         assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values())
@@ -114,14 +122,30 @@ def test_both_transaction_classes_have_the_same_calls() -> None:
     assert hasattr(Transaction, "__enter__") and hasattr(AsyncTransaction, "__aenter__")
 
 
-def test_the_recipes_are_documented_and_bounded() -> None:
-    """Each recipe has a docstring and a bounded wait (``timeout_s``) or makes none."""
-    for name in RECIPES:
-        method = getattr(Client, name)
-        assert inspect.getdoc(method), f"Client.{name} has no docstring"
-        params = inspect.signature(method).parameters
-        assert "keyspace" in params
-        assert name == "election" or name == "group" or "timeout_s" in params
+def test_both_clients_recipe_objects_have_the_same_calls() -> None:
+    """``Lock``/``AsyncLock``, ``Election``/``AsyncElection``, ``Group``/``AsyncGroup``:
+    the same names and parameters; the asyncio ones' I/O is awaited; every wait bounded."""
+    from ringkv.client import recipes, recipes_aio
+
+    for blocking_cls, async_cls in ((recipes.Lock, recipes_aio.AsyncLock),
+                                    (recipes.Election, recipes_aio.AsyncElection),
+                                    (recipes.Group, recipes_aio.AsyncGroup)):
+        names = {n for n in dir(blocking_cls) if not n.startswith("_")}
+        assert names == {n for n in dir(async_cls) if not n.startswith("_")}
+        for name in names:
+            blocking = inspect.getattr_static(blocking_cls, name)
+            asynchronous = inspect.getattr_static(async_cls, name)
+            if isinstance(blocking, property):
+                assert isinstance(asynchronous, property)
+                continue
+            assert inspect.signature(blocking).parameters == \
+                inspect.signature(asynchronous).parameters, name
+            assert not inspect.iscoroutinefunction(blocking)
+            is_async = inspect.iscoroutinefunction(asynchronous) or \
+                inspect.isasyncgenfunction(asynchronous)
+            assert is_async, f"{async_cls.__name__}.{name} is not awaited"
+    assert "timeout_s" in inspect.signature(recipes.Lock.acquire).parameters
+    assert "timeout_s" in inspect.signature(recipes.Election.campaign).parameters
 
 
 @pytest.mark.parametrize("name", sorted(CALLS | STREAMS))

@@ -56,7 +56,7 @@ SHELL = frozenset({
     "auth/admin_cli.py",  # `ringkv user`
     "data_cli.py",  # `ringkv get|put|del|scan|txn`: the client, stdin, the environment
     "client/base.py", "client/blocking.py", "client/aio.py",
-    "client/recipes.py",  # the recipes' waits: watch connections, leases, the clock
+    "client/recipes.py", "client/recipes_aio.py",  # the recipes' waits: watches, leases, the clock
     "tools/*", "chaos/*",
     # The simulator is a shell around virtual time; its histories and checkers are pure.
     "sim/*",

@@ -61,6 +61,11 @@ What both clients do:
   commit-timestamp order over HTTP, and resumes a cut stream, on another
   node if need be, after the last version received whole: nothing lost,
   nothing repeated (``client/watch.py``).
+- **Coordination recipes**: ``lock`` (a mutex
+  with fencing tokens and ``fenced_put``), ``election``, ``group`` and
+  ``watch_config``, ZooKeeper's four recipes built on session leases,
+  compare-and-set and watches as etcd's concurrency package builds them
+  (``recipes.py``; what they decide, in ``recipes_core.py``).
 - **The native protocol by default** (``docs/native-protocol.md``): after
   the first ring fetch, requests go over each node's native port (learned
   from the ring), pipelined in ``AsyncClient``; ``protocol="http"`` keeps
@@ -81,6 +86,10 @@ that I/O, and each spells out every public method as a call into the plans:
     routing.py     the ring as last fetched, node order (token-aware), down-marking, deadlines
     operations.py  the plan of every call: encode, route, retry, decode (sans-I/O)
     transaction.py an interactive transaction's state and calls (TxnCore), when to rerun one
+    watch.py       a watch's state across connections (WatchCore): resume point, repeats dropped
+    recipes_core.py  the recipes' decisions: the contender queue, holder, fencing check
+    recipes.py     Lock, Election, Group, watch_config on Client (shell)
+    recipes_aio.py AsyncLock, AsyncElection, AsyncGroup, watch_config on AsyncClient (shell)
     native.py      a plan's HTTP request as a native-protocol operation, and its answer back
     base.py        what both clients share: the constructor, nodes(), replicas()
     blocking.py    Client: pooled http.client and native connections and a deadline
@@ -108,6 +117,7 @@ from ringkv.client.types import (
 )
 
 from ringkv.client.watch import WatchEvent
+from ringkv.client.recipes_core import FencingRejected, LockLost, LockTimeout
 from ringkv.client.errors import InvalidArgument, InvalidArgumentType
 
 # The errors calls raise, importable from here as they were from the old module.
@@ -154,8 +164,11 @@ __all__ = [
     "AsyncClient",
     "BatchResult",
     "Client",
+    "FencingRejected",
     "InvalidArgument",
     "InvalidArgumentType",
+    "LockLost",
+    "LockTimeout",
     "NodeView",
     "Page",
     "Record",

@@ -15,7 +15,9 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ringkv.client import native
+from ringkv.client import native, recipes_aio
+from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S
+from ringkv.client.recipes_aio import AsyncElection, AsyncGroup, AsyncLock
 from ringkv.client.base import KEEPALIVE_S, NATIVE_CONNECTIONS_PER_NODE, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
@@ -413,6 +415,40 @@ class AsyncClient(ClientBase):
         """
         answer = await self._call(self._ops.lease_grant(ttl_s, keyspace=keyspace))
         return AsyncLease(self, str(answer["id"]), int(answer["ttl"]))
+
+    # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
+
+    def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> AsyncLock:
+        """A mutex with fencing tokens on a transactional keyspace (not acquired yet).
+
+        ``with kv.lock("jobs") as held:`` (``async with`` on the asyncio client)
+        waits at most ``timeout_s`` for it (``LockTimeout``), then
+        ``held.fencing_token`` grows with every later holder and
+        ``held.fenced_put(key, value)`` writes only while the lock is held. The
+        holder keeps a session lease of ``ttl_s`` alive: if it stops (killed,
+        paused past the TTL), the lock passes on and ``held.lost`` /
+        ``held.check()`` (``LockLost``) say so.
+        """
+        return recipes_aio.AsyncLock(self, name, keyspace=keyspace, ttl_s=ttl_s, timeout_s=timeout_s)
+
+    def election(self, name: str, *, keyspace: str = "txn",
+                 ttl_s: int = DEFAULT_TTL_S) -> AsyncElection:
+        """Leader election: ``campaign(value, timeout_s)``, ``leader()``, ``observe()``,
+        ``resign()``; a leader that stops renewing its lease (``ttl_s``) is replaced."""
+        return recipes_aio.AsyncElection(self, name, keyspace=keyspace, ttl_s=ttl_s)
+
+    def group(self, name: str, *, keyspace: str = "txn",
+              ttl_s: int = DEFAULT_TTL_S) -> AsyncGroup:
+        """Group membership: ``join(member, value)`` (ephemeral, on a lease of ``ttl_s``),
+        ``leave(member)``, ``members()``, ``watch_members()``, ``close()``."""
+        return recipes_aio.AsyncGroup(self, name, keyspace=keyspace, ttl_s=ttl_s)
+
+    def watch_config(self, key: str, *, keyspace: str = "txn",
+                     timeout_s: float | None = None) -> AsyncIterator[Any]:
+        """A configuration key's value now (None: absent), then every new value in commit
+        order with no gap; ends after ``timeout_s`` (None: while the caller iterates)."""
+        return recipes_aio.watch_config(self, key, keyspace=keyspace, timeout_s=timeout_s)
 
     # ---- watches (a transactional keyspace's commits, streamed) ------------------
 

@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ringkv.client import native, recipes
+from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S, Election, Group, Lock
 from ringkv.client.base import KEEPALIVE_S, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
@@ -413,29 +414,30 @@ class Client(ClientBase):
         answer = self._call(self._ops.lease_grant(ttl_s, keyspace=keyspace))
         return Lease(self, str(answer["id"]), int(answer["ttl"]))
 
-    # ---- coordination recipes (leases + watches; client/recipes.py) ---------------
+    # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
 
-    def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = recipes.DEFAULT_TTL_S,
-             timeout_s: float = recipes.DEFAULT_TIMEOUT_S) -> recipes.Lock:
+    def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> Lock:
         """A mutex with fencing tokens on a transactional keyspace (not acquired yet).
 
-        ``with kv.lock("jobs") as held:`` waits at most ``timeout_s`` for it
-        (``LockTimeout``), then ``held.fencing_token`` grows with every later
-        holder and ``held.fenced_put(key, value)`` writes only while the lock is
-        held. The holder keeps a session lease of ``ttl_s`` alive: if it stops
-        (killed, paused past the TTL), the lock passes on and ``held.lost`` /
+        ``with kv.lock("jobs") as held:`` (``async with`` on the asyncio client)
+        waits at most ``timeout_s`` for it (``LockTimeout``), then
+        ``held.fencing_token`` grows with every later holder and
+        ``held.fenced_put(key, value)`` writes only while the lock is held. The
+        holder keeps a session lease of ``ttl_s`` alive: if it stops (killed,
+        paused past the TTL), the lock passes on and ``held.lost`` /
         ``held.check()`` (``LockLost``) say so.
         """
         return recipes.Lock(self, name, keyspace=keyspace, ttl_s=ttl_s, timeout_s=timeout_s)
 
     def election(self, name: str, *, keyspace: str = "txn",
-                 ttl_s: int = recipes.DEFAULT_TTL_S) -> recipes.Election:
+                 ttl_s: int = DEFAULT_TTL_S) -> Election:
         """Leader election: ``campaign(value, timeout_s)``, ``leader()``, ``observe()``,
         ``resign()``; a leader that stops renewing its lease (``ttl_s``) is replaced."""
         return recipes.Election(self, name, keyspace=keyspace, ttl_s=ttl_s)
 
     def group(self, name: str, *, keyspace: str = "txn",
-              ttl_s: int = recipes.DEFAULT_TTL_S) -> recipes.Group:
+              ttl_s: int = DEFAULT_TTL_S) -> Group:
         """Group membership: ``join(member, value)`` (ephemeral, on a lease of ``ttl_s``),
         ``leave(member)``, ``members()``, ``watch_members()``, ``close()``."""
         return recipes.Group(self, name, keyspace=keyspace, ttl_s=ttl_s)

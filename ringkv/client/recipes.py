@@ -241,10 +241,15 @@ class Lock:
         self._lease = lease
         try:
             key = core.contender_key(self.name, lease.id)
-            put = self.kv.put(key, self.value, keyspace=self.keyspace, lease=lease,
-                              if_absent=True)
-            assert put.version is not None
-            self._entry = Entry(key, put.version)
+            try:
+                version = self.kv.put(key, self.value, keyspace=self.keyspace, lease=lease,
+                                      if_absent=True).version
+            except ConditionFailed as exc:
+                # Only this lease writes its key: an answer lost after the put committed.
+                version = exc.details.get("current_version")
+            if not isinstance(version, int):
+                raise LockLost(f"contender key {key!r} could not be created")
+            self._entry = Entry(key, version)
             self._token = self._queue.join(self._entry)
             if self._queue.wait_first(self._entry, deadline_s, lease):
                 self._held = True
@@ -256,7 +261,7 @@ class Lock:
         return False
 
     def release(self) -> None:
-        """Let it go: revoke the lease (its key goes at once) and leave the queue."""
+        """Let it go: revoke the lease (its key goes at once, and the next waiter's watch fires)."""
         self._held = False
         self._drop()
 
@@ -309,18 +314,14 @@ class Lock:
         self.release()
 
     def _drop(self) -> None:
-        lease, entry = self._lease, self._entry
-        self._lease = None
+        # The queue entry is left behind: its key is gone, so it is dead, skipped by
+        # every reader and pruned by the next append (one round trip less per release).
+        lease, self._lease = self._lease, None
         if lease is not None:
             try:
                 lease.__exit__(None, None, None)  # stops renewing, revokes: the key goes
             except RingKVError:
                 pass  # unreachable: the lease expires by itself within its TTL
-        if entry is not None:
-            try:
-                self._queue.leave(entry.key)  # tidy only: a dead entry is skipped anyway
-            except (RingKVError, LockLost):
-                pass
 
 
 # ---- leader election ---------------------------------------------------------------
