@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import base64
 import http.client
+import itertools
 import json
 import sys
 import threading
@@ -66,8 +67,13 @@ from typing import Any
 
 from bench import proc_cpu
 from bench.etcd import (
-    APT_HINT, etcd_put_body, etcd_version, find_etcd, ringkv_node_pids,
-    side_by_side)
+    APT_HINT,
+    etcd_put_body,
+    etcd_version,
+    find_etcd,
+    ringkv_node_pids,
+    side_by_side,
+)
 from bench.loadgen import percentile
 from bench.txn import wait_ready
 from bench.txn_load import RANGES
@@ -143,7 +149,7 @@ class Fence:
 
 
 def strictly_increasing(tokens: Sequence[int]) -> bool:
-    return all(a < b for a, b in zip(tokens, tokens[1:]))
+    return all(a < b for a, b in itertools.pairwise(tokens))
 
 
 def lock_figures(acquire_s: Sequence[float], elapsed_s: float, fence: Fence) -> dict[str, Any]:
