@@ -36,7 +36,7 @@ must stay clean (tokens strictly increasing, never two holders). Reported:
 acquisitions/s and the acquire latency (p50/p99/max). ringkv:
 ``Client.lock`` (ringkv/client/recipes.py: per acquisition a session lease,
 a put-if-absent of the contender's key with it, a place in the lock's queue,
-a watch of the contender ahead; release revokes the lease). etcd:
+a watch of the contender ahead while waiting; release revokes the lease). etcd:
 its lock service through the gateway, ``POST /v3/lock/lock`` with a lease
 from ``POST /v3/lease/grant`` (one per contender), then
 ``POST /v3/lock/unlock``; the fencing token is the revision in the lock
