@@ -452,6 +452,10 @@ def test_the_async_recipes_a_killed_holder_and_a_group_election_and_config(
                 await asyncio.sleep(0.3)
                 await group.join("b", 2)
                 assert await group.members() == {"a": 1, "b": 2}
+                for _ in range(100):  # the watch shows snapshots: let it see b before b leaves
+                    if {"a", "b"} in memberships:
+                        break
+                    await asyncio.sleep(0.05)
                 await group.leave("b")
                 await asyncio.wait_for(watching, 15)
                 assert memberships == [{"a"}, {"a", "b"}, {"a"}], memberships

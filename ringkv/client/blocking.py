@@ -66,7 +66,8 @@ class Client(ClientBase):
     timeout_s=5.0, max_retries=3)``. Methods: ``get``, ``get_with_meta``,
     ``exists``, ``ttl_s``, ``get_many``, ``put``, ``delete``, ``batch``, ``scan``,
     ``scan_pages``, ``get_versioned``, ``txn``, ``txn_status``, ``transaction``,
-    ``run_transaction`` (the transactional tier),
+    ``run_transaction`` (the transactional tier), ``lease``, ``watch``, and the
+    coordination recipes ``lock``, ``election``, ``group``, ``watch_config``,
     ``refresh_ring``, ``nodes``, ``replicas``; ``close`` (or use ``with``).
 
     Keys are ``str``, or ``bytes`` that are UTF-8. What a call raises: its own

@@ -113,8 +113,10 @@ class _Queue:
                 continue  # someone queued meanwhile: read again
             current = {k: (v.version if v else None) for k, v in result.reads.items()}
             alive = core.live(entries, current)
-            values = {e.key: result.reads[e.key].value for e in alive  # type: ignore[union-attr]
-                      }
+            values: dict[str, Any] = {}
+            for entry in alive:  # live: read at this snapshot with its creation version
+                got = result.reads.get(entry.key)
+                values[entry.key] = got.value if got else None
             read_ts = int((result.receipt or {}).get("read_ts") or 0)
             return alive, (head.version if head else None), values, read_ts
         raise RingKVError(f"the queue {self.key!r} kept changing while it was read")
