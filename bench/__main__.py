@@ -15,6 +15,8 @@
                   coordinator messages per QUORUM op (pure cores; --json)
     etcd          a 3-node RF=3 cluster at QUORUM against a 3-member etcd: puts and linearizable
                   reads, phases alternating, ratios against issue #14's targets (1.5x, 2x)
+    coordination  the same two clusters: watch event latency (commit to delivery, p50/p99) and
+                  lock acquisitions/s with 1 and 4 contenders, ringkv beside etcd (issue #17)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(argv: list[str]) -> int:
         "scale": "bench.scale",
         "bootstrap": "bench.bootstrap",
         "etcd": "bench.etcd",
+        "coordination": "bench.coordination",
     }
     if not argv or argv[0] not in commands:
         print(__doc__)

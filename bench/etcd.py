@@ -290,6 +290,37 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+
+def ringkv_node_pids(cluster: LocalCluster) -> list[int]:
+    return [node.proc.pid for node in cluster.procs if node.proc is not None]
+
+
+@contextmanager
+def side_by_side(binary: str | None, prefix: str, ringkv_overrides: dict[str, Any]
+                 ) -> Iterator[tuple[EtcdCluster | None, LocalCluster]]:
+    """A 3-member etcd (none when ``binary`` is None) and a 3-node RF=3 ringkv cluster
+    (``ringkv_overrides`` on its config) on 127.0.0.1, both up and healthy, their data in
+    one temporary directory named after ``prefix``. Everything started is stopped and the
+    directory removed on the way out, on SIGTERM and Ctrl-C too."""
+    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        etcd = EtcdCluster(binary, Path(tmp) / "etcd") if binary else None
+        ringkv = LocalCluster(Path(tmp) / "ringkv", nodes=3, rf=3,
+                              base_client_port=free_port_block(3),
+                              base_internode_port=free_port_block(3),
+                              config_overrides=ringkv_overrides)
+        try:
+            if etcd is not None:
+                etcd.up()
+            ringkv.up()
+            yield etcd, ringkv
+        finally:
+            try:
+                ringkv.down()
+            finally:
+                if etcd is not None:
+                    etcd.down()
+
+
 async def _preload(urls: list[str], key_count: int,
                    make_request: Callable[[str, str], bytes]) -> int:
     """Write key0..key{key_count-1} once each over ``PRELOAD_CONCURRENCY`` connections spread
@@ -383,44 +414,30 @@ def main(argv: list[str] | None = None) -> int:
         ("system", "<22", lambda r: r.label),
         ("op", "<5", lambda r: r.op),
     )
-    with _sigterm_as_interrupt(), \
-            tempfile.TemporaryDirectory(prefix="ringkv-bench-etcd-") as tmp:
-        etcd = EtcdCluster(binary, Path(tmp) / "etcd") if binary else None
-        ringkv = LocalCluster(Path(tmp) / "ringkv", nodes=3, rf=3,
-                              base_client_port=free_port_block(3),
-                              base_internode_port=free_port_block(3),
-                              config_overrides={"storage.commit_sync": args.commit_sync})
-        try:
-            if etcd is not None:
-                etcd.up()
-                preload_etcd(etcd.urls(), args.keys, value.encode())
-            ringkv.up()
-            ringkv_urls = ringkv.endpoints()
-            ringkv_pids = [node.proc.pid for node in ringkv.procs if node.proc is not None]
-            preload_ringkv(ringkv_urls, args.keys, value)
-            print(format_table([], leading), flush=True)
-            for round_no in range(1, args.rounds + 1):
-                for op in ("put", "get"):
-                    phases: list[tuple[str, list[str], list[int], str]] = []
-                    if etcd is not None:
-                        phases.append((ETCD, etcd.urls(), etcd.pids(), "etcd"))
-                    phases.append((RINGKV_HTTP, ringkv_urls, ringkv_pids, "http"))
-                    phases.append((RINGKV_NATIVE, ringkv_urls, ringkv_pids, "native"))
-                    for label, urls, pids, protocol in phases:
-                        result = run_load(
-                            label, urls, RINGKV_PATH, op=op, concurrency=args.concurrency,
-                            duration_s=args.duration, key_count=args.keys, value=value,
-                            protocol=protocol, node_pids=pids,
-                            consistency=None if protocol == "etcd" else "QUORUM")
-                        rounds[id(result)] = round_no
-                        results.append(result)
-                        print(format_row(result, leading), flush=True)
-        finally:
-            try:
-                ringkv.down()
-            finally:
+    with side_by_side(binary, "ringkv-bench-etcd-",
+                      {"storage.commit_sync": args.commit_sync}) as (etcd, ringkv):
+        if etcd is not None:
+            preload_etcd(etcd.urls(), args.keys, value.encode())
+        ringkv_urls = ringkv.endpoints()
+        ringkv_pids = ringkv_node_pids(ringkv)
+        preload_ringkv(ringkv_urls, args.keys, value)
+        print(format_table([], leading), flush=True)
+        for round_no in range(1, args.rounds + 1):
+            for op in ("put", "get"):
+                phases: list[tuple[str, list[str], list[int], str]] = []
                 if etcd is not None:
-                    etcd.down()
+                    phases.append((ETCD, etcd.urls(), etcd.pids(), "etcd"))
+                phases.append((RINGKV_HTTP, ringkv_urls, ringkv_pids, "http"))
+                phases.append((RINGKV_NATIVE, ringkv_urls, ringkv_pids, "native"))
+                for label, urls, pids, protocol in phases:
+                    result = run_load(
+                        label, urls, RINGKV_PATH, op=op, concurrency=args.concurrency,
+                        duration_s=args.duration, key_count=args.keys, value=value,
+                        protocol=protocol, node_pids=pids,
+                        consistency=None if protocol == "etcd" else "QUORUM")
+                    rounds[id(result)] = round_no
+                    results.append(result)
+                    print(format_row(result, leading), flush=True)
     print()
     print(format_table(results, leading))
     print()
