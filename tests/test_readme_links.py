@@ -26,9 +26,9 @@ FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 CODE = re.compile(r"`([^`\n]+)`")
 FILE_SUFFIX = re.compile(r"\.(py|md|ya?ml|json|toml|txt|png|svg|service|cfg|ini|sh|csv)$")
-# Absolute paths that are not files of the repository: the API's URL paths and
+# Absolute paths that are not files of the repository: the API's URL paths (etcd's /v3/ too) and
 # the system's own places (where a deployment puts its config, data, /proc).
-ABSOLUTE_OK = ("/v1/", "/metrics", "/etc/", "/var/", "/proc", "/usr/", "/run/", "/dev/",
+ABSOLUTE_OK = ("/v1/", "/v3/", "/metrics", "/etc/", "/var/", "/proc", "/usr/", "/run/", "/dev/",
                "/sys/", "/opt/")
 URL = re.compile(r"https?://[^\s)>]+")
 PLACEHOLDER = re.compile(r"<[^>]*>|\{[^}]*\}|\*")
