@@ -34,7 +34,7 @@ from ringkv.sim.run import TXN_KEYSPACE, SimSettings, node_configs
 from ringkv.sim.txn_client import keys_across_ranges
 from ringkv.txn import leases as L
 from ringkv.txn.requests import TxnRequest, Write
-from ringkv.txn.service import Op
+from ringkv.txn.service import CHANGES, Op
 from ringkv.txn.watch import Change, WatchBuffer, fit
 
 RANGES = 4
@@ -200,20 +200,20 @@ class SimWatcher:
 @dataclass
 class Nemesis:
     """One fault at a time (a majority stays up): kill a node and restart it, or cut one
-    node off from the others and heal. ``spare``: a machine never cut off or killed."""
+    node off from the others and heal."""
 
     cluster: SimCluster
     rng: random.Random
     max_fault_s: float = 2.0
-    spare: Machine | None = None
+    rest_s: tuple[float, float] = (0.5, 1.5)  # between one fault's end and the next
     log: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.stop.is_set():  # bounded by stop
-            await asyncio.sleep(self.rng.uniform(0.5, 1.5))
-            victims = [m for m in self.cluster.machines if m.state == UP and m is not self.spare]
+            await asyncio.sleep(self.rng.uniform(*self.rest_s))
+            victims = [m for m in self.cluster.machines if m.state == UP]
             if not victims or self.stop.is_set():
                 continue
             leaders = [m for m in victims if m.node is not None and any(
@@ -252,6 +252,7 @@ class LeaseOwner:
     renewed_us: int = 0  # the commit version of its last acknowledged renewal or attach
     renewed_at_s: float = 0.0  # when (virtual time) the owner heard of it
     refusals: list[str] = field(default_factory=list)  # lease_expired answers: never, alive
+    machine: Machine | None = None  # the node it talked to last
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def _on_any(self, make: Any) -> Any:
@@ -294,6 +295,7 @@ class LeaseOwner:
             if machine is None or machine.node is None:
                 continue
             node = machine.node
+            self.machine = machine
             ok, answer = await call(machine, node.leases.keepalive(
                 lease, node.clock.monotonic_s()), timeout_s=self.renew_s)
             if ok and not self.stop.is_set():
@@ -302,24 +304,30 @@ class LeaseOwner:
                 self.refusals.append(str(answer))
 
 
-async def lease_deadline_us(cluster: SimCluster, lease: L.LeaseId,
+async def lease_deadline_us(cluster: SimCluster, lease: L.LeaseId, since_us: int,
                             rng: random.Random) -> int | None:
-    """The lease's deadline as its record says now (None: the record is gone)."""
+    """The deadline the lease's record had when it was deleted: its last version's
+    (a keepalive whose answer the owner lost counts too), read from the record's
+    committed history through the watch's own ``changes`` op. None: never deleted."""
+    key = L.record_key(lease)
     for _ in range(50):  # bounded: a node answers once the cluster is whole again
         machine = up_machine(cluster, rng)
         if machine is not None and machine.node is not None:
             node = machine.node
-            request = TxnRequest(TXN_KEYSPACE, None, (L.record_key(lease),), (), ())
             ok, answer = await call(machine, node.txn.execute(
-                Op("txn", TXN_KEYSPACE, request), started_s=node.clock.monotonic_s(),
-                timeout_s=CALL_S))
+                Op(CHANGES, TXN_KEYSPACE, key=key, snapshot_ts_us=node.txn.snapshot_now_us(),
+                   since_us=since_us, limit=PAGE_EVENTS),
+                started_s=node.clock.monotonic_s(), timeout_s=CALL_S))
             if ok:
-                read = answer["reads"][0]
-                if read["value"] is None:
-                    return None
-                return L.expires_at_us(L.decode_record(bytes(read["value"])), int(read["version"]))
+                last: tuple[bytes, int] | None = None
+                for _key, value, version in answer["items"]:
+                    if value is None:
+                        return None if last is None else L.expires_at_us(
+                            L.decode_record(last[0]), last[1])
+                    last = (bytes(value), int(version))
+                return None
         await asyncio.sleep(0.1)
-    raise AssertionError("no node read the lease record in 50 tries")
+    raise AssertionError("no node read the lease record's history in 50 tries")
 
 
 def data_keys(count: int) -> list[str]:

@@ -11,7 +11,7 @@ and every acknowledged write in the span the stream covers must be there.
 ``check_lease_keys``: when a lease's keys were deleted (the versions of the
 delete events), against the lease's last renewal: never before its deadline
 (commit timestamp of the last renewal + TTL), all at one version, and within
-the bound after it (TTL + ε + a sweep) once its owner stopped renewing.
+the bound after it (ε + a sweep past the deadline) once its owner stopped renewing.
 """
 
 from __future__ import annotations
@@ -60,14 +60,15 @@ def check_stream(delivered: Sequence[Change], acked: Mapping[Write, int],
 
 
 def check_lease_keys(deletes: Sequence[Change], keys: Iterable[bytes], *,
-                     renewed_us: int, ttl_s: float, bound_s: float | None) -> list[str]:
-    """The problems with how ``keys`` (attached to a lease last renewed by a commit at
-    ``renewed_us``) went: ``deletes`` are the delete events the watcher saw of them.
-    ``bound_s`` None: the owner still renews, nothing may be deleted."""
+                     deadline_us: int, bound_s: float | None) -> list[str]:
+    """The problems with how ``keys`` went, attached to a lease whose deadline (its
+    last renewal's commit version + TTL) is ``deadline_us``: ``deletes`` are the
+    events the watcher saw of them. ``bound_s`` None: the owner still renews, so
+    nothing may be deleted; else all go at one version, past the deadline by at
+    most ``bound_s`` (ε and a sweep)."""
     problems: list[str] = []
     wanted = set(keys)
     gone = [d for d in deletes if d.key in wanted and d.value is None]
-    deadline_us = renewed_us + round(ttl_s * 1_000_000)
     if bound_s is None:
         return [f"{d.key!r} deleted at {d.version_us} while its lease was kept alive"
                 for d in gone]
