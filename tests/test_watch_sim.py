@@ -27,7 +27,7 @@ SOAK_SEEDS = list(range(10, 40))
 RUN_S = 12.0  # virtual seconds of writes and faults
 
 
-def run_watch(seed: int, run_s: float = RUN_S) -> dict[str, Any]:
+def run_watch(seed: int, run_s: float = RUN_S, plant: str | None = None) -> dict[str, Any]:
     loop, cluster = boot_cluster(seed)
     rng = random.Random(seed)
     writes = Writes()
@@ -36,7 +36,7 @@ def run_watch(seed: int, run_s: float = RUN_S) -> dict[str, Any]:
     async def main() -> None:
         await cluster.boot(60, provision=random.Random(seed))
         keys = data_keys(8)
-        watcher = SimWatcher(cluster, random.Random(f"watch:{seed}"))
+        watcher = SimWatcher(cluster, random.Random(f"watch:{seed}"), plant=plant)
         watching = asyncio.ensure_future(watcher.run())
         while watcher.start_us is None:  # bounded: the cluster is up
             await asyncio.sleep(0.05)
@@ -62,6 +62,7 @@ def run_watch(seed: int, run_s: float = RUN_S) -> dict[str, Any]:
         watching.result()  # the watcher itself never failed
         out.update(delivered=watcher.delivered, start_us=watcher.start_us,
                    resolved_us=watcher.resume_us, reconnects=watcher.reconnects,
+                   partial_cuts=watcher.partial_cuts,
                    faults=nemesis.log, last_us=last_us)
 
     try:
@@ -91,6 +92,15 @@ def test_the_watch_stream_is_the_committed_history_across_faults(seed: int) -> N
 @pytest.mark.parametrize("seed", SOAK_SEEDS)
 def test_the_watch_stream_is_the_committed_history_across_faults_soak(seed: int) -> None:
     _judge(seed)
+
+
+def test_a_watcher_that_reconnects_from_now_is_caught() -> None:
+    """A planted client bug: a reconnect without ``from_version`` starts from the
+    node's now, so what committed while it was away is lost; the checker says so."""
+    run = run_watch(FAST_SEEDS[0], plant="resume_now")
+    problems = check_stream(run["delivered"], run["acked"], run["unknown"],
+                            start_us=run["start_us"], resolved_us=run["resolved_us"])
+    assert any("never delivered" in p for p in problems), problems
 
 
 # -- the checker, proved by planted bugs ------------------------------------------------------

@@ -4,9 +4,11 @@ nemesis, run by real nodes on virtual time (issue #17's simulator checks).
 The watcher runs the HTTP watch's own poll (``server/watch_http.poll``: the
 ``changes`` op at every range, merged by ``txn/watch.merge``) into a
 ``WatchBuffer`` as the stream does, on one node, and at random points
-"reconnects": reads part of what is buffered, then starts again on another
-node from the last version it received whole, dropping repeats of that
-version as the client does. Writers commit transactions (one key, or two in
+"reconnects": reads only part of what is buffered (perhaps part of one
+transaction's events), then starts again on another node from the last
+version it received whole, dropping repeats of that version as the client
+does (``plant="resume_now"``: a reconnect from the node's now instead, a
+client bug the checker must catch). Writers commit transactions (one key, or two in
 different ranges) with values no other write has; the nemesis kills a node
 (often a range's leader) and restarts it, or cuts one node off for a while.
 A lease owner grants a lease, attaches keys and renews it through the lease
@@ -127,21 +129,25 @@ class SimWatcher:
     """One client's watch of a prefix, across reconnects to other nodes."""
 
     def __init__(self, cluster: SimCluster, rng: random.Random, prefix: bytes = b"",
-                 *, reconnect_s: float = 1.5) -> None:
+                 *, reconnect_s: float = 1.5, plant: str | None = None) -> None:
         self.cluster = cluster
         self.rng = rng
         self.spec = WatchSpec(TXN_KEYSPACE, prefix, True, None, False)
         self.reconnect_s = reconnect_s  # the mean time between reconnects
+        self.plant = plant  # "resume_now": a planted client bug the checker must catch
         self.delivered: list[Change] = []
         self.start_us: int | None = None
         self.resume_us = 0  # the last version received whole
         self.reconnects = 0
+        self.partial_cuts = 0  # repeats dropped after a reconnect in mid-version
         self.stop = asyncio.Event()
         self._partial: set[tuple[int, bytes]] = set()  # events seen past resume_us
 
     def _take(self, item: Change, buffer: WatchBuffer) -> None:
         at = (item.version_us, item.key)
-        if at not in self._partial:  # a repeat after a reconnect mid-version: dropped
+        if at in self._partial:  # a repeat after a reconnect mid-version: dropped
+            self.partial_cuts += 1
+        else:
             self.delivered.append(item)
             self._partial.add(at)
         if buffer.completes(item):
@@ -159,19 +165,24 @@ class SimWatcher:
     async def _connection(self, machine: Machine) -> None:
         node = machine.node
         assert node is not None
-        if self.start_us is None:
+        if self.start_us is None or self.plant == "resume_now":
             ok, now_us = await call(machine, self._now(machine))
             if not ok:
                 return
-            self.start_us = self.resume_us = int(now_us)
+            if self.start_us is None:
+                self.start_us = int(now_us)
+            # The planted bug: a reconnect without from_version starts from now.
+            self.resume_us = int(now_us)
         buffer = WatchBuffer(PAGE_EVENTS * 4, self.resume_us, now_s=node.clock.monotonic_s())
         try:
             ends = range_ends(node.txn, self.spec)
         except RingKVError:  # a node just started knows no ring yet: another node
             await asyncio.sleep(POLL_S)
             return
-        until_s = asyncio.get_running_loop().time() + self.rng.expovariate(1 / self.reconnect_s)
-        while not self.stop.is_set() and asyncio.get_running_loop().time() < until_s:
+        loop = asyncio.get_running_loop()
+        until_s = loop.time() + self.rng.expovariate(1 / self.reconnect_s)
+        while not self.stop.is_set():  # bounded by until_s
+            last = loop.time() + POLL_S >= until_s
             if machine.node is not node:
                 break  # the node died: connect to another
             ok, merged = await call(machine, poll(
@@ -181,10 +192,16 @@ class SimWatcher:
                 fitted = fit(merged, buffer.room)
                 if fitted is not None:
                     buffer.offer(fitted)
-                while (item := buffer.pop(node.clock.monotonic_s())) is not None:
+                # The last turn reads only part of what is buffered (the connection is
+                # cut, maybe in the middle of a transaction's events).
+                budget = self.rng.randrange(buffer.events + 1) if last else buffer.events + 1
+                while budget > 0 and (item := buffer.pop(node.clock.monotonic_s())) is not None:
                     if isinstance(item, Change):
+                        budget -= 1
                         self._take(item, buffer)
                 self.resume_us = max(self.resume_us, buffer.delivered_us)
+            if last:
+                break
             await asyncio.sleep(POLL_S)
         self.reconnects += 1
 
