@@ -134,6 +134,14 @@ def parse(request: web.Request, node: Node) -> WatchSpec:
     return WatchSpec(keyspace, key, prefix, from_version, sse)
 
 
+def range_ends(txn: TxnService, spec: WatchSpec) -> list[int | None]:
+    """The ranges a watch polls: every range of the keyspace for a prefix, else the key's
+    (None: the op finds it). Shared with the simulator's watcher (``sim/coordination.py``)."""
+    if spec.prefix:
+        return [r.end for r in txn.range_map(spec.keyspace).ranges]
+    return [None]
+
+
 async def poll(txn: TxnService, spec: WatchSpec, range_ends: list[int | None], since_us: int,
                *, started_s: float, timeout_s: float) -> Merged:
     """Every range's commits in (since_us, now], merged (``txn/watch.py``)."""
@@ -185,11 +193,7 @@ class _Stream:
         self.poll_s = config.txn.watch_poll_ms / 1000
         self.timeout_s = config.timing.read_timeout_ms / 1000
         self.max_events = config.txn.watch_buffer_events
-        if spec.prefix:
-            self.range_ends: list[int | None] = [
-                r.end for r in self.txn.range_map(spec.keyspace).ranges]
-        else:
-            self.range_ends = [None]
+        self.range_ends = range_ends(self.txn, spec)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()  # the writer: something was offered, or the end
         self.drained = asyncio.Event()  # the poll loop: the writer took something
