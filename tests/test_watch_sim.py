@@ -22,8 +22,10 @@ from ringkv.sim.coordination import Nemesis, SimWatcher, Writes, boot_cluster, d
 from ringkv.sim.watch_stream import check_stream
 from ringkv.txn.watch import Change
 
-FAST_SEEDS = [1, 2, 3]
-SOAK_SEEDS = list(range(10, 40))
+# Seed 37 committed an id-less write twice before the node named a transaction where it
+# arrived (a forward retried after a timeout ran again at the leader).
+FAST_SEEDS = [1, 2, 3, 37]
+SOAK_SEEDS = [seed for seed in range(10, 40) if seed not in FAST_SEEDS]
 RUN_S = 12.0  # virtual seconds of writes and faults
 
 

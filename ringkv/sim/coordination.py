@@ -107,9 +107,9 @@ async def writer(cluster: SimCluster, name: str, keys: list[str], rng: random.Ra
         picked = [keys[first]] if rng.random() < 0.5 else [
             keys[first], keys[(first + 1) % len(keys)]]  # neighbours: different ranges
         mine = [(k.encode(), json.dumps(f"{name}-{n}-{k}").encode()) for k in picked]
-        # An id, as a client that wants its write applied once sends: the node retries a
-        # forward that timed out, and only the id tells a retry from a new transaction.
-        request = TxnRequest(TXN_KEYSPACE, f"{name}.{n}", (), (),
+        # Every other write sends no id, as a plain HTTP put does: the node names it where
+        # it arrives, so a forward it retries after a timeout is never committed twice.
+        request = TxnRequest(TXN_KEYSPACE, None if n % 2 else f"{name}.{n}", (), (),
                              tuple(Write(k, v) for k, v in mine))
         node = machine.node
         ok, answer = await call(machine, node.txn.execute(

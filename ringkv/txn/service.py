@@ -71,6 +71,7 @@ It carries out what the pure cores decide, for every transactional keyspace:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import logging
@@ -973,10 +974,17 @@ class TxnService:
         deadline_s = started_s + timeout_s
         now = self._fenced_now()
         if op.kind == "txn" and op.request is not None and hops == 0:
+            if op.request.txn_id is None:
+                # Named once, where it arrived: a forward retried after a timeout carries
+                # the same id, so a leader that already committed it answers that commit
+                # instead of committing it a second time.
+                op = dataclasses.replace(op, request=dataclasses.replace(
+                    op.request, txn_id=self.new_txn_id()))
+            assert op.request is not None and op.request.txn_id is not None
             grouped = self.range_map(op.keyspace).by_range(op.request.keys())
             if len(grouped) > 1:
-                txn_id = op.request.txn_id or self.new_txn_id()
-                return await self._cross.run(op.request, txn_id, grouped, deadline_s)
+                return await self._cross.run(op.request, op.request.txn_id, grouped,
+                                             deadline_s)
         keys = [op.key] if op.request is None else op.request.keys()
         if op.kind == CHANGES and op.prefix:
             rng = self._range_ending(op.keyspace, op.range_end)
@@ -1026,6 +1034,13 @@ class TxnService:
                     if len(failed) >= len(serving):
                         failed.clear()
                     log.debug("forward to %s failed: %s", target, exc)
+                except Aborted as exc:
+                    # Our own earlier attempt of this transaction still runs at the leader
+                    # (its answer was lost to a timeout): it is no refusal, and its outcome
+                    # is known once it ends; ask again until the deadline.
+                    if hops > 0 or exc.details.get("reason") != "in_progress":
+                        raise
+                    log.debug("transaction still running at %s: %s", target, exc)
             elif hops > 0 and not member:
                 raise NoLeader(f"range {rng.group_id} has no leader here", range=rng.group_id)
             if hops > 0 and decision.route is Route.WAIT:
