@@ -16,7 +16,14 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ringkv.auth.admin_cli import PASSWORD_ENV, TOKEN_ENV, USER_ENV
+from ringkv.auth.admin_cli import (
+    DEFAULT_URL,
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    URL_ENV,
+    USER_ENV,
+)
+from ringkv.client.errors import InvalidArgument
 from ringkv.data_view import (
     EXIT_OK,
     MAX_SCAN_LIMIT,
@@ -37,7 +44,6 @@ from ringkv.data_view import (
     write_document,
     write_table,
 )
-from ringkv.client.errors import InvalidArgument
 from ringkv.errors import BadRequest, NotFound, RingKVError
 from ringkv.quorum import ConsistencyLevel
 
@@ -45,8 +51,6 @@ if TYPE_CHECKING:
     from ringkv.client import Client
     from ringkv.client.types import Record
 
-URL_ENV = "RINGKV_URL"
-DEFAULT_URL = "http://127.0.0.1:7400"
 # A transaction document read from a file or stdin: well above any request a node takes.
 MAX_TXN_DOCUMENT_BYTES = 16 * 1024 * 1024
 # Pages one scan may fetch, whatever --max-scanned says (an empty page still counts).

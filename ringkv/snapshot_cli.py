@@ -17,13 +17,10 @@ import urllib.parse
 from http import client as http_client
 from typing import Any
 
-from ringkv.auth.admin_cli import operator_headers
+from ringkv.auth.admin_cli import DEFAULT_URL, URL_ENV, operator_headers
 from ringkv.clock import SystemClock
 from ringkv.errors import BadRequest
 from ringkv.storage.snapshot_manifest import check_name, default_name
-
-URL_ENV = "RINGKV_URL"
-DEFAULT_URL = "http://127.0.0.1:7400"
 
 
 def add_parser(commands: Any, tls_flags: Any) -> None:

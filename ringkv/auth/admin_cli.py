@@ -23,6 +23,8 @@ PASSWORD_ENV = "RINGKV_PASSWORD"
 USER_ENV = "RINGKV_USER"  # who the operator commands (status, repair...) log in as
 NEW_PASSWORD_ENV = "RINGKV_NEW_PASSWORD"
 TOKEN_ENV = "RINGKV_TOKEN"
+URL_ENV = "RINGKV_URL"  # the node the data and snapshot commands start from
+DEFAULT_URL = "http://127.0.0.1:7400"
 
 
 def add_parser(commands: Any, tls_flags: Any) -> None:
