@@ -974,17 +974,18 @@ class TxnService:
         deadline_s = started_s + timeout_s
         now = self._fenced_now()
         if op.kind == "txn" and op.request is not None and hops == 0:
+            txn_id = op.request.txn_id or self.new_txn_id()
+            grouped = self.range_map(op.keyspace).by_range(op.request.keys())
+            if len(grouped) > 1:
+                # Run from here, never forwarded: an id named here is new, and only a
+                # client's own id may name an earlier attempt worth looking up.
+                return await self._cross.run(op.request, txn_id, grouped, deadline_s)
             if op.request.txn_id is None:
                 # Named once, where it arrived: a forward retried after a timeout carries
                 # the same id, so a leader that already committed it answers that commit
                 # instead of committing it a second time.
                 op = dataclasses.replace(op, request=dataclasses.replace(
-                    op.request, txn_id=self.new_txn_id()))
-            assert op.request is not None and op.request.txn_id is not None
-            grouped = self.range_map(op.keyspace).by_range(op.request.keys())
-            if len(grouped) > 1:
-                return await self._cross.run(op.request, op.request.txn_id, grouped,
-                                             deadline_s)
+                    op.request, txn_id=txn_id))
         keys = [op.key] if op.request is None else op.request.keys()
         if op.kind == CHANGES and op.prefix:
             rng = self._range_ending(op.keyspace, op.range_end)
