@@ -255,6 +255,9 @@ class Op:
     prefix: bool = False
     range_end: int | None = None
     limit: int = 0
+    # A txn whose id this node named on arrival: it is new, so a leader here need not
+    # look for an earlier commit of it. Never on the wire: a forward may be a retry.
+    id_named_here: bool = False
 
     def to_wire(self, hops: int, timeout_s: float) -> dict[str, Any]:
         wire: dict[str, Any] = {"k": self.kind, "ks": self.keyspace, "h": hops, "t": timeout_s,
@@ -984,7 +987,7 @@ class TxnService:
                 # Named once, where it arrived: a forward retried after a timeout carries
                 # the same id, so a leader that already committed it answers that commit
                 # instead of committing it a second time.
-                op = dataclasses.replace(op, request=dataclasses.replace(
+                op = dataclasses.replace(op, id_named_here=True, request=dataclasses.replace(
                     op.request, txn_id=txn_id))
         keys = [op.key] if op.request is None else op.request.keys()
         if op.kind == CHANGES and op.prefix:
@@ -1026,6 +1029,8 @@ class TxnService:
                 # An outsider tries the other members in turn (the first may be down).
                 target = next((r for r in serving if r not in failed), target)
             if decision.route is Route.FORWARD and target is not None and remaining_s > 0:
+                if op.id_named_here:  # once sent, a later attempt here may be a retry
+                    op = dataclasses.replace(op, id_named_here=False)
                 try:
                     return await self._forward(target, op, hops + 1, remaining_s)
                 except (NoLeader, PeerUnreachable, PeerTimeout, Overloaded) as exc:
@@ -1108,7 +1113,8 @@ class TxnService:
             self.stats["strong_reads"] += 1
             return answer
         assert op.request is not None
-        return await self._run(group, rng, op.request, deadline_s)
+        return await self._run(group, rng, op.request, deadline_s,
+                               may_be_retry=not op.id_named_here)
 
     async def _serve_cross(self, group: _Group, op: Op, deadline_s: float) -> dict[str, Any]:
         """An operation of a transaction across ranges, at this range's leader."""
@@ -1258,11 +1264,12 @@ class TxnService:
                        + why, id=txn_id, status="not_committed", definitive=definitive)
 
     async def _run(self, group: _Group, rng: Range, request: TxnRequest,
-                   deadline_s: float) -> dict[str, Any]:
+                   deadline_s: float, *, may_be_retry: bool = True) -> dict[str, Any]:
         """One transaction at this leader: lock, evaluate, propose, commit wait, release."""
         runner = group.runner
         txn_id = request.txn_id or self.new_txn_id()
-        if request.txn_id is not None:
+        may_be_retry = may_be_retry and request.txn_id is not None
+        if may_be_retry:
             ts = self._committed_ts(runner.group_id, txn_id)
             if ts is not None:  # a retry of a transaction that committed: never twice
                 return {"ok": True, "id": txn_id, "committed": True, "commit_ts": ts,
@@ -1301,7 +1308,8 @@ class TxnService:
                                   f"{self._retries.max_retries + 1} times", id=txn_id,
                                   reason="conflict")
             try:
-                return await self._locked(group, runner, request, txn_id, deadline_s)
+                return await self._locked(group, runner, request, txn_id, deadline_s,
+                                          may_be_retry=may_be_retry)
             finally:
                 group.locks.finish(txn_id)
         finally:
@@ -1309,12 +1317,12 @@ class TxnService:
             group.running.pop(txn_id, None)
 
     async def _locked(self, group: _Group, runner: GroupRunner, request: TxnRequest, txn_id: str,
-                      deadline_s: float) -> dict[str, Any]:
+                      deadline_s: float, *, may_be_retry: bool = True) -> dict[str, Any]:
         if not runner.is_leader():
             raise NoLeader(f"{self.node_id} lost the lease of range {runner.group_id}",
                            range=runner.group_id)
         await self._caught_up(runner, deadline_s)
-        if request.txn_id is not None:
+        if may_be_retry:
             # Checked again now that this leader has applied its predecessors' log: a
             # retry forwarded to a new leader may find its own first attempt committed
             # there, and must answer that, not fail its condition on its own write.
