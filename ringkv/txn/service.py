@@ -996,6 +996,10 @@ class TxnService:
             rng = self.range_of(op.keyspace, keys)
         snapshot = op.kind in SNAPSHOT_KINDS
         failed: set[str] = set()
+        # A write forwarded and never answered (a timeout, or our own attempt still
+        # running at the leader) may have committed: at the deadline its outcome is
+        # unknown, a 504, never the 503 that says nothing was done.
+        unanswered_by: str | None = None
         while True:
             refusal = self._refusal(rng)
             if refusal is not None:
@@ -1036,6 +1040,8 @@ class TxnService:
                 except (NoLeader, PeerUnreachable, PeerTimeout, Overloaded) as exc:
                     if hops > 0:
                         raise
+                    if isinstance(exc, PeerTimeout):
+                        unanswered_by = target
                     failed.add(target)
                     if len(failed) >= len(serving):
                         failed.clear()
@@ -1046,6 +1052,7 @@ class TxnService:
                     # is known once it ends; ask again until the deadline.
                     if hops > 0 or exc.details.get("reason") != "in_progress":
                         raise
+                    unanswered_by = target
                     log.debug("transaction still running at %s: %s", target, exc)
             elif hops > 0 and not member:
                 raise NoLeader(f"range {rng.group_id} has no leader here", range=rng.group_id)
@@ -1053,6 +1060,13 @@ class TxnService:
                 raise NoLeader(f"{self.node_id} does not lead range {rng.group_id}",
                                range=rng.group_id)
             if self._clock.monotonic_s() + LEADER_WAIT_STEP_S >= deadline_s:
+                if unanswered_by is not None and op.request is not None and op.request.writes:
+                    named = op.request.txn_id
+                    raise Timeout(
+                        f"transaction {named}'s outcome is not known: {unanswered_by}, where it "
+                        f"was sent, did not answer within the deadline ({timeout_s:.3f} s); ask "
+                        f"GET /v1/txn/{named}", consistency="SERIAL", received=0, required=1,
+                        write=True)
                 raise NoLeader(f"range {rng.group_id} has no leader within the deadline "
                                f"({timeout_s:.3f} s)", range=rng.group_id, reason="no_leader")
             await self._clock.sleep(LEADER_WAIT_STEP_S)
