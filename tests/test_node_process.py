@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
@@ -289,6 +290,11 @@ def test_a_new_node_whose_seed_is_down_waits_says_why_and_joins_when_it_comes_up
         assert body["error"]["reason"] == "waiting_for_seeds"
         assert seed_address in body["error"]["message"]
         assert http("GET", f"{late.url}/v1/health")[0] == 503
+        # The dashboard is where an operator looks first: it answers, and shows why.
+        status, view = http("GET", f"{late.url}/v1/dashboard/cluster")
+        assert status == 200 and list(view["nodes"]) == ["late"], view
+        page = urllib.request.urlopen(f"{late.url}/ui", timeout=5)
+        assert page.status == 200 and b'<svg id="ring"' in page.read()
         assert [row["status"] for row in _status(late)["nodes"]] == ["JOINING"]
         assert "none of its seeds" in late.log_tail()
 

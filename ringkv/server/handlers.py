@@ -43,9 +43,12 @@ _BATCH_OP_FIELDS = {
     "delete": ("op", "keyspace", "key", "consistency"),
 }
 # What a node that is not on the ring yet still answers: how it sees the
-# cluster and why it has not joined, and the API's description. Everything else (data, and health, so
-# that load balancers and tools wait) gets 503 not_joined.
-SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics", "openapi"})
+# cluster and why it has not joined (status, ring, metrics, and the dashboard
+# that shows them, where an operator looks first), and the API's description.
+# Everything else (data, and health, so that load balancers and tools wait)
+# gets 503 not_joined.
+SERVED_BEFORE_JOINING = frozenset({"status", "ring", "metrics", "openapi", "ui", "ui_slash",
+                                   "ui_file", "dashboard_node", "dashboard_cluster"})
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
