@@ -56,10 +56,7 @@ def exit_code(error: RingKVError) -> int:
     if isinstance(error, NoNodeAvailable):
         # Refused connections mean nothing was sent; a lost answer (or a spent
         # deadline) leaves the outcome unknown, as a timeout does.
-        timed_out = error.maybe_applied or any(
-            "no answer within" in reason or "deadline passed" in reason
-            for reason in error.reasons)
-        return EXIT_TIMEOUT if timed_out else EXIT_UNAVAILABLE
+        return EXIT_TIMEOUT if error.maybe_applied or error.timed_out else EXIT_UNAVAILABLE
     status = error.http_status
     if error.code == "not_found":
         return EXIT_NOT_FOUND

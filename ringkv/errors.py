@@ -354,18 +354,23 @@ class NoNodeAvailable(RingKVError):
     ``tried`` lists the node URLs tried and ``reasons`` what went wrong with
     each attempt. ``maybe_applied`` is True when a write reached a node but
     no answer came back, so it may or may not have been applied.
+    ``timed_out`` is True when an attempt went unanswered within its timeout
+    or the call's deadline ran out (rather than every node refusing).
     """
 
     code = "no_node_available"
     http_status = 503
 
     def __init__(
-        self, message: str, *, tried: list[str], reasons: list[str], maybe_applied: bool = False
+        self, message: str, *, tried: list[str], reasons: list[str], maybe_applied: bool = False,
+        timed_out: bool = False,
     ) -> None:
-        super().__init__(message, tried=tried, reasons=reasons, maybe_applied=maybe_applied)
+        super().__init__(message, tried=tried, reasons=reasons, maybe_applied=maybe_applied,
+                         timed_out=timed_out)
         self.tried = tried
         self.reasons = reasons
         self.maybe_applied = maybe_applied
+        self.timed_out = timed_out
 
 
 class ConditionFailed(RingKVError):

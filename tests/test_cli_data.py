@@ -89,8 +89,12 @@ def test_every_error_code_has_its_exit_code() -> None:
 def test_no_node_answering_is_unavailable_unless_the_outcome_is_unknown() -> None:
     refused = NoNodeAvailable("x", tried=["u"], reasons=["u: cannot connect: refused"])
     assert exit_code(refused) == EXIT_UNAVAILABLE
-    silent = NoNodeAvailable("x", tried=["u"], reasons=["u: no answer within 5 s"])
+    silent = NoNodeAvailable("x", tried=["u"], reasons=["u: no answer within 5 s"],
+                             timed_out=True)
     assert exit_code(silent) == EXIT_TIMEOUT
+    # Judged by the flag the client sets, never by the words of a reason.
+    worded = NoNodeAvailable("x", tried=["u"], reasons=["u: no answer within 5 s"])
+    assert exit_code(worded) == EXIT_UNAVAILABLE
     lost_write = NoNodeAvailable("x", tried=["u"], reasons=["u: connection lost: reset"],
                                  maybe_applied=True)
     assert exit_code(lost_write) == EXIT_TIMEOUT

@@ -329,6 +329,7 @@ def test_a_blocking_call_ends_at_its_timeout_even_when_bytes_keep_coming() -> No
         with pytest.raises(NoNodeAvailable) as error:
             kv.get("k")
         assert "no answer within" in str(error.value)
+        assert error.value.timed_out and not error.value.maybe_applied  # a read: exit 5
 
 
 def test_a_call_ends_by_its_deadline_even_when_connects_hang() -> None:
@@ -351,7 +352,7 @@ def test_a_call_ends_by_its_deadline_even_when_connects_hang() -> None:
         with Client(urls, timeout_s=0.3, max_retries=0) as kv:
             with pytest.raises(NoNodeAvailable) as error:
                 kv.get("k")
-        assert "deadline passed" in str(error.value)
+        assert "deadline passed" in str(error.value) and error.value.timed_out
         assert len(error.value.tried) <= 1  # not every node at a full timeout each
     finally:
         for sock in held:

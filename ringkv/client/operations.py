@@ -894,6 +894,7 @@ class Operations:
         reasons: list[str] = []
         last_error: RingKVError | None = None
         maybe_applied = False
+        timed_out = False  # an attempt unanswered in time, or the deadline spent
         retries = 0
         position = 0
         url: str | None = None
@@ -907,7 +908,7 @@ class Operations:
                 if last_error is not None:
                     raise last_error
                 reasons.append(f"the call's deadline passed after {len(tried)} node(s)")
-                raise _no_node(call, tried, reasons, maybe_applied)
+                raise _no_node(call, tried, reasons, maybe_applied, timed_out=True)
             if url not in tried:
                 tried.append(url)
             outcome = yield Send(call.method, url + call.path, call.body, headers, timeout_s)
@@ -942,10 +943,11 @@ class Operations:
                     continue  # nothing was sent: try the next node, at no retry cost
                 router.stale = True
                 maybe_applied = maybe_applied or not call.read
+                timed_out = timed_out or outcome.kind == "timeout"
                 if uncertain is not None:
                     uncertain.append(f"{url}: {outcome.reason}")
                 if not call.repeatable or retries >= self.max_retries:
-                    raise _no_node(call, tried, reasons, maybe_applied)
+                    raise _no_node(call, tried, reasons, maybe_applied, timed_out=timed_out)
                 if call.idempotency_key is None or call.txn_id is not None:
                     url = None  # a read, or a transaction (its id): any node will do
                 # else: same node, same key, so the node can de-duplicate it
@@ -955,7 +957,7 @@ class Operations:
             yield Sleep(min(pause_s, max(0.0, deadline_s - self._clock.monotonic_s())))
         if last_error is not None:
             raise last_error
-        raise _no_node(call, tried, reasons, maybe_applied)
+        raise _no_node(call, tried, reasons, maybe_applied, timed_out=timed_out)
 
 
 # -- encoding and decoding -----------------------------------------------------------
@@ -1139,11 +1141,12 @@ def ttl_seconds(ttl: object, field: str = "ttl") -> int | None:
 
 
 def _no_node(
-    call: Call, tried: list[str], reasons: list[str], maybe_applied: bool
+    call: Call, tried: list[str], reasons: list[str], maybe_applied: bool, *,
+    timed_out: bool = False,
 ) -> NoNodeAvailable:
     what = f"{call.method} {call.path.split('?')[0]}"
     note = " (the write may have been applied)" if maybe_applied else ""
     return NoNodeAvailable(
         f"no ringkv node answered {what}{note}: " + ("; ".join(reasons) or "no nodes to try"),
-        tried=tried, reasons=reasons, maybe_applied=maybe_applied,
+        tried=tried, reasons=reasons, maybe_applied=maybe_applied, timed_out=timed_out,
     )
