@@ -85,7 +85,8 @@ class SimClient(AsyncClient):
         ops._clock = clock
         counter = itertools.count(1)
         ops._new_idempotency_key = lambda: f"{name}-{next(counter)}"
-        self.stats = dict.fromkeys(("requests", "refused", "unanswered", "lost", "reset"), 0)
+        self.stats = dict.fromkeys(
+            ("requests", "refused_connects", "unanswered_connects", "timeouts", "resets"), 0)
         # Each node incarnation's idempotency cache (one per node, as its front ends share).
         self.caches: dict[tuple[str, int], IdempotencyCache] = {}
         self.unexpected: list[str] = []  # what a node's handler raised untyped: bugs
@@ -134,11 +135,11 @@ class SimClient(AsyncClient):
         loop = self.cluster.loop
         network = self.cluster.network
         if machine.state not in (UP, PAUSED) or machine.node is None:
-            self.stats["refused"] += 1
+            self.stats["refused_connects"] += 1
             await asyncio.sleep(2 * network._one_way_s())  # the kernel's reset comes back
             return Failure("connect", f"cannot connect: {machine.node_id} refused")
         if self._cut(machine):
-            self.stats["unanswered"] += 1
+            self.stats["unanswered_connects"] += 1
             await asyncio.sleep(timeout_s)
             return Failure("connect", f"cannot connect: no answer from {machine.node_id}")
         answer: asyncio.Future[Any] = loop.create_future()
@@ -169,7 +170,7 @@ class SimClient(AsyncClient):
         while True:  # bounded by deadline_s
             left_s = deadline_s - loop.time()
             if left_s <= 0:
-                self.stats["lost"] += 1
+                self.stats["timeouts"] += 1
                 return Failure("timeout", f"no answer within {timeout_s:.3g} s")
             done, _ = await asyncio.wait([answer], timeout=min(left_s, RESET_CHECK_S))
             if done:
@@ -178,7 +179,7 @@ class SimClient(AsyncClient):
                     raise result
                 return result
             if target.state == CRASHED:  # its kernel resets the connection
-                self.stats["reset"] += 1
+                self.stats["resets"] += 1
                 await asyncio.sleep(network._one_way_s())
                 return Failure("io", f"connection lost: {machine.node_id} reset it")
 
