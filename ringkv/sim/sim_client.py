@@ -54,7 +54,7 @@ from ringkv.sim.clock import SimClock
 from ringkv.sim.cluster import PAUSED, UP, Machine, SimCluster
 from ringkv.sim.loop import CRASHED, Process
 from ringkv.txn import leases as L
-from ringkv.txn.watch import Change, WatchBuffer, event_json, fit, frame, start_version
+from ringkv.txn.watch import WatchBuffer, event_json, fit, frame, start_version
 
 RESET_CHECK_S = 0.05  # how often a waiting request looks for a reset (its node killed)
 LEASE_PATH = "/v1/lease"
@@ -246,10 +246,9 @@ class SimClient(AsyncClient):
             if fitted is not None:
                 buffer.offer(fitted)
             while (item := buffer.pop(self._clock.monotonic_s())) is not None:
-                if isinstance(item, Change):
-                    got = core.line(frame(event_json(item), sse=False))
-                    if got is not None:
-                        yield got
+                got = core.line(frame(event_json(item), sse=False))  # progress lines too
+                if got is not None:
+                    yield got
             await asyncio.sleep(poll_s)
 
     async def _watch_exchange(self, machine: Machine, work: Callable[[Node], Coroutine[Any, Any, Any]],
