@@ -23,13 +23,18 @@ import pytest
 
 from ringkv.client.plan import Failure, Send
 from ringkv.errors import RingKVError
+from ringkv.sim.clock import SimClock
 from ringkv.sim.coordination import boot_cluster
 from ringkv.sim.lock_history import (
-    ENTER, EXIT, FencedPut, Hold, ResourceWrite, check_lock_history,
+    ENTER,
+    EXIT,
+    FencedPut,
+    Hold,
+    ResourceWrite,
+    check_lock_history,
 )
 from ringkv.sim.locks import LockHistory, LockSettings, run_locks
 from ringkv.sim.loop import Process
-from ringkv.sim.clock import SimClock
 from ringkv.sim.run import TXN_KEYSPACE
 from ringkv.sim.sim_client import SimClient, client_machine
 

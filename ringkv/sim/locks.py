@@ -29,13 +29,14 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from ringkv.client.recipes_aio import AsyncLock
 from ringkv.client.recipes_core import FencingRejected, LockLost
 from ringkv.errors import RingKVError
-from ringkv.sim.cluster import SimCluster
 from ringkv.sim.clock import SimClock
+from ringkv.sim.cluster import SimCluster
 from ringkv.sim.coordination import MAX_DRIFT_PPM, Nemesis, boot_cluster
 from ringkv.sim.lock_history import ENTER, EXIT, FencedPut, Hold, ResourceWrite
 from ringkv.sim.loop import Process
@@ -76,7 +77,7 @@ class LockHistory:
 
     def figures(self) -> dict[str, int]:
         accepted = [w for w in self.writes if w.accepted]
-        handovers = sum(1 for a, b in zip(accepted, accepted[1:]) if a.holder != b.holder)
+        handovers = sum(1 for a, b in pairwise(accepted) if a.holder != b.holder)
         return {"acquisitions": len(self.holds), "handovers": handovers,
                 "max_token": max((w.token for w in accepted), default=0),
                 "accepted": len(accepted), "refused": len(self.writes) - len(accepted),

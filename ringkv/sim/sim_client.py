@@ -205,7 +205,7 @@ class SimClient(AsyncClient):
             except WatchConnectError as exc:
                 self._ops.router.mark_down(url, self._clock.monotonic_s())
                 reason = str(exc)
-            except (OSError, asyncio.TimeoutError, WatchIOError) as exc:
+            except (TimeoutError, OSError, WatchIOError) as exc:
                 reason = f"connection lost: {exc!r}"
             await asyncio.sleep(core.reconnect_pause_s(url, reason))
 
