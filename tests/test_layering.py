@@ -64,7 +64,7 @@ SHELL = frozenset({
 PURE_IN_SHELL_PACKAGES = frozenset({
     "sim/__init__.py", "sim/history.py", "sim/checkers.py", "sim/linearizability.py",
     "sim/snapshot_reads.py", "sim/list_append.py", "sim/bank.py", "sim/jepsen_history.py",
-    "sim/watch_stream.py",
+    "sim/watch_stream.py", "sim/lock_history.py",
     "server/__init__.py", "server/validation.py", "server/txn_validation.py",
     # The dashboard's history decides rates and percentiles; its sampler and routes are shell.
     "server/dashboard/__init__.py", "server/dashboard/history.py",
@@ -249,7 +249,7 @@ def test_timers_and_sleeps_go_through_the_clock() -> None:
     # world's virtual time, not on any node's skewed clock.
     allowed |= {"sim/run.py", "sim/workload.py", "sim/cluster.py", "sim/nemesis.py",
                 "sim/txn_client.py", "sim/bank_workload.py", "sim/list_append_workload.py",
-                "sim/coordination.py"}
+                "sim/coordination.py", "sim/sim_client.py", "sim/locks.py"}
     offenders = []
     for name in ALL_MODULES:
         if name in allowed or name.startswith(("chaos/", "tools/", "client")):
