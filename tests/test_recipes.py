@@ -15,7 +15,10 @@ that holds, leads or belongs (SIGKILL of a child python process):
 - group: a member's kill drops it from ``members()`` and the members watch;
 - configuration: every change is seen, in order, after the current value;
 - the asyncio client's recipes: a killed holder's lock passes to an ``AsyncLock``,
-  an election hands over on resign, a group watch sees a join and a leave.
+  an election hands over on resign, a group watch sees a join and a leave;
+- sessions (both clients): locks on one session share its lease; a release
+  deletes the key and leaves the lease alive; the lease revoked, every lock
+  on it is lost; the client's own session is reused, and replaced once lost.
 """
 
 from __future__ import annotations
@@ -523,3 +526,37 @@ def test_the_clients_own_session_is_reused_and_replaced_once_lost(kv: Client) ->
     with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:  # a new session, granted now
         assert held.key != first_key and not held.lost
         held.check()
+
+
+def test_an_async_session_shares_its_lease_and_loses_every_lock_with_it(
+        cluster: LocalCluster) -> None:  # noqa: F811
+    from ringkv.client import AsyncClient
+
+    async def run() -> None:
+        async with AsyncClient([p.url for p in cluster.procs], keyspace=KS, protocol="http",
+                               timeout_s=3) as kv:
+            async with kv.session(ttl_s=TTL_S, keyspace=KS) as session:
+                one, two = session.lock("as-one"), session.lock("as-two")
+                assert await one.acquire(timeout_s=5) and await two.acquire(timeout_s=5)
+                assert one.key == f"as-one/{session.id}"
+                token = one.fencing_token
+                await one.release()  # the key goes, the lease stays
+                assert await kv.get(f"as-one/{session.id}", keyspace=KS) is None
+                assert session.lease is not None and await session.lease.keepalive() > 0
+                assert await one.acquire(timeout_s=5) and one.fencing_token > token
+                await session.lease.revoke()
+                for lock in (one, two):
+                    with pytest.raises(LockLost):
+                        await lock.check()
+                for _ in range(100):  # a renewal finds the lease gone within TTL/3
+                    if one.lost and two.lost:
+                        break
+                    await asyncio.sleep(0.05)
+                assert one.lost and two.lost and session.lost
+            # The client's own session: kv.lock reuses it across acquisitions.
+            async with kv.lock("as-own", keyspace=KS, ttl_s=TTL_S) as held:
+                first = held.key
+            async with kv.lock("as-own", keyspace=KS, ttl_s=TTL_S) as held:
+                assert held.key == first
+
+    asyncio.run(run())
