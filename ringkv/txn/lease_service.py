@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ringkv.clock import Clock
@@ -31,6 +31,7 @@ from ringkv.config import AUTH_KEYSPACE, Config
 from ringkv.errors import Aborted, BadRequest, ConditionFailed, RingKVError
 from ringkv.txn import leases as L
 from ringkv.txn.requests import Condition, TxnRequest
+from ringkv.txn.truetime import TTInterval
 from ringkv.txn.service import Op, TxnService
 
 log = logging.getLogger(__name__)
@@ -180,10 +181,16 @@ class LeaseService:
                 field_of.setdefault(write.lease, f"writes[{i}].lease")
         ids = {text: L.parse_id(text, field=where) for text, where in field_of.items()}
         max_keys = self._config.txn.max_keys_per_lease
+        rkeys = {text: L.record_key(lease) for text, lease in ids.items()}
         for attempt in range(MAX_ATTEMPTS):
-            rkeys = {text: L.record_key(lease) for text, lease in ids.items()}
-            found = await self._read(request.keyspace, sorted(rkeys.values()), started_s)
             now = self._txn.tt_now()
+            # The first plan is from this node's own copy of the records when it has them
+            # all alive: the transaction is conditioned on their versions, so a stale copy
+            # only fails and is planned again from a serializable read (which alone may
+            # refuse a lease as gone). One read transaction less per call, most times.
+            found = self._local(request.keyspace, rkeys.values(), now) if attempt == 0 else None
+            if found is None:
+                found = await self._read(request.keyspace, sorted(rkeys.values()), started_s)
             records: dict[str, tuple[L.LeaseRecord, int]] = {}
             for text, rkey in rkeys.items():
                 value, version = found.get(rkey, (None, None))
@@ -209,6 +216,19 @@ class LeaseService:
                 await self._backoff(attempt)  # renewed or attached to meanwhile: read again
         raise Aborted(f"a transaction attaching keys to leases lost {MAX_ATTEMPTS} races; "
                       "try again", reason="conflict")
+
+    def _local(self, keyspace: str, rkeys: Iterable[bytes], now: TTInterval) -> Current | None:
+        """Lease records as this node has applied them (None: one is missing or looks
+        expired here, which only a serializable read may decide)."""
+        found: Current = {}
+        for rkey in rkeys:
+            got = self._txn.mvcc.latest_version(keyspace, rkey)
+            if got is None or got.value is None:
+                return None
+            if L.is_expired(L.decode_record(got.value), got.commit_ts_us, now):
+                return None
+            found[rkey] = (got.value, got.commit_ts_us)
+        return found
 
     async def _attached(self, lease: L.LeaseId, started_s: float
                         ) -> tuple[L.LeaseRecord, int, dict[bytes, int]]:
