@@ -266,10 +266,8 @@ class _Queue:
             plan = core.join_request(self.name, key, value, session.id, view)
             try:
                 result = self.kv.txn(self.keyspace, **plan)
-            except ConditionFailed:
-                # Another contender changed the queue: read it, plan again.
-                head = self.kv.txn(self.keyspace, reads=[self.key]).reads.get(self.key)
-                view = core.view_of(head.value if head else None, head.version if head else None)
+            except ConditionFailed as exc:
+                view = self._fresh_view(exc)  # another contender changed it: plan again
                 continue
             assert result.commit_ts is not None
             seen_at = result.commit_ts
@@ -281,6 +279,15 @@ class _Queue:
             session._saw(self.name, after)
             return mine, ahead, seen_at
         raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue {self.key!r}")
+
+    def _fresh_view(self, exc: ConditionFailed) -> core.QueueView:
+        """The queue as the failed condition found it (its answer names the queue's value
+        and version), or as read now."""
+        if exc.details.get("key") == self.key and "current_version" in exc.details:
+            return core.view_of(exc.details.get("current_value"),
+                                exc.details.get("current_version"))
+        head = self.kv.txn(self.keyspace, reads=[self.key]).reads.get(self.key)
+        return core.view_of(head.value if head else None, head.version if head else None)
 
     def leave(self, key: str) -> None:
         """Take ``key``'s entry off the queue (a compare-and-set), with the dead ones."""

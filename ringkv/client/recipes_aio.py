@@ -200,9 +200,8 @@ class _AsyncQueue:
             plan = core.join_request(self.name, key, value, session.id, view)
             try:
                 result = await self.kv.txn(self.keyspace, **plan)
-            except ConditionFailed:
-                head = (await self.kv.txn(self.keyspace, reads=[self.key])).reads.get(self.key)
-                view = core.view_of(head.value if head else None, head.version if head else None)
+            except ConditionFailed as exc:
+                view = await self._fresh_view(exc)
                 continue
             assert result.commit_ts is not None
             seen_at = result.commit_ts
@@ -214,6 +213,14 @@ class _AsyncQueue:
             session._saw(self.name, after)
             return mine, ahead, seen_at
         raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue {self.key!r}")
+
+    async def _fresh_view(self, exc: ConditionFailed) -> core.QueueView:
+        """The queue as the failed condition found it, or as read now."""
+        if exc.details.get("key") == self.key and "current_version" in exc.details:
+            return core.view_of(exc.details.get("current_value"),
+                                exc.details.get("current_version"))
+        head = (await self.kv.txn(self.keyspace, reads=[self.key])).reads.get(self.key)
+        return core.view_of(head.value if head else None, head.version if head else None)
 
     async def leave(self, key: str) -> None:
         for _ in range(MAX_CAS_ATTEMPTS):
