@@ -526,6 +526,13 @@ def test_the_clients_own_session_is_reused_and_replaced_once_lost(kv: Client) ->
     with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:  # a new session, granted now
         assert held.key != first_key and not held.lost
         held.check()
+        second_key = held.key
+    # Revoked before a renewal could notice: the join is refused (lease_expired), and
+    # the acquisition goes on with a new session.
+    kv._recipe_sessions[(KS, TTL_S)].lease.revoke()
+    with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:
+        assert held.key not in (first_key, second_key)
+        held.check()
 
 
 def test_an_async_session_shares_its_lease_and_loses_every_lock_with_it(

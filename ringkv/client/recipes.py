@@ -184,7 +184,7 @@ class Session:
             if known is None or (known.version or 0) <= (view.version or 0):
                 self._views[name] = view
 
-    def _abandon(self, key: str, exc: BaseException) -> None:
+    def _abandon(self, key: str) -> None:
         """A key whose fate is unknown (a write failed midway, a delete failed): end the
         session, so that the key goes with its lease within the TTL instead of holding
         a place for as long as the session is renewed."""
@@ -406,12 +406,13 @@ class Lock:
                 mine, ahead, seen_at = self._queue.enqueue(session, self._key, self.value)
             except LeaseExpired as exc:
                 session._unclaim(self.name, self._key)
+                self._key = None
                 session.close()  # lost: the next use of a default session makes a new one
                 if self._given is not None or attempt:
                     raise LockLost(f"session {session.id} is lost") from exc
                 continue
-            except BaseException as exc:
-                self._drop(exc)
+            except BaseException:
+                self._drop()
                 raise
             break
         self._entry, self._token = mine, mine.version
@@ -419,17 +420,17 @@ class Lock:
             if self._queue.wait_first(mine, ahead, seen_at, deadline_s, session):
                 self._held = True
                 return True
-        except BaseException as exc:
-            self._drop(exc)
+        except BaseException:
+            self._drop()
             raise
-        self._drop(None)
+        self._drop()
         return False
 
     def release(self) -> None:
         """Let it go: delete its key (the next waiter's watch fires). The session's
         lease lives on for the session's other recipes and the next acquisition."""
         self._held = False
-        self._drop(None)
+        self._drop()
 
     def check(self) -> None:
         """Raise ``LockLost`` unless this contender's key is still live (a strong read)."""
@@ -479,7 +480,7 @@ class Lock:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def _drop(self, failure: BaseException | None) -> None:
+    def _drop(self) -> None:
         # Delete the key; its queue entry is left behind, dead, skipped by every reader
         # and pruned by the next append that saw it dead (one round trip per release).
         session, key, self._key, self._entry = self._session, self._key, None, None
@@ -489,8 +490,8 @@ class Lock:
             if not session.lost:
                 try:
                     self.kv.delete(key, keyspace=self.keyspace)
-                except RingKVError as exc:
-                    session._abandon(key, exc)
+                except RingKVError:
+                    session._abandon(key)
                 session._saw(self.name, core.without(session._view(self.name), key))
         finally:
             session._unclaim(self.name, key)

@@ -315,6 +315,7 @@ class AsyncLock:
                 mine, ahead, seen_at = await self._queue.enqueue(session, self._key, self.value)
             except LeaseExpired as exc:
                 session._unclaim(self.name, self._key)
+                self._key = None
                 await session.close()
                 if self._given is not None or attempt:
                     raise LockLost(f"session {session.id} is lost") from exc
