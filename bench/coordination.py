@@ -34,9 +34,10 @@ release. The no-op hands the fencing token to a shared fence that accepts
 only tokens above the last one it accepted and counts holders at once: both
 must stay clean (tokens strictly increasing, never two holders). Reported:
 acquisitions/s and the acquire latency (p50/p99/max). ringkv:
-``Client.lock`` (ringkv/client/recipes.py: per acquisition a session lease,
-a put-if-absent of the contender's key with it, a place in the lock's queue,
-a watch of the contender ahead while waiting; release revokes the lease). etcd:
+``Client.lock`` (ringkv/client/recipes.py: on the client's own session, one lease
+kept alive in the background; per acquisition one transaction that creates the
+contender's key on that lease and appends it to the lock's queue, a watch of the
+contender ahead while waiting, and a delete of the key to release). etcd:
 its lock service through the gateway, ``POST /v3/lock/lock`` with a lease
 from ``POST /v3/lease/grant`` (one per contender), then
 ``POST /v3/lock/unlock``; the fencing token is the revision in the lock

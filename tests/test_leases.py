@@ -303,3 +303,43 @@ def test_bad_lease_input_names_the_field(cluster: LocalCluster) -> None:
                           {"value": 1})
     assert status == 400 and answer["error"]["field"] == "key", answer
     assert http("POST", f"{a.url}/v1/txn/{began['txn_id']}/abort")[0] == 200
+
+
+def test_a_transactions_puts_attached_to_a_lease_go_with_it(cluster: LocalCluster) -> None:
+    """``POST /v1/txn`` puts with ``"lease"``: the keys (on several ranges) are attached in
+    the caller's transaction (its conditions still decide), and deleted with the lease."""
+    a, b, _ = cluster.procs
+    lease = http("POST", f"{a.url}/v1/lease", {"ttl": 30, "keyspace": KS})[1]["id"]
+    keys = [f"txl/k{i}" for i in range(4)]
+    status, body = http("POST", f"{b.url}/v1/txn", {
+        "keyspace": KS, "conditions": [{"key": "txl/guard", "absent": True}],
+        "reads": ["txl/guard"],
+        "writes": [*({"op": "put", "key": k, "value": i, "lease": lease}
+                     for i, k in enumerate(keys)), {"op": "put", "key": "txl/plain", "value": 1}]})
+    assert status == 200 and body["committed"], body
+    assert body["reads"] == [{"key": "txl/guard", "found": False, "value": None,
+                              "version": None}], body  # the caller's reads, no record's
+    assert len(ranges_of(cluster, keys)) > 1
+    assert sorted(http("GET", f"{a.url}/v1/lease/{lease}")[1]["keys"]) == keys
+    # The caller's own condition fails as it would without the lease: nothing attached.
+    status, body = http("POST", f"{a.url}/v1/txn", {
+        "keyspace": KS, "conditions": [{"key": "txl/plain", "absent": True}],
+        "writes": [{"op": "put", "key": "txl/other", "value": 1, "lease": lease}]})
+    assert status == 409 and body["error"]["key"] == "txl/plain", body
+    deleted = http("DELETE", f"{a.url}/v1/lease/{lease}")[1]["deleted"]
+    assert sorted(deleted) == keys
+    assert not any(snapshot(a.url, [*keys, "txl/other"]).values())
+    assert http("GET", f"{a.url}/v1/kv/{KS}/txl/plain")[0] == 200  # not attached: it stays
+    # A lease that is gone (or never was) and bad lease input: refused, naming the field.
+    status, body = http("POST", f"{a.url}/v1/txn", {"keyspace": KS, "writes": [
+        {"op": "put", "key": "txl/x", "value": 1},
+        {"op": "put", "key": "txl/y", "value": 1, "lease": lease}]})
+    assert status == 404 and body["error"]["code"] == "lease_expired", body
+    assert body["error"]["field"] == "writes[1].lease" and body["error"]["lease"] == lease
+    for write, field in (({"op": "put", "key": "x", "value": 1, "lease": "nope"},
+                          "writes[0].lease"),
+                         ({"op": "delete", "key": "x", "lease": lease}, "writes[0].lease"),
+                         ({"op": "put", "key": "x", "value": 1,
+                           "lease": "default:0123456789abcdef"}, "writes[0].lease")):
+        status, body = http("POST", f"{a.url}/v1/txn", {"keyspace": KS, "writes": [write]})
+        assert status == 400 and body["error"]["field"] == field, (write, body)

@@ -15,7 +15,10 @@ that holds, leads or belongs (SIGKILL of a child python process):
 - group: a member's kill drops it from ``members()`` and the members watch;
 - configuration: every change is seen, in order, after the current value;
 - the asyncio client's recipes: a killed holder's lock passes to an ``AsyncLock``,
-  an election hands over on resign, a group watch sees a join and a leave.
+  an election hands over on resign, a group watch sees a join and a leave;
+- sessions (both clients): locks on one session share its lease; a release
+  deletes the key and leaves the lease alive; the lease revoked, every lock
+  on it is lost; the client's own session is reused, and replaced once lost.
 """
 
 from __future__ import annotations
@@ -472,5 +475,95 @@ def test_the_async_recipes_a_killed_holder_and_a_group_election_and_config(
                     break
             await configs.aclose()
             assert values == [0, 1, 2, 3]
+
+    asyncio.run(run())
+
+
+def test_a_session_shares_one_lease_between_locks_and_outlives_their_releases(
+        kv: Client) -> None:
+    """Two locks on one session (two names, and the same name twice: their own keys),
+    released without revoking it; then the lease is revoked: both locks are lost."""
+    with kv.session(ttl_s=TTL_S, keyspace=KS) as session:
+        one, two = session.lock("s-one"), session.lock("s-two")
+        assert one.acquire(timeout_s=5) and two.acquire(timeout_s=5)
+        assert one.key == f"s-one/{session.id}" and two.key == f"s-two/{session.id}"
+        assert sorted(session.lease.info()["keys"]) == sorted([one.key, two.key])
+        again = session.lock("s-one")  # the same session, the same name: it waits its turn
+        assert not again.acquire(timeout_s=0.5)
+        first_token = one.fencing_token
+        one.release()
+        assert kv.get(f"s-one/{session.id}", keyspace=KS) is None  # the key went ...
+        assert not session.lost and session.lease.keepalive() > 0  # ... not the lease
+        assert again.acquire(timeout_s=5) and again.fencing_token > first_token
+        again.release()
+        with session.lock("s-one") as held:  # the session's key again, a larger token
+            assert held.key == f"s-one/{session.id}" and held.fencing_token > first_token
+            held.fenced_put("s-res", 1)
+        # The lease revoked behind the session's back: every lock on it is lost.
+        assert one.acquire(timeout_s=5)
+        assert sorted(session.lease.revoke()) == sorted([one.key, two.key])
+        for lock in (one, two):
+            with pytest.raises(LockLost):
+                lock.check()
+        with pytest.raises(LockLost):
+            one.fenced_put("s-res", 2)
+        wait_until(lambda: one.lost and two.lost, timeout_s=TTL_S * 2, interval_s=0.05,
+                   what="both locks to know their session's lease is gone")
+        with pytest.raises(LockLost):
+            session.lock("s-three").acquire(timeout_s=1)  # a lost session takes no more
+    assert kv.get("s-res", keyspace=KS) == 1
+
+
+def test_the_clients_own_session_is_reused_and_replaced_once_lost(kv: Client) -> None:
+    with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:
+        first_key = held.key
+    with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:
+        assert held.key == first_key  # one lease for both acquisitions
+        session = kv._recipe_sessions[(KS, TTL_S)]
+        session.lease.revoke()
+        wait_until(lambda: held.lost, timeout_s=TTL_S * 2, interval_s=0.05,
+                   what="the lock to know its lease is gone")
+    with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:  # a new session, granted now
+        assert held.key != first_key and not held.lost
+        held.check()
+        second_key = held.key
+    # Revoked before a renewal could notice: the join is refused (lease_expired), and
+    # the acquisition goes on with a new session.
+    kv._recipe_sessions[(KS, TTL_S)].lease.revoke()
+    with kv.lock("own", keyspace=KS, ttl_s=TTL_S) as held:
+        assert held.key not in (first_key, second_key)
+        held.check()
+
+
+def test_an_async_session_shares_its_lease_and_loses_every_lock_with_it(
+        cluster: LocalCluster) -> None:  # noqa: F811
+    from ringkv.client import AsyncClient
+
+    async def run() -> None:
+        async with AsyncClient([p.url for p in cluster.procs], keyspace=KS, protocol="http",
+                               timeout_s=3) as kv:
+            async with kv.session(ttl_s=TTL_S, keyspace=KS) as session:
+                one, two = session.lock("as-one"), session.lock("as-two")
+                assert await one.acquire(timeout_s=5) and await two.acquire(timeout_s=5)
+                assert one.key == f"as-one/{session.id}"
+                token = one.fencing_token
+                await one.release()  # the key goes, the lease stays
+                assert await kv.get(f"as-one/{session.id}", keyspace=KS) is None
+                assert session.lease is not None and await session.lease.keepalive() > 0
+                assert await one.acquire(timeout_s=5) and one.fencing_token > token
+                await session.lease.revoke()
+                for lock in (one, two):
+                    with pytest.raises(LockLost):
+                        await lock.check()
+                for _ in range(100):  # a renewal finds the lease gone within TTL/3
+                    if one.lost and two.lost:
+                        break
+                    await asyncio.sleep(0.05)
+                assert one.lost and two.lost and session.lost
+            # The client's own session: kv.lock reuses it across acquisitions.
+            async with kv.lock("as-own", keyspace=KS, ttl_s=TTL_S) as held:
+                first = held.key
+            async with kv.lock("as-own", keyspace=KS, ttl_s=TTL_S) as held:
+                assert held.key == first
 
     asyncio.run(run())

@@ -5,6 +5,7 @@ queue protocol that checks holders never overlap and tokens only grow."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -114,6 +115,126 @@ def test_the_checker_catches_a_planted_queue_jumper() -> None:
     for seed in range(30):
         try:
             check(simulate(seed, broken_ahead=True))
+        except AssertionError:
+            caught += 1
+    assert caught > 0
+
+
+# ---- sessions: queueing in one transaction -------------------------------------------
+
+def test_a_join_is_one_transaction_that_says_who_is_live_ahead() -> None:
+    lease = "txn:00000000000000ff"
+    first = core.join_request("jobs", "jobs/a", {"v": 1}, lease, core.EMPTY_VIEW)
+    assert first["conditions"] == [{"key": "jobs", "absent": True}] and first["reads"] == []
+    assert first["writes"] == [
+        {"op": "put", "key": "jobs/a", "value": {"v": 1}, "lease": lease},
+        {"op": "put", "key": "jobs", "value": core.queue_value([], mine="jobs/a")}]
+    # Committed at 10 with nobody ahead: it holds, and the view is the queue as written.
+    mine, ahead, view = core.after_join(core.EMPTY_VIEW, "jobs/a", 10, {})
+    assert mine == Entry("jobs/a", 10) and ahead == [] and view == core.QueueView(10, (mine,))
+    # The stored value names its own entry's version null: a reader resolves it.
+    stored = first["writes"][1]["value"]
+    assert core.parse_queue(stored, 10) == [mine] and core.view_of(stored, 10) == view
+    with pytest.raises(ValueError):
+        core.parse_queue(stored)  # null, and no version to resolve it with
+    # b joins behind a (conditioned on the queue's version, reading a's key).
+    second = core.join_request("jobs", "jobs/b", None, lease, view)
+    assert second["conditions"] == [{"key": "jobs", "version": 10}]
+    assert second["reads"] == ["jobs/a"]
+    b, ahead, view_b = core.after_join(view, "jobs/b", 12, {"jobs/a": 10})
+    assert ahead == [mine] and view_b.entries == (mine, b)
+    # a is released: b holds after reading only a's key and its own.
+    assert core.still_ahead(ahead, b, {"jobs/a": None, "jobs/b": 12}) == []
+    with pytest.raises(LockLost):
+        core.still_ahead(ahead, b, {"jobs/a": None, "jobs/b": None})  # b's lease went
+    # a joins again with the same key: its older (dead) entry is not ahead of it.
+    again = core.join_request("jobs", "jobs/a", None, lease, view_b)
+    assert again["reads"] == ["jobs/b"]
+    assert core.without(view_b, "jobs/a").entries == (b,)
+    with pytest.raises(OverflowError):
+        core.join_request("jobs", "jobs/c", None, lease, view_b, max_entries=2)
+
+
+def test_a_sessions_recipes_under_one_name_get_their_own_keys() -> None:
+    lease = "txn:00000000000000ff"
+    assert core.session_owner(lease, set()) == lease  # etcd's <name>/<lease id>
+    assert core.session_owner(lease, {lease}) == f"{lease}.2"
+    assert core.session_owner(lease, {lease, f"{lease}.2"}) == f"{lease}.3"
+
+
+def simulate_sessions(seed: int, *, broken: bool = False) -> list[tuple[int, str, str]]:
+    """Clients with stale views of one queue, each with its own key (a session's),
+    join in one transaction (a model store checks its condition and answers its
+    reads at the commit), wait re-reading only the keys ahead, hold, release or lose
+    their key (a lease lost). Returns the holders and tokens seen, for ``check``."""
+    rng = random.Random(seed)
+    store: dict[str, tuple[Any, int]] = {}  # key -> (value, version)
+    clock = 0
+    views = {c: core.EMPTY_VIEW for c in range(4)}
+    state: dict[int, tuple[str, Entry | None, list[Entry]]] = {
+        c: ("idle", None, []) for c in range(4)}
+    log: list[tuple[int, str, str]] = []
+
+    def version(key: str) -> int | None:
+        return store[key][1] if key in store else None
+
+    for step in range(300):
+        c = rng.randrange(4)
+        key = f"l/c{c}"
+        status, mine, ahead = state[c]
+        if rng.random() < 0.05 and key in store:  # the session's lease is lost
+            del store[key]
+        elif status == "idle":
+            plan = core.join_request("l", key, None, "lease", views[c])
+            guard = plan["conditions"][0]
+            if version("l") != guard.get("version"):  # absent: None == None
+                got = store.get("l")
+                views[c] = core.view_of(*(got if got else (None, None)))
+                continue  # plan again next time
+            clock += 1
+            current = {k: version(k) for k in plan["reads"]}
+            for write in plan["writes"]:
+                store[write["key"]] = (write["value"], clock)
+            mine, ahead, views[c] = core.after_join(views[c], key, clock, current)
+            state[c] = ("waiting", mine, ahead)
+        elif status == "waiting":
+            assert mine is not None
+            try:
+                ahead = core.still_ahead(ahead, mine, {k: version(k) for k in
+                                                       [*(e.key for e in ahead), key]})
+            except LockLost:
+                state[c] = ("idle", None, [])
+                continue
+            if broken and len(ahead) == 1:
+                ahead = []  # planted: a waiter that skips the last one ahead
+            state[c] = ("holding", mine, []) if not ahead else ("waiting", mine, ahead)
+        elif status == "holding" and rng.random() < 0.5:  # release: delete the key
+            store.pop(key, None)
+            views[c] = core.without(views[c], key)
+            state[c] = ("idle", None, [])
+        holders = [f"c{h}" for h, (s, m, _) in state.items()
+                   if s == "holding" and m is not None and version(m.key) == m.version]
+        for who in holders:
+            token = state[int(who[1:])][1]
+            assert token is not None
+            log.append((token.version, "token", who))
+        if len(holders) > 1:
+            log.append((step, "overlap", ",".join(holders)))
+    return log
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_sessions_holders_never_overlap_and_their_tokens_only_grow(seed: int) -> None:
+    log = simulate_sessions(seed)
+    assert len({who for _, kind, who in log if kind == "token"}) > 1  # they took turns
+    check(log)
+
+
+def test_the_checker_catches_a_planted_waiter_that_skips_the_one_ahead() -> None:
+    caught = 0
+    for seed in range(30):
+        try:
+            check(simulate_sessions(seed, broken=True))
         except AssertionError:
             caught += 1
     assert caught > 0

@@ -384,7 +384,9 @@ class AsyncClient(ClientBase):
                                " or `await client.ensure_ring()` first")
 
     async def close(self) -> None:
-        """Close the pooled connections (the client may still be used; it reconnects)."""
+        """Close the pooled connections (the client may still be used; it reconnects) and
+        the recipes' own sessions (their leases are revoked; a later lock takes a new one)."""
+        await recipes_aio.close_default_sessions(self)
         session, self._session = self._session, None
         self._native.close()
         if session is not None:
@@ -417,6 +419,13 @@ class AsyncClient(ClientBase):
         return AsyncLease(self, str(answer["id"]), int(answer["ttl"]))
 
     # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
+
+    def session(self, ttl_s: int = DEFAULT_TTL_S, *,
+                keyspace: str = "txn") -> recipes_aio.AsyncSession:
+        """A session (``Client.session``): ``async with kv.session(ttl_s=10) as session:``
+        grants one lease, renewed by a task and shared by ``session.lock(name)``,
+        ``session.election(name)`` and ``session.group(name)``; revoked at the end."""
+        return recipes_aio.AsyncSession(self, keyspace=keyspace, ttl_s=ttl_s)
 
     def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
              timeout_s: float = DEFAULT_TIMEOUT_S) -> AsyncLock:
@@ -528,6 +537,8 @@ class AsyncClient(ClientBase):
 
     def _setup(self) -> None:
         self._session = None
+        # The recipes' own sessions (``lock(name)``), by (keyspace, ttl_s); see session().
+        self._recipe_sessions: dict[tuple[str, int], recipes_aio.AsyncSession] = {}
         self._native = _NativePool(min(self._pool_size, NATIVE_CONNECTIONS_PER_NODE),
                                    self.credentials)
 

@@ -391,7 +391,9 @@ class Client(ClientBase):
         return self._ring_replicas(key, keyspace)
 
     def close(self) -> None:
-        """Close the pooled connections (the client may still be used; it reconnects)."""
+        """Close the pooled connections (the client may still be used; it reconnects) and
+        the recipes' own sessions (their leases are revoked; a later lock takes a new one)."""
+        recipes.close_default_sessions(self)
         self._pool.close()
         self._native.close()
 
@@ -416,6 +418,16 @@ class Client(ClientBase):
         return Lease(self, str(answer["id"]), int(answer["ttl"]))
 
     # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
+
+    def session(self, ttl_s: int = DEFAULT_TTL_S, *, keyspace: str = "txn") -> recipes.Session:
+        """A session: one lease of ``ttl_s`` renewed in the background, shared by the
+        recipes made from it (``session.lock(name)``, ``session.election(name)``,
+        ``session.group(name)``), as in etcd's concurrency package. A lock on a
+        session costs one transaction to acquire and one delete to release. When the
+        lease is lost, every recipe on it is (``LockLost``). ``with`` closes it: the
+        lease is revoked and its keys go. ``lock(name)`` without a session uses the
+        client's own session of ``ttl_s``, granted on first use (again once lost)."""
+        return recipes.Session(self, keyspace=keyspace, ttl_s=ttl_s)
 
     def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
              timeout_s: float = DEFAULT_TIMEOUT_S) -> Lock:
@@ -520,6 +532,8 @@ class Client(ClientBase):
     # ---- performing the plans' effects ------------------------------------------
 
     def _setup(self) -> None:
+        # The recipes' own sessions (``lock(name)``), by (keyspace, ttl_s); see session().
+        self._recipe_sessions: dict[tuple[str, int], recipes.Session] = {}
         self._pool = _ConnectionPool(self._pool_size, self._clock, self._tls_for)
         self._native = _NativePool(self._pool_size, self._clock, self._pool.watchdog,
                                    self.credentials)

@@ -1076,6 +1076,8 @@ def _txn_body(
             if "value" not in item:
                 raise InvalidArgument("a put needs a value", field=f"writes[{i}].value")
             _encode_value(item["value"], f"writes[{i}].value")
+            if item.get("lease") is not None:  # a Lease object or its id
+                item["lease"] = str(getattr(item["lease"], "id", item["lease"]))
         wire_writes.append(item)
     if not routing:
         raise InvalidArgument("a transaction needs reads, conditions or writes", field="body")

@@ -7,6 +7,10 @@ compare-and-set and watches. What they decide lives in ``recipes_core.py``.
         held.fenced_put("jobs/state", "running")   # refused once the lock is lost
         print(held.fencing_token)
 
+    with kv.session(ttl_s=10) as session:          # one lease for many recipes
+        with session.lock("a"), session.lock("b"):
+            ...
+
 Every wait is bounded (``timeout_s``); a waiter watches the key of the
 contender just ahead of it and checks its deadline at each progress line the
 watch sends (one a second when idle).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import random
+import threading
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -24,13 +29,13 @@ from urllib.parse import urlsplit
 from ringkv.client import recipes_core as core
 from ringkv.client.recipes_core import Entry, FencingRejected, LockLost, LockTimeout
 from ringkv.client.watch import MAX_RECONNECTS, WATCH_HEADERS, StreamEnded, WatchCore, WatchEvent
-from ringkv.errors import Compacted, ConditionFailed, RingKVError
+from ringkv.errors import Compacted, ConditionFailed, LeaseExpired, RingKVError
 
 if TYPE_CHECKING:
-    from ringkv.client.blocking import Client, Lease
+    from ringkv.client.blocking import Client
 
 __all__ = ["Election", "FencingRejected", "Group", "Lock", "LockLost", "LockTimeout",
-           "watch_config"]
+           "Session", "watch_config"]
 
 DEFAULT_TTL_S = 10
 DEFAULT_TIMEOUT_S = 30.0
@@ -88,6 +93,131 @@ def _ticks_once(kv: Client, watch: WatchCore, url: str) -> Iterator[WatchEvent |
         conn.close()
 
 
+# ---- sessions: one lease shared by recipes -----------------------------------------
+
+class Session:
+    """A session (``Client.session``), as etcd's concurrency package has: one lease of
+    ``ttl_s``, renewed in the background, that the locks, elections and groups made
+    from it (``session.lock(name)``, ...) attach their keys to. A lock's acquisition
+    is then one transaction, and its release one delete: no lease is granted or
+    revoked per acquisition. When the lease is lost (the process paused past the TTL,
+    cut off, or the lease revoked), every recipe on it is lost at once (``lost``,
+    ``LockLost``); ``close()`` revokes it (every key on it goes).
+
+        with kv.session(ttl_s=10) as session:
+            with session.lock("jobs") as held:
+                held.fenced_put("jobs/state", "running")
+    """
+
+    def __init__(self, kv: Client, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S) -> None:
+        self.kv = kv
+        self.keyspace = keyspace
+        self.ttl_s = ttl_s
+        self.lease = kv.lease(ttl_s, keyspace=keyspace).__enter__()
+        self._mutex = threading.Lock()
+        self._owners: dict[str, set[str]] = {}  # name -> owners contending under it now
+        self._views: dict[str, core.QueueView] = {}  # name -> the queue as last seen
+        self._closed = False
+
+    @property
+    def id(self) -> str:
+        return self.lease.id
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease is known gone (or the session closed): its keys are gone."""
+        return self._closed or self.lease.lost is not None
+
+    def lock(self, name: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, value: Any = None) -> Lock:
+        return Lock(self.kv, name, keyspace=self.keyspace, ttl_s=self.ttl_s,
+                    timeout_s=timeout_s, value=value, session=self)
+
+    def election(self, name: str) -> Election:
+        return Election(self.kv, name, keyspace=self.keyspace, ttl_s=self.ttl_s, session=self)
+
+    def group(self, name: str) -> Group:
+        return Group(self.kv, name, keyspace=self.keyspace, ttl_s=self.ttl_s, session=self)
+
+    def close(self) -> None:
+        """Revoke the lease: every key of every recipe on it goes at once."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.lease.__exit__(None, None, None)  # stops renewing, revokes
+        except RingKVError:
+            pass  # unreachable: the lease expires by itself within its TTL
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- what the recipes keep here ------------------------------------------------
+
+    def _check(self) -> None:
+        if self.lost:
+            raise LockLost(f"session {self.id} is lost (its lease expired or was revoked)") \
+                from self.lease.lost
+
+    def _claim(self, name: str) -> str:
+        """A contender key under ``name`` no other recipe of this session uses now."""
+        with self._mutex:
+            taken = self._owners.setdefault(name, set())
+            owner = core.session_owner(self.id, taken)
+            taken.add(owner)
+            return core.contender_key(name, owner)
+
+    def _unclaim(self, name: str, key: str) -> None:
+        with self._mutex:
+            self._owners.get(name, set()).discard(core.member_of(name, key))
+
+    def _view(self, name: str) -> core.QueueView:
+        with self._mutex:
+            return self._views.get(name, core.EMPTY_VIEW)
+
+    def _saw(self, name: str, view: core.QueueView) -> None:
+        with self._mutex:
+            known = self._views.get(name)
+            if known is None or (known.version or 0) <= (view.version or 0):
+                self._views[name] = view
+
+    def _abandon(self, key: str) -> None:
+        """A key whose fate is unknown (a write failed midway, a delete failed): end the
+        session, so that the key goes with its lease within the TTL instead of holding
+        a place for as long as the session is renewed."""
+        try:
+            self.kv.delete(key, keyspace=self.keyspace)
+            return
+        except RingKVError:
+            pass
+        self.close()
+
+
+def default_session(kv: Client, keyspace: str, ttl_s: int) -> Session:
+    """The client's own session for ``keyspace`` and ``ttl_s`` (``kv.lock(name)``),
+    granted on first use, and again after it was lost."""
+    sessions: dict[tuple[str, int], Session] = kv._recipe_sessions
+    with _DEFAULTS:
+        session = sessions.get((keyspace, ttl_s))
+        if session is None or session.lost:
+            session = sessions[(keyspace, ttl_s)] = Session(kv, keyspace=keyspace, ttl_s=ttl_s)
+        return session
+
+
+def close_default_sessions(kv: Client) -> None:
+    with _DEFAULTS:
+        sessions = list(kv._recipe_sessions.values())
+        kv._recipe_sessions.clear()
+    for session in sessions:
+        session.close()
+
+
+_DEFAULTS = threading.Lock()
+
+
 # ---- the queue of contenders under one name ---------------------------------------
 
 class _Queue:
@@ -106,7 +236,8 @@ class _Queue:
         timestamp, all at one snapshot."""
         for _ in range(MAX_CAS_ATTEMPTS):
             head = self.kv.get_versioned(self.key, keyspace=self.keyspace)
-            entries = core.parse_queue(head.value if head else None)
+            entries = core.parse_queue(head.value if head else None,
+                                       head.version if head else None)
             result = self.kv.txn(self.keyspace, reads=[self.key, *[e.key for e in entries]])
             now = result.reads.get(self.key)
             if (now.version if now else None) != (head.version if head else None):
@@ -121,78 +252,100 @@ class _Queue:
             return alive, (head.version if head else None), values, read_ts
         raise RingKVError(f"the queue {self.key!r} kept changing while it was read")
 
-    def _change(self, mine: Entry, *, join: bool) -> int | None:
-        """Append ``mine`` (join) or remove its key; the commit version (None: nothing to do)."""
+    def _versions(self, keys: list[str]) -> tuple[dict[str, int | None], int]:
+        result = self.kv.txn(self.keyspace, reads=keys)
+        return ({k: (v.version if v else None) for k, v in result.reads.items()},
+                int((result.receipt or {}).get("read_ts") or 0))
+
+    def enqueue(self, session: Session, key: str, value: Any) -> tuple[Entry, list[Entry], int]:
+        """Create ``key`` on the session's lease and append it, in one transaction
+        (``recipes_core.join_request``): its entry, the live entries ahead of it, and
+        the timestamp they were seen live at. ``LeaseExpired`` when the lease is gone."""
+        view = session._view(self.name)
+        for _ in range(MAX_CAS_ATTEMPTS):
+            plan = core.join_request(self.name, key, value, session.id, view)
+            try:
+                result = self.kv.txn(self.keyspace, **plan)
+            except ConditionFailed as exc:
+                view = self._fresh_view(exc)  # another contender changed it: plan again
+                continue
+            assert result.commit_ts is not None
+            seen_at = result.commit_ts
+            if result.replayed:  # an answer lost, replayed without reads: read them now
+                current, seen_at = self._versions(plan["reads"])
+            else:
+                current = {k: (v.version if v else None) for k, v in result.reads.items()}
+            mine, ahead, after = core.after_join(view, key, result.commit_ts, current)
+            session._saw(self.name, after)
+            return mine, ahead, seen_at
+        raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue {self.key!r}")
+
+    def _fresh_view(self, exc: ConditionFailed) -> core.QueueView:
+        """The queue as the failed condition found it (its answer names the queue's value
+        and version), or as read now."""
+        if exc.details.get("key") == self.key and "current_version" in exc.details:
+            return core.view_of(exc.details.get("current_value"),
+                                exc.details.get("current_version"))
+        head = self.kv.txn(self.keyspace, reads=[self.key]).reads.get(self.key)
+        return core.view_of(head.value if head else None, head.version if head else None)
+
+    def leave(self, key: str) -> None:
+        """Take ``key``'s entry off the queue (a compare-and-set), with the dead ones."""
         for _ in range(MAX_CAS_ATTEMPTS):
             head = self.kv.get_versioned(self.key, keyspace=self.keyspace)
-            entries = core.parse_queue(head.value if head else None)
+            entries = core.parse_queue(head.value if head else None,
+                                       head.version if head else None)
             reads = self.kv.txn(self.keyspace, reads=[e.key for e in entries]).reads \
                 if entries else {}
             current = {k: (v.version if v else None) for k, v in reads.items()}
-            if join:
-                after = core.appended(entries, current, mine)
-            else:
-                after = core.removed(entries, current, mine.key)
-                if after == entries:
-                    return None
-            guard: dict[str, Any] = {"key": self.key, "version": head.version} if head \
-                else {"key": self.key, "absent": True}
-            conditions = [guard]
-            if join:  # a contender whose lease already expired does not queue
-                conditions.append({"key": mine.key, "version": mine.version})
+            after = core.removed(entries, current, key)
+            if head is None or after == entries:
+                return
             try:
-                result = self.kv.txn(self.keyspace, conditions=conditions, writes=[
-                    {"op": "put", "key": self.key, "value": core.queue_value(after)}])
-            except ConditionFailed as exc:
-                if exc.details.get("key") == mine.key:
-                    raise LockLost(f"contender key {mine.key!r} vanished before it queued") \
-                        from exc
+                self.kv.txn(self.keyspace, conditions=[{"key": self.key, "version": head.version}],
+                            writes=[{"op": "put", "key": self.key,
+                                     "value": core.queue_value(after)}])
+            except ConditionFailed:
                 continue  # another contender changed the queue first
-            return result.commit_ts
+            return
         raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to change the queue {self.key!r}")
 
-    def join(self, mine: Entry) -> int:
-        token = self._change(mine, join=True)
-        assert token is not None
-        return token
-
-    def leave(self, key: str) -> None:
-        self._change(Entry(key, -1), join=False)
-
-    def wait_first(self, mine: Entry, deadline_s: float, lease: Lease) -> bool:
-        """Block until ``mine`` is the first live entry (True) or the deadline (False).
-        Raises ``LockLost`` when ``mine`` dies meanwhile."""
+    def wait_first(self, mine: Entry, ahead: list[Entry], seen_at: int, deadline_s: float,
+                   session: Session) -> bool:
+        """Block until no entry ahead of ``mine`` is live (True) or the deadline (False).
+        Raises ``LockLost`` when ``mine`` dies meanwhile (or the session is lost)."""
         clock = self.kv._clock
         while True:  # bounded by deadline_s
-            if lease.lost is not None:
-                raise LockLost(f"lease {lease.id} expired while waiting") from lease.lost
-            alive, _, _, read_ts = self.read()
-            ahead = core.ahead_of(alive, mine)
-            if ahead is None:
+            session._check()
+            if not ahead:
                 return True
             if clock.monotonic_s() >= deadline_s:
                 return False
             # Watch the one just ahead (from when it was seen live: no gap) until it goes.
+            last = ahead[-1]
             recheck_s = clock.monotonic_s() + RECHECK_S
-            ticks = _ticks(self.kv, self.keyspace, ahead.key, prefix=False,
-                           from_version=max(ahead.version, read_ts) or None)
+            ticks = _ticks(self.kv, self.keyspace, last.key, prefix=False,
+                           from_version=max(last.version, seen_at) or None)
             try:
                 for event in ticks:
-                    if event is not None and event.version > ahead.version:
+                    if event is not None and event.version > last.version:
                         break  # deleted (or overwritten): decide again
                     now = clock.monotonic_s()
-                    if now >= deadline_s or now >= recheck_s or lease.lost is not None:
+                    if now >= deadline_s or now >= recheck_s or session.lost:
                         break
             except Compacted:
-                pass  # held for longer than history is kept: the read above decides
+                pass  # held for longer than history is kept: the read below decides
             finally:
                 ticks.close()
+            # Only the keys ahead and ours: the entries ahead never gain a member.
+            current, seen_at = self._versions([*(e.key for e in ahead), mine.key])
+            ahead = core.still_ahead(ahead, mine, current)
 
 
 # ---- the mutex -------------------------------------------------------------------
 
 class Lock:
-    """A mutex with fencing tokens (``Client.lock``).
+    """A mutex with fencing tokens (``Client.lock``, ``Session.lock``).
 
     ``with kv.lock("jobs") as held:`` acquires it (``LockTimeout`` after
     ``timeout_s``) and releases it at the end; or ``acquire(timeout_s=)`` (True
@@ -200,11 +353,14 @@ class Lock:
     every later holder), ``fenced_put(key, value)`` (a write that lands only
     while the lock is held and no newer holder has written), ``check()``
     (``LockLost`` if the lease expired) and ``lost``.
+
+    Its key lives on a session's lease: the session it was made from, or the
+    client's own session of ``ttl_s`` (granted on first use, and again once lost).
     """
 
     def __init__(self, kv: Client, name: str, *, keyspace: str = "txn",
                  ttl_s: int = DEFAULT_TTL_S, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 value: Any = None) -> None:
+                 value: Any = None, session: Session | None = None) -> None:
         self._queue = _Queue(kv, name, keyspace)
         self.kv = kv
         self.name = name
@@ -212,7 +368,9 @@ class Lock:
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self.value = value
-        self._lease: Lease | None = None
+        self._given = session
+        self._session: Session | None = None  # the session of the current contention
+        self._key: str | None = None
         self._entry: Entry | None = None
         self._token: int | None = None
         self._held = False
@@ -220,7 +378,7 @@ class Lock:
     @property
     def key(self) -> str | None:
         """This contender's ephemeral key, ``<name>/<lease id>``, once it contends."""
-        return self._entry.key if self._entry else None
+        return self._key
 
     @property
     def fencing_token(self) -> int:
@@ -231,7 +389,7 @@ class Lock:
     @property
     def lost(self) -> bool:
         """True once the lock is known lost (a renewal found the lease expired)."""
-        return self._held and self._lease is not None and self._lease.lost is not None
+        return self._held and self._session is not None and self._session.lost
 
     def acquire(self, timeout_s: float | None = None) -> bool:
         """Wait at most ``timeout_s`` (the lock's default when None) to hold it."""
@@ -239,21 +397,27 @@ class Lock:
             raise RuntimeError(f"lock {self.name!r} is already held by this object")
         clock = self.kv._clock
         deadline_s = clock.monotonic_s() + (self.timeout_s if timeout_s is None else timeout_s)
-        lease = self.kv.lease(self.ttl_s, keyspace=self.keyspace).__enter__()
-        self._lease = lease
-        try:
-            key = core.contender_key(self.name, lease.id)
+        for attempt in range(2):  # a lost default session is replaced once
+            session = self._given or default_session(self.kv, self.keyspace, self.ttl_s)
+            session._check()
+            self._session = session
+            self._key = session._claim(self.name)
             try:
-                version = self.kv.put(key, self.value, keyspace=self.keyspace, lease=lease,
-                                      if_absent=True).version
-            except ConditionFailed as exc:
-                # Only this lease writes its key: an answer lost after the put committed.
-                version = exc.details.get("current_version")
-            if not isinstance(version, int):
-                raise LockLost(f"contender key {key!r} could not be created")
-            self._entry = Entry(key, version)
-            self._token = self._queue.join(self._entry)
-            if self._queue.wait_first(self._entry, deadline_s, lease):
+                mine, ahead, seen_at = self._queue.enqueue(session, self._key, self.value)
+            except LeaseExpired as exc:
+                session._unclaim(self.name, self._key)
+                self._key = None
+                session.close()  # lost: the next use of a default session makes a new one
+                if self._given is not None or attempt:
+                    raise LockLost(f"session {session.id} is lost") from exc
+                continue
+            except BaseException:
+                self._drop()
+                raise
+            break
+        self._entry, self._token = mine, mine.version
+        try:
+            if self._queue.wait_first(mine, ahead, seen_at, deadline_s, session):
                 self._held = True
                 return True
         except BaseException:
@@ -263,7 +427,8 @@ class Lock:
         return False
 
     def release(self) -> None:
-        """Let it go: revoke the lease (its key goes at once, and the next waiter's watch fires)."""
+        """Let it go: delete its key (the next waiter's watch fires). The session's
+        lease lives on for the session's other recipes and the next acquisition."""
         self._held = False
         self._drop()
 
@@ -316,30 +481,38 @@ class Lock:
         self.release()
 
     def _drop(self) -> None:
-        # The queue entry is left behind: its key is gone, so it is dead, skipped by
-        # every reader and pruned by the next append (one round trip less per release).
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
-                lease.__exit__(None, None, None)  # stops renewing, revokes: the key goes
-            except RingKVError:
-                pass  # unreachable: the lease expires by itself within its TTL
+        # Delete the key; its queue entry is left behind, dead, skipped by every reader
+        # and pruned by the next append that saw it dead (one round trip per release).
+        session, key, self._key, self._entry = self._session, self._key, None, None
+        if session is None or key is None:
+            return
+        try:
+            if not session.lost:
+                try:
+                    self.kv.delete(key, keyspace=self.keyspace)
+                except RingKVError:
+                    session._abandon(key)
+                session._saw(self.name, core.without(session._view(self.name), key))
+        finally:
+            session._unclaim(self.name, key)
 
 
 # ---- leader election ---------------------------------------------------------------
 
 class Election:
-    """Leader election (``Client.election``): ``campaign(value)`` blocks until this
-    candidate leads (the first live one, as for the lock); ``leader()`` is the
-    current leader's value, ``observe()`` each new one; ``resign()`` steps down."""
+    """Leader election (``Client.election``, ``Session.election``): ``campaign(value)``
+    blocks until this candidate leads (the first live one, as for the lock);
+    ``leader()`` is the current leader's value, ``observe()`` each new one;
+    ``resign()`` steps down."""
 
     def __init__(self, kv: Client, name: str, *, keyspace: str = "txn",
-                 ttl_s: int = DEFAULT_TTL_S) -> None:
+                 ttl_s: int = DEFAULT_TTL_S, session: Session | None = None) -> None:
         self._queue = _Queue(kv, name, keyspace)
         self.kv = kv
         self.name = name
         self.keyspace = keyspace
         self.ttl_s = ttl_s
+        self._session = session
         self._lock: Lock | None = None
 
     @property
@@ -354,7 +527,7 @@ class Election:
     def campaign(self, value: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Stand with ``value`` until elected; ``LockTimeout`` after ``timeout_s``."""
         lock = Lock(self.kv, self.name, keyspace=self.keyspace, ttl_s=self.ttl_s,
-                    timeout_s=timeout_s, value=value)
+                    timeout_s=timeout_s, value=value, session=self._session)
         if not lock.acquire(timeout_s):
             raise LockTimeout(f"not elected in {self.name!r} within {timeout_s} s")
         self._lock = lock
@@ -410,34 +583,41 @@ def _changes(queue: _Queue, state: Any, timeout_s: float | None,
 # ---- group membership --------------------------------------------------------------
 
 class Group:
-    """Group membership (``Client.group``): ``join(member, value)`` puts the ephemeral
-    key ``<name>/<member>`` on this object's lease (renewed in the background);
-    ``leave(member)``; ``members()`` a snapshot ``{member: value}``;
-    ``watch_members()`` each membership as it changes; ``close()`` leaves all."""
+    """Group membership (``Client.group``, ``Session.group``): ``join(member, value)``
+    puts the ephemeral key ``<name>/<member>`` on the session's lease (renewed in the
+    background) and queues it, in one transaction; ``leave(member)``;
+    ``members()`` a snapshot ``{member: value}``; ``watch_members()`` each
+    membership as it changes; ``close()`` leaves every member this object joined."""
 
     def __init__(self, kv: Client, name: str, *, keyspace: str = "txn",
-                 ttl_s: int = DEFAULT_TTL_S) -> None:
+                 ttl_s: int = DEFAULT_TTL_S, session: Session | None = None) -> None:
         self._queue = _Queue(kv, name, keyspace)
         self.kv = kv
         self.name = name
         self.keyspace = keyspace
         self.ttl_s = ttl_s
-        self._lease: Lease | None = None
+        self._given = session
+        self._joined: dict[str, Session] = {}  # member -> the session its key is on
 
     @property
     def lost(self) -> bool:
-        return self._lease is not None and self._lease.lost is not None
+        """True once the session of a member this object joined is lost."""
+        return any(session.lost for session in self._joined.values())
 
     def join(self, member: str, value: Any = None) -> None:
-        if self._lease is None:
-            self._lease = self.kv.lease(self.ttl_s, keyspace=self.keyspace).__enter__()
         key = core.contender_key(self.name, member)
-        put = self.kv.put(key, value, keyspace=self.keyspace, lease=self._lease)
-        assert put.version is not None
-        self._queue.join(Entry(key, put.version))
+        session = self._given or default_session(self.kv, self.keyspace, self.ttl_s)
+        session._check()
+        try:
+            self._queue.enqueue(session, key, value)
+        except LeaseExpired as exc:
+            session.close()
+            raise LockLost(f"session {session.id} is lost") from exc
+        self._joined[member] = session
 
     def leave(self, member: str) -> None:
         key = core.contender_key(self.name, member)
+        self._joined.pop(member, None)
         self.kv.delete(key, keyspace=self.keyspace)
         self._queue.leave(key)
 
@@ -452,10 +632,12 @@ class Group:
             core.member_of(name, e.key): values[e.key] for e in alive}, timeout_s)
 
     def close(self) -> None:
-        """Revoke the lease: every member this object joined leaves at once."""
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            lease.__exit__(None, None, None)
+        """Every member this object joined leaves (their keys go in one transaction)."""
+        joined, self._joined = self._joined, {}
+        live = [member for member, session in joined.items() if not session.lost]
+        if live:
+            self.kv.txn(self.keyspace, writes=[
+                {"op": "delete", "key": core.contender_key(self.name, m)} for m in live])
 
     def __enter__(self) -> Group:
         return self

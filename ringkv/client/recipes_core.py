@@ -25,16 +25,33 @@ contender's place.
 - A **fenced write** lands only if its token is at least the highest one the
   resource has accepted (and, in ``Lock.fenced_put``, only while the holder's
   key is still live: both conditions in one transaction).
+
+**One transaction to queue** (``join_request``). A contender creates its key
+(attached to its *session*'s lease: one lease, kept alive in the background,
+shared by every recipe made from it, as in etcd's concurrency package) and
+appends its entry in the same transaction, conditioned on the queue's version
+as the client last saw it (``QueueView``). Its entry's version is that
+transaction's commit timestamp, unknown before the commit, so the entry is
+written with version null, "the queue's own version": a reader resolves it
+with the version the queue key was read at (``parse_queue``), and every
+rewrite writes it resolved. The transaction also reads the keys of the entries
+ahead, so its answer says who is live ahead at the commit (``after_join``):
+nobody, and the contender holds with no further read. The entries ahead of a
+contender never gain a member (appends go at the end), and each stays dead
+once dead, so a waiter reads only those keys and its own again
+(``still_ahead``), never the queue. A release deletes the key; its dead entry
+is pruned by the next append of a client that saw it dead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 MAX_QUEUE_ENTRIES = 1000  # contenders waiting on one name (a transaction reads them all)
-QUEUE_FORMAT = 1
+QUEUE_FORMAT = 2  # 2: an entry's version may be null, the queue's own version
 
 
 class LockLost(Exception):
@@ -80,17 +97,30 @@ def fence_key(key: str) -> str:
     return f"{key}.fence"
 
 
-def parse_queue(value: Any) -> list[Entry]:
-    """The entries of a queue key's value (None: an empty queue)."""
+def parse_queue(value: Any, version: int | None = None) -> list[Entry]:
+    """The entries of a queue key's value (None: an empty queue) read at ``version``:
+    an entry written with version null (its own append) was created at that version."""
     if value is None:
         return []
     if not isinstance(value, dict) or not isinstance(value.get("entries"), list):
         raise ValueError(f"not a recipe queue: {value!r}")
-    return [Entry(str(key), int(version)) for key, version in value["entries"]]
+    entries = []
+    for key, at in value["entries"]:
+        if at is None:
+            if version is None:
+                raise ValueError("a queue entry of the queue's own version, read without it")
+            at = version
+        entries.append(Entry(str(key), int(at)))
+    return entries
 
 
-def queue_value(entries: Sequence[Entry]) -> dict[str, Any]:
-    return {"format": QUEUE_FORMAT, "entries": [[e.key, e.version] for e in entries]}
+def queue_value(entries: Sequence[Entry], mine: str | None = None) -> dict[str, Any]:
+    """The queue key's value; ``mine``: a key appended by this very write, whose version
+    (the write's commit timestamp) is written null."""
+    items: list[list[Any]] = [[e.key, e.version] for e in entries]
+    if mine is not None:
+        items.append([mine, None])
+    return {"format": QUEUE_FORMAT, "entries": items}
 
 
 def live(entries: Sequence[Entry], current: Mapping[str, int | None]) -> list[Entry]:
@@ -152,3 +182,77 @@ def fence_token(value: Any) -> int | None:
 def member_of(name: str, key: str) -> str:
     """The member name of a group key ``<name>/<member>``."""
     return key[len(name) + 1:] if key.startswith(name + "/") else key
+
+
+# ---- queueing in one transaction (sessions) ------------------------------------------
+
+@dataclass(frozen=True)
+class QueueView:
+    """The queue as this client last wrote or read it: its version (None: absent) and its
+    entries, less those this client has since seen dead (they stay dead)."""
+
+    version: int | None
+    entries: tuple[Entry, ...]
+
+
+EMPTY_VIEW = QueueView(None, ())
+
+
+def view_of(value: Any, version: int | None) -> QueueView:
+    """The view of a queue key read with ``value`` at ``version`` (None, None: absent)."""
+    return QueueView(version, tuple(parse_queue(value, version)))
+
+
+def join_request(name: str, key: str, value: Any, lease: str, view: QueueView,
+                 max_entries: int = MAX_QUEUE_ENTRIES) -> dict[str, Any]:
+    """The one transaction (``reads``, ``conditions``, ``writes``) that creates ``key``
+    attached to ``lease`` and appends it to the queue ``name`` as seen in ``view``: it
+    fails on the queue's version when another change came first (read it and plan
+    again). It reads the keys of the entries ahead of ``key``, for ``after_join``.
+    Raises ``OverflowError`` when ``max_entries`` would be exceeded."""
+    ahead = [e for e in view.entries if e.key != key]
+    if len(ahead) >= max_entries:
+        raise OverflowError(f"{len(ahead)} contenders already wait (at most {max_entries})")
+    qkey = queue_key(name)
+    guard: dict[str, Any] = {"key": qkey, "version": view.version} \
+        if view.version is not None else {"key": qkey, "absent": True}
+    return {"reads": [e.key for e in ahead], "conditions": [guard], "writes": [
+        {"op": "put", "key": key, "value": value, "lease": lease},
+        {"op": "put", "key": qkey, "value": queue_value(ahead, mine=key)}]}
+
+
+def after_join(view: QueueView, key: str, commit_ts: int,
+               current: Mapping[str, int | None]) -> tuple[Entry, list[Entry], QueueView]:
+    """What a committed ``join_request`` says: the contender's entry (created at the
+    commit), the live entries ahead of it at the commit (``current``: the versions the
+    transaction read; none: it holds), and the view the client keeps of the queue."""
+    mine = Entry(key, commit_ts)
+    ahead = live([e for e in view.entries if e.key != key], current)
+    return mine, ahead, QueueView(commit_ts, (*ahead, mine))
+
+
+def still_ahead(ahead: Sequence[Entry], mine: Entry,
+                current: Mapping[str, int | None]) -> list[Entry]:
+    """The entries ahead of ``mine`` still live (``current``: a read of their keys and of
+    ``mine``'s, at one snapshot); none: it holds. ``LockLost`` when ``mine`` is dead."""
+    if current.get(mine.key) != mine.version:
+        raise LockLost(f"contender key {mine.key!r} (version {mine.version}) is gone")
+    return live(ahead, current)
+
+
+def without(view: QueueView, key: str) -> QueueView:
+    """The view once ``key`` is deleted (released): its entry is dead."""
+    return QueueView(view.version, tuple(e for e in view.entries if e.key != key))
+
+
+def session_owner(lease: str, taken: Collection[str]) -> str:
+    """The owner part of a session's contender key under one name: the lease id, as
+    etcd names it, or ``<lease id>.<n>`` when another recipe of the same session
+    already contends under that name (``taken``: their owners)."""
+    if lease not in taken:
+        return lease
+    for n in itertools.count(2):  # bounded: one more than the recipes contending
+        owner = f"{lease}.{n}"
+        if owner not in taken:
+            return owner
+    raise AssertionError("unreachable")  # pragma: no cover

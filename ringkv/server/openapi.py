@@ -289,8 +289,10 @@ def _schemas(limits: LimitsConfig) -> dict[str, Any]:
             "reads": {"type": "array", "items": key},
             "conditions": {"type": "array", "items": condition(with_key=True)},
             "writes": {"type": "array", "items": {"oneOf": [
-                _object({"op": {"const": "put"}, "key": key, "value": _ref("Value")},
-                        ["op", "key", "value"]),
+                _object({"op": {"const": "put"}, "key": key, "value": _ref("Value"),
+                         "lease": _ref("LeaseId")}, ["op", "key", "value"])
+                | {"description": "lease: attach the key to that session lease (of the "
+                                  "transaction's keyspace), as a single put's lease does"},
                 _object({"op": {"const": "delete"}, "key": key}, ["op", "key"]),
             ]}},
         }, ["keyspace"]) | {"description": "reads, conditions and writes: at least one of them "

@@ -5,7 +5,9 @@
   ``{"equals": <json>}`` (see ``txn/requests.py`` for what each means);
 * a one-shot transaction, ``POST /v1/txn``: ``{"keyspace", "id"?,
   "reads": [keys], "conditions": [{"key", ...}], "writes": [{"op": "put" |
-  "delete", "key", "value"?}]}``; each list may be left out, not all of them.
+  "delete", "key", "value"?, "lease"?}]}``; each list may be left out, not all of
+  them. A put with ``"lease": id`` attaches its key to that session lease (of
+  the transaction's keyspace), as a single put's ``lease`` does.
 
 Written values are kept as their canonical JSON bytes (``encode_json_value``),
 as the eventual tier stores them; ``equals`` compares JSON values, whatever
@@ -27,12 +29,12 @@ from typing import Any
 from ringkv.config import LimitsConfig
 from ringkv.errors import BadRequest, TooLarge
 from ringkv.server.validation import key_from_json, value_bytes
-from ringkv.txn.leases import is_reserved
+from ringkv.txn.leases import is_reserved, parse_id
 from ringkv.txn.requests import CONDITION_KINDS, Condition, TxnRequest, Write, comparable_json
 
 TXN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _TXN_FIELDS = frozenset({"keyspace", "id", "reads", "conditions", "writes"})
-_WRITE_FIELDS = frozenset({"op", "key", "value"})
+_WRITE_FIELDS = frozenset({"op", "key", "value", "lease"})
 _BEGIN_FIELDS = frozenset({"keyspace", "read_only", "priority"})
 # The ids the node that begins an interactive transaction gives it (txn/service.py).
 _SESSION_ID = re.compile(r"^(.+):[0-9]+:[0-9a-f]{8}$")
@@ -142,6 +144,10 @@ def parse_txn(body: Any, limits: LimitsConfig) -> TxnRequest:
         raise BadRequest("a transaction needs reads, conditions or writes", field="body")
     seen: set[bytes] = set()
     for i, write in enumerate(writes):
+        if write.lease is not None and parse_id(write.lease).keyspace != keyspace:
+            raise BadRequest(f"lease {write.lease} lives in keyspace "
+                             f"{parse_id(write.lease).keyspace!r}, not {keyspace!r}",
+                             field=f"writes[{i}].lease")
         if write.key in seen:
             raise BadRequest(f"key {write.key.decode()!r} is written twice in one transaction",
                              field=f"writes[{i}].key")
@@ -185,9 +191,15 @@ def _write(obj: Any, limits: LimitsConfig, *, field: str) -> Write:
     if op == "put":
         if "value" not in obj:
             raise BadRequest("a put needs a value", field=f"{field}.value")
-        return Write(key, value_bytes(obj["value"], limits, field=f"{field}.value"))
+        lease = obj.get("lease")
+        if lease is not None:
+            lease = str(parse_id(lease, field=f"{field}.lease"))
+        return Write(key, value_bytes(obj["value"], limits, field=f"{field}.value"), lease)
     if op == "delete":
         if "value" in obj:
             raise BadRequest("a delete takes no value", field=f"{field}.value")
+        if "lease" in obj:
+            raise BadRequest("a delete takes no lease (it detaches the key)",
+                             field=f"{field}.lease")
         return Write(key, None)
     raise BadRequest("op must be \"put\" or \"delete\"", field=f"{field}.op")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ringkv.clock import Clock
@@ -31,6 +31,7 @@ from ringkv.config import AUTH_KEYSPACE, Config
 from ringkv.errors import Aborted, BadRequest, ConditionFailed, RingKVError
 from ringkv.txn import leases as L
 from ringkv.txn.requests import Condition, TxnRequest
+from ringkv.txn.truetime import TTInterval
 from ringkv.txn.service import Op, TxnService
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class LeaseService:
         self.stats = txn.stats
         for name in ("leases_granted", "leases_renewed", "leases_revoked", "leases_expired"):
             self.stats.setdefault(name, 0)
+        # A one-shot transaction (POST /v1/txn) whose puts name a lease comes here first.
+        txn.lease_writes = self.txn
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -164,6 +167,68 @@ class LeaseService:
                 await self._backoff(attempt)
         raise Aborted(f"a put attached to lease {lease} lost {MAX_ATTEMPTS} races; try again",
                       reason="conflict", lease=str(lease))
+
+    async def txn(self, request: TxnRequest, started_s: float, timeout_s: float
+                  ) -> dict[str, Any]:
+        """A one-shot transaction whose puts name leases (``Write.lease``): each lease's
+        record is read, and the transaction runs with the records' conditions and
+        writes added (``leases.leased_txn``): the keys are attached as a single put
+        attaches its key, in the caller's transaction, at its commit timestamp."""
+        deadline_s = started_s + timeout_s
+        field_of: dict[str, str] = {}
+        for i, write in enumerate(request.writes):
+            if write.lease is not None:
+                field_of.setdefault(write.lease, f"writes[{i}].lease")
+        ids = {text: L.parse_id(text, field=where) for text, where in field_of.items()}
+        max_keys = self._config.txn.max_keys_per_lease
+        rkeys = {text: L.record_key(lease) for text, lease in ids.items()}
+        for attempt in range(MAX_ATTEMPTS):
+            now = self._txn.tt_now()
+            # The first plan is from this node's own copy of the records when it has them
+            # all alive: the transaction is conditioned on their versions, so a stale copy
+            # only fails and is planned again from a serializable read (which alone may
+            # refuse a lease as gone). One read transaction less per call, most times.
+            found = self._local(request.keyspace, rkeys.values(), now) if attempt == 0 else None
+            if found is None:
+                found = await self._read(request.keyspace, sorted(rkeys.values()), started_s)
+            records: dict[str, tuple[L.LeaseRecord, int]] = {}
+            for text, rkey in rkeys.items():
+                value, version = found.get(rkey, (None, None))
+                record = None if value is None else L.decode_record(value)
+                if record is None or version is None or L.is_expired(record, version, now):
+                    error = L.expired_error(ids[text])
+                    error.details["field"] = field_of[text]
+                    raise error
+                adding = {w.key for w in request.writes if w.lease == text} - set(record.keys)
+                if len(record.keys) + len(adding) > max_keys:
+                    current = await self._read(request.keyspace, sorted(record.keys), started_s)
+                    record = L.pruned(record, version, current)  # detached keys free places
+                records[text] = (record, version)
+            plan = L.leased_txn(request, records, max_keys)
+            remaining_s = deadline_s - self._clock.monotonic_s()
+            try:
+                return await self._txn.execute(Op("txn", plan.keyspace, plan),
+                                               started_s=self._clock.monotonic_s(),
+                                               timeout_s=max(0.001, remaining_s))
+            except ConditionFailed as exc:
+                if not any(self._on(exc, rkey) for rkey in rkeys.values()):
+                    raise  # the caller's own condition
+                await self._backoff(attempt)  # renewed or attached to meanwhile: read again
+        raise Aborted(f"a transaction attaching keys to leases lost {MAX_ATTEMPTS} races; "
+                      "try again", reason="conflict")
+
+    def _local(self, keyspace: str, rkeys: Iterable[bytes], now: TTInterval) -> Current | None:
+        """Lease records as this node has applied them (None: one is missing or looks
+        expired here, which only a serializable read may decide)."""
+        found: Current = {}
+        for rkey in rkeys:
+            got = self._txn.mvcc.latest_version(keyspace, rkey)
+            if got is None or got.value is None:
+                return None
+            if L.is_expired(L.decode_record(got.value), got.commit_ts_us, now):
+                return None
+            found[rkey] = (got.value, got.commit_ts_us)
+        return found
 
     async def _attached(self, lease: L.LeaseId, started_s: float
                         ) -> tuple[L.LeaseRecord, int, dict[bytes, int]]:

@@ -67,6 +67,7 @@ __all__ = [
     "is_expired",
     "is_reserved",
     "keepalive_txn",
+    "leased_txn",
     "new_id",
     "parse_id",
     "prune_txn",
@@ -180,11 +181,14 @@ def renewed(record: LeaseRecord, version_us: int) -> LeaseRecord:
     return LeaseRecord(record.ttl_s, None, _resolved_keys(record, version_us))
 
 
-def attached(record: LeaseRecord, version_us: int, key: bytes, max_keys: int) -> LeaseRecord:
-    """The record a put attaching ``key`` writes (with the key, at one commit
-    timestamp): the deadline unchanged, ``key`` attached at the new version."""
+def attached(record: LeaseRecord, version_us: int, key: bytes | Iterable[bytes],
+             max_keys: int) -> LeaseRecord:
+    """The record a put attaching ``key`` (or each of several keys) writes (with the
+    keys, at one commit timestamp): the deadline unchanged, the keys attached at the
+    new version."""
     keys: dict[bytes, int | None] = dict(_resolved_keys(record, version_us))
-    keys[key] = None
+    for one in [key] if isinstance(key, bytes) else key:
+        keys[one] = None
     if len(keys) > max_keys:
         raise TooLarge(f"the lease has {max_keys} keys already (txn.max_keys_per_lease)",
                        field="lease", limit=max_keys, size=len(keys))
@@ -247,6 +251,26 @@ def attach_txn(keyspace: str, lease: LeaseId, record: LeaseRecord, version_us: i
         (*extra, Condition(record_key(lease), "version", version_us=version_us)),
         (Write(key, value),
          Write(record_key(lease), encode_record(attached(record, version_us, key, max_keys)))))
+
+
+def leased_txn(request: TxnRequest, records: Mapping[str, tuple[LeaseRecord, int]],
+               max_keys: int) -> TxnRequest:
+    """A one-shot transaction whose puts name leases (``Write.lease``), made plain: each
+    lease's record (as read: ``records``, lease id -> (record, version)) is conditioned
+    on its version and rewritten with the keys attached, at the transaction's commit
+    timestamp, exactly as ``attach_txn`` does for one put. The caller's reads,
+    conditions and writes are kept, and its id (a retry is still that transaction)."""
+    conditions = list(request.conditions)
+    writes = [Write(w.key, w.value) for w in request.writes]
+    for lease_id, (record, version_us) in sorted(records.items()):
+        keys = [w.key for w in request.writes if w.lease == lease_id]
+        if not keys:
+            continue
+        rkey = record_key(parse_id(lease_id))
+        conditions.append(Condition(rkey, "version", version_us=version_us))
+        writes.append(Write(rkey, encode_record(attached(record, version_us, keys, max_keys))))
+    return TxnRequest(request.keyspace, request.txn_id, request.reads, tuple(conditions),
+                      tuple(writes))
 
 
 def expiry_txn(keyspace: str, lease: LeaseId, version_us: int,

@@ -5,7 +5,8 @@ committed at that timestamp), ``absent`` (it holds nothing) or ``equals``
 (it holds an equal JSON value: object keys in any order, numbers and types
 exact, so 1 is not 1.0 and not true); a write (a put or a
 delete); a one-shot transaction of reads, conditions and writes, with an
-optional id the client chose so that a retry names the same transaction.
+optional id the client chose so that a retry names the same transaction. A put
+may name a session lease, to which its key is attached.
 The HTTP layer builds these from JSON (``server/txn_validation.py``).
 """
 
@@ -45,6 +46,10 @@ class Condition:
 class Write:
     key: bytes
     value: bytes | None  # None: delete
+    # A put attached to this session lease (its id, ``<keyspace>:<tag>``): the lease
+    # service adds the lease record's condition and write before the transaction runs
+    # (``txn/leases.py``, ``leased_txn``), so no write that reaches a leader has one.
+    lease: str | None = None
 
 
 @dataclass(frozen=True)

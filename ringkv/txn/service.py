@@ -77,7 +77,7 @@ import itertools
 import logging
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ from ringkv.clock import Clock, Timer
 from ringkv.config import TRANSACTIONAL, Config
 from ringkv.errors import (
     Aborted,
+    BadRequest,
     ClockUncertain,
     CrossRange,
     NoLeader,
@@ -373,6 +374,10 @@ class TxnService:
                                     new_id=self.new_txn_id, spawn=self._spawn,
                                     idle_timeout_s=config.txn.idle_timeout_s,
                                     max_duration_s=config.txn.max_duration_s)
+        # Set by the lease service: it runs a transaction whose puts name a lease,
+        # after adding the lease records' conditions and writes (txn/lease_service.py).
+        self.lease_writes: Callable[[TxnRequest, float, float],
+                                    Awaitable[dict[str, Any]]] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -975,6 +980,11 @@ class TxnService:
         if op.keyspace not in self.keyspaces:
             raise NotFound(f"keyspace {op.keyspace!r} is not transactional", keyspace=op.keyspace)
         deadline_s = started_s + timeout_s
+        if (op.kind == "txn" and op.request is not None
+                and any(w.lease is not None for w in op.request.writes)):
+            if self.lease_writes is None or hops:
+                raise BadRequest("this node attaches no keys to leases", field="writes")
+            return await self.lease_writes(op.request, started_s, timeout_s)
         now = self._fenced_now()
         if op.kind == "txn" and op.request is not None and hops == 0:
             txn_id = op.request.txn_id or self.new_txn_id()
