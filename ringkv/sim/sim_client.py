@@ -93,6 +93,7 @@ class SimClient(AsyncClient):
 
     def _setup(self) -> None:
         self._session = None
+        self._recipe_sessions = {}  # the recipes' default sessions, as AsyncClient keeps them
 
     async def close(self) -> None:
         return None
