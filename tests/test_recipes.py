@@ -24,6 +24,7 @@ that holds, leads or belongs (SIGKILL of a child python process):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -512,6 +513,41 @@ def test_a_session_shares_one_lease_between_locks_and_outlives_their_releases(
         with pytest.raises(LockLost):
             session.lock("s-three").acquire(timeout_s=1)  # a lost session takes no more
     assert kv.get("s-res", keyspace=KS) == 1
+
+
+def test_a_join_answered_as_a_replay_without_reads_does_not_take_a_held_lock(
+        cluster: LocalCluster, kv: Client) -> None:  # noqa: F811
+    """A join whose first answer was lost, retried under its id, is answered from the
+    outcome alone: the commit, no reads (the cross-range path says so only in its
+    receipt). Its contender must read who is live ahead, not judge them all dead."""
+    with Client([p.url for p in cluster.procs], keyspace=KS, protocol="http",
+                timeout_s=3) as other:
+        real_txn = other.txn
+
+        def replayed(keyspace: str | None = None, **request: Any) -> Any:
+            result = real_txn(keyspace, **request)
+            if not any(w.get("lease") for w in request.get("writes", ())):
+                return result
+            # What the cross-range path answers a retry whose first attempt committed.
+            return dataclasses.replace(result, reads={}, replayed=False,
+                                       receipt={"txn_id": result.id, "replayed": True})
+
+        other.txn = replayed  # type: ignore[method-assign]
+        holder = kv.lock("replayed", keyspace=KS, ttl_s=TTL_S)
+        assert holder.acquire(timeout_s=5)
+        first_token = holder.fencing_token
+        try:
+            waiter = other.lock("replayed", keyspace=KS, ttl_s=TTL_S)
+            assert not waiter.acquire(timeout_s=1.0)  # the holder is alive ahead of it
+            holder.check()
+        finally:
+            holder.release()
+        assert waiter.acquire(timeout_s=5)  # now nobody is ahead
+        try:
+            assert waiter.fencing_token > first_token
+            waiter.check()
+        finally:
+            waiter.release()
 
 
 def test_the_clients_own_session_is_reused_and_replaced_once_lost(kv: Client) -> None:

@@ -155,6 +155,26 @@ def test_a_join_is_one_transaction_that_says_who_is_live_ahead() -> None:
         core.join_request("jobs", "jobs/c", None, lease, view_b, max_entries=2)
 
 
+def test_a_join_answered_without_its_reads_is_read_again_not_judged_all_dead() -> None:
+    """A retried join whose first attempt committed is answered from the outcome alone:
+    a commit and no reads. Read as "nobody live ahead", its contender would hold beside
+    the live holder; ``join_answered`` says to read them again, and the read-back then
+    judges the entries ahead, and the contender's own key."""
+    holder = Entry("jobs/a", 10)
+    view = core.QueueView(10, (holder,))
+    plan = core.join_request("jobs", "jobs/b", None, "txn:00000000000000ff", view)
+    assert core.join_answered(plan["reads"], {"jobs/a": 10})
+    assert core.join_answered(plan["reads"], {"jobs/a": None})  # read, and absent
+    assert not core.join_answered(plan["reads"], {})  # the replay's empty answer
+    assert core.join_answered(core.join_request("jobs", "jobs/a", None, "l",
+                                                core.EMPTY_VIEW)["reads"], {})
+    # Read back after the commit at 12, with its own key: a is still ahead.
+    mine, ahead, _ = core.after_join(view, "jobs/b", 12, {"jobs/a": 10, "jobs/b": 12})
+    assert mine == Entry("jobs/b", 12) and ahead == [holder]
+    with pytest.raises(LockLost):  # its own key went (lease) before the read-back
+        core.after_join(view, "jobs/b", 12, {"jobs/a": 10, "jobs/b": None})
+
+
 def test_a_sessions_recipes_under_one_name_get_their_own_keys() -> None:
     lease = "txn:00000000000000ff"
     assert core.session_owner(lease, set()) == lease  # etcd's <name>/<lease id>

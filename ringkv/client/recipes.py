@@ -271,10 +271,10 @@ class _Queue:
                 continue
             assert result.commit_ts is not None
             seen_at = result.commit_ts
-            if result.replayed:  # an answer lost, replayed without reads: read them now
-                current, seen_at = self._versions(plan["reads"])
-            else:
-                current = {k: (v.version if v else None) for k, v in result.reads.items()}
+            current = {k: (v.version if v else None) for k, v in result.reads.items()}
+            if result.replayed or not core.join_answered(plan["reads"], current):
+                # An answer lost and replayed without reads: read them (and our own key) now.
+                current, seen_at = self._versions([*plan["reads"], key])
             mine, ahead, after = core.after_join(view, key, result.commit_ts, current)
             session._saw(self.name, after)
             return mine, ahead, seen_at

@@ -221,12 +221,26 @@ def join_request(name: str, key: str, value: Any, lease: str, view: QueueView,
         {"op": "put", "key": qkey, "value": queue_value(ahead, mine=key)}]}
 
 
+def join_answered(reads: Collection[str], current: Mapping[str, int | None]) -> bool:
+    """Whether a committed ``join_request``'s answer says who was live ahead: it names
+    every key the plan read (``current``: its versions; None: absent). An answer that
+    does not, a retry of an attempt that committed (replayed from the outcome alone,
+    with no reads, whether or not it says so), must not be read as "all dead": that
+    would hold the lock beside a live holder. Read them again instead (``after_join``)."""
+    return all(k in current for k in reads)
+
+
 def after_join(view: QueueView, key: str, commit_ts: int,
                current: Mapping[str, int | None]) -> tuple[Entry, list[Entry], QueueView]:
     """What a committed ``join_request`` says: the contender's entry (created at the
     commit), the live entries ahead of it at the commit (``current``: the versions the
-    transaction read; none: it holds), and the view the client keeps of the queue."""
+    transaction read; none: it holds), and the view the client keeps of the queue.
+    ``current`` read after the commit (a replayed join) may name ``key`` too: its own key
+    must still be at the commit's version, else ``LockLost``. (Entries ahead live now
+    were live at the commit; those dead now stay dead.)"""
     mine = Entry(key, commit_ts)
+    if key in current and current[key] != commit_ts:
+        raise LockLost(f"contender key {key!r} (version {commit_ts}) is gone")
     ahead = live([e for e in view.entries if e.key != key], current)
     return mine, ahead, QueueView(commit_ts, (*ahead, mine))
 
