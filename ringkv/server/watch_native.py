@@ -60,14 +60,16 @@ class NativeSink:
         self.conn.write_stream(self.request_id, frame(event, sse=False), more=True)
 
     async def send(self, event: dict[str, Any], event_id: int | None) -> None:
+        # Written at once, then wait for room, as HTTP's write then drain: an event the
+        # session popped is always on its way (the final event's last_version counts it).
         conn = self.conn
+        if conn.is_closed:
+            raise ws.SinkClosed
+        conn.write_stream(self.request_id, frame(event, sse=False), more=True)
         while not conn.writable.is_set():  # bounded: the session cuts a watcher off by SLOW_S
             if conn.is_closed:
                 raise ws.SinkClosed
             await ws.within(self.clock, conn.writable.wait(), ws.WAKE_S)
-        if conn.is_closed:
-            raise ws.SinkClosed
-        conn.write_stream(self.request_id, frame(event, sse=False), more=True)
 
     async def end(self, final: dict[str, Any] | None) -> None:
         conn = self.conn
