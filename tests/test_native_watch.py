@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -260,6 +260,22 @@ def test_the_python_clients_watch_over_native(cluster: LocalCluster) -> None:
 
     seen = asyncio.run(asyncio.wait_for(async_watch(), DEADLINE_S))
     assert [(e.type, e.key, e.value) for e in seen] == [("put", "q3", 3)]
+
+    # A native port that refuses: the watch goes over HTTP, as other requests do.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        refusing = unused.getsockname()[:2]
+    with Client([b.url], keyspace="nw") as kv:
+        kv.refresh_ring()
+        native_map = cast(dict[str, tuple[str, int]], kv._ops.router.topology.native)
+        for url in native_map:  # every node's native port refuses
+            native_map[url] = refusing
+        over_http = []
+        for event in kv.watch("nw", "q5", from_version=origin):
+            over_http.append(event)
+            break
+        assert refusing in kv._native_down
+    assert [(e.key, e.value) for e in over_http] == [("q5", 5)]
 
 
 def test_a_compacted_from_version_is_refused_naming_the_oldest(cluster: LocalCluster) -> None:
