@@ -7,16 +7,17 @@ groups); ``ns`` has one range (compaction, a slow watcher). Checked:
 - a native ``watch`` streams exactly the commits a writer made across the ranges,
   in version order, as the HTTP watch's NDJSON lines; cut mid-stream and resumed
   from the last version seen whole, nothing is missed or repeated; the event
-  latency (the write's answer to the event's arrival) is printed beside HTTP's;
+  latency (the write's answer to the event's arrival) over native is printed
+  beside HTTP's;
 - the Python clients (blocking and asyncio) watch over native when their protocol
-  is native, with no HTTP watch at all;
+  is native, with no HTTP watch at all, and over HTTP when the native port refuses;
 - a compacted ``from_version`` is refused with 410 ``compacted`` naming
   ``oldest_version``; a watcher that stops reading is cut off with a last
   ``watcher_too_slow`` event naming ``last_version``;
 - ``txn.max_watches`` counts native and HTTP watches together; ``watch_cancel``
   ends one watch (its last frame) and frees its slot, closing the connection
   frees the rest; the idle timeout does not close a connection while a watch
-  streams on it;
+  streams on it, the header timeout still does (and frees its watch);
 - ``lease_grant``/``keepalive``/``info``/``revoke`` frames answer as HTTP does, and
   a key put with the lease vanishes on revoke; the Python client's leases go native;
 - malformed watch and lease frames get a 400 naming the field, and the connection
@@ -63,7 +64,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     overrides.update({"txn.lease_s": 2.0, "txn.mvcc_gc_s": MVCC_GC_S,
                       "txn.max_watches": MAX_WATCHES,
                       "txn.watch_buffer_events": BUFFER_EVENTS,
-                      "limits.idle_timeout_s": 1.0})
+                      "limits.idle_timeout_s": 1.0, "limits.header_timeout_s": 1.0})
     cluster = LocalCluster(tmp, nodes=3, rf=3, base_client_port=free_port_block(3),
                            base_internode_port=free_port_block(3), config_overrides=overrides)
     try:
@@ -180,15 +181,13 @@ def test_a_native_watch_gets_every_commit_in_order_and_resumes_after_a_cut(
     assert (first.request_id, first.verb, first.payload["more"]) == (7, "watch", True)
     start = json.loads(first.payload["event"])
     assert start["type"] == "progress"
-    acked: dict[int, float] = {}
-    received: dict[int, float] = {}
     keys = [f"p{i % 25}" for i in range(60)]
     commits: list[tuple[str, int, str]] = []
     writer = threading.Thread(target=lambda: commits.extend(
-        write_keys(a, "nw", [*keys[:30], "other", *keys[30:]], acked)))
+        write_keys(a, "nw", [*keys[:30], "other", *keys[30:]])))
     writer.start()
     seen: list[dict[str, Any]] = []
-    assert watch_events(raw, 7, 25, seen, received) is None
+    assert watch_events(raw, 7, 25, seen) is None
     raw.close()  # cut mid-stream
     last_whole = max([start["version"]] + [e["version"] for e in seen[:-1]])
     raw = Raw(c)
@@ -197,7 +196,7 @@ def test_a_native_watch_gets_every_commit_in_order_and_resumes_after_a_cut(
     resumed: list[dict[str, Any]] = []
     writer.join(timeout=30)
     watch_events(raw, 1, 60 - len(seen) + sum(e["version"] > last_whole for e in seen),
-                 resumed, received)
+                 resumed)
     raw.close()
     last = (seen[-1]["version"], seen[-1]["key"])
     got = seen + [e for e in resumed if (e["version"], e["key"]) > last]
@@ -205,28 +204,39 @@ def test_a_native_watch_gets_every_commit_in_order_and_resumes_after_a_cut(
     assert len(expected) == 60
     assert [(e["type"], e["version"], e["key"]) for e in got] == \
         sorted(expected, key=lambda x: (x[1], x[2]))
-    native_ms = [(received[v] - acked[v]) * 1000 for v in acked if v in received]
-    # The same over HTTP, for the comparison.
-    status, head = http("PUT", f"{a.url}/v1/kv/nw/h-origin", {"value": 0})
+
+
+def watch_latency_ms(a: NodeProcess, b: NodeProcess, protocol: str, prefix: str,
+                     count: int = 40) -> list[float]:
+    """A client's watch on ``b`` over ``protocol`` while ``count`` writes go back to back to
+    ``a``: each event's arrival after its write's answer, in ms."""
+    status, head = http("PUT", f"{a.url}/v1/kv/nw/{prefix}-origin", {"value": 0})
     assert status == 200
-    http_acked: dict[int, float] = {}
-    http_received: dict[int, float] = {}
-    with Client([b.url], keyspace="nw", protocol="http") as kv:
+    acked: dict[int, float] = {}
+    received: dict[int, float] = {}
+    with Client([b.url], keyspace="nw", protocol=protocol) as kv:
+        kv.refresh_ring()
         writer = threading.Thread(target=write_keys,
-                                  args=(a, "nw", [f"h{i}" for i in range(40)], http_acked))
-        events = kv.watch("nw", "h", prefix=True, from_version=head["version"])
-        next_event: list[Any] = []
+                                  args=(a, "nw", [f"{prefix}{i}" for i in range(count)], acked))
         writer.start()
-        for event in events:
-            http_received.setdefault(event.version, time.monotonic())
-            next_event.append(event)
-            if len(next_event) == 40:
+        got = 0
+        for event in kv.watch("nw", prefix, prefix=True, from_version=head["version"]):
+            received.setdefault(event.version, time.monotonic())
+            got += 1
+            if got == count:
                 break
         writer.join(timeout=30)
-    http_ms = [(http_received[v] - http_acked[v]) * 1000 for v in http_acked
-               if v in http_received]
-    print(f"watch event after the write's answer: native {percentiles(native_ms)}; "
-          f"HTTP {percentiles(http_ms)}")
+    return [(received[v] - acked[v]) * 1000 for v in acked if v in received]
+
+
+def test_watch_latency_native_and_http(cluster: LocalCluster) -> None:
+    """Printed: the same writes, watched over each protocol in turn."""
+    a, b, _ = cluster.procs
+    native_ms = watch_latency_ms(a, b, "native", "ln")
+    http_ms = watch_latency_ms(a, b, "http", "lh")
+    assert len(native_ms) == len(http_ms) == 40
+    print(f"watch event after the write's answer, 40 writes back to back: native "
+          f"{percentiles(native_ms)}; HTTP {percentiles(http_ms)}")
 
 
 def test_the_python_clients_watch_over_native(cluster: LocalCluster) -> None:
@@ -357,6 +367,29 @@ def test_watch_cancel_and_closing_free_the_slots_and_idle_does_not_close(
     over_http.close()
     wait_until(lambda: watches_open(b) == 0, timeout_s=5, interval_s=0.1,
                what="closing the connections to free their watches")
+
+
+def test_the_header_timeout_holds_on_a_connection_with_a_watch(cluster: LocalCluster) -> None:
+    """A frame begun and never finished closes the connection (limits.header_timeout_s,
+    1 s here) even while a watch streams on it, and the watch's slot is freed."""
+    _, b, _ = cluster.procs
+    wait_until(lambda: watches_open(b) == 0, timeout_s=10, interval_s=0.2,
+               what="the earlier watches to end")
+    raw = Raw(b)
+    try:
+        raw.send("watch", 1, keyspace="nw", key="header")
+        assert raw.read().payload["more"] is True
+        assert watches_open(b) == 1
+        raw.sock.sendall(b"\x00\x00\x01\x00")  # a length prefix, and nothing of its frame
+        began = time.monotonic()
+        with pytest.raises((ConnectionError, OSError)):
+            for _ in range(100):  # bounded: progress frames until the node closes
+                raw.read()
+        assert time.monotonic() - began < 5
+    finally:
+        raw.close()
+    wait_until(lambda: watches_open(b) == 0, timeout_s=5, interval_s=0.1,
+               what="the closed connection's watch to end")
 
 
 def test_lease_operations_over_native(cluster: LocalCluster) -> None:

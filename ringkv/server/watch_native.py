@@ -102,6 +102,8 @@ async def serve(node: Node, conn: StreamTarget, request_id: int, keyspace: str,
     conn.watches[request_id] = session
     try:
         await session.run()
+    except ws.SinkClosed:
+        return  # the connection closed before the stream began: nobody to answer
     finally:
         conn.watches.pop(request_id, None)
         ws.give_slot(node)
