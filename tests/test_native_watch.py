@@ -288,6 +288,72 @@ def test_the_python_clients_watch_over_native(cluster: LocalCluster) -> None:
     assert [(e.key, e.value) for e in over_http] == [("q5", 5)]
 
 
+@pytest.mark.parametrize("cut_after", [3, 6, 9])
+def test_the_clients_native_watch_resumes_after_a_cut_with_no_gap_or_repeat(
+        cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, cut_after: int) -> None:
+    """The connection breaks after ``cut_after`` frames (inside a transaction's version
+    for some): the client reconnects over native from the last version seen whole."""
+    from ringkv.client import aio as aio_client
+    from ringkv.client import blocking
+
+    a, b, c = cluster.procs
+    prefix = f"r{cut_after}-"
+    status, first = http("PUT", f"{a.url}/v1/kv/nw/{prefix}origin", {"value": 0})
+    assert status == 200
+    commits = write_keys(a, "nw", [f"{prefix}{i}" for i in range(3)])
+    keys = [f"{prefix}t{i}" for i in range(4)]
+    status, txn = http("POST", f"{a.url}/v1/txn", {
+        "keyspace": "nw", "writes": [{"op": "put", "key": k, "value": k} for k in keys]})
+    assert status == 200 and txn["committed"], txn
+    commits += [("put", txn["commit_ts"], k) for k in sorted(keys)]
+    commits += write_keys(a, "nw", [f"{prefix}{i}" for i in range(3, 6)])
+    expected = [(kind, version, key) for kind, version, key in commits]
+
+    frames_read = [0]
+    real_next = blocking._FrameReader.next
+
+    def cutting_next(self: Any) -> Frame:
+        frames_read[0] += 1
+        if frames_read[0] == cut_after + 2:  # the hello, the first progress, then events
+            raise ConnectionResetError("cut by the test")
+        return real_next(self)
+
+    monkeypatch.setattr(blocking._FrameReader, "next", cutting_next)
+    with Client([b.url, c.url], keyspace="nw", backoff_max_s=0.05) as kv:
+        kv.refresh_ring()
+        got = []
+        for event in kv.watch("nw", prefix, prefix=True, from_version=first["version"]):
+            got.append((event.type, event.version, event.key))
+            if len(got) == len(expected):
+                break
+    assert frames_read[0] > cut_after + 2  # it was cut, and went on over native
+    assert got == expected
+
+    reads = [0]
+    real_read = aio_client._read_frame
+
+    async def cutting_read(reader: asyncio.StreamReader) -> Frame:
+        reads[0] += 1
+        if reads[0] == cut_after + 2:
+            raise ConnectionResetError("cut by the test")
+        return await real_read(reader)
+
+    monkeypatch.setattr(aio_client, "_read_frame", cutting_read)
+
+    async def async_watch() -> list[tuple[str, int, str]]:
+        seen = []
+        async with AsyncClient([b.url, c.url], keyspace="nw", backoff_max_s=0.05) as kv:
+            async for event in kv.watch("nw", prefix, prefix=True,
+                                        from_version=first["version"]):
+                seen.append((event.type, event.version, event.key))
+                if len(seen) == len(expected):
+                    break
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(async_watch(), DEADLINE_S)) == expected
+    assert reads[0] > cut_after + 2
+
+
 def test_a_compacted_from_version_is_refused_naming_the_oldest(cluster: LocalCluster) -> None:
     a, b, _ = cluster.procs
     status, first = http("PUT", f"{a.url}/v1/kv/ns/k", {"value": 0})
