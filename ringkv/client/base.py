@@ -91,7 +91,8 @@ class ClientBase:
         ``rng``: the randomness behind load spreading and jitter.
         ``protocol``: ``"native"`` (the default) sends each request over the
         native binary protocol to nodes whose native address the ring names
-        (the first ring fetch, and nodes without one, use HTTP); ``"http"``
+        (the first ring fetch, and nodes without one, use HTTP), leases and
+        watches too (a watch on a native connection of its own); ``"http"``
         sends everything over HTTP.
         ``ca_file``: the CA bundle (PEM) node certificates must chain to, for
         ``https://`` seeds (the nodes' ``tls.client``); the native protocol then

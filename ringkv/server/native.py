@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256  # requests running at once on one connection
 FRAME_OVERHEAD_BYTES = 64 * 1024  # the envelope and the fields around a body of the limit
+FLUSH_BYTES = 64 * 1024  # answers gathered for one write per loop turn, at most about this
 
 
 class NativeServer:
@@ -110,6 +111,7 @@ class NativeConnection(asyncio.Protocol):
         self.version: int | None = None  # None until the handshake
         self.tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._paused = False
         self._closing = False
@@ -378,6 +380,12 @@ class NativeConnection(asyncio.Protocol):
 
     def _write(self, frame: bytes) -> None:
         self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= FLUSH_BYTES:
+            # A watch's burst of events: out now, so the transport's high-water mark
+            # (pause_writing) holds back the next ones instead of a list growing here.
+            self._flush()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -385,6 +393,7 @@ class NativeConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         if self.transport is not None and out:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
