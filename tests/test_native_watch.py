@@ -251,7 +251,7 @@ def test_the_python_clients_watch_over_native(cluster: LocalCluster) -> None:
 
     with Client([b.url], keyspace="nw") as kv:
         kv.refresh_ring()
-        kv._watch_http = no_http  # type: ignore[method-assign]
+        setattr(kv, "_watch_http", no_http)
         got = []
         for event in kv.watch("nw", "q", prefix=True, from_version=origin):
             got.append(event)
@@ -261,7 +261,7 @@ def test_the_python_clients_watch_over_native(cluster: LocalCluster) -> None:
 
     async def async_watch() -> list[Any]:
         async with AsyncClient([b.url], keyspace="nw") as kv:
-            kv._watch_http = no_http  # type: ignore[method-assign]
+            setattr(kv, "_watch_http", no_http)
             seen = []
             async for event in kv.watch("nw", "q3", from_version=origin):
                 seen.append(event)
