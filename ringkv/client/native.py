@@ -7,6 +7,10 @@ payload, and ``reply`` turns the answer back into the ``Reply`` the plan
 expects. The status, the JSON document and the replay flag are the HTTP
 API's, so the plans decode both the same way.
 
+A watch (protocol version 2) is not a plan's request: the shells send
+``watch_frame`` on a connection of its own and read its answer with
+``stream_part``, feeding each event line to ``WatchCore`` (``watch.py``).
+
 Pure: no sockets, no event loop.
 """
 

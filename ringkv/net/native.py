@@ -21,6 +21,11 @@ only moves bytes.
 - A malformed request whose id is known is answered (status 400, the field
   named) and the connection serves on; a malformed frame is answered with a
   ``KIND_ERROR`` and the connection closes (the stream is out of sync).
+- Version 2 (``STREAM_VERSION``) adds the session lease operations (answered
+  once, as any) and ``watch``, answered by a stream of response frames of its
+  request id (``stream_payload``: one event, and ``more`` until the last), and
+  ``watch_cancel``. A connection that chose version 1 is refused them, so a
+  client that never asked for version 2 never sees a stream.
 """
 
 from __future__ import annotations
