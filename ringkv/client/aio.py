@@ -475,6 +475,8 @@ class AsyncClient(ClientBase):
         received whole: no event is lost or repeated. ``max_reconnects`` in a row
         without progress raise ``NoNodeAvailable``; a ``from_version`` whose history
         garbage collection has thinned raises ``Compacted`` (``oldest_version``).
+        Each connection of the watch is its own: over the native protocol when the
+        client's protocol is native and the node speaks version 2, else over HTTP.
         """
         core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
                          rng=random.Random(), max_reconnects=max_reconnects,
