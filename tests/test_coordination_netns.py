@@ -1,0 +1,413 @@
+"""Watches and locks under real network partitions (issue #17), on node processes
+in network namespaces (``ringkv.tools.netns``): iptables drops between hosts,
+no RST, no error, just silence.
+
+**Watches.** Writers in the root namespace (they reach every host, as Jepsen's
+clients do) commit single-key puts and transactions across the ranges of a
+transactional keyspace, each value unique, recording every acknowledged
+commit with its version and every outcome they could not learn. Watchers
+follow the prefix with the real client's ``watch(..., prefix=True)`` and its
+automatic resume: one in a child process on the first node's host (isolating
+that node cuts the watcher off with it) and one in the root namespace.
+Meanwhile the nemesis isolates the node leading a range, isolates the
+watcher's node, and (five hosts) splits the cluster 2|3 with the watcher's
+node in the minority. After the heal a marker commit closes the span and
+each stream is judged by ``sim/watch_stream.check_stream``: every
+acknowledged commit exactly once in (version, key) order, an unknown one at
+most once, nothing invented. Two planted watchers in the same run, one that
+drops events and one that resumes "from now" after a fault, must be caught.
+
+**Locks.** Three contenders, each a child process on its own node's host,
+take ``lock("mx")`` in a loop and mark their critical section with fenced
+writes (``enter``, then ``exit``) to a guarded resource. The nemesis waits for
+a fresh holder and cuts its host off from the others (alone, or with one
+other host in a 2|3 split): the holder's lease must lapse, another contender
+take over, and the cut-off holder's late fenced writes be refused once it
+can reach the cluster again. A root-namespace watch on the resource is what
+the resource accepted, in commit order; ``sim/lock_fence.check_fenced_history``
+judges it (tokens never go down, no two sections interleave). A stale
+holder's write that skips the fence, planted after the run, must be caught.
+Take-over time: from the cut to the next holder's acquire (TTL + ε expected,
+more when the cut node led the lease's range: an election first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ringkv.client import Client
+from ringkv.errors import RingKVError
+from ringkv.sim.lock_fence import check_fenced_history
+from ringkv.sim.watch_stream import Write, check_stream
+from ringkv.tools.launcher import http
+from ringkv.tools.local_cluster import LocalCluster
+from ringkv.tools.netns import NetnsHosts
+from ringkv.txn.watch import Change
+from tests.hosts import netns_hosts
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+KS = "co"
+RANGES = 3
+LEASE_S = 2.0  # txn.lease_s: a cut leader's ranges elect anew after this
+SWEEP_MS = 100
+TTL_S = 2  # the lock's session lease
+CLIENT_TIMEOUT_S = 2.0
+WATCH_PREFIX = "w/"
+END_KEY = "w/~end"  # the marker commit that closes a watch's span
+RESOURCE = "mx-res"
+RESOURCE_END = "mx-res~end"
+# The next holder acquires within TTL (the last renewal, at most TTL/3 before the
+# cut, plus TTL), a sweep, and an election when the cut node led the lease's range
+# (leader lease + a round); plus the waiter's watch, a read and client timeouts.
+TAKEOVER_BOUND_S = TTL_S + LEASE_S + 6.0
+
+
+# ---- the cluster and its children --------------------------------------------------
+
+@contextmanager
+def coordination_cluster(hosts: NetnsHosts, tmp: Path) -> Iterator[LocalCluster]:
+    """A node on every host, keyspace ``KS`` transactional (RF 3, RANGES ranges),
+    each range with a leader before it is used; always taken down and healed."""
+    cluster = LocalCluster(tmp, rf=3, config_overrides={
+        f"keyspaces.{KS}": {"replication_factor": 3, "tier": "transactional",
+                            "ranges": RANGES},
+        "txn.lease_s": LEASE_S, "txn.lease_sweep_ms": SWEEP_MS})
+    cluster.build_on_hosts(hosts)
+    try:
+        cluster.up(90.0, together=True)
+        url = cluster.procs[0].url
+        for i in range(4 * RANGES):  # keys land in every range: each has elected
+            until(lambda i=i: http("PUT", f"{url}/v1/kv/{KS}/warm{i}", {"value": 0},
+                                   timeout_s=5)[0] == 200, 60, f"a first write to warm{i}")
+        yield cluster
+    finally:
+        hosts.heal()
+        cluster.down()
+
+
+def until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """``check()``'s first truthy answer (OSError and RingKVError count as not yet),
+    or AssertionError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            got = check()
+        except (OSError, RingKVError):
+            got = None
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(interval_s)
+
+
+class HostChildren:
+    """Python child processes, each run inside one host's namespace; every one is
+    killed at the end. Each writes JSON lines to its own file."""
+
+    def __init__(self, hosts: NetnsHosts, tmp: Path) -> None:
+        self.hosts = hosts
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, host: int, script: str, *args: str) -> None:
+        out = self.tmp / f"{name}.jsonl"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.procs[name] = subprocess.Popen(
+            [*self.hosts.wrapper(host), sys.executable, "-c", script, str(out), *args],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def lines(self, name: str) -> list[dict[str, Any]]:
+        out = self.tmp / f"{name}.jsonl"
+        if not out.exists():
+            return []
+        # A line being written may be cut short: only whole lines count.
+        return [json.loads(line) for line in out.read_text().split("\n")[:-1] if line.strip()]
+
+    def wait(self, name: str, timeout_s: float) -> int:
+        proc = self.procs[name]
+        code = proc.wait(timeout=timeout_s)
+        assert code == 0, f"{name} exited {code}: " + (
+            proc.stderr.read().decode()[-3000:] if proc.stderr else "")
+        return code
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+def leaders(cluster: LocalCluster) -> dict[int, list[str]]:
+    """Host index -> the ranges its node says it leads (nodes that answer)."""
+    led: dict[int, list[str]] = {}
+    for i, proc in enumerate(cluster.procs):
+        try:
+            status, view = http("GET", f"{proc.url}/v1/status", timeout_s=2.0)
+        except OSError:
+            continue
+        groups = view.get("transactional", {}).get("groups", {}) if status == 200 else {}
+        led[i] = sorted(gid for gid, g in groups.items() if g.get("leads"))
+    return led
+
+
+@dataclass
+class FaultLog:
+    """What the nemesis did: (kind, cut hosts, at (wall), healed at (wall))."""
+
+    faults: list[tuple[str, tuple[int, ...], float, float]] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _, _, _ in self.faults]
+
+
+def cut(hosts: NetnsHosts, minority: list[int]) -> None:
+    """``minority``'s hosts cut off from every other (one host: isolated)."""
+    rest = [h for i, h in enumerate(hosts.hosts) if i not in minority]
+    hosts.partition([hosts.hosts[i] for i in minority], rest)
+
+
+# ---- watches -----------------------------------------------------------------------
+
+WATCHER = textwrap.dedent("""
+    import json, sys
+    from ringkv.client import Client
+    out, urls, origin, end = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    with open(out, "a") as f, Client(urls, keyspace="co", protocol="http", timeout_s=2) as kv:
+        for e in kv.watch("co", "w/", prefix=True, from_version=origin, max_reconnects=200):
+            f.write(json.dumps([e.type, e.key, e.value, e.version]) + "\\n")
+            f.flush()
+            if e.key == end:
+                break
+""")
+
+
+def as_change(kind: str, key: str, value: Any, version: int) -> Change:
+    return Change(key.encode(), None if kind == "delete" else json.dumps(value).encode(),
+                  version)
+
+
+def as_write(key: str, value: Any) -> Write:
+    return key.encode(), json.dumps(value).encode()
+
+
+@dataclass
+class WatchRun:
+    acked: dict[Write, int]
+    unknown: set[Write]
+    origin: int
+    end: int
+    streams: dict[str, list[Change]]  # watcher -> what it received, up to the marker
+    faults: FaultLog
+    commits: int  # acknowledged transactions (a transaction's writes share a version)
+
+    def problems(self, watcher: str) -> list[str]:
+        return check_stream(self.streams[watcher], self.acked, self.unknown,
+                            start_us=self.origin, resolved_us=self.end)
+
+
+class Writers:
+    """Threads committing unique values under WATCH_PREFIX: single-key puts and
+    transactions over several keys (most across ranges)."""
+
+    def __init__(self, urls: list[str], count: int) -> None:
+        self.urls = urls
+        self.acked: dict[Write, int] = {}
+        self.unknown: set[Write] = set()
+        self.commits = 0
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                        for n in range(count)]
+
+    def __enter__(self) -> Writers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        assert not any(t.is_alive() for t in self.threads), "a writer did not stop"
+
+    def _run(self, n: int) -> None:
+        rng = random.Random(n)
+        with Client(self.urls, keyspace=KS, protocol="http", timeout_s=CLIENT_TIMEOUT_S,
+                    max_retries=2) as kv:
+            for i in range(1_000_000):  # bounded; stop ends it
+                if self.stop.is_set():
+                    return
+                keys = sorted({f"{WATCH_PREFIX}k{rng.randrange(30)}"
+                               for _ in range(1 if rng.random() < 0.7 else rng.randint(2, 4))})
+                writes = {key: f"{n}-{i}-{j}" for j, key in enumerate(keys)}
+                try:
+                    if len(keys) == 1:
+                        (key, value), = writes.items()
+                        version = kv.put(key, value).version
+                    else:
+                        version = kv.txn(KS, writes=[{"op": "put", "key": k, "value": v}
+                                                     for k, v in writes.items()]).commit_ts
+                except RingKVError:
+                    with self._lock:
+                        self.unknown.update(as_write(k, v) for k, v in writes.items())
+                    time.sleep(0.05)  # do not spin while a range has no leader
+                    continue
+                assert isinstance(version, int)
+                with self._lock:
+                    self.commits += 1
+                    self.acked.update((as_write(k, v), version) for k, v in writes.items())
+
+
+class RootWatcher:
+    """A watch in this (root) namespace, on a thread, until the marker commit.
+    ``planted``: None (the real client), "drops" (loses one event in 40) or
+    "from-now" (once ``resume_now`` is set, drops its watch and starts a new one
+    from now, as a client that forgot where it was would)."""
+
+    def __init__(self, urls: list[str], origin: int, planted: str | None = None) -> None:
+        self.urls = urls
+        self.origin = origin
+        self.planted = planted
+        self.got: list[Change] = []
+        self.resume_now = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with Client(self.urls, keyspace=KS, protocol="http", timeout_s=2) as kv:
+                from_version: int | None = self.origin
+                for _ in range(2):  # the planted "from-now" restarts once
+                    for n, e in enumerate(kv.watch(KS, WATCH_PREFIX, prefix=True,
+                                                   from_version=from_version,
+                                                   max_reconnects=200)):
+                        if e.key == END_KEY or not (self.planted == "drops" and n % 40 == 39):
+                            self.got.append(as_change(e.type, e.key, e.value, e.version))
+                        if e.key == END_KEY:
+                            return
+                        if self.planted == "from-now" and self.resume_now.is_set() \
+                                and from_version is not None:
+                            time.sleep(1.0)  # commits go on meanwhile
+                            from_version = None
+                            break
+        except BaseException as exc:  # judged by the test
+            self.error = exc
+
+
+def run_watches(hosts: NetnsHosts, tmp: Path, kinds: list[str], *, hold_s: float,
+                calm_s: float, say: Callable[[str], None]) -> WatchRun:
+    children = HostChildren(hosts, tmp)
+    with coordination_cluster(hosts, tmp / "cluster") as cluster:
+        urls = [p.url for p in cluster.procs]
+        status, first = http("PUT", f"{urls[-1]}/v1/kv/{KS}/w/~origin", {"value": 0})
+        assert status == 200, first
+        origin = first["version"]
+        watchers = {"client": RootWatcher(urls, origin),
+                    "planted drops": RootWatcher(urls, origin, "drops"),
+                    "planted from-now": RootWatcher(urls, origin, "from-now")}
+        try:
+            children.start("on-host-0", 0, WATCHER, json.dumps(urls), str(origin), END_KEY)
+            for watcher in watchers.values():
+                watcher.thread.start()
+            log = FaultLog()
+            with Writers(urls, 2) as writers:
+                time.sleep(calm_s)
+                for kind in kinds:
+                    minority = watch_fault_targets(kind, cluster, hosts)
+                    at = time.time()
+                    cut(hosts, minority)
+                    say(f"{kind}: host(s) {minority} cut off for {hold_s} s")
+                    time.sleep(hold_s)
+                    hosts.heal()
+                    log.faults.append((kind, tuple(minority), at, time.time()))
+                    watchers["planted from-now"].resume_now.set()
+                    time.sleep(calm_s)
+            # The marker, acknowledged, closes every stream's span.
+            with Client(urls, keyspace=KS, protocol="http", timeout_s=5) as kv:
+                # One id for every attempt: a retry after a lost answer is the same commit.
+                end = until(lambda: kv.put(END_KEY, "end", txn_id="end-marker").version, 60,
+                            "the marker commit")
+            writers.acked[as_write(END_KEY, "end")] = end
+            children.wait("on-host-0", 60)
+            for watcher in watchers.values():
+                watcher.thread.join(timeout=60)
+                assert not watcher.thread.is_alive(), "a watcher did not reach the marker"
+                assert watcher.error is None, repr(watcher.error)
+        finally:
+            children.close()
+    streams = {name: w.got for name, w in watchers.items()}
+    streams["on-host-0"] = [as_change(*line) for line in children.lines("on-host-0")]
+    return WatchRun(writers.acked, writers.unknown, origin, end,
+                    {name: [c for c in got if c.version_us <= end]
+                     for name, got in streams.items()}, log, writers.commits)
+
+
+def watch_fault_targets(kind: str, cluster: LocalCluster, hosts: NetnsHosts) -> list[int]:
+    """The hosts a fault cuts off: the watcher's (0), a range leader's, or both (split)."""
+    led = leaders(cluster)
+    others = [i for i, ranges in led.items() if ranges and i != 0]
+    leader = max(others, key=lambda i: len(led[i])) if others else 0
+    if kind == "isolate-leader":
+        return [leader]
+    if kind == "isolate-watcher-node":
+        return [0]
+    if kind == "split":  # the watcher's node and a leader in the minority
+        assert len(hosts.hosts) == 5, "a 2|3 split needs five hosts"
+        return [0, leader if leader != 0 else 1]
+    raise ValueError(f"unknown fault {kind}")
+
+
+def judge_watches(run: WatchRun, say: Callable[[str], None]) -> None:
+    say(f"{run.commits} commits acknowledged ({len(run.acked)} writes), "
+        f"{len(run.unknown)} writes unknown; faults: {', '.join(run.faults.kinds())}")
+    for name, got in run.streams.items():
+        problems = run.problems(name)
+        say(f"  watcher {name}: {len(got)} events checked, {len(problems)} problems"
+            + (f" (first: {problems[0]})" if problems else ""))
+        if name.startswith("planted"):
+            assert problems, f"the planted watcher {name!r} went unnoticed"
+        else:
+            assert not problems, "\n".join(problems[:10])
+            assert len(got) >= len([v for v in run.acked.values()
+                                    if run.origin < v <= run.end])
+
+
+def test_watches_lose_repeat_and_reorder_nothing_through_leader_and_watcher_cuts(
+        tmp_path: Path) -> None:
+    started = time.monotonic()
+    with netns_hosts(3) as hosts:
+        run = run_watches(hosts, tmp_path, ["isolate-leader", "isolate-watcher-node"],
+                          hold_s=LEASE_S + 2.0, calm_s=1.5, say=print)
+    judge_watches(run, print)
+    assert run.commits > 50
+    print(f"  run took {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(300)
+def test_soak_watches_through_isolations_and_a_split_on_five_hosts(tmp_path: Path) -> None:
+    with netns_hosts(5) as hosts:
+        run = run_watches(hosts, tmp_path, ["isolate-leader", "isolate-watcher-node", "split",
+                                            "isolate-leader", "split"],
+                          hold_s=LEASE_S + 4.0, calm_s=3.0, say=print)
+    judge_watches(run, print)
+    assert run.commits > 300
