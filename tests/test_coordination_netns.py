@@ -313,47 +313,50 @@ class RootWatcher:
             self.error = exc
 
 
-def run_watches(hosts: NetnsHosts, tmp: Path, kinds: list[str], *, hold_s: float,
-                calm_s: float, say: Callable[[str], None]) -> WatchRun:
+def run_watches(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[str], *,
+                hold_s: float, calm_s: float, say: Callable[[str], None]) -> WatchRun:
     children = HostChildren(hosts, tmp)
-    with coordination_cluster(hosts, tmp / "cluster") as cluster:
-        urls = [p.url for p in cluster.procs]
-        status, first = http("PUT", f"{urls[-1]}/v1/kv/{KS}/w/~origin", {"value": 0})
-        assert status == 200, first
-        origin = first["version"]
-        watchers = {"client": RootWatcher(urls, origin),
-                    "planted drops": RootWatcher(urls, origin, "drops"),
-                    "planted from-now": RootWatcher(urls, origin, "from-now")}
-        try:
-            children.start("on-host-0", 0, WATCHER, json.dumps(urls), str(origin), END_KEY)
-            for watcher in watchers.values():
-                watcher.thread.start()
-            log = FaultLog()
-            with Writers(urls, 2) as writers:
-                time.sleep(calm_s)
-                for kind in kinds:
-                    minority = watch_fault_targets(kind, cluster, hosts)
-                    at = time.time()
-                    cut(hosts, minority)
-                    say(f"{kind}: host(s) {minority} cut off for {hold_s} s")
+    urls = [p.url for p in cluster.procs]
+    status, first = http("PUT", f"{urls[-1]}/v1/kv/{KS}/w/~origin", {"value": 0})
+    assert status == 200, first
+    origin = first["version"]
+    watchers = {"client": RootWatcher(urls, origin),
+                "planted drops": RootWatcher(urls, origin, "drops"),
+                "planted from-now": RootWatcher(urls, origin, "from-now")}
+    try:
+        children.start("on-host-0", 0, WATCHER, json.dumps(urls), str(origin), END_KEY)
+        for watcher in watchers.values():
+            watcher.thread.start()
+        log = FaultLog()
+        with Writers(urls, 2) as writers:
+            time.sleep(calm_s)
+            for kind in kinds:
+                minority = watch_fault_targets(kind, cluster, hosts)
+                at = time.time()
+                cut(hosts, minority)
+                say(f"{kind}: host(s) {minority} cut off for {hold_s} s")
+                try:
                     time.sleep(hold_s)
+                finally:
                     hosts.heal()
-                    log.faults.append((kind, tuple(minority), at, time.time()))
-                    watchers["planted from-now"].resume_now.set()
-                    time.sleep(calm_s)
-            # The marker, acknowledged, closes every stream's span.
-            with Client(urls, keyspace=KS, protocol="http", timeout_s=5) as kv:
-                # One id for every attempt: a retry after a lost answer is the same commit.
-                end = until(lambda: kv.put(END_KEY, "end", txn_id="end-marker").version, 60,
-                            "the marker commit")
-            writers.acked[as_write(END_KEY, "end")] = end
-            children.wait("on-host-0", 60)
-            for watcher in watchers.values():
-                watcher.thread.join(timeout=60)
-                assert not watcher.thread.is_alive(), "a watcher did not reach the marker"
-                assert watcher.error is None, repr(watcher.error)
-        finally:
-            children.close()
+                log.faults.append((kind, tuple(minority), at, time.time()))
+                watchers["planted from-now"].resume_now.set()
+                time.sleep(calm_s)
+        # The marker, acknowledged, closes every stream's span.
+        with Client(urls, keyspace=KS, protocol="http", timeout_s=5) as kv:
+            # One id for every attempt: a retry after a lost answer is the same commit.
+            end = until(lambda: kv.put(END_KEY, "end", txn_id="end-marker").version, 60,
+                        "the marker commit")
+        writers.acked[as_write(END_KEY, "end")] = end
+        drain = time.monotonic()
+        children.wait("on-host-0", 60)
+        for watcher in watchers.values():
+            watcher.thread.join(timeout=60)
+            assert not watcher.thread.is_alive(), "a watcher did not reach the marker"
+            assert watcher.error is None, repr(watcher.error)
+        say(f"every watcher past the marker {time.monotonic() - drain:.1f} s after it")
+    finally:
+        children.close()
     streams = {name: w.got for name, w in watchers.items()}
     streams["on-host-0"] = [as_change(*line) for line in children.lines("on-host-0")]
     return WatchRun(writers.acked, writers.unknown, origin, end,
@@ -391,23 +394,261 @@ def judge_watches(run: WatchRun, say: Callable[[str], None]) -> None:
                                     if run.origin < v <= run.end])
 
 
-def test_watches_lose_repeat_and_reorder_nothing_through_leader_and_watcher_cuts(
-        tmp_path: Path) -> None:
-    started = time.monotonic()
+@pytest.fixture(scope="module")
+def three_hosts(tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[tuple[NetnsHosts, LocalCluster]]:
+    """Three hosts and a node on each, shared by the short tests (each heals its cuts)."""
     with netns_hosts(3) as hosts:
-        run = run_watches(hosts, tmp_path, ["isolate-leader", "isolate-watcher-node"],
-                          hold_s=LEASE_S + 2.0, calm_s=1.5, say=print)
+        started = time.monotonic()
+        with coordination_cluster(hosts, tmp_path_factory.mktemp("coordination")) as cluster:
+            print(f"\nthree hosts: cluster up and every range led in "
+                  f"{time.monotonic() - started:.1f} s")
+            yield hosts, cluster
+
+
+def test_watches_lose_repeat_and_reorder_nothing_through_leader_and_watcher_cuts(
+        three_hosts: tuple[NetnsHosts, LocalCluster], tmp_path: Path) -> None:
+    started = time.monotonic()
+    hosts, cluster = three_hosts
+    run = run_watches(hosts, cluster, tmp_path, ["isolate-leader", "isolate-watcher-node"],
+                      hold_s=LEASE_S + 1.5, calm_s=1.0, say=print)
     judge_watches(run, print)
     assert run.commits > 50
-    print(f"  run took {time.monotonic() - started:.1f} s")
+    print(f"  the watch run took {time.monotonic() - started:.1f} s")
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(300)
 def test_soak_watches_through_isolations_and_a_split_on_five_hosts(tmp_path: Path) -> None:
-    with netns_hosts(5) as hosts:
-        run = run_watches(hosts, tmp_path, ["isolate-leader", "isolate-watcher-node", "split",
-                                            "isolate-leader", "split"],
+    with netns_hosts(5) as hosts, coordination_cluster(hosts, tmp_path / "cluster") as cluster:
+        run = run_watches(hosts, cluster, tmp_path, ["isolate-leader", "isolate-watcher-node",
+                                                     "split", "isolate-leader", "split"],
                           hold_s=LEASE_S + 4.0, calm_s=3.0, say=print)
     judge_watches(run, print)
     assert run.commits > 300
+
+
+# ---- locks -------------------------------------------------------------------------
+
+CONTENDER = textwrap.dedent("""
+    import json, os, sys, time
+    from ringkv.client import Client
+    from ringkv.client.recipes import FencingRejected, LockLost
+    from ringkv.errors import RingKVError
+    out, urls, name, hold_s = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    f = open(out, "a")
+
+    def record(**doc):
+        doc.update(holder=name, at=time.time())
+        f.write(json.dumps(doc) + "\\n")
+        f.flush()
+
+    def fenced(lock, token, event):
+        # True when this write was accepted. After an unknown outcome (cut off),
+        # late writes until one is refused (or accepted: still held after all).
+        for _ in range(100):
+            try:
+                v = lock.fenced_put("mx-res", {"token": token, "holder": name, "event": event})
+            except (LockLost, FencingRejected) as exc:
+                record(refused=type(exc).__name__, token=token, event=event)
+                return False
+            except RingKVError as exc:
+                record(unknown=repr(exc)[:300], token=token, event=event)
+                event = "late"
+                time.sleep(0.3)
+                continue
+            record(v=v, token=token, event=event)
+            return event != "late"
+        return False
+
+    deadline = time.monotonic() + 300
+    with Client(urls, keyspace="co", protocol="http", timeout_s=2, max_retries=1) as kv:
+        while time.monotonic() < deadline and not os.path.exists(out + ".stop"):
+            lock = kv.lock("mx", keyspace="co", ttl_s=2, timeout_s=3)
+            try:
+                if not lock.acquire():
+                    continue
+            except (RingKVError, LockLost) as exc:
+                record(error=repr(exc)[:300])
+                time.sleep(0.2)
+                continue
+            token = lock.fencing_token
+            record(acquired=token)
+            try:
+                if fenced(lock, token, "enter"):
+                    time.sleep(hold_s)
+                    fenced(lock, token, "exit")
+            finally:
+                try:
+                    lock.release()
+                except Exception as exc:
+                    record(error=repr(exc)[:300])
+                record(released=token)
+            time.sleep(0.05)
+""")
+CONTENDERS = 3  # on hosts 0, 1 and 2
+HOLD_IN_SECTION_S = 1.5  # between a holder's enter and exit
+FRESH_S = 0.5  # a holder cut off this soon after acquiring is inside its section
+
+
+@dataclass
+class Takeover:
+    kind: str
+    victim: str
+    token: int
+    cut_hosts: tuple[int, ...]
+    after_s: float | None  # from the cut to the next holder's acquire
+    refused_s: float | None  # from the heal to the victim's first refused late write
+
+
+@dataclass
+class LockRun:
+    resource: list[dict[str, Any]]  # the writes the resource accepted, from its watch
+    planted: list[dict[str, Any]]  # a stale holder's unfenced write, added after the run
+    lines: dict[str, list[dict[str, Any]]]  # each contender's record
+    takeovers: list[Takeover]
+
+    def accepted(self) -> list[dict[str, Any]]:
+        return [d for lines in self.lines.values() for d in lines if "v" in d]
+
+
+class ResourceWatch:
+    """What the guarded resource accepted, in commit order: a watch of its key from
+    the root namespace, until the marker key after it."""
+
+    def __init__(self, urls: list[str], origin: int) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(urls, origin), daemon=True)
+        self.thread.start()
+
+    def _run(self, urls: list[str], origin: int) -> None:
+        try:
+            with Client(urls, keyspace=KS, protocol="http", timeout_s=2) as kv:
+                for e in kv.watch(KS, RESOURCE, prefix=True, from_version=origin,
+                                  max_reconnects=200):
+                    if e.key == RESOURCE_END:
+                        return
+                    if e.key == RESOURCE and isinstance(e.value, dict):
+                        self.got.append({**e.value, "v": e.version})
+        except BaseException as exc:  # judged by the test
+            self.error = exc
+
+
+def fresh_holder(children: HostChildren, since: float) -> tuple[str, int] | None:
+    """A contender that acquired within FRESH_S, after ``since``, and still holds."""
+    now = time.time()
+    for name in children.procs:
+        lines = children.lines(name)
+        took = [d for d in lines if "acquired" in d]
+        if took and since < took[-1]["at"] and now - took[-1]["at"] < FRESH_S \
+                and not any(d.get("released") == took[-1]["acquired"] for d in lines):
+            return name, int(took[-1]["acquired"])
+    return None
+
+
+def lock_fault_targets(kind: str, victim_host: int, hosts: NetnsHosts) -> list[int]:
+    if kind == "isolate-holder":
+        return [victim_host]
+    if kind == "split":  # the holder and another contender in the minority of five
+        assert len(hosts.hosts) == 5, "a 2|3 split needs five hosts"
+        return [victim_host, (victim_host + 1) % CONTENDERS]
+    raise ValueError(f"unknown fault {kind}")
+
+
+def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[str], *,
+              calm_s: float, say: Callable[[str], None]) -> LockRun:
+    children = HostChildren(hosts, tmp)
+    urls = [p.url for p in cluster.procs]
+    names = [f"c{i}" for i in range(CONTENDERS)]
+    status, first = http("PUT", f"{urls[-1]}/v1/kv/{KS}/{RESOURCE}~origin", {"value": 0})
+    assert status == 200, first
+    watch = ResourceWatch(urls, first["version"])
+    takeovers: list[Takeover] = []
+    try:
+        for i, name in enumerate(names):
+            children.start(name, i, CONTENDER, json.dumps(urls), name, str(HOLD_IN_SECTION_S))
+        since = 0.0
+        for kind in kinds:
+            time.sleep(calm_s)
+            victim, token = until(lambda: fresh_holder(children, since), 60,
+                                  "a contender to take the lock", interval_s=0.02)
+            minority = lock_fault_targets(kind, names.index(victim), hosts)
+            at = time.time()
+            cut(hosts, minority)
+            cut_off = {names[i] for i in minority if i < CONTENDERS}
+            try:
+                # Until a contender on the majority's side holds it, and has written.
+                took = until(lambda: next(
+                    (d for n in names if n not in cut_off for d in children.lines(n)
+                     if d.get("acquired", 0) > token and d["at"] > at), None),
+                    TAKEOVER_BOUND_S + 5, f"a contender to take over from {victim}")
+                until(lambda: any(d.get("token") == took["acquired"] and "v" in d
+                                  for d in children.lines(took["holder"])), 10,
+                      "the new holder's first fenced write")
+            finally:
+                hosts.heal()
+            healed = time.time()
+            refused = until(lambda: next((d for d in children.lines(victim)
+                                          if d.get("token") == token and "refused" in d), None),
+                            30, f"{victim}'s late fenced write to be refused")
+            takeovers.append(Takeover(kind, victim, token, tuple(minority),
+                                      took["at"] - at, max(0.0, refused["at"] - healed)))
+            say(f"{kind}: {victim} (token {token}) cut off with host(s) {minority}; "
+                f"{took['holder']} took over {took['at'] - at:.2f} s later; {victim}'s late "
+                f"write refused ({refused['refused']}) {max(0.0, refused['at'] - healed):.2f} s "
+                f"after the heal")
+            since = healed
+        time.sleep(calm_s)
+        for name in names:
+            (tmp / f"{name}.jsonl.stop").touch()
+        for name in names:
+            children.wait(name, 60)
+        lines = {name: children.lines(name) for name in names}
+        stale = takeovers[0] if takeovers else None
+        with Client(urls, keyspace=KS, protocol="http", timeout_s=5) as kv:
+            planted: list[dict[str, Any]] = []
+            if stale is not None:  # a stale holder's write that skips the fence
+                value = {"token": stale.token, "holder": stale.victim, "event": "late",
+                         "planted": True}
+                version = until(lambda: kv.put(RESOURCE, value, txn_id="planted").version,
+                                30, "the planted stale write")
+                planted.append({**value, "v": version})
+            until(lambda: kv.put(RESOURCE_END, "end", txn_id="resource-end").version, 30,
+                  "the resource's end marker")
+        watch.thread.join(timeout=60)
+        assert not watch.thread.is_alive(), "the resource's watch did not reach its marker"
+        assert watch.error is None, repr(watch.error)
+    finally:
+        children.close()
+    resource = [d for d in watch.got if not d.get("planted")]
+    return LockRun(resource, planted, lines, takeovers)
+
+
+def judge_locks(run: LockRun, kinds: list[str], say: Callable[[str], None]) -> None:
+    tokens = {d["token"] for d in run.resource}
+    problems = check_fenced_history(run.resource)
+    refused = [d for lines in run.lines.values() for d in lines if "refused" in d]
+    say(f"{len(tokens)} holders, {len(run.resource)} fenced writes accepted at the resource, "
+        f"{len(refused)} refused; take-over after the cut: "
+        + ", ".join(f"{t.after_s:.2f} s" for t in run.takeovers if t.after_s is not None)
+        + f" (TTL {TTL_S} s); {len(problems)} problems")
+    assert not problems, "\n".join(problems[:10])
+    assert [t.kind for t in run.takeovers] == kinds
+    assert all(t.after_s is not None and t.after_s < TAKEOVER_BOUND_S for t in run.takeovers)
+    # Every write a contender saw accepted is at the resource, as it was sent.
+    at_resource = {(d["v"], d["token"], d["event"]) for d in run.resource}
+    assert {(d["v"], d["token"], d["event"]) for d in run.accepted()} <= at_resource
+    assert len(tokens) >= 3  # they took turns
+    # The planted stale write (the first victim's token, unfenced) is caught.
+    caught = check_fenced_history(run.resource + run.planted)
+    assert run.planted and any("went down" in p for p in caught), caught
+
+
+def test_a_cut_off_lock_holder_is_replaced_and_its_late_writes_refused(
+        three_hosts: tuple[NetnsHosts, LocalCluster], tmp_path: Path) -> None:
+    started = time.monotonic()
+    hosts, cluster = three_hosts
+    run = run_locks(hosts, cluster, tmp_path, ["isolate-holder"], calm_s=1.0, say=print)
+    judge_locks(run, ["isolate-holder"], print)
+    print(f"  the lock run took {time.monotonic() - started:.1f} s")
