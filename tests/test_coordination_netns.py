@@ -473,7 +473,7 @@ CONTENDER = textwrap.dedent("""
                 time.sleep(0.2)
                 continue
             token = lock.fencing_token
-            record(acquired=token)
+            record(acquired=token, key=lock.key)
             try:
                 if fenced(lock, token, "enter"):
                     time.sleep(hold_s)
@@ -498,7 +498,9 @@ class Takeover:
     token: int
     cut_hosts: tuple[int, ...]
     after_s: float | None  # from the cut to the next holder's acquire
+    lapsed_s: float | None  # from the cut to the delete of the victim's key (its lease lapsed)
     refused_s: float | None  # from the heal to the victim's first refused late write
+    led: tuple[str, ...]  # the ranges the victim's node led just before the cut
 
 
 @dataclass
@@ -513,11 +515,13 @@ class LockRun:
 
 
 class ResourceWatch:
-    """What the guarded resource accepted, in commit order: a watch of its key from
-    the root namespace, until the marker key after it."""
+    """What the guarded resource accepted, in commit order, and when contenders'
+    keys were deleted: a watch of the lock's prefix from the root namespace, until
+    the marker key after it."""
 
     def __init__(self, urls: list[str], origin: int) -> None:
         self.got: list[dict[str, Any]] = []
+        self.deleted: dict[str, int] = {}  # contender key -> the version it was deleted at
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(urls, origin), daemon=True)
         self.thread.start()
@@ -525,10 +529,12 @@ class ResourceWatch:
     def _run(self, urls: list[str], origin: int) -> None:
         try:
             with Client(urls, keyspace=KS, protocol="http", timeout_s=2) as kv:
-                for e in kv.watch(KS, RESOURCE, prefix=True, from_version=origin,
+                for e in kv.watch(KS, "mx", prefix=True, from_version=origin,
                                   max_reconnects=200):
                     if e.key == RESOURCE_END:
                         return
+                    if e.type == "delete":
+                        self.deleted[e.key] = e.version
                     if e.key == RESOURCE and isinstance(e.value, dict):
                         self.got.append({**e.value, "v": e.version})
         except BaseException as exc:  # judged by the test
@@ -574,6 +580,9 @@ def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[s
             victim, token = until(lambda: fresh_holder(children, since), 60,
                                   "a contender to take the lock", interval_s=0.02)
             minority = lock_fault_targets(kind, names.index(victim), hosts)
+            led = leaders(cluster)
+            victim_key = next(d["key"] for d in children.lines(victim)
+                              if d.get("acquired") == token)
             at = time.time()
             cut(hosts, minority)
             cut_off = {names[i] for i in minority if i < CONTENDERS}
@@ -592,10 +601,14 @@ def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[s
             refused = until(lambda: next((d for d in children.lines(victim)
                                           if d.get("token") == token and "refused" in d), None),
                             30, f"{victim}'s late fenced write to be refused")
-            takeovers.append(Takeover(kind, victim, token, tuple(minority),
-                                      took["at"] - at, max(0.0, refused["at"] - healed)))
-            say(f"{kind}: {victim} (token {token}) cut off with host(s) {minority}; "
-                f"{took['holder']} took over {took['at'] - at:.2f} s later; {victim}'s late "
+            gone = until(lambda: watch.deleted.get(victim_key), 30, f"{victim}'s key to go")
+            takeovers.append(Takeover(kind, victim, token, tuple(minority), took["at"] - at,
+                                      gone / 1e6 - at, max(0.0, refused["at"] - healed),
+                                      tuple(led.get(names.index(victim), []))))
+            say(f"{kind}: {victim} (token {token}, its node leading "
+                f"{', '.join(led.get(names.index(victim), [])) or 'no range'}) cut off with "
+                f"host(s) {minority}; its lease lapsed (its key deleted) {gone / 1e6 - at:.2f} s "
+                f"later, {took['holder']} took over {took['at'] - at:.2f} s later; {victim}'s late "
                 f"write refused ({refused['refused']}) {max(0.0, refused['at'] - healed):.2f} s "
                 f"after the heal")
             since = healed
@@ -636,6 +649,10 @@ def judge_locks(run: LockRun, kinds: list[str], say: Callable[[str], None]) -> N
     assert not problems, "\n".join(problems[:10])
     assert [t.kind for t in run.takeovers] == kinds
     assert all(t.after_s is not None and t.after_s < TAKEOVER_BOUND_S for t in run.takeovers)
+    # The lease lapsed no sooner than it could have: its last renewal came at most TTL/3
+    # before the cut (renewals every TTL/3), so its deadline is over TTL/2 after the cut.
+    assert all(t.lapsed_s is not None and t.lapsed_s > TTL_S / 2 for t in run.takeovers), \
+        run.takeovers
     # Every write a contender saw accepted is at the resource, as it was sent.
     at_resource = {(d["v"], d["token"], d["event"]) for d in run.resource}
     assert {(d["v"], d["token"], d["event"]) for d in run.accepted()} <= at_resource
@@ -652,3 +669,13 @@ def test_a_cut_off_lock_holder_is_replaced_and_its_late_writes_refused(
     run = run_locks(hosts, cluster, tmp_path, ["isolate-holder"], calm_s=1.0, say=print)
     judge_locks(run, ["isolate-holder"], print)
     print(f"  the lock run took {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(400)
+def test_soak_lock_holders_cut_off_and_split_away_on_five_hosts(tmp_path: Path) -> None:
+    kinds = ["isolate-holder", "split", "isolate-holder", "split", "isolate-holder", "split"]
+    with netns_hosts(5) as hosts, coordination_cluster(hosts, tmp_path / "cluster") as cluster:
+        run = run_locks(hosts, cluster, tmp_path, kinds, calm_s=2.0, say=print)
+    judge_locks(run, kinds, print)
+    assert len({d["token"] for d in run.resource}) >= 10
