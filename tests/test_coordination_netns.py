@@ -67,33 +67,39 @@ KS = "co"
 RANGES = 3
 LEASE_S = 2.0  # txn.lease_s: a cut leader's ranges elect anew after this
 SWEEP_MS = 100
-TTL_S = 2  # the lock's session lease
+TTL_S = 2  # the lock's session lease (three hosts)
 CLIENT_TIMEOUT_S = 2.0
 WATCH_PREFIX = "w/"
 END_KEY = "w/~end"  # the marker commit that closes a watch's span
 RESOURCE = "mx-res"
 RESOURCE_END = "mx-res~end"
-# The next holder acquires within TTL (the last renewal, at most TTL/3 before the
-# cut, plus TTL), a sweep, and an election when the cut node led the lease's range
-# (leader lease + a round); plus the waiter's watch, a read and client timeouts.
-TAKEOVER_BOUND_S = TTL_S + LEASE_S + 6.0
+
+
+def takeover_bound_s(ttl_s: int) -> float:
+    """The next holder acquires within TTL (the last renewal, at most TTL/3 before
+    the cut, plus TTL), a sweep, and an election when the cut node led the lease's
+    range (leader lease + a round); plus the waiter's watch, a read and timeouts."""
+    return ttl_s + LEASE_S + 6.0
 
 
 # ---- the cluster and its children --------------------------------------------------
 
 @contextmanager
-def coordination_cluster(hosts: NetnsHosts, tmp: Path) -> Iterator[LocalCluster]:
-    """A node on every host, keyspace ``KS`` transactional (RF 3, RANGES ranges),
+def coordination_cluster(hosts: NetnsHosts, tmp: Path,
+                         ranges: int = RANGES) -> Iterator[LocalCluster]:
+    """A node on every host, keyspace ``KS`` transactional (RF 3, ``ranges`` ranges),
     each range with a leader before it is used; always taken down and healed."""
+    keyspace: dict[str, Any] = {"replication_factor": 3, "tier": "transactional"}
+    if ranges > 1:
+        keyspace["ranges"] = ranges
     cluster = LocalCluster(tmp, rf=3, config_overrides={
-        f"keyspaces.{KS}": {"replication_factor": 3, "tier": "transactional",
-                            "ranges": RANGES},
+        f"keyspaces.{KS}": keyspace,
         "txn.lease_s": LEASE_S, "txn.lease_sweep_ms": SWEEP_MS})
     cluster.build_on_hosts(hosts)
     try:
         cluster.up(90.0, together=True)
         url = cluster.procs[0].url
-        for i in range(4 * RANGES):  # keys land in every range: each has elected
+        for i in range(4 * ranges):  # keys land in every range: each has elected
             until(lambda i=i: http("PUT", f"{url}/v1/kv/{KS}/warm{i}", {"value": 0},
                                    timeout_s=5)[0] == 200, 60, f"a first write to warm{i}")
         yield cluster
@@ -167,6 +173,22 @@ def leaders(cluster: LocalCluster) -> dict[int, list[str]]:
         groups = view.get("transactional", {}).get("groups", {}) if status == 200 else {}
         led[i] = sorted(gid for gid, g in groups.items() if g.get("leads"))
     return led
+
+
+def replica_hosts(cluster: LocalCluster) -> list[set[int]]:
+    """The hosts of each range of ``KS``, as a node that answers knows them."""
+    index = {proc.node_id: i for i, proc in enumerate(cluster.procs)}
+    for proc in cluster.procs:
+        try:
+            status, view = http("GET", f"{proc.url}/v1/status", timeout_s=2.0)
+        except OSError:
+            continue
+        groups = view.get("transactional", {}).get("groups", {}) if status == 200 else {}
+        found = [{index[n] for n in g.get("replicas", []) if n in index}
+                 for gid, g in groups.items() if gid.startswith(f"{KS}/")]
+        if found:
+            return found
+    raise AssertionError("no node told its ranges")
 
 
 @dataclass
@@ -436,6 +458,7 @@ CONTENDER = textwrap.dedent("""
     from ringkv.client.recipes import FencingRejected, LockLost
     from ringkv.errors import RingKVError
     out, urls, name, hold_s = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    ttl_s, timeout_s = int(sys.argv[5]), float(sys.argv[6])
     f = open(out, "a")
 
     def record(**doc):
@@ -462,9 +485,9 @@ CONTENDER = textwrap.dedent("""
         return False
 
     deadline = time.monotonic() + 300
-    with Client(urls, keyspace="co", protocol="http", timeout_s=2, max_retries=1) as kv:
+    with Client(urls, keyspace="co", protocol="http", timeout_s=timeout_s, max_retries=2) as kv:
         while time.monotonic() < deadline and not os.path.exists(out + ".stop"):
-            lock = kv.lock("mx", keyspace="co", ttl_s=2, timeout_s=3)
+            lock = kv.lock("mx", keyspace="co", ttl_s=ttl_s, timeout_s=10)
             try:
                 if not lock.acquire():
                     continue
@@ -509,6 +532,7 @@ class LockRun:
     planted: list[dict[str, Any]]  # a stale holder's unfenced write, added after the run
     lines: dict[str, list[dict[str, Any]]]  # each contender's record
     takeovers: list[Takeover]
+    ttl_s: int
 
     def accepted(self) -> list[dict[str, Any]]:
         return [d for lines in self.lines.values() for d in lines if "v" in d]
@@ -553,17 +577,32 @@ def fresh_holder(children: HostChildren, since: float) -> tuple[str, int] | None
     return None
 
 
-def lock_fault_targets(kind: str, victim_host: int, hosts: NetnsHosts) -> list[int]:
+def recent(children: HostChildren, since: float) -> str:
+    """What each contender recorded since ``since`` (for a failure's message)."""
+    return "\n".join(f"{name} +{d['at'] - since:.2f}s " + json.dumps(
+        {k: str(v)[:120] for k, v in d.items() if k not in ("at", "holder")})
+        for name in children.procs for d in children.lines(name)[-40:] if d["at"] >= since)
+
+
+def lock_fault_targets(kind: str, victim_host: int, hosts: NetnsHosts,
+                       cluster: LocalCluster) -> list[int]:
     if kind == "isolate-holder":
         return [victim_host]
-    if kind == "split":  # the holder and another contender in the minority of five
+    if kind == "split":  # the holder and another host in the minority of five
         assert len(hosts.hosts) == 5, "a 2|3 split needs five hosts"
-        return [victim_host, (victim_host + 1) % CONTENDERS]
+        # One that leaves every range a majority of its replicas on the other side:
+        # there another contender can take the lock over (else none can, anywhere).
+        ranges = replica_hosts(cluster)
+        fits = [h for h in range(len(hosts.hosts)) if h != victim_host
+                and all(len(r & {victim_host, h}) <= 1 for r in ranges)]
+        assert fits, f"no host splits off with {victim_host} without a range's majority"
+        return [victim_host, fits[0]]
     raise ValueError(f"unknown fault {kind}")
 
 
 def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[str], *,
-              calm_s: float, say: Callable[[str], None]) -> LockRun:
+              calm_s: float, say: Callable[[str], None], ttl_s: int = TTL_S,
+              timeout_s: float = CLIENT_TIMEOUT_S) -> LockRun:
     children = HostChildren(hosts, tmp)
     urls = [p.url for p in cluster.procs]
     names = [f"c{i}" for i in range(CONTENDERS)]
@@ -573,13 +612,14 @@ def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[s
     takeovers: list[Takeover] = []
     try:
         for i, name in enumerate(names):
-            children.start(name, i, CONTENDER, json.dumps(urls), name, str(HOLD_IN_SECTION_S))
+            children.start(name, i, CONTENDER, json.dumps(urls), name, str(HOLD_IN_SECTION_S),
+                           str(ttl_s), str(timeout_s))
         since = 0.0
         for kind in kinds:
             time.sleep(calm_s)
             victim, token = until(lambda: fresh_holder(children, since), 60,
                                   "a contender to take the lock", interval_s=0.02)
-            minority = lock_fault_targets(kind, names.index(victim), hosts)
+            minority = lock_fault_targets(kind, names.index(victim), hosts, cluster)
             led = leaders(cluster)
             victim_key = next(d["key"] for d in children.lines(victim)
                               if d.get("acquired") == token)
@@ -591,10 +631,14 @@ def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[s
                 took = until(lambda: next(
                     (d for n in names if n not in cut_off for d in children.lines(n)
                      if d.get("acquired", 0) > token and d["at"] > at), None),
-                    TAKEOVER_BOUND_S + 5, f"a contender to take over from {victim}")
+                    takeover_bound_s(ttl_s) + 5, f"a contender to take over from {victim}")
                 until(lambda: any(d.get("token") == took["acquired"] and "v" in d
                                   for d in children.lines(took["holder"])), 10,
                       "the new holder's first fenced write")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; {kind} of host(s) {minority} at {at:.2f}, "
+                                     f"ranges on hosts {replica_hosts(cluster)}\n"
+                                     + recent(children, at - 3)) from None
             finally:
                 hosts.heal()
             healed = time.time()
@@ -635,7 +679,7 @@ def run_locks(hosts: NetnsHosts, cluster: LocalCluster, tmp: Path, kinds: list[s
     finally:
         children.close()
     resource = [d for d in watch.got if not d.get("planted")]
-    return LockRun(resource, planted, lines, takeovers)
+    return LockRun(resource, planted, lines, takeovers, ttl_s)
 
 
 def judge_locks(run: LockRun, kinds: list[str], say: Callable[[str], None]) -> None:
@@ -645,13 +689,14 @@ def judge_locks(run: LockRun, kinds: list[str], say: Callable[[str], None]) -> N
     say(f"{len(tokens)} holders, {len(run.resource)} fenced writes accepted at the resource, "
         f"{len(refused)} refused; take-over after the cut: "
         + ", ".join(f"{t.after_s:.2f} s" for t in run.takeovers if t.after_s is not None)
-        + f" (TTL {TTL_S} s); {len(problems)} problems")
+        + f" (TTL {run.ttl_s} s); {len(problems)} problems")
     assert not problems, "\n".join(problems[:10])
     assert [t.kind for t in run.takeovers] == kinds
-    assert all(t.after_s is not None and t.after_s < TAKEOVER_BOUND_S for t in run.takeovers)
+    assert all(t.after_s is not None and t.after_s < takeover_bound_s(run.ttl_s)
+               for t in run.takeovers), run.takeovers
     # The lease lapsed no sooner than it could have: its last renewal came at most TTL/3
     # before the cut (renewals every TTL/3), so its deadline is over TTL/2 after the cut.
-    assert all(t.lapsed_s is not None and t.lapsed_s > TTL_S / 2 for t in run.takeovers), \
+    assert all(t.lapsed_s is not None and t.lapsed_s > run.ttl_s / 2 for t in run.takeovers), \
         run.takeovers
     # Every write a contender saw accepted is at the resource, as it was sent.
     at_resource = {(d["v"], d["token"], d["event"]) for d in run.resource}
@@ -675,7 +720,15 @@ def test_a_cut_off_lock_holder_is_replaced_and_its_late_writes_refused(
 @pytest.mark.timeout(400)
 def test_soak_lock_holders_cut_off_and_split_away_on_five_hosts(tmp_path: Path) -> None:
     kinds = ["isolate-holder", "split", "isolate-holder", "split", "isolate-holder", "split"]
-    with netns_hosts(5) as hosts, coordination_cluster(hosts, tmp_path / "cluster") as cluster:
-        run = run_locks(hosts, cluster, tmp_path, kinds, calm_s=2.0, say=print)
+    # One range (on three of the five hosts): a split can always leave it a majority
+    # on the side without the holder, so a take-over is always possible.
+    with netns_hosts(5) as hosts, \
+            coordination_cluster(hosts, tmp_path / "cluster", ranges=1) as cluster:
+        # A longer lease, and shorter client timeouts, than on three hosts: a request
+        # to a silent host costs the whole timeout (only a refused connection marks a
+        # node down), and with two of five silent a 2 s lease lapses under the
+        # contender on the majority's side before it can queue (see the README).
+        run = run_locks(hosts, cluster, tmp_path, kinds, calm_s=2.0, say=print, ttl_s=4,
+                        timeout_s=1.0)
     judge_locks(run, kinds, print)
     assert len({d["token"] for d in run.resource}) >= 10
