@@ -22,6 +22,7 @@ returns the problems (empty: none), by commit order:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
 ENTER = "enter"
@@ -32,7 +33,7 @@ def check_fenced_history(writes: Sequence[Mapping[str, Any]]) -> list[str]:
     """The problems with the fenced writes a resource accepted (empty: none)."""
     problems: list[str] = []
     ordered = sorted(writes, key=lambda w: w["v"])
-    for before, after in zip(ordered, ordered[1:]):
+    for before, after in pairwise(ordered):
         if after["token"] < before["token"]:
             problems.append(f"token went down: {dict(before)} then {dict(after)}")
     holder_of: dict[int, str] = {}
