@@ -401,9 +401,10 @@ def watch_fault_targets(kind: str, cluster: LocalCluster, hosts: NetnsHosts) -> 
     raise ValueError(f"unknown fault {kind}")
 
 
-def judge_watches(run: WatchRun, say: Callable[[str], None]) -> None:
+def judge_watches(run: WatchRun, kinds: list[str], say: Callable[[str], None]) -> None:
     say(f"{run.commits} commits acknowledged ({len(run.acked)} writes), "
         f"{len(run.unknown)} writes unknown; faults: {', '.join(run.faults.kinds())}")
+    assert run.faults.kinds() == kinds
     for name, got in run.streams.items():
         problems = run.problems(name)
         say(f"  watcher {name}: {len(got)} events checked, {len(problems)} problems"
@@ -432,9 +433,10 @@ def test_watches_lose_repeat_and_reorder_nothing_through_leader_and_watcher_cuts
         three_hosts: tuple[NetnsHosts, LocalCluster], tmp_path: Path) -> None:
     started = time.monotonic()
     hosts, cluster = three_hosts
-    run = run_watches(hosts, cluster, tmp_path, ["isolate-leader", "isolate-watcher-node"],
-                      hold_s=LEASE_S + 1.5, calm_s=1.0, say=print)
-    judge_watches(run, print)
+    kinds = ["isolate-leader", "isolate-watcher-node"]
+    run = run_watches(hosts, cluster, tmp_path, kinds, hold_s=LEASE_S + 1.5, calm_s=1.0,
+                      say=print)
+    judge_watches(run, kinds, print)
     assert run.commits > 50
     print(f"  the watch run took {time.monotonic() - started:.1f} s")
 
@@ -442,11 +444,11 @@ def test_watches_lose_repeat_and_reorder_nothing_through_leader_and_watcher_cuts
 @pytest.mark.soak
 @pytest.mark.timeout(300)
 def test_soak_watches_through_isolations_and_a_split_on_five_hosts(tmp_path: Path) -> None:
+    kinds = ["isolate-leader", "isolate-watcher-node", "split", "isolate-leader", "split"]
     with netns_hosts(5) as hosts, coordination_cluster(hosts, tmp_path / "cluster") as cluster:
-        run = run_watches(hosts, cluster, tmp_path, ["isolate-leader", "isolate-watcher-node",
-                                                     "split", "isolate-leader", "split"],
-                          hold_s=LEASE_S + 4.0, calm_s=3.0, say=print)
-    judge_watches(run, print)
+        run = run_watches(hosts, cluster, tmp_path, kinds, hold_s=LEASE_S + 4.0, calm_s=3.0,
+                          say=print)
+    judge_watches(run, kinds, print)
     assert run.commits > 300
 
 
