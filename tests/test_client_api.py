@@ -44,7 +44,7 @@ LEASES = {"lease"}
 # Coordination recipes (client/recipes.py, recipes_aio.py): local calls that return each
 # client's own recipe object (its waits awaited on the asyncio client); ``watch_config``
 # streams like a watch.
-RECIPES = {"lock", "election", "group"}
+RECIPES = {"session", "lock", "election", "group"}
 WATCHES = WATCHES | {"watch_config"}
 
 
@@ -245,3 +245,4 @@ def test_a_call_ends_by_its_deadline_on_the_clock_passed_in() -> None:
     with pytest.raises(NoNodeAvailable) as error:
         plan.send(Failure("timeout", "no answer within 0.05 s"))
     assert error.value.tried == ["http://127.0.0.1:7400"]
+

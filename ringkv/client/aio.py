@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from ringkv.client import native, recipes_aio
 from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S
-from ringkv.client.recipes_aio import AsyncElection, AsyncGroup, AsyncLock
+from ringkv.client.recipes_aio import AsyncElection, AsyncGroup, AsyncLock, AsyncSession
 from ringkv.client.base import KEEPALIVE_S, NATIVE_CONNECTIONS_PER_NODE, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
@@ -425,10 +425,15 @@ class AsyncClient(ClientBase):
     # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
 
     def session(self, ttl_s: int = DEFAULT_TTL_S, *,
-                keyspace: str = "txn") -> recipes_aio.AsyncSession:
-        """A session (``Client.session``): ``async with kv.session(ttl_s=10) as session:``
-        grants one lease, renewed by a task and shared by ``session.lock(name)``,
-        ``session.election(name)`` and ``session.group(name)``; revoked at the end."""
+                keyspace: str = "txn") -> AsyncSession:
+        """A session: one lease of ``ttl_s`` renewed in the background, shared by the
+        recipes made from it (``session.lock(name)``, ``session.election(name)``,
+        ``session.group(name)``), as in etcd's concurrency package. A lock on a
+        session costs one transaction to acquire and one delete to release. When the
+        lease is lost, every recipe on it is (``LockLost``). ``with`` (``async with``
+        on the asyncio client) closes it: the lease is revoked and its keys go.
+        ``lock(name)`` without a session uses the client's own session of ``ttl_s``,
+        granted on first use (again once lost)."""
         return recipes_aio.AsyncSession(self, keyspace=keyspace, ttl_s=ttl_s)
 
     def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,

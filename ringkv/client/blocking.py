@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ringkv.client import native, recipes
-from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S, Election, Group, Lock
+from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S, Election, Group, Lock, Session
 from ringkv.client.base import KEEPALIVE_S, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
@@ -421,14 +421,15 @@ class Client(ClientBase):
 
     # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
 
-    def session(self, ttl_s: int = DEFAULT_TTL_S, *, keyspace: str = "txn") -> recipes.Session:
+    def session(self, ttl_s: int = DEFAULT_TTL_S, *, keyspace: str = "txn") -> Session:
         """A session: one lease of ``ttl_s`` renewed in the background, shared by the
         recipes made from it (``session.lock(name)``, ``session.election(name)``,
         ``session.group(name)``), as in etcd's concurrency package. A lock on a
         session costs one transaction to acquire and one delete to release. When the
-        lease is lost, every recipe on it is (``LockLost``). ``with`` closes it: the
-        lease is revoked and its keys go. ``lock(name)`` without a session uses the
-        client's own session of ``ttl_s``, granted on first use (again once lost)."""
+        lease is lost, every recipe on it is (``LockLost``). ``with`` (``async with``
+        on the asyncio client) closes it: the lease is revoked and its keys go.
+        ``lock(name)`` without a session uses the client's own session of ``ttl_s``,
+        granted on first use (again once lost)."""
         return recipes.Session(self, keyspace=keyspace, ttl_s=ttl_s)
 
     def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
