@@ -3,6 +3,7 @@
     python -m bench coordination [--watch-events 500] [--watch-rate 50] [--burst-events 200]
                                  [--lock-duration 10] [--contenders 1,4] [--etcd-bin PATH]
                                  [--ranges 4] [--commit-sync periodic|batch]
+                                 [--watch-protocol http|native]
 
 The same two clusters as ``bench etcd`` (bench/etcd.py's ``side_by_side``): a
 3-member etcd and a 3-node RF=3 ringkv cluster on 127.0.0.1, the ringkv
@@ -26,7 +27,9 @@ prefix, prefix=True)``, whose node polls its ranges every ``txn.watch_poll_ms``
 JSON gateway. Each watch starts at a marker write made just before the
 phase (from its version or revision), so no event is lost to the watch's
 connection time. events/s: events delivered over the time from the first
-send to the last delivery.
+send to the last delivery. ``--watch-protocol``: the ringkv watcher's protocol
+(``http``, the NDJSON stream, or ``native``, the binary protocol's watch
+frames); the writer uses HTTP either way.
 
 **Lock acquisitions per second.** ``C`` contenders (threads, one client
 each) loop for ``--lock-duration`` s: acquire one lock, a fenced no-op,
@@ -287,7 +290,7 @@ def _finish(run: WatchRun, watcher: threading.Thread, count: int) -> None:
 
 
 def ringkv_watch(urls: list[str], prefix: str, count: int,
-                 rate_per_s: float | None) -> WatchRun:
+                 rate_per_s: float | None, protocol: str = "http") -> WatchRun:
     run = WatchRun()
     with Client(urls, keyspace=KEYSPACE, protocol="http", timeout_s=HTTP_TIMEOUT_S) as kv:
         start_version = kv.put(f"{prefix}start", 0).version
@@ -295,7 +298,8 @@ def ringkv_watch(urls: list[str], prefix: str, count: int,
             raise RuntimeError(f"{KEYSPACE} answered a put without a version: not transactional?")
 
         def watcher() -> None:
-            with Client(urls, keyspace=KEYSPACE, protocol="http") as watching:
+            with Client(urls, keyspace=KEYSPACE, protocol=protocol) as watching:
+                watching.refresh_ring()  # the nodes' native addresses come with the ring
                 # From just before the marker: the watch sees it, and everything after.
                 for event in watching.watch(KEYSPACE, prefix, prefix=True,
                                             from_version=start_version - 1):
@@ -491,13 +495,16 @@ def phases_of(args: argparse.Namespace) -> list[Phase]:
 
 
 def run_phase(phase: Phase, system: str, urls: list[str], pids: list[int], index: int,
-              lock_duration_s: float) -> dict[str, Any]:
+              lock_duration_s: float, watch_protocol: str = "http") -> dict[str, Any]:
     base: dict[str, Any] = {"phase": phase.name, "system": system, "kind": phase.kind}
     with proc_cpu.PhaseMeter(pids, in_process_gen=True) as meter:
         if phase.kind == "watch":
             prefix = f"watch{index}/"
-            run = (etcd_watch if system == ETCD else ringkv_watch)(
-                urls, prefix, phase.count, phase.rate_per_s)
+            if system == ETCD:
+                run = etcd_watch(urls, prefix, phase.count, phase.rate_per_s)
+            else:
+                run = ringkv_watch(urls, prefix, phase.count, phase.rate_per_s, watch_protocol)
+                base["protocol"] = f"watch over {watch_protocol}"
             figures = watch_figures(run.sent_s, run.acked_s, run.delivered_s)
             errors = run.errors
         else:
@@ -558,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-bin", default=None, help="the etcd binary (default: etcd on PATH)")
     parser.add_argument("--commit-sync", choices=("periodic", "batch"), default="periodic",
                         help="ringkv's storage.commit_sync (etcd always fsyncs before answering)")
+    parser.add_argument("--watch-protocol", choices=("http", "native"), default="http",
+                        help="the ringkv watcher's protocol")
     parser.add_argument("--out", type=Path, default=RESULTS / "coordination.json")
     args = parser.parse_args(argv)
     if min(args.watch_events, args.burst_events, args.ranges) < 1 or args.watch_rate <= 0 \
@@ -585,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER, flush=True)
         for index, phase in enumerate(phases):
             for system, urls, pids in systems:
-                record = run_phase(phase, system, urls, pids, index, args.lock_duration)
+                record = run_phase(phase, system, urls, pids, index, args.lock_duration,
+                                   args.watch_protocol)
                 records.append(record)
                 print(format_row(record), flush=True)
     ringkv_lock = next((r["protocol"] for r in records
@@ -609,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "watch_events": args.watch_events, "watch_rate_per_s": args.watch_rate,
         "burst_events": args.burst_events, "lock_duration_s": args.lock_duration,
         "contenders": args.contenders, "commit_sync": args.commit_sync, "ranges": args.ranges,
+        "watch_protocol": args.watch_protocol,
         "latency_from": "send (ack_*: acknowledgment)", "ringkv_lock": ringkv_lock,
         "etcd": {"binary": binary, "version": etcd_version(binary)} if binary else None,
         "etcd_skipped": skipped,

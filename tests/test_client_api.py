@@ -44,7 +44,7 @@ LEASES = {"lease"}
 # Coordination recipes (client/recipes.py, recipes_aio.py): local calls that return each
 # client's own recipe object (its waits awaited on the asyncio client); ``watch_config``
 # streams like a watch.
-RECIPES = {"lock", "election", "group"}
+RECIPES = {"session", "lock", "election", "group"}
 WATCHES = WATCHES | {"watch_config"}
 
 
@@ -245,3 +245,31 @@ def test_a_call_ends_by_its_deadline_on_the_clock_passed_in() -> None:
     with pytest.raises(NoNodeAvailable) as error:
         plan.send(Failure("timeout", "no answer within 0.05 s"))
     assert error.value.tried == ["http://127.0.0.1:7400"]
+
+
+def test_a_node_that_left_an_attempt_unanswered_is_tried_last_by_the_next_calls() -> None:
+    """A cut-off or paused node costs a whole timeout per call; as with a refused
+    connect, the calls that follow try it last until it answers again (a lock whose
+    lease is shorter than a few timeouts depends on this)."""
+    clock = ManualClock(monotonic_s=100.0)
+    ops = make_ops(clock, timeout_s=1.0, max_retries=1)
+    urls = {"n0": "http://127.0.0.1:7400", "n1": "http://127.0.0.1:7401",
+            "n2": "http://127.0.0.1:7402"}
+    plan = ops.get("user:1")
+    next(plan)
+    first = plan.send(Reply(200, ring_body(urls, rf=3), {}))
+    assert isinstance(first, Send)
+    silent = first.url.split("/v1/")[0]
+    clock.advance(1.0)
+    pause = plan.send(Failure("timeout", "no answer within 1 s"))
+    assert isinstance(pause, Sleep)
+    clock.advance(pause.seconds)
+    retry = plan.send(None)
+    assert isinstance(retry, Send) and not retry.url.startswith(silent)
+    with pytest.raises(StopIteration):
+        plan.send(Reply(404, b'{"error":{"code":"not_found","message":"m","receipt":{}}}', {}))
+    for _ in range(20):  # every later call, whatever the shuffle, asks another node first
+        later = ops.get("user:1")
+        attempt = next(later)
+        assert isinstance(attempt, Send) and not attempt.url.startswith(silent)
+        later.close()

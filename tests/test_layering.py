@@ -64,7 +64,7 @@ SHELL = frozenset({
 PURE_IN_SHELL_PACKAGES = frozenset({
     "sim/__init__.py", "sim/history.py", "sim/checkers.py", "sim/linearizability.py",
     "sim/snapshot_reads.py", "sim/list_append.py", "sim/bank.py", "sim/jepsen_history.py",
-    "sim/watch_stream.py", "sim/lock_history.py",
+    "sim/watch_stream.py", "sim/lock_history.py", "sim/lock_fence.py",
     "server/__init__.py", "server/validation.py", "server/txn_validation.py",
     # The dashboard's history decides rates and percentiles; its sampler and routes are shell.
     "server/dashboard/__init__.py", "server/dashboard/history.py",

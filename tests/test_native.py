@@ -39,12 +39,12 @@ def test_hello_chooses_the_highest_common_version() -> None:
     assert chosen.version == 1 and chosen.client == "x"
 
 
-@pytest.mark.parametrize("offered", [[2], [99, 3]])
+@pytest.mark.parametrize("offered", [[3], [99, 3]])
 def test_an_unknown_version_is_refused_naming_versions(offered: list[int]) -> None:
     with pytest.raises(ProtocolError) as caught:
         native.hello(frame("hello", {"versions": offered}, request_id=0))
     assert caught.value.details["field"] == "versions"
-    assert caught.value.details["supported"] == [1]
+    assert caught.value.details["supported"] == [1, 2]
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -114,11 +114,13 @@ def test_garbage_never_escapes_as_another_exception() -> None:
     for _ in range(2000):
         payload = rng.choice(values)
         if rng.random() < 0.5:
-            payload = {rng.choice(["keyspace", "key", "args", "body", "txn_id", "x"]):
+            payload = {rng.choice(["keyspace", "key", "args", "body", "txn_id", "x",
+                                   "lease_id", "watch_id"]):
                        rng.choice(values) for _ in range(rng.randrange(4))}
         verb = rng.choice(list(native.OPERATIONS) + ["hello", "nope"])
         candidate = frame(verb, payload, request_id=rng.randrange(3), kind=rng.randrange(4))
-        for parse in (native.hello, native.request):
+        for parse in (native.hello, native.request,
+                      lambda f: native.request(f, native.STREAM_VERSION)):
             try:
                 parse(candidate)
             except ProtocolError:
@@ -304,3 +306,91 @@ def test_at_most_max_in_flight_run_and_the_rest_wait_in_order(monkeypatch) -> No
 
     asyncio.run(asyncio.wait_for(run(), 10))
     assert most == 4 and started == [f"k{i:02}" for i in range(1, 11)]  # in arrival order
+
+
+# -- version 2: leases and watch streams ------------------------------------------
+
+
+def v2(verb: str, payload: object, request_id: int = 1) -> native.Request:
+    return native.request(frame(verb, payload, request_id), native.STREAM_VERSION)
+
+
+@pytest.mark.parametrize("method,path,verb,fields", [
+    ("POST", "/v1/lease", "lease_grant", {}),
+    ("POST", "/v1/lease/txn:ab12/keepalive", "lease_keepalive", {"lease_id": "txn:ab12"}),
+    ("DELETE", "/v1/lease/txn:ab12", "lease_revoke", {"lease_id": "txn:ab12"}),
+    ("GET", "/v1/lease/txn%3Aab12", "lease_info", {"lease_id": "txn:ab12"}),
+])
+def test_the_lease_paths_have_their_native_verbs(
+        method: str, path: str, verb: str, fields: dict[str, object]) -> None:
+    request = client_native.to_native(Send(method, "http://h:1" + path, None, {}, 1.0))
+    assert request is not None and request.verb == verb and dict(request.payload) == fields
+    assert client_native.needs_streams(request)
+    assert v2(verb, dict(request.payload)).lease_id == fields.get("lease_id", "")
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/lease"), ("PUT", "/v1/lease/txn:ab"), ("POST", "/v1/lease/txn:ab/other"),
+    ("GET", "/v1/lease/txn:ab/keepalive"),
+])
+def test_a_path_that_is_no_lease_call_stays_on_http(method: str, path: str) -> None:
+    assert client_native.to_native(Send(method, "http://h:1" + path, None, {}, 1.0)) is None
+
+
+def test_a_watch_request_becomes_typed_fields() -> None:
+    parsed = v2("watch", {"keyspace": "txn", "key": "k",
+                          "args": {"prefix": True, "from_version": 42}}, request_id=9)
+    assert (parsed.request_id, parsed.keyspace, parsed.key) == (9, "txn", "k")
+    assert dict(parsed.args) == {"prefix": "true", "from_version": "42"}
+    assert v2("watch_cancel", {"watch_id": 9}).watch_id == 9
+
+
+@pytest.mark.parametrize("verb,payload,field", [
+    ("watch", {"key": "k"}, "keyspace"),
+    ("watch", {"keyspace": "txn", "args": {"format": "sse"}}, "args.format"),
+    ("watch", {"keyspace": "txn", "args": {"from_version": 1.5}}, "args.from_version"),
+    ("watch_cancel", {}, "watch_id"),
+    ("watch_cancel", {"watch_id": "7"}, "watch_id"),
+    ("watch_cancel", {"watch_id": 0}, "watch_id"),
+    ("watch_cancel", {"watch_id": True}, "watch_id"),
+    ("lease_keepalive", {}, "lease_id"),
+    ("lease_revoke", {"lease_id": ""}, "lease_id"),
+    ("lease_info", {"lease_id": 3}, "lease_id"),
+    ("lease_grant", {"body": "not bytes"}, "body"),
+])
+def test_a_bad_watch_or_lease_request_names_its_field(verb: str, payload: object,
+                                                      field: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        v2(verb, payload)
+    assert caught.value.details["field"] == field
+
+
+@pytest.mark.parametrize("verb", sorted(native.V2_OPERATIONS))
+def test_a_version_1_connection_is_refused_the_version_2_operations(verb: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        native.request(frame(verb, {"keyspace": "txn", "lease_id": "txn:a", "watch_id": 1}))
+    assert caught.value.details["field"] == "verb"
+
+
+def test_the_client_reads_a_watch_stream() -> None:
+    core_payload = {"keyspace": "txn", "key": "k", "args": {"prefix": False}}
+    wire = client_native.watch_frame(5, core_payload, native.STREAM_VERSION)
+    (sent,) = FrameDecoder().feed(wire)
+    assert (sent.request_id, sent.verb) == (5, "watch")
+    assert v2(sent.verb, sent.payload).keyspace == "txn"
+    event = b'{"type":"put","key":"k","value":1,"version":7}\n'
+    part = client_native.stream_part(frame("watch", native.stream_payload(event, more=True),
+                                           5, KIND_RESPONSE))
+    assert (part.event, part.more, part.refusal) == (event, True, None)
+    last = client_native.stream_part(frame("watch", native.stream_payload(None, more=False),
+                                           5, KIND_RESPONSE))
+    assert (last.event, last.more) == (None, False)
+    refusal = client_native.stream_part(frame("watch", native.response_payload(410, b"{}"),
+                                              5, KIND_RESPONSE))
+    assert refusal.refusal is not None and refusal.refusal.status == 410 and not refusal.more
+    for bad in ({"status": 200, "more": "yes"}, {"status": 500, "more": False},
+                {"status": 200, "event": "text", "more": True}):
+        with pytest.raises(ProtocolError):
+            client_native.stream_part(frame("watch", bad, 5, KIND_RESPONSE))
+    with pytest.raises(ProtocolError):
+        client_native.stream_part(frame("error", {"code": "overloaded"}, 0, KIND_ERROR))

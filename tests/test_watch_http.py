@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestServer
 from ringkv.clock import SystemClock
 from ringkv.config import config_from_dict
 from ringkv.errors import Compacted, NoLeader, NotFound
-from ringkv.server import watch_http
+from ringkv.server import watch_http, watch_session
 
 
 class FakeTxn:
@@ -90,7 +90,7 @@ def commit(node: Any, key: str, value: Any) -> None:
 
 def test_commits_stream_and_a_poll_that_keeps_failing_ends_it(monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
-    monkeypatch.setattr(watch_http, "STALL_S", 0.2)
+    monkeypatch.setattr(watch_session, "STALL_S", 0.2)
     node = fake_node()
 
     def then(node: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from ringkv.client import native, recipes_aio
 from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S
-from ringkv.client.recipes_aio import AsyncElection, AsyncGroup, AsyncLock
+from ringkv.client.recipes_aio import AsyncElection, AsyncGroup, AsyncLock, AsyncSession
 from ringkv.client.base import KEEPALIVE_S, NATIVE_CONNECTIONS_PER_NODE, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
@@ -48,9 +48,13 @@ from ringkv.client.types import (
 from ringkv.errors import NoNodeAvailable, ProtocolError, RingKVError
 from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import KIND_REQUEST, Frame, FrameDecoder, encode_frame, frame_packer
+from ringkv.net.native import STREAM_VERSION
 from ringkv.quorum import ConsistencyLevel
 
 T = TypeVar("T")
+# A native watch's connection reads ahead at most about this much (the stream reader's
+# limit), then lets TCP push back on the node, which cuts a watcher that lags too long.
+NATIVE_READ_LIMIT_BYTES = 256 * 1024
 
 
 class AsyncClient(ClientBase):
@@ -421,10 +425,15 @@ class AsyncClient(ClientBase):
     # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
 
     def session(self, ttl_s: int = DEFAULT_TTL_S, *,
-                keyspace: str = "txn") -> recipes_aio.AsyncSession:
-        """A session (``Client.session``): ``async with kv.session(ttl_s=10) as session:``
-        grants one lease, renewed by a task and shared by ``session.lock(name)``,
-        ``session.election(name)`` and ``session.group(name)``; revoked at the end."""
+                keyspace: str = "txn") -> AsyncSession:
+        """A session: one lease of ``ttl_s`` renewed in the background, shared by the
+        recipes made from it (``session.lock(name)``, ``session.election(name)``,
+        ``session.group(name)``), as in etcd's concurrency package. A lock on a
+        session costs one transaction to acquire and one delete to release. When the
+        lease is lost, every recipe on it is (``LockLost``). ``with`` (``async with``
+        on the asyncio client) closes it: the lease is revoked and its keys go.
+        ``lock(name)`` without a session uses the client's own session of ``ttl_s``,
+        granted on first use (again once lost)."""
         return recipes_aio.AsyncSession(self, keyspace=keyspace, ttl_s=ttl_s)
 
     def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
@@ -480,6 +489,8 @@ class AsyncClient(ClientBase):
         received whole: no event is lost or repeated. ``max_reconnects`` in a row
         without progress raise ``NoNodeAvailable``; a ``from_version`` whose history
         garbage collection has thinned raises ``Compacted`` (``oldest_version``).
+        Each connection of the watch is its own: over the native protocol when the
+        client's protocol is native and the node speaks version 2, else over HTTP.
         """
         core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
                          rng=random.Random(), max_reconnects=max_reconnects,
@@ -503,7 +514,59 @@ class AsyncClient(ClientBase):
 
     async def _watch_once(self, core: WatchCore, url: str) -> AsyncIterator[WatchEvent]:
         """One connection of a watch (its own, outside the pool): its events until the
-        stream ends."""
+        stream ends. Over the native protocol when requests to that node go native
+        (HTTP when its native port refuses us, or it speaks only version 1)."""
+        address = self._native_address(url)
+        if address is not None:
+            try:
+                async for event in self._watch_native(core, address, self._tls_for(url)):
+                    yield event
+                return
+            except WatchConnectError:
+                self._native_unreachable(address)  # never sent: try the HTTP port
+            except _NoStreams:
+                pass
+        async for event in self._watch_http(core, url):
+            yield event
+
+    async def _watch_native(self, core: WatchCore, address: tuple[str, int],
+                            context: ssl.SSLContext | None) -> AsyncIterator[WatchEvent]:
+        """One native connection of a watch: a ``watch`` request, then its frames."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                address[0], address[1], ssl=context,
+                server_hostname=address[0] if context else None,
+                limit=NATIVE_READ_LIMIT_BYTES), IDLE_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise WatchConnectError(f"cannot connect (native): {exc!r}") from None
+        try:
+            try:
+                writer.write(native.hello_frame(credentials=self.credentials))
+                version = native.check_hello(await _read_frame(reader))
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                    ProtocolError) as exc:
+                raise WatchConnectError(f"native handshake failed: {exc!r}") from None
+            if version < STREAM_VERSION:
+                raise _NoStreams
+            writer.write(native.watch_frame(1, core.native_payload(), version))
+            while True:  # bounded: each frame waits at most IDLE_TIMEOUT_S (progress each second)
+                part = native.stream_part(await _read_frame(reader))
+                if part.refusal is not None:
+                    core.refused(part.refusal.status, part.refusal.body)
+                    return
+                if part.event is not None:
+                    event = core.line(part.event)
+                    if event is not None:
+                        yield event
+                if not part.more:
+                    return
+        except asyncio.IncompleteReadError as exc:
+            raise WatchIOError(f"the node closed the connection: {exc!r}") from None
+        finally:
+            writer.close()
+
+    async def _watch_http(self, core: WatchCore, url: str) -> AsyncIterator[WatchEvent]:
+        """One HTTP connection of a watch: its NDJSON lines until the stream ends."""
         import aiohttp
         from yarl import URL
 
@@ -547,9 +610,11 @@ class AsyncClient(ClientBase):
             route = self._native_route(effect)
             if route is not None:
                 outcome = await self._native.send(route[0], route[1], effect.timeout_s, route[2])
-                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                if outcome is not None and not (isinstance(outcome, Failure)
+                                                and outcome.kind == "connect"):
                     return outcome
-                self._native_unreachable(route[0])  # never sent: try the HTTP port
+                if outcome is not None:
+                    self._native_unreachable(route[0])  # never sent: try the HTTP port
             return await self._send(effect)
         if isinstance(effect, Sleep):
             await asyncio.sleep(effect.seconds)
@@ -595,6 +660,20 @@ class AsyncClient(ClientBase):
             return Failure("timeout", f"no answer within {effect.timeout_s:.3g} s")
         except aiohttp.ClientError as exc:
             return Failure("io", f"connection lost: {exc!r}")
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Frame:
+    """One frame of a native watch's connection, within IDLE_TIMEOUT_S."""
+    head = await asyncio.wait_for(reader.readexactly(4), IDLE_TIMEOUT_S)
+    size = int.from_bytes(head, "big")
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError(f"a frame of {size} bytes, over {MAX_FRAME_BYTES}", field="frame")
+    body = await asyncio.wait_for(reader.readexactly(size), IDLE_TIMEOUT_S)
+    return FrameDecoder(MAX_FRAME_BYTES).feed(head + body)[0]
+
+
+class _NoStreams(Exception):
+    """The node chose native protocol version 1: no watch stream; the watch goes over HTTP."""
 
 
 class WatchConnectError(Exception):
@@ -830,13 +909,18 @@ class _NativePool:
         return conn
 
     async def send(self, address: tuple[str, int], request: NativeRequest,
-                   timeout_s: float, context: ssl.SSLContext | None = None) -> Reply | Failure:
+                   timeout_s: float, context: ssl.SSLContext | None = None
+                   ) -> Reply | Failure | None:
+        """The answer; or None when the node's protocol version lacks the operation
+        (never sent: it goes over HTTP)."""
         try:
             conn = await self._connection(address, timeout_s, context)
         except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as exc:
             return Failure("connect", f"cannot connect (native): {exc!r}")
         if conn.lost is not None:
             return Failure("connect", f"cannot connect (native): {conn.lost!r}")
+        if conn.version < STREAM_VERSION and native.needs_streams(request):
+            return None
         request_id, future = conn.request(request)
         try:
             frame = await asyncio.wait_for(future, timeout_s)

@@ -91,7 +91,8 @@ class ClientBase:
         ``rng``: the randomness behind load spreading and jitter.
         ``protocol``: ``"native"`` (the default) sends each request over the
         native binary protocol to nodes whose native address the ring names
-        (the first ring fetch, and nodes without one, use HTTP); ``"http"``
+        (the first ring fetch, and nodes without one, use HTTP), leases and
+        watches too (a watch on a native connection of its own); ``"http"``
         sends everything over HTTP.
         ``ca_file``: the CA bundle (PEM) node certificates must chain to, for
         ``https://`` seeds (the nodes' ``tls.client``); the native protocol then
@@ -161,18 +162,26 @@ class ClientBase:
     ) -> tuple[tuple[str, int], NativeRequest, ssl.SSLContext | None] | None:
         """Where and what to send over the native protocol (TLS with the context given:
         a node serving HTTPS serves TLS on its native port too), or None: over HTTP."""
+        address = self._native_address(effect.url)
+        if address is None:
+            return None
+        request = to_native(effect)
+        return None if request is None else (address, request, self._tls_for(effect.url))
+
+    def _native_address(self, url: str) -> tuple[str, int] | None:
+        """The native address of the node at ``url`` when requests to it go native
+        (the client's protocol, the ring names one, and it did not refuse us lately)."""
         if self.protocol != "native":
             return None
         native = self._ops.router.topology.native
         if not native:
             return None
-        address = native.get(base_url(effect.url))
+        address = native.get(base_url(url))
         if address is None:
             return None
         if self._native_down and self._native_down.get(address, 0.0) > self._clock.monotonic_s():
             return None
-        request = to_native(effect)
-        return None if request is None else (address, request, self._tls_for(effect.url))
+        return address
 
     def _native_unreachable(self, address: tuple[str, int]) -> None:
         """The node's native port refused us (the request never went out): use HTTP to

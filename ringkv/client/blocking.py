@@ -15,12 +15,13 @@ import select
 import socket
 import ssl
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ringkv.client import native, recipes
-from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S, Election, Group, Lock
+from ringkv.client.recipes import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S, Election, Group, Lock, Session
 from ringkv.client.base import KEEPALIVE_S, ClientBase
 from ringkv.client.native import NativeRequest
 from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send, Sleep, Stepper
@@ -54,6 +55,7 @@ from ringkv.limits import MAX_FRAME_BYTES
 from ringkv.net.codec import (
     KIND_REQUEST, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
 )
+from ringkv.net.native import STREAM_VERSION
 from ringkv.quorum import ConsistencyLevel
 
 T = TypeVar("T")
@@ -419,14 +421,15 @@ class Client(ClientBase):
 
     # ---- coordination recipes (leases + watches; client/recipes*.py) -------------
 
-    def session(self, ttl_s: int = DEFAULT_TTL_S, *, keyspace: str = "txn") -> recipes.Session:
+    def session(self, ttl_s: int = DEFAULT_TTL_S, *, keyspace: str = "txn") -> Session:
         """A session: one lease of ``ttl_s`` renewed in the background, shared by the
         recipes made from it (``session.lock(name)``, ``session.election(name)``,
         ``session.group(name)``), as in etcd's concurrency package. A lock on a
         session costs one transaction to acquire and one delete to release. When the
-        lease is lost, every recipe on it is (``LockLost``). ``with`` closes it: the
-        lease is revoked and its keys go. ``lock(name)`` without a session uses the
-        client's own session of ``ttl_s``, granted on first use (again once lost)."""
+        lease is lost, every recipe on it is (``LockLost``). ``with`` (``async with``
+        on the asyncio client) closes it: the lease is revoked and its keys go.
+        ``lock(name)`` without a session uses the client's own session of ``ttl_s``,
+        granted on first use (again once lost)."""
         return recipes.Session(self, keyspace=keyspace, ttl_s=ttl_s)
 
     def lock(self, name: str, *, keyspace: str = "txn", ttl_s: int = DEFAULT_TTL_S,
@@ -482,6 +485,8 @@ class Client(ClientBase):
         received whole: no event is lost or repeated. ``max_reconnects`` in a row
         without progress raise ``NoNodeAvailable``; a ``from_version`` whose history
         garbage collection has thinned raises ``Compacted`` (``oldest_version``).
+        Each connection of the watch is its own: over the native protocol when the
+        client's protocol is native and the node speaks version 2, else over HTTP.
         """
         core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
                          rng=random.Random(), max_reconnects=max_reconnects,
@@ -503,7 +508,56 @@ class Client(ClientBase):
             self._clock.sleep_s(core.reconnect_pause_s(url, reason))
 
     def _watch_once(self, core: WatchCore, url: str) -> Iterator[WatchEvent]:
-        """One connection of a watch: its events until the stream ends."""
+        """One connection of a watch: its events until the stream ends. Over the native
+        protocol when requests to that node go native (HTTP when its native port refuses
+        us, or it speaks only version 1)."""
+        address = self._native_address(url)
+        if address is not None:
+            try:
+                yield from self._watch_native(core, address, self._tls_for(url))
+                return
+            except _NativeRefused:
+                self._native_unreachable(address)  # never sent: try the HTTP port
+            except _NoStreams:
+                pass
+        yield from self._watch_http(core, url)
+
+    def _watch_native(self, core: WatchCore, address: tuple[str, int],
+                      context: ssl.SSLContext | None) -> Iterator[WatchEvent]:
+        """One native connection of a watch (its own): a ``watch`` request, then its frames."""
+        try:
+            sock = socket.create_connection(address, timeout=IDLE_TIMEOUT_S)
+        except OSError as exc:
+            raise _NativeRefused(str(exc)) from None
+        try:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if context is not None:  # TLS first, then the native handshake inside it
+                    sock = context.wrap_socket(sock, server_hostname=address[0])
+                sock.sendall(native.hello_frame(credentials=self.credentials))
+                frames = _FrameReader(sock)
+                version = native.check_hello(frames.next())
+            except (OSError, ProtocolError) as exc:
+                raise _NativeRefused(repr(exc)) from None
+            if version < STREAM_VERSION:
+                raise _NoStreams
+            sock.sendall(native.watch_frame(1, core.native_payload(), version))
+            while True:  # bounded: each frame waits at most IDLE_TIMEOUT_S (progress each second)
+                part = native.stream_part(frames.next())
+                if part.refusal is not None:
+                    core.refused(part.refusal.status, part.refusal.body)
+                    return
+                if part.event is not None:
+                    event = core.line(part.event)
+                    if event is not None:
+                        yield event
+                if not part.more:
+                    return
+        finally:
+            sock.close()
+
+    def _watch_http(self, core: WatchCore, url: str) -> Iterator[WatchEvent]:
+        """One HTTP connection of a watch: its NDJSON lines until the stream ends."""
         parts = urlsplit(url)
         host, scheme = parts.hostname or "", parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
@@ -543,9 +597,11 @@ class Client(ClientBase):
             route = self._native_route(effect)
             if route is not None:
                 outcome = self._native.send(route[0], route[1], effect.timeout_s, route[2])
-                if not (isinstance(outcome, Failure) and outcome.kind == "connect"):
+                if outcome is not None and not (isinstance(outcome, Failure)
+                                                and outcome.kind == "connect"):
                     return outcome
-                self._native_unreachable(route[0])  # never sent: try the HTTP port
+                if outcome is not None:
+                    self._native_unreachable(route[0])  # never sent: try the HTTP port
             return self._pool.send(effect)
         if isinstance(effect, Sleep):
             self._clock.sleep_s(effect.seconds)
@@ -881,7 +937,9 @@ class _NativePool:
         self._watchdog = watchdog
 
     def send(self, address: tuple[str, int], request: NativeRequest,
-             timeout_s: float, context: ssl.SSLContext | None = None) -> Reply | Failure:
+             timeout_s: float, context: ssl.SSLContext | None = None) -> Reply | Failure | None:
+        """The answer; or None when the node's protocol version lacks the operation
+        (never sent: it goes over HTTP)."""
         conn = self._idle.take(address)
         deadline_s = self._clock.monotonic_s() + timeout_s
         if conn is None:
@@ -889,6 +947,9 @@ class _NativePool:
                 conn = self._connect(address, timeout_s, deadline_s, context)
             except (OSError, ProtocolError) as exc:
                 return Failure("connect", f"cannot connect (native): {exc}")
+        if conn.version < STREAM_VERSION and native.needs_streams(request):
+            self._idle.give(address, conn)
+            return None
         conn.sock.settimeout(timeout_s)
         request_id = conn.next_id
         conn.next_id += 1
@@ -936,6 +997,32 @@ class _NativePool:
 
     def close(self) -> None:
         self._idle.close()
+
+
+class _FrameReader:
+    """The frames of a native watch's connection, as they come (many per read)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder(MAX_FRAME_BYTES)
+        self.frames: deque[Frame] = deque()
+
+    def next(self) -> Frame:
+        """The next frame; each read waits at most the socket's timeout."""
+        while not self.frames:  # bounded: every recv has the socket's timeout
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the node closed the connection")
+            self.frames.extend(self.decoder.feed(data))
+        return self.frames.popleft()
+
+
+class _NativeRefused(Exception):
+    """A native watch's connection or handshake failed: nothing was sent."""
+
+
+class _NoStreams(Exception):
+    """The node chose native protocol version 1: no watch stream; the watch goes over HTTP."""
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -7,6 +7,10 @@ payload, and ``reply`` turns the answer back into the ``Reply`` the plan
 expects. The status, the JSON document and the replay flag are the HTTP
 API's, so the plans decode both the same way.
 
+A watch (protocol version 2) is not a plan's request: the shells send
+``watch_frame`` on a connection of its own and read its answer with
+``stream_part``, feeding each event line to ``WatchCore`` (``watch.py``).
+
 Pure: no sockets, no event loop.
 """
 
@@ -20,7 +24,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ringkv.client.plan import Reply, Send
 from ringkv.errors import ProtocolError, RingKVError
 from ringkv.net.codec import KIND_REQUEST, KIND_RESPONSE, Frame, encode_frame
-from ringkv.net.native import HELLO, HELLO_ID, NATIVE_VERSION, VERSIONS
+from ringkv.net.native import (
+    HELLO, HELLO_ID, NATIVE_VERSION, STREAM_VERSION, V2_OPERATIONS, VERSIONS, WATCH,
+)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -62,6 +68,10 @@ def to_native(send: Send) -> NativeRequest | None:
                 verb = "scan"
         elif path == "/v1/txn/begin" and send.method == "POST":
             verb = "txn_begin"
+        elif path == "/v1/lease" and send.method == "POST":
+            verb = "lease_grant"
+        elif path.startswith("/v1/lease/"):
+            verb = _lease_call(send.method, path[len("/v1/lease/"):], payload)
         elif path.startswith("/v1/txn/"):
             verb = _txn_call(send.method, path[len("/v1/txn/"):], payload)
         if verb is None:
@@ -93,6 +103,52 @@ def _txn_call(method: str, rest: str, payload: dict[str, Any]) -> str | None:
         payload["key"] = unquote(raw_key, errors="strict")
         return f"txn_{verb}"
     return None
+
+
+def _lease_call(method: str, rest: str, payload: dict[str, Any]) -> str | None:
+    """The verb of ``/v1/lease/{id}[/keepalive]`` (filling in ``payload``), or None."""
+    lease_id, slash, tail = rest.partition("/")
+    payload["lease_id"] = unquote(lease_id, errors="strict")
+    if not slash:
+        return {"GET": "lease_info", "DELETE": "lease_revoke"}.get(method)
+    return "lease_keepalive" if tail == "keepalive" and method == "POST" else None
+
+
+def needs_streams(request: NativeRequest) -> bool:
+    """Whether the operation needs protocol version 2 (a connection that chose 1, to a
+    node of an older release, cannot carry it: it goes over HTTP)."""
+    return request.verb in V2_OPERATIONS
+
+
+def watch_frame(request_id: int, payload: Mapping[str, Any], version: int) -> bytes:
+    """A ``watch`` request (``WatchCore.native_payload``): answered by a stream of frames."""
+    return encode_frame(KIND_REQUEST, request_id, WATCH, dict(payload), version=version)
+
+
+@dataclass(frozen=True)
+class StreamPart:
+    """One frame of a watch's answer: an event (an NDJSON line of the HTTP watch) and
+    whether more follow; or ``refusal``, the node's answer when it refused the watch."""
+
+    event: bytes | None
+    more: bool
+    refusal: Reply | None = None
+
+
+def stream_part(frame: Frame) -> StreamPart:
+    """A frame answering a ``watch``, or ``ProtocolError``."""
+    payload = frame.payload
+    if frame.kind != KIND_RESPONSE or not isinstance(payload, dict):
+        raise _refusal(frame, "the node answered the watch with an error frame")
+    if "body" in payload:  # an ordinary answer: the watch was refused (or failed) whole
+        return StreamPart(None, False, reply(frame))
+    event = payload.get("event")
+    more = payload.get("more")
+    if payload.get("status") != 200 or not isinstance(more, bool) or not (
+            event is None or isinstance(event, bytes)):
+        raise ProtocolError("a watch frame needs status 200, bytes event and boolean more",
+                            field="payload")
+    return StreamPart(event, more)
 
 
 def hello_frame(client: str = "ringkv-python", credentials: Mapping[str, str] | None = None

@@ -843,7 +843,7 @@ class Operations:
                     return
                 outcome = yield Send("GET", url + "/v1/ring", None, self.headers, timeout_s)
                 if isinstance(outcome, Failure):
-                    if outcome.kind == "connect":
+                    if outcome.kind in ("connect", "timeout"):
                         router.mark_down(url, self._clock.monotonic_s())
                     continue
                 assert outcome is not None
@@ -943,7 +943,11 @@ class Operations:
                     continue  # nothing was sent: try the next node, at no retry cost
                 router.stale = True
                 maybe_applied = maybe_applied or not call.read
-                timed_out = timed_out or outcome.kind == "timeout"
+                if outcome.kind == "timeout":
+                    # A silent node (cut off, paused) costs a whole timeout per call:
+                    # later calls try it last for a while, as a refused one is.
+                    router.mark_down(url, self._clock.monotonic_s())
+                    timed_out = True
                 if uncertain is not None:
                     uncertain.append(f"{url}: {outcome.reason}")
                 if not call.repeatable or retries >= self.max_retries:

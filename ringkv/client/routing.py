@@ -221,7 +221,8 @@ class Router:
     # ---- choosing nodes --------------------------------------------------------
 
     def mark_down(self, url: str, now: float) -> None:
-        """``url`` refused a connection: try it last for a while, and fetch the ring soon."""
+        """``url`` refused a connection or left an attempt unanswered: try it last for a
+        while (any answer from it lifts that), and fetch the ring soon."""
         self._down_until[url] = now + DOWN_COOLDOWN_S
         self.stale = True
 

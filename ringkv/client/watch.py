@@ -17,7 +17,9 @@ cannot poll its ranges) reconnects, to the next node, after a backoff; at most
 A refusal that another try cannot change (``compacted``, a bad request, no
 permission) raises its typed error.
 
-The shells (``blocking.py``, ``aio.py``) open the connection and feed it lines.
+The shells (``blocking.py``, ``aio.py``) open the connection and feed it lines:
+an HTTP stream's, or the events of the native protocol's ``watch`` frames,
+which carry the same lines.
 """
 
 from __future__ import annotations
@@ -100,6 +102,17 @@ class WatchCore:
         if self.resume_us is not None:
             query["from_version"] = str(self.resume_us)
         return f"{path}?{urlencode(query)}"
+
+    def native_payload(self) -> dict[str, Any]:
+        """The native ``watch`` request's payload for the next connection (the same watch
+        as ``path``)."""
+        args: dict[str, Any] = {"prefix": self.prefix}
+        if self.resume_us is not None:
+            args["from_version"] = self.resume_us
+        payload: dict[str, Any] = {"keyspace": self.keyspace, "args": args}
+        if self.key:
+            payload["key"] = self.key
+        return payload
 
     def refused(self, status: int, body: bytes) -> None:
         """The node answered ``status`` instead of a stream: return to reconnect,

@@ -21,6 +21,11 @@ only moves bytes.
 - A malformed request whose id is known is answered (status 400, the field
   named) and the connection serves on; a malformed frame is answered with a
   ``KIND_ERROR`` and the connection closes (the stream is out of sync).
+- Version 2 (``STREAM_VERSION``) adds the session lease operations (answered
+  once, as any) and ``watch``, answered by a stream of response frames of its
+  request id (``stream_payload``: one event, and ``more`` until the last), and
+  ``watch_cancel``. A connection that chose version 1 is refused them, so a
+  client that never asked for version 2 never sees a stream.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from typing import Any
 from ringkv.errors import ProtocolError, RingKVError, TooLarge
 from ringkv.net.codec import KIND_REQUEST, KIND_RESPONSE, Frame
 
-NATIVE_VERSION = 1
-VERSIONS = (NATIVE_VERSION,)  # the versions this node speaks, best last
+NATIVE_VERSION = 1  # the version of the hello frames, before one is chosen
+STREAM_VERSION = 2  # adds the session lease operations and the watch stream
+VERSIONS = (NATIVE_VERSION, STREAM_VERSION)  # the versions this node speaks, best last
 HELLO = "hello"
 HELLO_ID = 0
 # The gossip application state that tells peers (and, through /v1/ring, clients)
@@ -58,14 +64,32 @@ OPERATIONS: Mapping[str, str] = {
     "status": "status",
     "ring": "ring",
     "health": "health",
+    # Version 2: session leases (answered once) and watches (answered by a stream).
+    "lease_grant": "lease_grant",
+    "lease_keepalive": "lease_keepalive",
+    "lease_revoke": "lease_revoke",
+    "lease_info": "lease_get",
+    "watch": "watch",
+    "watch_cancel": "watch_cancel",
 }
+# The operations a connection may send only once version 2 was chosen: a client of
+# version 1 never sends them, so it never sees a stream.
+V2_OPERATIONS = frozenset({"lease_grant", "lease_keepalive", "lease_revoke", "lease_info",
+                           "watch", "watch_cancel"})
+WATCH = "watch"
+WATCH_CANCEL = "watch_cancel"
+# The args a watch takes (HTTP's query without ``format``: frames are its format).
+WATCH_ARGS = frozenset({"prefix", "from_version"})
 # What each operation needs in its payload besides args.
 _NEEDS_KEY = frozenset({"get", "put", "delete", "txn_get", "txn_put", "txn_delete"})
-_NEEDS_KEYSPACE = frozenset({"get", "put", "delete", "scan", "txn_get", "txn_put", "txn_delete"})
+_NEEDS_KEYSPACE = frozenset({"get", "put", "delete", "scan", "txn_get", "txn_put", "txn_delete",
+                             "watch"})
+_NEEDS_LEASE_ID = frozenset({"lease_keepalive", "lease_revoke", "lease_info"})
 # The calls of one transaction (``txn_status`` too: it names one by id).
 _NEEDS_TXN_ID = frozenset({"txn_status", "txn_get", "txn_put", "txn_delete", "txn_commit",
                            "txn_abort"})
-_PAYLOAD_FIELDS = frozenset({"keyspace", "key", "txn_id", "args", "body", "idempotency_key"})
+_PAYLOAD_FIELDS = frozenset({"keyspace", "key", "txn_id", "args", "body", "idempotency_key",
+                             "lease_id", "watch_id"})
 MAX_ARGS = 16
 MAX_CREDENTIAL_CHARS = 4096
 MAX_ARG_CHARS = 4096
@@ -96,6 +120,8 @@ class Request:
     args: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     idempotency_key: str | None = None
+    lease_id: str = ""  # the lease of lease_keepalive, lease_revoke, lease_info
+    watch_id: int = 0  # the request id of the watch a watch_cancel ends
 
 
 def hello(frame: Frame) -> Hello:
@@ -142,8 +168,9 @@ def hello_answer(chosen: Hello, *, node_id: str, max_frame_bytes: int,
     return answer
 
 
-def request(frame: Frame) -> Request:
-    """A request frame as a ``Request``, or ``ProtocolError`` naming the field."""
+def request(frame: Frame, version: int = NATIVE_VERSION) -> Request:
+    """A request frame of a connection speaking ``version`` as a ``Request``, or
+    ``ProtocolError`` naming the field."""
     if frame.kind != KIND_REQUEST:
         raise ProtocolError(f"a client sends requests only, not frames of kind {frame.kind}",
                             field="kind")
@@ -153,6 +180,10 @@ def request(frame: Frame) -> Request:
     if verb not in OPERATIONS:
         raise ProtocolError(f"unknown operation {verb[:64]!r}; one of "
                             f"{', '.join(OPERATIONS)}", field="verb")
+    if verb in V2_OPERATIONS and version < STREAM_VERSION:
+        raise ProtocolError(f"operation {verb!r} needs protocol version {STREAM_VERSION}; this "
+                            f"connection chose {version} in its hello", field="verb",
+                            version=version)
     payload = frame.payload
     if payload is None:
         payload = {}
@@ -170,8 +201,19 @@ def request(frame: Frame) -> Request:
     idempotency_key = payload.get("idempotency_key")
     if idempotency_key is not None and not isinstance(idempotency_key, str):
         raise ProtocolError("idempotency_key must be a string", field="idempotency_key")
-    return Request(frame.request_id, verb, keyspace, key, txn_id, _args(payload.get("args")),
-                   body, idempotency_key)
+    lease_id = _text(payload, "lease_id", required=verb in _NEEDS_LEASE_ID)
+    watch_id = payload.get("watch_id", 0)
+    if (verb == WATCH_CANCEL or "watch_id" in payload) and (type(watch_id) is not int or not 0 < watch_id < 2**64):
+        raise ProtocolError("watch_id must be the request id of a watch of this connection",
+                            field="watch_id")
+    args = _args(payload.get("args"))
+    if verb == WATCH:
+        unknown = sorted(set(args) - WATCH_ARGS)
+        if unknown:
+            raise ProtocolError(f"unknown argument {unknown[0]!r}; a watch takes prefix and "
+                                "from_version", field=f"args.{unknown[0]}")
+    return Request(frame.request_id, verb, keyspace, key, txn_id, args, body, idempotency_key,
+                   lease_id, watch_id)
 
 
 def _text(payload: Mapping[str, Any], name: str, *, required: bool) -> str:
@@ -210,6 +252,14 @@ def response_payload(status: int, body: bytes, replayed: bool = False) -> dict[s
     if replayed:
         return {"status": status, "body": body, "replayed": True}
     return {"status": status, "body": body}
+
+
+def stream_payload(event: bytes | None, *, more: bool) -> dict[str, Any]:
+    """A frame of a watch's stream: one event (an NDJSON line of the HTTP watch, bytes)
+    and whether more frames of the stream follow (false: it is the last)."""
+    if event is None:
+        return {"status": 200, "more": more}
+    return {"status": 200, "event": event, "more": more}
 
 
 def frame_error(error: ProtocolError, max_frame_bytes: int) -> RingKVError:

@@ -13,7 +13,11 @@ The client door (``door.py``) holds it as it holds HTTP's connections: the
 connection cap shared with HTTP, a frame's length prefix read as the
 "head" (header timeout), the idle timeout between requests, and a frame
 over the size limit answered with ``too_large`` naming the limit, then
-closed.
+closed. A watch (protocol version 2, ``server/watch_native.py``) is one
+request answered by a stream of frames: it stays unanswered for the door
+until its last frame, so, like a streaming HTTP response, it keeps the idle
+timeout off (and its connection out of those the cap may evict) while it
+streams; closing the connection ends its watches.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from ringkv.net.codec import (
     KIND_ERROR, KIND_RESPONSE, Frame, FrameDecoder, encode_frame, frame_packer,
 )
 from ringkv.server import handlers as h
+from ringkv.server import lease_http, watch_native
 from ringkv.server import validation as v
+from ringkv.server.watch_session import ABORT_AFTER_S, WatchSession
 from ringkv.server.guard import DeadlineTimer, Guest
 from ringkv.server.idempotency import IdempotencyCache
 
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256  # requests running at once on one connection
 FRAME_OVERHEAD_BYTES = 64 * 1024  # the envelope and the fields around a body of the limit
+FLUSH_BYTES = 64 * 1024  # answers gathered for one write per loop turn, at most about this
 
 
 class NativeServer:
@@ -104,6 +111,7 @@ class NativeConnection(asyncio.Protocol):
         self.version: int | None = None  # None until the handshake
         self.tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._paused = False
         self._closing = False
@@ -113,6 +121,9 @@ class NativeConnection(asyncio.Protocol):
         # auth.enabled: who the hello proved this connection is; requests wait for it.
         self.principal: Principal | None = None
         self._authenticating = False
+        self.watches: dict[int, WatchSession] = {}  # by the request id of each watch
+        self.writable = asyncio.Event()  # cleared while the transport is over its high water
+        self.writable.set()
 
     # -- the connection ------------------------------------------------------
 
@@ -135,12 +146,25 @@ class NativeConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.server.connections.discard(self)
+        for session in list(self.watches.values()):
+            session.cancel()  # each frees its slot as its task ends
+        self.writable.set()  # a writer waiting for room finds the connection closed
         if self._visit is not None and self._visit.lost() == CLIENT_CLOSED:
             log.debug("a native client went away mid-request")
         if self._deadline is not None:
             self._deadline.cancel()
         self.transport = None
         self._closing = True
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.transport is None or self._closing
 
     def data_received(self, data: bytes) -> None:
         visit = self._visit
@@ -174,9 +198,12 @@ class NativeConnection(asyncio.Protocol):
                and not self._authenticating):
             frame = backlog.popleft()
             try:
-                request = core.request(frame)
+                request = core.request(frame, self.version or core.NATIVE_VERSION)
             except ProtocolError as exc:
                 self._answer(frame.request_id, frame.verb, h.error_answer(exc))
+                continue
+            if request.verb == core.WATCH_CANCEL:  # the connection's own: answered at once
+                self._cancel_watch(request)
                 continue
             self._start(request)
         transport = self.transport
@@ -273,13 +300,25 @@ class NativeConnection(asyncio.Protocol):
                 raise too_large
             key = (v.key_from_json(request.key, node.config.limits, field="key")
                    if request.key else b"")
-            call = h.ApiCall(node, started, request.keyspace, key, args, request.body,
-                             request.idempotency_key, txn_id=request.txn_id, cache=server.cache)
-            if request.idempotency_key is not None:  # what a repeat must match
-                call.fingerprint_method = request.verb
-                call.fingerprint_target = (f"{request.keyspace}/{request.key}?txn={request.txn_id}"
-                                           f"&{sorted(args.items())}")
-            result = await _ROUTES[request.verb](call)
+            if request.verb == core.WATCH:
+                await watch_native.serve(node, self, request.request_id, request.keyspace,
+                                         key or None, args)
+                return  # its frames answered it
+            if request.verb == "lease_grant":
+                result = h.answer(await lease_http.grant(node, request.body, self._authorize))
+            elif request.verb in _LEASE_ROUTES:
+                result = h.answer(await _LEASE_ROUTES[request.verb](node, request.lease_id,
+                                                                    self._authorize))
+            else:
+                call = h.ApiCall(node, started, request.keyspace, key, args, request.body,
+                                 request.idempotency_key, txn_id=request.txn_id,
+                                 cache=server.cache)
+                if request.idempotency_key is not None:  # what a repeat must match
+                    call.fingerprint_method = request.verb
+                    call.fingerprint_target = (
+                        f"{request.keyspace}/{request.key}?txn={request.txn_id}"
+                        f"&{sorted(args.items())}")
+                result = await _ROUTES[request.verb](call)
         except RingKVError as exc:
             result = h.error_answer(exc)
         except asyncio.CancelledError:
@@ -290,6 +329,38 @@ class NativeConnection(asyncio.Protocol):
         node.metrics.observe_request(route, h.metric_level(args.get("consistency")),
                                      result.status, clock.monotonic_s() - started)
         self._answer(request.request_id, request.verb, result)
+
+    async def _authorize(self, route: str, keyspace: str) -> None:
+        """A lease operation's check, once its keyspace is known (from the body or the id)."""
+        if self.server.auth is not None:
+            await self.server.auth.authorize_session(self.principal, route, keyspace, {}, b"")
+
+    # -- watches -----------------------------------------------------------------
+
+    def write_stream(self, request_id: int, event: bytes | None, *, more: bool) -> None:
+        """A frame of a watch's stream; the last (``more`` false) answers the request."""
+        if self.transport is None:
+            return
+        self._write(encode_frame(KIND_RESPONSE, request_id, core.WATCH,
+                                 core.stream_payload(event, more=more),
+                                 version=self.version or core.NATIVE_VERSION, packer=self.packer))
+        if not more:
+            self._answered()
+
+    def _cancel_watch(self, request: core.Request) -> None:
+        """``watch_cancel``: end the watch of that request id (its last frame follows)."""
+        session = self.watches.get(request.watch_id)
+        if session is not None:
+            session.cancel()
+        self._answer(request.request_id, request.verb,
+                     h.answer({"cancelled": session is not None, "watch_id": request.watch_id}))
+
+    def close_unread(self) -> None:
+        """A watcher's client reads nothing: close, and drop it if it still reads nothing."""
+        transport = self.transport
+        self.close()
+        if transport is not None:
+            self.server.clock.call_later(ABORT_AFTER_S, transport.abort)
 
     def _answer(self, request_id: int, verb: str, result: h.Answer) -> None:
         if self.transport is None:
@@ -309,6 +380,12 @@ class NativeConnection(asyncio.Protocol):
 
     def _write(self, frame: bytes) -> None:
         self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= FLUSH_BYTES:
+            # A watch's burst of events: out now, so the transport's high-water mark
+            # (pause_writing) holds back the next ones instead of a list growing here.
+            self._flush()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -316,6 +393,7 @@ class NativeConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         if self.transport is not None and out:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
@@ -371,4 +449,11 @@ _ROUTES = {
     "status": h.status,
     "ring": h.ring,
     "health": h.health,
+}
+# The lease operations on a lease id (``server/lease_http.py``'s, as HTTP's routes call
+# them; lease_grant, which takes the body, too).
+_LEASE_ROUTES = {
+    "lease_keepalive": lease_http.keepalive,
+    "lease_revoke": lease_http.revoke,
+    "lease_info": lease_http.show,
 }
