@@ -175,6 +175,28 @@ def test_txn_decodes_reads_and_status() -> None:
     assert gone == TxnStatus("id-0", "not_committed", definitive=False)
 
 
+def test_a_replayed_answer_is_known_by_its_flag_whatever_its_receipt() -> None:
+    """An answer replayed for an id that already committed carries no reads; a recipe that
+    judged who is live by them would see nobody (a lock held twice). The node flags it;
+    a node of an older release only left the receipt out."""
+    for answer in ({"ok": True, "id": "id-0", "committed": True, "commit_ts": 9, "reads": [],
+                    "receipt": {"txn_id": "id-0"}, "replayed": True},
+                   {"ok": True, "id": "id-0", "committed": True, "commit_ts": 9, "reads": [],
+                    "receipt": None}):
+        ops, _ = make_ops()
+        plan = ops.txn(reads=["a"], writes=[{"key": "c", "value": 1}])
+        start(plan)
+        result = finish(plan, Reply(200, json.dumps(answer).encode(), {}))
+        assert result.replayed and result.reads == {}, answer
+    ops, _ = make_ops()
+    plan = ops.txn(reads=["a"], writes=[{"key": "c", "value": 1}])
+    start(plan)
+    fresh = {"ok": True, "id": "id-0", "committed": True, "commit_ts": 9,
+             "reads": [{"key": "a", "found": False, "value": None, "version": None}],
+             "receipt": {"leader": "n1"}}
+    assert not finish(plan, Reply(200, json.dumps(fresh).encode(), {})).replayed
+
+
 @pytest.mark.parametrize("call, field", [
     (lambda ops: ops.put("k", 1, if_version=1, if_absent=True), "if_version"),
     (lambda ops: ops.put("k", 1, if_version=-1), "if_version"),

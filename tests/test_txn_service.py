@@ -101,6 +101,8 @@ def test_one_shot_transaction_and_its_outcome() -> None:
         status, again = await call("POST", "/v1/txn", json={
             "keyspace": "t", "id": "move-1", "writes": [{"op": "put", "key": "y", "value": 99}]})
         assert status == 200 and again.get("commit_ts") == txn["commit_ts"]
+        # ... and says so: its empty reads are not what the transaction read.
+        assert again["replayed"] is True and again["reads"] == [] and "replayed" not in txn
         status, y = await call("GET", "/v1/kv/t/y")
         assert y["value"] == 10
         status, unknown = await call("GET", "/v1/txn/never?keyspace=t")

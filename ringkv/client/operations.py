@@ -707,7 +707,9 @@ class Operations:
         return TxnResult(
             id=str(answer.get("id", txn_id)), committed=bool(answer.get("committed")),
             commit_ts=None if commit_ts is None else int(commit_ts), reads=got, receipt=receipt,
-            conflict_retries=conflicts, replayed=receipt is None and bool(answer.get("committed")),
+            # The node says so (a node of an older release only left the receipt out).
+            conflict_retries=conflicts, replayed=bool(answer.get("replayed")) or (
+                receipt is None and bool(answer.get("committed"))),
         )
 
     def txn_status(

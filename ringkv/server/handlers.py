@@ -528,6 +528,10 @@ async def post_txn(call: ApiCall) -> Answer:
              "reads": _txn_reads(result.get("reads")), "receipt": result.get("receipt")}
     if result.get("commit_ts") is not None:
         reply["commit_ts"] = result["commit_ts"]
+    if result.get("replayed"):
+        # An earlier attempt under this id committed: this answer has no reads, and a
+        # client must not take the empty list for what the transaction read.
+        reply["replayed"] = True
     return answer(reply)
 
 

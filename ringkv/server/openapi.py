@@ -541,6 +541,8 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
                 "ok": {"const": True}, "id": _ref("TxnId"), "committed": {"type": "boolean"},
                 "reads": {"type": "array", "items": _ref("TxnRead")},
                 "receipt": _ref("TxnReceipt"), "commit_ts": {"type": "integer"},
+                "replayed": {"const": True, "description": "an earlier attempt under this id "
+                             "committed; its reads are not returned"},
             }, ["ok", "id", "committed", "reads"]), "committed, or its conditions failed"),
             errors=TXN_ERRORS, tags=txn)},
         "/v1/txn/{txn_id}": {"get": _operation(

@@ -163,7 +163,7 @@ class CrossRangeTxn:
         if status.get("status") != "committed":
             return None
         return {"ok": True, "id": txn_id, "committed": True, "commit_ts": status["commit_ts"],
-                "replayed": True, "reads": [], "receipt": {"txn_id": txn_id, "replayed": True}}
+                "replayed": True, "reads": [], "receipt": None}
 
     async def _read_only(self, request: TxnRequest, txn_id: str, ranges: dict[Range, list[bytes]],
                          deadline_s: float) -> dict[str, Any]:
