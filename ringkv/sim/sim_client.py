@@ -14,8 +14,8 @@ One request is one message each way:
 * the request reaches the node after a one-way delay drawn from the network;
   there it runs as the native listener would run it (``client/native.to_native``,
   then ``server/native._ROUTES`` over ``server/handlers.ApiCall``), minus the
-  sockets; the lease routes (not native verbs) run through the calls
-  ``server/lease_http.py`` makes (``txn/lease_service.py``);
+  sockets, the lease operations included (``server/lease_http.py``'s calls,
+  as both front ends make them);
 * a node whose process is down refuses the connection (``Failure("connect")``
   after a round trip); a link cut either way when the request is sent gets no
   answer to the dial (``Failure("connect")`` at the timeout); a request or answer
@@ -35,7 +35,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from ringkv.client.aio import AsyncClient, WatchConnectError, WatchIOError
 from ringkv.client.native import REPLAYED_HEADER, to_native
@@ -46,19 +46,17 @@ from ringkv.net import native as native_core
 from ringkv.net.codec import KIND_REQUEST, Frame
 from ringkv.node import Node
 from ringkv.server import handlers as h
+from ringkv.server import lease_http
 from ringkv.server import validation as v
 from ringkv.server.idempotency import IdempotencyCache
-from ringkv.server.native import _ROUTES
+from ringkv.server.native import _LEASE_ROUTES, _ROUTES
 from ringkv.server.watch_http import PAGE_EVENTS, WatchSpec, poll, range_ends
 from ringkv.sim.clock import SimClock
 from ringkv.sim.cluster import PAUSED, UP, Machine, SimCluster
 from ringkv.sim.loop import CRASHED, Process
-from ringkv.txn import leases as L
 from ringkv.txn.watch import WatchBuffer, event_json, fit, frame, start_version
 
 RESET_CHECK_S = 0.05  # how often a waiting request looks for a reset (its node killed)
-LEASE_PATH = "/v1/lease"
-_GRANT_FIELDS = ("ttl", "keyspace")
 
 
 def client_machine(name: str) -> str:
@@ -274,14 +272,20 @@ async def serve(node: Node, effect: Send, caches: dict[tuple[str, int], Idempote
     parts = urlsplit(effect.url)
     started_s = node.clock.monotonic_s()
     try:
-        if parts.path == LEASE_PATH or parts.path.startswith(LEASE_PATH + "/"):
-            return await _lease(node, effect.method, parts.path, effect.body or b"")
         request = to_native(effect)
-        if request is None or request.verb not in _ROUTES:
+        if request is None or (request.verb not in _ROUTES and request.verb != "lease_grant"
+                               and request.verb not in _LEASE_ROUTES):
             raise NotFound(f"no route for {effect.method} {parts.path}")
-        parsed = native_core.request(Frame(native_core.NATIVE_VERSION, KIND_REQUEST, 1,
-                                           request.verb, dict(request.payload)))
+        parsed = native_core.request(Frame(native_core.STREAM_VERSION, KIND_REQUEST, 1,
+                                           request.verb, dict(request.payload)),
+                                     native_core.STREAM_VERSION)
         h.admit(node, native_core.OPERATIONS[parsed.verb])
+        # The lease operations, as both front ends run them (the simulated cluster has
+        # no auth, so every caller may).
+        if parsed.verb == "lease_grant":
+            return h.answer(await lease_http.grant(node, parsed.body, _anyone))
+        if parsed.verb in _LEASE_ROUTES:
+            return h.answer(await _LEASE_ROUTES[parsed.verb](node, parsed.lease_id, _anyone))
         key = (v.key_from_json(parsed.key, node.config.limits, field="key")
                if parsed.key else b"")
         cache = caches.setdefault((node.node_id, id(node)), IdempotencyCache(node.clock))
@@ -301,36 +305,5 @@ async def serve(node: Node, effect: Send, caches: dict[tuple[str, int], Idempote
         return h.INTERNAL_ERROR
 
 
-async def _lease(node: Node, method: str, path: str, body: bytes) -> h.Answer:
-    """The lease routes, as ``server/lease_http.py`` runs them (permissions aside: the
-    simulated cluster has no auth)."""
-    now_s = node.clock.monotonic_s()
-    rest = path[len(LEASE_PATH):].strip("/")
-    if not rest:
-        if method != "POST":
-            raise NotFound(f"no route for {method} {path}")
-        h.admit(node, "lease_grant")
-        doc = v.parse_json_body(body) if body.strip() else {}
-        if not isinstance(doc, dict):
-            raise BadRequest("the body of a lease grant is a JSON object", field="body")
-        v.check_fields(doc, _GRANT_FIELDS, what="a lease grant")
-        if "ttl" not in doc:
-            raise BadRequest('a lease grant needs "ttl" (seconds)', field="ttl")
-        ttl_s = L.check_ttl(doc["ttl"], node.config.txn.max_lease_ttl_s)
-        named = doc.get("keyspace")
-        if named is not None and not isinstance(named, str):
-            raise BadRequest("keyspace must be a string", field="keyspace")
-        return h.answer(await node.leases.grant(node.leases.keyspace(named), ttl_s, now_s))
-    raw_id, _, tail = rest.partition("/")
-    lease_id = L.parse_id(unquote(raw_id), field="id")
-    node.leases.keyspace(lease_id.keyspace)
-    if method == "POST" and tail == "keepalive":
-        h.admit(node, "lease_keepalive")
-        return h.answer(await node.leases.keepalive(lease_id, now_s))
-    if method == "DELETE" and not tail:
-        h.admit(node, "lease_revoke")
-        return h.answer(await node.leases.revoke(lease_id, now_s))
-    if method == "GET" and not tail:
-        h.admit(node, "lease_get")
-        return h.answer(await node.leases.show(lease_id, now_s))
-    raise NotFound(f"no route for {method} {path}")
+async def _anyone(route: str, keyspace: str) -> None:
+    """Every caller may: the simulated cluster runs without auth."""
