@@ -138,7 +138,9 @@ class WatchHub:
                     feed.resolved_us = resolved_us
                     for session in list(feed.subscribers.values()):
                         session.feed_batch(feed, changes, resolved_us)
-            await clock.sleep(max(0.0, turn_s + poll_s - clock.monotonic_s()))
+            # On one grid for every feed: a watch over several ranges has all of them past
+            # a commit after one interval, not after the last of several unaligned ones.
+            await clock.sleep(poll_s - clock.monotonic_s() % poll_s)
 
     async def _poll(self, feed: RangeFeed, turn_s: float,
                     timeout_s: float) -> tuple[list[Change], int]:
