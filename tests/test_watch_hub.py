@@ -18,17 +18,25 @@ does not wait for the slowest range) are each caught.
 from __future__ import annotations
 
 import asyncio
+import http.client as httpclient
 import json
 import random
+import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from ringkv.clock import SystemClock
 from ringkv.config import config_from_dict
 from ringkv.server import watch_session as ws
+from ringkv.tools.launcher import free_port_block
+from ringkv.tools.local_cluster import LocalCluster
 from ringkv.txn import watch as tw
+from tests.procs import http, wait_until
 
 ENDS = [100, 200, 300]
 POLL_MS = 10
@@ -308,3 +316,112 @@ def test_a_planted_switch_to_live_too_early_or_never_is_caught(
     joiner, sink, from_version = asyncio.run(join_while_commits_flow(
         node, lambda: monkeypatch.setattr(tw, "caught_up", joiner_rule)))
     assert not joined_right(node, joiner, sink, from_version)
+
+
+# -- on a real node ---------------------------------------------------------------------------
+
+
+def node_polls(url: str) -> int:
+    status, view = http("GET", f"{url}/v1/status")
+    assert status == 200
+    return int(view["transactional"]["stats"]["watch_polls"])
+
+
+class StreamReader(threading.Thread):
+    """One HTTP watch read line by line until it has reached ``target`` (bounded)."""
+
+    def __init__(self, url: str, path: str) -> None:
+        super().__init__(daemon=True)
+        parts = urlsplit(url)
+        self.conn = httpclient.HTTPConnection(parts.hostname or "", parts.port, timeout=15)
+        self.conn.request("GET", path)
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200
+        self.events: list[dict[str, Any]] = [json.loads(self.response.readline())]
+        self.target: int | None = None
+
+    def run(self) -> None:
+        for _ in range(10_000):  # bounded: a line per event, a progress line a second
+            raw = self.response.readline()
+            if not raw.strip():
+                return
+            event = json.loads(raw)
+            self.events.append(event)
+            if self.target is not None and event.get("version", 0) >= self.target:
+                return
+
+
+@pytest.mark.cluster
+def test_thirty_watches_on_a_node_cost_one_poll_per_range(tmp_path: Path) -> None:
+    """30 HTTP watches (key and prefix, from different versions) on one node: while
+    commits flow, the node serves about one ``changes`` poll per range per interval,
+    not one per watch, and each watch gets exactly its commits once, in order."""
+    ranges = 3
+    cluster = LocalCluster(tmp_path, nodes=1, rf=1, base_client_port=free_port_block(1),
+                           base_internode_port=free_port_block(1), config_overrides={
+                               "keyspaces.hub": {"replication_factor": 1,
+                                                 "tier": "transactional", "ranges": ranges}})
+    readers: list[tuple[StreamReader, str, bool, int | None]] = []
+    try:
+        cluster.up(timeout_s=30)
+        url = cluster.procs[0].url
+        poll_s = 0.05  # txn.watch_poll_ms by default
+        commits: list[tuple[str, int]] = []
+
+        def put(key: str) -> None:
+            status, answer = http("PUT", f"{url}/v1/kv/hub/{key}", {"value": len(commits)})
+            assert status == 200, answer
+            commits.append((key, int(answer["version"])))
+
+        for i in range(4 * ranges):
+            wait_until(lambda i=i: http("PUT", f"{url}/v1/kv/hub/warm{i}", {"value": 0})[0] == 200,
+                       timeout_s=30, interval_s=0.2, what="a first write to every range")
+        for i in range(30):
+            put(f"k{i % 6}")
+        for i in range(30):
+            prefix = i % 2 == 0
+            key = f"k{i % 6}"
+            start = commits[i][1] if i % 3 else None
+            path = (f"/v1/watch/hub/{'k' if prefix else key}?prefix={str(prefix).lower()}"
+                    + ("" if start is None else f"&from_version={start}"))
+            reader = StreamReader(url, path)
+            reader.start()
+            readers.append((reader, "k" if prefix else key, prefix, start))
+        for i in range(10):  # the watches catch up and take the shared polls
+            put(f"k{i % 6}")
+        def bound(window_s: float) -> float:
+            # Unshared, 30 watches (half of them over 3 ranges) make 60 polls an interval.
+            return ranges * (window_s / poll_s + 2) * 1.5
+
+        last = [node_polls(url), time.monotonic()]
+
+        def shared() -> bool:
+            polls, now = node_polls(url), time.monotonic()
+            settled = now - last[1] >= 0.25 and polls - last[0] <= bound(now - last[1])
+            last[:] = [polls, now]
+            put("k0")  # commits keep flowing
+            return settled
+
+        wait_until(shared, timeout_s=10, interval_s=0.3, what="the watches on the shared polls")
+        before, started = node_polls(url), time.monotonic()
+        for i in range(40):
+            put(f"k{i % 6}")
+        polls, window_s = node_polls(url) - before, time.monotonic() - started
+        target = commits[-1][1]
+        for reader, *_ in readers:
+            reader.target = target
+        for reader, *_ in readers:
+            reader.join(timeout=15)
+            assert not reader.is_alive(), "a watch never reached the last commit"
+        assert 0 < polls <= bound(window_s), (polls, window_s)
+        for reader, key, prefix, start in readers:
+            after = reader.events[0]["version"] if start is None else start
+            want = sorted(((k, v) for k, v in commits
+                           if v > after and (k.startswith(key) if prefix else k == key)),
+                          key=lambda kv: (kv[1], kv[0]))
+            seen = [(e["key"], e["version"]) for e in reader.events if e["type"] == "put"]
+            assert seen == want
+    finally:
+        for reader, *_ in readers:
+            reader.conn.close()
+        cluster.down()
