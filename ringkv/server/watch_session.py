@@ -3,11 +3,15 @@
 What to deliver and when is decided in ``txn/watch.py``; this module runs it
 for one watcher: a poll loop that asks every range the watch spans for its
 commits in ``(last, T]`` (``TxnService`` op ``changes``, served like a
-snapshot read at ``T``), and a writer that hands the buffered events, one
-NDJSON line each, to a ``WatchSink``: HTTP's streamed response
-(``server/watch_http.py``) or the native protocol's frames
-(``server/watch_native.py``). The two loops meet in a bounded ``WatchBuffer``:
-the poll loop stops polling while the buffer is over half full, and a
+snapshot read at ``T``) until the watch has caught up with its node's shared
+polls of those ranges (``server/watch_hub.py``, one per range for all the
+node's watches), which feed it from then on (``txn/watch.py``'s
+``caught_up`` and ``Fanin``) while its buffer is at most half full; and a
+writer that hands the buffered events, one NDJSON line each, to a
+``WatchSink``: HTTP's streamed response (``server/watch_http.py``) or the
+native protocol's frames (``server/watch_native.py``). The polls and the
+writer meet in a bounded ``WatchBuffer``: a watch over half full leaves the
+shared polls, its own stop while the buffer stays that full, and a
 watcher whose buffer stays that full ``SLOW_S`` is cut off with a last
 ``watcher_too_slow`` event naming the version to resume from. A sink whose
 transport cannot take more (HTTP's drain, the native connection's write
