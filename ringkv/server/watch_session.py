@@ -3,11 +3,15 @@
 What to deliver and when is decided in ``txn/watch.py``; this module runs it
 for one watcher: a poll loop that asks every range the watch spans for its
 commits in ``(last, T]`` (``TxnService`` op ``changes``, served like a
-snapshot read at ``T``), and a writer that hands the buffered events, one
-NDJSON line each, to a ``WatchSink``: HTTP's streamed response
-(``server/watch_http.py``) or the native protocol's frames
-(``server/watch_native.py``). The two loops meet in a bounded ``WatchBuffer``:
-the poll loop stops polling while the buffer is over half full, and a
+snapshot read at ``T``) until the watch has caught up with its node's shared
+polls of those ranges (``server/watch_hub.py``, one per range for all the
+node's watches), which feed it from then on (``txn/watch.py``'s
+``caught_up`` and ``Fanin``) while its buffer is at most half full; and a
+writer that hands the buffered events, one NDJSON line each, to a
+``WatchSink``: HTTP's streamed response (``server/watch_http.py``) or the
+native protocol's frames (``server/watch_native.py``). The polls and the
+writer meet in a bounded ``WatchBuffer``: a watch over half full leaves the
+shared polls, its own stop while the buffer stays that full, and a
 watcher whose buffer stays that full ``SLOW_S`` is cut off with a last
 ``watcher_too_slow`` event naming the version to resume from. A sink whose
 transport cannot take more (HTTP's drain, the native connection's write
@@ -34,10 +38,13 @@ from ringkv.clock import Clock
 from ringkv.errors import BadRequest, Compacted, Overloaded, RingKVError
 from ringkv.server import handlers as h
 from ringkv.server import validation as v
+from ringkv.server.watch_hub import PAGE_EVENTS, RangeFeed, hub_of
+from ringkv.txn import watch as tw
 from ringkv.txn.service import CHANGES, Op
 from ringkv.txn.watch import (
     WATCHER_TOO_SLOW,
     Change,
+    Fanin,
     Merged,
     Progress,
     RangeAnswer,
@@ -45,6 +52,7 @@ from ringkv.txn.watch import (
     error_json,
     event_json,
     fit,
+    matches,
     merge,
     start_version,
 )
@@ -55,7 +63,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PAGE_EVENTS = 1000  # changes one range returns per poll at most (more come next poll)
 SLOW_S = 5.0  # a buffer over half full this long: the watcher is too slow, cut off
 STALL_S = 30.0  # polls failing this long end the stream (the client resumes elsewhere)
 FINAL_WRITE_S = 1.0  # the last event and the end of the stream, written within this
@@ -200,6 +207,11 @@ class WatchSession:
         self.final: dict[str, Any] | None = None  # the last event, when the node ends it
         self.cut = False  # too slow or cancelled: the buffer is dropped, the writer interrupted
         self.buffer: WatchBuffer | None = None
+        # Live: the node's shared polls (``server/watch_hub.py``) feed this watch;
+        # else (catching up, or too far behind to take them) it polls on its own.
+        self.feeds: list[RangeFeed] = []
+        self.fanin: Fanin | None = None
+        self.live_turns = 0  # times this watch switched to the shared polls (tests)
 
     def cancel(self) -> None:
         """The watcher asked to stop (the native ``watch_cancel``): no more events, and
@@ -217,10 +229,29 @@ class WatchSession:
         buffer = self.buffer = WatchBuffer(self.max_events, start_us, now_s=started_s)
         first = await poll(self.txn, spec, self.range_ends, start_us, started_s=started_s,
                            timeout_s=self.timeout_s)
-        # Where the stream starts: a watcher that must reconnect before any event
-        # resumes from here.
-        await self.sink.begin(event_json(Progress(start_us)), start_us)
-        self._offer(first)
+        hub = hub_of(self.node)
+        try:
+            for end in self._feed_ends():
+                self.feeds.append(hub.subscribe(self, spec.keyspace, end))
+            # Where the stream starts: a watcher that must reconnect before any event
+            # resumes from here.
+            await self.sink.begin(event_json(Progress(start_us)), start_us)
+            self._offer(first)
+            self._try_live()
+            await self._stream(buffer)
+        finally:
+            for feed in self.feeds:
+                hub.unsubscribe(self, feed)
+
+    def _feed_ends(self) -> list[int]:
+        """The ranges whose shared polls this watch takes: all of its keyspace's for a
+        prefix, the key's own range for a key."""
+        ranges = self.txn.range_map(self.spec.keyspace).ranges
+        if self.spec.prefix or len(ranges) == 1:
+            return [r.end for r in ranges]
+        return [self.txn.range_map(self.spec.keyspace).range_for_key(self.spec.key).end]
+
+    async def _stream(self, buffer: WatchBuffer) -> None:
         loop = asyncio.get_running_loop()
         writer = loop.create_task(self._guarded(self._writer()))
         poller = loop.create_task(self._guarded(self._poller()))
@@ -255,6 +286,63 @@ class WatchSession:
             self.stop.set()
             self.wake.set()
 
+    def feed_batch(self, feed: RangeFeed, changes: list[Change], resolved_us: int) -> None:
+        """A shared poll's answer for one range (the hub calls this): taken while live."""
+        fanin = self.fanin
+        buffer = self.buffer
+        if fanin is None or buffer is None or self.stop.is_set():
+            return
+        spec = self.spec
+        fanin.add(self.feeds.index(feed),
+                  [c for c in changes if matches(c, spec.key, spec.prefix)], resolved_us)
+        self._take_live(fanin, buffer)
+
+    def _take_live(self, fanin: Fanin, buffer: WatchBuffer) -> None:
+        """Offer what every range's shared poll has resolved, or fall back to own polls."""
+        merged = fanin.take(buffer.offered_us, buffer.room)
+        if merged is None:
+            if buffer.events == 0:
+                self._too_slow("a transaction writes more keys than a watcher may buffer "
+                               "(txn.watch_buffer_events)")
+            self.fanin = None  # polls on its own, once the writer makes room
+            return
+        buffer.offer(merged)
+        self.wake.set()
+        if 2 * buffer.events > buffer.max_events:
+            # Too far behind to take the shared polls: it polls on its own from what it
+            # has offered, and stops polling while its buffer stays full (SLOW_S).
+            self.fanin = None
+
+    def feed_failed(self, exc: BaseException) -> None:
+        """A shared poll of one of this watch's ranges cannot go on: the stream ends."""
+        if isinstance(exc, RingKVError):
+            self._end(exc.code, exc.message, **exc.details)
+        else:
+            self._end("internal", "the watch failed on the node; resume from last_version")
+
+    def _try_live(self) -> None:
+        """Switch to the shared polls once this watch has offered everything up to
+        where each of them can replay from, with room in its buffer."""
+        buffer = self.buffer
+        assert buffer is not None
+        if (self.fanin is None and not self.stop.is_set()
+                and 2 * buffer.events <= buffer.max_events
+                and tw.caught_up(buffer.offered_us, [f.replay_from_us for f in self.feeds])):
+            spec = self.spec
+            fanin = self.fanin = Fanin(len(self.feeds), buffer.offered_us)
+            for index, feed in enumerate(self.feeds):
+                fanin.add(index, [c for c in feed.replay() if matches(c, spec.key, spec.prefix)],
+                          feed.resolved_us)
+            self.live_turns += 1
+            self._take_live(fanin, buffer)
+
+    def _stalled(self, now_s: float) -> RangeFeed | None:
+        """A shared poll of this watch's ranges failing longer than STALL_S."""
+        for feed in self.feeds:
+            if feed.failing_since_s is not None and now_s - feed.failing_since_s > STALL_S:
+                return feed
+        return None
+
     def _offer(self, merged: Merged) -> bool:
         """Buffer what fits; False when not even the next transaction fits."""
         assert self.buffer is not None
@@ -279,6 +367,16 @@ class WatchSession:
                                "from last_version")
                 return
             turn_s = self.clock.monotonic_s()
+            if self.fanin is not None:  # live: the shared polls feed the buffer
+                stalled = self._stalled(turn_s)
+                if stalled is not None:
+                    exc = stalled.failure
+                    code = exc.code if isinstance(exc, RingKVError) else "unavailable"
+                    self._end(code, f"no poll of the watch succeeded for {STALL_S:g} s: "
+                              f"{exc}; resume from last_version")
+                    return
+                await self.clock.sleep(self.poll_s)
+                continue
             try:
                 merged = await poll(self.txn, self.spec, self.range_ends, buffer.offered_us,
                                     started_s=turn_s, timeout_s=self.timeout_s)
@@ -300,6 +398,9 @@ class WatchSession:
                     self._too_slow("a transaction writes more keys than a watcher may buffer "
                                    "(txn.watch_buffer_events)")
                     return
+                self._try_live()
+                if self.fanin is not None:
+                    continue  # live from here: no wait for a poll of its own
             await self.clock.sleep(max(0.0, turn_s + self.poll_s - self.clock.monotonic_s()))
 
     def _too_slow(self, message: str) -> None:

@@ -122,6 +122,47 @@ def fit(merged: Merged, room: int) -> Merged | None:
     return Merged(changes[:cut], changes[cut - 1].version_us)
 
 
+def caught_up(offered_us: int, feed_from_us: Sequence[int]) -> bool:
+    """Whether a watch polling on its own may switch to its node's shared polls: it
+    has offered everything up to where each shared poll of its ranges can replay
+    from (its kept answers, then the ones to come, are contiguous from there), so
+    it gets no gap; what they bring at or below ``offered_us`` is dropped, never
+    repeated."""
+    return all(offered_us >= from_us for from_us in feed_from_us)
+
+
+def matches(change: Change, key: bytes, prefix: bool) -> bool:
+    """Whether a change of a whole range is one a watch of ``key`` (or prefix) gets."""
+    return change.key.startswith(key) if prefix else change.key == key
+
+
+class Fanin:
+    """A live watch's share of its node's polls, one per range it spans: what each
+    range's shared poll brought (its own keys only) and up to where it is resolved.
+    ``take`` hands out what every range has resolved, merged as one poll of all of
+    them (``merge``): a version's events together, once each range is past it."""
+
+    def __init__(self, ranges: int, at_us: int) -> None:
+        self._pending: list[list[Change]] = [[] for _ in range(ranges)]
+        self._resolved: list[int] = [at_us] * ranges
+
+    def add(self, index: int, changes: Sequence[Change], resolved_us: int) -> None:
+        self._pending[index].extend(changes)
+        self._resolved[index] = max(self._resolved[index], resolved_us)
+
+    def take(self, since_us: int, room: int) -> Merged | None:
+        """What is resolved above ``since_us``, fitted to ``room`` (``fit``); None when
+        not even its first version fits (nothing is taken then)."""
+        upto_us = min(self._resolved)
+        answers = [RangeAnswer(p, r) for p, r in zip(self._pending, self._resolved, strict=True)]
+        fitted = fit(merge(since_us, upto_us, answers), room)
+        if fitted is None:
+            return None
+        cut_us = fitted.resolved_us
+        self._pending = [[c for c in p if c.version_us > cut_us] for p in self._pending]
+        return fitted
+
+
 class WatchBuffer:
     """What one watcher has not read yet: events and the points they resolve, bounded.
 
