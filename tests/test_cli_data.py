@@ -194,6 +194,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
         password = wait_until(printed, timeout_s=30, interval_s=0.1,
                               what="a node to create the superuser")
+        admin = {"Authorization": "Basic " + base64.b64encode(
+            f"admin:{password}".encode()).decode()}
+
+        def logged_in_everywhere() -> bool:  # each node reads the new user store in turn
+            return all(http("GET", f"{proc.url}/v1/auth/whoami", headers=admin)[0] == 200
+                       for proc in local.procs)
+
+        wait_until(logged_in_everywhere, timeout_s=30, interval_s=0.1,
+                   what="every node to know the superuser")
         yield Cluster(local.procs, str(local.certs_dir / "ca.crt"), password)
     finally:
         local.down()
