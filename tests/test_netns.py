@@ -224,8 +224,8 @@ def _joining_state(node: NodeProcess) -> str | None:
 # -- the Jepsen-style run ------------------------------------------------------------------
 
 
-# make test runs the isolations and a 2|3 split (about 80 s of faults); make soak
-# runs every kind (about 130 s).
+# make test runs the isolations and a 2|3 split (about 65 s of faults: each calm ends
+# once every node has recovered); make soak runs every kind (about 100 s).
 SHORT = ("split",)
 
 
