@@ -14,7 +14,7 @@ import pytest
 from ringkv.ring import TokenRing
 from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster, node_view
 from ringkv.tools.launcher import NodeProcess, free_port_block
-from tests.procs import http, wait_until
+from tests.procs import FAST_GOSSIP, http, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -31,7 +31,8 @@ def liveness(observer: NodeProcess, node_id: str) -> str | None:
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    cluster = make_cluster(tmp_path)
+    """A cluster of its own, for a test that kills a node: half-second gossip."""
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP)
     try:
         cluster.up(timeout_s=30)
         yield cluster
@@ -129,7 +130,7 @@ def test_one_node_down_quorum_works_all_is_unavailable_and_hints_replay(
 
 def test_read_repair_fixes_a_stale_replica(tmp_path: Path) -> None:
     """Dynamo §4.5 read repair: a QUORUM read coordinated by the stale replica repairs it."""
-    cluster = make_cluster(tmp_path, **{"timing.max_hint_window_s": 0})  # hints off
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP, **{"timing.max_hint_window_s": 0})  # no hints
     try:
         cluster.up(timeout_s=30)
         first, stale = cluster.procs[0], cluster.procs[2]

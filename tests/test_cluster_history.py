@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ringkv.clock import SystemClock
-from tests.procs import http
+from tests.procs import FAST_GOSSIP, http
 from tests.test_cluster import make_cluster
 
 pytestmark = pytest.mark.cluster
@@ -79,7 +79,7 @@ def test_the_stale_read_check_finds_a_read_older_than_an_earlier_acknowledged_wr
 ])
 def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path,
                                                            duration_s: float) -> None:
-    cluster = make_cluster(tmp_path)
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP)
     kills: list[str] = []
     history: list[Op] = []
     lock = threading.Lock()
