@@ -230,7 +230,8 @@ def test_a_wildcard_bind_with_both_broadcasts_forms_one_cluster_and_advertises_t
         nodes.append(node)
     w1, w2 = nodes
     w1.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}"]  # its own only seed
-    w2.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}"]
+    # w1 holds no data: w2 joins without streaming (and its ring delay), as `cluster up`.
+    w2.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}", NO_STREAMING]
     try:
         w1.start()
         w2.start()
