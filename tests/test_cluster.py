@@ -203,8 +203,9 @@ def test_nodes_started_at_once_own_at_most_1_25x_the_mean(tmp_path: Path) -> Non
 
     They form a new cluster that holds no data, so they join without streaming, as
     ``ringkv cluster up`` forms one (a joiner that streams adds a ring delay each;
-    tests/test_bootstrap_process.py covers those)."""
-    cluster = make_cluster(tmp_path, nodes=5)
+    tests/test_bootstrap_process.py covers those). Their turns pass in gossip rounds,
+    so half-second rounds: the shares are what is checked, not how soon."""
+    cluster = make_cluster(tmp_path, nodes=5, **FAST_GOSSIP)
     cluster.build()
     try:
         for proc in cluster.procs:
