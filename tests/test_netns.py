@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ringkv.address import format_address
 from ringkv.chaos.netns_run import (
@@ -190,10 +191,14 @@ def test_a_new_node_whose_seed_is_unreachable_waits_instead_of_serving_alone(
     with netns_hosts(2) as hosts:
         seed_host, new_host = hosts.hosts
         hosts.cut(seed_host, new_host)  # its SYNs vanish: no refusal, just silence
-        seed = _node(hosts, 0, tmp_path / "seed")
+        # Half-second gossip: the new node gives up learning, and retries its seed, in
+        # gossip rounds; what it does meanwhile is what is checked.
+        config = tmp_path / "fast-gossip.yaml"
+        config.write_text(yaml.safe_dump({"timing": {"gossip_interval_ms": 500}}))
+        seed = _node(hosts, 0, tmp_path / "seed", "--config", str(config))
         # The seed holds no data, so the new node joins without streaming.
         new = _node(hosts, 1, tmp_path / "new", "--seeds", format_address(seed_host, 7500),
-                    NO_STREAMING)
+                    NO_STREAMING, "--config", str(config))
         try:
             seed.start()
             new.start(wait_joined=False)
