@@ -17,7 +17,7 @@ import pytest
 from ringkv.ring import MAX_TOKEN, NodeInfo, TokenRing
 from ringkv.tools.launcher import NodeProcess, free_port_block
 from ringkv.tools.local_cluster import COUNTER, NO_STREAMING, LocalCluster, _cas_increment
-from tests.procs import http, wait_until
+from tests.procs import KeptConnections, http, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -62,30 +62,34 @@ def put(proc: NodeProcess, key: str, value: Any) -> bool:
     return status == 200
 
 
-def local_value(proc: NodeProcess, key: str) -> Any:
-    status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?local=true")
+def local_value(proc: NodeProcess, key: str, kept: KeptConnections | None = None) -> Any:
+    url = f"{proc.url}/v1/kv/default/{key}?local=true"
+    status, body = kept.get(url) if kept is not None else http("GET", url)
     return body["value"] if status == 200 else None
 
 
 def check_every_replica(cluster: LocalCluster, acked: dict[str, Any], live: list[NodeProcess],
                         consistency: str = "QUORUM") -> None:
     """Each acknowledged write on each natural replica's own copy (local=true, read
-    before any coordinated read of the key), then at ``consistency``."""
+    before any coordinated read of the key), then at ``consistency``. Thousands of
+    reads: over kept connections."""
     ring = ring_of(live[0])
     assert all(ring_of(proc) == ring for proc in live)
     by_id = {proc.node_id: proc for proc in [*cluster.procs, *live]}
     missing = []
-    for key, value in acked.items():
-        for node_id in ring.replicas_for_key(key.encode(), 3):
-            if local_value(by_id[node_id], key) != value:
-                missing.append((key, node_id))
-    assert missing == [], f"{len(missing)} copies missing, e.g. {missing[:5]}"
-    print(f"{len(acked)} acknowledged keys: every natural replica's own copy, then at "
-          f"{consistency}")
-    for i, (key, value) in enumerate(acked.items()):
-        proc = live[i % len(live)]
-        status, body = http("GET", f"{proc.url}/v1/kv/default/{key}?consistency={consistency}")
-        assert status == 200 and body["value"] == value, (key, status, body)
+    with KeptConnections() as kept:
+        for key, value in acked.items():
+            for node_id in ring.replicas_for_key(key.encode(), 3):
+                if local_value(by_id[node_id], key, kept) != value:
+                    missing.append((key, node_id))
+        assert missing == [], f"{len(missing)} copies missing, e.g. {missing[:5]}"
+        print(f"{len(acked)} acknowledged keys: every natural replica's own copy, then at "
+              f"{consistency}")
+        for i, (key, value) in enumerate(acked.items()):
+            proc = live[i % len(live)]
+            status, body = kept.get(
+                f"{proc.url}/v1/kv/default/{key}?consistency={consistency}")
+            assert status == 200 and body["value"] == value, (key, status, body)
 
 
 class Load:

@@ -665,7 +665,8 @@ def coordinated(urls: list[str]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = make_cluster(tmp_path_factory.mktemp("client-cluster"), **SOLO)
+    # Fast gossip: a quicker start-up; these tests check routing and levels, not timing.
+    cluster = make_cluster(tmp_path_factory.mktemp("client-cluster"), **SOLO, **FAST_GOSSIP)
     try:
         cluster.up(timeout_s=60)
         yield cluster

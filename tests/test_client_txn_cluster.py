@@ -22,9 +22,20 @@ from ringkv.client.blocking import Transaction
 from ringkv.errors import ConditionFailed
 from ringkv.tools.local_cluster import LocalCluster
 from tests.procs import http, wait_until
-from tests.test_txn_cluster import cluster  # noqa: F401  (the three-process fixture)
+from tests.test_txn_cluster import txn_cluster
 
 pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One cluster for both tests: neither stops a node, and their keys differ."""
+    cluster = txn_cluster(tmp_path_factory.mktemp("client-txn"))
+    try:
+        cluster.up(timeout_s=30)
+        yield cluster
+    finally:
+        cluster.down()
 
 
 def ready(kv: Client) -> bool:
@@ -47,7 +58,7 @@ def increment(kv: Client, key: str) -> int:
             continue
 
 
-def test_client_cas_txn_status_and_snapshot(cluster: LocalCluster) -> None:  # noqa: F811
+def test_client_cas_txn_status_and_snapshot(cluster: LocalCluster) -> None:
     urls = [p.url for p in cluster.procs]
     with Client(urls, keyspace="txn", timeout_s=5.0) as kv:
         wait_until(lambda: ready(kv), timeout_s=30, interval_s=0.2,
@@ -103,7 +114,7 @@ def test_client_cas_txn_status_and_snapshot(cluster: LocalCluster) -> None:  # n
     asyncio.run(async_calls())
 
 
-def test_interactive_transactions_across_nodes(cluster: LocalCluster) -> None:  # noqa: F811
+def test_interactive_transactions_across_nodes(cluster: LocalCluster) -> None:
     """A transaction's calls all go to the node that began it (the others say where it
     lives), and concurrent ``run_transaction`` increments, rerun after the conflicts
     wound-wait settles, each apply exactly once."""

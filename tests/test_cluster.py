@@ -14,7 +14,7 @@ import pytest
 from ringkv.ring import TokenRing
 from ringkv.tools.local_cluster import NO_STREAMING, LocalCluster, node_view
 from ringkv.tools.launcher import NodeProcess, free_port_block
-from tests.procs import http, wait_until
+from tests.procs import FAST_GOSSIP, http, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -31,12 +31,31 @@ def liveness(observer: NodeProcess, node_id: str) -> str | None:
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    cluster = make_cluster(tmp_path)
+    """A cluster of its own, for a test that kills a node: half-second gossip."""
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP)
     try:
         cluster.up(timeout_s=30)
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="module")
+def _module_cluster(tmp_path_factory: pytest.TempPathFactory):
+    cluster = make_cluster(tmp_path_factory.mktemp("shared"))
+    try:
+        cluster.up(timeout_s=30)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def shared_cluster(_module_cluster: LocalCluster) -> LocalCluster:
+    """One cluster for the tests that leave every node running: each starts once
+    every node sees every other UP again (a start-up is ~5 s of a test's time)."""
+    _module_cluster.wait_all_up(timeout_s=30)
+    return _module_cluster
 
 
 def test_three_nodes_discover_each_other_from_one_seed(tmp_path: Path) -> None:
@@ -57,8 +76,9 @@ def test_three_nodes_discover_each_other_from_one_seed(tmp_path: Path) -> None:
         cluster.down()
 
 
-def test_a_paused_node_is_marked_down_then_up(cluster: LocalCluster) -> None:
+def test_a_paused_node_is_marked_down_then_up(shared_cluster: LocalCluster) -> None:
     """Phi-accrual detection (phi 8, 1 s gossip): DOWN within 15 s of SIGSTOP, UP after SIGCONT."""
+    cluster = shared_cluster
     first, paused = cluster.procs[0], cluster.procs[2]
     paused.signal(signal.SIGSTOP)
     try:
@@ -110,7 +130,7 @@ def test_one_node_down_quorum_works_all_is_unavailable_and_hints_replay(
 
 def test_read_repair_fixes_a_stale_replica(tmp_path: Path) -> None:
     """Dynamo §4.5 read repair: a QUORUM read coordinated by the stale replica repairs it."""
-    cluster = make_cluster(tmp_path, **{"timing.max_hint_window_s": 0})  # hints off
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP, **{"timing.max_hint_window_s": 0})  # no hints
     try:
         cluster.up(timeout_s=30)
         first, stale = cluster.procs[0], cluster.procs[2]
@@ -132,7 +152,9 @@ def test_read_repair_fixes_a_stale_replica(tmp_path: Path) -> None:
         cluster.down()
 
 
-def test_garbage_on_the_internode_port_neither_crashes_nor_stalls(cluster: LocalCluster) -> None:
+def test_garbage_on_the_internode_port_neither_crashes_nor_stalls(
+        shared_cluster: LocalCluster) -> None:
+    cluster = shared_cluster
     target = cluster.procs[1]
     rng = random.Random(7)
     for size in (1, 4, 100, 70_000):
@@ -146,25 +168,33 @@ def test_garbage_on_the_internode_port_neither_crashes_nor_stalls(cluster: Local
     cluster.wait_all_up(timeout_s=10)
 
 
-def test_scan_and_batch_cover_the_whole_ring(cluster: LocalCluster) -> None:
-    """A paged QUORUM scan through any node returns every key exactly once, in token order."""
-    first, other = cluster.procs[0], cluster.procs[1]
-    ops = [{"op": "put", "key": f"s{i}", "value": i} for i in range(60)]
-    status, body = http("POST", f"{first.url}/v1/batch?consistency=QUORUM", {"ops": ops})
-    assert status == 200 and all(result["ok"] for result in body["results"])
-    seen: dict[str, int] = {}
+def _scan(url: str) -> dict[str, Any]:
+    """Every key of the default keyspace through one node, paged at QUORUM; each once."""
+    seen: dict[str, Any] = {}
     token = None
-    for _ in range(100):  # bounded: 60 keys at 7 per page
+    for _ in range(100):  # bounded: the shared cluster holds well under 700 keys
         query = "?limit=7&consistency=QUORUM" + (f"&page_token={token}" if token else "")
-        status, body = http("GET", f"{other.url}/v1/kv/default{query}")
+        status, body = http("GET", f"{url}/v1/kv/default{query}")
         assert status == 200, body
         for item in body["items"]:
             assert item["key"] not in seen
             seen[item["key"]] = item["value"]
         token = body["next_page_token"]
         if token is None:
-            break
-    assert seen == {f"s{i}": i for i in range(60)}
+            return seen
+    raise AssertionError("the scan did not end within 100 pages")
+
+
+def test_scan_and_batch_cover_the_whole_ring(shared_cluster: LocalCluster) -> None:
+    """A paged QUORUM scan through any node returns every key exactly once, in token order.
+    The cluster is shared: what other tests wrote is there before the batch, and after."""
+    first, other = shared_cluster.procs[0], shared_cluster.procs[1]
+    before = _scan(other.url)
+    ops = [{"op": "put", "key": f"scan{i}", "value": i} for i in range(60)]
+    status, body = http("POST", f"{first.url}/v1/batch?consistency=QUORUM", {"ops": ops})
+    assert status == 200 and all(result["ok"] for result in body["results"])
+    assert _scan(other.url) == {**before, **{f"scan{i}": i for i in range(60)}}
+    assert not set(before) & {f"scan{i}" for i in range(60)}
 
 
 def test_nodes_started_at_once_own_at_most_1_25x_the_mean(tmp_path: Path) -> None:
@@ -173,8 +203,9 @@ def test_nodes_started_at_once_own_at_most_1_25x_the_mean(tmp_path: Path) -> Non
 
     They form a new cluster that holds no data, so they join without streaming, as
     ``ringkv cluster up`` forms one (a joiner that streams adds a ring delay each;
-    tests/test_bootstrap_process.py covers those)."""
-    cluster = make_cluster(tmp_path, nodes=5)
+    tests/test_bootstrap_process.py covers those). Their turns pass in gossip rounds,
+    so half-second rounds: the shares are what is checked, not how soon."""
+    cluster = make_cluster(tmp_path, nodes=5, **FAST_GOSSIP)
     cluster.build()
     try:
         for proc in cluster.procs:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ringkv.clock import SystemClock
-from tests.procs import http
+from tests.procs import FAST_GOSSIP, http
 from tests.test_cluster import make_cluster
 
 pytestmark = pytest.mark.cluster
@@ -25,7 +25,10 @@ pytestmark = pytest.mark.cluster
 CLOCK = SystemClock()
 CLIENTS = 8
 KEYS = 16
-DURATION_S = 30.0
+# make test: 15 s of load, two or three kill-and-restart cycles; make soak: 30 s, five or so.
+DURATION_S = 15.0
+SOAK_DURATION_S = 30.0
+MIN_KILLS = 2  # however slow the restarts, the short run kills at least this often
 
 
 @dataclass
@@ -70,8 +73,14 @@ def test_the_stale_read_check_finds_a_read_older_than_an_earlier_acknowledged_wr
     assert stale_reads([fresh, overlapping, stale, missing], writes) == [stale, missing]
 
 
-def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path) -> None:
-    cluster = make_cluster(tmp_path)
+@pytest.mark.parametrize("duration_s", [
+    pytest.param(DURATION_S, id="short"),
+    pytest.param(SOAK_DURATION_S, id="long", marks=pytest.mark.soak),
+])
+def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path,
+                                                           duration_s: float) -> None:
+    cluster = make_cluster(tmp_path, **FAST_GOSSIP)
+    kills: list[str] = []
     history: list[Op] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -112,10 +121,11 @@ def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path) -> N
 
         def nemesis() -> None:
             rng = random.Random(99)
-            deadline = CLOCK.monotonic_s() + DURATION_S
-            while CLOCK.monotonic_s() < deadline - 6:
+            deadline = CLOCK.monotonic_s() + duration_s
+            while len(kills) < MIN_KILLS or CLOCK.monotonic_s() < deadline - 6:
                 victim = rng.choice(cluster.procs)
                 victim.kill()
+                kills.append(victim.node_id)
                 stop.wait(rng.uniform(1.0, 3.0))
                 victim.start()
                 stop.wait(rng.uniform(1.0, 3.0))
@@ -124,9 +134,9 @@ def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path) -> N
         threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
         for thread in threads:
             thread.start()
-        kills = threading.Thread(target=nemesis)
-        kills.start()
-        kills.join(timeout=DURATION_S + 60)
+        killer = threading.Thread(target=nemesis)
+        killer.start()
+        killer.join(timeout=duration_s + 60)
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
@@ -147,9 +157,11 @@ def test_no_acknowledged_write_is_lost_while_a_node_crashes(tmp_path: Path) -> N
     acked = [op for op in writes if op.ok]
     lost = [w for w in acked if final[w.key] is None or final[w.key] < w.ts]
     stale = stale_reads(reads, acked)
-    print(f"history: {len(writes)} writes ({len(acked)} acknowledged), {len(reads)} reads "
+    print(f"killed and restarted: {', '.join(kills)}; "
+          f"history: {len(writes)} writes ({len(acked)} acknowledged), {len(reads)} reads "
           f"({sum(r.ok for r in reads)} ok); lost acknowledged writes: {len(lost)}; "
           f"stale reads: {len(stale)}")
+    assert len(kills) >= MIN_KILLS
     assert len(acked) > 100 and sum(r.ok for r in reads) > 100
     assert lost == []
     assert stale == []

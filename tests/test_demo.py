@@ -15,14 +15,16 @@ import pytest
 
 from ringkv.tools.launcher import free_port_block
 from ringkv.tools.local_cluster import LocalCluster, demo_counter, demo_run_id, run_demo
-from tests.procs import http
+from tests.procs import FAST_GOSSIP, http
 
 pytestmark = pytest.mark.cluster
 
 
 def test_demo_shows_both_tiers(tmp_path: Path) -> None:
+    # Half-second gossip: the demo waits on membership (start-up, its victim DOWN and
+    # UP again) and checks what it reports, not how soon.
     cluster = LocalCluster(tmp_path, nodes=3, rf=3, base_client_port=free_port_block(3),
-                           base_internode_port=free_port_block(3))
+                           base_internode_port=free_port_block(3), config_overrides={**FAST_GOSSIP})
     lines: list[str] = []
     try:
         cluster.up(timeout_s=30)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ringkv.tools.local_cluster import LocalCluster
-from tests.procs import REPO
+from tests.procs import FAST_GOSSIP, REPO
 from tests.test_cluster import make_cluster
 
 pytestmark = pytest.mark.cluster
@@ -24,7 +24,7 @@ DEADLINE_S = 90
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = make_cluster(tmp_path_factory.mktemp("locust-cluster"))
+    cluster = make_cluster(tmp_path_factory.mktemp("locust-cluster"), **FAST_GOSSIP)
     try:
         cluster.up(timeout_s=60)
         yield cluster

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client as httpclient
+import json
 import signal
 import socket
 import subprocess
@@ -231,7 +232,8 @@ def test_a_wildcard_bind_with_both_broadcasts_forms_one_cluster_and_advertises_t
         nodes.append(node)
     w1, w2 = nodes
     w1.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}"]  # its own only seed
-    w2.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}"]
+    # w1 holds no data: w2 joins without streaming (and its ring delay), as `cluster up`.
+    w2.extra_args += ["--seeds", f"127.0.0.1:{w1.internode_port}", NO_STREAMING]
     try:
         w1.start()
         w2.start()
@@ -266,11 +268,17 @@ def test_a_wildcard_bind_without_broadcasts_refuses_to_start(tmp_path: Path) -> 
 def test_a_new_node_whose_seed_is_down_waits_says_why_and_joins_when_it_comes_up(
     tmp_path: Path,
 ) -> None:
-    """It used to go NORMAL alone after ~5 s and acknowledge QUORUM writes by itself."""
-    seed = NodeProcess("seed", tmp_path)  # not started yet: nobody listens on its port
+    """It used to go NORMAL alone after ~5 s and acknowledge QUORUM writes by itself.
+    Half-second gossip: once the seed is up, the late node's next retry comes sooner
+    (its backoff is in gossip rounds); it still waits 8 s first."""
+    config = tmp_path / "fast-gossip.yaml"
+    config.write_text(json.dumps({"timing": {"gossip_interval_ms": 500}}))  # JSON is YAML
+    # Not started yet: nobody listens on its port.
+    seed = NodeProcess("seed", tmp_path, config_path=config)
     seed_address = f"127.0.0.1:{seed.internode_port}"
     # The seed will hold no data, so the late node joins without streaming.
-    late = NodeProcess("late", tmp_path, extra_args=["--seeds", seed_address, NO_STREAMING])
+    late = NodeProcess("late", tmp_path, extra_args=["--seeds", seed_address, NO_STREAMING],
+                       config_path=config)
     try:
         late.start(wait_joined=False)
 

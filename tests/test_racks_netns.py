@@ -22,6 +22,7 @@ from ringkv.coordinator.snitch import MIN_SAMPLES
 from ringkv.tools.launcher import NodeProcess, http, wait_until
 from ringkv.tools.local_cluster import LocalCluster, node_view, rack_of
 from tests.hosts import netns_hosts
+from tests.procs import FAST_GOSSIP
 
 pytestmark = pytest.mark.cluster
 
@@ -59,7 +60,9 @@ def _all_see_down(observers: list[NodeProcess], targets: set[str]) -> bool:
 @pytest.mark.timeout(240)
 def test_replicas_span_three_racks_and_losing_a_rack_loses_no_quorum(tmp_path: Path) -> None:
     with netns_hosts(HOSTS) as hosts:
-        cluster = LocalCluster(tmp_path, rf=3)
+        # Half-second gossip: six nodes started together take their turns to join in
+        # gossip rounds; placement and quorum are what is checked, not how soon.
+        cluster = LocalCluster(tmp_path, rf=3, config_overrides={**FAST_GOSSIP})
         cluster.build_on_hosts(hosts, racks=RACKS)
         rack = {p.node_id: rack_of(i, RACKS) for i, p in enumerate(cluster.procs)}
         assert Counter(rack.values()) == {"rack1": 2, "rack2": 2, "rack3": 2}

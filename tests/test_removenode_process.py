@@ -106,10 +106,6 @@ def test_a_replacement_with_an_empty_disk_takes_over_a_dead_nodes_tokens_and_dat
         acked = write_seed_data(cluster, 300)
         victim = cluster.procs[2]
         victim_tokens = ring_of(cluster.procs[0]).tokens_of(victim.node_id)
-        others = [p for p in cluster.procs if p is not victim]
-        kill_for_good(victim, others)
-        shutil.rmtree(tmp_path / victim.node_id)  # the lost disk
-
         seed = format_address("127.0.0.1", cluster.procs[0].internode_port)
 
         def new_node(node_id: str, replace: str) -> NodeProcess:
@@ -120,18 +116,23 @@ def test_a_replacement_with_an_empty_disk_takes_over_a_dead_nodes_tokens_and_dat
             return proc
 
         # Refusals: replacing a node that is alive, or one nobody knows, stops the new node.
+        # Each waits a ring delay before it refuses: they run while the victim dies and
+        # is replaced (their ids sort after node5's, so no joiner waits its turn on them).
         refusals = {"cannot replace node2: it is alive": new_node("node8", "node2").launch(),
                     "cannot replace nodeX: it is not on the cluster's ring":
                         new_node("node9", "nodeX").launch()}
-        for reason, refused in refusals.items():
-            assert refused.proc is not None and refused.proc.wait(timeout=60) != 0
-            assert reason in refused.log_tail(80), refused.log_tail(80)
+        others = [p for p in cluster.procs if p is not victim]
+        kill_for_good(victim, others)
+        shutil.rmtree(tmp_path / victim.node_id)  # the lost disk
 
         replacement = new_node("node5", victim.node_id)
         with Load(others, prefix="replace", pause_s=0.02) as load:
             replacement.start()  # returns once it serves: NORMAL, every range streamed
             live = [*others, replacement]
             wait_ring(live, {p.node_id for p in live})
+        for reason, refused in refusals.items():
+            assert refused.proc is not None and refused.proc.wait(timeout=60) != 0
+            assert reason in refused.log_tail(80), refused.log_tail(80)
         view = http("GET", f"{replacement.url}/v1/status")[1]["streaming"]
         assert view["state"] == "done" and view["cells"] > 0
         assert sorted(ring_of(replacement).tokens_of("node5")) == sorted(victim_tokens)

@@ -15,14 +15,15 @@ import pytest
 
 from ringkv.tools.launcher import NodeProcess, free_port_block
 from ringkv.tools.local_cluster import LocalCluster, node_view
-from tests.procs import REPO, http, wait_until
+from tests.procs import FAST_GOSSIP, REPO, http, wait_until
 
 pytestmark = pytest.mark.cluster
 
 
 def make_cluster(tmp_path: Path, **overrides: Any) -> LocalCluster:
     return LocalCluster(tmp_path, nodes=3, rf=3, base_client_port=free_port_block(3),
-                        base_internode_port=free_port_block(3), config_overrides=overrides)
+                        base_internode_port=free_port_block(3),
+                        config_overrides={**FAST_GOSSIP, **overrides})
 
 
 def liveness(observer: NodeProcess, node_id: str) -> str | None:

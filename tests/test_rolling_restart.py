@@ -34,6 +34,7 @@ from ringkv.tools.launcher import NodeProcess, free_port_block, wait_until
 from ringkv.tools.local_cluster import LocalCluster
 from tests.hosts import why_no_hosts
 from tests.hosts import netns_hosts as _netns_hosts
+from tests.procs import FAST_GOSSIP
 
 pytestmark = pytest.mark.cluster
 
@@ -88,7 +89,9 @@ class Load:
 
 @contextmanager
 def _cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path / "data", nodes=NODES, rf=3)
+    # Half-second gossip: each restart waits until every node sees the node UP again,
+    # in gossip rounds; what is checked is that no request fails meanwhile.
+    cluster = LocalCluster(tmp_path / "data", nodes=NODES, rf=3, config_overrides={**FAST_GOSSIP})
     if why_no_hosts() is None:
         with _netns_hosts(NODES) as hosts:
             cluster.build_on_hosts(hosts)

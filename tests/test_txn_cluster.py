@@ -27,12 +27,16 @@ pytestmark = pytest.mark.cluster
 LEASE_S = 2.0
 
 
+def txn_cluster(data_dir: Path) -> LocalCluster:
+    return LocalCluster(data_dir, nodes=3, rf=3, base_client_port=free_port_block(3),
+                        base_internode_port=free_port_block(3), config_overrides={
+                            "keyspaces.txn": {"replication_factor": 3, "tier": "transactional"},
+                            "txn.lease_s": LEASE_S})
+
+
 @pytest.fixture
 def cluster(tmp_path: Path):
-    cluster = LocalCluster(tmp_path, nodes=3, rf=3, base_client_port=free_port_block(3),
-                           base_internode_port=free_port_block(3), config_overrides={
-                               "keyspaces.txn": {"replication_factor": 3, "tier": "transactional"},
-                               "txn.lease_s": LEASE_S})
+    cluster = txn_cluster(tmp_path)
     try:
         cluster.up(timeout_s=30)
         yield cluster

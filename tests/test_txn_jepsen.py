@@ -20,16 +20,21 @@ from ringkv.chaos.txn_run import FAULT_KINDS, TxnChaosRun, judge_counters, sched
 from ringkv.sim.linearizability import RegisterOp, linearizable
 
 SEED = 1
-DURATION_S = 30.0
+# make test: two faults, one of each kind (SIGSTOP at 3 s, SIGKILL at 10 s), as the
+# bank and list-append runs; make soak: four, each kind twice, so a leader elected
+# after a fault is itself killed or paused.
+DURATION_S = 16.0
+SOAK_DURATION_S = 30.0
 
 
 def test_the_schedule_alternates_leader_faults_within_the_run() -> None:
+    assert [f.kind for f in schedule(SEED, DURATION_S)] == ["pause-leader", "kill-leader"]
     for seed in range(10):
-        faults = schedule(seed, DURATION_S)
+        faults = schedule(seed, SOAK_DURATION_S)
         assert len(faults) >= 3 and set(Counter(f.kind for f in faults)) == set(FAULT_KINDS)
         for fault, following in zip(faults, faults[1:]):
             assert fault.at_s + fault.hold_s < following.at_s and fault.kind != following.kind
-        assert faults[-1].at_s + faults[-1].hold_s <= DURATION_S - 1.0
+        assert faults[-1].at_s + faults[-1].hold_s <= SOAK_DURATION_S - 1.0
     assert schedule(4, 60.0) == schedule(4, 60.0)
 
 
@@ -61,8 +66,12 @@ def test_a_lost_update_is_not_linearizable() -> None:
 
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
-def test_cas_counters_survive_leader_kills_and_pauses(tmp_path: Path) -> None:
-    chaos = TxnChaosRun(tmp_path, seed=SEED, duration_s=DURATION_S, clients=6, counters=3)
+@pytest.mark.parametrize("duration_s", [
+    pytest.param(DURATION_S, id="each-kind-once"),
+    pytest.param(SOAK_DURATION_S, id="each-kind-twice", marks=pytest.mark.soak),
+])
+def test_cas_counters_survive_leader_kills_and_pauses(tmp_path: Path, duration_s: float) -> None:
+    chaos = TxnChaosRun(tmp_path, seed=SEED, duration_s=duration_s, clients=6, counters=3)
     try:
         report = asyncio.run(chaos.run())
     finally:

@@ -27,11 +27,16 @@ with ``membership_checks``:
   until a write at ALL through it succeeds (bound: RECOVERY_BOUND_S). A
   connection stalled in TCP's retransmission backoff would hold this up for
   tens of seconds.
+
+Faults are held as scheduled; the calm after each lasts until every node has
+recovered and MIN_CALM_S more (CALM_S at most), and the rest of the schedule
+moves earlier by what is left of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import signal
 from dataclasses import dataclass
@@ -53,6 +58,9 @@ HOLD_S = {"isolate": 12.0, "split": 8.0, "bridge": 8.0, "one-way": 8.0, "pause":
 # stalled by it would next retry ~21 s after the heal (issue #10 saw 44.8 s).
 LONG_ISOLATION_S = 30.0
 CALM_S = 9.0  # after each heal: recovery is measured in here, before the next fault
+# The calm ends this long after every node has recovered (the load runs on across
+# it), not at CALM_S: the next fault and all after it move earlier by what is left.
+MIN_CALM_S = 2.0
 DETECTION_BOUND_S = 10.0  # issue #10: every isolation of >= 5 s detected within 10 s
 RECOVERY_BOUND_S = 5.0  # issue #10: writes at ALL succeed within 5 s of the peer showing UP
 MAX_OWNERSHIP_RATIO = 1.25  # README: no node owns more than 1.25x the mean
@@ -152,6 +160,7 @@ class NetnsChaosRun(ChaosRun):
         self.ownership: dict[str, float] = {}  # node id -> primary share, nodes started at once
         self.recoveries: list[Recovery] = []
         self._probes = 0
+        self._early_s = 0.0  # how much earlier than scheduled the next fault starts
 
     def schedule(self) -> list[Fault]:
         return netns_schedule(self.seed, self.hosts, self.between)
@@ -185,6 +194,27 @@ class NetnsChaosRun(ChaosRun):
         await asyncio.to_thread(self.net.heal)
 
     # -- faults --------------------------------------------------------------------------
+
+    async def _load_period(self, nemesis: asyncio.Task[None]) -> None:
+        """Until the nemesis has measured the recovery from its last fault (no later
+        than ``duration_s``, the schedule's end)."""
+        await asyncio.wait({nemesis}, timeout=self.duration_s)
+
+    async def _nemesis(self, faults: list[Fault]) -> None:
+        """The schedule's faults in order, each held as scheduled; a calm ends once
+        every node has recovered (``MIN_CALM_S`` later), so the rest move earlier.
+        ``done`` records when each fault actually started."""
+        for scheduled in faults:
+            fault = dataclasses.replace(scheduled, at_s=round(scheduled.at_s - self._early_s, 2))
+            await asyncio.sleep(max(0.0, fault.at_s - self.now()))
+            self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {' '.join(fault.targets)} "
+                     f"for {fault.hold_s}s")
+            await self._apply(fault)
+            self.done.append(fault)
+            await self._hold(fault)
+            await self._heal(fault)
+            calm_end = fault.at_s + fault.hold_s + CALM_S
+            self._early_s += max(0.0, calm_end - (self.now() + MIN_CALM_S))
 
     async def _apply(self, fault: Fault) -> None:
         net, targets = self.net, fault.targets

@@ -257,7 +257,7 @@ class ChaosRun:
         workers = [asyncio.create_task(self._client(n, stop)) for n in range(self.clients)]
         nemesis = asyncio.create_task(self._nemesis(faults))
         try:
-            await asyncio.sleep(self.duration_s)
+            await self._load_period(nemesis)
             stop.set()
             await asyncio.gather(*workers)
             await asyncio.wait_for(nemesis, timeout=60.0)  # its last heal may be running
@@ -274,6 +274,10 @@ class ChaosRun:
                 self.history.append(await self._final_read(kv, key, "QUORUM"))
                 self.history.append(await self._final_read(kv, key, "ALL"))
             return {key: await self._replicas(key, kv.replicas(key)) for key in self.keys}
+
+    async def _load_period(self, nemesis: asyncio.Task[None]) -> None:
+        """How long the clients run: ``duration_s``, whenever the nemesis ends."""
+        await asyncio.sleep(self.duration_s)
 
     def _new_client(self, process: str) -> AsyncClient:
         """One workload client (Jepsen's process): its own connections and ring view."""
