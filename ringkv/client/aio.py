@@ -493,7 +493,7 @@ class AsyncClient(ClientBase):
         client's protocol is native and the node speaks version 2, else over HTTP.
         """
         core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
-                         rng=random.Random(), max_reconnects=max_reconnects,
+                         rng=self._watch_rng(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
         for attempt in itertools.count():  # bounded by core.reconnect_pause_s
@@ -511,6 +511,10 @@ class AsyncClient(ClientBase):
             except (OSError, asyncio.TimeoutError, WatchIOError) as exc:
                 reason = f"connection lost: {exc!r}"
             await asyncio.sleep(core.reconnect_pause_s(url, reason))
+
+    def _watch_rng(self) -> random.Random:
+        """The randomness of a watch's reconnect pauses (the simulator's client seeds it)."""
+        return random.Random()
 
     async def _watch_once(self, core: WatchCore, url: str) -> AsyncIterator[WatchEvent]:
         """One connection of a watch (its own, outside the pool): its events until the

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from ringkv.client.aio import AsyncClient, WatchConnectError, WatchIOError
 from ringkv.client.native import REPLAYED_HEADER, to_native
 from ringkv.client.plan import Effect, Failure, Outcome, Reply, Send, Sleep
-from ringkv.client.watch import MAX_RECONNECTS, StreamEnded, WatchCore, WatchEvent
+from ringkv.client.watch import WatchCore, WatchEvent
 from ringkv.errors import BadRequest, NotFound, RingKVError
 from ringkv.net import native as native_core
 from ringkv.net.codec import KIND_REQUEST, Frame
@@ -184,29 +184,9 @@ class SimClient(AsyncClient):
 
     # -- watches -------------------------------------------------------------------------
 
-    async def watch(self, keyspace: str, key: str = "", *, prefix: bool = False,
-                    from_version: int | None = None,
-                    max_reconnects: int = MAX_RECONNECTS) -> AsyncIterator[WatchEvent]:
-        """``AsyncClient.watch``, its reconnect jitter drawn from the client's seeded rng."""
-        core = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
-                         rng=random.Random(self._rng.random()), max_reconnects=max_reconnects,
-                         backoff_base_s=self._ops.backoff_base_s,
-                         backoff_max_s=self._ops.backoff_max_s)
-        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
-            url = urls[attempt % len(urls)]
-            reason = "the stream ended"
-            try:
-                async for event in self._watch_once(core, url):
-                    yield event
-            except StreamEnded as ended:
-                reason = f"the node ended the stream ({ended})"
-            except WatchConnectError as exc:
-                self._ops.router.mark_down(url, self._clock.monotonic_s())
-                reason = str(exc)
-            except (TimeoutError, OSError, WatchIOError) as exc:
-                reason = f"connection lost: {exc!r}"
-            await asyncio.sleep(core.reconnect_pause_s(url, reason))
+    def _watch_rng(self) -> random.Random:
+        """A watch's reconnect jitter, drawn from the client's seeded rng."""
+        return random.Random(self._rng.random())
 
     async def _watch_once(self, core: WatchCore, url: str) -> AsyncIterator[WatchEvent]:
         """One watch connection: the HTTP stream's own polls, one exchange per turn."""
