@@ -244,12 +244,13 @@ class AuthService:
         return principal
 
     async def authorize_session(self, principal: Principal | None, route: str, keyspace: str,
-                                query: Mapping[str, str], body: bytes) -> None:
+                                query: Mapping[str, str], body: bytes) -> Principal | None:
         """Authorize one request of a connection that logged in once (the native hello),
         with the user's grants as they are now: a revoke reaches open connections too,
-        and a password change or removal ends what they may do."""
+        and a password change or removal ends what they may do. The principal with those
+        grants (None: a public route)."""
         if route in PUBLIC_ROUTES:
-            return
+            return None
         if principal is None:
             raise Unauthenticated("this connection has not logged in", reason="missing")
         record = (await self._doc()).users.get(principal.name)
@@ -257,8 +258,9 @@ class AuthService:
             self.metrics.auth_failures.labels("credentials_changed").inc()
             raise Unauthenticated(f"user {principal.name!r} was removed or changed password "
                                   "since this connection logged in", reason="credentials_changed")
-        self.authorize(Principal(principal.name, record.grants, record.generation), route,
-                       keyspace, query, body)
+        current = Principal(principal.name, record.grants, record.generation)
+        self.authorize(current, route, keyspace, query, body)
+        return current
 
     def may_manage(self, principal: Principal, target: str, grant: str | None) -> None:
         """``permissions.may_manage``, its refusals counted."""
