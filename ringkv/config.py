@@ -344,7 +344,8 @@ class TlsConfig:
     # chains to it). internode: mutual TLS between nodes, all three files
     # required: each end proves itself with cert_file and accepts only a
     # peer whose certificate chains to ca_file (the cluster CA).
-    # SIGHUP rereads every file here without a restart.
+    # SIGHUP rereads every file here without a restart: new connections then
+    # trust exactly the CAs ca_file holds (open ones carry on as they were).
     client: TlsFilesConfig = field(default_factory=TlsFilesConfig)
     internode: TlsFilesConfig = field(default_factory=TlsFilesConfig)
 
