@@ -216,7 +216,7 @@ def _call(request: web.Request, *, keyspace: str = "", key: bytes = b"",
     call = h.ApiCall(app[NODE_KEY], request[STARTED_S], keyspace=keyspace, key=key,
                      query=request.query, body=body,
                      idempotency_key=request.headers.get(idempotency.HEADER),
-                     cache=app[IDEMPOTENCY_KEY])
+                     cache=app[IDEMPOTENCY_KEY], principal=request.get(auth_http.PRINCIPAL))
     if call.idempotency_key is not None:  # what a repeat must match
         call.fingerprint_method = request.method
         call.fingerprint_target = request.rel_url.raw_path_qs
