@@ -165,3 +165,33 @@ def test_a_transaction_is_its_beginners_and_an_admin_may_abort_it(
     assert (status, body["error"]["reason"], body["error"]["ended"]) == (409, "client", "client")
     status, body = http("GET", f"{proc.url}/v1/kv/txn/k", headers=alice)
     assert (status, body["value"]) == (200, "alice's"), body
+
+
+def test_an_idempotency_key_is_each_users_own(node: tuple[NodeProcess, str]) -> None:
+    """Another user's repeat of a key is not answered with the first user's response
+    (it is its own write), and a key another user holds is no oracle: bob reusing
+    alice's key for a different request is not refused as "already used"."""
+    proc, admin_password = node
+    admin = basic("admin", admin_password)
+    for name in ("alice", "bob"):
+        status, body = http("POST", f"{proc.url}/v1/auth/users", {
+            "name": name, "password": f"{name}-pw-1",
+            "grants": [{"permission": "write", "keyspace": "txn"}]}, headers=admin)
+        assert status == 201, body
+    alice, bob = basic("alice", "alice-pw-1"), basic("bob", "bob-pw-1")
+    url = f"{proc.url}/v1/kv/txn/shared"
+
+    status, first = http("PUT", url, {"value": 1}, headers={**alice, "Idempotency-Key": "same"})
+    assert status == 200, first
+    status, again = http("PUT", url, {"value": 1}, headers={**alice, "Idempotency-Key": "same"})
+    assert (status, again["version"]) == (200, first["version"]), again  # alice's own repeat
+    status, bobs = http("PUT", url, {"value": 1}, headers={**bob, "Idempotency-Key": "same"})
+    assert status == 200, bobs
+    assert bobs["version"] > first["version"], "bob was answered with alice's write"
+
+    status, body = http("PUT", f"{proc.url}/v1/kv/txn/other", {"value": 1},
+                        headers={**alice, "Idempotency-Key": "alice-only"})
+    assert status == 200, body
+    status, body = http("PUT", f"{proc.url}/v1/kv/txn/other", {"value": 2},
+                        headers={**bob, "Idempotency-Key": "alice-only"})
+    assert status == 200, body

@@ -216,6 +216,10 @@ def _deduplicated(handler: Operation) -> Operation:
 async def _run_once(handler: Operation, call: ApiCall, cache: idempotency.IdempotencyCache,
                     idempotency_key: str) -> Answer:
     key = idempotency.check_key(idempotency_key)
+    if call.principal is not None:
+        # Keys are each user's own: another user who sends the same key neither gets
+        # this user's answer nor learns that the key was used.
+        key = f"{call.principal.name}\x00{key}"
     fingerprint = idempotency.fingerprint(
         call.fingerprint_method, call.fingerprint_target, call.body)
 
