@@ -337,9 +337,22 @@ class _Queue:
                 pass  # held for longer than history is kept: the read below decides
             finally:
                 ticks.close()
-            # Only the keys ahead and ours: the entries ahead never gain a member.
-            current, seen_at = self._versions([*(e.key for e in ahead), mine.key])
+            # Only the keys ahead and ours decide: the entries ahead never gain a member.
+            current, seen_at = self._recheck(session, ahead, mine)
             ahead = core.still_ahead(ahead, mine, current)
+
+    def _recheck(self, session: Session, ahead: list[Entry],
+                 mine: Entry) -> tuple[dict[str, int | None], int]:
+        """The versions of the keys ahead and ours, at one snapshot, and its timestamp; the
+        queue key is read in it too, for the session's view (``recipes_core.view_read``):
+        once this contender has held and released, its next join plans from it."""
+        result = self.kv.txn(self.keyspace, reads=[*(e.key for e in ahead), mine.key, self.key])
+        current = {k: (v.version if v else None) for k, v in result.reads.items()
+                   if k != self.key}
+        head = result.reads.get(self.key)
+        session._saw(self.name, core.view_read(head.value if head else None,
+                                               head.version if head else None, current))
+        return current, int((result.receipt or {}).get("read_ts") or 0)
 
 
 # ---- the mutex -------------------------------------------------------------------

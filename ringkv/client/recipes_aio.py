@@ -258,8 +258,21 @@ class _AsyncQueue:
                                   from_version=max(last.version, seen_at) or None)
             await _until(watch, lambda e: e.version > last.version,
                          min(remaining_s, RECHECK_S))
-            current, seen_at = await self._versions([*(e.key for e in ahead), mine.key])
+            current, seen_at = await self._recheck(session, ahead, mine)
             ahead = core.still_ahead(ahead, mine, current)
+
+    async def _recheck(self, session: AsyncSession, ahead: list[Entry],
+                       mine: Entry) -> tuple[dict[str, int | None], int]:
+        """``_Queue._recheck``: the keys ahead and ours at one snapshot, and the queue for
+        the session's view."""
+        result = await self.kv.txn(self.keyspace,
+                                   reads=[*(e.key for e in ahead), mine.key, self.key])
+        current = {k: (v.version if v else None) for k, v in result.reads.items()
+                   if k != self.key}
+        head = result.reads.get(self.key)
+        session._saw(self.name, core.view_read(head.value if head else None,
+                                               head.version if head else None, current))
+        return current, int((result.receipt or {}).get("read_ts") or 0)
 
 
 class AsyncLock:

@@ -39,8 +39,9 @@ ahead, so its answer says who is live ahead at the commit (``after_join``):
 nobody, and the contender holds with no further read. The entries ahead of a
 contender never gain a member (appends go at the end), and each stays dead
 once dead, so a waiter reads only those keys and its own again
-(``still_ahead``), never the queue. A release deletes the key; its dead entry
-is pruned by the next append of a client that saw it dead.
+(``still_ahead``); it reads the queue too, not to decide but to plan its next
+join from the queue as it stands (``view_read``). A release deletes the key; its
+dead entry is pruned by the next append of a client that saw it dead.
 """
 
 from __future__ import annotations
@@ -252,6 +253,18 @@ def still_ahead(ahead: Sequence[Entry], mine: Entry,
     if current.get(mine.key) != mine.version:
         raise LockLost(f"contender key {mine.key!r} (version {mine.version}) is gone")
     return live(ahead, current)
+
+
+def view_read(value: Any, version: int | None,
+              current: Mapping[str, int | None]) -> QueueView:
+    """The view of a queue key read with ``value`` at ``version`` in the same snapshot as
+    some of its contenders' keys (``current``: their versions; None: absent): the
+    entries read dead are left out (they stay dead), the others kept. A waiter reads
+    the queue beside the keys ahead of it, so that its next join, once it has released,
+    plans from the queue as it stands rather than from the one it joined: in a queue
+    whose other contenders all wait, that join then commits at its first attempt."""
+    return QueueView(version, tuple(e for e in parse_queue(value, version)
+                                    if e.key not in current or current[e.key] == e.version))
 
 
 def without(view: QueueView, key: str) -> QueueView:
