@@ -698,6 +698,9 @@ class AsyncLease:
         self.lost: RingKVError | None = None
         self._client = client
         self._task: asyncio.Task[None] | None = None
+        # When the lease surely expires as far as this client has heard (monotonic;
+        # granted just now): a background renewal must be over by then.
+        self._expires_at_s = client._clock.monotonic_s() + ttl_s
 
     async def keepalive(self) -> int:
         answer = await self._client._call(self._client._ops.lease_keepalive(self.id))
@@ -726,10 +729,16 @@ class AsyncLease:
 
     async def _renew(self) -> None:
         interval_s = max(0.1, self.ttl_s / 3)
+        clock = self._client._clock
         while True:  # bounded: cancelled when the block ends
-            await self._client._clock.sleep(interval_s)
+            await clock.sleep(interval_s)
+            started_s = clock.monotonic_s()
             try:
-                await self.keepalive()
+                # Bounded by the TTL, not the client's timeout_s: a silent node leaves
+                # time to renew through another before the lease lapses.
+                answer = await self._client._call(self._client._ops.lease_keepalive(
+                    self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s))
+                self._expires_at_s = started_s + int(answer["remaining_ms"]) / 1000
             except RingKVError as exc:
                 if exc.code == "lease_expired":
                     self.lost = exc

@@ -634,6 +634,9 @@ class Lease:
         self._client = client
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the lease surely expires as far as this client has heard (monotonic;
+        # granted just now): a background renewal must be over by then.
+        self._expires_at_s = client._clock.monotonic_s() + ttl_s
 
     def keepalive(self) -> int:
         """Renew it; what it surely has left afterwards (ms). ``LeaseExpired`` when gone."""
@@ -665,9 +668,15 @@ class Lease:
 
     def _renew(self) -> None:
         interval_s = max(0.1, self.ttl_s / 3)
+        clock = self._client._clock
         while not self._stop.wait(interval_s):  # bounded: ends with the block
+            started_s = clock.monotonic_s()
             try:
-                self.keepalive()
+                # Bounded by the TTL, not the client's timeout_s: a silent node leaves
+                # time to renew through another before the lease lapses.
+                answer = self._client._call(self._client._ops.lease_keepalive(
+                    self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s))
+                self._expires_at_s = started_s + int(answer["remaining_ms"]) / 1000
             except RingKVError as exc:
                 if exc.code == "lease_expired":
                     self.lost = exc
