@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import itertools
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -24,7 +23,7 @@ from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send
 from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.watch import (
-    IDLE_TIMEOUT_S,
+    SILENT_STREAM_S,
     MAX_WATCH_LINE_BYTES,
     MAX_RECONNECTS,
     WATCH_HEADERS,
@@ -496,9 +495,9 @@ class AsyncClient(ClientBase):
                          rng=self._watch_rng(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
-        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
-            url = urls[attempt % len(urls)]
+        while True:  # bounded by core.reconnect_pause_s
+            url = core.next_url(self._ops.router.candidates(core.routing(),
+                                                             self._clock.monotonic_s()))
             reason = "the stream ended"
             try:
                 async for event in self._watch_once(core, url):
@@ -540,7 +539,7 @@ class AsyncClient(ClientBase):
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 address[0], address[1], ssl=context,
                 server_hostname=address[0] if context else None,
-                limit=NATIVE_READ_LIMIT_BYTES), IDLE_TIMEOUT_S)
+                limit=NATIVE_READ_LIMIT_BYTES), SILENT_STREAM_S)
         except (OSError, asyncio.TimeoutError) as exc:
             raise WatchConnectError(f"cannot connect (native): {exc!r}") from None
         try:
@@ -553,7 +552,7 @@ class AsyncClient(ClientBase):
             if version < STREAM_VERSION:
                 raise _NoStreams
             writer.write(native.watch_frame(1, core.native_payload(), version))
-            while True:  # bounded: each frame waits at most IDLE_TIMEOUT_S (progress each second)
+            while True:  # bounded: each frame waits at most SILENT_STREAM_S
                 part = native.stream_part(await _read_frame(reader))
                 if part.refusal is not None:
                     core.refused(part.refusal.status, part.refusal.body)
@@ -574,8 +573,8 @@ class AsyncClient(ClientBase):
         import aiohttp
         from yarl import URL
 
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=IDLE_TIMEOUT_S,
-                                        sock_read=IDLE_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=SILENT_STREAM_S,
+                                        sock_read=SILENT_STREAM_S)
         connector = aiohttp.TCPConnector(
             limit=1, ssl=self.ssl_context if self.ssl_context is not None else True)
         try:
@@ -586,7 +585,7 @@ class AsyncClient(ClientBase):
                     if response.status != 200:
                         core.refused(response.status, await response.read())
                         return
-                    while True:  # bounded: each line waits at most IDLE_TIMEOUT_S
+                    while True:  # bounded: each line waits at most SILENT_STREAM_S
                         raw = await response.content.readline()
                         if not raw:
                             return
@@ -667,12 +666,12 @@ class AsyncClient(ClientBase):
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Frame:
-    """One frame of a native watch's connection, within IDLE_TIMEOUT_S."""
-    head = await asyncio.wait_for(reader.readexactly(4), IDLE_TIMEOUT_S)
+    """One frame of a native watch's connection, within SILENT_STREAM_S."""
+    head = await asyncio.wait_for(reader.readexactly(4), SILENT_STREAM_S)
     size = int.from_bytes(head, "big")
     if size > MAX_FRAME_BYTES:
         raise ProtocolError(f"a frame of {size} bytes, over {MAX_FRAME_BYTES}", field="frame")
-    body = await asyncio.wait_for(reader.readexactly(size), IDLE_TIMEOUT_S)
+    body = await asyncio.wait_for(reader.readexactly(size), SILENT_STREAM_S)
     return FrameDecoder(MAX_FRAME_BYTES).feed(head + body)[0]
 
 

@@ -28,7 +28,7 @@ from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send
 from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.watch import (
-    IDLE_TIMEOUT_S,
+    SILENT_STREAM_S,
     MAX_WATCH_LINE_BYTES,
     MAX_RECONNECTS,
     WATCH_HEADERS,
@@ -492,9 +492,9 @@ class Client(ClientBase):
                          rng=random.Random(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
-        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
-            url = urls[attempt % len(urls)]
+        while True:  # bounded by core.reconnect_pause_s
+            url = core.next_url(self._ops.router.candidates(core.routing(),
+                                                             self._clock.monotonic_s()))
             try:
                 yield from self._watch_once(core, url)
                 reason = "the stream ended"
@@ -526,7 +526,7 @@ class Client(ClientBase):
                       context: ssl.SSLContext | None) -> Iterator[WatchEvent]:
         """One native connection of a watch (its own): a ``watch`` request, then its frames."""
         try:
-            sock = socket.create_connection(address, timeout=IDLE_TIMEOUT_S)
+            sock = socket.create_connection(address, timeout=SILENT_STREAM_S)
         except OSError as exc:
             raise _NativeRefused(str(exc)) from None
         try:
@@ -542,7 +542,7 @@ class Client(ClientBase):
             if version < STREAM_VERSION:
                 raise _NoStreams
             sock.sendall(native.watch_frame(1, core.native_payload(), version))
-            while True:  # bounded: each frame waits at most IDLE_TIMEOUT_S (progress each second)
+            while True:  # bounded: each frame waits at most SILENT_STREAM_S
                 part = native.stream_part(frames.next())
                 if part.refusal is not None:
                     core.refused(part.refusal.status, part.refusal.body)
@@ -563,17 +563,17 @@ class Client(ClientBase):
         port = parts.port or (443 if scheme == "https" else 80)
         conn: http.client.HTTPConnection
         if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=IDLE_TIMEOUT_S,
+            conn = http.client.HTTPSConnection(host, port, timeout=SILENT_STREAM_S,
                                                context=self._tls_for(url))
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=IDLE_TIMEOUT_S)
+            conn = http.client.HTTPConnection(host, port, timeout=SILENT_STREAM_S)
         try:
             conn.request("GET", core.path(), headers={**self._ops.headers, **WATCH_HEADERS})
             response = conn.getresponse()
             if response.status != 200:
                 core.refused(response.status, response.read())
                 return
-            while True:  # bounded: each line waits at most IDLE_TIMEOUT_S (progress comes each second)
+            while True:  # bounded: each line waits at most SILENT_STREAM_S
                 raw = response.readline(MAX_WATCH_LINE_BYTES)
                 if not raw:
                     return
