@@ -33,7 +33,10 @@ STREAMS = {"scan", "scan_pages"}
 # Streams with no plan in ``Operations``: a watch runs over its own connection (client/watch.py).
 WATCHES = {"watch"}
 # Only the client's own state: plain functions on both clients (``close`` does I/O, so awaited).
-LOCAL = {"__init__", "nodes", "replicas"}
+LOCAL = {"__init__"}
+# The ring as the client knows it, fetched first if it never was: awaited on the asyncio
+# client (no plan of the same name: each runs ``ensure_ring``, then reads the ring).
+RING_VIEWS = {"nodes", "replicas"}
 PROPERTIES = {"keyspace", "consistency"}
 # Interactive transactions: ``transaction`` is local on both (the asyncio one's object is
 # used with ``async with``), ``run_transaction`` awaited; their annotations name each
@@ -55,8 +58,8 @@ def public_names(cls: type) -> set[str]:
 def test_both_clients_have_the_same_public_methods() -> None:
     assert public_names(Client) == public_names(AsyncClient)
     # Every public name is one of the kinds below, so a new method must say which it is.
-    assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | PROPERTIES | TRANSACTIONS
-                                    | LEASES | RECIPES | {"close"})
+    assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | RING_VIEWS | PROPERTIES
+                                    | TRANSACTIONS | LEASES | RECIPES | {"close"})
 
 
 @pytest.mark.parametrize("name", sorted(public_names(Client)))

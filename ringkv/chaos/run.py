@@ -273,7 +273,7 @@ class ChaosRun:
                 # also read-repairs every replica before they are compared.
                 self.history.append(await self._final_read(kv, key, "QUORUM"))
                 self.history.append(await self._final_read(kv, key, "ALL"))
-            return {key: await self._replicas(key, kv.replicas(key)) for key in self.keys}
+            return {key: await self._replicas(key, await kv.replicas(key)) for key in self.keys}
 
     async def _load_period(self, nemesis: asyncio.Task[None]) -> None:
         """How long the clients run: ``duration_s``, whenever the nemesis ends."""

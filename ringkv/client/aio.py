@@ -62,8 +62,8 @@ class AsyncClient(ClientBase):
     Same constructor and methods as ``Client``, but each call is awaited and
     ``scan``/``scan_pages`` are async iterators. ``await client.close()``, or
     ``async with AsyncClient(...) as kv:``, which fetches the ring on entry
-    (``nodes()`` and ``replicas()`` need one: before any, they raise
-    ``RuntimeError``; ``await kv.ensure_ring()`` fetches it outside ``async with``).
+    (``await kv.nodes()`` and ``await kv.replicas(key)`` fetch it themselves
+    when it never was, as ``Client``'s do).
     """
 
     _session: Any  # an aiohttp.ClientSession, made by the first call that needs one
@@ -365,26 +365,18 @@ class AsyncClient(ClientBase):
         """Fetch the ring unless it has been; ``NoNodeAvailable`` if no node answers."""
         await self._call(self._ops.ensure_ring())
 
-    def nodes(self) -> list[NodeView]:
-        """The nodes of the ring, with their URL and liveness.
-
-        ``Client`` fetches the ring first if it never has been (``NoNodeAvailable``
-        if no node answers); ``AsyncClient`` fetches it on ``async with`` entry, on
-        its first call or on ``await ensure_ring()``, and raises ``RuntimeError``
-        before any of those rather than answer an empty list."""
-        self._require_ring("nodes")
+    async def nodes(self) -> list[NodeView]:
+        """The nodes of the ring, with their URL and liveness, as the client last
+        fetched it; the ring is fetched first if it never has been (``NoNodeAvailable``
+        if no node answers), so the answer is never an empty list."""
+        await self.ensure_ring()
         return self._ring_nodes()
 
-    def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
+    async def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
         """The node ids that replicate ``key`` (empty for a keyspace the ring does not
-        show); the ring is fetched first, or needed, as for ``nodes``."""
-        self._require_ring("replicas")
+        show); the ring is fetched first if it never has been, as for ``nodes``."""
+        await self.ensure_ring()
         return self._ring_replicas(key, keyspace)
-
-    def _require_ring(self, what: str) -> None:
-        if self._ops.router.topology.ring is None:
-            raise RuntimeError(f"{what}(): no ring fetched yet; use `async with AsyncClient(...)`"
-                               " or `await client.ensure_ring()` first")
 
     async def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects) and
@@ -396,8 +388,8 @@ class AsyncClient(ClientBase):
             await session.close()
 
     async def __aenter__(self) -> AsyncClient:
-        # The ring now, so that nodes() and replicas() are right from the start (a
-        # cluster that does not answer yet is no error here: each call retries it).
+        # The ring now, so that the first calls route well from the start (a cluster
+        # that does not answer yet is no error here: each call retries it).
         try:
             await self.ensure_ring()
         except NoNodeAvailable:

@@ -377,18 +377,15 @@ class Client(ClientBase):
         self._call(self._ops.ensure_ring())
 
     def nodes(self) -> list[NodeView]:
-        """The nodes of the ring, with their URL and liveness.
-
-        ``Client`` fetches the ring first if it never has been (``NoNodeAvailable``
-        if no node answers); ``AsyncClient`` fetches it on ``async with`` entry, on
-        its first call or on ``await ensure_ring()``, and raises ``RuntimeError``
-        before any of those rather than answer an empty list."""
+        """The nodes of the ring, with their URL and liveness, as the client last
+        fetched it; the ring is fetched first if it never has been (``NoNodeAvailable``
+        if no node answers), so the answer is never an empty list."""
         self.ensure_ring()
         return self._ring_nodes()
 
     def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
         """The node ids that replicate ``key`` (empty for a keyspace the ring does not
-        show); the ring is fetched first, or needed, as for ``nodes``."""
+        show); the ring is fetched first if it never has been, as for ``nodes``."""
         self.ensure_ring()
         return self._ring_replicas(key, keyspace)
 
