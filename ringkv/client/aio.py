@@ -694,8 +694,16 @@ class AsyncLease:
         self._expires_at_s = client._clock.monotonic_s() + ttl_s
 
     async def keepalive(self) -> int:
-        answer = await self._client._call(self._client._ops.lease_keepalive(self.id))
-        return int(answer["remaining_ms"])
+        started_s = self._client._clock.monotonic_s()
+        return self._renewed(started_s, await self._client._call(
+            self._client._ops.lease_keepalive(self.id)))
+
+    def _renewed(self, started_s: float, answer: dict[str, Any]) -> int:
+        """A renewal sent at ``started_s`` answered: the lease surely lives until then
+        plus what the node says it has left."""
+        remaining_ms = int(answer["remaining_ms"])
+        self._expires_at_s = started_s + remaining_ms / 1000
+        return remaining_ms
 
     async def revoke(self) -> list[str]:
         return list((await self._client._call(self._client._ops.lease_revoke(self.id)))["deleted"])
@@ -727,9 +735,9 @@ class AsyncLease:
             try:
                 # Bounded by the TTL, not the client's timeout_s: a silent node leaves
                 # time to renew through another before the lease lapses.
-                answer = await self._client._call(self._client._ops.lease_keepalive(
-                    self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s))
-                self._expires_at_s = started_s + int(answer["remaining_ms"]) / 1000
+                self._renewed(started_s, await self._client._call(
+                    self._client._ops.lease_keepalive(
+                        self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s)))
             except RingKVError as exc:
                 if exc.code == "lease_expired":
                     self.lost = exc

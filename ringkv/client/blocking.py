@@ -637,7 +637,16 @@ class Lease:
 
     def keepalive(self) -> int:
         """Renew it; what it surely has left afterwards (ms). ``LeaseExpired`` when gone."""
-        return int(self._client._call(self._client._ops.lease_keepalive(self.id))["remaining_ms"])
+        started_s = self._client._clock.monotonic_s()
+        return self._renewed(started_s, self._client._call(
+            self._client._ops.lease_keepalive(self.id)))
+
+    def _renewed(self, started_s: float, answer: dict[str, Any]) -> int:
+        """A renewal sent at ``started_s`` answered: the lease surely lives until then
+        plus what the node says it has left."""
+        remaining_ms = int(answer["remaining_ms"])
+        self._expires_at_s = started_s + remaining_ms / 1000
+        return remaining_ms
 
     def revoke(self) -> list[str]:
         """Revoke it now; the keys that went with it."""
@@ -671,9 +680,8 @@ class Lease:
             try:
                 # Bounded by the TTL, not the client's timeout_s: a silent node leaves
                 # time to renew through another before the lease lapses.
-                answer = self._client._call(self._client._ops.lease_keepalive(
-                    self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s))
-                self._expires_at_s = started_s + int(answer["remaining_ms"]) / 1000
+                self._renewed(started_s, self._client._call(self._client._ops.lease_keepalive(
+                    self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s)))
             except RingKVError as exc:
                 if exc.code == "lease_expired":
                     self.lost = exc
