@@ -96,8 +96,9 @@ def watch_in_thread(cluster: LocalCluster, flavour: str, protocol: str, prefix: 
     seeds = [p.url for p in cluster.procs]
 
     def blocking() -> None:
-        with NotingClient(seeds, keyspace=KS, protocol=protocol) as kv:
-            kv.noted = noted
+        kv = NotingClient(seeds, keyspace=KS, protocol=protocol)
+        kv.noted = noted
+        with kv:
             kv.ensure_ring()  # native addresses come with the ring
             for event in kv.watch(KS, prefix, prefix=True, from_version=origin,
                                   max_reconnects=30):
@@ -106,8 +107,9 @@ def watch_in_thread(cluster: LocalCluster, flavour: str, protocol: str, prefix: 
                     return
 
     async def asynchronous() -> None:
-        async with NotingAsyncClient(seeds, keyspace=KS, protocol=protocol) as kv:
-            kv.noted = noted
+        kv = NotingAsyncClient(seeds, keyspace=KS, protocol=protocol)
+        kv.noted = noted
+        async with kv:
             async for event in kv.watch(KS, prefix, prefix=True, from_version=origin,
                                         max_reconnects=30):
                 got.append(event)
@@ -164,6 +166,7 @@ def test_a_watch_whose_node_falls_silent_resumes_from_another_within_the_bound(
                     except RingKVError:
                         assert time.monotonic() < deadline, f"k{i} did not commit"
                         time.sleep(0.1)
+                assert result.version is not None, result
                 commits.append(("put", result.version, f"{prefix}k{i:02}"))
         thread.join(timeout=30)
     finally:
