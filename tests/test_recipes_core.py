@@ -279,3 +279,14 @@ def test_the_checker_catches_a_planted_waiter_that_skips_the_one_ahead() -> None
         except AssertionError:
             caught += 1
     assert caught > 0
+
+
+def test_a_join_that_keeps_losing_races_tries_until_its_deadline_not_a_fixed_count() -> None:
+    """A lock's acquire has a deadline: contenders changing the queue first, however
+    often, are no reason to give up before it (with four contenders a join lost 30
+    races in a row in the benchmark). A join with no deadline (a group member's)
+    stops after ``max_races``."""
+    assert core.keep_joining(500, 50, now_s=10.0, deadline_s=10.5)
+    assert not core.keep_joining(1, 50, now_s=10.5, deadline_s=10.5)
+    assert core.keep_joining(49, 50, now_s=10.0, deadline_s=None)
+    assert not core.keep_joining(50, 50, now_s=10.0, deadline_s=None)

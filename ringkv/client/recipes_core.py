@@ -204,6 +204,17 @@ def view_of(value: Any, version: int | None) -> QueueView:
     return QueueView(version, tuple(parse_queue(value, version)))
 
 
+def keep_joining(lost_races: int, max_races: int, now_s: float,
+                 deadline_s: float | None) -> bool:
+    """Whether a contender whose join lost ``lost_races`` compare-and-sets in a row (another
+    contender changed the queue first) tries again: until its deadline when it has one
+    (a lock's acquire: contention is no reason to give up early, only its timeout is),
+    else ``max_races`` times."""
+    if deadline_s is not None:
+        return now_s < deadline_s
+    return lost_races < max_races
+
+
 def join_request(name: str, key: str, value: Any, lease: str, view: QueueView,
                  max_entries: int = MAX_QUEUE_ENTRIES) -> dict[str, Any]:
     """The one transaction (``reads``, ``conditions``, ``writes``) that creates ``key``
