@@ -1190,14 +1190,15 @@ def _check_consistency(ctx: _Context, name: str, value: object) -> ConsistencyLe
 
 
 def _show(value: object) -> str:
-    """A value as the operator wrote it in YAML terms, cut short if long."""
+    """A value as the operator wrote it in YAML terms, cut short in the middle if long
+    (a long path keeps its file name)."""
     if value is None:
         text = "null"
     elif isinstance(value, bool):
         text = "true" if value else "false"
     else:
         text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 80 else text[:38] + "..." + text[-39:]
 
 
 def _show_typed(value: object) -> str:

@@ -51,6 +51,14 @@ def test_missing_file_names_the_field(pki):
     assert "nope.crt" in str(error) and "No such file" in str(error)
 
 
+def test_a_long_missing_path_keeps_its_file_name_in_the_message(pki, tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    bad = files(pki)
+    bad["cert_file"] = str(deep / "nope.crt")
+    message = str(error_of({"tls": {"internode": bad}}))
+    assert "nope.crt" in message and "..." in message, message  # cut in the middle
+
+
 def test_unreadable_file_names_the_field(pki, tmp_path):
     bad = files(pki)
     bad["ca_file"] = str(tmp_path)  # a directory cannot be read as a file
