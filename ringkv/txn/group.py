@@ -223,6 +223,7 @@ class GroupRunner:
         max_drift_ppm: float = MAX_DRIFT_PPM,
         on_apply: Callable[[CommitValue], None] | None = None,
         on_record: Callable[[Record, bool], None] | None = None,
+        on_applied: Callable[[int], None] | None = None,
         finished_ttl_s: float = 600.0,
         members: Iterable[str] | None = None,
         heard: Iterable[str] = (),
@@ -232,7 +233,10 @@ class GroupRunner:
         records transaction outcomes there). ``on_record(record, superseded)``
         runs likewise for each two-phase commit record (``txn/twopc_records.py``);
         a superseded one did not take effect (a prepare at a timestamp not above
-        one applied before it), on any replica.
+        one applied before it), on any replica. ``on_applied(written_us)`` runs
+        once a batch of entries is applied and the applied point moved, with
+        the highest commit timestamp whose writes the batch applied (0: none):
+        safe time may have moved (a watch's shared poll is woken by it).
 
         ``group.replicas`` is where the group should be; ``members`` (default:
         the same) is its configuration before its log says otherwise. When they
@@ -262,6 +266,7 @@ class GroupRunner:
         self._fetch_snapshot = fetch_snapshot
         self._on_apply = on_apply
         self._on_record = on_record
+        self._on_applied = on_applied
         self.records = TwoPCRecords(engine, group.group_id, finished_ttl_s)
         self._rng = rng
         self.tick_interval_s = tick_interval_s
@@ -671,6 +676,8 @@ class GroupRunner:
     def _apply(self, committed: Sequence[Committed]) -> None:
         if not committed:
             return
+        before = self.applied_through
+        written_us = 0  # the newest commit timestamp whose writes this batch applied
         for item in committed:
             slot, entry = item.slot, item.entry
             if slot <= self.applied_through:
@@ -680,11 +687,16 @@ class GroupRunner:
                 pass
             elif is_record(entry.value):
                 value = self._apply_record(slot, entry.value, entry.ts_us, item.superseded)
+                if (not item.superseded and isinstance(value, (OutcomeRecord, DecisionRecord))
+                        and value.commit and value.writes):
+                    written_us = max(written_us, value.commit_ts_us)
             else:
                 value = self._decode(slot, entry.value, entry.ts_us)
                 if value is not None and not item.superseded:
                     self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
                     self.stats.applied += 1
+                    if value.writes:
+                        written_us = max(written_us, entry.ts_us)
                     if self._on_apply is not None:
                         self._on_apply(value)
             if item.superseded:
@@ -697,6 +709,8 @@ class GroupRunner:
                 self._resolve(slot, *decide(waiter.txn_id, waiter.ts_us, item, value))
         self._log.set_applied(self.applied_through)
         self._wake_applied()
+        if self._on_applied is not None and self.applied_through > before:
+            self._on_applied(written_us)
 
     def _apply_record(self, slot: int, data: bytes, ts_us: int, superseded: bool) -> Record | None:
         """A two-phase commit record, on every replica alike: kept for recovery and

@@ -378,6 +378,10 @@ class TxnService:
         # after adding the lease records' conditions and writes (txn/lease_service.py).
         self.lease_writes: Callable[[TxnRequest, float, float],
                                     Awaitable[dict[str, Any]]] | None = None
+        # Set by the node's watch hub (server/watch_hub.py): told, as a group applies
+        # entries here, (keyspace, range end, the newest commit timestamp whose writes
+        # they applied or 0, this replica's safe time), so a shared poll runs at once.
+        self.on_applied: Callable[[str, int, int, int], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -548,6 +552,7 @@ class TxnService:
             max_drift_ppm=self.config.truetime.max_drift_ppm,
             on_apply=functools.partial(self._record_outcome, rng.group_id),
             on_record=functools.partial(self._on_record, rng.group_id),
+            on_applied=functools.partial(self._applied, rng.group_id),
             finished_ttl_s=FINISHED_TTL_S,
             members=record.replicas, heard=self._heard.get(rng.group_id, ()),
         )
@@ -688,6 +693,13 @@ class TxnService:
             return
         key = _group_key(OUTCOME_PREFIX, group_id) + value.txn_id.encode()
         self._engine.write([(key, _TS.pack(value.commit_ts_us))], (), sync=False)
+
+    def _applied(self, group_id: str, written_us: int) -> None:
+        group = self.groups.get(group_id)
+        if self.on_applied is None or group is None:
+            return
+        runner = group.runner
+        self.on_applied(runner.keyspace, runner.group.end, written_us, runner.applied_ts_us)
 
     def _on_record(self, group_id: str, record: Record, superseded: bool) -> None:
         """A group applied a 2PC record: a commit's outcome is kept like a one-range
