@@ -20,7 +20,9 @@ wait for safe time to pass ``TT.now().latest``; the others poll up to
 ``TT.now().latest`` as on the grid (at their leader, a reservation rather
 than a wait). Wakes coalesce: a feed woken while it polls polls once more
 right after, however many commits woke it. The grid stays, for ranges this
-node does not replicate and for any wake missed; a woken poll asks for
+node does not replicate and for any wake missed, though a grid point less
+than an interval after a woken poll is skipped (commits keep the feed
+moving; each poll reads the whole range). A woken poll asks for
 ``(resolved, T]`` like any other, so only when events arrive changes.
 
 The feed's answers are contiguous: each starts where the last was
@@ -81,6 +83,7 @@ class RangeFeed:
         self.safe_us = 0
         self.target_us = 0
         self.pushed = False  # woken since the last poll began: poll now, not on the grid
+        self.woken_s: float | None = None  # when the last woken poll began (node's clock)
         self.due = asyncio.Event()  # a wake, or the next grid point
         # The last answers' changes, each from where the one before was resolved: a watch
         # that has offered everything up to ``replay_from_us`` joins with no gap.
@@ -151,6 +154,13 @@ class WatchHub:
         while feed.subscribers and not node.draining:  # bounded: ends with its last watch
             turn_s = clock.monotonic_s()
             woken, feed.pushed = feed.pushed, False
+            if woken:
+                feed.woken_s = turn_s
+            elif feed.woken_s is not None and turn_s - feed.woken_s < poll_s:
+                # A grid point less than an interval after a woken poll: commits keep
+                # the feed moving, so this one is skipped (the next comes if they stop).
+                await self._wait(feed, to_grid_s(clock.monotonic_s(), poll_s))
+                continue
             # Woken, and this replica's safe time has passed the commit: up to it, served
             # here at once. Else up to TT.now().latest, as on the grid.
             upto_us = (feed.safe_us if woken and feed.safe_us >= feed.target_us
