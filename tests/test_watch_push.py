@@ -12,8 +12,10 @@ order.
 On a stand-in tier (as ``tests/test_watch_hub.py``'s): a burst of commits
 applied while a feed polls wakes it once more, not once per commit; a
 woken poll asks up to the replica's safe time the group reported, not
-``TT.now().latest``; and a commit in one range wakes the feeds of the
-keyspace's other ranges, which are not yet past it.
+``TT.now().latest``; a commit in one range wakes the feeds of the
+keyspace's other ranges, which are not yet past it; and while commits keep
+waking a feed its grid points are skipped, until they stop (the skip taken
+out, the check fails).
 """
 
 from __future__ import annotations
@@ -235,5 +237,33 @@ def test_a_commit_in_one_range_wakes_the_keyspaces_other_feeds_below_it() -> Non
         session.cancel()
         await asyncio.wait_for(task, 5)
         assert [e["version"] for e in sink.events if e["type"] == "put"] == [version]
+
+    asyncio.run(run())
+
+
+def test_grid_points_are_skipped_while_commits_keep_waking_the_feed() -> None:
+    """Commits every 10 ms on a 50 ms grid: the feed polls for the commits, not also on
+    the grid; once they stop, the grid polls again."""
+    node = fake_node()  # a 10 ms grid
+    node.config = config_from_dict({"txn": {"watch_poll_ms": 50}})
+
+    async def run() -> None:
+        session, _ = watcher(node, "k", True, None)
+        task = asyncio.ensure_future(session.run())
+        await until(lambda: session.fanin is not None, "the watch live", 5, 0.01)
+        hub = node.watch_hub
+        feed = hub.feeds[("txn", ENDS[0])]
+        grid_before = feed.polls - feed.woken_polls
+        for i in range(30):  # 0.3 s of commits, 10 ms apart
+            version = node.txn.commit({"k1": i})
+            hub.applied("txn", ENDS[0], version, version)
+            await asyncio.sleep(0.01)
+        assert feed.woken_polls >= 15
+        assert feed.polls - feed.woken_polls - grid_before <= 1, "the grid polled as well"
+        grid_after = feed.polls - feed.woken_polls
+        await until(lambda: feed.polls - feed.woken_polls >= grid_after + 2,
+                    "the grid polling again", 1, 0.01)
+        session.cancel()
+        await asyncio.wait_for(task, 5)
 
     asyncio.run(run())
