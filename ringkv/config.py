@@ -344,11 +344,14 @@ class TlsConfig:
     # chains to it). internode: mutual TLS between nodes, all three files
     # required: each end proves itself with cert_file and accepts only a
     # peer whose certificate chains to ca_file (the cluster CA).
-    # SIGHUP rereads every file here without a restart.
+    # SIGHUP rereads every file here without a restart: new connections then
+    # trust exactly the CAs ca_file holds (open ones carry on as they were).
     client: TlsFilesConfig = field(default_factory=TlsFilesConfig)
     internode: TlsFilesConfig = field(default_factory=TlsFilesConfig)
 
 
+# Token secrets kept, besides the current one, after a rotation (auth.previous_secrets).
+MAX_PREVIOUS_SECRETS = 16
 # The user store's keyspace (ringkv/auth/store.py), added when auth is enabled.
 AUTH_KEYSPACE = "system_auth"
 
@@ -363,13 +366,16 @@ class AuthConfig:
     # added at one node logs in at every other. Nodes cache what they read
     # for cache_ttl_s (a revoke or password change applies within it); tokens
     # live token_ttl_s; each source address may fail login_burst logins,
-    # then one more per 1 / login_refill_per_s seconds.
+    # then one more per 1 / login_refill_per_s seconds. The token secret
+    # rotates (POST /v1/auth/secret/rotate); previous_secrets earlier secrets
+    # still verify their tokens, older ones are retired (0: none).
     enabled: bool = False
     replication_factor: int = 3
     token_ttl_s: int = 3600
     cache_ttl_s: float = 2.0
     login_burst: int = 10
     login_refill_per_s: float = 0.2
+    previous_secrets: int = 2
 
 
 def _default_keyspaces() -> dict[str, KeyspaceConfig]:
@@ -717,6 +723,7 @@ def _read_auth(ctx: _Context, raw: object) -> AuthConfig:
     sec.take("cache_ttl_s", _check_number_from, 0.0, 60.0)
     sec.take("login_burst", _check_int, 1, 10_000)
     sec.take("login_refill_per_s", _check_number_from, 0.0001, 1000.0)
+    sec.take("previous_secrets", _check_int, 0, MAX_PREVIOUS_SECRETS)
     return AuthConfig(**sec.done())
 
 

@@ -466,7 +466,8 @@ class TopologyRefused(RingKVError):
 
 class Unauthenticated(RingKVError):
     """No credentials, or credentials that do not check out (``reason``: missing,
-    bad_credentials, bad_token, expired_token, malformed). Send HTTP Basic
+    bad_credentials, bad_token, expired_token, retired_secret (signed with a token
+    secret rotated out since), malformed). Send HTTP Basic
     credentials or a bearer token from ``POST /v1/auth/token``."""
 
     code = "unauthenticated"

@@ -4,11 +4,16 @@ Password hashes verify the right password only, carry their parameters
 (so raised ones and old ones both verify) and salt; the permission matrix
 gives each route what it needs and ``authorize`` names the first missing
 permission; tokens verify until their expiry and not with another secret
-or a changed byte; the failed-login bucket refuses after ``burst``
+or a changed byte, name the secret generation that signed them, and one
+signed by a retired secret is refused saying so; the secret rotates keeping
+the newest previous ones; the failed-login bucket refuses after ``burst``
 failures and lets one more in per refill; the user document round-trips.
 """
 
 from __future__ import annotations
+
+import base64
+import json
 
 import pytest
 
@@ -97,18 +102,66 @@ def test_permission_matrix() -> None:
 def test_tokens_expire_and_are_bound_to_the_secret() -> None:
     claims = tokens.TokenClaims("alice", 3, expires_us=2_000)
     token = tokens.issue(b"k" * 32, claims)
-    assert tokens.verify(b"k" * 32, token, now_us=1_999) == claims
+    assert tokens.verify({1: b"k" * 32}, token, now_us=1_999) == claims
     with pytest.raises(tokens.BadToken) as expired:
-        tokens.verify(b"k" * 32, token, now_us=2_000)
-    assert expired.value.expired
+        tokens.verify({1: b"k" * 32}, token, now_us=2_000)
+    assert expired.value.expired and expired.value.reason == "expired_token"
     with pytest.raises(tokens.BadToken) as forged:
-        tokens.verify(b"j" * 32, token, now_us=0)
-    assert not forged.value.expired
+        tokens.verify({1: b"j" * 32}, token, now_us=0)
+    assert not forged.value.expired and forged.value.reason == "bad_token"
     head, payload, mac = token.split(".")
     with pytest.raises(tokens.BadToken):
-        tokens.verify(b"k" * 32, f"{head}.{payload[:-1]}A.{mac}", now_us=0)
+        tokens.verify({1: b"k" * 32}, f"{head}.{payload[:-1]}A.{mac}", now_us=0)
     with pytest.raises(tokens.BadToken):
-        tokens.verify(b"k" * 32, "not a token", now_us=0)
+        tokens.verify({1: b"k" * 32}, "not a token", now_us=0)
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_tokens_name_their_secret_and_a_retired_one_is_refused_saying_so() -> None:
+    claims = tokens.TokenClaims("alice", 1, expires_us=10**18)
+    old, new = b"o" * 32, b"n" * 32
+    first = tokens.issue(old, claims, 1)
+    second = tokens.issue(new, claims, 2)
+    both = {2: new, 1: old}
+    assert tokens.verify(both, first, 0) == claims == tokens.verify(both, second, 0)
+    with pytest.raises(tokens.BadToken) as retired:
+        tokens.verify({2: new, 3: b"t" * 32}, first, 0)
+    assert retired.value.reason == "retired_secret" and "generation 1" in str(retired.value)
+    with pytest.raises(tokens.BadToken) as unknown:
+        tokens.verify({1: old}, second, 0)
+    assert unknown.value.reason == "unknown_secret"
+    # Naming another listed generation does not help a token signed with a retired secret.
+    _, payload, mac = first.split(".")
+    claimed = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    relabelled = _b64url(json.dumps({**claimed, "k": 2}, separators=(",", ":")).encode())
+    with pytest.raises(tokens.BadToken) as forged:
+        tokens.verify({2: new}, f"rk1.{relabelled}.{mac}", 0)
+    assert forged.value.reason == "bad_token"
+    # A token from before rotation (no "k") is generation 1's.
+    legacy_payload = _b64url(json.dumps({"u": "alice", "g": 1, "exp": 10**18},
+                                        separators=(",", ":")).encode())
+    legacy = f"rk1.{legacy_payload}.{tokens._mac(old, legacy_payload)}"  # noqa: SLF001
+    assert tokens.verify({2: new, 1: old}, legacy, 0) == claims
+
+
+def test_the_token_secret_rotates_keeping_the_newest_previous_ones() -> None:
+    doc = AuthDoc(b"1" * 32).with_user("admin", "h1", ["admin"])
+    assert doc.token_secrets() == {1: b"1" * 32}
+    assert AuthDoc.decode(doc.encode()) == doc
+    doc = doc.with_rotated_secret(b"2" * 32, keep=2).with_rotated_secret(b"3" * 32, keep=2)
+    assert (doc.secret, doc.secret_generation) == (b"3" * 32, 3)
+    assert doc.token_secrets() == {3: b"3" * 32, 2: b"2" * 32, 1: b"1" * 32}
+    doc = doc.with_rotated_secret(b"4" * 32, keep=2)
+    assert doc.token_secrets() == {4: b"4" * 32, 3: b"3" * 32, 2: b"2" * 32}  # 1 retired
+    again = AuthDoc.decode(doc.encode())
+    assert again == doc and again.user("admin").grants == frozenset({"admin"})
+    assert doc.with_password("admin", "h2").token_secrets() == doc.token_secrets()
+    assert doc.with_rotated_secret(b"5" * 32, keep=0).token_secrets() == {5: b"5" * 32}
+    with pytest.raises(BadRequest):
+        doc.with_rotated_secret(b"short", keep=2)
 
 
 def test_failed_logins_refill_per_address() -> None:
@@ -154,7 +207,9 @@ def test_auth_config_is_validated_and_adds_the_user_store() -> None:
     assert (store.tier, store.replication_factor) == (TRANSACTIONAL, 2)
     assert config_from_dict(config.to_dict()) == config  # round-trips without a clash
     for bad, field in (({"enabled": "yes"}, "auth.enabled"), ({"token_ttl_s": 0}, "auth.token_ttl_s"),
-                       ({"login_burst": 0}, "auth.login_burst"), ({"nope": 1}, "auth.nope")):
+                       ({"login_burst": 0}, "auth.login_burst"), ({"nope": 1}, "auth.nope"),
+                       ({"previous_secrets": -1}, "auth.previous_secrets"),
+                       ({"previous_secrets": 17}, "auth.previous_secrets")):
         with pytest.raises(ConfigError) as info:
             config_from_dict({"auth": bad})
         assert info.value.field == field, info.value

@@ -290,3 +290,32 @@ def test_a_transaction_begun_without_a_keyspace_takes_the_users_one_not_system_a
         assert status == 200
 
     serve(scenario, capsys)
+
+
+def test_a_token_from_a_rotation_newer_than_the_cache_is_checked_at_the_store(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another node rotated the secret and signed a token with it; this node's cache
+    (60 s here) still holds the old secret: it reads the store once and accepts it."""
+    from ringkv.auth import tokens
+    from ringkv.auth.store import AuthStore
+
+    async def scenario(call: Call, node: Node, password: str, clock: ShiftedClock) -> None:
+        admin = basic("admin", password)
+        assert (await call("GET", "/v1/auth/whoami", headers=admin))[0] == 200  # cached now
+        assert node.auth is not None and node.auth.store.cached
+        elsewhere = AuthStore(node.txn, clock, cache_ttl_s=0, timeout_s=5)  # another node's
+        doc = await elsewhere.change(lambda d: d.with_rotated_secret(b"r" * 32, keep=2))
+        claims = tokens.TokenClaims("admin", doc.user("admin").generation,
+                                    clock.wall_us() + 60_000_000)
+        token = tokens.issue(doc.secret, claims, doc.secret_generation)
+        assert node.auth.store.cached  # still the old document, without the new secret
+        status, body, _ = await call("GET", "/v1/auth/whoami",
+                                     headers={"Authorization": f"Bearer {token}"})
+        assert (status, body.get("user")) == (200, "admin"), body
+        # A generation the store does not hold either is refused as any bad token.
+        forged = tokens.issue(b"x" * 32, claims, doc.secret_generation + 1)
+        status, body, _ = await call("GET", "/v1/auth/whoami",
+                                     headers={"Authorization": f"Bearer {forged}"})
+        assert (status, body["error"]["reason"]) == (401, "bad_token"), body
+
+    serve(scenario, capsys, cache_ttl_s=60)

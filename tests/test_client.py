@@ -390,7 +390,7 @@ def test_async_client_does_everything(node: InProcessNode) -> None:
             # many concurrent calls share the pool
             values = await asyncio.gather(*(kv.get(f"x{i}") for i in range(30)))
             assert values == list(range(30))
-            assert [v.node_id for v in kv.nodes()] == [node.node.node_id]
+            assert [v.node_id for v in await kv.nodes()] == [node.node.node_id]
             assert bool(kv._native._conns) == bool(node.native_port)  # pipelined, if native
 
     run_async(main())

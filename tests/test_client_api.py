@@ -33,7 +33,10 @@ STREAMS = {"scan", "scan_pages"}
 # Streams with no plan in ``Operations``: a watch runs over its own connection (client/watch.py).
 WATCHES = {"watch"}
 # Only the client's own state: plain functions on both clients (``close`` does I/O, so awaited).
-LOCAL = {"__init__", "nodes", "replicas"}
+LOCAL = {"__init__"}
+# The ring as the client knows it, fetched first if it never was: awaited on the asyncio
+# client (no plan of the same name: each runs ``ensure_ring``, then reads the ring).
+RING_VIEWS = {"nodes", "replicas"}
 PROPERTIES = {"keyspace", "consistency"}
 # Interactive transactions: ``transaction`` is local on both (the asyncio one's object is
 # used with ``async with``), ``run_transaction`` awaited; their annotations name each
@@ -55,8 +58,8 @@ def public_names(cls: type) -> set[str]:
 def test_both_clients_have_the_same_public_methods() -> None:
     assert public_names(Client) == public_names(AsyncClient)
     # Every public name is one of the kinds below, so a new method must say which it is.
-    assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | PROPERTIES | TRANSACTIONS
-                                    | LEASES | RECIPES | {"close"})
+    assert public_names(Client) == (CALLS | STREAMS | WATCHES | LOCAL | RING_VIEWS | PROPERTIES
+                                    | TRANSACTIONS | LEASES | RECIPES | {"close"})
 
 
 @pytest.mark.parametrize("name", sorted(public_names(Client)))
@@ -273,3 +276,50 @@ def test_a_node_that_left_an_attempt_unanswered_is_tried_last_by_the_next_calls(
         attempt = next(later)
         assert isinstance(attempt, Send) and not attempt.url.startswith(silent)
         later.close()
+
+
+def test_a_lease_renewal_gives_a_silent_node_a_share_of_the_ttl_not_the_clients_timeout() -> None:
+    """Both clients' background renewals (``Lease``, ``AsyncLease``) run this plan: with
+    the client's timeout_s as long as the TTL, a renewal that meets a silent node still
+    renews through another before the lease's expiry; the ring fetch is bounded too."""
+    clock = ManualClock(monotonic_s=100.0)
+    ops = make_ops(clock, timeout_s=2.0, max_retries=3)
+    urls = {"n0": "http://127.0.0.1:7400", "n1": "http://127.0.0.1:7401",
+            "n2": "http://127.0.0.1:7402"}
+    expires_at_s = 100.0 + 2 * 2 / 3  # renewed a third of a 2 s TTL ago
+    plan = ops.lease_keepalive("txn:ab", ttl_s=2, expires_at_s=expires_at_s)
+    fetch = next(plan)
+    assert isinstance(fetch, Send) and fetch.url.endswith("/v1/ring") and fetch.timeout_s == 0.5
+    first = plan.send(Reply(200, ring_body(urls, rf=3), {}))
+    assert isinstance(first, Send) and first.url.endswith("/v1/lease/txn:ab/keepalive")
+    assert first.timeout_s == 0.5  # a quarter of the TTL, not the client's 2 s
+    clock.advance(first.timeout_s)
+    pause = plan.send(Failure("timeout", "no answer within 0.5 s"))
+    assert isinstance(pause, Sleep)
+    clock.advance(pause.seconds)
+    second = plan.send(None)
+    assert isinstance(second, Send) and second.url.split("/v1/")[0] != first.url.split("/v1/")[0]
+    assert clock.monotonic_s() + second.timeout_s <= expires_at_s  # answered in time
+    with pytest.raises(StopIteration) as done:
+        plan.send(Reply(200, b'{"remaining_ms": 1990}', {}))
+    assert done.value.value == {"remaining_ms": 1990}
+    # A renewal ends by the lease's expiry (or after one attempt, when that is nearer),
+    # with the typed error: here every node stays silent.
+    clock.advance(2.0)
+    start_s = clock.monotonic_s()
+    late = ops.lease_keepalive("txn:ab", ttl_s=2, expires_at_s=start_s + 0.3)
+    effect = next(late)
+    with pytest.raises(NoNodeAvailable):
+        for _ in range(20):  # bounded: the renewal's deadline is one attempt away
+            if isinstance(effect, Sleep):
+                clock.advance(effect.seconds)
+                effect = late.send(None)
+                continue
+            assert isinstance(effect, Send)
+            assert clock.monotonic_s() + effect.timeout_s <= start_s + 0.5 + 1e-9
+            clock.advance(effect.timeout_s)
+            effect = late.send(Failure("timeout", "no answer"))
+        raise AssertionError("the renewal did not end by its deadline")
+    # Without the lease's bounds (the public ``keepalive()``), the client's timeout_s.
+    plain = ops.lease_keepalive("txn:ab")
+    assert next(plain).timeout_s == 2.0  # type: ignore[union-attr]

@@ -95,14 +95,18 @@ def test_nodes_and_replicas_are_right_before_the_first_request(node: InProcessNo
 
     async def main() -> None:
         async with AsyncClient(node.url) as akv:  # the ring is fetched on entry
-            assert [view.node_id for view in akv.nodes()] == [node_id]
-            assert akv.replicas("some-key") == [node_id]
+            assert [view.node_id for view in await akv.nodes()] == [node_id]
+            assert await akv.replicas("some-key") == [node_id]
+        # Outside ``async with``, with no call made before: fetched on demand, as Client does.
         outside = AsyncClient(node.url)
         try:
-            with pytest.raises(RuntimeError, match="ensure_ring"):
-                outside.nodes()
-            await outside.ensure_ring()
-            assert outside.replicas("k") == [node_id]
+            assert outside._ops.router.topology.ring is None
+            assert [view.node_id for view in await outside.nodes()] == [node_id]
+        finally:
+            await outside.close()
+        outside = AsyncClient(node.url)
+        try:
+            assert await outside.replicas(b"some-key", keyspace="solo") == [node_id]
         finally:
             await outside.close()
 
@@ -113,6 +117,18 @@ def test_nodes_with_no_node_answering_says_so() -> None:
     with Client(f"http://127.0.0.1:{free_port()}", timeout_s=1.0) as kv, \
             pytest.raises(NoNodeAvailable):
         kv.nodes()
+
+    async def main() -> None:
+        kv = AsyncClient(f"http://127.0.0.1:{free_port()}", timeout_s=1.0)
+        try:
+            with pytest.raises(NoNodeAvailable):
+                await kv.nodes()
+            with pytest.raises(NoNodeAvailable):
+                await kv.replicas("k")
+        finally:
+            await kv.close()
+
+    run_async(main())
 
 
 def test_bytes_keys_timedelta_ttls_exists_and_ttl_s(node: InProcessNode) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from ringkv.client import AsyncClient, Client, LeaseExpired
+from ringkv.client.plan import Effect, Outcome, Send
 from ringkv.tools.launcher import free_port_block
 from ringkv.tools.local_cluster import LocalCluster
 from tests.procs import http, wait_until
@@ -229,21 +230,26 @@ def test_a_full_lease_refuses_a_key_until_one_of_its_keys_is_detached(
     assert http("GET", f"{a.url}/v1/kv/{KS}/full/k1")[1]["value"] == "detached"
 
 
+GRANTS = 32
+
+
 def test_concurrent_grants_all_get_a_lease(cluster: LocalCluster) -> None:
-    """Every grant rewrites the keyspace's lease directory: racing grants retry."""
+    """Every grant rewrites the keyspace's lease directory: a node grants what waits in
+    one transaction, and a batch that loses the race to another node's goes again
+    (one at a time, with a fixed 8 tries, one of 16 grants failed on a loaded machine)."""
     answers: list[tuple[int, Any]] = []
 
     def grant(url: str) -> None:
         answers.append(http("POST", f"{url}/v1/lease", {"ttl": 5, "keyspace": KS}))
 
     threads = [threading.Thread(target=grant, args=(cluster.procs[i % 3].url,))
-               for i in range(16)]
+               for i in range(GRANTS)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=15)
-    assert [status for status, _ in answers] == [200] * 16, answers
-    assert len({body["id"] for _, body in answers}) == 16
+    assert [status for status, _ in answers] == [200] * GRANTS, answers
+    assert len({body["id"] for _, body in answers}) == GRANTS
 
 
 def test_the_blocking_clients_lease_over_either_protocol(cluster: LocalCluster) -> None:
@@ -278,6 +284,65 @@ def test_the_async_clients_lease_is_renewed_by_a_task_and_revoked_on_exit(
             assert (await kv.get("async/k", keyspace=KS)) is None  # revoked on exit
 
     asyncio.run(run())
+
+
+class NotingClient(Client):
+    """A ``Client`` that notes each lease renewal's attempt timeout."""
+
+    renewal_timeouts: list[float]
+
+    def _perform(self, effect: Effect) -> Outcome:
+        if isinstance(effect, Send) and effect.url.endswith("/keepalive"):
+            self.renewal_timeouts.append(effect.timeout_s)
+        return super()._perform(effect)
+
+
+class NotingAsyncClient(AsyncClient):
+    """An ``AsyncClient`` that notes each lease renewal's attempt timeout."""
+
+    renewal_timeouts: list[float]
+
+    async def _perform(self, effect: Effect) -> Outcome:
+        if isinstance(effect, Send) and effect.url.endswith("/keepalive"):
+            self.renewal_timeouts.append(effect.timeout_s)
+        return await super()._perform(effect)
+
+
+def test_background_renewals_give_a_node_a_share_of_the_ttl_not_the_clients_timeout(
+        cluster: LocalCluster) -> None:
+    """Both clients' lease threads and tasks bound each renewal attempt by the TTL
+    (``routing.renewal_bounds_s``), however long the client's ``timeout_s``: a node that
+    falls silent is then passed over before the lease lapses (the simulator's
+    ``test_a_session_outlives_the_node_its_renewals_go_to_falling_silent``)."""
+    a, b, _ = cluster.procs
+    kv = NotingClient([a.url, b.url], keyspace=KS, timeout_s=5.0)
+    kv.renewal_timeouts = []
+    with kv:
+        with kv.lease(TTL_S) as lease:
+            wait_until(lambda: len(kv.renewal_timeouts) >= 3, timeout_s=10, interval_s=0.05,
+                       what="three background renewals")
+            assert lease.lost is None
+            background = kv.renewal_timeouts[:3]
+            before = len(kv.renewal_timeouts)
+            assert lease.keepalive() > 0  # the public call: the client's own timeout_s
+            public = kv.renewal_timeouts[before:]
+    assert all(t <= TTL_S / 4 for t in background), background
+    assert 5.0 in public, public
+
+    async def run() -> list[float]:
+        akv = NotingAsyncClient([a.url, b.url], keyspace=KS, timeout_s=5.0)
+        akv.renewal_timeouts = []
+        async with akv:
+            async with await akv.lease(TTL_S) as alease:
+                for _ in range(100):  # bounded: 10 s
+                    if len(akv.renewal_timeouts) >= 3:
+                        break
+                    await asyncio.sleep(0.1)
+                assert alease.lost is None
+            return akv.renewal_timeouts
+
+    timeouts = asyncio.run(run())
+    assert len(timeouts) >= 3 and all(t <= TTL_S / 4 for t in timeouts), timeouts
 
 
 def test_bad_lease_input_names_the_field(cluster: LocalCluster) -> None:

@@ -94,6 +94,23 @@ def test_a_full_directory_refuses_a_grant() -> None:
     assert [c.kind for c in txn.conditions] == ["absent", "version"]
 
 
+def test_a_nodes_waiting_grants_are_one_directory_write() -> None:
+    """Grants arriving together at a node go as one transaction: every record created
+    (each absent before), the directory listing them all, conditioned on its version;
+    the room left in the keyspace (``txn.max_leases``) bounds how many a batch grants."""
+    other = L.LeaseId(KS, "0123456789abcdef")
+    txn = L.grants_txn(KS, [(LEASE, 2), (other, 5)], L.Directory(("a",), S), max_leases=4)
+    assert [c.kind for c in txn.conditions] == ["absent", "absent", "version"]
+    assert [w.key for w in txn.writes] == [L.record_key(LEASE), L.record_key(other),
+                                           L.DIRECTORY_KEY]
+    listed = L.decode_directory(txn.writes[-1].value, S + 1)
+    assert set(listed.tags) == {"a", LEASE.tag, other.tag}
+    assert L.grant_room(L.Directory(("a",), S), 4) == 3
+    assert L.grant_room(L.Directory(("a", "b"), S), 2) == 0
+    with pytest.raises(Overloaded):
+        L.grants_txn(KS, [(LEASE, 2), (other, 5)], L.Directory(("a",), S), max_leases=2)
+
+
 # -- the expiry plan: only still-attached keys, and only if still so when it commits --------
 
 # The lease attached a at S, b at S+1 and c at S+2; then b was overwritten without the

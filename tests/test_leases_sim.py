@@ -21,9 +21,16 @@ from typing import Any
 
 import pytest
 
+from ringkv.client.plan import Failure, Reply, Send
+from ringkv.errors import RingKVError
+from ringkv.sim.clock import SimClock
 from ringkv.sim.coordination import LeaseOwner, Nemesis, SimWatcher, boot_cluster, lease_deadline_us
+from ringkv.sim.loop import Process
+from ringkv.sim.run import TXN_KEYSPACE
+from ringkv.sim.sim_client import SimClient
 from ringkv.sim.watch_stream import check_lease_keys
 from ringkv.txn.watch import Change
+from tests.sim_waits import until
 
 FAST_SEEDS = [1, 2, 3]
 SOAK_SEEDS = list(range(10, 30))
@@ -149,3 +156,86 @@ def test_the_lease_checker_catches_a_planted_bug(plant: str) -> None:
     elif plant == "while_alive":
         bound = None
     assert check_lease_keys(deletes, KEYS_PLANTED, deadline_us=5_000_000, bound_s=bound)
+
+
+# -- a session's renewals when the node they go to falls silent -------------------------------
+
+SILENT_TTL_S = 2
+SILENT_TIMEOUT_S = 2.0  # the client's timeout_s, as long as the TTL
+SILENT_RUN_S = 4 * SILENT_TTL_S  # virtual seconds the session must outlive the cut
+
+
+class CutsTheRenewalsNode(SimClient):
+    """A ``SimClient`` that, once ``armed``, cuts its own link to the node the next
+    renewal goes to, just after the renewal left: that node falls silent (no reset),
+    its answer never comes, and the link stays cut."""
+
+    armed = False
+    cut_node: str | None = None
+
+    async def _send(self, effect: Send) -> Reply | Failure:
+        if not (self.armed and effect.url.endswith("/keepalive")):
+            return await super()._send(effect)
+        self.armed = False
+        machine = self._machine_for(effect.url)
+        assert machine is not None
+        sending = asyncio.ensure_future(super()._send(effect))
+        await asyncio.sleep(0)  # the request is on its way
+        self.cut_node = machine.node_id
+        self.cluster.network.cut({(self.machine, machine.node_id)})
+        return await sending
+
+
+def run_silent_renewal_node(seed: int) -> dict[str, Any]:
+    loop, cluster = boot_cluster(seed)
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        await cluster.boot(60, provision=random.Random(seed))
+        process = Process("session")
+        kv = CutsTheRenewalsNode(cluster, "session", process, SimClock(loop),
+                                 random.Random(f"session:{seed}"), keyspace=TXN_KEYSPACE,
+                                 timeout_s=SILENT_TIMEOUT_S)
+
+        async def work() -> None:
+            session = kv.session(ttl_s=SILENT_TTL_S, keyspace=TXN_KEYSPACE)
+            for _ in range(100):  # bounded: the ranges elect leaders after the boot
+                try:
+                    await session.open()
+                    break
+                except RingKVError:
+                    await asyncio.sleep(0.2)
+            assert session.lease is not None, "no lease granted in 100 tries"
+            await asyncio.sleep(SILENT_TTL_S)  # renewed a few times through every node
+            kv.armed = True
+            await until(lambda: kv.cut_node is not None, "a renewal after arming")
+            cut_at_s = loop.time()
+            timeouts = kv.stats["timeouts"]
+            await until(lambda: session.lost or loop.time() > cut_at_s + SILENT_RUN_S,
+                        "the session to outlive the cut, or lose its lease",
+                        timeout_s=SILENT_RUN_S + 1)
+            assert session.lease is not None
+            out.update(lost=session.lease.lost, cut_node=kv.cut_node,
+                       felt=kv.stats["timeouts"] - timeouts)
+            if session.lease.lost is None:
+                out["remaining_ms"] = await session.lease.keepalive()
+            await session.close()
+
+        await loop.create_task(work(), context=process.context)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        cluster.stop_all()
+        loop.dispose()
+    return out
+
+
+@pytest.mark.parametrize("seed", FAST_SEEDS)
+def test_a_session_outlives_the_node_its_renewals_go_to_falling_silent(seed: int) -> None:
+    """TTL 2 s, the client's timeout_s 2 s: the renewal that meets the silent node gives
+    up on it within a share of the TTL and renews through another node in time."""
+    run = run_silent_renewal_node(seed)
+    assert run["cut_node"] is not None and run["felt"] >= 1, run  # the silence was met
+    assert run["lost"] is None, f"the session lost its lease: {run}"
+    assert run["remaining_ms"] > 0, run

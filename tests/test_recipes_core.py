@@ -175,6 +175,25 @@ def test_a_join_answered_without_its_reads_is_read_again_not_judged_all_dead() -
         core.after_join(view, "jobs/b", 12, {"jobs/a": 10, "jobs/b": None})
 
 
+def test_a_waiters_read_of_the_queue_is_the_view_its_next_join_plans_from() -> None:
+    """A waiter reads the queue beside the keys ahead of it and its own: the view it
+    keeps is the queue as read, less the entries that read found dead, so that once it
+    has held and released, its next join is conditioned on the queue's current version
+    (it commits at once when nobody joined since) and does not plan to keep dead ones."""
+    a, b, c = Entry("jobs/a", 10), Entry("jobs/b", 12), Entry("jobs/c", 14)
+    stored = core.queue_value([a, b], mine="jobs/c")  # c's own join wrote it, at 14
+    # b was read dead (a's key was not read: kept), c read live.
+    view = core.view_read(stored, 14, {"jobs/b": None, "jobs/c": 14})
+    assert view == core.QueueView(14, (a, c))
+    # An entry whose key holds another version (put again: a new contender) is dead too.
+    assert core.view_read(stored, 14, {"jobs/a": 11, "jobs/c": 14}).entries == (b, c)
+    assert core.view_read(None, None, {}) == core.EMPTY_VIEW
+    # c releases and joins again from it: conditioned on 14, reading only a's key.
+    again = core.join_request("jobs", "jobs/c", None, "l", core.without(view, "jobs/c"))
+    assert again["conditions"] == [{"key": "jobs", "version": 14}]
+    assert again["reads"] == ["jobs/a"]
+
+
 def test_a_sessions_recipes_under_one_name_get_their_own_keys() -> None:
     lease = "txn:00000000000000ff"
     assert core.session_owner(lease, set()) == lease  # etcd's <name>/<lease id>
@@ -219,9 +238,11 @@ def simulate_sessions(seed: int, *, broken: bool = False) -> list[tuple[int, str
             state[c] = ("waiting", mine, ahead)
         elif status == "waiting":
             assert mine is not None
+            current = {k: version(k) for k in [*(e.key for e in ahead), key]}
+            got = store.get("l")  # read in the same snapshot: the next join plans from it
+            views[c] = core.view_read(*(got if got else (None, None)), current)
             try:
-                ahead = core.still_ahead(ahead, mine, {k: version(k) for k in
-                                                       [*(e.key for e in ahead), key]})
+                ahead = core.still_ahead(ahead, mine, current)
             except LockLost:
                 state[c] = ("idle", None, [])
                 continue
@@ -258,3 +279,14 @@ def test_the_checker_catches_a_planted_waiter_that_skips_the_one_ahead() -> None
         except AssertionError:
             caught += 1
     assert caught > 0
+
+
+def test_a_join_that_keeps_losing_races_tries_until_its_deadline_not_a_fixed_count() -> None:
+    """A lock's acquire has a deadline: contenders changing the queue first, however
+    often, are no reason to give up before it (with four contenders a join lost 30
+    races in a row in the benchmark). A join with no deadline (a group member's)
+    stops after ``max_races``."""
+    assert core.keep_joining(500, 50, now_s=10.0, deadline_s=10.5)
+    assert not core.keep_joining(1, 50, now_s=10.5, deadline_s=10.5)
+    assert core.keep_joining(49, 50, now_s=10.0, deadline_s=None)
+    assert not core.keep_joining(50, 50, now_s=10.0, deadline_s=None)

@@ -1,5 +1,6 @@
 """TLS against real node processes on 127.0.0.1: HTTPS and TLS-native for clients,
-mutual TLS between nodes, client certificates, and rotation on SIGHUP.
+mutual TLS between nodes, client certificates, and rotation on SIGHUP (certificates,
+and a replaced CA).
 
 One three-node cluster started like `ringkv cluster up --tls` (a CA, a certificate
 per node, TLS on both links) for the module, and one single node per test that
@@ -257,3 +258,45 @@ def test_sighup_rotates_certificates_without_a_restart(solo: tuple[NodeProcess, 
     assert "ERROR" in line and "tls.client.key_file" in line and "solo.key" in line
     assert served_serial("127.0.0.1", proc.client_port, certs / "ca.crt") == second
     assert proc.proc is not None and proc.proc.pid == pid and proc.proc.poll() is None
+
+
+def handshake(port: int, trusted: Path, client: Path) -> bool:
+    """Whether a new TLS connection to ``port`` showing ``client``.crt/.key is accepted.
+    TLS 1.2, where the node's verdict on the client's certificate is part of the
+    handshake (under 1.3 it would come after it)."""
+    context = ssl.create_default_context(cafile=str(trusted))
+    context.check_hostname = False
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(client.with_suffix(".crt"), client.with_suffix(".key"))
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as raw:
+        try:
+            with context.wrap_socket(raw):
+                return True
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+
+def test_sighup_replaces_the_trusted_ca(solo: tuple[NodeProcess, Path], tmp_path: Path) -> None:
+    """The CA file replaced and SIGHUP sent: a client or peer certificate signed only by
+    the old CA is refused on a new connection (client, native and internode ports), one
+    from the new CA is accepted, without a restart."""
+    proc, certs = solo
+    new = tmp_path / "new-ca"
+    init_ca(new, now())
+    _, _, serial = issue(new, "solo", now(), hosts=("127.0.0.1",))
+    issue(new, "client", now(), client_only=True)
+    both = tmp_path / "both.crt"  # what the test trusts the node's certificate by
+    both.write_bytes((certs / "ca.crt").read_bytes() + (new / "ca.crt").read_bytes())
+    ports = (proc.client_port, proc.native_port, proc.internode_port)
+    assert all(handshake(port, both, certs / "client") for port in ports)
+    assert not any(handshake(port, both, new / "client") for port in ports)
+    for name in ("solo.key", "solo.crt", "ca.crt"):  # key first: see tools/certs.py
+        (certs / name).write_bytes((new / name).read_bytes())
+    proc.signal(signal.SIGHUP)
+    wait_until(lambda: served_serial("127.0.0.1", proc.client_port, both,
+                                     client=new / "client") == serial,
+               timeout_s=DEADLINE_S, what="the reload to serve the new CA's certificate")
+    assert all(handshake(port, both, new / "client") for port in ports)
+    # certs/client.* are still the old CA's.
+    assert not any(handshake(port, both, certs / "client") for port in ports)
+    assert "kept the old" not in log_of(proc)

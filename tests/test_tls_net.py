@@ -174,3 +174,109 @@ def test_reload_picks_up_new_files_and_keeps_the_old_on_a_bad_one(
     assert any(r.levelno == logging.ERROR and "kept the old client" in r.message
                for r in caplog.records)
     assert run(serial()) == new
+
+
+def test_reload_replaces_the_trusted_ca_for_new_connections(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A CA swapped in the files and reloaded is the only one new connections trust: a
+    certificate signed only by the old CA is refused on both links, as server and as
+    dialler, one signed by the new CA is accepted, and a connection opened before the
+    reload goes on (it was verified when it was made)."""
+    caplog.set_level(logging.WARNING, logger="ringkv.net.tls")
+    old, new, live = tmp_path / "old", tmp_path / "new", tmp_path / "live"
+    for ca in (old, new):
+        init_ca(ca, NOW)
+        for name in ("a", "peer"):
+            issue(ca, name, NOW, hosts=(HOST,))
+        issue(ca, "client", NOW, client_only=True)
+    live.mkdir()
+
+    def install(ca: Path) -> None:
+        """Node a's files, from ``ca``: its certificate, its key and the CA it trusts."""
+        for name in ("a.crt", "a.key", "ca.crt"):
+            (live / name).write_bytes((ca / name).read_bytes())
+
+    install(old)
+    both = tmp_path / "both.crt"  # the peers trust either CA: only a's trust is in question
+    both.write_bytes((old / "ca.crt").read_bytes() + (new / "ca.crt").read_bytes())
+    a_files = files(live, "a", live / "ca.crt")
+    tls = NodeTls(TlsConfig(client=a_files, internode=a_files))
+    assert tls.client is not None
+
+    def transport(node_id: str, tls_files: TlsFilesConfig, contexts: NodeTls | None = None
+                  ) -> Transport:
+        contexts = contexts or NodeTls(TlsConfig(internode=tls_files))
+        network = SocketNetwork(HOST, server_ssl=contexts.internode_server,
+                                client_ssl=contexts.internode_client)
+
+        async def handler(frm: str, verb: str, payload: Any) -> Any:
+            return {"from": frm, "payload": payload}
+
+        return Transport(node_id, "c", HOST, 0, handler, network=network)
+
+    async def client_echo(port: int, ca: Path) -> bool:
+        """Whether a client with ``ca``'s client certificate is served on ``port``."""
+        try:
+            reader, writer = await asyncio.open_connection(HOST, port, ssl=_client(ca, both))
+            writer.write(b"ping")
+            served = await reader.read(4) == b"ping"  # b"": closed after the handshake
+            writer.close()
+            return served
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+    async def body() -> None:
+        server = await listen_tls(Echo, HOST, 0, tls.client, handshake_timeout_s=2, what="t")
+        port = server.sockets[0].getsockname()[1]
+        a = transport("a", a_files, tls)
+        before = transport("before", files(old, "peer", both))
+        started = [a, before]
+        for t in started:
+            await t.start()
+        try:
+            assert await client_echo(port, old) and not await client_echo(port, new)
+            before.set_peer_address("a", *a.address)
+            assert await before.request("a", "echo", 1, 5.0) == {"from": "before", "payload": 1}
+            open_client = await asyncio.open_connection(HOST, port, ssl=_client(old, both))
+
+            install(new)
+            assert tls.reload() == []
+
+            # The client link: the old CA's client certificate is refused, the new one's served.
+            assert await client_echo(port, new) and not await client_echo(port, old)
+            # Connections made before the reload go on as they were.
+            reader, writer = open_client
+            writer.write(b"pong")
+            assert await reader.readexactly(4) == b"pong"
+            writer.close()
+            assert await before.request("a", "echo", 2, 5.0) == {"from": "before", "payload": 2}
+            # Internode, new connections: a refuses a peer from the old CA, both when the
+            # peer dials it and when it dials the peer, and takes one from the new CA.
+            stale = transport("stale", files(old, "peer", both))
+            fresh = transport("fresh", files(new, "peer", both))
+            for t in (stale, fresh):
+                await t.start()
+                started.append(t)
+            stale.set_peer_address("a", *a.address)
+            with pytest.raises(PeerUnreachable):
+                await stale.request("a", "echo", 3, 5.0)
+            a.set_peer_address("stale", *stale.address)
+            with pytest.raises(PeerUnreachable):
+                await a.request("stale", "echo", 4, 5.0)
+            fresh.set_peer_address("a", *a.address)
+            assert await fresh.request("a", "echo", 5, 5.0) == {"from": "fresh", "payload": 5}
+            a.set_peer_address("fresh", *fresh.address)
+            assert await a.request("fresh", "echo", 6, 5.0) == {"from": "a", "payload": 6}
+        finally:
+            for t in started:
+                await t.stop()
+            server.close()
+
+    run(body(), timeout_s=40)
+    assert any("its certificate does not verify" in r.message for r in refusals(caplog))
+
+
+def _client(ca: Path, trusted: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(trusted))
+    context.load_cert_chain(ca / "client.crt", ca / "client.key")
+    return context

@@ -16,8 +16,16 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from ringkv.client.errors import InvalidArgument
-from ringkv.client.watch import StreamEnded, WatchCore, WatchEvent
+from ringkv.client.watch import (
+    MISSED_PROGRESS_LINES,
+    PROGRESS_INTERVAL_S,
+    SILENT_STREAM_S,
+    StreamEnded,
+    WatchCore,
+    WatchEvent,
+)
 from ringkv.errors import BadRequest, Compacted, NoNodeAvailable, ProtocolError
+from ringkv.txn import watch as server_watch
 
 
 def line(doc: dict[str, object]) -> bytes:
@@ -106,6 +114,28 @@ def test_reconnects_in_a_row_are_bounded_and_reset_by_progress() -> None:
     with pytest.raises(NoNodeAvailable) as lost:
         watch.reconnect_pause_s("http://c", "refused")
     assert lost.value.details["last_version"] == 10 and "http://c" in lost.value.tried
+
+
+def test_a_silent_stream_is_given_up_after_a_few_missed_progress_lines() -> None:
+    """The client's silence bound is a few of the node's progress intervals, not ten."""
+    assert PROGRESS_INTERVAL_S == server_watch.PROGRESS_INTERVAL_S
+    assert SILENT_STREAM_S == MISSED_PROGRESS_LINES * PROGRESS_INTERVAL_S
+    assert 2 <= MISSED_PROGRESS_LINES <= 5 and SILENT_STREAM_S <= 5.0
+
+
+def test_a_reconnect_passes_over_the_node_that_fell_silent() -> None:
+    candidates = ["http://a", "http://b", "http://c"]
+    watch = core()
+    assert watch.next_url(candidates) == "http://a"  # the best first
+    watch.reconnect_pause_s("http://a", f"silent for {SILENT_STREAM_S} s")
+    assert watch.next_url(candidates) == "http://b"  # not the silent one again
+    assert watch.next_url(["http://a", "http://c", "http://b"]) == "http://c"
+    watch.reconnect_pause_s("http://c", "refused")
+    watch.reconnect_pause_s("http://b", "refused")
+    # Every one tried since the stream last spoke: they take turns.
+    assert {watch.next_url(candidates)} <= set(candidates)
+    watch.line(line({"type": "progress", "version": 10}))  # spoke: the best first again
+    assert watch.next_url(candidates) == "http://a"
 
 
 # -- the cut checker ------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""``ringkv user add|passwd|grant|revoke|remove|list`` (shell): the /v1/auth routes
-from the command line.
+"""``ringkv user add|passwd|grant|revoke|remove|list|rotate-secret`` (shell): the
+/v1/auth routes from the command line.
 
 The caller logs in as ``--user`` (default ``admin``) with the password in
 ``RINGKV_PASSWORD`` or typed at a prompt, or with a token in
@@ -30,7 +30,7 @@ DEFAULT_URL = "http://127.0.0.1:7400"
 def add_parser(commands: Any, tls_flags: Any) -> None:
     user = commands.add_parser(
         "user", help="manage users and grants (auth.enabled): add, passwd, grant, revoke, "
-                     "remove, list")
+                     "remove, list, rotate-secret")
     actions = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -62,6 +62,8 @@ def add_parser(commands: Any, tls_flags: Any) -> None:
     remove = action("remove", "remove a user")
     remove.add_argument("name", metavar="NAME")
     action("list", "list the users and their grants")
+    action("rotate-secret", "rotate the token secret: a new one signs; tokens signed by the "
+                            "auth.previous_secrets before it still work, older ones are refused")
 
 
 def basic_header(user: str, password: str) -> str:
@@ -125,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
                    {"permission": args.permission, "keyspace": args.keyspace})
     elif command == "remove":
         request = ("DELETE", f"{base}/{name}", None)
+    elif command == "rotate-secret":
+        request = ("POST", args.url.rstrip("/") + "/v1/auth/secret/rotate", None)
     else:
         request = ("GET", base, None)
     method, url, body = request

@@ -161,7 +161,15 @@ def add_routes(app: web.Application, node: Node) -> None:
             return _json({"ok": True, "user": name, "grants": sorted(doc.user(name).grants)})
         return handle
 
+    async def rotate_secret(request: web.Request) -> web.Response:
+        auth = service()
+        auth.may_manage(request[PRINCIPAL], "", "admin")
+        if await request.read():
+            raise BadRequest("this call takes no body", field="body")
+        return _json(await auth.rotate_secret())
+
     app.router.add_post("/v1/auth/token", token, name="auth_token")
+    app.router.add_post("/v1/auth/secret/rotate", rotate_secret, name="auth_secret_rotate")
     app.router.add_get("/v1/auth/whoami", whoami, name="auth_whoami", allow_head=False)
     app.router.add_get("/v1/auth/users", users, name="auth_users", allow_head=False)
     app.router.add_post("/v1/auth/users", add_user, name="auth_user_add")

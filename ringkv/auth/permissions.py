@@ -33,7 +33,7 @@ PUBLIC_ROUTES = frozenset({"health", "auth_token"})
 # password; a keyspace admin grants on that keyspace).
 LOGIN_ONLY_ROUTES = frozenset({"ring", "openapi", "txn_commit", "txn_abort", "auth_whoami", "auth_users",
                                "auth_user_add", "auth_user_delete", "auth_passwd",
-                               "auth_grant", "auth_revoke"})
+                               "auth_grant", "auth_revoke", "auth_secret_rotate"})
 CLUSTER_ADMIN_ROUTES = frozenset({"status", "metrics", "repair", "repair_status",
                                   "decommission", "removenode",
                                   "snapshot_create", "snapshot_list", "snapshot_delete",

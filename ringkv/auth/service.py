@@ -147,6 +147,13 @@ class AuthService:
                                   reason="not_ready")
         return doc
 
+    async def _doc_at_leader(self) -> AuthDoc:
+        doc = (await self.store.read())[0]
+        if doc is None:
+            raise Unauthenticated("the user store is not initialised yet; try again shortly",
+                                  reason="not_ready")
+        return doc
+
     async def authenticate(self, header: str | None, peer: str) -> Principal:
         """The principal of an ``Authorization`` header (``Basic`` or ``Bearer``)."""
         if not header:
@@ -204,10 +211,17 @@ class AuthService:
         from_cache = self.store.cached
         doc = await self._doc()
         try:
-            claims = tokens.verify(doc.secret, token, self.clock.wall_us())
+            try:
+                claims = tokens.verify(doc.token_secrets(), token, self.clock.wall_us())
+            except tokens.BadToken as exc:
+                if exc.reason != "unknown_secret" or not from_cache:
+                    raise
+                # Signed after a rotation this node's cache predates: one read at the leader.
+                doc = await self._doc_at_leader()
+                claims = tokens.verify(doc.token_secrets(), token, self.clock.wall_us())
         except tokens.BadToken as exc:
-            raise self._refuse(peer, "expired_token" if exc.expired else "bad_token",
-                               str(exc)) from None
+            reason = "bad_token" if exc.reason == "unknown_secret" else exc.reason
+            raise self._refuse(peer, reason, str(exc)) from None
         record = doc.users.get(claims.user)
         if (record is None or record.generation != claims.generation) and from_cache:
             fresh = (await self.store.read())[0]  # the token may be newer than the cache
@@ -229,8 +243,22 @@ class AuthService:
         expires_us = self.clock.wall_us() + ttl_s * 1_000_000
         claims = tokens.TokenClaims(principal.name, doc.user(principal.name).generation,
                                     expires_us)
-        return {"token": tokens.issue(doc.secret, claims), "token_type": "Bearer",
+        return {"token": tokens.issue(doc.secret, claims, doc.secret_generation),
+                "token_type": "Bearer",
                 "user": principal.name, "expires_in_s": ttl_s, "expires_at_us": expires_us}
+
+    async def rotate_secret(self) -> dict[str, Any]:
+        """A new token secret signs from now on; the one it replaces and the
+        ``auth.previous_secrets`` - 1 before that still verify their tokens, and any older
+        is retired. Every node sees it within ``auth.cache_ttl_s``."""
+        keep = self.config.previous_secrets
+        doc = await self.store.change(
+            lambda d: d.with_rotated_secret(secrets.token_bytes(32), keep))
+        accepted = [gen for gen, _ in doc.previous_secrets]
+        log.info("rotated the token secret: generation %d signs; %s still verify",
+                    doc.secret_generation, accepted or "no earlier ones")
+        return {"ok": True, "secret_generation": doc.secret_generation,
+                "previous_generations": accepted}
 
     # -- the one check -----------------------------------------------------------------
 
@@ -244,12 +272,13 @@ class AuthService:
         return principal
 
     async def authorize_session(self, principal: Principal | None, route: str, keyspace: str,
-                                query: Mapping[str, str], body: bytes) -> None:
+                                query: Mapping[str, str], body: bytes) -> Principal | None:
         """Authorize one request of a connection that logged in once (the native hello),
         with the user's grants as they are now: a revoke reaches open connections too,
-        and a password change or removal ends what they may do."""
+        and a password change or removal ends what they may do. The principal with those
+        grants (None: a public route)."""
         if route in PUBLIC_ROUTES:
-            return
+            return None
         if principal is None:
             raise Unauthenticated("this connection has not logged in", reason="missing")
         record = (await self._doc()).users.get(principal.name)
@@ -257,8 +286,9 @@ class AuthService:
             self.metrics.auth_failures.labels("credentials_changed").inc()
             raise Unauthenticated(f"user {principal.name!r} was removed or changed password "
                                   "since this connection logged in", reason="credentials_changed")
-        self.authorize(Principal(principal.name, record.grants, record.generation), route,
-                       keyspace, query, body)
+        current = Principal(principal.name, record.grants, record.generation)
+        self.authorize(current, route, keyspace, query, body)
+        return current
 
     def may_manage(self, principal: Principal, target: str, grant: str | None) -> None:
         """``permissions.may_manage``, its refusals counted."""

@@ -200,21 +200,10 @@ class NetnsChaosRun(ChaosRun):
         than ``duration_s``, the schedule's end)."""
         await asyncio.wait({nemesis}, timeout=self.duration_s)
 
-    async def _nemesis(self, faults: list[Fault]) -> None:
-        """The schedule's faults in order, each held as scheduled; a calm ends once
-        every node has recovered (``MIN_CALM_S`` later), so the rest move earlier.
-        ``done`` records when each fault actually started."""
-        for scheduled in faults:
-            fault = dataclasses.replace(scheduled, at_s=round(scheduled.at_s - self._early_s, 2))
-            await asyncio.sleep(max(0.0, fault.at_s - self.now()))
-            self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {' '.join(fault.targets)} "
-                     f"for {fault.hold_s}s")
-            await self._apply(fault)
-            self.done.append(fault)
-            await self._hold(fault)
-            await self._heal(fault)
-            calm_end = fault.at_s + fault.hold_s + CALM_S
-            self._early_s += max(0.0, calm_end - (self.now() + MIN_CALM_S))
+    def _rescheduled(self, fault: Fault) -> Fault:
+        """Each fault held as scheduled, but started earlier by what the calms before
+        it left unused (see ``_heal``)."""
+        return dataclasses.replace(fault, at_s=round(fault.at_s - self._early_s, 2))
 
     async def _apply(self, fault: Fault) -> None:
         net, targets = self.net, fault.targets
@@ -252,6 +241,10 @@ class NetnsChaosRun(ChaosRun):
         self.say(f"{self.now():6.1f}s after {fault.kind}: writes at ALL through every node "
                  + ", ".join("never" if r.after_s is None else f"{r.after_s:.1f}s"
                              for r in results) + " after it showed every node UP")
+        # The calm ends once every node has recovered (MIN_CALM_S later): the faults
+        # after this one move earlier by what is left of it.
+        calm_end = fault.at_s + fault.hold_s + CALM_S
+        self._early_s += max(0.0, calm_end - (self.now() + MIN_CALM_S))
 
     # -- measuring membership --------------------------------------------------------------
 

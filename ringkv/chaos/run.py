@@ -273,7 +273,7 @@ class ChaosRun:
                 # also read-repairs every replica before they are compared.
                 self.history.append(await self._final_read(kv, key, "QUORUM"))
                 self.history.append(await self._final_read(kv, key, "ALL"))
-            return {key: await self._replicas(key, kv.replicas(key)) for key in self.keys}
+            return {key: await self._replicas(key, await kv.replicas(key)) for key in self.keys}
 
     async def _load_period(self, nemesis: asyncio.Task[None]) -> None:
         """How long the clients run: ``duration_s``, whenever the nemesis ends."""
@@ -353,7 +353,12 @@ class ChaosRun:
         return cells
 
     async def _nemesis(self, faults: list[Fault]) -> None:
-        for fault in faults:
+        """The schedule's faults in order, one at a time: each applied, held and healed
+        by the hooks below (``_apply``, ``_hold``, ``_heal``: what differs between the
+        proxy run and the namespace run), starting when ``_rescheduled`` says; ``done``
+        records each fault as it actually ran."""
+        for scheduled in faults:
+            fault = self._rescheduled(scheduled)
             await asyncio.sleep(max(0.0, fault.at_s - self.now()))
             self.say(f"{self.now():6.1f}s nemesis: {fault.kind} {' '.join(fault.targets)} "
                      f"for {fault.hold_s}s")
@@ -361,6 +366,10 @@ class ChaosRun:
             self.done.append(fault)
             await self._hold(fault)
             await self._heal(fault)
+
+    def _rescheduled(self, fault: Fault) -> Fault:
+        """A scheduled fault as it will run: here, as scheduled."""
+        return fault
 
     async def _apply(self, fault: Fault) -> None:
         proxy, target = self.proxy, fault.targets[0]

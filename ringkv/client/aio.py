@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import itertools
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -24,7 +23,7 @@ from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send
 from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.watch import (
-    IDLE_TIMEOUT_S,
+    SILENT_STREAM_S,
     MAX_WATCH_LINE_BYTES,
     MAX_RECONNECTS,
     WATCH_HEADERS,
@@ -63,8 +62,8 @@ class AsyncClient(ClientBase):
     Same constructor and methods as ``Client``, but each call is awaited and
     ``scan``/``scan_pages`` are async iterators. ``await client.close()``, or
     ``async with AsyncClient(...) as kv:``, which fetches the ring on entry
-    (``nodes()`` and ``replicas()`` need one: before any, they raise
-    ``RuntimeError``; ``await kv.ensure_ring()`` fetches it outside ``async with``).
+    (``await kv.nodes()`` and ``await kv.replicas(key)`` fetch it themselves
+    when it never was, as ``Client``'s do).
     """
 
     _session: Any  # an aiohttp.ClientSession, made by the first call that needs one
@@ -366,26 +365,18 @@ class AsyncClient(ClientBase):
         """Fetch the ring unless it has been; ``NoNodeAvailable`` if no node answers."""
         await self._call(self._ops.ensure_ring())
 
-    def nodes(self) -> list[NodeView]:
-        """The nodes of the ring, with their URL and liveness.
-
-        ``Client`` fetches the ring first if it never has been (``NoNodeAvailable``
-        if no node answers); ``AsyncClient`` fetches it on ``async with`` entry, on
-        its first call or on ``await ensure_ring()``, and raises ``RuntimeError``
-        before any of those rather than answer an empty list."""
-        self._require_ring("nodes")
+    async def nodes(self) -> list[NodeView]:
+        """The nodes of the ring, with their URL and liveness, as the client last
+        fetched it; the ring is fetched first if it never has been (``NoNodeAvailable``
+        if no node answers), so the answer is never an empty list."""
+        await self.ensure_ring()
         return self._ring_nodes()
 
-    def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
+    async def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
         """The node ids that replicate ``key`` (empty for a keyspace the ring does not
-        show); the ring is fetched first, or needed, as for ``nodes``."""
-        self._require_ring("replicas")
+        show); the ring is fetched first if it never has been, as for ``nodes``."""
+        await self.ensure_ring()
         return self._ring_replicas(key, keyspace)
-
-    def _require_ring(self, what: str) -> None:
-        if self._ops.router.topology.ring is None:
-            raise RuntimeError(f"{what}(): no ring fetched yet; use `async with AsyncClient(...)`"
-                               " or `await client.ensure_ring()` first")
 
     async def close(self) -> None:
         """Close the pooled connections (the client may still be used; it reconnects) and
@@ -397,8 +388,8 @@ class AsyncClient(ClientBase):
             await session.close()
 
     async def __aenter__(self) -> AsyncClient:
-        # The ring now, so that nodes() and replicas() are right from the start (a
-        # cluster that does not answer yet is no error here: each call retries it).
+        # The ring now, so that the first calls route well from the start (a cluster
+        # that does not answer yet is no error here: each call retries it).
         try:
             await self.ensure_ring()
         except NoNodeAvailable:
@@ -496,9 +487,9 @@ class AsyncClient(ClientBase):
                          rng=self._watch_rng(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
-        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
-            url = urls[attempt % len(urls)]
+        while True:  # bounded by core.reconnect_pause_s
+            url = core.next_url(self._ops.router.candidates(core.routing(),
+                                                             self._clock.monotonic_s()))
             reason = "the stream ended"
             try:
                 async for event in self._watch_once(core, url):
@@ -540,7 +531,7 @@ class AsyncClient(ClientBase):
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 address[0], address[1], ssl=context,
                 server_hostname=address[0] if context else None,
-                limit=NATIVE_READ_LIMIT_BYTES), IDLE_TIMEOUT_S)
+                limit=NATIVE_READ_LIMIT_BYTES), SILENT_STREAM_S)
         except (OSError, asyncio.TimeoutError) as exc:
             raise WatchConnectError(f"cannot connect (native): {exc!r}") from None
         try:
@@ -553,7 +544,7 @@ class AsyncClient(ClientBase):
             if version < STREAM_VERSION:
                 raise _NoStreams
             writer.write(native.watch_frame(1, core.native_payload(), version))
-            while True:  # bounded: each frame waits at most IDLE_TIMEOUT_S (progress each second)
+            while True:  # bounded: each frame waits at most SILENT_STREAM_S
                 part = native.stream_part(await _read_frame(reader))
                 if part.refusal is not None:
                     core.refused(part.refusal.status, part.refusal.body)
@@ -574,8 +565,8 @@ class AsyncClient(ClientBase):
         import aiohttp
         from yarl import URL
 
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=IDLE_TIMEOUT_S,
-                                        sock_read=IDLE_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=SILENT_STREAM_S,
+                                        sock_read=SILENT_STREAM_S)
         connector = aiohttp.TCPConnector(
             limit=1, ssl=self.ssl_context if self.ssl_context is not None else True)
         try:
@@ -586,7 +577,7 @@ class AsyncClient(ClientBase):
                     if response.status != 200:
                         core.refused(response.status, await response.read())
                         return
-                    while True:  # bounded: each line waits at most IDLE_TIMEOUT_S
+                    while True:  # bounded: each line waits at most SILENT_STREAM_S
                         raw = await response.content.readline()
                         if not raw:
                             return
@@ -667,12 +658,12 @@ class AsyncClient(ClientBase):
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Frame:
-    """One frame of a native watch's connection, within IDLE_TIMEOUT_S."""
-    head = await asyncio.wait_for(reader.readexactly(4), IDLE_TIMEOUT_S)
+    """One frame of a native watch's connection, within SILENT_STREAM_S."""
+    head = await asyncio.wait_for(reader.readexactly(4), SILENT_STREAM_S)
     size = int.from_bytes(head, "big")
     if size > MAX_FRAME_BYTES:
         raise ProtocolError(f"a frame of {size} bytes, over {MAX_FRAME_BYTES}", field="frame")
-    body = await asyncio.wait_for(reader.readexactly(size), IDLE_TIMEOUT_S)
+    body = await asyncio.wait_for(reader.readexactly(size), SILENT_STREAM_S)
     return FrameDecoder(MAX_FRAME_BYTES).feed(head + body)[0]
 
 
@@ -698,10 +689,21 @@ class AsyncLease:
         self.lost: RingKVError | None = None
         self._client = client
         self._task: asyncio.Task[None] | None = None
+        # When the lease surely expires as far as this client has heard (monotonic;
+        # granted just now): a background renewal must be over by then.
+        self._expires_at_s = client._clock.monotonic_s() + ttl_s
 
     async def keepalive(self) -> int:
-        answer = await self._client._call(self._client._ops.lease_keepalive(self.id))
-        return int(answer["remaining_ms"])
+        started_s = self._client._clock.monotonic_s()
+        return self._renewed(started_s, await self._client._call(
+            self._client._ops.lease_keepalive(self.id)))
+
+    def _renewed(self, started_s: float, answer: dict[str, Any]) -> int:
+        """A renewal sent at ``started_s`` answered: the lease surely lives until then
+        plus what the node says it has left."""
+        remaining_ms = int(answer["remaining_ms"])
+        self._expires_at_s = started_s + remaining_ms / 1000
+        return remaining_ms
 
     async def revoke(self) -> list[str]:
         return list((await self._client._call(self._client._ops.lease_revoke(self.id)))["deleted"])
@@ -726,10 +728,16 @@ class AsyncLease:
 
     async def _renew(self) -> None:
         interval_s = max(0.1, self.ttl_s / 3)
+        clock = self._client._clock
         while True:  # bounded: cancelled when the block ends
-            await self._client._clock.sleep(interval_s)
+            await clock.sleep(interval_s)
+            started_s = clock.monotonic_s()
             try:
-                await self.keepalive()
+                # Bounded by the TTL, not the client's timeout_s: a silent node leaves
+                # time to renew through another before the lease lapses.
+                self._renewed(started_s, await self._client._call(
+                    self._client._ops.lease_keepalive(
+                        self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s)))
             except RingKVError as exc:
                 if exc.code == "lease_expired":
                     self.lost = exc

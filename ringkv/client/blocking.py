@@ -28,7 +28,7 @@ from ringkv.client.plan import Effect, Emit, Failure, Outcome, Plan, Reply, Send
 from ringkv.client.operations import GET_MANY_BATCH, UNSET
 from ringkv.client.transaction import TxnCore, rerun_pause_s
 from ringkv.client.watch import (
-    IDLE_TIMEOUT_S,
+    SILENT_STREAM_S,
     MAX_WATCH_LINE_BYTES,
     MAX_RECONNECTS,
     WATCH_HEADERS,
@@ -377,18 +377,15 @@ class Client(ClientBase):
         self._call(self._ops.ensure_ring())
 
     def nodes(self) -> list[NodeView]:
-        """The nodes of the ring, with their URL and liveness.
-
-        ``Client`` fetches the ring first if it never has been (``NoNodeAvailable``
-        if no node answers); ``AsyncClient`` fetches it on ``async with`` entry, on
-        its first call or on ``await ensure_ring()``, and raises ``RuntimeError``
-        before any of those rather than answer an empty list."""
+        """The nodes of the ring, with their URL and liveness, as the client last
+        fetched it; the ring is fetched first if it never has been (``NoNodeAvailable``
+        if no node answers), so the answer is never an empty list."""
         self.ensure_ring()
         return self._ring_nodes()
 
     def replicas(self, key: Key, *, keyspace: str | None = None) -> list[str]:
         """The node ids that replicate ``key`` (empty for a keyspace the ring does not
-        show); the ring is fetched first, or needed, as for ``nodes``."""
+        show); the ring is fetched first if it never has been, as for ``nodes``."""
         self.ensure_ring()
         return self._ring_replicas(key, keyspace)
 
@@ -492,9 +489,9 @@ class Client(ClientBase):
                          rng=random.Random(), max_reconnects=max_reconnects,
                          backoff_base_s=self._ops.backoff_base_s,
                          backoff_max_s=self._ops.backoff_max_s)
-        for attempt in itertools.count():  # bounded by core.reconnect_pause_s
-            urls = self._ops.router.candidates(core.routing(), self._clock.monotonic_s())
-            url = urls[attempt % len(urls)]
+        while True:  # bounded by core.reconnect_pause_s
+            url = core.next_url(self._ops.router.candidates(core.routing(),
+                                                             self._clock.monotonic_s()))
             try:
                 yield from self._watch_once(core, url)
                 reason = "the stream ended"
@@ -526,7 +523,7 @@ class Client(ClientBase):
                       context: ssl.SSLContext | None) -> Iterator[WatchEvent]:
         """One native connection of a watch (its own): a ``watch`` request, then its frames."""
         try:
-            sock = socket.create_connection(address, timeout=IDLE_TIMEOUT_S)
+            sock = socket.create_connection(address, timeout=SILENT_STREAM_S)
         except OSError as exc:
             raise _NativeRefused(str(exc)) from None
         try:
@@ -542,7 +539,7 @@ class Client(ClientBase):
             if version < STREAM_VERSION:
                 raise _NoStreams
             sock.sendall(native.watch_frame(1, core.native_payload(), version))
-            while True:  # bounded: each frame waits at most IDLE_TIMEOUT_S (progress each second)
+            while True:  # bounded: each frame waits at most SILENT_STREAM_S
                 part = native.stream_part(frames.next())
                 if part.refusal is not None:
                     core.refused(part.refusal.status, part.refusal.body)
@@ -563,17 +560,17 @@ class Client(ClientBase):
         port = parts.port or (443 if scheme == "https" else 80)
         conn: http.client.HTTPConnection
         if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=IDLE_TIMEOUT_S,
+            conn = http.client.HTTPSConnection(host, port, timeout=SILENT_STREAM_S,
                                                context=self._tls_for(url))
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=IDLE_TIMEOUT_S)
+            conn = http.client.HTTPConnection(host, port, timeout=SILENT_STREAM_S)
         try:
             conn.request("GET", core.path(), headers={**self._ops.headers, **WATCH_HEADERS})
             response = conn.getresponse()
             if response.status != 200:
                 core.refused(response.status, response.read())
                 return
-            while True:  # bounded: each line waits at most IDLE_TIMEOUT_S (progress comes each second)
+            while True:  # bounded: each line waits at most SILENT_STREAM_S
                 raw = response.readline(MAX_WATCH_LINE_BYTES)
                 if not raw:
                     return
@@ -634,10 +631,22 @@ class Lease:
         self._client = client
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the lease surely expires as far as this client has heard (monotonic;
+        # granted just now): a background renewal must be over by then.
+        self._expires_at_s = client._clock.monotonic_s() + ttl_s
 
     def keepalive(self) -> int:
         """Renew it; what it surely has left afterwards (ms). ``LeaseExpired`` when gone."""
-        return int(self._client._call(self._client._ops.lease_keepalive(self.id))["remaining_ms"])
+        started_s = self._client._clock.monotonic_s()
+        return self._renewed(started_s, self._client._call(
+            self._client._ops.lease_keepalive(self.id)))
+
+    def _renewed(self, started_s: float, answer: dict[str, Any]) -> int:
+        """A renewal sent at ``started_s`` answered: the lease surely lives until then
+        plus what the node says it has left."""
+        remaining_ms = int(answer["remaining_ms"])
+        self._expires_at_s = started_s + remaining_ms / 1000
+        return remaining_ms
 
     def revoke(self) -> list[str]:
         """Revoke it now; the keys that went with it."""
@@ -665,9 +674,14 @@ class Lease:
 
     def _renew(self) -> None:
         interval_s = max(0.1, self.ttl_s / 3)
+        clock = self._client._clock
         while not self._stop.wait(interval_s):  # bounded: ends with the block
+            started_s = clock.monotonic_s()
             try:
-                self.keepalive()
+                # Bounded by the TTL, not the client's timeout_s: a silent node leaves
+                # time to renew through another before the lease lapses.
+                self._renewed(started_s, self._client._call(self._client._ops.lease_keepalive(
+                    self.id, ttl_s=self.ttl_s, expires_at_s=self._expires_at_s)))
             except RingKVError as exc:
                 if exc.code == "lease_expired":
                     self.lost = exc

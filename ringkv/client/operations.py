@@ -33,6 +33,7 @@ from ringkv.client.routing import (
     key_text,
     normalise_url,
     parse_ring,
+    renewal_bounds_s,
 )
 from ringkv.client.types import (
     BatchResult,
@@ -114,6 +115,11 @@ class Call:
     # A node URL the call must go to and nowhere else: an interactive
     # transaction's calls go to the node that began it.
     pin: str | None = None
+    # A call with a time bound of its own (a lease renewal, within the lease's TTL):
+    # each attempt's timeout when shorter than the client's ``timeout_s``, and a
+    # deadline (monotonic) when sooner than the call's own.
+    timeout_s: float | None = None
+    deadline_s: float | None = None
 
     @property
     def repeatable(self) -> bool:
@@ -571,10 +577,21 @@ class Operations:
         call = Call("POST", "/v1/lease", json.dumps(body).encode(), (), read=False)
         return dict(_json((yield from self._execute(call))))
 
-    def lease_keepalive(self, lease: Any) -> Plan[dict[str, Any]]:
-        """Plan: renew a lease (``LeaseExpired`` once it has expired or was revoked)."""
+    def lease_keepalive(self, lease: Any, *, ttl_s: float | None = None,
+                        expires_at_s: float | None = None) -> Plan[dict[str, Any]]:
+        """Plan: renew a lease (``LeaseExpired`` once it has expired or was revoked).
+
+        A background renewal names the lease's ``ttl_s`` and when it surely expires
+        (``expires_at_s``, monotonic): its attempts are then bounded by the TTL, not
+        by the client's ``timeout_s`` (``routing.renewal_bounds_s``), so that a silent
+        node leaves time to renew through another before the lease lapses."""
+        timeout_s = deadline_s = None
+        if ttl_s is not None and expires_at_s is not None:
+            timeout_s, deadline_s = renewal_bounds_s(ttl_s, self.timeout_s,
+                                                     self._clock.monotonic_s(), expires_at_s)
         # Safe to send again (a repeat renews again), so marked as a read.
-        call = Call("POST", f"{_lease_path(lease)}/keepalive", b"{}", (), read=True)
+        call = Call("POST", f"{_lease_path(lease)}/keepalive", b"{}", (), read=True,
+                    timeout_s=timeout_s, deadline_s=deadline_s)
         return dict(_json((yield from self._execute(call))))
 
     def lease_revoke(self, lease: Any) -> Plan[dict[str, Any]]:
@@ -827,12 +844,15 @@ class Operations:
 
     # ---- the ring -----------------------------------------------------------
 
-    def _refresh(self, *, force: bool = False, deadline_s: float | None = None) -> Plan[None]:
+    def _refresh(self, *, force: bool = False, deadline_s: float | None = None,
+                 timeout_s: float | None = None) -> Plan[None]:
         """Fetch ``/v1/ring`` from a live node when it is due (one refresh at a time).
 
-        ``deadline_s`` (monotonic): the refresh gives up then, so that it stays
-        inside the time bound of the call it runs for.
+        ``deadline_s`` (monotonic): the refresh gives up then, and ``timeout_s``
+        bounds each attempt (the client's ``timeout_s`` when None), so that it stays
+        inside the time bounds of the call it runs for.
         """
+        attempt_s = self.timeout_s if timeout_s is None else timeout_s
         router = self.router
         now = self._clock.monotonic_s()
         if not router.refresh_due(now, force=force) or not self._refreshing.acquire(blocking=False):
@@ -840,10 +860,10 @@ class Operations:
         try:
             router.refresh_started(now)
             for url in router.candidates((), self._clock.monotonic_s())[:MAX_REFRESH_TRIES]:
-                timeout_s = attempt_timeout_s(self.timeout_s, deadline_s, self._clock.monotonic_s())
-                if timeout_s is None:
+                left_s = attempt_timeout_s(attempt_s, deadline_s, self._clock.monotonic_s())
+                if left_s is None:
                     return
-                outcome = yield Send("GET", url + "/v1/ring", None, self.headers, timeout_s)
+                outcome = yield Send("GET", url + "/v1/ring", None, self.headers, left_s)
                 if isinstance(outcome, Failure):
                     if outcome.kind in ("connect", "timeout"):
                         router.mark_down(url, self._clock.monotonic_s())
@@ -872,16 +892,21 @@ class Operations:
         that is safe; a repeatable write whose answer was lost is retried on
         the same node, which de-duplicates it by its idempotency key. The whole
         call, ring refresh and connection attempts included, ends by its
-        deadline: ``(max_retries + 1) * timeout_s`` plus the longest backoffs.
+        deadline: ``(max_retries + 1) * timeout_s`` plus the longest backoffs (a call
+        with a ``timeout_s`` or ``deadline_s`` of its own: within those too).
         ``uncertain`` gets a line for each attempt that may have run without
         its outcome coming back (a lost answer, a 5xx after it was sent).
         ``answered`` gets the URL of the node whose reply is returned. A call
         with a ``pin`` tries that node only.
         """
         router = self.router
-        deadline_s = call_deadline_s(self._clock.monotonic_s(), timeout_s=self.timeout_s,
+        attempt_s = self.timeout_s if call.timeout_s is None else min(self.timeout_s,
+                                                                        call.timeout_s)
+        deadline_s = call_deadline_s(self._clock.monotonic_s(), timeout_s=attempt_s,
                                      max_retries=self.max_retries, backoff_max_s=self.backoff_max_s)
-        yield from self._refresh(deadline_s=deadline_s)
+        if call.deadline_s is not None:
+            deadline_s = min(deadline_s, call.deadline_s)
+        yield from self._refresh(deadline_s=deadline_s, timeout_s=attempt_s)
         now = self._clock.monotonic_s()
         # A transaction goes to its range's last known leader first; its id (not
         # an idempotency key) makes it safe to send again, through any node.
@@ -905,7 +930,7 @@ class Operations:
                 url, position = _next_url(candidates, excluded, position)
                 if url is None:
                     break
-            timeout_s = attempt_timeout_s(self.timeout_s, deadline_s, self._clock.monotonic_s())
+            timeout_s = attempt_timeout_s(attempt_s, deadline_s, self._clock.monotonic_s())
             if timeout_s is None:
                 if last_error is not None:
                     raise last_error

@@ -19,7 +19,6 @@ watch sends (one a second when idle).
 from __future__ import annotations
 
 import http.client
-import itertools
 import random
 import threading
 from collections.abc import Generator, Iterator
@@ -28,7 +27,14 @@ from urllib.parse import urlsplit
 
 from ringkv.client import recipes_core as core
 from ringkv.client.recipes_core import Entry, FencingRejected, LockLost, LockTimeout
-from ringkv.client.watch import MAX_RECONNECTS, WATCH_HEADERS, StreamEnded, WatchCore, WatchEvent
+from ringkv.client.watch import (
+    MAX_RECONNECTS,
+    SILENT_STREAM_S,
+    WATCH_HEADERS,
+    StreamEnded,
+    WatchCore,
+    WatchEvent,
+)
 from ringkv.errors import Compacted, ConditionFailed, LeaseExpired, RingKVError
 
 if TYPE_CHECKING:
@@ -40,7 +46,6 @@ __all__ = ["Election", "FencingRejected", "Group", "Lock", "LockLost", "LockTime
 DEFAULT_TTL_S = 10
 DEFAULT_TIMEOUT_S = 30.0
 MAX_CAS_ATTEMPTS = 50  # queue appends racing other contenders
-LINE_TIMEOUT_S = 3.0  # progress comes each second: a silent stream is cut sooner than this
 RECHECK_S = 5.0  # a waiter reads the queue again this often even without an event
 
 
@@ -52,9 +57,9 @@ def _ticks(kv: Client, keyspace: str, key: str, *, prefix: bool,
     watch = WatchCore(keyspace, key, prefix=prefix, from_version=from_version,
                       rng=random.Random(), max_reconnects=MAX_RECONNECTS,
                       backoff_base_s=kv._ops.backoff_base_s, backoff_max_s=kv._ops.backoff_max_s)
-    for attempt in itertools.count():  # bounded by watch.reconnect_pause_s
-        urls = kv._ops.router.candidates(watch.routing(), kv._clock.monotonic_s())
-        url = urls[attempt % len(urls)]
+    while True:  # bounded by watch.reconnect_pause_s
+        url = watch.next_url(kv._ops.router.candidates(watch.routing(),
+                                                        kv._clock.monotonic_s()))
         try:
             yield from _ticks_once(kv, watch, url)
             reason = "the stream ended"
@@ -74,17 +79,17 @@ def _ticks_once(kv: Client, watch: WatchCore, url: str) -> Iterator[WatchEvent |
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=LINE_TIMEOUT_S,
+        conn = http.client.HTTPSConnection(host, port, timeout=SILENT_STREAM_S,
                                            context=kv._tls_for(url))
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=LINE_TIMEOUT_S)
+        conn = http.client.HTTPConnection(host, port, timeout=SILENT_STREAM_S)
     try:
         conn.request("GET", watch.path(), headers={**kv._ops.headers, **WATCH_HEADERS})
         response = conn.getresponse()
         if response.status != 200:
             watch.refused(response.status, response.read())
             return
-        while True:  # bounded: each line waits at most LINE_TIMEOUT_S
+        while True:  # bounded: each line waits at most SILENT_STREAM_S
             raw = response.readline(8 * 1024 * 1024)
             if not raw:
                 return
@@ -257,16 +262,27 @@ class _Queue:
         return ({k: (v.version if v else None) for k, v in result.reads.items()},
                 int((result.receipt or {}).get("read_ts") or 0))
 
-    def enqueue(self, session: Session, key: str, value: Any) -> tuple[Entry, list[Entry], int]:
+    def enqueue(self, session: Session, key: str, value: Any, deadline_s: float | None = None
+                ) -> tuple[Entry, list[Entry], int] | None:
         """Create ``key`` on the session's lease and append it, in one transaction
         (``recipes_core.join_request``): its entry, the live entries ahead of it, and
-        the timestamp they were seen live at. ``LeaseExpired`` when the lease is gone."""
+        the timestamp they were seen live at; None when ``deadline_s`` passed while
+        other contenders kept changing the queue first. ``LeaseExpired`` when the lease
+        is gone."""
         view = session._view(self.name)
-        for _ in range(MAX_CAS_ATTEMPTS):
+        lost_races = 0
+        while True:  # bounded by core.keep_joining (the deadline, or MAX_CAS_ATTEMPTS)
             plan = core.join_request(self.name, key, value, session.id, view)
             try:
                 result = self.kv.txn(self.keyspace, **plan)
             except ConditionFailed as exc:
+                lost_races += 1
+                if not core.keep_joining(lost_races, MAX_CAS_ATTEMPTS,
+                                         self.kv._clock.monotonic_s(), deadline_s):
+                    if deadline_s is not None:
+                        return None
+                    raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue "
+                                      f"{self.key!r}") from exc
                 view = self._fresh_view(exc)  # another contender changed it: plan again
                 continue
             assert result.commit_ts is not None
@@ -278,7 +294,6 @@ class _Queue:
             mine, ahead, after = core.after_join(view, key, result.commit_ts, current)
             session._saw(self.name, after)
             return mine, ahead, seen_at
-        raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue {self.key!r}")
 
     def _fresh_view(self, exc: ConditionFailed) -> core.QueueView:
         """The queue as the failed condition found it (its answer names the queue's value
@@ -337,9 +352,22 @@ class _Queue:
                 pass  # held for longer than history is kept: the read below decides
             finally:
                 ticks.close()
-            # Only the keys ahead and ours: the entries ahead never gain a member.
-            current, seen_at = self._versions([*(e.key for e in ahead), mine.key])
+            # Only the keys ahead and ours decide: the entries ahead never gain a member.
+            current, seen_at = self._recheck(session, ahead, mine)
             ahead = core.still_ahead(ahead, mine, current)
+
+    def _recheck(self, session: Session, ahead: list[Entry],
+                 mine: Entry) -> tuple[dict[str, int | None], int]:
+        """The versions of the keys ahead and ours, at one snapshot, and its timestamp; the
+        queue key is read in it too, for the session's view (``recipes_core.view_read``):
+        once this contender has held and released, its next join plans from it."""
+        result = self.kv.txn(self.keyspace, reads=[*(e.key for e in ahead), mine.key, self.key])
+        current = {k: (v.version if v else None) for k, v in result.reads.items()
+                   if k != self.key}
+        head = result.reads.get(self.key)
+        session._saw(self.name, core.view_read(head.value if head else None,
+                                               head.version if head else None, current))
+        return current, int((result.receipt or {}).get("read_ts") or 0)
 
 
 # ---- the mutex -------------------------------------------------------------------
@@ -403,7 +431,7 @@ class Lock:
             self._session = session
             self._key = session._claim(self.name)
             try:
-                mine, ahead, seen_at = self._queue.enqueue(session, self._key, self.value)
+                joined = self._queue.enqueue(session, self._key, self.value, deadline_s)
             except LeaseExpired as exc:
                 session._unclaim(self.name, self._key)
                 self._key = None
@@ -415,6 +443,10 @@ class Lock:
                 self._drop()
                 raise
             break
+        if joined is None:  # the deadline passed while others kept winning the queue
+            self._drop()
+            return False
+        mine, ahead, seen_at = joined
         self._entry, self._token = mine, mine.version
         try:
             if self._queue.wait_first(mine, ahead, seen_at, deadline_s, session):

@@ -191,16 +191,25 @@ class _AsyncQueue:
         return ({k: (v.version if v else None) for k, v in result.reads.items()},
                 int((result.receipt or {}).get("read_ts") or 0))
 
-    async def enqueue(self, session: AsyncSession, key: str, value: Any
-                      ) -> tuple[Entry, list[Entry], int]:
+    async def enqueue(self, session: AsyncSession, key: str, value: Any,
+                      deadline_s: float | None = None
+                      ) -> tuple[Entry, list[Entry], int] | None:
         """``_Queue.enqueue``: create ``key`` on the session's lease and queue it, in one
-        transaction."""
+        transaction; None when ``deadline_s`` passed first."""
         view = session._view(self.name)
-        for _ in range(MAX_CAS_ATTEMPTS):
+        lost_races = 0
+        while True:  # bounded by core.keep_joining (the deadline, or MAX_CAS_ATTEMPTS)
             plan = core.join_request(self.name, key, value, session.id, view)
             try:
                 result = await self.kv.txn(self.keyspace, **plan)
             except ConditionFailed as exc:
+                lost_races += 1
+                if not core.keep_joining(lost_races, MAX_CAS_ATTEMPTS,
+                                         self.kv._clock.monotonic_s(), deadline_s):
+                    if deadline_s is not None:
+                        return None
+                    raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue "
+                                      f"{self.key!r}") from exc
                 view = await self._fresh_view(exc)
                 continue
             assert result.commit_ts is not None
@@ -212,7 +221,6 @@ class _AsyncQueue:
             mine, ahead, after = core.after_join(view, key, result.commit_ts, current)
             session._saw(self.name, after)
             return mine, ahead, seen_at
-        raise RingKVError(f"lost {MAX_CAS_ATTEMPTS} races to join the queue {self.key!r}")
 
     async def _fresh_view(self, exc: ConditionFailed) -> core.QueueView:
         """The queue as the failed condition found it, or as read now."""
@@ -258,8 +266,21 @@ class _AsyncQueue:
                                   from_version=max(last.version, seen_at) or None)
             await _until(watch, lambda e: e.version > last.version,
                          min(remaining_s, RECHECK_S))
-            current, seen_at = await self._versions([*(e.key for e in ahead), mine.key])
+            current, seen_at = await self._recheck(session, ahead, mine)
             ahead = core.still_ahead(ahead, mine, current)
+
+    async def _recheck(self, session: AsyncSession, ahead: list[Entry],
+                       mine: Entry) -> tuple[dict[str, int | None], int]:
+        """``_Queue._recheck``: the keys ahead and ours at one snapshot, and the queue for
+        the session's view."""
+        result = await self.kv.txn(self.keyspace,
+                                   reads=[*(e.key for e in ahead), mine.key, self.key])
+        current = {k: (v.version if v else None) for k, v in result.reads.items()
+                   if k != self.key}
+        head = result.reads.get(self.key)
+        session._saw(self.name, core.view_read(head.value if head else None,
+                                               head.version if head else None, current))
+        return current, int((result.receipt or {}).get("read_ts") or 0)
 
 
 class AsyncLock:
@@ -312,7 +333,7 @@ class AsyncLock:
             self._session = session
             self._key = session._claim(self.name)
             try:
-                mine, ahead, seen_at = await self._queue.enqueue(session, self._key, self.value)
+                joined = await self._queue.enqueue(session, self._key, self.value, deadline_s)
             except LeaseExpired as exc:
                 session._unclaim(self.name, self._key)
                 self._key = None
@@ -324,6 +345,10 @@ class AsyncLock:
                 await self._drop()
                 raise
             break
+        if joined is None:  # the deadline passed while others kept winning the queue
+            await self._drop()
+            return False
+        mine, ahead, seen_at = joined
         self._entry, self._token = mine, mine.version
         try:
             if await self._queue.wait_first(mine, ahead, seen_at, deadline_s, session):

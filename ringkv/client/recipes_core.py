@@ -39,8 +39,9 @@ ahead, so its answer says who is live ahead at the commit (``after_join``):
 nobody, and the contender holds with no further read. The entries ahead of a
 contender never gain a member (appends go at the end), and each stays dead
 once dead, so a waiter reads only those keys and its own again
-(``still_ahead``), never the queue. A release deletes the key; its dead entry
-is pruned by the next append of a client that saw it dead.
+(``still_ahead``); it reads the queue too, not to decide but to plan its next
+join from the queue as it stands (``view_read``). A release deletes the key; its
+dead entry is pruned by the next append of a client that saw it dead.
 """
 
 from __future__ import annotations
@@ -203,6 +204,17 @@ def view_of(value: Any, version: int | None) -> QueueView:
     return QueueView(version, tuple(parse_queue(value, version)))
 
 
+def keep_joining(lost_races: int, max_races: int, now_s: float,
+                 deadline_s: float | None) -> bool:
+    """Whether a contender whose join lost ``lost_races`` compare-and-sets in a row (another
+    contender changed the queue first) tries again: until its deadline when it has one
+    (a lock's acquire: contention is no reason to give up early, only its timeout is),
+    else ``max_races`` times."""
+    if deadline_s is not None:
+        return now_s < deadline_s
+    return lost_races < max_races
+
+
 def join_request(name: str, key: str, value: Any, lease: str, view: QueueView,
                  max_entries: int = MAX_QUEUE_ENTRIES) -> dict[str, Any]:
     """The one transaction (``reads``, ``conditions``, ``writes``) that creates ``key``
@@ -252,6 +264,18 @@ def still_ahead(ahead: Sequence[Entry], mine: Entry,
     if current.get(mine.key) != mine.version:
         raise LockLost(f"contender key {mine.key!r} (version {mine.version}) is gone")
     return live(ahead, current)
+
+
+def view_read(value: Any, version: int | None,
+              current: Mapping[str, int | None]) -> QueueView:
+    """The view of a queue key read with ``value`` at ``version`` in the same snapshot as
+    some of its contenders' keys (``current``: their versions; None: absent): the
+    entries read dead are left out (they stay dead), the others kept. A waiter reads
+    the queue beside the keys ahead of it, so that its next join, once it has released,
+    plans from the queue as it stands rather than from the one it joined: in a queue
+    whose other contenders all wait, that join then commits at its first attempt."""
+    return QueueView(version, tuple(e for e in parse_queue(value, version)
+                                    if e.key not in current or current[e.key] == e.version))
 
 
 def without(view: QueueView, key: str) -> QueueView:

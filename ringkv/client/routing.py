@@ -32,6 +32,10 @@ DOWN_COOLDOWN_S = 5.0
 MIN_REFRESH_GAP_S = 1.0
 # An attempt with less time left than this before its call's deadline is not made.
 MIN_ATTEMPT_S = 0.005
+# A lease renewal's attempt gets at most this share of the lease's TTL (less when the
+# client's timeout_s is shorter): a silent node (cut off, paused) then leaves time to
+# renew through another before the lease lapses. Renewals come every third of the TTL.
+RENEWAL_ATTEMPT_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,16 @@ def attempt_timeout_s(timeout_s: float, deadline_s: float | None, now: float) ->
         return timeout_s
     left_s = deadline_s - now
     return min(timeout_s, left_s) if left_s > MIN_ATTEMPT_S else None
+
+
+def renewal_bounds_s(ttl_s: float, timeout_s: float, now: float,
+                     expires_at_s: float) -> tuple[float, float]:
+    """A lease renewal's (attempt timeout, deadline): each attempt at most
+    ``RENEWAL_ATTEMPT_SHARE`` of the TTL, the whole renewal over by ``expires_at_s``
+    (when the lease surely expires, as the client last heard), but never before one
+    attempt (the node's clock bound may leave the lease a little longer)."""
+    attempt_s = min(timeout_s, ttl_s * RENEWAL_ATTEMPT_SHARE)
+    return attempt_s, max(expires_at_s, now + attempt_s)
 
 
 def backoff_s(retry: int, *, base_s: float, max_s: float, rng: random.Random) -> float:

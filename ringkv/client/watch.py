@@ -12,7 +12,8 @@ drops what it already delivered of the version after it (events come in
 delivered). Nothing is lost, nothing is delivered twice.
 
 A cut (the connection drops, the node shuts down, is cut off as too slow or
-cannot poll its ranges) reconnects, to the next node, after a backoff; at most
+cannot poll its ranges, or the stream says nothing for ``SILENT_STREAM_S``, a few
+missed progress lines) reconnects, to another node, after a backoff; at most
 ``max_reconnects`` times in a row without an event or progress in between.
 A refusal that another try cannot change (``compacted``, a bad request, no
 permission) raises its typed error.
@@ -42,7 +43,13 @@ RESUMABLE_CODES = frozenset({"watcher_too_slow", "shutting_down", "no_leader", "
                              "clock_uncertain", "range_moving", "remote_error", "internal"})
 MAX_RECONNECTS = 10
 MAX_WATCH_LINE_BYTES = 8 * 1024 * 1024  # one event: a key and a value at their limits, escaped
-IDLE_TIMEOUT_S = 10.0  # no line for this long (progress comes each second): reconnect
+# An idle stream carries a progress line this often (the node's cadence: PROGRESS_INTERVAL_S
+# of txn/watch.py, which a test keeps equal to this).
+PROGRESS_INTERVAL_S = 1.0
+# A stream that says nothing for this many progress intervals is taken for a node cut
+# off, paused or stuck (silence, no reset): the watch resumes from another node.
+MISSED_PROGRESS_LINES = 3
+SILENT_STREAM_S = MISSED_PROGRESS_LINES * PROGRESS_INTERVAL_S
 WATCH_HEADERS = {"Accept": "application/x-ndjson"}
 
 
@@ -158,6 +165,15 @@ class WatchCore:
         if code in RESUMABLE_CODES:
             raise StreamEnded(str(code))
         raise RingKVError.from_json({"error": error})
+
+    def next_url(self, candidates: list[str]) -> str:
+        """Where the next connection goes: the first of ``candidates`` (best first) not
+        tried since the stream last said anything, so that a node that fell silent or
+        ended the stream is passed over; once every one has been, they take turns."""
+        for url in candidates:
+            if url not in self._tried:
+                return url
+        return candidates[self.failures % len(candidates)]
 
     def reconnect_pause_s(self, url: str, reason: str) -> float:
         """A connection to ``url`` ended (``reason``): how long to wait before the

@@ -2,19 +2,26 @@
 TLS listener that logs every refused handshake with the peer's address.
 
 One context per role, made once and kept: the HTTP site, the native listener
-and the internode transport hold these very objects, so a reload that loads
-new files into them (``load_cert_chain``, ``load_verify_locations``) reaches
-every new connection without a restart; connections already open keep the
-session they have. A reload checks the files first (the config's own checks,
-then a throwaway context) and changes nothing when one of them is bad.
-Reloading adds the new CA to the trusted set and keeps the old one, so
-certificates issued by either verify while a CA is being rotated.
+and the internode transport hold these very objects. Each is a ``Reloadable``
+that hands every new connection to the context it was last loaded with, and
+a reload builds fresh contexts from the files and puts them in place, so the
+certificate, the key *and the trusted CAs* a new connection meets are exactly
+what the files hold now, without a restart. (Loading new files into a live
+context would not do: OpenSSL can add a CA to a context's trusted store but
+never take one out, so a replaced CA would go on verifying until a restart.)
+Connections already open keep the session and the peer they verified; a
+reload does not check them again. A reload checks the files first (the
+config's own checks, then the throwaway contexts it builds) and changes
+nothing when one of them is bad. To replace a CA without refusing anyone
+midway, list both CAs in ``ca_file`` while certificates are reissued, then
+the new one alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from asyncio.sslproto import SSLProtocol
 from collections.abc import Callable
@@ -65,11 +72,48 @@ def _load(context: ssl.SSLContext, files: TlsFilesConfig) -> None:
         context.load_verify_locations(cafile=files.ca_file)
 
 
+class Reloadable(ssl.SSLContext):
+    """An SSL context whose connections are made by the context it was last loaded
+    with (``current``): asyncio's and uvloop's TLS protocols, and ``wrap_socket``,
+    all start a connection through ``wrap_bio``/``wrap_socket``, so replacing
+    ``current`` changes every new connection and none already open."""
+
+    current: ssl.SSLContext
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        return self.current.wrap_bio(incoming, outgoing, server_side=server_side,
+                                     server_hostname=server_hostname, session=session)
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False,
+                    do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
+                    server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return self.current.wrap_socket(
+            sock, server_side=server_side, do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs, server_hostname=server_hostname,
+            session=session)
+
+
+def _reloadable(make: Callable[[TlsFilesConfig], ssl.SSLContext],
+                files: TlsFilesConfig) -> Reloadable:
+    first = make(files)
+    holder = Reloadable(first.protocol)
+    # The holder's own settings match what it hands out, for whoever reads them.
+    holder.minimum_version = first.minimum_version
+    holder.check_hostname = first.check_hostname
+    holder.verify_mode = first.verify_mode
+    holder.current = first
+    return holder
+
+
 @dataclass
 class _Loaded:
     link: str  # "client" or "internode"
     files: TlsFilesConfig
-    contexts: list[ssl.SSLContext]
+    # Each holder and how a fresh context for it is made from the files.
+    holders: list[tuple[Reloadable, Callable[[TlsFilesConfig], ssl.SSLContext]]]
 
 
 class NodeTls:
@@ -81,31 +125,41 @@ class NodeTls:
         self.internode_server: ssl.SSLContext | None = None
         self.internode_client: ssl.SSLContext | None = None
         if tls.client.enabled:
-            self.client = server_context(tls.client)
-            self._loaded.append(_Loaded("client", tls.client, [self.client]))
+            client = _reloadable(server_context, tls.client)
+            self.client = client
+            self._loaded.append(_Loaded("client", tls.client, [(client, server_context)]))
         if tls.internode.enabled:
-            self.internode_server = server_context(tls.internode)
-            self.internode_client = internode_client_context(tls.internode)
-            self._loaded.append(_Loaded("internode", tls.internode,
-                                        [self.internode_server, self.internode_client]))
+            server = _reloadable(server_context, tls.internode)
+            dialler = _reloadable(internode_client_context, tls.internode)
+            self.internode_server, self.internode_client = server, dialler
+            self._loaded.append(_Loaded("internode", tls.internode, [
+                (server, server_context), (dialler, internode_client_context)]))
 
     def reload(self) -> list[str]:
-        """Reread every file into the live contexts; the errors (each naming its file).
+        """Read every file again into fresh contexts for new connections; the errors
+        (each naming its file).
 
-        A link whose files fail a check keeps its old certificates; the other link
+        A link whose files fail a check keeps its old contexts; the other link
         still reloads.
         """
         errors = []
         for loaded in self._loaded:
             error = _check(loaded.link, loaded.files)
+            fresh: list[ssl.SSLContext] = []
+            if error is None:
+                try:
+                    fresh = [make(loaded.files) for _, make in loaded.holders]
+                except (OSError, ssl.SSLError) as exc:  # changed since the check
+                    error = _files_error(loaded.files, exc)
             if error is not None:
                 log.error("TLS reload: kept the old %s certificates: %s", loaded.link, error)
                 errors.append(error)
                 continue
-            for context in loaded.contexts:
-                _load(context, loaded.files)
-            log.info("TLS reload: %s certificates reloaded from %s", loaded.link,
-                     loaded.files.cert_file)
+            for (holder, _), context in zip(loaded.holders, fresh):
+                holder.current = context
+            log.info("TLS reload: %s certificates reloaded from %s, trusting the CAs in %s "
+                     "for new connections", loaded.link, loaded.files.cert_file,
+                     loaded.files.ca_file)
         return errors
 
 
@@ -118,8 +172,12 @@ def _check(link: str, files: TlsFilesConfig) -> str | None:
     except ConfigError as exc:
         return str(exc)
     except (OSError, ssl.SSLError) as exc:
-        return f"{files.cert_file}, {files.key_file}, {files.ca_file}: {exc}"
+        return _files_error(files, exc)
     return None
+
+
+def _files_error(files: TlsFilesConfig, exc: Exception) -> str:
+    return f"{files.cert_file}, {files.key_file}, {files.ca_file}: {exc}"
 
 
 # --------------------------------------------------------------------------- #

@@ -186,14 +186,16 @@ def request_handler(app: web.Application, routed: Handler) -> Handler:
             h.admit(node, name)
             v.check_headers(request.raw_headers)
             v.check_query(request.query)
+            principal = None
             if node.auth is not None:
-                await auth_http.check_http(node, name, keyspace, request.query, b"",
-                                           request.headers, request.remote)
+                principal = await auth_http.check_http(node, name, keyspace, request.query,
+                                                       b"", request.headers, request.remote)
             h.check_keyspace(node, keyspace)
             key = v.key_from_path(raw_path, limits)
             body = await request.read() if has_body and request.body_exists else b""
             call = h.ApiCall(node, started, keyspace, key, request.query, body,
-                             request.headers.get(idempotency.HEADER), cache=cache)
+                             request.headers.get(idempotency.HEADER), cache=cache,
+                             principal=principal)
             if call.idempotency_key is not None:  # what a repeat must match
                 call.fingerprint_method = request.method
                 call.fingerprint_target = request.rel_url.raw_path_qs
@@ -216,7 +218,7 @@ def _call(request: web.Request, *, keyspace: str = "", key: bytes = b"",
     call = h.ApiCall(app[NODE_KEY], request[STARTED_S], keyspace=keyspace, key=key,
                      query=request.query, body=body,
                      idempotency_key=request.headers.get(idempotency.HEADER),
-                     cache=app[IDEMPOTENCY_KEY])
+                     cache=app[IDEMPOTENCY_KEY], principal=request.get(auth_http.PRINCIPAL))
     if call.idempotency_key is not None:  # what a repeat must match
         call.fingerprint_method = request.method
         call.fingerprint_target = request.rel_url.raw_path_qs

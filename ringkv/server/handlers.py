@@ -13,14 +13,18 @@ A shell module (it awaits the node); the validation it calls is pure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ringkv.auth.permissions import ADMIN, Principal
 from ringkv.config import AUTH_KEYSPACE
-from ringkv.errors import BadRequest, NotFound, RingKVError, ShuttingDown, TooLarge
+from ringkv.errors import (
+    BadRequest, Forbidden, NotFound, RingKVError, ShuttingDown, TooLarge,
+)
 from ringkv.coordinator.results import Receipt, WriteResult
 from ringkv.quorum import ConsistencyLevel
 from ringkv.server import idempotency
@@ -71,6 +75,8 @@ class ApiCall:
     txn_id: str = ""
     # The node's idempotency cache, one for every front end.
     cache: idempotency.IdempotencyCache | None = None
+    # Who is asking (auth.enabled), with the grants it holds now; None without auth.
+    principal: Principal | None = None
 
 
 class Answer(NamedTuple):
@@ -210,6 +216,10 @@ def _deduplicated(handler: Operation) -> Operation:
 async def _run_once(handler: Operation, call: ApiCall, cache: idempotency.IdempotencyCache,
                     idempotency_key: str) -> Answer:
     key = idempotency.check_key(idempotency_key)
+    if call.principal is not None:
+        # Keys are each user's own: another user who sends the same key neither gets
+        # this user's answer nor learns that the key was used.
+        key = f"{call.principal.name}\x00{key}"
     fingerprint = idempotency.fingerprint(
         call.fingerprint_method, call.fingerprint_target, call.body)
 
@@ -569,10 +579,17 @@ async def get_txn(call: ApiCall) -> Answer:
 # node and its address, not forwarded (a client sends a transaction's calls to
 # the node that began it). Every error of these calls names the transaction
 # (``id``) and whether it has ended (``ended``: why, or null while it is open).
+#
+# With auth.enabled a transaction belongs to the user who began it: another
+# user's call is 403 ``forbidden`` (reason ``not_owner``) naming the transaction
+# and nothing of it (not its state, keyspace or keys), before any idempotency
+# replay could hand back the owner's answer. A cluster admin may abort anyone's
+# (as CockroachDB's admin cancels any session), and nothing more.
 
 
-def _session(call: ApiCall) -> str:
-    """The transaction id of the call, if it can live on this node."""
+def _session(call: ApiCall, *, admin_may: bool = False) -> str:
+    """The transaction id of the call, if it can live on this node and the caller may use
+    it (``admin_may``: a cluster admin may, whoever began it)."""
     node = call.node
     txn_id = tv.check_txn_id(call.txn_id)
     owner = tv.session_node(txn_id)
@@ -584,7 +601,37 @@ def _session(call: ApiCall) -> str:
                        "send its calls to the node that began it", id=txn_id,
                        reason="other_node", node_id=owner,
                        address=client_address(node, owner), ended=None)
+    _check_owner(call, txn_id, admin_may=admin_may)
     return txn_id
+
+
+def _check_owner(call: ApiCall, txn_id: str, *, admin_may: bool) -> None:
+    principal = call.principal
+    if principal is None:  # auth is off
+        return
+    user = call.node.txn.sessions.owner(txn_id)
+    if user is None or user == principal.name:  # unknown here: the call says so itself
+        return
+    if admin_may and ADMIN in principal.grants:
+        return
+    call.node.metrics.auth_forbidden.inc()
+    raise Forbidden(f"transaction {txn_id} was begun by another user: only that user may "
+                    "use it" + (", and a cluster admin abort it" if admin_may else ""),
+                    permission="owner", keyspace=None, user=principal.name, id=txn_id,
+                    reason="not_owner")
+
+
+def _owned(handler: Operation, *, admin_may: bool = False) -> Operation:
+    """Check the caller may use the call's transaction, then run ``handler`` (which may
+    replay an earlier answer by idempotency key: the check comes first)."""
+
+    async def wrapper(call: ApiCall) -> Answer:
+        _session(call, admin_may=admin_may)
+        return await handler(call)
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
 
 
 def _txn_keyspace(call: ApiCall) -> str:
@@ -627,11 +674,13 @@ async def txn_begin(call: ApiCall) -> Answer:
         keyspace = transactional[0]
     call.keyspace = keyspace
     _txn_keyspace(call)
-    began = node.txn.sessions.begin(keyspace, read_only=begin.read_only,
-                                    priority_us=begin.priority_us)
+    began = node.txn.sessions.begin(
+        keyspace, read_only=begin.read_only, priority_us=begin.priority_us,
+        owner=None if call.principal is None else call.principal.name)
     return answer({"ok": True, **began, "node_id": node.node_id})
 
 
+@_owned
 @_deduplicated
 async def txn_get(call: ApiCall) -> Answer:
     """A key as the transaction sees it: its own write, else the value under a shared lock
@@ -666,6 +715,7 @@ async def _session_write(call: ApiCall, value: bytes | None) -> Answer:
     return answer(result)
 
 
+@_owned
 @_deduplicated
 async def txn_put(call: ApiCall) -> Answer:
     """Lock the key and buffer a put; it takes effect at commit."""
@@ -680,6 +730,7 @@ async def txn_put(call: ApiCall) -> Answer:
                                                     field="value"))
 
 
+@_owned
 @_deduplicated
 async def txn_delete(call: ApiCall) -> Answer:
     """Lock the key and buffer a delete; it takes effect at commit."""
@@ -697,6 +748,7 @@ def _no_body(call: ApiCall) -> None:
         raise BadRequest(f"unknown field {name!r}; this call takes no body", field=name)
 
 
+@_owned
 @_deduplicated
 async def txn_commit(call: ApiCall) -> Answer:
     """Commit: two-phase commit over every range the transaction touched (a read-only
@@ -709,11 +761,12 @@ async def txn_commit(call: ApiCall) -> Answer:
     return answer(result)
 
 
+@functools.partial(_owned, admin_may=True)
 @_deduplicated
 async def txn_abort(call: ApiCall) -> Answer:
     """Abort: the transaction's locks are released and nothing of it is applied."""
     node = call.node
-    txn_id = _session(call)
+    txn_id = _session(call, admin_may=True)
     _no_body(call)
 
     async def abort() -> dict[str, Any]:

@@ -13,7 +13,9 @@ remembered response bodies (least recently used go first), each kept
 repeat of it executes again, which for its writes means the same values
 written again under new timestamps. The memory is per node, so a retry must reach the same coordinator to be de-duplicated; the
 Python client (``ringkv.client``) retries an ambiguous keyed write on the
-node it sent it to.
+node it sent it to. With ``auth.enabled`` each user's keys are its own
+(``handlers`` scopes the key by the caller's name): another user sending the
+same key executes its own request, and learns nothing of the first.
 """
 
 from __future__ import annotations

@@ -80,9 +80,10 @@ async def serve(node: Node, cache: idempotency.IdempotencyCache, message: RawReq
         if query is not _NO_QUERY:
             v.check_query(query)
         # Before anything else is read or done: the same check as every other route.
+        principal = None
         if node.auth is not None:  # (no coroutine per request when auth is off)
-            await auth_http.check_http(node, target.name, target.keyspace, query, b"",
-                                       message.headers, peer)
+            principal = await auth_http.check_http(node, target.name, target.keyspace, query,
+                                                   b"", message.headers, peer)
         h.check_keyspace(node, target.keyspace)
         key = v.key_from_path(target.raw_path, node.config.limits)
         body = b""
@@ -93,7 +94,8 @@ async def serve(node: Node, cache: idempotency.IdempotencyCache, message: RawReq
                 raise TooLarge(f"request body exceeds the limit of {limit} bytes",
                                field="body", limit=limit)
         call = h.ApiCall(node, started_s, target.keyspace, key, query, body,
-                         message.headers.get(idempotency.HEADER), cache=cache)
+                         message.headers.get(idempotency.HEADER), cache=cache,
+                         principal=principal)
         if call.idempotency_key is not None:  # what a repeat must match
             call.fingerprint_method = message.method
             call.fingerprint_target = message.url.raw_path_qs

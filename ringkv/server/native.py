@@ -290,11 +290,12 @@ class NativeConnection(asyncio.Protocol):
         started = clock.monotonic_s()
         route = core.OPERATIONS[request.verb]
         args = request.args
+        principal = None
         try:
             h.admit(node, route)
             if server.auth is not None:  # the hello proved who; this asks what it may do
-                await server.auth.authorize_session(self.principal, route, request.keyspace, args,
-                                                  request.body)
+                principal = await server.auth.authorize_session(
+                    self.principal, route, request.keyspace, args, request.body)
             too_large = server.door.body_too_large(len(request.body))
             if too_large is not None:
                 raise too_large
@@ -312,7 +313,7 @@ class NativeConnection(asyncio.Protocol):
             else:
                 call = h.ApiCall(node, started, request.keyspace, key, args, request.body,
                                  request.idempotency_key, txn_id=request.txn_id,
-                                 cache=server.cache)
+                                 cache=server.cache, principal=principal)
                 if request.idempotency_key is not None:  # what a repeat must match
                     call.fingerprint_method = request.verb
                     call.fingerprint_target = (

@@ -719,6 +719,17 @@ def _operations(limits: LimitsConfig) -> dict[str, dict[str, dict[str, Any]]]:
             ok=_ok(_object({"token": {"type": "string"}, "token_type": {"const": "Bearer"}},
                            ["token", "token_type"], closed=False), "a token"),
             errors=[NotFound], tags=auth)},
+        "/v1/auth/secret/rotate": {"post": _operation(
+            "auth_secret_rotate", "Rotate the token secret (cluster admin): a new one signs; "
+            "the one it replaces and auth.previous_secrets - 1 before it still verify "
+            "their tokens; older ones are retired (their tokens get 401 retired_secret)",
+            ok=_ok(_object({"ok": {"const": True},
+                            "secret_generation": {"type": "integer", "minimum": 2},
+                            "previous_generations": {"type": "array",
+                                                     "items": {"type": "integer"}}},
+                           ["ok", "secret_generation", "previous_generations"]),
+                   "rotated"),
+            errors=[NotFound, Aborted], tags=auth)},
         "/v1/auth/whoami": {"get": _operation(
             "auth_whoami", "The caller and its grants",
             ok=_ok(_object({"user": {"type": "string"},

@@ -4,8 +4,10 @@ Every decision is ``txn/leases.py``'s; this module reads records and runs the
 transactions it plans through ``TxnService.execute`` (a transaction whose keys
 fall in several ranges runs as one cross-range two-phase commit there). A
 transaction that loses a race on a record's version (a keepalive against
-another, a grant against another grant's directory) is planned again from a
-fresh read, a bounded number of times.
+another) is planned again from a fresh read, a bounded number of times. Grants
+all rewrite the keyspace's lease directory, so a node grants the leases asked
+of it meanwhile in one transaction, and a batch that loses the directory to
+another node's goes again until each grant's deadline.
 
 The sweeper runs on every node but works only where this node leads the range
 of the keyspace's lease directory, every ``txn.lease_sweep_ms``: when its own
@@ -24,11 +26,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ringkv.clock import Clock
 from ringkv.config import AUTH_KEYSPACE, Config
-from ringkv.errors import Aborted, BadRequest, ConditionFailed, RingKVError
+from ringkv.errors import Aborted, BadRequest, ConditionFailed, Overloaded, RingKVError
 from ringkv.txn import leases as L
 from ringkv.txn.requests import Condition, TxnRequest
 from ringkv.txn.truetime import TTInterval
@@ -37,9 +40,25 @@ from ringkv.txn.service import Op, TxnService
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8  # fresh reads and plans for one operation that keeps losing races
+# Every grant in a keyspace rewrites its one lease directory. A node therefore grants
+# the leases asked of it meanwhile together, in one transaction (group commit), at most
+# this many at once; a batch that loses the directory's race to another node's goes
+# again, with whatever arrived since, until each grant's own deadline.
+MAX_GRANT_BATCH = 256
 BACKOFF_S = 0.01  # times the attempt number, jittered: racing grants spread out
+MAX_BACKOFF_S = 0.1
 
 Current = dict[bytes, tuple[bytes | None, int | None]]
+
+
+@dataclass
+class _Grant:
+    """A grant waiting for its batch: its TTL, when its request arrived (its deadline
+    counts from there) and where its answer goes."""
+
+    ttl_s: int
+    started_s: float
+    future: asyncio.Future[dict[str, Any]]
 
 
 class LeaseService:
@@ -52,6 +71,9 @@ class LeaseService:
         # nothing from the node's, so the simulator's other draws are unchanged.
         self._rng = random.Random(f"lease:{node_id}:{clock.wall_us()}")
         self._task: asyncio.Task[None] | None = None
+        # Grants waiting, by keyspace, and the task granting them (``_grant_batches``).
+        self._grants: dict[str, list[_Grant]] = {}
+        self._granting: dict[str, asyncio.Task[None]] = {}
         # The tier's counters (GET /v1/status, "transactional"."stats"), as watches' are.
         self.stats = txn.stats
         for name in ("leases_granted", "leases_renewed", "leases_revoked", "leases_expired"):
@@ -100,7 +122,7 @@ class LeaseService:
         return L.decode_record(value), version
 
     async def _backoff(self, attempt: int) -> None:
-        await self._clock.sleep(self._rng.uniform(0, BACKOFF_S * attempt))
+        await self._clock.sleep(self._rng.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * attempt)))
 
     @staticmethod
     def _on(exc: ConditionFailed, key: bytes) -> bool:
@@ -109,21 +131,90 @@ class LeaseService:
     # -- operations ------------------------------------------------------------------------
 
     async def grant(self, keyspace: str, ttl_s: int, started_s: float) -> dict[str, Any]:
-        max_leases = self._config.txn.max_leases
-        for attempt in range(MAX_ATTEMPTS):
-            lease = L.new_id(keyspace, self._rng)
-            found = await self._read(keyspace, [L.DIRECTORY_KEY], started_s)
-            directory = L.decode_directory(*found.get(L.DIRECTORY_KEY, (None, None)))
-            try:
-                answer = await self._run(L.grant_txn(keyspace, lease, ttl_s, directory,
-                                                     max_leases), started_s)
-            except ConditionFailed:
-                await self._backoff(attempt + 1)  # another grant changed the directory
+        """A new lease of ``ttl_s``, granted with the other grants this node has waiting
+        in ``keyspace`` (``_grant_batches``)."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._grants.setdefault(keyspace, []).append(_Grant(ttl_s, started_s, future))
+        if keyspace not in self._granting:
+            self._granting[keyspace] = asyncio.get_running_loop().create_task(
+                self._grant_batches(keyspace))
+        return await future
+
+    async def _grant_batches(self, keyspace: str) -> None:
+        """Grant what waits, a batch per transaction, until nothing does. A batch that
+        loses the directory's race goes again with the grants that arrived since; a
+        grant past its deadline is answered ``conflict`` (it was never granted)."""
+        attempt = 0
+        batch: list[_Grant] = []
+        try:
+            while True:  # bounded: every grant leaves by its deadline, and none come after
+                batch = self._take_grants(keyspace, batch)
+                if not batch:
+                    return
+                try:
+                    await self._grant_batch(keyspace, batch)
+                except ConditionFailed:
+                    attempt += 1
+                    await self._backoff(attempt)  # another node's grants changed the directory
+                    continue
+                except RingKVError as exc:
+                    for grant in batch:
+                        if not grant.future.done():
+                            grant.future.set_exception(exc)
+                attempt = 0
+                batch = []
+        except BaseException as exc:  # cancelled (the node stops), or a bug: none left hanging
+            for grant in [*batch, *self._grants.pop(keyspace, [])]:
+                if not grant.future.done():
+                    grant.future.set_exception(RingKVError(f"the lease grant failed: {exc!r}"))
+            raise
+        finally:
+            self._granting.pop(keyspace, None)
+
+    def _take_grants(self, keyspace: str, batch: list[_Grant]) -> list[_Grant]:
+        """The next batch: ``batch`` (it lost a race) and what waits, less the grants whose
+        caller went away or whose deadline passed, at most MAX_GRANT_BATCH."""
+        waiting = self._grants.get(keyspace, [])
+        now_s = self._clock.monotonic_s()
+        out: list[_Grant] = []
+        for grant in [*batch, *waiting]:
+            if grant.future.done():
+                continue  # its request was cancelled
+            if now_s >= grant.started_s + self._timeout_s():
+                grant.future.set_exception(Aborted(
+                    f"a lease grant in {keyspace!r} kept losing races for the lease directory "
+                    f"to other nodes' grants for {self._timeout_s():g} s; try again",
+                    reason="conflict"))
                 continue
-            self.stats["leases_granted"] += 1
-            return {"ok": True, "id": str(lease), "ttl": ttl_s, "version": answer["commit_ts"]}
-        raise Aborted(f"a lease grant in {keyspace!r} lost {MAX_ATTEMPTS} races for the lease "
-                      "directory; try again", reason="conflict")
+            out.append(grant)
+        self._grants[keyspace] = out[MAX_GRANT_BATCH:]
+        if not self._grants[keyspace]:
+            del self._grants[keyspace]
+        return out[:MAX_GRANT_BATCH]
+
+    async def _grant_batch(self, keyspace: str, batch: list[_Grant]) -> None:
+        """One transaction creating a lease for each of ``batch`` (as many as the keyspace
+        has room for; the rest are refused ``max_leases``), and answer them."""
+        started_s = min(grant.started_s for grant in batch)  # the tightest deadline
+        found = await self._read(keyspace, [L.DIRECTORY_KEY], started_s)
+        directory = L.decode_directory(*found.get(L.DIRECTORY_KEY, (None, None)))
+        room = L.grant_room(directory, self._config.txn.max_leases)
+        granted, refused = batch[:room], batch[room:]
+        if granted:
+            leases = [(L.new_id(keyspace, self._rng), grant.ttl_s) for grant in granted]
+            answer = await self._run(L.grants_txn(keyspace, leases, directory,
+                                                  self._config.txn.max_leases), started_s)
+            self.stats["leases_granted"] += len(granted)
+            for grant, (lease, ttl_s) in zip(granted, leases):
+                if not grant.future.done():
+                    grant.future.set_result({"ok": True, "id": str(lease), "ttl": ttl_s,
+                                             "version": answer["commit_ts"]})
+        for grant in refused:
+            if not grant.future.done():
+                limit = self._config.txn.max_leases
+                grant.future.set_exception(Overloaded(
+                    f"keyspace {keyspace!r} holds {limit} leases already (txn.max_leases)",
+                    reason="max_leases", limit=limit))
 
     async def keepalive(self, lease: L.LeaseId, started_s: float) -> dict[str, Any]:
         for attempt in range(MAX_ATTEMPTS):
@@ -340,10 +431,11 @@ class LeaseService:
             self._task = asyncio.get_running_loop().create_task(self._loop(spaces))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        tasks = [*self._granting.values(), *([self._task] if self._task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
 
     async def _loop(self, keyspaces: Sequence[str]) -> None:
         interval_s = self._config.txn.lease_sweep_ms / 1000

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ringkv.errors import BadRequest, CorruptRecord, LeaseExpired, Overloaded, TooLarge
@@ -63,7 +63,9 @@ __all__ = [
     "expired_error",
     "expires_at_us",
     "expiry_txn",
+    "grant_room",
     "grant_txn",
+    "grants_txn",
     "is_expired",
     "is_reserved",
     "keepalive_txn",
@@ -224,15 +226,30 @@ def grant_txn(keyspace: str, lease: LeaseId, ttl_s: int, directory: Directory,
     """Create the record (absent before: ids never collide) and list it in the
     directory, conditioned on the directory's version (the grant that loses a race
     retries with the new directory)."""
-    if len(directory.tags) >= max_leases:
-        raise Overloaded(f"keyspace {keyspace!r} holds {max_leases} leases already "
-                         "(txn.max_leases)", reason="max_leases", limit=max_leases)
-    tags = sorted({*directory.tags, lease.tag})
+    return grants_txn(keyspace, [(lease, ttl_s)], directory, max_leases)
+
+
+def grants_txn(keyspace: str, grants: Sequence[tuple[LeaseId, int]], directory: Directory,
+               max_leases: int) -> TxnRequest:
+    """``grant_txn`` for several leases at once (the grants a node has waiting, as one
+    directory write): every record created, the directory listing them all."""
+    if len(directory.tags) + len(grants) > max_leases:
+        raise Overloaded(f"keyspace {keyspace!r} holds {len(directory.tags)} leases, "
+                         f"{max_leases} at most (txn.max_leases)", reason="max_leases",
+                         limit=max_leases)
+    tags = sorted({*directory.tags, *(lease.tag for lease, _ in grants)})
+    conditions = [Condition(record_key(lease), "absent") for lease, _ in grants]
+    writes = [Write(record_key(lease), encode_record(LeaseRecord(ttl_s)))
+              for lease, ttl_s in grants]
     return TxnRequest(
         keyspace, None, (),
-        (Condition(record_key(lease), "absent"), _directory_condition(directory)),
-        (Write(record_key(lease), encode_record(LeaseRecord(ttl_s))),
-         Write(DIRECTORY_KEY, encode_directory(tags))))
+        (*conditions, _directory_condition(directory)),
+        (*writes, Write(DIRECTORY_KEY, encode_directory(tags))))
+
+
+def grant_room(directory: Directory, max_leases: int) -> int:
+    """How many more leases the keyspace may hold (``txn.max_leases``)."""
+    return max(0, max_leases - len(directory.tags))
 
 
 def keepalive_txn(keyspace: str, lease: LeaseId, record: LeaseRecord,

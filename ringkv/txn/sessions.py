@@ -93,6 +93,8 @@ class TxnSessions:
         self.max_duration_s = max_duration_s
         self._open: dict[str, Session] = {}
         self._ended: dict[str, str] = {}  # txn id -> why it ended (bounded, oldest dropped)
+        # txn id -> the user who began it, for as long as the id is open or remembered ended
+        self._owners: dict[str, str] = {}
         self.stats = {"begun": 0, "committed": 0, "aborted": 0, "expired": 0}
 
     def __len__(self) -> int:
@@ -107,14 +109,19 @@ class TxnSessions:
         while it is open or if this node never had it (or forgot it)."""
         return None if txn_id in self._open else self._ended.get(txn_id)
 
+    def owner(self, txn_id: str) -> str | None:
+        """The user who began ``txn_id`` (open, or ended and still remembered), or None:
+        begun without auth, or never known here. The front ends refuse other users."""
+        return self._owners.get(txn_id)
+
     # -- the calls -------------------------------------------------------------------------
 
     def begin(self, keyspace: str, *, read_only: bool = False,
-              priority_us: int | None = None) -> dict[str, Any]:
+              priority_us: int | None = None, owner: str | None = None) -> dict[str, Any]:
         """Open a transaction on ``keyspace`` (which the caller checked is transactional).
         ``priority_us``: the begin time of an earlier attempt this one reruns (its
         answer's ``priority``): wound-wait then treats it as that old, so a rerun
-        transaction ages until it wins."""
+        transaction ages until it wins. ``owner``: the user beginning it (auth.enabled)."""
         if len(self._open) >= MAX_SESSIONS:
             raise TooLarge(f"this node has {MAX_SESSIONS} open transactions; commit or abort "
                            "some first", field="sessions", limit=MAX_SESSIONS)
@@ -127,6 +134,8 @@ class TxnSessions:
         if read_only:
             session.read_ts_us = self._now_latest_us()
         self._open[txn_id] = session
+        if owner is not None:
+            self._owners[txn_id] = owner
         self.stats["begun"] += 1
         answer: dict[str, Any] = {"txn_id": txn_id, "keyspace": keyspace, "read_only": read_only,
                                   "priority": at_us,
@@ -329,7 +338,9 @@ class TxnSessions:
         self._open.pop(session.txn_id, None)
         self._ended[session.txn_id] = why
         while len(self._ended) > FINISHED_KEPT:
-            del self._ended[next(iter(self._ended))]
+            forgotten = next(iter(self._ended))
+            del self._ended[forgotten]
+            self._owners.pop(forgotten, None)
         self.stats["committed" if why == "committed" else "aborted"] += 1
         if release and not session.read_only:
             for _, key in session.locked.values():
