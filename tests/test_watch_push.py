@@ -99,7 +99,11 @@ def run_paced(seed: int, writes: int = 30) -> dict[str, Any]:
         out.update(latency_s=[sink.at_s[k] - s for k, s in sent.items()],
                    got=[(e["key"], e["version"]) for e in sink.events if e["type"] == "put"],
                    want=sorted(sent, key=lambda kv: (kv[1], kv[0])),
-                   feeds_left=len(feeds))
+                   feeds_left=len(feeds),
+                   polls=sum(m.node.txn.stats["watch_polls"] for m in cluster.machines
+                             if m.node is not None),
+                   unread_polls=sum(m.node.txn.stats["watch_polls_unread"]
+                                    for m in cluster.machines if m.node is not None))
 
     try:
         loop.run_until_complete(asyncio.wait_for(main(), timeout=300))

@@ -77,6 +77,7 @@ from ringkv.ring import token_for
 from ringkv.storage.engine import Engine
 from ringkv.txn import mvcc_keys
 from ringkv.txn.mvcc import MvccStore
+from ringkv.txn.newest_write import NewestWrite
 from ringkv.txn.paxos import (
     ELECTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
@@ -289,6 +290,9 @@ class GroupRunner:
         # before the reservation (``advance_safe_time``): nothing applies below it.
         self._reserved_safe_us = 0
         self._installing_through = 0  # a snapshot's slot while its install is in flight
+        # The newest commit timestamp written in the range here, when known: a watch's
+        # poll above it needs no read of the store (``txn/newest_write.py``).
+        self.newest_write = NewestWrite()
         self._queue: list[Ready] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._timer: Timer | None = None
@@ -694,6 +698,7 @@ class GroupRunner:
                 value = self._decode(slot, entry.value, entry.ts_us)
                 if value is not None and not item.superseded:
                     self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
+                    self.newest_write.applied(entry.ts_us)
                     self.stats.applied += 1
                     if value.writes:
                         written_us = max(written_us, entry.ts_us)
@@ -738,6 +743,7 @@ class GroupRunner:
             if isinstance(record, (OutcomeRecord, DecisionRecord)) and record.commit and record.writes:
                 self._mvcc.apply_now(self.keyspace, dict(record.writes), record.commit_ts_us,
                                      sync=False)
+                self.newest_write.applied(record.commit_ts_us)
                 self.stats.applied += 1
             self.records.note(slot, record, self._clock.monotonic_s())
         if self._on_record is not None:
@@ -759,6 +765,11 @@ class GroupRunner:
                       slot, exc.message)
             return None
         return value
+
+    @property
+    def installing(self) -> bool:
+        """Whether a snapshot's install is in flight (or failed part-way)."""
+        return self._installing_through != 0
 
     def applied(self, slot: int) -> asyncio.Future[None]:
         """A future done once this replica has applied through ``slot`` (or stops)."""
@@ -799,6 +810,7 @@ class GroupRunner:
         if snapshot.last_slot <= self.applied_through:
             return
         self._installing_through = snapshot.last_slot
+        self.newest_write.forget()  # the pages are written past the apply path
         peers = sorted(self.known_nodes() - {self.node_id})
         sources = [snapshot.handle] if snapshot.handle in peers else []
         sources += [peer for peer in peers if peer not in sources]
@@ -824,6 +836,7 @@ class GroupRunner:
             await self._io(self._log.set_applied, snapshot.last_slot, sync=True)
             self.applied_through = snapshot.last_slot
             self._store_ts_us = max(self._store_ts_us, snapshot.max_ts_us)
+            self.newest_write.forget()  # a read begun during the install missed pages
             self.records.load(self._clock.monotonic_s())  # the snapshot's 2PC records
             self._wake_applied()
             self._installing_through = 0
@@ -847,6 +860,7 @@ class GroupRunner:
                 previous = key
             if page.items:
                 await self._io(self._engine.write, list(page.items), (), sync=False)
+                self.newest_write.forget()
                 self.stats.snapshot_records += len(page.items)
             threshold_us = max(threshold_us, page.gc_threshold_us)
             if page.resume_after is None:
