@@ -185,11 +185,10 @@ def test_polls_of_unwritten_ranges_read_nothing_and_every_event_arrives_in_order
     assert out["unread_polls"] < out["polls"]  # the ranges written are read
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_planted_missing_apply_note_loses_events_and_is_caught(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Applies not noted (the bug): a range's newest write stays at its base, polls of
     it skip the store, and commits never reach the watch."""
     monkeypatch.setattr(NewestWrite, "applied", lambda self, commit_ts_us: None)
     with pytest.raises(AssertionError, match="every commit delivered"):
-        run_paced(1)  # the watch's run is left with the loop it ran on
+        run_paced(1)

@@ -88,13 +88,16 @@ def run_paced(seed: int, writes: int = 30) -> dict[str, Any]:
         await until(lambda: session.fanin is not None, "the watch on the shared polls", 10)
         rng = random.Random(f"paced:{seed}")
         sent: dict[tuple[str, int], float] = {}
-        for i in range(writes):
-            await asyncio.sleep(POLL_S * rng.uniform(1.1, 1.9))
-            at, started = await put(keys[i % len(keys)], i)
-            sent[at] = started
-        await until(lambda: set(sent) <= set(sink.at_s), "every commit delivered", 10, 0.01)
-        session.cancel()
-        await asyncio.wait([task], timeout=5)
+        try:
+            for i in range(writes):
+                await asyncio.sleep(POLL_S * rng.uniform(1.1, 1.9))
+                at, started = await put(keys[i % len(keys)], i)
+                sent[at] = started
+            await until(lambda: set(sent) <= set(sink.at_s), "every commit delivered", 10,
+                        0.01)
+        finally:  # a failed run ends its watch too
+            session.cancel()
+            await asyncio.wait([task], timeout=5)
         feeds = list(hub_of(node).feeds.values())
         out.update(latency_s=[sink.at_s[k] - s for k, s in sent.items()],
                    got=[(e["key"], e["version"]) for e in sink.events if e["type"] == "put"],

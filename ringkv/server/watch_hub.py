@@ -22,8 +22,11 @@ than a wait). Wakes coalesce: a feed woken while it polls polls once more
 right after, however many commits woke it. The grid stays, for ranges this
 node does not replicate and for any wake missed, though a grid point less
 than an interval after a woken poll is skipped (commits keep the feed
-moving; each poll reads the whole range). A woken poll asks for
-``(resolved, T]`` like any other, so only when events arrive changes.
+moving; a poll that reads reads the whole range). A woken poll asks for
+``(resolved, T]`` like any other, so only when events arrive changes. The
+polls of the ranges a commit did not write cost no read of the store: their
+replica answers from the newest timestamp written in its range
+(``txn/newest_write.py``), at or below ``resolved``.
 
 The feed's answers are contiguous: each starts where the last was
 resolved, so a session that has itself offered everything up to there
