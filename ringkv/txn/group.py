@@ -308,6 +308,7 @@ class GroupRunner:
         """Load the log, rebuild the replica from it, and start ticking."""
         if not self.stopped:
             raise RuntimeError("already started")
+        self.newest_write.forget()  # the store may have been written while stopped
         loaded = self._log.load()
         now_s = self._clock.monotonic_s()
         self.records.load(now_s)
