@@ -20,9 +20,10 @@ to delivery, and negative on etcd, whose watchers hear of a put as it is
 applied, before its answer reaches the writer. Two phases: ``paced`` (``--watch-rate`` puts a
 second: the latency of a quiet system) and ``burst`` (back to back: how the
 watch keeps up). ringkv: ``Client.put`` on ``txn`` and ``Client.watch(txn,
-prefix, prefix=True)``, whose node polls its ranges every ``txn.watch_poll_ms``
-(50 ms by default, so ~25 ms is added on average by design; the polls of one
-range are shared by every watch the node serves); etcd:
+prefix, prefix=True)``, whose node polls its ranges as a commit is applied there
+(else every ``txn.watch_poll_ms``, 50 ms by default; a range with nothing
+written since the last poll answers without a read; the polls of one range are
+shared by every watch the node serves); etcd:
 ``POST /v3/kv/put`` and a streaming ``POST /v3/watch`` with a
 ``create_request`` for the prefix (key and range_end), both through the v3
 JSON gateway. Each watch starts at a marker write made just before the

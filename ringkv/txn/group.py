@@ -77,6 +77,7 @@ from ringkv.ring import token_for
 from ringkv.storage.engine import Engine
 from ringkv.txn import mvcc_keys
 from ringkv.txn.mvcc import MvccStore
+from ringkv.txn.newest_write import NewestWrite
 from ringkv.txn.paxos import (
     ELECTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
@@ -223,6 +224,7 @@ class GroupRunner:
         max_drift_ppm: float = MAX_DRIFT_PPM,
         on_apply: Callable[[CommitValue], None] | None = None,
         on_record: Callable[[Record, bool], None] | None = None,
+        on_applied: Callable[[int], None] | None = None,
         finished_ttl_s: float = 600.0,
         members: Iterable[str] | None = None,
         heard: Iterable[str] = (),
@@ -232,7 +234,10 @@ class GroupRunner:
         records transaction outcomes there). ``on_record(record, superseded)``
         runs likewise for each two-phase commit record (``txn/twopc_records.py``);
         a superseded one did not take effect (a prepare at a timestamp not above
-        one applied before it), on any replica.
+        one applied before it), on any replica. ``on_applied(written_us)`` runs
+        once a batch of entries is applied and the applied point moved, with
+        the highest commit timestamp whose writes the batch applied (0: none):
+        safe time may have moved (a watch's shared poll is woken by it).
 
         ``group.replicas`` is where the group should be; ``members`` (default:
         the same) is its configuration before its log says otherwise. When they
@@ -262,6 +267,7 @@ class GroupRunner:
         self._fetch_snapshot = fetch_snapshot
         self._on_apply = on_apply
         self._on_record = on_record
+        self._on_applied = on_applied
         self.records = TwoPCRecords(engine, group.group_id, finished_ttl_s)
         self._rng = rng
         self.tick_interval_s = tick_interval_s
@@ -284,6 +290,9 @@ class GroupRunner:
         # before the reservation (``advance_safe_time``): nothing applies below it.
         self._reserved_safe_us = 0
         self._installing_through = 0  # a snapshot's slot while its install is in flight
+        # The newest commit timestamp written in the range here, when known: a watch's
+        # poll above it needs no read of the store (``txn/newest_write.py``).
+        self.newest_write = NewestWrite()
         self._queue: list[Ready] = []
         self._drain_task: asyncio.Task[None] | None = None
         self._timer: Timer | None = None
@@ -299,6 +308,7 @@ class GroupRunner:
         """Load the log, rebuild the replica from it, and start ticking."""
         if not self.stopped:
             raise RuntimeError("already started")
+        self.newest_write.forget()  # the store may have been written while stopped
         loaded = self._log.load()
         now_s = self._clock.monotonic_s()
         self.records.load(now_s)
@@ -671,6 +681,8 @@ class GroupRunner:
     def _apply(self, committed: Sequence[Committed]) -> None:
         if not committed:
             return
+        before = self.applied_through
+        written_us = 0  # the newest commit timestamp whose writes this batch applied
         for item in committed:
             slot, entry = item.slot, item.entry
             if slot <= self.applied_through:
@@ -680,11 +692,17 @@ class GroupRunner:
                 pass
             elif is_record(entry.value):
                 value = self._apply_record(slot, entry.value, entry.ts_us, item.superseded)
+                if (not item.superseded and isinstance(value, (OutcomeRecord, DecisionRecord))
+                        and value.commit and value.writes):
+                    written_us = max(written_us, value.commit_ts_us)
             else:
                 value = self._decode(slot, entry.value, entry.ts_us)
                 if value is not None and not item.superseded:
                     self._mvcc.apply_now(self.keyspace, dict(value.writes), entry.ts_us, sync=False)
+                    self.newest_write.applied(entry.ts_us)
                     self.stats.applied += 1
+                    if value.writes:
+                        written_us = max(written_us, entry.ts_us)
                     if self._on_apply is not None:
                         self._on_apply(value)
             if item.superseded:
@@ -697,6 +715,8 @@ class GroupRunner:
                 self._resolve(slot, *decide(waiter.txn_id, waiter.ts_us, item, value))
         self._log.set_applied(self.applied_through)
         self._wake_applied()
+        if self._on_applied is not None and self.applied_through > before:
+            self._on_applied(written_us)
 
     def _apply_record(self, slot: int, data: bytes, ts_us: int, superseded: bool) -> Record | None:
         """A two-phase commit record, on every replica alike: kept for recovery and
@@ -724,6 +744,7 @@ class GroupRunner:
             if isinstance(record, (OutcomeRecord, DecisionRecord)) and record.commit and record.writes:
                 self._mvcc.apply_now(self.keyspace, dict(record.writes), record.commit_ts_us,
                                      sync=False)
+                self.newest_write.applied(record.commit_ts_us)
                 self.stats.applied += 1
             self.records.note(slot, record, self._clock.monotonic_s())
         if self._on_record is not None:
@@ -745,6 +766,11 @@ class GroupRunner:
                       slot, exc.message)
             return None
         return value
+
+    @property
+    def installing(self) -> bool:
+        """Whether a snapshot's install is in flight (or failed part-way)."""
+        return self._installing_through != 0
 
     def applied(self, slot: int) -> asyncio.Future[None]:
         """A future done once this replica has applied through ``slot`` (or stops)."""
@@ -785,6 +811,7 @@ class GroupRunner:
         if snapshot.last_slot <= self.applied_through:
             return
         self._installing_through = snapshot.last_slot
+        self.newest_write.forget()  # the pages are written past the apply path
         peers = sorted(self.known_nodes() - {self.node_id})
         sources = [snapshot.handle] if snapshot.handle in peers else []
         sources += [peer for peer in peers if peer not in sources]
@@ -810,6 +837,7 @@ class GroupRunner:
             await self._io(self._log.set_applied, snapshot.last_slot, sync=True)
             self.applied_through = snapshot.last_slot
             self._store_ts_us = max(self._store_ts_us, snapshot.max_ts_us)
+            self.newest_write.forget()  # a read begun during the install missed pages
             self.records.load(self._clock.monotonic_s())  # the snapshot's 2PC records
             self._wake_applied()
             self._installing_through = 0
@@ -833,6 +861,7 @@ class GroupRunner:
                 previous = key
             if page.items:
                 await self._io(self._engine.write, list(page.items), (), sync=False)
+                self.newest_write.forget()
                 self.stats.snapshot_records += len(page.items)
             threshold_us = max(threshold_us, page.gc_threshold_us)
             if page.resume_after is None:

@@ -285,12 +285,7 @@ class MvccStore:
             raise ValueError(f"limit must be at least 1, got {limit}")
         if since_us < 0:
             raise ValueError(f"since_us {since_us} is below zero")
-        threshold_us = self._threshold(keyspace)
-        if since_us < threshold_us:
-            raise Compacted(
-                f"changes of {keyspace!r} after {since_us} are compacted: versions at or below "
-                f"{threshold_us} have been garbage-collected (txn.mvcc_gc_s)",
-                from_version=since_us, oldest_version=threshold_us)
+        self.check_changes_since(keyspace, since_us)
         upto_us = min(upto_us, mvcc_keys.MAX_TS_US)
         if upto_us <= since_us:
             return ChangesPage([], max(since_us, upto_us))
@@ -330,6 +325,44 @@ class MvccStore:
             found = [change for change in found[:cut] if change[0] <= complete_us]
         return ChangesPage([ChangeItem(key, value, ts) for ts, key, value in found],
                            max(complete_us, since_us))
+
+    def check_changes_since(self, keyspace: str, since_us: int) -> None:
+        """Raises ``Compacted`` when GC has collected above ``since_us``: a change
+        after it may be gone (``changes``, and an answer known without reading)."""
+        threshold_us = self._threshold(keyspace)
+        if since_us < threshold_us:
+            raise Compacted(
+                f"changes of {keyspace!r} after {since_us} are compacted: versions at or below "
+                f"{threshold_us} have been garbage-collected (txn.mvcc_gc_s)",
+                from_version=since_us, oldest_version=threshold_us)
+
+    async def newest_commit(self, keyspace: str, start_exclusive: int,
+                            end_inclusive: int) -> int:
+        """``newest_commit_now``, off the event loop when the engine may block."""
+        return await self._run(
+            lambda: self.newest_commit_now(keyspace, start_exclusive, end_inclusive))
+
+    def newest_commit_now(self, keyspace: str, start_exclusive: int, end_inclusive: int) -> int:
+        """The newest commit timestamp of any version (a put or a tombstone) whose key's
+        token is in (start_exclusive, end_inclusive], 0 for none: one seek per key, as its
+        versions are stored newest first. A damaged record counts as written at the
+        newest timestamp there is (its own is unknown)."""
+        newest_us = 0
+        for lo, hi in mvcc_keys.token_range_bounds(keyspace, start_exclusive, end_inclusive):
+            position = lo
+            while position < hi:  # bounded: each round moves past a key (or a damaged record)
+                head = next(iter(self._engine.scan(position, hi, limit=1)), None)
+                if head is None:
+                    break
+                raw = head[0]
+                try:
+                    owner, ts_us = mvcc_keys.split_version_key(raw)
+                except CorruptRecord:
+                    self._count_corrupt(raw)
+                    return mvcc_keys.MAX_TS_US
+                newest_us = max(newest_us, ts_us)
+                position = mvcc_keys.key_prefix_end(owner)
+        return newest_us
 
     def _key_changes(self, owner: bytes, key: bytes, since_us: int, upto_us: int,
                      found: list[tuple[int, bytes, bytes | None]]) -> None:

@@ -363,7 +363,8 @@ class TxnService:
                       "wounded": 0, "batches_rejected": 0, "commit_wait_us": 0,
                       "cross_range_commits": 0, "cross_range_aborts": 0, "twopc_rejected": 0,
                       "read_only_txns": 0, "gc_versions_deleted": 0, "outcomes_expired": 0,
-                      "watch_polls": 0, "watches_open": 0, "watchers_too_slow": 0}
+                      "watch_polls": 0, "watch_polls_unread": 0, "watches_open": 0,
+                      "watchers_too_slow": 0}
         self._cross = CrossRangeTxn(self._execute_at, clock=clock,
                                     max_retries=config.txn.max_conflict_retries,
                                     spawn=self._spawn, stats=self.stats,
@@ -378,6 +379,10 @@ class TxnService:
         # after adding the lease records' conditions and writes (txn/lease_service.py).
         self.lease_writes: Callable[[TxnRequest, float, float],
                                     Awaitable[dict[str, Any]]] | None = None
+        # Set by the node's watch hub (server/watch_hub.py): told, as a group applies
+        # entries here, (keyspace, range end, the newest commit timestamp whose writes
+        # they applied or 0, this replica's safe time), so a shared poll runs at once.
+        self.on_applied: Callable[[str, int, int, int], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -548,6 +553,7 @@ class TxnService:
             max_drift_ppm=self.config.truetime.max_drift_ppm,
             on_apply=functools.partial(self._record_outcome, rng.group_id),
             on_record=functools.partial(self._on_record, rng.group_id),
+            on_applied=functools.partial(self._applied, rng.group_id),
             finished_ttl_s=FINISHED_TTL_S,
             members=record.replicas, heard=self._heard.get(rng.group_id, ()),
         )
@@ -688,6 +694,13 @@ class TxnService:
             return
         key = _group_key(OUTCOME_PREFIX, group_id) + value.txn_id.encode()
         self._engine.write([(key, _TS.pack(value.commit_ts_us))], (), sync=False)
+
+    def _applied(self, group_id: str, written_us: int) -> None:
+        group = self.groups.get(group_id)
+        if self.on_applied is None or group is None:
+            return
+        runner = group.runner
+        self.on_applied(runner.keyspace, runner.group.end, written_us, runner.applied_ts_us)
 
     def _on_record(self, group_id: str, record: Record, superseded: bool) -> None:
         """A group applied a 2PC record: a commit's outcome is kept like a one-range
@@ -1191,6 +1204,25 @@ class TxnService:
             raise ProtocolError("a changes operation names its timestamp and limit",
                                 field="sts")
         at_us = await self._snapshot_at(group, op, deadline_s, now)
+        runner = group.runner
+        newest = runner.newest_write
+        if newest.nothing_after(op.since_us):
+            # Nothing written in the range here above ``since``, and safe time passed
+            # ``at``: the answer is known without reading every key of the range.
+            self.mvcc.check_changes_since(op.keyspace, op.since_us)
+            self.stats["watch_polls"] += 1
+            self.stats["watch_polls_unread"] += 1
+            return {"items": [], "complete": max(op.since_us, at_us), "replica": self.node_id,
+                    "range": runner.group_id}
+        epoch = None if runner.installing else newest.start()
+        if epoch is not None:
+            # Once: what the store held before the apply path's notes began.
+            try:
+                base_us = await self.mvcc.newest_commit(op.keyspace, rng.start, rng.end)
+            except BaseException:
+                newest.abandon(epoch)
+                raise
+            newest.settle(epoch, base_us)
         page = await self.mvcc.changes(
             op.keyspace, rng.start, rng.end, op.since_us, at_us,
             prefix=op.key if op.prefix else b"", exact=None if op.prefix else op.key,
